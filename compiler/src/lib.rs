@@ -1,0 +1,1 @@
+//! caramba compiler

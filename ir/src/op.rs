@@ -1,0 +1,499 @@
+//! The closed set of primitive operations and their typing rules.
+//!
+//! Every composite layer (attention, norms, SwiGLU, ...) lowers into these.
+//! Fused operations appear only later, through rewrites, and each carries its
+//! decomposition into these primitives. Adding a variant: see `ADDING_AN_OP.md`.
+
+use crate::types::{DType, Dim, Shape, TensorType};
+use std::fmt;
+
+/// An `f64` compared, hashed and ordered by its bits, so ops can be keys
+/// (the e-graph language needs `Eq + Hash + Ord`).
+#[derive(Clone, Copy, Debug)]
+pub struct Scalar(pub f64);
+
+impl PartialEq for Scalar {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_bits() == other.0.to_bits()
+    }
+}
+impl Eq for Scalar {}
+impl std::hash::Hash for Scalar {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.to_bits().hash(state)
+    }
+}
+impl PartialOrd for Scalar {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scalar {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+impl fmt::Display for Scalar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 == f64::NEG_INFINITY {
+            f.write_str("-inf")
+        } else if self.0 == f64::INFINITY {
+            f.write_str("inf")
+        } else {
+            // Shortest representation that round-trips.
+            write!(f, "{:?}", self.0)
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum UnaryOp {
+    Neg,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Recip,
+    Abs,
+    Sigmoid,
+    /// x·σ(x), SwiGLU's activation.
+    Silu,
+    Tanh,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ReduceOp {
+    Sum,
+    Mean,
+    Max,
+}
+
+/// Frequency scaling applied to RoPE's inverse frequencies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RopeScaling {
+    /// Positions divided by `factor`.
+    Linear { factor: Scalar },
+    /// Llama 3's piecewise scaling of the inverse frequencies.
+    Llama3 {
+        factor: Scalar,
+        low_freq_factor: Scalar,
+        high_freq_factor: Scalar,
+        original_max_position: usize,
+    },
+}
+
+/// Rotary position embedding, "rotate half" convention (Hugging Face Llama):
+/// for pair `(x[i], x[i + d/2])` at position `p`, angle `p · inv_freq[i]` with
+/// `inv_freq[i] = theta^(-2i/d)` (then scaled).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RopeSpec {
+    pub theta: Scalar,
+    pub scaling: Option<RopeScaling>,
+}
+
+impl RopeSpec {
+    /// The inverse frequencies for a head of `dim` (even) dimensions.
+    pub fn inv_freq(&self, dim: usize) -> Vec<f64> {
+        let half = dim / 2;
+        (0..half)
+            .map(|i| {
+                let f = self.theta.0.powf(-(2.0 * i as f64) / dim as f64);
+                match self.scaling {
+                    None => f,
+                    Some(RopeScaling::Linear { factor }) => f / factor.0,
+                    Some(RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor,
+                        high_freq_factor,
+                        original_max_position,
+                    }) => {
+                        let old = original_max_position as f64;
+                        let low_wavelen = old / low_freq_factor.0;
+                        let high_wavelen = old / high_freq_factor.0;
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor.0
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor.0)
+                                / (high_freq_factor.0 - low_freq_factor.0);
+                            (1.0 - smooth) * f / factor.0 + smooth * f
+                        }
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+/// A primitive operation. Axes are absolute (`0` is the outermost axis).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Op {
+    /// A value supplied per call (token ids, positions). Type declared.
+    Input { name: String },
+    /// A named learned parameter (Hugging Face naming). Type declared.
+    Param { name: String },
+    /// A scalar constant of the node's dtype, broadcast by its consumers.
+    Constant(Scalar),
+    /// Elementwise, float only.
+    Unary(UnaryOp),
+    /// Elementwise with NumPy broadcasting; both operands of one dtype.
+    Binary(BinaryOp),
+    /// Elementwise conversion to the node's dtype.
+    Cast(DType),
+    /// Reduction over one axis, which is kept with size 1.
+    Reduce { op: ReduceOp, axis: usize },
+    /// `a @ b` over the last two axes; leading axes broadcast.
+    MatMul,
+    /// Same elements, new shape (row-major).
+    Reshape(Shape),
+    /// Output axis `i` is input axis `perm[i]`.
+    Permute(Vec<usize>),
+    /// Elements `start..end` along `axis`.
+    Slice { axis: usize, start: usize, end: usize },
+    /// Joins its operands along `axis`; other axes must agree.
+    Concat { axis: usize },
+    /// `table[ids]`: table `[V, ...]`, ids (int) `[...]` → `[ids..., table[1..]...]`.
+    Gather,
+    /// Softmax along `axis`.
+    Softmax { axis: usize },
+    /// Scores `[..., T, S]`: entry `(i, j)` becomes -inf where `j > i + (S - T)`,
+    /// so query `i` sits at absolute position `S - T + i` and sees keys up to it.
+    CausalMask,
+    /// Rotary embedding of `x [..., T, H, d]` at positions `pos (i32) [T]`.
+    Rope(RopeSpec),
+    /// Zeroes elements with probability `p` and scales the rest by 1/(1-p)
+    /// when training; the identity in evaluation.
+    Dropout { p: Scalar },
+}
+
+/// How many operands an op takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arity {
+    Exact(usize),
+    AtLeast(usize),
+}
+
+impl Arity {
+    pub fn accepts(self, n: usize) -> bool {
+        match self {
+            Arity::Exact(k) => n == k,
+            Arity::AtLeast(k) => n >= k,
+        }
+    }
+}
+
+impl fmt::Display for Arity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Arity::Exact(k) => write!(f, "{k}"),
+            Arity::AtLeast(k) => write!(f, "at least {k}"),
+        }
+    }
+}
+
+impl Op {
+    pub fn arity(&self) -> Arity {
+        match self {
+            Op::Input { .. } | Op::Param { .. } | Op::Constant(_) => Arity::Exact(0),
+            Op::Unary(_)
+            | Op::Cast(_)
+            | Op::Reduce { .. }
+            | Op::Reshape(_)
+            | Op::Permute(_)
+            | Op::Slice { .. }
+            | Op::Softmax { .. }
+            | Op::CausalMask
+            | Op::Dropout { .. } => Arity::Exact(1),
+            Op::Binary(_) | Op::MatMul | Op::Gather | Op::Rope(_) => Arity::Exact(2),
+            Op::Concat { .. } => Arity::AtLeast(1),
+        }
+    }
+
+    /// Sources have a declared type instead of an inferred one.
+    pub fn is_source(&self) -> bool {
+        matches!(self, Op::Input { .. } | Op::Param { .. } | Op::Constant(_))
+    }
+
+    /// The mnemonic used in the text form.
+    pub fn mnemonic(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Param { .. } => "param",
+            Op::Constant(_) => "const",
+            Op::Unary(u) => match u {
+                UnaryOp::Neg => "neg",
+                UnaryOp::Exp => "exp",
+                UnaryOp::Log => "log",
+                UnaryOp::Sqrt => "sqrt",
+                UnaryOp::Rsqrt => "rsqrt",
+                UnaryOp::Recip => "recip",
+                UnaryOp::Abs => "abs",
+                UnaryOp::Sigmoid => "sigmoid",
+                UnaryOp::Silu => "silu",
+                UnaryOp::Tanh => "tanh",
+            },
+            Op::Binary(b) => match b {
+                BinaryOp::Add => "add",
+                BinaryOp::Sub => "sub",
+                BinaryOp::Mul => "mul",
+                BinaryOp::Div => "div",
+                BinaryOp::Max => "max",
+            },
+            Op::Cast(_) => "cast",
+            Op::Reduce { op, .. } => match op {
+                ReduceOp::Sum => "sum",
+                ReduceOp::Mean => "mean",
+                ReduceOp::Max => "reduce_max",
+            },
+            Op::MatMul => "matmul",
+            Op::Reshape(_) => "reshape",
+            Op::Permute(_) => "permute",
+            Op::Slice { .. } => "slice",
+            Op::Concat { .. } => "concat",
+            Op::Gather => "gather",
+            Op::Softmax { .. } => "softmax",
+            Op::CausalMask => "causal_mask",
+            Op::Rope(_) => "rope",
+            Op::Dropout { .. } => "dropout",
+        }
+    }
+
+    /// Attributes as they appear in the text form, e.g. `{axis=2}`.
+    pub fn attrs(&self) -> String {
+        match self {
+            Op::Input { name } | Op::Param { name } => format!("{name:?}"),
+            Op::Constant(v) => v.to_string(),
+            Op::Cast(d) => format!("{{to={d}}}"),
+            Op::Reduce { axis, .. } | Op::Softmax { axis } | Op::Concat { axis } => {
+                format!("{{axis={axis}}}")
+            }
+            Op::Reshape(s) => format!("{{shape={s}}}"),
+            Op::Permute(p) => format!("{{perm={p:?}}}"),
+            Op::Slice { axis, start, end } => format!("{{axis={axis}, range={start}..{end}}}"),
+            Op::Rope(r) => {
+                let mut s = format!("{{theta={}", r.theta);
+                match r.scaling {
+                    None => {}
+                    Some(RopeScaling::Linear { factor }) => {
+                        s += &format!(", scaling=linear(factor={factor})")
+                    }
+                    Some(RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor,
+                        high_freq_factor,
+                        original_max_position,
+                    }) => {
+                        s += &format!(
+                            ", scaling=llama3(factor={factor}, low={low_freq_factor}, \
+                             high={high_freq_factor}, original={original_max_position})"
+                        )
+                    }
+                }
+                s + "}"
+            }
+            Op::Dropout { p } => format!("{{p={p}}}"),
+            Op::Unary(_) | Op::Binary(_) | Op::MatMul | Op::Gather | Op::CausalMask => {
+                String::new()
+            }
+        }
+    }
+
+    /// The type rule: the output type for operands of the given types.
+    /// Sources take their declared type and are not inferred here.
+    pub fn infer(&self, xs: &[&TensorType]) -> Result<TensorType, String> {
+        if !self.arity().accepts(xs.len()) {
+            return Err(format!(
+                "{} takes {} operand(s), got {}",
+                self.mnemonic(),
+                self.arity(),
+                xs.len()
+            ));
+        }
+        let float = |t: &TensorType| -> Result<(), String> {
+            if t.dtype.is_float() {
+                Ok(())
+            } else {
+                Err(format!("{} needs a float operand, got {}", self.mnemonic(), t))
+            }
+        };
+        let axis_ok = |t: &TensorType, axis: usize| -> Result<(), String> {
+            if axis < t.shape.rank() {
+                Ok(())
+            } else {
+                Err(format!("axis {axis} out of range for {t}"))
+            }
+        };
+        match self {
+            Op::Input { .. } | Op::Param { .. } | Op::Constant(_) => {
+                Err(format!("{} is a source: its type is declared", self.mnemonic()))
+            }
+            Op::Unary(_) | Op::Dropout { .. } => {
+                float(xs[0])?;
+                Ok(xs[0].clone())
+            }
+            Op::Binary(_) => {
+                let (a, b) = (xs[0], xs[1]);
+                if a.dtype != b.dtype {
+                    return Err(format!("operand dtypes differ: {a} and {b}"));
+                }
+                if a.dtype == DType::Bool {
+                    return Err(format!("{} does not take bool operands", self.mnemonic()));
+                }
+                let shape = broadcast(&a.shape, &b.shape)
+                    .ok_or_else(|| format!("shapes {} and {} do not broadcast", a.shape, b.shape))?;
+                Ok(TensorType::new(a.dtype, shape))
+            }
+            Op::Cast(to) => Ok(TensorType::new(*to, xs[0].shape.clone())),
+            Op::Reduce { axis, .. } => {
+                axis_ok(xs[0], *axis)?;
+                if xs[0].dtype == DType::Bool {
+                    return Err("cannot reduce bool".into());
+                }
+                let mut dims = xs[0].shape.0.clone();
+                dims[*axis] = Dim::Const(1);
+                Ok(TensorType::new(xs[0].dtype, Shape(dims)))
+            }
+            Op::MatMul => {
+                let (a, b) = (xs[0], xs[1]);
+                if a.dtype != b.dtype {
+                    return Err(format!("operand dtypes differ: {a} and {b}"));
+                }
+                float(a)?;
+                let (ra, rb) = (a.shape.rank(), b.shape.rank());
+                if ra < 2 || rb < 2 {
+                    return Err(format!("matmul needs rank ≥ 2 operands, got {a} and {b}"));
+                }
+                let (m, k) = (a.shape.0[ra - 2], a.shape.0[ra - 1]);
+                let (k2, n) = (b.shape.0[rb - 2], b.shape.0[rb - 1]);
+                if k != k2 {
+                    return Err(format!("inner dimensions differ: {a} @ {b}"));
+                }
+                let batch = broadcast(
+                    &Shape(a.shape.0[..ra - 2].to_vec()),
+                    &Shape(b.shape.0[..rb - 2].to_vec()),
+                )
+                .ok_or_else(|| format!("batch dimensions do not broadcast: {a} @ {b}"))?;
+                let mut dims = batch.0;
+                dims.push(m);
+                dims.push(n);
+                Ok(TensorType::new(a.dtype, Shape(dims)))
+            }
+            Op::Reshape(to) => {
+                if xs[0].shape.factored() != to.factored() {
+                    return Err(format!("cannot reshape {} to {}", xs[0].shape, to));
+                }
+                Ok(TensorType::new(xs[0].dtype, to.clone()))
+            }
+            Op::Permute(perm) => {
+                let r = xs[0].shape.rank();
+                let mut seen = vec![false; r];
+                if perm.len() != r || perm.iter().any(|&p| p >= r || std::mem::replace(&mut seen[p], true)) {
+                    return Err(format!("{perm:?} is not a permutation of the axes of {}", xs[0]));
+                }
+                let dims = perm.iter().map(|&p| xs[0].shape.0[p]).collect();
+                Ok(TensorType::new(xs[0].dtype, Shape(dims)))
+            }
+            Op::Slice { axis, start, end } => {
+                axis_ok(xs[0], *axis)?;
+                match xs[0].shape.0[*axis] {
+                    Dim::Const(n) if start < end && *end <= n => {
+                        let mut dims = xs[0].shape.0.clone();
+                        dims[*axis] = Dim::Const(end - start);
+                        Ok(TensorType::new(xs[0].dtype, Shape(dims)))
+                    }
+                    d => Err(format!("cannot slice {start}..{end} of axis {axis} (size {d})")),
+                }
+            }
+            Op::Concat { axis } => {
+                let first = xs[0];
+                axis_ok(first, *axis)?;
+                let mut total = 0usize;
+                for x in xs {
+                    if x.dtype != first.dtype || x.shape.rank() != first.shape.rank() {
+                        return Err(format!("cannot concatenate {first} and {x}"));
+                    }
+                    for (i, (a, b)) in first.shape.0.iter().zip(&x.shape.0).enumerate() {
+                        if i != *axis && a != b {
+                            return Err(format!("cannot concatenate {first} and {x} along axis {axis}"));
+                        }
+                    }
+                    match x.shape.0[*axis] {
+                        Dim::Const(n) => total += n,
+                        Dim::Sym(_) => return Err("cannot concatenate along a symbolic axis".into()),
+                    }
+                }
+                let mut dims = first.shape.0.clone();
+                dims[*axis] = Dim::Const(total);
+                Ok(TensorType::new(first.dtype, Shape(dims)))
+            }
+            Op::Gather => {
+                let (table, ids) = (xs[0], xs[1]);
+                if !ids.dtype.is_int() {
+                    return Err(format!("gather indices must be integers, got {ids}"));
+                }
+                if table.shape.rank() < 1 {
+                    return Err("gather table must have rank ≥ 1".into());
+                }
+                let mut dims = ids.shape.0.clone();
+                dims.extend_from_slice(&table.shape.0[1..]);
+                Ok(TensorType::new(table.dtype, Shape(dims)))
+            }
+            Op::Softmax { axis } => {
+                float(xs[0])?;
+                axis_ok(xs[0], *axis)?;
+                Ok(xs[0].clone())
+            }
+            Op::CausalMask => {
+                float(xs[0])?;
+                if xs[0].shape.rank() < 2 {
+                    return Err(format!("causal_mask needs rank ≥ 2, got {}", xs[0]));
+                }
+                Ok(xs[0].clone())
+            }
+            Op::Rope(_) => {
+                let (x, pos) = (xs[0], xs[1]);
+                float(x)?;
+                let r = x.shape.rank();
+                if r < 3 {
+                    return Err(format!("rope needs [..., T, H, d], got {x}"));
+                }
+                match x.shape.0[r - 1] {
+                    Dim::Const(d) if d % 2 == 0 => {}
+                    d => return Err(format!("rope needs an even head dimension, got {d}")),
+                }
+                if pos.dtype != DType::I32 || pos.shape.rank() != 1 || pos.shape.0[0] != x.shape.0[r - 3] {
+                    return Err(format!("rope positions must be i32[{}], got {pos}", x.shape.0[r - 3]));
+                }
+                Ok(x.clone())
+            }
+        }
+    }
+}
+
+/// NumPy broadcasting of two shapes, aligned from the last axis.
+pub fn broadcast(a: &Shape, b: &Shape) -> Option<Shape> {
+    let r = a.rank().max(b.rank());
+    let mut out = vec![Dim::Const(1); r];
+    for (i, slot) in out.iter_mut().enumerate() {
+        let da = (i + a.rank()).checked_sub(r).map(|j| a.0[j]).unwrap_or(Dim::Const(1));
+        let db = (i + b.rank()).checked_sub(r).map(|j| b.0[j]).unwrap_or(Dim::Const(1));
+        *slot = match (da, db) {
+            (x, y) if x == y => x,
+            (Dim::Const(1), y) => y,
+            (x, Dim::Const(1)) => x,
+            _ => return None,
+        };
+    }
+    Some(Shape(out))
+}

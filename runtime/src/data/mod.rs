@@ -1,0 +1,1 @@
+//! Token datasets: `.npy` files of token ids, `NpyDataset`, corpus preparation.

@@ -1,0 +1,5 @@
+//! caramba's runtime: the only crate that owns devices, buffers and loops.
+
+pub mod checkpoint;
+pub mod data;
+pub mod tokenizer;
