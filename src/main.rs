@@ -1,1 +1,21 @@
-fn main(){}
+//! The `caramba` command line.
+
+mod cli;
+mod commands;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    match commands::dispatch(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprint!("{}", e.message);
+            if !e.message.ends_with('\n') {
+                eprintln!();
+            }
+            ExitCode::from(e.code)
+        }
+    }
+}

@@ -1,1 +1,85 @@
-//! caramba compiler
+//! caramba's compiler: manifests to typed IR to plans. It never touches a device.
+//!
+//! The pipeline, one function per stage:
+//!
+//! ```text
+//! source ─ yaml::parse ─ vars::substitute ─ manifest::parse ─ validate ─ lower ─ plan
+//! ```
+
+pub mod de;
+pub mod diag;
+pub mod lower;
+pub mod manifest;
+pub mod plan;
+pub mod validate;
+pub mod vars;
+pub mod yaml;
+
+pub use diag::{Diagnostic, Diagnostics, Span};
+pub use lower::{lower_model, LayerInfo, Lowered};
+pub use manifest::Manifest;
+
+use caramba_ir::DType;
+use manifest::{AttentionMode, Element, LayerKind, ModelSpec, Topology};
+
+/// A compiled manifest: the typed manifest and its lowered models.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub manifest: Manifest,
+    pub student: Lowered,
+    /// The teacher, when a run distills from a checkpoint (`teacher_ckpt`).
+    pub teacher: Option<Lowered>,
+}
+
+/// parse → validate → lower.
+pub fn compile(src: &str) -> Result<Compiled, Diagnostics> {
+    let manifest = manifest::parse(src)?;
+    validate::validate(&manifest)?;
+    let student = lower_model(&manifest.model, &manifest.name, DType::F32)?;
+    let wants_teacher = manifest.runs.iter().chain(manifest.groups.iter().flat_map(|g| {
+        g.runs.iter().filter_map(|r| match r {
+            manifest::GroupRun::Inline(r) => Some(r),
+            manifest::GroupRun::Ref(..) => None,
+        })
+    }))
+    .any(|r| r.fields.train.as_ref().is_some_and(|t| t.teacher_ckpt.is_some()));
+    let teacher = if wants_teacher {
+        Some(lower_model(&teacher_of(&manifest.model), &format!("{}_teacher", manifest.name), DType::F32)?)
+    } else {
+        None
+    };
+    Ok(Compiled { manifest, student, teacher })
+}
+
+/// The teacher of an upcycle: the same model with every decoupled attention
+/// layer replaced by the standard/GQA attention it was cut from
+/// (head_dim = d_model / n_heads, RoPE as configured).
+pub fn teacher_of(m: &ModelSpec) -> ModelSpec {
+    fn topo(t: &Topology) -> Topology {
+        Topology {
+            kind: t.kind,
+            loc: t.loc.clone(),
+            layers: t
+                .layers
+                .iter()
+                .map(|e| match e {
+                    Element::Topology(t) => Element::Topology(topo(t)),
+                    Element::Layer(l) => {
+                        let mut l = l.clone();
+                        if let LayerKind::Attention(a) = &mut l.kind {
+                            if a.mode() == AttentionMode::Decoupled {
+                                a.mode = Some(if a.n_kv() < a.n_heads { AttentionMode::Gqa } else { AttentionMode::Standard });
+                                a.sem_dim = None;
+                                a.geo_dim = None;
+                                a.decoupled_gate = None;
+                                a.head_dim = None;
+                            }
+                        }
+                        Element::Layer(l)
+                    }
+                })
+                .collect(),
+        }
+    }
+    ModelSpec { embedder: m.embedder.clone(), topology: topo(&m.topology) }
+}

@@ -1,0 +1,48 @@
+//! `caramba compile`: parse → lower → validate, then print what was asked.
+
+use super::{compile_file, CmdResult, Failure};
+use crate::cli::{CompileArgs, Emit, Which};
+use caramba_compiler::plan;
+
+pub fn compile(a: &CompileArgs) -> CmdResult {
+    let c = compile_file(&a.manifest)?;
+    if let Some(g) = &a.group {
+        let names: Vec<String> = plan::groups(&c.manifest).into_iter().map(|g| g.name).collect();
+        if !names.contains(g) {
+            return Err(Failure::usage(format!("no group `{g}` in {}; groups: {}", a.manifest.display(), names.join(", "))));
+        }
+    }
+    match a.emit {
+        Some(Emit::Ir) => {
+            let lowered = match a.model {
+                Which::Student => &c.student,
+                Which::Teacher => c.teacher.as_ref().ok_or_else(|| {
+                    Failure::usage("this manifest has no teacher (no run sets `teacher_ckpt`)")
+                })?,
+            };
+            print!("{}", caramba_ir::to_text(&lowered.graph));
+        }
+        Some(Emit::Manifest) => {
+            let yaml = serde_yaml::to_string(&c.manifest.resolved).map_err(|e| Failure::runtime(e.to_string()))?;
+            print!("{yaml}");
+        }
+        None => {}
+    }
+    if a.print_plan {
+        print!("{}", plan::render(&c, a.group.as_deref()));
+    }
+    if a.emit.is_none() && !a.print_plan {
+        let m = &c.manifest;
+        println!(
+            "ok: {} compiles — student {} parameters, {} IR nodes{}",
+            m.name,
+            plan::group_digits(c.student.graph.param_count()),
+            c.student.graph.node_count(),
+            c.teacher
+                .as_ref()
+                .map(|t| format!("; teacher {} parameters", plan::group_digits(t.graph.param_count())))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
