@@ -43,6 +43,151 @@ instead of pretending.",
         after_help = "Example:\n  caramba run presets/llama32_1b_dba.yml --group quick"
     )]
     Run(RunArgs),
+
+    /// Generate text from a checkpoint (greedy at temperature 0)
+    #[command(
+        long_about = "Generate a continuation of a prompt with a pretrained checkpoint: a Hugging Face directory \
+(config.json + model.safetensors), a .safetensors file next to its config.json, or a .gguf file (whose own \
+metadata gives the tokenizer). No special tokens are added unless --bos is given. Temperature 0 is greedy \
+decoding; otherwise tokens are sampled with --top-k / --top-p from a --seed.",
+        after_help = "Examples:\n  caramba sample --ckpt .fixtures/SmolLM2-135M-Instruct.Q4_1.gguf --prompt \"The capital of France is\" --max-new-tokens 16 --temperature 0\n  caramba sample --ckpt model_dir --prompt \"Once upon a time\" --temperature 0.8 --top-p 0.9 --seed 7"
+    )]
+    Sample(SampleArgs),
+
+    /// Perplexity of a checkpoint on a text file or a token file
+    #[command(
+        long_about = "Score a text (tokenized without special tokens) or a .npy of token ids with a checkpoint. \
+The tokens are cut into windows of --block-size; each window is scored on every position after its first \
+(the model predicts token i+1 from tokens 0..=i of its window). Prints the mean negative log-likelihood \
+(nats per token) and `perplexity: exp(mean NLL)`.",
+        after_help = "Example:\n  caramba perplexity --ckpt .fixtures/SmolLM2-135M-Instruct.Q4_1.gguf --text kjv.txt --max-tokens 1024 --block-size 1024"
+    )]
+    Perplexity(PerplexityArgs),
+
+    /// Convert a GGUF file into a Hugging Face directory
+    #[command(
+        long_about = "Write config.json, model.safetensors (f32, Hugging Face tensor names, llama.cpp's Q/K row \
+permutation undone) and tokenizer.json (built from the GGUF's tokenizer metadata) into <out_dir>. \
+Supported tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_1. Each file is written atomically.",
+        after_help = "Example:\n  caramba convert .fixtures/SmolLM2-135M-Instruct.Q4_1.gguf smollm2-hf/"
+    )]
+    Convert(ConvertArgs),
+
+    /// Tokenize a corpus (.txt or .jsonl) into a .npy of token ids
+    #[command(
+        long_about = "Tokenize a corpus into a .npy file of token ids for training and perplexity (the original's \
+prepare_fineweb.py). A .jsonl file is one document per line (the --field holds its text); a .txt file is one \
+document. Documents are separated by the tokenizer's EOS token when it has one. Token ids are stored as \
+uint16 when the vocabulary fits, else uint32. The output is written atomically.",
+        after_help = "Example:\n  caramba prepare --tokenizer tokenizer.json --input kjv.jsonl --field text --output kjv_tokens.npy"
+    )]
+    Prepare(PrepareArgs),
+}
+
+/// Where models run. Only the CPU reference backend exists in this version.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum DeviceArg {
+    /// The best available device (the CPU in this version)
+    Auto,
+    /// The CPU reference backend
+    Cpu,
+    /// NVIDIA GPUs through CubeCL (not in this version)
+    Cuda,
+    /// Vulkan/Metal/DX12 through CubeCL (not in this version)
+    Wgpu,
+}
+
+#[derive(Args, Debug)]
+pub struct SampleArgs {
+    /// Checkpoint: Hugging Face directory, .safetensors file, or .gguf file
+    #[arg(long)]
+    pub ckpt: PathBuf,
+    /// The prompt text
+    #[arg(long)]
+    pub prompt: String,
+    /// Number of tokens to generate
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Keep only the k most likely tokens
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of tokens whose probability reaches p
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Random seed for sampling
+    #[arg(long, default_value_t = 1337)]
+    pub seed: u64,
+    /// Put the BOS token in front of the prompt
+    #[arg(long)]
+    pub bos: bool,
+    /// Stop at the EOS token
+    #[arg(long)]
+    pub stop_at_eos: bool,
+    /// Write the logits of every prompt position as f32 .npy (T, vocab)
+    #[arg(long, value_name = "FILE")]
+    pub dump_logits: Option<PathBuf>,
+    /// Tokenizer file (tokenizer.json or .tiktoken) instead of the checkpoint's
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Print the token ids as well as the text
+    #[arg(long)]
+    pub ids: bool,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+}
+
+#[derive(Args, Debug)]
+pub struct PerplexityArgs {
+    /// Checkpoint: Hugging Face directory, .safetensors file, or .gguf file
+    #[arg(long)]
+    pub ckpt: PathBuf,
+    /// A text file, tokenized without special tokens
+    #[arg(long, conflicts_with = "data", required_unless_present = "data")]
+    pub text: Option<PathBuf>,
+    /// A .npy file of token ids
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Window length in tokens
+    #[arg(long, default_value_t = 1024)]
+    pub block_size: usize,
+    /// Use only the first N tokens
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Tokenizer file instead of the checkpoint's
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// The .gguf file
+    pub gguf: PathBuf,
+    /// The output directory (created if missing)
+    pub out_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct PrepareArgs {
+    /// Tokenizer: tokenizer.json, a .tiktoken rank file, or a .gguf file
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// The corpus: .txt or .jsonl
+    #[arg(long)]
+    pub input: PathBuf,
+    /// The JSON field holding each document's text (.jsonl)
+    #[arg(long, default_value = "text")]
+    pub field: String,
+    /// The .npy file to write
+    #[arg(long)]
+    pub output: PathBuf,
+    /// No progress bar
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(Args, Debug)]

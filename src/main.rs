@@ -1,8 +1,6 @@
 //! The `caramba` command line.
 
-mod cli;
-mod commands;
-
+use caramba::{cli, commands};
 use clap::Parser;
 use std::process::ExitCode;
 

@@ -40,7 +40,10 @@ pub struct Graph {
 
 impl Graph {
     pub fn new(name: impl Into<String>) -> Graph {
-        Graph { name: name.into(), ..Graph::default() }
+        Graph {
+            name: name.into(),
+            ..Graph::default()
+        }
     }
 
     /// A per-call input. Asking twice for one name returns the same node.
@@ -49,7 +52,9 @@ impl Graph {
             return self.same_type(id, &ty, "input", name);
         }
         let id = self.g.add_node(Node {
-            op: Op::Input { name: name.to_string() },
+            op: Op::Input {
+                name: name.to_string(),
+            },
             ty,
             scope: String::new(),
         });
@@ -64,7 +69,9 @@ impl Graph {
             return self.same_type(id, &ty, "parameter", name);
         }
         let id = self.g.add_node(Node {
-            op: Op::Param { name: name.to_string() },
+            op: Op::Param {
+                name: name.to_string(),
+            },
             ty,
             scope: scope.to_string(),
         });
@@ -72,7 +79,13 @@ impl Graph {
         Ok(id)
     }
 
-    fn same_type(&self, id: NodeId, ty: &TensorType, what: &str, name: &str) -> Result<NodeId, IrError> {
+    fn same_type(
+        &self,
+        id: NodeId,
+        ty: &TensorType,
+        what: &str,
+        name: &str,
+    ) -> Result<NodeId, IrError> {
         if &self.g[id].ty == ty {
             Ok(id)
         } else {
@@ -104,8 +117,15 @@ impl Graph {
             });
         }
         let tys: Vec<&TensorType> = operands.iter().map(|&o| &self.g[o].ty).collect();
-        let ty = op.infer(&tys).map_err(|message| IrError { scope: scope.to_string(), message })?;
-        let id = self.g.add_node(Node { op, ty, scope: scope.to_string() });
+        let ty = op.infer(&tys).map_err(|message| IrError {
+            scope: scope.to_string(),
+            message,
+        })?;
+        let id = self.g.add_node(Node {
+            op,
+            ty,
+            scope: scope.to_string(),
+        });
         for (i, &o) in operands.iter().enumerate() {
             self.g.add_edge(o, id, i as u32);
         }
@@ -123,7 +143,10 @@ impl Graph {
     }
 
     pub fn output(&self, name: &str) -> Option<NodeId> {
-        self.outputs.iter().find(|(n, _)| n == name).map(|(_, id)| *id)
+        self.outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, id)| *id)
     }
 
     pub fn node(&self, id: NodeId) -> &Node {
@@ -173,7 +196,10 @@ impl Graph {
 
     /// Total number of parameter elements.
     pub fn param_count(&self) -> usize {
-        self.params.values().map(|&id| self.g[id].ty.shape.numel().unwrap_or(0)).sum()
+        self.params
+            .values()
+            .map(|&id| self.g[id].ty.shape.numel().unwrap_or(0))
+            .sum()
     }
 
     /// A deterministic topological order: among ready nodes, the one added
@@ -213,7 +239,11 @@ impl Graph {
                 stack.extend(self.g.neighbors_directed(n, Direction::Incoming));
             }
         }
-        let dead: Vec<NodeId> = self.g.node_indices().filter(|n| !live.contains(n)).collect();
+        let dead: Vec<NodeId> = self
+            .g
+            .node_indices()
+            .filter(|n| !live.contains(n))
+            .collect();
         for &n in &dead {
             self.g.remove_node(n);
         }

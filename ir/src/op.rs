@@ -160,7 +160,11 @@ pub enum Op {
     /// Output axis `i` is input axis `perm[i]`.
     Permute(Vec<usize>),
     /// Elements `start..end` along `axis`.
-    Slice { axis: usize, start: usize, end: usize },
+    Slice {
+        axis: usize,
+        start: usize,
+        end: usize,
+    },
     /// Joins its operands along `axis`; other axes must agree.
     Concat { axis: usize },
     /// `table[ids]`: table `[V, ...]`, ids (int) `[...]` → `[ids..., table[1..]...]`.
@@ -324,7 +328,11 @@ impl Op {
             if t.dtype.is_float() {
                 Ok(())
             } else {
-                Err(format!("{} needs a float operand, got {}", self.mnemonic(), t))
+                Err(format!(
+                    "{} needs a float operand, got {}",
+                    self.mnemonic(),
+                    t
+                ))
             }
         };
         let axis_ok = |t: &TensorType, axis: usize| -> Result<(), String> {
@@ -335,9 +343,10 @@ impl Op {
             }
         };
         match self {
-            Op::Input { .. } | Op::Param { .. } | Op::Constant(_) => {
-                Err(format!("{} is a source: its type is declared", self.mnemonic()))
-            }
+            Op::Input { .. } | Op::Param { .. } | Op::Constant(_) => Err(format!(
+                "{} is a source: its type is declared",
+                self.mnemonic()
+            )),
             Op::Unary(_) | Op::Dropout { .. } => {
                 float(xs[0])?;
                 Ok(xs[0].clone())
@@ -350,8 +359,9 @@ impl Op {
                 if a.dtype == DType::Bool {
                     return Err(format!("{} does not take bool operands", self.mnemonic()));
                 }
-                let shape = broadcast(&a.shape, &b.shape)
-                    .ok_or_else(|| format!("shapes {} and {} do not broadcast", a.shape, b.shape))?;
+                let shape = broadcast(&a.shape, &b.shape).ok_or_else(|| {
+                    format!("shapes {} and {} do not broadcast", a.shape, b.shape)
+                })?;
                 Ok(TensorType::new(a.dtype, shape))
             }
             Op::Cast(to) => Ok(TensorType::new(*to, xs[0].shape.clone())),
@@ -398,8 +408,15 @@ impl Op {
             Op::Permute(perm) => {
                 let r = xs[0].shape.rank();
                 let mut seen = vec![false; r];
-                if perm.len() != r || perm.iter().any(|&p| p >= r || std::mem::replace(&mut seen[p], true)) {
-                    return Err(format!("{perm:?} is not a permutation of the axes of {}", xs[0]));
+                if perm.len() != r
+                    || perm
+                        .iter()
+                        .any(|&p| p >= r || std::mem::replace(&mut seen[p], true))
+                {
+                    return Err(format!(
+                        "{perm:?} is not a permutation of the axes of {}",
+                        xs[0]
+                    ));
                 }
                 let dims = perm.iter().map(|&p| xs[0].shape.0[p]).collect();
                 Ok(TensorType::new(xs[0].dtype, Shape(dims)))
@@ -412,7 +429,9 @@ impl Op {
                         dims[*axis] = Dim::Const(end - start);
                         Ok(TensorType::new(xs[0].dtype, Shape(dims)))
                     }
-                    d => Err(format!("cannot slice {start}..{end} of axis {axis} (size {d})")),
+                    d => Err(format!(
+                        "cannot slice {start}..{end} of axis {axis} (size {d})"
+                    )),
                 }
             }
             Op::Concat { axis } => {
@@ -425,12 +444,16 @@ impl Op {
                     }
                     for (i, (a, b)) in first.shape.0.iter().zip(&x.shape.0).enumerate() {
                         if i != *axis && a != b {
-                            return Err(format!("cannot concatenate {first} and {x} along axis {axis}"));
+                            return Err(format!(
+                                "cannot concatenate {first} and {x} along axis {axis}"
+                            ));
                         }
                     }
                     match x.shape.0[*axis] {
                         Dim::Const(n) => total += n,
-                        Dim::Sym(_) => return Err("cannot concatenate along a symbolic axis".into()),
+                        Dim::Sym(_) => {
+                            return Err("cannot concatenate along a symbolic axis".into())
+                        }
                     }
                 }
                 let mut dims = first.shape.0.clone();
@@ -472,8 +495,14 @@ impl Op {
                     Dim::Const(d) if d % 2 == 0 => {}
                     d => return Err(format!("rope needs an even head dimension, got {d}")),
                 }
-                if pos.dtype != DType::I32 || pos.shape.rank() != 1 || pos.shape.0[0] != x.shape.0[r - 3] {
-                    return Err(format!("rope positions must be i32[{}], got {pos}", x.shape.0[r - 3]));
+                if pos.dtype != DType::I32
+                    || pos.shape.rank() != 1
+                    || pos.shape.0[0] != x.shape.0[r - 3]
+                {
+                    return Err(format!(
+                        "rope positions must be i32[{}], got {pos}",
+                        x.shape.0[r - 3]
+                    ));
                 }
                 Ok(x.clone())
             }
@@ -486,8 +515,14 @@ pub fn broadcast(a: &Shape, b: &Shape) -> Option<Shape> {
     let r = a.rank().max(b.rank());
     let mut out = vec![Dim::Const(1); r];
     for (i, slot) in out.iter_mut().enumerate() {
-        let da = (i + a.rank()).checked_sub(r).map(|j| a.0[j]).unwrap_or(Dim::Const(1));
-        let db = (i + b.rank()).checked_sub(r).map(|j| b.0[j]).unwrap_or(Dim::Const(1));
+        let da = (i + a.rank())
+            .checked_sub(r)
+            .map(|j| a.0[j])
+            .unwrap_or(Dim::Const(1));
+        let db = (i + b.rank())
+            .checked_sub(r)
+            .map(|j| b.0[j])
+            .unwrap_or(Dim::Const(1));
         *slot = match (da, db) {
             (x, y) if x == y => x,
             (Dim::Const(1), y) => y,

@@ -38,7 +38,11 @@ pub fn to_text(g: &Graph) -> String {
         }
         s.push('\n');
     }
-    let outs: Vec<String> = g.outputs().iter().map(|(n, id)| format!("{n}=%{}", num[id])).collect();
+    let outs: Vec<String> = g
+        .outputs()
+        .iter()
+        .map(|(n, id)| format!("{n}=%{}", num[id]))
+        .collect();
     let _ = writeln!(s, "  return {}", outs.join(", "));
     s.push_str("}\n");
     s

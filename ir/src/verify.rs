@@ -10,7 +10,10 @@ use petgraph::Direction;
 pub fn verify(g: &Graph) -> Result<(), Vec<IrError>> {
     let mut errs = Vec::new();
     let pg = g.petgraph();
-    let err = |scope: &str, message: String| IrError { scope: scope.to_string(), message };
+    let err = |scope: &str, message: String| IrError {
+        scope: scope.to_string(),
+        message,
+    };
     if petgraph::algo::is_cyclic_directed(pg) {
         errs.push(err(&g.name, "the graph has a cycle".into()));
     }
@@ -19,22 +22,35 @@ pub fn verify(g: &Graph) -> Result<(), Vec<IrError>> {
     }
     for (name, id) in g.outputs() {
         if !pg.contains_node(*id) {
-            errs.push(err(&g.name, format!("output {name:?} refers to a removed node")));
+            errs.push(err(
+                &g.name,
+                format!("output {name:?} refers to a removed node"),
+            ));
         }
     }
     for id in pg.node_indices() {
         let node = &pg[id];
-        let mut positions: Vec<u32> =
-            pg.edges_directed(id, Direction::Incoming).map(|e| *e.weight()).collect();
+        let mut positions: Vec<u32> = pg
+            .edges_directed(id, Direction::Incoming)
+            .map(|e| *e.weight())
+            .collect();
         positions.sort();
         if positions.iter().enumerate().any(|(i, &p)| p as usize != i) {
-            errs.push(err(&node.scope, format!("{} has operand positions {positions:?}", node.op.mnemonic())));
+            errs.push(err(
+                &node.scope,
+                format!("{} has operand positions {positions:?}", node.op.mnemonic()),
+            ));
             continue;
         }
         if !node.op.arity().accepts(positions.len()) {
             errs.push(err(
                 &node.scope,
-                format!("{} takes {} operand(s) but has {}", node.op.mnemonic(), node.op.arity(), positions.len()),
+                format!(
+                    "{} takes {} operand(s) but has {}",
+                    node.op.mnemonic(),
+                    node.op.arity(),
+                    positions.len()
+                ),
             ));
             continue;
         }
@@ -50,7 +66,12 @@ pub fn verify(g: &Graph) -> Result<(), Vec<IrError>> {
             Ok(ty) if ty == node.ty => {}
             Ok(ty) => errs.push(err(
                 &node.scope,
-                format!("{} is typed {} but its operands give {}", node.op.mnemonic(), node.ty, ty),
+                format!(
+                    "{} is typed {} but its operands give {}",
+                    node.op.mnemonic(),
+                    node.ty,
+                    ty
+                ),
             )),
             Err(m) => errs.push(err(&node.scope, format!("{}: {m}", node.op.mnemonic()))),
         }

@@ -2,4 +2,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod rng;
 pub mod tokenizer;
+#[doc(hidden)]
+pub use checkpoint::testing;

@@ -7,9 +7,16 @@ use caramba_compiler::plan;
 pub fn compile(a: &CompileArgs) -> CmdResult {
     let c = compile_file(&a.manifest)?;
     if let Some(g) = &a.group {
-        let names: Vec<String> = plan::groups(&c.manifest).into_iter().map(|g| g.name).collect();
+        let names: Vec<String> = plan::groups(&c.manifest)
+            .into_iter()
+            .map(|g| g.name)
+            .collect();
         if !names.contains(g) {
-            return Err(Failure::usage(format!("no group `{g}` in {}; groups: {}", a.manifest.display(), names.join(", "))));
+            return Err(Failure::usage(format!(
+                "no group `{g}` in {}; groups: {}",
+                a.manifest.display(),
+                names.join(", ")
+            )));
         }
     }
     match a.emit {
@@ -23,7 +30,8 @@ pub fn compile(a: &CompileArgs) -> CmdResult {
             print!("{}", caramba_ir::to_text(&lowered.graph));
         }
         Some(Emit::Manifest) => {
-            let yaml = serde_yaml::to_string(&c.manifest.resolved).map_err(|e| Failure::runtime(e.to_string()))?;
+            let yaml = serde_yaml::to_string(&c.manifest.resolved)
+                .map_err(|e| Failure::runtime(e.to_string()))?;
             print!("{yaml}");
         }
         None => {}
@@ -40,7 +48,10 @@ pub fn compile(a: &CompileArgs) -> CmdResult {
             c.student.graph.node_count(),
             c.teacher
                 .as_ref()
-                .map(|t| format!("; teacher {} parameters", plan::group_digits(t.graph.param_count())))
+                .map(|t| format!(
+                    "; teacher {} parameters",
+                    plan::group_digits(t.graph.param_count())
+                ))
                 .unwrap_or_default()
         );
     }

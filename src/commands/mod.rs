@@ -1,10 +1,14 @@
 //! One module per subcommand; `dispatch` maps the parsed command line,
 //! legacy flags included, onto them.
 
-mod compile;
-mod run;
+pub mod compile;
+pub mod convert;
+pub mod perplexity;
+pub mod prepare;
+pub mod run;
+pub mod sample;
 
-use crate::cli::{Cli, Command, LegacyMode, RunArgs};
+use crate::cli::{Cli, Command, DeviceArg, LegacyMode, RunArgs, SampleArgs};
 use std::path::Path;
 
 /// A failure to report: the message (already formatted) and the exit code
@@ -17,11 +21,17 @@ pub struct Failure {
 
 impl Failure {
     pub fn usage(message: impl Into<String>) -> Failure {
-        Failure { message: format!("error: {}", message.into()), code: 2 }
+        Failure {
+            message: format!("error: {}", message.into()),
+            code: 2,
+        }
     }
 
     pub fn runtime(message: impl Into<String>) -> Failure {
-        Failure { message: format!("error: {}", message.into()), code: 1 }
+        Failure {
+            message: format!("error: {}", message.into()),
+            code: 1,
+        }
     }
 }
 
@@ -31,6 +41,10 @@ pub fn dispatch(cli: Cli) -> CmdResult {
     match cli.command {
         Some(Command::Compile(a)) => compile::compile(&a),
         Some(Command::Run(a)) => run::run(&a),
+        Some(Command::Sample(a)) => sample::sample(&a),
+        Some(Command::Perplexity(a)) => perplexity::perplexity(&a),
+        Some(Command::Convert(a)) => convert::convert(&a),
+        Some(Command::Prepare(a)) => prepare::prepare(&a),
         None => legacy(cli),
     }
 }
@@ -52,27 +66,73 @@ fn legacy(cli: Cli) -> CmdResult {
             if l.entity.is_some() || l.project.is_some() {
                 eprintln!("note: --entity/--project are recorded only when W&B logging is enabled in the manifest");
             }
-            run::run(&RunArgs { manifest, group: None, data: l.data, resume: l.resume, seed: Some(l.seed) })
+            run::run(&RunArgs {
+                manifest,
+                group: None,
+                data: l.data,
+                resume: l.resume,
+                seed: Some(l.seed),
+            })
         }
         LegacyMode::Sample | LegacyMode::Chat => {
-            let what = if mode == LegacyMode::Sample { "sample" } else { "chat" };
-            match l.ckpt {
-                None => Err(Failure::usage(format!("--mode {what} needs --ckpt <checkpoint>"))),
-                Some(_) => Err(Failure::runtime(format!(
-                    "--mode {what} is not available in this version: generation from checkpoints arrives with the CPU backend"
-                ))),
+            let what = if mode == LegacyMode::Sample {
+                "sample"
+            } else {
+                "chat"
+            };
+            let Some(ckpt) = l.ckpt else {
+                return Err(Failure::usage(format!(
+                    "--mode {what} needs --ckpt <checkpoint>"
+                )));
+            };
+            if mode == LegacyMode::Chat {
+                return Err(Failure::runtime(
+                    "--mode chat is not available in this version (it arrives with KV-cached inference); \
+use `caramba sample --ckpt ... --prompt ...`",
+                ));
             }
+            // The original's sample mode had no prompt flag; start from BOS.
+            sample::sample(&SampleArgs {
+                ckpt,
+                prompt: String::new(),
+                max_new_tokens: 64,
+                temperature: 0.8,
+                top_k: Some(50),
+                top_p: Some(0.9),
+                seed: l.seed,
+                bos: true,
+                stop_at_eos: true,
+                dump_logits: None,
+                tokenizer: None,
+                ids: false,
+                device: DeviceArg::Auto,
+            })
         }
     }
 }
 
 /// Reads a manifest file, mapping I/O errors to a usage failure.
 pub fn read_manifest(path: &Path) -> Result<String, Failure> {
-    std::fs::read_to_string(path).map_err(|e| Failure::usage(format!("cannot read manifest {}: {e}", path.display())))
+    std::fs::read_to_string(path)
+        .map_err(|e| Failure::usage(format!("cannot read manifest {}: {e}", path.display())))
 }
 
 /// Compiles a manifest file, rendering diagnostics against its source.
 pub fn compile_file(path: &Path) -> Result<caramba_compiler::Compiled, Failure> {
     let src = read_manifest(path)?;
-    caramba_compiler::compile(&src).map_err(|d| Failure { message: d.render(&path.display().to_string(), &src), code: 2 })
+    caramba_compiler::compile(&src).map_err(|d| Failure {
+        message: d.render(&path.display().to_string(), &src),
+        code: 2,
+    })
+}
+
+/// Only the CPU reference backend exists in this version.
+pub fn check_device(d: DeviceArg) -> CmdResult {
+    match d {
+        DeviceArg::Auto | DeviceArg::Cpu => Ok(()),
+        DeviceArg::Cuda | DeviceArg::Wgpu => Err(Failure::usage(format!(
+            "--device {} is not available in this version: the GPU backends arrive with the fusion compiler; use --device cpu",
+            if d == DeviceArg::Cuda { "cuda" } else { "wgpu" }
+        ))),
+    }
 }

@@ -11,9 +11,16 @@ use caramba_compiler::plan;
 pub fn run(a: &RunArgs) -> CmdResult {
     let c = compile_file(&a.manifest)?;
     if let Some(g) = &a.group {
-        let names: Vec<String> = plan::groups(&c.manifest).into_iter().map(|g| g.name).collect();
+        let names: Vec<String> = plan::groups(&c.manifest)
+            .into_iter()
+            .map(|g| g.name)
+            .collect();
         if !names.contains(g) {
-            return Err(Failure::usage(format!("no group `{g}` in {}; groups: {}", a.manifest.display(), names.join(", "))));
+            return Err(Failure::usage(format!(
+                "no group `{g}` in {}; groups: {}",
+                a.manifest.display(),
+                names.join(", ")
+            )));
         }
     }
     print!("{}", plan::render(&c, a.group.as_deref()));

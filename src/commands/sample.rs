@@ -1,0 +1,176 @@
+//! `caramba sample`: generate a continuation from a checkpoint.
+//!
+//! Each step runs the whole sequence through the model (no KV cache yet),
+//! takes the last position's logits and picks the next token: argmax at
+//! temperature 0, else a draw from softmax(logits / T) restricted by top-k
+//! and top-p.
+
+use super::{check_device, CmdResult, Failure};
+use crate::cli::SampleArgs;
+use crate::model::{open_checkpoint, tokenizer_for, Model};
+use caramba_runtime::rng::SplitMix64;
+use std::io::Write;
+
+pub fn sample(a: &SampleArgs) -> CmdResult {
+    check_device(a.device)?;
+    if a.temperature < 0.0 || !a.temperature.is_finite() {
+        return Err(Failure::usage(format!(
+            "--temperature must be a non-negative number, got {}",
+            a.temperature
+        )));
+    }
+    if let Some(p) = a.top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(Failure::usage(format!(
+                "--top-p must be in (0, 1], got {p}"
+            )));
+        }
+    }
+    if a.top_k == Some(0) {
+        return Err(Failure::usage("--top-k must be at least 1"));
+    }
+    let ckpt = open_checkpoint(&a.ckpt)?;
+    let tok = tokenizer_for(&ckpt, a.tokenizer.as_deref())?;
+    let model = Model::load(&ckpt)?;
+    let mut ids = tok.encode(&a.prompt, false);
+    if a.bos {
+        let bos = tok
+            .bos_id()
+            .ok_or_else(|| Failure::usage("--bos: this tokenizer has no BOS token"))?;
+        ids.insert(0, bos);
+    }
+    if ids.is_empty() {
+        return Err(Failure::usage(
+            "the prompt is empty after tokenization; give a non-empty --prompt or --bos",
+        ));
+    }
+    let prompt_len = ids.len();
+    let vocab = model.config.vocab_size;
+    let mut rng = SplitMix64::new(a.seed);
+    let mut out = std::io::stdout();
+    let _ = write!(out, "{}", a.prompt);
+    let mut new_ids = Vec::new();
+    for step in 0..a.max_new_tokens {
+        let logits = model.logits(&ids)?;
+        let all = logits.as_f32().expect("logits are f32");
+        if step == 0 {
+            if let Some(path) = &a.dump_logits {
+                caramba_runtime::data::write_f32_npy(
+                    path,
+                    &[prompt_len, vocab],
+                    &all[..prompt_len * vocab],
+                )
+                .map_err(|e| Failure::runtime(format!("cannot write {}: {e}", path.display())))?;
+            }
+        }
+        let last = &all[(ids.len() - 1) * vocab..ids.len() * vocab];
+        let next = pick(last, a.temperature, a.top_k, a.top_p, &mut rng);
+        ids.push(next);
+        new_ids.push(next);
+        // Print the text as it grows: decode everything new, print the suffix.
+        let _ = write!(out, "{}", incremental(&tok, &new_ids));
+        let _ = out.flush();
+        if a.stop_at_eos && Some(next) == tok.eos_id() {
+            break;
+        }
+    }
+    let _ = writeln!(out);
+    if a.ids {
+        let _ = writeln!(out, "prompt ids: {:?}", &ids[..prompt_len]);
+        let _ = writeln!(out, "new ids: {new_ids:?}");
+    }
+    Ok(())
+}
+
+/// The text the last token adds (decoding the whole continuation keeps
+/// multi-byte characters split across tokens intact).
+fn incremental(tok: &caramba_runtime::tokenizer::Tokenizer, new_ids: &[u32]) -> String {
+    let before = tok.decode(&new_ids[..new_ids.len() - 1]);
+    let now = tok.decode(new_ids);
+    match now.strip_prefix(&before) {
+        Some(s) => s.to_string(),
+        None => String::new(),
+    }
+}
+
+/// Picks the next token from one position's logits.
+pub fn pick(
+    logits: &[f32],
+    temperature: f64,
+    top_k: Option<usize>,
+    top_p: Option<f64>,
+    rng: &mut SplitMix64,
+) -> u32 {
+    let argmax = || {
+        let mut best = 0;
+        for (i, &v) in logits.iter().enumerate() {
+            if v > logits[best] {
+                best = i;
+            }
+        }
+        best as u32
+    };
+    if temperature == 0.0 {
+        return argmax();
+    }
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if let Some(k) = top_k {
+        idx.truncate(k.max(1));
+    }
+    let max = logits[idx[0]] as f64;
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((logits[i] as f64 - max) / temperature).exp())
+        .collect();
+    let sum: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= sum);
+    if let Some(p) = top_p {
+        let mut acc = 0.0;
+        let mut keep = probs.len();
+        for (i, q) in probs.iter().enumerate() {
+            acc += q;
+            if acc >= p {
+                keep = i + 1;
+                break;
+            }
+        }
+        idx.truncate(keep);
+        probs.truncate(keep);
+        let s: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= s);
+    }
+    let mut u = rng.next_f64();
+    for (i, q) in probs.iter().enumerate() {
+        if u < *q {
+            return idx[i] as u32;
+        }
+        u -= q;
+    }
+    idx[probs.len() - 1] as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_and_restricted_sampling() {
+        let logits = [0.0f32, 3.0, 1.0, 2.0];
+        let mut rng = SplitMix64::new(1);
+        assert_eq!(pick(&logits, 0.0, None, None, &mut rng), 1);
+        // top-k 1 is greedy whatever the temperature.
+        for _ in 0..20 {
+            assert_eq!(pick(&logits, 5.0, Some(1), None, &mut rng), 1);
+        }
+        // top-k 2 only ever yields the two best.
+        for _ in 0..50 {
+            let t = pick(&logits, 1.0, Some(2), None, &mut rng);
+            assert!(t == 1 || t == 3);
+        }
+        // A tiny top-p keeps only the best.
+        for _ in 0..20 {
+            assert_eq!(pick(&logits, 1.0, None, Some(0.01), &mut rng), 1);
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! The `caramba` command line as a library, so integration tests drive the
+//! same code the binary runs.
+
+pub mod cli;
+pub mod commands;
+pub mod model;
+pub mod progress;

@@ -1,0 +1,176 @@
+//! A pretrained model ready to run: a checkpoint's configuration lowered to
+//! IR, its tensors bound by Hugging Face name, its tokenizer, and a forward
+//! pass on the CPU reference backend.
+
+use crate::commands::Failure;
+use caramba_compiler::hf::{llama_model, LlamaDims};
+use caramba_compiler::manifest::{RopeScalingCfg, RopeScalingKind};
+use caramba_ir::reference::{eval, Bindings, Tensor};
+use caramba_ir::{DType, Graph, Sym};
+use caramba_runtime::checkpoint::{Checkpoint, CheckpointFormat, HfConfig, RopeScaling};
+use caramba_runtime::tokenizer::{GgufTokenizerOptions, Tokenizer};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+pub struct Model {
+    pub graph: Graph,
+    pub params: BTreeMap<String, Tensor>,
+    pub config: HfConfig,
+}
+
+/// The dimensions of a Hugging Face Llama config, for the compiler.
+pub fn dims(c: &HfConfig) -> LlamaDims {
+    LlamaDims {
+        vocab_size: c.vocab_size,
+        hidden_size: c.hidden_size,
+        num_hidden_layers: c.num_hidden_layers,
+        num_attention_heads: c.num_attention_heads,
+        num_key_value_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+        intermediate_size: c.intermediate_size,
+        rope_theta: c.rope_theta,
+        rope_scaling: c.rope_scaling.as_ref().map(|s| match *s {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => RopeScalingCfg {
+                kind: RopeScalingKind::Llama3,
+                factor,
+                low_freq_factor: Some(low_freq_factor),
+                high_freq_factor: Some(high_freq_factor),
+                original_max_position_embeddings: Some(original_max_position_embeddings),
+            },
+            RopeScaling::Linear { factor } => RopeScalingCfg {
+                kind: RopeScalingKind::Linear,
+                factor,
+                low_freq_factor: None,
+                high_freq_factor: None,
+                original_max_position_embeddings: None,
+            },
+        }),
+        rms_norm_eps: c.rms_norm_eps,
+        tie_word_embeddings: c.tie_word_embeddings,
+    }
+}
+
+impl Model {
+    /// Opens a checkpoint (Hugging Face directory, `.safetensors`, `.gguf`),
+    /// lowers its architecture and loads every parameter the graph reads.
+    pub fn load(ckpt: &Checkpoint) -> Result<Model, Failure> {
+        let config = ckpt.config.clone();
+        let spec = llama_model(&dims(&config));
+        let lowered =
+            caramba_compiler::lower_model(&spec, "checkpoint", DType::F32).map_err(|d| {
+                Failure::runtime(format!(
+                    "the checkpoint's configuration does not describe a valid model:\n{}",
+                    d.render(&ckpt.path().display().to_string(), "")
+                ))
+            })?;
+        let graph = lowered.graph;
+        let expected: Vec<(String, Vec<usize>)> = graph
+            .params()
+            .map(|(name, id)| {
+                let shape = graph
+                    .node(id)
+                    .ty
+                    .shape
+                    .dims()
+                    .iter()
+                    .map(|d| d.as_const().unwrap_or(0))
+                    .collect();
+                (name.to_string(), shape)
+            })
+            .collect();
+        let report = ckpt
+            .validate(expected.iter().map(|(n, s)| (n, s)))
+            .map_err(|e| Failure::runtime(e.to_string()))?;
+        if !report.missing.is_empty() || !report.shape_mismatches.is_empty() {
+            return Err(Failure::runtime(format!(
+                "checkpoint {} does not fit its model:\n{report}",
+                ckpt.path().display()
+            )));
+        }
+        let mut params = BTreeMap::new();
+        for (name, _) in &expected {
+            let (shape, data) = ckpt
+                .tensor_f32(name)
+                .map_err(|e| Failure::runtime(e.to_string()))?;
+            params.insert(name.clone(), Tensor::f32(shape, data));
+        }
+        Ok(Model {
+            graph,
+            params,
+            config,
+        })
+    }
+
+    /// Logits [T, vocab] for one sequence, positions 0..T.
+    pub fn logits(&self, ids: &[u32]) -> Result<Tensor, Failure> {
+        let t = ids.len();
+        let input = Tensor::i32(vec![1, t], ids.iter().map(|&i| i as i32).collect());
+        let pos = Tensor::i32(vec![t], (0..t as i32).collect());
+        let b = Bindings::new(&self.params)
+            .sym(Sym::B, 1)
+            .sym(Sym::T, t)
+            .input("input_ids", input)
+            .input("positions", pos);
+        let mut out = eval(&self.graph, &b)
+            .map_err(|e| Failure::runtime(format!("forward pass failed: {e}")))?;
+        let logits = out
+            .remove("logits")
+            .ok_or_else(|| Failure::runtime("the model graph has no logits output"))?;
+        let v = self.config.vocab_size;
+        Ok(logits.reshaped(vec![t, v]))
+    }
+}
+
+/// Opens a checkpoint, with a clear error for a wrong path.
+pub fn open_checkpoint(path: &Path) -> Result<Checkpoint, Failure> {
+    if !path.exists() {
+        return Err(Failure::usage(format!(
+            "checkpoint {} does not exist",
+            path.display()
+        )));
+    }
+    Checkpoint::open(path)
+        .map_err(|e| Failure::usage(format!("cannot open checkpoint {}: {e}", path.display())))
+}
+
+/// The checkpoint's tokenizer: `--tokenizer` if given, the GGUF's own
+/// metadata, or `tokenizer.json` next to the weights.
+pub fn tokenizer_for(ckpt: &Checkpoint, explicit: Option<&Path>) -> Result<Tokenizer, Failure> {
+    if let Some(p) = explicit {
+        return Tokenizer::from_file(p)
+            .map_err(|e| Failure::usage(format!("cannot load tokenizer {}: {e}", p.display())));
+    }
+    if ckpt.format() == CheckpointFormat::Gguf {
+        let meta = ckpt.tokenizer.as_ref().ok_or_else(|| {
+            Failure::usage(format!(
+                "{} carries no tokenizer metadata; pass --tokenizer",
+                ckpt.path().display()
+            ))
+        })?;
+        return Tokenizer::from_gguf_meta(meta, &GgufTokenizerOptions::default()).map_err(|e| {
+            Failure::runtime(format!(
+                "cannot build the tokenizer from {}: {e}",
+                ckpt.path().display()
+            ))
+        });
+    }
+    let dir = if ckpt.path().is_dir() {
+        ckpt.path().to_path_buf()
+    } else {
+        ckpt.path().parent().unwrap_or(Path::new(".")).to_path_buf()
+    };
+    let p = dir.join("tokenizer.json");
+    if !p.exists() {
+        return Err(Failure::usage(format!(
+            "no tokenizer.json in {}; pass --tokenizer",
+            dir.display()
+        )));
+    }
+    Tokenizer::from_file(&p)
+        .map_err(|e| Failure::usage(format!("cannot load tokenizer {}: {e}", p.display())))
+}
