@@ -139,4 +139,5 @@ fetch_kjv() {
 
 fetch_smollm2 smollm2
 fetch_kjv kjv
+bash "$repo_root/scripts/fixtures-tokenizers.sh"
 echo "fixtures: all present in $cache"

@@ -120,3 +120,72 @@ fn perplexity_on_kjv_matches_transformers() {
         "perplexity {ppl} differs from transformers' {want} by more than 0.5%"
     );
 }
+
+/// `caramba convert` writes a Hugging Face directory whose weights give the
+/// same logits as the GGUF, and whose tokenizer.json encodes like
+/// transformers' tokenizer for that GGUF (the KJV reference ids and the edge
+/// cases) and decodes back to the text.
+#[test]
+fn converted_directory_matches_the_gguf_and_transformers() {
+    let Some(m) = model() else { return };
+    let gguf = fixture_path(SMOLLM2_GGUF).expect("fixture present when model() is");
+    let out = std::env::temp_dir().join(format!("caramba-convert-{}", std::process::id()));
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_caramba"))
+        .args(["convert", gguf.to_str().unwrap(), out.to_str().unwrap()])
+        .status()
+        .expect("caramba runs");
+    assert!(status.success(), "caramba convert failed");
+
+    let ckpt = open_checkpoint(&out).unwrap_or_else(|e| panic!("{}", e.message));
+    let converted = Model::load(&ckpt).unwrap_or_else(|e| panic!("{}", e.message));
+    let ids = [504u32, 3575, 282, 4649, 314];
+    let a = m.logits(&ids).unwrap();
+    let b = converted.logits(&ids).unwrap();
+    assert_eq!(
+        a.max_abs_diff(&b),
+        0.0,
+        "converted weights give different logits"
+    );
+
+    let tok =
+        caramba::model::tokenizer_for(&ckpt, None).unwrap_or_else(|e| panic!("{}", e.message));
+    let cases = json("tokenizer_cases.json");
+    for c in cases.as_array().expect("cases") {
+        let text = c["text"].as_str().expect("text");
+        assert_eq!(
+            tok.encode(text, false),
+            ids_of(&c["ids"]),
+            "encoding of {text:?}"
+        );
+        assert_eq!(tok.decode(&ids_of(&c["ids"])), text, "decoding of {text:?}");
+    }
+    let meta = json("tokenizer_kjv.json");
+    let n_verses = meta["n_verses"].as_u64().expect("n_verses") as usize;
+    let kjv = std::fs::read_to_string(
+        caramba_runtime::checkpoint::testing::fixture_path("kjv.jsonl").expect("kjv fixture"),
+    )
+    .expect("kjv readable");
+    let text = kjv
+        .lines()
+        .take(n_verses)
+        .map(|l| {
+            serde_json::from_str::<Value>(l).expect("jsonl")["text"]
+                .as_str()
+                .expect("text")
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let want = caramba_runtime::data::NpyTokens::open(&reference("tokenizer_kjv.npy"))
+        .expect("reference ids")
+        .to_vec();
+    let got = tok.encode(&text, false);
+    assert_eq!(got.len(), want.len(), "KJV token count");
+    assert!(got == want, "KJV encoding differs from transformers'");
+    assert_eq!(tok.decode(&got), text, "KJV round trip");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+fn ids_of(v: &Value) -> Vec<u32> {
+    ids(v)
+}

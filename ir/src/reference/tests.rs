@@ -995,30 +995,6 @@ fn llama_graph(layers: usize, vocab: usize) -> (Graph, BTreeMap<String, Tensor>)
     (g, params)
 }
 
-/// Run with `cargo test --release -p caramba-ir smollm -- --ignored --nocapture`.
-#[test]
-#[ignore = "timing: a SmolLM2-135M-sized forward pass, run in release"]
-fn smollm_sized_forward_speed() {
-    let (g, params) = llama_graph(30, 49152);
-    let t = 512;
-    let ids: Vec<i32> = (0..t as i32).map(|i| (i * 7919) % 49152).collect();
-    let b = Bindings::new(&params)
-        .input("input_ids", Tensor::i32(vec![1, t], ids))
-        .input("positions", Tensor::i32(vec![t], (0..t as i32).collect()));
-    for _ in 0..2 {
-        let start = std::time::Instant::now();
-        let out = eval(&g, &b).unwrap();
-        let logits = &out["logits"];
-        assert_eq!(logits.shape(), &[1, t, 49152]);
-        assert!(logits.as_f32().unwrap().iter().all(|v| v.is_finite()));
-        eprintln!(
-            "{} nodes, T = {t}: {:.2} s",
-            g.node_count(),
-            start.elapsed().as_secs_f64()
-        );
-    }
-}
-
 #[test]
 fn llama_logits_are_causal() {
     // The logits at a position depend only on the tokens up to it, so a
