@@ -56,11 +56,19 @@ impl std::error::Error for Error {}
 
 impl de::Error for Error {
     fn custom<T: fmt::Display>(msg: T) -> Self {
-        Error { msg: msg.to_string(), help: None, at: None }
+        Error {
+            msg: msg.to_string(),
+            help: None,
+            at: None,
+        }
     }
 
     fn unknown_field(field: &str, expected: &'static [&'static str]) -> Self {
-        let list = expected.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ");
+        let list = expected
+            .iter()
+            .map(|f| format!("`{f}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
         Error {
             msg: format!("unknown field `{field}`"),
             help: Some(match suggest(field, expected) {
@@ -72,7 +80,11 @@ impl de::Error for Error {
     }
 
     fn unknown_variant(variant: &str, expected: &'static [&'static str]) -> Self {
-        let list = expected.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ");
+        let list = expected
+            .iter()
+            .map(|f| format!("`{f}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
         Error {
             msg: format!("unknown value `{variant}`"),
             help: Some(match suggest(variant, expected) {
@@ -86,7 +98,11 @@ impl de::Error for Error {
 
 /// Deserializes `T` from `node`, which sits at manifest `path`.
 pub fn from_node<T: DeserializeOwned>(node: &Node, path: &str) -> Result<T, Diagnostic> {
-    T::deserialize(NodeDe { node, path: path.to_string() }).map_err(|e| e.locate(path, node.span).into_diagnostic())
+    T::deserialize(NodeDe {
+        node,
+        path: path.to_string(),
+    })
+    .map_err(|e| e.locate(path, node.span).into_diagnostic())
 }
 
 struct NodeDe<'a> {
@@ -110,8 +126,17 @@ impl<'de> de::Deserializer<'de> for NodeDe<'_> {
             Value::Int(i) => v.visit_i64(*i),
             Value::Float(f) => v.visit_f64(*f),
             Value::Str(s) => v.visit_str(s),
-            Value::Seq(xs) => v.visit_seq(SeqDe { xs, i: 0, path: &self.path }),
-            Value::Map(m) => v.visit_map(MapDe { m, i: 0, path: &self.path, value: None }),
+            Value::Seq(xs) => v.visit_seq(SeqDe {
+                xs,
+                i: 0,
+                path: &self.path,
+            }),
+            Value::Map(m) => v.visit_map(MapDe {
+                m,
+                i: 0,
+                path: &self.path,
+                value: None,
+            }),
         };
         self.wrap(r)
     }
@@ -158,6 +183,23 @@ impl<'de> de::Deserializer<'de> for NodeDe<'_> {
         }
     }
 
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _fields: &'static [&'static str],
+        v: V,
+    ) -> Result<V::Value, Error> {
+        // serde would also fill a struct from a list, field by field; in a
+        // manifest that is always a mistake, so say what was expected.
+        match &self.node.value {
+            Value::Map(_) => self.deserialize_any(v),
+            _ => self.wrap(Err(de::Error::custom(format!(
+                "invalid type: {}, expected a mapping",
+                self.node.kind()
+            )))),
+        }
+    }
+
     fn deserialize_string<V: Visitor<'de>>(self, v: V) -> Result<V::Value, Error> {
         // Numbers and booleans are accepted where a string is expected only
         // when they were written as strings; say so rather than coerce.
@@ -177,7 +219,7 @@ impl<'de> de::Deserializer<'de> for NodeDe<'_> {
     serde::forward_to_deserialize_any! {
         bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 char
         bytes byte_buf unit unit_struct newtype_struct seq tuple
-        tuple_struct map struct identifier ignored_any
+        tuple_struct map identifier ignored_any
     }
 }
 
@@ -190,11 +232,21 @@ struct SeqDe<'a> {
 impl<'de> de::SeqAccess<'de> for SeqDe<'_> {
     type Error = Error;
 
-    fn next_element_seed<T: de::DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>, Error> {
-        let Some(node) = self.xs.get(self.i) else { return Ok(None) };
+    fn next_element_seed<T: de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> Result<Option<T::Value>, Error> {
+        let Some(node) = self.xs.get(self.i) else {
+            return Ok(None);
+        };
         let path = format!("{}[{}]", self.path, self.i);
         self.i += 1;
-        seed.deserialize(NodeDe { node, path: path.clone() }).map(Some).map_err(|e| e.locate(&path, node.span))
+        seed.deserialize(NodeDe {
+            node,
+            path: path.clone(),
+        })
+        .map(Some)
+        .map_err(|e| e.locate(&path, node.span))
     }
 
     fn size_hint(&self) -> Option<usize> {
@@ -212,18 +264,39 @@ struct MapDe<'a> {
 impl<'de> de::MapAccess<'de> for MapDe<'_> {
     type Error = Error;
 
-    fn next_key_seed<K: de::DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, Error> {
-        let Some((k, v)) = self.m.get(self.i) else { return Ok(None) };
+    fn next_key_seed<K: de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, Error> {
+        let Some((k, v)) = self.m.get(self.i) else {
+            return Ok(None);
+        };
         self.i += 1;
         let key = k.as_str().unwrap_or_default();
-        let path = if self.path.is_empty() { key.to_string() } else { format!("{}.{key}", self.path) };
+        let path = if self.path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.path)
+        };
         self.value = Some((v, path.clone()));
-        seed.deserialize(NodeDe { node: k, path: path.clone() }).map(Some).map_err(|e| e.locate(&path, k.span))
+        seed.deserialize(NodeDe {
+            node: k,
+            path: path.clone(),
+        })
+        .map(Some)
+        .map_err(|e| e.locate(&path, k.span))
     }
 
     fn next_value_seed<V: de::DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, Error> {
-        let (node, path) = self.value.take().expect("serde calls next_key before next_value");
-        seed.deserialize(NodeDe { node, path: path.clone() }).map_err(|e| e.locate(&path, node.span))
+        let (node, path) = self
+            .value
+            .take()
+            .expect("serde calls next_key before next_value");
+        seed.deserialize(NodeDe {
+            node,
+            path: path.clone(),
+        })
+        .map_err(|e| e.locate(&path, node.span))
     }
 }
 
@@ -250,11 +323,16 @@ mod tests {
 
     #[test]
     fn errors_carry_path_and_position() {
-        let n = parse("layers:\n  - n_heads: 4\n    theta: 1\n  - n_heads: -2\n    theta: 1\n").unwrap();
+        let n = parse("layers:\n  - n_heads: 4\n    theta: 1\n  - n_heads: -2\n    theta: 1\n")
+            .unwrap();
         let e = from_node::<Outer>(&n, "model").unwrap_err();
         assert_eq!(e.path, "model.layers[1].n_heads");
         assert_eq!(e.span.unwrap().line, 4);
-        assert!(e.message.contains("expected a non-negative integer"), "{}", e.message);
+        assert!(
+            e.message.contains("expected a non-negative integer"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

@@ -29,7 +29,12 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn new(message: impl Into<String>) -> Diagnostic {
-        Diagnostic { path: String::new(), span: None, message: message.into(), help: None }
+        Diagnostic {
+            path: String::new(),
+            span: None,
+            message: message.into(),
+            help: None,
+        }
     }
 
     pub fn at(mut self, span: Span) -> Diagnostic {
@@ -50,11 +55,13 @@ impl Diagnostic {
     /// Renders the diagnostic against the source it refers to.
     pub fn render(&self, file: &str, src: &str) -> String {
         let mut s = format!("error: {}\n", self.message);
+        // The gutter is as wide as the line number, so `-->`, `|` and `=`
+        // line up whatever the number of digits (as rustc lays them out).
+        let w = self.span.map_or(2, |sp| sp.line.to_string().len());
         match self.span {
             Some(sp) => {
-                let _ = writeln!(s, "  --> {file}:{}:{}", sp.line, sp.col);
+                let _ = writeln!(s, "{:w$}--> {file}:{}:{}", "", sp.line, sp.col);
                 if let Some(line) = src.lines().nth(sp.line.saturating_sub(1)) {
-                    let w = sp.line.to_string().len();
                     let _ = writeln!(s, "{:w$} |", "");
                     let _ = writeln!(s, "{} | {}", sp.line, line);
                     let _ = writeln!(
@@ -67,14 +74,14 @@ impl Diagnostic {
                 }
             }
             None => {
-                let _ = writeln!(s, "  --> {file}");
+                let _ = writeln!(s, "{:w$}--> {file}", "");
             }
         }
         if !self.path.is_empty() {
-            let _ = writeln!(s, "   = at: {}", self.path);
+            let _ = writeln!(s, "{:w$} = at: {}", "", self.path);
         }
         if let Some(h) = &self.help {
-            let _ = writeln!(s, "   = help: {h}");
+            let _ = writeln!(s, "{:w$} = help: {h}", "");
         }
         s
     }
@@ -125,7 +132,9 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
         }
         prev = cur;
     }

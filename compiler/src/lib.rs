@@ -8,6 +8,7 @@
 
 pub mod de;
 pub mod diag;
+pub mod hf;
 pub mod lower;
 pub mod manifest;
 pub mod plan;
@@ -36,19 +37,35 @@ pub fn compile(src: &str) -> Result<Compiled, Diagnostics> {
     let manifest = manifest::parse(src)?;
     validate::validate(&manifest)?;
     let student = lower_model(&manifest.model, &manifest.name, DType::F32)?;
-    let wants_teacher = manifest.runs.iter().chain(manifest.groups.iter().flat_map(|g| {
-        g.runs.iter().filter_map(|r| match r {
-            manifest::GroupRun::Inline(r) => Some(r),
-            manifest::GroupRun::Ref(..) => None,
-        })
-    }))
-    .any(|r| r.fields.train.as_ref().is_some_and(|t| t.teacher_ckpt.is_some()));
+    let wants_teacher = manifest
+        .runs
+        .iter()
+        .chain(manifest.groups.iter().flat_map(|g| {
+            g.runs.iter().filter_map(|r| match r {
+                manifest::GroupRun::Inline(r) => Some(&**r),
+                manifest::GroupRun::Ref(..) => None,
+            })
+        }))
+        .any(|r| {
+            r.fields
+                .train
+                .as_ref()
+                .is_some_and(|t| t.teacher_ckpt.is_some())
+        });
     let teacher = if wants_teacher {
-        Some(lower_model(&teacher_of(&manifest.model), &format!("{}_teacher", manifest.name), DType::F32)?)
+        Some(lower_model(
+            &teacher_of(&manifest.model),
+            &format!("{}_teacher", manifest.name),
+            DType::F32,
+        )?)
     } else {
         None
     };
-    Ok(Compiled { manifest, student, teacher })
+    Ok(Compiled {
+        manifest,
+        student,
+        teacher,
+    })
 }
 
 /// The teacher of an upcycle: the same model with every decoupled attention
@@ -68,7 +85,11 @@ pub fn teacher_of(m: &ModelSpec) -> ModelSpec {
                         let mut l = l.clone();
                         if let LayerKind::Attention(a) = &mut l.kind {
                             if a.mode() == AttentionMode::Decoupled {
-                                a.mode = Some(if a.n_kv() < a.n_heads { AttentionMode::Gqa } else { AttentionMode::Standard });
+                                a.mode = Some(if a.n_kv() < a.n_heads {
+                                    AttentionMode::Gqa
+                                } else {
+                                    AttentionMode::Standard
+                                });
                                 a.sem_dim = None;
                                 a.geo_dim = None;
                                 a.decoupled_gate = None;
@@ -81,5 +102,8 @@ pub fn teacher_of(m: &ModelSpec) -> ModelSpec {
                 .collect(),
         }
     }
-    ModelSpec { embedder: m.embedder.clone(), topology: topo(&m.topology) }
+    ModelSpec {
+        embedder: m.embedder.clone(),
+        topology: topo(&m.topology),
+    }
 }

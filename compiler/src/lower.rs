@@ -9,8 +9,8 @@
 use crate::diag::{Diagnostic, Diagnostics};
 use crate::manifest::*;
 use caramba_ir::{
-    BinaryOp, DType, Dim, Graph, NodeId, Op, ReduceOp, RopeScaling, RopeSpec, Scalar, Shape, Sym, TensorType,
-    UnaryOp,
+    BinaryOp, DType, Dim, Graph, NodeId, Op, ReduceOp, RopeScaling, RopeSpec, Scalar, Shape, Sym,
+    TensorType, UnaryOp,
 };
 use std::collections::BTreeMap;
 
@@ -37,7 +37,15 @@ pub struct LayerInfo {
 /// Lowers a model to a graph named `name` computing `logits` [B, T, vocab]
 /// from `input_ids` i32[B, T] and `positions` i32[T].
 pub fn lower_model(m: &ModelSpec, name: &str, dtype: DType) -> Result<Lowered, Diagnostics> {
-    let mut l = Lower { g: Graph::new(name), dtype, diags: Diagnostics::default(), layers: Vec::new(), namer: Namer::default(), pos: None };
+    let mut l = Lower {
+        g: Graph::new(name),
+        dtype,
+        diags: Diagnostics::default(),
+        layers: Vec::new(),
+        namer: Namer::default(),
+        pos: None,
+        vocab: m.embedder.vocab_size,
+    };
     let r = l.model(m);
     if let Err(d) = r {
         l.diags.push(d);
@@ -51,11 +59,16 @@ pub fn lower_model(m: &ModelSpec, name: &str, dtype: DType) -> Result<Lowered, D
         // A verifier failure after lowering is a compiler bug, reported as such.
         let mut d = Diagnostics::default();
         for e in errs {
-            d.push(Diagnostic::new(format!("internal error: lowering produced an invalid graph: {e}")));
+            d.push(Diagnostic::new(format!(
+                "internal error: lowering produced an invalid graph: {e}"
+            )));
         }
         return Err(d);
     }
-    Ok(Lowered { graph, layers: l.layers })
+    Ok(Lowered {
+        graph,
+        layers: l.layers,
+    })
 }
 
 /// A value flowing through the model: its node and its feature width.
@@ -72,6 +85,8 @@ struct Lower {
     layers: Vec<LayerInfo>,
     namer: Namer,
     pos: Option<NodeId>,
+    /// The vocabulary size: a final top-level linear to it is the LM head.
+    vocab: usize,
 }
 
 type R<T> = Result<T, Diagnostic>;
@@ -79,8 +94,18 @@ type R<T> = Result<T, Diagnostic>;
 impl Lower {
     fn model(&mut self, m: &ModelSpec) -> R<()> {
         let e = &m.embedder;
-        let ids = self.g.input("input_ids", TensorType::new(DType::I32, Shape::new([Dim::Sym(Sym::B), Dim::Sym(Sym::T)]))).map_err(ir)?;
-        let table = self.param("model.embed_tokens.weight", &[e.vocab_size, e.d_model], "model.embed_tokens")?;
+        let ids = self
+            .g
+            .input(
+                "input_ids",
+                TensorType::new(DType::I32, Shape::new([Dim::Sym(Sym::B), Dim::Sym(Sym::T)])),
+            )
+            .map_err(ir)?;
+        let table = self.param(
+            "model.embed_tokens.weight",
+            &[e.vocab_size, e.d_model],
+            "model.embed_tokens",
+        )?;
         let x = self.op(Op::Gather, &[table, ids], "model.embed_tokens")?;
         self.layers.push(LayerInfo {
             scope: "model.embed_tokens".into(),
@@ -89,7 +114,15 @@ impl Lower {
             params: e.vocab_size * e.d_model,
             kv_elements_per_token: 0,
         });
-        let x = self.topology(&m.topology, Val { id: x, width: e.d_model }, "model", true)?;
+        let x = self.topology(
+            &m.topology,
+            Val {
+                id: x,
+                width: e.d_model,
+            },
+            "model",
+            true,
+        )?;
         let head_is_explicit = ends_with_head(&m.topology, e.vocab_size);
         let logits = if head_is_explicit {
             x
@@ -103,18 +136,41 @@ impl Lower {
             let (w, scope) = if e.tie_embeddings {
                 (table, "model.embed_tokens")
             } else {
-                (self.param("lm_head.weight", &[e.vocab_size, e.d_model], "lm_head")?, "lm_head")
+                (
+                    self.param("lm_head.weight", &[e.vocab_size, e.d_model], "lm_head")?,
+                    "lm_head",
+                )
             };
             self.layers.push(LayerInfo {
                 scope: "lm_head".into(),
                 path: "model.embedder".into(),
-                kind: format!("LM head {}→{}{}", e.d_model, e.vocab_size, if e.tie_embeddings { " (tied)" } else { "" }),
-                params: if e.tie_embeddings { 0 } else { e.vocab_size * e.d_model },
+                kind: format!(
+                    "LM head {}→{}{}",
+                    e.d_model,
+                    e.vocab_size,
+                    if e.tie_embeddings { " (tied)" } else { "" }
+                ),
+                params: if e.tie_embeddings {
+                    0
+                } else {
+                    e.vocab_size * e.d_model
+                },
                 kv_elements_per_token: 0,
             });
             let wt = self.op(Op::Permute(vec![1, 0]), &[w], scope)?;
-            Val { id: self.op(Op::MatMul, &[x.id, wt], "lm_head")?, width: e.vocab_size }
+            Val {
+                id: self.op(Op::MatMul, &[x.id, wt], "lm_head")?,
+                width: e.vocab_size,
+            }
         };
+        let rank = self.rank(logits.id);
+        if rank != 3 {
+            let shape = self.g.node(logits.id).ty.shape.clone();
+            return Err(m.topology.loc.err(format!(
+                "the model must produce logits [B, T, vocab], but its output is {shape}"
+            ))
+            .help("a parallel topology with `combine: stack` adds an axis; use `combine: sum` or `mean` for branches whose output reaches the LM head"));
+        }
         self.g.set_output("logits", logits.id);
         Ok(())
     }
@@ -142,7 +198,13 @@ impl Lower {
         if let Some(p) = self.pos {
             return Ok(p);
         }
-        let p = self.g.input("positions", TensorType::new(DType::I32, Shape::new([Dim::Sym(Sym::T)]))).map_err(ir)?;
+        let p = self
+            .g
+            .input(
+                "positions",
+                TensorType::new(DType::I32, Shape::new([Dim::Sym(Sym::T)])),
+            )
+            .map_err(ir)?;
         self.pos = Some(p);
         Ok(p)
     }
@@ -155,7 +217,14 @@ impl Lower {
     }
 
     /// `x @ Wᵀ (+ b)` with W [out, in] as Hugging Face stores it.
-    fn linear(&mut self, x: NodeId, d_in: usize, d_out: usize, bias: bool, prefix: &str) -> R<NodeId> {
+    fn linear(
+        &mut self,
+        x: NodeId,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        prefix: &str,
+    ) -> R<NodeId> {
         let w = self.param(&format!("{prefix}.weight"), &[d_out, d_in], prefix)?;
         let wt = self.op(Op::Permute(vec![1, 0]), &[w], prefix)?;
         let y = self.op(Op::MatMul, &[x, wt], prefix)?;
@@ -172,11 +241,18 @@ impl Lower {
 
     // ---------------------------------------------------------- topologies
 
-    fn element(&mut self, el: &Element, x: Val, prefix: &str, top: bool, next: Option<&Element>) -> R<Val> {
+    fn element(
+        &mut self,
+        el: &Element,
+        x: Val,
+        prefix: &str,
+        top: bool,
+        next: Option<&Element>,
+    ) -> R<Val> {
         match el {
             Element::Topology(t) => self.topology(t, x, prefix, false),
             Element::Layer(l) => {
-                let role = role_of(&l.kind, next, top, x.width);
+                let role = role_of(&l.kind, next, top, self.vocab);
                 let scope = self.namer.name(prefix, role);
                 self.layer(l, x, &scope)
             }
@@ -202,7 +278,10 @@ impl Lower {
                         x.width, y.width
                     )));
                 }
-                Ok(Val { id: self.bin(BinaryOp::Add, x.id, y.id, &scope)?, width: x.width })
+                Ok(Val {
+                    id: self.bin(BinaryOp::Add, x.id, y.id, &scope)?,
+                    width: x.width,
+                })
             }
             TopologyKind::Nested { repeat } => {
                 let mut x = x;
@@ -230,7 +309,10 @@ impl Lower {
                             parts.push(self.reshape_tail(y.id, r - 1, &[1, w], &scope)?);
                         }
                         let r = self.rank(parts[0]);
-                        Ok(Val { id: self.op(Op::Concat { axis: r - 2 }, &parts, &scope)?, width: w })
+                        Ok(Val {
+                            id: self.op(Op::Concat { axis: r - 2 }, &parts, &scope)?,
+                            width: w,
+                        })
                     }
                     Combine::Sum | Combine::Mean => {
                         let mut acc = ys[0].id;
@@ -250,7 +332,10 @@ impl Lower {
                 let r = self.rank(ys[0].id);
                 let ids: Vec<NodeId> = ys.iter().map(|y| y.id).collect();
                 let width = ys.iter().map(|y| y.width).sum();
-                Ok(Val { id: self.op(Op::Concat { axis: r - 1 }, &ids, &scope)?, width })
+                Ok(Val {
+                    id: self.op(Op::Concat { axis: r - 1 }, &ids, &scope)?,
+                    width,
+                })
             }
             TopologyKind::Cyclic { iterations } => {
                 // The same layers (same parameters) applied `iterations` times.
@@ -274,7 +359,10 @@ impl Lower {
                 }
                 for _ in 1..steps {
                     self.namer = saved.clone();
-                    let inp = Val { id: self.bin(BinaryOp::Add, h.id, x.id, &scope)?, width: x.width };
+                    let inp = Val {
+                        id: self.bin(BinaryOp::Add, h.id, x.id, &scope)?,
+                        width: x.width,
+                    };
                     h = self.seq(&t.layers, inp, prefix, false)?;
                 }
                 Ok(h)
@@ -311,30 +399,73 @@ impl Lower {
         let (out, kind) = match &l.kind {
             LayerKind::RmsNorm(n) => {
                 expect("d_model", n.d_model)?;
-                (Val { id: self.rms_norm(x.id, n, scope)?, width: x.width }, format!("RMSNorm {}", n.d_model))
+                (
+                    Val {
+                        id: self.rms_norm(x.id, n, scope)?,
+                        width: x.width,
+                    },
+                    format!("RMSNorm {}", n.d_model),
+                )
             }
             LayerKind::LayerNorm(n) => {
                 expect("d_model", n.d_model)?;
-                (Val { id: self.layer_norm(x.id, n, scope)?, width: x.width }, format!("LayerNorm {}", n.d_model))
+                (
+                    Val {
+                        id: self.layer_norm(x.id, n, scope)?,
+                        width: x.width,
+                    },
+                    format!("LayerNorm {}", n.d_model),
+                )
             }
             LayerKind::Linear(c) => {
                 expect("d_in", c.d_in)?;
-                (Val { id: self.linear(x.id, c.d_in, c.d_out, c.bias, scope)?, width: c.d_out }, format!("Linear {}→{}", c.d_in, c.d_out))
+                (
+                    Val {
+                        id: self.linear(x.id, c.d_in, c.d_out, c.bias, scope)?,
+                        width: c.d_out,
+                    },
+                    format!("Linear {}→{}", c.d_in, c.d_out),
+                )
             }
             LayerKind::SwiGlu(c) => {
                 expect("d_model", c.d_model)?;
-                let gate = self.linear(x.id, c.d_model, c.d_ff, c.bias, &format!("{scope}.gate_proj"))?;
-                let up = self.linear(x.id, c.d_model, c.d_ff, c.bias, &format!("{scope}.up_proj"))?;
+                let gate = self.linear(
+                    x.id,
+                    c.d_model,
+                    c.d_ff,
+                    c.bias,
+                    &format!("{scope}.gate_proj"),
+                )?;
+                let up =
+                    self.linear(x.id, c.d_model, c.d_ff, c.bias, &format!("{scope}.up_proj"))?;
                 let a = self.op(Op::Unary(UnaryOp::Silu), &[gate], scope)?;
                 let h = self.bin(BinaryOp::Mul, a, up, scope)?;
                 let y = self.linear(h, c.d_ff, c.d_model, c.bias, &format!("{scope}.down_proj"))?;
-                (Val { id: y, width: c.d_model }, format!("SwiGLU {}→{}→{}", c.d_model, c.d_ff, c.d_model))
+                (
+                    Val {
+                        id: y,
+                        width: c.d_model,
+                    },
+                    format!("SwiGLU {}→{}→{}", c.d_model, c.d_ff, c.d_model),
+                )
             }
             LayerKind::Dropout(c) => {
                 if let Some(d) = c.d_model {
                     expect("d_model", d)?;
                 }
-                (Val { id: self.op(Op::Dropout { p: Scalar(c.dropout_p) }, &[x.id], scope)?, width: x.width }, format!("Dropout p={}", c.dropout_p))
+                (
+                    Val {
+                        id: self.op(
+                            Op::Dropout {
+                                p: Scalar(c.dropout_p),
+                            },
+                            &[x.id],
+                            scope,
+                        )?,
+                        width: x.width,
+                    },
+                    format!("Dropout p={}", c.dropout_p),
+                )
             }
             LayerKind::Rope(c) => {
                 expect("d_model", c.d_model)?;
@@ -344,7 +475,13 @@ impl Lower {
                 let spec = rope_spec(c.rope_theta, c.rope_scaling.as_ref());
                 let pos = self.positions()?;
                 let y = self.op(Op::Rope(spec), &[xr, pos], scope)?;
-                (Val { id: self.reshape_tail(y, 2, &[c.d_model], scope)?, width: x.width }, format!("RoPE {} heads × {hd}", c.n_heads))
+                (
+                    Val {
+                        id: self.reshape_tail(y, 2, &[c.d_model], scope)?,
+                        width: x.width,
+                    },
+                    format!("RoPE {} heads × {hd}", c.n_heads),
+                )
             }
             LayerKind::Attention(a) => {
                 expect("d_model", a.d_model)?;
@@ -358,12 +495,29 @@ impl Lower {
                         a.n_kv(),
                         a.sem_dim.unwrap_or(0),
                         a.geo_dim.unwrap_or(0),
-                        if a.decoupled_gate.unwrap_or(false) { ", gated" } else { "" }
+                        if a.decoupled_gate.unwrap_or(false) {
+                            ", gated"
+                        } else {
+                            ""
+                        }
                     ),
-                    AttentionMode::Gqa => format!("GQA attention {} heads ({} kv) × {}", a.n_heads, a.n_kv(), a.head_dim()),
-                    AttentionMode::Standard => format!("attention {} heads × {}", a.n_heads, a.head_dim()),
+                    AttentionMode::Gqa => format!(
+                        "GQA attention {} heads ({} kv) × {}",
+                        a.n_heads,
+                        a.n_kv(),
+                        a.head_dim()
+                    ),
+                    AttentionMode::Standard => {
+                        format!("attention {} heads × {}", a.n_heads, a.head_dim())
+                    }
                 };
-                (Val { id: y, width: a.d_model }, kind)
+                (
+                    Val {
+                        id: y,
+                        width: a.d_model,
+                    },
+                    kind,
+                )
             }
         };
         self.layers.push(LayerInfo {
@@ -391,7 +545,7 @@ impl Lower {
         }
     }
 
-    fn to_f32(&mut self, x: NodeId, scope: &str) -> R<NodeId> {
+    fn widen(&mut self, x: NodeId, scope: &str) -> R<NodeId> {
         if self.dtype == DType::F32 {
             Ok(x)
         } else {
@@ -399,7 +553,7 @@ impl Lower {
         }
     }
 
-    fn from_f32(&mut self, x: NodeId, scope: &str) -> R<NodeId> {
+    fn narrow(&mut self, x: NodeId, scope: &str) -> R<NodeId> {
         if self.dtype == DType::F32 {
             Ok(x)
         } else {
@@ -410,14 +564,21 @@ impl Lower {
     /// y = x · rsqrt(mean(x²) + eps) · w, computed in f32 (as Hugging Face does).
     fn rms_norm(&mut self, x: NodeId, n: &NormCfg, scope: &str) -> R<NodeId> {
         let r = self.rank(x);
-        let x32 = self.to_f32(x, scope)?;
+        let x32 = self.widen(x, scope)?;
         let sq = self.bin(BinaryOp::Mul, x32, x32, scope)?;
-        let ms = self.op(Op::Reduce { op: ReduceOp::Mean, axis: r - 1 }, &[sq], scope)?;
+        let ms = self.op(
+            Op::Reduce {
+                op: ReduceOp::Mean,
+                axis: r - 1,
+            },
+            &[sq],
+            scope,
+        )?;
         let eps = self.g.constant(n.eps, DType::F32, scope);
         let v = self.bin(BinaryOp::Add, ms, eps, scope)?;
         let inv = self.op(Op::Unary(UnaryOp::Rsqrt), &[v], scope)?;
         let xn = self.bin(BinaryOp::Mul, x32, inv, scope)?;
-        let xn = self.from_f32(xn, scope)?;
+        let xn = self.narrow(xn, scope)?;
         let w = self.param(&format!("{scope}.weight"), &[n.d_model], scope)?;
         self.bin(BinaryOp::Mul, xn, w, scope)
     }
@@ -425,16 +586,30 @@ impl Lower {
     /// y = (x − mean) · rsqrt(var + eps) · w + b, in f32.
     fn layer_norm(&mut self, x: NodeId, n: &NormCfg, scope: &str) -> R<NodeId> {
         let r = self.rank(x);
-        let x32 = self.to_f32(x, scope)?;
-        let mean = self.op(Op::Reduce { op: ReduceOp::Mean, axis: r - 1 }, &[x32], scope)?;
+        let x32 = self.widen(x, scope)?;
+        let mean = self.op(
+            Op::Reduce {
+                op: ReduceOp::Mean,
+                axis: r - 1,
+            },
+            &[x32],
+            scope,
+        )?;
         let xc = self.bin(BinaryOp::Sub, x32, mean, scope)?;
         let sq = self.bin(BinaryOp::Mul, xc, xc, scope)?;
-        let var = self.op(Op::Reduce { op: ReduceOp::Mean, axis: r - 1 }, &[sq], scope)?;
+        let var = self.op(
+            Op::Reduce {
+                op: ReduceOp::Mean,
+                axis: r - 1,
+            },
+            &[sq],
+            scope,
+        )?;
         let eps = self.g.constant(n.eps, DType::F32, scope);
         let v = self.bin(BinaryOp::Add, var, eps, scope)?;
         let inv = self.op(Op::Unary(UnaryOp::Rsqrt), &[v], scope)?;
         let xn = self.bin(BinaryOp::Mul, xc, inv, scope)?;
-        let xn = self.from_f32(xn, scope)?;
+        let xn = self.narrow(xn, scope)?;
         let w = self.param(&format!("{scope}.weight"), &[n.d_model], scope)?;
         let y = self.bin(BinaryOp::Mul, xn, w, scope)?;
         if n.bias {
@@ -446,8 +621,15 @@ impl Lower {
 
     /// Projects x [B, T, D] to per-head vectors [B, T, heads, d], with RoPE
     /// when `rope` is given.
-    fn heads(&mut self, x: NodeId, d_model: usize, heads: usize, d: usize, bias: bool, prefix: &str, rope: Option<RopeSpec>) -> R<NodeId> {
-        let y = self.linear(x, d_model, heads * d, bias, prefix)?;
+    fn heads(
+        &mut self,
+        x: NodeId,
+        a: &AttentionCfg,
+        (heads, d): (usize, usize),
+        prefix: &str,
+        rope: Option<RopeSpec>,
+    ) -> R<NodeId> {
+        let y = self.linear(x, a.d_model, heads * d, a.bias, prefix)?;
         let y = self.reshape_tail(y, 2, &[heads, d], prefix)?;
         match rope {
             Some(spec) => {
@@ -481,12 +663,14 @@ impl Lower {
     fn attention(&mut self, x: NodeId, a: &AttentionCfg, scope: &str) -> R<(NodeId, usize)> {
         let (h, kv, d) = (a.n_heads, a.n_kv(), a.d_model);
         let g = h / kv;
-        let rope = a.rope_enabled.then(|| rope_spec(a.rope_theta, a.rope_scaling.as_ref()));
+        let rope = a
+            .rope_enabled
+            .then(|| rope_spec(a.rope_theta, a.rope_scaling.as_ref()));
         let (scores, dv, cached) = match a.mode() {
             AttentionMode::Standard | AttentionMode::Gqa => {
                 let hd = a.head_dim();
-                let q = self.heads(x, d, h, hd, a.bias, &format!("{scope}.q_proj"), rope)?;
-                let k = self.heads(x, d, kv, hd, a.bias, &format!("{scope}.k_proj"), rope)?;
+                let q = self.heads(x, a, (h, hd), &format!("{scope}.q_proj"), rope)?;
+                let k = self.heads(x, a, (kv, hd), &format!("{scope}.k_proj"), rope)?;
                 let q = self.group_q(q, kv, g, hd, scope)?;
                 let kt = self.group_kt(k, kv, hd, scope)?;
                 let s = self.op(Op::MatMul, &[q, kt], scope)?;
@@ -496,13 +680,17 @@ impl Lower {
             AttentionMode::Decoupled => {
                 let (sem, geo) = (a.sem_dim.unwrap_or(0), a.geo_dim.unwrap_or(0));
                 let (ds, dg) = (sem / h, geo / h);
-                let mut qs = self.heads(x, d, h, ds, a.bias, &format!("{scope}.q_sem_proj"), None)?;
-                let ks = self.heads(x, d, kv, ds, a.bias, &format!("{scope}.k_sem_proj"), None)?;
-                let mut qg = self.heads(x, d, h, dg, a.bias, &format!("{scope}.q_geo_proj"), rope)?;
-                let kg = self.heads(x, d, kv, dg, a.bias, &format!("{scope}.k_geo_proj"), rope)?;
+                let mut qs = self.heads(x, a, (h, ds), &format!("{scope}.q_sem_proj"), None)?;
+                let ks = self.heads(x, a, (kv, ds), &format!("{scope}.k_sem_proj"), None)?;
+                let mut qg = self.heads(x, a, (h, dg), &format!("{scope}.q_geo_proj"), rope)?;
+                let kg = self.heads(x, a, (kv, dg), &format!("{scope}.k_geo_proj"), rope)?;
                 if a.decoupled_gate.unwrap_or(false) {
                     let gl = self.param(&format!("{scope}.gate_logit"), &[h], scope)?;
-                    let gl = self.op(Op::Reshape(Shape::new([Dim::Const(h), Dim::Const(1)])), &[gl], scope)?;
+                    let gl = self.op(
+                        Op::Reshape(Shape::new([Dim::Const(h), Dim::Const(1)])),
+                        &[gl],
+                        scope,
+                    )?;
                     let gate = self.op(Op::Unary(UnaryOp::Sigmoid), &[gl], scope)?;
                     let two = self.constant(2.0, scope);
                     let one = self.constant(1.0, scope);
@@ -523,14 +711,32 @@ impl Lower {
                 let cg = self.constant(1.0 / (dg as f64).sqrt(), scope);
                 let sg = self.bin(BinaryOp::Mul, sg, cg, scope)?;
                 let dv = (sem + geo) / h;
-                (self.bin(BinaryOp::Add, ss, sg, scope)?, dv, kv * (ds + dg + dv))
+                (
+                    self.bin(BinaryOp::Add, ss, sg, scope)?,
+                    dv,
+                    kv * (ds + dg + dv),
+                )
             }
         };
         // scores: [B, kv, g, T, S]
-        let scores = if a.causal { self.op(Op::CausalMask, &[scores], scope)? } else { scores };
+        let scores = if a.causal {
+            self.op(Op::CausalMask, &[scores], scope)?
+        } else {
+            scores
+        };
         let p = self.op(Op::Softmax { axis: 4 }, &[scores], scope)?;
-        let p = if a.dropout_p > 0.0 { self.op(Op::Dropout { p: Scalar(a.dropout_p) }, &[p], scope)? } else { p };
-        let v = self.heads(x, d, kv, dv, a.bias, &format!("{scope}.v_proj"), None)?;
+        let p = if a.dropout_p > 0.0 {
+            self.op(
+                Op::Dropout {
+                    p: Scalar(a.dropout_p),
+                },
+                &[p],
+                scope,
+            )?
+        } else {
+            p
+        };
+        let v = self.heads(x, a, (kv, dv), &format!("{scope}.v_proj"), None)?;
         let v = self.reshape_tail(v, 2, &[kv, 1, dv], scope)?;
         let v = self.op(Op::Permute(vec![0, 2, 3, 1, 4]), &[v], scope)?; // [B, kv, 1, T, dv]
         let o = self.op(Op::MatMul, &[p, v], scope)?; // [B, kv, g, T, dv]
@@ -542,14 +748,19 @@ impl Lower {
 }
 
 fn ir(e: caramba_ir::IrError) -> Diagnostic {
-    Diagnostic::new(format!("internal error while lowering {}: {}", e.scope, e.message))
+    Diagnostic::new(format!(
+        "internal error while lowering {}: {}",
+        e.scope, e.message
+    ))
 }
 
 pub(crate) fn rope_spec(theta: f64, s: Option<&RopeScalingCfg>) -> RopeSpec {
     RopeSpec {
         theta: Scalar(theta),
         scaling: s.map(|s| match s.kind {
-            RopeScalingKind::Linear => RopeScaling::Linear { factor: Scalar(s.factor) },
+            RopeScalingKind::Linear => RopeScaling::Linear {
+                factor: Scalar(s.factor),
+            },
             RopeScalingKind::Llama3 => RopeScaling::Llama3 {
                 factor: Scalar(s.factor),
                 low_freq_factor: Scalar(s.low_freq_factor.unwrap_or(1.0)),
@@ -568,17 +779,25 @@ fn ends_with_head(t: &Topology, vocab: usize) -> bool {
 }
 
 /// The role that names a layer's parameters.
-fn role_of(kind: &LayerKind, next: Option<&Element>, top: bool, _width: usize) -> Role {
+fn role_of(kind: &LayerKind, next: Option<&Element>, top: bool, vocab: usize) -> Role {
     match kind {
         LayerKind::Attention(_) => Role::Attn,
         LayerKind::SwiGlu(_) => Role::Mlp,
-        LayerKind::Linear(_) if top && next.is_none() => Role::Head,
+        // Only a linear to the vocabulary is the head (as in `ends_with_head`);
+        // any other final linear is an ordinary layer before the LM head.
+        LayerKind::Linear(c) if top && next.is_none() && c.d_out == vocab => Role::Head,
         LayerKind::Linear(_) => Role::Linear,
         LayerKind::Dropout(_) => Role::Dropout,
         LayerKind::Rope(_) => Role::Rope,
         LayerKind::RmsNorm(_) | LayerKind::LayerNorm(_) => match next {
-            Some(Element::Layer(Layer { kind: LayerKind::Attention(_), .. })) => Role::InputNorm,
-            Some(Element::Layer(Layer { kind: LayerKind::SwiGlu(_), .. })) => Role::PostAttnNorm,
+            Some(Element::Layer(Layer {
+                kind: LayerKind::Attention(_),
+                ..
+            })) => Role::InputNorm,
+            Some(Element::Layer(Layer {
+                kind: LayerKind::SwiGlu(_),
+                ..
+            })) => Role::PostAttnNorm,
             _ => Role::Norm,
         },
     }
@@ -631,7 +850,11 @@ impl Namer {
             Role::Rope => "rope",
         };
         let n = self.roles.entry((prefix.to_string(), role)).or_insert(0);
-        let name = if *n == 0 { format!("{prefix}.{base}") } else { format!("{prefix}.{base}_{n}") };
+        let name = if *n == 0 {
+            format!("{prefix}.{base}")
+        } else {
+            format!("{prefix}.{base}_{n}")
+        };
         *n += 1;
         name
     }

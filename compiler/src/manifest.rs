@@ -49,6 +49,9 @@ pub struct Defaults {
     pub device: Option<Device>,
     pub dtype: Option<DTypeSpec>,
     pub seed: Option<u64>,
+    /// Where the section was written, for validation errors.
+    #[serde(skip)]
+    pub loc: Loc,
 }
 
 /// A tokenizer: a name (`llama`, `smollm2`, `gpt2`), a path to a
@@ -139,19 +142,41 @@ fn token() -> String {
 pub struct Loc {
     pub path: String,
     pub span: Span,
-    /// Positions of the element's own fields (values), for precise errors.
+    /// Positions of the values of the element's fields, and of the fields
+    /// nested in them (`train.lr`, `verify.cases[0].answer`), for precise errors.
     pub fields: Vec<(String, Span)>,
 }
 
 impl Loc {
     pub fn of(node: &Node, path: &str) -> Loc {
-        let fields = node
-            .as_map()
-            .unwrap_or_default()
-            .iter()
-            .map(|(k, v)| (k.as_str().unwrap_or_default().to_string(), v.span))
-            .collect();
-        Loc { path: path.to_string(), span: node.span, fields }
+        fn walk(node: &Node, prefix: &str, out: &mut Vec<(String, Span)>) {
+            match &node.value {
+                Value::Map(m) => {
+                    for (k, v) in m {
+                        let p = join(prefix, k.as_str().unwrap_or_default());
+                        out.push((p.clone(), v.span));
+                        walk(v, &p, out);
+                    }
+                }
+                Value::Seq(xs) => {
+                    for (i, x) in xs.iter().enumerate() {
+                        let p = format!("{prefix}[{i}]");
+                        out.push((p.clone(), x.span));
+                        walk(x, &p, out);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut fields = Vec::new();
+        if node.as_map().is_some() {
+            walk(node, "", &mut fields);
+        }
+        Loc {
+            path: path.to_string(),
+            span: node.span,
+            fields,
+        }
     }
 
     /// An error about the whole element.
@@ -162,8 +187,23 @@ impl Loc {
     /// An error about one field, pointing at its value when it was written.
     pub fn field(&self, name: &str, msg: impl Into<String>) -> Diagnostic {
         match self.fields.iter().find(|(k, _)| k == name) {
-            Some((_, span)) => Diagnostic::new(msg).path(format!("{}.{name}", self.path)).at(*span),
+            Some((_, span)) => Diagnostic::new(msg)
+                .path(format!("{}.{name}", self.path))
+                .at(*span),
             None => self.err(msg),
+        }
+    }
+
+    /// Like [`Loc::field`], but for a field that may not have been written:
+    /// then the error points at the element and still names the field's path.
+    pub fn field_or_self(&self, name: &str, msg: impl Into<String>) -> Diagnostic {
+        match self.fields.iter().find(|(k, _)| k == name) {
+            Some((_, span)) => Diagnostic::new(msg)
+                .path(format!("{}.{name}", self.path))
+                .at(*span),
+            None => Diagnostic::new(msg)
+                .path(format!("{}.{name}", self.path))
+                .at(self.span),
         }
     }
 
@@ -278,7 +318,11 @@ impl AttentionCfg {
     }
 
     pub fn mode(&self) -> AttentionMode {
-        self.mode.unwrap_or(if self.n_kv() < self.n_heads { AttentionMode::Gqa } else { AttentionMode::Standard })
+        self.mode.unwrap_or(if self.n_kv() < self.n_heads {
+            AttentionMode::Gqa
+        } else {
+            AttentionMode::Standard
+        })
     }
 
     pub fn head_dim(&self) -> usize {
@@ -540,7 +584,7 @@ pub struct Group {
 /// A group's run: defined in place, or a reference to a top-level run.
 #[derive(Clone, Debug, PartialEq)]
 pub enum GroupRun {
-    Inline(Run),
+    Inline(Box<Run>),
     Ref(String, Loc),
 }
 
@@ -693,23 +737,45 @@ struct Header {
     notes: Option<String>,
 }
 
-const TOP_LEVEL: &[&str] = &["version", "name", "notes", "vars", "defaults", "model", "runs", "groups", "benchmarks"];
+const TOP_LEVEL: &[&str] = &[
+    "version",
+    "name",
+    "notes",
+    "vars",
+    "defaults",
+    "model",
+    "runs",
+    "groups",
+    "benchmarks",
+];
 
 /// Parses manifest source text: YAML → variable substitution → typed sections.
 pub fn parse(src: &str) -> Result<Manifest, Diagnostics> {
     let root = yaml::parse(src)?;
-    if root.as_map().is_none() {
-        return Err(Diagnostic::new(format!("a manifest is a mapping of sections, found {}", root.kind()))
-            .at(root.span)
+    if root.as_map().is_some_and(|m| m.is_empty()) {
+        return Err(Diagnostic::new("the manifest is empty")
+            .help("a manifest needs at least `version`, `name` and `model: {embedder: ..., topology: ...}`")
             .into());
     }
+    if root.as_map().is_none() {
+        return Err(Diagnostic::new(format!(
+            "a manifest is a mapping of sections, found {}",
+            root.kind()
+        ))
+        .at(root.span)
+        .into());
+    }
     let (tree, vars) = vars::substitute(&root)?;
-    let mut p = P { diags: Diagnostics::default() };
+    let mut p = P {
+        diags: Diagnostics::default(),
+    };
 
     for (k, _) in tree.as_map().unwrap_or_default() {
         let key = k.as_str().unwrap_or_default();
         if !TOP_LEVEL.contains(&key) {
-            let mut d = Diagnostic::new(format!("unknown section `{key}`")).path(key).at(k.span);
+            let mut d = Diagnostic::new(format!("unknown section `{key}`"))
+                .path(key)
+                .at(k.span);
             d = match suggest(key, TOP_LEVEL) {
                 Some(s) => d.help(format!("did you mean `{s}`?")),
                 None => d.help(format!("sections are {}", TOP_LEVEL.join(", "))),
@@ -730,15 +796,19 @@ pub fn parse(src: &str) -> Result<Manifest, Diagnostics> {
     );
     let header: Option<Header> = p.de(&header_node, "");
     let defaults = match tree.get("defaults") {
-        Some(n) => p.de(n, "defaults").unwrap_or_default(),
+        Some(n) => Defaults {
+            loc: Loc::of(n, "defaults"),
+            ..p.de(n, "defaults").unwrap_or_default()
+        },
         None => Defaults::default(),
     };
     let model = match tree.get("model") {
         Some(n) => p.model(n, "model"),
         None => {
-            p.diags.push(Diagnostic::new("missing section `model`").at(Span::new(1, 1, 0)).help(
-                "every manifest declares its model: `model: {embedder: ..., topology: ...}`",
-            ));
+            p.diags
+                .push(Diagnostic::new("missing section `model`").help(
+                    "every manifest declares its model: `model: {embedder: ..., topology: ...}`",
+                ));
             None
         }
     };
@@ -759,7 +829,10 @@ pub fn parse(src: &str) -> Result<Manifest, Diagnostics> {
             version: h.version,
             name: h.name,
             notes: h.notes,
-            vars: vars.iter().map(|(k, v)| (k.clone(), v.to_serde())).collect(),
+            vars: vars
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_serde()))
+                .collect(),
             defaults,
             model,
             runs,
@@ -794,13 +867,24 @@ impl P {
         }
     }
 
-    fn list<T>(&mut self, node: &Node, path: &str, mut f: impl FnMut(&mut P, &Node, String) -> Option<T>) -> Vec<T> {
+    fn list<T>(
+        &mut self,
+        node: &Node,
+        path: &str,
+        mut f: impl FnMut(&mut P, &Node, String) -> Option<T>,
+    ) -> Vec<T> {
         match &node.value {
-            Value::Seq(xs) => xs.iter().enumerate().filter_map(|(i, x)| f(self, x, format!("{path}[{i}]"))).collect(),
+            Value::Seq(xs) => xs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, x)| f(self, x, format!("{path}[{i}]")))
+                .collect(),
             Value::Null => Vec::new(),
             _ => {
                 self.diags.push(
-                    Diagnostic::new(format!("`{path}` must be a list, found {}", node.kind())).path(path).at(node.span),
+                    Diagnostic::new(format!("`{path}` must be a list, found {}", node.kind()))
+                        .path(path)
+                        .at(node.span),
                 );
                 Vec::new()
             }
@@ -808,12 +892,21 @@ impl P {
     }
 
     /// The `type` of a tagged mapping, checked against the known tags.
-    fn tag<'n>(&mut self, node: &'n Node, path: &str, what: &str, known: &[&str]) -> Option<&'n str> {
+    fn tag<'n>(
+        &mut self,
+        node: &'n Node,
+        path: &str,
+        what: &str,
+        known: &[&str],
+    ) -> Option<&'n str> {
         let Some(_) = node.as_map() else {
             self.diags.push(
-                Diagnostic::new(format!("a {what} must be a mapping with a `type`, found {}", node.kind()))
-                    .path(path)
-                    .at(node.span),
+                Diagnostic::new(format!(
+                    "a {what} must be a mapping with a `type`, found {}",
+                    node.kind()
+                ))
+                .path(path)
+                .at(node.span),
             );
             return None;
         };
@@ -828,16 +921,23 @@ impl P {
         };
         let Some(s) = t.as_str() else {
             self.diags.push(
-                Diagnostic::new(format!("`type` must be a string, found {}", t.kind())).path(join(path, "type")).at(t.span),
+                Diagnostic::new(format!("`type` must be a string, found {}", t.kind()))
+                    .path(join(path, "type"))
+                    .at(t.span),
             );
             return None;
         };
         if known.contains(&s) {
             return Some(s);
         }
-        let mut d = Diagnostic::new(format!("unknown {what} type `{s}`")).path(join(path, "type")).at(t.span);
+        let mut d = Diagnostic::new(format!("unknown {what} type `{s}`"))
+            .path(join(path, "type"))
+            .at(t.span);
         d = match suggest(s, known) {
-            Some(k) => d.help(format!("did you mean `{k}`? expected one of {}", known.join(", "))),
+            Some(k) => d.help(format!(
+                "did you mean `{k}`? expected one of {}",
+                known.join(", ")
+            )),
             None => d.help(format!("expected one of {}", known.join(", "))),
         };
         self.diags.push(d);
@@ -864,7 +964,10 @@ impl P {
         let embedder = self.de::<Embedder>(node.get("embedder")?, &join(path, "embedder"));
         let topo_node = node.get("topology")?;
         let topology = self.topology(topo_node, &join(path, "topology"));
-        Some(ModelSpec { embedder: embedder?, topology: topology? })
+        Some(ModelSpec {
+            embedder: embedder?,
+            topology: topology?,
+        })
     }
 
     fn topology(&mut self, node: &Node, path: &str) -> Option<Topology> {
@@ -878,7 +981,10 @@ impl P {
             "CyclicTopology",
             "RecurrentTopology",
         ];
-        let t = self.tag(node, path, "topology", TOPOLOGIES)?;
+        let Some(t) = self.tag(node, path, "topology", TOPOLOGIES) else {
+            self.children(node, path);
+            return None;
+        };
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct Fields {
@@ -894,26 +1000,50 @@ impl P {
         let f: Fields = self.de(&node.without(&["type"]), path)?;
         let mut bad = |field: &str, present: bool| {
             if present {
-                self.diags.push(loc.err(format!("`{field}` does not apply to {t}")));
+                self.diags
+                    .push(loc.field(field, format!("`{field}` does not apply to {t}")));
             }
         };
         bad("repeat", f.repeat.is_some() && t != "NestedTopology");
-        bad("iterations", f.iterations.is_some() && t != "CyclicTopology");
+        bad(
+            "iterations",
+            f.iterations.is_some() && t != "CyclicTopology",
+        );
         bad("steps", f.steps.is_some() && t != "RecurrentTopology");
         bad("combine", f.combine.is_some() && t != "ParallelTopology");
         let kind = match t {
             "StackedTopology" => TopologyKind::Stacked,
             "SequentialTopology" => TopologyKind::Sequential,
             "ResidualTopology" => TopologyKind::Residual,
-            "NestedTopology" => TopologyKind::Nested { repeat: f.repeat.unwrap_or(1) },
-            "ParallelTopology" => TopologyKind::Parallel { combine: f.combine.unwrap_or(Combine::Stack) },
+            "NestedTopology" => TopologyKind::Nested {
+                repeat: f.repeat.unwrap_or(1),
+            },
+            "ParallelTopology" => TopologyKind::Parallel {
+                combine: f.combine.unwrap_or(Combine::Stack),
+            },
             "BranchingTopology" => TopologyKind::Branching,
-            "CyclicTopology" => TopologyKind::Cyclic { iterations: f.iterations.unwrap_or(1) },
-            _ => TopologyKind::Recurrent { steps: f.steps.unwrap_or(1) },
+            "CyclicTopology" => TopologyKind::Cyclic {
+                iterations: f.iterations.unwrap_or(1),
+            },
+            _ => TopologyKind::Recurrent {
+                steps: f.steps.unwrap_or(1),
+            },
         };
         let layers_path = join(path, "layers");
-        let layers = self.list(node.get("layers")?, &layers_path, |p, n, path| p.element(n, &path));
+        let layers = self.list(node.get("layers")?, &layers_path, |p, n, path| {
+            p.element(n, &path)
+        });
         Some(Topology { kind, layers, loc })
+    }
+
+    /// Checks the `layers` of an element whose own `type` is wrong, so that
+    /// mistakes inside it are reported too.
+    fn children(&mut self, node: &Node, path: &str) {
+        if let Some(layers) = node.get("layers") {
+            self.list(layers, &join(path, "layers"), |p, n, path| {
+                p.element(n, &path)
+            });
+        }
     }
 
     fn element(&mut self, node: &Node, path: &str) -> Option<Element> {
@@ -941,14 +1071,21 @@ impl P {
             "CyclicTopology",
             "RecurrentTopology",
         ];
-        let t = self.tag(node, path, "layer", LAYERS)?;
+        let Some(t) = self.tag(node, path, "layer", LAYERS) else {
+            self.children(node, path);
+            return None;
+        };
         let body = node.without(&["type"]);
         let loc = Loc::of(node, path);
         let kind = match t {
             "AttentionLayer" => LayerKind::Attention(self.de(&body, path)?),
             "RMSNormLayer" => {
                 if let Some(b) = node.get("bias") {
-                    self.diags.push(Diagnostic::new("`bias` does not apply to RMSNormLayer").path(join(path, "bias")).at(b.span));
+                    self.diags.push(
+                        Diagnostic::new("`bias` does not apply to RMSNormLayer")
+                            .path(join(path, "bias"))
+                            .at(b.span),
+                    );
                 }
                 LayerKind::RmsNorm(self.de(&body, path)?)
             }
@@ -967,7 +1104,11 @@ impl P {
             Some(v) => Some(self.verify(v, &join(path, "verify"))?),
             None => None,
         };
-        Some(Run { fields: fields?, verify, loc: Loc::of(node, path) })
+        Some(Run {
+            fields: fields?,
+            verify,
+            loc: Loc::of(node, path),
+        })
     }
 
     fn verify(&mut self, node: &Node, path: &str) -> Option<Verify> {
@@ -995,12 +1136,14 @@ impl P {
         let runs = match node.get("runs") {
             Some(n) => self.list(n, &join(path, "runs"), |p, n, path| match &n.value {
                 Value::Str(s) => Some(GroupRun::Ref(s.clone(), Loc::of(n, &path))),
-                _ => p.run(n, &path).map(GroupRun::Inline),
+                _ => p.run(n, &path).map(|r| GroupRun::Inline(Box::new(r))),
             }),
             None => Vec::new(),
         };
         let benchmarks = match node.get("benchmarks") {
-            Some(n) => self.list(n, &join(path, "benchmarks"), |p, n, path| p.benchmark(n, &path)),
+            Some(n) => self.list(n, &join(path, "benchmarks"), |p, n, path| {
+                p.benchmark(n, &path)
+            }),
             None => Vec::new(),
         };
         let f = f?;
@@ -1028,7 +1171,12 @@ impl P {
         let f: Option<Fields> = self.de(node, path);
         let cfg_path = join(path, "config");
         let config = node.get("config").and_then(|c| {
-            let t = self.tag(c, &cfg_path, "benchmark", &["perplexity", "latency", "memory", "accuracy", "generation"])?;
+            let t = self.tag(
+                c,
+                &cfg_path,
+                "benchmark",
+                &["perplexity", "latency", "memory", "accuracy", "generation"],
+            )?;
             let body = c.without(&["type"]);
             Some(match t {
                 "perplexity" => BenchConfig::Perplexity(self.de(&body, &cfg_path)?),

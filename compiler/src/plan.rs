@@ -18,16 +18,34 @@ pub fn render(c: &crate::Compiled, group: Option<&str>) -> String {
     model(&mut s, "student", &c.student, &m.model);
     if let Some(t) = &c.teacher {
         let _ = writeln!(s);
-        model(&mut s, "teacher (the student with standard attention, loaded from teacher_ckpt)", t, &m.model);
+        model(
+            &mut s,
+            "teacher (the student with standard attention, loaded from teacher_ckpt)",
+            t,
+            &m.model,
+        );
     }
     for g in groups(m) {
         if group.is_some_and(|name| name != g.name) {
             continue;
         }
         let _ = writeln!(s);
-        let _ = writeln!(s, "group {}{}", g.name, g.description.as_deref().map(|d| format!(" — {d}")).unwrap_or_default());
+        let _ = writeln!(
+            s,
+            "group {}{}",
+            g.name,
+            g.description
+                .as_deref()
+                .map(|d| format!(" — {d}"))
+                .unwrap_or_default()
+        );
         for (i, r) in resolve_runs(m, &g).iter().enumerate() {
-            run(&mut s, i + 1, r, g.data.as_deref().or(m.defaults.data.as_deref()));
+            run(
+                &mut s,
+                i + 1,
+                r,
+                g.data.as_deref().or(m.defaults.data.as_deref()),
+            );
         }
         for b in &g.benchmarks {
             bench(&mut s, b);
@@ -42,7 +60,11 @@ pub fn render(c: &crate::Compiled, group: Option<&str>) -> String {
 fn model(s: &mut String, title: &str, l: &Lowered, m: &ModelSpec) {
     let params = l.graph.param_count();
     let kv: usize = l.layers.iter().map(|x| x.kv_elements_per_token).sum();
-    let attn = l.layers.iter().filter(|x| x.kv_elements_per_token > 0).count();
+    let attn = l
+        .layers
+        .iter()
+        .filter(|x| x.kv_elements_per_token > 0)
+        .count();
     let _ = writeln!(s, "model {title}");
     let _ = writeln!(
         s,
@@ -54,21 +76,45 @@ fn model(s: &mut String, title: &str, l: &Lowered, m: &ModelSpec) {
         m.embedder.d_model
     );
     if attn > 0 {
-        let per_kind: Vec<String> = [CacheKind::Fp32, CacheKind::Fp16, CacheKind::Q8, CacheKind::Q4]
-            .iter()
-            .map(|k| format!("{} {}", k.name(), bytes(kv as f64 * k.bits_per_element() / 8.0)))
-            .collect();
-        let _ = writeln!(s, "  KV cache per token ({attn} attention layers, {kv} values): {}", per_kind.join(", "));
+        let per_kind: Vec<String> = [
+            CacheKind::Fp32,
+            CacheKind::Fp16,
+            CacheKind::Q8,
+            CacheKind::Q4,
+        ]
+        .iter()
+        .map(|k| {
+            format!(
+                "{} {}",
+                k.name(),
+                bytes(kv as f64 * k.bits_per_element() / 8.0)
+            )
+        })
+        .collect();
+        let _ = writeln!(
+            s,
+            "  KV cache per token ({attn} attention layers, {kv} values): {}",
+            per_kind.join(", ")
+        );
     }
     let _ = writeln!(s, "  layers:");
     for (scope, info, count) in fold_blocks(&l.layers) {
-        let rep = if count > 1 { format!(" ×{count}") } else { String::new() };
+        let rep = if count > 1 {
+            format!(" ×{count}")
+        } else {
+            String::new()
+        };
         let kv = if info.kv_elements_per_token > 0 {
             format!(", KV {} B/token fp16", info.kv_elements_per_token * 2)
         } else {
             String::new()
         };
-        let _ = writeln!(s, "    {scope:<44} {}{rep}  [{} params{kv}]", info.kind, group_digits(info.params));
+        let _ = writeln!(
+            s,
+            "    {scope:<44} {}{rep}  [{} params{kv}]",
+            info.kind,
+            group_digits(info.params)
+        );
     }
 }
 
@@ -78,7 +124,10 @@ fn fold_blocks(layers: &[LayerInfo]) -> Vec<(String, LayerInfo, usize)> {
     let mut out: Vec<(String, LayerInfo, usize)> = Vec::new();
     for l in layers {
         let pattern = star_indices(&l.scope);
-        if let Some(pos) = out.iter().position(|(p, i, _)| *p == pattern && i.kind == l.kind && i.params == l.params) {
+        if let Some(pos) = out
+            .iter()
+            .position(|(p, i, _)| *p == pattern && i.kind == l.kind && i.params == l.params)
+        {
             if pattern != l.scope {
                 out[pos].2 += 1;
                 continue;
@@ -92,7 +141,13 @@ fn fold_blocks(layers: &[LayerInfo]) -> Vec<(String, LayerInfo, usize)> {
 fn star_indices(scope: &str) -> String {
     scope
         .split('.')
-        .map(|part| if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) { "*" } else { part })
+        .map(|part| {
+            if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+                "*"
+            } else {
+                part
+            }
+        })
         .collect::<Vec<_>>()
         .join(".")
 }
@@ -107,7 +162,12 @@ pub fn groups(m: &Manifest) -> Vec<Group> {
         name: "default".into(),
         description: None,
         data: None,
-        runs: m.runs.iter().cloned().map(GroupRun::Inline).collect(),
+        runs: m
+            .runs
+            .iter()
+            .cloned()
+            .map(|r| GroupRun::Inline(Box::new(r)))
+            .collect(),
         benchmarks: m.benchmarks.clone(),
         loc: Loc::default(),
     }]
@@ -118,7 +178,7 @@ pub fn resolve_runs(m: &Manifest, g: &Group) -> Vec<Run> {
     g.runs
         .iter()
         .filter_map(|r| match r {
-            GroupRun::Inline(r) => Some(r.clone()),
+            GroupRun::Inline(r) => Some((**r).clone()),
             GroupRun::Ref(id, _) => m.runs.iter().find(|r| &r.fields.id == id).cloned(),
         })
         .collect()
@@ -138,15 +198,19 @@ fn run(s: &mut String, n: usize, r: &Run, data: Option<&str>) {
     if let Some(t) = &f.train {
         let _ = writeln!(
             s,
-            "       {:?} phase: batch {} × {} tokens, {:?} lr {} ({:?}), weight decay {}{}",
-            t.phase,
+            "       {} phase: batch {} × {} tokens, {} lr {} ({} schedule), weight decay {}{}",
+            lower(&t.phase),
             t.batch_size,
             t.block_size,
-            t.optimizer,
+            lower(&t.optimizer),
             t.lr,
-            t.schedule,
+            lower(&t.schedule),
             t.weight_decay,
-            if t.gradient_accumulation_steps > 1 { format!(", accumulate {}", t.gradient_accumulation_steps) } else { String::new() }
+            if t.gradient_accumulation_steps > 1 {
+                format!(", accumulate {}", t.gradient_accumulation_steps)
+            } else {
+                String::new()
+            }
         );
         if let Some(tc) = &t.teacher_ckpt {
             let _ = writeln!(s, "       teacher: {tc}");
@@ -161,7 +225,9 @@ fn run(s: &mut String, n: usize, r: &Run, data: Option<&str>) {
     match &r.verify {
         Some(Verify::Compare(c)) => {
             let th = |t: &Option<L1Thresholds>| {
-                t.as_ref().map(|t| format!("mean L1 ≤ {}, max L1 ≤ {}", t.max_mean_l1, t.max_max_l1)).unwrap_or("not checked".into())
+                t.as_ref()
+                    .map(|t| format!("mean L1 ≤ {}, max L1 ≤ {}", t.max_mean_l1, t.max_max_l1))
+                    .unwrap_or("not checked".into())
             };
             let _ = writeln!(
                 s,
@@ -174,11 +240,17 @@ fn run(s: &mut String, n: usize, r: &Run, data: Option<&str>) {
         Some(Verify::Eval(e)) => {
             let _ = writeln!(
                 s,
-                "       verify eval: {} case(s), {} new tokens, student accuracy ≥ {}, drop ≤ {}",
+                "       verify eval: {} case(s), {} new tokens{}{}",
                 e.cases.len(),
                 e.max_new_tokens,
-                e.thresholds.min_student_accuracy.map(|x| x.to_string()).unwrap_or("-".into()),
-                e.thresholds.max_accuracy_drop.map(|x| x.to_string()).unwrap_or("-".into())
+                e.thresholds
+                    .min_student_accuracy
+                    .map(|x| format!(", student accuracy ≥ {x}"))
+                    .unwrap_or_default(),
+                e.thresholds
+                    .max_accuracy_drop
+                    .map(|x| format!(", accuracy drop ≤ {x}"))
+                    .unwrap_or_default()
             );
         }
         None => {}
@@ -187,7 +259,10 @@ fn run(s: &mut String, n: usize, r: &Run, data: Option<&str>) {
 
 fn bench(s: &mut String, b: &Benchmark) {
     let what = match &b.config {
-        BenchConfig::Perplexity(c) => format!("{} batch(es) of {} × {} tokens from {}", c.num_batches, c.batch_size, c.block_size, c.dataset),
+        BenchConfig::Perplexity(c) => format!(
+            "{} batch(es) of {} × {} tokens from {}",
+            c.num_batches, c.batch_size, c.block_size, c.dataset
+        ),
         BenchConfig::Latency(c) => format!(
             "prompts {:?} × generations {:?}, batch {:?}, {} warmup + {} timed",
             c.prompt_lengths, c.generation_lengths, c.batch_sizes, c.warmup_runs, c.timed_runs
@@ -196,20 +271,39 @@ fn bench(s: &mut String, b: &Benchmark) {
             "sequences {:?}, batch {:?}, KV formats {}",
             c.sequence_lengths,
             c.batch_sizes,
-            c.quantization_modes.iter().map(|k| k.name()).collect::<Vec<_>>().join("/")
+            c.quantization_modes
+                .iter()
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join("/")
         ),
         BenchConfig::Accuracy(c) => format!("tasks {}", c.tasks.join(", ")),
-        BenchConfig::Generation(c) => format!("{} prompt(s), {} new tokens, temperature {}", c.prompts.len(), c.max_new_tokens, c.temperature),
+        BenchConfig::Generation(c) => format!(
+            "{} prompt(s), {} new tokens, temperature {}",
+            c.prompts.len(),
+            c.max_new_tokens,
+            c.temperature
+        ),
     };
-    let rep = if b.repeats > 1 { format!(" ×{}", b.repeats) } else { String::new() };
-    let _ = writeln!(s, "  benchmark {} ({}) on {}{rep}: {what}", b.id, b.config.type_name(), b.models.join(", "));
+    let rep = if b.repeats > 1 {
+        format!(" ×{}", b.repeats)
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        s,
+        "  benchmark {} ({}) on {}{rep}: {what}",
+        b.id,
+        b.config.type_name(),
+        b.models.join(", ")
+    );
 }
 
 pub fn group_digits(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -237,4 +331,9 @@ fn bytes(b: f64) -> String {
     } else {
         format!("{b} B")
     }
+}
+
+/// An enum value as a manifest spells it (`adamw`, `cosine`).
+fn lower(v: &impl std::fmt::Debug) -> String {
+    format!("{v:?}").to_lowercase()
 }

@@ -24,19 +24,32 @@ pub fn substitute(root: &Node) -> Result<(Node, BTreeMap<String, Node>), Diagnos
             }
             None if matches!(vars.value, Value::Null) => {}
             None => diags.push(
-                Diagnostic::new(format!("`vars` must be a mapping of names to values, found {}", vars.kind()))
-                    .path("vars")
-                    .at(vars.span),
+                Diagnostic::new(format!(
+                    "`vars` must be a mapping of names to values, found {}",
+                    vars.kind()
+                ))
+                .path("vars")
+                .at(vars.span),
             ),
         }
     }
-    let mut r = Resolver { raw: &raw, done: BTreeMap::new(), visiting: Vec::new(), diags: &mut diags };
+    let mut r = Resolver {
+        raw: &raw,
+        done: BTreeMap::new(),
+        visiting: Vec::new(),
+        diags: &mut diags,
+    };
     let names: Vec<String> = raw.keys().cloned().collect();
     for name in &names {
         r.resolve_var(name);
     }
     let resolved = std::mem::take(&mut r.done);
-    let mut r = Resolver { raw: &raw, done: resolved, visiting: Vec::new(), diags: &mut diags };
+    let mut r = Resolver {
+        raw: &raw,
+        done: resolved,
+        visiting: Vec::new(),
+        diags: &mut diags,
+    };
     let out = r.subst(&root.without(&["vars"]), "");
     let resolved = r.done;
     if diags.is_empty() {
@@ -81,13 +94,20 @@ impl Resolver<'_> {
         let value = match &node.value {
             Value::Str(s) if s.contains("${") => return self.subst_str(node, s, path),
             Value::Seq(xs) => Value::Seq(
-                xs.iter().enumerate().map(|(i, x)| self.subst(x, &format!("{path}[{i}]"))).collect(),
+                xs.iter()
+                    .enumerate()
+                    .map(|(i, x)| self.subst(x, &format!("{path}[{i}]")))
+                    .collect(),
             ),
             Value::Map(m) => Value::Map(
                 m.iter()
                     .map(|(k, v)| {
                         let key = k.as_str().unwrap_or_default();
-                        let p = if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
+                        let p = if path.is_empty() {
+                            key.to_string()
+                        } else {
+                            format!("{path}.{key}")
+                        };
                         (k.clone(), self.subst(v, &p))
                     })
                     .collect(),
@@ -102,7 +122,9 @@ impl Resolver<'_> {
             return self.resolve_var(name);
         }
         let names: Vec<&str> = self.raw.keys().map(String::as_str).collect();
-        let mut d = Diagnostic::new(format!("undefined variable `{name}`")).path(path).at(node.span);
+        let mut d = Diagnostic::new(format!("undefined variable `{name}`"))
+            .path(path)
+            .at(node.span);
         d = match suggest(name, &names) {
             Some(s) => d.help(format!("did you mean `{s}`? define it under `vars:`")),
             None => d.help("define it under `vars:`"),
@@ -135,7 +157,9 @@ impl Resolver<'_> {
             } else if let Some(t) = tail.strip_prefix("${") {
                 let Some(end) = t.find('}') else {
                     self.diags.push(
-                        Diagnostic::new("unterminated `${` in string").path(path).at(node.span),
+                        Diagnostic::new("unterminated `${` in string")
+                            .path(path)
+                            .at(node.span),
                     );
                     return node.clone();
                 };
@@ -177,7 +201,8 @@ mod tests {
 
     #[test]
     fn whole_references_keep_type_and_vars_chain() {
-        let n = parse("vars:\n  a: 64\n  b: ${a}\n  s: run_${b}\nx: ${b}\ny: \"${s}\"\nz: $${a}\n").unwrap();
+        let n = parse("vars:\n  a: 64\n  b: ${a}\n  s: run_${b}\nx: ${b}\ny: \"${s}\"\nz: $${a}\n")
+            .unwrap();
         let (out, _) = substitute(&n).unwrap();
         assert_eq!(out.get("x").unwrap().value, Value::Int(64));
         assert_eq!(out.get("y").unwrap().value, Value::Str("run_64".into()));
@@ -189,7 +214,13 @@ mod tests {
     fn cycles_and_undefined_names_are_errors() {
         let n = parse("vars:\n  a: ${b}\n  b: ${a}\nx: ${d_modle}\n").unwrap();
         let e = substitute(&n).unwrap_err();
-        assert!(e.0.iter().any(|d| d.message.starts_with("variables form a cycle")));
-        assert!(e.0.iter().any(|d| d.message == "undefined variable `d_modle`" && d.path == "x"));
+        assert!(e
+            .0
+            .iter()
+            .any(|d| d.message.starts_with("variables form a cycle")));
+        assert!(e
+            .0
+            .iter()
+            .any(|d| d.message == "undefined variable `d_modle`" && d.path == "x"));
     }
 }

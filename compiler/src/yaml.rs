@@ -60,7 +60,10 @@ impl Node {
 
     /// The entry under `key` of a mapping.
     pub fn get(&self, key: &str) -> Option<&Node> {
-        self.as_map()?.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v)
+        self.as_map()?
+            .iter()
+            .find(|(k, _)| k.as_str() == Some(key))
+            .map(|(_, v)| v)
     }
 
     /// A copy of a mapping without the entries under `keys`.
@@ -89,9 +92,11 @@ impl Node {
             Value::Float(f) => V::Number((*f).into()),
             Value::Str(s) => V::String(s.clone()),
             Value::Seq(xs) => V::Sequence(xs.iter().map(Node::to_serde).collect()),
-            Value::Map(m) => {
-                V::Mapping(m.iter().map(|(k, v)| (k.to_serde(), v.to_serde())).collect())
-            }
+            Value::Map(m) => V::Mapping(
+                m.iter()
+                    .map(|(k, v)| (k.to_serde(), v.to_serde()))
+                    .collect(),
+            ),
         }
     }
 }
@@ -99,26 +104,78 @@ impl Node {
 /// Parses one YAML document. An empty document is an empty mapping.
 pub fn parse(src: &str) -> Result<Node, Diagnostic> {
     let mut parser = Parser::new_from_str(src);
-    let mut b = Builder { stack: Vec::new(), anchors: Default::default(), root: None, src };
+    let mut b = Builder {
+        stack: Vec::new(),
+        anchors: Default::default(),
+        root: None,
+        src,
+    };
     loop {
-        let (ev, mark) = parser.next_token().map_err(|e| {
-            let m = e.marker();
-            Diagnostic::new(format!("YAML syntax error: {}", e.info()))
-                .at(Span::new(m.line(), m.col() + 1, 1))
-        })?;
+        let (ev, mark) = parser
+            .next_token()
+            .map_err(|e| syntax_error(src, e.info(), e.marker().line(), e.marker().col() + 1))?;
         let span = Span::new(mark.line(), mark.col() + 1, 1);
         match ev {
             Event::StreamEnd => break,
             Event::DocumentStart => {
                 if b.root.is_some() {
-                    return Err(Diagnostic::new("a manifest holds one YAML document, found a second")
-                        .at(span));
+                    return Err(Diagnostic::new(
+                        "a manifest holds one YAML document, found a second",
+                    )
+                    .at(span));
                 }
             }
             other => b.event(other, span)?,
         }
     }
-    Ok(b.root.unwrap_or(Node::new(Value::Map(Vec::new()), Span::new(1, 1, 0))))
+    Ok(b.root
+        .unwrap_or(Node::new(Value::Map(Vec::new()), Span::new(1, 1, 0))))
+}
+
+/// A scanner error, located where a reader would look for the mistake.
+fn syntax_error(src: &str, info: &str, line: usize, col: usize) -> Diagnostic {
+    let lines: Vec<&str> = src.lines().collect();
+    let mut at = Span::new(line, col, 1);
+    let mut help = None;
+    if info.contains("tab") {
+        // The scanner reports where the enclosing token started; point at the tab itself.
+        let found = lines
+            .iter()
+            .enumerate()
+            .skip(line.saturating_sub(1))
+            .find_map(|(i, l)| {
+                let from = if i + 1 == line {
+                    col.saturating_sub(1)
+                } else {
+                    0
+                };
+                let c = l.chars().skip(from).position(|c| c == '\t')?;
+                Some(Span::new(i + 1, from + c + 1, 1))
+            });
+        if let Some(sp) = found {
+            at = sp;
+        }
+        help = Some("YAML indentation must use spaces, not tabs");
+    } else if info.contains("mapping values are not allowed") {
+        help = Some("check this line's indentation against the line above, or quote a value that contains `: `");
+    }
+    if line > lines.len() {
+        // Errors at the end of the input (an unclosed bracket or quote) point
+        // just past the last written character instead of a line that doesn't exist.
+        if let Some((i, l)) = lines
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, l)| !l.trim().is_empty())
+        {
+            at = Span::new(i + 1, l.chars().count() + 1, 1);
+        }
+    }
+    let d = Diagnostic::new(format!("YAML syntax error: {info}")).at(at);
+    match help {
+        Some(h) => d.help(h),
+        None => d,
+    }
 }
 
 enum Frame {
@@ -169,7 +226,17 @@ impl Builder<'_> {
             Event::SequenceEnd | Event::MappingEnd => {
                 let (node, anchor) = match self.stack.pop() {
                     Some(Frame::Seq(xs, span, a)) => (Node::new(Value::Seq(xs), span), a),
-                    Some(Frame::Map(m, _, span, a)) => (Node::new(Value::Map(m), span), a),
+                    Some(Frame::Map(m, _, span, a)) => {
+                        // A block mapping's start event is marked at its first `:`;
+                        // the mapping starts at its first key.
+                        let span = match m.first() {
+                            Some((k, _)) if (k.span.line, k.span.col) < (span.line, span.col) => {
+                                Span { len: 1, ..k.span }
+                            }
+                            _ => span,
+                        };
+                        (Node::new(Value::Map(m), span), a)
+                    }
                     None => return Err(Diagnostic::new("unbalanced YAML structure").at(span)),
                 };
                 if anchor > 0 {
@@ -193,8 +260,17 @@ impl Builder<'_> {
             }
             Some(Frame::Map(m, pending, _, _)) => match pending.take() {
                 None => {
-                    if !matches!(node.value, Value::Str(_) | Value::Int(_) | Value::Bool(_) | Value::Null | Value::Float(_)) {
-                        return Err(Diagnostic::new("mapping keys must be plain scalars").at(node.span));
+                    if !matches!(
+                        node.value,
+                        Value::Str(_)
+                            | Value::Int(_)
+                            | Value::Bool(_)
+                            | Value::Null
+                            | Value::Float(_)
+                    ) {
+                        return Err(
+                            Diagnostic::new("mapping keys must be plain scalars").at(node.span)
+                        );
                     }
                     let key = Node::new(Value::Str(scalar_text(&node)), node.span);
                     if let Some((first, _)) = m.iter().find(|(k, _)| k.value == key.value) {
@@ -221,7 +297,12 @@ impl Builder<'_> {
         let _ = self.src;
         match style {
             TScalarStyle::SingleQuoted | TScalarStyle::DoubleQuoted => text.chars().count() + 2,
-            _ => text.lines().next().map(|l| l.chars().count()).unwrap_or(0).max(1),
+            _ => text
+                .lines()
+                .next()
+                .map(|l| l.chars().count())
+                .unwrap_or(0)
+                .max(1),
         }
     }
 }

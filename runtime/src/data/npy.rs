@@ -425,6 +425,91 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
     result.map_err(io)
 }
 
+/// Writes an f32 array of any shape as `.npy` (`<f4`, C order), atomically.
+/// Used for logits dumps and reference outputs.
+pub fn write_f32_npy(path: &Path, shape: &[usize], data: &[f32]) -> Result<(), DataError> {
+    assert_eq!(
+        shape.iter().product::<usize>(),
+        data.len(),
+        "shape does not match the data"
+    );
+    let dims: String = match shape {
+        [n] => format!("{n},"),
+        _ => shape
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    let dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({dims}), }}");
+    let total = (10 + dict.len() + 1).div_ceil(64) * 64;
+    let mut bytes = Vec::with_capacity(total + data.len() * 4);
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&[1, 0]);
+    bytes.extend_from_slice(&((total - 10) as u16).to_le_bytes());
+    bytes.extend_from_slice(dict.as_bytes());
+    bytes.resize(total - 1, b' ');
+    bytes.push(b'\n');
+    for v in data {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    write_atomic(path, &bytes)
+}
+
+/// Reads an f32 `.npy` (`<f4`, C order) of any shape: (shape, data).
+pub fn read_f32_npy(path: &Path) -> Result<(Vec<usize>, Vec<f32>), DataError> {
+    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let bad = |reason: &str| DataError::BadNpy {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    if bytes.len() < 10 || &bytes[..6] != MAGIC {
+        return Err(bad("not a .npy file"));
+    }
+    let (hlen, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+        _ => return Err(bad("unsupported version")),
+    };
+    let header = std::str::from_utf8(
+        bytes
+            .get(start..start + hlen)
+            .ok_or_else(|| bad("truncated header"))?,
+    )
+    .map_err(|_| bad("header is not text"))?;
+    if !header.contains("'descr': '<f4'") || header.contains("'fortran_order': True") {
+        return Err(bad("expected a C-order little-endian float32 array"));
+    }
+    let shape_txt = header
+        .split("'shape': (")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .ok_or_else(|| bad("no shape"))?;
+    let shape: Vec<usize> = shape_txt
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().map_err(|_| bad("bad shape")))
+        .collect::<Result<_, _>>()?;
+    let body = &bytes[start + hlen..];
+    let n: usize = shape.iter().product();
+    if body.len() != n * 4 {
+        return Err(bad("data length does not match the shape"));
+    }
+    Ok((
+        shape,
+        body.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -567,89 +652,4 @@ mod tests {
         assert!(!dir.join("x.npy").exists());
         std::fs::remove_dir_all(dir).unwrap();
     }
-}
-
-/// Writes an f32 array of any shape as `.npy` (`<f4`, C order), atomically.
-/// Used for logits dumps and reference outputs.
-pub fn write_f32_npy(path: &Path, shape: &[usize], data: &[f32]) -> Result<(), DataError> {
-    assert_eq!(
-        shape.iter().product::<usize>(),
-        data.len(),
-        "shape does not match the data"
-    );
-    let dims: String = match shape {
-        [n] => format!("{n},"),
-        _ => shape
-            .iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
-    };
-    let dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({dims}), }}");
-    let total = (10 + dict.len() + 1).div_ceil(64) * 64;
-    let mut bytes = Vec::with_capacity(total + data.len() * 4);
-    bytes.extend_from_slice(MAGIC);
-    bytes.extend_from_slice(&[1, 0]);
-    bytes.extend_from_slice(&((total - 10) as u16).to_le_bytes());
-    bytes.extend_from_slice(dict.as_bytes());
-    bytes.resize(total - 1, b' ');
-    bytes.push(b'\n');
-    for v in data {
-        bytes.extend_from_slice(&v.to_le_bytes());
-    }
-    write_atomic(path, &bytes)
-}
-
-/// Reads an f32 `.npy` (`<f4`, C order) of any shape: (shape, data).
-pub fn read_f32_npy(path: &Path) -> Result<(Vec<usize>, Vec<f32>), DataError> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let bad = |reason: &str| DataError::BadNpy {
-        path: path.to_path_buf(),
-        reason: reason.to_string(),
-    };
-    if bytes.len() < 10 || &bytes[..6] != MAGIC {
-        return Err(bad("not a .npy file"));
-    }
-    let (hlen, start) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-            12,
-        ),
-        _ => return Err(bad("unsupported version")),
-    };
-    let header = std::str::from_utf8(
-        bytes
-            .get(start..start + hlen)
-            .ok_or_else(|| bad("truncated header"))?,
-    )
-    .map_err(|_| bad("header is not text"))?;
-    if !header.contains("'descr': '<f4'") || header.contains("'fortran_order': True") {
-        return Err(bad("expected a C-order little-endian float32 array"));
-    }
-    let shape_txt = header
-        .split("'shape': (")
-        .nth(1)
-        .and_then(|s| s.split(')').next())
-        .ok_or_else(|| bad("no shape"))?;
-    let shape: Vec<usize> = shape_txt
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse().map_err(|_| bad("bad shape")))
-        .collect::<Result<_, _>>()?;
-    let body = &bytes[start + hlen..];
-    let n: usize = shape.iter().product();
-    if body.len() != n * 4 {
-        return Err(bad("data length does not match the shape"));
-    }
-    Ok((
-        shape,
-        body.chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-    ))
 }
