@@ -64,35 +64,28 @@ impl de::Error for Error {
     }
 
     fn unknown_field(field: &str, expected: &'static [&'static str]) -> Self {
-        let list = expected
-            .iter()
-            .map(|f| format!("`{f}`"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        Error {
-            msg: format!("unknown field `{field}`"),
-            help: Some(match suggest(field, expected) {
-                Some(s) => format!("did you mean `{s}`? expected one of {list}"),
-                None => format!("expected one of {list}"),
-            }),
-            at: None,
-        }
+        unknown("field", field, expected)
     }
 
     fn unknown_variant(variant: &str, expected: &'static [&'static str]) -> Self {
-        let list = expected
-            .iter()
-            .map(|f| format!("`{f}`"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        Error {
-            msg: format!("unknown value `{variant}`"),
-            help: Some(match suggest(variant, expected) {
-                Some(s) => format!("did you mean `{s}`? expected one of {list}"),
-                None => format!("expected one of {list}"),
-            }),
-            at: None,
-        }
+        unknown("value", variant, expected)
+    }
+}
+
+/// "unknown field `n_head`" with a "did you mean" and the accepted names.
+fn unknown(what: &str, found: &str, expected: &[&str]) -> Error {
+    let list = expected
+        .iter()
+        .map(|f| format!("`{f}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Error {
+        msg: format!("unknown {what} `{found}`"),
+        help: Some(match suggest(found, expected) {
+            Some(s) => format!("did you mean `{s}`? expected one of {list}"),
+            None => format!("expected one of {list}"),
+        }),
+        at: None,
     }
 }
 

@@ -177,15 +177,20 @@ impl Shape {
 
 impl fmt::Display for Shape {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[")?;
-        for (i, d) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(", ")?;
-            }
-            write!(f, "{d}")?;
-        }
-        f.write_str("]")
+        write_dims(f, &self.0)
     }
+}
+
+/// Writes dimensions the way the text form prints shapes: `[B, T, 512]`.
+pub(crate) fn write_dims<D: fmt::Display>(f: &mut fmt::Formatter<'_>, dims: &[D]) -> fmt::Result {
+    f.write_str("[")?;
+    for (i, d) in dims.iter().enumerate() {
+        if i > 0 {
+            f.write_str(", ")?;
+        }
+        write!(f, "{d}")?;
+    }
+    f.write_str("]")
 }
 
 /// Builds a [`Shape`] from dims: `shape![Sym::B, Sym::T, 512]`.

@@ -1,24 +1,12 @@
 //! `caramba compile`: parse → lower → validate, then print what was asked.
 
-use super::{compile_file, CmdResult, Failure};
+use super::{check_group, compile_file, CmdResult, Failure};
 use crate::cli::{CompileArgs, Emit, Which};
 use caramba_compiler::plan;
 
 pub fn compile(a: &CompileArgs) -> CmdResult {
     let c = compile_file(&a.manifest)?;
-    if let Some(g) = &a.group {
-        let names: Vec<String> = plan::groups(&c.manifest)
-            .into_iter()
-            .map(|g| g.name)
-            .collect();
-        if !names.contains(g) {
-            return Err(Failure::usage(format!(
-                "no group `{g}` in {}; groups: {}",
-                a.manifest.display(),
-                names.join(", ")
-            )));
-        }
-    }
+    check_group(&c, &a.manifest, a.group.as_deref())?;
     match a.emit {
         Some(Emit::Ir) => {
             let lowered = match a.model {

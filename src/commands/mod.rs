@@ -136,3 +136,25 @@ pub fn check_device(d: DeviceArg) -> CmdResult {
         ))),
     }
 }
+
+/// `--group NAME` must name a group of the manifest.
+pub fn check_group(
+    c: &caramba_compiler::Compiled,
+    manifest: &Path,
+    group: Option<&str>,
+) -> CmdResult {
+    let Some(g) = group else { return Ok(()) };
+    let names: Vec<String> = caramba_compiler::plan::groups(&c.manifest)
+        .into_iter()
+        .map(|g| g.name)
+        .collect();
+    if names.iter().any(|n| n == g) {
+        Ok(())
+    } else {
+        Err(Failure::usage(format!(
+            "no group `{g}` in {}; groups: {}",
+            manifest.display(),
+            names.join(", ")
+        )))
+    }
+}

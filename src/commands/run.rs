@@ -4,25 +4,13 @@
 //! the command compiles, prints the plan it would execute, and says plainly
 //! that it stopped there.
 
-use super::{compile_file, CmdResult, Failure};
+use super::{check_group, compile_file, CmdResult, Failure};
 use crate::cli::RunArgs;
 use caramba_compiler::plan;
 
 pub fn run(a: &RunArgs) -> CmdResult {
     let c = compile_file(&a.manifest)?;
-    if let Some(g) = &a.group {
-        let names: Vec<String> = plan::groups(&c.manifest)
-            .into_iter()
-            .map(|g| g.name)
-            .collect();
-        if !names.contains(g) {
-            return Err(Failure::usage(format!(
-                "no group `{g}` in {}; groups: {}",
-                a.manifest.display(),
-                names.join(", ")
-            )));
-        }
-    }
+    check_group(&c, &a.manifest, a.group.as_deref())?;
     print!("{}", plan::render(&c, a.group.as_deref()));
     println!();
     Err(Failure::runtime(

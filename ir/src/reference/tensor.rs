@@ -239,14 +239,7 @@ pub(crate) struct ShapeFmt<'a>(pub &'a [usize]);
 
 impl fmt::Display for ShapeFmt<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[")?;
-        for (i, d) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(", ")?;
-            }
-            write!(f, "{d}")?;
-        }
-        f.write_str("]")
+        crate::types::write_dims(f, self.0)
     }
 }
 
