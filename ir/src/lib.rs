@@ -12,7 +12,10 @@ pub mod types;
 pub mod verify;
 
 pub use graph::{Graph, IrError, Node, NodeId};
-pub use op::{broadcast, Arity, BinaryOp, Op, ReduceOp, RopeScaling, RopeSpec, Scalar, UnaryOp};
+pub use op::{
+    broadcast, Arity, BinaryOp, ElemInstr, ElemProgram, Op, ReduceOp, RopeScaling, RopeSpec,
+    Scalar, UnaryOp,
+};
 pub use text::to_text;
 pub use types::{DType, Dim, Shape, Sym, TensorType};
 pub use verify::verify;

@@ -179,6 +179,92 @@ pub enum Op {
     /// Zeroes elements with probability `p` and scales the rest by 1/(1-p)
     /// when training; the identity in evaluation.
     Dropout { p: Scalar },
+    /// Per-position cross-entropy: logits `[..., V]` (float) and targets
+    /// (i32) `[...]` give `logsumexp(logits) − logits[target]`, `[...]`, in
+    /// the logits' dtype. A target outside `0..V` is an error.
+    CrossEntropy,
+
+    // Fused ops. They appear only through rewrites (never from lowering), and
+    // each is defined by the primitive decomposition in its comment.
+    /// `softmax(mask(q·kᵀ·scale))·v` with q `[..., T, d]`, k `[..., S, d]`,
+    /// v `[..., S, dv]` → `[..., T, dv]`; leading axes broadcast as in
+    /// `MatMul`; `causal` applies `CausalMask`. Decomposition:
+    /// `matmul(softmax{last}(mask(mul(matmul(q, permute_last2(k)), scale))), v)`.
+    Attention { causal: bool, scale: Scalar },
+    /// RMS normalization over the last axis: `x · rsqrt(mean(x²) + eps) · w`,
+    /// x `[..., D]`, w `[D]`, both of one float dtype.
+    RmsNorm { eps: Scalar },
+    /// A chain of elementwise ops evaluated per element over operands
+    /// broadcast to one shape (NumPy rules), all of one float dtype.
+    Elementwise(ElemProgram),
+}
+
+/// The program of a fused elementwise op: instructions in order, each
+/// reading operands (`Input`) or earlier instructions by index; the last
+/// instruction is the result.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ElemProgram(pub Vec<ElemInstr>);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ElemInstr {
+    Input(u16),
+    Const(Scalar),
+    Unary(UnaryOp, u16),
+    Binary(BinaryOp, u16, u16),
+}
+
+impl ElemProgram {
+    /// Number of operands the program reads (one more than the largest input index).
+    pub fn n_inputs(&self) -> usize {
+        self.0
+            .iter()
+            .filter_map(|i| {
+                if let ElemInstr::Input(k) = i {
+                    Some(*k as usize + 1)
+                } else {
+                    None
+                }
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Checks that every instruction reads only earlier ones.
+    pub fn check(&self) -> Result<(), String> {
+        if self.0.is_empty() {
+            return Err("empty elementwise program".into());
+        }
+        for (i, ins) in self.0.iter().enumerate() {
+            let ok = match *ins {
+                ElemInstr::Input(_) | ElemInstr::Const(_) => true,
+                ElemInstr::Unary(_, a) => (a as usize) < i,
+                ElemInstr::Binary(_, a, b) => (a as usize) < i && (b as usize) < i,
+            };
+            if !ok {
+                return Err(format!("instruction {i} reads a later instruction"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for ElemProgram {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, ins) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            match ins {
+                ElemInstr::Input(k) => write!(f, "${i}=in{k}")?,
+                ElemInstr::Const(c) => write!(f, "${i}={c}")?,
+                ElemInstr::Unary(u, a) => write!(f, "${i}={}(${a})", Op::Unary(*u).mnemonic())?,
+                ElemInstr::Binary(b, x, y) => {
+                    write!(f, "${i}={}(${x}, ${y})", Op::Binary(*b).mnemonic())?
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How many operands an op takes.
@@ -219,8 +305,15 @@ impl Op {
             | Op::Softmax { .. }
             | Op::CausalMask
             | Op::Dropout { .. } => Arity::Exact(1),
-            Op::Binary(_) | Op::MatMul | Op::Gather | Op::Rope(_) => Arity::Exact(2),
+            Op::Binary(_)
+            | Op::MatMul
+            | Op::Gather
+            | Op::Rope(_)
+            | Op::CrossEntropy
+            | Op::RmsNorm { .. } => Arity::Exact(2),
+            Op::Attention { .. } => Arity::Exact(3),
             Op::Concat { .. } => Arity::AtLeast(1),
+            Op::Elementwise(p) => Arity::Exact(p.n_inputs()),
         }
     }
 
@@ -270,6 +363,10 @@ impl Op {
             Op::CausalMask => "causal_mask",
             Op::Rope(_) => "rope",
             Op::Dropout { .. } => "dropout",
+            Op::CrossEntropy => "cross_entropy",
+            Op::Attention { .. } => "attention",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::Elementwise(_) => "elementwise",
         }
     }
 
@@ -307,9 +404,15 @@ impl Op {
                 s + "}"
             }
             Op::Dropout { p } => format!("{{p={p}}}"),
-            Op::Unary(_) | Op::Binary(_) | Op::MatMul | Op::Gather | Op::CausalMask => {
-                String::new()
-            }
+            Op::Attention { causal, scale } => format!("{{causal={causal}, scale={scale}}}"),
+            Op::RmsNorm { eps } => format!("{{eps={eps}}}"),
+            Op::Elementwise(p) => format!("{{{p}}}"),
+            Op::Unary(_)
+            | Op::Binary(_)
+            | Op::MatMul
+            | Op::Gather
+            | Op::CausalMask
+            | Op::CrossEntropy => String::new(),
         }
     }
 
@@ -483,6 +586,70 @@ impl Op {
                     return Err(format!("causal_mask needs rank ≥ 2, got {}", xs[0]));
                 }
                 Ok(xs[0].clone())
+            }
+            Op::CrossEntropy => {
+                let (l, t) = (xs[0], xs[1]);
+                float(l)?;
+                let r = l.shape.rank();
+                if t.dtype != DType::I32 || r == 0 || t.shape.0[..] != l.shape.0[..r - 1] {
+                    return Err(format!(
+                        "cross_entropy needs targets i32{} for logits {l}, got {t}",
+                        Shape(l.shape.0[..r.max(1) - 1].to_vec())
+                    ));
+                }
+                Ok(TensorType::new(l.dtype, t.shape.clone()))
+            }
+            Op::Attention { .. } => {
+                let (q, k, v) = (xs[0], xs[1], xs[2]);
+                for t in [q, k, v] {
+                    float(t)?;
+                    if t.dtype != q.dtype || t.shape.rank() < 2 {
+                        return Err(format!("attention needs q, k, v of one float dtype and rank ≥ 2, got {q}, {k}, {v}"));
+                    }
+                }
+                let (rq, rk, rv) = (q.shape.rank(), k.shape.rank(), v.shape.rank());
+                let d = q.shape.0[rq - 1];
+                if k.shape.0[rk - 1] != d || k.shape.0[rk - 2] != v.shape.0[rv - 2] {
+                    return Err(format!("attention shapes disagree: q {q}, k {k}, v {v}"));
+                }
+                let lead = |t: &TensorType| Shape(t.shape.0[..t.shape.rank() - 2].to_vec());
+                let batch = broadcast(&lead(q), &lead(k))
+                    .and_then(|b| broadcast(&b, &lead(v)))
+                    .ok_or_else(|| {
+                        format!("attention batch axes do not broadcast: q {q}, k {k}, v {v}")
+                    })?;
+                let mut dims = batch.0;
+                dims.push(q.shape.0[rq - 2]);
+                dims.push(v.shape.0[rv - 1]);
+                Ok(TensorType::new(q.dtype, Shape(dims)))
+            }
+            Op::RmsNorm { .. } => {
+                let (x, w) = (xs[0], xs[1]);
+                float(x)?;
+                if w.dtype != x.dtype || w.shape.rank() != 1 || x.shape.last() != w.shape.last() {
+                    return Err(format!(
+                        "rms_norm needs a weight [{}] of the input's dtype, got {w} for {x}",
+                        x.shape.last().map(|d| d.to_string()).unwrap_or_default()
+                    ));
+                }
+                Ok(x.clone())
+            }
+            Op::Elementwise(p) => {
+                p.check()?;
+                let first = xs
+                    .first()
+                    .ok_or("an elementwise program needs at least one operand")?;
+                let mut shape = first.shape.clone();
+                for x in xs {
+                    float(x)?;
+                    if x.dtype != first.dtype {
+                        return Err(format!("operand dtypes differ: {first} and {x}"));
+                    }
+                    shape = broadcast(&shape, &x.shape).ok_or_else(|| {
+                        format!("operands {} and {} do not broadcast", shape, x.shape)
+                    })?;
+                }
+                Ok(TensorType::new(first.dtype, shape))
             }
             Op::Rope(_) => {
                 let (x, pos) = (xs[0], xs[1]);

@@ -7,7 +7,7 @@
 
 use super::bindings::{Bindings, SymValues};
 use super::ops::matmul::MatOperand;
-use super::ops::{attention, elementwise, layout, matmul, reduce, Raw};
+use super::ops::{attention, elementwise, fused, layout, matmul, reduce, Raw};
 use super::tensor::{storage_dtype, ShapeFmt, Tensor};
 use crate::graph::{Graph, Node, NodeId};
 use crate::op::Op;
@@ -235,6 +235,13 @@ fn apply(node: &Node, args: &[(&Tensor, bool)], syms: &SymValues) -> Result<Tens
         Op::Gather => layout::gather(x(0), x(1)),
         Op::CausalMask => attention::causal_mask(x(0)),
         Op::Rope(spec) => attention::rope(spec, x(0), x(1)),
+        Op::CrossEntropy => fused::cross_entropy(x(0), x(1)),
+        Op::Attention { causal, scale } => fused::attention(x(0), x(1), x(2), *causal, *scale),
+        Op::RmsNorm { eps } => fused::rms_norm(x(0), x(1), *eps),
+        Op::Elementwise(p) => {
+            let xs: Vec<&Tensor> = dense.iter().map(|c| &**c).collect();
+            fused::elementwise(p, &xs, &expected)
+        }
     }
     .map_err(err)?;
     let (shape, data) = raw;

@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod elementwise;
+pub mod fused;
 pub mod layout;
 pub mod matmul;
 pub mod reduce;
