@@ -545,8 +545,17 @@ impl Lower {
         }
     }
 
+    /// Norms compute in f32 for half-precision models, else in the model's dtype.
+    fn compute_dtype(&self) -> DType {
+        if matches!(self.dtype, DType::F16 | DType::BF16) {
+            DType::F32
+        } else {
+            self.dtype
+        }
+    }
+
     fn widen(&mut self, x: NodeId, scope: &str) -> R<NodeId> {
-        if self.dtype == DType::F32 {
+        if !matches!(self.dtype, DType::F16 | DType::BF16) {
             Ok(x)
         } else {
             self.op(Op::Cast(DType::F32), &[x], scope)
@@ -554,7 +563,7 @@ impl Lower {
     }
 
     fn narrow(&mut self, x: NodeId, scope: &str) -> R<NodeId> {
-        if self.dtype == DType::F32 {
+        if !matches!(self.dtype, DType::F16 | DType::BF16) {
             Ok(x)
         } else {
             self.op(Op::Cast(self.dtype), &[x], scope)
@@ -574,7 +583,7 @@ impl Lower {
             &[sq],
             scope,
         )?;
-        let eps = self.g.constant(n.eps, DType::F32, scope);
+        let eps = self.g.constant(n.eps, self.compute_dtype(), scope);
         let v = self.bin(BinaryOp::Add, ms, eps, scope)?;
         let inv = self.op(Op::Unary(UnaryOp::Rsqrt), &[v], scope)?;
         let xn = self.bin(BinaryOp::Mul, x32, inv, scope)?;
@@ -605,7 +614,7 @@ impl Lower {
             &[sq],
             scope,
         )?;
-        let eps = self.g.constant(n.eps, DType::F32, scope);
+        let eps = self.g.constant(n.eps, self.compute_dtype(), scope);
         let v = self.bin(BinaryOp::Add, var, eps, scope)?;
         let inv = self.op(Op::Unary(UnaryOp::Rsqrt), &[v], scope)?;
         let xn = self.bin(BinaryOp::Mul, xc, inv, scope)?;

@@ -5,6 +5,7 @@
 //! dimensions. Parameters are named inputs using Hugging Face Llama names.
 //! This crate knows nothing of YAML, e-graphs or devices.
 
+pub mod autodiff;
 pub mod graph;
 pub mod op;
 pub mod text;

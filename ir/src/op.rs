@@ -179,6 +179,15 @@ pub enum Op {
     /// Zeroes elements with probability `p` and scales the rest by 1/(1-p)
     /// when training; the identity in evaluation.
     Dropout { p: Scalar },
+    /// Broadcasts the operand to `shape` (NumPy rules: axes of size 1 and
+    /// missing leading axes repeat).
+    Broadcast(Shape),
+    /// The adjoint of `Gather`: `out[ids[i]] += src[i]`, with ids (int)
+    /// `[...]` and src `[..., tail...]` giving `[size, tail...]` (zeros where
+    /// no id points). An id outside `0..size` is an error.
+    ScatterAdd { size: usize },
+    /// `out[..., j] = 1 if ids[...] == j else 0` for `j < depth`, as `dtype`.
+    OneHot { depth: usize, dtype: DType },
     /// Per-position cross-entropy: logits `[..., V]` (float) and targets
     /// (i32) `[...]` give `logsumexp(logits) − logits[target]`, `[...]`, in
     /// the logits' dtype. A target outside `0..V` is an error.
@@ -310,7 +319,9 @@ impl Op {
             | Op::Gather
             | Op::Rope(_)
             | Op::CrossEntropy
-            | Op::RmsNorm { .. } => Arity::Exact(2),
+            | Op::RmsNorm { .. }
+            | Op::ScatterAdd { .. } => Arity::Exact(2),
+            Op::Broadcast(_) | Op::OneHot { .. } => Arity::Exact(1),
             Op::Attention { .. } => Arity::Exact(3),
             Op::Concat { .. } => Arity::AtLeast(1),
             Op::Elementwise(p) => Arity::Exact(p.n_inputs()),
@@ -364,6 +375,9 @@ impl Op {
             Op::Rope(_) => "rope",
             Op::Dropout { .. } => "dropout",
             Op::CrossEntropy => "cross_entropy",
+            Op::Broadcast(_) => "broadcast",
+            Op::ScatterAdd { .. } => "scatter_add",
+            Op::OneHot { .. } => "one_hot",
             Op::Attention { .. } => "attention",
             Op::RmsNorm { .. } => "rms_norm",
             Op::Elementwise(_) => "elementwise",
@@ -406,6 +420,9 @@ impl Op {
             Op::Dropout { p } => format!("{{p={p}}}"),
             Op::Attention { causal, scale } => format!("{{causal={causal}, scale={scale}}}"),
             Op::RmsNorm { eps } => format!("{{eps={eps}}}"),
+            Op::Broadcast(s) => format!("{{shape={s}}}"),
+            Op::ScatterAdd { size } => format!("{{size={size}}}"),
+            Op::OneHot { depth, dtype } => format!("{{depth={depth}, to={dtype}}}"),
             Op::Elementwise(p) => format!("{{{p}}}"),
             Op::Unary(_)
             | Op::Binary(_)
@@ -586,6 +603,38 @@ impl Op {
                     return Err(format!("causal_mask needs rank ≥ 2, got {}", xs[0]));
                 }
                 Ok(xs[0].clone())
+            }
+            Op::Broadcast(to) => match broadcast(&xs[0].shape, to) {
+                Some(s) if &s == to => Ok(TensorType::new(xs[0].dtype, to.clone())),
+                _ => Err(format!("cannot broadcast {} to {to}", xs[0].shape)),
+            },
+            Op::ScatterAdd { size } => {
+                let (ids, src) = (xs[0], xs[1]);
+                if !ids.dtype.is_int() {
+                    return Err(format!("scatter_add indices must be integers, got {ids}"));
+                }
+                float(src)?;
+                let k = ids.shape.rank();
+                if src.shape.rank() < k || src.shape.0[..k] != ids.shape.0[..] {
+                    return Err(format!(
+                        "scatter_add source {src} does not start with the index shape {}",
+                        ids.shape
+                    ));
+                }
+                let mut dims = vec![Dim::Const(*size)];
+                dims.extend_from_slice(&src.shape.0[k..]);
+                Ok(TensorType::new(src.dtype, Shape(dims)))
+            }
+            Op::OneHot { depth, dtype } => {
+                if !xs[0].dtype.is_int() || !dtype.is_float() {
+                    return Err(format!(
+                        "one_hot maps integer ids to floats, got {} → {dtype}",
+                        xs[0]
+                    ));
+                }
+                let mut dims = xs[0].shape.0.clone();
+                dims.push(Dim::Const(*depth));
+                Ok(TensorType::new(*dtype, Shape(dims)))
             }
             Op::CrossEntropy => {
                 let (l, t) = (xs[0], xs[1]);

@@ -133,3 +133,83 @@ pub fn gather(table: &Tensor, ids: &Tensor) -> Result<Raw, String> {
     shape.extend_from_slice(&table.shape()[1..]);
     Ok((shape, data))
 }
+
+/// `x` broadcast to `shape` (NumPy rules).
+pub fn broadcast_to(x: &Tensor, shape: &[usize]) -> Result<Raw, String> {
+    let st = super::elementwise::broadcast_strides(x.shape(), shape);
+    let n: usize = shape.iter().product();
+    let out_strides = super::strides(shape);
+    let index = |i: usize| -> usize {
+        let mut rem = i;
+        let mut off = 0;
+        for (k, os) in out_strides.iter().enumerate() {
+            let c = rem / os;
+            rem %= os;
+            off += c * st[k];
+        }
+        off
+    };
+    let data = each_storage!(x.storage(), t => (0..n).map(|i| t[index(i)]).collect());
+    Ok((shape.to_vec(), data))
+}
+
+/// `out[ids[i]] += src[i]` into `[size, tail...]` zeros.
+pub fn scatter_add(ids: &Tensor, src: &Tensor, size: usize) -> Result<Raw, String> {
+    let ids_v = elems::<i32>(ids, "an i32 index")?;
+    let row: usize = src.shape()[ids.rank()..].iter().product();
+    let mut shape = vec![size];
+    shape.extend_from_slice(&src.shape()[ids.rank()..]);
+    fn go<T: crate::reference::tensor::Float>(
+        ids: &[i32],
+        s: &[T],
+        row: usize,
+        size: usize,
+    ) -> Result<Vec<T>, String> {
+        let mut out = vec![T::from_f64(0.0); size * row];
+        for (i, &id) in ids.iter().enumerate() {
+            let r = usize::try_from(id)
+                .ok()
+                .filter(|&r| r < size)
+                .ok_or_else(|| format!("index {id} out of range for {size} rows"))?;
+            for (o, &v) in out[r * row..(r + 1) * row]
+                .iter_mut()
+                .zip(&s[i * row..(i + 1) * row])
+            {
+                *o = *o + v;
+            }
+        }
+        Ok(out)
+    }
+    let data = match src.storage() {
+        Storage::F32(s) => Storage::F32(go(ids_v, s, row, size)?),
+        Storage::F64(s) => Storage::F64(go(ids_v, s, row, size)?),
+        Storage::I32(_) => return Err("scatter_add needs a float source".into()),
+    };
+    Ok((shape, data))
+}
+
+/// One-hot rows of `depth` for integer ids, as `dtype`.
+pub fn one_hot(ids: &Tensor, depth: usize, dtype: crate::DType) -> Result<Raw, String> {
+    let ids_v = elems::<i32>(ids, "an i32 index")?;
+    let mut shape = ids.shape().to_vec();
+    shape.push(depth);
+    let hot = |i: usize, j: usize| {
+        if ids_v[i] >= 0 && ids_v[i] as usize == j {
+            1.0
+        } else {
+            0.0
+        }
+    };
+    let n = ids_v.len();
+    let data = match dtype {
+        crate::DType::F64 => {
+            Storage::F64((0..n * depth).map(|k| hot(k / depth, k % depth)).collect())
+        }
+        _ => Storage::F32(
+            (0..n * depth)
+                .map(|k| hot(k / depth, k % depth) as f32)
+                .collect(),
+        ),
+    };
+    Ok((shape, data))
+}

@@ -1,0 +1,522 @@
+//! Reverse-mode differentiation as a graph transformation.
+//!
+//! `differentiate` copies a forward graph and appends its backward pass as
+//! ordinary IR: one vector-Jacobian rule per primitive op (`vjp`). The result
+//! computes the loss and, as outputs named `grad:<param>`, the gradient of
+//! the loss for each requested parameter. Only nodes on a path from a
+//! requested parameter to the loss get backward work, so frozen parameters
+//! (a teacher, a frozen subset) cost nothing.
+//!
+//! Differentiation runs on the lowered graph of primitives, before fusion:
+//! the e-graph optimizer then fuses forward and backward together. Fused ops
+//! (`attention`, `rms_norm`, `elementwise`) are therefore refused here.
+
+use crate::graph::{Graph, IrError, NodeId};
+use crate::op::{BinaryOp, Op, ReduceOp, UnaryOp};
+use crate::types::{DType, Dim, Shape, TensorType};
+use std::collections::{BTreeSet, HashMap};
+
+/// The output name of the gradient of `param`.
+pub fn grad_name(param: &str) -> String {
+    format!("grad:{param}")
+}
+
+/// A graph computing the outputs of `g` and the gradient of the scalar
+/// output `loss` with respect to each parameter in `wrt`.
+pub fn differentiate(g: &Graph, loss: &str, wrt: &[String]) -> Result<Graph, IrError> {
+    let err = |message: String| IrError {
+        scope: g.name.clone(),
+        message,
+    };
+    let loss_id = g
+        .output(loss)
+        .ok_or_else(|| err(format!("the graph has no output {loss:?}")))?;
+    if g.node(loss_id).ty.shape.rank() != 0 {
+        return Err(err(format!(
+            "the loss must be a scalar, but {loss:?} is {}",
+            g.node(loss_id).ty
+        )));
+    }
+    let mut b = Backward {
+        ng: Graph::new(g.name.clone()),
+        map: HashMap::new(),
+    };
+    let order = g.topo_order();
+    for &id in &order {
+        let n = g.node(id);
+        let new = match &n.op {
+            Op::Input { name } => b.ng.input(name, n.ty.clone())?,
+            Op::Param { name } => b.ng.param(name, n.ty.clone(), &n.scope)?,
+            Op::Constant(v) => b.ng.constant(v.0, n.ty.dtype, &n.scope),
+            op => {
+                let xs: Vec<NodeId> = g.operands(id).iter().map(|o| b.map[o]).collect();
+                b.ng.add(op.clone(), &xs, &n.scope)?
+            }
+        };
+        b.map.insert(id, new);
+    }
+    for (name, id) in g.outputs() {
+        let new = b.map[id];
+        b.ng.set_output(name, new);
+    }
+
+    // Nodes that depend on a requested parameter and that the loss depends on.
+    let mut varies: BTreeSet<NodeId> = BTreeSet::new();
+    for name in wrt {
+        let p = g
+            .param_id(name)
+            .ok_or_else(|| err(format!("no parameter {name:?} to differentiate for")))?;
+        varies.insert(p);
+    }
+    for &id in &order {
+        if g.operands(id).iter().any(|o| varies.contains(o)) {
+            varies.insert(id);
+        }
+    }
+    let mut feeds_loss: BTreeSet<NodeId> = BTreeSet::from([loss_id]);
+    for &id in order.iter().rev() {
+        if feeds_loss.contains(&id) {
+            feeds_loss.extend(g.operands(id));
+        }
+    }
+    let needed = |id: &NodeId| varies.contains(id) && feeds_loss.contains(id);
+
+    let mut adj: HashMap<NodeId, NodeId> = HashMap::new();
+    let one = b.ng.constant(1.0, g.node(loss_id).ty.dtype, "loss/grad");
+    adj.insert(loss_id, one);
+    for &id in order.iter().rev() {
+        if !needed(&id) {
+            continue;
+        }
+        let Some(&gy) = adj.get(&id) else { continue };
+        let operands = g.operands(id);
+        for (i, &o) in operands.iter().enumerate() {
+            if !needed(&o) {
+                continue;
+            }
+            let contrib = b.vjp(g, id, i, gy)?;
+            let scope = format!("{}/grad", g.node(o).scope);
+            let total = match adj.get(&o) {
+                Some(&acc) => {
+                    b.ng.add(Op::Binary(BinaryOp::Add), &[acc, contrib], &scope)?
+                }
+                None => contrib,
+            };
+            adj.insert(o, total);
+        }
+    }
+    for name in wrt {
+        let p = g.param_id(name).expect("checked above");
+        let grad = match adj.get(&p) {
+            Some(&gp) => gp,
+            // The loss does not depend on this parameter: its gradient is zero.
+            None => {
+                let ty = g.node(p).ty.clone();
+                let z = b.ng.constant(0.0, ty.dtype, "grad/zero");
+                b.ng.add(Op::Broadcast(ty.shape), &[z], "grad/zero")?
+            }
+        };
+        b.ng.set_output(&grad_name(name), grad);
+    }
+    Ok(b.ng)
+}
+
+struct Backward {
+    ng: Graph,
+    /// Forward node in the source graph → its copy in `ng`.
+    map: HashMap<NodeId, NodeId>,
+}
+
+impl Backward {
+    fn ty(&self, id: NodeId) -> TensorType {
+        self.ng.node(id).ty.clone()
+    }
+
+    fn op(&mut self, op: Op, xs: &[NodeId], scope: &str) -> Result<NodeId, IrError> {
+        self.ng.add(op, xs, scope)
+    }
+
+    fn bin(&mut self, op: BinaryOp, a: NodeId, b: NodeId, scope: &str) -> Result<NodeId, IrError> {
+        self.op(Op::Binary(op), &[a, b], scope)
+    }
+
+    fn un(&mut self, op: UnaryOp, a: NodeId, scope: &str) -> Result<NodeId, IrError> {
+        self.op(Op::Unary(op), &[a], scope)
+    }
+
+    fn scalar(&mut self, v: f64, like: NodeId, scope: &str) -> NodeId {
+        let dt = self.ty(like).dtype;
+        self.ng.constant(v, dt, scope)
+    }
+
+    fn zeros(&mut self, shape: Shape, dtype: DType, scope: &str) -> Result<NodeId, IrError> {
+        let z = self.ng.constant(0.0, dtype, scope);
+        self.op(Op::Broadcast(shape), &[z], scope)
+    }
+
+    fn transpose(&mut self, x: NodeId, scope: &str) -> Result<NodeId, IrError> {
+        let r = self.ty(x).shape.rank();
+        let mut perm: Vec<usize> = (0..r).collect();
+        perm.swap(r - 2, r - 1);
+        self.op(Op::Permute(perm), &[x], scope)
+    }
+
+    /// Sums `g` over the axes that broadcasting added to reach its shape
+    /// from `target`, giving a value of shape `target`.
+    fn reduce_to(&mut self, g: NodeId, target: &Shape, scope: &str) -> Result<NodeId, IrError> {
+        let gs = self.ty(g).shape;
+        if &gs == target {
+            return Ok(g);
+        }
+        let (r, tr) = (gs.rank(), target.rank());
+        let mut cur = g;
+        for i in 0..r {
+            let t = if i < r - tr {
+                None
+            } else {
+                Some(target.0[i - (r - tr)])
+            };
+            let summed = match t {
+                None => true,
+                Some(d) => d == Dim::Const(1) && gs.0[i] != Dim::Const(1),
+            };
+            if summed {
+                cur = self.op(
+                    Op::Reduce {
+                        op: ReduceOp::Sum,
+                        axis: i,
+                    },
+                    &[cur],
+                    scope,
+                )?;
+            }
+        }
+        if self.ty(cur).shape != *target {
+            cur = self.op(Op::Reshape(target.clone()), &[cur], scope)?;
+        }
+        Ok(cur)
+    }
+
+    /// J(t): the last axis' second half negated. Rotary embedding satisfies
+    /// R(−θ) = J·R(θ)·J, which gives RoPE's transpose from RoPE itself.
+    fn flip_half(&mut self, t: NodeId, scope: &str) -> Result<NodeId, IrError> {
+        let s = self.ty(t).shape;
+        let axis = s.rank() - 1;
+        let d = s.0[axis].as_const().unwrap_or(0);
+        let lo = self.op(
+            Op::Slice {
+                axis,
+                start: 0,
+                end: d / 2,
+            },
+            &[t],
+            scope,
+        )?;
+        let hi = self.op(
+            Op::Slice {
+                axis,
+                start: d / 2,
+                end: d,
+            },
+            &[t],
+            scope,
+        )?;
+        let hi = self.un(UnaryOp::Neg, hi, scope)?;
+        self.op(Op::Concat { axis }, &[lo, hi], scope)
+    }
+
+    /// The contribution of node `id`'s output adjoint `gy` to its operand `i`.
+    fn vjp(&mut self, g: &Graph, id: NodeId, i: usize, gy: NodeId) -> Result<NodeId, IrError> {
+        let node = g.node(id);
+        let scope = format!("{}/grad", node.scope);
+        let s = scope.as_str();
+        let ops = g.operands(id);
+        let x: Vec<NodeId> = ops.iter().map(|o| self.map[o]).collect();
+        let y = self.map[&id];
+        let xshape = |k: usize| g.node(ops[k]).ty.shape.clone();
+        let refuse = |what: &str| IrError {
+            scope: node.scope.clone(),
+            message: format!("no gradient rule for {what}"),
+        };
+        Ok(match &node.op {
+            Op::Input { .. } | Op::Param { .. } | Op::Constant(_) => {
+                unreachable!("sources have no operands")
+            }
+            Op::Unary(u) => match u {
+                UnaryOp::Neg => self.un(UnaryOp::Neg, gy, s)?,
+                UnaryOp::Exp => self.bin(BinaryOp::Mul, gy, y, s)?,
+                UnaryOp::Log => self.bin(BinaryOp::Div, gy, x[0], s)?,
+                UnaryOp::Sqrt => {
+                    let h = self.scalar(0.5, gy, s);
+                    let t = self.bin(BinaryOp::Div, gy, y, s)?;
+                    self.bin(BinaryOp::Mul, t, h, s)?
+                }
+                UnaryOp::Rsqrt => {
+                    // d/dx x^(-1/2) = -1/2 · y³
+                    let h = self.scalar(-0.5, gy, s);
+                    let y2 = self.bin(BinaryOp::Mul, y, y, s)?;
+                    let y3 = self.bin(BinaryOp::Mul, y2, y, s)?;
+                    let t = self.bin(BinaryOp::Mul, gy, y3, s)?;
+                    self.bin(BinaryOp::Mul, t, h, s)?
+                }
+                UnaryOp::Recip => {
+                    let y2 = self.bin(BinaryOp::Mul, y, y, s)?;
+                    let t = self.bin(BinaryOp::Mul, gy, y2, s)?;
+                    self.un(UnaryOp::Neg, t, s)?
+                }
+                UnaryOp::Abs => {
+                    // sign(x) = x / max(|x|, tiny): 0 at 0.
+                    let tiny = self.scalar(1e-30, gy, s);
+                    let den = self.bin(BinaryOp::Max, y, tiny, s)?;
+                    let sign = self.bin(BinaryOp::Div, x[0], den, s)?;
+                    self.bin(BinaryOp::Mul, gy, sign, s)?
+                }
+                UnaryOp::Sigmoid => {
+                    let one = self.scalar(1.0, gy, s);
+                    let c = self.bin(BinaryOp::Sub, one, y, s)?;
+                    let d = self.bin(BinaryOp::Mul, y, c, s)?;
+                    self.bin(BinaryOp::Mul, gy, d, s)?
+                }
+                UnaryOp::Silu => {
+                    // σ(x)·(1 + x·(1 − σ(x)))
+                    let sg = self.un(UnaryOp::Sigmoid, x[0], s)?;
+                    let one = self.scalar(1.0, gy, s);
+                    let c = self.bin(BinaryOp::Sub, one, sg, s)?;
+                    let xc = self.bin(BinaryOp::Mul, x[0], c, s)?;
+                    let t = self.bin(BinaryOp::Add, one, xc, s)?;
+                    let d = self.bin(BinaryOp::Mul, sg, t, s)?;
+                    self.bin(BinaryOp::Mul, gy, d, s)?
+                }
+                UnaryOp::Tanh => {
+                    let one = self.scalar(1.0, gy, s);
+                    let y2 = self.bin(BinaryOp::Mul, y, y, s)?;
+                    let c = self.bin(BinaryOp::Sub, one, y2, s)?;
+                    self.bin(BinaryOp::Mul, gy, c, s)?
+                }
+            },
+            Op::Binary(op) => {
+                let full = match (op, i) {
+                    (BinaryOp::Add, _) => gy,
+                    (BinaryOp::Sub, 0) => gy,
+                    (BinaryOp::Sub, _) => self.un(UnaryOp::Neg, gy, s)?,
+                    (BinaryOp::Mul, 0) => self.bin(BinaryOp::Mul, gy, x[1], s)?,
+                    (BinaryOp::Mul, _) => self.bin(BinaryOp::Mul, gy, x[0], s)?,
+                    (BinaryOp::Div, 0) => self.bin(BinaryOp::Div, gy, x[1], s)?,
+                    (BinaryOp::Div, _) => {
+                        // −gy · a / b² = −gy · y / b
+                        let t = self.bin(BinaryOp::Mul, gy, y, s)?;
+                        let t = self.bin(BinaryOp::Div, t, x[1], s)?;
+                        self.un(UnaryOp::Neg, t, s)?
+                    }
+                    (BinaryOp::Max, _) => return Err(refuse("max")),
+                };
+                self.reduce_to(full, &xshape(i), s)?
+            }
+            Op::Cast(_) => self.op(Op::Cast(g.node(ops[0]).ty.dtype), &[gy], s)?,
+            Op::Dropout { .. } => gy,
+            Op::Reduce { op, axis } => match op {
+                ReduceOp::Sum => self.op(Op::Broadcast(xshape(0)), &[gy], s)?,
+                ReduceOp::Mean => {
+                    let t = match xshape(0).0[*axis].as_const() {
+                        Some(n) => {
+                            let k = self.scalar(1.0 / n as f64, gy, s);
+                            self.bin(BinaryOp::Mul, gy, k, s)?
+                        }
+                        None => {
+                            // A symbolic axis: count it at run time as Σ 1.
+                            let dt = self.ty(gy).dtype;
+                            let one = self.ng.constant(1.0, dt, s);
+                            let ones = self.op(Op::Broadcast(xshape(0)), &[one], s)?;
+                            let n = self.op(
+                                Op::Reduce {
+                                    op: ReduceOp::Sum,
+                                    axis: *axis,
+                                },
+                                &[ones],
+                                s,
+                            )?;
+                            self.bin(BinaryOp::Div, gy, n, s)?
+                        }
+                    };
+                    self.op(Op::Broadcast(xshape(0)), &[t], s)?
+                }
+                ReduceOp::Max => return Err(refuse("reduce_max")),
+            },
+            Op::MatMul => {
+                if i == 0 {
+                    let bt = self.transpose(x[1], s)?;
+                    let t = self.op(Op::MatMul, &[gy, bt], s)?;
+                    self.reduce_to(t, &xshape(0), s)?
+                } else {
+                    let at = self.transpose(x[0], s)?;
+                    let t = self.op(Op::MatMul, &[at, gy], s)?;
+                    self.reduce_to(t, &xshape(1), s)?
+                }
+            }
+            Op::Reshape(_) => self.op(Op::Reshape(xshape(0)), &[gy], s)?,
+            Op::Permute(perm) => {
+                let mut inv = vec![0; perm.len()];
+                for (k, &p) in perm.iter().enumerate() {
+                    inv[p] = k;
+                }
+                self.op(Op::Permute(inv), &[gy], s)?
+            }
+            Op::Slice { axis, start, end } => {
+                let xs = xshape(0);
+                let total = xs.0[*axis].as_const().unwrap_or(0);
+                let dt = self.ty(gy).dtype;
+                let mut parts = Vec::new();
+                for (a, b) in [(0, *start), (*end, total)] {
+                    if b > a {
+                        let mut sh = xs.clone();
+                        sh.0[*axis] = Dim::Const(b - a);
+                        parts.push(self.zeros(sh, dt, s)?);
+                    }
+                }
+                let mut all = Vec::new();
+                if *start > 0 {
+                    all.push(parts.remove(0));
+                }
+                all.push(gy);
+                all.extend(parts);
+                if all.len() == 1 {
+                    gy
+                } else {
+                    self.op(Op::Concat { axis: *axis }, &all, s)?
+                }
+            }
+            Op::Concat { axis } => {
+                let mut off = 0;
+                for k in 0..i {
+                    off += xshape(k).0[*axis].as_const().unwrap_or(0);
+                }
+                let len = xshape(i).0[*axis].as_const().unwrap_or(0);
+                self.op(
+                    Op::Slice {
+                        axis: *axis,
+                        start: off,
+                        end: off + len,
+                    },
+                    &[gy],
+                    s,
+                )?
+            }
+            Op::Broadcast(_) => self.reduce_to(gy, &xshape(0), s)?,
+            Op::Gather => {
+                if i == 1 {
+                    return Err(refuse("gather indices"));
+                }
+                let v = xshape(0).0[0]
+                    .as_const()
+                    .ok_or_else(|| refuse("a gather table with a symbolic row count"))?;
+                self.op(Op::ScatterAdd { size: v }, &[x[1], gy], s)?
+            }
+            Op::ScatterAdd { .. } => {
+                if i == 0 {
+                    return Err(refuse("scatter_add indices"));
+                }
+                self.op(Op::Gather, &[gy, x[0]], s)?
+            }
+            Op::OneHot { .. } => return Err(refuse("one_hot indices")),
+            Op::Softmax { axis } => {
+                // y · (gy − Σ gy·y)
+                let gyy = self.bin(BinaryOp::Mul, gy, y, s)?;
+                let sum = self.op(
+                    Op::Reduce {
+                        op: ReduceOp::Sum,
+                        axis: *axis,
+                    },
+                    &[gyy],
+                    s,
+                )?;
+                let d = self.bin(BinaryOp::Sub, gy, sum, s)?;
+                self.bin(BinaryOp::Mul, y, d, s)?
+            }
+            Op::CausalMask => {
+                // exp(mask(0)) is 1 where kept and 0 where masked.
+                let ty = self.ty(gy);
+                let z = self.zeros(ty.shape, ty.dtype, s)?;
+                let m = self.op(Op::CausalMask, &[z], s)?;
+                let keep = self.un(UnaryOp::Exp, m, s)?;
+                self.bin(BinaryOp::Mul, gy, keep, s)?
+            }
+            Op::Rope(spec) => {
+                if i == 1 {
+                    return Err(refuse("rope positions"));
+                }
+                let f = self.flip_half(gy, s)?;
+                let r = self.op(Op::Rope(*spec), &[f, x[1]], s)?;
+                self.flip_half(r, s)?
+            }
+            Op::CrossEntropy => {
+                if i == 1 {
+                    return Err(refuse("cross-entropy targets"));
+                }
+                let ls = xshape(0);
+                let axis = ls.rank() - 1;
+                let v = ls.0[axis]
+                    .as_const()
+                    .ok_or_else(|| refuse("a symbolic vocabulary"))?;
+                let dt = self.ty(x[0]).dtype;
+                let p = self.op(Op::Softmax { axis }, &[x[0]], s)?;
+                let hot = self.op(
+                    Op::OneHot {
+                        depth: v,
+                        dtype: dt,
+                    },
+                    &[x[1]],
+                    s,
+                )?;
+                let d = self.bin(BinaryOp::Sub, p, hot, s)?;
+                let mut gs = self.ty(gy).shape;
+                gs.0.push(Dim::Const(1));
+                let g1 = self.op(Op::Reshape(gs), &[gy], s)?;
+                self.bin(BinaryOp::Mul, d, g1, s)?
+            }
+            Op::Attention { .. } | Op::RmsNorm { .. } | Op::Elementwise(_) => {
+                return Err(refuse(
+                    "fused ops: differentiate the lowered graph before fusion",
+                ))
+            }
+        })
+    }
+}
+
+/// Appends the next-token loss to a language model: `targets` i32 [B, T],
+/// per-position cross-entropy of `logits` [B, T, V], averaged to a scalar
+/// output named `loss`.
+pub fn add_next_token_loss(g: &mut Graph, logits: &str) -> Result<NodeId, IrError> {
+    let err = |message: String| IrError {
+        scope: g.name.clone(),
+        message,
+    };
+    let l = g
+        .output(logits)
+        .ok_or_else(|| err(format!("no output {logits:?}")))?;
+    let ty = g.node(l).ty.clone();
+    if ty.shape.rank() != 3 {
+        return Err(err(format!("logits must be [B, T, V], got {ty}")));
+    }
+    let tshape = Shape(ty.shape.0[..2].to_vec());
+    let t = g.input("targets", TensorType::new(DType::I32, tshape))?;
+    let ce = g.add(Op::CrossEntropy, &[l, t], "loss")?;
+    let m1 = g.add(
+        Op::Reduce {
+            op: ReduceOp::Mean,
+            axis: 1,
+        },
+        &[ce],
+        "loss",
+    )?;
+    let m0 = g.add(
+        Op::Reduce {
+            op: ReduceOp::Mean,
+            axis: 0,
+        },
+        &[m1],
+        "loss",
+    )?;
+    let loss = g.add(Op::Reshape(Shape::scalar()), &[m0], "loss")?;
+    g.set_output("loss", loss);
+    Ok(loss)
+}
