@@ -140,4 +140,23 @@ fetch_kjv() {
 fetch_smollm2 smollm2
 fetch_kjv kjv
 bash "$repo_root/scripts/fixtures-tokenizers.sh"
+
+# Byte-level tokens of the KJV text (vocab 256), for presets/tiny.yml:
+# verses joined by newlines, one uint16 per UTF-8 byte.
+if [[ ! -f "$cache/kjv_bytes.npy" ]]; then
+    python3 - "$cache/kjv.jsonl" "$cache/kjv_bytes.npy" <<'PY'
+import json, os, struct, sys
+src, dst = sys.argv[1], sys.argv[2]
+data = "\n".join(json.loads(line)["text"] for line in open(src, encoding="utf-8")).encode("utf-8")
+header = "{'descr': '<u2', 'fortran_order': False, 'shape': (%d,), }" % len(data)
+pad = 64 - (10 + len(header) + 1) % 64
+header = header + " " * (pad % 64) + "\n"
+tmp = dst + ".tmp"
+with open(tmp, "wb") as f:
+    f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode("latin1"))
+    f.write(struct.pack("<%dH" % len(data), *data))
+os.replace(tmp, dst)
+PY
+    echo "fixtures: kjv_bytes.npy written"
+fi
 echo "fixtures: all present in $cache"

@@ -37,10 +37,14 @@ With no flag, prints a one-line summary per model.",
 
     /// Run a manifest's groups: runs, verification, benchmarks, artifacts
     #[command(
-        long_about = "Run the experiment a manifest describes. This version compiles the manifest and prints \
-the plan `run` would execute; executing runs arrives with the training issue, and the command says so \
-instead of pretending.",
-        after_help = "Example:\n  caramba run presets/llama32_1b_dba.yml --group quick"
+        long_about = "Run the experiment a manifest describes: each group's runs in order, then its benchmarks. \
+Each training run writes artifacts/<name>_<run>_<timestamp>/ with the resolved manifest, metrics.jsonl \
+(step, loss, lr, grad norm, tokens/s, val loss) and checkpoints (weights, optimizer state, step, RNG state; \
+written atomically). --resume <checkpoint> continues a run exactly.\n\n\
+This version executes `mode: train` runs with `phase: standard` on the CPU reference backend and \
+`perplexity` benchmarks; a manifest that needs more (distillation phases, verify blocks, other benchmarks) \
+is refused before anything runs, with the list of what is missing.",
+        after_help = "Examples:\n  scripts/fixtures.sh && caramba run presets/tiny.yml\n  caramba run presets/tiny.yml --resume artifacts/tiny_train_20261126_120000/checkpoints/latest"
     )]
     Run(RunArgs),
 
@@ -238,6 +242,12 @@ pub struct RunArgs {
     /// Override every run's seed
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Where run folders are created
+    #[arg(long, default_value = "artifacts")]
+    pub artifacts: PathBuf,
+    /// Stop each run after this global step (saving a checkpoint), to resume later
+    #[arg(long, value_name = "STEP")]
+    pub stop_after: Option<u64>,
 }
 
 /// The original caramba's flags, used when no subcommand is given.

@@ -4,5 +4,6 @@ pub mod checkpoint;
 pub mod data;
 pub mod rng;
 pub mod tokenizer;
+pub mod train;
 #[doc(hidden)]
 pub use checkpoint::testing;

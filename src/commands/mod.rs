@@ -72,6 +72,8 @@ fn legacy(cli: Cli) -> CmdResult {
                 data: l.data,
                 resume: l.resume,
                 seed: Some(l.seed),
+                artifacts: "artifacts".into(),
+                stop_after: None,
             })
         }
         LegacyMode::Sample | LegacyMode::Chat => {

@@ -60,6 +60,22 @@ pub struct NpyDataset {
 }
 
 impl NpyDataset {
+    /// The largest token id in the whole file (one pass; for checking the
+    /// data against a model's vocabulary before training).
+    pub fn max_token(&self) -> u32 {
+        let n = self.tokens.len();
+        let mut buf = vec![0u32; 1 << 16];
+        let mut max = 0;
+        let mut start = 0;
+        while start < n {
+            let k = (n - start).min(buf.len());
+            self.tokens.read_into(start, &mut buf[..k]);
+            max = buf[..k].iter().copied().fold(max, u32::max);
+            start += k;
+        }
+        max
+    }
+
     /// Opens a `.npy` token file (memory-mapped) with windows of
     /// `block_size` tokens; the last `val_frac` of it is validation.
     pub fn open(path: &Path, block_size: usize, val_frac: f64) -> Result<Self, DataError> {

@@ -1,0 +1,409 @@
+//! The training loop of `caramba run` (mode `train`), top to bottom:
+//!
+//! ```text
+//! lower the model → append the next-token loss → differentiate (IR → IR)
+//! for each step: sample batches → forward + backward → mean of micro-batches
+//!                → clip → lr(step) → optimizer step → metrics, eval, checkpoint
+//! ```
+//!
+//! Everything a resumed run needs (weights, optimizer state, step, the data
+//! sampler's RNG state) is in each checkpoint, so 10 steps + resume + 10
+//! steps equal 20 steps straight, bit for bit, on the CPU reference.
+
+use crate::commands::Failure;
+use caramba_compiler::manifest::{Manifest, OptimizerKind as MOpt, Phase, Run, Schedule};
+use caramba_ir::autodiff::{add_next_token_loss, differentiate, grad_name};
+use caramba_ir::reference::{eval, Bindings, Tensor};
+use caramba_ir::{DType, Graph, Sym};
+use caramba_runtime::data::{NpyDataset, Split};
+use caramba_runtime::rng::SplitMix64;
+use caramba_runtime::train::{
+    clip_grad_norm, global_grad_norm, load_checkpoint, Console, GradAccumulator, LrSchedule,
+    MetricsRecord, MetricsWriter, Optimizer, OptimizerConfig, Params, RunDir, SaveRequest,
+    ScheduleKind,
+};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Where a training run reads and writes, and what the command line overrides.
+pub struct TrainOptions {
+    pub data: Option<PathBuf>,
+    pub resume: Option<PathBuf>,
+    pub seed: Option<u64>,
+    pub artifacts: PathBuf,
+    /// Initial weights (from an `init_from` run).
+    pub init: Option<Params>,
+    pub group_data: Option<String>,
+    pub quiet: bool,
+    /// Stop (with a checkpoint) after this global step, as if interrupted.
+    pub stop_after: Option<u64>,
+}
+
+/// What a finished run reports.
+pub struct TrainOutcome {
+    pub params: Params,
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub val_loss: Option<f64>,
+    pub run_dir: PathBuf,
+    pub steps: u64,
+}
+
+/// The model's training graph: forward, loss, and a `grad:<name>` output per parameter.
+pub struct TrainGraph {
+    pub graph: Graph,
+    pub forward: Graph,
+    pub params: Vec<(String, Vec<usize>)>,
+    pub vocab: usize,
+}
+
+pub fn train_graph(m: &Manifest) -> Result<TrainGraph, Failure> {
+    let lowered = caramba_compiler::lower_model(&m.model, &m.name, DType::F32)
+        .map_err(|d| Failure::runtime(format!("lowering failed:\n{}", d.render(&m.name, ""))))?;
+    let mut forward = lowered.graph;
+    add_next_token_loss(&mut forward, "logits").map_err(|e| Failure::runtime(e.to_string()))?;
+    let params: Vec<(String, Vec<usize>)> = forward
+        .params()
+        .map(|(n, id)| {
+            (
+                n.to_string(),
+                forward
+                    .node(id)
+                    .ty
+                    .shape
+                    .dims()
+                    .iter()
+                    .map(|d| d.as_const().unwrap_or(0))
+                    .collect(),
+            )
+        })
+        .collect();
+    let names: Vec<String> = params.iter().map(|p| p.0.clone()).collect();
+    let graph = differentiate(&forward, "loss", &names)
+        .map_err(|e| Failure::runtime(format!("autodiff failed: {e}")))?;
+    Ok(TrainGraph {
+        graph,
+        forward,
+        params,
+        vocab: m.model.embedder.vocab_size,
+    })
+}
+
+/// Initial weights from `seed`: N(0, 0.02) for matrices, ones for norm
+/// weights, zeros for biases and DBA gate logits (g = 0.5, ungated DBA).
+pub fn init_params(shapes: &[(String, Vec<usize>)], seed: u64) -> Params {
+    let mut rng = SplitMix64::new(seed);
+    let mut normal = move || {
+        // Box–Muller.
+        let u1 = rng.next_f64().max(1e-300);
+        let u2 = rng.next_f64();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    };
+    shapes
+        .iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = if name.ends_with("norm.weight") {
+                vec![1.0; n]
+            } else if name.ends_with(".bias") || name.ends_with("gate_logit") {
+                vec![0.0; n]
+            } else {
+                (0..n).map(|_| (0.02 * normal()) as f32).collect()
+            };
+            (name.clone(), Tensor::f32(shape.clone(), data))
+        })
+        .collect()
+}
+
+/// Loss and gradients of one batch (x, y: B × T token ids).
+pub fn forward_backward(
+    tg: &TrainGraph,
+    params: &Params,
+    x: &[u32],
+    y: &[u32],
+    b: usize,
+    t: usize,
+) -> Result<(f64, Params), Failure> {
+    let out = eval(&tg.graph, &bind(params, x, y, b, t))
+        .map_err(|e| Failure::runtime(format!("training step failed: {e}")))?;
+    let loss = out["loss"].to_f64_vec()[0];
+    let grads = tg
+        .params
+        .iter()
+        .map(|(n, _)| (n.clone(), out[&grad_name(n)].clone()))
+        .collect();
+    Ok((loss, grads))
+}
+
+/// Mean loss of one batch without gradients.
+pub fn loss_only(
+    tg: &TrainGraph,
+    params: &Params,
+    x: &[u32],
+    y: &[u32],
+    b: usize,
+    t: usize,
+) -> Result<f64, Failure> {
+    let out = eval(&tg.forward, &bind(params, x, y, b, t))
+        .map_err(|e| Failure::runtime(format!("evaluation failed: {e}")))?;
+    Ok(out["loss"].to_f64_vec()[0])
+}
+
+fn bind<'p>(params: &'p Params, x: &[u32], y: &[u32], b: usize, t: usize) -> Bindings<'p> {
+    let ids = |v: &[u32]| Tensor::i32(vec![b, t], v.iter().map(|&i| i as i32).collect());
+    Bindings::new(params)
+        .sym(Sym::B, b)
+        .sym(Sym::T, t)
+        .input("input_ids", ids(x))
+        .input("positions", Tensor::i32(vec![t], (0..t as i32).collect()))
+        .input("targets", ids(y))
+}
+
+/// Runs one training run of a manifest.
+pub fn train(m: &Manifest, run: &Run, opts: TrainOptions) -> Result<TrainOutcome, Failure> {
+    let f = &run.fields;
+    let t = f
+        .train
+        .as_ref()
+        .ok_or_else(|| Failure::usage(format!("run `{}` has no `train` block", f.id)))?;
+    if t.phase != Phase::Standard {
+        return Err(Failure::runtime(format!(
+            "run `{}`: the {:?} phase (teacher distillation for the upcycle) is not implemented in this version; \
+only `phase: standard` training runs",
+            f.id, t.phase
+        )));
+    }
+    let data = opts
+        .data
+        .clone()
+        .or_else(|| f.data.as_ref().map(PathBuf::from))
+        .or_else(|| opts.group_data.as_ref().map(PathBuf::from))
+        .or_else(|| m.defaults.data.as_ref().map(PathBuf::from))
+        .ok_or_else(|| {
+            Failure::usage(format!(
+                "run `{}` has no data: set `data` on the run or in `defaults`, or pass --data",
+                f.id
+            ))
+        })?;
+    if !data.exists() {
+        return Err(Failure::usage(format!(
+            "run `{}`: the data file {} does not exist (prepare one with `caramba prepare`)",
+            f.id,
+            data.display()
+        )));
+    }
+    let (bsz, block) = (t.batch_size as usize, t.block_size as usize);
+    let val_frac = m.defaults.val_frac.unwrap_or(0.0);
+    let ds = NpyDataset::open(&data, block, val_frac)
+        .map_err(|e| Failure::usage(format!("run `{}`: {e}", f.id)))?;
+    let tg = train_graph(m)?;
+    check_vocab(&ds, tg.vocab, &data)?;
+
+    let seed = opts.seed.or(f.seed).or(m.defaults.seed).unwrap_or(1337);
+    let config = match t.optimizer {
+        MOpt::Adamw => OptimizerConfig::adamw(t.weight_decay),
+        MOpt::Lion => OptimizerConfig::lion(t.weight_decay),
+        MOpt::Sgd => OptimizerConfig::sgd(0.9, t.weight_decay),
+    };
+    let kind = match t.schedule {
+        Schedule::Constant => ScheduleKind::Constant,
+        Schedule::Cosine => ScheduleKind::Cosine,
+        Schedule::Linear => ScheduleKind::Linear,
+    };
+    let schedule = LrSchedule::new(kind, t.lr, f.steps).with_warmup(t.warmup_steps);
+
+    let (mut params, mut optimizer, mut rng, start) = match &opts.resume {
+        Some(path) => {
+            let ck = load_checkpoint(path, &tg.params).map_err(|e| {
+                Failure::usage(format!("cannot resume from {}: {e}", path.display()))
+            })?;
+            if ck.state.optimizer.kind() != config.kind() {
+                return Err(Failure::usage(format!(
+                    "cannot resume from {}: it was trained with {:?}, this run uses {:?}",
+                    path.display(),
+                    ck.state.optimizer.kind(),
+                    config.kind()
+                )));
+            }
+            (
+                ck.params,
+                ck.optimizer,
+                SplitMix64::from_state(ck.state.rng_state),
+                ck.state.step,
+            )
+        }
+        None => {
+            let params = opts
+                .init
+                .clone()
+                .unwrap_or_else(|| init_params(&tg.params, seed));
+            (
+                params,
+                Optimizer::new(config),
+                SplitMix64::new(seed ^ 0x5eed_da7a),
+                0,
+            )
+        }
+    };
+    if start >= f.steps {
+        return Err(Failure::usage(format!(
+            "the checkpoint is at step {start}, and run `{}` has {} steps: nothing to do",
+            f.id, f.steps
+        )));
+    }
+
+    let dir = RunDir::create(&opts.artifacts, &format!("{}_{}", m.name, f.id))
+        .map_err(|e| Failure::runtime(e.to_string()))?;
+    let yaml = serde_yaml::to_string(&m.resolved).map_err(|e| Failure::runtime(e.to_string()))?;
+    dir.write_manifest(&yaml)
+        .map_err(|e| Failure::runtime(e.to_string()))?;
+    let mut metrics: MetricsWriter = dir.metrics().map_err(|e| Failure::runtime(e.to_string()))?;
+    let ckpt = dir.checkpointer(3);
+    let mut console = if opts.quiet {
+        Console::plain()
+    } else {
+        Console::stderr()
+    };
+    console.header(&format!(
+        "run {} — {} parameters",
+        f.id,
+        caramba_compiler::plan::group_digits(
+            tg.params
+                .iter()
+                .map(|p| p.1.iter().product::<usize>())
+                .sum()
+        )
+    ));
+    console.key_value("data", data.display());
+    console.key_value(
+        "batch",
+        format!(
+            "{bsz} × {block} tokens, {} accumulation step(s)",
+            t.gradient_accumulation_steps
+        ),
+    );
+    console.key_value(
+        "optimizer",
+        format!(
+            "{:?}, lr {} ({:?}, warmup {})",
+            config.kind(),
+            t.lr,
+            kind,
+            t.warmup_steps
+        ),
+    );
+    console.path("artifacts", dir.path());
+
+    let eval_every = m.defaults.eval_every.unwrap_or(f.steps.div_ceil(5).max(1));
+    let eval_iters = m.defaults.eval_iters.unwrap_or(10) as usize;
+    let save_every = m.defaults.save_every.unwrap_or(f.steps);
+    let has_val = ds.split_len(Split::Val) > 0;
+    let progress = console.progress(start, f.steps);
+    let (mut first_loss, mut last_loss, mut val_loss) = (None, 0.0, None);
+    let end = opts
+        .stop_after
+        .map_or(f.steps, |s| s.clamp(start + 1, f.steps));
+    for step in start..end {
+        let timer = Instant::now();
+        let mut acc = GradAccumulator::new();
+        let mut loss_sum = 0.0;
+        for _ in 0..t.gradient_accumulation_steps {
+            let (x, y) = ds.sample_batch(&mut rng, Split::Train, bsz);
+            let (loss, grads) = forward_backward(&tg, &params, &x, &y, bsz, block)?;
+            if !loss.is_finite() {
+                return Err(Failure::runtime(format!(
+                    "run `{}`: the loss became {loss} at step {}",
+                    f.id,
+                    step + 1
+                )));
+            }
+            loss_sum += loss;
+            acc.add(grads);
+        }
+        let mut grads = acc.take_mean();
+        let loss = loss_sum / t.gradient_accumulation_steps as f64;
+        let grad_norm = match t.grad_clip {
+            Some(c) => clip_grad_norm(&mut grads, c),
+            None => global_grad_norm(&grads),
+        };
+        let lr = schedule.lr_at(step);
+        optimizer.step(&mut params, &grads, lr);
+        let tokens = (bsz * block) as f64 * t.gradient_accumulation_steps as f64;
+        let tps = tokens / timer.elapsed().as_secs_f64();
+        first_loss.get_or_insert(loss);
+        last_loss = loss;
+        let done = step + 1;
+        let mut record = MetricsRecord {
+            step: done,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_s: tps,
+            val_loss: None,
+        };
+        if has_val && (done % eval_every == 0 || done == f.steps) {
+            // Evaluation batches come from their own stream so they never
+            // change the training data order.
+            let mut erng = SplitMix64::new(seed ^ done.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut total = 0.0;
+            for _ in 0..eval_iters {
+                let (x, y) = ds.sample_batch(&mut erng, Split::Val, bsz);
+                total += loss_only(&tg, &params, &x, &y, bsz, block)?;
+            }
+            let v = total / eval_iters as f64;
+            record.val_loss = Some(v);
+            val_loss = Some(v);
+            progress.println(&format!(
+                "step {done}: train loss {loss:.4}, val loss {v:.4}"
+            ));
+        }
+        metrics
+            .append(&record)
+            .map_err(|e| Failure::runtime(e.to_string()))?;
+        progress.update(done, loss, tps);
+        if done % save_every == 0 || done == end {
+            let req = SaveRequest {
+                params: &params,
+                optimizer: &optimizer,
+                schedule,
+                step: done,
+                rng_state: rng.state(),
+                data_position: 0,
+                manifest_name: &m.name,
+                run_id: &f.id,
+            };
+            ckpt.save(&req)
+                .map_err(|e| Failure::runtime(format!("saving the checkpoint failed: {e}")))?;
+        }
+    }
+    progress.finish();
+    console.success(&format!(
+        "run {}: loss {:.4} → {:.4}{}",
+        f.id,
+        first_loss.unwrap_or(last_loss),
+        last_loss,
+        val_loss
+            .map(|v| format!(", val loss {v:.4}"))
+            .unwrap_or_default()
+    ));
+    console.path("checkpoints", ckpt.root());
+    Ok(TrainOutcome {
+        params,
+        first_loss: first_loss.unwrap_or(last_loss),
+        last_loss,
+        val_loss,
+        run_dir: dir.path().to_path_buf(),
+        steps: end,
+    })
+}
+
+fn check_vocab(ds: &NpyDataset, vocab: usize, path: &Path) -> Result<(), Failure> {
+    let max = ds.max_token();
+    if max as usize >= vocab {
+        return Err(Failure::usage(format!(
+            "{} holds token id {max}, but the model's vocabulary has {vocab} entries",
+            path.display()
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,320 @@
+//! Training on the CPU reference backend: the loop learns, resumes exactly,
+//! and refuses bad data and bad resumes with clear errors.
+
+use caramba::train::{forward_backward, init_params, train, train_graph, TrainOptions};
+use caramba_ir::reference::{eval, Bindings, Tensor};
+use caramba_ir::Sym;
+use caramba_runtime::data::write_tokens;
+use caramba_runtime::data::NpyDtype;
+use caramba_runtime::rng::SplitMix64;
+use caramba_runtime::train::{Optimizer, OptimizerConfig};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("caramba-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn manifest(data: &Path, steps: u64, extra_defaults: &str) -> String {
+    format!(
+        r#"
+version: 1
+name: tiny_test
+defaults:
+  data: {data}
+  val_frac: 0.1
+  eval_iters: 2
+  save_every: 10
+{extra_defaults}
+model:
+  embedder: {{vocab_size: 32, d_model: 32, tie_embeddings: true}}
+  topology:
+    type: StackedTopology
+    layers:
+      - type: NestedTopology
+        repeat: 2
+        layers:
+          - type: ResidualTopology
+            layers:
+              - {{type: RMSNormLayer, d_model: 32}}
+              - {{type: AttentionLayer, d_model: 32, n_heads: 4, n_kv_heads: 2}}
+          - type: ResidualTopology
+            layers:
+              - {{type: RMSNormLayer, d_model: 32}}
+              - {{type: SwiGLULayer, d_model: 32, d_ff: 64}}
+      - {{type: RMSNormLayer, d_model: 32}}
+runs:
+  - id: train
+    mode: train
+    seed: 7
+    steps: {steps}
+    train: {{batch_size: 4, block_size: 16, lr: 3.0e-3, optimizer: adamw, schedule: cosine, warmup_steps: 3, grad_clip: 1.0}}
+"#,
+        data = data.display()
+    )
+}
+
+/// A token stream with structure to learn: repeated counting sequences.
+fn write_data(dir: &Path) -> PathBuf {
+    let path = dir.join("tokens.npy");
+    let tokens: Vec<u32> = (0..20_000u32).map(|i| (i % 7 + (i / 7) % 3) % 32).collect();
+    write_tokens(&path, &tokens, NpyDtype::U16).unwrap();
+    path
+}
+
+fn run_train(
+    src: &str,
+    artifacts: &Path,
+    resume: Option<PathBuf>,
+    stop_after: Option<u64>,
+) -> caramba::train::TrainOutcome {
+    let c = caramba_compiler::compile(src).unwrap_or_else(|d| panic!("{}", d.render("m", src)));
+    let opts = TrainOptions {
+        data: None,
+        resume,
+        seed: None,
+        artifacts: artifacts.to_path_buf(),
+        init: None,
+        group_data: None,
+        quiet: true,
+        stop_after,
+    };
+    train(&c.manifest, &c.manifest.runs[0], opts).unwrap_or_else(|e| panic!("{}", e.message))
+}
+
+#[test]
+fn resume_after_ten_steps_is_bit_identical_to_twenty_straight() {
+    let dir = scratch("resume");
+    let data = write_data(&dir);
+    let src = manifest(&data, 20, "");
+    let straight = run_train(&src, &dir.join("a"), None, None);
+    let first = run_train(&src, &dir.join("b"), None, Some(10));
+    assert_eq!(first.steps, 10);
+    let ckpt = first.run_dir.join("checkpoints");
+    let resumed = run_train(&src, &dir.join("c"), Some(ckpt), None);
+    for (name, a) in &straight.params {
+        let b = &resumed.params[name];
+        let same = a
+            .as_f32()
+            .unwrap()
+            .iter()
+            .zip(b.as_f32().unwrap())
+            .all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "parameter {name} differs after resume");
+    }
+    assert!(straight.last_loss < straight.first_loss);
+    // The run folder holds the resolved manifest, metrics and checkpoints.
+    let metrics = std::fs::read_to_string(straight.run_dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 20);
+    for line in metrics.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        for key in ["step", "loss", "lr", "grad_norm", "tokens_per_s"] {
+            assert!(v.get(key).is_some(), "metrics line lacks {key}: {line}");
+        }
+    }
+    assert!(
+        straight.run_dir.join("manifest.yml").exists()
+            || straight.run_dir.join("manifest.yaml").exists()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tiny_preset_trains_well_below_uniform_loss() {
+    let Some(data) = caramba_runtime::checkpoint::testing::fixture_path("kjv_bytes.npy") else {
+        return;
+    };
+    let src =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/presets/tiny.yml")).unwrap();
+    let dir = scratch("tiny");
+    let c = caramba_compiler::compile(&src).unwrap();
+    let opts = TrainOptions {
+        data: Some(data),
+        resume: None,
+        seed: None,
+        artifacts: dir.clone(),
+        init: None,
+        group_data: None,
+        quiet: true,
+        stop_after: None,
+    };
+    let out =
+        train(&c.manifest, &c.manifest.runs[0], opts).unwrap_or_else(|e| panic!("{}", e.message));
+    let uniform = (256f64).ln();
+    println!(
+        "tiny: loss {:.3} → {:.3}, val {:?} (uniform {uniform:.3})",
+        out.first_loss, out.last_loss, out.val_loss
+    );
+    assert!(
+        (out.first_loss - uniform).abs() < 0.3,
+        "an untrained model should start near ln(256)"
+    );
+    assert!(
+        out.last_loss < uniform - 2.5,
+        "loss {:.3} did not fall well below ln(256) = {uniform:.3}",
+        out.last_loss
+    );
+    assert!(out.val_loss.unwrap() < uniform - 2.5);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A synthetic task: copy the first half of each sequence into the second.
+/// A 2-layer model learns it to near-perfect accuracy.
+#[test]
+fn learns_to_copy() {
+    let src = manifest(Path::new("unused.npy"), 1, "");
+    let src = src.replace("vocab_size: 32", "vocab_size: 16");
+    let c = caramba_compiler::compile(&src).unwrap();
+    let tg = train_graph(&c.manifest).unwrap();
+    let mut params = init_params(&tg.params, 3);
+    let mut opt = Optimizer::new(OptimizerConfig::adamw(0.0));
+    let mut rng = SplitMix64::new(11);
+    let (b, half) = (16usize, 6usize);
+    let t = 2 * half + 1;
+    let batch = |rng: &mut SplitMix64| {
+        let mut x = Vec::new();
+        let mut y = Vec::new();
+        for _ in 0..b {
+            let body: Vec<u32> = (0..half).map(|_| 2 + rng.below(14) as u32).collect();
+            let mut seq = body.clone();
+            seq.push(1);
+            seq.extend(&body);
+            seq.push(1);
+            x.extend(&seq[..t]);
+            y.extend(&seq[1..t + 1]);
+        }
+        (x, y)
+    };
+    for step in 0..400 {
+        let (x, y) = batch(&mut rng);
+        let (_loss, grads) = forward_backward(&tg, &params, &x, &y, b, t).unwrap();
+        let lr = if step < 300 { 1e-2 } else { 2e-3 };
+        opt.step(&mut params, &grads, lr);
+    }
+    // Accuracy on the copied half (predicting body tokens after the separator).
+    let (x, y) = batch(&mut rng);
+    let ids = Tensor::i32(vec![b, t], x.iter().map(|&i| i as i32).collect());
+    let bind = Bindings::new(&params)
+        .sym(Sym::B, b)
+        .sym(Sym::T, t)
+        .input("input_ids", ids)
+        .input("positions", Tensor::i32(vec![t], (0..t as i32).collect()))
+        .input(
+            "targets",
+            Tensor::i32(vec![b, t], y.iter().map(|&i| i as i32).collect()),
+        );
+    let out = eval(&tg.forward, &bind).unwrap();
+    let logits = out["logits"].as_f32().unwrap();
+    let v = 16;
+    let (mut right, mut total) = (0, 0);
+    for s in 0..b {
+        for p in half..t - 1 {
+            let row = &logits[(s * t + p) * v..(s * t + p + 1) * v];
+            let pred = (0..v).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap() as u32;
+            right += (pred == y[s * t + p]) as usize;
+            total += 1;
+        }
+    }
+    let acc = right as f64 / total as f64;
+    println!("copy accuracy {acc:.3}");
+    assert!(acc >= 0.95, "copy accuracy {acc:.3} is not near-perfect");
+}
+
+fn caramba(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_caramba"))
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!err.contains("panicked"), "{err}");
+    (out.status.code().unwrap_or(-1), err)
+}
+
+#[test]
+fn bad_data_and_bad_resumes_are_clear_errors() {
+    let dir = scratch("bad");
+    let m = dir.join("m.yml");
+    // Missing data file.
+    std::fs::write(&m, manifest(&dir.join("nope.npy"), 5, "")).unwrap();
+    let (code, err) = caramba(&[
+        "run",
+        m.to_str().unwrap(),
+        "--artifacts",
+        dir.join("art").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("nope.npy") && err.contains("does not exist"),
+        "{err}"
+    );
+    // Wrong dtype.
+    let f = dir.join("floats.npy");
+    caramba_runtime::data::write_f32_npy(&f, &[100], &[0.5; 100]).unwrap();
+    std::fs::write(&m, manifest(&f, 5, "")).unwrap();
+    let (code, err) = caramba(&[
+        "run",
+        m.to_str().unwrap(),
+        "--artifacts",
+        dir.join("art").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("floats.npy"), "{err}");
+    // Fewer tokens than one block.
+    let short = dir.join("short.npy");
+    write_tokens(&short, &[1, 2, 3, 4, 5], NpyDtype::U16).unwrap();
+    std::fs::write(&m, manifest(&short, 5, "")).unwrap();
+    let (code, err) = caramba(&[
+        "run",
+        m.to_str().unwrap(),
+        "--artifacts",
+        dir.join("art").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("tokens"), "{err}");
+    // Token ids beyond the vocabulary.
+    let big = dir.join("big.npy");
+    write_tokens(&big, &vec![40u32; 1000], NpyDtype::U16).unwrap();
+    std::fs::write(&m, manifest(&big, 5, "")).unwrap();
+    let (code, err) = caramba(&[
+        "run",
+        m.to_str().unwrap(),
+        "--artifacts",
+        dir.join("art").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("40") && err.contains("vocabulary"), "{err}");
+    // A checkpoint of a different model.
+    let data = write_data(&dir);
+    std::fs::write(&m, manifest(&data, 3, "")).unwrap();
+    let (code, err) = caramba(&[
+        "run",
+        m.to_str().unwrap(),
+        "--artifacts",
+        dir.join("art2").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let run_dir = std::fs::read_dir(dir.join("art2"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::write(&m, manifest(&data, 3, "").replace("d_ff: 64", "d_ff: 48")).unwrap();
+    let (code, err) = caramba(&[
+        "run",
+        m.to_str().unwrap(),
+        "--artifacts",
+        dir.join("art3").to_str().unwrap(),
+        "--resume",
+        run_dir.join("checkpoints").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("mlp") && err.contains("cannot resume"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
