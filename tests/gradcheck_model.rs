@@ -30,9 +30,15 @@ model:
 "#;
 
 fn check(attention: &str, tie: bool) {
-    let src = MODEL
-        .replace("ATTENTION", attention)
-        .replace("TIE", if tie { "true" } else { "false" });
+    check_src(
+        &MODEL
+            .replace("ATTENTION", attention)
+            .replace("TIE", if tie { "true" } else { "false" }),
+    );
+}
+
+fn check_src(src: &str) {
+    let src = src.to_string();
     let c =
         caramba_compiler::compile(&src).unwrap_or_else(|d| panic!("{}", d.render("tiny", &src)));
     let mut g = caramba_compiler::lower_model(&c.manifest.model, "tiny", DType::F64)
@@ -129,5 +135,45 @@ fn tiny_dba_gradients_match_finite_differences() {
     check(
         "{type: AttentionLayer, d_model: 8, n_heads: 2, n_kv_heads: 1, mode: decoupled, sem_dim: 4, geo_dim: 4, decoupled_gate: true}",
         false,
+    );
+}
+
+/// The other layer types and topologies: LayerNorm, Linear, RoPE, Dropout,
+/// standard attention without RoPE, parallel (sum), branching, cyclic and
+/// recurrent topologies.
+#[test]
+fn every_layer_and_topology_gradient_matches_finite_differences() {
+    check_src(
+        r#"
+version: 1
+name: layers_grad
+model:
+  embedder: {type: token, vocab_size: 11, d_model: 8}
+  topology:
+    type: StackedTopology
+    layers:
+      - {type: LayerNormLayer, d_model: 8}
+      - {type: RoPE, d_model: 8, n_heads: 2}
+      - type: ParallelTopology
+        combine: sum
+        layers:
+          - {type: LinearLayer, d_in: 8, d_out: 8, bias: true}
+          - {type: AttentionLayer, d_model: 8, n_heads: 2, rope_enabled: false}
+      - type: BranchingTopology
+        layers:
+          - {type: LinearLayer, d_in: 8, d_out: 4}
+          - {type: LinearLayer, d_in: 8, d_out: 4}
+      - type: CyclicTopology
+        iterations: 2
+        layers:
+          - {type: DropoutLayer, p: 0.0}
+          - {type: LinearLayer, d_in: 8, d_out: 8}
+      - type: RecurrentTopology
+        steps: 2
+        layers:
+          - {type: RMSNormLayer, d_model: 8}
+          - {type: SwiGLULayer, d_model: 8, d_ff: 6}
+      - {type: RMSNormLayer, d_model: 8}
+"#,
     );
 }
