@@ -1,4 +1,6 @@
-//! Compile-time benchmarks: parse → validate → lower for the presets.
+//! Compile-time benchmarks: parse → validate → lower for the presets, and
+//! the optimize stage (e-graph saturation, extraction, elementwise fusion)
+//! on the lowered Llama 3.2 1B DBA model.
 //! `cargo bench --bench compile`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -18,5 +20,13 @@ fn compile(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, compile);
+fn optimize(c: &mut Criterion) {
+    let src = preset("llama32_1b_dba.yml");
+    let lowered = caramba_compiler::compile(&src).expect("preset compiles");
+    c.bench_function("optimize llama32_1b_dba.yml", |b| {
+        b.iter(|| caramba_compiler::optimize(black_box(&lowered.student.graph)).expect("optimizes"))
+    });
+}
+
+criterion_group!(benches, compile, optimize);
 criterion_main!(benches);

@@ -198,7 +198,7 @@ pub struct PrepareArgs {
 pub struct CompileArgs {
     /// The manifest (YAML)
     pub manifest: PathBuf,
-    /// Print what `run` would execute: groups, runs, benchmarks, parameter counts, KV-cache bytes per token
+    /// Print what `run` would execute: groups, runs, benchmarks, parameter counts, KV-cache bytes per token, and the kernels of each layer with the rewrite rules that formed them
     #[arg(long)]
     pub print_plan: bool,
     /// Print an intermediate form
@@ -207,6 +207,9 @@ pub struct CompileArgs {
     /// Which model to emit with `--emit ir`
     #[arg(long, value_enum, default_value_t = Which::Student)]
     pub model: Which,
+    /// Which stage of the IR `--emit ir` prints: as lowered (primitives), or after the e-graph rewrites and fusion
+    #[arg(long, value_enum, default_value_t = StageArg::Lowered)]
+    pub stage: StageArg,
     /// Restrict `--print-plan` to one group
     #[arg(long)]
     pub group: Option<String>,
@@ -218,6 +221,12 @@ pub enum Emit {
     Ir,
     /// The manifest after variable substitution, as YAML
     Manifest,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum StageArg {
+    Lowered,
+    Optimized,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 //! The pipeline, one function per stage:
 //!
 //! ```text
-//! source ─ yaml::parse ─ vars::substitute ─ manifest::parse ─ validate ─ lower ─ plan
+//! source ─ yaml::parse ─ vars::substitute ─ manifest::parse ─ validate ─ lower ─ optimize ─ plan
 //! ```
 
 pub mod de;
@@ -11,6 +11,7 @@ pub mod diag;
 pub mod hf;
 pub mod lower;
 pub mod manifest;
+pub mod optimize;
 pub mod plan;
 pub mod validate;
 pub mod vars;
@@ -19,6 +20,7 @@ pub mod yaml;
 pub use diag::{Diagnostic, Diagnostics, Span};
 pub use lower::{lower_model, LayerInfo, Lowered};
 pub use manifest::Manifest;
+pub use optimize::{optimize, OptimizeError, OptimizeReport, Stage};
 
 use caramba_ir::DType;
 use manifest::{AttentionMode, Element, LayerKind, ModelSpec, Topology};

@@ -337,3 +337,131 @@ fn bytes(b: f64) -> String {
 fn lower(v: &impl std::fmt::Debug) -> String {
     format!("{v:?}").to_lowercase()
 }
+
+/// Renders the kernels of an optimized graph per layer (`layers` from
+/// lowering; a node belongs to the layer whose scope is the longest prefix
+/// of its own), in execution order, each fused kernel with the rules that
+/// formed it; blocks that repeat with the same kernels fold into one
+/// `model.layers.*.x ×n` entry. Reshapes are views and a permute that swaps
+/// the last two axes of a matmul operand is a strided read, so neither is
+/// listed as a kernel; nor are sources.
+pub fn render_kernels(
+    layers: &[LayerInfo],
+    g: &caramba_ir::Graph,
+    report: &crate::OptimizeReport,
+) -> String {
+    use caramba_ir::Op;
+    let layer_of = |scope: &str| -> Option<&LayerInfo> {
+        layers
+            .iter()
+            .filter(|l| scope == l.scope || scope.starts_with(&format!("{}.", l.scope)))
+            .max_by_key(|l| l.scope.len())
+    };
+    let mut kinds: std::collections::HashMap<String, String> = Default::default();
+    let strided = |id: caramba_ir::NodeId| -> bool {
+        let Op::Permute(p) = &g.node(id).op else {
+            return false;
+        };
+        let r = p.len();
+        r >= 2
+            && p[r - 2] == r - 1
+            && p[r - 1] == r - 2
+            && p[..r - 2].iter().enumerate().all(|(i, &x)| i == x)
+            && !g.users(id).is_empty()
+            && g.users(id).iter().all(|&u| g.node(u).op == Op::MatMul)
+    };
+    let mut order: Vec<String> = Vec::new();
+    let mut by_scope: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for id in g.topo_order() {
+        let n = g.node(id);
+        if n.op.is_source() || matches!(n.op, Op::Reshape(_)) || strided(id) {
+            continue;
+        }
+        let mut line = n.op.mnemonic().to_string();
+        match &n.op {
+            Op::Elementwise(p) => {
+                let ops = p
+                    .0
+                    .iter()
+                    .filter(|i| {
+                        matches!(
+                            i,
+                            caramba_ir::ElemInstr::Unary(..) | caramba_ir::ElemInstr::Binary(..)
+                        )
+                    })
+                    .count();
+                let _ = write!(line, " ({ops} ops)");
+            }
+            op => {
+                let attrs = op.attrs();
+                if !attrs.is_empty() {
+                    let _ = write!(line, " {attrs}");
+                }
+            }
+        }
+        let _ = write!(line, " → {}", n.ty);
+        if let Some(rules) = report.rules_of(id) {
+            let _ = write!(line, "  ← {}", rules.join(" + "));
+        }
+        let scope = match layer_of(&n.scope) {
+            Some(l) => {
+                kinds.insert(star_indices(&l.scope), l.kind.clone());
+                l.scope.clone()
+            }
+            None if n.scope.is_empty() => "(graph)".to_string(),
+            None => n.scope.clone(),
+        };
+        if !by_scope.contains_key(&scope) {
+            order.push(scope.clone());
+        }
+        by_scope.entry(scope).or_default().push(line);
+    }
+    // Fold scopes that differ only in block indices and have equal kernels.
+    let mut folded: Vec<(String, Vec<String>, usize)> = Vec::new();
+    for scope in order {
+        let kernels = by_scope.remove(&scope).unwrap_or_default();
+        let pattern = star_indices(&scope);
+        if pattern != scope {
+            if let Some(f) = folded
+                .iter_mut()
+                .find(|(p, k, _)| *p == pattern && *k == kernels)
+            {
+                f.2 += 1;
+                continue;
+            }
+        }
+        folded.push((pattern, kernels, 1));
+    }
+    let total: usize = folded.iter().map(|(_, k, n)| k.len() * n).sum();
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "kernels of {} ({total} kernels; {} → {} nodes, modelled traffic {} → {}):",
+        g.name,
+        report.nodes_before,
+        report.nodes_after,
+        traffic(report.cost_before),
+        traffic(report.cost_after)
+    );
+    for (scope, kernels, n) in folded {
+        let rep = if n > 1 {
+            format!(" ×{n}")
+        } else {
+            String::new()
+        };
+        match kinds.get(&scope) {
+            Some(kind) => writeln!(s, "  {scope}{rep}  ({kind})"),
+            None => writeln!(s, "  {scope}{rep}"),
+        }
+        .ok();
+        for k in kernels {
+            let _ = writeln!(s, "      {k}");
+        }
+    }
+    s
+}
+
+/// A modelled cost in bytes, in GiB (costs are large: T = S = 2048).
+fn traffic(b: f64) -> String {
+    format!("{:.2} GiB", b / (1024.0 * 1024.0 * 1024.0))
+}

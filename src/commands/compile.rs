@@ -1,7 +1,7 @@
 //! `caramba compile`: parse → lower → validate, then print what was asked.
 
 use super::{check_group, compile_file, CmdResult, Failure};
-use crate::cli::{CompileArgs, Emit, Which};
+use crate::cli::{CompileArgs, Emit, StageArg, Which};
 use caramba_compiler::plan;
 
 pub fn compile(a: &CompileArgs) -> CmdResult {
@@ -15,7 +15,17 @@ pub fn compile(a: &CompileArgs) -> CmdResult {
                     Failure::usage("this manifest has no teacher (no run sets `teacher_ckpt`)")
                 })?,
             };
-            print!("{}", caramba_ir::to_text(&lowered.graph));
+            let graph = match a.stage {
+                StageArg::Lowered => lowered.graph.clone(),
+                StageArg::Optimized => {
+                    caramba_compiler::optimize(&lowered.graph)
+                        .map_err(|e| {
+                            Failure::runtime(format!("internal error: optimization failed: {e:?}"))
+                        })?
+                        .0
+                }
+            };
+            print!("{}", caramba_ir::to_text(&graph));
         }
         Some(Emit::Manifest) => {
             let yaml = serde_yaml::to_string(&c.manifest.resolved)
@@ -26,6 +36,14 @@ pub fn compile(a: &CompileArgs) -> CmdResult {
     }
     if a.print_plan {
         print!("{}", plan::render(&c, a.group.as_deref()));
+        let (optimized, report) = caramba_compiler::optimize(&c.student.graph)
+            .map_err(|e| Failure::runtime(format!("internal error: optimization failed: {e:?}")))?;
+        println!();
+        println!("kernels of the student (after the e-graph rewrites):");
+        print!(
+            "{}",
+            plan::render_kernels(&c.student.layers, &optimized, &report)
+        );
     }
     if a.emit.is_none() && !a.print_plan {
         let m = &c.manifest;

@@ -1024,3 +1024,205 @@ fn llama_logits_are_causal() {
     let moved = eval(&g, &b).unwrap().remove("logits").unwrap();
     assert!(moved.max_abs_diff(&full) > 1e-4);
 }
+
+// ------------------------------------------------------------- fused ops
+
+/// `y = attention{causal, scale}(q, k, v)` against a direct loop in f64 and
+/// against the primitive decomposition the op's doc comment gives.
+#[test]
+fn attention_matches_a_direct_loop_and_its_decomposition() {
+    let (h, t, s, d, dv) = (2usize, 3usize, 5usize, 4usize, 3usize);
+    let q = f32s(&[1, h, t, d], &ramp(h * t * d, 1));
+    let k = f32s(&[1, h, s, d], &ramp(h * s * d, 2));
+    let v = f32s(&[1, h, s, dv], &ramp(h * s * dv, 3));
+    for causal in [false, true] {
+        let scale = 0.7;
+        let mut g = Graph::new("t");
+        let qi = g.input("q", ty(DType::F32, shape![1, h, t, d])).unwrap();
+        let ki = g.input("k", ty(DType::F32, shape![1, h, s, d])).unwrap();
+        let vi = g.input("v", ty(DType::F32, shape![1, h, s, dv])).unwrap();
+        let fused = g
+            .add(
+                Op::Attention {
+                    causal,
+                    scale: Scalar(scale),
+                },
+                &[qi, ki, vi],
+                "",
+            )
+            .unwrap();
+        let kt = g.add(Op::Permute(vec![0, 1, 3, 2]), &[ki], "").unwrap();
+        let sc = g.add(Op::MatMul, &[qi, kt], "").unwrap();
+        let c = g.constant(scale, DType::F32, "");
+        let mut sc = g.add(Op::Binary(BinaryOp::Mul), &[sc, c], "").unwrap();
+        if causal {
+            sc = g.add(Op::CausalMask, &[sc], "").unwrap();
+        }
+        let p = g.add(Op::Softmax { axis: 3 }, &[sc], "").unwrap();
+        let prim = g.add(Op::MatMul, &[p, vi], "").unwrap();
+        g.set_output("fused", fused);
+        g.set_output("prim", prim);
+        let b = Bindings::default()
+            .input("q", q.clone())
+            .input("k", k.clone())
+            .input("v", v.clone());
+        let out = eval(&g, &b).unwrap();
+        let (qf, kf, vf) = (q.to_f64_vec(), k.to_f64_vec(), v.to_f64_vec());
+        let mut want = Vec::new();
+        for hh in 0..h {
+            for i in 0..t {
+                let mut sc: Vec<f64> = (0..s)
+                    .map(|j| {
+                        let dot: f64 = (0..d)
+                            .map(|x| qf[(hh * t + i) * d + x] * kf[(hh * s + j) * d + x])
+                            .sum();
+                        if causal && j > i + (s - t) {
+                            f64::NEG_INFINITY
+                        } else {
+                            dot * scale
+                        }
+                    })
+                    .collect();
+                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                sc.iter_mut().for_each(|x| *x = (*x - m).exp());
+                let z: f64 = sc.iter().sum();
+                for y in 0..dv {
+                    let o: f64 = (0..s).map(|j| sc[j] / z * vf[(hh * s + j) * dv + y]).sum();
+                    want.push(o as f32);
+                }
+            }
+        }
+        assert_close(out["fused"].as_f32().unwrap(), &want, 1e-5);
+        assert_close(out["prim"].as_f32().unwrap(), &want, 1e-5);
+    }
+}
+
+#[test]
+fn rms_norm_matches_the_formula_and_the_primitives() {
+    let (rows, d) = (3usize, 5usize);
+    let x = f32s(&[rows, d], &ramp(rows * d, 4));
+    let w = f32s(&[d], &ramp(d, 5));
+    let eps = 1e-5;
+    let mut g = Graph::new("t");
+    let xi = g.input("x", ty(DType::F32, shape![rows, d])).unwrap();
+    let wi = g.input("w", ty(DType::F32, shape![d])).unwrap();
+    let fused = g
+        .add(Op::RmsNorm { eps: Scalar(eps) }, &[xi, wi], "")
+        .unwrap();
+    let sq = g.add(Op::Binary(BinaryOp::Mul), &[xi, xi], "").unwrap();
+    let ms = g
+        .add(
+            Op::Reduce {
+                op: ReduceOp::Mean,
+                axis: 1,
+            },
+            &[sq],
+            "",
+        )
+        .unwrap();
+    let e = g.constant(eps, DType::F32, "");
+    let v = g.add(Op::Binary(BinaryOp::Add), &[ms, e], "").unwrap();
+    let inv = g.add(Op::Unary(UnaryOp::Rsqrt), &[v], "").unwrap();
+    let xn = g.add(Op::Binary(BinaryOp::Mul), &[xi, inv], "").unwrap();
+    let prim = g.add(Op::Binary(BinaryOp::Mul), &[xn, wi], "").unwrap();
+    g.set_output("fused", fused);
+    g.set_output("prim", prim);
+    let out = eval(
+        &g,
+        &Bindings::default()
+            .input("x", x.clone())
+            .input("w", w.clone()),
+    )
+    .unwrap();
+    let (xf, wf) = (x.to_f64_vec(), w.to_f64_vec());
+    let want: Vec<f32> = xf
+        .chunks(d)
+        .flat_map(|r| {
+            let inv = 1.0 / (r.iter().map(|v| v * v).sum::<f64>() / d as f64 + eps).sqrt();
+            r.iter()
+                .zip(&wf)
+                .map(move |(v, g)| (v * inv * g) as f32)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_close(out["fused"].as_f32().unwrap(), &want, 1e-6);
+    assert_close(out["prim"].as_f32().unwrap(), &want, 1e-6);
+}
+
+#[test]
+fn cross_entropy_matches_hand_values() {
+    let mut g = Graph::new("t");
+    let l = g.input("logits", ty(DType::F32, shape![2, 3])).unwrap();
+    let t = g.input("targets", ty(DType::I32, shape![2])).unwrap();
+    let y = g.add(Op::CrossEntropy, &[l, t], "").unwrap();
+    g.set_output("y", y);
+    let logits = f32s(&[2, 3], &[1.0, 2.0, 3.0, 0.0, 0.0, 0.0]);
+    let got = run(
+        &g,
+        vec![
+            ("logits", logits.clone()),
+            ("targets", Tensor::i32(vec![2], vec![2, 0])),
+        ],
+    );
+    // log(e + e² + e³) − 3 and log 3 − 0.
+    assert_close(got.as_f32().unwrap(), &[0.407_605_96, 1.098_612_3], 1e-6);
+    let b = Bindings::default()
+        .input("logits", logits)
+        .input("targets", Tensor::i32(vec![2], vec![3, 0]));
+    let err = eval(&g, &b).unwrap_err().to_string();
+    assert!(err.contains("target 3 is outside 0..3"), "{err}");
+}
+
+#[test]
+fn elementwise_programs_match_their_primitives() {
+    use crate::op::{ElemInstr, ElemProgram};
+    // silu(a) · w + 0.5, with w [4] broadcast over a [2, 4].
+    let prog = ElemProgram(vec![
+        ElemInstr::Input(0),
+        ElemInstr::Unary(UnaryOp::Silu, 0),
+        ElemInstr::Input(1),
+        ElemInstr::Binary(BinaryOp::Mul, 1, 2),
+        ElemInstr::Const(Scalar(0.5)),
+        ElemInstr::Binary(BinaryOp::Add, 3, 4),
+    ]);
+    let mut g = Graph::new("t");
+    let a = g.input("a", ty(DType::F32, shape![2, 4])).unwrap();
+    let w = g.input("w", ty(DType::F32, shape![4])).unwrap();
+    let fused = g.add(Op::Elementwise(prog), &[a, w], "").unwrap();
+    let s = g.add(Op::Unary(UnaryOp::Silu), &[a], "").unwrap();
+    let m = g.add(Op::Binary(BinaryOp::Mul), &[s, w], "").unwrap();
+    let c = g.constant(0.5, DType::F32, "");
+    let prim = g.add(Op::Binary(BinaryOp::Add), &[m, c], "").unwrap();
+    g.set_output("fused", fused);
+    g.set_output("prim", prim);
+    let av = ramp(8, 6);
+    let wv = ramp(4, 7);
+    let out = eval(
+        &g,
+        &Bindings::default()
+            .input("a", f32s(&[2, 4], &av))
+            .input("w", f32s(&[4], &wv)),
+    )
+    .unwrap();
+    let want: Vec<f32> = (0..8)
+        .map(|i| {
+            let x = av[i] as f64;
+            (x / (1.0 + (-x).exp()) * wv[i % 4] as f64 + 0.5) as f32
+        })
+        .collect();
+    assert_close(out["fused"].as_f32().unwrap(), &want, 1e-6);
+    assert_close(out["prim"].as_f32().unwrap(), &want, 1e-6);
+
+    // A result that reads only the smaller operand is broadcast to the
+    // operands' common shape.
+    let prog = ElemProgram(vec![ElemInstr::Input(1), ElemInstr::Unary(UnaryOp::Neg, 0)]);
+    let g = two_op(
+        Op::Elementwise(prog),
+        ty(DType::F32, shape![2, 4]),
+        ty(DType::F32, shape![4]),
+    );
+    let got = run(&g, vec![("a", f32s(&[2, 4], &av)), ("b", f32s(&[4], &wv))]);
+    assert_eq!(got.shape(), &[2, 4]);
+    let want: Vec<f32> = (0..8).map(|i| -wv[i % 4]).collect();
+    assert_close(got.as_f32().unwrap(), &want, 0.0);
+}

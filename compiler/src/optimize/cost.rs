@@ -1,0 +1,114 @@
+//! The cost model extraction minimizes: bytes moved through device memory
+//! plus weighted flops, per kernel, at nominal sizes for the symbolic dims.
+//!
+//! Every non-source op is one kernel that reads its operands and writes its
+//! result once, so a fused op that keeps an intermediate on chip (attention's
+//! T×S scores, RMSNorm's row statistics) is cheaper than the primitives that
+//! round-trip it through memory. A reshape is a view: it costs only a launch,
+//! which every kernel pays so that no op is free (a free op would let
+//! extraction choose a cycle such as `x = reshape(x)`). Sources cost nothing.
+//!
+//! It stops at estimating: it knows no device, and the numbers only need to
+//! rank alternatives, not predict times.
+
+use super::lang::{ENode, EG};
+use caramba_ir::{Dim, ElemInstr, Graph, Op, Sym, TensorType};
+use egg::{CostFunction, Id};
+
+/// Nominal sizes of the symbolic dims: one sequence of 2048 tokens.
+pub fn nominal(d: Dim) -> f64 {
+    match d {
+        Dim::Const(n) => n as f64,
+        Dim::Sym(Sym::B) => 1.0,
+        Dim::Sym(Sym::T) | Dim::Sym(Sym::S) => 2048.0,
+    }
+}
+
+pub fn numel(t: &TensorType) -> f64 {
+    t.shape.dims().iter().map(|&d| nominal(d)).product()
+}
+
+pub fn bytes(t: &TensorType) -> f64 {
+    numel(t) * t.dtype.size() as f64
+}
+
+/// The fixed cost of launching one kernel, in bytes-equivalent.
+pub const LAUNCH: f64 = 4096.0;
+/// How many flops cost as much as moving one byte (a GPU does some hundreds
+/// of flops per byte of memory bandwidth; a low figure keeps flops visible).
+pub const FLOPS_PER_BYTE: f64 = 64.0;
+
+/// The cost of one op as a kernel, given its operand and result types.
+pub fn op_cost(op: &Op, xs: &[&TensorType], out: &TensorType) -> f64 {
+    if op.is_source() {
+        return 0.0;
+    }
+    if matches!(op, Op::Reshape(_)) {
+        return LAUNCH;
+    }
+    let moved: f64 = xs.iter().map(|t| bytes(t)).sum::<f64>() + bytes(out);
+    LAUNCH + moved + flops(op, xs, out) / FLOPS_PER_BYTE
+}
+
+fn flops(op: &Op, xs: &[&TensorType], out: &TensorType) -> f64 {
+    let last = |t: &TensorType, k: usize| nominal(t.shape.dims()[t.shape.rank() - k]);
+    match op {
+        Op::MatMul => 2.0 * numel(out) * last(xs[0], 1),
+        // q·kᵀ, softmax (about 5 flops per score) and p·v, without the scores in memory.
+        Op::Attention { .. } => {
+            let scores = numel(out) / last(out, 1) * last(xs[1], 2);
+            scores * (2.0 * last(xs[0], 1) + 5.0 + 2.0 * last(out, 1))
+        }
+        Op::Softmax { .. } => 5.0 * numel(out),
+        Op::RmsNorm { .. } => 4.0 * numel(out),
+        Op::Rope(_) => 6.0 * numel(out),
+        Op::Elementwise(p) => {
+            let n =
+                p.0.iter()
+                    .filter(|i| matches!(i, ElemInstr::Unary(..) | ElemInstr::Binary(..)))
+                    .count();
+            n as f64 * numel(out)
+        }
+        _ => numel(out),
+    }
+}
+
+/// The total cost of a graph: the sum over its nodes.
+pub fn graph_cost(g: &Graph) -> f64 {
+    g.node_ids()
+        .map(|id| {
+            let n = g.node(id);
+            let ops = g.operands(id);
+            let xs: Vec<&TensorType> = ops.iter().map(|&o| &g.node(o).ty).collect();
+            op_cost(&n.op, &xs, &n.ty)
+        })
+        .sum()
+}
+
+/// Extraction's cost: a node's kernel cost plus the cost of its operands.
+pub struct Cost<'a> {
+    pub egraph: &'a EG,
+}
+
+impl CostFunction<ENode> for Cost<'_> {
+    type Cost = f64;
+
+    fn cost<C>(&mut self, enode: &ENode, mut costs: C) -> f64
+    where
+        C: FnMut(Id) -> f64,
+    {
+        let xs: Vec<&TensorType> = enode
+            .children
+            .iter()
+            .map(|&c| &self.egraph[c].data.ty)
+            .collect();
+        let own = match &enode.decl {
+            Some(_) => 0.0,
+            None => match enode.op.infer(&xs) {
+                Ok(out) => op_cost(&enode.op, &xs, &out),
+                Err(_) => f64::INFINITY,
+            },
+        };
+        enode.children.iter().fold(own, |acc, &c| acc + costs(c))
+    }
+}

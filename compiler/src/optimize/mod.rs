@@ -1,0 +1,257 @@
+//! The optimize stage: an IR graph in, an equivalent cheaper graph out, with
+//! a report of which rules formed each fused node.
+//!
+//! ```text
+//! Graph ─ lang::load ─ rule::saturate(rules) ─ extract(cost) ─ elementwise::fuse ─ verify ─ Graph
+//! ```
+//!
+//! Rules are grouped by family, one file each: `algebra` (layout and
+//! identity cleanup), `rmsnorm`, `attention`, `dba`; `elementwise` runs
+//! after extraction. Every rule has a property test in `tests.rs` that
+//! evaluates both sides with the reference interpreter.
+//!
+//! The whole graph is saturated at once: the rules are targeted (no
+//! commutativity or associativity), so the e-graph grows by a few nodes per
+//! match and a 16-layer model saturates in milliseconds; compiling one layer
+//! and reusing it was not needed (see the `optimize` case of the compile
+//! bench). It stops at the IR: scheduling and kernels come after.
+
+pub mod algebra;
+pub mod attention;
+pub mod cost;
+pub mod dba;
+pub mod elementwise;
+pub mod lang;
+pub mod rmsnorm;
+pub mod rule;
+#[cfg(test)]
+mod tests;
+
+pub use rule::{Limits, Rule, Stop};
+
+use caramba_ir::{Graph, IrError, NodeId, Op};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// Every e-graph rule, in the order reports list them.
+pub fn rules() -> Vec<&'static Rule> {
+    let mut r = algebra::rules();
+    r.push(&dba::MERGE_DBA_SCORES);
+    r.push(&attention::FUSE_ATTENTION);
+    r.push(&rmsnorm::FUSE_RMSNORM);
+    r
+}
+
+/// Every rule name, e-graph rules first, then `fuse-elementwise`.
+pub fn rule_names() -> Vec<&'static str> {
+    let mut v: Vec<&'static str> = rules().iter().map(|r| r.name).collect();
+    v.push(elementwise::NAME);
+    v
+}
+
+/// How to optimize.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub limits: Limits,
+    /// Only these e-graph rules (by name); all when `None`.
+    pub only: Option<Vec<String>>,
+    /// Run the elementwise fusion pass after extraction.
+    pub fuse_elementwise: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            limits: Limits::default(),
+            only: None,
+            fuse_elementwise: true,
+        }
+    }
+}
+
+/// One fused node of the optimized graph and the rules that formed it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FusedNode {
+    pub node: NodeId,
+    pub op: Op,
+    pub scope: String,
+    pub rules: Vec<&'static str>,
+}
+
+/// What the optimizer did.
+#[derive(Clone, Debug)]
+pub struct OptimizeReport {
+    /// Fused nodes of the optimized graph, in its topological order.
+    pub fused: Vec<FusedNode>,
+    /// Rule → applications that changed the e-graph (`fuse-elementwise`:
+    /// kernels formed).
+    pub applied: BTreeMap<&'static str, usize>,
+    /// Recipes that did not type (`rule: reason`); always empty unless a
+    /// rule is broken.
+    pub rejected: Vec<String>,
+    pub stop: Stop,
+    pub iterations: usize,
+    pub egraph_nodes: usize,
+    pub egraph_classes: usize,
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+    /// Modelled cost (bytes moved + weighted flops, see `cost.rs`).
+    pub cost_before: f64,
+    pub cost_after: f64,
+    pub elapsed: Duration,
+}
+
+impl OptimizeReport {
+    /// The rules of the fused node `id`, if it is one.
+    pub fn rules_of(&self, id: NodeId) -> Option<&[&'static str]> {
+        self.fused
+            .iter()
+            .find(|f| f.node == id)
+            .map(|f| f.rules.as_slice())
+    }
+}
+
+/// Why optimization failed: always a compiler bug.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum OptimizeError {
+    #[error("internal error: the optimizer built an ill-typed graph: {0}")]
+    Build(#[from] IrError),
+    #[error("internal error: the optimized graph does not verify: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    Verify(Vec<IrError>),
+}
+
+/// Optimizes `g` with every rule.
+pub fn optimize(g: &Graph) -> Result<(Graph, OptimizeReport), OptimizeError> {
+    optimize_with(g, &Options::default())
+}
+
+/// Optimizes `g` as `opts` says.
+pub fn optimize_with(g: &Graph, opts: &Options) -> Result<(Graph, OptimizeReport), OptimizeError> {
+    let start = Instant::now();
+    let all = rules();
+    let active: Vec<&Rule> = all
+        .iter()
+        .copied()
+        .filter(|r| {
+            opts.only
+                .as_ref()
+                .is_none_or(|o| o.iter().any(|n| n == r.name))
+        })
+        .collect();
+    let mut loaded = lang::load(g);
+    let sat = rule::saturate(&mut loaded.egraph, &active, &opts.limits);
+    let eg = &loaded.egraph;
+    let extractor = egg::Extractor::new(eg, cost::Cost { egraph: eg });
+    let (graph, class_of) = lang::extract(&loaded, |c| extractor.find_best_node(c).clone())?;
+    let order = rule_names();
+    let sorted = |set: std::collections::BTreeSet<&'static str>| {
+        let mut v: Vec<&'static str> = set.into_iter().collect();
+        v.sort_by_key(|n| order.iter().position(|o| o == n));
+        v
+    };
+    let mut fused: BTreeMap<NodeId, Vec<&'static str>> = BTreeMap::new();
+    for (&node, &class) in &class_of {
+        if matches!(
+            graph.node(node).op,
+            Op::Attention { .. } | Op::RmsNorm { .. } | Op::Elementwise(_)
+        ) {
+            fused.insert(
+                node,
+                sorted(rule::provenance_of(eg, &sat.provenance, class)),
+            );
+        }
+    }
+    let mut applied = sat.applied.clone();
+    let graph = if opts.fuse_elementwise {
+        let f = elementwise::fuse(&graph)?;
+        fused = fused
+            .into_iter()
+            .filter_map(|(old, rules)| f.map.get(&old).map(|&new| (new, rules)))
+            .collect();
+        for &n in &f.fused {
+            fused.insert(n, vec![elementwise::NAME]);
+        }
+        if !f.fused.is_empty() {
+            applied.insert(elementwise::NAME, f.fused.len());
+        }
+        f.graph
+    } else {
+        graph
+    };
+    caramba_ir::verify(&graph).map_err(OptimizeError::Verify)?;
+    let pos: BTreeMap<NodeId, usize> = graph
+        .topo_order()
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| (n, i))
+        .collect();
+    let mut fused: Vec<FusedNode> = fused
+        .into_iter()
+        .map(|(node, rules)| FusedNode {
+            node,
+            op: graph.node(node).op.clone(),
+            scope: graph.node(node).scope.clone(),
+            rules,
+        })
+        .collect();
+    fused.sort_by_key(|f| pos[&f.node]);
+    let report = OptimizeReport {
+        fused,
+        applied,
+        rejected: sat.rejected,
+        stop: sat.stop,
+        iterations: sat.iterations,
+        egraph_nodes: eg.total_number_of_nodes(),
+        egraph_classes: eg.number_of_classes(),
+        nodes_before: g.node_count(),
+        nodes_after: graph.node_count(),
+        cost_before: cost::graph_cost(g),
+        cost_after: cost::graph_cost(&graph),
+        elapsed: start.elapsed(),
+    };
+    Ok((graph, report))
+}
+
+/// Which stage of the graph `--emit ir` shows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Stage {
+    /// As lowering produced it: primitives only.
+    #[default]
+    Lowered,
+    /// After the e-graph rewrites and elementwise fusion.
+    Optimized,
+}
+
+impl Stage {
+    pub const NAMES: [&'static str; 2] = ["lowered", "optimized"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Lowered => "lowered",
+            Stage::Optimized => "optimized",
+        }
+    }
+
+    /// The graph at this stage of a lowered graph.
+    pub fn apply(self, g: &Graph) -> Result<Graph, OptimizeError> {
+        match self {
+            Stage::Lowered => Ok(g.clone()),
+            Stage::Optimized => optimize(g).map(|(g, _)| g),
+        }
+    }
+}
+
+impl std::str::FromStr for Stage {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Stage, String> {
+        match s {
+            "lowered" => Ok(Stage::Lowered),
+            "optimized" => Ok(Stage::Optimized),
+            _ => Err(format!(
+                "unknown stage {s:?}: expected one of {}",
+                Stage::NAMES.join(", ")
+            )),
+        }
+    }
+}

@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""PyTorch baselines for caramba's GPU benchmarks, run on the same card in the
+same command as `caramba-bench` (examples/gpu_bench.rs). Prints one JSON object
+per line: {"name", "ms", "gbps" or "tflops", "impl"}.
+
+Shapes match examples/gpu_bench.rs: keep the two in step.
+"""
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def timed(fn, iters=50, warmup=10):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def emit(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+def main():
+    dev = "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for dtype_name, dtype in [("f32", torch.float32), ("bf16", torch.bfloat16)]:
+        # Device copy: the practical bandwidth ceiling.
+        n = 16384 * 4096
+        x = torch.randn(n, device=dev, dtype=dtype)
+        ms = timed(lambda: x.clone())
+        emit(name=f"copy_{dtype_name}", impl="torch", ms=ms, gbps=2 * n * x.element_size() / ms / 1e6)
+        # RMSNorm 16384 x 4096.
+        x = torch.randn(16384, 4096, device=dev, dtype=dtype)
+        w = torch.randn(4096, device=dev, dtype=dtype)
+
+        def rms(x, w):
+            xf = x.float()
+            return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * w
+
+        bytes_moved = 2 * x.numel() * x.element_size()
+        ms = timed(lambda: rms(x, w))
+        emit(name=f"rmsnorm_{dtype_name}", impl="torch-eager", ms=ms, gbps=bytes_moved / ms / 1e6)
+        crms = torch.compile(rms)
+        ms = timed(lambda: crms(x, w))
+        emit(name=f"rmsnorm_{dtype_name}", impl="torch-compile", ms=ms, gbps=bytes_moved / ms / 1e6)
+        # Causal attention forward, B4 H32 T4096 (head dim 64 and 128); B1 for f32.
+        for hd in (64, 128):
+            b = 4 if dtype == torch.bfloat16 else 1
+            q = torch.randn(b, 32, 4096, hd, device=dev, dtype=dtype)
+            k = torch.randn_like(q)
+            v = torch.randn_like(q)
+            flops = 4 * b * 32 * 4096 * 4096 * hd / 2
+            ms = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), iters=20)
+            emit(name=f"attention_causal_hd{hd}_{dtype_name}_b{b}", impl="torch-sdpa", ms=ms, tflops=flops / ms / 1e9)
+        # GEMM 4096^3.
+        a = torch.randn(4096, 4096, device=dev, dtype=dtype)
+        bm = torch.randn(4096, 4096, device=dev, dtype=dtype)
+        ms = timed(lambda: a @ bm, iters=20)
+        emit(name=f"gemm4096_{dtype_name}", impl="torch", ms=ms, tflops=2 * 4096**3 / ms / 1e9)
+    emit(name="meta", impl="torch", torch=torch.__version__, device=torch.cuda.get_device_name(0), date=time.strftime("%Y-%m-%d"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
