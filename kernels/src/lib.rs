@@ -1,3 +1,184 @@
 //! caramba's GPU kernels, written in CubeCL (`#[cube]`), one file per kernel
-//! with its CPU reference and its test. Only `kernels` and `runtime` depend
-//! on CubeCL.
+//! family. Each file holds the `#[cube]` kernel and a host-side `launch_*`
+//! function that takes device handles, shapes and strides; the runtime's
+//! `GpuExecutor` maps IR ops onto these launches. The conformance tests
+//! (every op against the reference interpreter, on every backend) live in
+//! `runtime/tests/gpu_suite.rs`. Only `kernels` and `runtime` depend on
+//! CubeCL.
+//!
+//! Conventions: every float tensor is stored as `f32` on the device (a
+//! logical `f16`/`bf16` tensor holds values already rounded to that format,
+//! as the reference interpreter does); integer tensors are `i32`. Buffers are
+//! dense and row-major; a view (`View`) adds strides and an element offset so
+//! that permute, slice, broadcast and concat are strided copies.
+
+pub mod attention;
+pub mod cast;
+pub mod copy;
+pub mod elementwise;
+pub mod gather;
+pub mod matmul;
+pub mod norm;
+pub mod reduce;
+pub mod rope;
+
+pub use cubecl;
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+/// Threads per cube for the row kernels (reduce, softmax, norms, attention).
+pub const ROW_BLOCK: u32 = 128;
+/// Threads per cube for the one-thread-per-element kernels.
+pub const ELEM_BLOCK: u32 = 256;
+
+/// A strided window onto a device buffer: `shape`, `strides` and a starting
+/// `offset`, all in elements.
+#[derive(Clone, Debug)]
+pub struct View {
+    pub handle: Handle,
+    pub shape: Vec<usize>,
+    pub strides: Vec<usize>,
+    pub offset: usize,
+}
+
+impl View {
+    /// A dense row-major view of a whole buffer.
+    pub fn contiguous(handle: Handle, shape: &[usize]) -> View {
+        View {
+            handle,
+            strides: contiguous_strides(shape),
+            shape: shape.to_vec(),
+            offset: 0,
+        }
+    }
+
+    /// This view broadcast (NumPy rules, aligned from the last axis) to
+    /// `out`: missing and size-1 axes get stride 0.
+    pub fn broadcast_to(&self, out: &[usize]) -> View {
+        let r = out.len();
+        let k = self.shape.len();
+        let mut strides = vec![0; r];
+        for (i, s) in strides.iter_mut().enumerate() {
+            if let Some(j) = (i + k).checked_sub(r) {
+                if self.shape[j] != 1 || out[i] == 1 {
+                    *s = self.strides[j];
+                }
+            }
+        }
+        View {
+            handle: self.handle.clone(),
+            shape: out.to_vec(),
+            strides,
+            offset: self.offset,
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_contiguous(&self) -> bool {
+        self.offset == 0 && self.strides == contiguous_strides(&self.shape)
+    }
+
+    /// The view as a kernel tensor argument (rank ≥ 1: a scalar is `[1]`).
+    ///
+    /// # Safety
+    ///
+    /// The strides and shape must stay inside the buffer.
+    pub(crate) unsafe fn arg<R: Runtime>(&self) -> TensorArg<R> {
+        let (shape, strides) = if self.shape.is_empty() {
+            (vec![1], vec![1])
+        } else {
+            (self.shape.clone(), self.strides.clone())
+        };
+        unsafe { TensorArg::from_raw_parts(self.handle.clone(), strides.into(), shape.into()) }
+    }
+}
+
+/// Row-major strides of `shape`.
+pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// A 1-D launch grid for `n` units of `block` threads, folded into two
+/// dimensions so that large tensors stay under the per-axis cube limit.
+pub(crate) fn grid_1d(n: usize, block: u32) -> CubeCount {
+    let cubes = n.div_ceil(block as usize).max(1) as u32;
+    if cubes <= 65535 {
+        CubeCount::Static(cubes, 1, 1)
+    } else {
+        let y = cubes.div_ceil(65535);
+        CubeCount::Static(65535, y, 1)
+    }
+}
+
+/// The linear unit index for a grid made by [`grid_1d`].
+#[cube]
+pub(crate) fn linear_pos() -> usize {
+    let cube = CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
+    cube * CUBE_DIM_X as usize + UNIT_POS_X as usize
+}
+
+/// The linear cube index for a grid made by [`grid_1d`] with `block = 1`.
+#[cube]
+pub(crate) fn linear_cube() -> usize {
+    CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize
+}
+
+/// Why a launch could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("matmul setup failed: {0}")]
+    Matmul(String),
+}
+
+/// Whether wgpu finds any adapter at all (a CPU one such as lavapipe
+/// included). Creating a client without one panics inside CubeCL.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_available() -> bool {
+    !wgpu_adapters().is_empty()
+}
+
+/// The wgpu adapters CubeCL can use: `(name, is_cpu)`. CubeCL's default
+/// device asks only its platform's graphics API (Vulkan on Linux, Metal on
+/// macOS), so adapters of other APIs (e.g. OpenGL) do not count.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_adapters() -> Vec<(String, bool)> {
+    use cubecl::wgpu::{AutoGraphicsApi, GraphicsApi};
+    let backends = wgpu::Backends::from(AutoGraphicsApi::backend());
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends,
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
+    cubecl::future::block_on(instance.enumerate_adapters(backends))
+        .into_iter()
+        .map(|a| {
+            let info = a.get_info();
+            (info.name, info.device_type == wgpu::DeviceType::Cpu)
+        })
+        .collect()
+}
+
+/// Whether a CUDA device can be opened. cubecl's CUDA runtime loads the
+/// driver at run time and panics when it is missing, so the probe runs
+/// under `catch_unwind` with the panic message silenced.
+#[cfg(feature = "cuda")]
+pub fn cuda_available() -> bool {
+    use cubecl::cuda::{CudaDevice, CudaRuntime};
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let ok = std::panic::catch_unwind(|| {
+        let _ = CudaRuntime::client(&CudaDevice { index: 0 });
+    })
+    .is_ok();
+    std::panic::set_hook(hook);
+    ok
+}

@@ -1,0 +1,248 @@
+//! Fused attention, `softmax(mask(q·kᵀ·scale))·v`, flash-style: keys are
+//! visited in tiles of `ATTN_BLOCK` with an online softmax (running max `m`,
+//! running sum `l`, rescaled accumulator), so no `T × S` matrix is ever
+//! written to global memory.
+//!
+//! Layout: q `(batch…, T, d)`, k `(batch…, S, d)`, v `(batch…, S, dv)` as
+//! strided views broadcast to the output's batch axes (stride 0 where an
+//! operand broadcasts, e.g. GQA's shared key/value heads), out dense
+//! `(batch…, T, dv)`. One cube per block of `ATTN_QUERIES` query rows (held
+//! in shared memory): thread `u` scores key `tile·B + u` against every query
+//! of the block, the block's weights go through shared memory, and each
+//! thread accumulates output columns `u, u + B, …` of `p · v` for every
+//! query. Each key and value element is read once per block of queries.
+//!
+//! Where it stops: scalar FMAs, no tensor cores and no shared-memory K/V
+//! staging; causal blocks skip key tiles past their last query but not the
+//! masked part of the diagonal tile.
+
+use crate::{grid_1d, linear_cube, View};
+use cubecl::prelude::*;
+
+/// Keys per tile, also the cube size.
+pub const ATTN_BLOCK: usize = 64;
+/// Query rows per cube: each key and value read from global memory serves
+/// this many queries.
+pub const ATTN_QUERIES: usize = 8;
+
+#[cube(launch_unchecked)]
+fn attention_kernel<F: Float + CubeElement>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    out: &mut Tensor<F>,
+    scale: F,
+    neg_inf: F,
+    #[comptime] causal: bool,
+    #[comptime] d: usize,
+    #[comptime] dv: usize,
+) {
+    let rank = out.rank();
+    let t = out.shape(rank - 2);
+    let s_len = k.shape(rank - 2);
+    let q_blocks = t.div_ceil(ATTN_QUERIES);
+    let cube = linear_cube(); // (batch, query block) flattened
+    let batch = cube / q_blocks;
+    if batch * t * dv >= out.len() {
+        terminate!();
+    }
+    let first = (cube % q_blocks) * ATTN_QUERIES; // first query row of the block
+    let mut rem = batch;
+    let mut qo = 0;
+    let mut ko = 0;
+    let mut vo = 0;
+    for x in 0..rank - 2 {
+        let a = rank - 3 - x;
+        let c = rem % out.shape(a);
+        rem /= out.shape(a);
+        qo += c * q.stride(a);
+        ko += c * k.stride(a);
+        vo += c * v.stride(a);
+    }
+    let (q_t, q_d) = (q.stride(rank - 2), q.stride(rank - 1));
+    let (k_s, k_d) = (k.stride(rank - 2), k.stride(rank - 1));
+    let (v_s, v_d) = (v.stride(rank - 2), v.stride(rank - 1));
+
+    let u = UNIT_POS as usize;
+    let mut q_sh = SharedMemory::<F>::new(ATTN_QUERIES * d); // (Q, d)
+    let mut p_sh = SharedMemory::<F>::new(ATTN_QUERIES * ATTN_BLOCK); // (Q, B)
+    let mut j = u;
+    while j < ATTN_QUERIES * d {
+        let (qi, x) = (j / d, j % d);
+        let mut val = F::new(0.0);
+        if first + qi < t {
+            val = q[qo + (first + qi) * q_t + x * q_d];
+        }
+        q_sh[j] = val;
+        j += ATTN_BLOCK;
+    }
+    sync_cube();
+
+    // Keys visible to query `first + qi`: all, or up to its absolute
+    // position; rows past T see none (and are not written).
+    let mut limits = Array::<usize>::new(ATTN_QUERIES);
+    let mut max_limit = 0;
+    #[unroll]
+    for qi in 0..ATTN_QUERIES {
+        let i = first + qi;
+        let mut limit = 0;
+        if i < t {
+            limit = s_len;
+            if causal {
+                limit = 0;
+                if i + s_len + 1 > t {
+                    limit = i + s_len + 1 - t;
+                }
+                if limit > s_len {
+                    limit = s_len;
+                }
+            }
+        }
+        limits[qi] = limit;
+        if limit > max_limit {
+            max_limit = limit;
+        }
+    }
+    let cols = comptime!(dv.div_ceil(ATTN_BLOCK));
+    let mut acc = Array::<F>::new(ATTN_QUERIES * cols); // (Q, cols): columns u + c·B
+    #[unroll]
+    for c in 0..ATTN_QUERIES * cols {
+        acc[c] = F::new(0.0);
+    }
+    let mut m = Array::<F>::new(ATTN_QUERIES); // running max per query
+    let mut l = Array::<F>::new(ATTN_QUERIES); // running sum per query
+    let mut sc = Array::<F>::new(ATTN_QUERIES); // this thread's key's scores
+    let mut corr = Array::<F>::new(ATTN_QUERIES);
+    #[unroll]
+    for qi in 0..ATTN_QUERIES {
+        m[qi] = neg_inf;
+        l[qi] = F::new(0.0);
+    }
+    let n_tiles = max_limit.div_ceil(ATTN_BLOCK);
+    for tile in 0..n_tiles {
+        let start = tile * ATTN_BLOCK;
+        let key = start + u;
+        #[unroll]
+        for qi in 0..ATTN_QUERIES {
+            sc[qi] = F::new(0.0);
+        }
+        if key < s_len {
+            let kb = ko + key * k_s;
+            for x in 0..d {
+                let kv = k[kb + x * k_d];
+                #[unroll]
+                for qi in 0..ATTN_QUERIES {
+                    sc[qi] += q_sh[qi * d + x] * kv;
+                }
+            }
+        }
+        #[unroll]
+        for qi in 0..ATTN_QUERIES {
+            let mut s = neg_inf;
+            if key < limits[qi] {
+                s = sc[qi] * scale;
+            }
+            sc[qi] = s;
+            p_sh[qi * ATTN_BLOCK + u] = s;
+        }
+        sync_cube();
+        #[unroll]
+        for qi in 0..ATTN_QUERIES {
+            let mut tile_max = neg_inf;
+            for x in 0..ATTN_BLOCK {
+                tile_max = tile_max.max(p_sh[qi * ATTN_BLOCK + x]);
+            }
+            let m_new = m[qi].max(tile_max);
+            corr[qi] = (m[qi] - m_new).exp();
+            m[qi] = m_new;
+        }
+        sync_cube();
+        #[unroll]
+        for qi in 0..ATTN_QUERIES {
+            p_sh[qi * ATTN_BLOCK + u] = (sc[qi] - m[qi]).exp();
+        }
+        sync_cube();
+        let mut n_keys = max_limit - start;
+        if n_keys > ATTN_BLOCK {
+            n_keys = ATTN_BLOCK;
+        }
+        #[unroll]
+        for qi in 0..ATTN_QUERIES {
+            let mut psum = F::new(0.0);
+            for x in 0..n_keys {
+                psum += p_sh[qi * ATTN_BLOCK + x];
+            }
+            l[qi] = l[qi] * corr[qi] + psum;
+        }
+        #[unroll]
+        for c in 0..cols {
+            let col = c * ATTN_BLOCK + u;
+            if col < dv {
+                #[unroll]
+                for qi in 0..ATTN_QUERIES {
+                    acc[qi * cols + c] *= corr[qi];
+                }
+                let vb = vo + start * v_s + col * v_d;
+                for x in 0..n_keys {
+                    let vv = v[vb + x * v_s];
+                    #[unroll]
+                    for qi in 0..ATTN_QUERIES {
+                        acc[qi * cols + c] += p_sh[qi * ATTN_BLOCK + x] * vv;
+                    }
+                }
+            }
+        }
+        sync_cube();
+    }
+    #[unroll]
+    for qi in 0..ATTN_QUERIES {
+        let i = first + qi;
+        if i < t {
+            #[unroll]
+            for c in 0..cols {
+                let col = c * ATTN_BLOCK + u;
+                if col < dv {
+                    out[(batch * t + i) * dv + col] = acc[qi * cols + c] / l[qi];
+                }
+            }
+        }
+    }
+}
+
+/// Attention over views already broadcast to the output's batch axes:
+/// q `(batch…, T, d)`, k `(batch…, S, d)`, v `(batch…, S, dv)`; `out` dense
+/// `(batch…, T, dv)`.
+pub fn launch_attention<R: Runtime>(
+    client: &ComputeClient<R>,
+    q: &View,
+    k: &View,
+    v: &View,
+    out: &View,
+    causal: bool,
+    scale: f32,
+) {
+    let r = out.shape.len();
+    let (d, dv) = (q.shape[r - 1], v.shape[r - 1]);
+    let t = out.shape[r - 2];
+    let batch: usize = out.shape[..r - 2].iter().product();
+    if batch * t == 0 || dv == 0 {
+        return;
+    }
+    let cubes = batch * t.div_ceil(ATTN_QUERIES);
+    unsafe {
+        attention_kernel::launch_unchecked::<f32, R>(
+            client,
+            grid_1d(cubes, 1),
+            CubeDim::new_1d(ATTN_BLOCK as u32),
+            q.arg::<R>(),
+            k.arg::<R>(),
+            v.arg::<R>(),
+            out.arg::<R>(),
+            scale,
+            f32::NEG_INFINITY,
+            causal,
+            d.max(1),
+            dv,
+        );
+    }
+}

@@ -1,0 +1,75 @@
+//! Batched matrix products through cubek's matmul (no GEMM of our own).
+//!
+//! `a (batch…, M, K) @ b (batch…, K, N)` with leading axes broadcast as in
+//! NumPy. Operands are given as views of equal rank (the caller pads
+//! missing leading axes with size 1); a size-1 batch axis against a larger
+//! output axis is broadcast by cubek itself. Operands may be strided
+//! (e.g. a transposed `b`): cubek copies a layout it cannot read into a
+//! contiguous buffer first.
+//!
+//! Strategy: with `fast` set, cubek's tensor-core routine (CMMA; for `f32`
+//! operands this may compute in TF32 on NVIDIA cards) is tried first; then
+//! the exact per-unit routine, then the naive one. Without `fast`, only the
+//! exact routines run.
+
+use crate::{KernelError, View};
+use cubecl::prelude::*;
+use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems, MatmulSetupError};
+use cubek::matmul::launch::Strategy;
+use cubek::std::InputBinding;
+
+fn binding<R: Runtime>(v: &View) -> TensorBinding<R> {
+    assert_eq!(v.offset, 0, "cubek matmul operands start at element 0");
+    unsafe {
+        TensorBinding::from_raw_parts(
+            v.handle.clone(),
+            v.strides.clone().into(),
+            v.shape.clone().into(),
+        )
+    }
+}
+
+/// `out = lhs @ rhs` for `f32` views of equal rank ≥ 2; `out` is dense.
+pub fn launch_matmul<R: Runtime>(
+    client: &ComputeClient<R>,
+    lhs: &View,
+    rhs: &View,
+    out: &View,
+    fast: bool,
+) -> Result<(), KernelError> {
+    if out.numel() == 0 {
+        return Ok(());
+    }
+    let f32_ty = f32::as_type_native_unchecked().storage_type();
+    let globals = MatmulGlobalElems {
+        lhs: f32_ty,
+        rhs: f32_ty,
+        out: f32_ty,
+    };
+    let mut strategies = Vec::new();
+    if fast {
+        strategies.push(Strategy::SimpleCyclicCmma(Default::default()));
+    }
+    strategies.push(Strategy::SimpleUnit(Default::default()));
+    strategies.push(Strategy::Naive);
+    let mut last: Option<MatmulSetupError> = None;
+    for strategy in strategies {
+        let mut dtypes = MatmulElems::from_globals(&globals);
+        let result = cubek::matmul::launch::launch_ref::<R>(
+            &strategy,
+            client,
+            InputBinding::new(binding::<R>(lhs), f32_ty),
+            InputBinding::new(binding::<R>(rhs), f32_ty),
+            binding::<R>(out),
+            &mut dtypes,
+        );
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(KernelError::Matmul(format!(
+        "{:?} @ {:?}: {:?}",
+        lhs.shape, rhs.shape, last
+    )))
+}

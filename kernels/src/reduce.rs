@@ -1,0 +1,215 @@
+//! Row reductions: sum, mean and max along one axis (kept with size 1), and
+//! the numerically stable softmax along one axis. A tensor is viewed as
+//! `(outer, axis, inner)`; one cube of `ROW_BLOCK` threads handles one row
+//! (one `(outer, inner)` pair): threads stride along the axis and combine
+//! through shared memory. The row helpers here are shared with `norm` and
+//! `attention`.
+//!
+//! Non-finite constants (`-inf` for an empty max, NaN) arrive as runtime
+//! scalars: WGSL rejects non-finite literals, and a kernel that fails to
+//! compile on wgpu would otherwise be skipped silently.
+
+use crate::{grid_1d, linear_cube, ROW_BLOCK};
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+/// The reduction of one row.
+#[derive(CubeType, Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ReduceKind {
+    Sum,
+    Mean,
+    Max,
+}
+
+/// Sum of `v` over the cube's threads (every thread gets the result).
+#[cube]
+pub(crate) fn block_sum<F: Float>(smem: &mut SharedMemory<F>, v: F) -> F {
+    let u = UNIT_POS as usize;
+    smem[u] = v;
+    sync_cube();
+    let mut stride = CUBE_DIM as usize / 2;
+    while stride > 0 {
+        if u < stride {
+            smem[u] = smem[u] + smem[u + stride];
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let r = smem[0];
+    sync_cube();
+    r
+}
+
+/// Maximum of `v` over the cube's threads (every thread gets the result).
+#[cube]
+pub(crate) fn block_max<F: Float>(smem: &mut SharedMemory<F>, v: F) -> F {
+    let u = UNIT_POS as usize;
+    smem[u] = v;
+    sync_cube();
+    let mut stride = CUBE_DIM as usize / 2;
+    while stride > 0 {
+        if u < stride {
+            smem[u] = max_nan::<F>(smem[u], smem[u + stride]);
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let r = smem[0];
+    sync_cube();
+    r
+}
+
+/// `max` that propagates NaN, like the reference (`a != a` is the NaN
+/// test: generic cube floats have no `is_nan` usable in a condition).
+#[allow(clippy::eq_op)]
+#[cube]
+pub(crate) fn max_nan<F: Float>(a: F, b: F) -> F {
+    let mut r = a.max(b);
+    if a != a {
+        r = a;
+    }
+    if b != b {
+        r = b;
+    }
+    r
+}
+
+#[cube(launch_unchecked)]
+fn reduce_kernel<F: Float + CubeElement>(
+    input: &Array<F>,
+    output: &mut Array<F>,
+    axis_len: usize,
+    inner: usize,
+    rows: usize,
+    neg_inf: F,
+    #[comptime] kind: ReduceKind,
+) {
+    let row = linear_cube();
+    if row >= rows {
+        terminate!();
+    }
+    let (o, i) = (row / inner, row % inner);
+    let base = o * axis_len * inner + i;
+    let mut smem = SharedMemory::<F>::new(ROW_BLOCK as usize);
+    let mut acc = match kind {
+        ReduceKind::Max => neg_inf,
+        _ => F::new(0.0),
+    };
+    let mut a = UNIT_POS as usize;
+    while a < axis_len {
+        let x = input[base + a * inner];
+        acc = match kind {
+            ReduceKind::Max => max_nan::<F>(acc, x),
+            _ => acc + x,
+        };
+        a += CUBE_DIM as usize;
+    }
+    let r = match kind {
+        ReduceKind::Max => block_max::<F>(&mut smem, acc),
+        ReduceKind::Sum => block_sum::<F>(&mut smem, acc),
+        ReduceKind::Mean => block_sum::<F>(&mut smem, acc) / F::cast_from(axis_len),
+    };
+    if UNIT_POS == 0 {
+        output[row] = r;
+    }
+}
+
+/// Reduces a dense `(outer, axis_len, inner)` `f32` tensor along its middle
+/// axis into `output` `(outer, 1, inner)`.
+pub fn launch_reduce<R: Runtime>(
+    client: &ComputeClient<R>,
+    kind: ReduceKind,
+    input: &Handle,
+    output: &Handle,
+    outer: usize,
+    axis_len: usize,
+    inner: usize,
+) {
+    let rows = outer * inner;
+    if rows == 0 {
+        return;
+    }
+    unsafe {
+        reduce_kernel::launch_unchecked::<f32, R>(
+            client,
+            grid_1d(rows, 1),
+            CubeDim::new_1d(ROW_BLOCK),
+            ArrayArg::from_raw_parts(input.clone(), outer * axis_len * inner),
+            ArrayArg::from_raw_parts(output.clone(), rows),
+            axis_len,
+            inner,
+            rows,
+            f32::NEG_INFINITY,
+            kind,
+        );
+    }
+}
+
+#[cube(launch_unchecked)]
+fn softmax_kernel<F: Float + CubeElement>(
+    input: &Array<F>,
+    output: &mut Array<F>,
+    axis_len: usize,
+    inner: usize,
+    rows: usize,
+    neg_inf: F,
+) {
+    let row = linear_cube();
+    if row >= rows {
+        terminate!();
+    }
+    let (o, i) = (row / inner, row % inner);
+    let base = o * axis_len * inner + i;
+    let mut smem = SharedMemory::<F>::new(ROW_BLOCK as usize);
+    let step = CUBE_DIM as usize;
+    let mut m = neg_inf;
+    let mut a = UNIT_POS as usize;
+    while a < axis_len {
+        m = max_nan::<F>(m, input[base + a * inner]);
+        a += step;
+    }
+    let m = block_max::<F>(&mut smem, m);
+    let mut s = F::new(0.0);
+    a = UNIT_POS as usize;
+    while a < axis_len {
+        s += (input[base + a * inner] - m).exp();
+        a += step;
+    }
+    let s = block_sum::<F>(&mut smem, s);
+    a = UNIT_POS as usize;
+    while a < axis_len {
+        let idx = base + a * inner;
+        output[idx] = (input[idx] - m).exp() / s;
+        a += step;
+    }
+}
+
+/// Softmax of a dense `(outer, axis_len, inner)` `f32` tensor along its
+/// middle axis.
+pub fn launch_softmax<R: Runtime>(
+    client: &ComputeClient<R>,
+    input: &Handle,
+    output: &Handle,
+    outer: usize,
+    axis_len: usize,
+    inner: usize,
+) {
+    let rows = outer * inner;
+    if rows == 0 || axis_len == 0 {
+        return;
+    }
+    let n = outer * axis_len * inner;
+    unsafe {
+        softmax_kernel::launch_unchecked::<f32, R>(
+            client,
+            grid_1d(rows, 1),
+            CubeDim::new_1d(ROW_BLOCK),
+            ArrayArg::from_raw_parts(input.clone(), n),
+            ArrayArg::from_raw_parts(output.clone(), n),
+            axis_len,
+            inner,
+            rows,
+            f32::NEG_INFINITY,
+        );
+    }
+}

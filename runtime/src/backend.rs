@@ -1,0 +1,159 @@
+//! Where a graph runs: the CPU reference interpreter, wgpu or CUDA, chosen
+//! by `--device cpu|wgpu|cuda|auto`. `Backend::run` is the one-shot form
+//! (it uploads the parameters on every call); loops that run one graph many
+//! times should build a `gpu::GpuExecutor` once instead.
+
+use crate::gpu::GpuError;
+use caramba_ir::reference::{eval, Bindings, EvalError, Tensor};
+use caramba_ir::Graph;
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// A place to run graphs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The reference interpreter.
+    Cpu,
+    /// CubeCL on wgpu (Vulkan, Metal, DX12; lavapipe in CI).
+    Wgpu,
+    /// CubeCL on CUDA.
+    Cuda,
+}
+
+/// Why a backend could not run a graph.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Cpu(#[from] EvalError),
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error("the {0} backend is not compiled into this build (enable the `{0}` feature)")]
+    NotCompiled(&'static str),
+    #[error("no {0} device found")]
+    NoDevice(&'static str),
+    #[error("unknown device {0:?}: expected cpu, wgpu, cuda or auto")]
+    Unknown(String),
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Wgpu => "wgpu",
+            Backend::Cuda => "cuda",
+        }
+    }
+
+    /// Parses `--device`: `cpu`, `wgpu`, `cuda` or `auto`.
+    pub fn parse(s: &str) -> Result<Backend, BackendError> {
+        match s {
+            "cpu" => Ok(Backend::Cpu),
+            "wgpu" => Ok(Backend::Wgpu),
+            "cuda" => Ok(Backend::Cuda),
+            "auto" => Ok(Backend::auto()),
+            _ => Err(BackendError::Unknown(s.to_string())),
+        }
+    }
+
+    /// CUDA if compiled in and a device opens; else wgpu on a real GPU (a
+    /// CPU adapter such as lavapipe is slower than the reference); else the
+    /// CPU.
+    pub fn auto() -> Backend {
+        if Backend::Cuda.available() {
+            Backend::Cuda
+        } else if wgpu_has_gpu() {
+            Backend::Wgpu
+        } else {
+            Backend::Cpu
+        }
+    }
+
+    /// Whether this backend is compiled in and has a device (any wgpu
+    /// adapter counts, CPU ones included).
+    pub fn available(self) -> bool {
+        match self {
+            Backend::Cpu => true,
+            Backend::Wgpu => wgpu_any(),
+            Backend::Cuda => cuda_any(),
+        }
+    }
+
+    /// Evaluates the graph's outputs.
+    pub fn run(
+        self,
+        graph: &Graph,
+        bindings: &Bindings,
+    ) -> Result<BTreeMap<String, Tensor>, BackendError> {
+        match self {
+            Backend::Cpu => Ok(eval(graph, bindings)?),
+            Backend::Wgpu => run_wgpu(graph, bindings),
+            Backend::Cuda => run_cuda(graph, bindings),
+        }
+    }
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu_any() -> bool {
+    caramba_kernels::wgpu_available()
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_any() -> bool {
+    false
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu_has_gpu() -> bool {
+    caramba_kernels::wgpu_adapters().iter().any(|(_, cpu)| !cpu)
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_has_gpu() -> bool {
+    false
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_any() -> bool {
+    caramba_kernels::cuda_available()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_any() -> bool {
+    false
+}
+
+#[cfg(feature = "wgpu")]
+fn run_wgpu(graph: &Graph, bindings: &Bindings) -> Result<BTreeMap<String, Tensor>, BackendError> {
+    use crate::gpu::{GpuExecutor, WgpuDevice, WgpuRuntime};
+    if !wgpu_any() {
+        return Err(BackendError::NoDevice("wgpu"));
+    }
+    let exec = GpuExecutor::<WgpuRuntime>::new(&WgpuDevice::DefaultDevice, graph, bindings.params)?;
+    Ok(exec.run_bindings(bindings)?)
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn run_wgpu(_: &Graph, _: &Bindings) -> Result<BTreeMap<String, Tensor>, BackendError> {
+    Err(BackendError::NotCompiled("wgpu"))
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda(graph: &Graph, bindings: &Bindings) -> Result<BTreeMap<String, Tensor>, BackendError> {
+    use crate::gpu::{CudaDevice, CudaRuntime, GpuExecutor};
+    if !cuda_any() {
+        return Err(BackendError::NoDevice("cuda"));
+    }
+    let exec = GpuExecutor::<CudaRuntime>::new(&CudaDevice { index: 0 }, graph, bindings.params)?;
+    Ok(exec.run_bindings(bindings)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(_: &Graph, _: &Bindings) -> Result<BTreeMap<String, Tensor>, BackendError> {
+    Err(BackendError::NotCompiled("cuda"))
+}

@@ -1,0 +1,393 @@
+//! The GPU executor: runs an `ir::Graph` on a CubeCL device (wgpu or CUDA),
+//! node by node in the graph's topological order, one kernel launch per op
+//! (see `ops.rs` for the op → kernel table). Parameters are uploaded once
+//! when the executor is built; inputs are uploaded per call; every value is
+//! released after its last use (use counts, as the reference interpreter
+//! does); outputs are read back as reference `Tensor`s so the two backends
+//! compare directly.
+//!
+//! Storage: float tensors (`f32`, and `f16`/`bf16` held widened to `f32`,
+//! as in the reference) are `f32` buffers; `i32` tensors are `i32` buffers.
+//! `f64`, `u32` and `bool` are not supported on the device: building an
+//! executor for a graph that uses them is an error, found before any launch.
+
+mod ops;
+
+use caramba_ir::reference::{
+    round_bf16, round_f16, Bindings, ParamSource, Storage, SymValues, Tensor,
+};
+use caramba_ir::{DType, Dim, Graph, Node, NodeId, Shape};
+use caramba_kernels::cubecl::prelude::*;
+use caramba_kernels::cubecl::server::Handle;
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+#[cfg(feature = "cuda")]
+pub use caramba_kernels::cubecl::cuda::{CudaDevice, CudaRuntime};
+#[cfg(feature = "wgpu")]
+pub use caramba_kernels::cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+
+/// Why a GPU run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("input {name:?} is not bound")]
+    MissingInput { name: String },
+    #[error("parameter {name:?} is not bound")]
+    MissingParam { name: String },
+    #[error("{what} {name:?}: expected {expected}, found {found}")]
+    Mismatch {
+        what: &'static str,
+        name: String,
+        expected: String,
+        found: String,
+    },
+    #[error("symbol {sym} is not bound and no input or parameter determines it (needed at {at})")]
+    UnboundSymbol { sym: caramba_ir::Sym, at: String },
+    /// An op or dtype the GPU backend does not implement.
+    #[error("{at}: not supported on the GPU backend: {message}")]
+    Unsupported { at: String, message: String },
+    /// An op could not be applied to its operands.
+    #[error("{at}: {message}")]
+    Op { at: String, message: String },
+    /// The device failed (launch, read-back, no device).
+    #[error("device error: {0}")]
+    Device(String),
+}
+
+/// Choices that trade exactness for speed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GpuOptions {
+    /// Let matmuls use tensor cores (CMMA), which on NVIDIA cards computes
+    /// `f32` products in TF32 (about 3 decimal digits). Off: exact `f32`.
+    pub fast_matmul: bool,
+}
+
+/// A device buffer with its logical dtype and shape. The buffer is dense
+/// row-major in `shape`, or, when `transposed`, in `shape` with its last
+/// two axes swapped (an unmaterialized permute that only matmuls read).
+#[derive(Clone, Debug)]
+pub(crate) struct DevTensor {
+    pub handle: Handle,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub transposed: bool,
+}
+
+impl DevTensor {
+    pub fn dense(handle: Handle, shape: Vec<usize>, dtype: DType) -> DevTensor {
+        DevTensor {
+            handle,
+            shape,
+            dtype,
+            transposed: false,
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Where a node sits, for messages: `matmul @ model.layers.0.mlp`.
+pub(crate) fn at(node: &Node) -> String {
+    if node.scope.is_empty() {
+        node.op.mnemonic().to_string()
+    } else {
+        format!("{} @ {}", node.op.mnemonic(), node.scope)
+    }
+}
+
+/// Runs one graph on one device. Build once (parameters are uploaded
+/// then), call [`GpuExecutor::run`] many times.
+pub struct GpuExecutor<R: Runtime> {
+    client: ComputeClient<R>,
+    graph: Graph,
+    /// Live nodes (those the outputs depend on) in topological order.
+    order: Vec<NodeId>,
+    operands: HashMap<NodeId, Vec<NodeId>>,
+    /// Reads of each value per run: one per operand edge, one per output.
+    uses: HashMap<NodeId, usize>,
+    params: HashMap<NodeId, DevTensor>,
+    /// Permutes of the last two axes that feed only matmuls: not copied.
+    lazy_transposes: HashSet<NodeId>,
+    options: GpuOptions,
+}
+
+impl<R: Runtime> GpuExecutor<R> {
+    /// Checks that every live op is supported and uploads the parameters.
+    pub fn new(
+        device: &R::Device,
+        graph: &Graph,
+        params: &dyn ParamSource,
+    ) -> Result<Self, GpuError> {
+        Self::with_options(device, graph, params, GpuOptions::default())
+    }
+
+    pub fn with_options(
+        device: &R::Device,
+        graph: &Graph,
+        params: &dyn ParamSource,
+        options: GpuOptions,
+    ) -> Result<Self, GpuError> {
+        let order = live_order(graph)?;
+        let mut operands = HashMap::new();
+        let mut uses: HashMap<NodeId, usize> = HashMap::new();
+        for &id in &order {
+            let os = graph.operands(id);
+            for &o in &os {
+                *uses.entry(o).or_default() += 1;
+            }
+            operands.insert(id, os);
+            ops::check_supported(graph, id)?;
+        }
+        for (_, id) in graph.outputs() {
+            *uses.entry(*id).or_default() += 1;
+        }
+        let outputs: HashSet<NodeId> = graph.outputs().iter().map(|(_, id)| *id).collect();
+        let lazy_transposes = order
+            .iter()
+            .copied()
+            .filter(|&id| match &graph.node(id).op {
+                caramba_ir::Op::Permute(perm) => {
+                    let users = graph.users(id);
+                    ops::swaps_last_two(perm)
+                        && !outputs.contains(&id)
+                        && !users.is_empty()
+                        && users
+                            .iter()
+                            .all(|&u| matches!(graph.node(u).op, caramba_ir::Op::MatMul))
+                }
+                _ => false,
+            })
+            .collect();
+        // CubeCL panics when the device cannot be opened; report it instead.
+        let client = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| R::client(device)))
+            .map_err(|_| GpuError::Device(format!("cannot open device {device:?}")))?;
+        let mut uploaded = HashMap::new();
+        for &id in &order {
+            let node = graph.node(id);
+            if let caramba_ir::Op::Param { name } = &node.op {
+                let t = params
+                    .get(name)
+                    .ok_or_else(|| GpuError::MissingParam { name: name.clone() })?;
+                let mut syms = SymValues::default();
+                check_binding("parameter", name, node, t, &mut syms)?;
+                uploaded.insert(id, upload(&client, t, node.ty.dtype, node)?);
+            }
+        }
+        Ok(GpuExecutor {
+            client,
+            graph: graph.clone(),
+            order,
+            operands,
+            uses,
+            params: uploaded,
+            lazy_transposes,
+            options,
+        })
+    }
+
+    /// The compute client, for callers that launch their own kernels.
+    pub fn client(&self) -> &ComputeClient<R> {
+        &self.client
+    }
+
+    /// Runs the graph with the reference interpreter's bindings (their
+    /// parameters are ignored: the executor's were uploaded at build time).
+    pub fn run_bindings(&self, b: &Bindings) -> Result<BTreeMap<String, Tensor>, GpuError> {
+        self.run(&b.inputs, b.syms)
+    }
+
+    /// Evaluates the graph's outputs for one call's inputs. Unset symbols
+    /// are inferred from the first input whose declared shape uses them.
+    pub fn run(
+        &self,
+        inputs: &BTreeMap<String, Tensor>,
+        syms: SymValues,
+    ) -> Result<BTreeMap<String, Tensor>, GpuError> {
+        let mut syms = syms;
+        let mut uses = self.uses.clone();
+        let mut values: HashMap<NodeId, DevTensor> = HashMap::new();
+        for &id in &self.order {
+            let node = self.graph.node(id);
+            let operands = &self.operands[&id];
+            let value = match &node.op {
+                caramba_ir::Op::Input { name } => {
+                    let t = inputs
+                        .get(name)
+                        .ok_or_else(|| GpuError::MissingInput { name: name.clone() })?;
+                    check_binding("input", name, node, t, &mut syms)?;
+                    upload(&self.client, t, node.ty.dtype, node)?
+                }
+                caramba_ir::Op::Param { .. } => self.params[&id].clone(),
+                caramba_ir::Op::Permute(perm) if self.lazy_transposes.contains(&id) => {
+                    // Read through strides by the matmuls it feeds.
+                    let x = &values[&operands[0]];
+                    let mut shape = x.shape.clone();
+                    let r = shape.len();
+                    debug_assert!(ops::swaps_last_two(perm));
+                    shape.swap(r - 2, r - 1);
+                    DevTensor {
+                        transposed: !x.transposed,
+                        shape,
+                        ..x.clone()
+                    }
+                }
+                _ => {
+                    let shape = concrete(&node.ty.shape, &syms, node)?;
+                    let args: Vec<&DevTensor> = operands.iter().map(|o| &values[o]).collect();
+                    let ctx = ops::Ctx {
+                        client: &self.client,
+                        node,
+                        fast_matmul: self.options.fast_matmul,
+                    };
+                    ctx.apply(&args, shape)?
+                }
+            };
+            values.insert(id, value);
+            for o in operands {
+                let left = uses.get_mut(o).expect("operand counted");
+                *left -= 1;
+                if *left == 0 {
+                    values.remove(o);
+                }
+            }
+        }
+        self.client
+            .flush()
+            .map_err(|e| GpuError::Device(format!("{e:?}")))?;
+        let mut result = BTreeMap::new();
+        for (name, id) in self.graph.outputs() {
+            let v = &values[id];
+            result.insert(name.clone(), download(&self.client, v)?);
+        }
+        Ok(result)
+    }
+}
+
+/// Uploads a bound tensor as its node's device storage.
+fn upload<R: Runtime>(
+    client: &ComputeClient<R>,
+    t: &Tensor,
+    dtype: DType,
+    node: &Node,
+) -> Result<DevTensor, GpuError> {
+    let handle = match t.storage() {
+        Storage::F32(v) => client.create_from_slice(f32::as_bytes(v)),
+        Storage::I32(v) => client.create_from_slice(i32::as_bytes(v)),
+        Storage::F64(_) => {
+            return Err(GpuError::Unsupported {
+                at: at(node),
+                message: "f64 tensors".into(),
+            })
+        }
+    };
+    Ok(DevTensor::dense(handle, t.shape().to_vec(), dtype))
+}
+
+/// Reads a device tensor back.
+fn download<R: Runtime>(client: &ComputeClient<R>, v: &DevTensor) -> Result<Tensor, GpuError> {
+    let n = v.numel();
+    if n == 0 {
+        return Ok(Tensor::full(v.dtype, v.shape.clone(), 0.0));
+    }
+    let bytes = client
+        .read_one(v.handle.clone())
+        .map_err(|e| GpuError::Device(format!("{e:?}")))?;
+    let data = match v.dtype {
+        DType::I32 => Storage::I32(i32::from_bytes(&bytes)[..n].to_vec()),
+        _ => Storage::F32(f32::from_bytes(&bytes)[..n].to_vec()),
+    };
+    Ok(Tensor::new(v.dtype, v.shape.clone(), data))
+}
+
+/// A scalar constant as it is stored for `dtype` (narrow floats rounded).
+pub(crate) fn constant_f32(value: f64, dtype: DType) -> f32 {
+    match dtype {
+        DType::F16 => round_f16(value as f32),
+        DType::BF16 => round_bf16(value as f32),
+        _ => value as f32,
+    }
+}
+
+/// Nodes the outputs depend on, in the graph's topological order.
+fn live_order(graph: &Graph) -> Result<Vec<NodeId>, GpuError> {
+    let mut live = HashSet::new();
+    let mut stack = Vec::new();
+    for (name, id) in graph.outputs() {
+        if !graph.petgraph().contains_node(*id) {
+            return Err(GpuError::Op {
+                at: "output".into(),
+                message: format!("graph output {name:?} refers to a node that is not in the graph"),
+            });
+        }
+        stack.push(*id);
+    }
+    while let Some(n) = stack.pop() {
+        if live.insert(n) {
+            stack.extend(graph.operands(n));
+        }
+    }
+    Ok(graph
+        .topo_order()
+        .into_iter()
+        .filter(|n| live.contains(n))
+        .collect())
+}
+
+/// The concrete shape of a declared shape.
+fn concrete(shape: &Shape, syms: &SymValues, node: &Node) -> Result<Vec<usize>, GpuError> {
+    shape
+        .dims()
+        .iter()
+        .map(|d| match *d {
+            Dim::Const(n) => Ok(n),
+            Dim::Sym(s) => syms.get(s).ok_or_else(|| GpuError::UnboundSymbol {
+                sym: s,
+                at: at(node),
+            }),
+        })
+        .collect()
+}
+
+/// Checks a bound value against its node's declared type, binding unset
+/// symbols from its shape (the reference interpreter's rule: `f16`/`bf16`
+/// declarations accept `f32` values).
+fn check_binding(
+    what: &'static str,
+    name: &str,
+    node: &Node,
+    t: &Tensor,
+    syms: &mut SymValues,
+) -> Result<(), GpuError> {
+    let declared = node.ty.dtype;
+    let dtype_ok = t.dtype() == declared
+        || (matches!(declared, DType::F16 | DType::BF16) && t.dtype() == DType::F32);
+    let mut bound = *syms;
+    let shape_ok = t.rank() == node.ty.shape.rank()
+        && node
+            .ty
+            .shape
+            .dims()
+            .iter()
+            .zip(t.shape())
+            .all(|(d, &n)| match *d {
+                Dim::Const(c) => c == n,
+                Dim::Sym(s) => match bound.get(s) {
+                    Some(v) => v == n,
+                    None => {
+                        bound.set(s, n);
+                        true
+                    }
+                },
+            });
+    if dtype_ok && shape_ok {
+        *syms = bound;
+        return Ok(());
+    }
+    Err(GpuError::Mismatch {
+        what,
+        name: name.to_string(),
+        expected: node.ty.to_string(),
+        found: t.to_string(),
+    })
+}

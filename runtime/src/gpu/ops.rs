@@ -1,0 +1,497 @@
+//! The op → kernel table of the GPU executor: `check_supported` says up
+//! front which ops and dtypes run on the device, and `Ctx::apply` launches
+//! the kernel for one node. Layout ops become strided copies (reshape and
+//! dropout-in-evaluation only relabel a buffer); broadcasting operands are
+//! passed as stride-0 views, never materialized. A permute of the last two
+//! axes that feeds only matmuls (a linear layer's `Wᵀ`, attention's `Kᵀ`)
+//! is not copied either: cubek reads the operand through its strides. A
+//! matmul whose right operand has no batch (a linear layer) folds the left
+//! operand's batch axes into rows: one GEMM.
+
+use super::{at, constant_f32, DevTensor, GpuError};
+use caramba_ir::{BinaryOp, DType, ElemInstr, Graph, Node, NodeId, Op, ReduceOp, UnaryOp};
+use caramba_kernels::cast::Narrow;
+use caramba_kernels::copy::CopyElem;
+use caramba_kernels::cubecl::prelude::*;
+use caramba_kernels::elementwise::{Binary, Instr, Unary};
+use caramba_kernels::reduce::ReduceKind;
+use caramba_kernels::{
+    attention, cast, copy, elementwise, gather, matmul, norm, reduce, rope, View,
+};
+
+/// Rejects ops and dtypes the device cannot run, before anything launches.
+pub(crate) fn check_supported(graph: &Graph, id: NodeId) -> Result<(), GpuError> {
+    let node = graph.node(id);
+    let unsupported = |message: String| {
+        Err(GpuError::Unsupported {
+            at: at(node),
+            message,
+        })
+    };
+    let dtypes = std::iter::once(node.ty.dtype).chain(
+        graph
+            .operands(id)
+            .into_iter()
+            .map(|o| graph.node(o).ty.dtype),
+    );
+    for dt in dtypes {
+        if matches!(dt, DType::F64 | DType::U32 | DType::Bool) {
+            return unsupported(format!("{dt} tensors (device storage is f32 and i32)"));
+        }
+    }
+    let float_out = node.ty.dtype.is_float();
+    let i32_operand = |i: usize| graph.node(graph.operands(id)[i]).ty.dtype == DType::I32;
+    match &node.op {
+        Op::Gather if !i32_operand(1) => unsupported("gather indices must be i32".into()),
+        Op::OneHot { .. } | Op::ScatterAdd { .. } if !i32_operand(0) => {
+            unsupported(format!("{} indices must be i32", node.op.mnemonic()))
+        }
+        Op::Binary(_) | Op::Reduce { .. } if !float_out => unsupported(format!(
+            "{} on {} operands (float only)",
+            node.op.mnemonic(),
+            node.ty.dtype
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// What one launch needs to know.
+pub(crate) struct Ctx<'a, R: Runtime> {
+    pub client: &'a ComputeClient<R>,
+    pub node: &'a Node,
+    pub fast_matmul: bool,
+}
+
+fn unary(u: UnaryOp) -> Unary {
+    match u {
+        UnaryOp::Neg => Unary::Neg,
+        UnaryOp::Exp => Unary::Exp,
+        UnaryOp::Log => Unary::Log,
+        UnaryOp::Sqrt => Unary::Sqrt,
+        UnaryOp::Rsqrt => Unary::Rsqrt,
+        UnaryOp::Recip => Unary::Recip,
+        UnaryOp::Abs => Unary::Abs,
+        UnaryOp::Sigmoid => Unary::Sigmoid,
+        UnaryOp::Silu => Unary::Silu,
+        UnaryOp::Tanh => Unary::Tanh,
+    }
+}
+
+fn binary(b: BinaryOp) -> Binary {
+    match b {
+        BinaryOp::Add => Binary::Add,
+        BinaryOp::Sub => Binary::Sub,
+        BinaryOp::Mul => Binary::Mul,
+        BinaryOp::Div => Binary::Div,
+        BinaryOp::Max => Binary::Max,
+    }
+}
+
+fn copy_elem(dtype: DType) -> CopyElem {
+    if dtype == DType::I32 {
+        CopyElem::I32
+    } else {
+        CopyElem::F32
+    }
+}
+
+/// Whether `perm` swaps the last two axes and keeps the others.
+pub(crate) fn swaps_last_two(perm: &[usize]) -> bool {
+    let r = perm.len();
+    r >= 2
+        && perm[r - 2] == r - 1
+        && perm[r - 1] == r - 2
+        && perm[..r - 2].iter().enumerate().all(|(i, &p)| i == p)
+}
+
+/// `(outer, axis, inner)` sizes of `shape` around `axis`.
+fn split(shape: &[usize], axis: usize) -> (usize, usize, usize) {
+    (
+        shape[..axis].iter().product(),
+        shape[axis],
+        shape[axis + 1..].iter().product(),
+    )
+}
+
+impl<R: Runtime> Ctx<'_, R> {
+    fn err(&self, message: String) -> GpuError {
+        GpuError::Op {
+            at: at(self.node),
+            message,
+        }
+    }
+
+    /// A fresh dense buffer for this node's value.
+    fn alloc(&self, shape: Vec<usize>) -> DevTensor {
+        let n: usize = shape.iter().product();
+        DevTensor::dense(self.client.empty(n.max(1) * 4), shape, self.node.ty.dtype)
+    }
+
+    /// The tensor as a strided view of its buffer.
+    fn view(t: &DevTensor) -> View {
+        if !t.transposed {
+            return View::contiguous(t.handle.clone(), &t.shape);
+        }
+        let r = t.shape.len();
+        let mut physical = t.shape.clone();
+        physical.swap(r - 2, r - 1);
+        let mut strides = caramba_kernels::contiguous_strides(&physical);
+        strides.swap(r - 2, r - 1);
+        View {
+            handle: t.handle.clone(),
+            shape: t.shape.clone(),
+            strides,
+            offset: 0,
+        }
+    }
+
+    /// Launches the node's kernel on its operands; `shape` is the node's
+    /// concrete output shape.
+    pub fn apply(&self, xs: &[&DevTensor], shape: Vec<usize>) -> Result<DevTensor, GpuError> {
+        let c = self.client;
+        match &self.node.op {
+            Op::Input { .. } | Op::Param { .. } => {
+                Err(self.err("inputs and parameters are bound, not applied".into()))
+            }
+            Op::Constant(v) => {
+                let out = self.alloc(shape);
+                if self.node.ty.dtype == DType::I32 {
+                    elementwise::launch_fill_i32(c, &out.handle, 1, v.0 as i32);
+                } else {
+                    elementwise::launch_fill_f32(
+                        c,
+                        &out.handle,
+                        1,
+                        constant_f32(v.0, self.node.ty.dtype),
+                    );
+                }
+                Ok(out)
+            }
+            Op::Unary(u) => self.program(&[Instr::Input(0), Instr::Unary(unary(*u), 0)], xs, shape),
+            Op::Binary(b) => self.program(
+                &[
+                    Instr::Input(0),
+                    Instr::Input(1),
+                    Instr::Binary(binary(*b), 0, 1),
+                ],
+                xs,
+                shape,
+            ),
+            Op::Elementwise(p) => {
+                let dt = self.node.ty.dtype;
+                let prog: Vec<Instr> =
+                    p.0.iter()
+                        .map(|i| match *i {
+                            ElemInstr::Input(k) => Instr::Input(k as usize),
+                            ElemInstr::Const(v) => Instr::Const(constant_f32(v.0, dt).to_bits()),
+                            ElemInstr::Unary(u, a) => Instr::Unary(unary(u), a as usize),
+                            ElemInstr::Binary(b, x, y) => {
+                                Instr::Binary(binary(b), x as usize, y as usize)
+                            }
+                        })
+                        .collect();
+                self.program(&prog, xs, shape)
+            }
+            Op::Cast(to) => {
+                let x = xs[0];
+                let (from_f, to_f) = (x.dtype.is_float(), to.is_float());
+                let narrow = match to {
+                    DType::F16 => Some(Narrow::F16),
+                    DType::BF16 => Some(Narrow::Bf16),
+                    _ => None,
+                };
+                let n = x.numel();
+                let mut out = if from_f == to_f && narrow.is_none() {
+                    // Same storage: relabel.
+                    DevTensor::dense(x.handle.clone(), shape.clone(), *to)
+                } else {
+                    let out = self.alloc(shape.clone());
+                    cast::launch_convert(c, from_f, to_f, &x.handle, &out.handle, n);
+                    out
+                };
+                if let Some(narrow) = narrow {
+                    let rounded = self.alloc(shape);
+                    let src = if from_f { &x.handle } else { &out.handle };
+                    cast::launch_round(c, narrow, src, &rounded.handle, n);
+                    out = rounded;
+                }
+                Ok(out)
+            }
+            Op::Dropout { .. } | Op::Reshape(_) => {
+                let x = xs[0];
+                if x.numel() != shape.iter().product::<usize>() {
+                    return Err(self.err(format!("cannot reshape {:?} to {shape:?}", x.shape)));
+                }
+                Ok(DevTensor::dense(
+                    x.handle.clone(),
+                    shape,
+                    self.node.ty.dtype,
+                ))
+            }
+            Op::Reduce { op, axis } => {
+                let x = xs[0];
+                let (outer, len, inner) = split(&x.shape, *axis);
+                let kind = match op {
+                    ReduceOp::Sum => ReduceKind::Sum,
+                    ReduceOp::Mean => ReduceKind::Mean,
+                    ReduceOp::Max => ReduceKind::Max,
+                };
+                let out = self.alloc(shape);
+                reduce::launch_reduce(c, kind, &x.handle, &out.handle, outer, len, inner);
+                Ok(out)
+            }
+            Op::Softmax { axis } => {
+                let x = xs[0];
+                let (outer, len, inner) = split(&x.shape, *axis);
+                let out = self.alloc(shape);
+                reduce::launch_softmax(c, &x.handle, &out.handle, outer, len, inner);
+                Ok(out)
+            }
+            Op::Permute(perm) => {
+                let x = xs[0];
+                let src = Self::view(x);
+                let input = View {
+                    handle: x.handle.clone(),
+                    shape: shape.clone(),
+                    strides: perm.iter().map(|&p| src.strides[p]).collect(),
+                    offset: 0,
+                };
+                let out = self.alloc(shape);
+                copy::launch_copy(c, copy_elem(x.dtype), &input, &Self::view(&out));
+                Ok(out)
+            }
+            Op::Slice { axis, start, .. } => {
+                let x = xs[0];
+                let src = Self::view(x);
+                let input = View {
+                    handle: x.handle.clone(),
+                    shape: shape.clone(),
+                    offset: start * src.strides[*axis],
+                    strides: src.strides,
+                };
+                let out = self.alloc(shape);
+                copy::launch_copy(c, copy_elem(x.dtype), &input, &Self::view(&out));
+                Ok(out)
+            }
+            Op::Concat { axis } => {
+                let out = self.alloc(shape);
+                let dst = Self::view(&out);
+                let mut at_axis = 0;
+                for x in xs {
+                    let part = View {
+                        handle: out.handle.clone(),
+                        shape: x.shape.clone(),
+                        strides: dst.strides.clone(),
+                        offset: at_axis * dst.strides[*axis],
+                    };
+                    copy::launch_copy(c, copy_elem(x.dtype), &Self::view(x), &part);
+                    at_axis += x.shape[*axis];
+                }
+                Ok(out)
+            }
+            Op::Gather => {
+                let (table, ids) = (xs[0], xs[1]);
+                if ids.dtype != DType::I32 {
+                    return Err(GpuError::Unsupported {
+                        at: at(self.node),
+                        message: format!("gather indices of {} (i32 only)", ids.dtype),
+                    });
+                }
+                let rows = table.shape[0];
+                let row_len: usize = table.shape[1..].iter().product();
+                let out = self.alloc(shape);
+                gather::launch_gather(
+                    c,
+                    &table.handle,
+                    &ids.handle,
+                    &out.handle,
+                    rows,
+                    row_len,
+                    ids.numel(),
+                );
+                Ok(out)
+            }
+            Op::CausalMask => {
+                let x = xs[0];
+                let r = x.shape.len();
+                let out = self.alloc(shape);
+                gather::launch_causal_mask(
+                    c,
+                    &x.handle,
+                    &out.handle,
+                    x.shape[r - 2],
+                    x.shape[r - 1],
+                    x.numel(),
+                );
+                Ok(out)
+            }
+            Op::Rope(spec) => {
+                let (x, pos) = (xs[0], xs[1]);
+                let r = x.shape.len();
+                let (t, h, d) = (x.shape[r - 3], x.shape[r - 2], x.shape[r - 1]);
+                let inv: Vec<f32> = spec.inv_freq(d).into_iter().map(|f| f as f32).collect();
+                let inv = c.create_from_slice(f32::as_bytes(&inv));
+                let out = self.alloc(shape);
+                rope::launch_rope(
+                    c,
+                    &x.handle,
+                    &pos.handle,
+                    &inv,
+                    &out.handle,
+                    t,
+                    h,
+                    d,
+                    x.numel(),
+                );
+                Ok(out)
+            }
+            Op::CrossEntropy => {
+                let (logits, targets) = (xs[0], xs[1]);
+                let v = *logits.shape.last().expect("typed rank ≥ 1");
+                let out = self.alloc(shape);
+                norm::launch_cross_entropy(
+                    c,
+                    &logits.handle,
+                    &targets.handle,
+                    &out.handle,
+                    targets.numel(),
+                    v,
+                );
+                Ok(out)
+            }
+            Op::RmsNorm { eps } => {
+                let (x, w) = (xs[0], xs[1]);
+                let d = *x.shape.last().expect("typed rank ≥ 1");
+                let out = self.alloc(shape);
+                norm::launch_rms_norm(
+                    c,
+                    &x.handle,
+                    &w.handle,
+                    &out.handle,
+                    x.numel() / d.max(1),
+                    d,
+                    eps.0 as f32,
+                );
+                Ok(out)
+            }
+            Op::Broadcast(_) => {
+                let x = xs[0];
+                let out = self.alloc(shape);
+                let src = Self::view(x).broadcast_to(&out.shape);
+                copy::launch_copy(c, copy_elem(x.dtype), &src, &Self::view(&out));
+                Ok(out)
+            }
+            Op::ScatterAdd { size } => {
+                let (ids, src) = (xs[0], xs[1]);
+                let row_len: usize = shape[1..].iter().product();
+                let out = self.alloc(shape);
+                gather::launch_scatter_add(
+                    c,
+                    &ids.handle,
+                    &src.handle,
+                    &out.handle,
+                    ids.numel(),
+                    row_len,
+                    *size,
+                );
+                Ok(out)
+            }
+            Op::OneHot { depth, .. } => {
+                let ids = xs[0];
+                let out = self.alloc(shape);
+                gather::launch_one_hot(c, &ids.handle, &out.handle, ids.numel(), *depth);
+                Ok(out)
+            }
+            Op::MatMul => self.matmul(xs[0], xs[1], shape),
+            Op::Attention { causal, scale } => {
+                let r = shape.len();
+                let batch = &shape[..r - 2];
+                let bview = |t: &DevTensor| {
+                    let k = t.shape.len();
+                    let mut target = batch.to_vec();
+                    target.extend_from_slice(&t.shape[k - 2..]);
+                    Self::view(t).broadcast_to(&target)
+                };
+                let (q, k, v) = (bview(xs[0]), bview(xs[1]), bview(xs[2]));
+                let out = self.alloc(shape);
+                attention::launch_attention(
+                    c,
+                    &q,
+                    &k,
+                    &v,
+                    &Self::view(&out),
+                    *causal,
+                    scale.0 as f32,
+                );
+                Ok(out)
+            }
+        }
+    }
+
+    /// Runs an elementwise program over operands broadcast to `shape`.
+    fn program(
+        &self,
+        prog: &[Instr],
+        xs: &[&DevTensor],
+        shape: Vec<usize>,
+    ) -> Result<DevTensor, GpuError> {
+        let out = self.alloc(shape);
+        let inputs: Vec<View> = xs
+            .iter()
+            .map(|x| Self::view(x).broadcast_to(&out.shape))
+            .collect();
+        elementwise::launch_elementwise(self.client, prog, &inputs, &Self::view(&out))
+            .map_err(|e| self.err(e.to_string()))?;
+        Ok(out)
+    }
+
+    /// `a @ b` with broadcast batch axes, through cubek.
+    fn matmul(
+        &self,
+        a: &DevTensor,
+        b: &DevTensor,
+        shape: Vec<usize>,
+    ) -> Result<DevTensor, GpuError> {
+        let r = shape.len();
+        let out = self.alloc(shape);
+        let (m, n) = (out.shape[r - 2], out.shape[r - 1]);
+        let k = a.shape[a.shape.len() - 1];
+        let rows: usize = out.shape[..r - 1].iter().product();
+        let (va, vb) = (Self::view(a), Self::view(b));
+        let b_batch: usize = b.shape[..b.shape.len() - 2].iter().product();
+        if b_batch == 1 && !a.transposed && rows > m {
+            // A shared right operand (a linear layer's weight): fold the
+            // left operand's batch axes into its rows, one plain GEMM.
+            let lhs = View::contiguous(a.handle.clone(), &[rows, k]);
+            let rb = vb.shape.len();
+            let rhs = View {
+                shape: vec![k, n],
+                strides: vb.strides[rb - 2..].to_vec(),
+                ..vb
+            };
+            let dst = View::contiguous(out.handle.clone(), &[rows, n]);
+            matmul::launch_matmul(self.client, &lhs, &rhs, &dst, self.fast_matmul)
+                .map_err(|e| self.err(e.to_string()))?;
+            return Ok(out);
+        }
+        // cubek broadcasts a size-1 batch axis itself (stride 0); operands
+        // only need the output's rank.
+        let pad = |v: View| -> View {
+            let extra = r - v.shape.len();
+            let numel = v.numel().max(1);
+            let mut shape = vec![1; extra];
+            shape.extend_from_slice(&v.shape);
+            let mut strides = vec![numel; extra];
+            strides.extend_from_slice(&v.strides);
+            View {
+                shape,
+                strides,
+                ..v
+            }
+        };
+        let (va, vb) = (pad(va), pad(vb));
+        matmul::launch_matmul(self.client, &va, &vb, &Self::view(&out), self.fast_matmul)
+            .map_err(|e| self.err(e.to_string()))?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,616 @@
+//! One conformance suite for every GPU backend: each op family on random
+//! inputs, and whole models, run on the device and compared against the
+//! reference interpreter (`caramba_ir::reference::eval`) on the same graph.
+//!
+//! `gpu_suite!` stamps the suite out per backend: wgpu always (lavapipe in
+//! CI), CUDA behind the `cuda` feature. Without a device the tests print a
+//! loud SKIPPED line, and fail when `CARAMBA_REQUIRE_GPU` is set.
+
+use caramba_ir::reference::{eval, Bindings, Tensor};
+use caramba_ir::{
+    shape, BinaryOp, DType, ElemInstr, ElemProgram, Graph, NodeId, Op, ReduceOp, RopeScaling,
+    RopeSpec, Scalar, Shape, Sym, TensorType, UnaryOp,
+};
+use caramba_kernels::cubecl::Runtime;
+use caramba_runtime::gpu::{GpuError, GpuExecutor, GpuOptions};
+use std::collections::BTreeMap;
+
+/// A small deterministic generator (xorshift), values in [-1, 1).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn tensor(&mut self, shape: &[usize]) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::f32(shape.to_vec(), (0..n).map(|_| self.next()).collect())
+    }
+    fn ids(&mut self, shape: &[usize], below: usize) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::i32(
+            shape.to_vec(),
+            (0..n)
+                .map(|_| ((self.next() + 1.0) * 0.5 * below as f32) as i32 % below as i32)
+                .collect(),
+        )
+    }
+}
+
+fn f32t(dims: &[usize]) -> TensorType {
+    TensorType::new(DType::F32, Shape::new(dims.iter().map(|&d| d.into())))
+}
+
+/// Runs `graph` on the device and on the reference; asserts every output
+/// agrees within `tol` (absolute, scaled by max(1, |reference|)).
+fn check<R: Runtime>(dev: &R::Device, graph: &Graph, b: &Bindings, tol: f32) {
+    let want = eval(graph, b).expect("reference evaluation");
+    let exec = GpuExecutor::<R>::new(dev, graph, b.params).expect("executor");
+    let got = exec.run_bindings(b).expect("gpu run");
+    assert_close(&want, &got, tol, &graph.name);
+}
+
+fn assert_close(
+    want: &BTreeMap<String, Tensor>,
+    got: &BTreeMap<String, Tensor>,
+    tol: f32,
+    what: &str,
+) {
+    assert_eq!(
+        want.keys().collect::<Vec<_>>(),
+        got.keys().collect::<Vec<_>>()
+    );
+    for (name, w) in want {
+        let g = &got[name];
+        assert_eq!(w.shape(), g.shape(), "{what}/{name}: shape");
+        assert_eq!(w.dtype(), g.dtype(), "{what}/{name}: dtype");
+        let (wv, gv) = (w.to_f64_vec(), g.to_f64_vec());
+        let mut worst = (0.0f64, 0usize);
+        // A NaN error (NaN on one side only) counts as the worst.
+        for (i, (a, b)) in wv.iter().zip(&gv).enumerate() {
+            let same_special = (a.is_nan() && b.is_nan()) || (a.is_infinite() && a == b);
+            if same_special {
+                continue;
+            }
+            let err = (a - b).abs() / a.abs().max(1.0);
+            if err > worst.0 || err.is_nan() {
+                worst = (err, i);
+            }
+        }
+        assert!(
+            worst.0 <= tol as f64,
+            "{what}/{name}: max error {} at {} (reference {}, device {})",
+            worst.0,
+            worst.1,
+            wv[worst.1],
+            gv[worst.1]
+        );
+    }
+}
+
+/// A graph of one op over fresh inputs `x0, x1, …` of the given types.
+fn one_op(name: &str, op: Op, inputs: &[TensorType]) -> Graph {
+    let mut g = Graph::new(name);
+    let ids: Vec<NodeId> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| g.input(&format!("x{i}"), t.clone()).unwrap())
+        .collect();
+    let y = g.add(op, &ids, "").unwrap();
+    g.set_output("y", y);
+    g
+}
+
+fn bind<'a>(vals: Vec<Tensor>) -> Bindings<'a> {
+    let mut b = Bindings::default();
+    for (i, v) in vals.into_iter().enumerate() {
+        b = b.input(&format!("x{i}"), v);
+    }
+    b
+}
+
+const TOL: f32 = 1e-4;
+
+pub fn unary<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(1);
+    for u in [
+        UnaryOp::Neg,
+        UnaryOp::Exp,
+        UnaryOp::Log,
+        UnaryOp::Sqrt,
+        UnaryOp::Rsqrt,
+        UnaryOp::Recip,
+        UnaryOp::Abs,
+        UnaryOp::Sigmoid,
+        UnaryOp::Silu,
+        UnaryOp::Tanh,
+    ] {
+        let g = one_op(&format!("{u:?}"), Op::Unary(u), &[f32t(&[3, 70])]);
+        let mut x = rng.tensor(&[3, 70]);
+        if matches!(
+            u,
+            UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Rsqrt | UnaryOp::Recip
+        ) {
+            let v: Vec<f32> = x.as_f32().unwrap().iter().map(|v| v.abs() + 0.1).collect();
+            x = Tensor::f32(vec![3, 70], v);
+        }
+        check::<R>(dev, &g, &bind(vec![x]), TOL);
+    }
+}
+
+pub fn binary_broadcast<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(2);
+    let cases: [(&[usize], &[usize]); 4] = [
+        (&[4, 5], &[4, 5]),
+        (&[2, 3, 4], &[4]),
+        (&[2, 1, 4], &[3, 1]),
+        (&[5], &[]),
+    ];
+    for b in [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Max,
+    ] {
+        for (sa, sb) in cases {
+            let g = one_op(&format!("{b:?}"), Op::Binary(b), &[f32t(sa), f32t(sb)]);
+            check::<R>(dev, &g, &bind(vec![rng.tensor(sa), rng.tensor(sb)]), TOL);
+        }
+    }
+}
+
+pub fn constant_and_cast<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(3);
+    let mut g = Graph::new("cast");
+    let x = g.input("x0", f32t(&[4, 33])).unwrap();
+    let c = g.constant(3.3, DType::F32, "");
+    let y = g.add(Op::Binary(BinaryOp::Mul), &[x, c], "").unwrap();
+    let i = g.add(Op::Cast(DType::I32), &[y], "").unwrap();
+    let f = g.add(Op::Cast(DType::F32), &[i], "").unwrap();
+    let h = g.add(Op::Cast(DType::F16), &[y], "").unwrap();
+    let bf = g.add(Op::Cast(DType::BF16), &[y], "").unwrap();
+    let tiny = g.constant(1e-6, DType::F32, "");
+    let small = g.add(Op::Binary(BinaryOp::Mul), &[x, tiny], "").unwrap();
+    let hs = g.add(Op::Cast(DType::F16), &[small], "").unwrap();
+    let ci = g.constant(7.0, DType::I32, "");
+    g.set_output("i", i);
+    g.set_output("f", f);
+    g.set_output("h", h);
+    g.set_output("bf", bf);
+    g.set_output("hs", hs);
+    g.set_output("ci", ci);
+    check::<R>(dev, &g, &bind(vec![rng.tensor(&[4, 33])]), 0.0);
+}
+
+pub fn reduce<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(4);
+    for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max] {
+        for axis in 0..3 {
+            let g = one_op("reduce", Op::Reduce { op, axis }, &[f32t(&[3, 300, 5])]);
+            check::<R>(dev, &g, &bind(vec![rng.tensor(&[3, 300, 5])]), TOL);
+        }
+    }
+}
+
+pub fn softmax<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(5);
+    for axis in [2, 1] {
+        let g = one_op("softmax", Op::Softmax { axis }, &[f32t(&[2, 7, 300])]);
+        check::<R>(dev, &g, &bind(vec![rng.tensor(&[2, 7, 300])]), TOL);
+    }
+}
+
+pub fn matmul<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(6);
+    let cases: [(&[usize], &[usize]); 7] = [
+        (&[5, 7], &[7, 3]),
+        (&[33, 64], &[64, 17]),
+        (&[2, 3, 8, 16], &[2, 3, 16, 9]),
+        // GQA: keys shared by two query heads, and a rank-2 weight.
+        (&[2, 2, 2, 6, 8], &[2, 2, 1, 8, 6]),
+        (&[3, 4, 16], &[16, 10]),
+        (&[1, 5, 8], &[3, 8, 4]),
+        (&[5, 8], &[2, 3, 8, 4]),
+    ];
+    for (sa, sb) in cases {
+        let g = one_op("matmul", Op::MatMul, &[f32t(sa), f32t(sb)]);
+        check::<R>(dev, &g, &bind(vec![rng.tensor(sa), rng.tensor(sb)]), TOL);
+    }
+    // A transposed operand: matmul(a, permute_last2(b)).
+    let mut g = Graph::new("matmul_t");
+    let a = g.input("x0", f32t(&[2, 5, 8])).unwrap();
+    let b = g.input("x1", f32t(&[2, 6, 8])).unwrap();
+    let bt = g.add(Op::Permute(vec![0, 2, 1]), &[b], "").unwrap();
+    let y = g.add(Op::MatMul, &[a, bt], "").unwrap();
+    g.set_output("y", y);
+    // A transposed left operand, and a transpose also read by a non-matmul.
+    let at = g.add(Op::Permute(vec![0, 2, 1]), &[a], "").unwrap();
+    let z = g.add(Op::MatMul, &[at, a], "").unwrap();
+    let e = g.add(Op::Unary(UnaryOp::Exp), &[at], "").unwrap();
+    g.set_output("z", z);
+    g.set_output("e", e);
+    // A linear layer: batched input, transposed weight.
+    let x = g.input("x2", f32t(&[2, 3, 8])).unwrap();
+    let w = g.input("x3", f32t(&[4, 8])).unwrap();
+    let wt = g.add(Op::Permute(vec![1, 0]), &[w], "").unwrap();
+    let l = g.add(Op::MatMul, &[x, wt], "").unwrap();
+    g.set_output("linear", l);
+    let b = bind(vec![
+        rng.tensor(&[2, 5, 8]),
+        rng.tensor(&[2, 6, 8]),
+        rng.tensor(&[2, 3, 8]),
+        rng.tensor(&[4, 8]),
+    ]);
+    check::<R>(dev, &g, &b, TOL);
+}
+
+/// Tensor-core matmuls where the device has them (TF32 for f32 on NVIDIA:
+/// looser tolerance); elsewhere the exact routine runs.
+pub fn matmul_fast<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(16);
+    let g = one_op(
+        "matmul_fast",
+        Op::MatMul,
+        &[f32t(&[2, 64, 96]), f32t(&[96, 80])],
+    );
+    let b = bind(vec![rng.tensor(&[2, 64, 96]), rng.tensor(&[96, 80])]);
+    let want = eval(&g, &b).unwrap();
+    let options = GpuOptions { fast_matmul: true };
+    let exec = GpuExecutor::<R>::with_options(dev, &g, b.params, options).unwrap();
+    let got = exec.run_bindings(&b).unwrap();
+    assert_close(&want, &got, 2e-2, "matmul_fast");
+}
+
+pub fn layout<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(7);
+    let mut g = Graph::new("layout");
+    let x = g.input("x0", f32t(&[2, 3, 4, 5])).unwrap();
+    let p = g.add(Op::Permute(vec![2, 0, 3, 1]), &[x], "").unwrap();
+    let s = g
+        .add(
+            Op::Slice {
+                axis: 2,
+                start: 1,
+                end: 4,
+            },
+            &[x],
+            "",
+        )
+        .unwrap();
+    let r = g.add(Op::Reshape(shape![6, 20]), &[x], "").unwrap();
+    let c = g.add(Op::Concat { axis: 2 }, &[x, s, x], "").unwrap();
+    let bx = g.input("x1", f32t(&[3, 1])).unwrap();
+    let b = g.add(Op::Broadcast(shape![2, 3, 4]), &[bx], "").unwrap();
+    let d = g.add(Op::Dropout { p: Scalar(0.1) }, &[x], "").unwrap();
+    for (n, id) in [("p", p), ("s", s), ("r", r), ("c", c), ("b", b), ("d", d)] {
+        g.set_output(n, id);
+    }
+    check::<R>(
+        dev,
+        &g,
+        &bind(vec![rng.tensor(&[2, 3, 4, 5]), rng.tensor(&[3, 1])]),
+        0.0,
+    );
+}
+
+pub fn gather_scatter_one_hot<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(8);
+    let mut g = Graph::new("gather");
+    let table = g.input("x0", f32t(&[11, 6])).unwrap();
+    let ids = g
+        .input("x1", TensorType::new(DType::I32, shape![2, 5]))
+        .unwrap();
+    let y = g.add(Op::Gather, &[table, ids], "").unwrap();
+    let src = g.input("x2", f32t(&[2, 5, 6])).unwrap();
+    let sc = g.add(Op::ScatterAdd { size: 11 }, &[ids, src], "").unwrap();
+    let oh = g
+        .add(
+            Op::OneHot {
+                depth: 11,
+                dtype: DType::F32,
+            },
+            &[ids],
+            "",
+        )
+        .unwrap();
+    g.set_output("y", y);
+    g.set_output("scatter", sc);
+    g.set_output("one_hot", oh);
+    let b = bind(vec![
+        rng.tensor(&[11, 6]),
+        rng.ids(&[2, 5], 11),
+        rng.tensor(&[2, 5, 6]),
+    ]);
+    check::<R>(dev, &g, &b, TOL);
+}
+
+pub fn causal_mask<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(9);
+    for (t, s) in [(5, 5), (3, 7)] {
+        let g = one_op("mask", Op::CausalMask, &[f32t(&[2, t, s])]);
+        check::<R>(dev, &g, &bind(vec![rng.tensor(&[2, t, s])]), 0.0);
+    }
+}
+
+pub fn rope<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(10);
+    let specs = [
+        RopeSpec {
+            theta: Scalar(10000.0),
+            scaling: None,
+        },
+        RopeSpec {
+            theta: Scalar(500000.0),
+            scaling: Some(RopeScaling::Llama3 {
+                factor: Scalar(32.0),
+                low_freq_factor: Scalar(1.0),
+                high_freq_factor: Scalar(4.0),
+                original_max_position: 8192,
+            }),
+        },
+    ];
+    for spec in specs {
+        let mut g = Graph::new("rope");
+        let x = g.input("x0", f32t(&[2, 6, 3, 16])).unwrap();
+        let pos = g
+            .input("x1", TensorType::new(DType::I32, shape![6]))
+            .unwrap();
+        let y = g.add(Op::Rope(spec), &[x, pos], "").unwrap();
+        g.set_output("y", y);
+        let p = Tensor::i32(vec![6], vec![0, 1, 2, 3, 40, 127]);
+        check::<R>(dev, &g, &bind(vec![rng.tensor(&[2, 6, 3, 16]), p]), 1e-4);
+    }
+}
+
+pub fn cross_entropy<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(11);
+    let mut g = Graph::new("xent");
+    let l = g.input("x0", f32t(&[3, 4, 300])).unwrap();
+    let t = g
+        .input("x1", TensorType::new(DType::I32, shape![3, 4]))
+        .unwrap();
+    let y = g.add(Op::CrossEntropy, &[l, t], "").unwrap();
+    g.set_output("y", y);
+    let mut logits = rng.tensor(&[3, 4, 300]);
+    logits = Tensor::f32(
+        vec![3, 4, 300],
+        logits.as_f32().unwrap().iter().map(|v| v * 10.0).collect(),
+    );
+    check::<R>(dev, &g, &bind(vec![logits, rng.ids(&[3, 4], 300)]), TOL);
+}
+
+pub fn rms_norm<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(12);
+    for d in [8, 300] {
+        let g = one_op(
+            "rms",
+            Op::RmsNorm { eps: Scalar(1e-5) },
+            &[f32t(&[2, 3, d]), f32t(&[d])],
+        );
+        check::<R>(
+            dev,
+            &g,
+            &bind(vec![rng.tensor(&[2, 3, d]), rng.tensor(&[d])]),
+            TOL,
+        );
+    }
+}
+
+pub fn attention<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(13);
+    // (q, k, v) shapes: plain, GQA broadcast over the group axis, decode
+    // (T < S), d ≠ dv, and more keys than one tile.
+    let cases: [(&[usize], &[usize], &[usize]); 4] = [
+        (&[2, 3, 7, 8], &[2, 3, 7, 8], &[2, 3, 7, 8]),
+        (&[1, 2, 2, 5, 16], &[1, 2, 1, 5, 16], &[1, 2, 1, 5, 16]),
+        (&[2, 3, 12], &[2, 20, 12], &[2, 20, 6]),
+        (&[1, 70, 8], &[1, 150, 8], &[1, 150, 130]),
+    ];
+    for causal in [false, true] {
+        for (sq, sk, sv) in cases {
+            let op = Op::Attention {
+                causal,
+                scale: Scalar(1.0 / (sq[sq.len() - 1] as f64).sqrt()),
+            };
+            let g = one_op("attention", op, &[f32t(sq), f32t(sk), f32t(sv)]);
+            let b = bind(vec![rng.tensor(sq), rng.tensor(sk), rng.tensor(sv)]);
+            check::<R>(dev, &g, &b, TOL);
+        }
+    }
+}
+
+pub fn elementwise_program<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(14);
+    // silu(x0) * x1 + 0.5 * max(x2, 0), with broadcasting.
+    let p = ElemProgram(vec![
+        ElemInstr::Input(0),
+        ElemInstr::Unary(UnaryOp::Silu, 0),
+        ElemInstr::Input(1),
+        ElemInstr::Binary(BinaryOp::Mul, 1, 2),
+        ElemInstr::Input(2),
+        ElemInstr::Const(Scalar(0.0)),
+        ElemInstr::Binary(BinaryOp::Max, 4, 5),
+        ElemInstr::Const(Scalar(0.5)),
+        ElemInstr::Binary(BinaryOp::Mul, 6, 7),
+        ElemInstr::Binary(BinaryOp::Add, 3, 8),
+    ]);
+    let g = one_op(
+        "elementwise",
+        Op::Elementwise(p),
+        &[f32t(&[2, 3, 10]), f32t(&[10]), f32t(&[2, 1, 1])],
+    );
+    let b = bind(vec![
+        rng.tensor(&[2, 3, 10]),
+        rng.tensor(&[10]),
+        rng.tensor(&[2, 1, 1]),
+    ]);
+    check::<R>(dev, &g, &b, TOL);
+}
+
+pub fn symbolic_shapes<R: Runtime>(dev: &R::Device) {
+    // One executor, two calls with different B and T.
+    let mut rng = Rng(15);
+    let mut g = Graph::new("syms");
+    let x = g
+        .input("x0", TensorType::new(DType::F32, shape![Sym::B, Sym::T, 8]))
+        .unwrap();
+    let y = g.add(Op::Softmax { axis: 2 }, &[x], "").unwrap();
+    g.set_output("y", y);
+    let exec = GpuExecutor::<R>::new(dev, &g, &caramba_ir::reference::NoParams).unwrap();
+    for (b, t) in [(1, 3), (2, 5)] {
+        let bindings = bind(vec![rng.tensor(&[b, t, 8])]);
+        let want = eval(&g, &bindings).unwrap();
+        let got = exec.run_bindings(&bindings).unwrap();
+        assert_close(&want, &got, TOL, "syms");
+    }
+}
+
+pub fn unsupported_is_an_error<R: Runtime>(dev: &R::Device) {
+    let g = one_op(
+        "f64",
+        Op::Unary(UnaryOp::Exp),
+        &[TensorType::new(DType::F64, shape![3])],
+    );
+    match GpuExecutor::<R>::new(dev, &g, &caramba_ir::reference::NoParams) {
+        Err(GpuError::Unsupported { message, .. }) => assert!(message.contains("f64"), "{message}"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("an f64 graph was accepted"),
+    }
+    let g = one_op("missing", Op::Unary(UnaryOp::Exp), &[f32t(&[3])]);
+    let exec = GpuExecutor::<R>::new(dev, &g, &caramba_ir::reference::NoParams).unwrap();
+    let err = exec.run_bindings(&Bindings::default()).unwrap_err();
+    assert!(matches!(err, GpuError::MissingInput { .. }), "{err}");
+}
+
+/// Random parameters for every parameter of `g` (scaled like an init).
+fn random_params(g: &Graph, seed: u64) -> BTreeMap<String, Tensor> {
+    let mut rng = Rng(seed);
+    g.params()
+        .map(|(name, id)| {
+            let shape: Vec<usize> = g
+                .node(id)
+                .ty
+                .shape
+                .dims()
+                .iter()
+                .map(|d| d.as_const().unwrap())
+                .collect();
+            let t = rng.tensor(&shape);
+            let scale = if name.contains("norm") { 0.0 } else { 0.5 };
+            let v = t
+                .as_f32()
+                .unwrap()
+                .iter()
+                .map(|v| 1.0f32.min(scale + v * 0.5))
+                .collect();
+            (name.to_string(), Tensor::f32(shape, v))
+        })
+        .collect()
+}
+
+fn run_model<R: Runtime>(dev: &R::Device, g: &Graph, vocab: usize, t: usize) {
+    let params = random_params(g, 99);
+    let mut rng = Rng(17);
+    let b = Bindings::new(&params)
+        .sym(Sym::B, 2)
+        .sym(Sym::T, t)
+        .input("input_ids", rng.ids(&[2, t], vocab))
+        .input("positions", Tensor::i32(vec![t], (0..t as i32).collect()));
+    check::<R>(dev, g, &b, 1e-3);
+}
+
+fn tiny_llama_dims() -> caramba_compiler::hf::LlamaDims {
+    caramba_compiler::hf::LlamaDims {
+        vocab_size: 96,
+        hidden_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 8,
+        intermediate_size: 64,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: false,
+    }
+}
+
+pub fn tiny_llama<R: Runtime>(dev: &R::Device) {
+    let spec = caramba_compiler::hf::llama_model(&tiny_llama_dims());
+    let lowered = caramba_compiler::lower_model(&spec, "tiny_llama", DType::F32).unwrap();
+    run_model::<R>(dev, &lowered.graph, 96, 9);
+}
+
+/// The same model declared in bf16: values are stored widened to f32 and
+/// rounded where the graph casts, on both backends.
+pub fn tiny_llama_bf16<R: Runtime>(dev: &R::Device) {
+    let spec = caramba_compiler::hf::llama_model(&tiny_llama_dims());
+    let lowered = caramba_compiler::lower_model(&spec, "tiny_llama_bf16", DType::BF16).unwrap();
+    run_model::<R>(dev, &lowered.graph, 96, 9);
+}
+
+pub fn dba_preset<R: Runtime>(dev: &R::Device) {
+    let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../presets/dba.yml"))
+        .unwrap();
+    let compiled = caramba_compiler::compile(&src).unwrap_or_else(|d| panic!("{d:?}"));
+    run_model::<R>(dev, &compiled.student.graph, 512, 7);
+}
+
+/// Stamps the suite out for one backend: `$available` says whether a
+/// device exists, `$device` builds it.
+macro_rules! gpu_suite {
+    ($name:ident, $runtime:ty, $device:expr, $available:expr; $($test:ident),* $(,)?) => {
+        mod $name {
+            fn device() -> Option<<$runtime as caramba_kernels::cubecl::Runtime>::Device> {
+                if $available {
+                    return Some($device);
+                }
+                if std::env::var_os("CARAMBA_REQUIRE_GPU").is_some() {
+                    panic!(concat!("CARAMBA_REQUIRE_GPU is set but no ", stringify!($name), " device exists"));
+                }
+                eprintln!(concat!(
+                    "\n*** SKIPPED: no ", stringify!($name),
+                    " device; the GPU suite did not run (set CARAMBA_REQUIRE_GPU to make this fail) ***\n"
+                ));
+                None
+            }
+            $(
+                #[test]
+                fn $test() {
+                    if let Some(dev) = device() {
+                        super::$test::<$runtime>(&dev);
+                    }
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! all_tests {
+    ($name:ident, $runtime:ty, $device:expr, $available:expr) => {
+        gpu_suite!($name, $runtime, $device, $available;
+            unary, binary_broadcast, constant_and_cast, reduce, softmax, matmul, matmul_fast, layout,
+            gather_scatter_one_hot, causal_mask, rope, cross_entropy, rms_norm, attention,
+            elementwise_program, symbolic_shapes, unsupported_is_an_error, tiny_llama, tiny_llama_bf16,
+            dba_preset);
+    };
+}
+
+all_tests!(
+    wgpu,
+    caramba_runtime::gpu::WgpuRuntime,
+    caramba_runtime::gpu::WgpuDevice::DefaultDevice,
+    caramba_kernels::wgpu_available()
+);
+
+#[cfg(feature = "cuda")]
+all_tests!(
+    cuda,
+    caramba_runtime::gpu::CudaRuntime,
+    caramba_runtime::gpu::CudaDevice { index: 0 },
+    caramba_kernels::cuda_available()
+);
