@@ -88,16 +88,16 @@ uint16 when the vocabulary fits, else uint32. The output is written atomically."
     Prepare(PrepareArgs),
 }
 
-/// Where models run. Only the CPU reference backend exists in this version.
+/// Where models run.
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum DeviceArg {
-    /// The best available device (the CPU in this version)
+    /// CUDA if compiled in and present, else a real wgpu GPU, else the CPU
     Auto,
     /// The CPU reference backend
     Cpu,
-    /// NVIDIA GPUs through CubeCL (not in this version)
+    /// NVIDIA GPUs through CubeCL (binaries built with `--features cuda`)
     Cuda,
-    /// Vulkan/Metal/DX12 through CubeCL (not in this version)
+    /// Vulkan/Metal/DX12 through CubeCL (Mesa lavapipe on CPU-only machines)
     Wgpu,
 }
 

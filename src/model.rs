@@ -5,8 +5,9 @@
 use crate::commands::Failure;
 use caramba_compiler::hf::{llama_model, LlamaDims};
 use caramba_compiler::manifest::{RopeScalingCfg, RopeScalingKind};
-use caramba_ir::reference::{eval, Bindings, Tensor};
+use caramba_ir::reference::{Bindings, Tensor};
 use caramba_ir::{DType, Graph, Sym};
+use caramba_runtime::backend::{Backend, Executor};
 use caramba_runtime::checkpoint::{Checkpoint, CheckpointFormat, HfConfig, RopeScaling};
 use caramba_runtime::tokenizer::{GgufTokenizerOptions, Tokenizer};
 use std::collections::BTreeMap;
@@ -16,6 +17,9 @@ pub struct Model {
     pub graph: Graph,
     pub params: BTreeMap<String, Tensor>,
     pub config: HfConfig,
+    /// Where the forward pass runs. GPU backends run the optimized (fused)
+    /// graph; the CPU reference runs the lowered graph as it is.
+    exec: Executor,
 }
 
 /// The dimensions of a Hugging Face Llama config, for the compiler.
@@ -59,6 +63,11 @@ impl Model {
     /// Opens a checkpoint (Hugging Face directory, `.safetensors`, `.gguf`),
     /// lowers its architecture and loads every parameter the graph reads.
     pub fn load(ckpt: &Checkpoint) -> Result<Model, Failure> {
+        Model::load_on(ckpt, Backend::Cpu)
+    }
+
+    /// [`Model::load`] on a chosen backend.
+    pub fn load_on(ckpt: &Checkpoint, backend: Backend) -> Result<Model, Failure> {
         let config = ckpt.config.clone();
         let spec = llama_model(&dims(&config));
         let lowered =
@@ -99,11 +108,28 @@ impl Model {
                 .map_err(|e| Failure::runtime(e.to_string()))?;
             params.insert(name.clone(), Tensor::f32(shape, data));
         }
+        let exec = match backend {
+            Backend::Cpu => Executor::new(backend, &graph, &params),
+            _ => {
+                let (fused, _) = caramba_compiler::optimize(&graph).map_err(|e| {
+                    Failure::runtime(format!(
+                        "internal error: optimizing the model failed: {e:?}"
+                    ))
+                })?;
+                Executor::new(backend, &fused, &params)
+            }
+        }
+        .map_err(|e| Failure::runtime(format!("cannot prepare the model on {backend}: {e}")))?;
         Ok(Model {
             graph,
             params,
             config,
+            exec,
         })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.exec.backend()
     }
 
     /// Logits [T, vocab] for one sequence, positions 0..T.
@@ -116,7 +142,9 @@ impl Model {
             .sym(Sym::T, t)
             .input("input_ids", input)
             .input("positions", pos);
-        let mut out = eval(&self.graph, &b)
+        let mut out = self
+            .exec
+            .run(&b)
             .map_err(|e| Failure::runtime(format!("forward pass failed: {e}")))?;
         let logits = out
             .remove("logits")

@@ -157,3 +157,72 @@ fn run_cuda(graph: &Graph, bindings: &Bindings) -> Result<BTreeMap<String, Tenso
 fn run_cuda(_: &Graph, _: &Bindings) -> Result<BTreeMap<String, Tensor>, BackendError> {
     Err(BackendError::NotCompiled("cuda"))
 }
+
+/// A graph prepared once on a backend and run many times: on a GPU its
+/// parameters are uploaded when it is built; on the CPU it evaluates with
+/// the parameters of each call's bindings.
+pub enum Executor {
+    Cpu(Graph),
+    #[cfg(feature = "wgpu")]
+    Wgpu(crate::gpu::GpuExecutor<crate::gpu::WgpuRuntime>),
+    #[cfg(feature = "cuda")]
+    Cuda(crate::gpu::GpuExecutor<crate::gpu::CudaRuntime>),
+}
+
+impl Executor {
+    pub fn new(
+        backend: Backend,
+        graph: &Graph,
+        params: &dyn caramba_ir::reference::ParamSource,
+    ) -> Result<Executor, BackendError> {
+        match backend {
+            Backend::Cpu => Ok(Executor::Cpu(graph.clone())),
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu => {
+                use crate::gpu::{GpuExecutor, WgpuDevice};
+                if !wgpu_any() {
+                    return Err(BackendError::NoDevice("wgpu"));
+                }
+                Ok(Executor::Wgpu(GpuExecutor::new(
+                    &WgpuDevice::DefaultDevice,
+                    graph,
+                    params,
+                )?))
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda => {
+                use crate::gpu::{CudaDevice, GpuExecutor};
+                if !cuda_any() {
+                    return Err(BackendError::NoDevice("cuda"));
+                }
+                Ok(Executor::Cuda(GpuExecutor::new(
+                    &CudaDevice { index: 0 },
+                    graph,
+                    params,
+                )?))
+            }
+            #[allow(unreachable_patterns)]
+            other => Err(BackendError::NotCompiled(other.name())),
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Executor::Cpu(_) => Backend::Cpu,
+            #[cfg(feature = "wgpu")]
+            Executor::Wgpu(_) => Backend::Wgpu,
+            #[cfg(feature = "cuda")]
+            Executor::Cuda(_) => Backend::Cuda,
+        }
+    }
+
+    pub fn run(&self, bindings: &Bindings) -> Result<BTreeMap<String, Tensor>, BackendError> {
+        match self {
+            Executor::Cpu(g) => Ok(eval(g, bindings)?),
+            #[cfg(feature = "wgpu")]
+            Executor::Wgpu(e) => Ok(e.run_bindings(bindings)?),
+            #[cfg(feature = "cuda")]
+            Executor::Cuda(e) => Ok(e.run_bindings(bindings)?),
+        }
+    }
+}

@@ -128,15 +128,25 @@ pub fn compile_file(path: &Path) -> Result<caramba_compiler::Compiled, Failure> 
     })
 }
 
-/// Only the CPU reference backend exists in this version.
-pub fn check_device(d: DeviceArg) -> CmdResult {
-    match d {
-        DeviceArg::Auto | DeviceArg::Cpu => Ok(()),
-        DeviceArg::Cuda | DeviceArg::Wgpu => Err(Failure::usage(format!(
-            "--device {} is not available in this version: the GPU backends arrive with the fusion compiler; use --device cpu",
-            if d == DeviceArg::Cuda { "cuda" } else { "wgpu" }
-        ))),
+/// The backend `--device` names: `auto` picks CUDA when compiled in and a
+/// device is present, else a real wgpu GPU, else the CPU reference.
+pub fn backend_for(d: DeviceArg) -> Result<caramba_runtime::backend::Backend, Failure> {
+    use caramba_runtime::backend::Backend;
+    let b = match d {
+        DeviceArg::Auto => Backend::auto(),
+        DeviceArg::Cpu => Backend::Cpu,
+        DeviceArg::Wgpu => Backend::Wgpu,
+        DeviceArg::Cuda => Backend::Cuda,
+    };
+    if b == Backend::Cuda && !cfg!(feature = "cuda") {
+        return Err(Failure::usage("--device cuda: this binary was built without CUDA; rebuild with `cargo build --release --features cuda`"));
     }
+    if !b.available() {
+        return Err(Failure::usage(format!(
+            "--device {b}: no {b} device was found on this machine"
+        )));
+    }
+    Ok(b)
 }
 
 /// `--group NAME` must name a group of the manifest.

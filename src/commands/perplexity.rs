@@ -1,12 +1,12 @@
 //! `caramba perplexity`: mean next-token NLL of a checkpoint on a corpus.
 
-use super::{check_device, CmdResult, Failure};
+use super::{backend_for, CmdResult, Failure};
 use crate::cli::PerplexityArgs;
 use crate::model::{open_checkpoint, tokenizer_for, Model};
 use caramba_runtime::data::NpyTokens;
 
 pub fn perplexity(a: &PerplexityArgs) -> CmdResult {
-    check_device(a.device)?;
+    let backend = backend_for(a.device)?;
     if a.block_size < 2 {
         return Err(Failure::usage("--block-size must be at least 2"));
     }
@@ -31,7 +31,7 @@ pub fn perplexity(a: &PerplexityArgs) -> CmdResult {
             tokens.len()
         )));
     }
-    let model = Model::load(&ckpt)?;
+    let model = Model::load_on(&ckpt, backend)?;
     let vocab = model.config.vocab_size;
     if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
         return Err(Failure::usage(format!(

@@ -5,14 +5,14 @@
 //! temperature 0, else a draw from softmax(logits / T) restricted by top-k
 //! and top-p.
 
-use super::{check_device, CmdResult, Failure};
+use super::{backend_for, CmdResult, Failure};
 use crate::cli::SampleArgs;
 use crate::model::{open_checkpoint, tokenizer_for, Model};
 use caramba_runtime::rng::SplitMix64;
 use std::io::Write;
 
 pub fn sample(a: &SampleArgs) -> CmdResult {
-    check_device(a.device)?;
+    let backend = backend_for(a.device)?;
     if a.temperature < 0.0 || !a.temperature.is_finite() {
         return Err(Failure::usage(format!(
             "--temperature must be a non-negative number, got {}",
@@ -31,7 +31,7 @@ pub fn sample(a: &SampleArgs) -> CmdResult {
     }
     let ckpt = open_checkpoint(&a.ckpt)?;
     let tok = tokenizer_for(&ckpt, a.tokenizer.as_deref())?;
-    let model = Model::load(&ckpt)?;
+    let model = Model::load_on(&ckpt, backend)?;
     let mut ids = tok.encode(&a.prompt, false);
     if a.bos {
         let bos = tok

@@ -1,0 +1,253 @@
+//! GPU benchmarks of caramba's kernels and a model forward pass, printed as
+//! JSON lines next to `scripts/bench_torch.py` (same shapes) so one command
+//! on the GPU machine gives both sides on the same card:
+//!
+//! ```text
+//! cargo build --release --features cuda --example gpu_bench
+//! target/release/examples/gpu_bench cuda; python3 scripts/bench_torch.py
+//! ```
+//!
+//! The executor reads its outputs back after each run, so a kernel's time is
+//! measured as the difference between a chain of N copies of it and a chain
+//! of none, both ending in a scalar reduction, divided by N.
+
+use caramba_compiler::hf::{llama_model, LlamaDims};
+use caramba_ir::autodiff::add_next_token_loss;
+use caramba_ir::reference::{Bindings, SymValues, Tensor};
+use caramba_ir::*;
+use caramba_runtime::backend::{Backend, Executor};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+fn f32ty(shape: &[usize]) -> TensorType {
+    TensorType::new(DType::F32, Shape::new(shape.iter().map(|&d| Dim::Const(d))))
+}
+
+fn rand(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}
+
+/// Sum of everything, as a scalar output.
+fn total(g: &mut Graph, mut x: NodeId) -> NodeId {
+    let r = g.node(x).ty.shape.rank();
+    for axis in 0..r {
+        x = g
+            .add(
+                Op::Reduce {
+                    op: ReduceOp::Sum,
+                    axis,
+                },
+                &[x],
+                "sum",
+            )
+            .unwrap();
+    }
+    x = g.add(Op::Reshape(Shape::scalar()), &[x], "sum").unwrap();
+    g.set_output("out", x);
+    x
+}
+
+fn time_graph(backend: Backend, g: &Graph, params: &BTreeMap<String, Tensor>, iters: usize) -> f64 {
+    let exec = Executor::new(backend, g, params).expect("executor");
+    let b = Bindings::new(params);
+    exec.run(&b).expect("warm-up");
+    let start = Instant::now();
+    for _ in 0..iters {
+        exec.run(&b).expect("run");
+    }
+    start.elapsed().as_secs_f64() * 1e3 / iters as f64
+}
+
+/// Milliseconds per application of `op` to `x` (shape kept), by chain difference.
+fn per_op(
+    backend: Backend,
+    name: &str,
+    shape: &[usize],
+    extra: &[(&str, Vec<usize>)],
+    n: usize,
+    apply: impl Fn(&mut Graph, NodeId, &[NodeId]) -> NodeId,
+) -> f64 {
+    let mut params = BTreeMap::new();
+    let numel: usize = shape.iter().product();
+    params.insert("x".to_string(), Tensor::f32(shape.to_vec(), rand(numel, 1)));
+    for (i, (p, s)) in extra.iter().enumerate() {
+        params.insert(
+            p.to_string(),
+            Tensor::f32(s.clone(), rand(s.iter().product(), 2 + i as u64)),
+        );
+    }
+    let build = |k: usize| {
+        let mut g = Graph::new(name);
+        let mut x = g.param("x", f32ty(shape), "x").unwrap();
+        let ex: Vec<NodeId> = extra
+            .iter()
+            .map(|(p, s)| g.param(p, f32ty(s), p).unwrap())
+            .collect();
+        for _ in 0..k {
+            x = apply(&mut g, x, &ex);
+        }
+        total(&mut g, x);
+        g
+    };
+    let t0 = time_graph(backend, &build(0), &params, 5);
+    let tn = time_graph(backend, &build(n), &params, 5);
+    (tn - t0) / n as f64
+}
+
+fn emit(name: &str, ms: f64, key: &str, value: f64) {
+    println!(
+        "{{\"name\": \"{name}\", \"impl\": \"caramba\", \"ms\": {ms:.4}, \"{key}\": {value:.2}}}"
+    );
+}
+
+fn main() {
+    let which = std::env::args().nth(1).unwrap_or_else(|| "auto".into());
+    let backend = Backend::parse(&which).expect("backend");
+    eprintln!("backend: {backend}");
+    // Device copy (a chain of identity casts is a read + write each).
+    let n = 16384 * 4096;
+    let ms = per_op(backend, "copy", &[n], &[], 10, |g, x, _| {
+        g.add(Op::Binary(BinaryOp::Mul), &[x, x], "mul").unwrap()
+    });
+    emit(
+        "mul_f32 (2 reads + 1 write)",
+        ms,
+        "gbps",
+        3.0 * 4.0 * n as f64 / ms / 1e6,
+    );
+    // RMSNorm 16384 × 4096.
+    let ms = per_op(
+        backend,
+        "rmsnorm",
+        &[16384, 4096],
+        &[("w", vec![4096])],
+        10,
+        |g, x, e| {
+            g.add(Op::RmsNorm { eps: Scalar(1e-5) }, &[x, e[0]], "rms")
+                .unwrap()
+        },
+    );
+    emit("rmsnorm_f32", ms, "gbps", 2.0 * 4.0 * n as f64 / ms / 1e6);
+    // Causal attention, B1 H32 T4096, head dim 64 and 128.
+    for hd in [64usize, 128] {
+        let s = vec![1, 32, 4096, hd];
+        let ms = per_op(
+            backend,
+            "attention",
+            &s,
+            &[("k", s.clone()), ("v", s.clone())],
+            3,
+            |g, q, e| {
+                g.add(
+                    Op::Attention {
+                        causal: true,
+                        scale: Scalar(1.0 / (hd as f64).sqrt()),
+                    },
+                    &[q, e[0], e[1]],
+                    "attn",
+                )
+                .unwrap()
+            },
+        );
+        let flops = 4.0 * 32.0 * 4096.0 * 4096.0 * hd as f64 / 2.0;
+        emit(
+            &format!("attention_causal_hd{hd}_f32_b1"),
+            ms,
+            "tflops",
+            flops / ms / 1e9,
+        );
+    }
+    // GEMM 4096³.
+    let ms = per_op(
+        backend,
+        "gemm",
+        &[4096, 4096],
+        &[("w", vec![4096, 4096])],
+        5,
+        |g, x, e| g.add(Op::MatMul, &[x, e[0]], "mm").unwrap(),
+    );
+    emit(
+        "gemm4096_f32",
+        ms,
+        "tflops",
+        2.0 * 4096f64.powi(3) / ms / 1e9,
+    );
+
+    // SmolLM2-135M-shaped forward + loss, random weights, batch 8 × 1024.
+    let dims = LlamaDims {
+        vocab_size: 49152,
+        hidden_size: 576,
+        num_hidden_layers: 30,
+        num_attention_heads: 9,
+        num_key_value_heads: 3,
+        head_dim: 64,
+        intermediate_size: 1536,
+        rope_theta: 100000.0,
+        rope_scaling: None,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: true,
+    };
+    let mut g = caramba_compiler::lower_model(&llama_model(&dims), "smollm2", DType::F32)
+        .unwrap()
+        .graph;
+    add_next_token_loss(&mut g, "logits").unwrap();
+    let (g, _) = caramba_compiler::optimize(&g).unwrap();
+    let params: BTreeMap<String, Tensor> = g
+        .params()
+        .map(|(name, id)| {
+            let shape: Vec<usize> = g
+                .node(id)
+                .ty
+                .shape
+                .dims()
+                .iter()
+                .map(|d| d.as_const().unwrap())
+                .collect();
+            let n = shape.iter().product();
+            (
+                name.to_string(),
+                Tensor::f32(shape, rand(n, 7).into_iter().map(|v| v * 0.04).collect()),
+            )
+        })
+        .collect();
+    let exec = Executor::new(backend, &g, &params).expect("executor");
+    let (b, t) = (8usize, 1024usize);
+    let ids: Vec<i32> = (0..b * t).map(|i| (i * 7919 % 49152) as i32).collect();
+    let mut inputs = BTreeMap::new();
+    inputs.insert(
+        "input_ids".to_string(),
+        Tensor::i32(vec![b, t], ids.clone()),
+    );
+    inputs.insert("targets".to_string(), Tensor::i32(vec![b, t], ids));
+    inputs.insert(
+        "positions".to_string(),
+        Tensor::i32(vec![t], (0..t as i32).collect()),
+    );
+    let mut bind = Bindings::new(&params);
+    bind.syms = SymValues::default();
+    for (k, v) in inputs {
+        bind = bind.input(&k, v);
+    }
+    let bind = bind.sym(Sym::B, b).sym(Sym::T, t);
+    exec.run(&bind).expect("warm-up");
+    let iters = 5;
+    let start = Instant::now();
+    for _ in 0..iters {
+        exec.run(&bind).expect("run");
+    }
+    let ms = start.elapsed().as_secs_f64() * 1e3 / iters as f64;
+    emit(
+        "smollm2_forward_loss_b8_t1024_f32",
+        ms,
+        "tokens_per_s",
+        (b * t) as f64 / ms * 1e3,
+    );
+}
