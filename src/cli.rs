@@ -31,7 +31,7 @@ pub enum Command {
         long_about = "Compile a manifest: parse the YAML, substitute vars, check every field, lower the model \
 to the typed IR and verify it. Errors name the manifest path, line and column, and exit with status 2.\n\n\
 With no flag, prints a one-line summary per model.",
-        after_help = "Examples:\n  caramba compile presets/dba.yml --emit ir\n  caramba compile presets/llama32_1b_dba.yml --print-plan --group quick\n  caramba compile presets/dba.yml --emit manifest"
+        after_help = "Examples:\n  caramba compile presets/dba.yml --emit ir\n  caramba compile presets/llama32_1b_dba.yml --print-plan --group quick\n  caramba compile presets/dba.yml --emit manifest\n  caramba compile presets/dba.yml --emit kernels --target wgsl"
     )]
     Compile(CompileArgs),
 
@@ -204,9 +204,12 @@ pub struct CompileArgs {
     /// Print an intermediate form
     #[arg(long, value_enum)]
     pub emit: Option<Emit>,
-    /// Which model to emit with `--emit ir`
+    /// Which model to emit with `--emit ir` or `--emit kernels`
     #[arg(long, value_enum, default_value_t = Which::Student)]
     pub model: Which,
+    /// The kernel language `--emit kernels` prints (default: wgsl)
+    #[arg(long, value_enum)]
+    pub target: Option<KernelTarget>,
     /// Which stage of the IR `--emit ir` prints: as lowered (primitives), or after the e-graph rewrites and fusion
     #[arg(long, value_enum, default_value_t = StageArg::Lowered)]
     pub stage: StageArg,
@@ -221,6 +224,16 @@ pub enum Emit {
     Ir,
     /// The manifest after variable substitution, as YAML
     Manifest,
+    /// The generated source of each distinct GPU kernel the optimized graph launches (see `--target`)
+    Kernels,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum KernelTarget {
+    /// WGSL, from cubecl-wgpu's compiler (any wgpu adapter, lavapipe included)
+    Wgsl,
+    /// CUDA C++, from cubecl-cpp's CUDA dialect (needs the `cuda` feature and a CUDA device)
+    Cuda,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -257,6 +270,9 @@ pub struct RunArgs {
     /// Stop each run after this global step (saving a checkpoint), to resume later
     #[arg(long, value_name = "STEP")]
     pub stop_after: Option<u64>,
+    /// Where forward and backward passes run (the optimizer runs on the host)
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
 }
 
 /// The original caramba's flags, used when no subcommand is given.

@@ -15,6 +15,7 @@ use caramba_compiler::manifest::{Manifest, OptimizerKind as MOpt, Phase, Run, Sc
 use caramba_ir::autodiff::{add_next_token_loss, differentiate, grad_name};
 use caramba_ir::reference::{eval, Bindings, Tensor};
 use caramba_ir::{DType, Graph, Sym};
+use caramba_runtime::backend::{Backend, Executor};
 use caramba_runtime::data::{NpyDataset, Split};
 use caramba_runtime::rng::SplitMix64;
 use caramba_runtime::train::{
@@ -37,6 +38,8 @@ pub struct TrainOptions {
     pub quiet: bool,
     /// Stop (with a checkpoint) after this global step, as if interrupted.
     pub stop_after: Option<u64>,
+    /// Where forward and backward run (the optimizer steps on the host).
+    pub backend: Backend,
 }
 
 /// What a finished run reports.
@@ -115,7 +118,7 @@ pub fn init_params(shapes: &[(String, Vec<usize>)], seed: u64) -> Params {
         .collect()
 }
 
-/// Loss and gradients of one batch (x, y: B × T token ids).
+/// Loss and gradients of one batch (x, y: B × T token ids) on the CPU reference.
 pub fn forward_backward(
     tg: &TrainGraph,
     params: &Params,
@@ -124,8 +127,28 @@ pub fn forward_backward(
     b: usize,
     t: usize,
 ) -> Result<(f64, Params), Failure> {
-    let out = eval(&tg.graph, &bind(params, x, y, b, t))
-        .map_err(|e| Failure::runtime(format!("training step failed: {e}")))?;
+    forward_backward_on(Backend::Cpu, tg, params, x, y, b, t)
+}
+
+/// [`forward_backward`] on a backend. On a GPU the current parameters are
+/// uploaded for the step (the optimizer runs on the host in this version).
+pub fn forward_backward_on(
+    backend: Backend,
+    tg: &TrainGraph,
+    params: &Params,
+    x: &[u32],
+    y: &[u32],
+    b: usize,
+    t: usize,
+) -> Result<(f64, Params), Failure> {
+    let bindings = bind(params, x, y, b, t);
+    let out = match backend {
+        Backend::Cpu => eval(&tg.graph, &bindings).map_err(|e| e.to_string()),
+        _ => Executor::new(backend, &tg.graph, params)
+            .and_then(|e| e.run(&bindings))
+            .map_err(|e| e.to_string()),
+    }
+    .map_err(|e| Failure::runtime(format!("training step failed on {backend}: {e}")))?;
     let loss = out["loss"].to_f64_vec()[0];
     let grads = tg
         .params
@@ -292,6 +315,7 @@ only `phase: standard` training runs",
             t.warmup_steps
         ),
     );
+    console.key_value("device", opts.backend);
     console.path("artifacts", dir.path());
 
     let eval_every = m.defaults.eval_every.unwrap_or(f.steps.div_ceil(5).max(1));
@@ -309,7 +333,8 @@ only `phase: standard` training runs",
         let mut loss_sum = 0.0;
         for _ in 0..t.gradient_accumulation_steps {
             let (x, y) = ds.sample_batch(&mut rng, Split::Train, bsz);
-            let (loss, grads) = forward_backward(&tg, &params, &x, &y, bsz, block)?;
+            let (loss, grads) =
+                forward_backward_on(opts.backend, &tg, &params, &x, &y, bsz, block)?;
             if !loss.is_finite() {
                 return Err(Failure::runtime(format!(
                     "run `{}`: the loss became {loss} at step {}",

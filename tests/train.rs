@@ -81,6 +81,7 @@ fn run_train(
         group_data: None,
         quiet: true,
         stop_after,
+        backend: caramba_runtime::backend::Backend::Cpu,
     };
     train(&c.manifest, &c.manifest.runs[0], opts).unwrap_or_else(|e| panic!("{}", e.message))
 }
@@ -140,6 +141,7 @@ fn tiny_preset_trains_well_below_uniform_loss() {
         group_data: None,
         quiet: true,
         stop_after: None,
+        backend: caramba_runtime::backend::Backend::Cpu,
     };
     let out =
         train(&c.manifest, &c.manifest.runs[0], opts).unwrap_or_else(|e| panic!("{}", e.message));
@@ -317,4 +319,46 @@ fn bad_data_and_bad_resumes_are_clear_errors() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The backward pass on the wgpu backend (lavapipe in CI) agrees with the
+/// CPU reference: loss and every parameter's gradient.
+#[test]
+fn wgpu_gradients_match_the_cpu_reference() {
+    use caramba::train::forward_backward_on;
+    use caramba_runtime::backend::Backend;
+    if !Backend::Wgpu.available() {
+        assert!(
+            std::env::var_os("CARAMBA_REQUIRE_GPU").is_none(),
+            "no wgpu adapter and CARAMBA_REQUIRE_GPU is set"
+        );
+        eprintln!("*** SKIPPED: no wgpu adapter ***");
+        return;
+    }
+    let src = manifest(Path::new("unused.npy"), 1, "");
+    let c = caramba_compiler::compile(&src).unwrap();
+    let tg = train_graph(&c.manifest).unwrap();
+    let params = init_params(&tg.params, 5);
+    let (b, t) = (2usize, 8usize);
+    let x: Vec<u32> = (0..b * t).map(|i| (i * 7 % 32) as u32).collect();
+    let y: Vec<u32> = (0..b * t).map(|i| (i * 3 % 32) as u32).collect();
+    let (lc, gc) = forward_backward_on(Backend::Cpu, &tg, &params, &x, &y, b, t).unwrap();
+    let (lg, gg) = forward_backward_on(Backend::Wgpu, &tg, &params, &x, &y, b, t)
+        .unwrap_or_else(|e| panic!("{}", e.message));
+    assert!(
+        (lc - lg).abs() < 1e-4 * lc.abs().max(1.0),
+        "loss {lc} vs {lg}"
+    );
+    for (name, a) in &gc {
+        let (a, g) = (a.to_f32_vec(), gg[name].to_f32_vec());
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let diff = a
+            .iter()
+            .zip(&g)
+            .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(
+            diff <= 1e-3 * scale,
+            "gradient of {name}: max |cpu − wgpu| {diff:e} (scale {scale:e})"
+        );
+    }
 }

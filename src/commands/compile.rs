@@ -1,12 +1,15 @@
 //! `caramba compile`: parse → lower → validate, then print what was asked.
 
 use super::{check_group, compile_file, CmdResult, Failure};
-use crate::cli::{CompileArgs, Emit, StageArg, Which};
+use crate::cli::{CompileArgs, Emit, KernelTarget, StageArg, Which};
 use caramba_compiler::plan;
 
 pub fn compile(a: &CompileArgs) -> CmdResult {
     let c = compile_file(&a.manifest)?;
     check_group(&c, &a.manifest, a.group.as_deref())?;
+    if a.target.is_some() && a.emit != Some(Emit::Kernels) {
+        return Err(Failure::usage("--target only applies to `--emit kernels`"));
+    }
     match a.emit {
         Some(Emit::Ir) => {
             let lowered = match a.model {
@@ -26,6 +29,27 @@ pub fn compile(a: &CompileArgs) -> CmdResult {
                 }
             };
             print!("{}", caramba_ir::to_text(&graph));
+        }
+        Some(Emit::Kernels) => {
+            let lowered = match a.model {
+                Which::Student => &c.student,
+                Which::Teacher => c.teacher.as_ref().ok_or_else(|| {
+                    Failure::usage("this manifest has no teacher (no run sets `teacher_ckpt`)")
+                })?,
+            };
+            // Kernels are always those of the optimized graph (what runs).
+            let (graph, _) = caramba_compiler::optimize(&lowered.graph).map_err(|e| {
+                Failure::runtime(format!("internal error: optimization failed: {e:?}"))
+            })?;
+            let target = match a.target.unwrap_or(KernelTarget::Wgsl) {
+                KernelTarget::Wgsl => caramba_runtime::gpu::Target::Wgsl,
+                KernelTarget::Cuda => caramba_runtime::gpu::Target::Cuda,
+            };
+            let kernels = caramba_runtime::gpu::kernel_sources(&graph, target);
+            caramba_runtime::gpu::source::discard_log();
+            let kernels = kernels
+                .map_err(|e| Failure::runtime(format!("cannot generate kernel source: {e}")))?;
+            print!("{}", render_kernels(&kernels));
         }
         Some(Emit::Manifest) => {
             let yaml = serde_yaml::to_string(&c.manifest.resolved)
@@ -62,4 +86,16 @@ pub fn compile(a: &CompileArgs) -> CmdResult {
         );
     }
     Ok(())
+}
+
+/// One section per kernel: a `// ===` header naming the node that first
+/// launches it, then its source.
+fn render_kernels(kernels: &[caramba_runtime::gpu::KernelSource]) -> String {
+    let mut out = format!("// {} distinct kernels\n", kernels.len());
+    for (i, k) in kernels.iter().enumerate() {
+        out.push_str(&format!("\n// === kernel {}: {}\n", i + 1, k.title));
+        out.push_str(&k.source);
+        out.push('\n');
+    }
+    out
 }

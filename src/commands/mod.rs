@@ -74,6 +74,7 @@ fn legacy(cli: Cli) -> CmdResult {
                 seed: Some(l.seed),
                 artifacts: "artifacts".into(),
                 stop_after: None,
+                device: DeviceArg::Cpu,
             })
         }
         LegacyMode::Sample | LegacyMode::Chat => {

@@ -7,7 +7,7 @@
 //! other benchmarks, teacher models) is reported before anything runs, and
 //! nothing is executed or written.
 
-use super::{check_group, compile_file, CmdResult, Failure};
+use super::{backend_for, check_group, compile_file, CmdResult, Failure};
 use crate::cli::RunArgs;
 use crate::train::{loss_only, train, train_graph, TrainOptions};
 use caramba_compiler::manifest::{BenchConfig, Phase, RunMode};
@@ -21,6 +21,7 @@ use std::path::PathBuf;
 pub fn run(a: &RunArgs) -> CmdResult {
     let c = compile_file(&a.manifest)?;
     check_group(&c, &a.manifest, a.group.as_deref())?;
+    let backend = backend_for(a.device)?;
     let m = &c.manifest;
     let groups: Vec<_> = plan::groups(m)
         .into_iter()
@@ -97,6 +98,7 @@ pub fn run(a: &RunArgs) -> CmdResult {
                 group_data: g.data.clone(),
                 quiet: false,
                 stop_after: a.stop_after,
+                backend,
             };
             let out = train(m, &r, opts)?;
             last = Some(out.params.clone());
