@@ -12,6 +12,9 @@
 //! executor for a graph that uses them is an error, found before any launch.
 
 mod ops;
+pub mod source;
+
+pub use source::{kernel_sources, KernelSource, Target};
 
 use caramba_ir::reference::{
     round_bf16, round_f16, Bindings, ParamSource, Storage, SymValues, Tensor,

@@ -1,0 +1,348 @@
+//! `caramba compile --emit kernels`: the generated source of every kernel
+//! a graph launches, as CubeCL's compilers write it.
+//!
+//! The kernels' `#[cube]` types are private to `caramba-kernels`; what is
+//! public is their host-side `launch_*` functions, which need a live
+//! client. So this module runs the graph once, node by node, on tiny
+//! stand-in shapes (every symbol bound to 2, zero-filled inputs and
+//! parameters), with CubeCL's compilation logger at level `full` writing
+//! to a private file, and attributes each kernel compiled during a node's
+//! launch to that node. A kernel compiled once is cached by CubeCL, so each
+//! section is a distinct kernel, headed by the first node that needs it.
+//!
+//! WGSL comes from cubecl-wgpu's compiler on any wgpu adapter (lavapipe on
+//! a machine without a GPU). CUDA C++ comes from cubecl-cpp's CUDA dialect,
+//! which needs the `cuda` feature and a CUDA device: NVRTC and the device
+//! properties (`sm_*`, plane size) are read from the driver when the client
+//! opens, and the kernel types cannot be defined without a client.
+//!
+//! Shape-dependent choices (cubek's matmul routine) follow the stand-in
+//! shapes, not a real workload's.
+
+use super::{at, concrete, live_order, ops, DevTensor, GpuError};
+use caramba_ir::reference::SymValues;
+use caramba_ir::{DType, Dim, Graph, NodeId, Op};
+use caramba_kernels::cubecl::config::compilation::CompilationLogLevel;
+use caramba_kernels::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+use caramba_kernels::cubecl::prelude::*;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Which compiler writes the source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// WGSL, from cubecl-wgpu's compiler.
+    Wgsl,
+    /// CUDA C++, from cubecl-cpp's CUDA dialect.
+    Cuda,
+}
+
+/// One distinct kernel: `title` names the node that first launches it
+/// (`op @ scope`) and the kernel's CubeCL name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelSource {
+    pub title: String,
+    pub source: String,
+}
+
+/// The value each symbol takes in the stand-in run.
+const STAND_IN_SYM: usize = 2;
+
+const START: &str = "[START_KERNEL_COMPILATION]";
+const END: &str = "[END_KERNEL_COMPILATION]";
+
+/// Turns on CubeCL's full compilation log into a file of this process.
+/// CubeCL's configuration is global and can be set once, before any use.
+static LOG: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+fn log_file() -> Result<&'static PathBuf, GpuError> {
+    LOG.get_or_init(|| {
+        let path =
+            std::env::temp_dir().join(format!("caramba-kernel-sources-{}.log", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let mut config = CubeClRuntimeConfig::default();
+        config.compilation.logger.file = Some(path.clone());
+        config.compilation.logger.append = true;
+        config.compilation.logger.level = CompilationLogLevel::Full;
+        std::panic::catch_unwind(|| CubeClRuntimeConfig::set(config))
+            .map(|_| path)
+            .map_err(|_| {
+                "CubeCL's configuration was already in use in this process; \
+                 kernel sources must be generated before any other GPU work"
+                    .to_string()
+            })
+    })
+    .as_ref()
+    .map_err(|e| GpuError::Device(e.clone()))
+}
+
+/// The generated source of each distinct kernel `graph` launches.
+pub fn kernel_sources(graph: &Graph, target: Target) -> Result<Vec<KernelSource>, GpuError> {
+    match target {
+        #[cfg(feature = "wgpu")]
+        Target::Wgsl => {
+            // The source depends on the adapter's features (subgroups, vector
+            // widths): prefer a CPU adapter (lavapipe) so that every machine
+            // with one prints the same text.
+            let adapters = caramba_kernels::wgpu_adapters();
+            if adapters.is_empty() {
+                return Err(GpuError::Device(
+                    "no wgpu adapter: WGSL is generated on a wgpu device; install a Vulkan \
+                     driver (mesa-vulkan-drivers provides lavapipe, a CPU one)"
+                        .into(),
+                ));
+            }
+            let device = if adapters.iter().any(|(_, cpu)| *cpu) {
+                super::WgpuDevice::Cpu
+            } else {
+                super::WgpuDevice::DefaultDevice
+            };
+            let path = log_file()?;
+            capture::<super::WgpuRuntime>(&device, graph, path)
+        }
+        #[cfg(not(feature = "wgpu"))]
+        Target::Wgsl => Err(GpuError::Device(
+            "WGSL needs caramba built with the `wgpu` feature".into(),
+        )),
+        #[cfg(feature = "cuda")]
+        Target::Cuda => {
+            if !caramba_kernels::cuda_available() {
+                return Err(GpuError::Device(
+                    "no CUDA device: cubecl-cpp's CUDA compiler takes the device properties \
+                     (compute capability, plane size) from the driver, and caramba's kernel \
+                     types are only reachable through a live client, so CUDA source cannot be \
+                     generated offline"
+                        .into(),
+                ));
+            }
+            let path = log_file()?;
+            capture::<super::CudaRuntime>(&super::CudaDevice { index: 0 }, graph, path)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Target::Cuda => Err(GpuError::Device(
+            "CUDA source needs caramba built with the `cuda` feature and a CUDA device: \
+             cubecl-cpp's CUDA compiler takes the device properties (compute capability, \
+             plane size) from the driver when the client opens, and caramba's kernel \
+             types are only reachable through a live client, so it cannot run offline"
+                .into(),
+        )),
+    }
+}
+
+/// Runs the graph on stand-in values and collects the kernels compiled
+/// per node from the log at `path`.
+fn capture<R: Runtime>(
+    device: &R::Device,
+    graph: &Graph,
+    path: &PathBuf,
+) -> Result<Vec<KernelSource>, GpuError> {
+    let order = live_order(graph)?;
+    for &id in &order {
+        ops::check_supported(graph, id)?;
+    }
+    let client = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| R::client(device)))
+        .map_err(|_| GpuError::Device(format!("cannot open device {device:?} (no adapter?)")))?;
+    let mut syms = SymValues::default();
+    for &id in &order {
+        for d in graph.node(id).ty.shape.dims() {
+            if let Dim::Sym(s) = *d {
+                syms.set(s, STAND_IN_SYM);
+            }
+        }
+    }
+    let lazy = lazy_transposes(graph, &order);
+    let mut uses: HashMap<NodeId, usize> = HashMap::new();
+    for &id in &order {
+        for o in graph.operands(id) {
+            *uses.entry(o).or_default() += 1;
+        }
+    }
+    for (_, id) in graph.outputs() {
+        *uses.entry(*id).or_default() += 1;
+    }
+    let mut seen_log = log_len(path);
+    let mut seen_sources = HashSet::new();
+    let mut result = Vec::new();
+    let mut values: HashMap<NodeId, DevTensor> = HashMap::new();
+    for &id in &order {
+        let node = graph.node(id);
+        let operands = graph.operands(id);
+        let shape = concrete(&node.ty.shape, &syms, node)?;
+        let value = match &node.op {
+            Op::Input { .. } | Op::Param { .. } => {
+                let n: usize = shape.iter().product();
+                let handle = if node.ty.dtype == DType::I32 {
+                    client.create_from_slice(i32::as_bytes(&vec![0i32; n.max(1)]))
+                } else {
+                    client.create_from_slice(f32::as_bytes(&vec![0f32; n.max(1)]))
+                };
+                DevTensor::dense(handle, shape, node.ty.dtype)
+            }
+            Op::Permute(_) if lazy.contains(&id) => {
+                let x = &values[&operands[0]];
+                DevTensor {
+                    transposed: !x.transposed,
+                    shape,
+                    ..x.clone()
+                }
+            }
+            _ => {
+                let args: Vec<&DevTensor> = operands.iter().map(|o| &values[o]).collect();
+                let ctx = ops::Ctx {
+                    client: &client,
+                    node,
+                    fast_matmul: false,
+                };
+                let out = ctx.apply(&args, shape)?;
+                // Wait for the launch (and so its compilation) to finish,
+                // then for the logger thread to write what it compiled.
+                if out.numel() > 0 {
+                    client
+                        .read_one(out.handle.clone())
+                        .map_err(|e| GpuError::Device(format!("{e:?}")))?;
+                }
+                let log = settled_log(path, seen_log);
+                let fresh = log.get(seen_log..).unwrap_or("");
+                seen_log = log.len();
+                for (name, source) in parse_log(fresh) {
+                    if seen_sources.insert(source.clone()) {
+                        result.push(KernelSource {
+                            title: format!("{} — {name}", at(node)),
+                            source: normalize(&source),
+                        });
+                    }
+                }
+                out
+            }
+        };
+        values.insert(id, value);
+        for o in operands {
+            let left = uses.get_mut(&o).expect("operand counted");
+            *left -= 1;
+            if *left == 0 {
+                values.remove(&o);
+            }
+        }
+    }
+    // Empty the log (appended to) so that a later call starts afresh.
+    if let Ok(f) = std::fs::OpenOptions::new().write(true).open(path) {
+        let _ = f.set_len(0);
+    }
+    Ok(result)
+}
+
+/// Removes this process's compilation log. Call it once no more kernel
+/// sources will be generated in this process (the CLI does, before exit).
+pub fn discard_log() {
+    if let Some(Ok(path)) = LOG.get() {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// The WGSL compiler declares a function's mutable locals in hash order:
+/// sort each run of `var l_mut_N: T;` lines by `N` so that the text is the
+/// same from run to run.
+fn normalize(source: &str) -> String {
+    let key = |l: &str| -> Option<u64> {
+        let rest = l.strip_prefix("var l_mut_")?;
+        rest.split(':').next()?.parse().ok()
+    };
+    let lines: Vec<&str> = source.lines().collect();
+    let mut out: Vec<&str> = Vec::with_capacity(lines.len());
+    let mut i = 0;
+    while i < lines.len() {
+        let mut j = i;
+        while j < lines.len() && key(lines[j]).is_some() {
+            j += 1;
+        }
+        if j > i {
+            let mut run = lines[i..j].to_vec();
+            run.sort_by_key(|l| key(l));
+            out.extend(run);
+            i = j;
+        } else {
+            out.push(lines[i]);
+            i += 1;
+        }
+    }
+    out.join("\n")
+}
+
+/// Permutes of the last two axes that feed only matmuls (the executor
+/// reads them through strides instead of copying).
+fn lazy_transposes(graph: &Graph, order: &[NodeId]) -> HashSet<NodeId> {
+    let outputs: HashSet<NodeId> = graph.outputs().iter().map(|(_, id)| *id).collect();
+    order
+        .iter()
+        .copied()
+        .filter(|&id| match &graph.node(id).op {
+            Op::Permute(perm) => {
+                let users = graph.users(id);
+                ops::swaps_last_two(perm)
+                    && !outputs.contains(&id)
+                    && !users.is_empty()
+                    && users
+                        .iter()
+                        .all(|&u| matches!(graph.node(u).op, Op::MatMul))
+            }
+            _ => false,
+        })
+        .collect()
+}
+
+fn log_len(path: &PathBuf) -> usize {
+    std::fs::metadata(path)
+        .map(|m| m.len() as usize)
+        .unwrap_or(0)
+}
+
+/// The log once it has stopped growing and holds no half-written entry.
+fn settled_log(path: &PathBuf, from: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = String::new();
+    let mut stable = 0;
+    loop {
+        std::thread::sleep(Duration::from_millis(5));
+        let now = std::fs::read_to_string(path).unwrap_or_default();
+        let tail = now.get(from..).unwrap_or("");
+        let complete = tail.matches(START).count() == tail.matches(END).count();
+        if now.len() == last.len() && complete {
+            stable += 1;
+        } else {
+            stable = 0;
+        }
+        last = now;
+        if stable >= 3 || Instant::now() > deadline {
+            return last;
+        }
+    }
+}
+
+/// `(name, source)` of each complete entry of a full compilation log.
+fn parse_log(log: &str) -> Vec<(String, String)> {
+    let fence = "source:\n```";
+    let mut out = Vec::new();
+    for entry in log.split(START).skip(1) {
+        let Some(body) = entry.split(END).next() else {
+            continue;
+        };
+        let name = body
+            .lines()
+            .find_map(|l| l.strip_prefix("name: "))
+            .unwrap_or("kernel")
+            .trim()
+            .trim_end_matches('<')
+            .to_string();
+        let Some(start) = body.find(fence) else {
+            continue;
+        };
+        // Skip the fence's language tag.
+        let rest = &body[start + fence.len()..];
+        let source = rest.split_once('\n').map_or("", |(_, s)| s);
+        let source = source.trim_end().strip_suffix("```").unwrap_or(source);
+        out.push((name, source.trim_end().to_string()));
+    }
+    out
+}
