@@ -164,9 +164,9 @@ fn run_cuda(_: &Graph, _: &Bindings) -> Result<BTreeMap<String, Tensor>, Backend
 pub enum Executor {
     Cpu(Graph),
     #[cfg(feature = "wgpu")]
-    Wgpu(crate::gpu::GpuExecutor<crate::gpu::WgpuRuntime>),
+    Wgpu(Box<crate::gpu::GpuExecutor<crate::gpu::WgpuRuntime>>),
     #[cfg(feature = "cuda")]
-    Cuda(crate::gpu::GpuExecutor<crate::gpu::CudaRuntime>),
+    Cuda(Box<crate::gpu::GpuExecutor<crate::gpu::CudaRuntime>>),
 }
 
 impl Executor {
@@ -183,11 +183,8 @@ impl Executor {
                 if !wgpu_any() {
                     return Err(BackendError::NoDevice("wgpu"));
                 }
-                Ok(Executor::Wgpu(GpuExecutor::new(
-                    &WgpuDevice::DefaultDevice,
-                    graph,
-                    params,
-                )?))
+                let e = GpuExecutor::new(&WgpuDevice::DefaultDevice, graph, params)?;
+                Ok(Executor::Wgpu(Box::new(e)))
             }
             #[cfg(feature = "cuda")]
             Backend::Cuda => {
@@ -195,11 +192,8 @@ impl Executor {
                 if !cuda_any() {
                     return Err(BackendError::NoDevice("cuda"));
                 }
-                Ok(Executor::Cuda(GpuExecutor::new(
-                    &CudaDevice { index: 0 },
-                    graph,
-                    params,
-                )?))
+                let e = GpuExecutor::new(&CudaDevice { index: 0 }, graph, params)?;
+                Ok(Executor::Cuda(Box::new(e)))
             }
             #[allow(unreachable_patterns)]
             other => Err(BackendError::NotCompiled(other.name())),
