@@ -274,7 +274,8 @@ fn storage_kind(s: &super::tensor::Storage) -> DType {
 }
 
 /// Nodes the outputs depend on, in the graph's topological order.
-fn live_order(graph: &Graph) -> Result<Vec<NodeId>, EvalError> {
+/// The nodes the outputs depend on, in topological order.
+pub fn live_order(graph: &Graph) -> Result<Vec<NodeId>, EvalError> {
     let mut live = HashSet::new();
     let mut stack = Vec::new();
     for (name, id) in graph.outputs() {
@@ -296,7 +297,7 @@ fn live_order(graph: &Graph) -> Result<Vec<NodeId>, EvalError> {
 }
 
 /// The concrete shape of a declared shape.
-fn concrete(shape: &Shape, syms: &SymValues, node: &Node) -> Result<Vec<usize>, EvalError> {
+pub fn concrete(shape: &Shape, syms: &SymValues, node: &Node) -> Result<Vec<usize>, EvalError> {
     shape
         .dims()
         .iter()
@@ -313,7 +314,7 @@ fn concrete(shape: &Shape, syms: &SymValues, node: &Node) -> Result<Vec<usize>, 
 /// Checks a bound value against its node's declared type, binding symbols
 /// that are still unset from the value's shape. `f16` and `bf16`
 /// declarations accept `f32` values (weights widened on load).
-fn check_binding(
+pub fn check_binding(
     what: &'static str,
     name: &str,
     node: &Node,

@@ -17,9 +17,10 @@ pub mod source;
 pub use source::{kernel_sources, KernelSource, Target};
 
 use caramba_ir::reference::{
-    round_bf16, round_f16, Bindings, ParamSource, Storage, SymValues, Tensor,
+    self as reference, round_bf16, round_f16, Bindings, EvalError, ParamSource, Storage, SymValues,
+    Tensor,
 };
-use caramba_ir::{DType, Dim, Graph, Node, NodeId, Shape};
+use caramba_ir::{DType, Graph, Node, NodeId, Shape};
 use caramba_kernels::cubecl::prelude::*;
 use caramba_kernels::cubecl::server::Handle;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -312,49 +313,19 @@ pub(crate) fn constant_f32(value: f64, dtype: DType) -> f32 {
     }
 }
 
-/// Nodes the outputs depend on, in the graph's topological order.
+/// The reference interpreter's binding rules, reported as GPU errors.
 fn live_order(graph: &Graph) -> Result<Vec<NodeId>, GpuError> {
-    let mut live = HashSet::new();
-    let mut stack = Vec::new();
-    for (name, id) in graph.outputs() {
-        if !graph.petgraph().contains_node(*id) {
-            return Err(GpuError::Op {
-                at: "output".into(),
-                message: format!("graph output {name:?} refers to a node that is not in the graph"),
-            });
-        }
-        stack.push(*id);
-    }
-    while let Some(n) = stack.pop() {
-        if live.insert(n) {
-            stack.extend(graph.operands(n));
-        }
-    }
-    Ok(graph
-        .topo_order()
-        .into_iter()
-        .filter(|n| live.contains(n))
-        .collect())
+    Ok(reference::live_order(graph)?)
 }
 
-/// The concrete shape of a declared shape.
-fn concrete(shape: &Shape, syms: &SymValues, node: &Node) -> Result<Vec<usize>, GpuError> {
-    shape
-        .dims()
-        .iter()
-        .map(|d| match *d {
-            Dim::Const(n) => Ok(n),
-            Dim::Sym(s) => syms.get(s).ok_or_else(|| GpuError::UnboundSymbol {
-                sym: s,
-                at: at(node),
-            }),
-        })
-        .collect()
+pub(crate) fn concrete(
+    shape: &Shape,
+    syms: &SymValues,
+    node: &Node,
+) -> Result<Vec<usize>, GpuError> {
+    Ok(reference::concrete(shape, syms, node)?)
 }
 
-/// Checks a bound value against its node's declared type, binding unset
-/// symbols from its shape (the reference interpreter's rule: `f16`/`bf16`
-/// declarations accept `f32` values).
 fn check_binding(
     what: &'static str,
     name: &str,
@@ -362,35 +333,31 @@ fn check_binding(
     t: &Tensor,
     syms: &mut SymValues,
 ) -> Result<(), GpuError> {
-    let declared = node.ty.dtype;
-    let dtype_ok = t.dtype() == declared
-        || (matches!(declared, DType::F16 | DType::BF16) && t.dtype() == DType::F32);
-    let mut bound = *syms;
-    let shape_ok = t.rank() == node.ty.shape.rank()
-        && node
-            .ty
-            .shape
-            .dims()
-            .iter()
-            .zip(t.shape())
-            .all(|(d, &n)| match *d {
-                Dim::Const(c) => c == n,
-                Dim::Sym(s) => match bound.get(s) {
-                    Some(v) => v == n,
-                    None => {
-                        bound.set(s, n);
-                        true
-                    }
-                },
-            });
-    if dtype_ok && shape_ok {
-        *syms = bound;
-        return Ok(());
+    Ok(reference::check_binding(what, name, node, t, syms)?)
+}
+
+impl From<EvalError> for GpuError {
+    fn from(e: EvalError) -> GpuError {
+        match e {
+            EvalError::MissingInput { name } => GpuError::MissingInput { name },
+            EvalError::MissingParam { name } => GpuError::MissingParam { name },
+            EvalError::Mismatch {
+                what,
+                name,
+                expected,
+                found,
+            } => GpuError::Mismatch {
+                what,
+                name,
+                expected,
+                found,
+            },
+            EvalError::UnboundSymbol { sym, at } => GpuError::UnboundSymbol { sym, at },
+            EvalError::MissingOutput { name } => GpuError::Op {
+                at: "output".into(),
+                message: format!("graph output {name:?} refers to a node that is not in the graph"),
+            },
+            EvalError::Op { at, message } => GpuError::Op { at, message },
+        }
     }
-    Err(GpuError::Mismatch {
-        what,
-        name: name.to_string(),
-        expected: node.ty.to_string(),
-        found: t.to_string(),
-    })
 }
