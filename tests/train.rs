@@ -239,14 +239,18 @@ fn caramba(args: &[&str]) -> (i32, String) {
 fn bad_data_and_bad_resumes_are_clear_errors() {
     let dir = scratch("bad");
     let m = dir.join("m.yml");
+    // Trains on `data` with exit code and stderr back.
+    let run_on = |data: &Path| {
+        std::fs::write(&m, manifest(data, 5, "")).unwrap();
+        caramba(&[
+            "run",
+            m.to_str().unwrap(),
+            "--artifacts",
+            dir.join("art").to_str().unwrap(),
+        ])
+    };
     // Missing data file.
-    std::fs::write(&m, manifest(&dir.join("nope.npy"), 5, "")).unwrap();
-    let (code, err) = caramba(&[
-        "run",
-        m.to_str().unwrap(),
-        "--artifacts",
-        dir.join("art").to_str().unwrap(),
-    ]);
+    let (code, err) = run_on(&dir.join("nope.npy"));
     assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("nope.npy") && err.contains("does not exist"),
@@ -255,37 +259,19 @@ fn bad_data_and_bad_resumes_are_clear_errors() {
     // Wrong dtype.
     let f = dir.join("floats.npy");
     caramba_runtime::data::write_f32_npy(&f, &[100], &[0.5; 100]).unwrap();
-    std::fs::write(&m, manifest(&f, 5, "")).unwrap();
-    let (code, err) = caramba(&[
-        "run",
-        m.to_str().unwrap(),
-        "--artifacts",
-        dir.join("art").to_str().unwrap(),
-    ]);
+    let (code, err) = run_on(&f);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("floats.npy"), "{err}");
     // Fewer tokens than one block.
     let short = dir.join("short.npy");
     write_tokens(&short, &[1, 2, 3, 4, 5], NpyDtype::U16).unwrap();
-    std::fs::write(&m, manifest(&short, 5, "")).unwrap();
-    let (code, err) = caramba(&[
-        "run",
-        m.to_str().unwrap(),
-        "--artifacts",
-        dir.join("art").to_str().unwrap(),
-    ]);
+    let (code, err) = run_on(&short);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("tokens"), "{err}");
     // Token ids beyond the vocabulary.
     let big = dir.join("big.npy");
     write_tokens(&big, &vec![40u32; 1000], NpyDtype::U16).unwrap();
-    std::fs::write(&m, manifest(&big, 5, "")).unwrap();
-    let (code, err) = caramba(&[
-        "run",
-        m.to_str().unwrap(),
-        "--artifacts",
-        dir.join("art").to_str().unwrap(),
-    ]);
+    let (code, err) = run_on(&big);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("40") && err.contains("vocabulary"), "{err}");
     // A checkpoint of a different model.
