@@ -7,6 +7,9 @@
 //! target/release/examples/gpu_bench cuda; python3 scripts/bench_torch.py
 //! ```
 //!
+//! `CARAMBA_BENCH_ONLY=copy,rmsnorm` (a comma list of `copy`, `rmsnorm`,
+//! `attention`, `gemm`, `smollm2`) runs only those cases.
+//!
 //! The executor reads its outputs back after each run, so a kernel's time is
 //! measured as the difference between a chain of N copies of it and a chain
 //! of none, both ending in a scalar reduction, divided by N.
@@ -108,36 +111,51 @@ fn emit(name: &str, ms: f64, key: &str, value: f64) {
     );
 }
 
+/// Whether case `name` is selected by `CARAMBA_BENCH_ONLY` (all when unset).
+fn selected(name: &str) -> bool {
+    match std::env::var("CARAMBA_BENCH_ONLY") {
+        Ok(list) => list.split(',').any(|c| c.trim() == name),
+        Err(_) => true,
+    }
+}
+
 fn main() {
     let which = std::env::args().nth(1).unwrap_or_else(|| "auto".into());
     let backend = Backend::parse(&which).expect("backend");
     eprintln!("backend: {backend}");
     // Device copy (a chain of identity casts is a read + write each).
     let n = 16384 * 4096;
-    let ms = per_op(backend, "copy", &[n], &[], 10, |g, x, _| {
-        g.add(Op::Binary(BinaryOp::Mul), &[x, x], "mul").unwrap()
-    });
-    emit(
-        "mul_f32 (2 reads + 1 write)",
-        ms,
-        "gbps",
-        3.0 * 4.0 * n as f64 / ms / 1e6,
-    );
+    if selected("copy") {
+        let ms = per_op(backend, "copy", &[n], &[], 10, |g, x, _| {
+            g.add(Op::Binary(BinaryOp::Mul), &[x, x], "mul").unwrap()
+        });
+        emit(
+            "mul_f32 (2 reads + 1 write)",
+            ms,
+            "gbps",
+            3.0 * 4.0 * n as f64 / ms / 1e6,
+        );
+    }
     // RMSNorm 16384 × 4096.
-    let ms = per_op(
-        backend,
-        "rmsnorm",
-        &[16384, 4096],
-        &[("w", vec![4096])],
-        10,
-        |g, x, e| {
-            g.add(Op::RmsNorm { eps: Scalar(1e-5) }, &[x, e[0]], "rms")
-                .unwrap()
-        },
-    );
-    emit("rmsnorm_f32", ms, "gbps", 2.0 * 4.0 * n as f64 / ms / 1e6);
+    if selected("rmsnorm") {
+        let ms = per_op(
+            backend,
+            "rmsnorm",
+            &[16384, 4096],
+            &[("w", vec![4096])],
+            10,
+            |g, x, e| {
+                g.add(Op::RmsNorm { eps: Scalar(1e-5) }, &[x, e[0]], "rms")
+                    .unwrap()
+            },
+        );
+        emit("rmsnorm_f32", ms, "gbps", 2.0 * 4.0 * n as f64 / ms / 1e6);
+    }
     // Causal attention, B1 H32 T4096, head dim 64 and 128.
     for hd in [64usize, 128] {
+        if !selected("attention") {
+            continue;
+        }
         let s = vec![1, 32, 4096, hd];
         let ms = per_op(
             backend,
@@ -166,20 +184,25 @@ fn main() {
         );
     }
     // GEMM 4096³.
-    let ms = per_op(
-        backend,
-        "gemm",
-        &[4096, 4096],
-        &[("w", vec![4096, 4096])],
-        5,
-        |g, x, e| g.add(Op::MatMul, &[x, e[0]], "mm").unwrap(),
-    );
-    emit(
-        "gemm4096_f32",
-        ms,
-        "tflops",
-        2.0 * 4096f64.powi(3) / ms / 1e9,
-    );
+    if selected("gemm") {
+        let ms = per_op(
+            backend,
+            "gemm",
+            &[4096, 4096],
+            &[("w", vec![4096, 4096])],
+            5,
+            |g, x, e| g.add(Op::MatMul, &[x, e[0]], "mm").unwrap(),
+        );
+        emit(
+            "gemm4096_f32",
+            ms,
+            "tflops",
+            2.0 * 4096f64.powi(3) / ms / 1e9,
+        );
+    }
+    if !selected("smollm2") {
+        return;
+    }
 
     // SmolLM2-135M-shaped forward + loss, random weights, batch 8 × 1024.
     let dims = LlamaDims {

@@ -1,7 +1,8 @@
 //! Fused row kernels over the last axis: RMS normalization
 //! (`x · rsqrt(mean(x²) + eps) · w`) and per-position cross-entropy
 //! (`logsumexp(logits) − logits[target]`). One cube per row, shared-memory
-//! reductions (see `reduce`). A target outside `0..V` yields NaN: the GPU
+//! reductions (see `reduce`); RMS norm has a vectorized fast path (row in
+//! registers, plane reductions) for row lengths divisible by 4. A target outside `0..V` yields NaN: the GPU
 //! cannot stop to report it; the reference interpreter reports an error.
 
 use crate::reduce::{block_max, block_sum, max_nan};
@@ -41,7 +42,92 @@ fn rms_norm_kernel<F: Float + CubeElement>(
     }
 }
 
-/// RMS norm of a dense `(rows, d)` `f32` tensor with weight `[d]`.
+/// Fast RMS norm for rows whose length is a multiple of the vector width:
+/// one cube per row, `Vector` loads and stores, the row held in registers
+/// (`per_thread` vectors per thread, unrolled) between the sum-of-squares
+/// and the scaling pass, and a plane (warp) reduction followed by one
+/// shared-memory step across planes when the device has plane operations.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn rms_norm_vec_kernel<F: Float + CubeElement, N: Size>(
+    x: &Array<Vector<F, N>>,
+    w: &Array<Vector<F, N>>,
+    out: &mut Array<Vector<F, N>>,
+    dv: usize,
+    rows: usize,
+    inv_d: F,
+    eps: F,
+    #[comptime] per_thread: usize,
+    #[comptime] exact: bool,
+    #[comptime] use_plane: bool,
+    #[comptime] threads: usize,
+) {
+    let row = linear_cube();
+    if row >= rows {
+        terminate!();
+    }
+    let base = row * dv; // row of (rows, dv) vectors
+    let u = UNIT_POS as usize;
+    let mut cache = Array::<Vector<F, N>>::new(per_thread);
+    let mut acc = Vector::<F, N>::new(F::new(0.0));
+    #[unroll]
+    for i in 0..per_thread {
+        let j = u + i * threads;
+        let mut v = Vector::<F, N>::new(F::new(0.0));
+        if exact || j < dv {
+            v = x[base + j];
+        }
+        cache[i] = v;
+        acc += v * v;
+    }
+    let mut part = F::new(0.0);
+    #[unroll]
+    for l in 0..acc.vector_size() {
+        part += acc[l];
+    }
+    let mut ss = F::new(0.0);
+    if use_plane {
+        let mut smem = SharedMemory::<F>::new(threads);
+        let p = plane_sum(part);
+        if UNIT_POS_PLANE == 0 {
+            smem[(UNIT_POS / PLANE_DIM) as usize] = p;
+        }
+        sync_cube();
+        let planes = (CUBE_DIM / PLANE_DIM) as usize;
+        for k in 0..planes {
+            ss += smem[k];
+        }
+    } else {
+        let mut smem = SharedMemory::<F>::new(threads);
+        ss = block_sum::<F>(&mut smem, part);
+    }
+    let inv = Vector::<F, N>::new(F::new(1.0) / (ss * inv_d + eps).sqrt());
+    #[unroll]
+    for i in 0..per_thread {
+        let j = u + i * threads;
+        if exact || j < dv {
+            out[base + j] = cache[i] * inv * w[j];
+        }
+    }
+}
+
+/// Vector width of the fast RMS-norm path.
+const RMS_VEC: usize = 4;
+/// Most vectors a thread holds in registers on the fast path.
+const RMS_MAX_PER_THREAD: usize = 16;
+/// Threads per cube of the fast path for long rows.
+const RMS_THREADS: usize = 256;
+
+/// Whether `CARAMBA_RMS_NORM_SCALAR=1` forces the scalar kernel (for
+/// benchmarking the fast path against it).
+fn scalar_rms_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var("CARAMBA_RMS_NORM_SCALAR").is_ok_and(|v| v == "1"))
+}
+
+/// RMS norm of a dense `(rows, d)` `f32` tensor with weight `[d]`: the
+/// vectorized register-resident kernel when `d` is a multiple of 4 and the
+/// row fits in registers, else the scalar kernel.
 pub fn launch_rms_norm<R: Runtime>(
     client: &ComputeClient<R>,
     x: &Handle,
@@ -53,6 +139,42 @@ pub fn launch_rms_norm<R: Runtime>(
 ) {
     if rows == 0 || d == 0 {
         return;
+    }
+    let props = client.properties();
+    let plane_max = props.hardware.plane_size_max as usize;
+    let use_plane = props
+        .features
+        .plane
+        .contains(cubecl::ir::features::Plane::Ops)
+        && props.hardware.plane_size_min as usize == plane_max
+        && plane_max.is_power_of_two();
+    if d.is_multiple_of(RMS_VEC) && !scalar_rms_forced() {
+        let dv = d / RMS_VEC;
+        let min_threads = if use_plane { plane_max.max(32) } else { 32 };
+        let threads = dv.next_power_of_two().clamp(min_threads, RMS_THREADS);
+        let per_thread = dv.div_ceil(threads);
+        if per_thread <= RMS_MAX_PER_THREAD {
+            unsafe {
+                rms_norm_vec_kernel::launch_unchecked::<f32, R>(
+                    client,
+                    grid_1d(rows, 1),
+                    CubeDim::new_1d(threads as u32),
+                    RMS_VEC,
+                    ArrayArg::from_raw_parts(x.clone(), rows * dv),
+                    ArrayArg::from_raw_parts(w.clone(), dv),
+                    ArrayArg::from_raw_parts(out.clone(), rows * dv),
+                    dv,
+                    rows,
+                    1.0 / d as f32,
+                    eps,
+                    per_thread,
+                    per_thread * threads == dv,
+                    use_plane,
+                    threads,
+                );
+            }
+            return;
+        }
     }
     unsafe {
         rms_norm_kernel::launch_unchecked::<f32, R>(

@@ -385,7 +385,10 @@ pub fn cross_entropy<R: Runtime>(dev: &R::Device) {
 
 pub fn rms_norm<R: Runtime>(dev: &R::Device) {
     let mut rng = Rng(12);
-    for d in [8, 300] {
+    // Vectorized fast path: 4096 (every thread full), 300 and 4100 (a
+    // ragged last vector per thread); the scalar fallback: odd lengths and
+    // rows too long to hold in registers (16388).
+    for d in [8, 300, 4096, 4100, 301, 7, 16388] {
         let g = one_op(
             "rms",
             Op::RmsNorm { eps: Scalar(1e-5) },
