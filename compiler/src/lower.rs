@@ -570,57 +570,46 @@ impl Lower {
         }
     }
 
-    /// y = x · rsqrt(mean(x²) + eps) · w, computed in f32 (as Hugging Face does).
-    fn rms_norm(&mut self, x: NodeId, n: &NormCfg, scope: &str) -> R<NodeId> {
-        let r = self.rank(x);
-        let x32 = self.widen(x, scope)?;
-        let sq = self.bin(BinaryOp::Mul, x32, x32, scope)?;
-        let ms = self.op(
+    /// Mean over the last axis (kept with size 1).
+    fn mean_last(&mut self, x: NodeId, scope: &str) -> R<NodeId> {
+        let axis = self.rank(x) - 1;
+        self.op(
             Op::Reduce {
                 op: ReduceOp::Mean,
-                axis: r - 1,
+                axis,
             },
-            &[sq],
+            &[x],
             scope,
-        )?;
+        )
+    }
+
+    /// The shared end of both norms: `x · rsqrt(mean(sq) + eps)`, back to the
+    /// model's dtype, times the learned weight.
+    fn scale_by_rms(&mut self, x: NodeId, sq: NodeId, n: &NormCfg, scope: &str) -> R<NodeId> {
+        let ms = self.mean_last(sq, scope)?;
         let eps = self.g.constant(n.eps, self.compute_dtype(), scope);
         let v = self.bin(BinaryOp::Add, ms, eps, scope)?;
         let inv = self.op(Op::Unary(UnaryOp::Rsqrt), &[v], scope)?;
-        let xn = self.bin(BinaryOp::Mul, x32, inv, scope)?;
+        let xn = self.bin(BinaryOp::Mul, x, inv, scope)?;
         let xn = self.narrow(xn, scope)?;
         let w = self.param(&format!("{scope}.weight"), &[n.d_model], scope)?;
         self.bin(BinaryOp::Mul, xn, w, scope)
     }
 
+    /// y = x · rsqrt(mean(x²) + eps) · w, computed in f32 (as Hugging Face does).
+    fn rms_norm(&mut self, x: NodeId, n: &NormCfg, scope: &str) -> R<NodeId> {
+        let x32 = self.widen(x, scope)?;
+        let sq = self.bin(BinaryOp::Mul, x32, x32, scope)?;
+        self.scale_by_rms(x32, sq, n, scope)
+    }
+
     /// y = (x − mean) · rsqrt(var + eps) · w + b, in f32.
     fn layer_norm(&mut self, x: NodeId, n: &NormCfg, scope: &str) -> R<NodeId> {
-        let r = self.rank(x);
         let x32 = self.widen(x, scope)?;
-        let mean = self.op(
-            Op::Reduce {
-                op: ReduceOp::Mean,
-                axis: r - 1,
-            },
-            &[x32],
-            scope,
-        )?;
+        let mean = self.mean_last(x32, scope)?;
         let xc = self.bin(BinaryOp::Sub, x32, mean, scope)?;
         let sq = self.bin(BinaryOp::Mul, xc, xc, scope)?;
-        let var = self.op(
-            Op::Reduce {
-                op: ReduceOp::Mean,
-                axis: r - 1,
-            },
-            &[sq],
-            scope,
-        )?;
-        let eps = self.g.constant(n.eps, self.compute_dtype(), scope);
-        let v = self.bin(BinaryOp::Add, var, eps, scope)?;
-        let inv = self.op(Op::Unary(UnaryOp::Rsqrt), &[v], scope)?;
-        let xn = self.bin(BinaryOp::Mul, xc, inv, scope)?;
-        let xn = self.narrow(xn, scope)?;
-        let w = self.param(&format!("{scope}.weight"), &[n.d_model], scope)?;
-        let y = self.bin(BinaryOp::Mul, xn, w, scope)?;
+        let y = self.scale_by_rms(xc, sq, n, scope)?;
         if n.bias {
             let b = self.param(&format!("{scope}.bias"), &[n.d_model], scope)?;
             return self.bin(BinaryOp::Add, y, b, scope);
