@@ -11,7 +11,10 @@
 use crate::{grid_1d, linear_pos, KernelError, View, ELEM_BLOCK};
 use cubecl::prelude::*;
 
-/// A unary op of the program.
+/// A unary op of the program. This mirrors `caramba_ir::UnaryOp` as a
+/// `CubeType` (comptime data), because `kernels` knows nothing of the IR;
+/// `runtime/src/gpu/ops.rs` maps one onto the other with an exhaustive match,
+/// so a new IR op cannot be forgotten here.
 #[derive(CubeType, Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Unary {
     Neg,
