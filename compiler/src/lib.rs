@@ -18,7 +18,9 @@ pub mod vars;
 pub mod yaml;
 
 pub use diag::{Diagnostic, Diagnostics, Span};
-pub use lower::{lower_model, LayerInfo, Lowered};
+pub use lower::{
+    lower_model, lower_model_cached, CacheEntry, CacheFormat, KvCacheSpec, LayerInfo, Lowered,
+};
 pub use manifest::Manifest;
 pub use optimize::{optimize, OptimizeError, OptimizeReport, Stage};
 

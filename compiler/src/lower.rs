@@ -9,8 +9,8 @@
 use crate::diag::{Diagnostic, Diagnostics};
 use crate::manifest::*;
 use caramba_ir::{
-    BinaryOp, DType, Dim, Graph, NodeId, Op, ReduceOp, RopeScaling, RopeSpec, Scalar, Shape, Sym,
-    TensorType, UnaryOp,
+    BinaryOp, DType, Dim, Graph, NodeId, Op, QuantFormat, ReduceOp, RopeScaling, RopeSpec, Scalar,
+    Shape, Sym, TensorType, UnaryOp,
 };
 use std::collections::BTreeMap;
 
@@ -19,6 +19,89 @@ use std::collections::BTreeMap;
 pub struct Lowered {
     pub graph: Graph,
     pub layers: Vec<LayerInfo>,
+    /// The KV-cache tensors of a cached graph, in attention order (empty
+    /// without a cache).
+    pub cache: Vec<CacheEntry>,
+}
+
+/// How a KV cache stores one attention path (keys, values, DBA's semantic
+/// or geometric keys).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CacheFormat {
+    Fp32,
+    Fp16,
+    Quant(QuantFormat),
+}
+
+impl CacheFormat {
+    /// Reads `fp32`, `fp16`, `q8`, `q4` or `nf4` (case-insensitive).
+    pub fn parse(s: &str) -> Option<CacheFormat> {
+        match s.to_ascii_lowercase().as_str() {
+            "fp32" | "f32" => Some(CacheFormat::Fp32),
+            "fp16" | "f16" => Some(CacheFormat::Fp16),
+            other => QuantFormat::parse(other).map(CacheFormat::Quant),
+        }
+    }
+
+    /// Bytes per cached value (quantized scales included).
+    pub fn bytes_per_value(self) -> f64 {
+        match self {
+            CacheFormat::Fp32 => 4.0,
+            CacheFormat::Fp16 => 2.0,
+            CacheFormat::Quant(q) => q.bytes_per_value(),
+        }
+    }
+}
+
+impl std::fmt::Display for CacheFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CacheFormat::Fp32 => f.write_str("fp32"),
+            CacheFormat::Fp16 => f.write_str("fp16"),
+            CacheFormat::Quant(q) => write!(f, "{q}"),
+        }
+    }
+}
+
+/// The storage of each path of a KV cache. Standard and GQA attention cache
+/// `k` and `v`; decoupled attention caches `k_sem`, `k_geo` and `v`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvCacheSpec {
+    pub k: CacheFormat,
+    pub k_sem: CacheFormat,
+    pub k_geo: CacheFormat,
+    pub v: CacheFormat,
+}
+
+impl KvCacheSpec {
+    /// Every path in one format.
+    pub fn uniform(f: CacheFormat) -> KvCacheSpec {
+        KvCacheSpec {
+            k: f,
+            k_sem: f,
+            k_geo: f,
+            v: f,
+        }
+    }
+}
+
+/// One cache tensor of a cached graph: the graph reads the cached rows as
+/// input `past.<name>` `[B, P, width]` and returns them with this call's rows
+/// appended as output `present.<name>` `[B, S, width]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CacheEntry {
+    /// `kv<i>.<path>`: the i-th attention call of the model, path `k`,
+    /// `k_sem`, `k_geo` or `v`.
+    pub name: String,
+    /// The attention layer's parameter prefix.
+    pub scope: String,
+    pub format: CacheFormat,
+    /// Values per token (all heads of the path).
+    pub values: usize,
+    /// Elements per token as stored: `values`, or the words of its blocks.
+    pub width: usize,
+    /// The stored dtype (`i32` for quantized blocks).
+    pub dtype: DType,
 }
 
 /// One lowered layer, for `--print-plan` and traces.
@@ -37,7 +120,35 @@ pub struct LayerInfo {
 /// Lowers a model to a graph named `name` computing `logits` [B, T, vocab]
 /// from `input_ids` i32[B, T] and `positions` i32[T].
 pub fn lower_model(m: &ModelSpec, name: &str, dtype: DType) -> Result<Lowered, Diagnostics> {
+    lower(m, name, dtype, None)
+}
+
+/// [`lower_model`] for generation with a KV cache: `input_ids` are the `T`
+/// new tokens, `positions` their absolute positions `P..P+T`, and every
+/// attention reads its cached keys and values (inputs `past.*`, `P` rows),
+/// appends this call's rows in the cache's format and returns the whole
+/// cache (outputs `present.*`, `S = P + T` rows). Attention runs over the
+/// cache as stored: quantized formats are dequantized, so a token's keys
+/// are the same whether they were computed now or read back later.
+pub fn lower_model_cached(
+    m: &ModelSpec,
+    name: &str,
+    dtype: DType,
+    cache: KvCacheSpec,
+) -> Result<Lowered, Diagnostics> {
+    lower(m, name, dtype, Some(cache))
+}
+
+fn lower(
+    m: &ModelSpec,
+    name: &str,
+    dtype: DType,
+    cache: Option<KvCacheSpec>,
+) -> Result<Lowered, Diagnostics> {
     let mut l = Lower {
+        cache,
+        cache_entries: Vec::new(),
+        attention_calls: 0,
         g: Graph::new(name),
         dtype,
         diags: Diagnostics::default(),
@@ -68,6 +179,7 @@ pub fn lower_model(m: &ModelSpec, name: &str, dtype: DType) -> Result<Lowered, D
     Ok(Lowered {
         graph,
         layers: l.layers,
+        cache: l.cache_entries,
     })
 }
 
@@ -79,6 +191,11 @@ struct Val {
 }
 
 struct Lower {
+    /// Lowering for cached generation (see [`lower_model_cached`]).
+    cache: Option<KvCacheSpec>,
+    cache_entries: Vec<CacheEntry>,
+    /// Attention calls lowered so far (names the cache entries).
+    attention_calls: usize,
     g: Graph,
     dtype: DType,
     diags: Diagnostics,
@@ -650,6 +767,78 @@ impl Lower {
         self.op(Op::Permute(vec![0, 2, 3, 4, 1]), &[k], scope)
     }
 
+    /// A path's new rows `x [B, T, kv, d]` through the KV cache: stored in
+    /// the path's format, appended to the cached rows, and read back as
+    /// `[B, S, kv·d]` values in the compute dtype. Without a cache, `x`.
+    fn through_cache(&mut self, x: NodeId, path: &str, scope: &str) -> R<NodeId> {
+        let Some(spec) = self.cache else {
+            return Ok(x);
+        };
+        let format = match path {
+            "k" => spec.k,
+            "k_sem" => spec.k_sem,
+            "k_geo" => spec.k_geo,
+            _ => spec.v,
+        };
+        let dims = self.g.node(x).ty.shape.dims().to_vec();
+        let values = match dims[2..] {
+            [Dim::Const(h), Dim::Const(d)] => h * d,
+            _ => unreachable!("heads are [B, T, heads, d]"),
+        };
+        let flat = self.reshape_tail(x, 2, &[values], scope)?;
+        let name = format!("kv{}.{path}", self.attention_calls);
+        let (stored, width) = match format {
+            CacheFormat::Fp32 => (DType::F32, values),
+            CacheFormat::Fp16 => (DType::F16, values),
+            CacheFormat::Quant(q) => (
+                DType::I32,
+                q.words(values).ok_or_else(|| {
+                    Diagnostic::new(format!(
+                        "{scope}: a {q} KV cache stores blocks of 32 values, but `{path}` has {values} values per token"
+                    ))
+                    .help("choose fp16 or fp32 for this path")
+                })?,
+            ),
+        };
+        let encoded = match format {
+            CacheFormat::Quant(q) => self.op(Op::Quantize(q), &[flat], scope)?,
+            _ if stored == self.dtype => flat,
+            _ => self.op(Op::Cast(stored), &[flat], scope)?,
+        };
+        let past = self
+            .g
+            .input(
+                &format!("past.{name}"),
+                TensorType::new(
+                    stored,
+                    Shape::new([Dim::Sym(Sym::B), Dim::Sym(Sym::P), Dim::Const(width)]),
+                ),
+            )
+            .map_err(ir)?;
+        let all = self.op(Op::Concat { axis: 1 }, &[past, encoded], scope)?;
+        self.g.set_output(&format!("present.{name}"), all);
+        self.cache_entries.push(CacheEntry {
+            name,
+            scope: scope.to_string(),
+            format,
+            values,
+            width,
+            dtype: stored,
+        });
+        match format {
+            CacheFormat::Quant(q) => self.op(
+                Op::Dequantize {
+                    format: q,
+                    dtype: self.dtype,
+                },
+                &[all],
+                scope,
+            ),
+            _ if stored == self.dtype => Ok(all),
+            _ => self.op(Op::Cast(self.dtype), &[all], scope),
+        }
+    }
+
     /// Attention: returns the output and the cached elements per token.
     ///
     /// Standard / GQA, per query head h with key/value head ⌊h / g⌋:
@@ -670,6 +859,7 @@ impl Lower {
                 let q = self.heads(x, a, (h, hd), &format!("{scope}.q_proj"), rope)?;
                 let k = self.heads(x, a, (kv, hd), &format!("{scope}.k_proj"), rope)?;
                 let q = self.group_q(q, kv, g, hd, scope)?;
+                let k = self.through_cache(k, "k", scope)?;
                 let kt = self.group_kt(k, kv, hd, scope)?;
                 let s = self.op(Op::MatMul, &[q, kt], scope)?;
                 let c = self.constant(1.0 / (hd as f64).sqrt(), scope);
@@ -699,8 +889,10 @@ impl Lower {
                     qg = self.bin(BinaryOp::Mul, qg, wg, scope)?;
                 }
                 let qs = self.group_q(qs, kv, g, ds, scope)?;
+                let ks = self.through_cache(ks, "k_sem", scope)?;
                 let kst = self.group_kt(ks, kv, ds, scope)?;
                 let qg = self.group_q(qg, kv, g, dg, scope)?;
+                let kg = self.through_cache(kg, "k_geo", scope)?;
                 let kgt = self.group_kt(kg, kv, dg, scope)?;
                 let ss = self.op(Op::MatMul, &[qs, kst], scope)?;
                 let cs = self.constant(1.0 / (ds as f64).sqrt(), scope);
@@ -735,6 +927,8 @@ impl Lower {
             p
         };
         let v = self.heads(x, a, (kv, dv), &format!("{scope}.v_proj"), None)?;
+        let v = self.through_cache(v, "v", scope)?;
+        self.attention_calls += 1;
         let v = self.reshape_tail(v, 2, &[kv, 1, dv], scope)?;
         let v = self.op(Op::Permute(vec![0, 2, 3, 1, 4]), &[v], scope)?; // [B, kv, 1, T, dv]
         let o = self.op(Op::MatMul, &[p, v], scope)?; // [B, kv, g, T, dv]

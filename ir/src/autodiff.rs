@@ -473,9 +473,17 @@ impl Backward {
                 let g1 = self.op(Op::Reshape(gs), &[gy], s)?;
                 self.bin(BinaryOp::Mul, d, g1, s)?
             }
-            Op::Attention { .. } | Op::RmsNorm { .. } | Op::Elementwise(_) => {
+            Op::Attention { .. }
+            | Op::RmsNorm { .. }
+            | Op::Elementwise(_)
+            | Op::KvAttention { .. } => {
                 return Err(refuse(
                     "fused ops: differentiate the lowered graph before fusion",
+                ))
+            }
+            Op::Quantize(_) | Op::Dequantize { .. } => {
+                return Err(refuse(
+                    "quantized storage (a KV cache is for inference; train on the float graph)",
                 ))
             }
         })

@@ -8,15 +8,17 @@
 pub mod autodiff;
 pub mod graph;
 pub mod op;
+pub mod quant;
 pub mod text;
 pub mod types;
 pub mod verify;
 
 pub use graph::{Graph, IrError, Node, NodeId};
 pub use op::{
-    broadcast, Arity, BinaryOp, ElemInstr, ElemProgram, Op, ReduceOp, RopeScaling, RopeSpec,
-    Scalar, UnaryOp,
+    broadcast, Arity, BinaryOp, ElemInstr, ElemProgram, KvPart, Op, ReduceOp, RopeScaling,
+    RopeSpec, Scalar, UnaryOp,
 };
+pub use quant::QuantFormat;
 pub use text::to_text;
 pub use types::{DType, Dim, Shape, Sym, TensorType};
 pub use verify::verify;

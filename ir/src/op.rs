@@ -4,7 +4,8 @@
 //! Fused operations appear only later, through rewrites, and each carries its
 //! decomposition into these primitives. Adding a variant: see `ADDING_AN_OP.md`.
 
-use crate::types::{DType, Dim, Shape, TensorType};
+pub use crate::quant::QuantFormat;
+use crate::types::{DType, Dim, Shape, Sym, TensorType};
 use std::fmt;
 
 /// An `f64` compared, hashed and ordered by its bits, so ops can be keys
@@ -192,6 +193,12 @@ pub enum Op {
     /// (i32) `[...]` give `logsumexp(logits) − logits[target]`, `[...]`, in
     /// the logits' dtype. A target outside `0..V` is an error.
     CrossEntropy,
+    /// Quantizes rows along the last axis: float `[..., n]` → i32
+    /// `[..., words(n)]` in `format`'s block layout (see `quant.rs`); `n` a
+    /// multiple of 32. How a KV cache stores new keys and values.
+    Quantize(QuantFormat),
+    /// The inverse: i32 `[..., words]` → `dtype` `[..., n]`.
+    Dequantize { format: QuantFormat, dtype: DType },
 
     // Fused ops. They appear only through rewrites (never from lowering), and
     // each is defined by the primitive decomposition in its comment.
@@ -206,6 +213,39 @@ pub enum Op {
     /// A chain of elementwise ops evaluated per element over operands
     /// broadcast to one shape (NumPy rules), all of one float dtype.
     Elementwise(ElemProgram),
+    /// Attention over token-major key/value caches, read in their storage
+    /// format (dequantized in registers): operands `q [B, kv, g, T, Σdₖ]`
+    /// (kv = `heads`), then one cache per part, `[B, S, heads·dim]` as a
+    /// float tensor or as i32 words of the part's quantized format. All parts
+    /// but the last are keys (their per-head dims concatenate, as DBA's
+    /// semantic and geometric keys); the last is the values. Result
+    /// `[B, kv, g, T, dv]` in q's dtype. Decomposition: each part `c` as
+    /// `permute[0,2,3,1,4](reshape[B,S,kv,1,dim](dequantize(c)))` (no
+    /// dequantize for a float part), the keys concatenated on the last axis,
+    /// then `attention{causal, scale}(q, keys, values)`.
+    KvAttention {
+        causal: bool,
+        scale: Scalar,
+        heads: usize,
+        parts: Vec<KvPart>,
+    },
+}
+
+/// One cache operand of `KvAttention`: its storage (`None`: a float tensor)
+/// and its dims per head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KvPart {
+    pub format: Option<QuantFormat>,
+    pub dim: usize,
+}
+
+impl fmt::Display for KvPart {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.format {
+            Some(q) => write!(f, "{q}×{}", self.dim),
+            None => write!(f, "float×{}", self.dim),
+        }
+    }
 }
 
 /// The program of a fused elementwise op: instructions in order, each
@@ -313,7 +353,9 @@ impl Op {
             | Op::Slice { .. }
             | Op::Softmax { .. }
             | Op::CausalMask
-            | Op::Dropout { .. } => Arity::Exact(1),
+            | Op::Dropout { .. }
+            | Op::Quantize(_)
+            | Op::Dequantize { .. } => Arity::Exact(1),
             Op::Binary(_)
             | Op::MatMul
             | Op::Gather
@@ -324,6 +366,7 @@ impl Op {
             Op::Broadcast(_) | Op::OneHot { .. } => Arity::Exact(1),
             Op::Attention { .. } => Arity::Exact(3),
             Op::Concat { .. } => Arity::AtLeast(1),
+            Op::KvAttention { .. } => Arity::AtLeast(3),
             Op::Elementwise(p) => Arity::Exact(p.n_inputs()),
         }
     }
@@ -381,6 +424,9 @@ impl Op {
             Op::Attention { .. } => "attention",
             Op::RmsNorm { .. } => "rms_norm",
             Op::Elementwise(_) => "elementwise",
+            Op::Quantize(_) => "quantize",
+            Op::Dequantize { .. } => "dequantize",
+            Op::KvAttention { .. } => "kv_attention",
         }
     }
 
@@ -424,6 +470,20 @@ impl Op {
             Op::ScatterAdd { size } => format!("{{size={size}}}"),
             Op::OneHot { depth, dtype } => format!("{{depth={depth}, to={dtype}}}"),
             Op::Elementwise(p) => format!("{{{p}}}"),
+            Op::Quantize(f) => format!("{{format={f}}}"),
+            Op::Dequantize { format, dtype } => format!("{{format={format}, to={dtype}}}"),
+            Op::KvAttention {
+                causal,
+                scale,
+                heads,
+                parts,
+            } => {
+                let parts: Vec<String> = parts.iter().map(|p| p.to_string()).collect();
+                format!(
+                    "{{causal={causal}, scale={scale}, heads={heads}, parts=[{}]}}",
+                    parts.join(", ")
+                )
+            }
             Op::Unary(_)
             | Op::Binary(_)
             | Op::MatMul
@@ -558,6 +618,7 @@ impl Op {
                 let first = xs[0];
                 axis_ok(first, *axis)?;
                 let mut total = 0usize;
+                let mut syms = Vec::new();
                 for x in xs {
                     if x.dtype != first.dtype || x.shape.rank() != first.shape.rank() {
                         return Err(format!("cannot concatenate {first} and {x}"));
@@ -571,13 +632,23 @@ impl Op {
                     }
                     match x.shape.0[*axis] {
                         Dim::Const(n) => total += n,
-                        Dim::Sym(_) => {
-                            return Err("cannot concatenate along a symbolic axis".into())
-                        }
+                        Dim::Sym(sym) => syms.push(sym),
                     }
                 }
+                // The one symbolic sum: cached positions and new ones make the
+                // attended ones (a KV cache's append).
+                let joined = match (syms.as_slice(), total) {
+                    ([], n) => Dim::Const(n),
+                    ([sym], 0) => Dim::Sym(*sym),
+                    ([Sym::P, Sym::T], 0) => Dim::Sym(Sym::S),
+                    _ => {
+                        return Err(format!(
+                        "cannot concatenate along axis {axis}: the only symbolic sum is P + T = S"
+                    ))
+                    }
+                };
                 let mut dims = first.shape.0.clone();
-                dims[*axis] = Dim::Const(total);
+                dims[*axis] = joined;
                 Ok(TensorType::new(first.dtype, Shape(dims)))
             }
             Op::Gather => {
@@ -670,6 +741,75 @@ impl Op {
                 let mut dims = batch.0;
                 dims.push(q.shape.0[rq - 2]);
                 dims.push(v.shape.0[rv - 1]);
+                Ok(TensorType::new(q.dtype, Shape(dims)))
+            }
+            Op::Quantize(f) => {
+                let x = xs[0];
+                float(x)?;
+                let r = x.shape.rank();
+                let words = match x.shape.last() {
+                    Some(Dim::Const(n)) => f.words(n),
+                    _ => None,
+                }
+                .ok_or_else(|| format!("{f} quantizes rows of a multiple of 32 values, got {x}"))?;
+                let mut dims = x.shape.0.clone();
+                dims[r - 1] = Dim::Const(words);
+                Ok(TensorType::new(DType::I32, Shape(dims)))
+            }
+            Op::Dequantize { format, dtype } => {
+                let x = xs[0];
+                let n = match (x.dtype, x.shape.last()) {
+                    (DType::I32, Some(Dim::Const(w))) => format.values(w),
+                    _ => None,
+                }
+                .ok_or_else(|| format!("{x} is not a row of {format} blocks"))?;
+                if !dtype.is_float() {
+                    return Err(format!("dequantize produces floats, not {dtype}"));
+                }
+                let mut dims = x.shape.0.clone();
+                *dims.last_mut().expect("rank checked") = Dim::Const(n);
+                Ok(TensorType::new(*dtype, Shape(dims)))
+            }
+            Op::KvAttention { heads, parts, .. } => {
+                let q = xs[0];
+                float(q)?;
+                if parts.len() < 2 || xs.len() != parts.len() + 1 {
+                    return Err(format!(
+                        "kv_attention needs q, at least one key part and the values: {} parts for {} operands",
+                        parts.len(),
+                        xs.len()
+                    ));
+                }
+                let dk: usize = parts[..parts.len() - 1].iter().map(|p| p.dim).sum();
+                let dv = parts[parts.len() - 1].dim;
+                let qd = q.shape.dims();
+                if qd.len() != 5 || qd[1] != Dim::Const(*heads) || qd[4] != Dim::Const(dk) {
+                    return Err(format!(
+                        "kv_attention needs q [B, {heads}, g, T, {dk}], got {q}"
+                    ));
+                }
+                let mut s_len = None;
+                for (p, c) in parts.iter().zip(&xs[1..]) {
+                    let n = heads * p.dim;
+                    let (dtype_ok, width) = match p.format {
+                        None => (c.dtype.is_float(), Some(n)),
+                        Some(f) => (c.dtype == DType::I32, f.words(n)),
+                    };
+                    let cd = c.shape.dims();
+                    let ok = dtype_ok
+                        && cd.len() == 3
+                        && cd[0] == qd[0]
+                        && width.is_some_and(|w| cd[2] == Dim::Const(w))
+                        && s_len.is_none_or(|s| s == cd[1]);
+                    if !ok {
+                        return Err(format!(
+                            "kv_attention part {p} ({heads} heads) cannot be stored as {c}"
+                        ));
+                    }
+                    s_len = Some(cd[1]);
+                }
+                let mut dims = qd[..4].to_vec();
+                dims.push(Dim::Const(dv));
                 Ok(TensorType::new(q.dtype, Shape(dims)))
             }
             Op::RmsNorm { .. } => {

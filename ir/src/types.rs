@@ -79,6 +79,8 @@ pub enum Sym {
     T,
     /// Number of key positions attended to: cached positions plus `T`.
     S,
+    /// Number of cached positions before this call (`S = P + T`).
+    P,
 }
 
 impl fmt::Display for Sym {
@@ -87,6 +89,7 @@ impl fmt::Display for Sym {
             Sym::B => "B",
             Sym::T => "T",
             Sym::S => "S",
+            Sym::P => "P",
         })
     }
 }

@@ -20,7 +20,7 @@ pub fn nominal(d: Dim) -> f64 {
     match d {
         Dim::Const(n) => n as f64,
         Dim::Sym(Sym::B) => 1.0,
-        Dim::Sym(Sym::T) | Dim::Sym(Sym::S) => 2048.0,
+        Dim::Sym(Sym::T) | Dim::Sym(Sym::S) | Dim::Sym(Sym::P) => 2048.0,
     }
 }
 
@@ -55,7 +55,7 @@ fn flops(op: &Op, xs: &[&TensorType], out: &TensorType) -> f64 {
     match op {
         Op::MatMul => 2.0 * numel(out) * last(xs[0], 1),
         // q·kᵀ, softmax (about 5 flops per score) and p·v, without the scores in memory.
-        Op::Attention { .. } => {
+        Op::Attention { .. } | Op::KvAttention { .. } => {
             let scores = numel(out) / last(out, 1) * last(xs[1], 2);
             scores * (2.0 * last(xs[0], 1) + 5.0 + 2.0 * last(out, 1))
         }

@@ -21,6 +21,7 @@ pub mod attention;
 pub mod cost;
 pub mod dba;
 pub mod elementwise;
+pub mod kv;
 pub mod lang;
 pub mod rmsnorm;
 pub mod rule;
@@ -38,6 +39,7 @@ pub fn rules() -> Vec<&'static Rule> {
     let mut r = algebra::rules();
     r.push(&dba::MERGE_DBA_SCORES);
     r.push(&attention::FUSE_ATTENTION);
+    r.push(&kv::DEQUANTIZE_IN_ATTENTION);
     r.push(&rmsnorm::FUSE_RMSNORM);
     r
 }

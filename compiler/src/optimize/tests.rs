@@ -73,6 +73,7 @@ fn bindings(
                 Dim::Sym(Sym::B) => 2,
                 Dim::Sym(Sym::T) => t,
                 Dim::Sym(Sym::S) => s,
+                Dim::Sym(Sym::P) => s - t,
             })
             .collect()
     };
@@ -758,4 +759,241 @@ fn half_precision_models_fuse_attention_and_agree() {
             assert!(err < 3e-2, "{name} {dtype}: differs by {err}");
         }
     }
+}
+
+// ------------------------------------------------------------- KV caches
+
+/// Runs a cached graph on `ids` (batch 1) after `past` cached positions.
+fn run_cached(
+    g: &Graph,
+    params: &BTreeMap<String, Tensor>,
+    ids: &[i32],
+    start: usize,
+    past: &BTreeMap<String, Tensor>,
+) -> BTreeMap<String, Tensor> {
+    let t = ids.len();
+    let mut b = Bindings::new(params)
+        .input("input_ids", Tensor::i32(vec![1, t], ids.to_vec()))
+        .input(
+            "positions",
+            Tensor::i32(vec![t], (start as i32..(start + t) as i32).collect()),
+        );
+    for (name, v) in past {
+        b = b.input(&format!("past.{name}"), v.clone());
+    }
+    eval(g, &b).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Cached graphs — prefill into an empty cache, then one decode step — give
+/// the uncached logits (exactly, up to rounding, for an fp32 cache), and the
+/// optimized cached graph, whose attentions all read the caches directly
+/// through `dequantize-in-attention`, gives the unoptimized one's.
+#[test]
+fn cached_models_match_uncached_and_fuse_dequantization() {
+    use crate::{lower_model_cached, CacheFormat as F, KvCacheSpec};
+    use caramba_ir::QuantFormat::{Nf4, Q4, Q8};
+    let llama = crate::hf::llama_model(&crate::hf::LlamaDims {
+        vocab_size: 61,
+        hidden_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 16,
+        intermediate_size: 96,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: false,
+    });
+    let dba_src =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../presets/dba.yml"))
+            .unwrap()
+            .replace("n_kv_heads: 2", "n_kv_heads: 4");
+    let dba = crate::compile(&dba_src).unwrap().manifest.model;
+    let uniform = KvCacheSpec::uniform;
+    let mixed = KvCacheSpec {
+        k: F::Quant(Q8),
+        k_sem: F::Quant(Q8),
+        k_geo: F::Quant(Q4),
+        v: F::Quant(Nf4),
+    };
+    let mut rng = Rng::new(11);
+    for (name, model) in [("llama", llama), ("dba", dba)] {
+        let plain = crate::lower_model(&model, "m", DType::F32).unwrap().graph;
+        let (_, params) = bindings(&plain, &mut rng, (1, 1), 1);
+        let vocab = model.embedder.vocab_size;
+        let ids: Vec<i32> = (0..6).map(|_| rng.below(vocab) as i32).collect();
+        let full = run_cached(&plain, &params, &ids, 0, &BTreeMap::new())["logits"].clone();
+        let full = full.to_f32_vec();
+        for spec in [
+            uniform(F::Fp32),
+            uniform(F::Fp16),
+            uniform(F::Quant(Q8)),
+            uniform(F::Quant(Q4)),
+            uniform(F::Quant(Nf4)),
+            mixed,
+        ] {
+            let what = format!("{name} {spec:?}");
+            let lowered = lower_model_cached(&model, "m", DType::F32, spec).unwrap();
+            let g = &lowered.graph;
+            caramba_ir::verify(g).unwrap();
+            let (h, rep) = optimize(g).unwrap();
+            assert!(rep.rejected.is_empty(), "{what}: {:?}", rep.rejected);
+            let layers = attention_sites(&plain);
+            assert_eq!(
+                count(&h, |o| matches!(o, Op::KvAttention { .. })),
+                layers,
+                "{what}"
+            );
+            assert_eq!(
+                count(&h, |o| matches!(o, Op::Dequantize { .. })),
+                0,
+                "{what}"
+            );
+            let empty: BTreeMap<String, Tensor> = lowered
+                .cache
+                .iter()
+                .map(|e| {
+                    let t = match e.dtype {
+                        DType::I32 => Tensor::i32(vec![1, 0, e.width], vec![]),
+                        d => Tensor::from_f32_as(d, vec![1, 0, e.width], vec![]),
+                    };
+                    (e.name.clone(), t)
+                })
+                .collect();
+            let pre = run_cached(g, &params, &ids[..5], 0, &empty);
+            let past: BTreeMap<String, Tensor> = lowered
+                .cache
+                .iter()
+                .map(|e| (e.name.clone(), pre[&format!("present.{}", e.name)].clone()))
+                .collect();
+            assert_eq!(past.values().next().unwrap().shape()[1], 5, "{what}");
+            let step = run_cached(g, &params, &ids[5..], 5, &past);
+            let fused = run_cached(&h, &params, &ids[5..], 5, &past);
+            let (a, b) = (step["logits"].to_f32_vec(), fused["logits"].to_f32_vec());
+            let diff = a
+                .iter()
+                .zip(&b)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(diff < 1e-4, "{what}: optimized decode differs by {diff}");
+            // Against the uncached model: the prefill's logits and the step's.
+            let mut got = pre["logits"].to_f32_vec();
+            got.extend(&a);
+            let scale = full.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let diff = got
+                .iter()
+                .zip(&full)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+                / scale;
+            // Relative bounds: rounding for fp32; each format's error through
+            // random weights with peaked attention (seen: fp16 4e-4, q8 1e-2,
+            // 4-bit formats 0.12–0.26).
+            let bound = match spec {
+                s if s == uniform(F::Fp32) => 1e-6,
+                s if s == uniform(F::Fp16) => 2e-3,
+                s if s == uniform(F::Quant(Q8)) => 3e-2,
+                _ => 0.5,
+            };
+            assert!(
+                diff < bound,
+                "{what}: cached logits differ from uncached by {diff} (relative)"
+            );
+        }
+    }
+}
+
+/// One or two key paths and the values, each cached in a random format
+/// (an fp32 cache as its append), viewed as heads, through masked softmax.
+fn kv_cache_graph(rng: &mut Rng) -> Graph {
+    use caramba_ir::QuantFormat;
+    let kv = rng.range(1, 2);
+    let grp = rng.range(1, 2);
+    let (b, t, s, p) = (
+        Dim::Sym(Sym::B),
+        Dim::Sym(Sym::T),
+        Dim::Sym(Sym::S),
+        Dim::Sym(Sym::P),
+    );
+    let mut g = Graph::new("t");
+    let mut path = |g: &mut Graph, name: &str, d: usize, rng: &mut Rng| -> NodeId {
+        let w = kv * d;
+        let dense = match rng.below(4) {
+            0 => {
+                let past = g
+                    .input(&format!("past_{name}"), ty(DType::F64, &[b, p, c(w)]))
+                    .unwrap();
+                let new = g
+                    .input(&format!("new_{name}"), ty(DType::F64, &[b, t, c(w)]))
+                    .unwrap();
+                g.add(Op::Concat { axis: 1 }, &[past, new], "").unwrap()
+            }
+            k => {
+                let f = [QuantFormat::Q8, QuantFormat::Q4, QuantFormat::Nf4][k - 1];
+                let raw = g.input(name, ty(DType::F64, &[b, s, c(w)])).unwrap();
+                let q = g.add(Op::Quantize(f), &[raw], "").unwrap();
+                let dq = Op::Dequantize {
+                    format: f,
+                    dtype: DType::F64,
+                };
+                g.add(dq, &[q], "").unwrap()
+            }
+        };
+        let r = g
+            .add(
+                Op::Reshape(Shape::new([b, s, c(kv), c(1), c(d)])),
+                &[dense],
+                "",
+            )
+            .unwrap();
+        g.add(Op::Permute(vec![0, 2, 3, 1, 4]), &[r], "").unwrap()
+    };
+    let d1 = 32 / kv * rng.range(1, 2);
+    let mut keys = vec![path(&mut g, "k1", d1, rng)];
+    let mut dk = d1;
+    if rng.bool() {
+        let d2 = 32 / kv;
+        keys.push(path(&mut g, "k2", d2, rng));
+        dk += d2;
+    }
+    let v = path(&mut g, "v", 32 / kv, rng);
+    let k = if keys.len() == 1 {
+        keys[0]
+    } else {
+        g.add(Op::Concat { axis: 4 }, &keys, "").unwrap()
+    };
+    let q = g
+        .input("q", ty(DType::F64, &[b, c(kv), c(grp), t, c(dk)]))
+        .unwrap();
+    let kt = g.add(Op::Permute(vec![0, 1, 2, 4, 3]), &[k], "").unwrap();
+    let scores = g.add(Op::MatMul, &[q, kt], "attn").unwrap();
+    let m = if rng.bool() {
+        g.add(Op::CausalMask, &[scores], "attn").unwrap()
+    } else {
+        scores
+    };
+    let pr = g.add(Op::Softmax { axis: 4 }, &[m], "attn").unwrap();
+    let o = g.add(Op::MatMul, &[pr, v], "attn").unwrap();
+    g.set_output("o", o);
+    g
+}
+
+#[test]
+fn dequantize_in_attention_is_sound() {
+    prove(
+        "dequantize-in-attention",
+        &[
+            "dequantize-in-attention",
+            "fuse-attention",
+            "permute-compose",
+            "permute-identity",
+        ],
+        24,
+        |rng| {
+            let g = kv_cache_graph(rng);
+            let (h, _) = optimize(&g).unwrap();
+            assert_eq!(count(&h, |o| matches!(o, Op::KvAttention { .. })), 1);
+            assert_eq!(count(&h, |o| matches!(o, Op::Dequantize { .. })), 0);
+            g
+        },
+    );
 }

@@ -53,6 +53,7 @@ pub struct SymValues {
     pub b: Option<usize>,
     pub t: Option<usize>,
     pub s: Option<usize>,
+    pub p: Option<usize>,
 }
 
 impl SymValues {
@@ -60,7 +61,12 @@ impl SymValues {
         match sym {
             Sym::B => self.b,
             Sym::T => self.t,
-            Sym::S => self.s,
+            // The attended positions are the cached ones plus the new ones.
+            Sym::S => self.s.or(match (self.p, self.t) {
+                (Some(p), Some(t)) => Some(p + t),
+                _ => None,
+            }),
+            Sym::P => self.p,
         }
     }
 
@@ -69,6 +75,7 @@ impl SymValues {
             Sym::B => self.b = Some(value),
             Sym::T => self.t = Some(value),
             Sym::S => self.s = Some(value),
+            Sym::P => self.p = Some(value),
         }
     }
 }

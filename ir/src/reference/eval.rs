@@ -7,7 +7,7 @@
 
 use super::bindings::{Bindings, SymValues};
 use super::ops::matmul::MatOperand;
-use super::ops::{attention, elementwise, fused, layout, matmul, reduce, Raw};
+use super::ops::{attention, elementwise, fused, layout, matmul, quant, reduce, Raw};
 use super::tensor::{storage_dtype, ShapeFmt, Tensor};
 use crate::graph::{Graph, Node, NodeId};
 use crate::op::Op;
@@ -244,6 +244,17 @@ fn apply(node: &Node, args: &[(&Tensor, bool)], syms: &SymValues) -> Result<Tens
         Op::Elementwise(p) => {
             let xs: Vec<&Tensor> = dense.iter().map(|c| &**c).collect();
             fused::elementwise(p, &xs, &expected)
+        }
+        Op::Quantize(f) => quant::quantize(x(0), *f),
+        Op::Dequantize { format, dtype } => quant::dequantize(x(0), *format, *dtype),
+        Op::KvAttention {
+            causal,
+            scale,
+            heads,
+            parts,
+        } => {
+            let caches: Vec<&Tensor> = dense[1..].iter().map(|c| &**c).collect();
+            quant::kv_attention(x(0), &caches, parts, *heads, *causal, *scale)
         }
     }
     .map_err(err)?;

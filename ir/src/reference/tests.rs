@@ -1226,3 +1226,215 @@ fn elementwise_programs_match_their_primitives() {
     let want: Vec<f32> = (0..8).map(|i| -wv[i % 4]).collect();
     assert_close(got.as_f32().unwrap(), &want, 0.0);
 }
+
+// ------------------------------------------------------- KV-cache storage
+
+/// `dequantize(quantize(x))` through the evaluator is `crate::quant`'s row
+/// round trip, and stays within each format's error bound.
+#[test]
+fn quantize_round_trips_through_the_evaluator() {
+    use crate::quant::QuantFormat;
+    let x = f32s(&[2, 3, 64], &ramp(2 * 3 * 64, 9));
+    for f in [QuantFormat::Q8, QuantFormat::Q4, QuantFormat::Nf4] {
+        let mut g = Graph::new("t");
+        let xi = g.input("x", ty(DType::F32, shape![2, 3, 64])).unwrap();
+        let q = g.add(Op::Quantize(f), &[xi], "").unwrap();
+        assert_eq!(
+            g.node(q).ty,
+            ty(DType::I32, shape![2, 3, f.words(64).unwrap()])
+        );
+        let y = g
+            .add(
+                Op::Dequantize {
+                    format: f,
+                    dtype: DType::F32,
+                },
+                &[q],
+                "",
+            )
+            .unwrap();
+        g.set_output("y", y);
+        let got = run(&g, vec![("x", x.clone())]);
+        assert_eq!(got.shape(), &[2, 3, 64]);
+        let mut want = Vec::new();
+        for row in x.as_f32().unwrap().chunks(64) {
+            let mut w = vec![0; f.words(64).unwrap()];
+            f.quantize_row(row, &mut w);
+            let mut r = vec![0.0; 64];
+            f.dequantize_row(&w, &mut r);
+            want.extend(r);
+        }
+        assert_eq!(got.as_f32().unwrap(), &want[..], "{f}");
+        let tol = match f {
+            QuantFormat::Q8 => 1.0 / 254.0,
+            _ => 0.16,
+        };
+        assert_close(got.as_f32().unwrap(), x.as_f32().unwrap(), tol);
+    }
+    // Rows that are not whole blocks are a type error.
+    let mut g = Graph::new("t");
+    let xi = g.input("x", ty(DType::F32, shape![2, 48])).unwrap();
+    let e = g.add(Op::Quantize(QuantFormat::Q8), &[xi], "").unwrap_err();
+    assert!(e.message.contains("multiple of 32"), "{}", e.message);
+}
+
+/// Appending new positions `T` to `P` cached ones gives the `S` attended
+/// ones; `S` is then known from `P` and `T`.
+#[test]
+fn concat_of_cached_and_new_positions_is_s() {
+    let mut g = Graph::new("t");
+    let past = g
+        .input(
+            "past",
+            ty(DType::F32, Shape::new([Dim::Sym(Sym::P), Dim::Const(2)])),
+        )
+        .unwrap();
+    let new = g
+        .input(
+            "new",
+            ty(DType::F32, Shape::new([Dim::Sym(Sym::T), Dim::Const(2)])),
+        )
+        .unwrap();
+    let all = g.add(Op::Concat { axis: 0 }, &[past, new], "").unwrap();
+    assert_eq!(
+        g.node(all).ty.shape,
+        Shape::new([Dim::Sym(Sym::S), Dim::Const(2)])
+    );
+    assert!(g.add(Op::Concat { axis: 0 }, &[new, past], "").is_err());
+    g.set_output("y", all);
+    let got = run(
+        &g,
+        vec![
+            ("past", f32s(&[3, 2], &[1., 2., 3., 4., 5., 6.])),
+            ("new", f32s(&[1, 2], &[7., 8.])),
+        ],
+    );
+    assert_eq!(got.shape(), &[4, 2]);
+    // An empty cache (P = 0) is a plain prefill.
+    let got = run(
+        &g,
+        vec![
+            ("past", f32s(&[0, 2], &[])),
+            ("new", f32s(&[1, 2], &[7., 8.])),
+        ],
+    );
+    assert_eq!(got.as_f32().unwrap(), &[7., 8.]);
+}
+
+/// `kv_attention` over a float key part, a q8 key part and q4 values equals
+/// its decomposition: dequantize, view as heads, concatenate the keys,
+/// attention.
+#[test]
+fn kv_attention_matches_its_decomposition() {
+    use crate::op::KvPart;
+    use crate::quant::QuantFormat;
+    let (b, kv, g_, t, s) = (1usize, 2usize, 2usize, 2usize, 5usize);
+    let (d0, d1, dv) = (16usize, 32usize, 16usize);
+    let parts = vec![
+        KvPart {
+            format: None,
+            dim: d0,
+        },
+        KvPart {
+            format: Some(QuantFormat::Q8),
+            dim: d1,
+        },
+        KvPart {
+            format: Some(QuantFormat::Q4),
+            dim: dv,
+        },
+    ];
+    let mut g = Graph::new("t");
+    let q = g
+        .input("q", ty(DType::F32, shape![b, kv, g_, t, d0 + d1]))
+        .unwrap();
+    let mut caches = Vec::new();
+    let mut views = Vec::new();
+    let mut bind = Vec::new();
+    for (i, p) in parts.iter().enumerate() {
+        let raw = g
+            .input(&format!("raw{i}"), ty(DType::F32, shape![b, s, kv * p.dim]))
+            .unwrap();
+        bind.push((
+            format!("raw{i}"),
+            f32s(&[b, s, kv * p.dim], &ramp(b * s * kv * p.dim, 20 + i)),
+        ));
+        let (cache, dense) = match p.format {
+            None => (raw, raw),
+            Some(f) => {
+                let c = g.add(Op::Quantize(f), &[raw], "").unwrap();
+                let dq = Op::Dequantize {
+                    format: f,
+                    dtype: DType::F32,
+                };
+                (c, g.add(dq, &[c], "").unwrap())
+            }
+        };
+        caches.push(cache);
+        let r = g
+            .add(Op::Reshape(shape![b, s, kv, 1, p.dim]), &[dense], "")
+            .unwrap();
+        views.push(g.add(Op::Permute(vec![0, 2, 3, 1, 4]), &[r], "").unwrap());
+    }
+    let k = g.add(Op::Concat { axis: 4 }, &views[..2], "").unwrap();
+    for causal in [false, true] {
+        let mut xs = vec![q];
+        xs.extend(&caches);
+        let fused = g
+            .add(
+                Op::KvAttention {
+                    causal,
+                    scale: Scalar(0.3),
+                    heads: kv,
+                    parts: parts.clone(),
+                },
+                &xs,
+                "",
+            )
+            .unwrap();
+        let prim = g
+            .add(
+                Op::Attention {
+                    causal,
+                    scale: Scalar(0.3),
+                },
+                &[q, k, views[2]],
+                "",
+            )
+            .unwrap();
+        g.set_output(&format!("fused{causal}"), fused);
+        g.set_output(&format!("prim{causal}"), prim);
+    }
+    let mut bnd = Bindings::default().input(
+        "q",
+        f32s(
+            &[b, kv, g_, t, d0 + d1],
+            &ramp(b * kv * g_ * t * (d0 + d1), 7),
+        ),
+    );
+    for (n, v) in bind {
+        bnd = bnd.input(&n, v);
+    }
+    let out = eval(&g, &bnd).unwrap();
+    for causal in [false, true] {
+        let f = &out[&format!("fused{causal}")];
+        assert_eq!(f.shape(), &[b, kv, g_, t, dv]);
+        assert_close(
+            f.as_f32().unwrap(),
+            out[&format!("prim{causal}")].as_f32().unwrap(),
+            1e-6,
+        );
+    }
+    // A part whose cache has the wrong width is a type error.
+    let bad = g.add(
+        Op::KvAttention {
+            causal: true,
+            scale: Scalar(1.0),
+            heads: kv,
+            parts: vec![parts[0], parts[0]],
+        },
+        &[q, caches[0], caches[1]],
+        "",
+    );
+    assert!(bad.is_err());
+}

@@ -153,6 +153,12 @@ impl<R: Runtime> Ctx<'_, R> {
             Op::Input { .. } | Op::Param { .. } => {
                 Err(self.err("inputs and parameters are bound, not applied".into()))
             }
+            Op::Quantize(_) | Op::Dequantize { .. } | Op::KvAttention { .. } => {
+                Err(GpuError::Unsupported {
+                    at: at(self.node),
+                    message: "KV-cache ops (not yet on the GPU)".into(),
+                })
+            }
             Op::Constant(v) => {
                 let out = self.alloc(shape);
                 if self.node.ty.dtype == DType::I32 {

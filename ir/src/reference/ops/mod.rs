@@ -8,6 +8,7 @@ pub mod elementwise;
 pub mod fused;
 pub mod layout;
 pub mod matmul;
+pub mod quant;
 pub mod reduce;
 
 use super::tensor::{Elem, Storage, Tensor};
