@@ -5,6 +5,7 @@
 use crate::commands::Failure;
 use caramba_compiler::hf::{llama_model, LlamaDims};
 use caramba_compiler::manifest::{RopeScalingCfg, RopeScalingKind};
+use caramba_compiler::{CacheEntry, KvCacheSpec};
 use caramba_ir::reference::{Bindings, Tensor};
 use caramba_ir::{DType, Graph, Sym};
 use caramba_runtime::backend::{Backend, Executor};
@@ -20,6 +21,8 @@ pub struct Model {
     /// Where the forward pass runs. GPU backends run the optimized (fused)
     /// graph; the CPU reference runs the lowered graph as it is.
     exec: Executor,
+    /// The KV-cache tensors of a model loaded for cached generation.
+    pub cache: Vec<CacheEntry>,
 }
 
 /// The dimensions of a Hugging Face Llama config, for the compiler.
@@ -68,15 +71,35 @@ impl Model {
 
     /// [`Model::load`] on a chosen backend.
     pub fn load_on(ckpt: &Checkpoint, backend: Backend) -> Result<Model, Failure> {
+        Model::load_with(ckpt, backend, None)
+    }
+
+    /// [`Model::load_on`] lowered for generation with a KV cache stored as
+    /// `cache` says (see `caramba_compiler::lower_model_cached`): its
+    /// forward pass is [`Model::forward_cached`].
+    pub fn load_with(
+        ckpt: &Checkpoint,
+        backend: Backend,
+        cache: Option<KvCacheSpec>,
+    ) -> Result<Model, Failure> {
         let config = ckpt.config.clone();
         let spec = llama_model(&dims(&config));
-        let lowered =
-            caramba_compiler::lower_model(&spec, "checkpoint", DType::F32).map_err(|d| {
-                Failure::runtime(format!(
-                    "the checkpoint's configuration does not describe a valid model:\n{}",
-                    d.render(&ckpt.path().display().to_string(), "")
-                ))
-            })?;
+        let lowered = match cache {
+            None => caramba_compiler::lower_model(&spec, "checkpoint", DType::F32),
+            Some(c) => caramba_compiler::lower_model_cached(&spec, "checkpoint", DType::F32, c),
+        }
+        .map_err(|d| {
+            Failure::usage(format!(
+                "the checkpoint's model cannot be lowered{}:\n{}",
+                if cache.is_some() {
+                    " with this KV cache"
+                } else {
+                    ""
+                },
+                d.render(&ckpt.path().display().to_string(), "")
+            ))
+        })?;
+        let cache_entries = lowered.cache;
         let graph = lowered.graph;
         let expected: Vec<(String, Vec<usize>)> = graph
             .params()
@@ -125,11 +148,76 @@ impl Model {
             params,
             config,
             exec,
+            cache: cache_entries,
         })
     }
 
     pub fn backend(&self) -> Backend {
         self.exec.backend()
+    }
+
+    /// One step of cached generation for one sequence: logits [T, vocab]
+    /// of the new tokens `ids` at positions `start..start + T`, after the
+    /// cached ones in `past` (`past.<entry>` tensors [1, start, width]); the
+    /// caches with this step's rows appended are put back into `past`.
+    pub fn forward_cached(
+        &self,
+        ids: &[u32],
+        start: usize,
+        past: &mut BTreeMap<String, Tensor>,
+    ) -> Result<Tensor, Failure> {
+        let t = ids.len();
+        let input = Tensor::i32(vec![1, t], ids.iter().map(|&i| i as i32).collect());
+        let pos = Tensor::i32(vec![t], (start as i32..(start + t) as i32).collect());
+        let mut b = Bindings::new(&self.params)
+            .sym(Sym::B, 1)
+            .sym(Sym::T, t)
+            .sym(Sym::P, start)
+            .input("input_ids", input)
+            .input("positions", pos);
+        for e in &self.cache {
+            let c = past.remove(&e.name).ok_or_else(|| {
+                Failure::runtime(format!("internal error: KV cache {} is missing", e.name))
+            })?;
+            b = b.input(&format!("past.{}", e.name), c);
+        }
+        let mut out = self
+            .exec
+            .run(&b)
+            .map_err(|e| Failure::runtime(format!("forward pass failed: {e}")))?;
+        for e in &self.cache {
+            let c = out.remove(&format!("present.{}", e.name)).ok_or_else(|| {
+                Failure::runtime(format!("internal error: no present.{} output", e.name))
+            })?;
+            past.insert(e.name.clone(), c);
+        }
+        let logits = out
+            .remove("logits")
+            .ok_or_else(|| Failure::runtime("the model graph has no logits output"))?;
+        Ok(logits.reshaped(vec![t, self.config.vocab_size]))
+    }
+
+    /// An empty KV cache for [`Model::forward_cached`].
+    pub fn empty_cache(&self) -> BTreeMap<String, Tensor> {
+        self.cache
+            .iter()
+            .map(|e| {
+                let t = match e.dtype {
+                    DType::I32 => Tensor::i32(vec![1, 0, e.width], Vec::new()),
+                    d => Tensor::from_f32_as(d, vec![1, 0, e.width], Vec::new()),
+                };
+                (e.name.clone(), t)
+            })
+            .collect()
+    }
+
+    /// Bytes the KV cache takes per token, as stored (a 16-bit format counts
+    /// 2 bytes, though a backend may hold it widened).
+    pub fn cache_bytes_per_token(&self) -> f64 {
+        self.cache
+            .iter()
+            .map(|e| e.values as f64 * e.format.bytes_per_value())
+            .sum()
     }
 
     /// Logits [T, vocab] for one sequence, positions 0..T.

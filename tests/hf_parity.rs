@@ -7,7 +7,9 @@
 //! SKIPPED loudly (and fails when CARAMBA_REQUIRE_FIXTURES is set, as in CI).
 
 use caramba::commands::perplexity::nll_of;
+use caramba::commands::sample::parse_kv_cache;
 use caramba::model::{open_checkpoint, Model};
+use caramba_runtime::backend::Backend;
 use caramba_runtime::checkpoint::testing::{fixture_path, SMOLLM2_GGUF};
 use caramba_runtime::data::read_f32_npy;
 use serde_json::Value;
@@ -99,6 +101,73 @@ fn greedy_generation_matches_transformers() {
         got.push(next);
     }
     assert_eq!(got, want, "greedy continuation differs from transformers'");
+}
+
+/// Greedy decoding through a KV cache of `spec`: prefill, then one token
+/// per step.
+fn greedy_cached(spec: &str, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
+    let path = fixture_path(SMOLLM2_GGUF).expect("fixture checked by the caller");
+    let ckpt = open_checkpoint(&path).unwrap_or_else(|e| panic!("{}", e.message));
+    let cache = parse_kv_cache(spec).unwrap();
+    let m =
+        Model::load_with(&ckpt, Backend::Cpu, cache).unwrap_or_else(|e| panic!("{}", e.message));
+    let vocab = m.config.vocab_size;
+    let mut past = m.empty_cache();
+    let mut seq = prompt.to_vec();
+    let mut first = Vec::new();
+    for step in 0..n {
+        let start = if step == 0 { 0 } else { seq.len() - 1 };
+        let l = m
+            .forward_cached(&seq[start..], start, &mut past)
+            .expect("forward pass");
+        let l = l.as_f32().expect("f32");
+        if step == 0 {
+            first = l.to_vec();
+        }
+        let last = &l[l.len() - vocab..];
+        let next = (0..vocab)
+            .max_by(|&a, &b| last[a].total_cmp(&last[b]))
+            .expect("non-empty") as u32;
+        seq.push(next);
+    }
+    assert_eq!(past.values().next().unwrap().shape()[1], seq.len() - 1);
+    (seq[prompt.len()..].to_vec(), first)
+}
+
+/// With an fp32 KV cache, the prefill's logits are transformers' and greedy
+/// decoding gives transformers' tokens; a q8 cache (9 bits per value) keeps
+/// the first tokens, and the 4-bit formats run and stay close at the start.
+#[test]
+fn cached_generation_matches_transformers() {
+    if model().is_none() {
+        return;
+    }
+    let g = json("greedy.json");
+    let prompt = ids(&g["prompt_ids"]);
+    let want = ids(&g["new_ids"]);
+    let (got, _) = greedy_cached("fp32", &prompt, want.len());
+    assert_eq!(
+        got, want,
+        "cached greedy continuation differs from transformers'"
+    );
+    let p = &json("prompts.json")[0];
+    let (_, first) = greedy_cached("fp32", &ids(&p["ids"]), 1);
+    let (_, want_logits) = read_f32_npy(&reference("logits_0.npy")).expect("reference logits");
+    let diff = first
+        .iter()
+        .zip(&want_logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        diff <= 2e-3,
+        "prefill logits differ from transformers' by {diff:.3e}"
+    );
+    let (q8, _) = greedy_cached("q8", &prompt, 4);
+    assert_eq!(q8, want[..4], "q8 cache");
+    for spec in ["nf4", "k=q8,v=q4"] {
+        let (got, _) = greedy_cached(spec, &prompt, 2);
+        assert_eq!(got[0], want[0], "{spec} cache: first token");
+    }
 }
 
 #[test]

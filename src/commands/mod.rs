@@ -108,6 +108,8 @@ use `caramba sample --ckpt ... --prompt ...`",
                 dump_logits: None,
                 tokenizer: None,
                 ids: false,
+                kv_cache: "fp32".into(),
+                stats: false,
                 device: DeviceArg::Auto,
             })
         }

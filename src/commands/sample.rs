@@ -1,15 +1,19 @@
 //! `caramba sample`: generate a continuation from a checkpoint.
 //!
-//! Each step runs the whole sequence through the model (no KV cache yet),
-//! takes the last position's logits and picks the next token: argmax at
+//! The prompt runs through the model once (prefill), filling the KV cache;
+//! each later step runs only the new token against the cache (decode). With
+//! `--kv-cache none` every step recomputes the whole sequence instead. Each
+//! step takes the last position's logits and picks the next token: argmax at
 //! temperature 0, else a draw from softmax(logits / T) restricted by top-k
 //! and top-p.
 
 use super::{backend_for, CmdResult, Failure};
 use crate::cli::SampleArgs;
 use crate::model::{open_checkpoint, tokenizer_for, Model};
+use caramba_compiler::{CacheFormat, KvCacheSpec};
 use caramba_runtime::rng::SplitMix64;
 use std::io::Write;
+use std::time::{Duration, Instant};
 
 pub fn sample(a: &SampleArgs) -> CmdResult {
     let backend = backend_for(a.device)?;
@@ -29,9 +33,10 @@ pub fn sample(a: &SampleArgs) -> CmdResult {
     if a.top_k == Some(0) {
         return Err(Failure::usage("--top-k must be at least 1"));
     }
+    let cache = parse_kv_cache(&a.kv_cache).map_err(Failure::usage)?;
     let ckpt = open_checkpoint(&a.ckpt)?;
     let tok = tokenizer_for(&ckpt, a.tokenizer.as_deref())?;
-    let model = Model::load_on(&ckpt, backend)?;
+    let model = Model::load_with(&ckpt, backend, cache)?;
     let mut ids = tok.encode(&a.prompt, false);
     if a.bos {
         let bos = tok
@@ -50,10 +55,20 @@ pub fn sample(a: &SampleArgs) -> CmdResult {
     let mut out = std::io::stdout();
     let _ = write!(out, "{}", a.prompt);
     let mut new_ids = Vec::new();
+    let mut past = model.empty_cache();
+    let (mut prefill, mut decode) = (Duration::ZERO, Duration::ZERO);
     for step in 0..a.max_new_tokens {
-        let logits = model.logits(&ids)?;
+        let timer = Instant::now();
+        let logits = if cache.is_some() {
+            // The prompt at the first step, then only the newest token.
+            let start = if step == 0 { 0 } else { ids.len() - 1 };
+            model.forward_cached(&ids[start..], start, &mut past)?
+        } else {
+            model.logits(&ids)?
+        };
         let all = logits.as_f32().expect("logits are f32");
         if step == 0 {
+            prefill = timer.elapsed();
             if let Some(path) = &a.dump_logits {
                 caramba_runtime::data::write_f32_npy(
                     path,
@@ -62,8 +77,11 @@ pub fn sample(a: &SampleArgs) -> CmdResult {
                 )
                 .map_err(|e| Failure::runtime(format!("cannot write {}: {e}", path.display())))?;
             }
+        } else {
+            decode += timer.elapsed();
         }
-        let last = &all[(ids.len() - 1) * vocab..ids.len() * vocab];
+        let rows = all.len() / vocab;
+        let last = &all[(rows - 1) * vocab..];
         let next = pick(last, a.temperature, a.top_k, a.top_p, &mut rng);
         ids.push(next);
         new_ids.push(next);
@@ -75,11 +93,73 @@ pub fn sample(a: &SampleArgs) -> CmdResult {
         }
     }
     let _ = writeln!(out);
+    if a.stats {
+        let steps = new_ids.len().saturating_sub(1);
+        eprintln!(
+            "prefill: {prompt_len} tokens in {:.1} ms ({:.0} tokens/s) on {}",
+            prefill.as_secs_f64() * 1e3,
+            prompt_len as f64 / prefill.as_secs_f64(),
+            model.backend()
+        );
+        if steps > 0 {
+            eprintln!(
+                "decode: {steps} tokens in {:.1} ms ({:.1} tokens/s)",
+                decode.as_secs_f64() * 1e3,
+                steps as f64 / decode.as_secs_f64()
+            );
+        }
+        match cache {
+            Some(_) => eprintln!(
+                "KV cache ({}): {:.0} bytes/token, {:.1} KiB for {} tokens",
+                a.kv_cache,
+                model.cache_bytes_per_token(),
+                model.cache_bytes_per_token() * ids.len() as f64 / 1024.0,
+                ids.len()
+            ),
+            None => eprintln!("KV cache: none (every step recomputes the sequence)"),
+        }
+    }
     if a.ids {
         let _ = writeln!(out, "prompt ids: {:?}", &ids[..prompt_len]);
         let _ = writeln!(out, "new ids: {new_ids:?}");
     }
     Ok(())
+}
+
+/// Reads `--kv-cache`: `none`, one format for every path, or
+/// `path=format` pairs (paths `k`, `k_sem`, `k_geo`, `v`; others fp32).
+pub fn parse_kv_cache(s: &str) -> Result<Option<KvCacheSpec>, String> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    let format = |f: &str| {
+        CacheFormat::parse(f.trim()).ok_or_else(|| {
+            format!("--kv-cache: unknown format {f:?} (expected fp32, fp16, q8, q4 or nf4)")
+        })
+    };
+    if !s.contains('=') {
+        return Ok(Some(KvCacheSpec::uniform(format(s)?)));
+    }
+    let mut spec = KvCacheSpec::uniform(CacheFormat::Fp32);
+    for pair in s.split(',') {
+        let (path, f) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("--kv-cache: expected path=format, got {pair:?}"))?;
+        let f = format(f)?;
+        match path.trim() {
+            "k" => spec.k = f,
+            "k_sem" => spec.k_sem = f,
+            "k_geo" => spec.k_geo = f,
+            "v" => spec.v = f,
+            other => {
+                return Err(format!(
+                    "--kv-cache: unknown path {other:?} (expected k, k_sem, k_geo or v)"
+                ))
+            }
+        }
+    }
+    Ok(Some(spec))
 }
 
 /// The text the last token adds (decoding the whole continuation keeps
@@ -153,6 +233,27 @@ pub fn pick(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kv_cache_specs() {
+        use caramba_ir::QuantFormat;
+        assert_eq!(parse_kv_cache("none").unwrap(), None);
+        assert_eq!(
+            parse_kv_cache("Q8").unwrap(),
+            Some(KvCacheSpec::uniform(CacheFormat::Quant(QuantFormat::Q8)))
+        );
+        let s = parse_kv_cache("k_sem=q8, k_geo=nf4,v=fp16")
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.k, CacheFormat::Fp32);
+        assert_eq!(s.k_sem, CacheFormat::Quant(QuantFormat::Q8));
+        assert_eq!(s.k_geo, CacheFormat::Quant(QuantFormat::Nf4));
+        assert_eq!(s.v, CacheFormat::Fp16);
+        for bad in ["int8", "k=q8,x=fp16", "k:q8", "k=q3"] {
+            let e = parse_kv_cache(bad).unwrap_err();
+            assert!(e.starts_with("--kv-cache"), "{e}");
+        }
+    }
 
     #[test]
     fn greedy_and_restricted_sampling() {
