@@ -111,14 +111,13 @@ impl QuantFormat {
             QuantFormat::Q8 => ((x * inv).round().clamp(-127.0, 127.0) as i32 as u32) & 0xff,
             QuantFormat::Q4 => ((x * inv).round() + 8.0).clamp(0.0, 15.0) as u32,
             QuantFormat::Nf4 => {
+                // The nearest level, found as the number of midpoints
+                // between levels below y (a tie goes to the lower level).
                 let y = x * inv;
-                let mut best = 0;
-                for (i, l) in NF4_LEVELS.iter().enumerate() {
-                    if (y - l).abs() < (y - NF4_LEVELS[best]).abs() {
-                        best = i;
-                    }
-                }
-                best as u32
+                NF4_LEVELS
+                    .windows(2)
+                    .filter(|w| y > (w[0] + w[1]) * 0.5)
+                    .count() as u32
             }
         }
     }

@@ -17,8 +17,10 @@ pub mod cast;
 pub mod copy;
 pub mod elementwise;
 pub mod gather;
+pub mod kv_attention;
 pub mod matmul;
 pub mod norm;
+pub mod quant;
 pub mod reduce;
 pub mod rope;
 

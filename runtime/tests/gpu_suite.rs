@@ -563,6 +563,154 @@ pub fn dba_preset<R: Runtime>(dev: &R::Device) {
     run_model::<R>(dev, &compiled.student.graph, 512, 7);
 }
 
+/// Quantize and dequantize in every cache format: the codes (exactly) and
+/// the values match the reference's.
+pub fn quantize_formats<R: Runtime>(dev: &R::Device) {
+    use caramba_ir::QuantFormat;
+    let mut rng = Rng(21);
+    for f in [QuantFormat::Q8, QuantFormat::Q4, QuantFormat::Nf4] {
+        let mut g = Graph::new("quantize");
+        let x = g.input("x0", f32t(&[3, 5, 96])).unwrap();
+        let q = g.add(Op::Quantize(f), &[x], "").unwrap();
+        let y = g
+            .add(
+                Op::Dequantize {
+                    format: f,
+                    dtype: DType::F32,
+                },
+                &[q],
+                "",
+            )
+            .unwrap();
+        g.set_output("codes", q);
+        g.set_output("y", y);
+        check::<R>(dev, &g, &bind(vec![rng.tensor(&[3, 5, 96])]), 1e-6);
+    }
+}
+
+/// `kv_attention` over a float key cache, a q8 key cache and nf4 or q4
+/// values: decode (T = 1) over one key and over many chunks, and prefill
+/// (T = S), causal and not, against the reference.
+pub fn kv_attention_over_caches<R: Runtime>(dev: &R::Device) {
+    use caramba_ir::{KvPart, QuantFormat};
+    let mut rng = Rng(22);
+    let (b, kv, grp) = (2usize, 2usize, 3usize);
+    for (t, s) in [(1usize, 1usize), (1, 300), (5, 5), (3, 130)] {
+        for (two_keys, vf) in [(true, QuantFormat::Nf4), (false, QuantFormat::Q4)] {
+            let mut parts = vec![KvPart {
+                format: None,
+                dim: 16,
+            }];
+            if two_keys {
+                parts.push(KvPart {
+                    format: Some(QuantFormat::Q8),
+                    dim: 32,
+                });
+            }
+            parts.push(KvPart {
+                format: Some(vf),
+                dim: 16,
+            });
+            let dk: usize = parts[..parts.len() - 1].iter().map(|p| p.dim).sum();
+            for causal in [false, true] {
+                let mut g = Graph::new("kv_attention");
+                let q = g.input("x0", f32t(&[b, kv, grp, t, dk])).unwrap();
+                let mut xs = vec![q];
+                let mut vals = vec![rng.tensor(&[b, kv, grp, t, dk])];
+                for (i, p) in parts.iter().enumerate() {
+                    let raw = g
+                        .input(&format!("x{}", i + 1), f32t(&[b, s, kv * p.dim]))
+                        .unwrap();
+                    vals.push(rng.tensor(&[b, s, kv * p.dim]));
+                    xs.push(match p.format {
+                        None => raw,
+                        Some(f) => g.add(Op::Quantize(f), &[raw], "").unwrap(),
+                    });
+                }
+                let op = Op::KvAttention {
+                    causal,
+                    scale: Scalar(0.25),
+                    heads: kv,
+                    parts: parts.clone(),
+                };
+                let y = g.add(op, &xs, "").unwrap();
+                g.set_output("y", y);
+                check::<R>(dev, &g, &bind(vals), TOL);
+            }
+        }
+    }
+}
+
+/// A tiny Llama lowered with a KV cache and optimized (its attentions read
+/// the caches through `dequantize-in-attention`) gives the reference's
+/// logits for a prefill and then a decode step, for fp32 and q8 caches.
+pub fn cached_tiny_llama<R: Runtime>(dev: &R::Device) {
+    use caramba_compiler::{CacheFormat, KvCacheSpec};
+    let mut dims = tiny_llama_dims();
+    dims.head_dim = 16; // kv · head_dim = 32: one q8 block per token
+    let spec = caramba_compiler::hf::llama_model(&dims);
+    for format in [
+        CacheFormat::Fp32,
+        CacheFormat::Quant(caramba_ir::QuantFormat::Q8),
+    ] {
+        let lowered = caramba_compiler::lower_model_cached(
+            &spec,
+            "cached",
+            DType::F32,
+            KvCacheSpec::uniform(format),
+        )
+        .unwrap();
+        let (fused, _) = caramba_compiler::optimize(&lowered.graph).unwrap();
+        assert!(fused
+            .node_ids()
+            .any(|n| matches!(fused.node(n).op, Op::KvAttention { .. })));
+        let params = random_params(&lowered.graph, 5);
+        let exec = GpuExecutor::<R>::new(dev, &fused, &params).expect("executor");
+        let mut rng = Rng(23);
+        let mut past: BTreeMap<String, Tensor> = lowered
+            .cache
+            .iter()
+            .map(|e| {
+                let t = match e.dtype {
+                    DType::I32 => Tensor::i32(vec![2, 0, e.width], vec![]),
+                    d => Tensor::from_f32_as(d, vec![2, 0, e.width], vec![]),
+                };
+                (e.name.clone(), t)
+            })
+            .collect();
+        let mut start = 0;
+        for t in [6usize, 1, 1] {
+            let mut b = Bindings::new(&params)
+                .sym(Sym::B, 2)
+                .sym(Sym::T, t)
+                .sym(Sym::P, start)
+                .input("input_ids", rng.ids(&[2, t], 96))
+                .input(
+                    "positions",
+                    Tensor::i32(vec![t], (start as i32..(start + t) as i32).collect()),
+                );
+            for (name, c) in &past {
+                b = b.input(&format!("past.{name}"), c.clone());
+            }
+            let want = eval(&lowered.graph, &b).expect("reference");
+            let got = exec.run_bindings(&b).expect("gpu run");
+            let logits = |m: &BTreeMap<String, Tensor>| {
+                BTreeMap::from([("logits".to_string(), m["logits"].clone())])
+            };
+            assert_close(
+                &logits(&want),
+                &logits(&got),
+                1e-3,
+                &format!("{format} T={t}"),
+            );
+            for e in &lowered.cache {
+                past.insert(e.name.clone(), want[&format!("present.{}", e.name)].clone());
+            }
+            start += t;
+        }
+    }
+}
+
 /// Stamps the suite out for one backend: `$available` says whether a
 /// device exists, `$device` builds it.
 macro_rules! gpu_suite {
@@ -599,7 +747,7 @@ macro_rules! all_tests {
             unary, binary_broadcast, constant_and_cast, reduce, softmax, matmul, matmul_fast, layout,
             gather_scatter_one_hot, causal_mask, rope, cross_entropy, rms_norm, attention,
             elementwise_program, symbolic_shapes, unsupported_is_an_error, tiny_llama, tiny_llama_bf16,
-            dba_preset);
+            dba_preset, quantize_formats, kv_attention_over_caches, cached_tiny_llama);
     };
 }
 

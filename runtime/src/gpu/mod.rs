@@ -276,6 +276,9 @@ fn upload<R: Runtime>(
     node: &Node,
 ) -> Result<DevTensor, GpuError> {
     let handle = match t.storage() {
+        // An empty tensor (a KV cache before its first token) still gets a
+        // buffer: kernels are never launched over it, but bindings need one.
+        _ if t.numel() == 0 => client.empty(4),
         Storage::F32(v) => client.create_from_slice(f32::as_bytes(v)),
         Storage::I32(v) => client.create_from_slice(i32::as_bytes(v)),
         Storage::F64(_) => {

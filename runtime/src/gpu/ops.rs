@@ -9,14 +9,17 @@
 //! operand's batch axes into rows: one GEMM.
 
 use super::{at, constant_f32, DevTensor, GpuError};
-use caramba_ir::{BinaryOp, DType, ElemInstr, Graph, Node, NodeId, Op, ReduceOp, UnaryOp};
+use caramba_ir::{
+    BinaryOp, DType, ElemInstr, Graph, Node, NodeId, Op, QuantFormat, ReduceOp, UnaryOp,
+};
 use caramba_kernels::cast::Narrow;
 use caramba_kernels::copy::CopyElem;
 use caramba_kernels::cubecl::prelude::*;
 use caramba_kernels::elementwise::{Binary, Instr, Unary};
 use caramba_kernels::reduce::ReduceKind;
 use caramba_kernels::{
-    attention, cast, copy, elementwise, gather, matmul, norm, reduce, rope, View,
+    attention, cast, copy, elementwise, gather, kv_attention, matmul, norm, quant, reduce, rope,
+    View,
 };
 
 /// Rejects ops and dtypes the device cannot run, before anything launches.
@@ -51,7 +54,33 @@ pub(crate) fn check_supported(graph: &Graph, id: NodeId) -> Result<(), GpuError>
             node.op.mnemonic(),
             node.ty.dtype
         )),
+        Op::KvAttention { parts, .. } => {
+            let dk: usize = parts[..parts.len() - 1].iter().map(|p| p.dim).sum();
+            if parts.len() > 3 {
+                unsupported(format!(
+                    "kv_attention over {} key caches (at most 2)",
+                    parts.len() - 1
+                ))
+            } else if dk > kv_attention::KV_MAX_DK {
+                unsupported(format!(
+                    "kv_attention with {dk} key dims per head (at most {})",
+                    kv_attention::KV_MAX_DK
+                ))
+            } else {
+                Ok(())
+            }
+        }
         _ => Ok(()),
+    }
+}
+
+/// The kernels' code for a cache's storage.
+fn format_code(f: Option<QuantFormat>) -> u32 {
+    match f {
+        None => quant::FLOAT,
+        Some(QuantFormat::Q8) => quant::Q8,
+        Some(QuantFormat::Q4) => quant::Q4,
+        Some(QuantFormat::Nf4) => quant::NF4,
     }
 }
 
@@ -153,11 +182,70 @@ impl<R: Runtime> Ctx<'_, R> {
             Op::Input { .. } | Op::Param { .. } => {
                 Err(self.err("inputs and parameters are bound, not applied".into()))
             }
-            Op::Quantize(_) | Op::Dequantize { .. } | Op::KvAttention { .. } => {
-                Err(GpuError::Unsupported {
-                    at: at(self.node),
-                    message: "KV-cache ops (not yet on the GPU)".into(),
-                })
+            Op::Quantize(f) => {
+                let x = xs[0];
+                let n = *x.shape.last().unwrap_or(&1);
+                let out = self.alloc(shape);
+                quant::launch_quantize(
+                    c,
+                    format_code(Some(*f)),
+                    &x.handle,
+                    &out.handle,
+                    x.numel() / n.max(1),
+                    n,
+                );
+                Ok(out)
+            }
+            Op::Dequantize { format, .. } => {
+                let n = *shape.last().unwrap_or(&1);
+                let rows = shape.iter().product::<usize>() / n.max(1);
+                let out = self.alloc(shape);
+                quant::launch_dequantize(
+                    c,
+                    format_code(Some(*format)),
+                    &xs[0].handle,
+                    &out.handle,
+                    rows,
+                    n,
+                );
+                Ok(out)
+            }
+            Op::KvAttention {
+                causal,
+                scale,
+                parts,
+                ..
+            } => {
+                let q = xs[0];
+                let kv_shape = kv_attention::KvShape {
+                    batch: q.shape[0],
+                    heads: q.shape[1],
+                    groups: q.shape[2],
+                    t: q.shape[3],
+                    s: xs[1].shape[1],
+                };
+                let cache = |i: usize| kv_attention::CachePart {
+                    handle: xs[i + 1].handle.clone(),
+                    format: format_code(parts[i].format),
+                    dim: parts[i].dim,
+                };
+                let keys: Vec<_> = (0..parts.len() - 1).map(cache).collect();
+                let values = cache(parts.len() - 1);
+                let sizes = kv_attention::partial_sizes(kv_shape, values.dim);
+                let scratch = sizes.map(|n| c.empty(n.max(1) * 4));
+                let out = self.alloc(shape);
+                kv_attention::launch_kv_attention(
+                    c,
+                    kv_shape,
+                    &q.handle,
+                    &keys,
+                    &values,
+                    &out.handle,
+                    [&scratch[0], &scratch[1], &scratch[2]],
+                    *causal,
+                    scale.0 as f32,
+                );
+                Ok(out)
             }
             Op::Constant(v) => {
                 let out = self.alloc(shape);
