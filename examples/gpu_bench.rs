@@ -8,7 +8,7 @@
 //! ```
 //!
 //! `CARAMBA_BENCH_ONLY=copy,rmsnorm` (a comma list of `copy`, `rmsnorm`,
-//! `attention`, `gemm`, `smollm2`) runs only those cases.
+//! `attention`, `gemm`, `kvdecode`, `smollm2`) runs only those cases.
 //!
 //! The executor reads its outputs back after each run, so a kernel's time is
 //! measured as the difference between a chain of N copies of it and a chain
@@ -200,6 +200,22 @@ fn main() {
             2.0 * 4096f64.powi(3) / ms / 1e9,
         );
     }
+    // Decode attention over a q8 KV cache at 32k context: B4, 32 query
+    // heads over 8 kv heads, head dim 128, one new token.
+    if selected("kvdecode") {
+        for (label, format) in [("q8", Some(caramba_ir::QuantFormat::Q8)), ("fp32", None)] {
+            let ms = kv_decode(backend, format);
+            let (b, s, kv, d) = (4usize, 32768usize, 8usize, 128usize);
+            let per_value = format.map_or(4.0, |f| f.bytes_per_value());
+            let bytes = 2.0 * (b * s * kv * d) as f64 * per_value;
+            emit(
+                &format!("kv_decode_{label}_b4_h32_kv8_d128_s32768"),
+                ms,
+                "gbps",
+                bytes / ms / 1e6,
+            );
+        }
+    }
     if !selected("smollm2") {
         return;
     }
@@ -273,4 +289,82 @@ fn main() {
         "tokens_per_s",
         (b * t) as f64 / ms * 1e3,
     );
+    // Where the time goes: one profiled run (each kernel waited for).
+    let options = caramba_runtime::gpu::GpuOptions {
+        profile: true,
+        ..Default::default()
+    };
+    let exec = Executor::with_options(backend, &g, &params, options).expect("executor");
+    exec.run(&bind).expect("profiled run");
+    let rows = exec.profile();
+    let total: f64 = rows.iter().map(|r| r.2).sum();
+    eprintln!(
+        "profile of one smollm2 forward + loss ({:.1} ms in kernels):",
+        total * 1e3
+    );
+    for (op, n, secs) in rows.iter().take(20) {
+        eprintln!(
+            "  {:>8.2} ms {:>5.1}%  {n:>4}×  {op}",
+            secs * 1e3,
+            100.0 * secs / total
+        );
+    }
+}
+
+/// Milliseconds per decode-step attention (T = 1) over a KV cache of 32768
+/// positions in `format` (fp32 when `None`), by chain difference.
+fn kv_decode(backend: Backend, format: Option<caramba_ir::QuantFormat>) -> f64 {
+    let (b, s, kv, g, d) = (4usize, 32768usize, 8usize, 4usize, 128usize);
+    let w = kv * d;
+    let cache = |seed: u64| -> Tensor {
+        let x = rand(b * s * w, seed);
+        match format {
+            None => Tensor::f32(vec![b, s, w], x),
+            Some(f) => {
+                let words = f.words(w).unwrap();
+                let mut out = vec![0i32; b * s * words];
+                for (o, row) in out.chunks_mut(words).zip(x.chunks(w)) {
+                    f.quantize_row(row, o);
+                }
+                Tensor::i32(vec![b, s, words], out)
+            }
+        }
+    };
+    let mut params = BTreeMap::new();
+    params.insert(
+        "q".to_string(),
+        Tensor::f32(vec![b, kv, g, 1, d], rand(b * kv * g * d, 1)),
+    );
+    params.insert("k".to_string(), cache(2));
+    params.insert("v".to_string(), cache(3));
+    let ty = |t: &Tensor| {
+        let dt = if t.dtype() == DType::I32 {
+            DType::I32
+        } else {
+            DType::F32
+        };
+        TensorType::new(dt, Shape::new(t.shape().iter().map(|&x| Dim::Const(x))))
+    };
+    let part = caramba_ir::KvPart { format, dim: d };
+    let build = |n: usize| {
+        let mut gr = Graph::new("kv_decode");
+        let mut x = gr.param("q", ty(&params["q"]), "q").unwrap();
+        let k = gr.param("k", ty(&params["k"]), "k").unwrap();
+        let v = gr.param("v", ty(&params["v"]), "v").unwrap();
+        for _ in 0..n {
+            let op = Op::KvAttention {
+                causal: true,
+                scale: Scalar(1.0 / (d as f64).sqrt()),
+                heads: kv,
+                parts: vec![part, part],
+            };
+            x = gr.add(op, &[x, k, v], "attn").unwrap();
+        }
+        total(&mut gr, x);
+        gr
+    };
+    let n = 20;
+    let t0 = time_graph(backend, &build(0), &params, 5);
+    let tn = time_graph(backend, &build(n), &params, 5);
+    (tn - t0) / n as f64
 }

@@ -6,6 +6,7 @@ per line: {"name", "ms", "gbps" or "tflops", "impl"}.
 Shapes match examples/gpu_bench.rs: keep the two in step.
 """
 import json
+import os
 import sys
 import time
 
@@ -31,10 +32,27 @@ def emit(**kw):
     print(json.dumps(kw), flush=True)
 
 
+def selected(name):
+    """CARAMBA_BENCH_ONLY (a comma list) selects cases, as in gpu_bench.rs."""
+    only = os.environ.get("CARAMBA_BENCH_ONLY")
+    return only is None or name in [c.strip() for c in only.split(",")]
+
+
 def main():
     dev = "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
     for dtype_name, dtype in [("f32", torch.float32), ("bf16", torch.bfloat16)]:
+        if selected("kvdecode"):
+            # Decode attention: B4, 32 query heads over 8 kv heads, d 128, 32k cached.
+            q = torch.randn(4, 32, 1, 128, device=dev, dtype=dtype)
+            k = torch.randn(4, 8, 32768, 128, device=dev, dtype=dtype)
+            v = torch.randn_like(k)
+            ms = timed(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), iters=20)
+            emit(name=f"kv_decode_{dtype_name}_b4_h32_kv8_d128_s32768", impl="torch-sdpa", ms=ms,
+                 gbps=2 * k.numel() * k.element_size() / ms / 1e6)
+            del q, k, v
+        if not any(selected(c) for c in ("copy", "rmsnorm", "attention", "gemm")):
+            continue
         # Device copy: the practical bandwidth ceiling.
         n = 16384 * 4096
         x = torch.randn(n, device=dev, dtype=dtype)
@@ -68,6 +86,9 @@ def main():
         bm = torch.randn(4096, 4096, device=dev, dtype=dtype)
         ms = timed(lambda: a @ bm, iters=20)
         emit(name=f"gemm4096_{dtype_name}", impl="torch", ms=ms, tflops=2 * 4096**3 / ms / 1e9)
+    if not selected("smollm2"):
+        emit(name="meta", impl="torch", torch=torch.__version__, device=torch.cuda.get_device_name(0), date=time.strftime("%Y-%m-%d"))
+        return
     # Elementwise bandwidth: x * x (2 reads + 1 write), f32.
     n = 16384 * 4096
     x = torch.randn(n, device=dev)

@@ -70,14 +70,17 @@ impl QuantFormat {
     /// Words of a quantized row of `n` values, or `None` when `n` is not a
     /// whole number of blocks.
     pub fn words(self, n: usize) -> Option<usize> {
-        (n % BLOCK == 0).then(|| n / BLOCK + n / self.per_word())
+        n.is_multiple_of(BLOCK)
+            .then(|| n / BLOCK + n / self.per_word())
     }
 
     /// The row length `n` stored in `words` words, when there is one.
     pub fn values(self, words: usize) -> Option<usize> {
         // words = n/32 + n/per_word = n · (1 + 32/per_word) / 32
         let per_block = 1 + BLOCK / self.per_word();
-        (words % per_block == 0).then(|| words / per_block * BLOCK)
+        words
+            .is_multiple_of(per_block)
+            .then(|| words / per_block * BLOCK)
     }
 
     /// Bytes per value, scales included (for cache-size reports).

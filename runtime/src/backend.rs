@@ -175,6 +175,16 @@ impl Executor {
         graph: &Graph,
         params: &dyn caramba_ir::reference::ParamSource,
     ) -> Result<Executor, BackendError> {
+        Executor::with_options(backend, graph, params, Default::default())
+    }
+
+    /// [`Executor::new`] with GPU options (ignored on the CPU).
+    pub fn with_options(
+        backend: Backend,
+        graph: &Graph,
+        params: &dyn caramba_ir::reference::ParamSource,
+        #[allow(unused_variables)] options: crate::gpu::GpuOptions,
+    ) -> Result<Executor, BackendError> {
         match backend {
             Backend::Cpu => Ok(Executor::Cpu(graph.clone())),
             #[cfg(feature = "wgpu")]
@@ -183,7 +193,8 @@ impl Executor {
                 if !wgpu_any() {
                     return Err(BackendError::NoDevice("wgpu"));
                 }
-                let e = GpuExecutor::new(&WgpuDevice::DefaultDevice, graph, params)?;
+                let e =
+                    GpuExecutor::with_options(&WgpuDevice::DefaultDevice, graph, params, options)?;
                 Ok(Executor::Wgpu(Box::new(e)))
             }
             #[cfg(feature = "cuda")]
@@ -192,7 +203,8 @@ impl Executor {
                 if !cuda_any() {
                     return Err(BackendError::NoDevice("cuda"));
                 }
-                let e = GpuExecutor::new(&CudaDevice { index: 0 }, graph, params)?;
+                let e =
+                    GpuExecutor::with_options(&CudaDevice { index: 0 }, graph, params, options)?;
                 Ok(Executor::Cuda(Box::new(e)))
             }
             #[allow(unreachable_patterns)]
@@ -207,6 +219,18 @@ impl Executor {
             Executor::Wgpu(_) => Backend::Wgpu,
             #[cfg(feature = "cuda")]
             Executor::Cuda(_) => Backend::Cuda,
+        }
+    }
+
+    /// The per-op profile of a GPU executor built with profiling (empty
+    /// otherwise): op kind, launches, seconds.
+    pub fn profile(&self) -> Vec<(String, usize, f64)> {
+        match self {
+            Executor::Cpu(_) => Vec::new(),
+            #[cfg(feature = "wgpu")]
+            Executor::Wgpu(e) => e.profile(),
+            #[cfg(feature = "cuda")]
+            Executor::Cuda(e) => e.profile(),
         }
     }
 

@@ -259,7 +259,10 @@ pub fn matmul_fast<R: Runtime>(dev: &R::Device) {
     );
     let b = bind(vec![rng.tensor(&[2, 64, 96]), rng.tensor(&[96, 80])]);
     let want = eval(&g, &b).unwrap();
-    let options = GpuOptions { fast_matmul: true };
+    let options = GpuOptions {
+        fast_matmul: true,
+        ..Default::default()
+    };
     let exec = GpuExecutor::<R>::with_options(dev, &g, b.params, options).unwrap();
     let got = exec.run_bindings(&b).unwrap();
     assert_close(&want, &got, 2e-2, "matmul_fast");

@@ -915,7 +915,7 @@ fn kv_cache_graph(rng: &mut Rng) -> Graph {
         Dim::Sym(Sym::P),
     );
     let mut g = Graph::new("t");
-    let mut path = |g: &mut Graph, name: &str, d: usize, rng: &mut Rng| -> NodeId {
+    let path = |g: &mut Graph, name: &str, d: usize, rng: &mut Rng| -> NodeId {
         let w = kv * d;
         let dense = match rng.below(4) {
             0 => {

@@ -63,6 +63,10 @@ pub struct GpuOptions {
     /// Let matmuls use tensor cores (CMMA), which on NVIDIA cards computes
     /// `f32` products in TF32 (about 3 decimal digits). Off: exact `f32`.
     pub fast_matmul: bool,
+    /// Wait for each kernel and add its time to a per-op table
+    /// ([`GpuExecutor::profile`]). Serializes the device: for finding where
+    /// time goes, not for timing whole runs.
+    pub profile: bool,
 }
 
 /// A device buffer with its logical dtype and shape. The buffer is dense
@@ -114,6 +118,8 @@ pub struct GpuExecutor<R: Runtime> {
     /// Permutes of the last two axes that feed only matmuls: not copied.
     lazy_transposes: HashSet<NodeId>,
     options: GpuOptions,
+    /// Per-op launches and seconds, when profiling.
+    profile: std::sync::Mutex<BTreeMap<String, (usize, f64)>>,
 }
 
 impl<R: Runtime> GpuExecutor<R> {
@@ -187,7 +193,23 @@ impl<R: Runtime> GpuExecutor<R> {
             params: uploaded,
             lazy_transposes,
             options,
+            profile: Default::default(),
         })
+    }
+
+    /// The profile so far (with [`GpuOptions::profile`]): per op kind, the
+    /// launches and the seconds spent, slowest first.
+    pub fn profile(&self) -> Vec<(String, usize, f64)> {
+        let table = self.profile.lock().expect("profile lock");
+        let mut rows: Vec<(String, usize, f64)> =
+            table.iter().map(|(k, &(n, s))| (k.clone(), n, s)).collect();
+        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+        rows
+    }
+
+    fn wait(&self) -> Result<(), GpuError> {
+        caramba_kernels::cubecl::future::block_on(self.client.sync())
+            .map_err(|e| GpuError::Device(format!("{e:?}")))
     }
 
     /// The compute client, for callers that launch their own kernels.
@@ -244,7 +266,29 @@ impl<R: Runtime> GpuExecutor<R> {
                         node,
                         fast_matmul: self.options.fast_matmul,
                     };
-                    ctx.apply(&args, shape)?
+                    if self.options.profile {
+                        self.wait()?;
+                        let start = std::time::Instant::now();
+                        let out = ctx.apply(&args, shape)?;
+                        self.wait()?;
+                        let key = match &node.op {
+                            caramba_ir::Op::MatMul => format!(
+                                "matmul {}",
+                                args.iter()
+                                    .map(|a| format!("{:?}", a.shape))
+                                    .collect::<Vec<_>>()
+                                    .join("×")
+                            ),
+                            op => op.mnemonic().to_string(),
+                        };
+                        let mut table = self.profile.lock().expect("profile lock");
+                        let e = table.entry(key).or_default();
+                        e.0 += 1;
+                        e.1 += start.elapsed().as_secs_f64();
+                        out
+                    } else {
+                        ctx.apply(&args, shape)?
+                    }
                 }
             };
             values.insert(id, value);
