@@ -138,6 +138,13 @@ impl Graph {
         self.outputs.push((name.to_string(), id));
     }
 
+    /// Drops the output called `name` (its nodes stay until
+    /// [`Graph::remove_dead`]); returns the node it named.
+    pub fn remove_output(&mut self, name: &str) -> Option<NodeId> {
+        let at = self.outputs.iter().position(|(n, _)| n == name)?;
+        Some(self.outputs.remove(at).1)
+    }
+
     pub fn outputs(&self) -> &[(String, NodeId)] {
         &self.outputs
     }

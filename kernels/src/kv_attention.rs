@@ -4,20 +4,24 @@
 //! key paths are two caches whose per-head slices concatenate.
 //!
 //! Flash-decoding: the keys are cut into `splits` chunks, and one cube
-//! handles a block of `KV_QUERIES` query rows of one (batch, kv head) — the
-//! `g · T` rows sharing those keys (GQA reads each key once per block) —
-//! over one chunk, with an online softmax. Each 64-key tile is dequantized
-//! into shared memory by the whole cube with consecutive units reading
-//! consecutive values (coalesced), scored by one unit per key, and the
-//! values are read column-wise (coalesced) and dequantized as they are
-//! accumulated. Each cube writes its unnormalized partial (running max,
-//! running sum, accumulator); a second kernel combines the chunks. Many
-//! chunks keep every SM busy when a decode step has only `g` query rows.
+//! handles a block of up to `KV_QUERIES` query rows of one (batch, kv head)
+//! — the `g · T` rows sharing those keys (GQA reads each key once per
+//! block) — over one chunk, with an online softmax. Each 64-key tile is
+//! dequantized into shared memory by the whole cube, consecutive units
+//! reading consecutive values (coalesced; four values per word read when
+//! the dims allow), then scored by one unit per key; the tile's values go
+//! through the same shared memory and are accumulated column by column.
+//! Rows in shared memory have an odd stride, so units reading different
+//! rows never share a bank. Each cube writes its unnormalized partial
+//! (running max, running sum, accumulator); a second kernel combines the
+//! chunks. Many chunks keep every SM busy when a decode step has only `g`
+//! query rows.
 //!
-//! Where it stops: f32 arithmetic (no tensor cores); a key tile of
-//! `64 × Σdₖ` floats in shared memory limits the key dims per head to 192.
+//! Where it stops: f32 arithmetic (no tensor cores); a tile of
+//! `64 × max(Σdₖ, dv)` floats in shared memory limits either to 160 dims
+//! per head.
 
-use crate::quant::{load_value, nf4_levels, row_words, BLOCK, FLOAT};
+use crate::quant::{load4, load_value, nf4_levels, row_words, BLOCK, FLOAT};
 use crate::{grid_1d, linear_pos, ELEM_BLOCK};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -26,8 +30,9 @@ use cubecl::server::Handle;
 pub const KV_TILE: usize = 64;
 /// Query rows per cube.
 pub const KV_QUERIES: usize = 8;
-/// The largest key dims per head (the key tile lives in shared memory).
-pub const KV_MAX_DK: usize = 192;
+/// The largest key (and value) dims per head: a tile of 64 keys or values
+/// lives in shared memory.
+pub const KV_MAX_DK: usize = 160;
 
 /// One cache operand: its handle, storage format and dims per head.
 #[derive(Clone, Debug)]
@@ -48,6 +53,53 @@ pub struct KvShape {
     pub t: usize,
     /// Attended positions.
     pub s: usize,
+}
+
+/// Writes key or value `key` of a tile, dims `[x, x + 4)` (or only `x`
+/// when `vec4` is off) of head `h`, into `sh[at ..]`: from the first key
+/// cache for `x < d0`, else from the second.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage<F: Float + CubeElement>(
+    c0: &Array<i32>,
+    c1: &Array<i32>,
+    tok: usize,
+    x: usize,
+    h: usize,
+    rows: (usize, usize, usize, usize),
+    levels: &SharedMemory<F>,
+    sh: &mut SharedMemory<F>,
+    at: usize,
+    #[comptime] parts: (u32, usize, u32, usize),
+    #[comptime] vec4: bool,
+) {
+    let (f0, d0, f1, d1) = parts;
+    let (w0, nb0, w1, nb1) = rows;
+    if x < d0 {
+        if vec4 {
+            load4(c0, tok * w0, h * d0 + x, nb0, levels, sh, at, f0);
+        } else {
+            sh[at] = load_value(c0, tok * w0, h * d0 + x, nb0, levels, f0);
+        }
+    } else {
+        if comptime!(d1 > 0) {
+            if vec4 {
+                load4(c1, tok * w1, h * d1 + x - d0, nb1, levels, sh, at, f1);
+            } else {
+                sh[at] = load_value(c1, tok * w1, h * d1 + x - d0, nb1, levels, f1);
+            }
+        }
+    }
+}
+
+/// Words per token of a cache of `n` values per token in `format`.
+#[cube]
+fn words_of(n: usize, #[comptime] format: u32) -> usize {
+    let mut w = n;
+    if comptime!(format != FLOAT) {
+        w = comptime!(row_words(format, BLOCK)) * (n / BLOCK);
+    }
+    w
 }
 
 #[cube(launch_unchecked)]
@@ -75,41 +127,35 @@ fn kv_attention_kernel<F: Float + CubeElement>(
     #[comptime] d1: usize,
     #[comptime] fv: u32,
     #[comptime] dv: usize,
+    #[comptime] nq: usize,
+    #[comptime] vec4: bool,
 ) {
     let levels = nf4_levels::<F>();
     let dk = comptime!(d0 + d1);
-    let row_blocks = rows.div_ceil(KV_QUERIES);
+    // Odd row stride: unit u reading row u hits bank (u · stride) mod 32,
+    // all different.
+    let stride = comptime!(if dk > dv { dk + 1 } else { dv + 1 });
+    let group = comptime!(if vec4 { 4usize } else { 1usize });
+    let row_blocks = rows.div_ceil(nq);
     let cube = CUBE_POS_X as usize;
     let split = CUBE_POS_Y as usize;
     let bh = cube / row_blocks; // batch · heads + head
-    let first = (cube % row_blocks) * KV_QUERIES;
+    let first = (cube % row_blocks) * nq;
     let (b, h) = (bh / heads, bh % heads);
     let u = UNIT_POS as usize;
 
-    // Row words and blocks of each cache.
-    let n0 = heads * d0;
-    let w0 = comptime!(row_words(f0, BLOCK)) * (n0 / BLOCK);
-    let mut ww0 = w0;
-    if comptime!(f0 == FLOAT) {
-        ww0 = n0;
-    }
-    let n1 = heads * d1;
-    let mut ww1 = comptime!(row_words(f1, BLOCK)) * (n1 / BLOCK);
-    if comptime!(f1 == FLOAT) {
-        ww1 = n1;
-    }
-    let nv = heads * dv;
-    let mut wwv = comptime!(row_words(fv, BLOCK)) * (nv / BLOCK);
-    if comptime!(fv == FLOAT) {
-        wwv = nv;
-    }
+    let (n0, n1, nv) = (heads * d0, heads * d1, heads * dv);
+    let krows = (words_of(n0, f0), n0 / BLOCK, words_of(n1, f1), n1 / BLOCK);
+    let vrows = (words_of(nv, fv), nv / BLOCK, 0usize, 0usize);
 
-    let mut q_sh = SharedMemory::<F>::new(KV_QUERIES * dk);
-    let mut k_sh = SharedMemory::<F>::new(KV_TILE * dk);
-    let mut p_sh = SharedMemory::<F>::new(KV_QUERIES * KV_TILE);
+    let mut q_sh = SharedMemory::<F>::new(comptime!(nq * (d0 + d1)));
+    let mut kv_sh = SharedMemory::<F>::new(comptime!(
+        KV_TILE * if d0 + d1 > dv { d0 + d1 + 1 } else { dv + 1 }
+    ));
+    let mut p_sh = SharedMemory::<F>::new(comptime!(nq * KV_TILE));
     let q_base = bh * rows * dk;
     let mut j = u;
-    while j < KV_QUERIES * dk {
+    while j < nq * dk {
         let qi = j / dk;
         let mut val = F::new(0.0);
         if first + qi < rows {
@@ -121,10 +167,10 @@ fn kv_attention_kernel<F: Float + CubeElement>(
     sync_cube();
 
     // Keys visible to each row (row r is query position r mod T).
-    let mut limits = Array::<usize>::new(KV_QUERIES);
+    let mut limits = Array::<usize>::new(nq);
     let mut max_limit = 0;
     #[unroll]
-    for qi in 0..KV_QUERIES {
+    for qi in 0..nq {
         let r = first + qi;
         let mut limit = 0;
         if r < rows {
@@ -145,56 +191,63 @@ fn kv_attention_kernel<F: Float + CubeElement>(
     }
 
     let cols = comptime!(dv.div_ceil(KV_TILE));
-    let mut acc = Array::<F>::new(comptime!(KV_QUERIES * dv.div_ceil(KV_TILE)));
+    let mut acc = Array::<F>::new(comptime!(nq * dv.div_ceil(KV_TILE)));
     #[unroll]
-    for c in 0..comptime!(KV_QUERIES * dv.div_ceil(KV_TILE)) {
+    for c in 0..comptime!(nq * dv.div_ceil(KV_TILE)) {
         acc[c] = F::new(0.0);
     }
-    let mut m = Array::<F>::new(KV_QUERIES);
-    let mut l = Array::<F>::new(KV_QUERIES);
-    let mut sc = Array::<F>::new(KV_QUERIES);
-    let mut corr = Array::<F>::new(KV_QUERIES);
+    let mut m = Array::<F>::new(nq);
+    let mut l = Array::<F>::new(nq);
+    let mut sc = Array::<F>::new(nq);
+    let mut corr = Array::<F>::new(nq);
     #[unroll]
-    for qi in 0..KV_QUERIES {
+    for qi in 0..nq {
         m[qi] = neg_inf;
         l[qi] = F::new(0.0);
     }
     let mut start = lo;
     while start < hi {
-        // Dequantize the tile's keys into shared memory.
+        // The tile's keys, dequantized into shared memory: consecutive
+        // units read consecutive values of a key (coalesced).
+        let per_key = comptime!((d0 + d1) / if vec4 { 4usize } else { 1usize });
         let mut idx = u;
-        while idx < KV_TILE * dk {
-            let key = start + idx / dk;
-            let x = idx % dk;
-            let mut val = F::new(0.0);
+        while idx < KV_TILE * per_key {
+            let key = start + idx / per_key;
+            let x = (idx % per_key) * group;
             if key < hi {
-                let tok = b * s_len + key;
-                if x < d0 {
-                    val = load_value(c0, tok * ww0, h * d0 + x, n0 / BLOCK, &levels, f0);
-                } else {
-                    if comptime!(d1 > 0) {
-                        val = load_value(c1, tok * ww1, h * d1 + x - d0, n1 / BLOCK, &levels, f1);
-                    }
-                }
+                stage(
+                    c0,
+                    c1,
+                    b * s_len + key,
+                    x,
+                    h,
+                    krows,
+                    &levels,
+                    &mut kv_sh,
+                    (idx / per_key) * stride + x,
+                    (f0, d0, f1, d1),
+                    vec4,
+                );
             }
-            k_sh[idx] = val;
             idx += KV_TILE;
         }
         sync_cube();
         let key = start + u;
         #[unroll]
-        for qi in 0..KV_QUERIES {
+        for qi in 0..nq {
             sc[qi] = F::new(0.0);
         }
-        for x in 0..dk {
-            let kx = k_sh[u * dk + x];
-            #[unroll]
-            for qi in 0..KV_QUERIES {
-                sc[qi] += q_sh[qi * dk + x] * kx;
+        if key < hi {
+            for x in 0..dk {
+                let kx = kv_sh[u * stride + x];
+                #[unroll]
+                for qi in 0..nq {
+                    sc[qi] += q_sh[qi * dk + x] * kx;
+                }
             }
         }
         #[unroll]
-        for qi in 0..KV_QUERIES {
+        for qi in 0..nq {
             let mut s = neg_inf;
             if key < limits[qi] && key < hi {
                 s = sc[qi] * scale;
@@ -204,7 +257,7 @@ fn kv_attention_kernel<F: Float + CubeElement>(
         }
         sync_cube();
         #[unroll]
-        for qi in 0..KV_QUERIES {
+        for qi in 0..nq {
             let mut tile_max = neg_inf;
             for x in 0..KV_TILE {
                 tile_max = tile_max.max(p_sh[qi * KV_TILE + x]);
@@ -220,12 +273,36 @@ fn kv_attention_kernel<F: Float + CubeElement>(
         }
         sync_cube();
         #[unroll]
-        for qi in 0..KV_QUERIES {
+        for qi in 0..nq {
             let mut p = F::new(0.0);
             if sc[qi] != neg_inf {
                 p = (sc[qi] - m[qi]).exp();
             }
             p_sh[qi * KV_TILE + u] = p;
+        }
+        // The tile's values into the same shared memory (every unit is
+        // past the scores: the sync above).
+        let per_val = comptime!(dv / if vec4 { 4usize } else { 1usize });
+        let mut idx = u;
+        while idx < KV_TILE * per_val {
+            let key = start + idx / per_val;
+            let x = (idx % per_val) * group;
+            if key < hi {
+                stage(
+                    cv,
+                    cv,
+                    b * s_len + key,
+                    x,
+                    h,
+                    vrows,
+                    &levels,
+                    &mut kv_sh,
+                    (idx / per_val) * stride + x,
+                    (fv, dv, FLOAT, 0usize),
+                    vec4,
+                );
+            }
+            idx += KV_TILE;
         }
         sync_cube();
         let mut n_keys = hi - start;
@@ -233,7 +310,7 @@ fn kv_attention_kernel<F: Float + CubeElement>(
             n_keys = KV_TILE;
         }
         #[unroll]
-        for qi in 0..KV_QUERIES {
+        for qi in 0..nq {
             let mut psum = F::new(0.0);
             for x in 0..n_keys {
                 psum += p_sh[qi * KV_TILE + x];
@@ -245,14 +322,13 @@ fn kv_attention_kernel<F: Float + CubeElement>(
             let col = c * KV_TILE + u;
             if col < dv {
                 #[unroll]
-                for qi in 0..KV_QUERIES {
+                for qi in 0..nq {
                     acc[qi * cols + c] *= corr[qi];
                 }
                 for x in 0..n_keys {
-                    let tok = b * s_len + start + x;
-                    let vv = load_value(cv, tok * wwv, h * dv + col, nv / BLOCK, &levels, fv);
+                    let vv = kv_sh[x * stride + col];
                     #[unroll]
-                    for qi in 0..KV_QUERIES {
+                    for qi in 0..nq {
                         acc[qi * cols + c] += p_sh[qi * KV_TILE + x] * vv;
                     }
                 }
@@ -262,7 +338,7 @@ fn kv_attention_kernel<F: Float + CubeElement>(
         start += KV_TILE;
     }
     #[unroll]
-    for qi in 0..KV_QUERIES {
+    for qi in 0..nq {
         let r = first + qi;
         if r < rows {
             let slot = (bh * rows + r) * splits + split;
@@ -321,9 +397,15 @@ fn combine_kernel<F: Float + CubeElement>(
 /// never a chunk under one tile.
 pub fn splits_for(shape: KvShape) -> usize {
     let rows = shape.groups * shape.t;
-    let cubes = shape.batch * shape.heads * rows.div_ceil(KV_QUERIES);
+    let cubes = shape.batch * shape.heads * rows.div_ceil(rows_per_cube(rows));
     let tiles = shape.s.div_ceil(KV_TILE).max(1);
-    1024usize.div_ceil(cubes.max(1)).clamp(1, tiles)
+    2048usize.div_ceil(cubes.max(1)).clamp(1, tiles)
+}
+
+/// Query rows per cube: all of a head's rows up to [`KV_QUERIES`] (a
+/// power of two), so a decode step with `g` rows computes no idle rows.
+pub fn rows_per_cube(rows: usize) -> usize {
+    rows.next_power_of_two().clamp(1, KV_QUERIES)
 }
 
 /// `kv_attention` with `q` dense `[B, heads, g, T, Σdₖ]`, one or two key
@@ -350,6 +432,8 @@ pub fn launch_kv_attention<R: Runtime>(
         return;
     }
     let splits = splits_for(shape);
+    let nq = rows_per_cube(rows);
+    let vec4 = keys.iter().chain([values]).all(|p| p.dim % 4 == 0);
     let chunk = shape.s.div_ceil(splits).div_ceil(KV_TILE) * KV_TILE;
     let words = |p: &CachePart| {
         let n = shape.heads * p.dim;
@@ -361,7 +445,7 @@ pub fn launch_kv_attention<R: Runtime>(
     unsafe {
         kv_attention_kernel::launch_unchecked::<f32, R>(
             client,
-            CubeCount::Static((bh * rows.div_ceil(KV_QUERIES)) as u32, splits as u32, 1),
+            CubeCount::Static((bh * rows.div_ceil(nq)) as u32, splits as u32, 1),
             CubeDim::new_1d(KV_TILE as u32),
             ArrayArg::from_raw_parts(q.clone(), bh * rows * dk),
             ArrayArg::from_raw_parts(k0.handle.clone(), words(k0)),
@@ -385,6 +469,8 @@ pub fn launch_kv_attention<R: Runtime>(
             k1.map_or(0, |k| k.dim),
             values.format,
             dv,
+            nq,
+            vec4,
         );
         let total = bh * rows * dv;
         combine_kernel::launch_unchecked::<f32, R>(

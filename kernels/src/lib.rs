@@ -20,6 +20,7 @@ pub mod gather;
 pub mod kv_attention;
 pub mod matmul;
 pub mod norm;
+pub mod optim;
 pub mod quant;
 pub mod reduce;
 pub mod rope;

@@ -85,6 +85,27 @@ pub fn nf4_levels<F: Float + CubeElement>() -> SharedMemory<F> {
     lv
 }
 
+/// The value of `code` in a block with scale `s`.
+#[cube]
+fn decode<F: Float + CubeElement>(
+    code: u32,
+    s: F,
+    levels: &SharedMemory<F>,
+    #[comptime] format: u32,
+) -> F {
+    if comptime!(format == Q8) {
+        let mut v = F::cast_from(code);
+        if code > 127u32 {
+            v -= F::new(256.0);
+        }
+        v * s
+    } else if comptime!(format == Q4) {
+        (F::cast_from(code) - F::new(8.0)) * s
+    } else {
+        levels[usize::cast_from(code)] * s
+    }
+}
+
 /// Value `e` of the row starting at word `row` of a cache in `format`; the
 /// row has `nb` blocks (unused for a float cache).
 #[cube]
@@ -104,16 +125,40 @@ pub fn load_value<F: Float + CubeElement>(
         let b = comptime!(bits(format) as u32);
         let w = u32::reinterpret(c[row + nb + e / per]);
         let code = (w >> (u32::cast_from(e % per) * b)) & comptime!((1u32 << b) - 1);
-        if comptime!(format == Q8) {
-            let mut v = F::cast_from(code);
-            if code > 127u32 {
-                v -= F::new(256.0);
-            }
-            v * s
-        } else if comptime!(format == Q4) {
-            (F::cast_from(code) - F::new(8.0)) * s
-        } else {
-            levels[usize::cast_from(code)] * s
+        decode::<F>(code, s, levels, format)
+    }
+}
+
+/// Values `e .. e + 4` (`e` a multiple of 4) of a row, as [`load_value`],
+/// into `sh[at .. at + 4]`: one word and one scale read for a quantized
+/// format, since four aligned values share both.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn load4<F: Float + CubeElement>(
+    c: &Array<i32>,
+    row: usize,
+    e: usize,
+    nb: usize,
+    levels: &SharedMemory<F>,
+    sh: &mut SharedMemory<F>,
+    at: usize,
+    #[comptime] format: u32,
+) {
+    if comptime!(format == FLOAT) {
+        #[unroll]
+        for k in 0..4 {
+            sh[at + k] = F::reinterpret(c[row + e + k]);
+        }
+    } else {
+        let s = F::reinterpret(c[row + e / BLOCK]);
+        let per = comptime!(32 / bits(format));
+        let b = comptime!(bits(format) as u32);
+        let w = u32::reinterpret(c[row + nb + e / per]);
+        let base = u32::cast_from(e % per) * b;
+        #[unroll]
+        for k in 0..4 {
+            let code = (w >> (base + comptime!(k as u32) * b)) & comptime!((1u32 << b) - 1);
+            sh[at + k] = decode::<F>(code, s, levels, format);
         }
     }
 }

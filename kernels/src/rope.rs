@@ -3,17 +3,41 @@
 //! (from `RopeSpec::inv_freq`, computed on the host). For `j < d/2` and
 //! angle `a = pos · inv_freq[j]` (in f32, like the reference):
 //! `out[j] = x[j]·cos a − x[j + d/2]·sin a`,
-//! `out[j + d/2] = x[j + d/2]·cos a + x[j]·sin a`. One thread per element.
+//! `out[j + d/2] = x[j + d/2]·cos a + x[j]·sin a`. A first kernel tabulates
+//! `cos a` and `sin a` per (position, frequency); the second applies them,
+//! one thread per element.
 
 use crate::{grid_1d, linear_pos, ELEM_BLOCK};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
+/// The angles' cosines and sines, `[t, d/2]` each: computed once per
+/// position and frequency rather than once per head and element (the
+/// transcendental functions were most of RoPE's time).
 #[cube(launch_unchecked)]
-fn rope_kernel<F: Float>(
-    x: &Array<F>,
+fn rope_table_kernel<F: Float>(
     pos: &Array<i32>,
     inv_freq: &Array<F>,
+    cos: &mut Array<F>,
+    sin: &mut Array<F>,
+    half: usize,
+    n: usize,
+) {
+    let p = linear_pos();
+    if p >= n {
+        terminate!();
+    }
+    let angle = F::cast_from(pos[p / half]) * inv_freq[p % half];
+    cos[p] = angle.cos();
+    sin[p] = angle.sin();
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn rope_kernel<F: Float>(
+    x: &Array<F>,
+    cos: &Array<F>,
+    sin: &Array<F>,
     out: &mut Array<F>,
     t: usize,
     h: usize,
@@ -27,9 +51,8 @@ fn rope_kernel<F: Float>(
     let half = d / 2;
     let j = p % d;
     let ti = (p / (h * d)) % t;
-    let jj = j % half;
-    let angle = F::cast_from(pos[ti]) * inv_freq[jj];
-    let (c, s) = (angle.cos(), angle.sin());
+    let at = ti * half + j % half;
+    let (c, s) = (cos[at], sin[at]);
     let v = x[p];
     out[p] = if j < half {
         v * c - x[p + half] * s
@@ -54,14 +77,29 @@ pub fn launch_rope<R: Runtime>(
     if n == 0 {
         return;
     }
+    let half = d / 2;
+    let entries = t * half;
+    let cos = client.empty(entries.max(1) * 4);
+    let sin = client.empty(entries.max(1) * 4);
     unsafe {
+        rope_table_kernel::launch_unchecked::<f32, R>(
+            client,
+            grid_1d(entries, ELEM_BLOCK),
+            CubeDim::new_1d(ELEM_BLOCK),
+            ArrayArg::from_raw_parts(pos.clone(), t),
+            ArrayArg::from_raw_parts(inv_freq.clone(), half),
+            ArrayArg::from_raw_parts(cos.clone(), entries),
+            ArrayArg::from_raw_parts(sin.clone(), entries),
+            half,
+            entries,
+        );
         rope_kernel::launch_unchecked::<f32, R>(
             client,
             grid_1d(n, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
             ArrayArg::from_raw_parts(x.clone(), n),
-            ArrayArg::from_raw_parts(pos.clone(), t),
-            ArrayArg::from_raw_parts(inv_freq.clone(), d / 2),
+            ArrayArg::from_raw_parts(cos, entries),
+            ArrayArg::from_raw_parts(sin, entries),
             ArrayArg::from_raw_parts(out.clone(), n),
             t,
             h,

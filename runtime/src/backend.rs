@@ -1,10 +1,13 @@
 //! Where a graph runs: the CPU reference interpreter, wgpu or CUDA, chosen
 //! by `--device cpu|wgpu|cuda|auto`. `Backend::run` is the one-shot form
 //! (it uploads the parameters on every call); loops that run one graph many
-//! times should build a `gpu::GpuExecutor` once instead.
+//! times should build a `gpu::GpuExecutor` once instead, and training loops
+//! a [`DeviceTrainer`].
 
+use crate::gpu::train::{StepError, StepStats};
 use crate::gpu::GpuError;
-use caramba_ir::reference::{eval, Bindings, EvalError, Tensor};
+use crate::train::{Optimizer, Params};
+use caramba_ir::reference::{eval, Bindings, EvalError, SymValues, Tensor};
 use caramba_ir::Graph;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -33,6 +36,8 @@ pub enum BackendError {
     NoDevice(&'static str),
     #[error("unknown device {0:?}: expected cpu, wgpu, cuda or auto")]
     Unknown(String),
+    #[error("the {0} backend trains with the host optimizer; there is no device trainer for it")]
+    NoDeviceTrainer(&'static str),
 }
 
 impl fmt::Display for Backend {
@@ -241,6 +246,137 @@ impl Executor {
             Executor::Wgpu(e) => Ok(e.run_bindings(bindings)?),
             #[cfg(feature = "cuda")]
             Executor::Cuda(e) => Ok(e.run_bindings(bindings)?),
+        }
+    }
+}
+
+/// A training graph prepared once on a GPU, whichever runtime: parameters,
+/// gradients and optimizer state stay on the device between steps (see
+/// `gpu::train::GpuTrainer`, whose methods these forward to).
+pub enum DeviceTrainer {
+    #[cfg(feature = "wgpu")]
+    Wgpu(Box<crate::gpu::train::GpuTrainer<crate::gpu::WgpuRuntime>>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<crate::gpu::train::GpuTrainer<crate::gpu::CudaRuntime>>),
+}
+
+// Without a GPU runtime compiled in, the enum is empty and the arguments unused.
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(unused_variables))]
+impl DeviceTrainer {
+    /// Uploads the parameters and the optimizer's state. `graph` is the
+    /// training graph (output `loss` and `grad:<param>` outputs); `eval`,
+    /// if given, a forward-only graph with the same parameters and a `loss`
+    /// output for [`DeviceTrainer::eval_loss`].
+    pub fn new(
+        backend: Backend,
+        graph: &Graph,
+        eval: Option<&Graph>,
+        params: &Params,
+        optimizer: &Optimizer,
+    ) -> Result<DeviceTrainer, BackendError> {
+        #[cfg(any(feature = "wgpu", feature = "cuda"))]
+        fn build<R: caramba_kernels::cubecl::Runtime>(
+            device: &R::Device,
+            graph: &Graph,
+            eval: Option<&Graph>,
+            params: &Params,
+            optimizer: &Optimizer,
+        ) -> Result<Box<crate::gpu::train::GpuTrainer<R>>, GpuError> {
+            let mut t = crate::gpu::train::GpuTrainer::new(
+                device,
+                graph,
+                "loss",
+                params,
+                optimizer,
+                Default::default(),
+            )?;
+            if let Some(g) = eval {
+                t = t.with_eval_graph(g)?;
+            }
+            Ok(Box::new(t))
+        }
+        match backend {
+            Backend::Cpu => Err(BackendError::NoDeviceTrainer("cpu")),
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu => {
+                if !wgpu_any() {
+                    return Err(BackendError::NoDevice("wgpu"));
+                }
+                let device = crate::gpu::WgpuDevice::DefaultDevice;
+                Ok(DeviceTrainer::Wgpu(build(
+                    &device, graph, eval, params, optimizer,
+                )?))
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda => {
+                if !cuda_any() {
+                    return Err(BackendError::NoDevice("cuda"));
+                }
+                let device = crate::gpu::CudaDevice { index: 0 };
+                Ok(DeviceTrainer::Cuda(build(
+                    &device, graph, eval, params, optimizer,
+                )?))
+            }
+            #[allow(unreachable_patterns)]
+            other => Err(BackendError::NotCompiled(other.name())),
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match *self {
+            #[cfg(feature = "wgpu")]
+            DeviceTrainer::Wgpu(_) => Backend::Wgpu,
+            #[cfg(feature = "cuda")]
+            DeviceTrainer::Cuda(_) => Backend::Cuda,
+        }
+    }
+
+    /// One optimizer step over micro-batches (`GpuTrainer::step`).
+    pub fn step(
+        &mut self,
+        micro_batches: &[crate::gpu::train::MicroBatch],
+        lr: f64,
+        grad_clip: Option<f64>,
+    ) -> Result<StepStats, StepError> {
+        match *self {
+            #[cfg(feature = "wgpu")]
+            DeviceTrainer::Wgpu(ref mut t) => t.step(micro_batches, lr, grad_clip),
+            #[cfg(feature = "cuda")]
+            DeviceTrainer::Cuda(ref mut t) => t.step(micro_batches, lr, grad_clip),
+        }
+    }
+
+    /// The evaluation graph's loss with the current weights.
+    pub fn eval_loss(
+        &self,
+        inputs: &BTreeMap<String, Tensor>,
+        syms: SymValues,
+    ) -> Result<f64, GpuError> {
+        match *self {
+            #[cfg(feature = "wgpu")]
+            DeviceTrainer::Wgpu(ref t) => t.eval_loss(inputs, syms),
+            #[cfg(feature = "cuda")]
+            DeviceTrainer::Cuda(ref t) => t.eval_loss(inputs, syms),
+        }
+    }
+
+    /// Every parameter, read back.
+    pub fn params_to_host(&self) -> Result<Params, GpuError> {
+        match *self {
+            #[cfg(feature = "wgpu")]
+            DeviceTrainer::Wgpu(ref t) => t.params_to_host(),
+            #[cfg(feature = "cuda")]
+            DeviceTrainer::Cuda(ref t) => t.params_to_host(),
+        }
+    }
+
+    /// The optimizer and its state, read back.
+    pub fn optimizer_to_host(&self) -> Result<Optimizer, GpuError> {
+        match *self {
+            #[cfg(feature = "wgpu")]
+            DeviceTrainer::Wgpu(ref t) => t.optimizer_to_host(),
+            #[cfg(feature = "cuda")]
+            DeviceTrainer::Cuda(ref t) => t.optimizer_to_host(),
         }
     }
 }

@@ -599,17 +599,22 @@ pub fn kv_attention_over_caches<R: Runtime>(dev: &R::Device) {
     let mut rng = Rng(22);
     let (b, kv, grp) = (2usize, 2usize, 3usize);
     for (t, s) in [(1usize, 1usize), (1, 300), (5, 5), (3, 130)] {
-        for (two_keys, vf) in [(true, QuantFormat::Nf4), (false, QuantFormat::Q4)] {
-            let mut parts = vec![KvPart {
-                format: None,
-                dim: 16,
-            }];
-            if two_keys {
-                parts.push(KvPart {
-                    format: Some(QuantFormat::Q8),
-                    dim: 32,
-                });
-            }
+        // Two key caches (float, q8) with nf4 values; one float key cache
+        // with q4 values; a float key cache of 6 dims per head (no
+        // four-value loads) with q8 values.
+        let configs = [
+            (
+                vec![(None, 16), (Some(QuantFormat::Q8), 32)],
+                QuantFormat::Nf4,
+            ),
+            (vec![(None, 16)], QuantFormat::Q4),
+            (vec![(None, 6)], QuantFormat::Q8),
+        ];
+        for (keys, vf) in configs {
+            let mut parts: Vec<KvPart> = keys
+                .iter()
+                .map(|&(format, dim)| KvPart { format, dim })
+                .collect();
             parts.push(KvPart {
                 format: Some(vf),
                 dim: 16,
@@ -714,6 +719,525 @@ pub fn cached_tiny_llama<R: Runtime>(dev: &R::Device) {
     }
 }
 
+/// Device-resident runs: inputs bound on the device (checked like host
+/// ones), an output fed back as the next call's input (a cache), and a
+/// parameter buffer written in place and seen by the next run.
+pub fn resident_values<R: Runtime>(dev: &R::Device) {
+    let mut g = Graph::new("resident");
+    let x = g.input("x", f32t(&[4])).unwrap();
+    let acc = g
+        .input("acc", TensorType::new(DType::F32, shape![Sym::B, 4]))
+        .unwrap();
+    let w = g.param("w", f32t(&[4]), "").unwrap();
+    let xw = g.add(Op::Binary(BinaryOp::Mul), &[x, w], "").unwrap();
+    let next = g.add(Op::Binary(BinaryOp::Add), &[acc, xw], "").unwrap();
+    g.set_output("next", next);
+    g.set_output("xw", xw);
+    let params = BTreeMap::from([(
+        "w".to_string(),
+        Tensor::f32(vec![4], vec![1.0, 2.0, 3.0, 4.0]),
+    )]);
+    let exec = GpuExecutor::<R>::new(dev, &g, &params).unwrap();
+    let host_x = BTreeMap::from([("x".to_string(), Tensor::f32(vec![4], vec![1.0; 4]))]);
+    let mut state = exec.upload(&Tensor::f32(vec![1, 4], vec![0.0; 4])).unwrap();
+    for _ in 0..3 {
+        let device = BTreeMap::from([("acc".to_string(), state)]);
+        let mut out = exec
+            .run_resident(&host_x, &device, Default::default())
+            .unwrap();
+        assert_eq!(out["next"].shape(), &[1, 4]);
+        state = out.remove("next").unwrap();
+    }
+    let got = exec.download(&state).unwrap();
+    assert_eq!(got.as_f32().unwrap(), &[3.0, 6.0, 9.0, 12.0]);
+
+    // The parameter is the executor's buffer: overwrite it on the device.
+    let w = exec.param("w").expect("w is read");
+    assert_eq!(w.shape(), &[4]);
+    assert!(exec.param("nope").is_none());
+    caramba_kernels::elementwise::launch_fill_f32(exec.client(), w.handle(), 4, 0.5);
+    let device = BTreeMap::from([("acc".to_string(), state.clone())]);
+    let out = exec
+        .run_resident(&host_x, &device, Default::default())
+        .unwrap();
+    assert_eq!(
+        exec.download(&out["xw"]).unwrap().as_f32().unwrap(),
+        &[0.5; 4]
+    );
+    // `run` is `run_resident` and a download.
+    let mut inputs = host_x.clone();
+    inputs.insert("acc".into(), Tensor::f32(vec![2, 4], vec![1.0; 8]));
+    let out = exec.run(&inputs, Default::default()).unwrap();
+    assert_eq!(out["next"].as_f32().unwrap(), &[1.5; 8]);
+
+    // An executor sharing the parameters reads the same buffer.
+    let shared = exec.sharing_params(&g).unwrap();
+    let out = shared.run(&inputs, Default::default()).unwrap();
+    assert_eq!(out["xw"].as_f32().unwrap(), &[0.5; 4]);
+
+    // Device inputs are checked like host inputs.
+    let wrong = exec.upload(&Tensor::f32(vec![1, 5], vec![0.0; 5])).unwrap();
+    let device = BTreeMap::from([("acc".to_string(), wrong)]);
+    let err = exec
+        .run_resident(&host_x, &device, Default::default())
+        .unwrap_err();
+    assert!(
+        matches!(&err, GpuError::Mismatch { name, .. } if name == "acc"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("f32[1, 5]"), "{err}");
+    let ids = exec.upload(&Tensor::i32(vec![1, 4], vec![0; 4])).unwrap();
+    let device = BTreeMap::from([("acc".to_string(), ids)]);
+    let err = exec
+        .run_resident(&host_x, &device, Default::default())
+        .unwrap_err();
+    assert!(matches!(err, GpuError::Mismatch { .. }), "{err}");
+    let device = BTreeMap::from([("x".to_string(), state.clone()), ("acc".to_string(), state)]);
+    let err = exec
+        .run_resident(&host_x, &device, Default::default())
+        .unwrap_err();
+    assert!(matches!(err, GpuError::BoundTwice { .. }), "{err}");
+}
+
+/// Elementwise closeness for the training tests: `|a − b| ≤ tol ·
+/// max(|a|, floor)`, so values near zero are compared absolutely.
+fn assert_rel(want: &[f32], got: &[f32], tol: f32, floor: f32, what: &str) {
+    assert_eq!(want.len(), got.len(), "{what}: length");
+    for (i, (&a, &b)) in want.iter().zip(got).enumerate() {
+        assert!(
+            (a - b).abs() <= tol * a.abs().max(floor),
+            "{what}[{i}]: host {a}, device {b}"
+        );
+    }
+}
+
+/// Parameters of every kind the optimizers treat differently: a decayed
+/// matrix, an embedding table, a 1-D norm weight, and lengths that do and
+/// do not take the 4-wide vector path.
+fn optimizer_params(rng: &mut Rng) -> BTreeMap<String, Tensor> {
+    [
+        ("model.embed_tokens.weight", vec![10, 8]),
+        ("model.layers.0.mlp.up_proj.weight", vec![7, 12]),
+        ("model.norm.weight", vec![13]),
+        ("odd.weight", vec![3, 5]),
+    ]
+    .into_iter()
+    .map(|(n, s)| (n.to_string(), rng.tensor(&s)))
+    .collect()
+}
+
+/// Random gradients with every 7th element zero: Lion's update there is
+/// sign(0) = 0 (its momentum stays 0 too).
+fn sparse_grads(rng: &mut Rng, params: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+    params
+        .iter()
+        .map(|(n, t)| {
+            let v = (0..t.numel())
+                .map(|i| if i % 7 == 0 { 0.0 } else { rng.next() })
+                .collect();
+            (n.clone(), Tensor::f32(t.shape().to_vec(), v))
+        })
+        .collect()
+}
+
+/// Each fused optimizer against the host `Optimizer::step`: three steps on
+/// random weights and gradients, then the weights and the moments; then
+/// two more steps after a round trip of the state through the host (a
+/// resume).
+pub fn fused_optimizers<R: Runtime>(dev: &R::Device) {
+    use caramba_runtime::gpu::train::DeviceOptimizer;
+    use caramba_runtime::train::{Optimizer, OptimizerConfig};
+    let configs = [
+        OptimizerConfig::adamw(0.1),
+        OptimizerConfig::adamw(0.0),
+        OptimizerConfig::adamw(0.1).with_decay_embeddings(true),
+        OptimizerConfig::lion(0.1),
+        OptimizerConfig::sgd(0.9, 0.1),
+        OptimizerConfig::sgd(0.0, 0.1),
+    ];
+    for (k, config) in configs.into_iter().enumerate() {
+        let mut rng = Rng(100 + k as u64);
+        let mut host_params = optimizer_params(&mut rng);
+        let exec =
+            GpuExecutor::<R>::new(dev, &Graph::new("none"), &caramba_ir::reference::NoParams)
+                .unwrap();
+        let client = exec.client();
+        let dev_params: BTreeMap<_, _> = host_params
+            .iter()
+            .map(|(n, t)| (n.clone(), exec.upload(t).unwrap()))
+            .collect();
+        let mut host = Optimizer::new(config);
+        let mut device = DeviceOptimizer::new(client, config);
+        let lr = 0.05;
+        let compare = |host_params: &BTreeMap<String, Tensor>,
+                       host: &Optimizer,
+                       device: &DeviceOptimizer<R>,
+                       when: &str| {
+            for (name, want) in host_params {
+                let got = exec.download(&dev_params[name]).unwrap();
+                let what = format!("{config:?} {when}: {name}");
+                assert_rel(
+                    want.as_f32().unwrap(),
+                    got.as_f32().unwrap(),
+                    1e-5,
+                    1e-2,
+                    &what,
+                );
+            }
+            let back = device.to_host().unwrap();
+            assert_eq!(back.step_count(), host.step_count());
+            for name in host_params.keys() {
+                let (hm, hv) = host.param_state(name).unwrap();
+                let (dm, dv) = back.param_state(name).unwrap_or((&[], &[]));
+                assert_rel(hm, dm, 1e-5, 1e-2, &format!("{config:?} {when}: {name}.m"));
+                assert_rel(hv, dv, 1e-5, 1e-4, &format!("{config:?} {when}: {name}.v"));
+            }
+        };
+        for _ in 0..3 {
+            let grads = sparse_grads(&mut rng, &host_params);
+            let dev_grads = grads
+                .iter()
+                .map(|(n, t)| (n.clone(), exec.upload(t).unwrap()))
+                .collect();
+            host.step(&mut host_params, &grads, lr);
+            device.step(&dev_params, &dev_grads, lr, 1.0).unwrap();
+        }
+        compare(&host_params, &host, &device, "3 steps");
+
+        // Resume: the state goes through the host and back.
+        let mut device = DeviceOptimizer::from_host(client, &device.to_host().unwrap());
+        for _ in 0..2 {
+            let grads = sparse_grads(&mut rng, &host_params);
+            let dev_grads = grads
+                .iter()
+                .map(|(n, t)| (n.clone(), exec.upload(t).unwrap()))
+                .collect();
+            host.step(&mut host_params, &grads, lr);
+            device.step(&dev_params, &dev_grads, lr, 1.0).unwrap();
+        }
+        compare(&host_params, &host, &device, "resumed");
+    }
+}
+
+/// The global gradient norm against the host's, and clipping folded into
+/// the update's `grad_scale` against `clip_grad_norm`: plain SGD at lr 1
+/// from zero weights leaves −(clipped gradient) in the weights.
+pub fn grad_norm_and_clipping<R: Runtime>(dev: &R::Device) {
+    use caramba_runtime::gpu::train::{global_grad_norm, DeviceOptimizer};
+    use caramba_runtime::train::{clip_factor, clip_grad_norm, OptimizerConfig};
+    let mut rng = Rng(7);
+    // 60 000 elements: more than the partial sums' cubes cover in one pass.
+    let shapes: [&[usize]; 4] = [&[300, 200], &[13], &[3, 5], &[]];
+    let mut grads: BTreeMap<String, Tensor> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (format!("p{i}"), rng.tensor(s)))
+        .collect();
+    let exec =
+        GpuExecutor::<R>::new(dev, &Graph::new("none"), &caramba_ir::reference::NoParams).unwrap();
+    let dev_grads: BTreeMap<_, _> = grads
+        .iter()
+        .map(|(n, t)| (n.clone(), exec.upload(t).unwrap()))
+        .collect();
+    let refs: Vec<_> = dev_grads.values().collect();
+    let norm = global_grad_norm(exec.client(), &refs).unwrap();
+    let want = caramba_runtime::train::global_grad_norm(&grads);
+    assert!(
+        (norm - want).abs() <= 1e-5 * want,
+        "norm: host {want}, device {norm}"
+    );
+    assert_eq!(global_grad_norm::<R>(exec.client(), &[]).unwrap(), 0.0);
+
+    let max_norm = want / 3.0;
+    let factor = clip_factor(norm, max_norm).expect("the norm is above the limit");
+    assert!(clip_factor(norm, 2.0 * want).is_none());
+    let host_norm = clip_grad_norm(&mut grads, max_norm);
+    assert_eq!(host_norm, want);
+    let weights: BTreeMap<_, _> = grads
+        .iter()
+        .map(|(n, t)| {
+            let zeros = Tensor::f32(t.shape().to_vec(), vec![0.0; t.numel()]);
+            (n.clone(), exec.upload(&zeros).unwrap())
+        })
+        .collect();
+    let mut sgd = DeviceOptimizer::new(exec.client(), OptimizerConfig::sgd(0.0, 0.0));
+    sgd.step(&weights, &dev_grads, 1.0, factor as f32).unwrap();
+    for (name, clipped) in &grads {
+        let got = exec.download(&weights[name]).unwrap();
+        let want: Vec<f32> = clipped.as_f32().unwrap().iter().map(|g| -g).collect();
+        assert_rel(&want, got.as_f32().unwrap(), 1e-5, 1e-3, name);
+    }
+}
+
+/// A tiny Llama's training graph (forward, next-token loss, gradients of
+/// every parameter but `frozen`) and small initial weights.
+fn tiny_training_graph(frozen: &str) -> (Graph, Graph, BTreeMap<String, Tensor>) {
+    let spec = caramba_compiler::hf::llama_model(&tiny_llama_dims());
+    let mut forward = caramba_compiler::lower_model(&spec, "tiny_train", DType::F32)
+        .unwrap()
+        .graph;
+    caramba_ir::autodiff::add_next_token_loss(&mut forward, "logits").unwrap();
+    let mut rng = Rng(23);
+    let params: BTreeMap<String, Tensor> = random_params(&forward, 5)
+        .into_iter()
+        .map(|(name, t)| {
+            let v = if name.contains("norm") {
+                vec![1.0; t.numel()]
+            } else {
+                (0..t.numel()).map(|_| 0.1 * rng.next()).collect()
+            };
+            (name, Tensor::f32(t.shape().to_vec(), v))
+        })
+        .collect();
+    let names: Vec<String> = params.keys().filter(|n| *n != frozen).cloned().collect();
+    let graph = caramba_ir::autodiff::differentiate(&forward, "loss", &names).unwrap();
+    (graph, forward, params)
+}
+
+fn lm_batch(rng: &mut Rng, b: usize, t: usize) -> caramba_runtime::gpu::train::MicroBatch {
+    let mut syms = caramba_ir::reference::SymValues::default();
+    syms.set(Sym::B, b);
+    syms.set(Sym::T, t);
+    caramba_runtime::gpu::train::MicroBatch {
+        inputs: BTreeMap::from([
+            ("input_ids".to_string(), rng.ids(&[b, t], 96)),
+            ("targets".to_string(), rng.ids(&[b, t], 96)),
+            (
+                "positions".to_string(),
+                Tensor::i32(vec![t], (0..t as i32).collect()),
+            ),
+        ]),
+        syms,
+    }
+}
+
+/// Where the host training loop takes its gradients from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Gradients {
+    /// The reference interpreter: the whole host path.
+    Reference,
+    /// The device, through a one-shot executor per micro-batch: the host
+    /// loop then differs from the trainer only in its optimizer and
+    /// accumulation, not in its forward and backward.
+    Device,
+}
+
+/// What the host loop ends with.
+struct HostRun {
+    /// Per step: the micro-batches' losses and the gradient norm.
+    stats: Vec<(Vec<f64>, f64)>,
+    params: BTreeMap<String, Tensor>,
+    optimizer: caramba_runtime::train::Optimizer,
+    /// The weights and optimizer after the first step (to resume from).
+    after_one: (BTreeMap<String, Tensor>, caramba_runtime::train::Optimizer),
+}
+
+/// The host training loop of `src/train.rs`: gradients per micro-batch,
+/// `GradAccumulator`, `clip_grad_norm`, `Optimizer::step`.
+#[allow(clippy::too_many_arguments)]
+fn host_training<R: Runtime>(
+    dev: &R::Device,
+    graph: &Graph,
+    init: &BTreeMap<String, Tensor>,
+    frozen: &str,
+    config: caramba_runtime::train::OptimizerConfig,
+    steps: &[Vec<caramba_runtime::gpu::train::MicroBatch>],
+    lr: f64,
+    clip: f64,
+    source: Gradients,
+) -> HostRun {
+    use caramba_runtime::train::{clip_grad_norm, GradAccumulator, Optimizer};
+    let mut params = init.clone();
+    let mut optimizer = Optimizer::new(config);
+    let mut stats = Vec::new();
+    let mut after_one = None;
+    for batches in steps {
+        let mut acc = GradAccumulator::new();
+        let mut losses = Vec::new();
+        for mb in batches {
+            let out = match source {
+                Gradients::Reference => {
+                    let b = Bindings {
+                        syms: mb.syms,
+                        inputs: mb.inputs.clone(),
+                        params: &params,
+                    };
+                    eval(graph, &b).unwrap()
+                }
+                Gradients::Device => GpuExecutor::<R>::new(dev, graph, &params)
+                    .unwrap()
+                    .run(&mb.inputs, mb.syms)
+                    .unwrap(),
+            };
+            losses.push(out["loss"].to_f64_vec()[0]);
+            acc.add(
+                params
+                    .keys()
+                    .filter(|n| *n != frozen)
+                    .map(|n| (n.clone(), out[&format!("grad:{n}")].clone()))
+                    .collect(),
+            );
+        }
+        let mut grads = acc.take_mean();
+        let norm = clip_grad_norm(&mut grads, clip);
+        optimizer.step(&mut params, &grads, lr);
+        stats.push((losses, norm));
+        after_one.get_or_insert_with(|| (params.clone(), optimizer.clone()));
+    }
+    HostRun {
+        stats,
+        params,
+        optimizer,
+        after_one: after_one.unwrap(),
+    }
+}
+
+/// Weights agree (`|a − b| ≤ 1e-4 · max(1, |a|)`), and so do the updates
+/// themselves: `w − init` within 1e-3 of the tensor's largest update, so a
+/// wrong step is caught even where it is small next to the weight.
+fn assert_trained_alike(
+    init: &BTreeMap<String, Tensor>,
+    want: &BTreeMap<String, Tensor>,
+    got: &BTreeMap<String, Tensor>,
+    what: &str,
+) {
+    assert_eq!(
+        want.keys().collect::<Vec<_>>(),
+        got.keys().collect::<Vec<_>>()
+    );
+    for (name, w) in want {
+        let (w, g, i) = (
+            w.as_f32().unwrap(),
+            got[name].as_f32().unwrap(),
+            init[name].as_f32().unwrap(),
+        );
+        assert_rel(w, g, 1e-4, 1.0, &format!("{what}: {name}"));
+        let dw: Vec<f32> = w.iter().zip(i).map(|(a, b)| a - b).collect();
+        let dg: Vec<f32> = g.iter().zip(i).map(|(a, b)| a - b).collect();
+        let scale = dw.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert_rel(&dw, &dg, 1e-3, scale, &format!("{what}: update of {name}"));
+    }
+}
+
+/// The device trainer against the host loop on a tiny Llama: three clipped
+/// steps of 2, 3 and 1 micro-batches (every way the trainer sums
+/// gradients). Losses, norms, weights, updates and moments agree; the
+/// frozen parameter does not move; a trainer resumed from the host state
+/// after one step ends at the same place; evaluation on the shared weights
+/// matches the reference; a non-finite loss leaves everything as it was.
+fn check_trainer<R: Runtime>(
+    dev: &R::Device,
+    config: caramba_runtime::train::OptimizerConfig,
+    lr: f64,
+    source: Gradients,
+) {
+    use caramba_runtime::gpu::train::{GpuTrainer, StepError};
+    use caramba_runtime::train::Optimizer;
+    let frozen = "model.layers.1.input_layernorm.weight";
+    let (graph, forward, init) = tiny_training_graph(frozen);
+    let clip = 0.5;
+    let mut rng = Rng(31);
+    let steps: Vec<Vec<_>> = [2, 3, 1]
+        .iter()
+        .map(|&n| (0..n).map(|_| lm_batch(&mut rng, 2, 8)).collect())
+        .collect();
+    let host = host_training::<R>(dev, &graph, &init, frozen, config, &steps, lr, clip, source);
+
+    let mut trainer = GpuTrainer::<R>::new(
+        dev,
+        &graph,
+        "loss",
+        &init,
+        &Optimizer::new(config),
+        GpuOptions::default(),
+    )
+    .unwrap()
+    .with_eval_graph(&forward)
+    .unwrap();
+    for (batches, (losses, norm)) in steps.iter().zip(&host.stats) {
+        let stats = trainer.step(batches, lr, Some(clip)).unwrap();
+        assert_rel(
+            &losses.iter().map(|&l| l as f32).collect::<Vec<_>>(),
+            &stats.losses.iter().map(|&l| l as f32).collect::<Vec<_>>(),
+            1e-4,
+            1.0,
+            "losses",
+        );
+        assert!(
+            (stats.grad_norm - norm).abs() <= 1e-4 * norm,
+            "grad norm: host {norm}, device {}",
+            stats.grad_norm
+        );
+        assert!(*norm > clip, "the test should clip (norm {norm})");
+    }
+    assert_eq!(trainer.step_count(), 3);
+    let got = trainer.params_to_host().unwrap();
+    assert_trained_alike(&init, &host.params, &got, &format!("{config:?}"));
+    assert_eq!(got[frozen], init[frozen], "the frozen parameter moved");
+    let opt = trainer.optimizer_to_host().unwrap();
+    assert_eq!(opt.step_count(), 3);
+    assert!(opt.param_state(frozen).is_none());
+    for name in init.keys().filter(|n| *n != frozen) {
+        let (hm, _) = host.optimizer.param_state(name).unwrap();
+        let (dm, _) = opt.param_state(name).unwrap();
+        let scale = hm.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert_rel(hm, dm, 1e-3, scale, &format!("{name}.m"));
+    }
+
+    // Evaluation reads the trained buffers.
+    let mb = lm_batch(&mut rng, 2, 8);
+    let b = Bindings {
+        syms: mb.syms,
+        inputs: mb.inputs.clone(),
+        params: &host.params,
+    };
+    let want = eval(&forward, &b).unwrap()["loss"].to_f64_vec()[0];
+    let got = trainer.eval_loss(&mb.inputs, mb.syms).unwrap();
+    assert!(
+        (want - got).abs() <= 1e-4 * want,
+        "eval loss: host {want}, device {got}"
+    );
+
+    // Resume from the host state after step 1.
+    let (p1, o1) = &host.after_one;
+    let mut resumed =
+        GpuTrainer::<R>::new(dev, &graph, "loss", p1, o1, GpuOptions::default()).unwrap();
+    for batches in &steps[1..] {
+        resumed.step(batches, lr, Some(clip)).unwrap();
+    }
+    assert_eq!(resumed.step_count(), 3);
+    let got = resumed.params_to_host().unwrap();
+    assert_trained_alike(&init, &host.params, &got, "resumed");
+
+    // A non-finite loss (targets outside the vocabulary) is refused
+    // before the update.
+    let mut bad = lm_batch(&mut rng, 2, 8);
+    bad.inputs
+        .insert("targets".into(), Tensor::i32(vec![2, 8], vec![500; 16]));
+    let before = trainer.params_to_host().unwrap();
+    let err = trainer.step(&[bad], lr, Some(clip)).unwrap_err();
+    assert!(matches!(err, StepError::NonFiniteLoss { .. }), "{err}");
+    assert_eq!(trainer.params_to_host().unwrap(), before);
+    assert_eq!(trainer.step_count(), 3);
+}
+
+/// SGD with momentum and decay, whose update is linear in the gradient:
+/// the trainer against the whole host path (reference forward/backward).
+pub fn trainer_matches_host_sgd<R: Runtime>(dev: &R::Device) {
+    let config = caramba_runtime::train::OptimizerConfig::sgd(0.9, 0.1);
+    check_trainer::<R>(dev, config, 0.5, Gradients::Reference);
+}
+
+/// AdamW divides by √v, so where a gradient is tiny its f32 rounding
+/// (which differs between the reference and a device's matmuls) moves the
+/// update by up to the learning rate; here the host loop takes the
+/// device's gradients, and the comparison is of accumulation, clipping
+/// and the optimizer.
+pub fn trainer_matches_host_adamw<R: Runtime>(dev: &R::Device) {
+    let config = caramba_runtime::train::OptimizerConfig::adamw(0.1);
+    check_trainer::<R>(dev, config, 1e-2, Gradients::Device);
+}
+
 /// Stamps the suite out for one backend: `$available` says whether a
 /// device exists, `$device` builds it.
 macro_rules! gpu_suite {
@@ -750,7 +1274,9 @@ macro_rules! all_tests {
             unary, binary_broadcast, constant_and_cast, reduce, softmax, matmul, matmul_fast, layout,
             gather_scatter_one_hot, causal_mask, rope, cross_entropy, rms_norm, attention,
             elementwise_program, symbolic_shapes, unsupported_is_an_error, tiny_llama, tiny_llama_bf16,
-            dba_preset, quantize_formats, kv_attention_over_caches, cached_tiny_llama);
+            dba_preset, quantize_formats, kv_attention_over_caches, cached_tiny_llama,
+            resident_values, fused_optimizers, grad_norm_and_clipping, trainer_matches_host_sgd,
+            trainer_matches_host_adamw);
     };
 }
 

@@ -6,6 +6,12 @@
 //! does); outputs are read back as reference `Tensor`s so the two backends
 //! compare directly.
 //!
+//! Values can also stay on the device between calls ([`DeviceTensor`],
+//! [`GpuExecutor::run_resident`]): the trainer (`train.rs`) keeps gradients
+//! and optimizer state there and updates the executor's parameter buffers
+//! in place, and a decoder can feed a cache output back as the next call's
+//! input without a round trip through the host.
+//!
 //! Storage: float tensors (`f32`, and `f16`/`bf16` held widened to `f32`,
 //! as in the reference) are `f32` buffers; `i32` tensors are `i32` buffers.
 //! `f64`, `u32` and `bool` are not supported on the device: building an
@@ -13,6 +19,7 @@
 
 mod ops;
 pub mod source;
+pub mod train;
 
 pub use source::{kernel_sources, KernelSource, Target};
 
@@ -20,7 +27,7 @@ use caramba_ir::reference::{
     self as reference, round_bf16, round_f16, Bindings, EvalError, ParamSource, Storage, SymValues,
     Tensor,
 };
-use caramba_ir::{DType, Graph, Node, NodeId, Shape};
+use caramba_ir::{DType, Dim, Graph, Node, NodeId, Shape};
 use caramba_kernels::cubecl::prelude::*;
 use caramba_kernels::cubecl::server::Handle;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -55,6 +62,9 @@ pub enum GpuError {
     /// The device failed (launch, read-back, no device).
     #[error("device error: {0}")]
     Device(String),
+    /// An input given both as a host tensor and as a device tensor.
+    #[error("input {name:?} is bound both on the host and on the device")]
+    BoundTwice { name: String },
 }
 
 /// Choices that trade exactness for speed.
@@ -92,6 +102,43 @@ impl DevTensor {
 
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
+    }
+}
+
+/// A value that lives on the device: an output of
+/// [`GpuExecutor::run_resident`], an [`GpuExecutor::upload`], or one of an
+/// executor's parameters. Cloning it clones the handle, not the data: every
+/// clone names the same buffer, so a kernel that writes through one (the
+/// optimizer updating a parameter) is seen through all of them.
+#[derive(Clone, Debug)]
+pub struct DeviceTensor(pub(crate) DevTensor);
+
+impl DeviceTensor {
+    pub fn shape(&self) -> &[usize] {
+        &self.0.shape
+    }
+
+    /// The logical dtype (`f16`/`bf16` values are stored widened to `f32`).
+    pub fn dtype(&self) -> DType {
+        self.0.dtype
+    }
+
+    pub fn numel(&self) -> usize {
+        self.0.numel()
+    }
+
+    /// The device buffer, for callers that launch their own kernels on it.
+    /// It is dense and row-major; float tensors are `f32`, integer ones `i32`.
+    pub fn handle(&self) -> &Handle {
+        &self.0.handle
+    }
+}
+
+impl std::fmt::Display for DeviceTensor {
+    /// `f32[2, 3]`, like a host `Tensor`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dims: Vec<String> = self.0.shape.iter().map(|d| d.to_string()).collect();
+        write!(f, "{}[{}]", self.0.dtype, dims.join(", "))
     }
 }
 
@@ -138,42 +185,12 @@ impl<R: Runtime> GpuExecutor<R> {
         params: &dyn ParamSource,
         options: GpuOptions,
     ) -> Result<Self, GpuError> {
-        let order = live_order(graph)?;
-        let mut operands = HashMap::new();
-        let mut uses: HashMap<NodeId, usize> = HashMap::new();
-        for &id in &order {
-            let os = graph.operands(id);
-            for &o in &os {
-                *uses.entry(o).or_default() += 1;
-            }
-            operands.insert(id, os);
-            ops::check_supported(graph, id)?;
-        }
-        for (_, id) in graph.outputs() {
-            *uses.entry(*id).or_default() += 1;
-        }
-        let outputs: HashSet<NodeId> = graph.outputs().iter().map(|(_, id)| *id).collect();
-        let lazy_transposes = order
-            .iter()
-            .copied()
-            .filter(|&id| match &graph.node(id).op {
-                caramba_ir::Op::Permute(perm) => {
-                    let users = graph.users(id);
-                    ops::swaps_last_two(perm)
-                        && !outputs.contains(&id)
-                        && !users.is_empty()
-                        && users
-                            .iter()
-                            .all(|&u| matches!(graph.node(u).op, caramba_ir::Op::MatMul))
-                }
-                _ => false,
-            })
-            .collect();
+        let plan = Plan::new(graph)?;
         // CubeCL panics when the device cannot be opened; report it instead.
         let client = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| R::client(device)))
             .map_err(|_| GpuError::Device(format!("cannot open device {device:?}")))?;
         let mut uploaded = HashMap::new();
-        for &id in &order {
+        for &id in &plan.order {
             let node = graph.node(id);
             if let caramba_ir::Op::Param { name } = &node.op {
                 let t = params
@@ -184,17 +201,60 @@ impl<R: Runtime> GpuExecutor<R> {
                 uploaded.insert(id, upload(&client, t, node.ty.dtype, node)?);
             }
         }
-        Ok(GpuExecutor {
+        Ok(Self::from_plan(client, graph, plan, uploaded, options))
+    }
+
+    /// An executor of `graph` whose parameters are buffers already on the
+    /// device (by name), not copies: a graph that shares its weights with
+    /// another (evaluation beside training, decoding beside prefill) reads
+    /// the same buffers, and sees them change when they are updated in
+    /// place. `client` must be the one that holds them.
+    pub fn with_device_params(
+        client: ComputeClient<R>,
+        graph: &Graph,
+        params: &BTreeMap<String, DeviceTensor>,
+        options: GpuOptions,
+    ) -> Result<Self, GpuError> {
+        let plan = Plan::new(graph)?;
+        let mut bound = HashMap::new();
+        for &id in &plan.order {
+            let node = graph.node(id);
+            if let caramba_ir::Op::Param { name } = &node.op {
+                let t = params
+                    .get(name)
+                    .ok_or_else(|| GpuError::MissingParam { name: name.clone() })?;
+                let mut syms = SymValues::default();
+                check_device_binding("parameter", name, node, t, &mut syms)?;
+                bound.insert(id, t.0.clone());
+            }
+        }
+        Ok(Self::from_plan(client, graph, plan, bound, options))
+    }
+
+    /// An executor of `graph` on this executor's device that reads this
+    /// executor's parameter buffers (see [`GpuExecutor::with_device_params`]).
+    pub fn sharing_params(&self, graph: &Graph) -> Result<Self, GpuError> {
+        Self::with_device_params(self.client.clone(), graph, &self.params(), self.options)
+    }
+
+    fn from_plan(
+        client: ComputeClient<R>,
+        graph: &Graph,
+        plan: Plan,
+        params: HashMap<NodeId, DevTensor>,
+        options: GpuOptions,
+    ) -> Self {
+        GpuExecutor {
             client,
             graph: graph.clone(),
-            order,
-            operands,
-            uses,
-            params: uploaded,
-            lazy_transposes,
+            order: plan.order,
+            operands: plan.operands,
+            uses: plan.uses,
+            params,
+            lazy_transposes: plan.lazy_transposes,
             options,
             profile: Default::default(),
-        })
+        }
     }
 
     /// The profile so far (with [`GpuOptions::profile`]): per op kind, the
@@ -217,6 +277,51 @@ impl<R: Runtime> GpuExecutor<R> {
         &self.client
     }
 
+    /// The parameter `name` as the executor reads it: the same buffer, so
+    /// a kernel that writes into it changes the weights of the next run.
+    /// `None` for a parameter the graph does not declare or never reads.
+    pub fn param(&self, name: &str) -> Option<DeviceTensor> {
+        let id = self.graph.param_id(name)?;
+        self.params.get(&id).map(|t| DeviceTensor(t.clone()))
+    }
+
+    /// Every parameter the executor reads, by name (see [`GpuExecutor::param`]).
+    pub fn params(&self) -> BTreeMap<String, DeviceTensor> {
+        self.graph
+            .params()
+            .filter_map(|(name, id)| {
+                let t = self.params.get(&id)?;
+                Some((name.to_string(), DeviceTensor(t.clone())))
+            })
+            .collect()
+    }
+
+    /// Copies a host tensor to the device (in its own dtype's storage).
+    pub fn upload(&self, t: &Tensor) -> Result<DeviceTensor, GpuError> {
+        let handle = match t.storage() {
+            // Bindings need a buffer even for no elements (see `upload`).
+            _ if t.numel() == 0 => self.client.empty(4),
+            Storage::F32(v) => self.client.create_from_slice(f32::as_bytes(v)),
+            Storage::I32(v) => self.client.create_from_slice(i32::as_bytes(v)),
+            Storage::F64(_) => {
+                return Err(GpuError::Unsupported {
+                    at: "upload".into(),
+                    message: "f64 tensors".into(),
+                })
+            }
+        };
+        Ok(DeviceTensor(DevTensor::dense(
+            handle,
+            t.shape().to_vec(),
+            t.dtype(),
+        )))
+    }
+
+    /// Reads a device tensor back (waits for the work that writes it).
+    pub fn download(&self, t: &DeviceTensor) -> Result<Tensor, GpuError> {
+        download(&self.client, &t.0)
+    }
+
     /// Runs the graph with the reference interpreter's bindings (their
     /// parameters are ignored: the executor's were uploaded at build time).
     pub fn run_bindings(&self, b: &Bindings) -> Result<BTreeMap<String, Tensor>, GpuError> {
@@ -230,6 +335,25 @@ impl<R: Runtime> GpuExecutor<R> {
         inputs: &BTreeMap<String, Tensor>,
         syms: SymValues,
     ) -> Result<BTreeMap<String, Tensor>, GpuError> {
+        let outputs = self.run_resident(inputs, &BTreeMap::new(), syms)?;
+        outputs
+            .into_iter()
+            .map(|(name, t)| Ok((name, download(&self.client, &t.0)?)))
+            .collect()
+    }
+
+    /// Evaluates the graph's outputs and leaves them on the device. Each
+    /// input is bound either on the host (`host_inputs`, uploaded for this
+    /// call) or on the device (`device_inputs`, read in place: a value fed
+    /// back from an earlier call costs no transfer); both are checked
+    /// against the input's declared type. The launches are queued, not
+    /// awaited: reading an output back ([`GpuExecutor::download`]) waits.
+    pub fn run_resident(
+        &self,
+        host_inputs: &BTreeMap<String, Tensor>,
+        device_inputs: &BTreeMap<String, DeviceTensor>,
+        syms: SymValues,
+    ) -> Result<BTreeMap<String, DeviceTensor>, GpuError> {
         let mut syms = syms;
         let mut uses = self.uses.clone();
         let mut values: HashMap<NodeId, DevTensor> = HashMap::new();
@@ -238,11 +362,20 @@ impl<R: Runtime> GpuExecutor<R> {
             let operands = &self.operands[&id];
             let value = match &node.op {
                 caramba_ir::Op::Input { name } => {
-                    let t = inputs
-                        .get(name)
-                        .ok_or_else(|| GpuError::MissingInput { name: name.clone() })?;
-                    check_binding("input", name, node, t, &mut syms)?;
-                    upload(&self.client, t, node.ty.dtype, node)?
+                    match (host_inputs.get(name), device_inputs.get(name)) {
+                        (Some(_), Some(_)) => {
+                            return Err(GpuError::BoundTwice { name: name.clone() })
+                        }
+                        (Some(t), None) => {
+                            check_binding("input", name, node, t, &mut syms)?;
+                            upload(&self.client, t, node.ty.dtype, node)?
+                        }
+                        (None, Some(t)) => {
+                            check_device_binding("input", name, node, t, &mut syms)?;
+                            t.0.clone()
+                        }
+                        (None, None) => return Err(GpuError::MissingInput { name: name.clone() }),
+                    }
                 }
                 caramba_ir::Op::Param { .. } => self.params[&id].clone(),
                 caramba_ir::Op::Permute(perm) if self.lazy_transposes.contains(&id) => {
@@ -303,12 +436,73 @@ impl<R: Runtime> GpuExecutor<R> {
         self.client
             .flush()
             .map_err(|e| GpuError::Device(format!("{e:?}")))?;
-        let mut result = BTreeMap::new();
-        for (name, id) in self.graph.outputs() {
-            let v = &values[id];
-            result.insert(name.clone(), download(&self.client, v)?);
+        Ok(self
+            .graph
+            .outputs()
+            .iter()
+            .map(|(name, id)| {
+                let v = values[id].clone();
+                // Lazy transposes never reach an output (see `Plan::new`).
+                debug_assert!(
+                    !v.transposed,
+                    "output {name} is an unmaterialized transpose"
+                );
+                (name.clone(), DeviceTensor(v))
+            })
+            .collect())
+    }
+}
+
+/// What an executor precomputes from its graph: the live nodes in order,
+/// operands, use counts, and the permutes left unmaterialized.
+struct Plan {
+    order: Vec<NodeId>,
+    operands: HashMap<NodeId, Vec<NodeId>>,
+    /// Reads of each value per run: one per operand edge, one per output.
+    uses: HashMap<NodeId, usize>,
+    lazy_transposes: HashSet<NodeId>,
+}
+
+impl Plan {
+    /// Checks that every live op is supported.
+    fn new(graph: &Graph) -> Result<Plan, GpuError> {
+        let order = live_order(graph)?;
+        let mut operands = HashMap::new();
+        let mut uses: HashMap<NodeId, usize> = HashMap::new();
+        for &id in &order {
+            let os = graph.operands(id);
+            for &o in &os {
+                *uses.entry(o).or_default() += 1;
+            }
+            operands.insert(id, os);
+            ops::check_supported(graph, id)?;
         }
-        Ok(result)
+        for (_, id) in graph.outputs() {
+            *uses.entry(*id).or_default() += 1;
+        }
+        let outputs: HashSet<NodeId> = graph.outputs().iter().map(|(_, id)| *id).collect();
+        let lazy_transposes = order
+            .iter()
+            .copied()
+            .filter(|&id| match &graph.node(id).op {
+                caramba_ir::Op::Permute(perm) => {
+                    let users = graph.users(id);
+                    ops::swaps_last_two(perm)
+                        && !outputs.contains(&id)
+                        && !users.is_empty()
+                        && users
+                            .iter()
+                            .all(|&u| matches!(graph.node(u).op, caramba_ir::Op::MatMul))
+                }
+                _ => false,
+            })
+            .collect();
+        Ok(Plan {
+            order,
+            operands,
+            uses,
+            lazy_transposes,
+        })
     }
 }
 
@@ -381,6 +575,50 @@ fn check_binding(
     syms: &mut SymValues,
 ) -> Result<(), GpuError> {
     Ok(reference::check_binding(what, name, node, t, syms)?)
+}
+
+/// [`check_binding`] for a value already on the device: the same dtype
+/// and shape rules (symbols inferred from the first value that uses them).
+fn check_device_binding(
+    what: &'static str,
+    name: &str,
+    node: &Node,
+    t: &DeviceTensor,
+    syms: &mut SymValues,
+) -> Result<(), GpuError> {
+    let declared = node.ty.dtype;
+    let dtype_ok = t.dtype() == declared
+        || (matches!(declared, DType::F16 | DType::BF16) && t.dtype() == DType::F32);
+    let mut bound = *syms;
+    let dims = node.ty.shape.dims();
+    let shape_ok = t.shape().len() == dims.len()
+        && dims.iter().zip(t.shape()).all(|(d, &n)| match *d {
+            Dim::Const(c) => c == n,
+            Dim::Sym(s) => match bound.get(s) {
+                Some(v) => v == n,
+                None => {
+                    bound.set(s, n);
+                    true
+                }
+            },
+        });
+    if dtype_ok && shape_ok {
+        *syms = bound;
+        return Ok(());
+    }
+    let expected: Vec<String> = dims
+        .iter()
+        .map(|d| match *d {
+            Dim::Sym(s) => syms.get(s).map_or(s.to_string(), |v| v.to_string()),
+            Dim::Const(c) => c.to_string(),
+        })
+        .collect();
+    Err(GpuError::Mismatch {
+        what,
+        name: name.to_string(),
+        expected: format!("{declared}[{}]", expected.join(", ")),
+        found: t.to_string(),
+    })
 }
 
 impl From<EvalError> for GpuError {

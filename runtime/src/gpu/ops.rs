@@ -61,9 +61,10 @@ pub(crate) fn check_supported(graph: &Graph, id: NodeId) -> Result<(), GpuError>
                     "kv_attention over {} key caches (at most 2)",
                     parts.len() - 1
                 ))
-            } else if dk > kv_attention::KV_MAX_DK {
+            } else if dk.max(parts[parts.len() - 1].dim) > kv_attention::KV_MAX_DK {
                 unsupported(format!(
-                    "kv_attention with {dk} key dims per head (at most {})",
+                    "kv_attention with {dk} key and {} value dims per head (at most {} each)",
+                    parts[parts.len() - 1].dim,
                     kv_attention::KV_MAX_DK
                 ))
             } else {

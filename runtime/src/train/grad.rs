@@ -27,11 +27,18 @@ pub fn global_grad_norm(grads: &Params) -> f64 {
 /// norm leaves the gradients untouched: the caller should skip the step.
 pub fn clip_grad_norm(grads: &mut Params, max_norm: f64) -> f64 {
     let norm = global_grad_norm(grads);
-    let factor = max_norm / (norm + 1e-6);
-    if norm.is_finite() && factor < 1.0 {
+    if let Some(factor) = clip_factor(norm, max_norm) {
         scale_grads(grads, factor as f32);
     }
     norm
+}
+
+/// The factor [`clip_grad_norm`] scales by for a global norm `norm`, or
+/// `None` when it leaves the gradients alone. The device trainer folds it
+/// into its optimizer launch instead of scaling the gradients.
+pub fn clip_factor(norm: f64, max_norm: f64) -> Option<f64> {
+    let factor = max_norm / (norm + 1e-6);
+    (norm.is_finite() && factor < 1.0).then_some(factor)
 }
 
 /// Multiplies every gradient by `factor`.

@@ -18,7 +18,7 @@ mod checkpoint;
 mod console;
 mod error;
 mod grad;
-mod optim;
+pub(crate) mod optim;
 mod schedule;
 
 use std::collections::BTreeMap;
@@ -32,7 +32,7 @@ pub use self::checkpoint::{
 };
 pub use self::console::{Console, TrainProgress};
 pub use self::error::TrainError;
-pub use self::grad::{clip_grad_norm, global_grad_norm, scale_grads, GradAccumulator};
+pub use self::grad::{clip_factor, clip_grad_norm, global_grad_norm, scale_grads, GradAccumulator};
 pub use self::optim::{is_embedding, Optimizer, OptimizerConfig, OptimizerKind};
 pub use self::schedule::{LrSchedule, ScheduleKind};
 

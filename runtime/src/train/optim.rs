@@ -387,8 +387,10 @@ impl ParamState {
 }
 
 /// One step's update rule with its scalars precomputed in f64 and rounded to
-/// f32 once, so the per-element loop is pure f32.
-enum Rule {
+/// f32 once, so the per-element loop is pure f32. The device optimizer
+/// (`gpu::train`) launches its kernels with these same scalars.
+#[derive(Clone, Copy)]
+pub(crate) enum Rule {
     Adamw {
         b1: f32,
         b2: f32,
@@ -418,7 +420,7 @@ enum Rule {
 }
 
 impl Rule {
-    fn new(config: &OptimizerConfig, t: u64, lr: f64) -> Self {
+    pub(crate) fn new(config: &OptimizerConfig, t: u64, lr: f64) -> Self {
         let decay_factor = (1.0 - lr * config.weight_decay()) as f32;
         match *config {
             OptimizerConfig::Adamw {
