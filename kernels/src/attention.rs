@@ -7,14 +7,18 @@
 //! strided views broadcast to the output's batch axes (stride 0 where an
 //! operand broadcasts, e.g. GQA's shared key/value heads), out dense
 //! `(batch…, T, dv)`. One cube per block of `ATTN_QUERIES` query rows (held
-//! in shared memory): thread `u` scores key `tile·B + u` against every query
-//! of the block, the block's weights go through shared memory, and each
-//! thread accumulates output columns `u, u + B, …` of `p · v` for every
-//! query. Each key and value element is read once per block of queries.
+//! in shared memory): each tile of keys, then of values, is staged in
+//! shared memory by the whole cube (consecutive units read consecutive
+//! elements; rows at an odd stride, free of bank conflicts); thread `u`
+//! scores key `tile·B + u` against every query of the block, the block's
+//! weights go through shared memory, and each thread accumulates output
+//! columns `u, u + B, …` of `p · v` for every query. Each key and value
+//! element is read once per block of queries.
 //!
-//! Where it stops: scalar FMAs, no tensor cores and no shared-memory K/V
-//! staging; causal blocks skip key tiles past their last query but not the
-//! masked part of the diagonal tile.
+//! Where it stops: scalar FMAs, no tensor cores; causal blocks skip key
+//! tiles past their last query but not the masked part of the diagonal
+//! tile; wider heads than the device's shared memory holds a tile of
+//! (about 180 dims with 48 KiB) read keys and values from global memory.
 
 use crate::{grid_1d, linear_cube, View};
 use cubecl::prelude::*;
@@ -36,6 +40,7 @@ fn attention_kernel<F: Float + CubeElement>(
     #[comptime] causal: bool,
     #[comptime] d: usize,
     #[comptime] dv: usize,
+    #[comptime] staged: bool,
 ) {
     let rank = out.rank();
     let t = out.shape(rank - 2);
@@ -66,6 +71,14 @@ fn attention_kernel<F: Float + CubeElement>(
     let u = UNIT_POS as usize;
     let mut q_sh = SharedMemory::<F>::new(ATTN_QUERIES * d); // (Q, d)
     let mut p_sh = SharedMemory::<F>::new(ATTN_QUERIES * ATTN_BLOCK); // (Q, B)
+                                                                      // A tile of keys, then of values: (B, stride), odd stride so that
+                                                                      // units reading different rows never share a bank.
+    let stride = comptime!(if d > dv { d + 1 } else { dv + 1 });
+    let mut kv_sh = SharedMemory::<F>::new(comptime!(if staged {
+        ATTN_BLOCK * if d > dv { d + 1 } else { dv + 1 }
+    } else {
+        1
+    }));
     let mut j = u;
     while j < ATTN_QUERIES * d {
         let (qi, x) = (j / d, j % d);
@@ -121,15 +134,32 @@ fn attention_kernel<F: Float + CubeElement>(
     let n_tiles = max_limit.div_ceil(ATTN_BLOCK);
     for tile in 0..n_tiles {
         let start = tile * ATTN_BLOCK;
+        // Stage the keys: consecutive units read consecutive elements.
+        if staged {
+            let mut idx = u;
+            while idx < ATTN_BLOCK * d {
+                let (kk, x) = (idx / d, idx % d);
+                let mut val = F::new(0.0);
+                if start + kk < s_len {
+                    val = k[ko + (start + kk) * k_s + x * k_d];
+                }
+                kv_sh[kk * stride + x] = val;
+                idx += ATTN_BLOCK;
+            }
+            sync_cube();
+        }
         let key = start + u;
         #[unroll]
         for qi in 0..ATTN_QUERIES {
             sc[qi] = F::new(0.0);
         }
         if key < s_len {
-            let kb = ko + key * k_s;
             for x in 0..d {
-                let kv = k[kb + x * k_d];
+                let kv = if staged {
+                    kv_sh[u * stride + x]
+                } else {
+                    k[ko + key * k_s + x * k_d]
+                };
                 #[unroll]
                 for qi in 0..ATTN_QUERIES {
                     sc[qi] += q_sh[qi * d + x] * kv;
@@ -161,11 +191,24 @@ fn attention_kernel<F: Float + CubeElement>(
         for qi in 0..ATTN_QUERIES {
             p_sh[qi * ATTN_BLOCK + u] = (sc[qi] - m[qi]).exp();
         }
-        sync_cube();
         let mut n_keys = max_limit - start;
         if n_keys > ATTN_BLOCK {
             n_keys = ATTN_BLOCK;
         }
+        // Stage the values (every unit is past the scores: the sync above).
+        if staged {
+            let mut idx = u;
+            while idx < ATTN_BLOCK * dv {
+                let (kk, x) = (idx / dv, idx % dv);
+                let mut val = F::new(0.0);
+                if kk < n_keys {
+                    val = v[vo + (start + kk) * v_s + x * v_d];
+                }
+                kv_sh[kk * stride + x] = val;
+                idx += ATTN_BLOCK;
+            }
+        }
+        sync_cube();
         #[unroll]
         for qi in 0..ATTN_QUERIES {
             let mut psum = F::new(0.0);
@@ -182,9 +225,12 @@ fn attention_kernel<F: Float + CubeElement>(
                 for qi in 0..ATTN_QUERIES {
                     acc[qi * cols + c] *= corr[qi];
                 }
-                let vb = vo + start * v_s + col * v_d;
                 for x in 0..n_keys {
-                    let vv = v[vb + x * v_s];
+                    let vv = if staged {
+                        kv_sh[x * stride + col]
+                    } else {
+                        v[vo + (start + x) * v_s + col * v_d]
+                    };
                     #[unroll]
                     for qi in 0..ATTN_QUERIES {
                         acc[qi * cols + c] += p_sh[qi * ATTN_BLOCK + x] * vv;
@@ -229,6 +275,10 @@ pub fn launch_attention<R: Runtime>(
         return;
     }
     let cubes = batch * t.div_ceil(ATTN_QUERIES);
+    // Stage K and V tiles when they fit the device's shared memory.
+    let stride = d.max(dv) + 1;
+    let shared = 4 * (ATTN_BLOCK * stride + ATTN_QUERIES * (d + ATTN_BLOCK));
+    let staged = shared <= client.properties().hardware.max_shared_memory_size;
     unsafe {
         attention_kernel::launch_unchecked::<f32, R>(
             client,
@@ -243,6 +293,7 @@ pub fn launch_attention<R: Runtime>(
             causal,
             d.max(1),
             dv,
+            staged,
         );
     }
 }

@@ -22,7 +22,7 @@
 //! per head.
 
 use crate::quant::{load4, load_value, nf4_levels, row_words, BLOCK, FLOAT};
-use crate::{grid_1d, linear_pos, ELEM_BLOCK};
+use crate::{grid_1d, linear_pos, KernelError, ELEM_BLOCK};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
@@ -423,16 +423,23 @@ pub fn launch_kv_attention<R: Runtime>(
     partials: [&Handle; 3],
     causal: bool,
     scale: f32,
-) {
+) -> Result<(), KernelError> {
     let rows = shape.groups * shape.t;
     let bh = shape.batch * shape.heads;
     let dk: usize = keys.iter().map(|k| k.dim).sum();
     let dv = values.dim;
     if bh * rows == 0 || dv == 0 {
-        return;
+        return Ok(());
+    }
+    let nq = rows_per_cube(rows);
+    let shared = 4 * (KV_TILE * (dk.max(dv) + 1) + nq * (dk + KV_TILE) + 16);
+    let limit = client.properties().hardware.max_shared_memory_size;
+    if shared > limit {
+        return Err(KernelError::Unsupported(format!(
+            "kv_attention with {dk} key and {dv} value dims per head needs {shared} bytes of shared memory; this device has {limit}"
+        )));
     }
     let splits = splits_for(shape);
-    let nq = rows_per_cube(rows);
     let vec4 = keys.iter().chain([values]).all(|p| p.dim % 4 == 0);
     let chunk = shape.s.div_ceil(splits).div_ceil(KV_TILE) * KV_TILE;
     let words = |p: &CachePart| {
@@ -487,6 +494,7 @@ pub fn launch_kv_attention<R: Runtime>(
             f32::NEG_INFINITY,
         );
     }
+    Ok(())
 }
 
 /// Elements of the three scratch buffers (max, sum, accumulator).

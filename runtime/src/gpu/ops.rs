@@ -245,7 +245,11 @@ impl<R: Runtime> Ctx<'_, R> {
                     [&scratch[0], &scratch[1], &scratch[2]],
                     *causal,
                     scale.0 as f32,
-                );
+                )
+                .map_err(|e| GpuError::Unsupported {
+                    at: at(self.node),
+                    message: e.to_string(),
+                })?;
                 Ok(out)
             }
             Op::Constant(v) => {
