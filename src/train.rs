@@ -9,14 +9,20 @@
 //! Everything a resumed run needs (weights, optimizer state, step, the data
 //! sampler's RNG state) is in each checkpoint, so 10 steps + resume + 10
 //! steps equal 20 steps straight, bit for bit, on the CPU reference.
+//!
+//! On a GPU the same loop hands each step's micro-batches to a
+//! `DeviceTrainer`, built once: weights, gradients and optimizer state stay
+//! on the device, and are read back only for checkpoints. Evaluation runs
+//! the forward graph on the device too, on the same weight buffers.
 
 use crate::commands::Failure;
 use caramba_compiler::manifest::{Manifest, OptimizerKind as MOpt, Phase, Run, Schedule};
 use caramba_ir::autodiff::{add_next_token_loss, differentiate, grad_name};
 use caramba_ir::reference::{eval, Bindings, Tensor};
 use caramba_ir::{DType, Graph, Sym};
-use caramba_runtime::backend::{Backend, Executor};
+use caramba_runtime::backend::{Backend, DeviceTrainer, Executor};
 use caramba_runtime::data::{NpyDataset, Split};
+use caramba_runtime::gpu::train::{MicroBatch, StepError};
 use caramba_runtime::rng::SplitMix64;
 use caramba_runtime::train::{
     clip_grad_norm, global_grad_norm, load_checkpoint, Console, GradAccumulator, LrSchedule,
@@ -38,7 +44,8 @@ pub struct TrainOptions {
     pub quiet: bool,
     /// Stop (with a checkpoint) after this global step, as if interrupted.
     pub stop_after: Option<u64>,
-    /// Where forward and backward run (the optimizer steps on the host).
+    /// Where training runs: on a GPU, forward, backward, the optimizer and
+    /// evaluation all run on the device.
     pub backend: Backend,
 }
 
@@ -130,8 +137,10 @@ pub fn forward_backward(
     forward_backward_on(Backend::Cpu, tg, params, x, y, b, t)
 }
 
-/// [`forward_backward`] on a backend. On a GPU the current parameters are
-/// uploaded for the step (the optimizer runs on the host in this version).
+/// [`forward_backward`] on a backend, one-shot: on a GPU the parameters are
+/// uploaded and the gradients read back on every call. For comparing
+/// backends; the training loop keeps everything on the device instead
+/// (`DeviceTrainer`).
 pub fn forward_backward_on(
     backend: Backend,
     tg: &TrainGraph,
@@ -170,6 +179,16 @@ pub fn loss_only(
     let out = eval(&tg.forward, &bind(params, x, y, b, t))
         .map_err(|e| Failure::runtime(format!("evaluation failed: {e}")))?;
     Ok(out["loss"].to_f64_vec()[0])
+}
+
+/// One batch as a device trainer's micro-batch (the inputs of [`bind`]).
+fn micro_batch(x: &[u32], y: &[u32], b: usize, t: usize) -> MicroBatch {
+    let no_params = Params::new();
+    let bound = bind(&no_params, x, y, b, t);
+    MicroBatch {
+        inputs: bound.inputs,
+        syms: bound.syms,
+    }
 }
 
 fn bind<'p>(params: &'p Params, x: &[u32], y: &[u32], b: usize, t: usize) -> Bindings<'p> {
@@ -275,6 +294,17 @@ only `phase: standard` training runs",
         )));
     }
 
+    // On a GPU the trainer owns the weights and the optimizer state from
+    // here on; `params` and `optimizer` are refreshed from it for each
+    // checkpoint (the last step always saves one).
+    let mut device = match opts.backend {
+        Backend::Cpu => None,
+        backend => Some(
+            DeviceTrainer::new(backend, &tg.graph, Some(&tg.forward), &params, &optimizer)
+                .map_err(|e| Failure::runtime(format!("cannot train on {backend}: {e}")))?,
+        ),
+    };
+
     let dir = RunDir::create(&opts.artifacts, &format!("{}_{}", m.name, f.id))
         .map_err(|e| Failure::runtime(e.to_string()))?;
     let yaml = serde_yaml::to_string(&m.resolved).map_err(|e| Failure::runtime(e.to_string()))?;
@@ -329,30 +359,57 @@ only `phase: standard` training runs",
         .map_or(f.steps, |s| s.clamp(start + 1, f.steps));
     for step in start..end {
         let timer = Instant::now();
-        let mut acc = GradAccumulator::new();
-        let mut loss_sum = 0.0;
-        for _ in 0..t.gradient_accumulation_steps {
-            let (x, y) = ds.sample_batch(&mut rng, Split::Train, bsz);
-            let (loss, grads) =
-                forward_backward_on(opts.backend, &tg, &params, &x, &y, bsz, block)?;
-            if !loss.is_finite() {
-                return Err(Failure::runtime(format!(
-                    "run `{}`: the loss became {loss} at step {}",
-                    f.id,
-                    step + 1
-                )));
-            }
-            loss_sum += loss;
-            acc.add(grads);
-        }
-        let mut grads = acc.take_mean();
-        let loss = loss_sum / t.gradient_accumulation_steps as f64;
-        let grad_norm = match t.grad_clip {
-            Some(c) => clip_grad_norm(&mut grads, c),
-            None => global_grad_norm(&grads),
-        };
         let lr = schedule.lr_at(step);
-        optimizer.step(&mut params, &grads, lr);
+        let (loss, grad_norm) = match &mut device {
+            None => {
+                let mut acc = GradAccumulator::new();
+                let mut loss_sum = 0.0;
+                for _ in 0..t.gradient_accumulation_steps {
+                    let (x, y) = ds.sample_batch(&mut rng, Split::Train, bsz);
+                    let (loss, grads) =
+                        forward_backward_on(opts.backend, &tg, &params, &x, &y, bsz, block)?;
+                    if !loss.is_finite() {
+                        return Err(Failure::runtime(format!(
+                            "run `{}`: the loss became {loss} at step {}",
+                            f.id,
+                            step + 1
+                        )));
+                    }
+                    loss_sum += loss;
+                    acc.add(grads);
+                }
+                let mut grads = acc.take_mean();
+                let loss = loss_sum / t.gradient_accumulation_steps as f64;
+                let grad_norm = match t.grad_clip {
+                    Some(c) => clip_grad_norm(&mut grads, c),
+                    None => global_grad_norm(&grads),
+                };
+                optimizer.step(&mut params, &grads, lr);
+                (loss, grad_norm)
+            }
+            Some(trainer) => {
+                let batches: Vec<MicroBatch> = (0..t.gradient_accumulation_steps)
+                    .map(|_| {
+                        let (x, y) = ds.sample_batch(&mut rng, Split::Train, bsz);
+                        micro_batch(&x, &y, bsz, block)
+                    })
+                    .collect();
+                let stats = trainer
+                    .step(&batches, lr, t.grad_clip)
+                    .map_err(|e| match e {
+                        StepError::NonFiniteLoss { loss, .. } => Failure::runtime(format!(
+                            "run `{}`: the loss became {loss} at step {}",
+                            f.id,
+                            step + 1
+                        )),
+                        e => Failure::runtime(format!(
+                            "training step failed on {}: {e}",
+                            opts.backend
+                        )),
+                    })?;
+                (stats.loss(), stats.grad_norm)
+            }
+        };
         let tokens = (bsz * block) as f64 * t.gradient_accumulation_steps as f64;
         let tps = tokens / timer.elapsed().as_secs_f64();
         first_loss.get_or_insert(loss);
@@ -373,7 +430,15 @@ only `phase: standard` training runs",
             let mut total = 0.0;
             for _ in 0..eval_iters {
                 let (x, y) = ds.sample_batch(&mut erng, Split::Val, bsz);
-                total += loss_only(&tg, &params, &x, &y, bsz, block)?;
+                total += match &device {
+                    None => loss_only(&tg, &params, &x, &y, bsz, block)?,
+                    Some(trainer) => {
+                        let b = micro_batch(&x, &y, bsz, block);
+                        trainer.eval_loss(&b.inputs, b.syms).map_err(|e| {
+                            Failure::runtime(format!("evaluation failed on {}: {e}", opts.backend))
+                        })?
+                    }
+                };
             }
             let v = total / eval_iters as f64;
             record.val_loss = Some(v);
@@ -387,6 +452,12 @@ only `phase: standard` training runs",
             .map_err(|e| Failure::runtime(e.to_string()))?;
         progress.update(done, loss, tps);
         if done % save_every == 0 || done == end {
+            if let Some(trainer) = &device {
+                let read_back =
+                    |e| Failure::runtime(format!("reading the weights back failed: {e}"));
+                params = trainer.params_to_host().map_err(read_back)?;
+                optimizer = trainer.optimizer_to_host().map_err(read_back)?;
+            }
             let req = SaveRequest {
                 params: &params,
                 optimizer: &optimizer,

@@ -4,6 +4,7 @@
 use caramba::train::{forward_backward, init_params, train, train_graph, TrainOptions};
 use caramba_ir::reference::{eval, Bindings, Tensor};
 use caramba_ir::Sym;
+use caramba_runtime::backend::Backend;
 use caramba_runtime::data::write_tokens;
 use caramba_runtime::data::NpyDtype;
 use caramba_runtime::rng::SplitMix64;
@@ -71,6 +72,16 @@ fn run_train(
     resume: Option<PathBuf>,
     stop_after: Option<u64>,
 ) -> caramba::train::TrainOutcome {
+    run_train_on(Backend::Cpu, src, artifacts, resume, stop_after)
+}
+
+fn run_train_on(
+    backend: Backend,
+    src: &str,
+    artifacts: &Path,
+    resume: Option<PathBuf>,
+    stop_after: Option<u64>,
+) -> caramba::train::TrainOutcome {
     let c = caramba_compiler::compile(src).unwrap_or_else(|d| panic!("{}", d.render("m", src)));
     let opts = TrainOptions {
         data: None,
@@ -81,7 +92,7 @@ fn run_train(
         group_data: None,
         quiet: true,
         stop_after,
-        backend: caramba_runtime::backend::Backend::Cpu,
+        backend,
     };
     train(&c.manifest, &c.manifest.runs[0], opts).unwrap_or_else(|e| panic!("{}", e.message))
 }
@@ -307,18 +318,26 @@ fn bad_data_and_bad_resumes_are_clear_errors() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Whether a wgpu adapter exists; without one the test says SKIPPED
+/// loudly, and fails when `CARAMBA_REQUIRE_GPU` is set (CI sets it).
+fn wgpu_or_skip() -> bool {
+    if Backend::Wgpu.available() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CARAMBA_REQUIRE_GPU").is_none(),
+        "no wgpu adapter and CARAMBA_REQUIRE_GPU is set"
+    );
+    eprintln!("*** SKIPPED: no wgpu adapter ***");
+    false
+}
+
 /// The backward pass on the wgpu backend (lavapipe in CI) agrees with the
 /// CPU reference: loss and every parameter's gradient.
 #[test]
 fn wgpu_gradients_match_the_cpu_reference() {
     use caramba::train::forward_backward_on;
-    use caramba_runtime::backend::Backend;
-    if !Backend::Wgpu.available() {
-        assert!(
-            std::env::var_os("CARAMBA_REQUIRE_GPU").is_none(),
-            "no wgpu adapter and CARAMBA_REQUIRE_GPU is set"
-        );
-        eprintln!("*** SKIPPED: no wgpu adapter ***");
+    if !wgpu_or_skip() {
         return;
     }
     let src = manifest(Path::new("unused.npy"), 1, "");
@@ -347,4 +366,88 @@ fn wgpu_gradients_match_the_cpu_reference() {
             "gradient of {name}: max |cpu − wgpu| {diff:e} (scale {scale:e})"
         );
     }
+}
+
+/// Training on wgpu (the device trainer: weights, gradients and AdamW
+/// state stay on the device) follows the CPU run: 4 clipped steps of 2
+/// micro-batches each, with evaluation, give the same losses and weights
+/// to f32 rounding. Its checkpoints resume on the device, and `caramba
+/// run --device wgpu` runs end to end.
+#[test]
+fn wgpu_training_follows_the_cpu_run() {
+    if !wgpu_or_skip() {
+        return;
+    }
+    let dir = scratch("wgpu");
+    let data = write_data(&dir);
+    let src = manifest(&data, 4, "  eval_every: 2").replace(
+        "grad_clip: 1.0}",
+        "grad_clip: 1.0, gradient_accumulation_steps: 2}",
+    );
+    let cpu = run_train_on(Backend::Cpu, &src, &dir.join("cpu"), None, None);
+    let gpu = run_train_on(Backend::Wgpu, &src, &dir.join("gpu"), None, None);
+    let close = |a: f64, b: f64, what: &str| {
+        assert!(
+            (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+            "{what}: cpu {a}, wgpu {b}"
+        );
+    };
+    close(cpu.first_loss, gpu.first_loss, "first loss");
+    close(cpu.last_loss, gpu.last_loss, "last loss");
+    close(cpu.val_loss.unwrap(), gpu.val_loss.unwrap(), "val loss");
+    assert_eq!(gpu.steps, 4);
+    let max_diff = |a: &caramba_runtime::train::Params, b: &caramba_runtime::train::Params| {
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+        a.iter()
+            .flat_map(|(n, t)| {
+                let u = b[n].as_f32().unwrap();
+                t.as_f32()
+                    .unwrap()
+                    .iter()
+                    .zip(u)
+                    .map(|(x, y)| (x - y).abs())
+            })
+            .fold(0f32, f32::max)
+    };
+    let d = max_diff(&cpu.params, &gpu.params);
+    assert!(d <= 1e-4, "weights after 4 steps: max |cpu − wgpu| = {d:e}");
+    let moved = max_diff(
+        &cpu.params,
+        &init_params(
+            &train_graph(&caramba_compiler::compile(&src).unwrap().manifest)
+                .unwrap()
+                .params,
+            7,
+        ),
+    );
+    assert!(
+        moved > 1e-3,
+        "training did not move the weights ({moved:e})"
+    );
+    let metrics = std::fs::read_to_string(gpu.run_dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 4);
+
+    // Stop at step 2 (a checkpoint of the device state) and resume on the device.
+    let first = run_train_on(Backend::Wgpu, &src, &dir.join("g1"), None, Some(2));
+    let ckpt = first.run_dir.join("checkpoints");
+    let resumed = run_train_on(Backend::Wgpu, &src, &dir.join("g2"), Some(ckpt), None);
+    let d = max_diff(&gpu.params, &resumed.params);
+    assert!(
+        d <= 1e-6,
+        "resumed on wgpu: max |straight − resumed| = {d:e}"
+    );
+
+    // The command line.
+    let m = dir.join("m.yml");
+    std::fs::write(&m, &src).unwrap();
+    let (code, err) = caramba(&[
+        "run",
+        m.to_str().unwrap(),
+        "--device",
+        "wgpu",
+        "--artifacts",
+        dir.join("cli").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
