@@ -6,10 +6,11 @@ use crate::commands::Failure;
 use caramba_compiler::hf::{llama_model, LlamaDims};
 use caramba_compiler::manifest::{RopeScalingCfg, RopeScalingKind};
 use caramba_compiler::{CacheEntry, KvCacheSpec};
-use caramba_ir::reference::{Bindings, Tensor};
+use caramba_ir::reference::{Bindings, SymValues, Tensor};
 use caramba_ir::{DType, Graph, Sym};
 use caramba_runtime::backend::{Backend, Executor};
 use caramba_runtime::checkpoint::{Checkpoint, CheckpointFormat, HfConfig, RopeScaling};
+use caramba_runtime::gpu::DeviceTensor;
 use caramba_runtime::tokenizer::{GgufTokenizerOptions, Tokenizer};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -157,49 +158,88 @@ impl Model {
     }
 
     /// One step of cached generation for one sequence: logits [T, vocab]
-    /// of the new tokens `ids` at positions `start..start + T`, after the
-    /// cached ones in `past` (`past.<entry>` tensors [1, start, width]); the
-    /// caches with this step's rows appended are put back into `past`.
-    pub fn forward_cached(
-        &self,
-        ids: &[u32],
-        start: usize,
-        past: &mut BTreeMap<String, Tensor>,
-    ) -> Result<Tensor, Failure> {
+    /// of the new tokens `ids` at the positions after the `cache.len()`
+    /// cached ones; the cache gets this step's rows appended. On a GPU the
+    /// cache stays in device memory from step to step: only the tokens go
+    /// up and the logits come back.
+    pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor, Failure> {
         let t = ids.len();
-        let input = Tensor::i32(vec![1, t], ids.iter().map(|&i| i as i32).collect());
-        let pos = Tensor::i32(vec![t], (start as i32..(start + t) as i32).collect());
-        let mut b = Bindings::new(&self.params)
-            .sym(Sym::B, 1)
-            .sym(Sym::T, t)
-            .sym(Sym::P, start)
-            .input("input_ids", input)
-            .input("positions", pos);
-        for e in &self.cache {
-            let c = past.remove(&e.name).ok_or_else(|| {
-                Failure::runtime(format!("internal error: KV cache {} is missing", e.name))
-            })?;
-            b = b.input(&format!("past.{}", e.name), c);
-        }
-        let mut out = self
-            .exec
-            .run(&b)
-            .map_err(|e| Failure::runtime(format!("forward pass failed: {e}")))?;
-        for e in &self.cache {
-            let c = out.remove(&format!("present.{}", e.name)).ok_or_else(|| {
-                Failure::runtime(format!("internal error: no present.{} output", e.name))
-            })?;
-            past.insert(e.name.clone(), c);
-        }
-        let logits = out
-            .remove("logits")
-            .ok_or_else(|| Failure::runtime("the model graph has no logits output"))?;
+        let start = cache.len;
+        let mut host = BTreeMap::new();
+        host.insert(
+            "input_ids".to_string(),
+            Tensor::i32(vec![1, t], ids.iter().map(|&i| i as i32).collect()),
+        );
+        host.insert(
+            "positions".to_string(),
+            Tensor::i32(vec![t], (start as i32..(start + t) as i32).collect()),
+        );
+        let missing =
+            |name: &str| Failure::runtime(format!("internal error: KV cache {name} is missing"));
+        let failed = |e: caramba_runtime::backend::BackendError| {
+            Failure::runtime(format!("forward pass failed: {e}"))
+        };
+        let logits = if self.exec.is_device() {
+            let mut device = BTreeMap::new();
+            for e in &self.cache {
+                let key = format!("past.{}", e.name);
+                match (cache.device.remove(&e.name), cache.host.remove(&e.name)) {
+                    (Some(d), _) => {
+                        device.insert(key, d);
+                    }
+                    (None, Some(h)) => {
+                        host.insert(key, h);
+                    }
+                    (None, None) => return Err(missing(&e.name)),
+                }
+            }
+            let syms = SymValues {
+                b: Some(1),
+                t: Some(t),
+                p: Some(start),
+                ..Default::default()
+            };
+            let mut out = self
+                .exec
+                .run_resident(&host, &device, syms)
+                .map_err(failed)?;
+            for e in &self.cache {
+                let c = out
+                    .remove(&format!("present.{}", e.name))
+                    .ok_or_else(|| missing(&e.name))?;
+                cache.device.insert(e.name.clone(), c);
+            }
+            let l = out.remove("logits").ok_or_else(|| missing("logits"))?;
+            self.exec.download(&l).map_err(failed)?
+        } else {
+            let mut b = Bindings::new(&self.params)
+                .sym(Sym::B, 1)
+                .sym(Sym::T, t)
+                .sym(Sym::P, start);
+            for (k, v) in host {
+                b = b.input(&k, v);
+            }
+            for e in &self.cache {
+                let c = cache.host.remove(&e.name).ok_or_else(|| missing(&e.name))?;
+                b = b.input(&format!("past.{}", e.name), c);
+            }
+            let mut out = self.exec.run(&b).map_err(failed)?;
+            for e in &self.cache {
+                let c = out
+                    .remove(&format!("present.{}", e.name))
+                    .ok_or_else(|| missing(&e.name))?;
+                cache.host.insert(e.name.clone(), c);
+            }
+            out.remove("logits").ok_or_else(|| missing("logits"))?
+        };
+        cache.len += t;
         Ok(logits.reshaped(vec![t, self.config.vocab_size]))
     }
 
     /// An empty KV cache for [`Model::forward_cached`].
-    pub fn empty_cache(&self) -> BTreeMap<String, Tensor> {
-        self.cache
+    pub fn empty_cache(&self) -> KvCache {
+        let host = self
+            .cache
             .iter()
             .map(|e| {
                 let t = match e.dtype {
@@ -208,7 +248,12 @@ impl Model {
                 };
                 (e.name.clone(), t)
             })
-            .collect()
+            .collect();
+        KvCache {
+            host,
+            device: BTreeMap::new(),
+            len: 0,
+        }
     }
 
     /// Bytes the KV cache takes per token, as stored (a 16-bit format counts
@@ -239,6 +284,25 @@ impl Model {
             .ok_or_else(|| Failure::runtime("the model graph has no logits output"))?;
         let v = self.config.vocab_size;
         Ok(logits.reshaped(vec![t, v]))
+    }
+}
+
+/// The KV cache of one sequence: each cache tensor `[1, len, width]`, on
+/// the host (CPU backend, or before the first GPU step) or on the device.
+pub struct KvCache {
+    host: BTreeMap<String, Tensor>,
+    device: BTreeMap<String, DeviceTensor>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 

@@ -106,11 +106,19 @@ fn greedy_generation_matches_transformers() {
 /// Greedy decoding through a KV cache of `spec`: prefill, then one token
 /// per step.
 fn greedy_cached(spec: &str, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
+    greedy_cached_on(Backend::Cpu, spec, prompt, n)
+}
+
+fn greedy_cached_on(
+    backend: Backend,
+    spec: &str,
+    prompt: &[u32],
+    n: usize,
+) -> (Vec<u32>, Vec<f32>) {
     let path = fixture_path(SMOLLM2_GGUF).expect("fixture checked by the caller");
     let ckpt = open_checkpoint(&path).unwrap_or_else(|e| panic!("{}", e.message));
     let cache = parse_kv_cache(spec).unwrap();
-    let m =
-        Model::load_with(&ckpt, Backend::Cpu, cache).unwrap_or_else(|e| panic!("{}", e.message));
+    let m = Model::load_with(&ckpt, backend, cache).unwrap_or_else(|e| panic!("{}", e.message));
     let vocab = m.config.vocab_size;
     let mut past = m.empty_cache();
     let mut seq = prompt.to_vec();
@@ -118,7 +126,7 @@ fn greedy_cached(spec: &str, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
     for step in 0..n {
         let start = if step == 0 { 0 } else { seq.len() - 1 };
         let l = m
-            .forward_cached(&seq[start..], start, &mut past)
+            .forward_cached(&seq[start..], &mut past)
             .expect("forward pass");
         let l = l.as_f32().expect("f32");
         if step == 0 {
@@ -130,7 +138,7 @@ fn greedy_cached(spec: &str, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
             .expect("non-empty") as u32;
         seq.push(next);
     }
-    assert_eq!(past.values().next().unwrap().shape()[1], seq.len() - 1);
+    assert_eq!(past.len(), seq.len() - 1);
     (seq[prompt.len()..].to_vec(), first)
 }
 
@@ -168,6 +176,28 @@ fn cached_generation_matches_transformers() {
         let (got, _) = greedy_cached(spec, &prompt, 2);
         assert_eq!(got[0], want[0], "{spec} cache: first token");
     }
+}
+
+/// On wgpu (lavapipe in CI) the cache stays in device memory between
+/// steps and the fused graph attends over it with `kv_attention`: the q8
+/// cache gives transformers' first tokens there too.
+#[test]
+fn cached_generation_on_wgpu_matches_transformers() {
+    if model().is_none() {
+        return;
+    }
+    if !Backend::Wgpu.available() {
+        assert!(
+            std::env::var_os("CARAMBA_REQUIRE_GPU").is_none(),
+            "no wgpu adapter and CARAMBA_REQUIRE_GPU is set"
+        );
+        eprintln!("*** SKIPPED: no wgpu adapter ***");
+        return;
+    }
+    let g = json("greedy.json");
+    let want = ids(&g["new_ids"]);
+    let (got, _) = greedy_cached_on(Backend::Wgpu, "q8", &ids(&g["prompt_ids"]), 4);
+    assert_eq!(got, want[..4], "q8 cache on wgpu");
 }
 
 #[test]

@@ -38,6 +38,8 @@ pub enum BackendError {
     Unknown(String),
     #[error("the {0} backend trains with the host optimizer; there is no device trainer for it")]
     NoDeviceTrainer(&'static str),
+    #[error("the {0} backend has no device memory to keep values in")]
+    NoDeviceMemory(&'static str),
 }
 
 impl fmt::Display for Backend {
@@ -246,6 +248,43 @@ impl Executor {
             Executor::Wgpu(e) => Ok(e.run_bindings(bindings)?),
             #[cfg(feature = "cuda")]
             Executor::Cuda(e) => Ok(e.run_bindings(bindings)?),
+        }
+    }
+
+    /// Whether values can stay on a device between runs
+    /// ([`Executor::run_resident`]).
+    pub fn is_device(&self) -> bool {
+        !matches!(self, Executor::Cpu(_))
+    }
+
+    /// A GPU executor's `run_resident`: inputs bound on the host or on the
+    /// device, every output left on the device. On the CPU there is no
+    /// device: an error.
+    #[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(unused_variables))]
+    pub fn run_resident(
+        &self,
+        host: &BTreeMap<String, Tensor>,
+        device: &BTreeMap<String, crate::gpu::DeviceTensor>,
+        syms: caramba_ir::reference::SymValues,
+    ) -> Result<BTreeMap<String, crate::gpu::DeviceTensor>, BackendError> {
+        match self {
+            Executor::Cpu(_) => Err(BackendError::NoDeviceMemory("cpu")),
+            #[cfg(feature = "wgpu")]
+            Executor::Wgpu(e) => Ok(e.run_resident(host, device, syms)?),
+            #[cfg(feature = "cuda")]
+            Executor::Cuda(e) => Ok(e.run_resident(host, device, syms)?),
+        }
+    }
+
+    /// Reads a device value of a GPU executor back.
+    #[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(unused_variables))]
+    pub fn download(&self, t: &crate::gpu::DeviceTensor) -> Result<Tensor, BackendError> {
+        match self {
+            Executor::Cpu(_) => Err(BackendError::NoDeviceMemory("cpu")),
+            #[cfg(feature = "wgpu")]
+            Executor::Wgpu(e) => Ok(e.download(t)?),
+            #[cfg(feature = "cuda")]
+            Executor::Cuda(e) => Ok(e.download(t)?),
         }
     }
 }

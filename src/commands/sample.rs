@@ -62,7 +62,7 @@ pub fn sample(a: &SampleArgs) -> CmdResult {
         let logits = if cache.is_some() {
             // The prompt at the first step, then only the newest token.
             let start = if step == 0 { 0 } else { ids.len() - 1 };
-            model.forward_cached(&ids[start..], start, &mut past)?
+            model.forward_cached(&ids[start..], &mut past)?
         } else {
             model.logits(&ids)?
         };
