@@ -21,7 +21,7 @@
 //! `64 × max(Σdₖ, dv)` floats in shared memory limits either to 160 dims
 //! per head.
 
-use crate::quant::{load4, load_value, nf4_levels, row_words, BLOCK, FLOAT};
+use crate::quant::{load4, load4_regs, load_value, nf4_levels, row_words, BLOCK, FLOAT};
 use crate::{grid_1d, linear_pos, KernelError, ELEM_BLOCK};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -357,6 +357,206 @@ fn kv_attention_kernel<F: Float + CubeElement>(
     }
 }
 
+/// Planes per cube of the decode kernel: each takes every `WARPS`-th key
+/// of the cube's chunk and writes its own partial.
+const WARPS: usize = 4;
+
+/// Decode (at most `KV_QUERIES` query rows per head): one plane per key at
+/// a time, its lanes splitting the head dims four values each, so a key's
+/// row is read once, coalesced, straight from the cache into registers; the
+/// dot products are plane sums, and the softmax update and the value
+/// accumulation happen in each lane's registers. q (pre-scaled) lives in
+/// registers too: no shared memory in the loop, so the kernel waits on
+/// memory, not on shared-memory instructions.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn kv_decode_kernel<F: Float + CubeElement>(
+    q: &Array<F>,
+    c0: &Array<i32>,
+    c1: &Array<i32>,
+    cv: &Array<i32>,
+    m_out: &mut Array<F>,
+    l_out: &mut Array<F>,
+    acc_out: &mut Array<F>,
+    heads: usize,
+    rows: usize,
+    t: usize,
+    s_len: usize,
+    chunk: usize,
+    slots: usize,
+    scale: F,
+    neg_inf: F,
+    #[comptime] causal: bool,
+    #[comptime] f0: u32,
+    #[comptime] d0: usize,
+    #[comptime] f1: u32,
+    #[comptime] d1: usize,
+    #[comptime] fv: u32,
+    #[comptime] dv: usize,
+    #[comptime] nq: usize,
+    #[comptime] lanes: usize,
+) {
+    let levels = nf4_levels::<F>();
+    let dk = comptime!(d0 + d1);
+    let pk = comptime!((d0 + d1).div_ceil(4 * lanes));
+    let pv = comptime!(dv.div_ceil(4 * lanes));
+    let bh = CUBE_POS_X as usize;
+    let split = CUBE_POS_Y as usize;
+    let (b, h) = (bh / heads, bh % heads);
+    let lane = UNIT_POS_X as usize;
+    let warp = UNIT_POS_Y as usize;
+    let (n0, n1, nv) = (heads * d0, heads * d1, heads * dv);
+    let (w0, w1, wv) = (words_of(n0, f0), words_of(n1, f1), words_of(nv, fv));
+
+    let mut qr = Array::<F>::new(comptime!(nq * 4 * (d0 + d1).div_ceil(4 * lanes)));
+    let mut limits = Array::<usize>::new(nq);
+    let mut max_limit = 0;
+    #[unroll]
+    for r in 0..nq {
+        #[unroll]
+        for p in 0..pk {
+            #[unroll]
+            for k in 0..4usize {
+                let x = p * 4 * lanes + lane * 4 + k;
+                let mut v = F::new(0.0);
+                if r < rows && x < dk {
+                    v = q[(bh * rows + r) * dk + x] * scale;
+                }
+                qr[(r * pk + p) * 4 + k] = v;
+            }
+        }
+        let mut limit = 0;
+        if r < rows {
+            limit = s_len;
+            if causal {
+                limit = r % t + s_len + 1 - t;
+            }
+        }
+        limits[r] = limit;
+        if limit > max_limit {
+            max_limit = limit;
+        }
+    }
+    let lo = split * chunk;
+    let mut hi = lo + chunk;
+    if hi > max_limit {
+        hi = max_limit;
+    }
+    let mut m = Array::<F>::new(nq);
+    let mut l = Array::<F>::new(nq);
+    let mut acc = Array::<F>::new(comptime!(nq * 4 * dv.div_ceil(4 * lanes)));
+    #[unroll]
+    for r in 0..nq {
+        m[r] = neg_inf;
+        l[r] = F::new(0.0);
+    }
+    #[unroll]
+    for j in 0..comptime!(nq * 4 * dv.div_ceil(4 * lanes)) {
+        acc[j] = F::new(0.0);
+    }
+    let mut kreg = Array::<F>::new(comptime!(4 * (d0 + d1).div_ceil(4 * lanes)));
+    let mut vreg = Array::<F>::new(comptime!(4 * dv.div_ceil(4 * lanes)));
+    let mut key = lo + warp;
+    while key < hi {
+        let tok = b * s_len + key;
+        #[unroll]
+        for p in 0..pk {
+            let x = p * 4 * lanes + lane * 4;
+            #[unroll]
+            for k in 0..4usize {
+                kreg[p * 4 + k] = F::new(0.0);
+            }
+            if x < d0 {
+                load4_regs(
+                    c0,
+                    tok * w0,
+                    h * d0 + x,
+                    n0 / BLOCK,
+                    &levels,
+                    &mut kreg,
+                    p * 4,
+                    f0,
+                );
+            } else if x < dk {
+                if comptime!(d1 > 0) {
+                    load4_regs(
+                        c1,
+                        tok * w1,
+                        h * d1 + x - d0,
+                        n1 / BLOCK,
+                        &levels,
+                        &mut kreg,
+                        p * 4,
+                        f1,
+                    );
+                }
+            }
+        }
+        #[unroll]
+        for p in 0..pv {
+            let x = p * 4 * lanes + lane * 4;
+            #[unroll]
+            for k in 0..4usize {
+                vreg[p * 4 + k] = F::new(0.0);
+            }
+            if x < dv {
+                load4_regs(
+                    cv,
+                    tok * wv,
+                    h * dv + x,
+                    nv / BLOCK,
+                    &levels,
+                    &mut vreg,
+                    p * 4,
+                    fv,
+                );
+            }
+        }
+        #[unroll]
+        for r in 0..nq {
+            let mut part = F::new(0.0);
+            #[unroll]
+            for j in 0..comptime!(4 * (d0 + d1).div_ceil(4 * lanes)) {
+                part += qr[r * comptime!(4 * (d0 + d1).div_ceil(4 * lanes)) + j] * kreg[j];
+            }
+            let s = plane_sum(part);
+            if key < limits[r] {
+                let m_new = m[r].max(s);
+                let corr = (m[r] - m_new).exp();
+                let pr = (s - m_new).exp();
+                l[r] = l[r] * corr + pr;
+                #[unroll]
+                for j in 0..comptime!(4 * dv.div_ceil(4 * lanes)) {
+                    let at = r * comptime!(4 * dv.div_ceil(4 * lanes)) + j;
+                    acc[at] = acc[at] * corr + pr * vreg[j];
+                }
+                m[r] = m_new;
+            }
+        }
+        key += WARPS;
+    }
+    #[unroll]
+    for r in 0..nq {
+        if r < rows {
+            let slot = (bh * rows + r) * slots + split * WARPS + warp;
+            if lane == 0 {
+                m_out[slot] = m[r];
+                l_out[slot] = l[r];
+            }
+            #[unroll]
+            for p in 0..pv {
+                #[unroll]
+                for k in 0..4usize {
+                    let col = p * 4 * lanes + lane * 4 + k;
+                    if col < dv {
+                        acc_out[slot * dv + col] = acc[(r * pv + p) * 4 + k];
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// One unit per output element: the chunks' partials rescaled to their
 /// common maximum and normalized.
 #[cube(launch_unchecked)]
@@ -393,8 +593,8 @@ fn combine_kernel<F: Float + CubeElement>(
     out[i] = num / den;
 }
 
-/// The number of key chunks: enough cubes to fill a large GPU (about 1024),
-/// never a chunk under one tile.
+/// The number of key chunks of the staged kernel: enough cubes to fill a
+/// large GPU (about 2048), never a chunk under one tile.
 pub fn splits_for(shape: KvShape) -> usize {
     let rows = shape.groups * shape.t;
     let cubes = shape.batch * shape.heads * rows.div_ceil(rows_per_cube(rows));
@@ -408,10 +608,26 @@ pub fn rows_per_cube(rows: usize) -> usize {
     rows.next_power_of_two().clamp(1, KV_QUERIES)
 }
 
+/// The plane size the decode kernel can rely on: the device's, when it has
+/// plane operations and a fixed plane size.
+fn fixed_plane<R: Runtime>(client: &ComputeClient<R>) -> Option<usize> {
+    let props = client.properties();
+    let (lo, hi) = (
+        props.hardware.plane_size_min as usize,
+        props.hardware.plane_size_max as usize,
+    );
+    let ops = props
+        .features
+        .plane
+        .contains(cubecl::ir::features::Plane::Ops);
+    (ops && lo == hi && hi.is_power_of_two() && hi >= 4).then_some(hi)
+}
+
 /// `kv_attention` with `q` dense `[B, heads, g, T, Σdₖ]`, one or two key
 /// caches and the value cache, into `out` dense `[B, heads, g, T, dv]`.
-/// `partials` are three scratch buffers the caller allocates with
-/// [`partial_sizes`].
+/// A decode step (at most [`KV_QUERIES`] query rows per head, dims in
+/// fours) takes the plane-per-key kernel when the device has fixed-size
+/// planes; anything else the staged kernel.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_kv_attention<R: Runtime>(
     client: &ComputeClient<R>,
@@ -420,7 +636,6 @@ pub fn launch_kv_attention<R: Runtime>(
     keys: &[CachePart],
     values: &CachePart,
     out: &Handle,
-    partials: [&Handle; 3],
     causal: bool,
     scale: f32,
 ) -> Result<(), KernelError> {
@@ -431,74 +646,121 @@ pub fn launch_kv_attention<R: Runtime>(
     if bh * rows == 0 || dv == 0 {
         return Ok(());
     }
-    let nq = rows_per_cube(rows);
-    let shared = 4 * (KV_TILE * (dk.max(dv) + 1) + nq * (dk + KV_TILE) + 16);
-    let limit = client.properties().hardware.max_shared_memory_size;
-    if shared > limit {
-        return Err(KernelError::Unsupported(format!(
-            "kv_attention with {dk} key and {dv} value dims per head needs {shared} bytes of shared memory; this device has {limit}"
-        )));
-    }
-    let splits = splits_for(shape);
     let vec4 = keys.iter().chain([values]).all(|p| p.dim % 4 == 0);
-    let chunk = shape.s.div_ceil(splits).div_ceil(KV_TILE) * KV_TILE;
     let words = |p: &CachePart| {
         let n = shape.heads * p.dim;
         shape.batch * shape.s.max(1) * row_words(p.format, n)
     };
     let (k0, k1) = (&keys[0], keys.get(1));
     let dummy = k1.map_or(k0.handle.clone(), |k| k.handle.clone());
-    let slots = bh * rows * splits;
+    let (f1, d1) = (k1.map_or(FLOAT, |k| k.format), k1.map_or(0, |k| k.dim));
+    let scratch = |n: usize| client.empty(n.max(1) * 4);
+    let plane = fixed_plane(client).filter(|_| vec4 && rows <= KV_QUERIES);
+    let slots_per_row;
+    let (m_buf, l_buf, acc_buf);
+    if let Some(lanes) = plane {
+        // Each plane should see a few dozen keys; about 8192 planes in all.
+        let per_plane = 32;
+        let splits = 2048usize
+            .div_ceil(bh)
+            .clamp(1, shape.s.div_ceil(WARPS * per_plane).max(1));
+        let chunk = shape.s.div_ceil(splits);
+        slots_per_row = splits * WARPS;
+        let slots = bh * rows * slots_per_row;
+        (m_buf, l_buf, acc_buf) = (scratch(slots), scratch(slots), scratch(slots * dv));
+        unsafe {
+            kv_decode_kernel::launch_unchecked::<f32, R>(
+                client,
+                CubeCount::Static(bh as u32, splits as u32, 1),
+                CubeDim::new_2d(lanes as u32, WARPS as u32),
+                ArrayArg::from_raw_parts(q.clone(), bh * rows * dk),
+                ArrayArg::from_raw_parts(k0.handle.clone(), words(k0)),
+                ArrayArg::from_raw_parts(dummy, k1.map_or(words(k0), words)),
+                ArrayArg::from_raw_parts(values.handle.clone(), words(values)),
+                ArrayArg::from_raw_parts(m_buf.clone(), slots),
+                ArrayArg::from_raw_parts(l_buf.clone(), slots),
+                ArrayArg::from_raw_parts(acc_buf.clone(), slots * dv),
+                shape.heads,
+                rows,
+                shape.t,
+                shape.s,
+                chunk,
+                slots_per_row,
+                scale,
+                f32::NEG_INFINITY,
+                causal,
+                k0.format,
+                k0.dim,
+                f1,
+                d1,
+                values.format,
+                dv,
+                rows_per_cube(rows),
+                lanes,
+            );
+        }
+    } else {
+        let nq = rows_per_cube(rows);
+        let shared = 4 * (KV_TILE * (dk.max(dv) + 1) + nq * (dk + KV_TILE) + 16);
+        let limit = client.properties().hardware.max_shared_memory_size;
+        if shared > limit {
+            return Err(KernelError::Unsupported(format!(
+                "kv_attention with {dk} key and {dv} value dims per head needs {shared} bytes of shared memory; this device has {limit}"
+            )));
+        }
+        let splits = splits_for(shape);
+        let chunk = shape.s.div_ceil(splits).div_ceil(KV_TILE) * KV_TILE;
+        slots_per_row = splits;
+        let slots = bh * rows * splits;
+        (m_buf, l_buf, acc_buf) = (scratch(slots), scratch(slots), scratch(slots * dv));
+        unsafe {
+            kv_attention_kernel::launch_unchecked::<f32, R>(
+                client,
+                CubeCount::Static((bh * rows.div_ceil(nq)) as u32, splits as u32, 1),
+                CubeDim::new_1d(KV_TILE as u32),
+                ArrayArg::from_raw_parts(q.clone(), bh * rows * dk),
+                ArrayArg::from_raw_parts(k0.handle.clone(), words(k0)),
+                ArrayArg::from_raw_parts(dummy, k1.map_or(words(k0), words)),
+                ArrayArg::from_raw_parts(values.handle.clone(), words(values)),
+                ArrayArg::from_raw_parts(m_buf.clone(), slots),
+                ArrayArg::from_raw_parts(l_buf.clone(), slots),
+                ArrayArg::from_raw_parts(acc_buf.clone(), slots * dv),
+                shape.heads,
+                rows,
+                shape.t,
+                shape.s,
+                chunk,
+                splits,
+                scale,
+                f32::NEG_INFINITY,
+                causal,
+                k0.format,
+                k0.dim,
+                f1,
+                d1,
+                values.format,
+                dv,
+                nq,
+                vec4,
+            );
+        }
+    }
+    let total = bh * rows * dv;
+    let slots = bh * rows * slots_per_row;
     unsafe {
-        kv_attention_kernel::launch_unchecked::<f32, R>(
-            client,
-            CubeCount::Static((bh * rows.div_ceil(nq)) as u32, splits as u32, 1),
-            CubeDim::new_1d(KV_TILE as u32),
-            ArrayArg::from_raw_parts(q.clone(), bh * rows * dk),
-            ArrayArg::from_raw_parts(k0.handle.clone(), words(k0)),
-            ArrayArg::from_raw_parts(dummy, k1.map_or(words(k0), words)),
-            ArrayArg::from_raw_parts(values.handle.clone(), words(values)),
-            ArrayArg::from_raw_parts(partials[0].clone(), slots),
-            ArrayArg::from_raw_parts(partials[1].clone(), slots),
-            ArrayArg::from_raw_parts(partials[2].clone(), slots * dv),
-            shape.heads,
-            rows,
-            shape.t,
-            shape.s,
-            chunk,
-            splits,
-            scale,
-            f32::NEG_INFINITY,
-            causal,
-            k0.format,
-            k0.dim,
-            k1.map_or(FLOAT, |k| k.format),
-            k1.map_or(0, |k| k.dim),
-            values.format,
-            dv,
-            nq,
-            vec4,
-        );
-        let total = bh * rows * dv;
         combine_kernel::launch_unchecked::<f32, R>(
             client,
             grid_1d(total, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
-            ArrayArg::from_raw_parts(partials[0].clone(), slots),
-            ArrayArg::from_raw_parts(partials[1].clone(), slots),
-            ArrayArg::from_raw_parts(partials[2].clone(), slots * dv),
+            ArrayArg::from_raw_parts(m_buf, slots),
+            ArrayArg::from_raw_parts(l_buf, slots),
+            ArrayArg::from_raw_parts(acc_buf, slots * dv),
             ArrayArg::from_raw_parts(out.clone(), total),
             total,
-            splits,
+            slots_per_row,
             dv,
             f32::NEG_INFINITY,
         );
     }
     Ok(())
-}
-
-/// Elements of the three scratch buffers (max, sum, accumulator).
-pub fn partial_sizes(shape: KvShape, dv: usize) -> [usize; 3] {
-    let slots = shape.batch * shape.heads * shape.groups * shape.t * splits_for(shape);
-    [slots, slots, slots * dv]
 }

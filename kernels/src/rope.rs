@@ -32,6 +32,8 @@ fn rope_table_kernel<F: Float>(
     sin[p] = angle.sin();
 }
 
+/// Heads and head dims are comptime, so the index arithmetic divides by
+/// constants; only the position (`row mod t`) divides at run time.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn rope_kernel<F: Float>(
@@ -39,18 +41,19 @@ fn rope_kernel<F: Float>(
     cos: &Array<F>,
     sin: &Array<F>,
     out: &mut Array<F>,
-    t: usize,
-    h: usize,
-    d: usize,
+    t: u32,
     n: usize,
+    #[comptime] h: usize,
+    #[comptime] d: usize,
 ) {
     let p = linear_pos();
     if p >= n {
         terminate!();
     }
-    let half = d / 2;
+    let half = comptime!(d / 2);
     let j = p % d;
-    let ti = (p / (h * d)) % t;
+    let row = u32::cast_from(p / comptime!(h * d));
+    let ti = usize::cast_from(row % t);
     let at = ti * half + j % half;
     let (c, s) = (cos[at], sin[at]);
     let v = x[p];
@@ -101,10 +104,10 @@ pub fn launch_rope<R: Runtime>(
             ArrayArg::from_raw_parts(cos, entries),
             ArrayArg::from_raw_parts(sin, entries),
             ArrayArg::from_raw_parts(out.clone(), n),
-            t,
+            t as u32,
+            n,
             h,
             d,
-            n,
         );
     }
 }

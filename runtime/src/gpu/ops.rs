@@ -232,8 +232,6 @@ impl<R: Runtime> Ctx<'_, R> {
                 };
                 let keys: Vec<_> = (0..parts.len() - 1).map(cache).collect();
                 let values = cache(parts.len() - 1);
-                let sizes = kv_attention::partial_sizes(kv_shape, values.dim);
-                let scratch = sizes.map(|n| c.empty(n.max(1) * 4));
                 let out = self.alloc(shape);
                 kv_attention::launch_kv_attention(
                     c,
@@ -242,7 +240,6 @@ impl<R: Runtime> Ctx<'_, R> {
                     &keys,
                     &values,
                     &out.handle,
-                    [&scratch[0], &scratch[1], &scratch[2]],
                     *causal,
                     scale.0 as f32,
                 )
