@@ -358,7 +358,7 @@ fn kv_attention_kernel<F: Float + CubeElement>(
 }
 
 /// Planes per cube of the decode kernel: each takes every `WARPS`-th key
-/// of the cube's chunk and writes its own partial.
+/// of the cube's chunk.
 const WARPS: usize = 4;
 
 /// Decode (at most `KV_QUERIES` query rows per head): one plane per key at
@@ -367,7 +367,10 @@ const WARPS: usize = 4;
 /// dot products are plane sums, and the softmax update and the value
 /// accumulation happen in each lane's registers. q (pre-scaled) lives in
 /// registers too: no shared memory in the loop, so the kernel waits on
-/// memory, not on shared-memory instructions.
+/// memory, not on shared-memory instructions. Each plane takes two keys per
+/// iteration (independent loads, so one's latency hides the other's), and
+/// the cube's planes merge their partials in shared memory at the end: one
+/// partial per chunk for the combine kernel.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn kv_decode_kernel<F: Float + CubeElement>(
@@ -454,105 +457,237 @@ fn kv_decode_kernel<F: Float + CubeElement>(
     for j in 0..comptime!(nq * 4 * dv.div_ceil(4 * lanes)) {
         acc[j] = F::new(0.0);
     }
-    let mut kreg = Array::<F>::new(comptime!(4 * (d0 + d1).div_ceil(4 * lanes)));
-    let mut vreg = Array::<F>::new(comptime!(4 * dv.div_ceil(4 * lanes)));
+    let mut ka = Array::<F>::new(comptime!(4 * (d0 + d1).div_ceil(4 * lanes)));
+    let mut va = Array::<F>::new(comptime!(4 * dv.div_ceil(4 * lanes)));
+    let mut kb = Array::<F>::new(comptime!(4 * (d0 + d1).div_ceil(4 * lanes)));
+    let mut vb = Array::<F>::new(comptime!(4 * dv.div_ceil(4 * lanes)));
+    let parts = (f0, d0, f1, d1, fv, dv, lanes);
+    let caches = (n0, n1, nv, w0, w1, wv);
+    // Two keys per iteration: their loads are independent, so one's
+    // latency hides behind the other's.
     let mut key = lo + warp;
     while key < hi {
-        let tok = b * s_len + key;
-        #[unroll]
-        for p in 0..pk {
-            let x = p * 4 * lanes + lane * 4;
-            #[unroll]
-            for k in 0..4usize {
-                kreg[p * 4 + k] = F::new(0.0);
-            }
-            if x < d0 {
-                load4_regs(
-                    c0,
-                    tok * w0,
-                    h * d0 + x,
-                    n0 / BLOCK,
-                    &levels,
-                    &mut kreg,
-                    p * 4,
-                    f0,
-                );
-            } else if x < dk {
-                if comptime!(d1 > 0) {
-                    load4_regs(
-                        c1,
-                        tok * w1,
-                        h * d1 + x - d0,
-                        n1 / BLOCK,
-                        &levels,
-                        &mut kreg,
-                        p * 4,
-                        f1,
-                    );
-                }
-            }
+        let key2 = key + WARPS;
+        let has2 = key2 < hi;
+        load_key(
+            c0,
+            c1,
+            cv,
+            b * s_len + key,
+            h,
+            lane,
+            caches,
+            &levels,
+            &mut ka,
+            &mut va,
+            parts,
+        );
+        if has2 {
+            load_key(
+                c0,
+                c1,
+                cv,
+                b * s_len + key2,
+                h,
+                lane,
+                caches,
+                &levels,
+                &mut kb,
+                &mut vb,
+                parts,
+            );
+        }
+        attend(
+            key, &qr, &ka, &va, &limits, &mut m, &mut l, &mut acc, nq, parts,
+        );
+        if has2 {
+            attend(
+                key2, &qr, &kb, &vb, &limits, &mut m, &mut l, &mut acc, nq, parts,
+            );
+        }
+        key += 2 * WARPS;
+    }
+    // The cube's planes merge their partials in shared memory; plane 0
+    // writes one partial per chunk.
+    let mut m_sh = SharedMemory::<F>::new(comptime!(WARPS * nq));
+    let mut l_sh = SharedMemory::<F>::new(comptime!(WARPS * nq));
+    let mut a_sh = SharedMemory::<F>::new(comptime!(WARPS * nq * dv));
+    let per_lane = comptime!(4 * dv.div_ceil(4 * lanes));
+    #[unroll]
+    for r in 0..nq {
+        if lane == 0 {
+            m_sh[warp * nq + r] = m[r];
+            l_sh[warp * nq + r] = l[r];
         }
         #[unroll]
         for p in 0..pv {
-            let x = p * 4 * lanes + lane * 4;
             #[unroll]
             for k in 0..4usize {
-                vreg[p * 4 + k] = F::new(0.0);
-            }
-            if x < dv {
-                load4_regs(
-                    cv,
-                    tok * wv,
-                    h * dv + x,
-                    nv / BLOCK,
-                    &levels,
-                    &mut vreg,
-                    p * 4,
-                    fv,
-                );
+                let col = p * 4 * lanes + lane * 4 + k;
+                if col < dv {
+                    a_sh[(warp * nq + r) * dv + col] = acc[r * per_lane + p * 4 + k];
+                }
             }
         }
+    }
+    sync_cube();
+    if warp == 0 {
         #[unroll]
         for r in 0..nq {
-            let mut part = F::new(0.0);
-            #[unroll]
-            for j in 0..comptime!(4 * (d0 + d1).div_ceil(4 * lanes)) {
-                part += qr[r * comptime!(4 * (d0 + d1).div_ceil(4 * lanes)) + j] * kreg[j];
-            }
-            let s = plane_sum(part);
-            if key < limits[r] {
-                let m_new = m[r].max(s);
-                let corr = (m[r] - m_new).exp();
-                let pr = (s - m_new).exp();
-                l[r] = l[r] * corr + pr;
+            if r < rows {
+                let mut mx = neg_inf;
                 #[unroll]
-                for j in 0..comptime!(4 * dv.div_ceil(4 * lanes)) {
-                    let at = r * comptime!(4 * dv.div_ceil(4 * lanes)) + j;
-                    acc[at] = acc[at] * corr + pr * vreg[j];
+                for w in 0..WARPS {
+                    mx = mx.max(m_sh[w * nq + r]);
                 }
-                m[r] = m_new;
-            }
-        }
-        key += WARPS;
-    }
-    #[unroll]
-    for r in 0..nq {
-        if r < rows {
-            let slot = (bh * rows + r) * slots + split * WARPS + warp;
-            if lane == 0 {
-                m_out[slot] = m[r];
-                l_out[slot] = l[r];
-            }
-            #[unroll]
-            for p in 0..pv {
+                let mut wts = Array::<F>::new(WARPS);
+                let mut den = F::new(0.0);
                 #[unroll]
-                for k in 0..4usize {
-                    let col = p * 4 * lanes + lane * 4 + k;
-                    if col < dv {
-                        acc_out[slot * dv + col] = acc[(r * pv + p) * 4 + k];
+                for w in 0..WARPS {
+                    let mut wt = F::new(0.0);
+                    if m_sh[w * nq + r] != neg_inf {
+                        wt = (m_sh[w * nq + r] - mx).exp();
+                    }
+                    wts[w] = wt;
+                    den += l_sh[w * nq + r] * wt;
+                }
+                let slot = (bh * rows + r) * slots + split;
+                if lane == 0 {
+                    m_out[slot] = mx;
+                    l_out[slot] = den;
+                }
+                #[unroll]
+                for p in 0..pv {
+                    #[unroll]
+                    for k in 0..4usize {
+                        let col = p * 4 * lanes + lane * 4 + k;
+                        if col < dv {
+                            let mut num = F::new(0.0);
+                            #[unroll]
+                            for w in 0..WARPS {
+                                num += a_sh[(w * nq + r) * dv + col] * wts[w];
+                            }
+                            acc_out[slot * dv + col] = num;
+                        }
                     }
                 }
             }
+        }
+    }
+}
+
+/// One key's and its value's dims of this lane (four per pass) into
+/// registers, zero past the head.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_key<F: Float + CubeElement>(
+    c0: &Array<i32>,
+    c1: &Array<i32>,
+    cv: &Array<i32>,
+    tok: usize,
+    h: usize,
+    lane: usize,
+    caches: (usize, usize, usize, usize, usize, usize),
+    levels: &SharedMemory<F>,
+    kreg: &mut Array<F>,
+    vreg: &mut Array<F>,
+    #[comptime] parts: (u32, usize, u32, usize, u32, usize, usize),
+) {
+    let (f0, d0, f1, d1, fv, dv, lanes) = parts;
+    let (n0, n1, nv, w0, w1, wv) = caches;
+    let dk = comptime!(d0 + d1);
+    #[unroll]
+    for p in 0..comptime!((d0 + d1).div_ceil(4 * lanes)) {
+        let x = p * 4 * lanes + lane * 4;
+        #[unroll]
+        for k in 0..4usize {
+            kreg[p * 4 + k] = F::new(0.0);
+        }
+        if x < d0 {
+            load4_regs(
+                c0,
+                tok * w0,
+                h * d0 + x,
+                n0 / BLOCK,
+                levels,
+                kreg,
+                p * 4,
+                f0,
+            );
+        } else if x < dk {
+            if comptime!(d1 > 0) {
+                load4_regs(
+                    c1,
+                    tok * w1,
+                    h * d1 + x - d0,
+                    n1 / BLOCK,
+                    levels,
+                    kreg,
+                    p * 4,
+                    f1,
+                );
+            }
+        }
+    }
+    #[unroll]
+    for p in 0..comptime!(dv.div_ceil(4 * lanes)) {
+        let x = p * 4 * lanes + lane * 4;
+        #[unroll]
+        for k in 0..4usize {
+            vreg[p * 4 + k] = F::new(0.0);
+        }
+        if x < dv {
+            load4_regs(
+                cv,
+                tok * wv,
+                h * dv + x,
+                nv / BLOCK,
+                levels,
+                vreg,
+                p * 4,
+                fv,
+            );
+        }
+    }
+}
+
+/// The online-softmax update of every query row with one key.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn attend<F: Float + CubeElement>(
+    key: usize,
+    qr: &Array<F>,
+    kreg: &Array<F>,
+    vreg: &Array<F>,
+    limits: &Array<usize>,
+    m: &mut Array<F>,
+    l: &mut Array<F>,
+    acc: &mut Array<F>,
+    #[comptime] nq: usize,
+    #[comptime] parts: (u32, usize, u32, usize, u32, usize, usize),
+) {
+    let (_f0, d0, _f1, d1, _fv, dv, lanes) = parts;
+    let per_k = comptime!(4 * (d0 + d1).div_ceil(4 * lanes));
+    let per_v = comptime!(4 * dv.div_ceil(4 * lanes));
+    #[unroll]
+    for r in 0..nq {
+        let mut part = F::new(0.0);
+        #[unroll]
+        for j in 0..per_k {
+            part += qr[r * per_k + j] * kreg[j];
+        }
+        let s = plane_sum(part);
+        if key < limits[r] {
+            let m_new = m[r].max(s);
+            let corr = (m[r] - m_new).exp();
+            let pr = (s - m_new).exp();
+            l[r] = l[r] * corr + pr;
+            #[unroll]
+            for j in 0..per_v {
+                let at = r * per_v + j;
+                acc[at] = acc[at] * corr + pr * vreg[j];
+            }
+            m[r] = m_new;
         }
     }
 }
@@ -655,7 +790,7 @@ pub fn launch_kv_attention<R: Runtime>(
     let dummy = k1.map_or(k0.handle.clone(), |k| k.handle.clone());
     let (f1, d1) = (k1.map_or(FLOAT, |k| k.format), k1.map_or(0, |k| k.dim));
     let scratch = |n: usize| client.empty(n.max(1) * 4);
-    let plane = fixed_plane(client).filter(|_| vec4 && rows <= KV_QUERIES);
+    let plane = fixed_plane(client).filter(|_| vec4 && rows <= KV_QUERIES && dv <= 256);
     let slots_per_row;
     let (m_buf, l_buf, acc_buf);
     if let Some(lanes) = plane {
@@ -665,7 +800,7 @@ pub fn launch_kv_attention<R: Runtime>(
             .div_ceil(bh)
             .clamp(1, shape.s.div_ceil(WARPS * per_plane).max(1));
         let chunk = shape.s.div_ceil(splits);
-        slots_per_row = splits * WARPS;
+        slots_per_row = splits;
         let slots = bh * rows * slots_per_row;
         (m_buf, l_buf, acc_buf) = (scratch(slots), scratch(slots), scratch(slots * dv));
         unsafe {
