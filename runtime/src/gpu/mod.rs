@@ -167,6 +167,10 @@ pub struct GpuExecutor<R: Runtime> {
     options: GpuOptions,
     /// Per-op launches and seconds, when profiling.
     profile: std::sync::Mutex<BTreeMap<String, (usize, f64)>>,
+    /// RoPE's inverse frequencies per rope node, uploaded once: an upload
+    /// per launch cost about half a millisecond of host time on CUDA, most
+    /// of a decode step.
+    rope_freqs: HashMap<NodeId, Handle>,
 }
 
 impl<R: Runtime> GpuExecutor<R> {
@@ -244,7 +248,18 @@ impl<R: Runtime> GpuExecutor<R> {
         params: HashMap<NodeId, DevTensor>,
         options: GpuOptions,
     ) -> Self {
+        let mut rope_freqs = HashMap::new();
+        for &id in &plan.order {
+            if let caramba_ir::Op::Rope(spec) = &graph.node(id).op {
+                let x = graph.operands(id)[0];
+                if let Some(Some(d)) = graph.node(x).ty.shape.last().map(|d| d.as_const()) {
+                    let inv: Vec<f32> = spec.inv_freq(d).into_iter().map(|f| f as f32).collect();
+                    rope_freqs.insert(id, client.create_from_slice(f32::as_bytes(&inv)));
+                }
+            }
+        }
         GpuExecutor {
+            rope_freqs,
             client,
             graph: graph.clone(),
             order: plan.order,
@@ -398,6 +413,7 @@ impl<R: Runtime> GpuExecutor<R> {
                         client: &self.client,
                         node,
                         fast_matmul: self.options.fast_matmul,
+                        rope_freqs: self.rope_freqs.get(&id),
                     };
                     if self.options.profile {
                         self.wait()?;

@@ -90,6 +90,9 @@ pub(crate) struct Ctx<'a, R: Runtime> {
     pub client: &'a ComputeClient<R>,
     pub node: &'a Node,
     pub fast_matmul: bool,
+    /// A rope node's inverse frequencies, when the executor uploaded them
+    /// once; otherwise they are uploaded for the launch.
+    pub rope_freqs: Option<&'a caramba_kernels::cubecl::server::Handle>,
 }
 
 fn unary(u: UnaryOp) -> Unary {
@@ -425,8 +428,14 @@ impl<R: Runtime> Ctx<'_, R> {
                 let (x, pos) = (xs[0], xs[1]);
                 let r = x.shape.len();
                 let (t, h, d) = (x.shape[r - 3], x.shape[r - 2], x.shape[r - 1]);
-                let inv: Vec<f32> = spec.inv_freq(d).into_iter().map(|f| f as f32).collect();
-                let inv = c.create_from_slice(f32::as_bytes(&inv));
+                let inv = match self.rope_freqs {
+                    Some(h) => h.clone(),
+                    None => {
+                        let inv: Vec<f32> =
+                            spec.inv_freq(d).into_iter().map(|f| f as f32).collect();
+                        c.create_from_slice(f32::as_bytes(&inv))
+                    }
+                };
                 let out = self.alloc(shape);
                 rope::launch_rope(
                     c,

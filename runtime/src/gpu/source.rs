@@ -194,6 +194,7 @@ fn capture<R: Runtime>(
                     client: &client,
                     node,
                     fast_matmul: false,
+                    rope_freqs: None,
                 };
                 let out = ctx.apply(&args, shape)?;
                 // Wait for the launch (and so its compilation) to finish,
