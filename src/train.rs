@@ -89,7 +89,11 @@ pub fn train_graph(m: &Manifest) -> Result<TrainGraph, Failure> {
         })
         .collect();
     let names: Vec<String> = params.iter().map(|p| p.0.clone()).collect();
-    let graph = differentiate(&forward, "loss", &names)
+    // The training graph returns the loss and the gradients, not the logits
+    // (a backend would keep them alive for nothing).
+    let mut loss_only = forward.clone();
+    loss_only.remove_output("logits");
+    let graph = differentiate(&loss_only, "loss", &names)
         .map_err(|e| Failure::runtime(format!("autodiff failed: {e}")))?;
     Ok(TrainGraph {
         graph,
@@ -299,10 +303,18 @@ only `phase: standard` training runs",
     // checkpoint (the last step always saves one).
     let mut device = match opts.backend {
         Backend::Cpu => None,
-        backend => Some(
-            DeviceTrainer::new(backend, &tg.graph, Some(&tg.forward), &params, &optimizer)
-                .map_err(|e| Failure::runtime(format!("cannot train on {backend}: {e}")))?,
-        ),
+        backend => {
+            // GPUs run the joint forward + backward graph optimized (fused
+            // norms, attention, elementwise chains); the CPU reference runs
+            // it as differentiated, the oracle.
+            let mut eval = tg.forward.clone();
+            eval.remove_output("logits");
+            let (graph, eval) = (optimized(&tg.graph)?, optimized(&eval)?);
+            Some(
+                DeviceTrainer::new(backend, &graph, Some(&eval), &params, &optimizer)
+                    .map_err(|e| Failure::runtime(format!("cannot train on {backend}: {e}")))?,
+            )
+        }
     };
 
     let dir = RunDir::create(&opts.artifacts, &format!("{}_{}", m.name, f.id))
@@ -490,6 +502,16 @@ only `phase: standard` training runs",
         val_loss,
         run_dir: dir.path().to_path_buf(),
         steps: end,
+    })
+}
+
+/// `g` through the e-graph optimizer.
+pub fn optimized(g: &Graph) -> Result<Graph, Failure> {
+    caramba_compiler::optimize(g).map(|(h, _)| h).map_err(|e| {
+        Failure::runtime(format!(
+            "internal error: optimizing {} failed: {e:?}",
+            g.name
+        ))
     })
 }
 

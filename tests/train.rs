@@ -451,3 +451,52 @@ fn wgpu_training_follows_the_cpu_run() {
     assert_eq!(code, 0, "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The optimized joint forward + backward graph (what GPUs train with:
+/// fused norms, attention, elementwise chains) gives the differentiated
+/// graph's loss and gradients on the CPU reference, for a Llama-style
+/// model and the DBA preset.
+#[test]
+fn optimized_training_graph_gives_the_same_gradients() {
+    use caramba::train::optimized;
+    let dba = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/presets/dba.yml"))
+        .unwrap()
+        .replace("vocab_size: 512", "vocab_size: 64");
+    for src in [manifest(Path::new("unused.npy"), 1, ""), dba] {
+        let c = caramba_compiler::compile(&src).unwrap();
+        let mut tg = train_graph(&c.manifest).unwrap();
+        let params = init_params(&tg.params, 9);
+        let (b, t) = (2usize, 8usize);
+        let x: Vec<u32> = (0..b * t).map(|i| (i * 7 % 32) as u32).collect();
+        let y: Vec<u32> = (0..b * t).map(|i| (i * 3 % 32) as u32).collect();
+        let (lp, gp) = forward_backward(&tg, &params, &x, &y, b, t).unwrap();
+        let fused = optimized(&tg.graph).unwrap();
+        let fused_ops = fused
+            .node_ids()
+            .filter(|&n| {
+                matches!(
+                    fused.node(n).op,
+                    caramba_ir::Op::Attention { .. }
+                        | caramba_ir::Op::RmsNorm { .. }
+                        | caramba_ir::Op::Elementwise(_)
+                )
+            })
+            .count();
+        assert!(fused_ops > 0, "nothing fused in the training graph");
+        tg.graph = fused;
+        let (lf, gf) = forward_backward(&tg, &params, &x, &y, b, t).unwrap();
+        assert!((lp - lf).abs() < 1e-5 * lp.abs(), "loss {lp} vs {lf}");
+        for (name, a) in &gp {
+            let (a, g) = (a.to_f32_vec(), gf[name].to_f32_vec());
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+            let diff = a
+                .iter()
+                .zip(&g)
+                .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(
+                diff <= 1e-4 * scale,
+                "gradient of {name}: max |plain − optimized| {diff:e} (scale {scale:e})"
+            );
+        }
+    }
+}
