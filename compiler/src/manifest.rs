@@ -686,15 +686,22 @@ pub enum CacheKind {
 }
 
 impl CacheKind {
-    /// Storage per element in bits, counting the per-block scales
-    /// (q8: 32 values + an f16 scale; q4/nf4: 32 values + an f16 scale).
-    pub fn bits_per_element(self) -> f64 {
+    /// How caramba stores this kind (`lower_model_cached`).
+    pub fn format(self) -> crate::CacheFormat {
+        use caramba_ir::QuantFormat;
         match self {
-            CacheKind::Fp32 => 32.0,
-            CacheKind::Fp16 => 16.0,
-            CacheKind::Q8 => 8.0 + 16.0 / 32.0,
-            CacheKind::Q4 | CacheKind::Nf4 => 4.0 + 16.0 / 32.0,
+            CacheKind::Fp32 => crate::CacheFormat::Fp32,
+            CacheKind::Fp16 => crate::CacheFormat::Fp16,
+            CacheKind::Q8 => crate::CacheFormat::Quant(QuantFormat::Q8),
+            CacheKind::Q4 => crate::CacheFormat::Quant(QuantFormat::Q4),
+            CacheKind::Nf4 => crate::CacheFormat::Quant(QuantFormat::Nf4),
         }
+    }
+
+    /// Storage per element in bits as caramba stores it, counting the
+    /// per-block scales (an f32 per 32 values: q8 9 bits, q4/nf4 5).
+    pub fn bits_per_element(self) -> f64 {
+        self.format().bytes_per_value() * 8.0
     }
 
     pub fn name(self) -> &'static str {
