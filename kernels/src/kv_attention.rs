@@ -102,6 +102,46 @@ fn words_of(n: usize, #[comptime] format: u32) -> usize {
     w
 }
 
+/// The keys each of the `nq` query rows from `first` sees (all `s_len`,
+/// or, causal, up to its absolute position; none past the last row) into
+/// `limits`; returns the end of the chunk ending at `end` that any of them
+/// sees.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn visible_keys(
+    limits: &mut Array<usize>,
+    first: usize,
+    rows: usize,
+    t: usize,
+    s_len: usize,
+    end: usize,
+    #[comptime] nq: usize,
+    #[comptime] causal: bool,
+) -> usize {
+    let mut max_limit = 0;
+    #[unroll]
+    for qi in 0..nq {
+        let r = first + qi;
+        let mut limit = 0;
+        if r < rows {
+            limit = s_len;
+            if causal {
+                // Row r is query position r mod T, at absolute S − T + it.
+                limit = r % t + s_len + 1 - t;
+            }
+        }
+        limits[qi] = limit;
+        if limit > max_limit {
+            max_limit = limit;
+        }
+    }
+    let mut hi = end;
+    if hi > max_limit {
+        hi = max_limit;
+    }
+    hi
+}
+
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn kv_attention_kernel<F: Float + CubeElement>(
@@ -168,27 +208,17 @@ fn kv_attention_kernel<F: Float + CubeElement>(
 
     // Keys visible to each row (row r is query position r mod T).
     let mut limits = Array::<usize>::new(nq);
-    let mut max_limit = 0;
-    #[unroll]
-    for qi in 0..nq {
-        let r = first + qi;
-        let mut limit = 0;
-        if r < rows {
-            limit = s_len;
-            if causal {
-                limit = r % t + s_len + 1 - t;
-            }
-        }
-        limits[qi] = limit;
-        if limit > max_limit {
-            max_limit = limit;
-        }
-    }
+    let hi = visible_keys(
+        &mut limits,
+        first,
+        rows,
+        t,
+        s_len,
+        split * chunk + chunk,
+        nq,
+        causal,
+    );
     let lo = split * chunk;
-    let mut hi = lo + chunk;
-    if hi > max_limit {
-        hi = max_limit;
-    }
 
     let cols = comptime!(dv.div_ceil(KV_TILE));
     let mut acc = Array::<F>::new(comptime!(nq * dv.div_ceil(KV_TILE)));
@@ -413,7 +443,6 @@ fn kv_decode_kernel<F: Float + CubeElement>(
 
     let mut qr = Array::<F>::new(comptime!(nq * 4 * (d0 + d1).div_ceil(4 * lanes)));
     let mut limits = Array::<usize>::new(nq);
-    let mut max_limit = 0;
     #[unroll]
     for r in 0..nq {
         #[unroll]
@@ -428,23 +457,18 @@ fn kv_decode_kernel<F: Float + CubeElement>(
                 qr[(r * pk + p) * 4 + k] = v;
             }
         }
-        let mut limit = 0;
-        if r < rows {
-            limit = s_len;
-            if causal {
-                limit = r % t + s_len + 1 - t;
-            }
-        }
-        limits[r] = limit;
-        if limit > max_limit {
-            max_limit = limit;
-        }
     }
+    let hi = visible_keys(
+        &mut limits,
+        0,
+        rows,
+        t,
+        s_len,
+        split * chunk + chunk,
+        nq,
+        causal,
+    );
     let lo = split * chunk;
-    let mut hi = lo + chunk;
-    if hi > max_limit {
-        hi = max_limit;
-    }
     let mut m = Array::<F>::new(nq);
     let mut l = Array::<F>::new(nq);
     let mut acc = Array::<F>::new(comptime!(nq * 4 * dv.div_ceil(4 * lanes)));
