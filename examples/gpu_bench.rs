@@ -260,7 +260,13 @@ fn main() {
             )
         })
         .collect();
-    let exec = Executor::new(backend, &g, &params).expect("executor");
+    // `gpu_bench cuda tf32`: the model's matmuls on tensor cores.
+    let tf32 = std::env::args().nth(2).is_some_and(|s| s == "tf32");
+    let options = caramba_runtime::gpu::GpuOptions {
+        fast_matmul: tf32,
+        ..Default::default()
+    };
+    let exec = Executor::with_options(backend, &g, &params, options).expect("executor");
     let (b, t) = (8usize, 1024usize);
     let ids: Vec<i32> = (0..b * t).map(|i| (i * 7919 % 49152) as i32).collect();
     let mut inputs = BTreeMap::new();
@@ -287,7 +293,11 @@ fn main() {
     }
     let ms = start.elapsed().as_secs_f64() * 1e3 / iters as f64;
     emit(
-        "smollm2_forward_loss_b8_t1024_f32",
+        if tf32 {
+            "smollm2_forward_loss_b8_t1024_tf32"
+        } else {
+            "smollm2_forward_loss_b8_t1024_f32"
+        },
         ms,
         "tokens_per_s",
         (b * t) as f64 / ms * 1e3,

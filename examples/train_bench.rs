@@ -88,6 +88,12 @@ fn main() {
     let b: usize = args.get(3).map_or(4, |s| s.parse().expect("batch"));
     let t: usize = args.get(4).map_or(1024, |s| s.parse().expect("seq"));
     let steps: usize = args.get(5).map_or(3, |s| s.parse().expect("steps"));
+    // `tf32` as the sixth argument: matmuls on tensor cores.
+    let tf32 = args.get(6).is_some_and(|s| s == "tf32");
+    let options = caramba_runtime::gpu::GpuOptions {
+        fast_matmul: tf32,
+        ..Default::default()
+    };
     let d = dims(&which);
     let mut forward = caramba_compiler::lower_model(&llama_model(&d), &which, DType::F32)
         .expect("lowering")
@@ -132,7 +138,7 @@ fn main() {
     let optimizer = Optimizer::new(OptimizerConfig::adamw(0.1));
     let build = Instant::now();
     let mut trainer =
-        DeviceTrainer::new(backend, &graph, None, &params, &optimizer).expect("trainer");
+        DeviceTrainer::new(backend, &graph, None, &params, &optimizer, options).expect("trainer");
     eprintln!(
         "{which}: {n_params} parameters, batch {b} × {t}, trainer built in {:.1} s",
         build.elapsed().as_secs_f64()
@@ -173,7 +179,8 @@ fn main() {
     let tps = (b * t) as f64 / secs;
     let mfu = 6.0 * n_params as f64 * tps / 67e12;
     println!(
-        "{{\"name\": \"train_{which}_b{b}_t{t}_f32\", \"impl\": \"caramba\", \"ms_per_step\": {:.1}, \"tokens_per_s\": {tps:.0}, \"mfu_f32\": {mfu:.3}, \"loss\": {last:.4}}}",
+        "{{\"name\": \"train_{which}_b{b}_t{t}_{}\", \"impl\": \"caramba\", \"ms_per_step\": {:.1}, \"tokens_per_s\": {tps:.0}, \"mfu_f32\": {mfu:.3}, \"loss\": {last:.4}}}",
+        if tf32 { "tf32" } else { "f32" },
         secs * 1e3
     );
 }

@@ -40,7 +40,9 @@ def selected(name):
 
 def main():
     dev = "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = False
+    # CARAMBA_TORCH_TF32=1 lets f32 matmuls use TF32, like `gpu_bench cuda tf32`.
+    tf32 = os.environ.get("CARAMBA_TORCH_TF32") == "1"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     for dtype_name, dtype in [("f32", torch.float32), ("bf16", torch.bfloat16)]:
         if selected("kvdecode"):
             # Decode attention: B4, 32 query heads over 8 kv heads, d 128, 32k cached.
@@ -107,11 +109,12 @@ def main():
             with torch.no_grad():
                 f = lambda: model(input_ids=ids, labels=ids).loss
                 ms = timed(f, iters=5, warmup=2)
-                emit(name=f"smollm2_forward_loss_b8_t1024_{dtype_name}", impl="torch-eager", ms=ms, tokens_per_s=8 * 1024 / ms * 1e3)
+                tag = "tf32" if tf32 and dtype == torch.float32 else dtype_name
+                emit(name=f"smollm2_forward_loss_b8_t1024_{tag}", impl="torch-eager", ms=ms, tokens_per_s=8 * 1024 / ms * 1e3)
                 cm = torch.compile(model)
                 f = lambda: cm(input_ids=ids, labels=ids).loss
                 ms = timed(f, iters=5, warmup=3)
-                emit(name=f"smollm2_forward_loss_b8_t1024_{dtype_name}", impl="torch-compile", ms=ms, tokens_per_s=8 * 1024 / ms * 1e3)
+                emit(name=f"smollm2_forward_loss_b8_t1024_{tag}", impl="torch-compile", ms=ms, tokens_per_s=8 * 1024 / ms * 1e3)
             del model
     except Exception as e:  # report, don't hide
         emit(name="smollm2_forward_loss", impl="torch", error=repr(e))

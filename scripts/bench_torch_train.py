@@ -7,6 +7,7 @@ same command. Prints one JSON line per (model, precision, mode).
 usage: bench_torch_train.py [smollm2|llama1b] [batch] [seq] [steps]
 """
 import json
+import os
 import sys
 import time
 
@@ -27,8 +28,10 @@ def main():
     b = int(sys.argv[2]) if len(sys.argv) > 2 else 4
     t = int(sys.argv[3]) if len(sys.argv) > 3 else 1024
     steps = int(sys.argv[4]) if len(sys.argv) > 4 else 5
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    # CARAMBA_TORCH_TF32=1 lets f32 matmuls use TF32, like `train_bench ... tf32`.
+    tf32 = os.environ.get("CARAMBA_TORCH_TF32") == "1"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
     cfg = LlamaConfig(**SHAPES[which], rms_norm_eps=1e-5, tie_word_embeddings=True,
                       max_position_embeddings=max(2048, t))
     for dtype_name, dtype in [("f32", torch.float32), ("bf16", torch.bfloat16)]:
@@ -61,8 +64,8 @@ def main():
                 secs = (time.perf_counter() - start) / steps
                 tps = b * t / secs
                 print(json.dumps(dict(
-                    name=f"train_{which}_b{b}_t{t}_{dtype_name}", impl=f"torch-{mode}",
-                    ms_per_step=round(secs * 1e3, 1), tokens_per_s=round(tps),
+                    name=f"train_{which}_b{b}_t{t}_{'tf32' if tf32 and dtype == torch.float32 else dtype_name}",
+                    impl=f"torch-{mode}", ms_per_step=round(secs * 1e3, 1), tokens_per_s=round(tps),
                     mfu=round(6 * n * tps / (67e12 if dtype == torch.float32 else 989e12), 3),
                     peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1))), flush=True)
                 del model, opt, fwd

@@ -151,6 +151,10 @@ pub struct SampleArgs {
     pub stats: bool,
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
+    /// Let GPU matmuls use tensor cores: TF32 on NVIDIA cards (about 3
+    /// decimal digits, like PyTorch's `allow_tf32`). Off: exact f32
+    #[arg(long)]
+    pub tf32: bool,
 }
 
 #[derive(Args, Debug)]
@@ -175,6 +179,10 @@ pub struct PerplexityArgs {
     pub tokenizer: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
+    /// Let GPU matmuls use tensor cores: TF32 on NVIDIA cards (about 3
+    /// decimal digits, like PyTorch's `allow_tf32`). Off: exact f32
+    #[arg(long)]
+    pub tf32: bool,
 }
 
 #[derive(Args, Debug)]
@@ -280,9 +288,14 @@ pub struct RunArgs {
     /// Stop each run after this global step (saving a checkpoint), to resume later
     #[arg(long, value_name = "STEP")]
     pub stop_after: Option<u64>,
-    /// Where forward and backward passes run (the optimizer runs on the host)
+    /// Where training runs (on a GPU: forward, backward, the optimizer and
+    /// evaluation, with weights and optimizer state kept on the device)
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
+    /// Let GPU matmuls use tensor cores: TF32 on NVIDIA cards (about 3
+    /// decimal digits, like PyTorch's `allow_tf32`). Off: exact f32
+    #[arg(long)]
+    pub tf32: bool,
 }
 
 /// The original caramba's flags, used when no subcommand is given.

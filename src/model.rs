@@ -10,7 +10,7 @@ use caramba_ir::reference::{Bindings, SymValues, Tensor};
 use caramba_ir::{DType, Graph, Sym};
 use caramba_runtime::backend::{Backend, Executor};
 use caramba_runtime::checkpoint::{Checkpoint, CheckpointFormat, HfConfig, RopeScaling};
-use caramba_runtime::gpu::DeviceTensor;
+use caramba_runtime::gpu::{DeviceTensor, GpuOptions};
 use caramba_runtime::tokenizer::{GgufTokenizerOptions, Tokenizer};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -83,6 +83,17 @@ impl Model {
         backend: Backend,
         cache: Option<KvCacheSpec>,
     ) -> Result<Model, Failure> {
+        Model::load_with_options(ckpt, backend, cache, GpuOptions::default())
+    }
+
+    /// [`Model::load_with`] with GPU options (TF32 matmuls), ignored on
+    /// the CPU.
+    pub fn load_with_options(
+        ckpt: &Checkpoint,
+        backend: Backend,
+        cache: Option<KvCacheSpec>,
+        options: GpuOptions,
+    ) -> Result<Model, Failure> {
         let config = ckpt.config.clone();
         let spec = llama_model(&dims(&config));
         let lowered = match cache {
@@ -140,7 +151,7 @@ impl Model {
                         "internal error: optimizing the model failed: {e:?}"
                     ))
                 })?;
-                Executor::new(backend, &fused, &params)
+                Executor::with_options(backend, &fused, &params, options)
             }
         }
         .map_err(|e| Failure::runtime(format!("cannot prepare the model on {backend}: {e}")))?;

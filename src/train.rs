@@ -47,6 +47,8 @@ pub struct TrainOptions {
     /// Where training runs: on a GPU, forward, backward, the optimizer and
     /// evaluation all run on the device.
     pub backend: Backend,
+    /// GPU choices (TF32 matmuls); ignored on the CPU.
+    pub gpu: caramba_runtime::gpu::GpuOptions,
 }
 
 /// What a finished run reports.
@@ -311,7 +313,7 @@ only `phase: standard` training runs",
             eval.remove_output("logits");
             let (graph, eval) = (optimized(&tg.graph)?, optimized(&eval)?);
             Some(
-                DeviceTrainer::new(backend, &graph, Some(&eval), &params, &optimizer)
+                DeviceTrainer::new(backend, &graph, Some(&eval), &params, &optimizer, opts.gpu)
                     .map_err(|e| Failure::runtime(format!("cannot train on {backend}: {e}")))?,
             )
         }

@@ -93,6 +93,7 @@ fn run_train_on(
         quiet: true,
         stop_after,
         backend,
+        gpu: Default::default(),
     };
     train(&c.manifest, &c.manifest.runs[0], opts).unwrap_or_else(|e| panic!("{}", e.message))
 }
@@ -153,6 +154,7 @@ fn tiny_preset_trains_well_below_uniform_loss() {
         quiet: true,
         stop_after: None,
         backend: caramba_runtime::backend::Backend::Cpu,
+        gpu: Default::default(),
     };
     let out =
         train(&c.manifest, &c.manifest.runs[0], opts).unwrap_or_else(|e| panic!("{}", e.message));

@@ -312,6 +312,7 @@ impl DeviceTrainer {
         eval: Option<&Graph>,
         params: &Params,
         optimizer: &Optimizer,
+        options: crate::gpu::GpuOptions,
     ) -> Result<DeviceTrainer, BackendError> {
         #[cfg(any(feature = "wgpu", feature = "cuda"))]
         fn build<R: caramba_kernels::cubecl::Runtime>(
@@ -320,14 +321,10 @@ impl DeviceTrainer {
             eval: Option<&Graph>,
             params: &Params,
             optimizer: &Optimizer,
+            options: crate::gpu::GpuOptions,
         ) -> Result<Box<crate::gpu::train::GpuTrainer<R>>, GpuError> {
             let mut t = crate::gpu::train::GpuTrainer::new(
-                device,
-                graph,
-                "loss",
-                params,
-                optimizer,
-                Default::default(),
+                device, graph, "loss", params, optimizer, options,
             )?;
             if let Some(g) = eval {
                 t = t.with_eval_graph(g)?;
@@ -343,7 +340,7 @@ impl DeviceTrainer {
                 }
                 let device = crate::gpu::WgpuDevice::DefaultDevice;
                 Ok(DeviceTrainer::Wgpu(build(
-                    &device, graph, eval, params, optimizer,
+                    &device, graph, eval, params, optimizer, options,
                 )?))
             }
             #[cfg(feature = "cuda")]
@@ -353,7 +350,7 @@ impl DeviceTrainer {
                 }
                 let device = crate::gpu::CudaDevice { index: 0 };
                 Ok(DeviceTrainer::Cuda(build(
-                    &device, graph, eval, params, optimizer,
+                    &device, graph, eval, params, optimizer, options,
                 )?))
             }
             #[allow(unreachable_patterns)]

@@ -75,6 +75,7 @@ fn legacy(cli: Cli) -> CmdResult {
                 artifacts: "artifacts".into(),
                 stop_after: None,
                 device: DeviceArg::Cpu,
+                tf32: false,
             })
         }
         LegacyMode::Sample | LegacyMode::Chat => {
@@ -111,6 +112,7 @@ use `caramba sample --ckpt ... --prompt ...`",
                 kv_cache: "fp32".into(),
                 stats: false,
                 device: DeviceArg::Auto,
+                tf32: false,
             })
         }
     }

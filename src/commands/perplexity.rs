@@ -31,7 +31,11 @@ pub fn perplexity(a: &PerplexityArgs) -> CmdResult {
             tokens.len()
         )));
     }
-    let model = Model::load_on(&ckpt, backend)?;
+    let gpu = caramba_runtime::gpu::GpuOptions {
+        fast_matmul: a.tf32,
+        ..Default::default()
+    };
+    let model = Model::load_with_options(&ckpt, backend, None, gpu)?;
     let vocab = model.config.vocab_size;
     if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
         return Err(Failure::usage(format!(

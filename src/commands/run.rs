@@ -99,6 +99,10 @@ pub fn run(a: &RunArgs) -> CmdResult {
                 quiet: false,
                 stop_after: a.stop_after,
                 backend,
+                gpu: caramba_runtime::gpu::GpuOptions {
+                    fast_matmul: a.tf32,
+                    ..Default::default()
+                },
             };
             let out = train(m, &r, opts)?;
             last = Some(out.params.clone());

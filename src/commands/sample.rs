@@ -36,7 +36,11 @@ pub fn sample(a: &SampleArgs) -> CmdResult {
     let cache = parse_kv_cache(&a.kv_cache).map_err(Failure::usage)?;
     let ckpt = open_checkpoint(&a.ckpt)?;
     let tok = tokenizer_for(&ckpt, a.tokenizer.as_deref())?;
-    let model = Model::load_with(&ckpt, backend, cache)?;
+    let gpu = caramba_runtime::gpu::GpuOptions {
+        fast_matmul: a.tf32,
+        ..Default::default()
+    };
+    let model = Model::load_with_options(&ckpt, backend, cache, gpu)?;
     let mut ids = tok.encode(&a.prompt, false);
     if a.bos {
         let bos = tok
