@@ -3,7 +3,19 @@
 //! a quantized block format (`quant.rs`) and dequantized on chip; DBA's two
 //! key paths are two caches whose per-head slices concatenate.
 //!
-//! Flash-decoding: the keys are cut into `splits` chunks, and one cube
+//! Two kernels share the work, both flash-decoding (the keys cut into
+//! chunks, each chunk's unnormalized partial — running max, running sum,
+//! accumulator — combined by a third kernel), so that many chunks keep
+//! every SM busy when a decode step has only `g` query rows:
+//!
+//! - the *decode* kernel, for at most `KV_QUERIES` query rows per head on
+//!   devices with fixed-size planes (CUDA): one plane per key, lanes
+//!   splitting the head dims, K and V read straight into registers (see
+//!   `kv_decode_kernel`);
+//! - the *staged* kernel for everything else (prefill, lavapipe), described
+//!   here.
+//!
+//! Staged: the keys are cut into `splits` chunks, and one cube
 //! handles a block of up to `KV_QUERIES` query rows of one (batch, kv head)
 //! — the `g · T` rows sharing those keys (GQA reads each key once per
 //! block) — over one chunk, with an online softmax. Each 64-key tile is
@@ -19,7 +31,7 @@
 //!
 //! Where it stops: f32 arithmetic (no tensor cores); a tile of
 //! `64 × max(Σdₖ, dv)` floats in shared memory limits either to 160 dims
-//! per head.
+//! per head; neither kernel reaches memory bandwidth yet (BENCHMARKS.md).
 
 use crate::quant::{load4, load4_regs, load_value, nf4_levels, row_words, BLOCK, FLOAT};
 use crate::{grid_1d, linear_pos, KernelError, ELEM_BLOCK};
