@@ -149,6 +149,10 @@ pub struct SampleArgs {
     /// Print prefill and decode timings and the KV-cache size to stderr
     #[arg(long)]
     pub stats: bool,
+    /// On a GPU, wait for every kernel and print where the time went, per
+    /// op kind, to stderr (slows the run: for finding bottlenecks)
+    #[arg(long)]
+    pub profile: bool,
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
     /// Let GPU matmuls use tensor cores: TF32 on NVIDIA cards (about 3

@@ -164,6 +164,12 @@ impl Model {
         })
     }
 
+    /// The per-op profile of a model loaded with `GpuOptions::profile`:
+    /// op kind, launches, seconds (empty on the CPU).
+    pub fn profile(&self) -> Vec<(String, usize, f64)> {
+        self.exec.profile()
+    }
+
     pub fn backend(&self) -> Backend {
         self.exec.backend()
     }

@@ -111,6 +111,7 @@ use `caramba sample --ckpt ... --prompt ...`",
                 ids: false,
                 kv_cache: "fp32".into(),
                 stats: false,
+                profile: false,
                 device: DeviceArg::Auto,
                 tf32: false,
             })

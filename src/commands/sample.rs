@@ -38,7 +38,7 @@ pub fn sample(a: &SampleArgs) -> CmdResult {
     let tok = tokenizer_for(&ckpt, a.tokenizer.as_deref())?;
     let gpu = caramba_runtime::gpu::GpuOptions {
         fast_matmul: a.tf32,
-        ..Default::default()
+        profile: a.profile,
     };
     let model = Model::load_with_options(&ckpt, backend, cache, gpu)?;
     let mut ids = tok.encode(&a.prompt, false);
@@ -121,6 +121,23 @@ pub fn sample(a: &SampleArgs) -> CmdResult {
                 ids.len()
             ),
             None => eprintln!("KV cache: none (every step recomputes the sequence)"),
+        }
+    }
+    if a.profile {
+        let rows = model.profile();
+        let total: f64 = rows.iter().map(|r| r.2).sum();
+        eprintln!(
+            "profile: {:.1} ms waited on {} launches",
+            total * 1e3,
+            rows.iter().map(|r| r.1).sum::<usize>()
+        );
+        for (op, n, secs) in rows.iter().take(15) {
+            eprintln!(
+                "  {:>9.2} ms {:>5.1}% {n:>6}×  {:>7.1} µs each  {op}",
+                secs * 1e3,
+                100.0 * secs / total.max(1e-12),
+                secs * 1e6 / *n as f64
+            );
         }
     }
     if a.ids {
