@@ -332,36 +332,44 @@ pub fn check_binding(
     t: &Tensor,
     syms: &mut SymValues,
 ) -> Result<(), EvalError> {
+    check_value(what, name, node, t.dtype(), t.shape(), syms, || {
+        t.to_string()
+    })
+}
+
+/// [`check_binding`] for a value described by its dtype and shape (one
+/// held elsewhere, e.g. on a device); `found` describes it for the error.
+pub fn check_value(
+    what: &'static str,
+    name: &str,
+    node: &Node,
+    dtype: DType,
+    shape: &[usize],
+    syms: &mut SymValues,
+    found: impl FnOnce() -> String,
+) -> Result<(), EvalError> {
     let declared = node.ty.dtype;
-    let dtype_ok = t.dtype() == declared
-        || (matches!(declared, DType::F16 | DType::BF16) && t.dtype() == DType::F32);
+    let dtype_ok =
+        dtype == declared || (matches!(declared, DType::F16 | DType::BF16) && dtype == DType::F32);
     let mut bound = *syms;
-    let shape_ok = t.rank() == node.ty.shape.rank()
-        && node
-            .ty
-            .shape
-            .dims()
-            .iter()
-            .zip(t.shape())
-            .all(|(d, &n)| match *d {
-                Dim::Const(c) => c == n,
-                Dim::Sym(s) => match bound.get(s) {
-                    Some(v) => v == n,
-                    None => {
-                        bound.set(s, n);
-                        true
-                    }
-                },
-            });
+    let dims = node.ty.shape.dims();
+    let shape_ok = shape.len() == dims.len()
+        && dims.iter().zip(shape).all(|(d, &n)| match *d {
+            Dim::Const(c) => c == n,
+            Dim::Sym(s) => match bound.get(s) {
+                Some(v) => v == n,
+                None => {
+                    bound.set(s, n);
+                    true
+                }
+            },
+        });
     if dtype_ok && shape_ok {
         *syms = bound;
         return Ok(());
     }
     // Show the declaration with the symbols known before this value.
-    let dims: Vec<String> = node
-        .ty
-        .shape
-        .dims()
+    let expected: Vec<String> = dims
         .iter()
         .map(|d| match *d {
             Dim::Sym(s) => syms.get(s).map_or(s.to_string(), |v| v.to_string()),
@@ -371,8 +379,8 @@ pub fn check_binding(
     Err(EvalError::Mismatch {
         what,
         name: name.to_string(),
-        expected: format!("{declared}[{}]", dims.join(", ")),
-        found: t.to_string(),
+        expected: format!("{declared}[{}]", expected.join(", ")),
+        found: found(),
     })
 }
 

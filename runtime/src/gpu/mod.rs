@@ -27,7 +27,7 @@ use caramba_ir::reference::{
     self as reference, round_bf16, round_f16, Bindings, EvalError, ParamSource, Storage, SymValues,
     Tensor,
 };
-use caramba_ir::{DType, Dim, Graph, Node, NodeId, Shape};
+use caramba_ir::{DType, Graph, Node, NodeId, Shape};
 use caramba_kernels::cubecl::prelude::*;
 use caramba_kernels::cubecl::server::Handle;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -602,39 +602,16 @@ fn check_device_binding(
     t: &DeviceTensor,
     syms: &mut SymValues,
 ) -> Result<(), GpuError> {
-    let declared = node.ty.dtype;
-    let dtype_ok = t.dtype() == declared
-        || (matches!(declared, DType::F16 | DType::BF16) && t.dtype() == DType::F32);
-    let mut bound = *syms;
-    let dims = node.ty.shape.dims();
-    let shape_ok = t.shape().len() == dims.len()
-        && dims.iter().zip(t.shape()).all(|(d, &n)| match *d {
-            Dim::Const(c) => c == n,
-            Dim::Sym(s) => match bound.get(s) {
-                Some(v) => v == n,
-                None => {
-                    bound.set(s, n);
-                    true
-                }
-            },
-        });
-    if dtype_ok && shape_ok {
-        *syms = bound;
-        return Ok(());
-    }
-    let expected: Vec<String> = dims
-        .iter()
-        .map(|d| match *d {
-            Dim::Sym(s) => syms.get(s).map_or(s.to_string(), |v| v.to_string()),
-            Dim::Const(c) => c.to_string(),
-        })
-        .collect();
-    Err(GpuError::Mismatch {
+    let found = || t.to_string();
+    Ok(reference::check_value(
         what,
-        name: name.to_string(),
-        expected: format!("{declared}[{}]", expected.join(", ")),
-        found: t.to_string(),
-    })
+        name,
+        node,
+        t.dtype(),
+        t.shape(),
+        syms,
+        found,
+    )?)
 }
 
 impl From<EvalError> for GpuError {
