@@ -33,7 +33,7 @@
 //! `64 × max(Σdₖ, dv)` floats in shared memory limits either to 160 dims
 //! per head; neither kernel reaches memory bandwidth yet (BENCHMARKS.md).
 
-use crate::quant::{load4, load4_regs, load_value, nf4_levels, row_words, BLOCK, FLOAT};
+use crate::quant::{load4_regs, load_value, nf4_levels, row_words, BLOCK, FLOAT};
 use crate::{grid_1d, linear_pos, KernelError, ELEM_BLOCK};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -87,19 +87,26 @@ fn stage<F: Float + CubeElement>(
 ) {
     let (f0, d0, f1, d1) = parts;
     let (w0, nb0, w1, nb1) = rows;
+    let mut four = Array::<F>::new(4usize);
     if x < d0 {
         if vec4 {
-            load4(c0, tok * w0, h * d0 + x, nb0, levels, sh, at, f0);
+            load4_regs(c0, tok * w0, h * d0 + x, nb0, levels, &mut four, 0, f0);
         } else {
             sh[at] = load_value(c0, tok * w0, h * d0 + x, nb0, levels, f0);
         }
     } else {
         if comptime!(d1 > 0) {
             if vec4 {
-                load4(c1, tok * w1, h * d1 + x - d0, nb1, levels, sh, at, f1);
+                load4_regs(c1, tok * w1, h * d1 + x - d0, nb1, levels, &mut four, 0, f1);
             } else {
                 sh[at] = load_value(c1, tok * w1, h * d1 + x - d0, nb1, levels, f1);
             }
+        }
+    }
+    if vec4 {
+        #[unroll]
+        for k in 0..4usize {
+            sh[at + k] = four[k];
         }
     }
 }

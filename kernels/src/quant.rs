@@ -1,7 +1,7 @@
 //! KV-cache storage: quantizing rows into the block formats of
 //! `caramba_ir::quant` (scales first, then little-endian packed codes, in
-//! `i32` words) and dequantizing them, plus [`load_value`], the one
-//! element read that `kv_attention` shares.
+//! `i32` words) and dequantizing them, plus [`load_value`] and
+//! [`load4_regs`], the element reads that `kv_attention` shares.
 //!
 //! Formats are comptime codes ([`FLOAT`], [`Q8`], [`Q4`], [`NF4`]); a float
 //! cache is read through the same `Array<i32>` binding, its words
@@ -129,7 +129,9 @@ pub fn load_value<F: Float + CubeElement>(
     }
 }
 
-/// [`load4`] into registers: values `e .. e + 4` into `out[at .. at + 4]`.
+/// Values `e .. e + 4` (`e` a multiple of 4) of a row, as [`load_value`],
+/// into registers `out[at .. at + 4]`: one word and one scale read for a
+/// quantized format, since four aligned values share both.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn load4_regs<F: Float + CubeElement>(
@@ -157,40 +159,6 @@ pub fn load4_regs<F: Float + CubeElement>(
         for k in 0..4 {
             let code = (w >> (base + comptime!(k as u32) * b)) & comptime!((1u32 << b) - 1);
             out[at + k] = decode::<F>(code, s, levels, format);
-        }
-    }
-}
-
-/// Values `e .. e + 4` (`e` a multiple of 4) of a row, as [`load_value`],
-/// into `sh[at .. at + 4]`: one word and one scale read for a quantized
-/// format, since four aligned values share both.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-pub fn load4<F: Float + CubeElement>(
-    c: &Array<i32>,
-    row: usize,
-    e: usize,
-    nb: usize,
-    levels: &SharedMemory<F>,
-    sh: &mut SharedMemory<F>,
-    at: usize,
-    #[comptime] format: u32,
-) {
-    if comptime!(format == FLOAT) {
-        #[unroll]
-        for k in 0..4 {
-            sh[at + k] = F::reinterpret(c[row + e + k]);
-        }
-    } else {
-        let s = F::reinterpret(c[row + e / BLOCK]);
-        let per = comptime!(32 / bits(format));
-        let b = comptime!(bits(format) as u32);
-        let w = u32::reinterpret(c[row + nb + e / per]);
-        let base = u32::cast_from(e % per) * b;
-        #[unroll]
-        for k in 0..4 {
-            let code = (w >> (base + comptime!(k as u32) * b)) & comptime!((1u32 << b) - 1);
-            sh[at + k] = decode::<F>(code, s, levels, format);
         }
     }
 }
