@@ -24,5 +24,7 @@ mod tensor;
 mod tests;
 
 pub use bindings::{Bindings, NoParams, ParamSource, SymValues};
-pub use eval::{check_binding, check_value, concrete, eval, eval_observed, eval_op, live_order, EvalError};
+pub use eval::{
+    check_binding, check_value, concrete, eval, eval_observed, eval_op, live_order, EvalError,
+};
 pub use tensor::{round_bf16, round_f16, storage_dtype, Elem, Float, Storage, Tensor};
