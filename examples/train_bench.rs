@@ -101,7 +101,16 @@ fn main() {
     add_next_token_loss(&mut forward, "logits").unwrap();
     forward.remove_output("logits");
     let names: Vec<String> = forward.params().map(|(n, _)| n.to_string()).collect();
-    let graph = differentiate(&forward, "loss", &names).expect("autodiff");
+    // As `caramba run` does: attention fused before differentiation (its
+    // flash-style backward). CARAMBA_BENCH_PRIMITIVE_BACKWARD=1 differentiates
+    // its primitives instead, for comparison (T × T matrices per layer).
+    let primitive = std::env::var("CARAMBA_BENCH_PRIMITIVE_BACKWARD").is_ok_and(|v| v == "1");
+    let fused = if primitive {
+        forward.clone()
+    } else {
+        caramba_compiler::fuse_attention(&forward).expect("fuse attention")
+    };
+    let graph = differentiate(&fused, "loss", &names).expect("autodiff");
     // As `caramba run` trains on GPUs: the joint graph optimized.
     let optimize = Instant::now();
     let (graph, report) = caramba_compiler::optimize(&graph).expect("optimize");
@@ -179,8 +188,9 @@ fn main() {
     let tps = (b * t) as f64 / secs;
     let mfu = 6.0 * n_params as f64 * tps / 67e12;
     println!(
-        "{{\"name\": \"train_{which}_b{b}_t{t}_{}\", \"impl\": \"caramba\", \"ms_per_step\": {:.1}, \"tokens_per_s\": {tps:.0}, \"mfu_f32\": {mfu:.3}, \"loss\": {last:.4}}}",
+"{{\"name\": \"train_{which}_b{b}_t{t}_{}{}\", \"impl\": \"caramba\", \"ms_per_step\": {:.1}, \"tokens_per_s\": {tps:.0}, \"mfu_f32\": {mfu:.3}, \"loss\": {last:.4}}}",
         if tf32 { "tf32" } else { "f32" },
+        if primitive { "_primitive_backward" } else { "" },
         secs * 1e3
     );
 }

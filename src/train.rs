@@ -95,6 +95,11 @@ pub fn train_graph(m: &Manifest) -> Result<TrainGraph, Failure> {
     // (a backend would keep them alive for nothing).
     let mut loss_only = forward.clone();
     loss_only.remove_output("logits");
+    // Attention is fused before differentiation, so that its backward is
+    // the flash-style one (no T × S matrix per layer kept for the backward
+    // pass); everything else is differentiated as primitives.
+    let loss_only = caramba_compiler::fuse_attention(&loss_only)
+        .map_err(|e| Failure::runtime(format!("internal error: fusing attention failed: {e:?}")))?;
     let graph = differentiate(&loss_only, "loss", &names)
         .map_err(|e| Failure::runtime(format!("autodiff failed: {e}")))?;
     Ok(TrainGraph {

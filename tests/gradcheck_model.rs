@@ -46,7 +46,21 @@ fn check_src(src: &str) {
         .graph;
     add_next_token_loss(&mut g, "logits").unwrap();
     let names: Vec<String> = g.params().map(|(n, _)| n.to_string()).collect();
-    let dg = differentiate(&g, "loss", &names).unwrap();
+    // Both ways of differentiating attention: as primitives, and fused
+    // first (as training does) so that its rule emits the flash backward.
+    let fused = caramba_compiler::fuse_attention(&g).unwrap();
+    assert!(fused
+        .node_ids()
+        .any(|n| matches!(fused.node(n).op, caramba_ir::Op::Attention { .. })));
+    for forward in [&g, &fused] {
+        check_graph(&g, forward, &names);
+    }
+}
+
+/// `g`'s loss against finite differences, for the gradients of `forward`
+/// (`g` or an equivalent graph) differentiated.
+fn check_graph(g: &caramba_ir::Graph, forward: &caramba_ir::Graph, names: &[String]) {
+    let dg = differentiate(forward, "loss", names).unwrap();
     caramba_ir::verify(&dg).unwrap();
 
     let mut seed = 12345u64;
@@ -97,7 +111,7 @@ fn check_src(src: &str) {
     let analytic = run(&dg, &values);
     let eps = 1e-6;
     let mut checked = 0;
-    for name in &names {
+    for name in names {
         let grad = analytic[&grad_name(name)].to_f64_vec();
         let base = values[name].clone();
         let n = base.numel();
@@ -106,7 +120,7 @@ fn check_src(src: &str) {
                 let mut v = base.to_f64_vec();
                 v[k] += delta;
                 values.insert(name.clone(), Tensor::f64(base.shape().to_vec(), v));
-                run(&g, &values)["loss"].to_f64_vec()[0]
+                run(g, &values)["loss"].to_f64_vec()[0]
             };
             let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
             values.insert(name.clone(), base.clone());

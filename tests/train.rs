@@ -9,6 +9,7 @@ use caramba_runtime::data::write_tokens;
 use caramba_runtime::data::NpyDtype;
 use caramba_runtime::rng::SplitMix64;
 use caramba_runtime::train::{Optimizer, OptimizerConfig};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -472,7 +473,35 @@ fn optimized_training_graph_gives_the_same_gradients() {
         let x: Vec<u32> = (0..b * t).map(|i| (i * 7 % 32) as u32).collect();
         let y: Vec<u32> = (0..b * t).map(|i| (i * 3 % 32) as u32).collect();
         let (lp, gp) = forward_backward(&tg, &params, &x, &y, b, t).unwrap();
+        // Attention's fused backward against differentiating its primitives.
+        let mut plain = tg.forward.clone();
+        plain.remove_output("logits");
+        let names: Vec<String> = tg.params.iter().map(|p| p.0.clone()).collect();
+        let plain = caramba_ir::autodiff::differentiate(&plain, "loss", &names).unwrap();
+        let flash = std::mem::replace(&mut tg.graph, plain);
+        let (l0, g0) = forward_backward(&tg, &params, &x, &y, b, t).unwrap();
+        tg.graph = flash;
+        assert!((l0 - lp).abs() < 1e-5 * lp.abs(), "loss {l0} vs {lp}");
+        assert_grads_close(&g0, &gp, "primitive backward", "flash backward");
         let fused = optimized(&tg.graph).unwrap();
+        // No T × T matrix (scores, probabilities or their gradients) is
+        // left anywhere in the optimized training graph.
+        let tt = |n: caramba_ir::NodeId| {
+            let d = fused.node(n).ty.shape.dims().to_vec();
+            d.len() >= 2 && d[d.len() - 1] == d[d.len() - 2] && d[d.len() - 1].as_const().is_none()
+        };
+        let square: Vec<String> = fused
+            .node_ids()
+            .filter(|&n| tt(n))
+            .map(|n| format!("{} @ {}", fused.node(n).op.mnemonic(), fused.node(n).scope))
+            .collect();
+        assert!(
+            square.is_empty(),
+            "T × T values in the training graph: {square:?}"
+        );
+        assert!(fused
+            .node_ids()
+            .any(|n| matches!(fused.node(n).op, caramba_ir::Op::AttentionGrad { .. })));
         let fused_ops = fused
             .node_ids()
             .filter(|&n| {
@@ -488,17 +517,28 @@ fn optimized_training_graph_gives_the_same_gradients() {
         tg.graph = fused;
         let (lf, gf) = forward_backward(&tg, &params, &x, &y, b, t).unwrap();
         assert!((lp - lf).abs() < 1e-5 * lp.abs(), "loss {lp} vs {lf}");
-        for (name, a) in &gp {
-            let (a, g) = (a.to_f32_vec(), gf[name].to_f32_vec());
-            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-            let diff = a
-                .iter()
-                .zip(&g)
-                .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
-            assert!(
-                diff <= 1e-4 * scale,
-                "gradient of {name}: max |plain − optimized| {diff:e} (scale {scale:e})"
-            );
-        }
+        assert_grads_close(&gp, &gf, "plain", "optimized");
+    }
+}
+
+/// Every gradient in `b` within 1e-4 of the largest magnitude of the same
+/// gradient in `a`.
+fn assert_grads_close(
+    a: &BTreeMap<String, Tensor>,
+    b: &BTreeMap<String, Tensor>,
+    what_a: &str,
+    what_b: &str,
+) {
+    for (name, x) in a {
+        let (x, y) = (x.to_f32_vec(), b[name].to_f32_vec());
+        let scale = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let diff = x
+            .iter()
+            .zip(&y)
+            .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(
+            diff <= 1e-4 * scale,
+            "gradient of {name}: max |{what_a} − {what_b}| {diff:e} (scale {scale:e})"
+        );
     }
 }

@@ -22,7 +22,7 @@ pub use lower::{
     lower_model, lower_model_cached, CacheEntry, CacheFormat, KvCacheSpec, LayerInfo, Lowered,
 };
 pub use manifest::Manifest;
-pub use optimize::{optimize, OptimizeError, OptimizeReport, Stage};
+pub use optimize::{fuse_attention, optimize, OptimizeError, OptimizeReport, Stage};
 
 use caramba_ir::DType;
 use manifest::{AttentionMode, Element, LayerKind, ModelSpec, Topology};

@@ -8,11 +8,16 @@
 //! (a teacher, a frozen subset) cost nothing.
 //!
 //! Differentiation runs on the lowered graph of primitives, before fusion:
-//! the e-graph optimizer then fuses forward and backward together. Fused ops
-//! (`attention`, `rms_norm`, `elementwise`) are therefore refused here.
+//! the e-graph optimizer then fuses forward and backward together. The one
+//! exception is `attention`, which training pipelines form first (see
+//! `caramba_compiler::fuse_attention`): its rule emits the flash-style
+//! backward (`attention_lse`, `attention_grad`), which recomputes the
+//! probabilities instead of keeping a `T × S` matrix alive from the forward
+//! pass to the backward. The other fused ops (`rms_norm`, `elementwise`,
+//! `kv_attention`) are refused.
 
 use crate::graph::{Graph, IrError, NodeId};
-use crate::op::{BinaryOp, Op, ReduceOp, UnaryOp};
+use crate::op::{AttnArg, BinaryOp, Op, ReduceOp, UnaryOp};
 use crate::types::{DType, Dim, Shape, TensorType};
 use std::collections::{BTreeSet, HashMap};
 
@@ -473,10 +478,33 @@ impl Backward {
                 let g1 = self.op(Op::Reshape(gs), &[gy], s)?;
                 self.bin(BinaryOp::Mul, d, g1, s)?
             }
-            Op::Attention { .. }
-            | Op::RmsNorm { .. }
-            | Op::Elementwise(_)
-            | Op::KvAttention { .. } => {
+            &Op::Attention { causal, scale } => {
+                // p = exp(s − lse) and delta = Σ dout·out per query row;
+                // the three gradients share them (the optimizer's e-graph
+                // merges the copies each operand's call makes).
+                let lse = self.op(Op::AttentionLse { causal, scale }, &[x[0], x[1]], s)?;
+                let prod = self.bin(BinaryOp::Mul, gy, y, s)?;
+                let last = self.ty(prod).shape.rank() - 1;
+                let delta = self.op(
+                    Op::Reduce {
+                        op: ReduceOp::Sum,
+                        axis: last,
+                    },
+                    &[prod],
+                    s,
+                )?;
+                let wrt = [AttnArg::Q, AttnArg::K, AttnArg::V][i];
+                let full = self.op(
+                    Op::AttentionGrad { causal, scale, wrt },
+                    &[x[0], x[1], x[2], gy, lse, delta],
+                    s,
+                )?;
+                self.reduce_to(full, &xshape(i), s)?
+            }
+            Op::AttentionLse { .. } | Op::AttentionGrad { .. } => {
+                return Err(refuse("attention's backward ops (no second derivatives)"))
+            }
+            Op::RmsNorm { .. } | Op::Elementwise(_) | Op::KvAttention { .. } => {
                 return Err(refuse(
                     "fused ops: differentiate the lowered graph before fusion",
                 ))

@@ -15,7 +15,7 @@ pub mod verify;
 
 pub use graph::{Graph, IrError, Node, NodeId};
 pub use op::{
-    broadcast, Arity, BinaryOp, ElemInstr, ElemProgram, KvPart, Op, ReduceOp, RopeScaling,
+    broadcast, Arity, AttnArg, BinaryOp, ElemInstr, ElemProgram, KvPart, Op, ReduceOp, RopeScaling,
     RopeSpec, Scalar, UnaryOp,
 };
 pub use quant::QuantFormat;

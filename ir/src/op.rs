@@ -207,6 +207,28 @@ pub enum Op {
     /// `MatMul`; `causal` applies `CausalMask`. Decomposition:
     /// `matmul(softmax{last}(mask(mul(matmul(q, permute_last2(k)), scale))), v)`.
     Attention { causal: bool, scale: Scalar },
+    /// The log-sum-exp of `attention`'s masked, scaled scores per query row:
+    /// q `[..., T, d]`, k `[..., S, d]` → `[..., T, 1]` (leading axes
+    /// broadcast). Decomposition, with `s = mask(mul(matmul(q,
+    /// permute_last2(k)), scale))` and `m = reduce_max{last}(s)`:
+    /// `add(m, log(sum{last}(exp(sub(s, m)))))`. What the backward of
+    /// attention recomputes its probabilities from, without storing them.
+    AttentionLse { causal: bool, scale: Scalar },
+    /// One gradient of `attention{causal, scale}(q, k, v)`, flash-style:
+    /// operands `q, k, v, dout [..., T, dv], lse [..., T, 1]` (from
+    /// `attention_lse`) and `delta [..., T, 1]` = `sum{last}(dout · out)`.
+    /// With `p = exp(sub(s, lse))` (`s` as in `AttentionLse`) and
+    /// `ds = mul(mul(p, sub(matmul(dout, permute_last2(v)), delta)), scale)`
+    /// the result is, by `wrt`: `q` → `matmul(ds, k)` `[..., T, d]`;
+    /// `k` → `matmul(permute_last2(ds), q)` `[..., S, d]`; `v` →
+    /// `matmul(permute_last2(p), dout)` `[..., S, dv]`, all over the
+    /// broadcast leading axes (summing them down to an operand's own shape is
+    /// left to the caller).
+    AttentionGrad {
+        causal: bool,
+        scale: Scalar,
+        wrt: AttnArg,
+    },
     /// RMS normalization over the last axis: `x · rsqrt(mean(x²) + eps) · w`,
     /// x `[..., D]`, w `[D]`, both of one float dtype.
     RmsNorm { eps: Scalar },
@@ -229,6 +251,24 @@ pub enum Op {
         heads: usize,
         parts: Vec<KvPart>,
     },
+}
+
+/// Which operand of `attention` an `AttentionGrad` differentiates for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AttnArg {
+    Q,
+    K,
+    V,
+}
+
+impl fmt::Display for AttnArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AttnArg::Q => "q",
+            AttnArg::K => "k",
+            AttnArg::V => "v",
+        })
+    }
 }
 
 /// One cache operand of `KvAttention`: its storage (`None`: a float tensor)
@@ -365,6 +405,8 @@ impl Op {
             | Op::ScatterAdd { .. } => Arity::Exact(2),
             Op::Broadcast(_) | Op::OneHot { .. } => Arity::Exact(1),
             Op::Attention { .. } => Arity::Exact(3),
+            Op::AttentionLse { .. } => Arity::Exact(2),
+            Op::AttentionGrad { .. } => Arity::Exact(6),
             Op::Concat { .. } => Arity::AtLeast(1),
             Op::KvAttention { .. } => Arity::AtLeast(3),
             Op::Elementwise(p) => Arity::Exact(p.n_inputs()),
@@ -422,6 +464,8 @@ impl Op {
             Op::ScatterAdd { .. } => "scatter_add",
             Op::OneHot { .. } => "one_hot",
             Op::Attention { .. } => "attention",
+            Op::AttentionLse { .. } => "attention_lse",
+            Op::AttentionGrad { .. } => "attention_grad",
             Op::RmsNorm { .. } => "rms_norm",
             Op::Elementwise(_) => "elementwise",
             Op::Quantize(_) => "quantize",
@@ -464,7 +508,12 @@ impl Op {
                 s + "}"
             }
             Op::Dropout { p } => format!("{{p={p}}}"),
-            Op::Attention { causal, scale } => format!("{{causal={causal}, scale={scale}}}"),
+            Op::Attention { causal, scale } | Op::AttentionLse { causal, scale } => {
+                format!("{{causal={causal}, scale={scale}}}")
+            }
+            Op::AttentionGrad { causal, scale, wrt } => {
+                format!("{{causal={causal}, scale={scale}, wrt={wrt}}}")
+            }
             Op::RmsNorm { eps } => format!("{{eps={eps}}}"),
             Op::Broadcast(s) => format!("{{shape={s}}}"),
             Op::ScatterAdd { size } => format!("{{size={size}}}"),
@@ -720,28 +769,47 @@ impl Op {
                 Ok(TensorType::new(l.dtype, t.shape.clone()))
             }
             Op::Attention { .. } => {
+                let (q, v) = (xs[0], xs[2]);
+                let mut dims = attention_batch(self.mnemonic(), q, xs[1], Some(v))?.0;
+                dims.push(q.shape.0[q.shape.rank() - 2]);
+                dims.push(v.shape.0[v.shape.rank() - 1]);
+                Ok(TensorType::new(q.dtype, Shape(dims)))
+            }
+            Op::AttentionLse { .. } => {
+                let q = xs[0];
+                let mut dims = attention_batch(self.mnemonic(), q, xs[1], None)?.0;
+                dims.push(q.shape.0[q.shape.rank() - 2]);
+                dims.push(Dim::Const(1));
+                Ok(TensorType::new(q.dtype, Shape(dims)))
+            }
+            Op::AttentionGrad { wrt, .. } => {
                 let (q, k, v) = (xs[0], xs[1], xs[2]);
-                for t in [q, k, v] {
-                    float(t)?;
-                    if t.dtype != q.dtype || t.shape.rank() < 2 {
-                        return Err(format!("attention needs q, k, v of one float dtype and rank ≥ 2, got {q}, {k}, {v}"));
+                let batch = attention_batch(self.mnemonic(), q, k, Some(v))?;
+                let row = |t: &TensorType, i: usize| t.shape.0[t.shape.rank() - i];
+                let with = |last2: [Dim; 2]| {
+                    let mut dims = batch.0.clone();
+                    dims.extend(last2);
+                    Shape(dims)
+                };
+                let expect = [
+                    ("dout", with([row(q, 2), row(v, 1)])),
+                    ("lse", with([row(q, 2), Dim::Const(1)])),
+                    ("delta", with([row(q, 2), Dim::Const(1)])),
+                ];
+                for ((name, shape), t) in expect.iter().zip(&xs[3..]) {
+                    if t.dtype != q.dtype || &t.shape != shape {
+                        return Err(format!(
+                            "attention_grad needs {name} {}{shape}, got {t}",
+                            q.dtype
+                        ));
                     }
                 }
-                let (rq, rk, rv) = (q.shape.rank(), k.shape.rank(), v.shape.rank());
-                let d = q.shape.0[rq - 1];
-                if k.shape.0[rk - 1] != d || k.shape.0[rk - 2] != v.shape.0[rv - 2] {
-                    return Err(format!("attention shapes disagree: q {q}, k {k}, v {v}"));
-                }
-                let lead = |t: &TensorType| Shape(t.shape.0[..t.shape.rank() - 2].to_vec());
-                let batch = broadcast(&lead(q), &lead(k))
-                    .and_then(|b| broadcast(&b, &lead(v)))
-                    .ok_or_else(|| {
-                        format!("attention batch axes do not broadcast: q {q}, k {k}, v {v}")
-                    })?;
-                let mut dims = batch.0;
-                dims.push(q.shape.0[rq - 2]);
-                dims.push(v.shape.0[rv - 1]);
-                Ok(TensorType::new(q.dtype, Shape(dims)))
+                let shape = match wrt {
+                    AttnArg::Q => with([row(q, 2), row(q, 1)]),
+                    AttnArg::K => with([row(k, 2), row(k, 1)]),
+                    AttnArg::V => with([row(v, 2), row(v, 1)]),
+                };
+                Ok(TensorType::new(q.dtype, shape))
             }
             Op::Quantize(f) => {
                 let x = xs[0];
@@ -864,6 +932,41 @@ impl Op {
             }
         }
     }
+}
+
+/// The broadcast leading axes of attention's `q [..., T, d]`,
+/// `k [..., S, d]` and (when given) `v [..., S, dv]`, after checking that
+/// they are of one float dtype and their last two axes agree.
+fn attention_batch(
+    what: &str,
+    q: &TensorType,
+    k: &TensorType,
+    v: Option<&TensorType>,
+) -> Result<Shape, String> {
+    let all: Vec<&TensorType> = [Some(q), Some(k), v].into_iter().flatten().collect();
+    let names = all
+        .iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    for t in &all {
+        if !t.dtype.is_float() || t.dtype != q.dtype || t.shape.rank() < 2 {
+            return Err(format!(
+                "{what} needs q, k, v of one float dtype and rank ≥ 2, got {names}"
+            ));
+        }
+    }
+    let last = |t: &TensorType, i: usize| t.shape.0[t.shape.rank() - i];
+    if last(k, 1) != last(q, 1) || v.is_some_and(|v| last(v, 2) != last(k, 2)) {
+        return Err(format!("{what} shapes disagree: {names}"));
+    }
+    let lead = |t: &TensorType| Shape(t.shape.0[..t.shape.rank() - 2].to_vec());
+    let mut batch = lead(q);
+    for t in &all[1..] {
+        batch = broadcast(&batch, &lead(t))
+            .ok_or_else(|| format!("{what} batch axes do not broadcast: {names}"))?;
+    }
+    Ok(batch)
 }
 
 /// NumPy broadcasting of two shapes, aligned from the last axis.

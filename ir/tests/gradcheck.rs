@@ -340,3 +340,42 @@ fn frozen_parameters_get_no_backward_work() {
         .node_ids()
         .all(|n| dg.node(n).scope != "frozen_branch/grad"));
 }
+
+/// The fused attention's rule (flash-style: `attention_lse` and three
+/// `attention_grad`s) against finite differences: causal and not, queries
+/// fewer than keys (a cached suffix), and GQA's key/value heads broadcast
+/// over query groups (their gradients summed back over the groups).
+#[test]
+fn fused_attention() {
+    for causal in [false, true] {
+        for (qs, ks, vs) in [
+            (&[2, 3, 4][..], &[2, 3, 4][..], &[2, 3, 5][..]),
+            (&[2, 2, 3, 4][..], &[2, 1, 5, 4][..], &[2, 1, 5, 3][..]),
+        ] {
+            let name = format!("attention causal={causal} q{qs:?} k{ks:?}");
+            check(
+                &name,
+                &[
+                    ("q", qs, -1.5, 1.5),
+                    ("k", ks, -1.5, 1.5),
+                    ("v", vs, -1.0, 1.0),
+                ],
+                vec![],
+                |g| {
+                    let q = p(g, "q", qs);
+                    let k = p(g, "k", ks);
+                    let v = p(g, "v", vs);
+                    g.add(
+                        Op::Attention {
+                            causal,
+                            scale: Scalar(0.7),
+                        },
+                        &[q, k, v],
+                        "attn",
+                    )
+                    .unwrap()
+                },
+            );
+        }
+    }
+}

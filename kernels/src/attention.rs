@@ -41,6 +41,7 @@ fn attention_kernel<F: Float + CubeElement>(
     #[comptime] d: usize,
     #[comptime] dv: usize,
     #[comptime] staged: bool,
+    #[comptime] lse_only: bool,
 ) {
     let rank = out.rank();
     let t = out.shape(rank - 2);
@@ -196,7 +197,7 @@ fn attention_kernel<F: Float + CubeElement>(
             n_keys = ATTN_BLOCK;
         }
         // Stage the values (every unit is past the scores: the sync above).
-        if staged {
+        if staged && !lse_only {
             let mut idx = u;
             while idx < ATTN_BLOCK * dv {
                 let (kk, x) = (idx / dv, idx % dv);
@@ -220,7 +221,7 @@ fn attention_kernel<F: Float + CubeElement>(
         #[unroll]
         for c in 0..cols {
             let col = c * ATTN_BLOCK + u;
-            if col < dv {
+            if col < dv && !lse_only {
                 #[unroll]
                 for qi in 0..ATTN_QUERIES {
                     acc[qi * cols + c] *= corr[qi];
@@ -244,11 +245,17 @@ fn attention_kernel<F: Float + CubeElement>(
     for qi in 0..ATTN_QUERIES {
         let i = first + qi;
         if i < t {
-            #[unroll]
-            for c in 0..cols {
-                let col = c * ATTN_BLOCK + u;
-                if col < dv {
-                    out[(batch * t + i) * dv + col] = acc[qi * cols + c] / l[qi];
+            if lse_only {
+                if u == 0 {
+                    out[batch * t + i] = m[qi] + l[qi].ln();
+                }
+            } else {
+                #[unroll]
+                for c in 0..cols {
+                    let col = c * ATTN_BLOCK + u;
+                    if col < dv {
+                        out[(batch * t + i) * dv + col] = acc[qi * cols + c] / l[qi];
+                    }
                 }
             }
         }
@@ -294,6 +301,49 @@ pub fn launch_attention<R: Runtime>(
             d.max(1),
             dv,
             staged,
+            false,
+        );
+    }
+}
+
+/// The log-sum-exp of attention's masked, scaled scores per query row
+/// (`AttentionLse`): the forward kernel without the values. q
+/// `(batch…, T, d)` and k `(batch…, S, d)` broadcast to the output's batch
+/// axes; `out` dense `(batch…, T, 1)`.
+pub fn launch_attention_lse<R: Runtime>(
+    client: &ComputeClient<R>,
+    q: &View,
+    k: &View,
+    out: &View,
+    causal: bool,
+    scale: f32,
+) {
+    let r = out.shape.len();
+    let d = q.shape[r - 1];
+    let t = out.shape[r - 2];
+    let batch: usize = out.shape[..r - 2].iter().product();
+    if batch * t == 0 {
+        return;
+    }
+    let cubes = batch * t.div_ceil(ATTN_QUERIES);
+    let shared = 4 * (ATTN_BLOCK * (d + 1) + ATTN_QUERIES * (d + ATTN_BLOCK));
+    let staged = shared <= client.properties().hardware.max_shared_memory_size;
+    unsafe {
+        attention_kernel::launch_unchecked::<f32, R>(
+            client,
+            grid_1d(cubes, 1),
+            CubeDim::new_1d(ATTN_BLOCK as u32),
+            q.arg::<R>(),
+            k.arg::<R>(),
+            k.arg::<R>(),
+            out.arg::<R>(),
+            scale,
+            f32::NEG_INFINITY,
+            causal,
+            d.max(1),
+            1,
+            staged,
+            true,
         );
     }
 }

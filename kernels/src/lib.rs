@@ -13,6 +13,7 @@
 //! that permute, slice, broadcast and concat are strided copies.
 
 pub mod attention;
+pub mod attention_backward;
 pub mod cast;
 pub mod copy;
 pub mod elementwise;

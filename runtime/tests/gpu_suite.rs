@@ -8,8 +8,8 @@
 
 use caramba_ir::reference::{eval, Bindings, Tensor};
 use caramba_ir::{
-    shape, BinaryOp, DType, ElemInstr, ElemProgram, Graph, NodeId, Op, ReduceOp, RopeScaling,
-    RopeSpec, Scalar, Shape, Sym, TensorType, UnaryOp,
+    shape, AttnArg, BinaryOp, DType, ElemInstr, ElemProgram, Graph, NodeId, Op, ReduceOp,
+    RopeScaling, RopeSpec, Scalar, Shape, Sym, TensorType, UnaryOp,
 };
 use caramba_kernels::cubecl::Runtime;
 use caramba_runtime::gpu::{GpuError, GpuExecutor, GpuOptions};
@@ -424,6 +424,74 @@ pub fn attention<R: Runtime>(dev: &R::Device) {
             };
             let g = one_op("attention", op, &[f32t(sq), f32t(sk), f32t(sv)]);
             let b = bind(vec![rng.tensor(sq), rng.tensor(sk), rng.tensor(sv)]);
+            check::<R>(dev, &g, &b, TOL);
+        }
+    }
+}
+
+/// Attention's flash-style backward: `attention_lse` and the three
+/// `attention_grad`s against the reference (which evaluates them by their
+/// decompositions), over the forward's shapes plus several tiles of a
+/// 64-dim head, causal and not.
+pub fn attention_backward<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(29);
+    let cases: [(&[usize], &[usize], &[usize]); 5] = [
+        (&[2, 3, 7, 8], &[2, 3, 7, 8], &[2, 3, 7, 8]),
+        (&[1, 2, 2, 5, 16], &[1, 2, 1, 5, 16], &[1, 2, 1, 5, 16]),
+        (&[2, 3, 12], &[2, 20, 12], &[2, 20, 6]),
+        (&[1, 70, 8], &[1, 150, 8], &[1, 150, 130]),
+        (&[1, 2, 130, 64], &[1, 2, 130, 64], &[1, 2, 130, 64]),
+    ];
+    for causal in [false, true] {
+        for (sq, sk, sv) in cases {
+            let scale = Scalar(1.0 / (sq[sq.len() - 1] as f64).sqrt());
+            let mut g = Graph::new("attention_backward");
+            let q = g.input("x0", f32t(sq)).unwrap();
+            let k = g.input("x1", f32t(sk)).unwrap();
+            let v = g.input("x2", f32t(sv)).unwrap();
+            let o = g
+                .add(Op::Attention { causal, scale }, &[q, k, v], "")
+                .unwrap();
+            let oshape: Vec<usize> = g
+                .node(o)
+                .ty
+                .shape
+                .dims()
+                .iter()
+                .map(|d| d.as_const().unwrap())
+                .collect();
+            let dout = g.input("x3", f32t(&oshape)).unwrap();
+            let lse = g
+                .add(Op::AttentionLse { causal, scale }, &[q, k], "")
+                .unwrap();
+            let prod = g.add(Op::Binary(BinaryOp::Mul), &[dout, o], "").unwrap();
+            let delta = g
+                .add(
+                    Op::Reduce {
+                        op: ReduceOp::Sum,
+                        axis: oshape.len() - 1,
+                    },
+                    &[prod],
+                    "",
+                )
+                .unwrap();
+            g.set_output("lse", lse);
+            for wrt in [AttnArg::Q, AttnArg::K, AttnArg::V] {
+                let grad = g
+                    .add(
+                        Op::AttentionGrad { causal, scale, wrt },
+                        &[q, k, v, dout, lse, delta],
+                        "",
+                    )
+                    .unwrap();
+                g.set_output(&format!("d{wrt}"), grad);
+            }
+            let b = bind(vec![
+                rng.tensor(sq),
+                rng.tensor(sk),
+                rng.tensor(sv),
+                rng.tensor(&oshape),
+            ]);
             check::<R>(dev, &g, &b, TOL);
         }
     }
@@ -990,7 +1058,13 @@ fn tiny_training_graph(frozen: &str) -> (Graph, Graph, BTreeMap<String, Tensor>)
         })
         .collect();
     let names: Vec<String> = params.keys().filter(|n| *n != frozen).cloned().collect();
-    let graph = caramba_ir::autodiff::differentiate(&forward, "loss", &names).unwrap();
+    // As training pipelines do: attention fused first, so that its backward
+    // is the flash-style one.
+    let fused = caramba_compiler::fuse_attention(&forward).unwrap();
+    let graph = caramba_ir::autodiff::differentiate(&fused, "loss", &names).unwrap();
+    assert!(graph
+        .node_ids()
+        .any(|id| matches!(graph.node(id).op, Op::AttentionGrad { .. })));
     (graph, forward, params)
 }
 
@@ -1273,6 +1347,7 @@ macro_rules! all_tests {
         gpu_suite!($name, $runtime, $device, $available;
             unary, binary_broadcast, constant_and_cast, reduce, softmax, matmul, matmul_fast, layout,
             gather_scatter_one_hot, causal_mask, rope, cross_entropy, rms_norm, attention,
+            attention_backward,
             elementwise_program, symbolic_shapes, unsupported_is_an_error, tiny_llama, tiny_llama_bf16,
             dba_preset, quantize_formats, kv_attention_over_caches, cached_tiny_llama,
             resident_values, fused_optimizers, grad_norm_and_clipping, trainer_matches_host_sgd,

@@ -12,7 +12,7 @@
 //! rank alternatives, not predict times.
 
 use super::lang::{ENode, EG};
-use caramba_ir::{Dim, ElemInstr, Graph, Op, Sym, TensorType};
+use caramba_ir::{AttnArg, Dim, ElemInstr, Graph, Op, Sym, TensorType};
 use egg::{CostFunction, Id};
 
 /// Nominal sizes of the symbolic dims: one sequence of 2048 tokens.
@@ -58,6 +58,19 @@ fn flops(op: &Op, xs: &[&TensorType], out: &TensorType) -> f64 {
         Op::Attention { .. } | Op::KvAttention { .. } => {
             let scores = numel(out) / last(out, 1) * last(xs[1], 2);
             scores * (2.0 * last(xs[0], 1) + 5.0 + 2.0 * last(out, 1))
+        }
+        // The scores once more, for the row's log-sum-exp.
+        Op::AttentionLse { .. } => numel(out) * last(xs[1], 2) * (2.0 * last(xs[0], 1) + 5.0),
+        // Scores recomputed, p (and for q and k, dp = dout·vᵀ and ds), then
+        // the product that gives the gradient.
+        Op::AttentionGrad { wrt, .. } => {
+            let scores = numel(xs[3]) / last(xs[3], 1) * last(xs[1], 2);
+            let (d, dv) = (last(xs[0], 1), last(xs[2], 1));
+            scores
+                * match wrt {
+                    AttnArg::V => 2.0 * d + 5.0 + 2.0 * dv,
+                    AttnArg::Q | AttnArg::K => 2.0 * d + 2.0 * dv + 8.0 + 2.0 * d,
+                }
         }
         Op::Softmax { .. } => 5.0 * numel(out),
         Op::RmsNorm { .. } => 4.0 * numel(out),

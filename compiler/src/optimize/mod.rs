@@ -155,7 +155,7 @@ pub fn optimize_with(g: &Graph, opts: &Options) -> Result<(Graph, OptimizeReport
     for (&node, &class) in &class_of {
         if matches!(
             graph.node(node).op,
-            Op::Attention { .. } | Op::RmsNorm { .. } | Op::Elementwise(_)
+            Op::Attention { .. } | Op::RmsNorm { .. } | Op::Elementwise(_) | Op::KvAttention { .. }
         ) {
             fused.insert(
                 node,
@@ -212,6 +212,34 @@ pub fn optimize_with(g: &Graph, opts: &Options) -> Result<(Graph, OptimizeReport
         elapsed: start.elapsed(),
     };
     Ok((graph, report))
+}
+
+/// The rules that form `attention` (and the layout clean-up they need):
+/// what a training graph runs before differentiation.
+pub fn attention_rules() -> Vec<&'static Rule> {
+    let mut r = algebra::rules();
+    r.push(&dba::MERGE_DBA_SCORES);
+    r.push(&attention::FUSE_ATTENTION);
+    r
+}
+
+/// `g` with its attention fused and nothing else: the form training
+/// differentiates. Autodiff works on primitives, except that `attention`
+/// has its own gradient rule (the flash-style backward, which recomputes
+/// probabilities per tile instead of keeping each layer's `T × S` matrix
+/// alive until the backward pass); forming it first is what lets the
+/// backward be fused. DBA's two score paths merge here as in inference.
+pub fn fuse_attention(g: &Graph) -> Result<Graph, OptimizeError> {
+    let only = attention_rules()
+        .iter()
+        .map(|r| r.name.to_string())
+        .collect();
+    let opts = Options {
+        only: Some(only),
+        fuse_elementwise: false,
+        ..Options::default()
+    };
+    optimize_with(g, &opts).map(|(g, _)| g)
 }
 
 /// Which stage of the graph `--emit ir` shows.

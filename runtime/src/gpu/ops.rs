@@ -10,7 +10,7 @@
 
 use super::{at, constant_f32, DevTensor, GpuError};
 use caramba_ir::{
-    BinaryOp, DType, ElemInstr, Graph, Node, NodeId, Op, QuantFormat, ReduceOp, UnaryOp,
+    AttnArg, BinaryOp, DType, ElemInstr, Graph, Node, NodeId, Op, QuantFormat, ReduceOp, UnaryOp,
 };
 use caramba_kernels::cast::Narrow;
 use caramba_kernels::copy::CopyElem;
@@ -18,8 +18,8 @@ use caramba_kernels::cubecl::prelude::*;
 use caramba_kernels::elementwise::{Binary, Instr, Unary};
 use caramba_kernels::reduce::ReduceKind;
 use caramba_kernels::{
-    attention, cast, copy, elementwise, gather, kv_attention, matmul, norm, quant, reduce, rope,
-    View,
+    attention, attention_backward, cast, copy, elementwise, gather, kv_attention, matmul, norm,
+    quant, reduce, rope, View,
 };
 
 /// Rejects ops and dtypes the device cannot run, before anything launches.
@@ -158,6 +158,15 @@ impl<R: Runtime> Ctx<'_, R> {
     fn alloc(&self, shape: Vec<usize>) -> DevTensor {
         let n: usize = shape.iter().product();
         DevTensor::dense(self.client.empty(n.max(1) * 4), shape, self.node.ty.dtype)
+    }
+
+    /// The tensor's view broadcast to `batch` leading axes, its last two
+    /// axes kept (attention's operands).
+    fn batch_view(t: &DevTensor, batch: &[usize]) -> View {
+        let k = t.shape.len();
+        let mut target = batch.to_vec();
+        target.extend_from_slice(&t.shape[k - 2..]);
+        Self::view(t).broadcast_to(&target)
     }
 
     /// The tensor as a strided view of its buffer.
@@ -509,14 +518,8 @@ impl<R: Runtime> Ctx<'_, R> {
             }
             Op::MatMul => self.matmul(xs[0], xs[1], shape),
             Op::Attention { causal, scale } => {
-                let r = shape.len();
-                let batch = &shape[..r - 2];
-                let bview = |t: &DevTensor| {
-                    let k = t.shape.len();
-                    let mut target = batch.to_vec();
-                    target.extend_from_slice(&t.shape[k - 2..]);
-                    Self::view(t).broadcast_to(&target)
-                };
+                let batch = &shape[..shape.len() - 2];
+                let bview = |t: &DevTensor| Self::batch_view(t, batch);
                 let (q, k, v) = (bview(xs[0]), bview(xs[1]), bview(xs[2]));
                 let out = self.alloc(shape);
                 attention::launch_attention(
@@ -528,6 +531,51 @@ impl<R: Runtime> Ctx<'_, R> {
                     *causal,
                     scale.0 as f32,
                 );
+                Ok(out)
+            }
+            Op::AttentionLse { causal, scale } => {
+                let batch = &shape[..shape.len() - 2];
+                let (q, k) = (
+                    Self::batch_view(xs[0], batch),
+                    Self::batch_view(xs[1], batch),
+                );
+                let out = self.alloc(shape);
+                attention::launch_attention_lse(
+                    c,
+                    &q,
+                    &k,
+                    &Self::view(&out),
+                    *causal,
+                    scale.0 as f32,
+                );
+                Ok(out)
+            }
+            Op::AttentionGrad { causal, scale, wrt } => {
+                let batch = &shape[..shape.len() - 2];
+                let v: Vec<View> = xs.iter().map(|x| Self::batch_view(x, batch)).collect();
+                let operands = attention_backward::GradOperands {
+                    q: &v[0],
+                    k: &v[1],
+                    v: &v[2],
+                    dout: &v[3],
+                    lse: &v[4],
+                    delta: &v[5],
+                };
+                let out = self.alloc(shape);
+                let (o, scale) = (Self::view(&out), scale.0 as f32);
+                match wrt {
+                    AttnArg::Q => {
+                        attention_backward::launch_attention_dq(c, &operands, &o, *causal, scale)
+                    }
+                    AttnArg::K | AttnArg::V => attention_backward::launch_attention_dkv(
+                        c,
+                        &operands,
+                        &o,
+                        *causal,
+                        scale,
+                        *wrt == AttnArg::V,
+                    ),
+                }
                 Ok(out)
             }
         }

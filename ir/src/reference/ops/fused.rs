@@ -4,9 +4,9 @@
 use super::attention::causal_mask;
 use super::elementwise::{binary, constant, unary};
 use super::matmul::{matmul, MatOperand};
-use super::reduce::softmax;
+use super::reduce::{reduce, softmax};
 use super::{each_float, Raw};
-use crate::op::{BinaryOp, ElemInstr, ElemProgram, Scalar};
+use crate::op::{AttnArg, BinaryOp, ElemInstr, ElemProgram, ReduceOp, Scalar, UnaryOp};
 use crate::reference::tensor::{Float, Storage, Tensor};
 
 fn tensor(dtype: crate::DType, raw: Raw) -> Tensor {
@@ -40,6 +40,79 @@ pub fn attention(
     let axis = s.rank() - 1;
     let p = tensor(dt, softmax(axis, &s)?);
     matmul(MatOperand::plain(&p), MatOperand::plain(v))
+}
+
+/// Attention's masked, scaled scores `mask(q·kᵀ·scale)`.
+fn scores(q: &Tensor, k: &Tensor, causal: bool, scale: Scalar) -> Result<Tensor, String> {
+    let dt = q.dtype();
+    let s = tensor(
+        dt,
+        matmul(
+            MatOperand::plain(q),
+            MatOperand {
+                t: k,
+                transposed: true,
+            },
+        )?,
+    );
+    let c = tensor(dt, constant(scale.0, dt)?);
+    let s = tensor(dt, binary(BinaryOp::Mul, &s, &c)?);
+    Ok(if causal {
+        tensor(dt, causal_mask(&s)?)
+    } else {
+        s
+    })
+}
+
+/// `m + log(Σ exp(s − m))` per row of attention's scores, `m` the row's max.
+pub fn attention_lse(q: &Tensor, k: &Tensor, causal: bool, scale: Scalar) -> Result<Raw, String> {
+    let dt = q.dtype();
+    let s = scores(q, k, causal, scale)?;
+    let axis = s.rank() - 1;
+    let m = tensor(dt, reduce(ReduceOp::Max, axis, &s)?);
+    let e = tensor(dt, binary(BinaryOp::Sub, &s, &m)?);
+    let e = tensor(dt, unary(UnaryOp::Exp, &e)?);
+    let sum = tensor(dt, reduce(ReduceOp::Sum, axis, &e)?);
+    let log = tensor(dt, unary(UnaryOp::Log, &sum)?);
+    binary(BinaryOp::Add, &m, &log)
+}
+
+/// One gradient of attention, by `AttentionGrad`'s decomposition: the
+/// probabilities recomputed from `lse`, `ds = p·(dout·vᵀ − delta)·scale`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_grad(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dout: &Tensor,
+    lse: &Tensor,
+    delta: &Tensor,
+    causal: bool,
+    scale: Scalar,
+    wrt: AttnArg,
+) -> Result<Raw, String> {
+    let dt = q.dtype();
+    let s = scores(q, k, causal, scale)?;
+    let p = tensor(dt, binary(BinaryOp::Sub, &s, lse)?);
+    let p = tensor(dt, unary(UnaryOp::Exp, &p)?);
+    fn t(x: &Tensor) -> MatOperand<'_> {
+        MatOperand {
+            t: x,
+            transposed: true,
+        }
+    }
+    if wrt == AttnArg::V {
+        return matmul(t(&p), MatOperand::plain(dout));
+    }
+    let dp = tensor(dt, matmul(MatOperand::plain(dout), t(v))?);
+    let ds = tensor(dt, binary(BinaryOp::Sub, &dp, delta)?);
+    let ds = tensor(dt, binary(BinaryOp::Mul, &p, &ds)?);
+    let c = tensor(dt, constant(scale.0, dt)?);
+    let ds = tensor(dt, binary(BinaryOp::Mul, &ds, &c)?);
+    match wrt {
+        AttnArg::Q => matmul(MatOperand::plain(&ds), MatOperand::plain(k)),
+        _ => matmul(t(&ds), MatOperand::plain(q)),
+    }
 }
 
 /// `x · rsqrt(mean(x²) + eps) · w` over the last axis, accumulated in f64.

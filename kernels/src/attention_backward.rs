@@ -1,0 +1,656 @@
+//! The backward of fused attention, flash-style: the probabilities are
+//! recomputed tile by tile from each query row's log-sum-exp
+//! (`attention_lse`), `p = exp(q·kᵀ·scale − lse)`, so no `T × S` matrix is
+//! ever written to global memory. With `delta = Σ dout·out` per query row
+//! and `ds = p·(dout·vᵀ − delta)·scale`:
+//!
+//! - `dq = ds·k`: [`launch_attention_dq`], one cube per block of
+//!   `GRAD_ROWS` query rows (their q and dout rows in shared memory); thread
+//!   `u` recomputes the scores of key `tile·B + u` against the block's rows,
+//!   the block's `ds` goes through shared memory, and each thread
+//!   accumulates columns `u, u + B, …` of `ds·k`.
+//! - `dk = dsᵀ·q` and `dv = pᵀ·dout`: [`launch_attention_dkv`], the
+//!   transpose: one cube per block of `GRAD_ROWS` keys (their k and v rows in
+//!   shared memory), thread `u` owning query `tile·B + u`; a causal block
+//!   starts at the first query that sees its first key.
+//!
+//! Tiles of k and v (or of q and dout) are staged in shared memory by the
+//! whole cube when they fit, as in the forward kernel. Each gradient is its
+//! own kernel (the IR's ops have one result each), so `dk` and `dv`
+//! recompute the scores separately: about 1.6× the arithmetic of
+//! FlashAttention-2's fused backward, for no extra memory.
+//!
+//! Layout: every operand a strided view broadcast to the result's batch
+//! axes (GQA's shared key/value heads have stride 0 there; summing their
+//! gradients over the query groups is the caller's reduction); the result
+//! is dense.
+
+use crate::{grid_1d, linear_cube, View};
+use cubecl::prelude::*;
+
+/// Threads per cube: keys per tile for `dq`, queries per tile for `dk`/`dv`.
+pub const GRAD_BLOCK: usize = 64;
+/// Rows per cube: query rows for `dq`, key rows for `dk`/`dv`.
+pub const GRAD_ROWS: usize = 8;
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn attention_dq_kernel<F: Float + CubeElement>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    dout: &Tensor<F>,
+    lse: &Tensor<F>,
+    delta: &Tensor<F>,
+    out: &mut Tensor<F>,
+    scale: F,
+    #[comptime] causal: bool,
+    #[comptime] d: usize,
+    #[comptime] dv: usize,
+    #[comptime] staged: bool,
+) {
+    let rank = out.rank();
+    let t = out.shape(rank - 2);
+    let s_len = k.shape(rank - 2);
+    let blocks = t.div_ceil(GRAD_ROWS);
+    let cube = linear_cube(); // (batch, query block) flattened
+    let batch = cube / blocks;
+    if batch * t * d >= out.len() {
+        terminate!();
+    }
+    let first = (cube % blocks) * GRAD_ROWS;
+    let mut rem = batch;
+    let mut qo = 0;
+    let mut ko = 0;
+    let mut vo = 0;
+    let mut go = 0;
+    let mut lo = 0;
+    let mut eo = 0;
+    for x in 0..rank - 2 {
+        let a = rank - 3 - x;
+        let c = rem % out.shape(a);
+        rem /= out.shape(a);
+        qo += c * q.stride(a);
+        ko += c * k.stride(a);
+        vo += c * v.stride(a);
+        go += c * dout.stride(a);
+        lo += c * lse.stride(a);
+        eo += c * delta.stride(a);
+    }
+    let (q_t, q_d) = (q.stride(rank - 2), q.stride(rank - 1));
+    let (k_s, k_d) = (k.stride(rank - 2), k.stride(rank - 1));
+    let (v_s, v_d) = (v.stride(rank - 2), v.stride(rank - 1));
+    let (g_t, g_d) = (dout.stride(rank - 2), dout.stride(rank - 1));
+    let (l_t, e_t) = (lse.stride(rank - 2), delta.stride(rank - 2));
+
+    let u = UNIT_POS as usize;
+    let mut q_sh = SharedMemory::<F>::new(GRAD_ROWS * d);
+    let mut g_sh = SharedMemory::<F>::new(GRAD_ROWS * dv);
+    let mut ds_sh = SharedMemory::<F>::new(GRAD_ROWS * GRAD_BLOCK);
+    let stride = comptime!(if d > dv { d + 1 } else { dv + 1 });
+    let mut kv_sh = SharedMemory::<F>::new(comptime!(if staged {
+        GRAD_BLOCK * if d > dv { d + 1 } else { dv + 1 }
+    } else {
+        1
+    }));
+    let mut j = u;
+    while j < GRAD_ROWS * d {
+        let (qi, x) = (j / d, j % d);
+        let mut val = F::new(0.0);
+        if first + qi < t {
+            val = q[qo + (first + qi) * q_t + x * q_d];
+        }
+        q_sh[j] = val;
+        j += GRAD_BLOCK;
+    }
+    j = u;
+    while j < GRAD_ROWS * dv {
+        let (qi, x) = (j / dv, j % dv);
+        let mut val = F::new(0.0);
+        if first + qi < t {
+            val = dout[go + (first + qi) * g_t + x * g_d];
+        }
+        g_sh[j] = val;
+        j += GRAD_BLOCK;
+    }
+
+    let mut limits = Array::<usize>::new(GRAD_ROWS);
+    let mut row_lse = Array::<F>::new(GRAD_ROWS);
+    let mut row_delta = Array::<F>::new(GRAD_ROWS);
+    let mut max_limit = 0;
+    #[unroll]
+    for qi in 0..GRAD_ROWS {
+        let i = first + qi;
+        let mut limit = 0;
+        row_lse[qi] = F::new(0.0);
+        row_delta[qi] = F::new(0.0);
+        if i < t {
+            row_lse[qi] = lse[lo + i * l_t];
+            row_delta[qi] = delta[eo + i * e_t];
+            limit = s_len;
+            if causal {
+                limit = 0;
+                if i + s_len + 1 > t {
+                    limit = i + s_len + 1 - t;
+                }
+                if limit > s_len {
+                    limit = s_len;
+                }
+            }
+        }
+        limits[qi] = limit;
+        if limit > max_limit {
+            max_limit = limit;
+        }
+    }
+    sync_cube();
+
+    let cols = comptime!(d.div_ceil(GRAD_BLOCK));
+    let mut acc = Array::<F>::new(GRAD_ROWS * cols);
+    #[unroll]
+    for c in 0..GRAD_ROWS * cols {
+        acc[c] = F::new(0.0);
+    }
+    let mut sc = Array::<F>::new(GRAD_ROWS);
+    let mut dp = Array::<F>::new(GRAD_ROWS);
+    let n_tiles = max_limit.div_ceil(GRAD_BLOCK);
+    for tile in 0..n_tiles {
+        let start = tile * GRAD_BLOCK;
+        let key = start + u;
+        // Scores of this thread's key against the block's rows.
+        if staged {
+            let mut idx = u;
+            while idx < GRAD_BLOCK * d {
+                let (kk, x) = (idx / d, idx % d);
+                let mut val = F::new(0.0);
+                if start + kk < s_len {
+                    val = k[ko + (start + kk) * k_s + x * k_d];
+                }
+                kv_sh[kk * stride + x] = val;
+                idx += GRAD_BLOCK;
+            }
+            sync_cube();
+        }
+        #[unroll]
+        for qi in 0..GRAD_ROWS {
+            sc[qi] = F::new(0.0);
+            dp[qi] = F::new(0.0);
+        }
+        if key < s_len {
+            for x in 0..d {
+                let kv = if staged {
+                    kv_sh[u * stride + x]
+                } else {
+                    k[ko + key * k_s + x * k_d]
+                };
+                #[unroll]
+                for qi in 0..GRAD_ROWS {
+                    sc[qi] += q_sh[qi * d + x] * kv;
+                }
+            }
+        }
+        // dp = dout·vᵀ for the same key.
+        if staged {
+            sync_cube();
+            let mut idx = u;
+            while idx < GRAD_BLOCK * dv {
+                let (kk, x) = (idx / dv, idx % dv);
+                let mut val = F::new(0.0);
+                if start + kk < s_len {
+                    val = v[vo + (start + kk) * v_s + x * v_d];
+                }
+                kv_sh[kk * stride + x] = val;
+                idx += GRAD_BLOCK;
+            }
+            sync_cube();
+        }
+        if key < s_len {
+            for x in 0..dv {
+                let vv = if staged {
+                    kv_sh[u * stride + x]
+                } else {
+                    v[vo + key * v_s + x * v_d]
+                };
+                #[unroll]
+                for qi in 0..GRAD_ROWS {
+                    dp[qi] += g_sh[qi * dv + x] * vv;
+                }
+            }
+        }
+        #[unroll]
+        for qi in 0..GRAD_ROWS {
+            let mut ds = F::new(0.0);
+            if key < limits[qi] {
+                let p = (sc[qi] * scale - row_lse[qi]).exp();
+                ds = p * (dp[qi] - row_delta[qi]) * scale;
+            }
+            ds_sh[qi * GRAD_BLOCK + u] = ds;
+        }
+        // The keys again, for ds·k.
+        if staged {
+            sync_cube();
+            let mut idx = u;
+            while idx < GRAD_BLOCK * d {
+                let (kk, x) = (idx / d, idx % d);
+                let mut val = F::new(0.0);
+                if start + kk < s_len {
+                    val = k[ko + (start + kk) * k_s + x * k_d];
+                }
+                kv_sh[kk * stride + x] = val;
+                idx += GRAD_BLOCK;
+            }
+        }
+        sync_cube();
+        let mut n_keys = max_limit - start;
+        if n_keys > GRAD_BLOCK {
+            n_keys = GRAD_BLOCK;
+        }
+        #[unroll]
+        for c in 0..cols {
+            let col = c * GRAD_BLOCK + u;
+            if col < d {
+                for x in 0..n_keys {
+                    let kk = if staged {
+                        kv_sh[x * stride + col]
+                    } else {
+                        k[ko + (start + x) * k_s + col * k_d]
+                    };
+                    #[unroll]
+                    for qi in 0..GRAD_ROWS {
+                        acc[qi * cols + c] += ds_sh[qi * GRAD_BLOCK + x] * kk;
+                    }
+                }
+            }
+        }
+        sync_cube();
+    }
+    #[unroll]
+    for qi in 0..GRAD_ROWS {
+        let i = first + qi;
+        if i < t {
+            #[unroll]
+            for c in 0..cols {
+                let col = c * GRAD_BLOCK + u;
+                if col < d {
+                    out[(batch * t + i) * d + col] = acc[qi * cols + c];
+                }
+            }
+        }
+    }
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn attention_dkv_kernel<F: Float + CubeElement>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    dout: &Tensor<F>,
+    lse: &Tensor<F>,
+    delta: &Tensor<F>,
+    out: &mut Tensor<F>,
+    scale: F,
+    #[comptime] causal: bool,
+    #[comptime] d: usize,
+    #[comptime] dv: usize,
+    #[comptime] staged: bool,
+    #[comptime] wrt_v: bool,
+) {
+    let rank = out.rank();
+    let t = q.shape(rank - 2);
+    let s_len = out.shape(rank - 2);
+    let width = comptime!(if wrt_v { dv } else { d });
+    let blocks = s_len.div_ceil(GRAD_ROWS);
+    let cube = linear_cube(); // (batch, key block) flattened
+    let batch = cube / blocks;
+    if batch * s_len * width >= out.len() {
+        terminate!();
+    }
+    let first = (cube % blocks) * GRAD_ROWS;
+    let mut rem = batch;
+    let mut qo = 0;
+    let mut ko = 0;
+    let mut vo = 0;
+    let mut go = 0;
+    let mut lo = 0;
+    let mut eo = 0;
+    for x in 0..rank - 2 {
+        let a = rank - 3 - x;
+        let c = rem % out.shape(a);
+        rem /= out.shape(a);
+        qo += c * q.stride(a);
+        ko += c * k.stride(a);
+        vo += c * v.stride(a);
+        go += c * dout.stride(a);
+        lo += c * lse.stride(a);
+        eo += c * delta.stride(a);
+    }
+    let (q_t, q_d) = (q.stride(rank - 2), q.stride(rank - 1));
+    let (k_s, k_d) = (k.stride(rank - 2), k.stride(rank - 1));
+    let (v_s, v_d) = (v.stride(rank - 2), v.stride(rank - 1));
+    let (g_t, g_d) = (dout.stride(rank - 2), dout.stride(rank - 1));
+    let (l_t, e_t) = (lse.stride(rank - 2), delta.stride(rank - 2));
+
+    let u = UNIT_POS as usize;
+    let mut k_sh = SharedMemory::<F>::new(GRAD_ROWS * d);
+    let mut v_sh = SharedMemory::<F>::new(GRAD_ROWS * dv);
+    let mut p_sh = SharedMemory::<F>::new(GRAD_ROWS * GRAD_BLOCK);
+    let stride = comptime!(if d > dv { d + 1 } else { dv + 1 });
+    let mut tile_sh = SharedMemory::<F>::new(comptime!(if staged {
+        GRAD_BLOCK * if d > dv { d + 1 } else { dv + 1 }
+    } else {
+        1
+    }));
+    let mut j = u;
+    while j < GRAD_ROWS * d {
+        let (kj, x) = (j / d, j % d);
+        let mut val = F::new(0.0);
+        if first + kj < s_len {
+            val = k[ko + (first + kj) * k_s + x * k_d];
+        }
+        k_sh[j] = val;
+        j += GRAD_BLOCK;
+    }
+    j = u;
+    while j < GRAD_ROWS * dv {
+        let (kj, x) = (j / dv, j % dv);
+        let mut val = F::new(0.0);
+        if first + kj < s_len {
+            val = v[vo + (first + kj) * v_s + x * v_d];
+        }
+        v_sh[j] = val;
+        j += GRAD_BLOCK;
+    }
+    sync_cube();
+
+    // Query i (at absolute position S − T + i) sees key j when j ≤ S − T + i:
+    // the block's first key is first seen by query first − (S − T).
+    let mut q_start = 0;
+    if causal && first + t > s_len {
+        q_start = first + t - s_len;
+    }
+    let cols = comptime!(width.div_ceil(GRAD_BLOCK));
+    let mut acc = Array::<F>::new(GRAD_ROWS * cols);
+    #[unroll]
+    for c in 0..GRAD_ROWS * cols {
+        acc[c] = F::new(0.0);
+    }
+    let mut pr = Array::<F>::new(GRAD_ROWS);
+    let n_tiles = t.div_ceil(GRAD_BLOCK);
+    for tile in q_start / GRAD_BLOCK..n_tiles {
+        let start = tile * GRAD_BLOCK;
+        let i = start + u;
+        let mut n_rows = t - start;
+        if n_rows > GRAD_BLOCK {
+            n_rows = GRAD_BLOCK;
+        }
+        let mut row_lse = F::new(0.0);
+        let mut row_delta = F::new(0.0);
+        if i < t {
+            row_lse = lse[lo + i * l_t];
+            row_delta = delta[eo + i * e_t];
+        }
+        // Scores of this thread's query against the block's keys.
+        if staged {
+            let mut idx = u;
+            while idx < GRAD_BLOCK * d {
+                let (r, x) = (idx / d, idx % d);
+                let mut val = F::new(0.0);
+                if start + r < t {
+                    val = q[qo + (start + r) * q_t + x * q_d];
+                }
+                tile_sh[r * stride + x] = val;
+                idx += GRAD_BLOCK;
+            }
+            sync_cube();
+        }
+        #[unroll]
+        for kj in 0..GRAD_ROWS {
+            pr[kj] = F::new(0.0);
+        }
+        if i < t {
+            for x in 0..d {
+                let qv = if staged {
+                    tile_sh[u * stride + x]
+                } else {
+                    q[qo + i * q_t + x * q_d]
+                };
+                #[unroll]
+                for kj in 0..GRAD_ROWS {
+                    pr[kj] += qv * k_sh[kj * d + x];
+                }
+            }
+        }
+        #[unroll]
+        for kj in 0..GRAD_ROWS {
+            let key = first + kj;
+            let mut visible = i < t && key < s_len;
+            if causal {
+                visible = visible && key + t <= i + s_len;
+            }
+            let mut p = F::new(0.0);
+            if visible {
+                p = (pr[kj] * scale - row_lse).exp();
+            }
+            pr[kj] = p;
+        }
+        if staged {
+            // Everyone is done with the query tile: dout's rows replace it.
+            sync_cube();
+            let mut idx = u;
+            while idx < GRAD_BLOCK * dv {
+                let (r, x) = (idx / dv, idx % dv);
+                let mut val = F::new(0.0);
+                if start + r < t {
+                    val = dout[go + (start + r) * g_t + x * g_d];
+                }
+                tile_sh[r * stride + x] = val;
+                idx += GRAD_BLOCK;
+            }
+        }
+        if wrt_v {
+            // dv += pᵀ·dout
+            #[unroll]
+            for kj in 0..GRAD_ROWS {
+                p_sh[kj * GRAD_BLOCK + u] = pr[kj];
+            }
+            sync_cube();
+            #[unroll]
+            for c in 0..cols {
+                let col = c * GRAD_BLOCK + u;
+                if col < dv {
+                    for x in 0..n_rows {
+                        let g = if staged {
+                            tile_sh[x * stride + col]
+                        } else {
+                            dout[go + (start + x) * g_t + col * g_d]
+                        };
+                        #[unroll]
+                        for kj in 0..GRAD_ROWS {
+                            acc[kj * cols + c] += p_sh[kj * GRAD_BLOCK + x] * g;
+                        }
+                    }
+                }
+            }
+        } else {
+            // ds = p·(dout·vᵀ − delta)·scale, then dk += dsᵀ·q.
+            if staged {
+                sync_cube();
+            }
+            let mut dp = Array::<F>::new(GRAD_ROWS);
+            #[unroll]
+            for kj in 0..GRAD_ROWS {
+                dp[kj] = F::new(0.0);
+            }
+            if i < t {
+                for x in 0..dv {
+                    let g = if staged {
+                        tile_sh[u * stride + x]
+                    } else {
+                        dout[go + i * g_t + x * g_d]
+                    };
+                    #[unroll]
+                    for kj in 0..GRAD_ROWS {
+                        dp[kj] += g * v_sh[kj * dv + x];
+                    }
+                }
+            }
+            #[unroll]
+            for kj in 0..GRAD_ROWS {
+                p_sh[kj * GRAD_BLOCK + u] = pr[kj] * (dp[kj] - row_delta) * scale;
+            }
+            if staged {
+                sync_cube();
+                let mut idx = u;
+                while idx < GRAD_BLOCK * d {
+                    let (r, x) = (idx / d, idx % d);
+                    let mut val = F::new(0.0);
+                    if start + r < t {
+                        val = q[qo + (start + r) * q_t + x * q_d];
+                    }
+                    tile_sh[r * stride + x] = val;
+                    idx += GRAD_BLOCK;
+                }
+            }
+            sync_cube();
+            #[unroll]
+            for c in 0..cols {
+                let col = c * GRAD_BLOCK + u;
+                if col < d {
+                    for x in 0..n_rows {
+                        let qv = if staged {
+                            tile_sh[x * stride + col]
+                        } else {
+                            q[qo + (start + x) * q_t + col * q_d]
+                        };
+                        #[unroll]
+                        for kj in 0..GRAD_ROWS {
+                            acc[kj * cols + c] += p_sh[kj * GRAD_BLOCK + x] * qv;
+                        }
+                    }
+                }
+            }
+        }
+        sync_cube();
+    }
+    #[unroll]
+    for kj in 0..GRAD_ROWS {
+        let key = first + kj;
+        if key < s_len {
+            #[unroll]
+            for c in 0..cols {
+                let col = c * GRAD_BLOCK + u;
+                if col < width {
+                    out[(batch * s_len + key) * width + col] = acc[kj * cols + c];
+                }
+            }
+        }
+    }
+}
+
+/// The operands of one attention gradient, every view broadcast to the
+/// result's batch axes: q `(batch…, T, d)`, k `(batch…, S, d)`, v
+/// `(batch…, S, dv)`, dout `(batch…, T, dv)`, lse and delta `(batch…, T, 1)`.
+pub struct GradOperands<'a> {
+    pub q: &'a View,
+    pub k: &'a View,
+    pub v: &'a View,
+    pub dout: &'a View,
+    pub lse: &'a View,
+    pub delta: &'a View,
+}
+
+impl GradOperands<'_> {
+    fn dims(&self) -> (usize, usize, usize, usize, usize) {
+        let r = self.q.shape.len();
+        let batch: usize = self.q.shape[..r - 2].iter().product();
+        (
+            batch,
+            self.q.shape[r - 2],
+            self.k.shape[r - 2],
+            self.q.shape[r - 1],
+            self.v.shape[r - 1],
+        )
+    }
+
+    /// Whether a tile of `GRAD_BLOCK` rows fits the device's shared memory
+    /// next to the cube's own rows.
+    fn staged<R: Runtime>(&self, client: &ComputeClient<R>) -> bool {
+        let (_, _, _, d, dv) = self.dims();
+        let shared =
+            4 * (GRAD_BLOCK * (d.max(dv) + 1) + GRAD_ROWS * (d + dv) + GRAD_ROWS * GRAD_BLOCK);
+        shared <= client.properties().hardware.max_shared_memory_size
+    }
+}
+
+/// `dq = ds·k` into `out`, dense `(batch…, T, d)`.
+pub fn launch_attention_dq<R: Runtime>(
+    client: &ComputeClient<R>,
+    x: &GradOperands,
+    out: &View,
+    causal: bool,
+    scale: f32,
+) {
+    let (batch, t, _, d, dv) = x.dims();
+    if batch * t * d == 0 {
+        return;
+    }
+    let cubes = batch * t.div_ceil(GRAD_ROWS);
+    unsafe {
+        attention_dq_kernel::launch_unchecked::<f32, R>(
+            client,
+            grid_1d(cubes, 1),
+            CubeDim::new_1d(GRAD_BLOCK as u32),
+            x.q.arg::<R>(),
+            x.k.arg::<R>(),
+            x.v.arg::<R>(),
+            x.dout.arg::<R>(),
+            x.lse.arg::<R>(),
+            x.delta.arg::<R>(),
+            out.arg::<R>(),
+            scale,
+            causal,
+            d,
+            dv.max(1),
+            x.staged(client),
+        );
+    }
+}
+
+/// `dk = dsᵀ·q` (dense `(batch…, S, d)`) or, with `wrt_v`, `dv = pᵀ·dout`
+/// (dense `(batch…, S, dv)`) into `out`.
+pub fn launch_attention_dkv<R: Runtime>(
+    client: &ComputeClient<R>,
+    x: &GradOperands,
+    out: &View,
+    causal: bool,
+    scale: f32,
+    wrt_v: bool,
+) {
+    let (batch, _, s, d, dv) = x.dims();
+    let width = if wrt_v { dv } else { d };
+    if batch * s * width == 0 {
+        return;
+    }
+    let cubes = batch * s.div_ceil(GRAD_ROWS);
+    unsafe {
+        attention_dkv_kernel::launch_unchecked::<f32, R>(
+            client,
+            grid_1d(cubes, 1),
+            CubeDim::new_1d(GRAD_BLOCK as u32),
+            x.q.arg::<R>(),
+            x.k.arg::<R>(),
+            x.v.arg::<R>(),
+            x.dout.arg::<R>(),
+            x.lse.arg::<R>(),
+            x.delta.arg::<R>(),
+            out.arg::<R>(),
+            scale,
+            causal,
+            d.max(1),
+            dv.max(1),
+            x.staged(client),
+            wrt_v,
+        );
+    }
+}
