@@ -8,7 +8,8 @@
 //! ```
 //!
 //! `CARAMBA_BENCH_ONLY=copy,rmsnorm` (a comma list of `copy`, `rmsnorm`,
-//! `attention`, `gemm`, `kvdecode`, `smollm2`) runs only those cases.
+//! `attention`, `gemm`, `kvdecode`, `decode`, `smollm2`) runs only those cases;
+//! `decode` is SmolLM2-shaped cached generation, with a per-op profile.
 //!
 //! The executor reads its outputs back after each run, so a kernel's time is
 //! measured as the difference between a chain of N copies of it and a chain
@@ -216,24 +217,15 @@ fn main() {
             );
         }
     }
+    if selected("decode") {
+        smollm2_decode(backend);
+    }
     if !selected("smollm2") {
         return;
     }
 
     // SmolLM2-135M-shaped forward + loss, random weights, batch 8 × 1024.
-    let dims = LlamaDims {
-        vocab_size: 49152,
-        hidden_size: 576,
-        num_hidden_layers: 30,
-        num_attention_heads: 9,
-        num_key_value_heads: 3,
-        head_dim: 64,
-        intermediate_size: 1536,
-        rope_theta: 100000.0,
-        rope_scaling: None,
-        rms_norm_eps: 1e-5,
-        tie_word_embeddings: true,
-    };
+    let dims = smollm2_dims();
     let mut g = caramba_compiler::lower_model(&llama_model(&dims), "smollm2", DType::F32)
         .unwrap()
         .graph;
@@ -310,16 +302,150 @@ fn main() {
     let exec = Executor::with_options(backend, &g, &params, options).expect("executor");
     exec.run(&bind).expect("profiled run");
     let rows = exec.profile();
-    let total: f64 = rows.iter().map(|r| r.2).sum();
+    let total: f64 = rows.iter().map(|r| r.secs).sum();
     eprintln!(
         "profile of one smollm2 forward + loss ({:.1} ms in kernels):",
         total * 1e3
     );
-    for (op, n, secs) in rows.iter().take(20) {
+    for r in rows.iter().take(20) {
         eprintln!(
-            "  {:>8.2} ms {:>5.1}%  {n:>4}×  {op}",
-            secs * 1e3,
-            100.0 * secs / total
+            "  {:>8.2} ms {:>5.1}%  {:>4}×  ({:>7.1} µs host each)  {}",
+            r.secs * 1e3,
+            100.0 * r.secs / total,
+            r.launches,
+            r.host_secs * 1e6 / r.launches as f64,
+            r.op
+        );
+    }
+}
+
+/// SmolLM2-135M's shapes.
+fn smollm2_dims() -> LlamaDims {
+    LlamaDims {
+        vocab_size: 49152,
+        hidden_size: 576,
+        num_hidden_layers: 30,
+        num_attention_heads: 9,
+        num_key_value_heads: 3,
+        head_dim: 64,
+        intermediate_size: 1536,
+        rope_theta: 100000.0,
+        rope_scaling: None,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: true,
+    }
+}
+
+/// SmolLM2-135M-shaped cached generation (random weights, fp32 cache), as
+/// `caramba sample` runs it: a 16-token prefill, then one token per step
+/// with the cache resident on the device and the logits read back. Prints
+/// tokens/s, then a profile of 16 more steps (each kernel waited for) with
+/// the host's share of each op.
+fn smollm2_decode(backend: Backend) {
+    use caramba_compiler::{CacheFormat, KvCacheSpec};
+    let lowered = caramba_compiler::lower_model_cached(
+        &llama_model(&smollm2_dims()),
+        "smollm2",
+        DType::F32,
+        KvCacheSpec::uniform(CacheFormat::Fp32),
+    )
+    .unwrap();
+    let (g, _) = caramba_compiler::optimize(&lowered.graph).unwrap();
+    let params: BTreeMap<String, Tensor> = g
+        .params()
+        .map(|(name, id)| {
+            let shape: Vec<usize> = g
+                .node(id)
+                .ty
+                .shape
+                .dims()
+                .iter()
+                .map(|d| d.as_const().unwrap())
+                .collect();
+            let n = shape.iter().product();
+            (
+                name.to_string(),
+                Tensor::f32(shape, rand(n, 7).into_iter().map(|v| v * 0.04).collect()),
+            )
+        })
+        .collect();
+    let run = |exec: &Executor, steps: usize| -> f64 {
+        let mut device = BTreeMap::new();
+        let mut host = BTreeMap::new();
+        for e in &lowered.cache {
+            host.insert(
+                format!("past.{}", e.name),
+                Tensor::f32(vec![1, 0, e.width], Vec::new()),
+            );
+        }
+        let mut pos = 0usize;
+        let mut start = Instant::now();
+        for step in 0..=steps {
+            let t = if step == 0 { 16 } else { 1 };
+            host.insert(
+                "input_ids".to_string(),
+                Tensor::i32(
+                    vec![1, t],
+                    (0..t).map(|i| ((pos + i) * 7919 % 49152) as i32).collect(),
+                ),
+            );
+            host.insert(
+                "positions".to_string(),
+                Tensor::i32(vec![t], (pos as i32..(pos + t) as i32).collect()),
+            );
+            let syms = SymValues {
+                b: Some(1),
+                t: Some(t),
+                p: Some(pos),
+                ..Default::default()
+            };
+            let mut out = exec
+                .run_resident(&host, &device, syms)
+                .expect("decode step");
+            host.retain(|k, _| !k.starts_with("past."));
+            device.clear();
+            for e in &lowered.cache {
+                let c = out.remove(&format!("present.{}", e.name)).expect("cache");
+                device.insert(format!("past.{}", e.name), c);
+            }
+            exec.download(&out["logits"]).expect("logits");
+            pos += t;
+            if step == 0 {
+                start = Instant::now();
+            }
+        }
+        start.elapsed().as_secs_f64() * 1e3 / steps as f64
+    };
+    let exec = Executor::new(backend, &g, &params).expect("executor");
+    run(&exec, 8);
+    let steps = 64;
+    let ms = run(&exec, steps);
+    emit("smollm2_decode_fp32_cache", ms, "tokens_per_s", 1e3 / ms);
+    let options = caramba_runtime::gpu::GpuOptions {
+        profile: true,
+        ..Default::default()
+    };
+    let exec = Executor::with_options(backend, &g, &params, options).expect("executor");
+    run(&exec, 16);
+    let rows = exec.profile();
+    let rows: Vec<_> = rows.into_iter().collect();
+    let (total, host): (f64, f64) = rows
+        .iter()
+        .fold((0.0, 0.0), |(a, b), r| (a + r.secs, b + r.host_secs));
+    eprintln!(
+        "profile of 17 decode calls: {:.1} ms with every kernel waited for, {:.1} ms of it in launch calls on the host",
+        total * 1e3,
+        host * 1e3
+    );
+    for r in rows.iter().take(16) {
+        eprintln!(
+            "  {:>8.2} ms {:>5.1}%  {:>5}×  {:>7.1} µs each, {:>7.1} µs host  {}",
+            r.secs * 1e3,
+            100.0 * r.secs / total,
+            r.launches,
+            r.secs * 1e6 / r.launches as f64,
+            r.host_secs * 1e6 / r.launches as f64,
+            r.op
         );
     }
 }

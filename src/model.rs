@@ -165,8 +165,8 @@ impl Model {
     }
 
     /// The per-op profile of a model loaded with `GpuOptions::profile`:
-    /// op kind, launches, seconds (empty on the CPU).
-    pub fn profile(&self) -> Vec<(String, usize, f64)> {
+    /// slowest op kind first (empty on the CPU).
+    pub fn profile(&self) -> Vec<caramba_runtime::gpu::OpProfile> {
         self.exec.profile()
     }
 

@@ -230,8 +230,8 @@ impl Executor {
     }
 
     /// The per-op profile of a GPU executor built with profiling (empty
-    /// otherwise): op kind, launches, seconds.
-    pub fn profile(&self) -> Vec<(String, usize, f64)> {
+    /// otherwise), slowest op kind first.
+    pub fn profile(&self) -> Vec<crate::gpu::OpProfile> {
         match self {
             Executor::Cpu(_) => Vec::new(),
             #[cfg(feature = "wgpu")]

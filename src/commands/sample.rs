@@ -125,18 +125,23 @@ pub fn sample(a: &SampleArgs) -> CmdResult {
     }
     if a.profile {
         let rows = model.profile();
-        let total: f64 = rows.iter().map(|r| r.2).sum();
+        let total: f64 = rows.iter().map(|r| r.secs).sum();
+        let host: f64 = rows.iter().map(|r| r.host_secs).sum();
         eprintln!(
-            "profile: {:.1} ms waited on {} launches",
+            "profile: {:.1} ms waited on {} launches, {:.1} ms of it in launch calls on the host",
             total * 1e3,
-            rows.iter().map(|r| r.1).sum::<usize>()
+            rows.iter().map(|r| r.launches).sum::<usize>(),
+            host * 1e3
         );
-        for (op, n, secs) in rows.iter().take(15) {
+        for r in rows.iter().take(15) {
             eprintln!(
-                "  {:>9.2} ms {:>5.1}% {n:>6}×  {:>7.1} µs each  {op}",
-                secs * 1e3,
-                100.0 * secs / total.max(1e-12),
-                secs * 1e6 / *n as f64
+                "  {:>9.2} ms {:>5.1}% {:>6}×  {:>7.1} µs each ({:>7.1} µs host)  {}",
+                r.secs * 1e3,
+                100.0 * r.secs / total.max(1e-12),
+                r.launches,
+                r.secs * 1e6 / r.launches as f64,
+                r.host_secs * 1e6 / r.launches as f64,
+                r.op
             );
         }
     }

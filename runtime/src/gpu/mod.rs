@@ -79,6 +79,21 @@ pub struct GpuOptions {
     pub profile: bool,
 }
 
+/// One op kind's line of a profile ([`GpuOptions::profile`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OpProfile {
+    /// The op's mnemonic (matmuls with their operand shapes).
+    pub op: String,
+    pub launches: usize,
+    /// From the launch call until the device finished it (the device idle
+    /// before it).
+    pub secs: f64,
+    /// Of `secs`, the time in the launch call on the host: buffer
+    /// allocation, kernel selection and enqueueing. Where it is most of
+    /// `secs`, the op is host-bound.
+    pub host_secs: f64,
+}
+
 /// A device buffer with its logical dtype and shape. The buffer is dense
 /// row-major in `shape`, or, when `transposed`, in `shape` with its last
 /// two axes swapped (an unmaterialized permute that only matmuls read).
@@ -165,8 +180,8 @@ pub struct GpuExecutor<R: Runtime> {
     /// Permutes of the last two axes that feed only matmuls: not copied.
     lazy_transposes: HashSet<NodeId>,
     options: GpuOptions,
-    /// Per-op launches and seconds, when profiling.
-    profile: std::sync::Mutex<BTreeMap<String, (usize, f64)>>,
+    /// Per-op launches and times, when profiling.
+    profile: std::sync::Mutex<BTreeMap<String, OpProfile>>,
     /// RoPE's inverse frequencies per rope node, uploaded once: an upload
     /// per launch cost about half a millisecond of host time on CUDA, most
     /// of a decode step.
@@ -273,12 +288,11 @@ impl<R: Runtime> GpuExecutor<R> {
     }
 
     /// The profile so far (with [`GpuOptions::profile`]): per op kind, the
-    /// launches and the seconds spent, slowest first.
-    pub fn profile(&self) -> Vec<(String, usize, f64)> {
+    /// launches and the time spent, slowest first.
+    pub fn profile(&self) -> Vec<OpProfile> {
         let table = self.profile.lock().expect("profile lock");
-        let mut rows: Vec<(String, usize, f64)> =
-            table.iter().map(|(k, &(n, s))| (k.clone(), n, s)).collect();
-        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+        let mut rows: Vec<OpProfile> = table.values().cloned().collect();
+        rows.sort_by(|a, b| b.secs.total_cmp(&a.secs));
         rows
     }
 
@@ -419,8 +433,9 @@ impl<R: Runtime> GpuExecutor<R> {
                         self.wait()?;
                         let start = std::time::Instant::now();
                         let out = ctx.apply(&args, shape)?;
+                        let host = start.elapsed().as_secs_f64();
                         self.wait()?;
-                        let key = match &node.op {
+                        let op = match &node.op {
                             caramba_ir::Op::MatMul => format!(
                                 "matmul {}",
                                 args.iter()
@@ -431,9 +446,13 @@ impl<R: Runtime> GpuExecutor<R> {
                             op => op.mnemonic().to_string(),
                         };
                         let mut table = self.profile.lock().expect("profile lock");
-                        let e = table.entry(key).or_default();
-                        e.0 += 1;
-                        e.1 += start.elapsed().as_secs_f64();
+                        let e = table.entry(op.clone()).or_insert_with(|| OpProfile {
+                            op,
+                            ..OpProfile::default()
+                        });
+                        e.launches += 1;
+                        e.secs += start.elapsed().as_secs_f64();
+                        e.host_secs += host;
                         out
                     } else {
                         ctx.apply(&args, shape)?
