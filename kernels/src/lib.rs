@@ -18,6 +18,7 @@ pub mod cast;
 pub mod copy;
 pub mod elementwise;
 pub mod gather;
+pub mod gemv;
 pub mod kv_attention;
 pub mod matmul;
 pub mod norm;

@@ -248,6 +248,37 @@ pub fn matmul<R: Runtime>(dev: &R::Device) {
     check::<R>(dev, &g, &b, TOL);
 }
 
+/// A decode step's linear layers (1 to 8 rows against a weight): the
+/// matrix-vector kernel, with the weight read transposed (`[N, K]`, K
+/// contiguous) and as stored (`[K, N]`), sizes that fill no cube exactly.
+pub fn matmul_few_rows<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(31);
+    for (lead, k, n) in [
+        (&[1usize, 1][..], 576usize, 1536usize),
+        (&[2, 1][..], 333, 1000),
+        (&[1, 8][..], 64, 77),
+        (&[3][..], 1, 5),
+    ] {
+        let mut sa = lead.to_vec();
+        sa.push(k);
+        let mut g = Graph::new("matmul_few_rows");
+        let a = g.input("x0", f32t(&sa)).unwrap();
+        let w = g.input("x1", f32t(&[n, k])).unwrap();
+        let wt = g.add(Op::Permute(vec![1, 0]), &[w], "").unwrap();
+        let y = g.add(Op::MatMul, &[a, wt], "").unwrap();
+        g.set_output("transposed", y);
+        let v = g.input("x2", f32t(&[k, n])).unwrap();
+        let z = g.add(Op::MatMul, &[a, v], "").unwrap();
+        g.set_output("plain", z);
+        let b = bind(vec![
+            rng.tensor(&sa),
+            rng.tensor(&[n, k]),
+            rng.tensor(&[k, n]),
+        ]);
+        check::<R>(dev, &g, &b, TOL);
+    }
+}
+
 /// Tensor-core matmuls where the device has them (TF32 for f32 on NVIDIA:
 /// looser tolerance); elsewhere the exact routine runs.
 pub fn matmul_fast<R: Runtime>(dev: &R::Device) {
@@ -1345,7 +1376,8 @@ macro_rules! gpu_suite {
 macro_rules! all_tests {
     ($name:ident, $runtime:ty, $device:expr, $available:expr) => {
         gpu_suite!($name, $runtime, $device, $available;
-            unary, binary_broadcast, constant_and_cast, reduce, softmax, matmul, matmul_fast, layout,
+            unary, binary_broadcast, constant_and_cast, reduce, softmax, matmul, matmul_few_rows,
+            matmul_fast, layout,
             gather_scatter_one_hot, causal_mask, rope, cross_entropy, rms_norm, attention,
             attention_backward,
             elementwise_program, symbolic_shapes, unsupported_is_an_error, tiny_llama, tiny_llama_bf16,

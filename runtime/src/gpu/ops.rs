@@ -18,8 +18,8 @@ use caramba_kernels::cubecl::prelude::*;
 use caramba_kernels::elementwise::{Binary, Instr, Unary};
 use caramba_kernels::reduce::ReduceKind;
 use caramba_kernels::{
-    attention, attention_backward, cast, copy, elementwise, gather, kv_attention, matmul, norm,
-    quant, reduce, rope, View,
+    attention, attention_backward, cast, copy, elementwise, gather, gemv, kv_attention, matmul,
+    norm, quant, reduce, rope, View,
 };
 
 /// Rejects ops and dtypes the device cannot run, before anything launches.
@@ -612,9 +612,10 @@ impl<R: Runtime> Ctx<'_, R> {
         let rows: usize = out.shape[..r - 1].iter().product();
         let (va, vb) = (Self::view(a), Self::view(b));
         let b_batch: usize = b.shape[..b.shape.len() - 2].iter().product();
-        if b_batch == 1 && !a.transposed && rows > m {
+        if b_batch == 1 && !a.transposed && (rows > m || rows <= gemv::GEMV_MAX_ROWS) {
             // A shared right operand (a linear layer's weight): fold the
-            // left operand's batch axes into its rows, one plain GEMM.
+            // left operand's batch axes into its rows, one plain GEMM, or,
+            // for a few rows (a decode step), a matrix-vector kernel.
             let lhs = View::contiguous(a.handle.clone(), &[rows, k]);
             let rb = vb.shape.len();
             let rhs = View {
@@ -623,8 +624,12 @@ impl<R: Runtime> Ctx<'_, R> {
                 ..vb
             };
             let dst = View::contiguous(out.handle.clone(), &[rows, n]);
-            matmul::launch_matmul(self.client, &lhs, &rhs, &dst, self.fast_matmul)
-                .map_err(|e| self.err(e.to_string()))?;
+            if (1..=gemv::GEMV_MAX_ROWS).contains(&rows) && rhs.offset == 0 {
+                gemv::launch_gemv(self.client, &lhs, &rhs, &dst);
+            } else {
+                matmul::launch_matmul(self.client, &lhs, &rhs, &dst, self.fast_matmul)
+                    .map_err(|e| self.err(e.to_string()))?;
+            }
             return Ok(out);
         }
         // cubek broadcasts a size-1 batch axis itself (stride 0); operands
