@@ -31,7 +31,7 @@ pub enum Command {
         long_about = "Compile a manifest: parse the YAML, substitute vars, check every field, lower the model \
 to the typed IR and verify it. Errors name the manifest path, line and column, and exit with status 2.\n\n\
 With no flag, prints a one-line summary per model.",
-        after_help = "Examples:\n  caramba compile presets/dba.yml --emit ir\n  caramba compile presets/llama32_1b_dba.yml --print-plan --group quick\n  caramba compile presets/dba.yml --emit manifest\n  caramba compile presets/dba.yml --emit kernels --target wgsl"
+        after_help = "Examples:\n  caramba compile presets/dba.yml --emit ir\n  caramba compile presets/llama32_1b_dba.yml --print-plan --group quick\n  caramba compile presets/dba.yml --emit manifest\n  caramba compile presets/dba.yml --emit kernels --target wgsl\n  caramba compile presets/dba.yml --emit kernels --target cuda"
     )]
     Compile(CompileArgs),
 
@@ -254,7 +254,7 @@ pub enum Emit {
 pub enum KernelTarget {
     /// WGSL, from cubecl-wgpu's compiler (any wgpu adapter, lavapipe included)
     Wgsl,
-    /// CUDA C++, from cubecl-cpp's CUDA dialect (needs the `cuda` feature and a CUDA device)
+    /// CUDA C++ for an H100 (sm_90), from cubecl-cpp's CUDA dialect, compiled offline (in a binary built with `--features cuda`; needs no GPU, driver or CUDA toolkit)
     Cuda,
 }
 

@@ -3,10 +3,12 @@
 //!
 //! WGSL is generated on a wgpu adapter (lavapipe, a CPU Vulkan driver, on a
 //! machine without a GPU). With no adapter the WGSL tests print a loud
-//! SKIPPED line, and fail when `CARAMBA_REQUIRE_GPU` is set. The whole
-//! output holds cubek's matmul kernels (thousands of lines): the snapshot
-//! is the list of kernel titles plus the full source of the rms_norm and
-//! attention kernels.
+//! SKIPPED line, and fail when `CARAMBA_REQUIRE_GPU` is set. CUDA C++ (with
+//! the `cuda` feature) is compiled offline for an H100 and needs no GPU;
+//! on a machine with a CUDA device, one more test checks it against the
+//! text the device's own client compiles. The whole output holds cubek's
+//! matmul kernels (thousands of lines): each snapshot is the list of kernel
+//! titles plus the full source of the rms_norm and attention kernels.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -32,17 +34,22 @@ fn show(o: &Output) -> String {
     )
 }
 
-/// The WGSL of `presets/dba.yml`, or `None` (after a SKIPPED line) when
-/// this machine has no wgpu adapter.
-fn dba_wgsl() -> Option<String> {
-    let o = caramba(&[
+/// `caramba compile presets/dba.yml --emit kernels --target <target>`.
+fn dba_kernels(target: &str) -> Output {
+    caramba(&[
         "compile",
         "presets/dba.yml",
         "--emit",
         "kernels",
         "--target",
-        "wgsl",
-    ]);
+        target,
+    ])
+}
+
+/// The WGSL of `presets/dba.yml`, or `None` (after a SKIPPED line) when
+/// this machine has no wgpu adapter.
+fn dba_wgsl() -> Option<String> {
+    let o = dba_kernels("wgsl");
     let stderr = String::from_utf8_lossy(&o.stderr);
     if !o.status.success() && stderr.contains("no wgpu adapter") {
         if std::env::var_os("CARAMBA_REQUIRE_GPU").is_some() {
@@ -73,11 +80,12 @@ fn sections(text: &str) -> Vec<(String, String)> {
     out
 }
 
-#[test]
-fn dba_wgsl_kernels() {
-    let Some(text) = dba_wgsl() else { return };
+/// The snapshot of one `--emit kernels` output: the header, the title of
+/// every kernel, then the rms_norm and attention kernels in full. Each
+/// section must look like `marker` says a kernel of the target does.
+fn digest(text: &str, marker: &str) -> String {
     let header = text.lines().next().unwrap_or_default();
-    let kernels = sections(&text);
+    let kernels = sections(text);
     assert_eq!(
         header,
         format!("// {} distinct kernels", kernels.len()),
@@ -87,8 +95,8 @@ fn dba_wgsl_kernels() {
     let mut seen = std::collections::HashSet::new();
     for (title, source) in &kernels {
         assert!(
-            source.contains("@compute"),
-            "{title}: not a WGSL compute shader"
+            source.contains(marker),
+            "{title}: no {marker:?} in:\n{source}"
         );
         assert!(seen.insert(source.clone()), "{title}: duplicate kernel");
     }
@@ -102,10 +110,13 @@ fn dba_wgsl_kernels() {
     let rms = pick("rms_norm @");
     let attn = pick("attention @");
     titles.insert(0, header);
-    insta::assert_snapshot!(
-        "dba_wgsl",
-        format!("{}\n\n{rms}\n\n{attn}\n", titles.join("\n"))
-    );
+    format!("{}\n\n{rms}\n\n{attn}\n", titles.join("\n"))
+}
+
+#[test]
+fn dba_wgsl_kernels() {
+    let Some(text) = dba_wgsl() else { return };
+    insta::assert_snapshot!("dba_wgsl", digest(&text, "@compute"));
 }
 
 /// Two runs print the same text (the WGSL compiler declares locals in hash
@@ -117,25 +128,91 @@ fn dba_wgsl_is_deterministic() {
     assert!(a == b, "two runs of --emit kernels differ");
 }
 
-/// Without the `cuda` feature (or a CUDA device), `--target cuda` says why
-/// it cannot run offline instead of printing nothing.
+/// The CUDA C++ of `presets/dba.yml`: compiled offline for an H100, so it
+/// needs no GPU and is the same on every machine.
+#[cfg(feature = "cuda")]
+fn dba_cuda() -> String {
+    let o = dba_kernels("cuda");
+    assert!(o.status.success(), "{}", show(&o));
+    String::from_utf8(o.stdout).expect("utf-8 output")
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn dba_cuda_kernels() {
+    let text = dba_cuda();
+    insta::assert_snapshot!("dba_cuda", digest(&text, "__global__"));
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn dba_cuda_is_deterministic() {
+    assert!(
+        dba_cuda() == dba_cuda(),
+        "two runs of --emit kernels differ"
+    );
+}
+
+/// The offline CUDA runtime writes what a real H100's client compiles (on
+/// another card, shape choices such as the shared-memory size may differ),
+/// but for where each shared memory sits in the dynamic shared buffer:
+/// cubecl-opt picks that in hash order, the offline runtime in id order, so
+/// the offsets are masked. The device's text is captured in this process,
+/// the offline text by the binary. Skipped loudly without a CUDA device.
+#[cfg(feature = "cuda")]
+#[test]
+fn offline_cuda_source_matches_the_device() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("presets/dba.yml");
+    let src = std::fs::read_to_string(path).expect("presets/dba.yml");
+    let compiled = caramba_compiler::compile(&src).expect("dba.yml compiles");
+    let (graph, _) = caramba_compiler::optimize(&compiled.student.graph).expect("optimizes");
+    let device = match caramba_runtime::gpu::source::kernel_sources_on_cuda_device(&graph) {
+        Ok(k) => k,
+        Err(e) if e.to_string().contains("no CUDA device") => {
+            if std::env::var_os("CARAMBA_REQUIRE_GPU").is_some() {
+                panic!("CARAMBA_REQUIRE_GPU is set but no CUDA device exists");
+            }
+            eprintln!(
+                "\n*** SKIPPED: no CUDA device; the offline CUDA source was not compared \
+                 with a device's (set CARAMBA_REQUIRE_GPU to make this fail) ***\n"
+            );
+            return;
+        }
+        Err(e) => panic!("CUDA device capture failed: {e}"),
+    };
+    let offline = sections(&dba_cuda());
+    let mask = |source: &str| -> String {
+        let mut out = String::new();
+        let mut rest = source.trim_end();
+        while let Some((head, tail)) = rest.split_once("dynamic_shared_mem[") {
+            out.push_str(head);
+            out.push_str("dynamic_shared_mem[_");
+            rest = tail.trim_start_matches(|c: char| c.is_ascii_digit());
+        }
+        out + rest
+    };
+    for ((title, source), k) in offline.iter().zip(&device) {
+        assert_eq!(title, &k.title, "kernel titles differ");
+        assert_eq!(
+            mask(source),
+            mask(&k.source),
+            "{title}: offline and device sources differ"
+        );
+    }
+    assert_eq!(offline.len(), device.len(), "kernel counts differ");
+}
+
+/// Without the `cuda` feature, `--target cuda` says how to get it instead
+/// of printing nothing.
 #[cfg(not(feature = "cuda"))]
 #[test]
-fn cuda_target_needs_a_device() {
-    let o = caramba(&[
-        "compile",
-        "presets/dba.yml",
-        "--emit",
-        "kernels",
-        "--target",
-        "cuda",
-    ]);
+fn cuda_target_needs_the_cuda_feature() {
+    let o = dba_kernels("cuda");
     assert_eq!(o.status.code(), Some(1), "{}", show(&o));
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
         stderr.contains("error: cannot generate kernel source")
-            && stderr.contains("cuda")
-            && stderr.contains("offline"),
+            && stderr.contains("`cuda` feature"),
         "{}",
         show(&o)
     );

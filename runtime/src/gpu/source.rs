@@ -4,20 +4,28 @@
 //! The kernels' `#[cube]` types are private to `caramba-kernels`; what is
 //! public is their host-side `launch_*` functions, which need a live
 //! client. So this module runs the graph once, node by node, on tiny
-//! stand-in shapes (every symbol bound to 2, zero-filled inputs and
+//! stand-in shapes (every symbol bound to 4, zero-filled inputs and
 //! parameters), with CubeCL's compilation logger at level `full` writing
 //! to a private file, and attributes each kernel compiled during a node's
 //! launch to that node. A kernel compiled once is cached by CubeCL, so each
 //! section is a distinct kernel, headed by the first node that needs it.
 //!
 //! WGSL comes from cubecl-wgpu's compiler on any wgpu adapter (lavapipe on
-//! a machine without a GPU). CUDA C++ comes from cubecl-cpp's CUDA dialect,
-//! which needs the `cuda` feature and a CUDA device: NVRTC and the device
-//! properties (`sm_*`, plane size) are read from the driver when the client
-//! opens, and the kernel types cannot be defined without a client.
+//! a machine without a GPU). CUDA C++ comes from cubecl-cpp's CUDA dialect
+//! through [`offline::OfflineCudaRuntime`], a compile-only runtime that
+//! describes an H100 (`sm_90`, 32-lane planes) by constants: it needs the
+//! `cuda` feature but no GPU, driver or toolkit, and it is used even where
+//! a CUDA device is present, so that the text is the same on every machine
+//! (an H100's, whatever card this one has).
+//! [`kernel_sources_on_cuda_device`] captures the same text from the real
+//! device, to check the offline runtime against it.
 //!
-//! Shape-dependent choices (cubek's matmul routine) follow the stand-in
-//! shapes, not a real workload's.
+//! Shape-dependent choices (cubek's matmul routine, whether attention
+//! stages its tiles in shared memory) follow the stand-in shapes, not a
+//! real workload's.
+
+#[cfg(feature = "cuda")]
+pub mod offline;
 
 use super::{at, concrete, live_order, ops, DevTensor, GpuError};
 use caramba_ir::reference::SymValues;
@@ -35,7 +43,8 @@ use std::time::{Duration, Instant};
 pub enum Target {
     /// WGSL, from cubecl-wgpu's compiler.
     Wgsl,
-    /// CUDA C++, from cubecl-cpp's CUDA dialect.
+    /// CUDA C++, from cubecl-cpp's CUDA dialect, for an H100 (`sm_90`),
+    /// compiled offline.
     Cuda,
 }
 
@@ -47,8 +56,10 @@ pub struct KernelSource {
     pub source: String,
 }
 
-/// The value each symbol takes in the stand-in run.
-const STAND_IN_SYM: usize = 2;
+/// The value each symbol takes in the stand-in run: 4, so that a linear
+/// layer sees B·T = 16 rows and takes the GEMM of prefill and training, not
+/// the few-row kernel of a decode step (`gemv`, up to 8 rows).
+const STAND_IN_SYM: usize = 4;
 
 const START: &str = "[START_KERNEL_COMPILATION]";
 const END: &str = "[END_KERNEL_COMPILATION]";
@@ -108,27 +119,30 @@ pub fn kernel_sources(graph: &Graph, target: Target) -> Result<Vec<KernelSource>
         )),
         #[cfg(feature = "cuda")]
         Target::Cuda => {
-            if !caramba_kernels::cuda_available() {
-                return Err(GpuError::Device(
-                    "no CUDA device: cubecl-cpp's CUDA compiler takes the device properties \
-                     (compute capability, plane size) from the driver, and caramba's kernel \
-                     types are only reachable through a live client, so CUDA source cannot be \
-                     generated offline"
-                        .into(),
-                ));
-            }
             let path = log_file()?;
-            capture::<super::CudaRuntime>(&super::CudaDevice { index: 0 }, graph, path)
+            capture::<offline::OfflineCudaRuntime>(&offline::OfflineCudaDevice, graph, path)
         }
         #[cfg(not(feature = "cuda"))]
         Target::Cuda => Err(GpuError::Device(
-            "CUDA source needs caramba built with the `cuda` feature and a CUDA device: \
-             cubecl-cpp's CUDA compiler takes the device properties (compute capability, \
-             plane size) from the driver when the client opens, and caramba's kernel \
-             types are only reachable through a live client, so it cannot run offline"
+            "CUDA source needs caramba built with the `cuda` feature (it builds and runs \
+             offline, without CUDA or a GPU: `cargo build --release --features cuda`)"
                 .into(),
         )),
     }
+}
+
+/// The CUDA C++ of each distinct kernel `graph` launches, compiled by a
+/// live client on CUDA device 0 (cubecl-cuda pipes each source through
+/// `clang-format` when one is installed). Call it before any other GPU
+/// work in the process: the compilation log must be set up before the
+/// first client opens.
+#[cfg(feature = "cuda")]
+pub fn kernel_sources_on_cuda_device(graph: &Graph) -> Result<Vec<KernelSource>, GpuError> {
+    let path = log_file()?;
+    if !caramba_kernels::cuda_available() {
+        return Err(GpuError::Device("no CUDA device".into()));
+    }
+    capture::<super::CudaRuntime>(&super::CudaDevice { index: 0 }, graph, path)
 }
 
 /// Runs the graph on stand-in values and collects the kernels compiled
@@ -242,33 +256,70 @@ pub fn discard_log() {
     }
 }
 
-/// The WGSL compiler declares a function's mutable locals in hash order:
-/// sort each run of `var l_mut_N: T;` lines by `N` so that the text is the
-/// same from run to run.
+/// Two compilers write declarations in hash order: the WGSL compiler a
+/// function's mutable locals (`var l_mut_N: T;`), cubecl-cpp a CUDA
+/// kernel's mutable locals (`T l_mut_N;`), the vector types it uses
+/// (`struct __align__(A) T { … };`) and, from a live CUDA client, its shared
+/// memories (a comment and `T *shared_memory_N = …;`). Sort each run of
+/// declarations of one kind (by `N`, types by their first line) so that the
+/// text is the same from run to run.
 fn normalize(source: &str) -> String {
-    let key = |l: &str| -> Option<u64> {
-        let rest = l.strip_prefix("var l_mut_")?;
-        rest.split(':').next()?.parse().ok()
-    };
     let lines: Vec<&str> = source.lines().collect();
     let mut out: Vec<&str> = Vec::with_capacity(lines.len());
     let mut i = 0;
     while i < lines.len() {
-        let mut j = i;
-        while j < lines.len() && key(lines[j]).is_some() {
-            j += 1;
-        }
-        if j > i {
-            let mut run = lines[i..j].to_vec();
-            run.sort_by_key(|l| key(l));
-            out.extend(run);
-            i = j;
-        } else {
+        let Some((first, _)) = declaration(&lines[i..]) else {
             out.push(lines[i]);
             i += 1;
+            continue;
+        };
+        let mut run: Vec<(DeclKey, &[&str])> = Vec::new();
+        let mut j = i;
+        while let Some((key, len)) = declaration(&lines[j..]) {
+            if key.0 != first.0 {
+                break;
+            }
+            run.push((key, &lines[j..j + len]));
+            j += len;
         }
+        run.sort_by_key(|(key, _)| *key);
+        out.extend(run.into_iter().flat_map(|(_, d)| d.iter().copied()));
+        i = j;
     }
     out.join("\n")
+}
+
+/// How a declaration sorts: its kind, then its number, then its text.
+type DeclKey<'a> = (u8, u64, &'a str);
+
+/// The sort key and line count of the hash-ordered declaration that
+/// `lines` starts with, if any.
+fn declaration<'a>(lines: &[&'a str]) -> Option<(DeclKey<'a>, usize)> {
+    let first = *lines.first()?;
+    let number = |s: &str| -> Option<u64> {
+        let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        s[..digits].parse().ok()
+    };
+    if let Some(rest) = first.strip_prefix("var l_mut_") {
+        return Some(((0, number(rest)?, ""), 1));
+    }
+    if let Some((ty, rest)) = first.split_once(" l_mut_") {
+        // `T l_mut_N;` with `T` a type name (not `return l_mut_N;`).
+        let n: u64 = rest.strip_suffix(';')?.parse().ok()?;
+        let is_type = ty.starts_with(|c: char| c.is_ascii_alphabetic())
+            && ty.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !matches!(ty, "return" | "goto" | "throw" | "delete");
+        return is_type.then_some(((1, n, ""), 1));
+    }
+    if first.starts_with("struct __align__(") && first.ends_with('{') {
+        let end = lines.iter().position(|l| *l == "};")?;
+        return Some(((2, 0, first), end + 1));
+    }
+    if first.starts_with("// Shared array size: ") || first.starts_with("// Shared value size: ") {
+        let (_, rest) = lines.get(1)?.split_once("shared_memory_")?;
+        return Some(((3, number(rest)?, ""), 2));
+    }
+    None
 }
 
 /// Permutes of the last two axes that feed only matmuls (the executor
@@ -346,4 +397,61 @@ fn parse_log(log: &str) -> Vec<(String, String)> {
         out.push((name, source.trim_end().to_string()));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize;
+
+    #[test]
+    fn hash_ordered_declarations_are_sorted() {
+        let cuda = "\
+struct __align__(8) float_2 {
+    float i_0;
+    float i_1;
+};
+struct __align__(16) float_4 {
+    float i_0;
+};
+struct info_st {
+};
+// Shared array size: 4, 16 bytes
+float *shared_memory_9 = reinterpret_cast<float*>(&dynamic_shared_mem[0]);
+// Shared value size: 4 bytes
+float &shared_memory_3 = reinterpret_cast<float&>(dynamic_shared_mem[16]);
+float_4 l_arr_4[1];
+float l_mut_15;
+float_4 l_mut_6;
+uint32 l_mut_10;
+l_mut_6 = l_5;
+return l_mut_15;
+return l_mut_10;";
+        let want = "\
+struct __align__(16) float_4 {
+    float i_0;
+};
+struct __align__(8) float_2 {
+    float i_0;
+    float i_1;
+};
+struct info_st {
+};
+// Shared value size: 4 bytes
+float &shared_memory_3 = reinterpret_cast<float&>(dynamic_shared_mem[16]);
+// Shared array size: 4, 16 bytes
+float *shared_memory_9 = reinterpret_cast<float*>(&dynamic_shared_mem[0]);
+float_4 l_arr_4[1];
+float_4 l_mut_6;
+uint32 l_mut_10;
+float l_mut_15;
+l_mut_6 = l_5;
+return l_mut_15;
+return l_mut_10;";
+        assert_eq!(normalize(cuda), want);
+        let wgsl = "var l_mut_12: f32;\nvar l_mut_3: u32;\nlet l_4 = l_mut_3;";
+        assert_eq!(
+            normalize(wgsl),
+            "var l_mut_3: u32;\nvar l_mut_12: f32;\nlet l_4 = l_mut_3;"
+        );
+    }
 }
