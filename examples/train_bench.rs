@@ -185,6 +185,45 @@ fn main() {
         last = trainer.step(&batch, 1e-4, Some(1.0)).expect("step").loss();
     }
     let secs = start.elapsed().as_secs_f64() / steps as f64;
+    // CARAMBA_BENCH_PROFILE=1: one more step with every kernel waited for,
+    // and where its time went.
+    if std::env::var("CARAMBA_BENCH_PROFILE").is_ok_and(|v| v == "1") {
+        drop(trainer);
+        let options = caramba_runtime::gpu::GpuOptions {
+            profile: true,
+            ..options
+        };
+        let mut trainer = DeviceTrainer::new(backend, &graph, None, &params, &optimizer, options)
+            .expect("trainer");
+        trainer
+            .step(&batch, 1e-4, Some(1.0))
+            .expect("profiled step");
+        let rows = trainer.profile();
+        let total: f64 = rows.iter().map(|r| r.secs).sum();
+        eprintln!(
+            "profile of one step's forward + backward ({:.1} ms, kernels waited for; compilation included):",
+            total * 1e3
+        );
+        for r in rows.iter().take(24) {
+            eprintln!(
+                "  {:>9.2} ms {:>5.1}%  {:>5}×  {}",
+                r.secs * 1e3,
+                100.0 * r.secs / total,
+                r.launches,
+                r.op
+            );
+        }
+        trainer
+            .step(&batch, 1e-4, Some(1.0))
+            .expect("profiled step");
+        let rows = trainer.profile();
+        eprintln!(
+            "(the table again after a second step, compilation done: subtract to get one step)"
+        );
+        for r in rows.iter().take(24) {
+            eprintln!("  {:>9.2} ms  {:>5}×  {}", r.secs * 1e3, r.launches, r.op);
+        }
+    }
     let tps = (b * t) as f64 / secs;
     let mfu = 6.0 * n_params as f64 * tps / 67e12;
     println!(

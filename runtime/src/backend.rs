@@ -367,6 +367,17 @@ impl DeviceTrainer {
         }
     }
 
+    /// The per-op profile of the training graph's runs, when built with
+    /// `GpuOptions::profile` (the optimizer's update launches are not in it).
+    pub fn profile(&self) -> Vec<crate::gpu::OpProfile> {
+        match *self {
+            #[cfg(feature = "wgpu")]
+            DeviceTrainer::Wgpu(ref t) => t.executor().profile(),
+            #[cfg(feature = "cuda")]
+            DeviceTrainer::Cuda(ref t) => t.executor().profile(),
+        }
+    }
+
     /// One optimizer step over micro-batches (`GpuTrainer::step`).
     pub fn step(
         &mut self,
