@@ -4,8 +4,9 @@
 //! NaN (the reference reports an error); `scatter_add` ignores it.
 //!
 //! `scatter_add` is deterministic and atomic-free (wgpu has no float
-//! atomics): each output element scans every id, so it costs
-//! `size × n_ids × row_len`; fine for tests, slow for a large vocabulary.
+//! atomics): the ids are read back to the host, which groups them by output
+//! row (a CSR plan, `O(n_ids + size)`), and each output element sums its
+//! own source rows. The read-back waits for the device once per call.
 
 use crate::{grid_1d, linear_pos, ELEM_BLOCK};
 use cubecl::prelude::*;
@@ -116,10 +117,10 @@ pub fn launch_causal_mask<R: Runtime>(
 
 #[cube(launch_unchecked)]
 fn scatter_add_kernel<F: Float>(
-    ids: &Array<i32>,
+    offsets: &Array<i32>,
+    order: &Array<i32>,
     src: &Array<F>,
     out: &mut Array<F>,
-    n_ids: usize,
     row_len: usize,
     n: usize,
 ) {
@@ -127,25 +128,54 @@ fn scatter_add_kernel<F: Float>(
     if pos >= n {
         terminate!();
     }
-    // out (size, row_len), src (n_ids, row_len)
+    // out (size, row_len), src (n_ids, row_len); output row r sums the src
+    // rows order[offsets[r]..offsets[r + 1]], in increasing index order.
     let (r, j) = (pos / row_len, pos % row_len);
+    let (start, end) = (offsets[r] as usize, offsets[r + 1] as usize);
     let mut acc = F::new(0.0);
-    for i in 0..n_ids {
-        let id = ids[i];
-        if id >= 0 && id as usize == r {
-            acc += src[i * row_len + j];
-        }
+    for k in start..end {
+        acc += src[order[k] as usize * row_len + j];
     }
     out[pos] = acc;
 }
 
-/// `out[ids[i], :] += src[i, :]` into a zeroed dense `(size, row_len)`.
+/// Which source rows each output row of a scatter-add sums, as CSR:
+/// `offsets` (`size + 1` entries) and `order`, the indices `i` with
+/// `ids[i] == r` for each `r` in turn, increasing (the reference's order,
+/// so the sums are bitwise deterministic). Ids outside `0..size` are left
+/// out.
+pub fn scatter_plan(ids: &[i32], size: usize) -> (Vec<i32>, Vec<i32>) {
+    let mut counts = vec![0i32; size + 1];
+    for &id in ids {
+        if id >= 0 && (id as usize) < size {
+            counts[id as usize + 1] += 1;
+        }
+    }
+    for r in 0..size {
+        counts[r + 1] += counts[r];
+    }
+    let mut next = counts.clone();
+    let mut order = vec![0i32; counts[size] as usize];
+    for (i, &id) in ids.iter().enumerate() {
+        if id >= 0 && (id as usize) < size {
+            let at = &mut next[id as usize];
+            order[*at as usize] = i as i32;
+            *at += 1;
+        }
+    }
+    (counts, order)
+}
+
+/// `out[ids[i], :] += src[i, :]` into a dense `(size, row_len)` (rows no id
+/// points at become zeros). The ids come from the host: the kernel reads
+/// them through a CSR plan ([`scatter_plan`]) built here, so each output
+/// element sums only its own rows; no float atomics (wgpu has none), and
+/// the same sums in the same order as the reference.
 pub fn launch_scatter_add<R: Runtime>(
     client: &ComputeClient<R>,
-    ids: &Handle,
+    ids: &[i32],
     src: &Handle,
     out: &Handle,
-    n_ids: usize,
     row_len: usize,
     size: usize,
 ) {
@@ -153,15 +183,22 @@ pub fn launch_scatter_add<R: Runtime>(
     if n == 0 {
         return;
     }
+    let (offsets, mut order) = scatter_plan(ids, size);
+    let used = order.len();
+    if order.is_empty() {
+        order.push(0);
+    }
+    let offsets_h = client.create_from_slice(i32::as_bytes(&offsets));
+    let order_h = client.create_from_slice(i32::as_bytes(&order));
     unsafe {
         scatter_add_kernel::launch_unchecked::<f32, R>(
             client,
             grid_1d(n, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
-            ArrayArg::from_raw_parts(ids.clone(), n_ids.max(1)),
-            ArrayArg::from_raw_parts(src.clone(), (n_ids * row_len).max(1)),
+            ArrayArg::from_raw_parts(offsets_h, size + 1),
+            ArrayArg::from_raw_parts(order_h, used.max(1)),
+            ArrayArg::from_raw_parts(src.clone(), (ids.len() * row_len).max(1)),
             ArrayArg::from_raw_parts(out.clone(), n),
-            n_ids,
             row_len,
             n,
         );
@@ -205,5 +242,20 @@ pub fn launch_one_hot<R: Runtime>(
             depth,
             n,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scatter_plan;
+
+    #[test]
+    fn scatter_plan_groups_ids_by_row_in_index_order() {
+        let (offsets, order) = scatter_plan(&[2, 0, 2, 5, -1, 2, 0], 4);
+        // Row 0: indices 1, 6; row 1: none; row 2: 0, 2, 5; row 3: none.
+        // 5 and -1 are outside 0..4 and left out.
+        assert_eq!(offsets, vec![0, 2, 2, 5, 5]);
+        assert_eq!(order, vec![1, 6, 0, 2, 5]);
+        assert_eq!(scatter_plan(&[], 2), (vec![0, 0, 0], vec![]));
     }
 }

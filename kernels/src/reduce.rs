@@ -9,7 +9,7 @@
 //! scalars: WGSL rejects non-finite literals, and a kernel that fails to
 //! compile on wgpu would otherwise be skipped silently.
 
-use crate::{grid_1d, linear_cube, ROW_BLOCK};
+use crate::{grid_1d, linear_cube, linear_pos, ELEM_BLOCK, ROW_BLOCK};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
@@ -114,8 +114,65 @@ fn reduce_kernel<F: Float + CubeElement>(
     }
 }
 
+/// One thread per output element `(o, chunk, i)` of a reduction along a
+/// middle axis: it combines `chunk_len` elements of its column, so that
+/// consecutive threads (consecutive `i`) read consecutive addresses.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn reduce_columns_kernel<F: Float + CubeElement>(
+    input: &Array<F>,
+    output: &mut Array<F>,
+    axis_len: usize,
+    inner: usize,
+    chunks: usize,
+    chunk_len: usize,
+    n: usize,
+    divisor: F,
+    neg_inf: F,
+    #[comptime] kind: ReduceKind,
+) {
+    let pos = linear_pos();
+    if pos >= n {
+        terminate!();
+    }
+    let i = pos % inner;
+    let chunk = (pos / inner) % chunks;
+    let o = pos / (inner * chunks);
+    let start = chunk * chunk_len;
+    let mut end = start + chunk_len;
+    if end > axis_len {
+        end = axis_len;
+    }
+    let mut acc = match kind {
+        ReduceKind::Max => neg_inf,
+        _ => F::new(0.0),
+    };
+    let base = o * axis_len * inner + i;
+    for a in start..end {
+        let x = input[base + a * inner];
+        acc = match kind {
+            ReduceKind::Max => max_nan::<F>(acc, x),
+            _ => acc + x,
+        };
+    }
+    output[pos] = match kind {
+        ReduceKind::Mean => acc / divisor,
+        _ => acc,
+    };
+}
+
+/// Threads a column reduction aims for before it splits the axis in chunks
+/// (two passes) to keep the device busy.
+const COLUMN_THREADS: usize = 1 << 16;
+
 /// Reduces a dense `(outer, axis_len, inner)` `f32` tensor along its middle
 /// axis into `output` `(outer, 1, inner)`.
+///
+/// Along the last axis (`inner == 1`) one cube reduces each row. Along any
+/// other axis one thread reduces each column (coalesced across threads);
+/// when there are too few columns to fill the device, the axis is first
+/// cut in chunks reduced into partial results, then those are reduced (a
+/// mean sums first and divides at the end).
 pub fn launch_reduce<R: Runtime>(
     client: &ComputeClient<R>,
     kind: ReduceKind,
@@ -129,6 +186,38 @@ pub fn launch_reduce<R: Runtime>(
     if rows == 0 {
         return;
     }
+    if inner > 1 {
+        let chunks = COLUMN_THREADS
+            .div_ceil(rows)
+            .min(axis_len.div_ceil(32))
+            .max(1);
+        if chunks == 1 {
+            launch_columns(
+                client, kind, input, output, outer, axis_len, inner, 1, axis_len,
+            );
+        } else {
+            let chunk_len = axis_len.div_ceil(chunks);
+            let chunks = axis_len.div_ceil(chunk_len);
+            let partial = client.empty(4 * outer * chunks * inner);
+            let first = if kind == ReduceKind::Max {
+                ReduceKind::Max
+            } else {
+                ReduceKind::Sum
+            };
+            launch_columns(
+                client, first, input, &partial, outer, axis_len, inner, chunks, chunk_len,
+            );
+            let divisor = if kind == ReduceKind::Mean {
+                axis_len as f32
+            } else {
+                1.0
+            };
+            launch_columns_with(
+                client, kind, &partial, output, outer, chunks, inner, 1, chunks, divisor,
+            );
+        }
+        return;
+    }
     unsafe {
         reduce_kernel::launch_unchecked::<f32, R>(
             client,
@@ -139,6 +228,65 @@ pub fn launch_reduce<R: Runtime>(
             axis_len,
             inner,
             rows,
+            f32::NEG_INFINITY,
+            kind,
+        );
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_columns<R: Runtime>(
+    client: &ComputeClient<R>,
+    kind: ReduceKind,
+    input: &Handle,
+    output: &Handle,
+    outer: usize,
+    axis_len: usize,
+    inner: usize,
+    chunks: usize,
+    chunk_len: usize,
+) {
+    launch_columns_with(
+        client,
+        kind,
+        input,
+        output,
+        outer,
+        axis_len,
+        inner,
+        chunks,
+        chunk_len,
+        axis_len as f32,
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_columns_with<R: Runtime>(
+    client: &ComputeClient<R>,
+    kind: ReduceKind,
+    input: &Handle,
+    output: &Handle,
+    outer: usize,
+    axis_len: usize,
+    inner: usize,
+    chunks: usize,
+    chunk_len: usize,
+    divisor: f32,
+) {
+    let n = outer * chunks * inner;
+    unsafe {
+        reduce_columns_kernel::launch_unchecked::<f32, R>(
+            client,
+            grid_1d(n, ELEM_BLOCK),
+            CubeDim::new_1d(ELEM_BLOCK),
+            ArrayArg::from_raw_parts(input.clone(), (outer * axis_len * inner).max(1)),
+            ArrayArg::from_raw_parts(output.clone(), n),
+            axis_len,
+            inner,
+            chunks,
+            chunk_len,
+            n,
+            divisor,
             f32::NEG_INFINITY,
             kind,
         );

@@ -499,15 +499,17 @@ impl<R: Runtime> Ctx<'_, R> {
                 let (ids, src) = (xs[0], xs[1]);
                 let row_len: usize = shape[1..].iter().product();
                 let out = self.alloc(shape);
-                gather::launch_scatter_add(
-                    c,
-                    &ids.handle,
-                    &src.handle,
-                    &out.handle,
-                    ids.numel(),
-                    row_len,
-                    *size,
-                );
+                // The plan of which rows go where is built on the host.
+                let n_ids = ids.numel();
+                let ids_host: Vec<i32> = if n_ids == 0 {
+                    Vec::new()
+                } else {
+                    let bytes = c
+                        .read_one(ids.handle.clone())
+                        .map_err(|e| self.err(format!("reading scatter_add's ids: {e:?}")))?;
+                    i32::from_bytes(&bytes)[..n_ids].to_vec()
+                };
+                gather::launch_scatter_add(c, &ids_host, &src.handle, &out.handle, row_len, *size);
                 Ok(out)
             }
             Op::OneHot { depth, .. } => {
