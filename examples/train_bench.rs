@@ -221,7 +221,13 @@ fn main() {
             "(the table again after a second step, compilation done: subtract to get one step)"
         );
         for r in rows.iter().take(24) {
-            eprintln!("  {:>9.2} ms  {:>5}×  {}", r.secs * 1e3, r.launches, r.op);
+            eprintln!(
+                "  {:>9.2} ms ({:>8.2} ms host)  {:>5}×  {}",
+                r.secs * 1e3,
+                r.host_secs * 1e3,
+                r.launches,
+                r.op
+            );
         }
     }
     let tps = (b * t) as f64 / secs;

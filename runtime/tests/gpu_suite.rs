@@ -663,9 +663,10 @@ pub fn tiny_llama_bf16<R: Runtime>(dev: &R::Device) {
 }
 
 pub fn dba_preset<R: Runtime>(dev: &R::Device) {
-    let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../presets/dba.yml"))
-        .unwrap();
-    let compiled = caramba_compiler::compile(&src).unwrap_or_else(|d| panic!("{d:?}"));
+    // Compiled in, so that a test binary carried to another machine (the
+    // GPU one) has it too.
+    let src = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../presets/dba.yml"));
+    let compiled = caramba_compiler::compile(src).unwrap_or_else(|d| panic!("{d:?}"));
     run_model::<R>(dev, &compiled.student.graph, 512, 7);
 }
 
