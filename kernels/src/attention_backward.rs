@@ -33,6 +33,51 @@ pub const GRAD_BLOCK: usize = 64;
 /// Rows per cube: query rows for `dq`, key rows for `dk`/`dv`.
 pub const GRAD_ROWS: usize = 8;
 
+/// The element offset in `t` of batch index `batch`, flattened over the
+/// leading axes of `out` (to whose batch axes `t` is broadcast).
+#[cube]
+fn batch_offset<F: Float>(t: &Tensor<F>, out: &Tensor<F>, batch: usize) -> usize {
+    let rank = out.rank();
+    let mut rem = batch;
+    let mut offset = 0;
+    for x in 0..rank - 2 {
+        let a = rank - 3 - x;
+        let c = rem % out.shape(a);
+        rem /= out.shape(a);
+        offset += c * t.stride(a);
+    }
+    offset
+}
+
+/// Copies rows `start..start + rows` of `src`'s matrix at `base` (its last
+/// two axes, `w` columns) into `dst` at row stride `stride`, by the whole
+/// cube of `GRAD_BLOCK` units; rows at `len` or past it become zeros.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_rows<F: Float>(
+    dst: &mut SharedMemory<F>,
+    src: &Tensor<F>,
+    base: usize,
+    start: usize,
+    len: usize,
+    #[comptime] rows: usize,
+    #[comptime] w: usize,
+    #[comptime] stride: usize,
+) {
+    let rank = src.rank();
+    let (rs, cs) = (src.stride(rank - 2), src.stride(rank - 1));
+    let mut idx = UNIT_POS as usize;
+    while idx < rows * w {
+        let (r, x) = (idx / w, idx % w);
+        let mut val = F::new(0.0);
+        if start + r < len {
+            val = src[base + (start + r) * rs + x * cs];
+        }
+        dst[r * stride + x] = val;
+        idx += GRAD_BLOCK;
+    }
+}
+
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn attention_dq_kernel<F: Float + CubeElement>(
@@ -59,28 +104,14 @@ fn attention_dq_kernel<F: Float + CubeElement>(
         terminate!();
     }
     let first = (cube % blocks) * GRAD_ROWS;
-    let mut rem = batch;
-    let mut qo = 0;
-    let mut ko = 0;
-    let mut vo = 0;
-    let mut go = 0;
-    let mut lo = 0;
-    let mut eo = 0;
-    for x in 0..rank - 2 {
-        let a = rank - 3 - x;
-        let c = rem % out.shape(a);
-        rem /= out.shape(a);
-        qo += c * q.stride(a);
-        ko += c * k.stride(a);
-        vo += c * v.stride(a);
-        go += c * dout.stride(a);
-        lo += c * lse.stride(a);
-        eo += c * delta.stride(a);
-    }
-    let (q_t, q_d) = (q.stride(rank - 2), q.stride(rank - 1));
+    let qo = batch_offset::<F>(q, out, batch);
+    let ko = batch_offset::<F>(k, out, batch);
+    let vo = batch_offset::<F>(v, out, batch);
+    let go = batch_offset::<F>(dout, out, batch);
+    let lo = batch_offset::<F>(lse, out, batch);
+    let eo = batch_offset::<F>(delta, out, batch);
     let (k_s, k_d) = (k.stride(rank - 2), k.stride(rank - 1));
     let (v_s, v_d) = (v.stride(rank - 2), v.stride(rank - 1));
-    let (g_t, g_d) = (dout.stride(rank - 2), dout.stride(rank - 1));
     let (l_t, e_t) = (lse.stride(rank - 2), delta.stride(rank - 2));
 
     let u = UNIT_POS as usize;
@@ -93,26 +124,8 @@ fn attention_dq_kernel<F: Float + CubeElement>(
     } else {
         1
     }));
-    let mut j = u;
-    while j < GRAD_ROWS * d {
-        let (qi, x) = (j / d, j % d);
-        let mut val = F::new(0.0);
-        if first + qi < t {
-            val = q[qo + (first + qi) * q_t + x * q_d];
-        }
-        q_sh[j] = val;
-        j += GRAD_BLOCK;
-    }
-    j = u;
-    while j < GRAD_ROWS * dv {
-        let (qi, x) = (j / dv, j % dv);
-        let mut val = F::new(0.0);
-        if first + qi < t {
-            val = dout[go + (first + qi) * g_t + x * g_d];
-        }
-        g_sh[j] = val;
-        j += GRAD_BLOCK;
-    }
+    stage_rows::<F>(&mut q_sh, q, qo, first, t, GRAD_ROWS, d, d);
+    stage_rows::<F>(&mut g_sh, dout, go, first, t, GRAD_ROWS, dv, dv);
 
     let mut limits = Array::<usize>::new(GRAD_ROWS);
     let mut row_lse = Array::<F>::new(GRAD_ROWS);
@@ -159,16 +172,7 @@ fn attention_dq_kernel<F: Float + CubeElement>(
         let key = start + u;
         // Scores of this thread's key against the block's rows.
         if staged {
-            let mut idx = u;
-            while idx < GRAD_BLOCK * d {
-                let (kk, x) = (idx / d, idx % d);
-                let mut val = F::new(0.0);
-                if start + kk < s_len {
-                    val = k[ko + (start + kk) * k_s + x * k_d];
-                }
-                kv_sh[kk * stride + x] = val;
-                idx += GRAD_BLOCK;
-            }
+            stage_rows::<F>(&mut kv_sh, k, ko, start, s_len, GRAD_BLOCK, d, stride);
             sync_cube();
         }
         #[unroll]
@@ -192,16 +196,7 @@ fn attention_dq_kernel<F: Float + CubeElement>(
         // dp = dout·vᵀ for the same key.
         if staged {
             sync_cube();
-            let mut idx = u;
-            while idx < GRAD_BLOCK * dv {
-                let (kk, x) = (idx / dv, idx % dv);
-                let mut val = F::new(0.0);
-                if start + kk < s_len {
-                    val = v[vo + (start + kk) * v_s + x * v_d];
-                }
-                kv_sh[kk * stride + x] = val;
-                idx += GRAD_BLOCK;
-            }
+            stage_rows::<F>(&mut kv_sh, v, vo, start, s_len, GRAD_BLOCK, dv, stride);
             sync_cube();
         }
         if key < s_len {
@@ -229,16 +224,7 @@ fn attention_dq_kernel<F: Float + CubeElement>(
         // The keys again, for ds·k.
         if staged {
             sync_cube();
-            let mut idx = u;
-            while idx < GRAD_BLOCK * d {
-                let (kk, x) = (idx / d, idx % d);
-                let mut val = F::new(0.0);
-                if start + kk < s_len {
-                    val = k[ko + (start + kk) * k_s + x * k_d];
-                }
-                kv_sh[kk * stride + x] = val;
-                idx += GRAD_BLOCK;
-            }
+            stage_rows::<F>(&mut kv_sh, k, ko, start, s_len, GRAD_BLOCK, d, stride);
         }
         sync_cube();
         let mut n_keys = max_limit - start;
@@ -307,27 +293,13 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
         terminate!();
     }
     let first = (cube % blocks) * GRAD_ROWS;
-    let mut rem = batch;
-    let mut qo = 0;
-    let mut ko = 0;
-    let mut vo = 0;
-    let mut go = 0;
-    let mut lo = 0;
-    let mut eo = 0;
-    for x in 0..rank - 2 {
-        let a = rank - 3 - x;
-        let c = rem % out.shape(a);
-        rem /= out.shape(a);
-        qo += c * q.stride(a);
-        ko += c * k.stride(a);
-        vo += c * v.stride(a);
-        go += c * dout.stride(a);
-        lo += c * lse.stride(a);
-        eo += c * delta.stride(a);
-    }
+    let qo = batch_offset::<F>(q, out, batch);
+    let ko = batch_offset::<F>(k, out, batch);
+    let vo = batch_offset::<F>(v, out, batch);
+    let go = batch_offset::<F>(dout, out, batch);
+    let lo = batch_offset::<F>(lse, out, batch);
+    let eo = batch_offset::<F>(delta, out, batch);
     let (q_t, q_d) = (q.stride(rank - 2), q.stride(rank - 1));
-    let (k_s, k_d) = (k.stride(rank - 2), k.stride(rank - 1));
-    let (v_s, v_d) = (v.stride(rank - 2), v.stride(rank - 1));
     let (g_t, g_d) = (dout.stride(rank - 2), dout.stride(rank - 1));
     let (l_t, e_t) = (lse.stride(rank - 2), delta.stride(rank - 2));
 
@@ -341,26 +313,8 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
     } else {
         1
     }));
-    let mut j = u;
-    while j < GRAD_ROWS * d {
-        let (kj, x) = (j / d, j % d);
-        let mut val = F::new(0.0);
-        if first + kj < s_len {
-            val = k[ko + (first + kj) * k_s + x * k_d];
-        }
-        k_sh[j] = val;
-        j += GRAD_BLOCK;
-    }
-    j = u;
-    while j < GRAD_ROWS * dv {
-        let (kj, x) = (j / dv, j % dv);
-        let mut val = F::new(0.0);
-        if first + kj < s_len {
-            val = v[vo + (first + kj) * v_s + x * v_d];
-        }
-        v_sh[j] = val;
-        j += GRAD_BLOCK;
-    }
+    stage_rows::<F>(&mut k_sh, k, ko, first, s_len, GRAD_ROWS, d, d);
+    stage_rows::<F>(&mut v_sh, v, vo, first, s_len, GRAD_ROWS, dv, dv);
     sync_cube();
 
     // Query i (at absolute position S − T + i) sees key j when j ≤ S − T + i:
@@ -392,16 +346,7 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
         }
         // Scores of this thread's query against the block's keys.
         if staged {
-            let mut idx = u;
-            while idx < GRAD_BLOCK * d {
-                let (r, x) = (idx / d, idx % d);
-                let mut val = F::new(0.0);
-                if start + r < t {
-                    val = q[qo + (start + r) * q_t + x * q_d];
-                }
-                tile_sh[r * stride + x] = val;
-                idx += GRAD_BLOCK;
-            }
+            stage_rows::<F>(&mut tile_sh, q, qo, start, t, GRAD_BLOCK, d, stride);
             sync_cube();
         }
         #[unroll]
@@ -437,16 +382,7 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
         if staged {
             // Everyone is done with the query tile: dout's rows replace it.
             sync_cube();
-            let mut idx = u;
-            while idx < GRAD_BLOCK * dv {
-                let (r, x) = (idx / dv, idx % dv);
-                let mut val = F::new(0.0);
-                if start + r < t {
-                    val = dout[go + (start + r) * g_t + x * g_d];
-                }
-                tile_sh[r * stride + x] = val;
-                idx += GRAD_BLOCK;
-            }
+            stage_rows::<F>(&mut tile_sh, dout, go, start, t, GRAD_BLOCK, dv, stride);
         }
         if wrt_v {
             // dv += pᵀ·dout
@@ -501,16 +437,7 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
             }
             if staged {
                 sync_cube();
-                let mut idx = u;
-                while idx < GRAD_BLOCK * d {
-                    let (r, x) = (idx / d, idx % d);
-                    let mut val = F::new(0.0);
-                    if start + r < t {
-                        val = q[qo + (start + r) * q_t + x * q_d];
-                    }
-                    tile_sh[r * stride + x] = val;
-                    idx += GRAD_BLOCK;
-                }
+                stage_rows::<F>(&mut tile_sh, q, qo, start, t, GRAD_BLOCK, d, stride);
             }
             sync_cube();
             #[unroll]
