@@ -234,24 +234,7 @@ fn main() {
     // 1.6 GB of logits back to the host took most of an earlier run).
     g.remove_output("logits");
     let (g, _) = caramba_compiler::optimize(&g).unwrap();
-    let params: BTreeMap<String, Tensor> = g
-        .params()
-        .map(|(name, id)| {
-            let shape: Vec<usize> = g
-                .node(id)
-                .ty
-                .shape
-                .dims()
-                .iter()
-                .map(|d| d.as_const().unwrap())
-                .collect();
-            let n = shape.iter().product();
-            (
-                name.to_string(),
-                Tensor::f32(shape, rand(n, 7).into_iter().map(|v| v * 0.04).collect()),
-            )
-        })
-        .collect();
+    let params = random_params(&g);
     // `gpu_bench cuda tf32`: the model's matmuls on tensor cores.
     let tf32 = std::env::args().nth(2).is_some_and(|s| s == "tf32");
     let options = caramba_runtime::gpu::GpuOptions {
@@ -319,6 +302,27 @@ fn main() {
     }
 }
 
+/// Small random weights (uniform in ±0.02) for every parameter of `g`.
+fn random_params(g: &Graph) -> BTreeMap<String, Tensor> {
+    g.params()
+        .map(|(name, id)| {
+            let shape: Vec<usize> = g
+                .node(id)
+                .ty
+                .shape
+                .dims()
+                .iter()
+                .map(|d| d.as_const().unwrap())
+                .collect();
+            let n = shape.iter().product();
+            (
+                name.to_string(),
+                Tensor::f32(shape, rand(n, 7).into_iter().map(|v| v * 0.04).collect()),
+            )
+        })
+        .collect()
+}
+
 /// SmolLM2-135M's shapes.
 fn smollm2_dims() -> LlamaDims {
     LlamaDims {
@@ -351,24 +355,7 @@ fn smollm2_decode(backend: Backend) {
     )
     .unwrap();
     let (g, _) = caramba_compiler::optimize(&lowered.graph).unwrap();
-    let params: BTreeMap<String, Tensor> = g
-        .params()
-        .map(|(name, id)| {
-            let shape: Vec<usize> = g
-                .node(id)
-                .ty
-                .shape
-                .dims()
-                .iter()
-                .map(|d| d.as_const().unwrap())
-                .collect();
-            let n = shape.iter().product();
-            (
-                name.to_string(),
-                Tensor::f32(shape, rand(n, 7).into_iter().map(|v| v * 0.04).collect()),
-            )
-        })
-        .collect();
+    let params = random_params(&g);
     let run = |exec: &Executor, steps: usize| -> f64 {
         let mut device = BTreeMap::new();
         let mut host = BTreeMap::new();

@@ -274,8 +274,37 @@ pub fn launch_attention<R: Runtime>(
     causal: bool,
     scale: f32,
 ) {
+    launch(client, q, k, Some(v), out, causal, scale);
+}
+
+/// The log-sum-exp of attention's masked, scaled scores per query row
+/// (`AttentionLse`): the forward kernel without the values. q
+/// `(batch…, T, d)` and k `(batch…, S, d)` broadcast to the output's batch
+/// axes; `out` dense `(batch…, T, 1)`.
+pub fn launch_attention_lse<R: Runtime>(
+    client: &ComputeClient<R>,
+    q: &View,
+    k: &View,
+    out: &View,
+    causal: bool,
+    scale: f32,
+) {
+    launch(client, q, k, None, out, causal, scale);
+}
+
+/// The forward kernel over `v`, or in its log-sum-exp mode without one.
+fn launch<R: Runtime>(
+    client: &ComputeClient<R>,
+    q: &View,
+    k: &View,
+    v: Option<&View>,
+    out: &View,
+    causal: bool,
+    scale: f32,
+) {
     let r = out.shape.len();
-    let (d, dv) = (q.shape[r - 1], v.shape[r - 1]);
+    let d = q.shape[r - 1];
+    let dv = v.map_or(1, |v| v.shape[r - 1]);
     let t = out.shape[r - 2];
     let batch: usize = out.shape[..r - 2].iter().product();
     if batch * t == 0 || dv == 0 {
@@ -293,7 +322,7 @@ pub fn launch_attention<R: Runtime>(
             CubeDim::new_1d(ATTN_BLOCK as u32),
             q.arg::<R>(),
             k.arg::<R>(),
-            v.arg::<R>(),
+            v.unwrap_or(k).arg::<R>(),
             out.arg::<R>(),
             scale,
             f32::NEG_INFINITY,
@@ -301,49 +330,7 @@ pub fn launch_attention<R: Runtime>(
             d.max(1),
             dv,
             staged,
-            false,
-        );
-    }
-}
-
-/// The log-sum-exp of attention's masked, scaled scores per query row
-/// (`AttentionLse`): the forward kernel without the values. q
-/// `(batch…, T, d)` and k `(batch…, S, d)` broadcast to the output's batch
-/// axes; `out` dense `(batch…, T, 1)`.
-pub fn launch_attention_lse<R: Runtime>(
-    client: &ComputeClient<R>,
-    q: &View,
-    k: &View,
-    out: &View,
-    causal: bool,
-    scale: f32,
-) {
-    let r = out.shape.len();
-    let d = q.shape[r - 1];
-    let t = out.shape[r - 2];
-    let batch: usize = out.shape[..r - 2].iter().product();
-    if batch * t == 0 {
-        return;
-    }
-    let cubes = batch * t.div_ceil(ATTN_QUERIES);
-    let shared = 4 * (ATTN_BLOCK * (d + 1) + ATTN_QUERIES * (d + ATTN_BLOCK));
-    let staged = shared <= client.properties().hardware.max_shared_memory_size;
-    unsafe {
-        attention_kernel::launch_unchecked::<f32, R>(
-            client,
-            grid_1d(cubes, 1),
-            CubeDim::new_1d(ATTN_BLOCK as u32),
-            q.arg::<R>(),
-            k.arg::<R>(),
-            k.arg::<R>(),
-            out.arg::<R>(),
-            scale,
-            f32::NEG_INFINITY,
-            causal,
-            d.max(1),
-            1,
-            staged,
-            true,
+            v.is_none(),
         );
     }
 }

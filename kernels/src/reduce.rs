@@ -74,12 +74,32 @@ pub(crate) fn max_nan<F: Float>(a: F, b: F) -> F {
     r
 }
 
+/// The starting value of a reduction (`-inf` for max arrives at run time:
+/// WGSL rejects non-finite literals).
+#[cube]
+fn reduce_init<F: Float>(neg_inf: F, #[comptime] kind: ReduceKind) -> F {
+    match kind {
+        ReduceKind::Max => neg_inf,
+        _ => F::new(0.0),
+    }
+}
+
+/// One element folded into a reduction (a mean sums; its caller divides).
+#[cube]
+fn reduce_step<F: Float>(acc: F, x: F, #[comptime] kind: ReduceKind) -> F {
+    match kind {
+        ReduceKind::Max => max_nan::<F>(acc, x),
+        _ => acc + x,
+    }
+}
+
+/// One cube per row of a dense `(rows, axis_len)` tensor: threads stride
+/// along the row and combine through shared memory.
 #[cube(launch_unchecked)]
 fn reduce_kernel<F: Float + CubeElement>(
     input: &Array<F>,
     output: &mut Array<F>,
     axis_len: usize,
-    inner: usize,
     rows: usize,
     neg_inf: F,
     #[comptime] kind: ReduceKind,
@@ -88,20 +108,12 @@ fn reduce_kernel<F: Float + CubeElement>(
     if row >= rows {
         terminate!();
     }
-    let (o, i) = (row / inner, row % inner);
-    let base = o * axis_len * inner + i;
+    let base = row * axis_len;
     let mut smem = SharedMemory::<F>::new(ROW_BLOCK as usize);
-    let mut acc = match kind {
-        ReduceKind::Max => neg_inf,
-        _ => F::new(0.0),
-    };
+    let mut acc = reduce_init::<F>(neg_inf, kind);
     let mut a = UNIT_POS as usize;
     while a < axis_len {
-        let x = input[base + a * inner];
-        acc = match kind {
-            ReduceKind::Max => max_nan::<F>(acc, x),
-            _ => acc + x,
-        };
+        acc = reduce_step::<F>(acc, input[base + a], kind);
         a += CUBE_DIM as usize;
     }
     let r = match kind {
@@ -143,17 +155,10 @@ fn reduce_columns_kernel<F: Float + CubeElement>(
     if end > axis_len {
         end = axis_len;
     }
-    let mut acc = match kind {
-        ReduceKind::Max => neg_inf,
-        _ => F::new(0.0),
-    };
+    let mut acc = reduce_init::<F>(neg_inf, kind);
     let base = o * axis_len * inner + i;
     for a in start..end {
-        let x = input[base + a * inner];
-        acc = match kind {
-            ReduceKind::Max => max_nan::<F>(acc, x),
-            _ => acc + x,
-        };
+        acc = reduce_step::<F>(acc, input[base + a * inner], kind);
     }
     output[pos] = match kind {
         ReduceKind::Mean => acc / divisor,
@@ -186,82 +191,51 @@ pub fn launch_reduce<R: Runtime>(
     if rows == 0 {
         return;
     }
-    if inner > 1 {
-        let chunks = COLUMN_THREADS
-            .div_ceil(rows)
-            .min(axis_len.div_ceil(32))
-            .max(1);
-        if chunks == 1 {
-            launch_columns(
-                client, kind, input, output, outer, axis_len, inner, 1, axis_len,
-            );
-        } else {
-            let chunk_len = axis_len.div_ceil(chunks);
-            let chunks = axis_len.div_ceil(chunk_len);
-            let partial = client.empty(4 * outer * chunks * inner);
-            let first = if kind == ReduceKind::Max {
-                ReduceKind::Max
-            } else {
-                ReduceKind::Sum
-            };
-            launch_columns(
-                client, first, input, &partial, outer, axis_len, inner, chunks, chunk_len,
-            );
-            let divisor = if kind == ReduceKind::Mean {
-                axis_len as f32
-            } else {
-                1.0
-            };
-            launch_columns_with(
-                client, kind, &partial, output, outer, chunks, inner, 1, chunks, divisor,
+    if inner == 1 {
+        unsafe {
+            reduce_kernel::launch_unchecked::<f32, R>(
+                client,
+                grid_1d(rows, 1),
+                CubeDim::new_1d(ROW_BLOCK),
+                ArrayArg::from_raw_parts(input.clone(), (rows * axis_len).max(1)),
+                ArrayArg::from_raw_parts(output.clone(), rows),
+                axis_len,
+                rows,
+                f32::NEG_INFINITY,
+                kind,
             );
         }
         return;
     }
-    unsafe {
-        reduce_kernel::launch_unchecked::<f32, R>(
-            client,
-            grid_1d(rows, 1),
-            CubeDim::new_1d(ROW_BLOCK),
-            ArrayArg::from_raw_parts(input.clone(), outer * axis_len * inner),
-            ArrayArg::from_raw_parts(output.clone(), rows),
-            axis_len,
-            inner,
-            rows,
-            f32::NEG_INFINITY,
-            kind,
-        );
+    let column = |kind, input: &Handle, output: &Handle, axis_len, chunks, chunk_len, divisor| {
+        launch_columns(
+            client, kind, input, output, outer, axis_len, inner, chunks, chunk_len, divisor,
+        )
+    };
+    let chunks = COLUMN_THREADS
+        .div_ceil(rows)
+        .min(axis_len.div_ceil(32))
+        .max(1);
+    if chunks == 1 {
+        column(kind, input, output, axis_len, 1, axis_len, axis_len as f32);
+        return;
     }
+    let chunk_len = axis_len.div_ceil(chunks);
+    let chunks = axis_len.div_ceil(chunk_len);
+    let partial = client.empty(4 * outer * chunks * inner);
+    let first = if kind == ReduceKind::Max {
+        ReduceKind::Max
+    } else {
+        ReduceKind::Sum
+    };
+    column(first, input, &partial, axis_len, chunks, chunk_len, 1.0);
+    column(kind, &partial, output, chunks, 1, chunks, axis_len as f32);
 }
 
+/// `reduce_columns_kernel` over `(outer, axis_len, inner)` into `(outer,
+/// chunks, inner)`; a mean divides by `divisor`.
 #[allow(clippy::too_many_arguments)]
 fn launch_columns<R: Runtime>(
-    client: &ComputeClient<R>,
-    kind: ReduceKind,
-    input: &Handle,
-    output: &Handle,
-    outer: usize,
-    axis_len: usize,
-    inner: usize,
-    chunks: usize,
-    chunk_len: usize,
-) {
-    launch_columns_with(
-        client,
-        kind,
-        input,
-        output,
-        outer,
-        axis_len,
-        inner,
-        chunks,
-        chunk_len,
-        axis_len as f32,
-    );
-}
-
-#[allow(clippy::too_many_arguments)]
-fn launch_columns_with<R: Runtime>(
     client: &ComputeClient<R>,
     kind: ReduceKind,
     input: &Handle,
