@@ -17,7 +17,7 @@
 //! `kv_attention`) are refused.
 
 use crate::graph::{Graph, IrError, NodeId};
-use crate::op::{AttnArg, BinaryOp, Op, ReduceOp, UnaryOp};
+use crate::op::{AttnArg, BinaryOp, Op, ReduceOp, Scalar, UnaryOp};
 use crate::types::{DType, Dim, Shape, TensorType};
 use std::collections::{BTreeSet, HashMap};
 
@@ -45,6 +45,7 @@ pub fn differentiate(g: &Graph, loss: &str, wrt: &[String]) -> Result<Graph, IrE
     let mut b = Backward {
         ng: Graph::new(g.name.clone()),
         map: HashMap::new(),
+        attn_kv: HashMap::new(),
     };
     let order = g.topo_order();
     for &id in &order {
@@ -130,6 +131,9 @@ struct Backward {
     ng: Graph,
     /// Forward node in the source graph → its copy in `ng`.
     map: HashMap<NodeId, NodeId>,
+    /// Attention node in the source graph → its `attention_grad{kv}` in
+    /// `ng`, shared by the gradients of its keys and values.
+    attn_kv: HashMap<NodeId, NodeId>,
 }
 
 impl Backward {
@@ -200,6 +204,40 @@ impl Backward {
             cur = self.op(Op::Reshape(target.clone()), &[cur], scope)?;
         }
         Ok(cur)
+    }
+
+    /// `attention_grad{wrt}` of attention `y = attention(x…)` for the
+    /// output adjoint `gy`, with the row statistics it needs: the
+    /// log-sum-exp `lse` (recomputed) and `delta = Σ gy·y` per query row.
+    /// The q and kv gradients each make their own copies of these; the
+    /// optimizer's e-graph merges them.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_grad(
+        &mut self,
+        x: &[NodeId],
+        y: NodeId,
+        gy: NodeId,
+        causal: bool,
+        scale: Scalar,
+        wrt: AttnArg,
+        scope: &str,
+    ) -> Result<NodeId, IrError> {
+        let lse = self.op(Op::AttentionLse { causal, scale }, &[x[0], x[1]], scope)?;
+        let prod = self.bin(BinaryOp::Mul, gy, y, scope)?;
+        let last = self.ty(prod).shape.rank() - 1;
+        let delta = self.op(
+            Op::Reduce {
+                op: ReduceOp::Sum,
+                axis: last,
+            },
+            &[prod],
+            scope,
+        )?;
+        self.op(
+            Op::AttentionGrad { causal, scale, wrt },
+            &[x[0], x[1], x[2], gy, lse, delta],
+            scope,
+        )
     }
 
     /// J(t): the last axis' second half negated. Rotary embedding satisfies
@@ -479,26 +517,32 @@ impl Backward {
                 self.bin(BinaryOp::Mul, d, g1, s)?
             }
             &Op::Attention { causal, scale } => {
-                // p = exp(s − lse) and delta = Σ dout·out per query row;
-                // the three gradients share them (the optimizer's e-graph
-                // merges the copies each operand's call makes).
-                let lse = self.op(Op::AttentionLse { causal, scale }, &[x[0], x[1]], s)?;
-                let prod = self.bin(BinaryOp::Mul, gy, y, s)?;
-                let last = self.ty(prod).shape.rank() - 1;
-                let delta = self.op(
-                    Op::Reduce {
-                        op: ReduceOp::Sum,
-                        axis: last,
-                    },
-                    &[prod],
-                    s,
-                )?;
-                let wrt = [AttnArg::Q, AttnArg::K, AttnArg::V][i];
-                let full = self.op(
-                    Op::AttentionGrad { causal, scale, wrt },
-                    &[x[0], x[1], x[2], gy, lse, delta],
-                    s,
-                )?;
+                let full = if i == 0 {
+                    self.attention_grad(&x, y, gy, causal, scale, AttnArg::Q, s)?
+                } else {
+                    // dk and dv come from one pass over the scores: the
+                    // first of k and v to be differentiated makes it, and
+                    // each takes its columns.
+                    let kv = match self.attn_kv.get(&id) {
+                        Some(&kv) => kv,
+                        None => {
+                            let kv =
+                                self.attention_grad(&x, y, gy, causal, scale, AttnArg::KV, s)?;
+                            self.attn_kv.insert(id, kv);
+                            kv
+                        }
+                    };
+                    let width = |k: usize| {
+                        xshape(k)
+                            .last()
+                            .and_then(Dim::as_const)
+                            .ok_or_else(|| refuse("attention with symbolic head dims"))
+                    };
+                    let d = width(1)?;
+                    let (start, end) = if i == 1 { (0, d) } else { (d, d + width(2)?) };
+                    let axis = self.ty(kv).shape.rank() - 1;
+                    self.op(Op::Slice { axis, start, end }, &[kv], s)?
+                };
                 self.reduce_to(full, &xshape(i), s)?
             }
             Op::AttentionLse { .. } | Op::AttentionGrad { .. } => {

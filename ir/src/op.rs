@@ -221,9 +221,12 @@ pub enum Op {
     /// `ds = mul(mul(p, sub(matmul(dout, permute_last2(v)), delta)), scale)`
     /// the result is, by `wrt`: `q` → `matmul(ds, k)` `[..., T, d]`;
     /// `k` → `matmul(permute_last2(ds), q)` `[..., S, d]`; `v` →
-    /// `matmul(permute_last2(p), dout)` `[..., S, dv]`, all over the
+    /// `matmul(permute_last2(p), dout)` `[..., S, dv]`; `kv` → both,
+    /// `concat{last}(<k result>, <v result>)` `[..., S, d + dv]`, all over the
     /// broadcast leading axes (summing them down to an operand's own shape is
-    /// left to the caller).
+    /// left to the caller). `kv` is what autodiff emits: one pass over the
+    /// scores gives both (FlashAttention-2's backward), where `k` and `v`
+    /// would each recompute `p`.
     AttentionGrad {
         causal: bool,
         scale: Scalar,
@@ -253,12 +256,14 @@ pub enum Op {
     },
 }
 
-/// Which operand of `attention` an `AttentionGrad` differentiates for.
+/// Which operand of `attention` an `AttentionGrad` differentiates for
+/// (`KV`: keys and values together, their gradients side by side).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum AttnArg {
     Q,
     K,
     V,
+    KV,
 }
 
 impl fmt::Display for AttnArg {
@@ -267,6 +272,7 @@ impl fmt::Display for AttnArg {
             AttnArg::Q => "q",
             AttnArg::K => "k",
             AttnArg::V => "v",
+            AttnArg::KV => "kv",
         })
     }
 }
@@ -808,6 +814,14 @@ impl Op {
                     AttnArg::Q => with([row(q, 2), row(q, 1)]),
                     AttnArg::K => with([row(k, 2), row(k, 1)]),
                     AttnArg::V => with([row(v, 2), row(v, 1)]),
+                    AttnArg::KV => match (row(k, 1), row(v, 1)) {
+                        (Dim::Const(d), Dim::Const(dv)) => with([row(k, 2), Dim::Const(d + dv)]),
+                        _ => {
+                            return Err(format!(
+                                "attention_grad for kv needs constant head dims, got {k} and {v}"
+                            ))
+                        }
+                    },
                 };
                 Ok(TensorType::new(q.dtype, shape))
             }

@@ -341,8 +341,9 @@ fn frozen_parameters_get_no_backward_work() {
         .all(|n| dg.node(n).scope != "frozen_branch/grad"));
 }
 
-/// The fused attention's rule (flash-style: `attention_lse` and three
-/// `attention_grad`s) against finite differences: causal and not, queries
+/// The fused attention's rule (flash-style: `attention_lse`, then
+/// `attention_grad` for q and for k and v together, sliced) against finite
+/// differences: causal and not, queries
 /// fewer than keys (a cached suffix), and GQA's key/value heads broadcast
 /// over query groups (their gradients summed back over the groups).
 #[test]

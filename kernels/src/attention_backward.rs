@@ -12,13 +12,17 @@
 //! - `dk = dsᵀ·q` and `dv = pᵀ·dout`: [`launch_attention_dkv`], the
 //!   transpose: one cube per block of `GRAD_ROWS` keys (their k and v rows in
 //!   shared memory), thread `u` owning query `tile·B + u`; a causal block
-//!   starts at the first query that sees its first key.
+//!   starts at the first query that sees its first key. It writes both from
+//!   one pass (`attention_grad{kv}`, what autodiff emits: each tile's `p` and
+//!   dout rows serve `dv` and then `ds`, as in FlashAttention-2's backward)
+//!   or either alone (`wrt = k` or `v`, still valid IR, though the two
+//!   together recompute the scores twice).
 //!
 //! Tiles of k and v (or of q and dout) are staged in shared memory by the
-//! whole cube when they fit, as in the forward kernel. Each gradient is its
-//! own kernel (the IR's ops have one result each), so `dk` and `dv`
-//! recompute the scores separately: about 1.6× the arithmetic of
-//! FlashAttention-2's fused backward, for no extra memory.
+//! whole cube when they fit, as in the forward kernel. `dq` stays its own
+//! kernel (its cubes own query rows, the others' own keys), so the backward
+//! computes the scores twice (three times with `attention_lse`), where
+//! FlashAttention-2 computes them once and accumulates `dq` with atomics.
 //!
 //! Layout: every operand a strided view broadcast to the result's batch
 //! axes (GQA's shared key/value heads have stride 0 there; summing their
@@ -280,12 +284,15 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
     #[comptime] d: usize,
     #[comptime] dv: usize,
     #[comptime] staged: bool,
-    #[comptime] wrt_v: bool,
+    #[comptime] with_k: bool,
+    #[comptime] with_v: bool,
 ) {
     let rank = out.rank();
     let t = q.shape(rank - 2);
     let s_len = out.shape(rank - 2);
-    let width = comptime!(if wrt_v { dv } else { d });
+    // A result row is dk's columns (with_k), then dv's (with_v).
+    let k_width = comptime!(if with_k { d } else { 0 });
+    let width = comptime!(k_width + if with_v { dv } else { 0 });
     let blocks = s_len.div_ceil(GRAD_ROWS);
     let cube = linear_cube(); // (batch, key block) flattened
     let batch = cube / blocks;
@@ -323,11 +330,21 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
     if causal && first + t > s_len {
         q_start = first + t - s_len;
     }
-    let cols = comptime!(width.div_ceil(GRAD_BLOCK));
-    let mut acc = Array::<F>::new(GRAD_ROWS * cols);
-    #[unroll]
-    for c in 0..GRAD_ROWS * cols {
-        acc[c] = F::new(0.0);
+    let cols_k = comptime!(d.div_ceil(GRAD_BLOCK));
+    let cols_v = comptime!(dv.div_ceil(GRAD_BLOCK));
+    let mut acc_k = Array::<F>::new(GRAD_ROWS * cols_k);
+    let mut acc_v = Array::<F>::new(GRAD_ROWS * cols_v);
+    if with_k {
+        #[unroll]
+        for c in 0..GRAD_ROWS * cols_k {
+            acc_k[c] = F::new(0.0);
+        }
+    }
+    if with_v {
+        #[unroll]
+        for c in 0..GRAD_ROWS * cols_v {
+            acc_v[c] = F::new(0.0);
+        }
     }
     let mut pr = Array::<F>::new(GRAD_ROWS);
     let n_tiles = t.div_ceil(GRAD_BLOCK);
@@ -384,15 +401,17 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
             sync_cube();
             stage_rows::<F>(&mut tile_sh, dout, go, start, t, GRAD_BLOCK, dv, stride);
         }
-        if wrt_v {
-            // dv += pᵀ·dout
+        if with_v {
             #[unroll]
             for kj in 0..GRAD_ROWS {
                 p_sh[kj * GRAD_BLOCK + u] = pr[kj];
             }
-            sync_cube();
+        }
+        sync_cube();
+        if with_v {
+            // dv += pᵀ·dout
             #[unroll]
-            for c in 0..cols {
+            for c in 0..cols_v {
                 let col = c * GRAD_BLOCK + u;
                 if col < dv {
                     for x in 0..n_rows {
@@ -403,16 +422,15 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
                         };
                         #[unroll]
                         for kj in 0..GRAD_ROWS {
-                            acc[kj * cols + c] += p_sh[kj * GRAD_BLOCK + x] * g;
+                            acc_v[kj * cols_v + c] += p_sh[kj * GRAD_BLOCK + x] * g;
                         }
                     }
                 }
             }
-        } else {
-            // ds = p·(dout·vᵀ − delta)·scale, then dk += dsᵀ·q.
-            if staged {
-                sync_cube();
-            }
+        }
+        if with_k {
+            // ds = p·(dout·vᵀ − delta)·scale from the same p and dout's
+            // tile, then dk += dsᵀ·q.
             let mut dp = Array::<F>::new(GRAD_ROWS);
             #[unroll]
             for kj in 0..GRAD_ROWS {
@@ -431,17 +449,19 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
                     }
                 }
             }
+            // Everyone is done with p and dout's tile: ds and the query
+            // rows replace them.
+            sync_cube();
             #[unroll]
             for kj in 0..GRAD_ROWS {
                 p_sh[kj * GRAD_BLOCK + u] = pr[kj] * (dp[kj] - row_delta) * scale;
             }
             if staged {
-                sync_cube();
                 stage_rows::<F>(&mut tile_sh, q, qo, start, t, GRAD_BLOCK, d, stride);
             }
             sync_cube();
             #[unroll]
-            for c in 0..cols {
+            for c in 0..cols_k {
                 let col = c * GRAD_BLOCK + u;
                 if col < d {
                     for x in 0..n_rows {
@@ -452,7 +472,7 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
                         };
                         #[unroll]
                         for kj in 0..GRAD_ROWS {
-                            acc[kj * cols + c] += p_sh[kj * GRAD_BLOCK + x] * qv;
+                            acc_k[kj * cols_k + c] += p_sh[kj * GRAD_BLOCK + x] * qv;
                         }
                     }
                 }
@@ -464,11 +484,23 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
     for kj in 0..GRAD_ROWS {
         let key = first + kj;
         if key < s_len {
-            #[unroll]
-            for c in 0..cols {
-                let col = c * GRAD_BLOCK + u;
-                if col < width {
-                    out[(batch * s_len + key) * width + col] = acc[kj * cols + c];
+            let row = (batch * s_len + key) * width;
+            if with_k {
+                #[unroll]
+                for c in 0..cols_k {
+                    let col = c * GRAD_BLOCK + u;
+                    if col < d {
+                        out[row + col] = acc_k[kj * cols_k + c];
+                    }
+                }
+            }
+            if with_v {
+                #[unroll]
+                for c in 0..cols_v {
+                    let col = c * GRAD_BLOCK + u;
+                    if col < dv {
+                        out[row + k_width + col] = acc_v[kj * cols_v + c];
+                    }
                 }
             }
         }
@@ -544,18 +576,30 @@ pub fn launch_attention_dq<R: Runtime>(
     }
 }
 
-/// `dk = dsᵀ·q` (dense `(batch…, S, d)`) or, with `wrt_v`, `dv = pᵀ·dout`
-/// (dense `(batch…, S, dv)`) into `out`.
+/// Which gradients of the keys' side [`launch_attention_dkv`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyGrads {
+    /// `dk = dsᵀ·q`, dense `(batch…, S, d)`.
+    K,
+    /// `dv = pᵀ·dout`, dense `(batch…, S, dv)`.
+    V,
+    /// Both from one pass over the scores, each row dk's then dv's
+    /// columns: dense `(batch…, S, d + dv)`.
+    KV,
+}
+
+/// `dk`, `dv` or both (`grads`) into `out`.
 pub fn launch_attention_dkv<R: Runtime>(
     client: &ComputeClient<R>,
     x: &GradOperands,
     out: &View,
     causal: bool,
     scale: f32,
-    wrt_v: bool,
+    grads: KeyGrads,
 ) {
     let (batch, _, s, d, dv) = x.dims();
-    let width = if wrt_v { dv } else { d };
+    let (with_k, with_v) = (grads != KeyGrads::V, grads != KeyGrads::K);
+    let width = if with_k { d } else { 0 } + if with_v { dv } else { 0 };
     if batch * s * width == 0 {
         return;
     }
@@ -577,7 +621,8 @@ pub fn launch_attention_dkv<R: Runtime>(
             d.max(1),
             dv.max(1),
             x.staged(client),
-            wrt_v,
+            with_k,
+            with_v,
         );
     }
 }

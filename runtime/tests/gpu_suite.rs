@@ -464,10 +464,10 @@ pub fn attention<R: Runtime>(dev: &R::Device) {
     }
 }
 
-/// Attention's flash-style backward: `attention_lse` and the three
-/// `attention_grad`s against the reference (which evaluates them by their
-/// decompositions), over the forward's shapes plus several tiles of a
-/// 64-dim head, causal and not.
+/// Attention's flash-style backward: `attention_lse` and the
+/// `attention_grad`s (q, k, v, and k and v from one pass) against the
+/// reference (which evaluates them by their decompositions), over the
+/// forward's shapes plus several tiles of a 64-dim head, causal and not.
 pub fn attention_backward<R: Runtime>(dev: &R::Device) {
     let mut rng = Rng(29);
     let cases: [(&[usize], &[usize], &[usize]); 5] = [
@@ -511,7 +511,7 @@ pub fn attention_backward<R: Runtime>(dev: &R::Device) {
                 )
                 .unwrap();
             g.set_output("lse", lse);
-            for wrt in [AttnArg::Q, AttnArg::K, AttnArg::V] {
+            for wrt in [AttnArg::Q, AttnArg::K, AttnArg::V, AttnArg::KV] {
                 let grad = g
                     .add(
                         Op::AttentionGrad { causal, scale, wrt },

@@ -62,7 +62,8 @@ fn flops(op: &Op, xs: &[&TensorType], out: &TensorType) -> f64 {
         // The scores once more, for the row's log-sum-exp.
         Op::AttentionLse { .. } => numel(out) * last(xs[1], 2) * (2.0 * last(xs[0], 1) + 5.0),
         // Scores recomputed, p (and for q and k, dp = dout·vᵀ and ds), then
-        // the product that gives the gradient.
+        // the products that give the gradients: kv pays for the scores, p
+        // and ds once.
         Op::AttentionGrad { wrt, .. } => {
             let scores = numel(xs[3]) / last(xs[3], 1) * last(xs[1], 2);
             let (d, dv) = (last(xs[0], 1), last(xs[2], 1));
@@ -70,6 +71,7 @@ fn flops(op: &Op, xs: &[&TensorType], out: &TensorType) -> f64 {
                 * match wrt {
                     AttnArg::V => 2.0 * d + 5.0 + 2.0 * dv,
                     AttnArg::Q | AttnArg::K => 2.0 * d + 2.0 * dv + 8.0 + 2.0 * d,
+                    AttnArg::KV => 2.0 * d + 2.0 * dv + 8.0 + 2.0 * d + 2.0 * dv,
                 }
         }
         Op::Softmax { .. } => 5.0 * numel(out),

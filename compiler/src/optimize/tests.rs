@@ -5,7 +5,8 @@ use super::*;
 use crate::manifest::{Element, LayerKind, ModelSpec, Topology};
 use caramba_ir::reference::{eval, Bindings, Tensor};
 use caramba_ir::{
-    BinaryOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Scalar, Shape, Sym, TensorType, UnaryOp,
+    AttnArg, BinaryOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Scalar, Shape, Sym, TensorType,
+    UnaryOp,
 };
 use std::collections::BTreeMap;
 
@@ -392,6 +393,33 @@ fn fuse_attention_is_sound() {
             g
         },
     );
+}
+
+/// One `attention_grad{kv}` is cheaper than the `k` and `v` gradients it
+/// replaces (it recomputes the scores once), but dearer than either alone.
+#[test]
+fn kv_attention_grad_costs_less_than_k_and_v_apart() {
+    let (b, t, s) = (Dim::Sym(Sym::B), Dim::Sym(Sym::T), Dim::Sym(Sym::S));
+    let f = |dims: &[Dim]| ty(DType::F32, dims);
+    let (q, k, v) = (
+        f(&[b, c(8), c(4), t, c(64)]),
+        f(&[b, c(8), c(1), s, c(64)]),
+        f(&[b, c(8), c(1), s, c(64)]),
+    );
+    let (dout, row) = (f(&[b, c(8), c(4), t, c(64)]), f(&[b, c(8), c(4), t, c(1)]));
+    let xs = [&q, &k, &v, &dout, &row, &row];
+    let grad = |wrt| {
+        let op = Op::AttentionGrad {
+            causal: true,
+            scale: Scalar(0.125),
+            wrt,
+        };
+        let out = op.infer(&xs).unwrap();
+        cost::op_cost(&op, &xs, &out)
+    };
+    let (gk, gv, gkv) = (grad(AttnArg::K), grad(AttnArg::V), grad(AttnArg::KV));
+    assert!(gkv < gk + gv, "kv {gkv} vs k {gk} + v {gv}");
+    assert!(gkv > gk.max(gv), "kv {gkv} vs k {gk}, v {gv}");
 }
 
 /// DBA scores: two scaled score products added, then masked softmax and

@@ -553,6 +553,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 Ok(out)
             }
             Op::AttentionGrad { causal, scale, wrt } => {
+                use attention_backward::KeyGrads;
                 let batch = &shape[..shape.len() - 2];
                 let v: Vec<View> = xs.iter().map(|x| Self::batch_view(x, batch)).collect();
                 let operands = attention_backward::GradOperands {
@@ -565,18 +566,18 @@ impl<R: Runtime> Ctx<'_, R> {
                 };
                 let out = self.alloc(shape);
                 let (o, scale) = (Self::view(&out), scale.0 as f32);
+                let keys = |grads| {
+                    attention_backward::launch_attention_dkv(
+                        c, &operands, &o, *causal, scale, grads,
+                    )
+                };
                 match wrt {
                     AttnArg::Q => {
                         attention_backward::launch_attention_dq(c, &operands, &o, *causal, scale)
                     }
-                    AttnArg::K | AttnArg::V => attention_backward::launch_attention_dkv(
-                        c,
-                        &operands,
-                        &o,
-                        *causal,
-                        scale,
-                        *wrt == AttnArg::V,
-                    ),
+                    AttnArg::K => keys(KeyGrads::K),
+                    AttnArg::V => keys(KeyGrads::V),
+                    AttnArg::KV => keys(KeyGrads::KV),
                 }
                 Ok(out)
             }

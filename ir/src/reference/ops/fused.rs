@@ -3,6 +3,7 @@
 
 use super::attention::causal_mask;
 use super::elementwise::{binary, constant, unary};
+use super::layout::concat;
 use super::matmul::{matmul, MatOperand};
 use super::reduce::{reduce, softmax};
 use super::{each_float, Raw};
@@ -77,8 +78,9 @@ pub fn attention_lse(q: &Tensor, k: &Tensor, causal: bool, scale: Scalar) -> Res
     binary(BinaryOp::Add, &m, &log)
 }
 
-/// One gradient of attention, by `AttentionGrad`'s decomposition: the
-/// probabilities recomputed from `lse`, `ds = p·(dout·vᵀ − delta)·scale`.
+/// One gradient of attention (or, for `KV`, two side by side), by
+/// `AttentionGrad`'s decomposition: the probabilities recomputed from `lse`,
+/// `ds = p·(dout·vᵀ − delta)·scale`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_grad(
     q: &Tensor,
@@ -101,17 +103,24 @@ pub fn attention_grad(
             transposed: true,
         }
     }
+    let grad_v = || matmul(t(&p), MatOperand::plain(dout));
     if wrt == AttnArg::V {
-        return matmul(t(&p), MatOperand::plain(dout));
+        return grad_v();
     }
     let dp = tensor(dt, matmul(MatOperand::plain(dout), t(v))?);
     let ds = tensor(dt, binary(BinaryOp::Sub, &dp, delta)?);
     let ds = tensor(dt, binary(BinaryOp::Mul, &p, &ds)?);
     let c = tensor(dt, constant(scale.0, dt)?);
     let ds = tensor(dt, binary(BinaryOp::Mul, &ds, &c)?);
+    let grad_k = || matmul(t(&ds), MatOperand::plain(q));
     match wrt {
         AttnArg::Q => matmul(MatOperand::plain(&ds), MatOperand::plain(k)),
-        _ => matmul(t(&ds), MatOperand::plain(q)),
+        AttnArg::K => grad_k(),
+        AttnArg::KV => {
+            let (dk, dv) = (tensor(dt, grad_k()?), tensor(dt, grad_v()?));
+            concat(&[&dk, &dv], dk.rank() - 1)
+        }
+        AttnArg::V => unreachable!("answered before ds"),
     }
 }
 
