@@ -10,6 +10,8 @@
 //! `CARAMBA_BENCH_ONLY=copy,rmsnorm` (a comma list of `copy`, `rmsnorm`,
 //! `attention`, `gemm`, `kvdecode`, `decode`, `smollm2`) runs only those cases;
 //! `decode` is SmolLM2-shaped cached generation, with a per-op profile.
+//! `CARAMBA_BENCH_GEMM=cubek` puts every GEMM on cubek instead of cuBLASLt
+//! (the `gemm` case times both).
 //!
 //! The executor reads its outputs back after each run, so a kernel's time is
 //! measured as the difference between a chain of N copies of it and a chain
@@ -20,6 +22,7 @@ use caramba_ir::autodiff::add_next_token_loss;
 use caramba_ir::reference::{Bindings, SymValues, Tensor};
 use caramba_ir::*;
 use caramba_runtime::backend::{Backend, Executor};
+use caramba_runtime::gpu::{GemmLibrary, GpuOptions};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -59,8 +62,25 @@ fn total(g: &mut Graph, mut x: NodeId) -> NodeId {
     x
 }
 
+thread_local! {
+    /// The options the executors here are built with. The `gemm` case
+    /// switches them per line; elsewhere `CARAMBA_BENCH_GEMM=cubek` puts
+    /// every GEMM on cubek (default: cuBLASLt on CUDA when it loads).
+    static OPTIONS: std::cell::Cell<GpuOptions> = std::cell::Cell::new(GpuOptions {
+        gemm: match std::env::var("CARAMBA_BENCH_GEMM").as_deref() {
+            Ok("cubek") => GemmLibrary::Cubek,
+            _ => GemmLibrary::Vendor,
+        },
+        ..Default::default()
+    });
+}
+
+fn bench_options() -> GpuOptions {
+    OPTIONS.with(|o| o.get())
+}
+
 fn time_graph(backend: Backend, g: &Graph, params: &BTreeMap<String, Tensor>, iters: usize) -> f64 {
-    let exec = Executor::new(backend, g, params).expect("executor");
+    let exec = Executor::with_options(backend, g, params, bench_options()).expect("executor");
     let b = Bindings::new(params);
     exec.run(&b).expect("warm-up");
     let start = Instant::now();
@@ -186,20 +206,56 @@ fn main() {
     }
     // GEMM 4096³.
     if selected("gemm") {
-        let ms = per_op(
-            backend,
-            "gemm",
-            &[4096, 4096],
-            &[("w", vec![4096, 4096])],
-            5,
-            |g, x, e| g.add(Op::MatMul, &[x, e[0]], "mm").unwrap(),
-        );
-        emit(
-            "gemm4096_f32",
-            ms,
-            "tflops",
-            2.0 * 4096f64.powi(3) / ms / 1e9,
-        );
+        // cubek against cuBLASLt, exact f32 and TF32, on a square GEMM and
+        // the 1B shape's MLP projection (B2 × T2048 rows).
+        let base = bench_options();
+        for (m, k, n) in [(4096, 4096, 4096), (4096, 2048, 8192)] {
+            for (label, gemm, tf32) in [
+                ("f32_cubek", GemmLibrary::Cubek, false),
+                ("f32", GemmLibrary::Vendor, false),
+                ("tf32_cubek", GemmLibrary::Cubek, true),
+                ("tf32", GemmLibrary::Vendor, true),
+            ] {
+                OPTIONS.with(|o| {
+                    o.set(GpuOptions {
+                        gemm,
+                        fast_matmul: tf32,
+                        ..base
+                    })
+                });
+                // A chain needs a square weight; a [k, n] product is timed
+                // as x·W then ·Wᵀ-shaped back ([n, k]), halved.
+                let ms = if k == n {
+                    per_op(
+                        backend,
+                        "gemm",
+                        &[m, k],
+                        &[("w", vec![k, n])],
+                        5,
+                        |g, x, e| g.add(Op::MatMul, &[x, e[0]], "mm").unwrap(),
+                    )
+                } else {
+                    per_op(
+                        backend,
+                        "gemm",
+                        &[m, k],
+                        &[("w", vec![k, n]), ("w2", vec![n, k])],
+                        3,
+                        |g, x, e| {
+                            let y = g.add(Op::MatMul, &[x, e[0]], "up").unwrap();
+                            g.add(Op::MatMul, &[y, e[1]], "down").unwrap()
+                        },
+                    ) / 2.0
+                };
+                emit(
+                    &format!("gemm{m}x{k}x{n}_{label}"),
+                    ms,
+                    "tflops",
+                    2.0 * (m * k * n) as f64 / ms / 1e9,
+                );
+            }
+        }
+        OPTIONS.with(|o| o.set(base));
     }
     // Decode attention over a q8 KV cache at 32k context: B4, 32 query
     // heads over 8 kv heads, head dim 128, one new token.
@@ -237,9 +293,9 @@ fn main() {
     let params = random_params(&g);
     // `gpu_bench cuda tf32`: the model's matmuls on tensor cores.
     let tf32 = std::env::args().nth(2).is_some_and(|s| s == "tf32");
-    let options = caramba_runtime::gpu::GpuOptions {
+    let options = GpuOptions {
         fast_matmul: tf32,
-        ..Default::default()
+        ..bench_options()
     };
     let exec = Executor::with_options(backend, &g, &params, options).expect("executor");
     let (b, t) = (8usize, 1024usize);
@@ -278,9 +334,9 @@ fn main() {
         (b * t) as f64 / ms * 1e3,
     );
     // Where the time goes: one profiled run (each kernel waited for).
-    let options = caramba_runtime::gpu::GpuOptions {
+    let options = GpuOptions {
         profile: true,
-        ..Default::default()
+        ..bench_options()
     };
     let exec = Executor::with_options(backend, &g, &params, options).expect("executor");
     exec.run(&bind).expect("profiled run");
@@ -403,14 +459,14 @@ fn smollm2_decode(backend: Backend) {
         }
         start.elapsed().as_secs_f64() * 1e3 / steps as f64
     };
-    let exec = Executor::new(backend, &g, &params).expect("executor");
+    let exec = Executor::with_options(backend, &g, &params, bench_options()).expect("executor");
     run(&exec, 8);
     let steps = 64;
     let ms = run(&exec, steps);
     emit("smollm2_decode_fp32_cache", ms, "tokens_per_s", 1e3 / ms);
-    let options = caramba_runtime::gpu::GpuOptions {
+    let options = GpuOptions {
         profile: true,
-        ..Default::default()
+        ..bench_options()
     };
     let exec = Executor::with_options(backend, &g, &params, options).expect("executor");
     run(&exec, 16);

@@ -90,8 +90,14 @@ fn main() {
     let steps: usize = args.get(5).map_or(3, |s| s.parse().expect("steps"));
     // `tf32` as the sixth argument: matmuls on tensor cores.
     let tf32 = args.get(6).is_some_and(|s| s == "tf32");
+    // CARAMBA_BENCH_GEMM=cubek: every GEMM on cubek (default: cuBLASLt on
+    // CUDA when it loads).
     let options = caramba_runtime::gpu::GpuOptions {
         fast_matmul: tf32,
+        gemm: match std::env::var("CARAMBA_BENCH_GEMM").as_deref() {
+            Ok("cubek") => caramba_runtime::gpu::GemmLibrary::Cubek,
+            _ => caramba_runtime::gpu::GemmLibrary::Vendor,
+        },
         ..Default::default()
     };
     let d = dims(&which);

@@ -83,11 +83,17 @@ def main():
             flops = 4 * b * 32 * 4096 * 4096 * hd / 2
             ms = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), iters=20)
             emit(name=f"attention_causal_hd{hd}_{dtype_name}_b{b}", impl="torch-sdpa", ms=ms, tflops=flops / ms / 1e9)
-        # GEMM 4096^3.
-        a = torch.randn(4096, 4096, device=dev, dtype=dtype)
-        bm = torch.randn(4096, 4096, device=dev, dtype=dtype)
-        ms = timed(lambda: a @ bm, iters=20)
-        emit(name=f"gemm4096_{dtype_name}", impl="torch", ms=ms, tflops=2 * 4096**3 / ms / 1e9)
+        # GEMMs: 4096^3 and the 1B shape's MLP projection (B2 x T2048 rows);
+        # f32 both exact and TF32, as `gpu_bench`'s gemm case.
+        for m, k, n in [(4096, 4096, 4096), (4096, 2048, 8192)]:
+            a = torch.randn(m, k, device=dev, dtype=dtype)
+            bm = torch.randn(k, n, device=dev, dtype=dtype)
+            modes = [("f32", False), ("tf32", True)] if dtype == torch.float32 else [(dtype_name, False)]
+            for label, allow in modes:
+                torch.backends.cuda.matmul.allow_tf32 = allow
+                ms = timed(lambda: a @ bm, iters=20)
+                emit(name=f"gemm{m}x{k}x{n}_{label}", impl="torch", ms=ms, tflops=2 * m * k * n / ms / 1e9)
+            torch.backends.cuda.matmul.allow_tf32 = tf32
     if not selected("smollm2"):
         emit(name="meta", impl="torch", torch=torch.__version__, device=torch.cuda.get_device_name(0), date=time.strftime("%Y-%m-%d"))
         return

@@ -101,6 +101,24 @@ pub enum DeviceArg {
     Wgpu,
 }
 
+/// Who computes GPU matrix products.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum GemmArg {
+    /// The vendor library where there is one (cuBLASLt on CUDA)
+    Vendor,
+    /// CubeCL's cubek kernels everywhere
+    Cubek,
+}
+
+impl From<GemmArg> for caramba_runtime::gpu::GemmLibrary {
+    fn from(g: GemmArg) -> Self {
+        match g {
+            GemmArg::Vendor => caramba_runtime::gpu::GemmLibrary::Vendor,
+            GemmArg::Cubek => caramba_runtime::gpu::GemmLibrary::Cubek,
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct SampleArgs {
     /// Checkpoint: Hugging Face directory, .safetensors file, or .gguf file
@@ -159,6 +177,10 @@ pub struct SampleArgs {
     /// decimal digits, like PyTorch's `allow_tf32`). Off: exact f32
     #[arg(long)]
     pub tf32: bool,
+    /// Who computes GPU matrix products: cuBLASLt on CUDA when
+    /// `libcublasLt` is on the loader path (else cubek), or cubek always
+    #[arg(long, value_enum, default_value_t = GemmArg::Vendor)]
+    pub gemm: GemmArg,
 }
 
 #[derive(Args, Debug)]
@@ -187,6 +209,10 @@ pub struct PerplexityArgs {
     /// decimal digits, like PyTorch's `allow_tf32`). Off: exact f32
     #[arg(long)]
     pub tf32: bool,
+    /// Who computes GPU matrix products: cuBLASLt on CUDA when
+    /// `libcublasLt` is on the loader path (else cubek), or cubek always
+    #[arg(long, value_enum, default_value_t = GemmArg::Vendor)]
+    pub gemm: GemmArg,
 }
 
 #[derive(Args, Debug)]
@@ -300,6 +326,10 @@ pub struct RunArgs {
     /// decimal digits, like PyTorch's `allow_tf32`). Off: exact f32
     #[arg(long)]
     pub tf32: bool,
+    /// Who computes GPU matrix products: cuBLASLt on CUDA when
+    /// `libcublasLt` is on the loader path (else cubek), or cubek always
+    #[arg(long, value_enum, default_value_t = GemmArg::Vendor)]
+    pub gemm: GemmArg,
 }
 
 /// The original caramba's flags, used when no subcommand is given.

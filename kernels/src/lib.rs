@@ -26,6 +26,7 @@ pub mod optim;
 pub mod quant;
 pub mod reduce;
 pub mod rope;
+pub mod vendor_gemm;
 
 pub use cubecl;
 

@@ -12,7 +12,7 @@ use caramba_ir::{
     RopeScaling, RopeSpec, Scalar, Shape, Sym, TensorType, UnaryOp,
 };
 use caramba_kernels::cubecl::Runtime;
-use caramba_runtime::gpu::{GpuError, GpuExecutor, GpuOptions};
+use caramba_runtime::gpu::{GemmLibrary, GpuError, GpuExecutor, GpuOptions};
 use std::collections::BTreeMap;
 
 /// A small deterministic generator (xorshift), values in [-1, 1).
@@ -47,8 +47,18 @@ fn f32t(dims: &[usize]) -> TensorType {
 /// Runs `graph` on the device and on the reference; asserts every output
 /// agrees within `tol` (absolute, scaled by max(1, |reference|)).
 fn check<R: Runtime>(dev: &R::Device, graph: &Graph, b: &Bindings, tol: f32) {
+    check_with::<R>(dev, graph, b, tol, GpuOptions::default());
+}
+
+fn check_with<R: Runtime>(
+    dev: &R::Device,
+    graph: &Graph,
+    b: &Bindings,
+    tol: f32,
+    options: GpuOptions,
+) {
     let want = eval(graph, b).expect("reference evaluation");
-    let exec = GpuExecutor::<R>::new(dev, graph, b.params).expect("executor");
+    let exec = GpuExecutor::<R>::with_options(dev, graph, b.params, options).expect("executor");
     let got = exec.run_bindings(b).expect("gpu run");
     assert_close(&want, &got, tol, &graph.name);
 }
@@ -208,9 +218,36 @@ pub fn softmax<R: Runtime>(dev: &R::Device) {
     }
 }
 
+/// Matrix products through both GEMM libraries: the vendor's (cuBLASLt on
+/// CUDA; the default) and cubek. On CUDA, `CARAMBA_REQUIRE_VENDOR_GEMM`
+/// makes a missing cuBLASLt a failure instead of a silent cubek run.
 pub fn matmul<R: Runtime>(dev: &R::Device) {
+    for gemm in [GemmLibrary::Vendor, GemmLibrary::Cubek] {
+        matmul_through::<R>(dev, gemm);
+    }
+}
+
+fn matmul_through<R: Runtime>(dev: &R::Device, gemm: GemmLibrary) {
+    let options = GpuOptions {
+        gemm,
+        ..Default::default()
+    };
+    if gemm == GemmLibrary::Vendor
+        && std::env::var_os("CARAMBA_REQUIRE_VENDOR_GEMM").is_some()
+        && std::any::type_name::<R>().contains("Cuda")
+    {
+        let g = one_op("probe", Op::MatMul, &[f32t(&[2, 2]), f32t(&[2, 2])]);
+        let exec =
+            GpuExecutor::<R>::with_options(dev, &g, &caramba_ir::reference::NoParams, options)
+                .unwrap();
+        assert_eq!(
+            exec.vendor_gemm(),
+            Some("cuBLASLt"),
+            "cuBLASLt did not load"
+        );
+    }
     let mut rng = Rng(6);
-    let cases: [(&[usize], &[usize]); 7] = [
+    let cases: [(&[usize], &[usize]); 9] = [
         (&[5, 7], &[7, 3]),
         (&[33, 64], &[64, 17]),
         (&[2, 3, 8, 16], &[2, 3, 16, 9]),
@@ -219,10 +256,14 @@ pub fn matmul<R: Runtime>(dev: &R::Device) {
         (&[3, 4, 16], &[16, 10]),
         (&[1, 5, 8], &[3, 8, 4]),
         (&[5, 8], &[2, 3, 8, 4]),
+        // Sizes no GEMM tile divides, one batch axis and a long K.
+        (&[3, 130, 257], &[3, 257, 67]),
+        (&[2, 65, 1000], &[1000, 33]),
     ];
     for (sa, sb) in cases {
         let g = one_op("matmul", Op::MatMul, &[f32t(sa), f32t(sb)]);
-        check::<R>(dev, &g, &bind(vec![rng.tensor(sa), rng.tensor(sb)]), TOL);
+        let b = bind(vec![rng.tensor(sa), rng.tensor(sb)]);
+        check_with::<R>(dev, &g, &b, TOL, options);
     }
     // A transposed operand: matmul(a, permute_last2(b)).
     let mut g = Graph::new("matmul_t");
@@ -249,7 +290,7 @@ pub fn matmul<R: Runtime>(dev: &R::Device) {
         rng.tensor(&[2, 3, 8]),
         rng.tensor(&[4, 8]),
     ]);
-    check::<R>(dev, &g, &b, TOL);
+    check_with::<R>(dev, &g, &b, TOL, options);
 }
 
 /// A decode step's linear layers (1 to 8 rows against a weight): the

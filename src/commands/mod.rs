@@ -8,7 +8,7 @@ pub mod prepare;
 pub mod run;
 pub mod sample;
 
-use crate::cli::{Cli, Command, DeviceArg, LegacyMode, RunArgs, SampleArgs};
+use crate::cli::{Cli, Command, DeviceArg, GemmArg, LegacyMode, RunArgs, SampleArgs};
 use std::path::Path;
 
 /// A failure to report: the message (already formatted) and the exit code
@@ -76,6 +76,7 @@ fn legacy(cli: Cli) -> CmdResult {
                 stop_after: None,
                 device: DeviceArg::Cpu,
                 tf32: false,
+                gemm: GemmArg::Vendor,
             })
         }
         LegacyMode::Sample | LegacyMode::Chat => {
@@ -114,6 +115,7 @@ use `caramba sample --ckpt ... --prompt ...`",
                 profile: false,
                 device: DeviceArg::Auto,
                 tf32: false,
+                gemm: GemmArg::Vendor,
             })
         }
     }

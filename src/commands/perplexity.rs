@@ -33,6 +33,7 @@ pub fn perplexity(a: &PerplexityArgs) -> CmdResult {
     }
     let gpu = caramba_runtime::gpu::GpuOptions {
         fast_matmul: a.tf32,
+        gemm: a.gemm.into(),
         ..Default::default()
     };
     let model = Model::load_with_options(&ckpt, backend, None, gpu)?;

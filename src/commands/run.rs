@@ -101,6 +101,7 @@ pub fn run(a: &RunArgs) -> CmdResult {
                 backend,
                 gpu: caramba_runtime::gpu::GpuOptions {
                     fast_matmul: a.tf32,
+                    gemm: a.gemm.into(),
                     ..Default::default()
                 },
             };

@@ -38,6 +38,7 @@ pub fn sample(a: &SampleArgs) -> CmdResult {
     let tok = tokenizer_for(&ckpt, a.tokenizer.as_deref())?;
     let gpu = caramba_runtime::gpu::GpuOptions {
         fast_matmul: a.tf32,
+        gemm: a.gemm.into(),
         profile: a.profile,
     };
     let model = Model::load_with_options(&ckpt, backend, cache, gpu)?;

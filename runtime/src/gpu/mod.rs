@@ -30,7 +30,9 @@ use caramba_ir::reference::{
 use caramba_ir::{DType, Graph, Node, NodeId, Shape};
 use caramba_kernels::cubecl::prelude::*;
 use caramba_kernels::cubecl::server::Handle;
+use caramba_kernels::vendor_gemm::VendorGemm;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 #[cfg(feature = "cuda")]
 pub use caramba_kernels::cubecl::cuda::{CudaDevice, CudaRuntime};
@@ -73,10 +75,25 @@ pub struct GpuOptions {
     /// Let matmuls use tensor cores (CMMA), which on NVIDIA cards computes
     /// `f32` products in TF32 (about 3 decimal digits). Off: exact `f32`.
     pub fast_matmul: bool,
+    /// Which library computes GEMMs: the vendor's where there is one
+    /// (the default), or cubek everywhere (to compare them).
+    pub gemm: GemmLibrary,
     /// Wait for each kernel and add its time to a per-op table
     /// ([`GpuExecutor::profile`]). Serializes the device: for finding where
     /// time goes, not for timing whole runs.
     pub profile: bool,
+}
+
+/// Who computes matrix products on the device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GemmLibrary {
+    /// cuBLASLt on CUDA devices when `libcublasLt` loads (products whose
+    /// layout it cannot read, and matrix-vector products, stay on our
+    /// kernels); cubek elsewhere.
+    #[default]
+    Vendor,
+    /// cubek's GEMM (and our matrix-vector kernel) everywhere.
+    Cubek,
 }
 
 /// One op kind's line of a profile ([`GpuOptions::profile`]).
@@ -180,6 +197,8 @@ pub struct GpuExecutor<R: Runtime> {
     /// Permutes of the last two axes that feed only matmuls: not copied.
     lazy_transposes: HashSet<NodeId>,
     options: GpuOptions,
+    /// cuBLASLt on CUDA (shared by the device's executors), for matmuls.
+    vendor: Option<Arc<VendorGemm>>,
     /// Per-op launches and times, when profiling.
     profile: std::sync::Mutex<BTreeMap<String, OpProfile>>,
     /// RoPE's inverse frequencies per rope node, uploaded once: an upload
@@ -220,19 +239,25 @@ impl<R: Runtime> GpuExecutor<R> {
                 uploaded.insert(id, upload(&client, t, node.ty.dtype, node)?);
             }
         }
-        Ok(Self::from_plan(client, graph, plan, uploaded, options))
+        let vendor = match options.gemm {
+            GemmLibrary::Vendor => VendorGemm::for_device::<R>(device),
+            GemmLibrary::Cubek => None,
+        };
+        Ok(Self::from_plan(
+            client, graph, plan, uploaded, options, vendor,
+        ))
     }
 
-    /// An executor of `graph` whose parameters are buffers already on the
+    /// An executor of `graph` on this executor's device (its client,
+    /// options and vendor GEMM) whose parameters are buffers already on the
     /// device (by name), not copies: a graph that shares its weights with
     /// another (evaluation beside training, decoding beside prefill) reads
     /// the same buffers, and sees them change when they are updated in
-    /// place. `client` must be the one that holds them.
-    pub fn with_device_params(
-        client: ComputeClient<R>,
+    /// place.
+    pub fn sharing(
+        &self,
         graph: &Graph,
         params: &BTreeMap<String, DeviceTensor>,
-        options: GpuOptions,
     ) -> Result<Self, GpuError> {
         let plan = Plan::new(graph)?;
         let mut bound = HashMap::new();
@@ -247,13 +272,26 @@ impl<R: Runtime> GpuExecutor<R> {
                 bound.insert(id, t.0.clone());
             }
         }
-        Ok(Self::from_plan(client, graph, plan, bound, options))
+        Ok(Self::from_plan(
+            self.client.clone(),
+            graph,
+            plan,
+            bound,
+            self.options,
+            self.vendor.clone(),
+        ))
     }
 
     /// An executor of `graph` on this executor's device that reads this
-    /// executor's parameter buffers (see [`GpuExecutor::with_device_params`]).
+    /// executor's parameter buffers (see [`GpuExecutor::sharing`]).
     pub fn sharing_params(&self, graph: &Graph) -> Result<Self, GpuError> {
-        Self::with_device_params(self.client.clone(), graph, &self.params(), self.options)
+        self.sharing(graph, &self.params())
+    }
+
+    /// The vendor GEMM library this executor's matmuls use, if any
+    /// (cuBLASLt on CUDA when it loads and [`GpuOptions::gemm`] allows).
+    pub fn vendor_gemm(&self) -> Option<&'static str> {
+        self.vendor.as_ref().map(|v| v.name())
     }
 
     fn from_plan(
@@ -262,6 +300,7 @@ impl<R: Runtime> GpuExecutor<R> {
         plan: Plan,
         params: HashMap<NodeId, DevTensor>,
         options: GpuOptions,
+        vendor: Option<Arc<VendorGemm>>,
     ) -> Self {
         let mut rope_freqs = HashMap::new();
         for &id in &plan.order {
@@ -283,6 +322,7 @@ impl<R: Runtime> GpuExecutor<R> {
             params,
             lazy_transposes: plan.lazy_transposes,
             options,
+            vendor,
             profile: Default::default(),
         }
     }
@@ -427,6 +467,7 @@ impl<R: Runtime> GpuExecutor<R> {
                         client: &self.client,
                         node,
                         fast_matmul: self.options.fast_matmul,
+                        vendor: self.vendor.as_deref(),
                         rope_freqs: self.rope_freqs.get(&id),
                     };
                     if self.options.profile {

@@ -17,6 +17,7 @@ use caramba_kernels::copy::CopyElem;
 use caramba_kernels::cubecl::prelude::*;
 use caramba_kernels::elementwise::{Binary, Instr, Unary};
 use caramba_kernels::reduce::ReduceKind;
+use caramba_kernels::vendor_gemm::VendorGemm;
 use caramba_kernels::{
     attention, attention_backward, cast, copy, elementwise, gather, gemv, kv_attention, matmul,
     norm, quant, reduce, rope, View,
@@ -90,6 +91,8 @@ pub(crate) struct Ctx<'a, R: Runtime> {
     pub client: &'a ComputeClient<R>,
     pub node: &'a Node,
     pub fast_matmul: bool,
+    /// cuBLASLt, when the executor has it: GEMMs go there first.
+    pub vendor: Option<&'a VendorGemm>,
     /// A rope node's inverse frequencies, when the executor uploaded them
     /// once; otherwise they are uploaded for the launch.
     pub rope_freqs: Option<&'a caramba_kernels::cubecl::server::Handle>,
@@ -601,7 +604,7 @@ impl<R: Runtime> Ctx<'_, R> {
         Ok(out)
     }
 
-    /// `a @ b` with broadcast batch axes, through cubek.
+    /// `a @ b` with broadcast batch axes, through cuBLASLt or cubek.
     fn matmul(
         &self,
         a: &DevTensor,
@@ -630,8 +633,7 @@ impl<R: Runtime> Ctx<'_, R> {
             if (1..=gemv::GEMV_MAX_ROWS).contains(&rows) && rhs.offset == 0 {
                 gemv::launch_gemv(self.client, &lhs, &rhs, &dst);
             } else {
-                matmul::launch_matmul(self.client, &lhs, &rhs, &dst, self.fast_matmul)
-                    .map_err(|e| self.err(e.to_string()))?;
+                self.gemm(&lhs, &rhs, &dst)?;
             }
             return Ok(out);
         }
@@ -651,8 +653,22 @@ impl<R: Runtime> Ctx<'_, R> {
             }
         };
         let (va, vb) = (pad(va), pad(vb));
-        matmul::launch_matmul(self.client, &va, &vb, &Self::view(&out), self.fast_matmul)
-            .map_err(|e| self.err(e.to_string()))?;
+        self.gemm(&va, &vb, &Self::view(&out))?;
         Ok(out)
+    }
+
+    /// One (batched) GEMM: cuBLASLt when the executor has it and it reads
+    /// these layouts, else cubek.
+    fn gemm(&self, lhs: &View, rhs: &View, out: &View) -> Result<(), GpuError> {
+        if let Some(vendor) = self.vendor {
+            let done = vendor
+                .matmul(self.client, lhs, rhs, out, self.fast_matmul)
+                .map_err(|e| self.err(e.to_string()))?;
+            if done {
+                return Ok(());
+            }
+        }
+        matmul::launch_matmul(self.client, lhs, rhs, out, self.fast_matmul)
+            .map_err(|e| self.err(e.to_string()))
     }
 }

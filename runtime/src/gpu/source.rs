@@ -208,6 +208,7 @@ fn capture<R: Runtime>(
                     client: &client,
                     node,
                     fast_matmul: false,
+                    vendor: None,
                     rope_freqs: None,
                 };
                 let out = ctx.apply(&args, shape)?;

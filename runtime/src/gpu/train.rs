@@ -422,12 +422,7 @@ impl<R: Runtime> GpuTrainer<R> {
     pub fn with_eval_graph(mut self, graph: &Graph) -> Result<Self, GpuError> {
         let mut params = self.exec.params();
         params.extend(self.trainable.clone());
-        let eval = GpuExecutor::with_device_params(
-            self.exec.client.clone(),
-            graph,
-            &params,
-            self.exec.options,
-        )?;
+        let eval = self.exec.sharing(graph, &params)?;
         self.eval = Some(eval);
         Ok(self)
     }
