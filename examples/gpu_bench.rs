@@ -209,7 +209,7 @@ fn main() {
         // cubek against cuBLASLt, exact f32 and TF32, on a square GEMM and
         // the 1B shape's MLP projection (B2 × T2048 rows).
         let base = bench_options();
-        for (m, k, n) in [(4096, 4096, 4096), (4096, 2048, 8192)] {
+        for (m, k, n) in [(512, 512, 512), (4096, 4096, 4096), (4096, 2048, 8192)] {
             for (label, gemm, tf32) in [
                 ("f32_cubek", GemmLibrary::Cubek, false),
                 ("f32", GemmLibrary::Vendor, false),
