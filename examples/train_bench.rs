@@ -117,6 +117,15 @@ fn main() {
         caramba_compiler::fuse_attention(&forward).expect("fuse attention")
     };
     let graph = differentiate(&fused, "loss", &names).expect("autodiff");
+    // The forward attention also gives the backward its log-sum-exp.
+    // CARAMBA_BENCH_RECOMPUTE_LSE=1 keeps `attention_lse` recomputing it,
+    // for comparison.
+    let recompute = std::env::var("CARAMBA_BENCH_RECOMPUTE_LSE").is_ok_and(|v| v == "1");
+    let graph = if recompute {
+        graph
+    } else {
+        caramba_compiler::reuse_attention_lse(&graph).expect("reuse attention's lse")
+    };
     // As `caramba run` trains on GPUs: the joint graph optimized.
     let optimize = Instant::now();
     let (graph, report) = caramba_compiler::optimize(&graph).expect("optimize");

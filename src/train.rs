@@ -102,6 +102,13 @@ pub fn train_graph(m: &Manifest) -> Result<TrainGraph, Failure> {
         .map_err(|e| Failure::runtime(format!("internal error: fusing attention failed: {e:?}")))?;
     let graph = differentiate(&loss_only, "loss", &names)
         .map_err(|e| Failure::runtime(format!("autodiff failed: {e}")))?;
+    // The backward's log-sum-exp of each attention comes from the forward
+    // kernel (`attention_with_lse`) rather than a second pass over the scores.
+    let graph = caramba_compiler::reuse_attention_lse(&graph).map_err(|e| {
+        Failure::runtime(format!(
+            "internal error: reusing attention's log-sum-exp failed: {e}"
+        ))
+    })?;
     Ok(TrainGraph {
         graph,
         forward,

@@ -60,8 +60,22 @@ fn check_src(src: &str) {
 /// `g`'s loss against finite differences, for the gradients of `forward`
 /// (`g` or an equivalent graph) differentiated.
 fn check_graph(g: &caramba_ir::Graph, forward: &caramba_ir::Graph, names: &[String]) {
+    // As training does: the backward's log-sum-exp taken from the forward
+    // attention (nothing to do when attention was differentiated as
+    // primitives).
     let dg = differentiate(forward, "loss", names).unwrap();
+    let dg = caramba_compiler::reuse_attention_lse(&dg).unwrap();
     caramba_ir::verify(&dg).unwrap();
+    let count = |g: &caramba_ir::Graph, mnemonic: &str| {
+        g.node_ids()
+            .filter(|&n| g.node(n).op.mnemonic() == mnemonic)
+            .count()
+    };
+    assert_eq!(
+        count(&dg, "attention_with_lse"),
+        count(forward, "attention")
+    );
+    assert_eq!(count(&dg, "attention_lse"), 0);
 
     let mut seed = 12345u64;
     let mut rand = move || {

@@ -499,27 +499,38 @@ fn optimized_training_graph_gives_the_same_gradients() {
             square.is_empty(),
             "T × T values in the training graph: {square:?}"
         );
-        // Each attention's backward is one gradient for q and one for k
-        // and v together.
-        let (mut attentions, mut grads) = (0, BTreeMap::new());
+        // Each attention layer's forward is one kernel that also gives the
+        // backward its log-sum-exp (nothing recomputes it), and its backward
+        // is one gradient for q and one for k and v together.
+        let forward = caramba_compiler::fuse_attention(&tg.forward).unwrap();
+        let layers = forward
+            .node_ids()
+            .filter(|&n| matches!(forward.node(n).op, caramba_ir::Op::Attention { .. }))
+            .count();
+        let mut ops: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut grads = BTreeMap::new();
         for n in fused.node_ids() {
-            match fused.node(n).op {
-                caramba_ir::Op::Attention { .. } => attentions += 1,
-                caramba_ir::Op::AttentionGrad { wrt, .. } => *grads.entry(wrt).or_insert(0) += 1,
-                _ => {}
+            let op = &fused.node(n).op;
+            *ops.entry(op.mnemonic()).or_insert(0) += 1;
+            if let caramba_ir::Op::AttentionGrad { wrt, .. } = op {
+                *grads.entry(*wrt).or_insert(0) += 1;
             }
         }
-        assert!(attentions > 0);
+        assert!(layers > 0);
+        let n_ops = |m: &str| ops.get(m).copied().unwrap_or(0);
+        assert_eq!(n_ops("attention_with_lse"), layers, "{ops:?}");
+        assert_eq!(n_ops("attention_lse"), 0, "{ops:?}");
+        assert_eq!(n_ops("attention"), 0, "{ops:?}");
         assert_eq!(
             grads,
-            BTreeMap::from([(AttnArg::Q, attentions), (AttnArg::KV, attentions)])
+            BTreeMap::from([(AttnArg::Q, layers), (AttnArg::KV, layers)])
         );
         let fused_ops = fused
             .node_ids()
             .filter(|&n| {
                 matches!(
                     fused.node(n).op,
-                    caramba_ir::Op::Attention { .. }
+                    caramba_ir::Op::AttentionWithLse { .. }
                         | caramba_ir::Op::RmsNorm { .. }
                         | caramba_ir::Op::Elementwise(_)
                 )

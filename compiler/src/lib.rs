@@ -22,7 +22,9 @@ pub use lower::{
     lower_model, lower_model_cached, CacheEntry, CacheFormat, KvCacheSpec, LayerInfo, Lowered,
 };
 pub use manifest::Manifest;
-pub use optimize::{fuse_attention, optimize, OptimizeError, OptimizeReport, Stage};
+pub use optimize::{
+    fuse_attention, optimize, reuse_attention_lse, OptimizeError, OptimizeReport, Stage,
+};
 
 use caramba_ir::DType;
 use manifest::{AttentionMode, Element, LayerKind, ModelSpec, Topology};

@@ -13,8 +13,11 @@
 //! `caramba_compiler::fuse_attention`): its rule emits the flash-style
 //! backward (`attention_lse`, `attention_grad`), which recomputes the
 //! probabilities instead of keeping a `T × S` matrix alive from the forward
-//! pass to the backward. The other fused ops (`rms_norm`, `elementwise`,
-//! `kv_attention`) are refused.
+//! pass to the backward (training pipelines then take the log-sum-exp from
+//! the forward kernel: `caramba_compiler::reuse_attention_lse`). The other
+//! fused ops (`rms_norm`, `elementwise`, `kv_attention`) are refused, and so
+//! are attention's backward ops (`attention_lse`, `attention_with_lse`,
+//! `attention_grad`: no second derivatives).
 
 use crate::graph::{Graph, IrError, NodeId};
 use crate::op::{AttnArg, BinaryOp, Op, ReduceOp, Scalar, UnaryOp};
@@ -545,7 +548,7 @@ impl Backward {
                 };
                 self.reduce_to(full, &xshape(i), s)?
             }
-            Op::AttentionLse { .. } | Op::AttentionGrad { .. } => {
+            Op::AttentionLse { .. } | Op::AttentionWithLse { .. } | Op::AttentionGrad { .. } => {
                 return Err(refuse("attention's backward ops (no second derivatives)"))
             }
             Op::RmsNorm { .. } | Op::Elementwise(_) | Op::KvAttention { .. } => {

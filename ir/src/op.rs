@@ -214,6 +214,16 @@ pub enum Op {
     /// `add(m, log(sum{last}(exp(sub(s, m)))))`. What the backward of
     /// attention recomputes its probabilities from, without storing them.
     AttentionLse { causal: bool, scale: Scalar },
+    /// `attention` and its `attention_lse` from one pass over the scores:
+    /// q `[..., T, d]`, k `[..., S, d]`, v `[..., S, dv]` → `[..., T, dv + 1]`,
+    /// the attention output with each query row's log-sum-exp appended as
+    /// the last column (`dv` constant). Decomposition:
+    /// `concat{last}(attention{causal, scale}(q, k, v),
+    /// attention_lse{causal, scale}(q, k))`, the log-sum-exp broadcast to the
+    /// output's leading axes. What a training graph computes where its
+    /// backward needs the statistic its forward already had (see
+    /// `caramba_compiler::reuse_attention_lse`), instead of recomputing it.
+    AttentionWithLse { causal: bool, scale: Scalar },
     /// One gradient of `attention{causal, scale}(q, k, v)`, flash-style:
     /// operands `q, k, v, dout [..., T, dv], lse [..., T, 1]` (from
     /// `attention_lse`) and `delta [..., T, 1]` = `sum{last}(dout · out)`.
@@ -410,7 +420,7 @@ impl Op {
             | Op::RmsNorm { .. }
             | Op::ScatterAdd { .. } => Arity::Exact(2),
             Op::Broadcast(_) | Op::OneHot { .. } => Arity::Exact(1),
-            Op::Attention { .. } => Arity::Exact(3),
+            Op::Attention { .. } | Op::AttentionWithLse { .. } => Arity::Exact(3),
             Op::AttentionLse { .. } => Arity::Exact(2),
             Op::AttentionGrad { .. } => Arity::Exact(6),
             Op::Concat { .. } => Arity::AtLeast(1),
@@ -471,6 +481,7 @@ impl Op {
             Op::OneHot { .. } => "one_hot",
             Op::Attention { .. } => "attention",
             Op::AttentionLse { .. } => "attention_lse",
+            Op::AttentionWithLse { .. } => "attention_with_lse",
             Op::AttentionGrad { .. } => "attention_grad",
             Op::RmsNorm { .. } => "rms_norm",
             Op::Elementwise(_) => "elementwise",
@@ -514,7 +525,9 @@ impl Op {
                 s + "}"
             }
             Op::Dropout { p } => format!("{{p={p}}}"),
-            Op::Attention { causal, scale } | Op::AttentionLse { causal, scale } => {
+            Op::Attention { causal, scale }
+            | Op::AttentionLse { causal, scale }
+            | Op::AttentionWithLse { causal, scale } => {
                 format!("{{causal={causal}, scale={scale}}}")
             }
             Op::AttentionGrad { causal, scale, wrt } => {
@@ -779,6 +792,20 @@ impl Op {
                 let mut dims = attention_batch(self.mnemonic(), q, xs[1], Some(v))?.0;
                 dims.push(q.shape.0[q.shape.rank() - 2]);
                 dims.push(v.shape.0[v.shape.rank() - 1]);
+                Ok(TensorType::new(q.dtype, Shape(dims)))
+            }
+            Op::AttentionWithLse { .. } => {
+                let (q, v) = (xs[0], xs[2]);
+                let mut dims = attention_batch(self.mnemonic(), q, xs[1], Some(v))?.0;
+                dims.push(q.shape.0[q.shape.rank() - 2]);
+                match v.shape.last() {
+                    Some(Dim::Const(dv)) => dims.push(Dim::Const(dv + 1)),
+                    _ => {
+                        return Err(format!(
+                            "attention_with_lse needs a constant value head dim, got {v}"
+                        ))
+                    }
+                }
                 Ok(TensorType::new(q.dtype, Shape(dims)))
             }
             Op::AttentionLse { .. } => {

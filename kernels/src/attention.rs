@@ -6,10 +6,14 @@
 //! Layout: q `(batch…, T, d)`, k `(batch…, S, d)`, v `(batch…, S, dv)` as
 //! strided views broadcast to the output's batch axes (stride 0 where an
 //! operand broadcasts, e.g. GQA's shared key/value heads), out dense
-//! `(batch…, T, dv)`. One cube per block of `ATTN_QUERIES` query rows (held
-//! in shared memory): each tile of keys, then of values, is staged in
-//! shared memory by the whole cube (consecutive units read consecutive
-//! elements; rows at an odd stride, free of bank conflicts); thread `u`
+//! `(batch…, T, dv)`, or `(batch…, T, dv + 1)` with each row's log-sum-exp
+//! `m + ln l` appended (`attention_with_lse`: a training graph's forward,
+//! whose backward needs the statistic), or `(batch…, T, 1)`, the
+//! log-sum-exp alone (`attention_lse`, which skips the values). One cube
+//! per block of `ATTN_QUERIES` query rows (held in shared memory): each
+//! tile of keys, then of values, is staged in shared memory by the whole
+//! cube (consecutive units read consecutive elements; rows at an odd
+//! stride, free of bank conflicts); thread `u`
 //! scores key `tile·B + u` against every query of the block, the block's
 //! weights go through shared memory, and each thread accumulates output
 //! columns `u, u + B, …` of `p · v` for every query. Each key and value
@@ -42,6 +46,7 @@ fn attention_kernel<F: Float + CubeElement>(
     #[comptime] dv: usize,
     #[comptime] staged: bool,
     #[comptime] lse_only: bool,
+    #[comptime] with_lse: bool,
 ) {
     let rank = out.rank();
     let t = out.shape(rank - 2);
@@ -49,7 +54,10 @@ fn attention_kernel<F: Float + CubeElement>(
     let q_blocks = t.div_ceil(ATTN_QUERIES);
     let cube = linear_cube(); // (batch, query block) flattened
     let batch = cube / q_blocks;
-    if batch * t * dv >= out.len() {
+    // An output row: dv values, then the log-sum-exp when it is wanted too
+    // (in the lse-only mode dv is 1 and the row is the log-sum-exp alone).
+    let width = comptime!(if with_lse && !lse_only { dv + 1 } else { dv });
+    if batch * t * width >= out.len() {
         terminate!();
     }
     let first = (cube % q_blocks) * ATTN_QUERIES; // first query row of the block
@@ -245,16 +253,19 @@ fn attention_kernel<F: Float + CubeElement>(
     for qi in 0..ATTN_QUERIES {
         let i = first + qi;
         if i < t {
-            if lse_only {
+            let row = (batch * t + i) * width;
+            if lse_only || with_lse {
+                let lse = m[qi] + l[qi].ln();
                 if u == 0 {
-                    out[batch * t + i] = m[qi] + l[qi].ln();
+                    out[row + width - 1] = lse;
                 }
-            } else {
+            }
+            if !lse_only {
                 #[unroll]
                 for c in 0..cols {
                     let col = c * ATTN_BLOCK + u;
                     if col < dv {
-                        out[(batch * t + i) * dv + col] = acc[qi * cols + c] / l[qi];
+                        out[row + col] = acc[qi * cols + c] / l[qi];
                     }
                 }
             }
@@ -274,7 +285,22 @@ pub fn launch_attention<R: Runtime>(
     causal: bool,
     scale: f32,
 ) {
-    launch(client, q, k, Some(v), out, causal, scale);
+    launch(client, q, k, Some(v), out, causal, scale, false);
+}
+
+/// Attention and the log-sum-exp of its scores from one pass
+/// (`AttentionWithLse`): as [`launch_attention`], with `out` dense
+/// `(batch…, T, dv + 1)`, each row the output followed by its log-sum-exp.
+pub fn launch_attention_with_lse<R: Runtime>(
+    client: &ComputeClient<R>,
+    q: &View,
+    k: &View,
+    v: &View,
+    out: &View,
+    causal: bool,
+    scale: f32,
+) {
+    launch(client, q, k, Some(v), out, causal, scale, true);
 }
 
 /// The log-sum-exp of attention's masked, scaled scores per query row
@@ -289,10 +315,12 @@ pub fn launch_attention_lse<R: Runtime>(
     causal: bool,
     scale: f32,
 ) {
-    launch(client, q, k, None, out, causal, scale);
+    launch(client, q, k, None, out, causal, scale, false);
 }
 
-/// The forward kernel over `v`, or in its log-sum-exp mode without one.
+/// The forward kernel over `v` (with the log-sum-exp appended to each row
+/// when `with_lse`), or in its log-sum-exp mode without one.
+#[allow(clippy::too_many_arguments)]
 fn launch<R: Runtime>(
     client: &ComputeClient<R>,
     q: &View,
@@ -301,6 +329,7 @@ fn launch<R: Runtime>(
     out: &View,
     causal: bool,
     scale: f32,
+    with_lse: bool,
 ) {
     let r = out.shape.len();
     let d = q.shape[r - 1];
@@ -331,6 +360,7 @@ fn launch<R: Runtime>(
             dv,
             staged,
             v.is_none(),
+            with_lse,
         );
     }
 }

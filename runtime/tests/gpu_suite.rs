@@ -494,13 +494,17 @@ pub fn attention<R: Runtime>(dev: &R::Device) {
     ];
     for causal in [false, true] {
         for (sq, sk, sv) in cases {
-            let op = Op::Attention {
-                causal,
-                scale: Scalar(1.0 / (sq[sq.len() - 1] as f64).sqrt()),
-            };
-            let g = one_op("attention", op, &[f32t(sq), f32t(sk), f32t(sv)]);
+            let scale = Scalar(1.0 / (sq[sq.len() - 1] as f64).sqrt());
             let b = bind(vec![rng.tensor(sq), rng.tensor(sk), rng.tensor(sv)]);
-            check::<R>(dev, &g, &b, TOL);
+            // The plain kernel, and its mode with each row's log-sum-exp
+            // appended (a training graph's forward).
+            for op in [
+                Op::Attention { causal, scale },
+                Op::AttentionWithLse { causal, scale },
+            ] {
+                let g = one_op(op.mnemonic(), op, &[f32t(sq), f32t(sk), f32t(sv)]);
+                check::<R>(dev, &g, &b, TOL);
+            }
         }
     }
 }
@@ -1136,12 +1140,14 @@ fn tiny_training_graph(frozen: &str) -> (Graph, Graph, BTreeMap<String, Tensor>)
         .collect();
     let names: Vec<String> = params.keys().filter(|n| *n != frozen).cloned().collect();
     // As training pipelines do: attention fused first, so that its backward
-    // is the flash-style one.
+    // is the flash-style one, whose log-sum-exp the forward kernel gives.
     let fused = caramba_compiler::fuse_attention(&forward).unwrap();
     let graph = caramba_ir::autodiff::differentiate(&fused, "loss", &names).unwrap();
-    assert!(graph
-        .node_ids()
-        .any(|id| matches!(graph.node(id).op, Op::AttentionGrad { .. })));
+    let graph = caramba_compiler::reuse_attention_lse(&graph).unwrap();
+    let has = |f: fn(&Op) -> bool| graph.node_ids().any(|id| f(&graph.node(id).op));
+    assert!(has(|op| matches!(op, Op::AttentionGrad { .. })));
+    assert!(has(|op| matches!(op, Op::AttentionWithLse { .. })));
+    assert!(!has(|op| matches!(op, Op::AttentionLse { .. })));
     (graph, forward, params)
 }
 

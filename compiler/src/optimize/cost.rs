@@ -59,6 +59,12 @@ fn flops(op: &Op, xs: &[&TensorType], out: &TensorType) -> f64 {
             let scores = numel(out) / last(out, 1) * last(xs[1], 2);
             scores * (2.0 * last(xs[0], 1) + 5.0 + 2.0 * last(out, 1))
         }
+        // Attention's work: the log-sum-exp comes from the running max and
+        // sum the online softmax keeps anyway, a few flops per row.
+        Op::AttentionWithLse { .. } => {
+            let (rows, dv) = (numel(out) / last(out, 1), last(out, 1) - 1.0);
+            rows * (last(xs[1], 2) * (2.0 * last(xs[0], 1) + 5.0 + 2.0 * dv) + 2.0)
+        }
         // The scores once more, for the row's log-sum-exp.
         Op::AttentionLse { .. } => numel(out) * last(xs[1], 2) * (2.0 * last(xs[0], 1) + 5.0),
         // Scores recomputed, p (and for q and k, dp = dout·vᵀ and ds), then

@@ -8,7 +8,10 @@
 //! Rules are grouped by family, one file each: `algebra` (layout and
 //! identity cleanup), `rmsnorm`, `attention`, `dba`; `elementwise` runs
 //! after extraction. Every rule has a property test in `tests.rs` that
-//! evaluates both sides with the reference interpreter.
+//! evaluates both sides with the reference interpreter. Training graphs
+//! meet this module twice more around differentiation: `fuse_attention`
+//! (this stage with the attention rules only) before it, and `reuse_lse`,
+//! a deterministic graph pass, after it.
 //!
 //! The whole graph is saturated at once: the rules are targeted (no
 //! commutativity or associativity), so the e-graph grows by a few nodes per
@@ -23,11 +26,13 @@ pub mod dba;
 pub mod elementwise;
 pub mod kv;
 pub mod lang;
+pub mod reuse_lse;
 pub mod rmsnorm;
 pub mod rule;
 #[cfg(test)]
 mod tests;
 
+pub use reuse_lse::reuse_attention_lse;
 pub use rule::{Limits, Rule, Stop};
 
 use caramba_ir::{Graph, IrError, NodeId, Op};
@@ -155,7 +160,11 @@ pub fn optimize_with(g: &Graph, opts: &Options) -> Result<(Graph, OptimizeReport
     for (&node, &class) in &class_of {
         if matches!(
             graph.node(node).op,
-            Op::Attention { .. } | Op::RmsNorm { .. } | Op::Elementwise(_) | Op::KvAttention { .. }
+            Op::Attention { .. }
+                | Op::AttentionWithLse { .. }
+                | Op::RmsNorm { .. }
+                | Op::Elementwise(_)
+                | Op::KvAttention { .. }
         ) {
             fused.insert(
                 node,

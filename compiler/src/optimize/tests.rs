@@ -422,6 +422,185 @@ fn kv_attention_grad_costs_less_than_k_and_v_apart() {
     assert!(gkv > gk.max(gv), "kv {gkv} vs k {gk}, v {gv}");
 }
 
+// ------------------------------------------------------ reuse-attention-lse
+
+/// An attention and the log-sum-exps autodiff asks of it (twice, as its q
+/// and kv gradients each do), over GQA-broadcast heads with `T ≤ S`, plus
+/// what the pass must leave alone: an attention nothing asks the
+/// log-sum-exp of (other values) and an `attention_lse` of another scale.
+fn lse_graph(rng: &mut Rng) -> Graph {
+    let (kv, grp, d, dv) = (
+        rng.range(1, 2),
+        rng.range(1, 3),
+        rng.range(1, 4),
+        rng.range(1, 3),
+    );
+    let (b, t, s) = (Dim::Sym(Sym::B), Dim::Sym(Sym::T), Dim::Sym(Sym::S));
+    let (causal, scale) = (rng.bool(), Scalar(rng.unit() * 2.0));
+    let mut g = Graph::new("t");
+    let q = g
+        .input("q", ty(DType::F64, &[b, c(kv), c(grp), t, c(d)]))
+        .unwrap();
+    let k = g
+        .input("k", ty(DType::F64, &[b, c(kv), c(1), s, c(d)]))
+        .unwrap();
+    let v = g
+        .input("v", ty(DType::F64, &[b, c(kv), c(1), s, c(dv)]))
+        .unwrap();
+    let y = g
+        .add(Op::Attention { causal, scale }, &[q, k, v], "attn")
+        .unwrap();
+    let y = g.add(Op::Unary(UnaryOp::Neg), &[y], "attn").unwrap();
+    g.set_output("y", y);
+    for i in 0..2 {
+        let lse = g
+            .add(Op::AttentionLse { causal, scale }, &[q, k], "attn/grad")
+            .unwrap();
+        g.set_output(&format!("lse{i}"), lse);
+    }
+    let w = g
+        .input("w", ty(DType::F64, &[b, c(kv), c(1), s, c(dv)]))
+        .unwrap();
+    let other = g
+        .add(Op::Attention { causal, scale }, &[q, k, w], "other")
+        .unwrap();
+    g.set_output("other", other);
+    let half = Scalar(scale.0 / 2.0);
+    let lse = g
+        .add(
+            Op::AttentionLse {
+                causal,
+                scale: half,
+            },
+            &[q, k],
+            "other",
+        )
+        .unwrap();
+    g.set_output("other_lse", lse);
+    g
+}
+
+/// The pass against the graph it rewrites, on random shapes: one fused
+/// node serves the attention and both log-sum-exps, the rest is left as
+/// it was, and `optimize` afterwards keeps the fused node without bringing
+/// a second attention back.
+#[test]
+fn reuse_attention_lse_is_sound() {
+    let mut rng = Rng::new(reuse_lse::NAME.len() as u64 * 7919);
+    for case in 0..24 {
+        let g = lse_graph(&mut rng);
+        let h = reuse_attention_lse(&g).unwrap();
+        caramba_ir::verify(&h).unwrap();
+        let ops = |g: &Graph| {
+            (
+                count(g, |o| matches!(o, Op::AttentionWithLse { .. })),
+                count(g, |o| matches!(o, Op::Attention { .. })),
+                count(g, |o| matches!(o, Op::AttentionLse { .. })),
+            )
+        };
+        assert_eq!(
+            ops(&h),
+            (1, 1, 1),
+            "case {case}:
+{}",
+            caramba_ir::to_text(&h)
+        );
+        let t = rng.range(1, 5);
+        let ts = (t, t + rng.range(0, 3));
+        let err = compare(&g, &h, &mut rng, ts, 1);
+        assert!(
+            err < 1e-12,
+            "case {case}: {} changed the value by {err}
+before:
+{}after:
+{}",
+            reuse_lse::NAME,
+            caramba_ir::to_text(&g),
+            caramba_ir::to_text(&h)
+        );
+        let (o, _) = optimize(&h).unwrap();
+        assert_eq!(
+            ops(&o),
+            (1, 1, 1),
+            "case {case}:
+{}",
+            caramba_ir::to_text(&o)
+        );
+        assert!(compare(&g, &o, &mut rng, ts, 1) < 1e-12);
+    }
+}
+
+/// A log-sum-exp the values are computed from cannot come from the
+/// attention over those values (the fused node would feed itself); the
+/// pass leaves such a graph unchanged, and one without pairs too.
+#[test]
+fn reuse_attention_lse_leaves_a_cycle_alone() {
+    let (causal, scale) = (true, Scalar(0.5));
+    let mut g = Graph::new("t");
+    let q = g.input("q", ty(DType::F64, &[c(2), c(3), c(4)])).unwrap();
+    let k = g.input("k", ty(DType::F64, &[c(2), c(5), c(4)])).unwrap();
+    let v0 = g.input("v", ty(DType::F64, &[c(2), c(5), c(3)])).unwrap();
+    let lse = g
+        .add(Op::AttentionLse { causal, scale }, &[q, k], "")
+        .unwrap();
+    let m = g
+        .add(
+            Op::Reduce {
+                op: ReduceOp::Max,
+                axis: 1,
+            },
+            &[lse],
+            "",
+        )
+        .unwrap();
+    let v = bin(&mut g, BinaryOp::Add, v0, m);
+    let y = g
+        .add(Op::Attention { causal, scale }, &[q, k, v], "")
+        .unwrap();
+    g.set_output("y", y);
+    g.set_output("lse", lse);
+    let h = reuse_attention_lse(&g).unwrap();
+    assert_eq!(caramba_ir::to_text(&h), caramba_ir::to_text(&g));
+    let plain = attention_graph(&mut Rng::new(3));
+    let h = reuse_attention_lse(&plain).unwrap();
+    assert_eq!(caramba_ir::to_text(&h), caramba_ir::to_text(&plain));
+}
+
+/// One `attention_with_lse` and its two slices cost less than the
+/// attention and the `attention_lse` that recomputes the scores.
+#[test]
+fn attention_with_lse_costs_less_than_attention_and_its_lse() {
+    let (b, t, s) = (Dim::Sym(Sym::B), Dim::Sym(Sym::T), Dim::Sym(Sym::S));
+    let f = |dims: &[Dim]| ty(DType::F32, dims);
+    let (q, k, v) = (
+        f(&[b, c(3), c(3), t, c(64)]),
+        f(&[b, c(3), c(1), s, c(64)]),
+        f(&[b, c(3), c(1), s, c(64)]),
+    );
+    let (causal, scale) = (true, Scalar(0.125));
+    let cost = |op: Op, xs: &[&TensorType]| {
+        let out = op.infer(xs).unwrap();
+        (cost::op_cost(&op, xs, &out), out)
+    };
+    let (apart, _) = cost(Op::Attention { causal, scale }, &[&q, &k, &v]);
+    let (lse, _) = cost(Op::AttentionLse { causal, scale }, &[&q, &k]);
+    let (fused, both) = cost(Op::AttentionWithLse { causal, scale }, &[&q, &k, &v]);
+    let slice = |start, end| {
+        cost(
+            Op::Slice {
+                axis: 4,
+                start,
+                end,
+            },
+            &[&both],
+        )
+        .0
+    };
+    let together = fused + slice(0, 64) + slice(64, 65);
+    assert!(together < apart + lse, "{together} vs {apart} + {lse}");
+    assert!(fused > apart, "fused {fused} vs attention {apart}");
+}
+
 /// DBA scores: two scaled score products added, then masked softmax and
 /// values.
 fn dba_graph(rng: &mut Rng) -> Graph {

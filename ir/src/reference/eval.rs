@@ -241,6 +241,9 @@ fn apply(node: &Node, args: &[(&Tensor, bool)], syms: &SymValues) -> Result<Tens
         Op::OneHot { depth, dtype } => layout::one_hot(x(0), *depth, *dtype),
         Op::Attention { causal, scale } => fused::attention(x(0), x(1), x(2), *causal, *scale),
         Op::AttentionLse { causal, scale } => fused::attention_lse(x(0), x(1), *causal, *scale),
+        Op::AttentionWithLse { causal, scale } => {
+            fused::attention_with_lse(x(0), x(1), x(2), *causal, *scale)
+        }
         Op::AttentionGrad { causal, scale, wrt } => {
             fused::attention_grad(x(0), x(1), x(2), x(3), x(4), x(5), *causal, *scale, *wrt)
         }

@@ -1097,6 +1097,78 @@ fn attention_matches_a_direct_loop_and_its_decomposition() {
     }
 }
 
+/// `attention_with_lse` against its decomposition
+/// (`concat{last}(attention, attention_lse)`) and against a direct loop in
+/// f64 for both parts: GQA's keys and values broadcast over the query
+/// groups, fewer queries than keys, causal and not.
+#[test]
+fn attention_with_lse_matches_a_direct_loop_and_its_decomposition() {
+    let (kv, grp, t, s, d, dv) = (2usize, 2usize, 3usize, 5usize, 4usize, 3usize);
+    let q = f32s(&[1, kv, grp, t, d], &ramp(kv * grp * t * d, 1));
+    let k = f32s(&[1, kv, 1, s, d], &ramp(kv * s * d, 2));
+    let v = f32s(&[1, kv, 1, s, dv], &ramp(kv * s * dv, 3));
+    for causal in [false, true] {
+        let scale = Scalar(0.7);
+        let mut g = Graph::new("t");
+        let qi = g
+            .input("q", ty(DType::F32, shape![1, kv, grp, t, d]))
+            .unwrap();
+        let ki = g
+            .input("k", ty(DType::F32, shape![1, kv, 1, s, d]))
+            .unwrap();
+        let vi = g
+            .input("v", ty(DType::F32, shape![1, kv, 1, s, dv]))
+            .unwrap();
+        let fused = g
+            .add(Op::AttentionWithLse { causal, scale }, &[qi, ki, vi], "")
+            .unwrap();
+        assert_eq!(g.node(fused).ty.shape, shape![1, kv, grp, t, dv + 1]);
+        let out = g
+            .add(Op::Attention { causal, scale }, &[qi, ki, vi], "")
+            .unwrap();
+        let lse = g
+            .add(Op::AttentionLse { causal, scale }, &[qi, ki], "")
+            .unwrap();
+        let parts = g.add(Op::Concat { axis: 4 }, &[out, lse], "").unwrap();
+        g.set_output("fused", fused);
+        g.set_output("parts", parts);
+        let b = Bindings::default()
+            .input("q", q.clone())
+            .input("k", k.clone())
+            .input("v", v.clone());
+        let got = eval(&g, &b).unwrap();
+        let (qf, kf, vf) = (q.to_f64_vec(), k.to_f64_vec(), v.to_f64_vec());
+        let mut want = Vec::new();
+        for h in 0..kv {
+            for row in 0..grp * t {
+                let i = row % t;
+                let sc: Vec<f64> = (0..s)
+                    .map(|j| {
+                        let dot: f64 = (0..d)
+                            .map(|x| qf[(h * grp * t + row) * d + x] * kf[(h * s + j) * d + x])
+                            .sum();
+                        if causal && j > i + (s - t) {
+                            f64::NEG_INFINITY
+                        } else {
+                            dot * scale.0
+                        }
+                    })
+                    .collect();
+                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for y in 0..dv {
+                    let o: f64 = (0..s).map(|j| e[j] / z * vf[(h * s + j) * dv + y]).sum();
+                    want.push(o as f32);
+                }
+                want.push((m + z.ln()) as f32);
+            }
+        }
+        assert_close(got["fused"].as_f32().unwrap(), &want, 1e-5);
+        assert_close(got["parts"].as_f32().unwrap(), &want, 1e-5);
+    }
+}
+
 #[test]
 fn rms_norm_matches_the_formula_and_the_primitives() {
     let (rows, d) = (3usize, 5usize);

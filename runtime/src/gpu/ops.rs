@@ -522,20 +522,17 @@ impl<R: Runtime> Ctx<'_, R> {
                 Ok(out)
             }
             Op::MatMul => self.matmul(xs[0], xs[1], shape),
-            Op::Attention { causal, scale } => {
+            Op::Attention { causal, scale } | Op::AttentionWithLse { causal, scale } => {
                 let batch = &shape[..shape.len() - 2];
                 let bview = |t: &DevTensor| Self::batch_view(t, batch);
                 let (q, k, v) = (bview(xs[0]), bview(xs[1]), bview(xs[2]));
                 let out = self.alloc(shape);
-                attention::launch_attention(
-                    c,
-                    &q,
-                    &k,
-                    &v,
-                    &Self::view(&out),
-                    *causal,
-                    scale.0 as f32,
-                );
+                let launch = if matches!(self.node.op, Op::AttentionWithLse { .. }) {
+                    attention::launch_attention_with_lse
+                } else {
+                    attention::launch_attention
+                };
+                launch(c, &q, &k, &v, &Self::view(&out), *causal, scale.0 as f32);
                 Ok(out)
             }
             Op::AttentionLse { causal, scale } => {

@@ -3,7 +3,7 @@
 
 use super::attention::causal_mask;
 use super::elementwise::{binary, constant, unary};
-use super::layout::concat;
+use super::layout::{broadcast_to, concat};
 use super::matmul::{matmul, MatOperand};
 use super::reduce::{reduce, softmax};
 use super::{each_float, Raw};
@@ -76,6 +76,29 @@ pub fn attention_lse(q: &Tensor, k: &Tensor, causal: bool, scale: Scalar) -> Res
     let sum = tensor(dt, reduce(ReduceOp::Sum, axis, &e)?);
     let log = tensor(dt, unary(UnaryOp::Log, &sum)?);
     binary(BinaryOp::Add, &m, &log)
+}
+
+/// `concat{last}(attention(q, k, v), attention_lse(q, k))`, the log-sum-exp
+/// broadcast to the output's leading axes.
+pub fn attention_with_lse(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+    scale: Scalar,
+) -> Result<Raw, String> {
+    let dt = q.dtype();
+    let out = tensor(dt, attention(q, k, v, causal, scale)?);
+    let lse = tensor(dt, attention_lse(q, k, causal, scale)?);
+    let r = out.rank();
+    let mut lse_shape = out.shape().to_vec();
+    lse_shape[r - 1] = 1;
+    let lse = if lse.shape() == lse_shape.as_slice() {
+        lse
+    } else {
+        tensor(dt, broadcast_to(&lse, &lse_shape)?)
+    };
+    concat(&[&out, &lse], r - 1)
 }
 
 /// One gradient of attention (or, for `KV`, two side by side), by
