@@ -17,7 +17,7 @@
 
 use crate::commands::Failure;
 use caramba_compiler::manifest::{Manifest, OptimizerKind as MOpt, Phase, Run, Schedule};
-use caramba_ir::autodiff::{add_next_token_loss, differentiate, grad_name};
+use caramba_ir::autodiff::{add_next_token_loss, grad_name};
 use caramba_ir::reference::{eval, Bindings, Tensor};
 use caramba_ir::{DType, Graph, Sym};
 use caramba_runtime::backend::{Backend, DeviceTrainer, Executor};
@@ -95,20 +95,11 @@ pub fn train_graph(m: &Manifest) -> Result<TrainGraph, Failure> {
     // (a backend would keep them alive for nothing).
     let mut loss_only = forward.clone();
     loss_only.remove_output("logits");
-    // Attention is fused before differentiation, so that its backward is
-    // the flash-style one (no T × S matrix per layer kept for the backward
-    // pass); everything else is differentiated as primitives.
-    let loss_only = caramba_compiler::fuse_attention(&loss_only)
-        .map_err(|e| Failure::runtime(format!("internal error: fusing attention failed: {e:?}")))?;
-    let graph = differentiate(&loss_only, "loss", &names)
-        .map_err(|e| Failure::runtime(format!("autodiff failed: {e}")))?;
-    // The backward's log-sum-exp of each attention comes from the forward
-    // kernel (`attention_with_lse`) rather than a second pass over the scores.
-    let graph = caramba_compiler::reuse_attention_lse(&graph).map_err(|e| {
-        Failure::runtime(format!(
-            "internal error: reusing attention's log-sum-exp failed: {e}"
-        ))
-    })?;
+    // Attention fused before differentiation (its flash-style backward keeps
+    // no T × S matrix per layer), everything else differentiated as
+    // primitives, and the backward's log-sum-exp taken from the forward.
+    let graph = caramba_compiler::differentiate_for_training(&loss_only, "loss", &names)
+        .map_err(|e| Failure::runtime(e.to_string()))?;
     Ok(TrainGraph {
         graph,
         forward,

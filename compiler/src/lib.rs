@@ -23,7 +23,8 @@ pub use lower::{
 };
 pub use manifest::Manifest;
 pub use optimize::{
-    fuse_attention, optimize, reuse_attention_lse, OptimizeError, OptimizeReport, Stage,
+    differentiate_for_training, fuse_attention, optimize, reuse_attention_lse, OptimizeError,
+    OptimizeReport, Stage, TrainGraphError,
 };
 
 use caramba_ir::DType;

@@ -1141,9 +1141,7 @@ fn tiny_training_graph(frozen: &str) -> (Graph, Graph, BTreeMap<String, Tensor>)
     let names: Vec<String> = params.keys().filter(|n| *n != frozen).cloned().collect();
     // As training pipelines do: attention fused first, so that its backward
     // is the flash-style one, whose log-sum-exp the forward kernel gives.
-    let fused = caramba_compiler::fuse_attention(&forward).unwrap();
-    let graph = caramba_ir::autodiff::differentiate(&fused, "loss", &names).unwrap();
-    let graph = caramba_compiler::reuse_attention_lse(&graph).unwrap();
+    let graph = caramba_compiler::differentiate_for_training(&forward, "loss", &names).unwrap();
     let has = |f: fn(&Op) -> bool| graph.node_ids().any(|id| f(&graph.node(id).op));
     assert!(has(|op| matches!(op, Op::AttentionGrad { .. })));
     assert!(has(|op| matches!(op, Op::AttentionWithLse { .. })));

@@ -251,6 +251,34 @@ pub fn fuse_attention(g: &Graph) -> Result<Graph, OptimizeError> {
     optimize_with(g, &opts).map(|(g, _)| g)
 }
 
+/// Why [`differentiate_for_training`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainGraphError {
+    #[error("fusing attention failed: {0}")]
+    Fuse(OptimizeError),
+    #[error("autodiff failed: {0}")]
+    Autodiff(IrError),
+    #[error("internal error: reusing attention's log-sum-exp failed: {0}")]
+    ReuseLse(IrError),
+}
+
+/// The training graph of `forward`: the gradients of output `loss` with
+/// respect to the parameters `wrt`, in the order training pipelines need.
+/// Attention is fused first ([`fuse_attention`]) so that its backward is
+/// the flash-style one, the graph is differentiated, and each attention
+/// then hands its backward the log-sum-exp its forward kernel computes
+/// ([`reuse_attention_lse`]). The result is ready for [`optimize`].
+pub fn differentiate_for_training(
+    forward: &Graph,
+    loss: &str,
+    wrt: &[String],
+) -> Result<Graph, TrainGraphError> {
+    let fused = fuse_attention(forward).map_err(TrainGraphError::Fuse)?;
+    let graph = caramba_ir::autodiff::differentiate(&fused, loss, wrt)
+        .map_err(TrainGraphError::Autodiff)?;
+    reuse_attention_lse(&graph).map_err(TrainGraphError::ReuseLse)
+}
+
 /// Which stage of the graph `--emit ir` shows.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Stage {
