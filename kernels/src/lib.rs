@@ -29,9 +29,65 @@ pub mod rope;
 pub mod vendor_gemm;
 
 pub use cubecl;
+pub use half;
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
+
+/// How a float tensor is stored on the device. Kernels read and write the
+/// storage type and compute in `f32` whatever it is (accumulators, shared
+/// memory and registers are `f32`); a narrow store rounds to nearest, ties
+/// to even, as a cast does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FloatElem {
+    F32,
+    F16,
+    BF16,
+}
+
+impl FloatElem {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            FloatElem::F32 => 4,
+            FloatElem::F16 | FloatElem::BF16 => 2,
+        }
+    }
+
+    /// Whether `client`'s device can hold buffers of this type and convert
+    /// it to and from `f32` in kernels.
+    pub fn supported<R: Runtime>(self, client: &ComputeClient<R>) -> bool {
+        let ty = match self {
+            FloatElem::F32 => return true,
+            FloatElem::F16 => half::f16::as_type_native_unchecked(),
+            FloatElem::BF16 => half::bf16::as_type_native_unchecked(),
+        };
+        client.properties().supports_type(ty)
+    }
+}
+
+/// Runs `$body` with the type alias `$E` naming `$elem`'s storage type
+/// (`f32`, `half::f16` or `half::bf16`): the one place a launch chooses its
+/// kernel's instantiation.
+#[macro_export]
+macro_rules! with_float {
+    ($elem:expr, $E:ident => $body:expr) => {
+        match $elem {
+            $crate::FloatElem::F32 => {
+                type $E = f32;
+                $body
+            }
+            $crate::FloatElem::F16 => {
+                type $E = $crate::half::f16;
+                $body
+            }
+            $crate::FloatElem::BF16 => {
+                type $E = $crate::half::bf16;
+                $body
+            }
+        }
+    };
+}
 
 /// Threads per cube for the row kernels (reduce, softmax, norms, attention).
 pub const ROW_BLOCK: u32 = 128;
