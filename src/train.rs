@@ -16,7 +16,10 @@
 //! the forward graph on the device too, on the same weight buffers.
 
 use crate::commands::Failure;
-use caramba_compiler::manifest::{Manifest, OptimizerKind as MOpt, Phase, Run, Schedule};
+use caramba_compiler::manifest::{
+    DTypeSpec, Manifest, OptimizerKind as MOpt, Phase, Run, Schedule, TrainConfig,
+};
+use caramba_compiler::Precision;
 use caramba_ir::autodiff::{add_next_token_loss, grad_name};
 use caramba_ir::reference::{eval, Bindings, Tensor};
 use caramba_ir::{DType, Graph, Sym};
@@ -69,8 +72,40 @@ pub struct TrainGraph {
     pub vocab: usize,
 }
 
-pub fn train_graph(m: &Manifest) -> Result<TrainGraph, Failure> {
-    let lowered = caramba_compiler::lower_model(&m.model, &m.name, DType::F32)
+/// The precision a run trains in. `use_amp: true` computes in `amp_dtype`
+/// (bf16 unless given); a half `dtype` (the run's, else the defaults')
+/// means the same: activations, gradients of activations and the
+/// matrix products in that dtype, while weights, their gradients and the
+/// optimizer state stay f32 (master weights). Otherwise (`float32`,
+/// `auto`, unset) everything is f32.
+pub fn train_precision(m: &Manifest, t: &TrainConfig) -> Precision {
+    let half = |d: Option<DTypeSpec>| match d {
+        Some(DTypeSpec::Float16) => Some(DType::F16),
+        Some(DTypeSpec::Bfloat16) => Some(DType::BF16),
+        _ => None,
+    };
+    let compute = if t.use_amp {
+        Some(half(t.amp_dtype).unwrap_or(DType::BF16))
+    } else {
+        half(t.dtype.or(m.defaults.dtype))
+    };
+    compute.map_or(Precision::uniform(DType::F32), Precision::mixed)
+}
+
+/// `precision` in words, for the console: `f32` or `bf16 compute, f32 weights`.
+pub fn describe_precision(p: Precision) -> String {
+    if p.compute == p.params {
+        p.compute.to_string()
+    } else {
+        format!(
+            "{} compute, {} weights and optimizer state",
+            p.compute, p.params
+        )
+    }
+}
+
+pub fn train_graph(m: &Manifest, precision: Precision) -> Result<TrainGraph, Failure> {
+    let lowered = caramba_compiler::lower_model_with(&m.model, &m.name, precision, None)
         .map_err(|d| Failure::runtime(format!("lowering failed:\n{}", d.render(&m.name, ""))))?;
     let mut forward = lowered.graph;
     add_next_token_loss(&mut forward, "logits").map_err(|e| Failure::runtime(e.to_string()))?;
@@ -247,7 +282,8 @@ only `phase: standard` training runs",
     let val_frac = m.defaults.val_frac.unwrap_or(0.0);
     let ds = NpyDataset::open(&data, block, val_frac)
         .map_err(|e| Failure::usage(format!("run `{}`: {e}", f.id)))?;
-    let tg = train_graph(m)?;
+    let precision = train_precision(m, t);
+    let tg = train_graph(m, precision)?;
     check_vocab(&ds, tg.vocab, &data)?;
 
     let seed = opts.seed.or(f.seed).or(m.defaults.seed).unwrap_or(1337);
@@ -363,6 +399,7 @@ only `phase: standard` training runs",
         ),
     );
     console.key_value("device", opts.backend);
+    console.key_value("precision", describe_precision(precision));
     console.path("artifacts", dir.path());
 
     let eval_every = m.defaults.eval_every.unwrap_or(f.steps.div_ceil(5).max(1));

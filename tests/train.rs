@@ -2,8 +2,9 @@
 //! and refuses bad data and bad resumes with clear errors.
 
 use caramba::train::{forward_backward, init_params, train, train_graph, TrainOptions};
+use caramba_compiler::Precision;
 use caramba_ir::reference::{eval, Bindings, Tensor};
-use caramba_ir::{AttnArg, Sym};
+use caramba_ir::{AttnArg, DType, Sym};
 use caramba_runtime::backend::Backend;
 use caramba_runtime::data::write_tokens;
 use caramba_runtime::data::NpyDtype;
@@ -184,7 +185,7 @@ fn learns_to_copy() {
     let src = manifest(Path::new("unused.npy"), 1, "");
     let src = src.replace("vocab_size: 32", "vocab_size: 16");
     let c = caramba_compiler::compile(&src).unwrap();
-    let tg = train_graph(&c.manifest).unwrap();
+    let tg = train_graph(&c.manifest, Precision::uniform(DType::F32)).unwrap();
     let mut params = init_params(&tg.params, 3);
     let mut opt = Optimizer::new(OptimizerConfig::adamw(0.0));
     let mut rng = SplitMix64::new(11);
@@ -345,7 +346,7 @@ fn wgpu_gradients_match_the_cpu_reference() {
     }
     let src = manifest(Path::new("unused.npy"), 1, "");
     let c = caramba_compiler::compile(&src).unwrap();
-    let tg = train_graph(&c.manifest).unwrap();
+    let tg = train_graph(&c.manifest, Precision::uniform(DType::F32)).unwrap();
     let params = init_params(&tg.params, 5);
     let (b, t) = (2usize, 8usize);
     let x: Vec<u32> = (0..b * t).map(|i| (i * 7 % 32) as u32).collect();
@@ -417,9 +418,12 @@ fn wgpu_training_follows_the_cpu_run() {
     let moved = max_diff(
         &cpu.params,
         &init_params(
-            &train_graph(&caramba_compiler::compile(&src).unwrap().manifest)
-                .unwrap()
-                .params,
+            &train_graph(
+                &caramba_compiler::compile(&src).unwrap().manifest,
+                Precision::uniform(DType::F32),
+            )
+            .unwrap()
+            .params,
             7,
         ),
     );
@@ -467,7 +471,7 @@ fn optimized_training_graph_gives_the_same_gradients() {
         .replace("vocab_size: 512", "vocab_size: 64");
     for src in [manifest(Path::new("unused.npy"), 1, ""), dba] {
         let c = caramba_compiler::compile(&src).unwrap();
-        let mut tg = train_graph(&c.manifest).unwrap();
+        let mut tg = train_graph(&c.manifest, Precision::uniform(DType::F32)).unwrap();
         let params = init_params(&tg.params, 9);
         let (b, t) = (2usize, 8usize);
         let x: Vec<u32> = (0..b * t).map(|i| (i * 7 % 32) as u32).collect();
@@ -564,4 +568,89 @@ fn assert_grads_close(
             "gradient of {name}: max |{what_a} − {what_b}| {diff:e} (scale {scale:e})"
         );
     }
+}
+
+/// Mixed precision (`use_amp: true`): the parameters, their gradients and
+/// the loss stay f32 while every parameter is read through one cast to
+/// bf16; the gradients follow the f32 run's to bf16's precision; and a
+/// short CPU run with it learns as the f32 run does.
+#[test]
+fn mixed_precision_keeps_f32_weights_and_follows_the_f32_gradients() {
+    let dir = scratch("amp");
+    let data = write_data(&dir);
+    let src = manifest(&data, 30, "").replace(
+        "grad_clip: 1.0}",
+        "grad_clip: 1.0, use_amp: true, amp_dtype: bf16}",
+    );
+    let c = caramba_compiler::compile(&src).unwrap();
+    let t = c.manifest.runs[0].fields.train.as_ref().unwrap();
+    let precision = caramba::train::train_precision(&c.manifest, t);
+    assert_eq!(precision, Precision::mixed(DType::BF16));
+    let amp = train_graph(&c.manifest, precision).unwrap();
+    let f32g = train_graph(&c.manifest, Precision::uniform(DType::F32)).unwrap();
+    let g = &amp.graph;
+    for (name, id) in g.params() {
+        assert_eq!(g.node(id).ty.dtype, DType::F32, "parameter {name}");
+        let users: Vec<_> = g.users(id);
+        assert!(
+            users
+                .iter()
+                .any(|&u| g.node(u).op == caramba_ir::Op::Cast(DType::BF16)),
+            "{name} is not read through a cast to bf16"
+        );
+    }
+    let matmuls_in_bf16 = g
+        .node_ids()
+        .filter(|&n| g.node(n).op == caramba_ir::Op::MatMul)
+        .all(|n| g.node(n).ty.dtype == DType::BF16);
+    assert!(matmuls_in_bf16, "every product computes in bf16");
+
+    let params = init_params(&amp.params, 5);
+    let (b, tt) = (4usize, 16usize);
+    let x: Vec<u32> = (0..b * tt).map(|i| (i * 7 % 31) as u32).collect();
+    let y: Vec<u32> = (0..b * tt).map(|i| ((i * 7 + 3) % 31) as u32).collect();
+    let (loss_amp, grads_amp) = forward_backward(&amp, &params, &x, &y, b, tt).unwrap();
+    let (loss_f32, grads_f32) = forward_backward(&f32g, &params, &x, &y, b, tt).unwrap();
+    assert!(
+        (loss_amp - loss_f32).abs() < 0.02 * loss_f32.abs(),
+        "loss {loss_amp} in bf16 against {loss_f32} in f32"
+    );
+    for (name, ga) in &grads_amp {
+        assert_eq!(ga.dtype(), DType::F32, "gradient of {name}");
+        let (p, q) = (ga.to_f32_vec(), grads_f32[name].to_f32_vec());
+        let dot: f64 = p
+            .iter()
+            .zip(&q)
+            .map(|(a, b)| (*a as f64) * (*b as f64))
+            .sum();
+        let norm = |v: &[f32]| v.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+        let cos = dot / (norm(&p) * norm(&q)).max(1e-30);
+        assert!(
+            cos > 0.99,
+            "gradient of {name}: cosine {cos} to the f32 gradient"
+        );
+    }
+
+    let out = run_train(&src, &dir.join("artifacts"), None, None);
+    let f32_out = run_train(
+        &manifest(&data, 30, ""),
+        &dir.join("artifacts-f32"),
+        None,
+        None,
+    );
+    println!(
+        "amp: loss {:.3} → {:.3}; f32: {:.3} → {:.3}",
+        out.first_loss, out.last_loss, f32_out.first_loss, f32_out.last_loss
+    );
+    assert!(out.last_loss < out.first_loss - 0.5, "bf16 training learns");
+    assert!(
+        (out.last_loss - f32_out.last_loss).abs() < 0.15 * f32_out.last_loss,
+        "bf16 run ends at {:.3}, f32 at {:.3}",
+        out.last_loss,
+        f32_out.last_loss
+    );
+    for (name, p) in &out.params {
+        assert_eq!(p.dtype(), DType::F32, "master weight {name}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

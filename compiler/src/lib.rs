@@ -19,7 +19,8 @@ pub mod yaml;
 
 pub use diag::{Diagnostic, Diagnostics, Span};
 pub use lower::{
-    lower_model, lower_model_cached, CacheEntry, CacheFormat, KvCacheSpec, LayerInfo, Lowered,
+    lower_model, lower_model_cached, lower_model_with, CacheEntry, CacheFormat, KvCacheSpec,
+    LayerInfo, Lowered, Precision,
 };
 pub use manifest::Manifest;
 pub use optimize::{

@@ -12,7 +12,7 @@ use caramba_ir::{
     BinaryOp, DType, Dim, Graph, NodeId, Op, QuantFormat, ReduceOp, RopeScaling, RopeSpec, Scalar,
     Shape, Sym, TensorType, UnaryOp,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// What lowering produced: the graph plus a per-layer summary for plans.
 #[derive(Clone, Debug)]
@@ -120,7 +120,47 @@ pub struct LayerInfo {
 /// Lowers a model to a graph named `name` computing `logits` [B, T, vocab]
 /// from `input_ids` i32[B, T] and `positions` i32[T].
 pub fn lower_model(m: &ModelSpec, name: &str, dtype: DType) -> Result<Lowered, Diagnostics> {
-    lower(m, name, dtype, None)
+    lower(m, name, Precision::uniform(dtype), None)
+}
+
+/// The dtypes of a lowered model: what its activations are computed and
+/// stored in, and what its parameters are stored in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Precision {
+    pub compute: DType,
+    pub params: DType,
+}
+
+impl Precision {
+    /// Parameters and activations of one dtype.
+    pub fn uniform(dtype: DType) -> Precision {
+        Precision {
+            compute: dtype,
+            params: dtype,
+        }
+    }
+
+    /// Mixed precision: `f32` parameters (master weights, which the
+    /// optimizer updates), activations in `compute` (f16 or bf16). Each
+    /// parameter is cast to `compute` where it is read, so its gradient
+    /// arrives in `f32` through the cast's backward.
+    pub fn mixed(compute: DType) -> Precision {
+        Precision {
+            compute,
+            params: DType::F32,
+        }
+    }
+}
+
+/// [`lower_model`] with parameters and activations in their own dtypes
+/// (see [`Precision`]), with or without a KV cache.
+pub fn lower_model_with(
+    m: &ModelSpec,
+    name: &str,
+    precision: Precision,
+    cache: Option<KvCacheSpec>,
+) -> Result<Lowered, Diagnostics> {
+    lower(m, name, precision, cache)
 }
 
 /// [`lower_model`] for generation with a KV cache: `input_ids` are the `T`
@@ -136,13 +176,13 @@ pub fn lower_model_cached(
     dtype: DType,
     cache: KvCacheSpec,
 ) -> Result<Lowered, Diagnostics> {
-    lower(m, name, dtype, Some(cache))
+    lower(m, name, Precision::uniform(dtype), Some(cache))
 }
 
 fn lower(
     m: &ModelSpec,
     name: &str,
-    dtype: DType,
+    precision: Precision,
     cache: Option<KvCacheSpec>,
 ) -> Result<Lowered, Diagnostics> {
     let mut l = Lower {
@@ -150,7 +190,9 @@ fn lower(
         cache_entries: Vec::new(),
         attention_calls: 0,
         g: Graph::new(name),
-        dtype,
+        dtype: precision.compute,
+        param_dtype: precision.params,
+        param_casts: HashMap::new(),
         diags: Diagnostics::default(),
         layers: Vec::new(),
         namer: Namer::default(),
@@ -197,7 +239,12 @@ struct Lower {
     /// Attention calls lowered so far (names the cache entries).
     attention_calls: usize,
     g: Graph,
+    /// The activations' dtype.
     dtype: DType,
+    /// The parameters' dtype; where it differs from `dtype`, each parameter
+    /// is read through one cast (`param_casts`, by parameter node).
+    param_dtype: DType,
+    param_casts: HashMap<NodeId, NodeId>,
     diags: Diagnostics,
     layers: Vec<LayerInfo>,
     namer: Namer,
@@ -298,9 +345,23 @@ impl Lower {
         self.g.add(op, xs, scope).map_err(ir)
     }
 
+    /// A parameter as the model computes with it (in the activations'
+    /// dtype: cast once from the stored dtype when they differ).
     fn param(&mut self, name: &str, dims: &[usize], scope: &str) -> R<NodeId> {
-        let ty = TensorType::new(self.dtype, Shape::new(dims.iter().map(|&d| Dim::Const(d))));
-        self.g.param(name, ty, scope).map_err(ir)
+        let ty = TensorType::new(
+            self.param_dtype,
+            Shape::new(dims.iter().map(|&d| Dim::Const(d))),
+        );
+        let p = self.g.param(name, ty, scope).map_err(ir)?;
+        if self.param_dtype == self.dtype {
+            return Ok(p);
+        }
+        if let Some(&c) = self.param_casts.get(&p) {
+            return Ok(c);
+        }
+        let c = self.op(Op::Cast(self.dtype), &[p], scope)?;
+        self.param_casts.insert(p, c);
+        Ok(c)
     }
 
     fn constant(&mut self, v: f64, scope: &str) -> NodeId {

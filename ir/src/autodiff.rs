@@ -566,8 +566,8 @@ impl Backward {
 }
 
 /// Appends the next-token loss to a language model: `targets` i32 [B, T],
-/// per-position cross-entropy of `logits` [B, T, V], averaged to a scalar
-/// output named `loss`.
+/// per-position cross-entropy of `logits` [B, T, V] (in f32: half-precision
+/// logits are widened), averaged to a scalar output named `loss`.
 pub fn add_next_token_loss(g: &mut Graph, logits: &str) -> Result<NodeId, IrError> {
     let err = |message: String| IrError {
         scope: g.name.clone(),
@@ -582,6 +582,13 @@ pub fn add_next_token_loss(g: &mut Graph, logits: &str) -> Result<NodeId, IrErro
     }
     let tshape = Shape(ty.shape.0[..2].to_vec());
     let t = g.input("targets", TensorType::new(DType::I32, tshape))?;
+    // Half-precision logits are widened first (as Hugging Face does): the
+    // loss, its mean and the logits' gradient are f32.
+    let l = if matches!(ty.dtype, DType::F16 | DType::BF16) {
+        g.add(Op::Cast(DType::F32), &[l], "loss")?
+    } else {
+        l
+    };
     let ce = g.add(Op::CrossEntropy, &[l, t], "loss")?;
     let m1 = g.add(
         Op::Reduce {

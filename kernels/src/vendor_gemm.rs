@@ -29,7 +29,7 @@
 //! falls back to cubek. The row-major product `D = A·B` is computed as the
 //! column-major `Dᵀ = Bᵀ·Aᵀ`, so no operand is copied.
 
-use crate::{KernelError, View};
+use crate::{FloatElem, KernelError, View};
 use cubecl::prelude::*;
 use std::sync::Arc;
 
@@ -74,14 +74,16 @@ impl VendorGemm {
         "cuBLASLt"
     }
 
-    /// `out = lhs @ rhs` for `f32` views of equal rank ≥ 2 (batch axes as
-    /// `matmul::launch_matmul` takes them); `out` dense. `tf32` lets the
-    /// product use TF32 tensor cores. Returns `Ok(false)` without doing
+    /// `out = lhs @ rhs` for views of equal rank ≥ 2 (batch axes as
+    /// `matmul::launch_matmul` takes them), all three stored as `elem`;
+    /// `out` dense. Products accumulate in f32 (`CUBLAS_COMPUTE_32F`);
+    /// `tf32` lets an f32 product use TF32 tensor cores. Returns `Ok(false)` without doing
     /// anything when the operands' layout is not one this library reads;
     /// the caller then uses cubek.
     pub fn matmul<R: Runtime>(
         &self,
         client: &ComputeClient<R>,
+        elem: FloatElem,
         lhs: &View,
         rhs: &View,
         out: &View,
@@ -97,12 +99,12 @@ impl VendorGemm {
             else {
                 return Ok(false);
             };
-            self.lt.run(client, &plan, lhs, rhs, out, tf32)?;
+            self.lt.run(client, elem, &plan, lhs, rhs, out, tf32)?;
             Ok(true)
         }
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = (client, plan, tf32);
+            let _ = (client, elem, plan, tf32);
             Ok(false)
         }
     }
@@ -271,7 +273,7 @@ impl Plan {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::{Mat, Plan};
-    use crate::{KernelError, View};
+    use crate::{FloatElem, KernelError, View};
     use cubecl::cuda::CudaRuntime;
     use cubecl::prelude::*;
     use cudarc::cublaslt::{result as lt, sys};
@@ -293,6 +295,11 @@ mod cuda {
         batch: usize,
         strides: (usize, usize, usize),
         tf32: bool,
+        elem: FloatElem,
+        /// Bytes every operand pointer is a multiple of (at most 256), for
+        /// the heuristic: offset views (host-looped batches) may be less
+        /// aligned than a fresh buffer.
+        align: u32,
     }
 
     /// Descriptors and the heuristic's algorithm for one `Key`, made once.
@@ -349,9 +356,11 @@ mod cuda {
             })))
         }
 
+        #[allow(clippy::too_many_arguments)]
         pub(super) fn run(
             &self,
             client: &ComputeClient<CudaRuntime>,
+            elem: FloatElem,
             plan: &Plan,
             lhs: &View,
             rhs: &View,
@@ -381,7 +390,20 @@ mod cuda {
                 n: plan.n,
                 batch: plan.batch,
                 strides: (plan.stride_a, plan.stride_b, plan.stride_d),
-                tf32,
+                tf32: tf32 && elem == FloatElem::F32,
+                elem,
+                align: plan
+                    .outer
+                    .iter()
+                    .flat_map(|&(l, r, d)| [l, r, d])
+                    .fold(256u32, |a, off| {
+                        let bytes = (off * elem.size()) as u32;
+                        if bytes == 0 {
+                            a
+                        } else {
+                            a.min(1 << bytes.trailing_zeros().min(8))
+                        }
+                    }),
             };
             if !st.prepared.contains_key(&key) {
                 let p = prepare(st.handle, &key, plan.k)?;
@@ -389,7 +411,8 @@ mod cuda {
             }
             let p = &st.prepared[&key];
             let (alpha, beta) = (1.0f32, 0.0f32);
-            let at = |base: u64, off: usize| (base + 4 * off as u64) as *mut c_void;
+            let size = elem.size() as u64;
+            let at = |base: u64, off: usize| (base + size * off as u64) as *mut c_void;
             for &(ol, or, od) in &plan.outer {
                 let (b, a, d) = (
                     at(rl.resource().ptr, ol),
@@ -442,20 +465,25 @@ mod cuda {
         }
     }
 
+    /// cuBLAS's name of a storage type.
+    fn data_type(elem: FloatElem) -> sys::cudaDataType {
+        match elem {
+            FloatElem::F32 => sys::cudaDataType::CUDA_R_32F,
+            FloatElem::F16 => sys::cudaDataType::CUDA_R_16F,
+            FloatElem::BF16 => sys::cudaDataType::CUDA_R_16BF,
+        }
+    }
+
     fn layout(
+        elem: FloatElem,
         rows: usize,
         cols: usize,
         ld: usize,
         batch: usize,
         stride: usize,
     ) -> Result<sys::cublasLtMatrixLayout_t, KernelError> {
-        let l = lt::create_matrix_layout(
-            sys::cudaDataType::CUDA_R_32F,
-            rows as u64,
-            cols as u64,
-            ld as i64,
-        )
-        .map_err(|e| err("layout", e))?;
+        let l = lt::create_matrix_layout(data_type(elem), rows as u64, cols as u64, ld as i64)
+            .map_err(|e| err("layout", e))?;
         if batch > 1 {
             let count = batch as i32;
             let offset = stride as i64;
@@ -514,19 +542,40 @@ mod cuda {
             .map_err(|e| err("descriptor", e))?;
         }
         let (sa, sb, sd) = key.strides;
-        let la = layout(key.a.rows, key.a.cols, key.a.ld, key.batch, sa)?;
-        let lb = layout(key.b.rows, key.b.cols, key.b.ld, key.batch, sb)?;
-        let ld = layout(key.n, key.m, key.n, key.batch, sd)?;
+        let e = key.elem;
+        let la = layout(e, key.a.rows, key.a.cols, key.a.ld, key.batch, sa)?;
+        let lb = layout(e, key.b.rows, key.b.cols, key.b.ld, key.batch, sb)?;
+        let ld = layout(e, key.n, key.m, key.n, key.batch, sd)?;
         let pref = lt::create_matmul_pref().map_err(|e| err("preference", e))?;
         let ws = super::cuda::WORKSPACE as u64;
-        // SAFETY: valid preference handle; the attribute is a uint64.
+        let align = key.align;
+        use sys::cublasLtMatmulPreferenceAttributes_t as P;
+        // SAFETY: valid preference handle; the attributes are a uint64 and
+        // uint32s, as cuBLASLt documents them.
         let heuristic = unsafe {
             lt::set_matmul_pref_attribute(
                 pref,
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                 &ws as *const u64 as *const c_void,
                 8,
             )
+            .and_then(|()| {
+                [
+                    P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                    P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                    P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                    P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                ]
+                .into_iter()
+                .try_for_each(|attr| {
+                    lt::set_matmul_pref_attribute(
+                        pref,
+                        attr,
+                        &align as *const u32 as *const c_void,
+                        4,
+                    )
+                })
+            })
             .and_then(|()| lt::get_matmul_algo_heuristic(handle, desc, la, lb, ld, ld, pref))
         };
         unsafe {

@@ -125,7 +125,10 @@ pub fn run(a: &RunArgs) -> CmdResult {
                         b.id
                     )));
                 };
-                let tg = train_graph(m)?;
+                let tg = train_graph(
+                    m,
+                    caramba_compiler::Precision::uniform(caramba_ir::DType::F32),
+                )?;
                 let ds = NpyDataset::open(
                     &PathBuf::from(&p.dataset),
                     p.block_size as usize,

@@ -8,7 +8,7 @@
 use super::bindings::{Bindings, SymValues};
 use super::ops::matmul::MatOperand;
 use super::ops::{attention, elementwise, fused, layout, matmul, quant, reduce, Raw};
-use super::tensor::{storage_dtype, ShapeFmt, Tensor};
+use super::tensor::{round_bf16, round_f16, storage_dtype, ShapeFmt, Tensor};
 use crate::graph::{Graph, Node, NodeId};
 use crate::op::Op;
 use crate::types::{DType, Dim, Shape, Sym};
@@ -265,7 +265,17 @@ fn apply(node: &Node, args: &[(&Tensor, bool)], syms: &SymValues) -> Result<Tens
         }
     }
     .map_err(err)?;
-    let (shape, data) = raw;
+    let (shape, mut data) = raw;
+    // A narrow float result is computed in f32 and rounded once, as a GPU
+    // kernel that computes in f32 and stores f16/bf16 does.
+    if let (DType::F16 | DType::BF16, super::tensor::Storage::F32(v)) = (node.ty.dtype, &mut data) {
+        let round = if node.ty.dtype == DType::BF16 {
+            round_bf16
+        } else {
+            round_f16
+        };
+        v.iter_mut().for_each(|x| *x = round(*x));
+    }
     if shape != expected {
         return Err(err(format!(
             "produced shape {} but the node is typed {}",

@@ -233,6 +233,40 @@ fn constants_and_casts() {
 }
 
 #[test]
+fn half_precision_results_are_computed_in_f32_and_rounded_once() {
+    // bf16 operands on the bf16 grid: 1 + 2^-7 and 2^-8. Their f32 sum
+    // 1 + 3·2^-8 is a tie that rounds up to 1 + 2^-6; adding in bf16 twice
+    // (or not rounding) would give another value.
+    let t = ty(DType::BF16, shape![2]);
+    let g = two_op(Op::Binary(BinaryOp::Add), t.clone(), t);
+    let bf = |v: &[f32]| Tensor::new(DType::BF16, vec![2], Storage::F32(v.to_vec()));
+    let y = run(
+        &g,
+        vec![
+            ("a", bf(&[1.0 + 1.0 / 128.0, 3.0])),
+            ("b", bf(&[1.0 / 256.0, 1.0 / 256.0])),
+        ],
+    );
+    assert_eq!(y.dtype(), DType::BF16);
+    // 3 + 2^-8 is below half a bf16 step (2^-6) above 3: back to 3.
+    assert_eq!(y.as_f32().unwrap(), &[1.015_625, 3.0]);
+
+    // A reduction sums in f32 and rounds the result: an f16 accumulator
+    // would stall at 2048 (2048 + 1 rounds back to even), the f32 sum of
+    // 4096 ones is 4096, which f16 holds exactly.
+    let g = one_op(
+        Op::Reduce {
+            op: ReduceOp::Sum,
+            axis: 0,
+        },
+        ty(DType::F16, shape![4096]),
+    );
+    let ones = Tensor::new(DType::F16, vec![4096], Storage::F32(vec![1.0; 4096]));
+    let y = run(&g, vec![("x", ones)]);
+    assert_eq!(y.as_f32().unwrap(), &[4096.0]);
+}
+
+#[test]
 fn reductions_keep_the_axis() {
     let x = f32s(&[2, 3], &[1., 2., 3., 4., 5., 9.]);
     let cases = [

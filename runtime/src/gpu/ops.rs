@@ -659,7 +659,14 @@ impl<R: Runtime> Ctx<'_, R> {
     fn gemm(&self, lhs: &View, rhs: &View, out: &View) -> Result<(), GpuError> {
         if let Some(vendor) = self.vendor {
             let done = vendor
-                .matmul(self.client, lhs, rhs, out, self.fast_matmul)
+                .matmul(
+                    self.client,
+                    caramba_kernels::FloatElem::F32,
+                    lhs,
+                    rhs,
+                    out,
+                    self.fast_matmul,
+                )
                 .map_err(|e| self.err(e.to_string()))?;
             if done {
                 return Ok(());
