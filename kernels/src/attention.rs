@@ -19,12 +19,18 @@
 //! columns `u, u + B, …` of `p · v` for every query. Each key and value
 //! element is read once per block of queries.
 //!
+//! Every operand and the output are stored as the launch's `elem` and
+//! computed in `f32`: elements are widened as they are staged or read, the
+//! staged tiles in shared memory, the scores, running statistics and
+//! accumulators are `f32`, and each result is rounded once as it is
+//! stored.
+//!
 //! Where it stops: scalar FMAs, no tensor cores; causal blocks skip key
 //! tiles past their last query but not the masked part of the diagonal
 //! tile; wider heads than the device's shared memory holds a tile of
 //! (about 180 dims with 48 KiB) read keys and values from global memory.
 
-use crate::{grid_1d, linear_cube, View};
+use crate::{grid_1d, linear_cube, with_float, FloatElem, View};
 use cubecl::prelude::*;
 
 /// Keys per tile, also the cube size.
@@ -34,13 +40,13 @@ pub const ATTN_BLOCK: usize = 64;
 pub const ATTN_QUERIES: usize = 8;
 
 #[cube(launch_unchecked)]
-fn attention_kernel<F: Float + CubeElement>(
-    q: &Tensor<F>,
-    k: &Tensor<F>,
-    v: &Tensor<F>,
-    out: &mut Tensor<F>,
-    scale: F,
-    neg_inf: F,
+fn attention_kernel<E: Float + CubeElement>(
+    q: &Tensor<E>,
+    k: &Tensor<E>,
+    v: &Tensor<E>,
+    out: &mut Tensor<E>,
+    scale: f32,
+    neg_inf: f32,
     #[comptime] causal: bool,
     #[comptime] d: usize,
     #[comptime] dv: usize,
@@ -78,12 +84,12 @@ fn attention_kernel<F: Float + CubeElement>(
     let (v_s, v_d) = (v.stride(rank - 2), v.stride(rank - 1));
 
     let u = UNIT_POS as usize;
-    let mut q_sh = SharedMemory::<F>::new(ATTN_QUERIES * d); // (Q, d)
-    let mut p_sh = SharedMemory::<F>::new(ATTN_QUERIES * ATTN_BLOCK); // (Q, B)
-                                                                      // A tile of keys, then of values: (B, stride), odd stride so that
-                                                                      // units reading different rows never share a bank.
+    let mut q_sh = SharedMemory::<f32>::new(ATTN_QUERIES * d); // (Q, d)
+    let mut p_sh = SharedMemory::<f32>::new(ATTN_QUERIES * ATTN_BLOCK); // (Q, B)
+                                                                        // A tile of keys, then of values: (B, stride), odd stride so that
+                                                                        // units reading different rows never share a bank.
     let stride = comptime!(if d > dv { d + 1 } else { dv + 1 });
-    let mut kv_sh = SharedMemory::<F>::new(comptime!(if staged {
+    let mut kv_sh = SharedMemory::<f32>::new(comptime!(if staged {
         ATTN_BLOCK * if d > dv { d + 1 } else { dv + 1 }
     } else {
         1
@@ -91,9 +97,9 @@ fn attention_kernel<F: Float + CubeElement>(
     let mut j = u;
     while j < ATTN_QUERIES * d {
         let (qi, x) = (j / d, j % d);
-        let mut val = F::new(0.0);
+        let mut val = f32::new(0.0);
         if first + qi < t {
-            val = q[qo + (first + qi) * q_t + x * q_d];
+            val = f32::cast_from(q[qo + (first + qi) * q_t + x * q_d]);
         }
         q_sh[j] = val;
         j += ATTN_BLOCK;
@@ -126,19 +132,19 @@ fn attention_kernel<F: Float + CubeElement>(
         }
     }
     let cols = comptime!(dv.div_ceil(ATTN_BLOCK));
-    let mut acc = Array::<F>::new(ATTN_QUERIES * cols); // (Q, cols): columns u + c·B
+    let mut acc = Array::<f32>::new(ATTN_QUERIES * cols); // (Q, cols): columns u + c·B
     #[unroll]
     for c in 0..ATTN_QUERIES * cols {
-        acc[c] = F::new(0.0);
+        acc[c] = f32::new(0.0);
     }
-    let mut m = Array::<F>::new(ATTN_QUERIES); // running max per query
-    let mut l = Array::<F>::new(ATTN_QUERIES); // running sum per query
-    let mut sc = Array::<F>::new(ATTN_QUERIES); // this thread's key's scores
-    let mut corr = Array::<F>::new(ATTN_QUERIES);
+    let mut m = Array::<f32>::new(ATTN_QUERIES); // running max per query
+    let mut l = Array::<f32>::new(ATTN_QUERIES); // running sum per query
+    let mut sc = Array::<f32>::new(ATTN_QUERIES); // this thread's key's scores
+    let mut corr = Array::<f32>::new(ATTN_QUERIES);
     #[unroll]
     for qi in 0..ATTN_QUERIES {
         m[qi] = neg_inf;
-        l[qi] = F::new(0.0);
+        l[qi] = f32::new(0.0);
     }
     let n_tiles = max_limit.div_ceil(ATTN_BLOCK);
     for tile in 0..n_tiles {
@@ -148,9 +154,9 @@ fn attention_kernel<F: Float + CubeElement>(
             let mut idx = u;
             while idx < ATTN_BLOCK * d {
                 let (kk, x) = (idx / d, idx % d);
-                let mut val = F::new(0.0);
+                let mut val = f32::new(0.0);
                 if start + kk < s_len {
-                    val = k[ko + (start + kk) * k_s + x * k_d];
+                    val = f32::cast_from(k[ko + (start + kk) * k_s + x * k_d]);
                 }
                 kv_sh[kk * stride + x] = val;
                 idx += ATTN_BLOCK;
@@ -160,14 +166,14 @@ fn attention_kernel<F: Float + CubeElement>(
         let key = start + u;
         #[unroll]
         for qi in 0..ATTN_QUERIES {
-            sc[qi] = F::new(0.0);
+            sc[qi] = f32::new(0.0);
         }
         if key < s_len {
             for x in 0..d {
                 let kv = if staged {
                     kv_sh[u * stride + x]
                 } else {
-                    k[ko + key * k_s + x * k_d]
+                    f32::cast_from(k[ko + key * k_s + x * k_d])
                 };
                 #[unroll]
                 for qi in 0..ATTN_QUERIES {
@@ -209,9 +215,9 @@ fn attention_kernel<F: Float + CubeElement>(
             let mut idx = u;
             while idx < ATTN_BLOCK * dv {
                 let (kk, x) = (idx / dv, idx % dv);
-                let mut val = F::new(0.0);
+                let mut val = f32::new(0.0);
                 if kk < n_keys {
-                    val = v[vo + (start + kk) * v_s + x * v_d];
+                    val = f32::cast_from(v[vo + (start + kk) * v_s + x * v_d]);
                 }
                 kv_sh[kk * stride + x] = val;
                 idx += ATTN_BLOCK;
@@ -220,7 +226,7 @@ fn attention_kernel<F: Float + CubeElement>(
         sync_cube();
         #[unroll]
         for qi in 0..ATTN_QUERIES {
-            let mut psum = F::new(0.0);
+            let mut psum = f32::new(0.0);
             for x in 0..n_keys {
                 psum += p_sh[qi * ATTN_BLOCK + x];
             }
@@ -238,7 +244,7 @@ fn attention_kernel<F: Float + CubeElement>(
                     let vv = if staged {
                         kv_sh[x * stride + col]
                     } else {
-                        v[vo + (start + x) * v_s + col * v_d]
+                        f32::cast_from(v[vo + (start + x) * v_s + col * v_d])
                     };
                     #[unroll]
                     for qi in 0..ATTN_QUERIES {
@@ -257,7 +263,7 @@ fn attention_kernel<F: Float + CubeElement>(
             if lse_only || with_lse {
                 let lse = m[qi] + l[qi].ln();
                 if u == 0 {
-                    out[row + width - 1] = lse;
+                    out[row + width - 1] = E::cast_from(lse);
                 }
             }
             if !lse_only {
@@ -265,7 +271,7 @@ fn attention_kernel<F: Float + CubeElement>(
                 for c in 0..cols {
                     let col = c * ATTN_BLOCK + u;
                     if col < dv {
-                        out[row + col] = acc[qi * cols + c] / l[qi];
+                        out[row + col] = E::cast_from(acc[qi * cols + c] / l[qi]);
                     }
                 }
             }
@@ -275,9 +281,11 @@ fn attention_kernel<F: Float + CubeElement>(
 
 /// Attention over views already broadcast to the output's batch axes:
 /// q `(batch…, T, d)`, k `(batch…, S, d)`, v `(batch…, S, dv)`; `out` dense
-/// `(batch…, T, dv)`.
+/// `(batch…, T, dv)`; all stored as `elem`.
+#[allow(clippy::too_many_arguments)]
 pub fn launch_attention<R: Runtime>(
     client: &ComputeClient<R>,
+    elem: FloatElem,
     q: &View,
     k: &View,
     v: &View,
@@ -285,14 +293,16 @@ pub fn launch_attention<R: Runtime>(
     causal: bool,
     scale: f32,
 ) {
-    launch(client, q, k, Some(v), out, causal, scale, false);
+    launch(client, elem, q, k, Some(v), out, causal, scale, false);
 }
 
 /// Attention and the log-sum-exp of its scores from one pass
 /// (`AttentionWithLse`): as [`launch_attention`], with `out` dense
 /// `(batch…, T, dv + 1)`, each row the output followed by its log-sum-exp.
+#[allow(clippy::too_many_arguments)]
 pub fn launch_attention_with_lse<R: Runtime>(
     client: &ComputeClient<R>,
+    elem: FloatElem,
     q: &View,
     k: &View,
     v: &View,
@@ -300,7 +310,7 @@ pub fn launch_attention_with_lse<R: Runtime>(
     causal: bool,
     scale: f32,
 ) {
-    launch(client, q, k, Some(v), out, causal, scale, true);
+    launch(client, elem, q, k, Some(v), out, causal, scale, true);
 }
 
 /// The log-sum-exp of attention's masked, scaled scores per query row
@@ -309,13 +319,14 @@ pub fn launch_attention_with_lse<R: Runtime>(
 /// axes; `out` dense `(batch…, T, 1)`.
 pub fn launch_attention_lse<R: Runtime>(
     client: &ComputeClient<R>,
+    elem: FloatElem,
     q: &View,
     k: &View,
     out: &View,
     causal: bool,
     scale: f32,
 ) {
-    launch(client, q, k, None, out, causal, scale, false);
+    launch(client, elem, q, k, None, out, causal, scale, false);
 }
 
 /// The forward kernel over `v` (with the log-sum-exp appended to each row
@@ -323,6 +334,7 @@ pub fn launch_attention_lse<R: Runtime>(
 #[allow(clippy::too_many_arguments)]
 fn launch<R: Runtime>(
     client: &ComputeClient<R>,
+    elem: FloatElem,
     q: &View,
     k: &View,
     v: Option<&View>,
@@ -340,12 +352,13 @@ fn launch<R: Runtime>(
         return;
     }
     let cubes = batch * t.div_ceil(ATTN_QUERIES);
-    // Stage K and V tiles when they fit the device's shared memory.
+    // Stage K and V tiles when they fit the device's shared memory (`f32`
+    // whatever the storage).
     let stride = d.max(dv) + 1;
     let shared = 4 * (ATTN_BLOCK * stride + ATTN_QUERIES * (d + ATTN_BLOCK));
     let staged = shared <= client.properties().hardware.max_shared_memory_size;
-    unsafe {
-        attention_kernel::launch_unchecked::<f32, R>(
+    with_float!(elem, E => unsafe {
+        attention_kernel::launch_unchecked::<E, R>(
             client,
             grid_1d(cubes, 1),
             CubeDim::new_1d(ATTN_BLOCK as u32),
@@ -362,5 +375,5 @@ fn launch<R: Runtime>(
             v.is_none(),
             with_lse,
         );
-    }
+    });
 }

@@ -27,9 +27,11 @@
 //! Layout: every operand a strided view broadcast to the result's batch
 //! axes (GQA's shared key/value heads have stride 0 there; summing their
 //! gradients over the query groups is the caller's reduction); the result
-//! is dense.
+//! is dense. Every operand and the result are stored as the launch's
+//! `elem` and computed in `f32` (shared memory, scores, accumulators), the
+//! result rounded once as it is stored.
 
-use crate::{grid_1d, linear_cube, View};
+use crate::{grid_1d, linear_cube, with_float, FloatElem, View};
 use cubecl::prelude::*;
 
 /// Threads per cube: keys per tile for `dq`, queries per tile for `dk`/`dv`.
@@ -58,9 +60,9 @@ fn batch_offset<F: Float>(t: &Tensor<F>, out: &Tensor<F>, batch: usize) -> usize
 /// cube of `GRAD_BLOCK` units; rows at `len` or past it become zeros.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn stage_rows<F: Float>(
-    dst: &mut SharedMemory<F>,
-    src: &Tensor<F>,
+fn stage_rows<E: Float>(
+    dst: &mut SharedMemory<f32>,
+    src: &Tensor<E>,
     base: usize,
     start: usize,
     len: usize,
@@ -73,9 +75,9 @@ fn stage_rows<F: Float>(
     let mut idx = UNIT_POS as usize;
     while idx < rows * w {
         let (r, x) = (idx / w, idx % w);
-        let mut val = F::new(0.0);
+        let mut val = f32::new(0.0);
         if start + r < len {
-            val = src[base + (start + r) * rs + x * cs];
+            val = f32::cast_from(src[base + (start + r) * rs + x * cs]);
         }
         dst[r * stride + x] = val;
         idx += GRAD_BLOCK;
@@ -84,15 +86,15 @@ fn stage_rows<F: Float>(
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn attention_dq_kernel<F: Float + CubeElement>(
-    q: &Tensor<F>,
-    k: &Tensor<F>,
-    v: &Tensor<F>,
-    dout: &Tensor<F>,
-    lse: &Tensor<F>,
-    delta: &Tensor<F>,
-    out: &mut Tensor<F>,
-    scale: F,
+fn attention_dq_kernel<E: Float + CubeElement>(
+    q: &Tensor<E>,
+    k: &Tensor<E>,
+    v: &Tensor<E>,
+    dout: &Tensor<E>,
+    lse: &Tensor<E>,
+    delta: &Tensor<E>,
+    out: &mut Tensor<E>,
+    scale: f32,
     #[comptime] causal: bool,
     #[comptime] d: usize,
     #[comptime] dv: usize,
@@ -108,42 +110,42 @@ fn attention_dq_kernel<F: Float + CubeElement>(
         terminate!();
     }
     let first = (cube % blocks) * GRAD_ROWS;
-    let qo = batch_offset::<F>(q, out, batch);
-    let ko = batch_offset::<F>(k, out, batch);
-    let vo = batch_offset::<F>(v, out, batch);
-    let go = batch_offset::<F>(dout, out, batch);
-    let lo = batch_offset::<F>(lse, out, batch);
-    let eo = batch_offset::<F>(delta, out, batch);
+    let qo = batch_offset::<E>(q, out, batch);
+    let ko = batch_offset::<E>(k, out, batch);
+    let vo = batch_offset::<E>(v, out, batch);
+    let go = batch_offset::<E>(dout, out, batch);
+    let lo = batch_offset::<E>(lse, out, batch);
+    let eo = batch_offset::<E>(delta, out, batch);
     let (k_s, k_d) = (k.stride(rank - 2), k.stride(rank - 1));
     let (v_s, v_d) = (v.stride(rank - 2), v.stride(rank - 1));
     let (l_t, e_t) = (lse.stride(rank - 2), delta.stride(rank - 2));
 
     let u = UNIT_POS as usize;
-    let mut q_sh = SharedMemory::<F>::new(GRAD_ROWS * d);
-    let mut g_sh = SharedMemory::<F>::new(GRAD_ROWS * dv);
-    let mut ds_sh = SharedMemory::<F>::new(GRAD_ROWS * GRAD_BLOCK);
+    let mut q_sh = SharedMemory::<f32>::new(GRAD_ROWS * d);
+    let mut g_sh = SharedMemory::<f32>::new(GRAD_ROWS * dv);
+    let mut ds_sh = SharedMemory::<f32>::new(GRAD_ROWS * GRAD_BLOCK);
     let stride = comptime!(if d > dv { d + 1 } else { dv + 1 });
-    let mut kv_sh = SharedMemory::<F>::new(comptime!(if staged {
+    let mut kv_sh = SharedMemory::<f32>::new(comptime!(if staged {
         GRAD_BLOCK * if d > dv { d + 1 } else { dv + 1 }
     } else {
         1
     }));
-    stage_rows::<F>(&mut q_sh, q, qo, first, t, GRAD_ROWS, d, d);
-    stage_rows::<F>(&mut g_sh, dout, go, first, t, GRAD_ROWS, dv, dv);
+    stage_rows::<E>(&mut q_sh, q, qo, first, t, GRAD_ROWS, d, d);
+    stage_rows::<E>(&mut g_sh, dout, go, first, t, GRAD_ROWS, dv, dv);
 
     let mut limits = Array::<usize>::new(GRAD_ROWS);
-    let mut row_lse = Array::<F>::new(GRAD_ROWS);
-    let mut row_delta = Array::<F>::new(GRAD_ROWS);
+    let mut row_lse = Array::<f32>::new(GRAD_ROWS);
+    let mut row_delta = Array::<f32>::new(GRAD_ROWS);
     let mut max_limit = 0;
     #[unroll]
     for qi in 0..GRAD_ROWS {
         let i = first + qi;
         let mut limit = 0;
-        row_lse[qi] = F::new(0.0);
-        row_delta[qi] = F::new(0.0);
+        row_lse[qi] = f32::new(0.0);
+        row_delta[qi] = f32::new(0.0);
         if i < t {
-            row_lse[qi] = lse[lo + i * l_t];
-            row_delta[qi] = delta[eo + i * e_t];
+            row_lse[qi] = f32::cast_from(lse[lo + i * l_t]);
+            row_delta[qi] = f32::cast_from(delta[eo + i * e_t]);
             limit = s_len;
             if causal {
                 limit = 0;
@@ -163,33 +165,33 @@ fn attention_dq_kernel<F: Float + CubeElement>(
     sync_cube();
 
     let cols = comptime!(d.div_ceil(GRAD_BLOCK));
-    let mut acc = Array::<F>::new(GRAD_ROWS * cols);
+    let mut acc = Array::<f32>::new(GRAD_ROWS * cols);
     #[unroll]
     for c in 0..GRAD_ROWS * cols {
-        acc[c] = F::new(0.0);
+        acc[c] = f32::new(0.0);
     }
-    let mut sc = Array::<F>::new(GRAD_ROWS);
-    let mut dp = Array::<F>::new(GRAD_ROWS);
+    let mut sc = Array::<f32>::new(GRAD_ROWS);
+    let mut dp = Array::<f32>::new(GRAD_ROWS);
     let n_tiles = max_limit.div_ceil(GRAD_BLOCK);
     for tile in 0..n_tiles {
         let start = tile * GRAD_BLOCK;
         let key = start + u;
         // Scores of this thread's key against the block's rows.
         if staged {
-            stage_rows::<F>(&mut kv_sh, k, ko, start, s_len, GRAD_BLOCK, d, stride);
+            stage_rows::<E>(&mut kv_sh, k, ko, start, s_len, GRAD_BLOCK, d, stride);
             sync_cube();
         }
         #[unroll]
         for qi in 0..GRAD_ROWS {
-            sc[qi] = F::new(0.0);
-            dp[qi] = F::new(0.0);
+            sc[qi] = f32::new(0.0);
+            dp[qi] = f32::new(0.0);
         }
         if key < s_len {
             for x in 0..d {
                 let kv = if staged {
                     kv_sh[u * stride + x]
                 } else {
-                    k[ko + key * k_s + x * k_d]
+                    f32::cast_from(k[ko + key * k_s + x * k_d])
                 };
                 #[unroll]
                 for qi in 0..GRAD_ROWS {
@@ -200,7 +202,7 @@ fn attention_dq_kernel<F: Float + CubeElement>(
         // dp = dout·vᵀ for the same key.
         if staged {
             sync_cube();
-            stage_rows::<F>(&mut kv_sh, v, vo, start, s_len, GRAD_BLOCK, dv, stride);
+            stage_rows::<E>(&mut kv_sh, v, vo, start, s_len, GRAD_BLOCK, dv, stride);
             sync_cube();
         }
         if key < s_len {
@@ -208,7 +210,7 @@ fn attention_dq_kernel<F: Float + CubeElement>(
                 let vv = if staged {
                     kv_sh[u * stride + x]
                 } else {
-                    v[vo + key * v_s + x * v_d]
+                    f32::cast_from(v[vo + key * v_s + x * v_d])
                 };
                 #[unroll]
                 for qi in 0..GRAD_ROWS {
@@ -218,7 +220,7 @@ fn attention_dq_kernel<F: Float + CubeElement>(
         }
         #[unroll]
         for qi in 0..GRAD_ROWS {
-            let mut ds = F::new(0.0);
+            let mut ds = f32::new(0.0);
             if key < limits[qi] {
                 let p = (sc[qi] * scale - row_lse[qi]).exp();
                 ds = p * (dp[qi] - row_delta[qi]) * scale;
@@ -228,7 +230,7 @@ fn attention_dq_kernel<F: Float + CubeElement>(
         // The keys again, for ds·k.
         if staged {
             sync_cube();
-            stage_rows::<F>(&mut kv_sh, k, ko, start, s_len, GRAD_BLOCK, d, stride);
+            stage_rows::<E>(&mut kv_sh, k, ko, start, s_len, GRAD_BLOCK, d, stride);
         }
         sync_cube();
         let mut n_keys = max_limit - start;
@@ -243,7 +245,7 @@ fn attention_dq_kernel<F: Float + CubeElement>(
                     let kk = if staged {
                         kv_sh[x * stride + col]
                     } else {
-                        k[ko + (start + x) * k_s + col * k_d]
+                        f32::cast_from(k[ko + (start + x) * k_s + col * k_d])
                     };
                     #[unroll]
                     for qi in 0..GRAD_ROWS {
@@ -262,7 +264,7 @@ fn attention_dq_kernel<F: Float + CubeElement>(
             for c in 0..cols {
                 let col = c * GRAD_BLOCK + u;
                 if col < d {
-                    out[(batch * t + i) * d + col] = acc[qi * cols + c];
+                    out[(batch * t + i) * d + col] = E::cast_from(acc[qi * cols + c]);
                 }
             }
         }
@@ -271,15 +273,15 @@ fn attention_dq_kernel<F: Float + CubeElement>(
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn attention_dkv_kernel<F: Float + CubeElement>(
-    q: &Tensor<F>,
-    k: &Tensor<F>,
-    v: &Tensor<F>,
-    dout: &Tensor<F>,
-    lse: &Tensor<F>,
-    delta: &Tensor<F>,
-    out: &mut Tensor<F>,
-    scale: F,
+fn attention_dkv_kernel<E: Float + CubeElement>(
+    q: &Tensor<E>,
+    k: &Tensor<E>,
+    v: &Tensor<E>,
+    dout: &Tensor<E>,
+    lse: &Tensor<E>,
+    delta: &Tensor<E>,
+    out: &mut Tensor<E>,
+    scale: f32,
     #[comptime] causal: bool,
     #[comptime] d: usize,
     #[comptime] dv: usize,
@@ -300,28 +302,28 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
         terminate!();
     }
     let first = (cube % blocks) * GRAD_ROWS;
-    let qo = batch_offset::<F>(q, out, batch);
-    let ko = batch_offset::<F>(k, out, batch);
-    let vo = batch_offset::<F>(v, out, batch);
-    let go = batch_offset::<F>(dout, out, batch);
-    let lo = batch_offset::<F>(lse, out, batch);
-    let eo = batch_offset::<F>(delta, out, batch);
+    let qo = batch_offset::<E>(q, out, batch);
+    let ko = batch_offset::<E>(k, out, batch);
+    let vo = batch_offset::<E>(v, out, batch);
+    let go = batch_offset::<E>(dout, out, batch);
+    let lo = batch_offset::<E>(lse, out, batch);
+    let eo = batch_offset::<E>(delta, out, batch);
     let (q_t, q_d) = (q.stride(rank - 2), q.stride(rank - 1));
     let (g_t, g_d) = (dout.stride(rank - 2), dout.stride(rank - 1));
     let (l_t, e_t) = (lse.stride(rank - 2), delta.stride(rank - 2));
 
     let u = UNIT_POS as usize;
-    let mut k_sh = SharedMemory::<F>::new(GRAD_ROWS * d);
-    let mut v_sh = SharedMemory::<F>::new(GRAD_ROWS * dv);
-    let mut p_sh = SharedMemory::<F>::new(GRAD_ROWS * GRAD_BLOCK);
+    let mut k_sh = SharedMemory::<f32>::new(GRAD_ROWS * d);
+    let mut v_sh = SharedMemory::<f32>::new(GRAD_ROWS * dv);
+    let mut p_sh = SharedMemory::<f32>::new(GRAD_ROWS * GRAD_BLOCK);
     let stride = comptime!(if d > dv { d + 1 } else { dv + 1 });
-    let mut tile_sh = SharedMemory::<F>::new(comptime!(if staged {
+    let mut tile_sh = SharedMemory::<f32>::new(comptime!(if staged {
         GRAD_BLOCK * if d > dv { d + 1 } else { dv + 1 }
     } else {
         1
     }));
-    stage_rows::<F>(&mut k_sh, k, ko, first, s_len, GRAD_ROWS, d, d);
-    stage_rows::<F>(&mut v_sh, v, vo, first, s_len, GRAD_ROWS, dv, dv);
+    stage_rows::<E>(&mut k_sh, k, ko, first, s_len, GRAD_ROWS, d, d);
+    stage_rows::<E>(&mut v_sh, v, vo, first, s_len, GRAD_ROWS, dv, dv);
     sync_cube();
 
     // Query i (at absolute position S − T + i) sees key j when j ≤ S − T + i:
@@ -332,21 +334,21 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
     }
     let cols_k = comptime!(d.div_ceil(GRAD_BLOCK));
     let cols_v = comptime!(dv.div_ceil(GRAD_BLOCK));
-    let mut acc_k = Array::<F>::new(GRAD_ROWS * cols_k);
-    let mut acc_v = Array::<F>::new(GRAD_ROWS * cols_v);
+    let mut acc_k = Array::<f32>::new(GRAD_ROWS * cols_k);
+    let mut acc_v = Array::<f32>::new(GRAD_ROWS * cols_v);
     if with_k {
         #[unroll]
         for c in 0..GRAD_ROWS * cols_k {
-            acc_k[c] = F::new(0.0);
+            acc_k[c] = f32::new(0.0);
         }
     }
     if with_v {
         #[unroll]
         for c in 0..GRAD_ROWS * cols_v {
-            acc_v[c] = F::new(0.0);
+            acc_v[c] = f32::new(0.0);
         }
     }
-    let mut pr = Array::<F>::new(GRAD_ROWS);
+    let mut pr = Array::<f32>::new(GRAD_ROWS);
     let n_tiles = t.div_ceil(GRAD_BLOCK);
     for tile in q_start / GRAD_BLOCK..n_tiles {
         let start = tile * GRAD_BLOCK;
@@ -355,27 +357,27 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
         if n_rows > GRAD_BLOCK {
             n_rows = GRAD_BLOCK;
         }
-        let mut row_lse = F::new(0.0);
-        let mut row_delta = F::new(0.0);
+        let mut row_lse = f32::new(0.0);
+        let mut row_delta = f32::new(0.0);
         if i < t {
-            row_lse = lse[lo + i * l_t];
-            row_delta = delta[eo + i * e_t];
+            row_lse = f32::cast_from(lse[lo + i * l_t]);
+            row_delta = f32::cast_from(delta[eo + i * e_t]);
         }
         // Scores of this thread's query against the block's keys.
         if staged {
-            stage_rows::<F>(&mut tile_sh, q, qo, start, t, GRAD_BLOCK, d, stride);
+            stage_rows::<E>(&mut tile_sh, q, qo, start, t, GRAD_BLOCK, d, stride);
             sync_cube();
         }
         #[unroll]
         for kj in 0..GRAD_ROWS {
-            pr[kj] = F::new(0.0);
+            pr[kj] = f32::new(0.0);
         }
         if i < t {
             for x in 0..d {
                 let qv = if staged {
                     tile_sh[u * stride + x]
                 } else {
-                    q[qo + i * q_t + x * q_d]
+                    f32::cast_from(q[qo + i * q_t + x * q_d])
                 };
                 #[unroll]
                 for kj in 0..GRAD_ROWS {
@@ -390,7 +392,7 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
             if causal {
                 visible = visible && key + t <= i + s_len;
             }
-            let mut p = F::new(0.0);
+            let mut p = f32::new(0.0);
             if visible {
                 p = (pr[kj] * scale - row_lse).exp();
             }
@@ -399,7 +401,7 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
         if staged {
             // Everyone is done with the query tile: dout's rows replace it.
             sync_cube();
-            stage_rows::<F>(&mut tile_sh, dout, go, start, t, GRAD_BLOCK, dv, stride);
+            stage_rows::<E>(&mut tile_sh, dout, go, start, t, GRAD_BLOCK, dv, stride);
         }
         if with_v {
             #[unroll]
@@ -418,7 +420,7 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
                         let g = if staged {
                             tile_sh[x * stride + col]
                         } else {
-                            dout[go + (start + x) * g_t + col * g_d]
+                            f32::cast_from(dout[go + (start + x) * g_t + col * g_d])
                         };
                         #[unroll]
                         for kj in 0..GRAD_ROWS {
@@ -431,17 +433,17 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
         if with_k {
             // ds = p·(dout·vᵀ − delta)·scale from the same p and dout's
             // tile, then dk += dsᵀ·q.
-            let mut dp = Array::<F>::new(GRAD_ROWS);
+            let mut dp = Array::<f32>::new(GRAD_ROWS);
             #[unroll]
             for kj in 0..GRAD_ROWS {
-                dp[kj] = F::new(0.0);
+                dp[kj] = f32::new(0.0);
             }
             if i < t {
                 for x in 0..dv {
                     let g = if staged {
                         tile_sh[u * stride + x]
                     } else {
-                        dout[go + i * g_t + x * g_d]
+                        f32::cast_from(dout[go + i * g_t + x * g_d])
                     };
                     #[unroll]
                     for kj in 0..GRAD_ROWS {
@@ -457,7 +459,7 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
                 p_sh[kj * GRAD_BLOCK + u] = pr[kj] * (dp[kj] - row_delta) * scale;
             }
             if staged {
-                stage_rows::<F>(&mut tile_sh, q, qo, start, t, GRAD_BLOCK, d, stride);
+                stage_rows::<E>(&mut tile_sh, q, qo, start, t, GRAD_BLOCK, d, stride);
             }
             sync_cube();
             #[unroll]
@@ -468,7 +470,7 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
                         let qv = if staged {
                             tile_sh[x * stride + col]
                         } else {
-                            q[qo + (start + x) * q_t + col * q_d]
+                            f32::cast_from(q[qo + (start + x) * q_t + col * q_d])
                         };
                         #[unroll]
                         for kj in 0..GRAD_ROWS {
@@ -490,7 +492,7 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
                 for c in 0..cols_k {
                     let col = c * GRAD_BLOCK + u;
                     if col < d {
-                        out[row + col] = acc_k[kj * cols_k + c];
+                        out[row + col] = E::cast_from(acc_k[kj * cols_k + c]);
                     }
                 }
             }
@@ -499,7 +501,7 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
                 for c in 0..cols_v {
                     let col = c * GRAD_BLOCK + u;
                     if col < dv {
-                        out[row + k_width + col] = acc_v[kj * cols_v + c];
+                        out[row + k_width + col] = E::cast_from(acc_v[kj * cols_v + c]);
                     }
                 }
             }
@@ -533,7 +535,7 @@ impl GradOperands<'_> {
     }
 
     /// Whether a tile of `GRAD_BLOCK` rows fits the device's shared memory
-    /// next to the cube's own rows.
+    /// next to the cube's own rows (`f32` whatever the storage).
     fn staged<R: Runtime>(&self, client: &ComputeClient<R>) -> bool {
         let (_, _, _, d, dv) = self.dims();
         let shared =
@@ -542,9 +544,11 @@ impl GradOperands<'_> {
     }
 }
 
-/// `dq = ds·k` into `out`, dense `(batch…, T, d)`.
+/// `dq = ds·k` into `out`, dense `(batch…, T, d)`; the operands and `out`
+/// are stored as `elem`.
 pub fn launch_attention_dq<R: Runtime>(
     client: &ComputeClient<R>,
+    elem: FloatElem,
     x: &GradOperands,
     out: &View,
     causal: bool,
@@ -555,8 +559,8 @@ pub fn launch_attention_dq<R: Runtime>(
         return;
     }
     let cubes = batch * t.div_ceil(GRAD_ROWS);
-    unsafe {
-        attention_dq_kernel::launch_unchecked::<f32, R>(
+    with_float!(elem, E => unsafe {
+        attention_dq_kernel::launch_unchecked::<E, R>(
             client,
             grid_1d(cubes, 1),
             CubeDim::new_1d(GRAD_BLOCK as u32),
@@ -573,7 +577,7 @@ pub fn launch_attention_dq<R: Runtime>(
             dv.max(1),
             x.staged(client),
         );
-    }
+    });
 }
 
 /// Which gradients of the keys' side [`launch_attention_dkv`] writes.
@@ -588,9 +592,12 @@ pub enum KeyGrads {
     KV,
 }
 
-/// `dk`, `dv` or both (`grads`) into `out`.
+/// `dk`, `dv` or both (`grads`) into `out`; the operands and `out` are
+/// stored as `elem`.
+#[allow(clippy::too_many_arguments)]
 pub fn launch_attention_dkv<R: Runtime>(
     client: &ComputeClient<R>,
+    elem: FloatElem,
     x: &GradOperands,
     out: &View,
     causal: bool,
@@ -604,8 +611,8 @@ pub fn launch_attention_dkv<R: Runtime>(
         return;
     }
     let cubes = batch * s.div_ceil(GRAD_ROWS);
-    unsafe {
-        attention_dkv_kernel::launch_unchecked::<f32, R>(
+    with_float!(elem, E => unsafe {
+        attention_dkv_kernel::launch_unchecked::<E, R>(
             client,
             grid_1d(cubes, 1),
             CubeDim::new_1d(GRAD_BLOCK as u32),
@@ -624,5 +631,5 @@ pub fn launch_attention_dkv<R: Runtime>(
             with_k,
             with_v,
         );
-    }
+    });
 }

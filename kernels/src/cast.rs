@@ -1,19 +1,31 @@
-//! Elementwise conversion between `f32` and `i32` storage, and rounding of
+//! Elementwise conversion between any two of the `f32`, `f16`, `bf16` and
+//! `i32` storages (through `f32`: a narrow store rounds to nearest even, a
+//! float to `i32` truncates toward zero), and rounding of
 //! `f32` values to the `f16` or `bf16` grid (round to nearest, ties to
 //! even), which is what a cast to a narrow float means when narrow floats
 //! are stored widened to `f32` (as in the reference interpreter). The
 //! rounding works on the bits, so it needs no `f16` support on the device.
 //! Infinity arrives as a runtime scalar (WGSL rejects non-finite literals).
 
-use crate::{grid_1d, linear_pos, ELEM_BLOCK};
+use crate::{grid_1d, linear_pos, FloatElem, Storage, ELEM_BLOCK};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
+/// `via_f32`: the value goes through `f32` (every conversion but `i32` to
+/// `i32`; a no-op where either side is `f32`).
 #[cube(launch_unchecked)]
-fn convert_kernel<I: Numeric, O: Numeric>(input: &Array<I>, output: &mut Array<O>) {
+fn convert_kernel<I: Numeric, O: Numeric>(
+    input: &Array<I>,
+    output: &mut Array<O>,
+    #[comptime] via_f32: bool,
+) {
     let pos = linear_pos();
     if pos < output.len() {
-        output[pos] = O::cast_from(input[pos]);
+        if via_f32 {
+            output[pos] = O::cast_from(f32::cast_from(input[pos]));
+        } else {
+            output[pos] = O::cast_from(input[pos]);
+        }
     }
 }
 
@@ -88,12 +100,38 @@ fn round_kernel(input: &Array<f32>, output: &mut Array<f32>, inf: f32, #[comptim
     }
 }
 
-/// `n` elements from `input` to `output` converted: `f32 → i32`
-/// truncates toward zero, `i32 → f32` rounds to nearest.
+/// Runs `$body` with the type alias `$T` naming `$s`'s storage type.
+macro_rules! with_storage {
+    ($s:expr, $T:ident => $body:expr) => {
+        match $s {
+            Storage::Float(FloatElem::F32) => {
+                type $T = f32;
+                $body
+            }
+            Storage::Float(FloatElem::F16) => {
+                type $T = half::f16;
+                $body
+            }
+            Storage::Float(FloatElem::BF16) => {
+                type $T = half::bf16;
+                $body
+            }
+            Storage::I32 => {
+                type $T = i32;
+                $body
+            }
+        }
+    };
+}
+
+/// `n` elements from `input` (stored as `from`) to `output` (stored as
+/// `to`) converted through `f32`: a float to `i32` truncates toward zero,
+/// `i32` to a float rounds to nearest, a float to a narrower one rounds to
+/// nearest even; `i32` to `i32` copies.
 pub fn launch_convert<R: Runtime>(
     client: &ComputeClient<R>,
-    from_float: bool,
-    to_float: bool,
+    from: Storage,
+    to: Storage,
     input: &Handle,
     output: &Handle,
     n: usize,
@@ -102,23 +140,13 @@ pub fn launch_convert<R: Runtime>(
         return;
     }
     let (grid, dim) = (grid_1d(n, ELEM_BLOCK), CubeDim::new_1d(ELEM_BLOCK));
+    let via_f32 = !(from == Storage::I32 && to == Storage::I32);
     unsafe {
         let i = ArrayArg::from_raw_parts(input.clone(), n);
         let o = ArrayArg::from_raw_parts(output.clone(), n);
-        match (from_float, to_float) {
-            (true, true) => {
-                convert_kernel::launch_unchecked::<f32, f32, R>(client, grid, dim, i, o)
-            }
-            (true, false) => {
-                convert_kernel::launch_unchecked::<f32, i32, R>(client, grid, dim, i, o)
-            }
-            (false, true) => {
-                convert_kernel::launch_unchecked::<i32, f32, R>(client, grid, dim, i, o)
-            }
-            (false, false) => {
-                convert_kernel::launch_unchecked::<i32, i32, R>(client, grid, dim, i, o)
-            }
-        }
+        with_storage!(from, I => with_storage!(to, O => {
+            convert_kernel::launch_unchecked::<I, O, R>(client, grid, dim, i, o, via_f32)
+        }))
     }
 }
 

@@ -3,7 +3,8 @@
 //! permute (permuted input strides), slice (an input offset), concat (one
 //! copy per operand into an output offset), broadcast materialization
 //! (stride 0) and making any view dense. Reshape needs no kernel: buffers
-//! are dense, so it relabels the shape.
+//! are dense, so it relabels the shape. Elements move as stored (4 bytes
+//! for `f32` and `i32`, 2 for `f16` and `bf16`); nothing is converted.
 
 use crate::{grid_1d, linear_pos, View, ELEM_BLOCK};
 use cubecl::prelude::*;
@@ -38,7 +39,19 @@ fn strided_copy_kernel<E: Numeric>(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CopyElem {
     F32,
+    F16,
+    BF16,
     I32,
+}
+
+impl From<crate::FloatElem> for CopyElem {
+    fn from(e: crate::FloatElem) -> CopyElem {
+        match e {
+            crate::FloatElem::F32 => CopyElem::F32,
+            crate::FloatElem::F16 => CopyElem::F16,
+            crate::FloatElem::BF16 => CopyElem::BF16,
+        }
+    }
 }
 
 /// Copies the elements of `input` into `output`; both views have the same
@@ -58,28 +71,26 @@ pub fn launch_copy<R: Runtime>(
         return;
     }
     let (grid, dim) = (grid_1d(n, ELEM_BLOCK), CubeDim::new_1d(ELEM_BLOCK));
+    macro_rules! copy {
+        ($E:ty) => {
+            strided_copy_kernel::launch_unchecked::<$E, R>(
+                client,
+                grid,
+                dim,
+                input.arg::<R>(),
+                output.arg::<R>(),
+                input.offset,
+                output.offset,
+                n,
+            )
+        };
+    }
     unsafe {
         match elem {
-            CopyElem::F32 => strided_copy_kernel::launch_unchecked::<f32, R>(
-                client,
-                grid,
-                dim,
-                input.arg::<R>(),
-                output.arg::<R>(),
-                input.offset,
-                output.offset,
-                n,
-            ),
-            CopyElem::I32 => strided_copy_kernel::launch_unchecked::<i32, R>(
-                client,
-                grid,
-                dim,
-                input.arg::<R>(),
-                output.arg::<R>(),
-                input.offset,
-                output.offset,
-                n,
-            ),
+            CopyElem::F32 => copy!(f32),
+            CopyElem::F16 => copy!(half::f16),
+            CopyElem::BF16 => copy!(half::bf16),
+            CopyElem::I32 => copy!(i32),
         }
     }
 }

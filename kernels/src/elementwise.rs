@@ -6,9 +6,12 @@
 //! straight-line kernel with no interpretation left at run time. Operands
 //! arrive as strided views already broadcast to the output shape (stride 0
 //! on broadcast axes), so one kernel serves every broadcasting pattern.
+//! Operands and the output share one storage type (`elem`); every value is
+//! widened to `f32` as it is loaded, constants and intermediates are `f32`,
+//! and the result is rounded once, as it is stored.
 //! Where it stops: float operands only (`i32` binaries are not supported).
 
-use crate::{grid_1d, linear_pos, KernelError, View, ELEM_BLOCK};
+use crate::{grid_1d, linear_pos, with_float, FloatElem, KernelError, View, ELEM_BLOCK};
 use cubecl::prelude::*;
 
 /// A unary op of the program. This mirrors `caramba_ir::UnaryOp` as a
@@ -106,9 +109,9 @@ fn apply_binary<F: Float>(a: F, b: F, #[comptime] op: Binary) -> F {
 }
 
 #[cube(launch_unchecked)]
-fn elementwise_kernel<F: Float>(
-    inputs: &Sequence<Tensor<F>>,
-    out: &mut Tensor<F>,
+fn elementwise_kernel<E: Float>(
+    inputs: &Sequence<Tensor<E>>,
+    out: &mut Tensor<E>,
     #[comptime] prog: Sequence<Instr>,
 ) {
     let pos = linear_pos();
@@ -116,29 +119,30 @@ fn elementwise_kernel<F: Float>(
         terminate!();
     }
     // One register per instruction; comptime indices, so no dynamic access.
-    let mut vals = Sequence::<F>::new();
+    let mut vals = Sequence::<f32>::new();
     #[unroll]
     for i in 0..prog.len() {
         let ins = comptime! { *prog.index(i) };
         let v = match ins {
             Instr::Input(k) => {
                 let t = inputs.index(k);
-                t[broadcast_offset::<F>(t, out, pos)]
+                f32::cast_from(t[broadcast_offset::<E>(t, out, pos)])
             }
-            Instr::InputDense(k) => inputs.index(k)[pos],
-            Instr::Const(bits) => F::new(comptime! { f32::from_bits(bits) }),
-            Instr::Unary(op, a) => apply_unary::<F>(*vals.index(a), op),
-            Instr::Binary(op, a, b) => apply_binary::<F>(*vals.index(a), *vals.index(b), op),
+            Instr::InputDense(k) => f32::cast_from(inputs.index(k)[pos]),
+            Instr::Const(bits) => f32::new(comptime! { f32::from_bits(bits) }),
+            Instr::Unary(op, a) => apply_unary::<f32>(*vals.index(a), op),
+            Instr::Binary(op, a, b) => apply_binary::<f32>(*vals.index(a), *vals.index(b), op),
         };
         vals.push(v);
     }
-    out[pos] = *vals.index(comptime! { prog.len() - 1 });
+    out[pos] = E::cast_from(*vals.index(comptime! { prog.len() - 1 }));
 }
 
 /// Runs `prog` over `inputs` (views already broadcast to `out_shape`) into
-/// the dense `out` buffer.
+/// the dense `out` buffer; `elem` is the storage of the inputs and `out`.
 pub fn launch_elementwise<R: Runtime>(
     client: &ComputeClient<R>,
+    elem: FloatElem,
     prog: &[Instr],
     inputs: &[View],
     out: &View,
@@ -163,17 +167,18 @@ pub fn launch_elementwise<R: Runtime>(
             other => other,
         });
     }
-    let mut args = SequenceArg::new();
-    // A program must read at least one operand for the kernel's signature;
-    // constants-only programs read the output's own buffer, unused.
-    for v in inputs {
-        args.push(unsafe { v.arg::<R>() });
-    }
-    if inputs.is_empty() {
-        args.push(unsafe { out.arg::<R>() });
-    }
-    unsafe {
-        elementwise_kernel::launch_unchecked::<f32, R>(
+    with_float!(elem, E => unsafe {
+        let mut args = SequenceArg::<R, Tensor<E>>::new();
+        // A program must read at least one operand for the kernel's
+        // signature; constants-only programs read the output's own buffer,
+        // unused.
+        for v in inputs {
+            args.push(v.arg::<R>());
+        }
+        if inputs.is_empty() {
+            args.push(out.arg::<R>());
+        }
+        elementwise_kernel::launch_unchecked::<E, R>(
             client,
             grid_1d(n, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
@@ -181,21 +186,24 @@ pub fn launch_elementwise<R: Runtime>(
             out.arg::<R>(),
             seq,
         );
-    }
+    });
     Ok(())
 }
 
+/// `value` converted to the storage type `F` (a no-op where `V` is `F`).
 #[cube(launch_unchecked)]
-fn fill_kernel<F: Numeric + CubeElement>(out: &mut Array<F>, value: F) {
+fn fill_kernel<F: Numeric + CubeElement, V: Numeric + CubeElement>(out: &mut Array<F>, value: V) {
     let pos = linear_pos();
     if pos < out.len() {
-        out[pos] = value;
+        out[pos] = F::cast_from(value);
     }
 }
 
-/// Fills `n` `f32` elements of `out` with `value`.
-pub fn launch_fill_f32<R: Runtime>(
+/// Fills `n` float elements of `out`, stored as `elem`, with `value`
+/// (rounded to `elem`).
+pub fn launch_fill_float<R: Runtime>(
     client: &ComputeClient<R>,
+    elem: FloatElem,
     out: &cubecl::server::Handle,
     n: usize,
     value: f32,
@@ -203,15 +211,15 @@ pub fn launch_fill_f32<R: Runtime>(
     if n == 0 {
         return;
     }
-    unsafe {
-        fill_kernel::launch_unchecked::<f32, R>(
+    with_float!(elem, E => unsafe {
+        fill_kernel::launch_unchecked::<E, f32, R>(
             client,
             grid_1d(n, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
             ArrayArg::from_raw_parts(out.clone(), n),
             value,
         );
-    }
+    });
 }
 
 /// Fills `n` `i32` elements of `out` with `value`.
@@ -225,7 +233,7 @@ pub fn launch_fill_i32<R: Runtime>(
         return;
     }
     unsafe {
-        fill_kernel::launch_unchecked::<i32, R>(
+        fill_kernel::launch_unchecked::<i32, i32, R>(
             client,
             grid_1d(n, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),

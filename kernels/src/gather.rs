@@ -6,21 +6,25 @@
 //! `scatter_add` is deterministic and atomic-free (wgpu has no float
 //! atomics): the ids are read back to the host, which groups them by output
 //! row (a CSR plan, `O(n_ids + size)`), and each output element sums its
-//! own source rows. The read-back waits for the device once per call.
+//! own source rows, in `f32` (rounded once to the output's storage). The
+//! read-back waits for the device once per call.
+//!
+//! Float tensors are stored as the launch's `elem`; gather and the causal
+//! mask move stored elements as they are.
 
-use crate::{grid_1d, linear_pos, ELEM_BLOCK};
+use crate::{grid_1d, linear_pos, with_float, FloatElem, ELEM_BLOCK};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 #[cube(launch_unchecked)]
-fn gather_kernel<F: Float + CubeElement>(
-    table: &Array<F>,
+fn gather_kernel<E: Float + CubeElement>(
+    table: &Array<E>,
     ids: &Array<i32>,
-    out: &mut Array<F>,
+    out: &mut Array<E>,
     rows: usize,
     row_len: usize,
     n: usize,
-    nan: F,
+    nan: f32,
 ) {
     let pos = linear_pos();
     if pos >= n {
@@ -28,16 +32,19 @@ fn gather_kernel<F: Float + CubeElement>(
     }
     // out (n_ids, row_len), table (rows, row_len)
     let id = ids[pos / row_len];
-    let mut v = nan;
+    let mut v = E::cast_from(nan);
     if id >= 0 && (id as usize) < rows {
         v = table[id as usize * row_len + pos % row_len];
     }
     out[pos] = v;
 }
 
-/// `out[i, :] = table[ids[i], :]` for a dense `(rows, row_len)` table.
+/// `out[i, :] = table[ids[i], :]` for a dense `(rows, row_len)` table;
+/// `table` and `out` are stored as `elem`.
+#[allow(clippy::too_many_arguments)]
 pub fn launch_gather<R: Runtime>(
     client: &ComputeClient<R>,
+    elem: FloatElem,
     table: &Handle,
     ids: &Handle,
     out: &Handle,
@@ -49,8 +56,8 @@ pub fn launch_gather<R: Runtime>(
     if n == 0 {
         return;
     }
-    unsafe {
-        gather_kernel::launch_unchecked::<f32, R>(
+    with_float!(elem, E => unsafe {
+        gather_kernel::launch_unchecked::<E, R>(
             client,
             grid_1d(n, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
@@ -62,17 +69,17 @@ pub fn launch_gather<R: Runtime>(
             n,
             f32::NAN,
         );
-    }
+    });
 }
 
 #[cube(launch_unchecked)]
-fn causal_mask_kernel<F: Float + CubeElement>(
-    x: &Array<F>,
-    out: &mut Array<F>,
+fn causal_mask_kernel<E: Float + CubeElement>(
+    x: &Array<E>,
+    out: &mut Array<E>,
     t: usize,
     s: usize,
     n: usize,
-    neg_inf: F,
+    neg_inf: f32,
 ) {
     let pos = linear_pos();
     if pos >= n {
@@ -83,14 +90,16 @@ fn causal_mask_kernel<F: Float + CubeElement>(
     let i = (pos / s) % t;
     let mut v = x[pos];
     if j + t > i + s {
-        v = neg_inf;
+        v = E::cast_from(neg_inf);
     }
     out[pos] = v;
 }
 
-/// Causal mask of dense scores `(..., t, s)` with `n` elements.
+/// Causal mask of dense scores `(..., t, s)` with `n` elements, stored as
+/// `elem`.
 pub fn launch_causal_mask<R: Runtime>(
     client: &ComputeClient<R>,
+    elem: FloatElem,
     x: &Handle,
     out: &Handle,
     t: usize,
@@ -100,8 +109,8 @@ pub fn launch_causal_mask<R: Runtime>(
     if n == 0 {
         return;
     }
-    unsafe {
-        causal_mask_kernel::launch_unchecked::<f32, R>(
+    with_float!(elem, E => unsafe {
+        causal_mask_kernel::launch_unchecked::<E, R>(
             client,
             grid_1d(n, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
@@ -112,15 +121,15 @@ pub fn launch_causal_mask<R: Runtime>(
             n,
             f32::NEG_INFINITY,
         );
-    }
+    });
 }
 
 #[cube(launch_unchecked)]
-fn scatter_add_kernel<F: Float>(
+fn scatter_add_kernel<E: Float>(
     offsets: &Array<i32>,
     order: &Array<i32>,
-    src: &Array<F>,
-    out: &mut Array<F>,
+    src: &Array<E>,
+    out: &mut Array<E>,
     row_len: usize,
     n: usize,
 ) {
@@ -132,11 +141,11 @@ fn scatter_add_kernel<F: Float>(
     // rows order[offsets[r]..offsets[r + 1]], in increasing index order.
     let (r, j) = (pos / row_len, pos % row_len);
     let (start, end) = (offsets[r] as usize, offsets[r + 1] as usize);
-    let mut acc = F::new(0.0);
+    let mut acc = f32::new(0.0);
     for k in start..end {
-        acc += src[order[k] as usize * row_len + j];
+        acc += f32::cast_from(src[order[k] as usize * row_len + j]);
     }
-    out[pos] = acc;
+    out[pos] = E::cast_from(acc);
 }
 
 /// Which source rows each output row of a scatter-add sums, as CSR:
@@ -170,9 +179,11 @@ pub fn scatter_plan(ids: &[i32], size: usize) -> (Vec<i32>, Vec<i32>) {
 /// points at become zeros). The ids come from the host: the kernel reads
 /// them through a CSR plan ([`scatter_plan`]) built here, so each output
 /// element sums only its own rows; no float atomics (wgpu has none), and
-/// the same sums in the same order as the reference.
+/// the same sums in the same order as the reference. `src` and `out` are
+/// stored as `elem`; each output element is summed in `f32`.
 pub fn launch_scatter_add<R: Runtime>(
     client: &ComputeClient<R>,
+    elem: FloatElem,
     ids: &[i32],
     src: &Handle,
     out: &Handle,
@@ -190,8 +201,8 @@ pub fn launch_scatter_add<R: Runtime>(
     }
     let offsets_h = client.create_from_slice(i32::as_bytes(&offsets));
     let order_h = client.create_from_slice(i32::as_bytes(&order));
-    unsafe {
-        scatter_add_kernel::launch_unchecked::<f32, R>(
+    with_float!(elem, E => unsafe {
+        scatter_add_kernel::launch_unchecked::<E, R>(
             client,
             grid_1d(n, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
@@ -202,27 +213,29 @@ pub fn launch_scatter_add<R: Runtime>(
             row_len,
             n,
         );
-    }
+    });
 }
 
 #[cube(launch_unchecked)]
-fn one_hot_kernel<F: Float>(ids: &Array<i32>, out: &mut Array<F>, depth: usize, n: usize) {
+fn one_hot_kernel<E: Float>(ids: &Array<i32>, out: &mut Array<E>, depth: usize, n: usize) {
     let pos = linear_pos();
     if pos >= n {
         terminate!();
     }
     // out (n_ids, depth)
     let id = ids[pos / depth];
-    let mut v = F::new(0.0);
+    let mut v = E::new(0.0);
     if id >= 0 && id as usize == pos % depth {
-        v = F::new(1.0);
+        v = E::new(1.0);
     }
     out[pos] = v;
 }
 
-/// `out[i, j] = (ids[i] == j)` as `f32`, dense `(n_ids, depth)`.
+/// `out[i, j] = (ids[i] == j)` as a float stored as `elem`, dense
+/// `(n_ids, depth)`.
 pub fn launch_one_hot<R: Runtime>(
     client: &ComputeClient<R>,
+    elem: FloatElem,
     ids: &Handle,
     out: &Handle,
     n_ids: usize,
@@ -232,8 +245,8 @@ pub fn launch_one_hot<R: Runtime>(
     if n == 0 {
         return;
     }
-    unsafe {
-        one_hot_kernel::launch_unchecked::<f32, R>(
+    with_float!(elem, E => unsafe {
+        one_hot_kernel::launch_unchecked::<E, R>(
             client,
             grid_1d(n, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
@@ -242,7 +255,7 @@ pub fn launch_one_hot<R: Runtime>(
             depth,
             n,
         );
-    }
+    });
 }
 
 #[cfg(test)]

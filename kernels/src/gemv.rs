@@ -13,9 +13,10 @@
 //! - `N` contiguous: 64 consecutive columns per cube, 4 lanes striding `k`.
 //!
 //! `a` (a few KiB) is read from global memory by every cube and served by
-//! the caches.
+//! the caches. `a`, `b` and `out` are stored as the launch's `elem`; the
+//! products are accumulated in `f32`.
 
-use crate::{grid_1d, View};
+use crate::{grid_1d, with_float, FloatElem, View};
 use cubecl::prelude::*;
 
 /// The most rows the kernel takes; more go to the GEMM.
@@ -23,10 +24,10 @@ pub const GEMV_MAX_ROWS: usize = 8;
 const GEMV_THREADS: usize = 256;
 
 #[cube(launch_unchecked)]
-fn gemv_kernel<F: Float + CubeElement>(
-    a: &Tensor<F>,
-    b: &Tensor<F>,
-    out: &mut Tensor<F>,
+fn gemv_kernel<E: Float + CubeElement>(
+    a: &Tensor<E>,
+    b: &Tensor<E>,
+    out: &mut Tensor<E>,
     #[comptime] rows: usize,
     #[comptime] k_contiguous: bool,
 ) {
@@ -44,23 +45,23 @@ fn gemv_kernel<F: Float + CubeElement>(
     }
     let cube = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
     let n = cube * cols + col;
-    let mut acc = Array::<F>::new(rows);
+    let mut acc = Array::<f32>::new(rows);
     #[unroll]
     for m in 0..rows {
-        acc[m] = F::new(0.0);
+        acc[m] = f32::new(0.0);
     }
     if n < n_len {
         let mut k = lane;
         while k < k_len {
-            let w = b[k * b_k + n * b_n];
+            let w = f32::cast_from(b[k * b_k + n * b_n]);
             #[unroll]
             for m in 0..rows {
-                acc[m] += a[m * k_len + k] * w;
+                acc[m] += f32::cast_from(a[m * k_len + k]) * w;
             }
             k += lanes;
         }
     }
-    let mut partial = SharedMemory::<F>::new(GEMV_THREADS * rows);
+    let mut partial = SharedMemory::<f32>::new(GEMV_THREADS * rows);
     #[unroll]
     for m in 0..rows {
         partial[m * GEMV_THREADS + u] = acc[m];
@@ -69,7 +70,7 @@ fn gemv_kernel<F: Float + CubeElement>(
     if lane == 0 && n < n_len {
         #[unroll]
         for m in 0..rows {
-            let mut s = F::new(0.0);
+            let mut s = f32::new(0.0);
             for l in 0..lanes {
                 let mut at = l * cols + col;
                 if k_contiguous {
@@ -77,15 +78,21 @@ fn gemv_kernel<F: Float + CubeElement>(
                 }
                 s += partial[m * GEMV_THREADS + at];
             }
-            out[m * n_len + n] = s;
+            out[m * n_len + n] = E::cast_from(s);
         }
     }
 }
 
 /// `out = a @ b` for a dense `a (M, K)` with `1 ≤ M ≤ GEMV_MAX_ROWS`, a
-/// strided `b (K, N)` and a dense `out (M, N)`, all `f32`, each starting at
-/// element 0 of its buffer.
-pub fn launch_gemv<R: Runtime>(client: &ComputeClient<R>, a: &View, b: &View, out: &View) {
+/// strided `b (K, N)` and a dense `out (M, N)`, all stored as `elem`, each
+/// starting at element 0 of its buffer.
+pub fn launch_gemv<R: Runtime>(
+    client: &ComputeClient<R>,
+    elem: FloatElem,
+    a: &View,
+    b: &View,
+    out: &View,
+) {
     let (m, n) = (out.shape[0], out.shape[1]);
     assert!(
         (1..=GEMV_MAX_ROWS).contains(&m) && a.offset == 0 && b.offset == 0 && out.offset == 0,
@@ -96,8 +103,8 @@ pub fn launch_gemv<R: Runtime>(client: &ComputeClient<R>, a: &View, b: &View, ou
     }
     let k_contiguous = b.strides[0] == 1 && b.shape[0] > 1;
     let cols = if k_contiguous { 8 } else { 64 };
-    unsafe {
-        gemv_kernel::launch_unchecked::<f32, R>(
+    with_float!(elem, E => unsafe {
+        gemv_kernel::launch_unchecked::<E, R>(
             client,
             grid_1d(n.div_ceil(cols), 1),
             CubeDim::new_1d(GEMV_THREADS as u32),
@@ -107,5 +114,5 @@ pub fn launch_gemv<R: Runtime>(client: &ComputeClient<R>, a: &View, b: &View, ou
             m,
             k_contiguous,
         );
-    }
+    });
 }

@@ -1,7 +1,11 @@
 //! Attention over KV caches as stored (the `kv_attention` op): keys and
-//! values are read from token-major caches `[B, S, heads·dim]` in fp32 or in
-//! a quantized block format (`quant.rs`) and dequantized on chip; DBA's two
-//! key paths are two caches whose per-head slices concatenate.
+//! values are read from token-major caches `[B, S, heads·dim]` in a float
+//! storage (`f32`, `f16` or `bf16`, each cache its own: [`CachePart`]'s
+//! `elem`) or in a quantized block format (`quant.rs`) and widened or
+//! dequantized to `f32` on chip; DBA's two key paths are two caches whose
+//! per-head slices concatenate. `q` and the output are stored as the
+//! launch's `elem`; everything else (shared memory, registers, the chunks'
+//! partials) is `f32`.
 //!
 //! Two kernels share the work, both flash-decoding (the keys cut into
 //! chunks, each chunk's unnormalized partial — running max, running sum,
@@ -29,12 +33,15 @@
 //! chunks. Many chunks keep every SM busy when a decode step has only `g`
 //! query rows.
 //!
-//! Where it stops: f32 arithmetic (no tensor cores); a tile of
+//! Where it stops: f32 arithmetic (no tensor cores); a 2-byte float cache
+//! needs an even number of dims per head; a tile of
 //! `64 × max(Σdₖ, dv)` floats in shared memory limits either to 160 dims
 //! per head; neither kernel reaches memory bandwidth yet (BENCHMARKS.md).
 
-use crate::quant::{load4_regs, load_value, nf4_levels, row_words, BLOCK, FLOAT};
-use crate::{grid_1d, linear_pos, KernelError, ELEM_BLOCK};
+use crate::quant::{
+    float_code, is_float, load4_regs, load_value, nf4_levels, row_words, BLOCK, FLOAT,
+};
+use crate::{grid_1d, linear_pos, with_float, FloatElem, KernelError, ELEM_BLOCK};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
@@ -50,8 +57,22 @@ pub const KV_MAX_DK: usize = 160;
 #[derive(Clone, Debug)]
 pub struct CachePart {
     pub handle: Handle,
+    /// [`FLOAT`] or a quantized format (`quant.rs`).
     pub format: u32,
+    /// The storage of a [`FLOAT`] cache (ignored for a quantized one).
+    pub elem: FloatElem,
     pub dim: usize,
+}
+
+impl CachePart {
+    /// The kernels' comptime code of this part's storage.
+    fn code(&self) -> u32 {
+        if self.format == FLOAT {
+            float_code(self.elem)
+        } else {
+            self.format
+        }
+    }
 }
 
 /// The geometry of one call, in the op's terms.
@@ -72,22 +93,22 @@ pub struct KvShape {
 /// cache for `x < d0`, else from the second.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn stage<F: Float + CubeElement>(
+fn stage(
     c0: &Array<i32>,
     c1: &Array<i32>,
     tok: usize,
     x: usize,
     h: usize,
     rows: (usize, usize, usize, usize),
-    levels: &SharedMemory<F>,
-    sh: &mut SharedMemory<F>,
+    levels: &SharedMemory<f32>,
+    sh: &mut SharedMemory<f32>,
     at: usize,
     #[comptime] parts: (u32, usize, u32, usize),
     #[comptime] vec4: bool,
 ) {
     let (f0, d0, f1, d1) = parts;
     let (w0, nb0, w1, nb1) = rows;
-    let mut four = Array::<F>::new(4usize);
+    let mut four = Array::<f32>::new(4usize);
     if x < d0 {
         if vec4 {
             load4_regs(c0, tok * w0, h * d0 + x, nb0, levels, &mut four, 0, f0);
@@ -111,11 +132,12 @@ fn stage<F: Float + CubeElement>(
     }
 }
 
-/// Words per token of a cache of `n` values per token in `format`.
+/// Words per token of a cache of `n` values per token in `format` (for a
+/// float cache, elements: the unit [`load_value`] indexes it in).
 #[cube]
 fn words_of(n: usize, #[comptime] format: u32) -> usize {
     let mut w = n;
-    if comptime!(format != FLOAT) {
+    if comptime!(!is_float(format)) {
         w = comptime!(row_words(format, BLOCK)) * (n / BLOCK);
     }
     w
@@ -163,22 +185,22 @@ fn visible_keys(
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn kv_attention_kernel<F: Float + CubeElement>(
-    q: &Array<F>,
+fn kv_attention_kernel<E: Float + CubeElement>(
+    q: &Array<E>,
     c0: &Array<i32>,
     c1: &Array<i32>,
     cv: &Array<i32>,
-    m_out: &mut Array<F>,
-    l_out: &mut Array<F>,
-    acc_out: &mut Array<F>,
+    m_out: &mut Array<f32>,
+    l_out: &mut Array<f32>,
+    acc_out: &mut Array<f32>,
     heads: usize,
     rows: usize,
     t: usize,
     s_len: usize,
     chunk: usize,
     splits: usize,
-    scale: F,
-    neg_inf: F,
+    scale: f32,
+    neg_inf: f32,
     #[comptime] causal: bool,
     #[comptime] f0: u32,
     #[comptime] d0: usize,
@@ -189,7 +211,7 @@ fn kv_attention_kernel<F: Float + CubeElement>(
     #[comptime] nq: usize,
     #[comptime] vec4: bool,
 ) {
-    let levels = nf4_levels::<F>();
+    let levels = nf4_levels();
     let dk = comptime!(d0 + d1);
     // Odd row stride: unit u reading row u hits bank (u · stride) mod 32,
     // all different.
@@ -207,18 +229,18 @@ fn kv_attention_kernel<F: Float + CubeElement>(
     let krows = (words_of(n0, f0), n0 / BLOCK, words_of(n1, f1), n1 / BLOCK);
     let vrows = (words_of(nv, fv), nv / BLOCK, 0usize, 0usize);
 
-    let mut q_sh = SharedMemory::<F>::new(comptime!(nq * (d0 + d1)));
-    let mut kv_sh = SharedMemory::<F>::new(comptime!(
+    let mut q_sh = SharedMemory::<f32>::new(comptime!(nq * (d0 + d1)));
+    let mut kv_sh = SharedMemory::<f32>::new(comptime!(
         KV_TILE * if d0 + d1 > dv { d0 + d1 + 1 } else { dv + 1 }
     ));
-    let mut p_sh = SharedMemory::<F>::new(comptime!(nq * KV_TILE));
+    let mut p_sh = SharedMemory::<f32>::new(comptime!(nq * KV_TILE));
     let q_base = bh * rows * dk;
     let mut j = u;
     while j < nq * dk {
         let qi = j / dk;
-        let mut val = F::new(0.0);
+        let mut val = f32::new(0.0);
         if first + qi < rows {
-            val = q[q_base + (first + qi) * dk + j % dk];
+            val = f32::cast_from(q[q_base + (first + qi) * dk + j % dk]);
         }
         q_sh[j] = val;
         j += KV_TILE;
@@ -240,19 +262,19 @@ fn kv_attention_kernel<F: Float + CubeElement>(
     let lo = split * chunk;
 
     let cols = comptime!(dv.div_ceil(KV_TILE));
-    let mut acc = Array::<F>::new(comptime!(nq * dv.div_ceil(KV_TILE)));
+    let mut acc = Array::<f32>::new(comptime!(nq * dv.div_ceil(KV_TILE)));
     #[unroll]
     for c in 0..comptime!(nq * dv.div_ceil(KV_TILE)) {
-        acc[c] = F::new(0.0);
+        acc[c] = f32::new(0.0);
     }
-    let mut m = Array::<F>::new(nq);
-    let mut l = Array::<F>::new(nq);
-    let mut sc = Array::<F>::new(nq);
-    let mut corr = Array::<F>::new(nq);
+    let mut m = Array::<f32>::new(nq);
+    let mut l = Array::<f32>::new(nq);
+    let mut sc = Array::<f32>::new(nq);
+    let mut corr = Array::<f32>::new(nq);
     #[unroll]
     for qi in 0..nq {
         m[qi] = neg_inf;
-        l[qi] = F::new(0.0);
+        l[qi] = f32::new(0.0);
     }
     let mut start = lo;
     while start < hi {
@@ -284,7 +306,7 @@ fn kv_attention_kernel<F: Float + CubeElement>(
         let key = start + u;
         #[unroll]
         for qi in 0..nq {
-            sc[qi] = F::new(0.0);
+            sc[qi] = f32::new(0.0);
         }
         if key < hi {
             for x in 0..dk {
@@ -313,7 +335,7 @@ fn kv_attention_kernel<F: Float + CubeElement>(
             }
             let m_new = m[qi].max(tile_max);
             // A row with no visible key yet keeps m = -inf: no correction.
-            let mut cr = F::new(1.0);
+            let mut cr = f32::new(1.0);
             if m_new != neg_inf {
                 cr = (m[qi] - m_new).exp();
             }
@@ -323,7 +345,7 @@ fn kv_attention_kernel<F: Float + CubeElement>(
         sync_cube();
         #[unroll]
         for qi in 0..nq {
-            let mut p = F::new(0.0);
+            let mut p = f32::new(0.0);
             if sc[qi] != neg_inf {
                 p = (sc[qi] - m[qi]).exp();
             }
@@ -360,7 +382,7 @@ fn kv_attention_kernel<F: Float + CubeElement>(
         }
         #[unroll]
         for qi in 0..nq {
-            let mut psum = F::new(0.0);
+            let mut psum = f32::new(0.0);
             for x in 0..n_keys {
                 psum += p_sh[qi * KV_TILE + x];
             }
@@ -422,22 +444,22 @@ const WARPS: usize = 4;
 /// partial per chunk for the combine kernel.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn kv_decode_kernel<F: Float + CubeElement>(
-    q: &Array<F>,
+fn kv_decode_kernel<E: Float + CubeElement>(
+    q: &Array<E>,
     c0: &Array<i32>,
     c1: &Array<i32>,
     cv: &Array<i32>,
-    m_out: &mut Array<F>,
-    l_out: &mut Array<F>,
-    acc_out: &mut Array<F>,
+    m_out: &mut Array<f32>,
+    l_out: &mut Array<f32>,
+    acc_out: &mut Array<f32>,
     heads: usize,
     rows: usize,
     t: usize,
     s_len: usize,
     chunk: usize,
     slots: usize,
-    scale: F,
-    neg_inf: F,
+    scale: f32,
+    neg_inf: f32,
     #[comptime] causal: bool,
     #[comptime] f0: u32,
     #[comptime] d0: usize,
@@ -448,7 +470,7 @@ fn kv_decode_kernel<F: Float + CubeElement>(
     #[comptime] nq: usize,
     #[comptime] lanes: usize,
 ) {
-    let levels = nf4_levels::<F>();
+    let levels = nf4_levels();
     let dk = comptime!(d0 + d1);
     let pk = comptime!((d0 + d1).div_ceil(4 * lanes));
     let pv = comptime!(dv.div_ceil(4 * lanes));
@@ -460,7 +482,7 @@ fn kv_decode_kernel<F: Float + CubeElement>(
     let (n0, n1, nv) = (heads * d0, heads * d1, heads * dv);
     let (w0, w1, wv) = (words_of(n0, f0), words_of(n1, f1), words_of(nv, fv));
 
-    let mut qr = Array::<F>::new(comptime!(nq * 4 * (d0 + d1).div_ceil(4 * lanes)));
+    let mut qr = Array::<f32>::new(comptime!(nq * 4 * (d0 + d1).div_ceil(4 * lanes)));
     let mut limits = Array::<usize>::new(nq);
     #[unroll]
     for r in 0..nq {
@@ -469,9 +491,9 @@ fn kv_decode_kernel<F: Float + CubeElement>(
             #[unroll]
             for k in 0..4usize {
                 let x = p * 4 * lanes + lane * 4 + k;
-                let mut v = F::new(0.0);
+                let mut v = f32::new(0.0);
                 if r < rows && x < dk {
-                    v = q[(bh * rows + r) * dk + x] * scale;
+                    v = f32::cast_from(q[(bh * rows + r) * dk + x]) * scale;
                 }
                 qr[(r * pk + p) * 4 + k] = v;
             }
@@ -488,22 +510,22 @@ fn kv_decode_kernel<F: Float + CubeElement>(
         causal,
     );
     let lo = split * chunk;
-    let mut m = Array::<F>::new(nq);
-    let mut l = Array::<F>::new(nq);
-    let mut acc = Array::<F>::new(comptime!(nq * 4 * dv.div_ceil(4 * lanes)));
+    let mut m = Array::<f32>::new(nq);
+    let mut l = Array::<f32>::new(nq);
+    let mut acc = Array::<f32>::new(comptime!(nq * 4 * dv.div_ceil(4 * lanes)));
     #[unroll]
     for r in 0..nq {
         m[r] = neg_inf;
-        l[r] = F::new(0.0);
+        l[r] = f32::new(0.0);
     }
     #[unroll]
     for j in 0..comptime!(nq * 4 * dv.div_ceil(4 * lanes)) {
-        acc[j] = F::new(0.0);
+        acc[j] = f32::new(0.0);
     }
-    let mut ka = Array::<F>::new(comptime!(4 * (d0 + d1).div_ceil(4 * lanes)));
-    let mut va = Array::<F>::new(comptime!(4 * dv.div_ceil(4 * lanes)));
-    let mut kb = Array::<F>::new(comptime!(4 * (d0 + d1).div_ceil(4 * lanes)));
-    let mut vb = Array::<F>::new(comptime!(4 * dv.div_ceil(4 * lanes)));
+    let mut ka = Array::<f32>::new(comptime!(4 * (d0 + d1).div_ceil(4 * lanes)));
+    let mut va = Array::<f32>::new(comptime!(4 * dv.div_ceil(4 * lanes)));
+    let mut kb = Array::<f32>::new(comptime!(4 * (d0 + d1).div_ceil(4 * lanes)));
+    let mut vb = Array::<f32>::new(comptime!(4 * dv.div_ceil(4 * lanes)));
     let parts = (f0, d0, f1, d1, fv, dv, lanes);
     let caches = (n0, n1, nv, w0, w1, wv);
     // Two keys per iteration: their loads are independent, so one's
@@ -552,9 +574,9 @@ fn kv_decode_kernel<F: Float + CubeElement>(
     }
     // The cube's planes merge their partials in shared memory; plane 0
     // writes one partial per chunk.
-    let mut m_sh = SharedMemory::<F>::new(comptime!(WARPS * nq));
-    let mut l_sh = SharedMemory::<F>::new(comptime!(WARPS * nq));
-    let mut a_sh = SharedMemory::<F>::new(comptime!(WARPS * nq * dv));
+    let mut m_sh = SharedMemory::<f32>::new(comptime!(WARPS * nq));
+    let mut l_sh = SharedMemory::<f32>::new(comptime!(WARPS * nq));
+    let mut a_sh = SharedMemory::<f32>::new(comptime!(WARPS * nq * dv));
     let per_lane = comptime!(4 * dv.div_ceil(4 * lanes));
     #[unroll]
     for r in 0..nq {
@@ -583,11 +605,11 @@ fn kv_decode_kernel<F: Float + CubeElement>(
                 for w in 0..WARPS {
                     mx = mx.max(m_sh[w * nq + r]);
                 }
-                let mut wts = Array::<F>::new(WARPS);
-                let mut den = F::new(0.0);
+                let mut wts = Array::<f32>::new(WARPS);
+                let mut den = f32::new(0.0);
                 #[unroll]
                 for w in 0..WARPS {
-                    let mut wt = F::new(0.0);
+                    let mut wt = f32::new(0.0);
                     if m_sh[w * nq + r] != neg_inf {
                         wt = (m_sh[w * nq + r] - mx).exp();
                     }
@@ -605,7 +627,7 @@ fn kv_decode_kernel<F: Float + CubeElement>(
                     for k in 0..4usize {
                         let col = p * 4 * lanes + lane * 4 + k;
                         if col < dv {
-                            let mut num = F::new(0.0);
+                            let mut num = f32::new(0.0);
                             #[unroll]
                             for w in 0..WARPS {
                                 num += a_sh[(w * nq + r) * dv + col] * wts[w];
@@ -625,7 +647,7 @@ fn kv_decode_kernel<F: Float + CubeElement>(
 // The inner `if` is comptime (no second key cache, no code): it cannot
 // join the runtime condition.
 #[allow(clippy::too_many_arguments, clippy::collapsible_if)]
-fn load_key<F: Float + CubeElement>(
+fn load_key(
     c0: &Array<i32>,
     c1: &Array<i32>,
     cv: &Array<i32>,
@@ -633,9 +655,9 @@ fn load_key<F: Float + CubeElement>(
     h: usize,
     lane: usize,
     caches: (usize, usize, usize, usize, usize, usize),
-    levels: &SharedMemory<F>,
-    kreg: &mut Array<F>,
-    vreg: &mut Array<F>,
+    levels: &SharedMemory<f32>,
+    kreg: &mut Array<f32>,
+    vreg: &mut Array<f32>,
     #[comptime] parts: (u32, usize, u32, usize, u32, usize, usize),
 ) {
     let (f0, d0, f1, d1, fv, dv, lanes) = parts;
@@ -646,7 +668,7 @@ fn load_key<F: Float + CubeElement>(
         let x = p * 4 * lanes + lane * 4;
         #[unroll]
         for k in 0..4usize {
-            kreg[p * 4 + k] = F::new(0.0);
+            kreg[p * 4 + k] = f32::new(0.0);
         }
         if x < d0 {
             load4_regs(
@@ -679,7 +701,7 @@ fn load_key<F: Float + CubeElement>(
         let x = p * 4 * lanes + lane * 4;
         #[unroll]
         for k in 0..4usize {
-            vreg[p * 4 + k] = F::new(0.0);
+            vreg[p * 4 + k] = f32::new(0.0);
         }
         if x < dv {
             load4_regs(
@@ -699,15 +721,15 @@ fn load_key<F: Float + CubeElement>(
 /// The online-softmax update of every query row with one key.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn attend<F: Float + CubeElement>(
+fn attend(
     key: usize,
-    qr: &Array<F>,
-    kreg: &Array<F>,
-    vreg: &Array<F>,
+    qr: &Array<f32>,
+    kreg: &Array<f32>,
+    vreg: &Array<f32>,
     limits: &Array<usize>,
-    m: &mut Array<F>,
-    l: &mut Array<F>,
-    acc: &mut Array<F>,
+    m: &mut Array<f32>,
+    l: &mut Array<f32>,
+    acc: &mut Array<f32>,
     #[comptime] nq: usize,
     #[comptime] parts: (u32, usize, u32, usize, u32, usize, usize),
 ) {
@@ -716,7 +738,7 @@ fn attend<F: Float + CubeElement>(
     let per_v = comptime!(4 * dv.div_ceil(4 * lanes));
     #[unroll]
     for r in 0..nq {
-        let mut part = F::new(0.0);
+        let mut part = f32::new(0.0);
         #[unroll]
         for j in 0..per_k {
             part += qr[r * per_k + j] * kreg[j];
@@ -740,15 +762,15 @@ fn attend<F: Float + CubeElement>(
 /// One unit per output element: the chunks' partials rescaled to their
 /// common maximum and normalized.
 #[cube(launch_unchecked)]
-fn combine_kernel<F: Float + CubeElement>(
-    m_in: &Array<F>,
-    l_in: &Array<F>,
-    acc_in: &Array<F>,
-    out: &mut Array<F>,
+fn combine_kernel<E: Float + CubeElement>(
+    m_in: &Array<f32>,
+    l_in: &Array<f32>,
+    acc_in: &Array<f32>,
+    out: &mut Array<E>,
     total: usize,
     splits: usize,
     dv: usize,
-    neg_inf: F,
+    neg_inf: f32,
 ) {
     let i = linear_pos();
     if i >= total {
@@ -759,8 +781,8 @@ fn combine_kernel<F: Float + CubeElement>(
     for sp in 0..splits {
         mx = mx.max(m_in[row * splits + sp]);
     }
-    let mut num = F::new(0.0);
-    let mut den = F::new(0.0);
+    let mut num = f32::new(0.0);
+    let mut den = f32::new(0.0);
     for sp in 0..splits {
         let slot = row * splits + sp;
         let ms = m_in[slot];
@@ -770,7 +792,7 @@ fn combine_kernel<F: Float + CubeElement>(
             num += acc_in[slot * dv + col] * w;
         }
     }
-    out[i] = num / den;
+    out[i] = E::cast_from(num / den);
 }
 
 /// The number of key chunks of the staged kernel: enough cubes to fill a
@@ -807,10 +829,12 @@ fn fixed_plane<R: Runtime>(client: &ComputeClient<R>) -> Option<usize> {
 /// caches and the value cache, into `out` dense `[B, heads, g, T, dv]`.
 /// A decode step (at most [`KV_QUERIES`] query rows per head, dims in
 /// fours) takes the plane-per-key kernel when the device has fixed-size
-/// planes; anything else the staged kernel.
+/// planes; anything else the staged kernel. `q` and `out` are stored as
+/// `elem`, each cache part as it says.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_kv_attention<R: Runtime>(
     client: &ComputeClient<R>,
+    elem: FloatElem,
     shape: KvShape,
     q: &Handle,
     keys: &[CachePart],
@@ -826,14 +850,24 @@ pub fn launch_kv_attention<R: Runtime>(
     if bh * rows == 0 || dv == 0 {
         return Ok(());
     }
+    if let Some(p) = keys
+        .iter()
+        .chain([values])
+        .find(|p| p.format == FLOAT && p.elem != FloatElem::F32 && p.dim % 2 != 0)
+    {
+        return Err(KernelError::Unsupported(format!(
+            "kv_attention over a {:?} cache of {} dims per head (2-byte caches need an even number)",
+            p.elem, p.dim
+        )));
+    }
     let vec4 = keys.iter().chain([values]).all(|p| p.dim % 4 == 0);
     let words = |p: &CachePart| {
         let n = shape.heads * p.dim;
-        shape.batch * shape.s.max(1) * row_words(p.format, n)
+        shape.batch * shape.s.max(1) * row_words(p.code(), n)
     };
     let (k0, k1) = (&keys[0], keys.get(1));
     let dummy = k1.map_or(k0.handle.clone(), |k| k.handle.clone());
-    let (f1, d1) = (k1.map_or(FLOAT, |k| k.format), k1.map_or(0, |k| k.dim));
+    let (f1, d1) = (k1.map_or(FLOAT, |k| k.code()), k1.map_or(0, |k| k.dim));
     let scratch = |n: usize| client.empty(n.max(1) * 4);
     let plane = fixed_plane(client).filter(|_| vec4 && rows <= KV_QUERIES && dv <= 256);
     let slots_per_row;
@@ -848,8 +882,8 @@ pub fn launch_kv_attention<R: Runtime>(
         slots_per_row = splits;
         let slots = bh * rows * slots_per_row;
         (m_buf, l_buf, acc_buf) = (scratch(slots), scratch(slots), scratch(slots * dv));
-        unsafe {
-            kv_decode_kernel::launch_unchecked::<f32, R>(
+        with_float!(elem, E => unsafe {
+            kv_decode_kernel::launch_unchecked::<E, R>(
                 client,
                 CubeCount::Static(bh as u32, splits as u32, 1),
                 CubeDim::new_2d(lanes as u32, WARPS as u32),
@@ -869,16 +903,16 @@ pub fn launch_kv_attention<R: Runtime>(
                 scale,
                 f32::NEG_INFINITY,
                 causal,
-                k0.format,
+                k0.code(),
                 k0.dim,
                 f1,
                 d1,
-                values.format,
+                values.code(),
                 dv,
                 rows_per_cube(rows),
                 lanes,
             );
-        }
+        });
     } else {
         let nq = rows_per_cube(rows);
         let shared = 4 * (KV_TILE * (dk.max(dv) + 1) + nq * (dk + KV_TILE) + 16);
@@ -893,8 +927,8 @@ pub fn launch_kv_attention<R: Runtime>(
         slots_per_row = splits;
         let slots = bh * rows * splits;
         (m_buf, l_buf, acc_buf) = (scratch(slots), scratch(slots), scratch(slots * dv));
-        unsafe {
-            kv_attention_kernel::launch_unchecked::<f32, R>(
+        with_float!(elem, E => unsafe {
+            kv_attention_kernel::launch_unchecked::<E, R>(
                 client,
                 CubeCount::Static((bh * rows.div_ceil(nq)) as u32, splits as u32, 1),
                 CubeDim::new_1d(KV_TILE as u32),
@@ -914,21 +948,21 @@ pub fn launch_kv_attention<R: Runtime>(
                 scale,
                 f32::NEG_INFINITY,
                 causal,
-                k0.format,
+                k0.code(),
                 k0.dim,
                 f1,
                 d1,
-                values.format,
+                values.code(),
                 dv,
                 nq,
                 vec4,
             );
-        }
+        });
     }
     let total = bh * rows * dv;
     let slots = bh * rows * slots_per_row;
-    unsafe {
-        combine_kernel::launch_unchecked::<f32, R>(
+    with_float!(elem, E => unsafe {
+        combine_kernel::launch_unchecked::<E, R>(
             client,
             grid_1d(total, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
@@ -941,6 +975,6 @@ pub fn launch_kv_attention<R: Runtime>(
             dv,
             f32::NEG_INFINITY,
         );
-    }
+    });
     Ok(())
 }

@@ -6,11 +6,23 @@
 //! `runtime/tests/gpu_suite.rs`. Only `kernels` and `runtime` depend on
 //! CubeCL.
 //!
-//! Conventions: every float tensor is stored as `f32` on the device (a
-//! logical `f16`/`bf16` tensor holds values already rounded to that format,
-//! as the reference interpreter does); integer tensors are `i32`. Buffers are
-//! dense and row-major; a view (`View`) adds strides and an element offset so
-//! that permute, slice, broadcast and concat are strided copies.
+//! Conventions: a float tensor is stored on the device as `f32`, `f16` or
+//! `bf16` ([`FloatElem`], chosen per launch: every public `launch_*` that
+//! takes float data has an `elem` argument naming the storage of its float
+//! tensors) and computed in `f32` whatever its storage: kernels widen each
+//! element as they load it, keep accumulators, shared memory, running
+//! statistics and scalars (`eps`, `scale`) in `f32`, and round once, to
+//! nearest even, as they store. With `f32` storage the widening and
+//! rounding are no-ops, so the generated code is what it was before narrow
+//! storage. Pure data movement (strided copy, gather, fill) moves the
+//! stored elements as they are. A device that cannot hold a narrow type
+//! (`FloatElem::supported`) may keep such a tensor widened to `f32`, its
+//! values rounded to the narrow grid (`cast::launch_round`), as the
+//! reference interpreter does. Optimizer state and master weights
+//! (`optim`) and cuBLASLt's GEMMs (`vendor_gemm`) are `f32` only. Integer
+//! tensors are `i32`. Buffers are dense and row-major; a view (`View`)
+//! adds strides and an element offset so that permute, slice, broadcast and
+//! concat are strided copies.
 
 pub mod attention;
 pub mod attention_backward;
@@ -64,6 +76,14 @@ impl FloatElem {
         };
         client.properties().supports_type(ty)
     }
+}
+
+/// The storage of a tensor on the device, as far as a conversion cares: a
+/// float type or `i32`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Storage {
+    Float(FloatElem),
+    I32,
 }
 
 /// Runs `$body` with the type alias `$E` naming `$elem`'s storage type

@@ -11,8 +11,14 @@
 //! operands this may compute in TF32 on NVIDIA cards) is tried first; then
 //! the exact per-unit routine, then the naive one. Without `fast`, only the
 //! exact routines run.
+//!
+//! Operands and output are stored as the launch's `elem`; for `f16` and
+//! `bf16` cubek accumulates in `f32` (`MatmulElems::from_globals` makes the
+//! accumulator `f32` for a half output, and every routine widens the
+//! operands to the accumulator's type before multiplying) and rounds once
+//! at the store.
 
-use crate::{KernelError, View};
+use crate::{FloatElem, KernelError, View};
 use cubecl::prelude::*;
 use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems, MatmulSetupError};
 use cubek::matmul::launch::Strategy;
@@ -29,9 +35,11 @@ fn binding<R: Runtime>(v: &View) -> TensorBinding<R> {
     }
 }
 
-/// `out = lhs @ rhs` for `f32` views of equal rank ≥ 2; `out` is dense.
+/// `out = lhs @ rhs` for views of equal rank ≥ 2, all stored as `elem`;
+/// `out` is dense.
 pub fn launch_matmul<R: Runtime>(
     client: &ComputeClient<R>,
+    elem: FloatElem,
     lhs: &View,
     rhs: &View,
     out: &View,
@@ -40,11 +48,16 @@ pub fn launch_matmul<R: Runtime>(
     if out.numel() == 0 {
         return Ok(());
     }
-    let f32_ty = f32::as_type_native_unchecked().storage_type();
+    let ty = match elem {
+        FloatElem::F32 => f32::as_type_native_unchecked(),
+        FloatElem::F16 => half::f16::as_type_native_unchecked(),
+        FloatElem::BF16 => half::bf16::as_type_native_unchecked(),
+    }
+    .storage_type();
     let globals = MatmulGlobalElems {
-        lhs: f32_ty,
-        rhs: f32_ty,
-        out: f32_ty,
+        lhs: ty,
+        rhs: ty,
+        out: ty,
     };
     let mut strategies = Vec::new();
     if fast {
@@ -58,8 +71,8 @@ pub fn launch_matmul<R: Runtime>(
         let result = cubek::matmul::launch::launch_ref::<R>(
             &strategy,
             client,
-            InputBinding::new(binding::<R>(lhs), f32_ty),
-            InputBinding::new(binding::<R>(rhs), f32_ty),
+            InputBinding::new(binding::<R>(lhs), ty),
+            InputBinding::new(binding::<R>(rhs), ty),
             binding::<R>(out),
             &mut dtypes,
         );

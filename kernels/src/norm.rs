@@ -2,42 +2,44 @@
 //! (`x · rsqrt(mean(x²) + eps) · w`) and per-position cross-entropy
 //! (`logsumexp(logits) − logits[target]`). One cube per row, shared-memory
 //! reductions (see `reduce`); RMS norm has a vectorized fast path (row in
-//! registers, plane reductions) for row lengths divisible by 4. A target outside `0..V` yields NaN: the GPU
-//! cannot stop to report it; the reference interpreter reports an error.
+//! registers, plane reductions) for row lengths divisible by 4. A target
+//! outside `0..V` yields NaN: the GPU cannot stop to report it; the
+//! reference interpreter reports an error. Float tensors are stored as the
+//! launch's `elem` and computed in `f32` (sums, shared memory, `eps`).
 
 use crate::reduce::{block_max, block_sum, max_nan};
-use crate::{grid_1d, linear_cube, ROW_BLOCK};
+use crate::{grid_1d, linear_cube, with_float, FloatElem, ROW_BLOCK};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 #[cube(launch_unchecked)]
-fn rms_norm_kernel<F: Float + CubeElement>(
-    x: &Array<F>,
-    w: &Array<F>,
-    out: &mut Array<F>,
+fn rms_norm_kernel<E: Float + CubeElement>(
+    x: &Array<E>,
+    w: &Array<E>,
+    out: &mut Array<E>,
     d: usize,
     rows: usize,
-    eps: F,
+    eps: f32,
 ) {
     let row = linear_cube();
     if row >= rows {
         terminate!();
     }
     let base = row * d; // row of (rows, d)
-    let mut smem = SharedMemory::<F>::new(ROW_BLOCK as usize);
+    let mut smem = SharedMemory::<f32>::new(ROW_BLOCK as usize);
     let step = CUBE_DIM as usize;
-    let mut ss = F::new(0.0);
+    let mut ss = f32::new(0.0);
     let mut j = UNIT_POS as usize;
     while j < d {
-        let v = x[base + j];
+        let v = f32::cast_from(x[base + j]);
         ss += v * v;
         j += step;
     }
-    let ss = block_sum::<F>(&mut smem, ss);
-    let inv = F::new(1.0) / (ss / F::cast_from(d) + eps).sqrt();
+    let ss = block_sum::<f32>(&mut smem, ss);
+    let inv = f32::new(1.0) / (ss / f32::cast_from(d) + eps).sqrt();
     j = UNIT_POS as usize;
     while j < d {
-        out[base + j] = x[base + j] * inv * w[j];
+        out[base + j] = E::cast_from(f32::cast_from(x[base + j]) * inv * f32::cast_from(w[j]));
         j += step;
     }
 }
@@ -49,14 +51,14 @@ fn rms_norm_kernel<F: Float + CubeElement>(
 /// shared-memory step across planes when the device has plane operations.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn rms_norm_vec_kernel<F: Float + CubeElement, N: Size>(
-    x: &Array<Vector<F, N>>,
-    w: &Array<Vector<F, N>>,
-    out: &mut Array<Vector<F, N>>,
+fn rms_norm_vec_kernel<E: Float + CubeElement, N: Size>(
+    x: &Array<Vector<E, N>>,
+    w: &Array<Vector<E, N>>,
+    out: &mut Array<Vector<E, N>>,
     dv: usize,
     rows: usize,
-    inv_d: F,
-    eps: F,
+    inv_d: f32,
+    eps: f32,
     #[comptime] per_thread: usize,
     #[comptime] exact: bool,
     #[comptime] use_plane: bool,
@@ -68,26 +70,26 @@ fn rms_norm_vec_kernel<F: Float + CubeElement, N: Size>(
     }
     let base = row * dv; // row of (rows, dv) vectors
     let u = UNIT_POS as usize;
-    let mut cache = Array::<Vector<F, N>>::new(per_thread);
-    let mut acc = Vector::<F, N>::new(F::new(0.0));
+    let mut cache = Array::<Vector<f32, N>>::new(per_thread);
+    let mut acc = Vector::<f32, N>::new(f32::new(0.0));
     #[unroll]
     for i in 0..per_thread {
         let j = u + i * threads;
-        let mut v = Vector::<F, N>::new(F::new(0.0));
+        let mut v = Vector::<f32, N>::new(f32::new(0.0));
         if exact || j < dv {
-            v = x[base + j];
+            v = Vector::<f32, N>::cast_from(x[base + j]);
         }
         cache[i] = v;
         acc += v * v;
     }
-    let mut part = F::new(0.0);
+    let mut part = f32::new(0.0);
     #[unroll]
     for l in 0..acc.vector_size() {
         part += acc[l];
     }
-    let mut ss = F::new(0.0);
+    let mut ss = f32::new(0.0);
     if use_plane {
-        let mut smem = SharedMemory::<F>::new(threads);
+        let mut smem = SharedMemory::<f32>::new(threads);
         let p = plane_sum(part);
         if UNIT_POS_PLANE == 0 {
             smem[(UNIT_POS / PLANE_DIM) as usize] = p;
@@ -98,15 +100,16 @@ fn rms_norm_vec_kernel<F: Float + CubeElement, N: Size>(
             ss += smem[k];
         }
     } else {
-        let mut smem = SharedMemory::<F>::new(threads);
-        ss = block_sum::<F>(&mut smem, part);
+        let mut smem = SharedMemory::<f32>::new(threads);
+        ss = block_sum::<f32>(&mut smem, part);
     }
-    let inv = Vector::<F, N>::new(F::new(1.0) / (ss * inv_d + eps).sqrt());
+    let inv = Vector::<f32, N>::new(f32::new(1.0) / (ss * inv_d + eps).sqrt());
     #[unroll]
     for i in 0..per_thread {
         let j = u + i * threads;
         if exact || j < dv {
-            out[base + j] = cache[i] * inv * w[j];
+            out[base + j] =
+                Vector::<E, N>::cast_from(cache[i] * inv * Vector::<f32, N>::cast_from(w[j]));
         }
     }
 }
@@ -125,11 +128,14 @@ fn scalar_rms_forced() -> bool {
     *FORCED.get_or_init(|| std::env::var("CARAMBA_RMS_NORM_SCALAR").is_ok_and(|v| v == "1"))
 }
 
-/// RMS norm of a dense `(rows, d)` `f32` tensor with weight `[d]`: the
-/// vectorized register-resident kernel when `d` is a multiple of 4 and the
-/// row fits in registers, else the scalar kernel.
+/// RMS norm of a dense `(rows, d)` tensor with weight `[d]` (both, and
+/// `out`, stored as `elem`): the vectorized register-resident kernel when
+/// `d` is a multiple of 4 and the row fits in registers, else the scalar
+/// kernel.
+#[allow(clippy::too_many_arguments)]
 pub fn launch_rms_norm<R: Runtime>(
     client: &ComputeClient<R>,
+    elem: FloatElem,
     x: &Handle,
     w: &Handle,
     out: &Handle,
@@ -154,8 +160,8 @@ pub fn launch_rms_norm<R: Runtime>(
         let threads = dv.next_power_of_two().clamp(min_threads, RMS_THREADS);
         let per_thread = dv.div_ceil(threads);
         if per_thread <= RMS_MAX_PER_THREAD {
-            unsafe {
-                rms_norm_vec_kernel::launch_unchecked::<f32, R>(
+            with_float!(elem, E => unsafe {
+                rms_norm_vec_kernel::launch_unchecked::<E, R>(
                     client,
                     grid_1d(rows, 1),
                     CubeDim::new_1d(threads as u32),
@@ -172,12 +178,12 @@ pub fn launch_rms_norm<R: Runtime>(
                     use_plane,
                     threads,
                 );
-            }
+            });
             return;
         }
     }
-    unsafe {
-        rms_norm_kernel::launch_unchecked::<f32, R>(
+    with_float!(elem, E => unsafe {
+        rms_norm_kernel::launch_unchecked::<E, R>(
             client,
             grid_1d(rows, 1),
             CubeDim::new_1d(ROW_BLOCK),
@@ -188,53 +194,55 @@ pub fn launch_rms_norm<R: Runtime>(
             rows,
             eps,
         );
-    }
+    });
 }
 
 #[cube(launch_unchecked)]
-fn cross_entropy_kernel<F: Float + CubeElement>(
-    logits: &Array<F>,
+fn cross_entropy_kernel<E: Float + CubeElement>(
+    logits: &Array<E>,
     targets: &Array<i32>,
-    out: &mut Array<F>,
+    out: &mut Array<E>,
     v: usize,
     rows: usize,
-    neg_inf: F,
-    nan: F,
+    neg_inf: f32,
+    nan: f32,
 ) {
     let row = linear_cube();
     if row >= rows {
         terminate!();
     }
     let base = row * v; // row of (rows, V)
-    let mut smem = SharedMemory::<F>::new(ROW_BLOCK as usize);
+    let mut smem = SharedMemory::<f32>::new(ROW_BLOCK as usize);
     let step = CUBE_DIM as usize;
     let mut m = neg_inf;
     let mut j = UNIT_POS as usize;
     while j < v {
-        m = max_nan::<F>(m, logits[base + j]);
+        m = max_nan::<f32>(m, f32::cast_from(logits[base + j]));
         j += step;
     }
-    let m = block_max::<F>(&mut smem, m);
-    let mut s = F::new(0.0);
+    let m = block_max::<f32>(&mut smem, m);
+    let mut s = f32::new(0.0);
     j = UNIT_POS as usize;
     while j < v {
-        s += (logits[base + j] - m).exp();
+        s += (f32::cast_from(logits[base + j]) - m).exp();
         j += step;
     }
-    let s = block_sum::<F>(&mut smem, s);
+    let s = block_sum::<f32>(&mut smem, s);
     if UNIT_POS == 0 {
         let t = targets[row];
         let mut r = nan;
         if t >= 0 && (t as usize) < v {
-            r = s.ln() + m - logits[base + t as usize];
+            r = s.ln() + m - f32::cast_from(logits[base + t as usize]);
         }
-        out[row] = r;
+        out[row] = E::cast_from(r);
     }
 }
 
-/// Cross-entropy of dense logits `(rows, v)` against `i32` targets `[rows]`.
+/// Cross-entropy of dense logits `(rows, v)` against `i32` targets `[rows]`;
+/// the logits and the loss `out` `[rows]` are stored as `elem`.
 pub fn launch_cross_entropy<R: Runtime>(
     client: &ComputeClient<R>,
+    elem: FloatElem,
     logits: &Handle,
     targets: &Handle,
     out: &Handle,
@@ -244,8 +252,8 @@ pub fn launch_cross_entropy<R: Runtime>(
     if rows == 0 {
         return;
     }
-    unsafe {
-        cross_entropy_kernel::launch_unchecked::<f32, R>(
+    with_float!(elem, E => unsafe {
+        cross_entropy_kernel::launch_unchecked::<E, R>(
             client,
             grid_1d(rows, 1),
             CubeDim::new_1d(ROW_BLOCK),
@@ -257,5 +265,5 @@ pub fn launch_cross_entropy<R: Runtime>(
             f32::NEG_INFINITY,
             f32::NAN,
         );
-    }
+    });
 }

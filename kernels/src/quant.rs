@@ -4,11 +4,18 @@
 //! [`load4_regs`], the element reads that `kv_attention` shares.
 //!
 //! Formats are comptime codes ([`FLOAT`], [`Q8`], [`Q4`], [`NF4`]); a float
-//! cache is read through the same `Array<i32>` binding, its words
-//! reinterpreted as `f32`, so one kernel serves every part of a DBA cache.
+//! cache is read through the same `Array<i32>` binding, so one kernel serves
+//! every part of a DBA cache: an `f32` cache's words are reinterpreted as
+//! `f32`, and an `f16` or `bf16` cache ([`float_code`]: [`FLOAT_F16`],
+//! [`FLOAT_BF16`]) holds two values per word (little-endian: the value at
+//! an even index in the low half), widened to `f32` from their bits. Block
+//! scales are `f32` bits in their own words whatever the float storage.
 //! The NF4 levels live in shared memory (filled by [`nf4_levels`]).
+//!
+//! Dequantized values are `f32` in registers; [`launch_quantize`] reads and
+//! [`launch_dequantize`] writes float tensors stored as their `elem`.
 
-use crate::{grid_1d, linear_pos, ELEM_BLOCK};
+use crate::{grid_1d, linear_pos, with_float, FloatElem, ELEM_BLOCK};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
@@ -17,6 +24,25 @@ pub const FLOAT: u32 = 0;
 pub const Q8: u32 = 1;
 pub const Q4: u32 = 2;
 pub const NF4: u32 = 3;
+/// A float cache stored as `f16` (two values per word): the kernels' code
+/// for [`FLOAT`] with [`FloatElem::F16`] storage ([`float_code`]).
+pub const FLOAT_F16: u32 = 4;
+/// A float cache stored as `bf16`, as [`FLOAT_F16`].
+pub const FLOAT_BF16: u32 = 5;
+
+/// The kernels' code of a float cache stored as `elem`.
+pub fn float_code(elem: FloatElem) -> u32 {
+    match elem {
+        FloatElem::F32 => FLOAT,
+        FloatElem::F16 => FLOAT_F16,
+        FloatElem::BF16 => FLOAT_BF16,
+    }
+}
+
+/// Whether `format` is a float cache (of any storage).
+pub const fn is_float(format: u32) -> bool {
+    format == FLOAT || format == FLOAT_F16 || format == FLOAT_BF16
+}
 /// Values per block (one scale each).
 pub const BLOCK: usize = 32;
 
@@ -49,10 +75,13 @@ pub fn bits(format: u32) -> usize {
     }
 }
 
-/// Words of a row of `n` values in `format` (`FLOAT`: `n`).
+/// Words of a row of `n` values in `format` (`FLOAT`: `n`; a 2-byte float
+/// cache: `n / 2`, rounded up).
 pub fn row_words(format: u32, n: usize) -> usize {
     if format == FLOAT {
         n
+    } else if is_float(format) {
+        n.div_ceil(2)
     } else {
         n / BLOCK + n * bits(format) / 32
     }
@@ -61,25 +90,25 @@ pub fn row_words(format: u32, n: usize) -> usize {
 /// Fills a shared array with the NF4 levels (all units must call it; it
 /// syncs the cube).
 #[cube]
-pub fn nf4_levels<F: Float + CubeElement>() -> SharedMemory<F> {
-    let mut lv = SharedMemory::<F>::new(16usize);
+pub fn nf4_levels() -> SharedMemory<f32> {
+    let mut lv = SharedMemory::<f32>::new(16usize);
     if UNIT_POS == 0 {
-        lv[0usize] = F::new(comptime!(LEVELS[0]));
-        lv[1usize] = F::new(comptime!(LEVELS[1]));
-        lv[2usize] = F::new(comptime!(LEVELS[2]));
-        lv[3usize] = F::new(comptime!(LEVELS[3]));
-        lv[4usize] = F::new(comptime!(LEVELS[4]));
-        lv[5usize] = F::new(comptime!(LEVELS[5]));
-        lv[6usize] = F::new(comptime!(LEVELS[6]));
-        lv[7usize] = F::new(comptime!(LEVELS[7]));
-        lv[8usize] = F::new(comptime!(LEVELS[8]));
-        lv[9usize] = F::new(comptime!(LEVELS[9]));
-        lv[10usize] = F::new(comptime!(LEVELS[10]));
-        lv[11usize] = F::new(comptime!(LEVELS[11]));
-        lv[12usize] = F::new(comptime!(LEVELS[12]));
-        lv[13usize] = F::new(comptime!(LEVELS[13]));
-        lv[14usize] = F::new(comptime!(LEVELS[14]));
-        lv[15usize] = F::new(comptime!(LEVELS[15]));
+        lv[0usize] = f32::new(comptime!(LEVELS[0]));
+        lv[1usize] = f32::new(comptime!(LEVELS[1]));
+        lv[2usize] = f32::new(comptime!(LEVELS[2]));
+        lv[3usize] = f32::new(comptime!(LEVELS[3]));
+        lv[4usize] = f32::new(comptime!(LEVELS[4]));
+        lv[5usize] = f32::new(comptime!(LEVELS[5]));
+        lv[6usize] = f32::new(comptime!(LEVELS[6]));
+        lv[7usize] = f32::new(comptime!(LEVELS[7]));
+        lv[8usize] = f32::new(comptime!(LEVELS[8]));
+        lv[9usize] = f32::new(comptime!(LEVELS[9]));
+        lv[10usize] = f32::new(comptime!(LEVELS[10]));
+        lv[11usize] = f32::new(comptime!(LEVELS[11]));
+        lv[12usize] = f32::new(comptime!(LEVELS[12]));
+        lv[13usize] = f32::new(comptime!(LEVELS[13]));
+        lv[14usize] = f32::new(comptime!(LEVELS[14]));
+        lv[15usize] = f32::new(comptime!(LEVELS[15]));
     }
     sync_cube();
     lv
@@ -87,70 +116,123 @@ pub fn nf4_levels<F: Float + CubeElement>() -> SharedMemory<F> {
 
 /// The value of `code` in a block with scale `s`.
 #[cube]
-fn decode<F: Float + CubeElement>(
-    code: u32,
-    s: F,
-    levels: &SharedMemory<F>,
-    #[comptime] format: u32,
-) -> F {
+fn decode(code: u32, s: f32, levels: &SharedMemory<f32>, #[comptime] format: u32) -> f32 {
     if comptime!(format == Q8) {
-        let mut v = F::cast_from(code);
+        let mut v = f32::cast_from(code);
         if code > 127u32 {
-            v -= F::new(256.0);
+            v -= f32::new(256.0);
         }
         v * s
     } else if comptime!(format == Q4) {
-        (F::cast_from(code) - F::new(8.0)) * s
+        (f32::cast_from(code) - f32::new(8.0)) * s
     } else {
         levels[usize::cast_from(code)] * s
     }
 }
 
-/// Value `e` of the row starting at word `row` of a cache in `format`; the
-/// row has `nb` blocks (unused for a float cache).
+/// An `f16` value from its bits (the low 16 of `h`), exactly: integer
+/// arithmetic and one exact multiplication for subnormals, so it needs no
+/// `f16` support on the device and no subnormal `f32`s.
 #[cube]
-pub fn load_value<F: Float + CubeElement>(
+fn f16_bits_to_f32(h: u32) -> f32 {
+    let sign = (h & 0x8000u32) << 16u32;
+    let exp = (h >> 10u32) & 0x1fu32;
+    let mant = h & 0x3ffu32;
+    let mut bits = sign | ((exp + 112u32) << 23u32) | (mant << 13u32);
+    if exp == 0x1fu32 {
+        // Infinity and NaN.
+        bits = sign | 0x7f80_0000u32 | (mant << 13u32);
+    }
+    let mut v = f32::reinterpret(bits);
+    if exp == 0u32 {
+        // Zero and subnormals: mant · 2^-24.
+        v = f32::cast_from(mant) * f32::new(5.960_464_5e-8);
+        if sign != 0u32 {
+            v = -v;
+        }
+    }
+    v
+}
+
+/// Value `i` (an element index) of a float cache in `format` (any float
+/// storage), widened to `f32`.
+#[cube]
+fn load_float(c: &Array<i32>, i: usize, #[comptime] format: u32) -> f32 {
+    if comptime!(format == FLOAT) {
+        f32::reinterpret(c[i])
+    } else {
+        let w = u32::reinterpret(c[i / 2]);
+        let shift = u32::cast_from(i % 2) * 16u32;
+        widen_half(w >> shift, format)
+    }
+}
+
+/// The 2-byte float in the low 16 bits of `h` (`format` [`FLOAT_F16`] or
+/// [`FLOAT_BF16`]) as `f32`.
+#[cube]
+fn widen_half(h: u32, #[comptime] format: u32) -> f32 {
+    if comptime!(format == FLOAT_BF16) {
+        f32::reinterpret(h << 16u32)
+    } else {
+        f16_bits_to_f32(h & 0xffffu32)
+    }
+}
+
+/// Value `e` of the row starting at word `row` of a cache in `format`; the
+/// row has `nb` blocks (unused for a float cache). For a float cache, `row`
+/// and `e` count elements (two per word for a 2-byte storage).
+#[cube]
+pub fn load_value(
     c: &Array<i32>,
     row: usize,
     e: usize,
     nb: usize,
-    levels: &SharedMemory<F>,
+    levels: &SharedMemory<f32>,
     #[comptime] format: u32,
-) -> F {
-    if comptime!(format == FLOAT) {
-        F::reinterpret(c[row + e])
+) -> f32 {
+    if comptime!(is_float(format)) {
+        load_float(c, row + e, format)
     } else {
-        let s = F::reinterpret(c[row + e / BLOCK]);
+        let s = f32::reinterpret(c[row + e / BLOCK]);
         let per = comptime!(32 / bits(format));
         let b = comptime!(bits(format) as u32);
         let w = u32::reinterpret(c[row + nb + e / per]);
         let code = (w >> (u32::cast_from(e % per) * b)) & comptime!((1u32 << b) - 1);
-        decode::<F>(code, s, levels, format)
+        decode(code, s, levels, format)
     }
 }
 
 /// Values `e .. e + 4` (`e` a multiple of 4) of a row, as [`load_value`],
 /// into registers `out[at .. at + 4]`: one word and one scale read for a
-/// quantized format, since four aligned values share both.
+/// quantized format, since four aligned values share both (and two words
+/// for a 2-byte float cache, whose `row + e` is then a multiple of 4).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-pub fn load4_regs<F: Float + CubeElement>(
+pub fn load4_regs(
     c: &Array<i32>,
     row: usize,
     e: usize,
     nb: usize,
-    levels: &SharedMemory<F>,
-    out: &mut Array<F>,
+    levels: &SharedMemory<f32>,
+    out: &mut Array<f32>,
     at: usize,
     #[comptime] format: u32,
 ) {
     if comptime!(format == FLOAT) {
         #[unroll]
         for k in 0..4 {
-            out[at + k] = F::reinterpret(c[row + e + k]);
+            out[at + k] = f32::reinterpret(c[row + e + k]);
+        }
+    } else if comptime!(is_float(format)) {
+        let w = (row + e) / 2;
+        #[unroll]
+        for k in 0..2usize {
+            let word = u32::reinterpret(c[w + k]);
+            out[at + 2 * k] = widen_half(word, format);
+            out[at + 2 * k + 1] = widen_half(word >> 16u32, format);
         }
     } else {
-        let s = F::reinterpret(c[row + e / BLOCK]);
+        let s = f32::reinterpret(c[row + e / BLOCK]);
         let per = comptime!(32 / bits(format));
         let b = comptime!(bits(format) as u32);
         let w = u32::reinterpret(c[row + nb + e / per]);
@@ -158,15 +240,15 @@ pub fn load4_regs<F: Float + CubeElement>(
         #[unroll]
         for k in 0..4 {
             let code = (w >> (base + comptime!(k as u32) * b)) & comptime!((1u32 << b) - 1);
-            out[at + k] = decode::<F>(code, s, levels, format);
+            out[at + k] = decode(code, s, levels, format);
         }
     }
 }
 
 /// One unit per block of 32 values: its scale, then its codes.
 #[cube(launch_unchecked)]
-fn quantize_kernel<F: Float + CubeElement>(
-    x: &Array<F>,
+fn quantize_kernel<E: Float + CubeElement>(
+    x: &Array<E>,
     out: &mut Array<i32>,
     blocks: usize,
     n: usize,
@@ -181,10 +263,10 @@ fn quantize_kernel<F: Float + CubeElement>(
     let src = r * n + b * BLOCK;
     let words = comptime!(row_words(format, BLOCK)) * nb;
     let dst = r * words;
-    let mut amax = F::new(0.0);
-    let mut ext = F::new(0.0);
+    let mut amax = f32::new(0.0);
+    let mut ext = f32::new(0.0);
     for k in 0..BLOCK {
-        let v = x[src + k];
+        let v = f32::cast_from(x[src + k]);
         if v.abs() > amax {
             amax = v.abs();
             ext = v;
@@ -192,13 +274,13 @@ fn quantize_kernel<F: Float + CubeElement>(
     }
     let mut s = amax;
     if comptime!(format == Q8) {
-        s = amax / F::new(127.0);
+        s = amax / f32::new(127.0);
     } else if comptime!(format == Q4) {
-        s = ext / F::new(-8.0);
+        s = ext / f32::new(-8.0);
     }
-    let mut inv = F::new(0.0);
-    if s != F::new(0.0) {
-        inv = F::new(1.0) / s;
+    let mut inv = f32::new(0.0);
+    if s != f32::new(0.0) {
+        inv = f32::new(1.0) / s;
     }
     out[dst + b] = i32::reinterpret(s);
     let per = comptime!(32 / bits(format));
@@ -208,58 +290,60 @@ fn quantize_kernel<F: Float + CubeElement>(
         let mut w = 0u32;
         #[unroll]
         for k in 0..per {
-            let y = x[src + wi * per + k] * inv;
+            let y = f32::cast_from(x[src + wi * per + k]) * inv;
             let mut code = 0u32;
             if comptime!(format == Q8) {
-                let q = y.round().clamp(F::new(-127.0), F::new(127.0));
+                let q = y.round().clamp(f32::new(-127.0), f32::new(127.0));
                 code = u32::reinterpret(i32::cast_from(q)) & 255u32;
             } else if comptime!(format == Q4) {
-                code = u32::cast_from((y.round() + F::new(8.0)).clamp(F::new(0.0), F::new(15.0)));
+                code = u32::cast_from(
+                    (y.round() + f32::new(8.0)).clamp(f32::new(0.0), f32::new(15.0)),
+                );
             } else {
                 // The nearest level: count the midpoints below y.
-                if y > F::new(comptime!((LEVELS[0] + LEVELS[1]) * 0.5)) {
+                if y > f32::new(comptime!((LEVELS[0] + LEVELS[1]) * 0.5)) {
                     code += 1;
                 }
-                if y > F::new(comptime!((LEVELS[1] + LEVELS[2]) * 0.5)) {
+                if y > f32::new(comptime!((LEVELS[1] + LEVELS[2]) * 0.5)) {
                     code += 1;
                 }
-                if y > F::new(comptime!((LEVELS[2] + LEVELS[3]) * 0.5)) {
+                if y > f32::new(comptime!((LEVELS[2] + LEVELS[3]) * 0.5)) {
                     code += 1;
                 }
-                if y > F::new(comptime!((LEVELS[3] + LEVELS[4]) * 0.5)) {
+                if y > f32::new(comptime!((LEVELS[3] + LEVELS[4]) * 0.5)) {
                     code += 1;
                 }
-                if y > F::new(comptime!((LEVELS[4] + LEVELS[5]) * 0.5)) {
+                if y > f32::new(comptime!((LEVELS[4] + LEVELS[5]) * 0.5)) {
                     code += 1;
                 }
-                if y > F::new(comptime!((LEVELS[5] + LEVELS[6]) * 0.5)) {
+                if y > f32::new(comptime!((LEVELS[5] + LEVELS[6]) * 0.5)) {
                     code += 1;
                 }
-                if y > F::new(comptime!((LEVELS[6] + LEVELS[7]) * 0.5)) {
+                if y > f32::new(comptime!((LEVELS[6] + LEVELS[7]) * 0.5)) {
                     code += 1;
                 }
-                if y > F::new(comptime!((LEVELS[7] + LEVELS[8]) * 0.5)) {
+                if y > f32::new(comptime!((LEVELS[7] + LEVELS[8]) * 0.5)) {
                     code += 1;
                 }
-                if y > F::new(comptime!((LEVELS[8] + LEVELS[9]) * 0.5)) {
+                if y > f32::new(comptime!((LEVELS[8] + LEVELS[9]) * 0.5)) {
                     code += 1;
                 }
-                if y > F::new(comptime!((LEVELS[9] + LEVELS[10]) * 0.5)) {
+                if y > f32::new(comptime!((LEVELS[9] + LEVELS[10]) * 0.5)) {
                     code += 1;
                 }
-                if y > F::new(comptime!((LEVELS[10] + LEVELS[11]) * 0.5)) {
+                if y > f32::new(comptime!((LEVELS[10] + LEVELS[11]) * 0.5)) {
                     code += 1;
                 }
-                if y > F::new(comptime!((LEVELS[11] + LEVELS[12]) * 0.5)) {
+                if y > f32::new(comptime!((LEVELS[11] + LEVELS[12]) * 0.5)) {
                     code += 1;
                 }
-                if y > F::new(comptime!((LEVELS[12] + LEVELS[13]) * 0.5)) {
+                if y > f32::new(comptime!((LEVELS[12] + LEVELS[13]) * 0.5)) {
                     code += 1;
                 }
-                if y > F::new(comptime!((LEVELS[13] + LEVELS[14]) * 0.5)) {
+                if y > f32::new(comptime!((LEVELS[13] + LEVELS[14]) * 0.5)) {
                     code += 1;
                 }
-                if y > F::new(comptime!((LEVELS[14] + LEVELS[15]) * 0.5)) {
+                if y > f32::new(comptime!((LEVELS[14] + LEVELS[15]) * 0.5)) {
                     code += 1;
                 }
             }
@@ -271,14 +355,14 @@ fn quantize_kernel<F: Float + CubeElement>(
 
 /// One unit per value.
 #[cube(launch_unchecked)]
-fn dequantize_kernel<F: Float + CubeElement>(
+fn dequantize_kernel<E: Float + CubeElement>(
     c: &Array<i32>,
-    out: &mut Array<F>,
+    out: &mut Array<E>,
     total: usize,
     n: usize,
     #[comptime] format: u32,
 ) {
-    let levels = nf4_levels::<F>();
+    let levels = nf4_levels();
     let i = linear_pos();
     if i >= total {
         terminate!();
@@ -286,12 +370,14 @@ fn dequantize_kernel<F: Float + CubeElement>(
     let nb = n / BLOCK;
     let words = comptime!(row_words(format, BLOCK)) * nb;
     let (r, e) = (i / n, i % n);
-    out[i] = load_value(c, r * words, e, nb, &levels, format);
+    out[i] = E::cast_from(load_value(c, r * words, e, nb, &levels, format));
 }
 
-/// Quantizes `rows` rows of `n` values (`n` a multiple of 32).
+/// Quantizes `rows` rows of `n` values (`n` a multiple of 32) stored as
+/// `elem`.
 pub fn launch_quantize<R: Runtime>(
     client: &ComputeClient<R>,
+    elem: FloatElem,
     format: u32,
     x: &Handle,
     out: &Handle,
@@ -302,8 +388,8 @@ pub fn launch_quantize<R: Runtime>(
     if blocks == 0 {
         return;
     }
-    unsafe {
-        quantize_kernel::launch_unchecked::<f32, R>(
+    with_float!(elem, E => unsafe {
+        quantize_kernel::launch_unchecked::<E, R>(
             client,
             grid_1d(blocks, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
@@ -313,12 +399,13 @@ pub fn launch_quantize<R: Runtime>(
             n,
             format,
         );
-    }
+    });
 }
 
-/// Dequantizes `rows` rows of `n` values.
+/// Dequantizes `rows` rows of `n` values into `out`, stored as `elem`.
 pub fn launch_dequantize<R: Runtime>(
     client: &ComputeClient<R>,
+    elem: FloatElem,
     format: u32,
     c: &Handle,
     out: &Handle,
@@ -329,8 +416,8 @@ pub fn launch_dequantize<R: Runtime>(
     if total == 0 {
         return;
     }
-    unsafe {
-        dequantize_kernel::launch_unchecked::<f32, R>(
+    with_float!(elem, E => unsafe {
+        dequantize_kernel::launch_unchecked::<E, R>(
             client,
             grid_1d(total, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
@@ -340,5 +427,5 @@ pub fn launch_dequantize<R: Runtime>(
             n,
             format,
         );
-    }
+    });
 }

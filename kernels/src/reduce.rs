@@ -3,13 +3,15 @@
 //! `(outer, axis, inner)`; one cube of `ROW_BLOCK` threads handles one row
 //! (one `(outer, inner)` pair): threads stride along the axis and combine
 //! through shared memory. The row helpers here are shared with `norm` and
-//! `attention`.
+//! `attention`. Input and output are stored as the launch's `elem` and
+//! computed in `f32` (accumulators, shared memory, and the partial results
+//! of a two-pass column reduction).
 //!
 //! Non-finite constants (`-inf` for an empty max, NaN) arrive as runtime
 //! scalars: WGSL rejects non-finite literals, and a kernel that fails to
 //! compile on wgpu would otherwise be skipped silently.
 
-use crate::{grid_1d, linear_cube, linear_pos, ELEM_BLOCK, ROW_BLOCK};
+use crate::{grid_1d, linear_cube, linear_pos, with_float, FloatElem, ELEM_BLOCK, ROW_BLOCK};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
@@ -96,12 +98,12 @@ fn reduce_step<F: Float>(acc: F, x: F, #[comptime] kind: ReduceKind) -> F {
 /// One cube per row of a dense `(rows, axis_len)` tensor: threads stride
 /// along the row and combine through shared memory.
 #[cube(launch_unchecked)]
-fn reduce_kernel<F: Float + CubeElement>(
-    input: &Array<F>,
-    output: &mut Array<F>,
+fn reduce_kernel<E: Float + CubeElement>(
+    input: &Array<E>,
+    output: &mut Array<E>,
     axis_len: usize,
     rows: usize,
-    neg_inf: F,
+    neg_inf: f32,
     #[comptime] kind: ReduceKind,
 ) {
     let row = linear_cube();
@@ -109,38 +111,40 @@ fn reduce_kernel<F: Float + CubeElement>(
         terminate!();
     }
     let base = row * axis_len;
-    let mut smem = SharedMemory::<F>::new(ROW_BLOCK as usize);
-    let mut acc = reduce_init::<F>(neg_inf, kind);
+    let mut smem = SharedMemory::<f32>::new(ROW_BLOCK as usize);
+    let mut acc = reduce_init::<f32>(neg_inf, kind);
     let mut a = UNIT_POS as usize;
     while a < axis_len {
-        acc = reduce_step::<F>(acc, input[base + a], kind);
+        acc = reduce_step::<f32>(acc, f32::cast_from(input[base + a]), kind);
         a += CUBE_DIM as usize;
     }
     let r = match kind {
-        ReduceKind::Max => block_max::<F>(&mut smem, acc),
-        ReduceKind::Sum => block_sum::<F>(&mut smem, acc),
-        ReduceKind::Mean => block_sum::<F>(&mut smem, acc) / F::cast_from(axis_len),
+        ReduceKind::Max => block_max::<f32>(&mut smem, acc),
+        ReduceKind::Sum => block_sum::<f32>(&mut smem, acc),
+        ReduceKind::Mean => block_sum::<f32>(&mut smem, acc) / f32::cast_from(axis_len),
     };
     if UNIT_POS == 0 {
-        output[row] = r;
+        output[row] = E::cast_from(r);
     }
 }
 
 /// One thread per output element `(o, chunk, i)` of a reduction along a
 /// middle axis: it combines `chunk_len` elements of its column, so that
-/// consecutive threads (consecutive `i`) read consecutive addresses.
+/// consecutive threads (consecutive `i`) read consecutive addresses. `I`
+/// and `O` are the input's and the output's storage (a first pass of two
+/// writes `f32` partials).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn reduce_columns_kernel<F: Float + CubeElement>(
-    input: &Array<F>,
-    output: &mut Array<F>,
+fn reduce_columns_kernel<I: Float + CubeElement, O: Float + CubeElement>(
+    input: &Array<I>,
+    output: &mut Array<O>,
     axis_len: usize,
     inner: usize,
     chunks: usize,
     chunk_len: usize,
     n: usize,
-    divisor: F,
-    neg_inf: F,
+    divisor: f32,
+    neg_inf: f32,
     #[comptime] kind: ReduceKind,
 ) {
     let pos = linear_pos();
@@ -155,31 +159,34 @@ fn reduce_columns_kernel<F: Float + CubeElement>(
     if end > axis_len {
         end = axis_len;
     }
-    let mut acc = reduce_init::<F>(neg_inf, kind);
+    let mut acc = reduce_init::<f32>(neg_inf, kind);
     let base = o * axis_len * inner + i;
     for a in start..end {
-        acc = reduce_step::<F>(acc, input[base + a * inner], kind);
+        acc = reduce_step::<f32>(acc, f32::cast_from(input[base + a * inner]), kind);
     }
-    output[pos] = match kind {
+    let r = match kind {
         ReduceKind::Mean => acc / divisor,
         _ => acc,
     };
+    output[pos] = O::cast_from(r);
 }
 
 /// Threads a column reduction aims for before it splits the axis in chunks
 /// (two passes) to keep the device busy.
 const COLUMN_THREADS: usize = 1 << 16;
 
-/// Reduces a dense `(outer, axis_len, inner)` `f32` tensor along its middle
-/// axis into `output` `(outer, 1, inner)`.
+/// Reduces a dense `(outer, axis_len, inner)` tensor along its middle axis
+/// into `output` `(outer, 1, inner)`, both stored as `elem`.
 ///
 /// Along the last axis (`inner == 1`) one cube reduces each row. Along any
 /// other axis one thread reduces each column (coalesced across threads);
 /// when there are too few columns to fill the device, the axis is first
 /// cut in chunks reduced into partial results, then those are reduced (a
-/// mean sums first and divides at the end).
+/// mean sums first and divides at the end; the partials are `f32`).
+#[allow(clippy::too_many_arguments)]
 pub fn launch_reduce<R: Runtime>(
     client: &ComputeClient<R>,
+    elem: FloatElem,
     kind: ReduceKind,
     input: &Handle,
     output: &Handle,
@@ -192,8 +199,8 @@ pub fn launch_reduce<R: Runtime>(
         return;
     }
     if inner == 1 {
-        unsafe {
-            reduce_kernel::launch_unchecked::<f32, R>(
+        with_float!(elem, E => unsafe {
+            reduce_kernel::launch_unchecked::<E, R>(
                 client,
                 grid_1d(rows, 1),
                 CubeDim::new_1d(ROW_BLOCK),
@@ -204,20 +211,30 @@ pub fn launch_reduce<R: Runtime>(
                 f32::NEG_INFINITY,
                 kind,
             );
-        }
+        });
         return;
     }
-    let column = |kind, input: &Handle, output: &Handle, axis_len, chunks, chunk_len, divisor| {
-        launch_columns(
-            client, kind, input, output, outer, axis_len, inner, chunks, chunk_len, divisor,
-        )
-    };
+    let column =
+        |kind, io, input: &Handle, output: &Handle, axis_len, chunks, chunk_len, divisor| {
+            launch_columns(
+                client, kind, io, input, output, outer, axis_len, inner, chunks, chunk_len, divisor,
+            )
+        };
     let chunks = COLUMN_THREADS
         .div_ceil(rows)
         .min(axis_len.div_ceil(32))
         .max(1);
     if chunks == 1 {
-        column(kind, input, output, axis_len, 1, axis_len, axis_len as f32);
+        column(
+            kind,
+            (elem, elem),
+            input,
+            output,
+            axis_len,
+            1,
+            axis_len,
+            axis_len as f32,
+        );
         return;
     }
     let chunk_len = axis_len.div_ceil(chunks);
@@ -228,16 +245,37 @@ pub fn launch_reduce<R: Runtime>(
     } else {
         ReduceKind::Sum
     };
-    column(first, input, &partial, axis_len, chunks, chunk_len, 1.0);
-    column(kind, &partial, output, chunks, 1, chunks, axis_len as f32);
+    let f32_ = FloatElem::F32;
+    column(
+        first,
+        (elem, f32_),
+        input,
+        &partial,
+        axis_len,
+        chunks,
+        chunk_len,
+        1.0,
+    );
+    column(
+        kind,
+        (f32_, elem),
+        &partial,
+        output,
+        chunks,
+        1,
+        chunks,
+        axis_len as f32,
+    );
 }
 
 /// `reduce_columns_kernel` over `(outer, axis_len, inner)` into `(outer,
-/// chunks, inner)`; a mean divides by `divisor`.
+/// chunks, inner)`; a mean divides by `divisor`. `io`: the input's and the
+/// output's storage.
 #[allow(clippy::too_many_arguments)]
 fn launch_columns<R: Runtime>(
     client: &ComputeClient<R>,
     kind: ReduceKind,
+    io: (FloatElem, FloatElem),
     input: &Handle,
     output: &Handle,
     outer: usize,
@@ -248,8 +286,8 @@ fn launch_columns<R: Runtime>(
     divisor: f32,
 ) {
     let n = outer * chunks * inner;
-    unsafe {
-        reduce_columns_kernel::launch_unchecked::<f32, R>(
+    with_float!(io.0, I => with_float!(io.1, O => unsafe {
+        reduce_columns_kernel::launch_unchecked::<I, O, R>(
             client,
             grid_1d(n, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
@@ -264,17 +302,17 @@ fn launch_columns<R: Runtime>(
             f32::NEG_INFINITY,
             kind,
         );
-    }
+    }));
 }
 
 #[cube(launch_unchecked)]
-fn softmax_kernel<F: Float + CubeElement>(
-    input: &Array<F>,
-    output: &mut Array<F>,
+fn softmax_kernel<E: Float + CubeElement>(
+    input: &Array<E>,
+    output: &mut Array<E>,
     axis_len: usize,
     inner: usize,
     rows: usize,
-    neg_inf: F,
+    neg_inf: f32,
 ) {
     let row = linear_cube();
     if row >= rows {
@@ -282,34 +320,35 @@ fn softmax_kernel<F: Float + CubeElement>(
     }
     let (o, i) = (row / inner, row % inner);
     let base = o * axis_len * inner + i;
-    let mut smem = SharedMemory::<F>::new(ROW_BLOCK as usize);
+    let mut smem = SharedMemory::<f32>::new(ROW_BLOCK as usize);
     let step = CUBE_DIM as usize;
     let mut m = neg_inf;
     let mut a = UNIT_POS as usize;
     while a < axis_len {
-        m = max_nan::<F>(m, input[base + a * inner]);
+        m = max_nan::<f32>(m, f32::cast_from(input[base + a * inner]));
         a += step;
     }
-    let m = block_max::<F>(&mut smem, m);
-    let mut s = F::new(0.0);
+    let m = block_max::<f32>(&mut smem, m);
+    let mut s = f32::new(0.0);
     a = UNIT_POS as usize;
     while a < axis_len {
-        s += (input[base + a * inner] - m).exp();
+        s += (f32::cast_from(input[base + a * inner]) - m).exp();
         a += step;
     }
-    let s = block_sum::<F>(&mut smem, s);
+    let s = block_sum::<f32>(&mut smem, s);
     a = UNIT_POS as usize;
     while a < axis_len {
         let idx = base + a * inner;
-        output[idx] = (input[idx] - m).exp() / s;
+        output[idx] = E::cast_from((f32::cast_from(input[idx]) - m).exp() / s);
         a += step;
     }
 }
 
-/// Softmax of a dense `(outer, axis_len, inner)` `f32` tensor along its
-/// middle axis.
+/// Softmax of a dense `(outer, axis_len, inner)` tensor along its middle
+/// axis; input and output are stored as `elem`.
 pub fn launch_softmax<R: Runtime>(
     client: &ComputeClient<R>,
+    elem: FloatElem,
     input: &Handle,
     output: &Handle,
     outer: usize,
@@ -321,8 +360,8 @@ pub fn launch_softmax<R: Runtime>(
         return;
     }
     let n = outer * axis_len * inner;
-    unsafe {
-        softmax_kernel::launch_unchecked::<f32, R>(
+    with_float!(elem, E => unsafe {
+        softmax_kernel::launch_unchecked::<E, R>(
             client,
             grid_1d(rows, 1),
             CubeDim::new_1d(ROW_BLOCK),
@@ -333,5 +372,5 @@ pub fn launch_softmax<R: Runtime>(
             rows,
             f32::NEG_INFINITY,
         );
-    }
+    });
 }

@@ -4,10 +4,12 @@
 //! angle `a = pos · inv_freq[j]` (in f32, like the reference):
 //! `out[j] = x[j]·cos a − x[j + d/2]·sin a`,
 //! `out[j + d/2] = x[j + d/2]·cos a + x[j]·sin a`. A first kernel tabulates
-//! `cos a` and `sin a` per (position, frequency); the second applies them,
-//! one thread per element.
+//! `cos a` and `sin a` per (position, frequency), in `f32`; the second
+//! applies them, one thread per element. `x` and `out` are stored as the
+//! launch's `elem` and computed in `f32`; the inverse frequencies are an
+//! `f32` buffer.
 
-use crate::{grid_1d, linear_pos, ELEM_BLOCK};
+use crate::{grid_1d, linear_pos, with_float, FloatElem, ELEM_BLOCK};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
@@ -15,11 +17,11 @@ use cubecl::server::Handle;
 /// position and frequency rather than once per head and element (the
 /// transcendental functions were most of RoPE's time).
 #[cube(launch_unchecked)]
-fn rope_table_kernel<F: Float>(
+fn rope_table_kernel(
     pos: &Array<i32>,
-    inv_freq: &Array<F>,
-    cos: &mut Array<F>,
-    sin: &mut Array<F>,
+    inv_freq: &Array<f32>,
+    cos: &mut Array<f32>,
+    sin: &mut Array<f32>,
     half: usize,
     n: usize,
 ) {
@@ -27,7 +29,7 @@ fn rope_table_kernel<F: Float>(
     if p >= n {
         terminate!();
     }
-    let angle = F::cast_from(pos[p / half]) * inv_freq[p % half];
+    let angle = f32::cast_from(pos[p / half]) * inv_freq[p % half];
     cos[p] = angle.cos();
     sin[p] = angle.sin();
 }
@@ -36,11 +38,11 @@ fn rope_table_kernel<F: Float>(
 /// constants; only the position (`row mod t`) divides at run time.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn rope_kernel<F: Float>(
-    x: &Array<F>,
-    cos: &Array<F>,
-    sin: &Array<F>,
-    out: &mut Array<F>,
+fn rope_kernel<E: Float>(
+    x: &Array<E>,
+    cos: &Array<f32>,
+    sin: &Array<f32>,
+    out: &mut Array<E>,
     t: u32,
     n: usize,
     #[comptime] h: usize,
@@ -56,18 +58,21 @@ fn rope_kernel<F: Float>(
     let ti = usize::cast_from(row % t);
     let at = ti * half + j % half;
     let (c, s) = (cos[at], sin[at]);
-    let v = x[p];
-    out[p] = if j < half {
-        v * c - x[p + half] * s
+    let v = f32::cast_from(x[p]);
+    let r = if j < half {
+        v * c - f32::cast_from(x[p + half]) * s
     } else {
-        v * c + x[p - half] * s
+        v * c + f32::cast_from(x[p - half]) * s
     };
+    out[p] = E::cast_from(r);
 }
 
-/// RoPE of dense `x (..., t, h, d)` (`n` elements).
+/// RoPE of dense `x (..., t, h, d)` (`n` elements) into `out`, both stored
+/// as `elem`; `inv_freq` is `f32`.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_rope<R: Runtime>(
     client: &ComputeClient<R>,
+    elem: FloatElem,
     x: &Handle,
     pos: &Handle,
     inv_freq: &Handle,
@@ -85,7 +90,7 @@ pub fn launch_rope<R: Runtime>(
     let cos = client.empty(entries.max(1) * 4);
     let sin = client.empty(entries.max(1) * 4);
     unsafe {
-        rope_table_kernel::launch_unchecked::<f32, R>(
+        rope_table_kernel::launch_unchecked::<R>(
             client,
             grid_1d(entries, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
@@ -96,7 +101,7 @@ pub fn launch_rope<R: Runtime>(
             half,
             entries,
         );
-        rope_kernel::launch_unchecked::<f32, R>(
+        with_float!(elem, E => rope_kernel::launch_unchecked::<E, R>(
             client,
             grid_1d(n, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
@@ -108,6 +113,6 @@ pub fn launch_rope<R: Runtime>(
             n,
             h,
             d,
-        );
+        ));
     }
 }

@@ -34,7 +34,14 @@ fn elementwise_program_broadcasts() {
     ];
     let va = View::contiguous(ha, &[2, 3]).broadcast_to(&[2, 3]);
     let vb = View::contiguous(hb, &[3]).broadcast_to(&[2, 3]);
-    launch_elementwise(&client, &prog, &[va, vb], &out).unwrap();
+    launch_elementwise(
+        &client,
+        caramba_kernels::FloatElem::F32,
+        &prog,
+        &[va, vb],
+        &out,
+    )
+    .unwrap();
     let got = f32::from_bytes(&client.read_one(ho).unwrap()).to_vec();
     let want: Vec<f32> = (0..6).map(|i| -2.0 * (i as f32 + b[i % 3])).collect();
     assert_eq!(got, want);

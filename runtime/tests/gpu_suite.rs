@@ -904,7 +904,13 @@ pub fn resident_values<R: Runtime>(dev: &R::Device) {
     let w = exec.param("w").expect("w is read");
     assert_eq!(w.shape(), &[4]);
     assert!(exec.param("nope").is_none());
-    caramba_kernels::elementwise::launch_fill_f32(exec.client(), w.handle(), 4, 0.5);
+    caramba_kernels::elementwise::launch_fill_float(
+        exec.client(),
+        caramba_kernels::FloatElem::F32,
+        w.handle(),
+        4,
+        0.5,
+    );
     let device = BTreeMap::from([("acc".to_string(), state.clone())]);
     let out = exec
         .run_resident(&host_x, &device, Default::default())

@@ -20,8 +20,12 @@ use caramba_kernels::reduce::ReduceKind;
 use caramba_kernels::vendor_gemm::VendorGemm;
 use caramba_kernels::{
     attention, attention_backward, cast, copy, elementwise, gather, gemv, kv_attention, matmul,
-    norm, quant, reduce, rope, View,
+    norm, quant, reduce, rope, FloatElem, Storage, View,
 };
+
+/// The storage of every float tensor on the device (narrow floats are kept
+/// widened to `f32`, their values rounded to the narrow grid).
+const F32: FloatElem = FloatElem::F32;
 
 /// Rejects ops and dtypes the device cannot run, before anything launches.
 pub(crate) fn check_supported(graph: &Graph, id: NodeId) -> Result<(), GpuError> {
@@ -204,6 +208,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 let out = self.alloc(shape);
                 quant::launch_quantize(
                     c,
+                    F32,
                     format_code(Some(*f)),
                     &x.handle,
                     &out.handle,
@@ -218,6 +223,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 let out = self.alloc(shape);
                 quant::launch_dequantize(
                     c,
+                    F32,
                     format_code(Some(*format)),
                     &xs[0].handle,
                     &out.handle,
@@ -243,6 +249,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 let cache = |i: usize| kv_attention::CachePart {
                     handle: xs[i + 1].handle.clone(),
                     format: format_code(parts[i].format),
+                    elem: F32,
                     dim: parts[i].dim,
                 };
                 let keys: Vec<_> = (0..parts.len() - 1).map(cache).collect();
@@ -250,6 +257,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 let out = self.alloc(shape);
                 kv_attention::launch_kv_attention(
                     c,
+                    F32,
                     kv_shape,
                     &q.handle,
                     &keys,
@@ -269,8 +277,9 @@ impl<R: Runtime> Ctx<'_, R> {
                 if self.node.ty.dtype == DType::I32 {
                     elementwise::launch_fill_i32(c, &out.handle, 1, v.0 as i32);
                 } else {
-                    elementwise::launch_fill_f32(
+                    elementwise::launch_fill_float(
                         c,
+                        F32,
                         &out.handle,
                         1,
                         constant_f32(v.0, self.node.ty.dtype),
@@ -317,7 +326,21 @@ impl<R: Runtime> Ctx<'_, R> {
                     DevTensor::dense(x.handle.clone(), shape.clone(), *to)
                 } else {
                     let out = self.alloc(shape.clone());
-                    cast::launch_convert(c, from_f, to_f, &x.handle, &out.handle, n);
+                    let storage = |float| {
+                        if float {
+                            Storage::Float(F32)
+                        } else {
+                            Storage::I32
+                        }
+                    };
+                    cast::launch_convert(
+                        c,
+                        storage(from_f),
+                        storage(to_f),
+                        &x.handle,
+                        &out.handle,
+                        n,
+                    );
                     out
                 };
                 if let Some(narrow) = narrow {
@@ -348,14 +371,14 @@ impl<R: Runtime> Ctx<'_, R> {
                     ReduceOp::Max => ReduceKind::Max,
                 };
                 let out = self.alloc(shape);
-                reduce::launch_reduce(c, kind, &x.handle, &out.handle, outer, len, inner);
+                reduce::launch_reduce(c, F32, kind, &x.handle, &out.handle, outer, len, inner);
                 Ok(out)
             }
             Op::Softmax { axis } => {
                 let x = xs[0];
                 let (outer, len, inner) = split(&x.shape, *axis);
                 let out = self.alloc(shape);
-                reduce::launch_softmax(c, &x.handle, &out.handle, outer, len, inner);
+                reduce::launch_softmax(c, F32, &x.handle, &out.handle, outer, len, inner);
                 Ok(out)
             }
             Op::Permute(perm) => {
@@ -413,6 +436,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 let out = self.alloc(shape);
                 gather::launch_gather(
                     c,
+                    F32,
                     &table.handle,
                     &ids.handle,
                     &out.handle,
@@ -428,6 +452,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 let out = self.alloc(shape);
                 gather::launch_causal_mask(
                     c,
+                    F32,
                     &x.handle,
                     &out.handle,
                     x.shape[r - 2],
@@ -451,6 +476,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 let out = self.alloc(shape);
                 rope::launch_rope(
                     c,
+                    F32,
                     &x.handle,
                     &pos.handle,
                     &inv,
@@ -468,6 +494,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 let out = self.alloc(shape);
                 norm::launch_cross_entropy(
                     c,
+                    F32,
                     &logits.handle,
                     &targets.handle,
                     &out.handle,
@@ -482,6 +509,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 let out = self.alloc(shape);
                 norm::launch_rms_norm(
                     c,
+                    F32,
                     &x.handle,
                     &w.handle,
                     &out.handle,
@@ -512,13 +540,21 @@ impl<R: Runtime> Ctx<'_, R> {
                         .map_err(|e| self.err(format!("reading scatter_add's ids: {e:?}")))?;
                     i32::from_bytes(&bytes)[..n_ids].to_vec()
                 };
-                gather::launch_scatter_add(c, &ids_host, &src.handle, &out.handle, row_len, *size);
+                gather::launch_scatter_add(
+                    c,
+                    F32,
+                    &ids_host,
+                    &src.handle,
+                    &out.handle,
+                    row_len,
+                    *size,
+                );
                 Ok(out)
             }
             Op::OneHot { depth, .. } => {
                 let ids = xs[0];
                 let out = self.alloc(shape);
-                gather::launch_one_hot(c, &ids.handle, &out.handle, ids.numel(), *depth);
+                gather::launch_one_hot(c, F32, &ids.handle, &out.handle, ids.numel(), *depth);
                 Ok(out)
             }
             Op::MatMul => self.matmul(xs[0], xs[1], shape),
@@ -532,7 +568,16 @@ impl<R: Runtime> Ctx<'_, R> {
                 } else {
                     attention::launch_attention
                 };
-                launch(c, &q, &k, &v, &Self::view(&out), *causal, scale.0 as f32);
+                launch(
+                    c,
+                    F32,
+                    &q,
+                    &k,
+                    &v,
+                    &Self::view(&out),
+                    *causal,
+                    scale.0 as f32,
+                );
                 Ok(out)
             }
             Op::AttentionLse { causal, scale } => {
@@ -544,6 +589,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 let out = self.alloc(shape);
                 attention::launch_attention_lse(
                     c,
+                    F32,
                     &q,
                     &k,
                     &Self::view(&out),
@@ -568,13 +614,13 @@ impl<R: Runtime> Ctx<'_, R> {
                 let (o, scale) = (Self::view(&out), scale.0 as f32);
                 let keys = |grads| {
                     attention_backward::launch_attention_dkv(
-                        c, &operands, &o, *causal, scale, grads,
+                        c, F32, &operands, &o, *causal, scale, grads,
                     )
                 };
                 match wrt {
-                    AttnArg::Q => {
-                        attention_backward::launch_attention_dq(c, &operands, &o, *causal, scale)
-                    }
+                    AttnArg::Q => attention_backward::launch_attention_dq(
+                        c, F32, &operands, &o, *causal, scale,
+                    ),
                     AttnArg::K => keys(KeyGrads::K),
                     AttnArg::V => keys(KeyGrads::V),
                     AttnArg::KV => keys(KeyGrads::KV),
@@ -596,7 +642,7 @@ impl<R: Runtime> Ctx<'_, R> {
             .iter()
             .map(|x| Self::view(x).broadcast_to(&out.shape))
             .collect();
-        elementwise::launch_elementwise(self.client, prog, &inputs, &Self::view(&out))
+        elementwise::launch_elementwise(self.client, F32, prog, &inputs, &Self::view(&out))
             .map_err(|e| self.err(e.to_string()))?;
         Ok(out)
     }
@@ -628,7 +674,7 @@ impl<R: Runtime> Ctx<'_, R> {
             };
             let dst = View::contiguous(out.handle.clone(), &[rows, n]);
             if (1..=gemv::GEMV_MAX_ROWS).contains(&rows) && rhs.offset == 0 {
-                gemv::launch_gemv(self.client, &lhs, &rhs, &dst);
+                gemv::launch_gemv(self.client, F32, &lhs, &rhs, &dst);
             } else {
                 self.gemm(&lhs, &rhs, &dst)?;
             }
@@ -672,7 +718,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 return Ok(());
             }
         }
-        matmul::launch_matmul(self.client, lhs, rhs, out, self.fast_matmul)
+        matmul::launch_matmul(self.client, F32, lhs, rhs, out, self.fast_matmul)
             .map_err(|e| self.err(e.to_string()))
     }
 }

@@ -31,8 +31,9 @@ use caramba_ir::reference::{SymValues, Tensor};
 use caramba_ir::{DType, Graph};
 use caramba_kernels::cubecl::prelude::*;
 use caramba_kernels::cubecl::server::Handle;
-use caramba_kernels::elementwise::launch_fill_f32;
+use caramba_kernels::elementwise::launch_fill_float;
 use caramba_kernels::optim as k;
+use caramba_kernels::FloatElem;
 use std::collections::BTreeMap;
 
 /// One parameter's optimizer state on the device.
@@ -222,7 +223,7 @@ impl Moments {
         let buf = |name: &str| {
             buffers.contains(&name).then(|| {
                 let h = client.empty(n.max(1) * 4);
-                launch_fill_f32(client, &h, n, 0.0);
+                launch_fill_float(client, FloatElem::F32, &h, n, 0.0);
                 h
             })
         };
