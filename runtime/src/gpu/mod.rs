@@ -12,10 +12,15 @@
 //! in place, and a decoder can feed a cache output back as the next call's
 //! input without a round trip through the host.
 //!
-//! Storage: float tensors (`f32`, and `f16`/`bf16` held widened to `f32`,
-//! as in the reference) are `f32` buffers; `i32` tensors are `i32` buffers.
-//! `f64`, `u32` and `bool` are not supported on the device: building an
-//! executor for a graph that uses them is an error, found before any launch.
+//! Storage: `f32` tensors are `f32` buffers and `i32` tensors `i32`
+//! buffers. `f16` and `bf16` tensors are 2-byte buffers of their own type
+//! where the device supports the type (CUDA: both; wgpu: `f16` where the
+//! adapter has shader f16, never `bf16`), and otherwise `f32` buffers of
+//! values rounded to the narrow grid after every op (see [`HalfStorage`]).
+//! Either way kernels compute in `f32` and round each half-precision result
+//! once, as the reference interpreter does. `f64`, `u32` and `bool` are not
+//! supported on the device: building an executor for a graph that uses
+//! them is an error, found before any launch.
 
 mod ops;
 pub mod source;
@@ -31,6 +36,7 @@ use caramba_ir::{DType, Graph, Node, NodeId, Shape};
 use caramba_kernels::cubecl::prelude::*;
 use caramba_kernels::cubecl::server::Handle;
 use caramba_kernels::vendor_gemm::VendorGemm;
+use caramba_kernels::FloatElem;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -111,6 +117,39 @@ pub struct OpProfile {
     pub host_secs: f64,
 }
 
+/// Which half-precision types a device stores as 2-byte buffers; the
+/// others are widened to `f32` buffers (values on the narrow grid).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct HalfStorage {
+    pub f16: bool,
+    pub bf16: bool,
+}
+
+impl HalfStorage {
+    pub fn of<R: Runtime>(client: &ComputeClient<R>) -> HalfStorage {
+        HalfStorage {
+            f16: FloatElem::F16.supported(client),
+            bf16: FloatElem::BF16.supported(client),
+        }
+    }
+
+    /// The storage of a float tensor of `dtype` (`F32` for non-floats,
+    /// whose storage is not a float type).
+    pub fn elem(self, dtype: DType) -> FloatElem {
+        match dtype {
+            DType::F16 if self.f16 => FloatElem::F16,
+            DType::BF16 if self.bf16 => FloatElem::BF16,
+            _ => FloatElem::F32,
+        }
+    }
+
+    /// Whether values of `dtype` are widened to `f32` buffers (and so
+    /// rounded by a separate kernel after each op).
+    pub fn widens(self, dtype: DType) -> bool {
+        matches!(dtype, DType::F16 | DType::BF16) && self.elem(dtype) == FloatElem::F32
+    }
+}
+
 /// A device buffer with its logical dtype and shape. The buffer is dense
 /// row-major in `shape`, or, when `transposed`, in `shape` with its last
 /// two axes swapped (an unmaterialized permute that only matmuls read).
@@ -119,17 +158,25 @@ pub(crate) struct DevTensor {
     pub handle: Handle,
     pub shape: Vec<usize>,
     pub dtype: DType,
+    /// The buffer's element type when `dtype` is a float (`F32` otherwise).
+    pub elem: FloatElem,
     pub transposed: bool,
 }
 
 impl DevTensor {
-    pub fn dense(handle: Handle, shape: Vec<usize>, dtype: DType) -> DevTensor {
+    pub fn dense(handle: Handle, shape: Vec<usize>, dtype: DType, elem: FloatElem) -> DevTensor {
         DevTensor {
             handle,
             shape,
             dtype,
+            elem,
             transposed: false,
         }
+    }
+
+    /// An `f32` tensor (gradients, optimizer state).
+    pub fn f32(handle: Handle, shape: Vec<usize>) -> DevTensor {
+        DevTensor::dense(handle, shape, DType::F32, FloatElem::F32)
     }
 
     pub fn numel(&self) -> usize {
@@ -150,9 +197,15 @@ impl DeviceTensor {
         &self.0.shape
     }
 
-    /// The logical dtype (`f16`/`bf16` values are stored widened to `f32`).
+    /// The logical dtype.
     pub fn dtype(&self) -> DType {
         self.0.dtype
+    }
+
+    /// How a float tensor's buffer stores it: `f16`/`bf16` tensors are
+    /// 2-byte buffers on devices that support the type, else `f32`.
+    pub fn elem(&self) -> FloatElem {
+        self.0.elem
     }
 
     pub fn numel(&self) -> usize {
@@ -160,7 +213,8 @@ impl DeviceTensor {
     }
 
     /// The device buffer, for callers that launch their own kernels on it.
-    /// It is dense and row-major; float tensors are `f32`, integer ones `i32`.
+    /// It is dense and row-major; float tensors are stored as
+    /// [`DeviceTensor::elem`], integer ones as `i32`.
     pub fn handle(&self) -> &Handle {
         &self.0.handle
     }
@@ -201,6 +255,8 @@ pub struct GpuExecutor<R: Runtime> {
     vendor: Option<Arc<VendorGemm>>,
     /// Per-op launches and times, when profiling.
     profile: std::sync::Mutex<BTreeMap<String, OpProfile>>,
+    /// Which half-precision types the device stores narrow.
+    narrow: HalfStorage,
     /// RoPE's inverse frequencies per rope node, uploaded once: an upload
     /// per launch cost about half a millisecond of host time on CUDA, most
     /// of a decode step.
@@ -227,6 +283,7 @@ impl<R: Runtime> GpuExecutor<R> {
         // CubeCL panics when the device cannot be opened; report it instead.
         let client = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| R::client(device)))
             .map_err(|_| GpuError::Device(format!("cannot open device {device:?}")))?;
+        let narrow = HalfStorage::of(&client);
         let mut uploaded = HashMap::new();
         for &id in &plan.order {
             let node = graph.node(id);
@@ -236,7 +293,8 @@ impl<R: Runtime> GpuExecutor<R> {
                     .ok_or_else(|| GpuError::MissingParam { name: name.clone() })?;
                 let mut syms = SymValues::default();
                 check_binding("parameter", name, node, t, &mut syms)?;
-                uploaded.insert(id, upload(&client, t, node.ty.dtype, node)?);
+                let elem = narrow.elem(node.ty.dtype);
+                uploaded.insert(id, upload(&client, t, node.ty.dtype, elem, node)?);
             }
         }
         let vendor = match options.gemm {
@@ -269,6 +327,7 @@ impl<R: Runtime> GpuExecutor<R> {
                     .ok_or_else(|| GpuError::MissingParam { name: name.clone() })?;
                 let mut syms = SymValues::default();
                 check_device_binding("parameter", name, node, t, &mut syms)?;
+                self.check_storage(name, node, t)?;
                 bound.insert(id, t.0.clone());
             }
         }
@@ -280,6 +339,26 @@ impl<R: Runtime> GpuExecutor<R> {
             self.options,
             self.vendor.clone(),
         ))
+    }
+
+    /// A device value bound to `node` must be stored as this device stores
+    /// the node's dtype (a value from another executor of the device is).
+    fn check_storage(&self, name: &str, node: &Node, t: &DeviceTensor) -> Result<(), GpuError> {
+        let want = self.narrow.elem(node.ty.dtype);
+        if t.elem() != want && node.ty.dtype.is_float() {
+            return Err(GpuError::Mismatch {
+                what: "device value",
+                name: name.to_string(),
+                expected: format!("{want:?} storage"),
+                found: format!("{:?} storage", t.elem()),
+            });
+        }
+        Ok(())
+    }
+
+    /// How this executor's device stores float tensors of `dtype`.
+    pub fn storage_of(&self, dtype: DType) -> FloatElem {
+        self.narrow.elem(dtype)
     }
 
     /// An executor of `graph` on this executor's device that reads this
@@ -302,6 +381,7 @@ impl<R: Runtime> GpuExecutor<R> {
         options: GpuOptions,
         vendor: Option<Arc<VendorGemm>>,
     ) -> Self {
+        let narrow = HalfStorage::of(&client);
         let mut rope_freqs = HashMap::new();
         for &id in &plan.order {
             if let caramba_ir::Op::Rope(spec) = &graph.node(id).op {
@@ -324,6 +404,7 @@ impl<R: Runtime> GpuExecutor<R> {
             options,
             vendor,
             profile: Default::default(),
+            narrow,
         }
     }
 
@@ -367,23 +448,8 @@ impl<R: Runtime> GpuExecutor<R> {
 
     /// Copies a host tensor to the device (in its own dtype's storage).
     pub fn upload(&self, t: &Tensor) -> Result<DeviceTensor, GpuError> {
-        let handle = match t.storage() {
-            // Bindings need a buffer even for no elements (see `upload`).
-            _ if t.numel() == 0 => self.client.empty(4),
-            Storage::F32(v) => self.client.create_from_slice(f32::as_bytes(v)),
-            Storage::I32(v) => self.client.create_from_slice(i32::as_bytes(v)),
-            Storage::F64(_) => {
-                return Err(GpuError::Unsupported {
-                    at: "upload".into(),
-                    message: "f64 tensors".into(),
-                })
-            }
-        };
-        Ok(DeviceTensor(DevTensor::dense(
-            handle,
-            t.shape().to_vec(),
-            t.dtype(),
-        )))
+        let elem = self.narrow.elem(t.dtype());
+        upload_as(&self.client, t, t.dtype(), elem, "upload").map(DeviceTensor)
     }
 
     /// Reads a device tensor back (waits for the work that writes it).
@@ -437,10 +503,12 @@ impl<R: Runtime> GpuExecutor<R> {
                         }
                         (Some(t), None) => {
                             check_binding("input", name, node, t, &mut syms)?;
-                            upload(&self.client, t, node.ty.dtype, node)?
+                            let elem = self.narrow.elem(node.ty.dtype);
+                            upload(&self.client, t, node.ty.dtype, elem, node)?
                         }
                         (None, Some(t)) => {
                             check_device_binding("input", name, node, t, &mut syms)?;
+                            self.check_storage(name, node, t)?;
                             t.0.clone()
                         }
                         (None, None) => return Err(GpuError::MissingInput { name: name.clone() }),
@@ -469,6 +537,7 @@ impl<R: Runtime> GpuExecutor<R> {
                         fast_matmul: self.options.fast_matmul,
                         vendor: self.vendor.as_deref(),
                         rope_freqs: self.rope_freqs.get(&id),
+                        narrow: self.narrow,
                     };
                     if self.options.profile {
                         self.wait()?;
@@ -587,26 +656,56 @@ fn upload<R: Runtime>(
     client: &ComputeClient<R>,
     t: &Tensor,
     dtype: DType,
+    elem: FloatElem,
     node: &Node,
 ) -> Result<DevTensor, GpuError> {
+    upload_as(client, t, dtype, elem, &at(node))
+}
+
+/// Uploads `t` as a `dtype` tensor stored as `elem` (floats converted to
+/// the storage type, rounding to nearest even).
+fn upload_as<R: Runtime>(
+    client: &ComputeClient<R>,
+    t: &Tensor,
+    dtype: DType,
+    elem: FloatElem,
+    at: &str,
+) -> Result<DevTensor, GpuError> {
+    use caramba_kernels::half::{bf16, f16};
     let handle = match t.storage() {
         // An empty tensor (a KV cache before its first token) still gets a
         // buffer: kernels are never launched over it, but bindings need one.
         _ if t.numel() == 0 => client.empty(4),
-        Storage::F32(v) => client.create_from_slice(f32::as_bytes(v)),
+        Storage::F32(v) => match elem {
+            FloatElem::F32 => client.create_from_slice(f32::as_bytes(v)),
+            FloatElem::F16 => {
+                let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+                client.create_from_slice(f16::as_bytes(&h))
+            }
+            FloatElem::BF16 => {
+                let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+                client.create_from_slice(bf16::as_bytes(&h))
+            }
+        },
         Storage::I32(v) => client.create_from_slice(i32::as_bytes(v)),
         Storage::F64(_) => {
             return Err(GpuError::Unsupported {
-                at: at(node),
+                at: at.to_string(),
                 message: "f64 tensors".into(),
             })
         }
     };
-    Ok(DevTensor::dense(handle, t.shape().to_vec(), dtype))
+    let elem = if dtype.is_float() {
+        elem
+    } else {
+        FloatElem::F32
+    };
+    Ok(DevTensor::dense(handle, t.shape().to_vec(), dtype, elem))
 }
 
-/// Reads a device tensor back.
+/// Reads a device tensor back (half-precision storage widened to `f32`).
 fn download<R: Runtime>(client: &ComputeClient<R>, v: &DevTensor) -> Result<Tensor, GpuError> {
+    use caramba_kernels::half::{bf16, f16};
     let n = v.numel();
     if n == 0 {
         return Ok(Tensor::full(v.dtype, v.shape.clone(), 0.0));
@@ -614,9 +713,21 @@ fn download<R: Runtime>(client: &ComputeClient<R>, v: &DevTensor) -> Result<Tens
     let bytes = client
         .read_one(v.handle.clone())
         .map_err(|e| GpuError::Device(format!("{e:?}")))?;
-    let data = match v.dtype {
-        DType::I32 => Storage::I32(i32::from_bytes(&bytes)[..n].to_vec()),
-        _ => Storage::F32(f32::from_bytes(&bytes)[..n].to_vec()),
+    let data = match (v.dtype, v.elem) {
+        (DType::I32, _) => Storage::I32(i32::from_bytes(&bytes)[..n].to_vec()),
+        (_, FloatElem::F32) => Storage::F32(f32::from_bytes(&bytes)[..n].to_vec()),
+        (_, FloatElem::F16) => Storage::F32(
+            f16::from_bytes(&bytes)[..n]
+                .iter()
+                .map(|x| x.to_f32())
+                .collect(),
+        ),
+        (_, FloatElem::BF16) => Storage::F32(
+            bf16::from_bytes(&bytes)[..n]
+                .iter()
+                .map(|x| x.to_f32())
+                .collect(),
+        ),
     };
     Ok(Tensor::new(v.dtype, v.shape.clone(), data))
 }

@@ -8,7 +8,7 @@
 //! matmul whose right operand has no batch (a linear layer) folds the left
 //! operand's batch axes into rows: one GEMM.
 
-use super::{at, constant_f32, DevTensor, GpuError};
+use super::{at, constant_f32, DevTensor, GpuError, HalfStorage};
 use caramba_ir::{
     AttnArg, BinaryOp, DType, ElemInstr, Graph, Node, NodeId, Op, QuantFormat, ReduceOp, UnaryOp,
 };
@@ -22,10 +22,6 @@ use caramba_kernels::{
     attention, attention_backward, cast, copy, elementwise, gather, gemv, kv_attention, matmul,
     norm, quant, reduce, rope, FloatElem, Storage, View,
 };
-
-/// The storage of every float tensor on the device (narrow floats are kept
-/// widened to `f32`, their values rounded to the narrow grid).
-const F32: FloatElem = FloatElem::F32;
 
 /// Rejects ops and dtypes the device cannot run, before anything launches.
 pub(crate) fn check_supported(graph: &Graph, id: NodeId) -> Result<(), GpuError> {
@@ -100,6 +96,8 @@ pub(crate) struct Ctx<'a, R: Runtime> {
     /// A rope node's inverse frequencies, when the executor uploaded them
     /// once; otherwise they are uploaded for the launch.
     pub rope_freqs: Option<&'a caramba_kernels::cubecl::server::Handle>,
+    /// Which half-precision types the device stores narrow.
+    pub narrow: HalfStorage,
 }
 
 fn unary(u: UnaryOp) -> Unary {
@@ -127,11 +125,20 @@ fn binary(b: BinaryOp) -> Binary {
     }
 }
 
-fn copy_elem(dtype: DType) -> CopyElem {
-    if dtype == DType::I32 {
+fn copy_elem(t: &DevTensor) -> CopyElem {
+    if t.dtype == DType::I32 {
         CopyElem::I32
     } else {
-        CopyElem::F32
+        t.elem.into()
+    }
+}
+
+/// A tensor's buffer type, for conversions.
+fn storage(dtype: DType, elem: FloatElem) -> Storage {
+    if dtype.is_float() {
+        Storage::Float(elem)
+    } else {
+        Storage::I32
     }
 }
 
@@ -161,10 +168,18 @@ impl<R: Runtime> Ctx<'_, R> {
         }
     }
 
+    /// The storage of this node's value, when it is a float.
+    fn elem(&self) -> FloatElem {
+        self.narrow.elem(self.node.ty.dtype)
+    }
+
     /// A fresh dense buffer for this node's value.
     fn alloc(&self, shape: Vec<usize>) -> DevTensor {
         let n: usize = shape.iter().product();
-        DevTensor::dense(self.client.empty(n.max(1) * 4), shape, self.node.ty.dtype)
+        let dtype = self.node.ty.dtype;
+        let elem = self.elem();
+        let size = if dtype.is_float() { elem.size() } else { 4 };
+        DevTensor::dense(self.client.empty(n.max(1) * size), shape, dtype, elem)
     }
 
     /// The tensor's view broadcast to `batch` leading axes, its last two
@@ -195,9 +210,41 @@ impl<R: Runtime> Ctx<'_, R> {
     }
 
     /// Launches the node's kernel on its operands; `shape` is the node's
-    /// concrete output shape.
+    /// concrete output shape. A half-precision result that the device keeps
+    /// widened to `f32` is rounded to its grid, as narrow storage would.
     pub fn apply(&self, xs: &[&DevTensor], shape: Vec<usize>) -> Result<DevTensor, GpuError> {
+        let out = self.launch(xs, shape)?;
+        let dtype = self.node.ty.dtype;
+        let exact = matches!(
+            self.node.op,
+            // Already rounded, or moving values that are.
+            Op::Cast(_)
+                | Op::Constant(_)
+                | Op::Reshape(_)
+                | Op::Dropout { .. }
+                | Op::Permute(_)
+                | Op::Slice { .. }
+                | Op::Concat { .. }
+                | Op::Broadcast(_)
+                | Op::Gather
+                | Op::CausalMask
+        );
+        if exact || !self.narrow.widens(dtype) {
+            return Ok(out);
+        }
+        let to = if dtype == DType::BF16 {
+            Narrow::Bf16
+        } else {
+            Narrow::F16
+        };
+        let rounded = self.alloc(out.shape.clone());
+        cast::launch_round(self.client, to, &out.handle, &rounded.handle, out.numel());
+        Ok(rounded)
+    }
+
+    fn launch(&self, xs: &[&DevTensor], shape: Vec<usize>) -> Result<DevTensor, GpuError> {
         let c = self.client;
+        let e = self.elem();
         match &self.node.op {
             Op::Input { .. } | Op::Param { .. } => {
                 Err(self.err("inputs and parameters are bound, not applied".into()))
@@ -208,7 +255,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 let out = self.alloc(shape);
                 quant::launch_quantize(
                     c,
-                    F32,
+                    x.elem,
                     format_code(Some(*f)),
                     &x.handle,
                     &out.handle,
@@ -223,7 +270,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 let out = self.alloc(shape);
                 quant::launch_dequantize(
                     c,
-                    F32,
+                    e,
                     format_code(Some(*format)),
                     &xs[0].handle,
                     &out.handle,
@@ -249,7 +296,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 let cache = |i: usize| kv_attention::CachePart {
                     handle: xs[i + 1].handle.clone(),
                     format: format_code(parts[i].format),
-                    elem: F32,
+                    elem: xs[i + 1].elem,
                     dim: parts[i].dim,
                 };
                 let keys: Vec<_> = (0..parts.len() - 1).map(cache).collect();
@@ -257,7 +304,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 let out = self.alloc(shape);
                 kv_attention::launch_kv_attention(
                     c,
-                    F32,
+                    e,
                     kv_shape,
                     &q.handle,
                     &keys,
@@ -279,7 +326,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 } else {
                     elementwise::launch_fill_float(
                         c,
-                        F32,
+                        e,
                         &out.handle,
                         1,
                         constant_f32(v.0, self.node.ty.dtype),
@@ -314,39 +361,28 @@ impl<R: Runtime> Ctx<'_, R> {
             }
             Op::Cast(to) => {
                 let x = xs[0];
-                let (from_f, to_f) = (x.dtype.is_float(), to.is_float());
-                let narrow = match to {
-                    DType::F16 => Some(Narrow::F16),
-                    DType::BF16 => Some(Narrow::Bf16),
-                    _ => None,
-                };
+                let from = storage(x.dtype, x.elem);
+                let to_st = storage(*to, e);
                 let n = x.numel();
-                let mut out = if from_f == to_f && narrow.is_none() {
+                // A narrow target the device widens is rounded after the
+                // conversion (`launch_round`); one it stores narrow is
+                // rounded by the conversion itself.
+                let round = self.narrow.widens(*to).then_some(if *to == DType::BF16 {
+                    Narrow::Bf16
+                } else {
+                    Narrow::F16
+                });
+                let mut out = if from == to_st {
                     // Same storage: relabel.
-                    DevTensor::dense(x.handle.clone(), shape.clone(), *to)
+                    DevTensor::dense(x.handle.clone(), shape.clone(), *to, e)
                 } else {
                     let out = self.alloc(shape.clone());
-                    let storage = |float| {
-                        if float {
-                            Storage::Float(F32)
-                        } else {
-                            Storage::I32
-                        }
-                    };
-                    cast::launch_convert(
-                        c,
-                        storage(from_f),
-                        storage(to_f),
-                        &x.handle,
-                        &out.handle,
-                        n,
-                    );
+                    cast::launch_convert(c, from, to_st, &x.handle, &out.handle, n);
                     out
                 };
-                if let Some(narrow) = narrow {
+                if let Some(narrow) = round {
                     let rounded = self.alloc(shape);
-                    let src = if from_f { &x.handle } else { &out.handle };
-                    cast::launch_round(c, narrow, src, &rounded.handle, n);
+                    cast::launch_round(c, narrow, &out.handle, &rounded.handle, n);
                     out = rounded;
                 }
                 Ok(out)
@@ -360,6 +396,7 @@ impl<R: Runtime> Ctx<'_, R> {
                     x.handle.clone(),
                     shape,
                     self.node.ty.dtype,
+                    x.elem,
                 ))
             }
             Op::Reduce { op, axis } => {
@@ -371,14 +408,14 @@ impl<R: Runtime> Ctx<'_, R> {
                     ReduceOp::Max => ReduceKind::Max,
                 };
                 let out = self.alloc(shape);
-                reduce::launch_reduce(c, F32, kind, &x.handle, &out.handle, outer, len, inner);
+                reduce::launch_reduce(c, e, kind, &x.handle, &out.handle, outer, len, inner);
                 Ok(out)
             }
             Op::Softmax { axis } => {
                 let x = xs[0];
                 let (outer, len, inner) = split(&x.shape, *axis);
                 let out = self.alloc(shape);
-                reduce::launch_softmax(c, F32, &x.handle, &out.handle, outer, len, inner);
+                reduce::launch_softmax(c, e, &x.handle, &out.handle, outer, len, inner);
                 Ok(out)
             }
             Op::Permute(perm) => {
@@ -391,7 +428,7 @@ impl<R: Runtime> Ctx<'_, R> {
                     offset: 0,
                 };
                 let out = self.alloc(shape);
-                copy::launch_copy(c, copy_elem(x.dtype), &input, &Self::view(&out));
+                copy::launch_copy(c, copy_elem(x), &input, &Self::view(&out));
                 Ok(out)
             }
             Op::Slice { axis, start, .. } => {
@@ -404,7 +441,7 @@ impl<R: Runtime> Ctx<'_, R> {
                     strides: src.strides,
                 };
                 let out = self.alloc(shape);
-                copy::launch_copy(c, copy_elem(x.dtype), &input, &Self::view(&out));
+                copy::launch_copy(c, copy_elem(x), &input, &Self::view(&out));
                 Ok(out)
             }
             Op::Concat { axis } => {
@@ -418,7 +455,7 @@ impl<R: Runtime> Ctx<'_, R> {
                         strides: dst.strides.clone(),
                         offset: at_axis * dst.strides[*axis],
                     };
-                    copy::launch_copy(c, copy_elem(x.dtype), &Self::view(x), &part);
+                    copy::launch_copy(c, copy_elem(x), &Self::view(x), &part);
                     at_axis += x.shape[*axis];
                 }
                 Ok(out)
@@ -436,7 +473,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 let out = self.alloc(shape);
                 gather::launch_gather(
                     c,
-                    F32,
+                    e,
                     &table.handle,
                     &ids.handle,
                     &out.handle,
@@ -452,7 +489,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 let out = self.alloc(shape);
                 gather::launch_causal_mask(
                     c,
-                    F32,
+                    e,
                     &x.handle,
                     &out.handle,
                     x.shape[r - 2],
@@ -476,7 +513,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 let out = self.alloc(shape);
                 rope::launch_rope(
                     c,
-                    F32,
+                    e,
                     &x.handle,
                     &pos.handle,
                     &inv,
@@ -494,7 +531,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 let out = self.alloc(shape);
                 norm::launch_cross_entropy(
                     c,
-                    F32,
+                    e,
                     &logits.handle,
                     &targets.handle,
                     &out.handle,
@@ -509,7 +546,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 let out = self.alloc(shape);
                 norm::launch_rms_norm(
                     c,
-                    F32,
+                    e,
                     &x.handle,
                     &w.handle,
                     &out.handle,
@@ -523,7 +560,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 let x = xs[0];
                 let out = self.alloc(shape);
                 let src = Self::view(x).broadcast_to(&out.shape);
-                copy::launch_copy(c, copy_elem(x.dtype), &src, &Self::view(&out));
+                copy::launch_copy(c, copy_elem(x), &src, &Self::view(&out));
                 Ok(out)
             }
             Op::ScatterAdd { size } => {
@@ -542,7 +579,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 };
                 gather::launch_scatter_add(
                     c,
-                    F32,
+                    e,
                     &ids_host,
                     &src.handle,
                     &out.handle,
@@ -554,7 +591,7 @@ impl<R: Runtime> Ctx<'_, R> {
             Op::OneHot { depth, .. } => {
                 let ids = xs[0];
                 let out = self.alloc(shape);
-                gather::launch_one_hot(c, F32, &ids.handle, &out.handle, ids.numel(), *depth);
+                gather::launch_one_hot(c, e, &ids.handle, &out.handle, ids.numel(), *depth);
                 Ok(out)
             }
             Op::MatMul => self.matmul(xs[0], xs[1], shape),
@@ -568,16 +605,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 } else {
                     attention::launch_attention
                 };
-                launch(
-                    c,
-                    F32,
-                    &q,
-                    &k,
-                    &v,
-                    &Self::view(&out),
-                    *causal,
-                    scale.0 as f32,
-                );
+                launch(c, e, &q, &k, &v, &Self::view(&out), *causal, scale.0 as f32);
                 Ok(out)
             }
             Op::AttentionLse { causal, scale } => {
@@ -589,7 +617,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 let out = self.alloc(shape);
                 attention::launch_attention_lse(
                     c,
-                    F32,
+                    e,
                     &q,
                     &k,
                     &Self::view(&out),
@@ -614,13 +642,13 @@ impl<R: Runtime> Ctx<'_, R> {
                 let (o, scale) = (Self::view(&out), scale.0 as f32);
                 let keys = |grads| {
                     attention_backward::launch_attention_dkv(
-                        c, F32, &operands, &o, *causal, scale, grads,
+                        c, e, &operands, &o, *causal, scale, grads,
                     )
                 };
                 match wrt {
-                    AttnArg::Q => attention_backward::launch_attention_dq(
-                        c, F32, &operands, &o, *causal, scale,
-                    ),
+                    AttnArg::Q => {
+                        attention_backward::launch_attention_dq(c, e, &operands, &o, *causal, scale)
+                    }
                     AttnArg::K => keys(KeyGrads::K),
                     AttnArg::V => keys(KeyGrads::V),
                     AttnArg::KV => keys(KeyGrads::KV),
@@ -642,7 +670,7 @@ impl<R: Runtime> Ctx<'_, R> {
             .iter()
             .map(|x| Self::view(x).broadcast_to(&out.shape))
             .collect();
-        elementwise::launch_elementwise(self.client, F32, prog, &inputs, &Self::view(&out))
+        elementwise::launch_elementwise(self.client, out.elem, prog, &inputs, &Self::view(&out))
             .map_err(|e| self.err(e.to_string()))?;
         Ok(out)
     }
@@ -674,9 +702,9 @@ impl<R: Runtime> Ctx<'_, R> {
             };
             let dst = View::contiguous(out.handle.clone(), &[rows, n]);
             if (1..=gemv::GEMV_MAX_ROWS).contains(&rows) && rhs.offset == 0 {
-                gemv::launch_gemv(self.client, F32, &lhs, &rhs, &dst);
+                gemv::launch_gemv(self.client, out.elem, &lhs, &rhs, &dst);
             } else {
-                self.gemm(&lhs, &rhs, &dst)?;
+                self.gemm(out.elem, &lhs, &rhs, &dst)?;
             }
             return Ok(out);
         }
@@ -696,29 +724,22 @@ impl<R: Runtime> Ctx<'_, R> {
             }
         };
         let (va, vb) = (pad(va), pad(vb));
-        self.gemm(&va, &vb, &Self::view(&out))?;
+        self.gemm(out.elem, &va, &vb, &Self::view(&out))?;
         Ok(out)
     }
 
     /// One (batched) GEMM: cuBLASLt when the executor has it and it reads
-    /// these layouts, else cubek.
-    fn gemm(&self, lhs: &View, rhs: &View, out: &View) -> Result<(), GpuError> {
+    /// these layouts, else cubek. All three are stored as `e`.
+    fn gemm(&self, e: FloatElem, lhs: &View, rhs: &View, out: &View) -> Result<(), GpuError> {
         if let Some(vendor) = self.vendor {
             let done = vendor
-                .matmul(
-                    self.client,
-                    caramba_kernels::FloatElem::F32,
-                    lhs,
-                    rhs,
-                    out,
-                    self.fast_matmul,
-                )
+                .matmul(self.client, e, lhs, rhs, out, self.fast_matmul)
                 .map_err(|e| self.err(e.to_string()))?;
             if done {
                 return Ok(());
             }
         }
-        matmul::launch_matmul(self.client, F32, lhs, rhs, out, self.fast_matmul)
+        matmul::launch_matmul(self.client, e, lhs, rhs, out, self.fast_matmul)
             .map_err(|e| self.err(e.to_string()))
     }
 }

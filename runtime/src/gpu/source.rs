@@ -167,6 +167,7 @@ fn capture<R: Runtime>(
         }
     }
     let lazy = lazy_transposes(graph, &order);
+    let narrow = super::HalfStorage::of(&client);
     let mut uses: HashMap<NodeId, usize> = HashMap::new();
     for &id in &order {
         for o in graph.operands(id) {
@@ -187,12 +188,14 @@ fn capture<R: Runtime>(
         let value = match &node.op {
             Op::Input { .. } | Op::Param { .. } => {
                 let n: usize = shape.iter().product();
-                let handle = if node.ty.dtype == DType::I32 {
-                    client.create_from_slice(i32::as_bytes(&vec![0i32; n.max(1)]))
+                let elem = narrow.elem(node.ty.dtype);
+                let size = if node.ty.dtype == DType::I32 {
+                    4
                 } else {
-                    client.create_from_slice(f32::as_bytes(&vec![0f32; n.max(1)]))
+                    elem.size()
                 };
-                DevTensor::dense(handle, shape, node.ty.dtype)
+                let handle = client.create_from_slice(&vec![0u8; n.max(1) * size]);
+                DevTensor::dense(handle, shape, node.ty.dtype, elem)
             }
             Op::Permute(_) if lazy.contains(&id) => {
                 let x = &values[&operands[0]];
@@ -210,6 +213,7 @@ fn capture<R: Runtime>(
                     fast_matmul: false,
                     vendor: None,
                     rope_freqs: None,
+                    narrow,
                 };
                 let out = ctx.apply(&args, shape)?;
                 // Wait for the launch (and so its compilation) to finish,

@@ -207,7 +207,7 @@ impl<R: Runtime> DeviceOptimizer<R> {
             shapes.push((name.clone(), s.shape.clone()));
             for (suffix, h) in [("m", &s.m), ("v", &s.v)] {
                 if let Some(h) = h {
-                    let t = DevTensor::dense(h.clone(), s.shape.clone(), DType::F32);
+                    let t = DevTensor::f32(h.clone(), s.shape.clone());
                     buffers.push((format!("{name}.{suffix}"), download(&self.client, &t)?));
                 }
             }
@@ -244,8 +244,11 @@ fn upload_f32<R: Runtime>(client: &ComputeClient<R>, data: &[f32]) -> Handle {
 }
 
 /// Whether the tensor is stored as `f32` (f16/bf16 are held widened).
+/// Whether the optimizer kernels read `t`: a float tensor in `f32`
+/// storage (master weights and their gradients; a mixed-precision graph
+/// casts its parameters to half precision where it reads them).
 fn is_float(t: &DeviceTensor) -> bool {
-    t.dtype() != DType::I32
+    t.dtype() != DType::I32 && t.elem() == caramba_kernels::FloatElem::F32
 }
 
 /// The L2 norm of all `grads` taken together, as
@@ -284,7 +287,7 @@ fn launch_norm_partials<R: Runtime>(
         k::launch_sum_squares(client, g.handle(), g.numel(), &partials, offset);
         offset += count;
     }
-    Ok(Some(DevTensor::dense(partials, vec![total], DType::F32)))
+    Ok(Some(DevTensor::f32(partials, vec![total])))
 }
 
 /// Reads the partials back (waiting for them) and finishes the norm.
@@ -461,7 +464,7 @@ impl<R: Runtime> GpuTrainer<R> {
                 1 => {
                     let acc = self.acc.entry(name.clone()).or_insert_with(|| {
                         let h = client.empty(n.max(1) * 4);
-                        DeviceTensor(DevTensor::dense(h, p.shape().to_vec(), DType::F32))
+                        DeviceTensor(DevTensor::f32(h, p.shape().to_vec()))
                     });
                     k::launch_add(
                         client,
