@@ -97,10 +97,7 @@ fn run(
                     .get(name)
                     .ok_or_else(|| EvalError::MissingInput { name: name.clone() })?;
                 check_binding("input", name, node, t, &mut syms)?;
-                Value {
-                    held: Held::Borrowed(t),
-                    transposed: false,
-                }
+                bound(t, node.ty.dtype)
             }
             Op::Param { name } => {
                 let t = bindings
@@ -108,10 +105,7 @@ fn run(
                     .get(name)
                     .ok_or_else(|| EvalError::MissingParam { name: name.clone() })?;
                 check_binding("parameter", name, node, t, &mut syms)?;
-                Value {
-                    held: Held::Borrowed(t),
-                    transposed: false,
-                }
+                bound(t, node.ty.dtype)
             }
             Op::Permute(perm)
                 if swaps_last_two(perm)
@@ -175,6 +169,28 @@ fn run(
         result.insert(name.clone(), value.into_tensor());
     }
     Ok(result)
+}
+
+/// A bound tensor as the node reads it: values bound to an `f16`/`bf16`
+/// node are rounded to its grid (as a device storing the type converts
+/// them on upload); others are borrowed as they are.
+fn bound(t: &Tensor, dtype: DType) -> Value<'_> {
+    let round = match dtype {
+        DType::BF16 => round_bf16,
+        DType::F16 => round_f16,
+        _ => {
+            return Value {
+                held: Held::Borrowed(t),
+                transposed: false,
+            }
+        }
+    };
+    let v: Vec<f32> = t.to_f32_vec().into_iter().map(round).collect();
+    Value::owned(Tensor::new(
+        dtype,
+        t.shape().to_vec(),
+        super::tensor::Storage::F32(v),
+    ))
 }
 
 /// Applies one node's op to evaluated operands, checks the result against

@@ -677,6 +677,16 @@ fn upload_as<R: Runtime>(
         // buffer: kernels are never launched over it, but bindings need one.
         _ if t.numel() == 0 => client.empty(4),
         Storage::F32(v) => match elem {
+            // A widened half-precision tensor holds values on its grid.
+            FloatElem::F32 if matches!(dtype, DType::F16 | DType::BF16) => {
+                let round = if dtype == DType::BF16 {
+                    round_bf16
+                } else {
+                    round_f16
+                };
+                let r: Vec<f32> = v.iter().map(|&x| round(x)).collect();
+                client.create_from_slice(f32::as_bytes(&r))
+            }
             FloatElem::F32 => client.create_from_slice(f32::as_bytes(v)),
             FloatElem::F16 => {
                 let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
