@@ -26,8 +26,11 @@ use caramba_runtime::gpu::{GemmLibrary, GpuOptions};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+/// A tensor type of the benchmarks' float dtype (`PER_OP_DTYPE`: f32
+/// unless a case switches it).
 fn f32ty(shape: &[usize]) -> TensorType {
-    TensorType::new(DType::F32, Shape::new(shape.iter().map(|&d| Dim::Const(d))))
+    let dtype = PER_OP_DTYPE.with(|d| d.get());
+    TensorType::new(dtype, Shape::new(shape.iter().map(|&d| Dim::Const(d))))
 }
 
 fn rand(n: usize, seed: u64) -> Vec<f32> {
@@ -63,6 +66,8 @@ fn total(g: &mut Graph, mut x: NodeId) -> NodeId {
 }
 
 thread_local! {
+    /// The dtype of `per_op`'s tensors (the `gemm` case's bf16 lines).
+    static PER_OP_DTYPE: std::cell::Cell<DType> = const { std::cell::Cell::new(DType::F32) };
     /// The options the executors here are built with. The `gemm` case
     /// switches them per line; elsewhere `CARAMBA_BENCH_GEMM=cubek` puts
     /// every GEMM on cubek (default: cuBLASLt on CUDA when it loads).
@@ -210,12 +215,15 @@ fn main() {
         // the 1B shape's MLP projection (B2 × T2048 rows).
         let base = bench_options();
         for (m, k, n) in [(512, 512, 512), (4096, 4096, 4096), (4096, 2048, 8192)] {
-            for (label, gemm, tf32) in [
-                ("f32_cubek", GemmLibrary::Cubek, false),
-                ("f32", GemmLibrary::Vendor, false),
-                ("tf32_cubek", GemmLibrary::Cubek, true),
-                ("tf32", GemmLibrary::Vendor, true),
+            for (label, gemm, tf32, dtype) in [
+                ("f32_cubek", GemmLibrary::Cubek, false, DType::F32),
+                ("f32", GemmLibrary::Vendor, false, DType::F32),
+                ("tf32_cubek", GemmLibrary::Cubek, true, DType::F32),
+                ("tf32", GemmLibrary::Vendor, true, DType::F32),
+                ("bf16_cubek", GemmLibrary::Cubek, false, DType::BF16),
+                ("bf16", GemmLibrary::Vendor, false, DType::BF16),
             ] {
+                PER_OP_DTYPE.with(|d| d.set(dtype));
                 OPTIONS.with(|o| {
                     o.set(GpuOptions {
                         gemm,
@@ -256,6 +264,7 @@ fn main() {
             }
         }
         OPTIONS.with(|o| o.set(base));
+        PER_OP_DTYPE.with(|d| d.set(DType::F32));
     }
     // Decode attention over a q8 KV cache at 32k context: B4, 32 query
     // heads over 8 kv heads, head dim 128, one new token.
@@ -282,7 +291,12 @@ fn main() {
 
     // SmolLM2-135M-shaped forward + loss, random weights, batch 8 × 1024.
     let dims = smollm2_dims();
-    let mut g = caramba_compiler::lower_model(&llama_model(&dims), "smollm2", DType::F32)
+    // `gpu_bench cuda bf16`: the model in bf16 (weights and activations).
+    let dtype = match std::env::args().nth(2).as_deref() {
+        Some("bf16") => DType::BF16,
+        _ => DType::F32,
+    };
+    let mut g = caramba_compiler::lower_model(&llama_model(&dims), "smollm2", dtype)
         .unwrap()
         .graph;
     add_next_token_loss(&mut g, "logits").unwrap();

@@ -101,7 +101,16 @@ fn main() {
         ..Default::default()
     };
     let d = dims(&which);
-    let mut forward = caramba_compiler::lower_model(&llama_model(&d), &which, DType::F32)
+    // `bf16` (or `f16`) as the sixth argument: mixed precision, as
+    // `use_amp: true` trains (f32 weights and optimizer state, half
+    // activations and products).
+    let precision = match args.get(6).map(String::as_str) {
+        Some("bf16") => caramba_compiler::Precision::mixed(DType::BF16),
+        Some("f16") => caramba_compiler::Precision::mixed(DType::F16),
+        _ => caramba_compiler::Precision::uniform(DType::F32),
+    };
+    eprintln!("precision: {precision:?}");
+    let mut forward = caramba_compiler::lower_model_with(&llama_model(&d), &which, precision, None)
         .expect("lowering")
         .graph;
     add_next_token_loss(&mut forward, "logits").unwrap();

@@ -101,6 +101,31 @@ pub enum DeviceArg {
     Wgpu,
 }
 
+/// What a checkpoint's model computes in.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum DtypeArg {
+    /// f32 everywhere
+    #[value(name = "f32", alias = "fp32", alias = "float32")]
+    F32,
+    /// bfloat16 weights and activations (norms and the softmax statistics
+    /// in f32; every product accumulates in f32)
+    #[value(name = "bf16", alias = "bfloat16")]
+    Bf16,
+    /// float16, as bf16
+    #[value(name = "f16", alias = "fp16", alias = "float16")]
+    F16,
+}
+
+impl From<DtypeArg> for caramba_ir::DType {
+    fn from(d: DtypeArg) -> Self {
+        match d {
+            DtypeArg::F32 => caramba_ir::DType::F32,
+            DtypeArg::Bf16 => caramba_ir::DType::BF16,
+            DtypeArg::F16 => caramba_ir::DType::F16,
+        }
+    }
+}
+
 /// Who computes GPU matrix products.
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum GemmArg {
@@ -177,6 +202,11 @@ pub struct SampleArgs {
     /// decimal digits, like PyTorch's `allow_tf32`). Off: exact f32
     #[arg(long)]
     pub tf32: bool,
+    /// The model's dtype: weights are converted from the checkpoint (round
+    /// to nearest even) and activations stored in it; on GPUs that lack the
+    /// type, values are kept in f32 buffers rounded to it after each op
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
     /// Who computes GPU matrix products: cuBLASLt on CUDA when
     /// `libcublasLt` is on the loader path (else cubek), or cubek always
     #[arg(long, value_enum, default_value_t = GemmArg::Vendor)]
@@ -209,6 +239,11 @@ pub struct PerplexityArgs {
     /// decimal digits, like PyTorch's `allow_tf32`). Off: exact f32
     #[arg(long)]
     pub tf32: bool,
+    /// The model's dtype: weights are converted from the checkpoint (round
+    /// to nearest even) and activations stored in it; on GPUs that lack the
+    /// type, values are kept in f32 buffers rounded to it after each op
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
     /// Who computes GPU matrix products: cuBLASLt on CUDA when
     /// `libcublasLt` is on the loader path (else cubek), or cubek always
     #[arg(long, value_enum, default_value_t = GemmArg::Vendor)]

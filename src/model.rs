@@ -83,22 +83,24 @@ impl Model {
         backend: Backend,
         cache: Option<KvCacheSpec>,
     ) -> Result<Model, Failure> {
-        Model::load_with_options(ckpt, backend, cache, GpuOptions::default())
+        Model::load_with_options(ckpt, backend, cache, GpuOptions::default(), DType::F32)
     }
 
-    /// [`Model::load_with`] with GPU options (TF32 matmuls), ignored on
-    /// the CPU.
+    /// [`Model::load_with`] with GPU options (TF32 matmuls, ignored on
+    /// the CPU) and the dtype the model computes in (`f32`, `bf16`, `f16`:
+    /// the checkpoint's weights are rounded to it).
     pub fn load_with_options(
         ckpt: &Checkpoint,
         backend: Backend,
         cache: Option<KvCacheSpec>,
         options: GpuOptions,
+        dtype: DType,
     ) -> Result<Model, Failure> {
         let config = ckpt.config.clone();
         let spec = llama_model(&dims(&config));
         let lowered = match cache {
-            None => caramba_compiler::lower_model(&spec, "checkpoint", DType::F32),
-            Some(c) => caramba_compiler::lower_model_cached(&spec, "checkpoint", DType::F32, c),
+            None => caramba_compiler::lower_model(&spec, "checkpoint", dtype),
+            Some(c) => caramba_compiler::lower_model_cached(&spec, "checkpoint", dtype, c),
         }
         .map_err(|d| {
             Failure::usage(format!(

@@ -8,7 +8,7 @@ pub mod prepare;
 pub mod run;
 pub mod sample;
 
-use crate::cli::{Cli, Command, DeviceArg, GemmArg, LegacyMode, RunArgs, SampleArgs};
+use crate::cli::{Cli, Command, DeviceArg, DtypeArg, GemmArg, LegacyMode, RunArgs, SampleArgs};
 use std::path::Path;
 
 /// A failure to report: the message (already formatted) and the exit code
@@ -116,6 +116,7 @@ use `caramba sample --ckpt ... --prompt ...`",
                 device: DeviceArg::Auto,
                 tf32: false,
                 gemm: GemmArg::Vendor,
+                dtype: DtypeArg::F32,
             })
         }
     }

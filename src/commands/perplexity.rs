@@ -36,7 +36,7 @@ pub fn perplexity(a: &PerplexityArgs) -> CmdResult {
         gemm: a.gemm.into(),
         ..Default::default()
     };
-    let model = Model::load_with_options(&ckpt, backend, None, gpu)?;
+    let model = Model::load_with_options(&ckpt, backend, None, gpu, a.dtype.into())?;
     let vocab = model.config.vocab_size;
     if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
         return Err(Failure::usage(format!(

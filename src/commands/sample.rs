@@ -41,7 +41,7 @@ pub fn sample(a: &SampleArgs) -> CmdResult {
         gemm: a.gemm.into(),
         profile: a.profile,
     };
-    let model = Model::load_with_options(&ckpt, backend, cache, gpu)?;
+    let model = Model::load_with_options(&ckpt, backend, cache, gpu, a.dtype.into())?;
     let mut ids = tok.encode(&a.prompt, false);
     if a.bos {
         let bos = tok
