@@ -19,7 +19,8 @@ use crate::{grid_1d, linear_pos, with_float, FloatElem, ELEM_BLOCK};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-/// A float (`f32`) cache.
+/// A float cache: as a kernel's code, one stored as `f32`; as a
+/// `kv_attention::CachePart`'s format, one stored as its `elem`.
 pub const FLOAT: u32 = 0;
 pub const Q8: u32 = 1;
 pub const Q4: u32 = 2;

@@ -1467,6 +1467,970 @@ pub fn trainer_matches_host_adamw<R: Runtime>(dev: &R::Device) {
     check_trainer::<R>(dev, config, 1e-2, Gradients::Device);
 }
 
+// ---------------------------------------------------------------------------
+// Kernels with 2-byte float storage (`f16`, `bf16`), called directly: the
+// executor keeps every float tensor in `f32` for now. Each test rounds its
+// random inputs to the narrow grid, uploads them as 2-byte buffers, runs the
+// kernel with that storage, widens what it stores, and compares with the
+// reference interpreter run in `f32` on the same rounded inputs. Kernels
+// compute in `f32` and round once at the store, so the device and the
+// reference differ by the output's rounding (at most an ulp when the two
+// `f32` results straddle a rounding boundary: [`narrow_rel`]) plus the
+// usual `f32` differences of summation order (`abs`, relative to
+// max(1, |reference|), as `TOL` in the `f32` tests). A storage the device
+// cannot hold (`FloatElem::supported`: wgpu has `f16` only with the
+// adapter's SHADER_F16 and never `bf16`) is skipped with a note, except on
+// CUDA, where both must run.
+// ---------------------------------------------------------------------------
+
+use caramba_kernels::cubecl::prelude::ComputeClient;
+use caramba_kernels::cubecl::server::Handle;
+use caramba_kernels::{FloatElem, Storage, View};
+
+/// The narrow storages `client` can run, with a note for each it cannot.
+fn narrow_elems<R: Runtime>(client: &ComputeClient<R>, what: &str) -> Vec<FloatElem> {
+    let mut elems = Vec::new();
+    for elem in [FloatElem::F16, FloatElem::BF16] {
+        if elem.supported(client) {
+            elems.push(elem);
+        } else if std::any::type_name::<R>().contains("Cuda") {
+            panic!("{what}: CUDA device without {elem:?} storage");
+        } else {
+            eprintln!(
+                "note: {what}: {elem:?} storage skipped ({} cannot hold it)",
+                std::any::type_name::<R>()
+            );
+        }
+    }
+    elems
+}
+
+/// Relative tolerance for a value rounded to `elem`: above one ulp (bf16:
+/// 2⁻⁸ to 2⁻⁷ of the value; f16: 2⁻¹¹ to 2⁻¹⁰).
+fn narrow_rel(elem: FloatElem) -> f32 {
+    match elem {
+        FloatElem::F32 => 0.0,
+        FloatElem::F16 => 2e-3,
+        FloatElem::BF16 => 1e-2,
+    }
+}
+
+fn round_to(elem: FloatElem, v: f32) -> f32 {
+    match elem {
+        FloatElem::F32 => v,
+        FloatElem::F16 => half::f16::from_f32(v).to_f32(),
+        FloatElem::BF16 => half::bf16::from_f32(v).to_f32(),
+    }
+}
+
+/// An `f32` tensor's values rounded to `elem`'s grid.
+fn rounded(elem: FloatElem, t: &Tensor) -> Tensor {
+    let v = t.as_f32().expect("an f32 tensor");
+    Tensor::f32(
+        t.shape().to_vec(),
+        v.iter().map(|&x| round_to(elem, x)).collect(),
+    )
+}
+
+/// Uploads `values` stored as `elem` (rounding to nearest even).
+fn upload_as<R: Runtime>(client: &ComputeClient<R>, elem: FloatElem, values: &[f32]) -> Handle {
+    match elem {
+        FloatElem::F32 => client.create_from_slice(bytemuck::cast_slice(values)),
+        FloatElem::F16 => {
+            let h: Vec<half::f16> = values.iter().map(|&x| half::f16::from_f32(x)).collect();
+            client.create_from_slice(bytemuck::cast_slice(&h))
+        }
+        FloatElem::BF16 => {
+            let h: Vec<half::bf16> = values.iter().map(|&x| half::bf16::from_f32(x)).collect();
+            client.create_from_slice(bytemuck::cast_slice(&h))
+        }
+    }
+}
+
+fn upload_tensor<R: Runtime>(client: &ComputeClient<R>, elem: FloatElem, t: &Tensor) -> Handle {
+    match t.as_i32() {
+        Some(ids) => client.create_from_slice(bytemuck::cast_slice(ids)),
+        None => upload_as(client, elem, t.as_f32().unwrap()),
+    }
+}
+
+/// The first `n` elements of a buffer stored as `elem`, widened.
+fn download_as<R: Runtime>(
+    client: &ComputeClient<R>,
+    elem: FloatElem,
+    h: &Handle,
+    n: usize,
+) -> Vec<f32> {
+    let bytes = client.read_one(h.clone()).expect("read back");
+    let half = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
+    match elem {
+        FloatElem::F32 => bytes[..4 * n]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        FloatElem::F16 => bytes[..2 * n]
+            .chunks_exact(2)
+            .map(|b| half::f16::from_bits(half(b)).to_f32())
+            .collect(),
+        FloatElem::BF16 => bytes[..2 * n]
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_bits(half(b)).to_f32())
+            .collect(),
+    }
+}
+
+/// `|reference − device| ≤ rel·|reference| + abs·max(1, |reference|)`;
+/// NaN or infinity must match.
+fn assert_narrow(want: &[f32], got: &[f32], rel: f32, abs: f32, what: &str) {
+    assert_eq!(want.len(), got.len(), "{what}: length");
+    for (i, (&a, &b)) in want.iter().zip(got).enumerate() {
+        if (a.is_nan() && b.is_nan()) || (a.is_infinite() && a == b) {
+            continue;
+        }
+        let bound = rel * a.abs() + abs * a.abs().max(1.0);
+        assert!(
+            (a - b).abs() <= bound,
+            "{what}[{i}]: reference {a}, device {b} (bound {bound})"
+        );
+    }
+}
+
+/// The reference's output `y` of `g` on `inputs`, as `f32`.
+fn reference_y(g: &Graph, inputs: Vec<Tensor>) -> (Vec<usize>, Vec<f32>) {
+    let out = eval(g, &bind(inputs)).expect("reference evaluation");
+    let y = &out["y"];
+    (y.shape().to_vec(), y.as_f32().expect("f32 output").to_vec())
+}
+
+fn node_shape(g: &Graph, id: NodeId) -> Vec<usize> {
+    g.node(id)
+        .ty
+        .shape
+        .dims()
+        .iter()
+        .map(|d| d.as_const().unwrap())
+        .collect()
+}
+
+/// A dense buffer's view broadcast over the leading (batch) axes to
+/// `batch`, as the executor passes attention operands.
+fn batch_view(h: &Handle, shape: &[usize], batch: &[usize]) -> View {
+    let k = shape.len();
+    let mut target = batch.to_vec();
+    target.extend_from_slice(&shape[k - 2..]);
+    View::contiguous(h.clone(), shape).broadcast_to(&target)
+}
+
+/// The fused elementwise program (`silu(x0)·x1 + 0.5·max(x2, 0)`, with
+/// broadcasting): inputs and output share the storage; intermediates and
+/// constants are `f32`.
+pub fn narrow_elementwise<R: Runtime>(dev: &R::Device) {
+    use caramba_kernels::elementwise::{launch_elementwise, Binary, Instr, Unary};
+    let client = R::client(dev);
+    let mut rng = Rng(40);
+    let p = ElemProgram(vec![
+        ElemInstr::Input(0),
+        ElemInstr::Unary(UnaryOp::Silu, 0),
+        ElemInstr::Input(1),
+        ElemInstr::Binary(BinaryOp::Mul, 1, 2),
+        ElemInstr::Input(2),
+        ElemInstr::Const(Scalar(0.0)),
+        ElemInstr::Binary(BinaryOp::Max, 4, 5),
+        ElemInstr::Const(Scalar(0.5)),
+        ElemInstr::Binary(BinaryOp::Mul, 6, 7),
+        ElemInstr::Binary(BinaryOp::Add, 3, 8),
+    ]);
+    let prog = [
+        Instr::Input(0),
+        Instr::Unary(Unary::Silu, 0),
+        Instr::Input(1),
+        Instr::Binary(Binary::Mul, 1, 2),
+        Instr::Input(2),
+        Instr::Const(0.0f32.to_bits()),
+        Instr::Binary(Binary::Max, 4, 5),
+        Instr::Const(0.5f32.to_bits()),
+        Instr::Binary(Binary::Mul, 6, 7),
+        Instr::Binary(Binary::Add, 3, 8),
+    ];
+    let shapes: [&[usize]; 3] = [&[2, 3, 10], &[10], &[2, 1, 1]];
+    let g = one_op("elementwise", Op::Elementwise(p), &shapes.map(f32t));
+    for elem in narrow_elems(&client, "elementwise") {
+        let xs: Vec<Tensor> = shapes
+            .iter()
+            .map(|s| rounded(elem, &rng.tensor(s)))
+            .collect();
+        let (shape, want) = reference_y(&g, xs.clone());
+        let views: Vec<View> = xs
+            .iter()
+            .map(|x| {
+                View::contiguous(upload_tensor(&client, elem, x), x.shape()).broadcast_to(&shape)
+            })
+            .collect();
+        let out = client.empty(want.len() * elem.size());
+        launch_elementwise(
+            &client,
+            elem,
+            &prog,
+            &views,
+            &View::contiguous(out.clone(), &shape),
+        )
+        .unwrap();
+        let got = download_as(&client, elem, &out, want.len());
+        assert_narrow(&want, &got, narrow_rel(elem), 1e-5, &format!("{elem:?}"));
+    }
+}
+
+/// Strided copy (a permute) of 2-byte elements: exact.
+pub fn narrow_copy<R: Runtime>(dev: &R::Device) {
+    use caramba_kernels::copy::launch_copy;
+    let client = R::client(dev);
+    let mut rng = Rng(41);
+    let g = one_op("permute", Op::Permute(vec![2, 0, 1]), &[f32t(&[2, 3, 4])]);
+    for elem in narrow_elems(&client, "copy") {
+        let x = rounded(elem, &rng.tensor(&[2, 3, 4]));
+        let (shape, want) = reference_y(&g, vec![x.clone()]);
+        let src = View::contiguous(upload_tensor(&client, elem, &x), &[2, 3, 4]);
+        let input = View {
+            shape: shape.clone(),
+            strides: [2, 0, 1].iter().map(|&p| src.strides[p]).collect(),
+            ..src
+        };
+        let out = client.empty(want.len() * elem.size());
+        launch_copy(
+            &client,
+            elem.into(),
+            &input,
+            &View::contiguous(out.clone(), &shape),
+        );
+        assert_eq!(
+            download_as(&client, elem, &out, want.len()),
+            want,
+            "{elem:?}"
+        );
+    }
+}
+
+/// Conversions through narrow storage: `f32 → narrow` rounds to nearest
+/// even (as `half` does), `narrow → f32` is exact, `narrow → i32`
+/// truncates, `i32 → narrow` rounds; all exact comparisons.
+pub fn narrow_cast<R: Runtime>(dev: &R::Device) {
+    use caramba_kernels::cast::launch_convert;
+    let client = R::client(dev);
+    let mut rng = Rng(42);
+    let f32s = Storage::Float(FloatElem::F32);
+    for elem in narrow_elems(&client, "cast") {
+        let narrow = Storage::Float(elem);
+        // Random values at several scales, ties and a few exact values.
+        let mut x: Vec<f32> = (0..200)
+            .map(|i| rng.next() * [1.0, 100.0, 3e3, 0.01][i % 4])
+            .collect();
+        x.extend([
+            0.0,
+            -0.0,
+            1.0,
+            -2.5,
+            1.0 + 1.0 / 512.0,
+            1.0 + 3.0 / 512.0,
+            1000.5,
+        ]);
+        x.extend([1.0 + 1.0 / 4096.0, 1.0 + 3.0 / 4096.0, 3.0e4, -6.0e4]);
+        let n = x.len();
+        let hx = upload_as(&client, FloatElem::F32, &x);
+        let hn = client.empty(n * 2);
+        launch_convert(&client, f32s, narrow, &hx, &hn, n);
+        let want: Vec<f32> = x.iter().map(|&v| round_to(elem, v)).collect();
+        let got = download_as(&client, elem, &hn, n);
+        for i in 0..n {
+            assert_eq!(
+                got[i].to_bits(),
+                want[i].to_bits(),
+                "{elem:?}: f32 {} stored as {}, want {}",
+                x[i],
+                got[i],
+                want[i]
+            );
+        }
+        // Back to f32: exact.
+        let hb = client.empty(n * 4);
+        launch_convert(&client, narrow, f32s, &hn, &hb, n);
+        assert_eq!(
+            download_as(&client, FloatElem::F32, &hb, n),
+            want,
+            "{elem:?} → f32"
+        );
+        // To i32: truncation of the stored value.
+        let hi = client.empty(n * 4);
+        launch_convert(&client, narrow, Storage::I32, &hn, &hi, n);
+        let ints: Vec<i32> = client.read_one(hi.clone()).unwrap()[..4 * n]
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let want_i: Vec<i32> = want.iter().map(|&v| v as i32).collect();
+        assert_eq!(ints, want_i, "{elem:?} → i32");
+        // And from i32: rounded to nearest.
+        let hr = client.empty(n * 2);
+        launch_convert(&client, Storage::I32, narrow, &hi, &hr, n);
+        let want_r: Vec<f32> = want_i.iter().map(|&v| round_to(elem, v as f32)).collect();
+        assert_eq!(download_as(&client, elem, &hr, n), want_r, "i32 → {elem:?}");
+    }
+}
+
+/// Reductions (rows, columns in one pass, columns in two passes with `f32`
+/// partials) and softmax.
+pub fn narrow_reduce_softmax<R: Runtime>(dev: &R::Device) {
+    use caramba_kernels::reduce::{launch_reduce, launch_softmax, ReduceKind};
+    let client = R::client(dev);
+    let mut rng = Rng(43);
+    for elem in narrow_elems(&client, "reduce") {
+        for (op, kind) in [
+            (ReduceOp::Sum, ReduceKind::Sum),
+            (ReduceOp::Mean, ReduceKind::Mean),
+            (ReduceOp::Max, ReduceKind::Max),
+        ] {
+            for shape in [&[3usize, 300, 4][..], &[4000, 2]] {
+                for axis in 0..shape.len() {
+                    let g = one_op("reduce", Op::Reduce { op, axis }, &[f32t(shape)]);
+                    let x = rounded(elem, &rng.tensor(shape));
+                    let (_, want) = reference_y(&g, vec![x.clone()]);
+                    let outer: usize = shape[..axis].iter().product();
+                    let inner: usize = shape[axis + 1..].iter().product();
+                    let out = client.empty(want.len() * elem.size());
+                    let hx = upload_tensor(&client, elem, &x);
+                    launch_reduce(&client, elem, kind, &hx, &out, outer, shape[axis], inner);
+                    let got = download_as(&client, elem, &out, want.len());
+                    // Sums of up to 4000 values in [-1, 1): f32 order
+                    // differences stay under 1e-3 of the terms.
+                    assert_narrow(
+                        &want,
+                        &got,
+                        narrow_rel(elem),
+                        1e-3,
+                        &format!("{elem:?} {op:?} {shape:?} axis {axis}"),
+                    );
+                }
+            }
+        }
+        for axis in [2, 1] {
+            let shape = [2usize, 7, 300];
+            let g = one_op("softmax", Op::Softmax { axis }, &[f32t(&shape)]);
+            let x = rounded(elem, &rng.tensor(&shape));
+            let (_, want) = reference_y(&g, vec![x.clone()]);
+            let outer: usize = shape[..axis].iter().product();
+            let inner: usize = shape[axis + 1..].iter().product();
+            let out = client.empty(want.len() * elem.size());
+            let hx = upload_tensor(&client, elem, &x);
+            launch_softmax(&client, elem, &hx, &out, outer, shape[axis], inner);
+            let got = download_as(&client, elem, &out, want.len());
+            assert_narrow(
+                &want,
+                &got,
+                narrow_rel(elem),
+                1e-6,
+                &format!("{elem:?} softmax axis {axis}"),
+            );
+        }
+    }
+}
+
+/// RMS norm (the vectorized path: 8, 300, 4096; the scalar one: 301, 7)
+/// and cross-entropy (its loss stored as the logits are).
+pub fn narrow_norms<R: Runtime>(dev: &R::Device) {
+    use caramba_kernels::norm::{launch_cross_entropy, launch_rms_norm};
+    let client = R::client(dev);
+    let mut rng = Rng(44);
+    for elem in narrow_elems(&client, "norms") {
+        for d in [8, 300, 4096, 302, 7] {
+            let g = one_op(
+                "rms",
+                Op::RmsNorm { eps: Scalar(1e-5) },
+                &[f32t(&[2, 3, d]), f32t(&[d])],
+            );
+            let x = rounded(elem, &rng.tensor(&[2, 3, d]));
+            let w = rounded(elem, &rng.tensor(&[d]));
+            let (_, want) = reference_y(&g, vec![x.clone(), w.clone()]);
+            let out = client.empty(want.len() * elem.size());
+            launch_rms_norm(
+                &client,
+                elem,
+                &upload_tensor(&client, elem, &x),
+                &upload_tensor(&client, elem, &w),
+                &out,
+                6,
+                d,
+                1e-5,
+            );
+            let got = download_as(&client, elem, &out, want.len());
+            assert_narrow(
+                &want,
+                &got,
+                narrow_rel(elem),
+                1e-5,
+                &format!("{elem:?} rms_norm d {d}"),
+            );
+        }
+        let mut g = Graph::new("xent");
+        let l = g.input("x0", f32t(&[12, 300])).unwrap();
+        let t = g
+            .input("x1", TensorType::new(DType::I32, shape![12]))
+            .unwrap();
+        let y = g.add(Op::CrossEntropy, &[l, t], "").unwrap();
+        g.set_output("y", y);
+        let logits = rng.tensor(&[12, 300]);
+        let logits = Tensor::f32(
+            vec![12, 300],
+            logits.as_f32().unwrap().iter().map(|v| v * 10.0).collect(),
+        );
+        let logits = rounded(elem, &logits);
+        let targets = rng.ids(&[12], 300);
+        let (_, want) = reference_y(&g, vec![logits.clone(), targets.clone()]);
+        let out = client.empty(want.len() * elem.size());
+        launch_cross_entropy(
+            &client,
+            elem,
+            &upload_tensor(&client, elem, &logits),
+            &upload_tensor(&client, elem, &targets),
+            &out,
+            12,
+            300,
+        );
+        let got = download_as(&client, elem, &out, want.len());
+        // A log-sum-exp over 300 terms: f32 differences of ~1e-5.
+        assert_narrow(
+            &want,
+            &got,
+            narrow_rel(elem),
+            1e-4,
+            &format!("{elem:?} xent"),
+        );
+    }
+}
+
+/// Gather and the causal mask move stored elements (exact); scatter-add
+/// sums in `f32` and rounds once; one-hot writes 0 and 1.
+pub fn narrow_gather<R: Runtime>(dev: &R::Device) {
+    use caramba_kernels::gather::{
+        launch_causal_mask, launch_gather, launch_one_hot, launch_scatter_add,
+    };
+    let client = R::client(dev);
+    let mut rng = Rng(45);
+    let mut g = Graph::new("gather");
+    let table = g.input("x0", f32t(&[11, 6])).unwrap();
+    let ids = g
+        .input("x1", TensorType::new(DType::I32, shape![2, 5]))
+        .unwrap();
+    let src = g.input("x2", f32t(&[2, 5, 6])).unwrap();
+    let x = g.input("x3", f32t(&[2, 3, 7])).unwrap();
+    let y = g.add(Op::Gather, &[table, ids], "").unwrap();
+    let sc = g.add(Op::ScatterAdd { size: 11 }, &[ids, src], "").unwrap();
+    let oh = g
+        .add(
+            Op::OneHot {
+                depth: 11,
+                dtype: DType::F32,
+            },
+            &[ids],
+            "",
+        )
+        .unwrap();
+    let mask = g.add(Op::CausalMask, &[x], "").unwrap();
+    g.set_output("y", y);
+    g.set_output("scatter", sc);
+    g.set_output("one_hot", oh);
+    g.set_output("mask", mask);
+    for elem in narrow_elems(&client, "gather") {
+        let tv = rounded(elem, &rng.tensor(&[11, 6]));
+        // Repeated ids, so that scatter-add sums several rows.
+        let iv = Tensor::i32(vec![2, 5], vec![3, 0, 3, 10, 7, 3, 0, 5, 10, 1]);
+        let sv = rounded(elem, &rng.tensor(&[2, 5, 6]));
+        let xv = rounded(elem, &rng.tensor(&[2, 3, 7]));
+        let want = eval(
+            &g,
+            &bind(vec![tv.clone(), iv.clone(), sv.clone(), xv.clone()]),
+        )
+        .expect("reference evaluation");
+        let want = |name: &str| want[name].as_f32().unwrap().to_vec();
+        let (ht, hi) = (
+            upload_tensor(&client, elem, &tv),
+            upload_tensor(&client, elem, &iv),
+        );
+        let (hs, hx) = (
+            upload_tensor(&client, elem, &sv),
+            upload_tensor(&client, elem, &xv),
+        );
+        let out = client.empty(60 * elem.size());
+        launch_gather(&client, elem, &ht, &hi, &out, 11, 6, 10);
+        assert_eq!(
+            download_as(&client, elem, &out, 60),
+            want("y"),
+            "{elem:?} gather"
+        );
+        let out = client.empty(66 * elem.size());
+        let ids_host = iv.as_i32().unwrap().to_vec();
+        launch_scatter_add(&client, elem, &ids_host, &hs, &out, 6, 11);
+        let got = download_as(&client, elem, &out, 66);
+        assert_narrow(
+            &want("scatter"),
+            &got,
+            narrow_rel(elem),
+            1e-6,
+            &format!("{elem:?} scatter_add"),
+        );
+        let out = client.empty(110 * elem.size());
+        launch_one_hot(&client, elem, &hi, &out, 10, 11);
+        assert_eq!(
+            download_as(&client, elem, &out, 110),
+            want("one_hot"),
+            "{elem:?} one_hot"
+        );
+        let out = client.empty(42 * elem.size());
+        launch_causal_mask(&client, elem, &hx, &out, 3, 7, 42);
+        assert_eq!(
+            download_as(&client, elem, &out, 42),
+            want("mask"),
+            "{elem:?} mask"
+        );
+    }
+}
+
+/// RoPE with `x` and the output narrow, the inverse frequencies `f32`.
+pub fn narrow_rope<R: Runtime>(dev: &R::Device) {
+    use caramba_kernels::rope::launch_rope;
+    let client = R::client(dev);
+    let mut rng = Rng(46);
+    let spec = RopeSpec {
+        theta: Scalar(10000.0),
+        scaling: None,
+    };
+    let mut g = Graph::new("rope");
+    let x = g.input("x0", f32t(&[2, 6, 3, 16])).unwrap();
+    let pos = g
+        .input("x1", TensorType::new(DType::I32, shape![6]))
+        .unwrap();
+    let y = g.add(Op::Rope(spec), &[x, pos], "").unwrap();
+    g.set_output("y", y);
+    let inv: Vec<f32> = spec.inv_freq(16).into_iter().map(|f| f as f32).collect();
+    for elem in narrow_elems(&client, "rope") {
+        let xv = rounded(elem, &rng.tensor(&[2, 6, 3, 16]));
+        let p = Tensor::i32(vec![6], vec![0, 1, 2, 3, 40, 127]);
+        let (_, want) = reference_y(&g, vec![xv.clone(), p.clone()]);
+        let out = client.empty(want.len() * elem.size());
+        launch_rope(
+            &client,
+            elem,
+            &upload_tensor(&client, elem, &xv),
+            &upload_tensor(&client, elem, &p),
+            &upload_as(&client, FloatElem::F32, &inv),
+            &out,
+            6,
+            3,
+            16,
+            want.len(),
+        );
+        let got = download_as(&client, elem, &out, want.len());
+        assert_narrow(
+            &want,
+            &got,
+            narrow_rel(elem),
+            1e-4,
+            &format!("{elem:?} rope"),
+        );
+    }
+}
+
+/// Attention's (q, k, v) shapes for the narrow tests: GQA (keys and values
+/// broadcast over the group axis), decode-like T < S with d ≠ dv, and more
+/// keys than one tile.
+const NARROW_ATTENTION: [(&[usize], &[usize], &[usize]); 3] = [
+    (&[1, 2, 2, 5, 16], &[1, 2, 1, 5, 16], &[1, 2, 1, 5, 16]),
+    (&[2, 3, 12], &[2, 20, 12], &[2, 20, 6]),
+    (&[1, 70, 8], &[1, 150, 8], &[1, 150, 130]),
+];
+
+/// The attention forward, plain and with each row's log-sum-exp appended,
+/// causal and not. Scores, softmax statistics and accumulators are `f32`,
+/// so the only narrow rounding is the inputs' (shared with the reference)
+/// and the output's.
+pub fn narrow_attention<R: Runtime>(dev: &R::Device) {
+    use caramba_kernels::attention::{launch_attention, launch_attention_with_lse};
+    let client = R::client(dev);
+    let mut rng = Rng(47);
+    for elem in narrow_elems(&client, "attention") {
+        for causal in [false, true] {
+            for (sq, sk, sv) in NARROW_ATTENTION {
+                let scale = Scalar(1.0 / (sq[sq.len() - 1] as f64).sqrt());
+                let xs: Vec<Tensor> = [sq, sk, sv]
+                    .iter()
+                    .map(|s| rounded(elem, &rng.tensor(s)))
+                    .collect();
+                let hs: Vec<Handle> = xs.iter().map(|x| upload_tensor(&client, elem, x)).collect();
+                for with_lse in [false, true] {
+                    let op = if with_lse {
+                        Op::AttentionWithLse { causal, scale }
+                    } else {
+                        Op::Attention { causal, scale }
+                    };
+                    let g = one_op("attention", op, &[f32t(sq), f32t(sk), f32t(sv)]);
+                    let (shape, want) = reference_y(&g, xs.clone());
+                    let batch = &shape[..shape.len() - 2];
+                    let (q, k, v) = (
+                        batch_view(&hs[0], sq, batch),
+                        batch_view(&hs[1], sk, batch),
+                        batch_view(&hs[2], sv, batch),
+                    );
+                    let out = client.empty(want.len() * elem.size());
+                    let o = View::contiguous(out.clone(), &shape);
+                    let launch = if with_lse {
+                        launch_attention_with_lse
+                    } else {
+                        launch_attention
+                    };
+                    launch(&client, elem, &q, &k, &v, &o, causal, scale.0 as f32);
+                    let got = download_as(&client, elem, &out, want.len());
+                    assert_narrow(
+                        &want,
+                        &got,
+                        narrow_rel(elem),
+                        1e-4,
+                        &format!("{elem:?} {sq:?} causal {causal} lse {with_lse}"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Attention's backward kernels: `dq` and `dk`/`dv` from one pass, with
+/// every operand narrow (q, k, v, dout, and lse and delta computed by the
+/// reference and rounded), against the reference's `attention_grad` on the
+/// same rounded operands.
+pub fn narrow_attention_backward<R: Runtime>(dev: &R::Device) {
+    use caramba_kernels::attention_backward::{
+        launch_attention_dkv, launch_attention_dq, GradOperands, KeyGrads,
+    };
+    let client = R::client(dev);
+    let mut rng = Rng(48);
+    for elem in narrow_elems(&client, "attention_backward") {
+        for causal in [false, true] {
+            for (sq, sk, sv) in NARROW_ATTENTION {
+                let scale = Scalar(1.0 / (sq[sq.len() - 1] as f64).sqrt());
+                // The forward's statistics, from the rounded operands.
+                let mut g = Graph::new("statistics");
+                let q = g.input("x0", f32t(sq)).unwrap();
+                let k = g.input("x1", f32t(sk)).unwrap();
+                let v = g.input("x2", f32t(sv)).unwrap();
+                let o = g
+                    .add(Op::Attention { causal, scale }, &[q, k, v], "")
+                    .unwrap();
+                let oshape = node_shape(&g, o);
+                let dout = g.input("x3", f32t(&oshape)).unwrap();
+                let lse = g
+                    .add(Op::AttentionLse { causal, scale }, &[q, k], "")
+                    .unwrap();
+                let prod = g.add(Op::Binary(BinaryOp::Mul), &[dout, o], "").unwrap();
+                let delta = g
+                    .add(
+                        Op::Reduce {
+                            op: ReduceOp::Sum,
+                            axis: oshape.len() - 1,
+                        },
+                        &[prod],
+                        "",
+                    )
+                    .unwrap();
+                g.set_output("lse", lse);
+                g.set_output("delta", delta);
+                let mut xs: Vec<Tensor> = [sq, sk, sv, &oshape[..]]
+                    .iter()
+                    .map(|s| rounded(elem, &rng.tensor(s)))
+                    .collect();
+                let stats = eval(&g, &bind(xs.clone())).expect("reference evaluation");
+                xs.push(rounded(elem, &stats["lse"]));
+                xs.push(rounded(elem, &stats["delta"]));
+                let shapes: Vec<Vec<usize>> = xs.iter().map(|x| x.shape().to_vec()).collect();
+                let types: Vec<TensorType> = shapes.iter().map(|s| f32t(s)).collect();
+                let hs: Vec<Handle> = xs.iter().map(|x| upload_tensor(&client, elem, x)).collect();
+                for wrt in [AttnArg::Q, AttnArg::KV] {
+                    let g = one_op("grad", Op::AttentionGrad { causal, scale, wrt }, &types);
+                    let (shape, want) = reference_y(&g, xs.clone());
+                    let batch = &shape[..shape.len() - 2];
+                    let views: Vec<View> = hs
+                        .iter()
+                        .zip(&shapes)
+                        .map(|(h, s)| batch_view(h, s, batch))
+                        .collect();
+                    let operands = GradOperands {
+                        q: &views[0],
+                        k: &views[1],
+                        v: &views[2],
+                        dout: &views[3],
+                        lse: &views[4],
+                        delta: &views[5],
+                    };
+                    let out = client.empty(want.len() * elem.size());
+                    let o = View::contiguous(out.clone(), &shape);
+                    let s = scale.0 as f32;
+                    match wrt {
+                        AttnArg::Q => launch_attention_dq(&client, elem, &operands, &o, causal, s),
+                        _ => launch_attention_dkv(
+                            &client,
+                            elem,
+                            &operands,
+                            &o,
+                            causal,
+                            s,
+                            KeyGrads::KV,
+                        ),
+                    }
+                    let got = download_as(&client, elem, &out, want.len());
+                    assert_narrow(
+                        &want,
+                        &got,
+                        narrow_rel(elem),
+                        1e-4,
+                        &format!("{elem:?} {sq:?} causal {causal} d{wrt}"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Matrix products: the few-rows kernel (`b` with N contiguous, and a
+/// transposed view with K contiguous) and cubek's GEMM (exact routines,
+/// then the fast one), accumulating in `f32`.
+pub fn narrow_matmul<R: Runtime>(dev: &R::Device) {
+    use caramba_kernels::gemv::launch_gemv;
+    use caramba_kernels::matmul::launch_matmul;
+    let client = R::client(dev);
+    let mut rng = Rng(49);
+    for elem in narrow_elems(&client, "matmul") {
+        let (m, k, n) = (3, 70, 50);
+        let g = one_op("gemv", Op::MatMul, &[f32t(&[m, k]), f32t(&[k, n])]);
+        let a = rounded(elem, &rng.tensor(&[m, k]));
+        let b = rounded(elem, &rng.tensor(&[k, n]));
+        let (_, want) = reference_y(&g, vec![a.clone(), b.clone()]);
+        let ha = View::contiguous(upload_tensor(&client, elem, &a), &[m, k]);
+        // b as stored, and its transpose stored (n, k) read through strides.
+        let bv = b.as_f32().unwrap();
+        let bt: Vec<f32> = (0..n * k).map(|i| bv[(i % k) * n + i / k]).collect();
+        let layouts = [
+            View::contiguous(upload_tensor(&client, elem, &b), &[k, n]),
+            View {
+                handle: upload_as(&client, elem, &bt),
+                shape: vec![k, n],
+                strides: vec![1, k],
+                offset: 0,
+            },
+        ];
+        for hb in &layouts {
+            let out = client.empty(m * n * elem.size());
+            launch_gemv(
+                &client,
+                elem,
+                &ha,
+                hb,
+                &View::contiguous(out.clone(), &[m, n]),
+            );
+            let got = download_as(&client, elem, &out, m * n);
+            assert_narrow(
+                &want,
+                &got,
+                narrow_rel(elem),
+                1e-4,
+                &format!("{elem:?} gemv strides {:?}", hb.strides),
+            );
+        }
+        let (sa, sb) = ([2usize, 33, 40], [2usize, 40, 17]);
+        let g = one_op("matmul", Op::MatMul, &[f32t(&sa), f32t(&sb)]);
+        let a = rounded(elem, &rng.tensor(&sa));
+        let b = rounded(elem, &rng.tensor(&sb));
+        let (shape, want) = reference_y(&g, vec![a.clone(), b.clone()]);
+        let va = View::contiguous(upload_tensor(&client, elem, &a), &sa);
+        let vb = View::contiguous(upload_tensor(&client, elem, &b), &sb);
+        for fast in [false, true] {
+            let out = client.empty(want.len() * elem.size());
+            launch_matmul(
+                &client,
+                elem,
+                &va,
+                &vb,
+                &View::contiguous(out.clone(), &shape),
+                fast,
+            )
+            .unwrap();
+            let got = download_as(&client, elem, &out, want.len());
+            assert_narrow(
+                &want,
+                &got,
+                narrow_rel(elem),
+                1e-4,
+                &format!("{elem:?} matmul fast {fast}"),
+            );
+        }
+    }
+}
+
+/// `kv_attention` with `q` and the output narrow over float caches of
+/// narrow storage (vectorized and 6-dim scalar loads), a narrow key cache
+/// beside an `f32` value cache, and a narrow key cache beside a q8 one with
+/// nf4 values (quantized from narrow input); plus quantize and dequantize
+/// with narrow float sides.
+pub fn narrow_kv_attention<R: Runtime>(dev: &R::Device) {
+    use caramba_ir::{KvPart, QuantFormat};
+    use caramba_kernels::kv_attention::{launch_kv_attention, CachePart, KvShape};
+    use caramba_kernels::quant::{self, launch_dequantize, launch_quantize};
+    let client = R::client(dev);
+    let mut rng = Rng(50);
+    let (b, kv, grp) = (2usize, 2usize, 3usize);
+    let code = |f: QuantFormat| match f {
+        QuantFormat::Q8 => quant::Q8,
+        QuantFormat::Q4 => quant::Q4,
+        QuantFormat::Nf4 => quant::NF4,
+    };
+    for elem in narrow_elems(&client, "kv_attention") {
+        // (format, storage, dims) of the key parts, then of the values.
+        type Part = (Option<QuantFormat>, FloatElem, usize);
+        let configs: [(Vec<Part>, Part); 4] = [
+            (vec![(None, elem, 16)], (None, elem, 16)),
+            (vec![(None, elem, 6)], (None, elem, 6)),
+            (vec![(None, elem, 16)], (None, FloatElem::F32, 16)),
+            (
+                vec![(None, elem, 16), (Some(QuantFormat::Q8), elem, 32)],
+                (Some(QuantFormat::Nf4), elem, 16),
+            ),
+        ];
+        for (t, s) in [(1usize, 300usize), (5, 5), (3, 130)] {
+            for (keys, value) in &configs {
+                let parts: Vec<Part> = keys.iter().chain([value]).copied().collect();
+                let dk: usize = keys.iter().map(|p| p.2).sum();
+                let dv = value.2;
+                for causal in [false, true] {
+                    let mut g = Graph::new("kv_attention");
+                    let q = g.input("x0", f32t(&[b, kv, grp, t, dk])).unwrap();
+                    let mut xs = vec![q];
+                    let mut vals = vec![rounded(elem, &rng.tensor(&[b, kv, grp, t, dk]))];
+                    let mut cache = Vec::new();
+                    for (i, &(format, storage, dim)) in parts.iter().enumerate() {
+                        let shape = [b, s, kv * dim];
+                        let raw = g.input(&format!("x{}", i + 1), f32t(&shape)).unwrap();
+                        let x = rounded(storage, &rng.tensor(&shape));
+                        let h = upload_tensor(&client, storage, &x);
+                        vals.push(x);
+                        let (handle, fmt) = match format {
+                            None => {
+                                xs.push(raw);
+                                (h, quant::FLOAT)
+                            }
+                            Some(f) => {
+                                xs.push(g.add(Op::Quantize(f), &[raw], "").unwrap());
+                                let words = b * s * quant::row_words(code(f), kv * dim);
+                                let out = client.empty(words * 4);
+                                launch_quantize(
+                                    &client,
+                                    storage,
+                                    code(f),
+                                    &h,
+                                    &out,
+                                    b * s,
+                                    kv * dim,
+                                );
+                                (out, code(f))
+                            }
+                        };
+                        cache.push(CachePart {
+                            handle,
+                            format: fmt,
+                            elem: storage,
+                            dim,
+                        });
+                    }
+                    let op = Op::KvAttention {
+                        causal,
+                        scale: Scalar(0.25),
+                        heads: kv,
+                        parts: parts
+                            .iter()
+                            .map(|&(format, _, dim)| KvPart { format, dim })
+                            .collect(),
+                    };
+                    let y = g.add(op, &xs, "").unwrap();
+                    g.set_output("y", y);
+                    let (_, want) = reference_y(&g, vals.clone());
+                    let values = cache.pop().unwrap();
+                    let out = client.empty(want.len() * elem.size());
+                    let shape = KvShape {
+                        batch: b,
+                        heads: kv,
+                        groups: grp,
+                        t,
+                        s,
+                    };
+                    launch_kv_attention(
+                        &client,
+                        elem,
+                        shape,
+                        &upload_tensor(&client, elem, &vals[0]),
+                        &cache,
+                        &values,
+                        &out,
+                        causal,
+                        0.25,
+                    )
+                    .unwrap();
+                    let got = download_as(&client, elem, &out, want.len());
+                    assert_narrow(
+                        &want,
+                        &got,
+                        narrow_rel(elem),
+                        1e-4,
+                        &format!("{elem:?} t {t} s {s} parts {parts:?} dv {dv} causal {causal}"),
+                    );
+                }
+            }
+        }
+        // Quantize from and dequantize to narrow storage.
+        for f in [QuantFormat::Q8, QuantFormat::Q4, QuantFormat::Nf4] {
+            let mut g = Graph::new("quantize");
+            let x = g.input("x0", f32t(&[3, 5, 96])).unwrap();
+            let q = g.add(Op::Quantize(f), &[x], "").unwrap();
+            let y = g
+                .add(
+                    Op::Dequantize {
+                        format: f,
+                        dtype: DType::F32,
+                    },
+                    &[q],
+                    "",
+                )
+                .unwrap();
+            g.set_output("y", y);
+            let xv = rounded(elem, &rng.tensor(&[3, 5, 96]));
+            let (_, want) = reference_y(&g, vec![xv.clone()]);
+            let words = 15 * quant::row_words(code(f), 96);
+            let codes = client.empty(words * 4);
+            launch_quantize(
+                &client,
+                elem,
+                code(f),
+                &upload_tensor(&client, elem, &xv),
+                &codes,
+                15,
+                96,
+            );
+            let out = client.empty(want.len() * elem.size());
+            launch_dequantize(&client, elem, code(f), &codes, &out, 15, 96);
+            let got = download_as(&client, elem, &out, want.len());
+            assert_narrow(
+                &want,
+                &got,
+                narrow_rel(elem),
+                1e-6,
+                &format!("{elem:?} {f:?}"),
+            );
+        }
+    }
+}
+
 /// Stamps the suite out for one backend: `$available` says whether a
 /// device exists, `$device` builds it.
 macro_rules! gpu_suite {
@@ -1508,7 +2472,9 @@ macro_rules! all_tests {
             mixed_precision_gradients,
             dba_preset, quantize_formats, kv_attention_over_caches, cached_tiny_llama,
             resident_values, fused_optimizers, grad_norm_and_clipping, trainer_matches_host_sgd,
-            trainer_matches_host_adamw);
+            trainer_matches_host_adamw, narrow_elementwise, narrow_copy, narrow_cast,
+            narrow_reduce_softmax, narrow_norms, narrow_gather, narrow_rope, narrow_attention,
+            narrow_attention_backward, narrow_matmul, narrow_kv_attention);
     };
 }
 
