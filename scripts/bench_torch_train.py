@@ -34,8 +34,15 @@ def main():
     torch.backends.cudnn.allow_tf32 = tf32
     cfg = LlamaConfig(**SHAPES[which], rms_norm_eps=1e-5, tie_word_embeddings=True,
                       max_position_embeddings=max(2048, t))
-    for dtype_name, dtype in [("f32", torch.float32), ("bf16", torch.bfloat16)]:
-        for mode in ["eager", "compile"]:
+    # CARAMBA_TORCH_DTYPES (default "f32,bf16"; "amp" is f32 weights under
+    # bf16 autocast, what caramba's `use_amp: true` does) and
+    # CARAMBA_TORCH_MODES (default "eager,compile") pick the lines.
+    dtypes = {"f32": torch.float32, "bf16": torch.bfloat16, "amp": torch.float32}
+    wanted = os.environ.get("CARAMBA_TORCH_DTYPES", "f32,bf16").split(",")
+    modes = os.environ.get("CARAMBA_TORCH_MODES", "eager,compile").split(",")
+    for dtype_name, dtype in [(d, dtypes[d]) for d in wanted]:
+        amp = dtype_name == "amp"
+        for mode in modes:
             try:
                 torch.manual_seed(0)
                 model = LlamaForCausalLM(cfg).to("cuda", dtype).train()
@@ -45,7 +52,8 @@ def main():
                 ids = torch.randint(0, cfg.vocab_size, (b, t), device="cuda")
 
                 def step():
-                    loss = fwd(input_ids=ids, labels=ids).loss
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                        loss = fwd(input_ids=ids, labels=ids).loss
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                     opt.step()
@@ -64,9 +72,9 @@ def main():
                 secs = (time.perf_counter() - start) / steps
                 tps = b * t / secs
                 print(json.dumps(dict(
-                    name=f"train_{which}_b{b}_t{t}_{'tf32' if tf32 and dtype == torch.float32 else dtype_name}",
+                    name=f"train_{which}_b{b}_t{t}_{'tf32' if tf32 and dtype_name == 'f32' else dtype_name}",
                     impl=f"torch-{mode}", ms_per_step=round(secs * 1e3, 1), tokens_per_s=round(tps),
-                    mfu=round(6 * n * tps / (67e12 if dtype == torch.float32 else 989e12), 3),
+                    mfu=round(6 * n * tps / (67e12 if dtype_name == "f32" else 989e12), 3),
                     peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1))), flush=True)
                 del model, opt, fwd
                 torch.cuda.empty_cache()

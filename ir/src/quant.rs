@@ -107,12 +107,16 @@ impl QuantFormat {
     }
 
     /// The code of value `x` in a block with scale `s` (and, for `nf4`, the
-    /// inverse scale `inv`).
+    /// inverse scale `inv`). `round` is to nearest, ties to even, as the
+    /// GPU kernels' `round` is (CUDA's `rint`, WGSL's `round`): half-
+    /// precision inputs sit on a coarse grid, where exact ties happen.
     fn encode(self, x: f32, s: f32) -> u32 {
         let inv = if s == 0.0 { 0.0 } else { 1.0 / s };
         match self {
-            QuantFormat::Q8 => ((x * inv).round().clamp(-127.0, 127.0) as i32 as u32) & 0xff,
-            QuantFormat::Q4 => ((x * inv).round() + 8.0).clamp(0.0, 15.0) as u32,
+            QuantFormat::Q8 => {
+                ((x * inv).round_ties_even().clamp(-127.0, 127.0) as i32 as u32) & 0xff
+            }
+            QuantFormat::Q4 => ((x * inv).round_ties_even() + 8.0).clamp(0.0, 15.0) as u32,
             QuantFormat::Nf4 => {
                 // The nearest level, found as the number of midpoints
                 // between levels below y (a tie goes to the lower level).

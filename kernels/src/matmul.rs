@@ -7,10 +7,10 @@
 //! (e.g. a transposed `b`): cubek copies a layout it cannot read into a
 //! contiguous buffer first.
 //!
-//! Strategy: with `fast` set, cubek's tensor-core routine (CMMA; for `f32`
-//! operands this may compute in TF32 on NVIDIA cards) is tried first; then
-//! the exact per-unit routine, then the naive one. Without `fast`, only the
-//! exact routines run.
+//! Strategy: with `fast` set, or for half-precision operands, cubek's
+//! tensor-core routine (CMMA; for `f32` operands this may compute in TF32
+//! on NVIDIA cards) is tried first; then the exact per-unit routine, then
+//! the naive one. For f32 without `fast`, only the exact routines run.
 //!
 //! Operands and output are stored as the launch's `elem`; for `f16` and
 //! `bf16` cubek accumulates in `f32` (`MatmulElems::from_globals` makes the
@@ -60,7 +60,10 @@ pub fn launch_matmul<R: Runtime>(
         out: ty,
     };
     let mut strategies = Vec::new();
-    if fast {
+    // Half-precision operands go to tensor cores whatever `fast` says:
+    // their products are exact in the f32 accumulator, so nothing is lost
+    // (TF32 is the inexact case, for f32 operands).
+    if fast || elem != FloatElem::F32 {
         strategies.push(Strategy::SimpleCyclicCmma(Default::default()));
     }
     strategies.push(Strategy::SimpleUnit(Default::default()));

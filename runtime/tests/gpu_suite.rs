@@ -2378,11 +2378,15 @@ pub fn narrow_kv_attention<R: Runtime>(dev: &R::Device) {
                     )
                     .unwrap();
                     let got = download_as(&client, elem, &out, want.len());
+                    // Values are of order 1, so an error of a fraction of
+                    // the format's step at 1 is within its precision
+                    // (seen on an H100: 2.5 bf16 steps at 0.036, q8 keys
+                    // and nf4 values, i.e. 6e-4).
                     assert_narrow(
                         &want,
                         &got,
                         narrow_rel(elem),
-                        1e-4,
+                        narrow_rel(elem) / 4.0,
                         &format!("{elem:?} t {t} s {s} parts {parts:?} dv {dv} causal {causal}"),
                     );
                 }
