@@ -40,11 +40,11 @@ pub const ATTN_BLOCK: usize = 64;
 pub const ATTN_QUERIES: usize = 8;
 
 #[cube(launch_unchecked)]
-fn attention_kernel<E: Float + CubeElement>(
-    q: &Tensor<E>,
-    k: &Tensor<E>,
-    v: &Tensor<E>,
-    out: &mut Tensor<E>,
+fn attention_kernel<F: Float + CubeElement>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    out: &mut Tensor<F>,
     scale: f32,
     neg_inf: f32,
     #[comptime] causal: bool,
@@ -263,7 +263,7 @@ fn attention_kernel<E: Float + CubeElement>(
             if lse_only || with_lse {
                 let lse = m[qi] + l[qi].ln();
                 if u == 0 {
-                    out[row + width - 1] = E::cast_from(lse);
+                    out[row + width - 1] = F::cast_from(lse);
                 }
             }
             if !lse_only {
@@ -271,7 +271,7 @@ fn attention_kernel<E: Float + CubeElement>(
                 for c in 0..cols {
                     let col = c * ATTN_BLOCK + u;
                     if col < dv {
-                        out[row + col] = E::cast_from(acc[qi * cols + c] / l[qi]);
+                        out[row + col] = F::cast_from(acc[qi * cols + c] / l[qi]);
                     }
                 }
             }
@@ -357,8 +357,8 @@ fn launch<R: Runtime>(
     let stride = d.max(dv) + 1;
     let shared = 4 * (ATTN_BLOCK * stride + ATTN_QUERIES * (d + ATTN_BLOCK));
     let staged = shared <= client.properties().hardware.max_shared_memory_size;
-    with_float!(elem, E => unsafe {
-        attention_kernel::launch_unchecked::<E, R>(
+    with_float!(elem, F => unsafe {
+        attention_kernel::launch_unchecked::<F, R>(
             client,
             grid_1d(cubes, 1),
             CubeDim::new_1d(ATTN_BLOCK as u32),

@@ -60,9 +60,9 @@ fn batch_offset<F: Float>(t: &Tensor<F>, out: &Tensor<F>, batch: usize) -> usize
 /// cube of `GRAD_BLOCK` units; rows at `len` or past it become zeros.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn stage_rows<E: Float>(
+fn stage_rows<F: Float>(
     dst: &mut SharedMemory<f32>,
-    src: &Tensor<E>,
+    src: &Tensor<F>,
     base: usize,
     start: usize,
     len: usize,
@@ -86,14 +86,14 @@ fn stage_rows<E: Float>(
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn attention_dq_kernel<E: Float + CubeElement>(
-    q: &Tensor<E>,
-    k: &Tensor<E>,
-    v: &Tensor<E>,
-    dout: &Tensor<E>,
-    lse: &Tensor<E>,
-    delta: &Tensor<E>,
-    out: &mut Tensor<E>,
+fn attention_dq_kernel<F: Float + CubeElement>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    dout: &Tensor<F>,
+    lse: &Tensor<F>,
+    delta: &Tensor<F>,
+    out: &mut Tensor<F>,
     scale: f32,
     #[comptime] causal: bool,
     #[comptime] d: usize,
@@ -110,12 +110,12 @@ fn attention_dq_kernel<E: Float + CubeElement>(
         terminate!();
     }
     let first = (cube % blocks) * GRAD_ROWS;
-    let qo = batch_offset::<E>(q, out, batch);
-    let ko = batch_offset::<E>(k, out, batch);
-    let vo = batch_offset::<E>(v, out, batch);
-    let go = batch_offset::<E>(dout, out, batch);
-    let lo = batch_offset::<E>(lse, out, batch);
-    let eo = batch_offset::<E>(delta, out, batch);
+    let qo = batch_offset::<F>(q, out, batch);
+    let ko = batch_offset::<F>(k, out, batch);
+    let vo = batch_offset::<F>(v, out, batch);
+    let go = batch_offset::<F>(dout, out, batch);
+    let lo = batch_offset::<F>(lse, out, batch);
+    let eo = batch_offset::<F>(delta, out, batch);
     let (k_s, k_d) = (k.stride(rank - 2), k.stride(rank - 1));
     let (v_s, v_d) = (v.stride(rank - 2), v.stride(rank - 1));
     let (l_t, e_t) = (lse.stride(rank - 2), delta.stride(rank - 2));
@@ -130,8 +130,8 @@ fn attention_dq_kernel<E: Float + CubeElement>(
     } else {
         1
     }));
-    stage_rows::<E>(&mut q_sh, q, qo, first, t, GRAD_ROWS, d, d);
-    stage_rows::<E>(&mut g_sh, dout, go, first, t, GRAD_ROWS, dv, dv);
+    stage_rows::<F>(&mut q_sh, q, qo, first, t, GRAD_ROWS, d, d);
+    stage_rows::<F>(&mut g_sh, dout, go, first, t, GRAD_ROWS, dv, dv);
 
     let mut limits = Array::<usize>::new(GRAD_ROWS);
     let mut row_lse = Array::<f32>::new(GRAD_ROWS);
@@ -178,7 +178,7 @@ fn attention_dq_kernel<E: Float + CubeElement>(
         let key = start + u;
         // Scores of this thread's key against the block's rows.
         if staged {
-            stage_rows::<E>(&mut kv_sh, k, ko, start, s_len, GRAD_BLOCK, d, stride);
+            stage_rows::<F>(&mut kv_sh, k, ko, start, s_len, GRAD_BLOCK, d, stride);
             sync_cube();
         }
         #[unroll]
@@ -202,7 +202,7 @@ fn attention_dq_kernel<E: Float + CubeElement>(
         // dp = dout·vᵀ for the same key.
         if staged {
             sync_cube();
-            stage_rows::<E>(&mut kv_sh, v, vo, start, s_len, GRAD_BLOCK, dv, stride);
+            stage_rows::<F>(&mut kv_sh, v, vo, start, s_len, GRAD_BLOCK, dv, stride);
             sync_cube();
         }
         if key < s_len {
@@ -230,7 +230,7 @@ fn attention_dq_kernel<E: Float + CubeElement>(
         // The keys again, for ds·k.
         if staged {
             sync_cube();
-            stage_rows::<E>(&mut kv_sh, k, ko, start, s_len, GRAD_BLOCK, d, stride);
+            stage_rows::<F>(&mut kv_sh, k, ko, start, s_len, GRAD_BLOCK, d, stride);
         }
         sync_cube();
         let mut n_keys = max_limit - start;
@@ -264,7 +264,7 @@ fn attention_dq_kernel<E: Float + CubeElement>(
             for c in 0..cols {
                 let col = c * GRAD_BLOCK + u;
                 if col < d {
-                    out[(batch * t + i) * d + col] = E::cast_from(acc[qi * cols + c]);
+                    out[(batch * t + i) * d + col] = F::cast_from(acc[qi * cols + c]);
                 }
             }
         }
@@ -273,14 +273,14 @@ fn attention_dq_kernel<E: Float + CubeElement>(
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn attention_dkv_kernel<E: Float + CubeElement>(
-    q: &Tensor<E>,
-    k: &Tensor<E>,
-    v: &Tensor<E>,
-    dout: &Tensor<E>,
-    lse: &Tensor<E>,
-    delta: &Tensor<E>,
-    out: &mut Tensor<E>,
+fn attention_dkv_kernel<F: Float + CubeElement>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    dout: &Tensor<F>,
+    lse: &Tensor<F>,
+    delta: &Tensor<F>,
+    out: &mut Tensor<F>,
     scale: f32,
     #[comptime] causal: bool,
     #[comptime] d: usize,
@@ -302,12 +302,12 @@ fn attention_dkv_kernel<E: Float + CubeElement>(
         terminate!();
     }
     let first = (cube % blocks) * GRAD_ROWS;
-    let qo = batch_offset::<E>(q, out, batch);
-    let ko = batch_offset::<E>(k, out, batch);
-    let vo = batch_offset::<E>(v, out, batch);
-    let go = batch_offset::<E>(dout, out, batch);
-    let lo = batch_offset::<E>(lse, out, batch);
-    let eo = batch_offset::<E>(delta, out, batch);
+    let qo = batch_offset::<F>(q, out, batch);
+    let ko = batch_offset::<F>(k, out, batch);
+    let vo = batch_offset::<F>(v, out, batch);
+    let go = batch_offset::<F>(dout, out, batch);
+    let lo = batch_offset::<F>(lse, out, batch);
+    let eo = batch_offset::<F>(delta, out, batch);
     let (q_t, q_d) = (q.stride(rank - 2), q.stride(rank - 1));
     let (g_t, g_d) = (dout.stride(rank - 2), dout.stride(rank - 1));
     let (l_t, e_t) = (lse.stride(rank - 2), delta.stride(rank - 2));
@@ -322,8 +322,8 @@ fn attention_dkv_kernel<E: Float + CubeElement>(
     } else {
         1
     }));
-    stage_rows::<E>(&mut k_sh, k, ko, first, s_len, GRAD_ROWS, d, d);
-    stage_rows::<E>(&mut v_sh, v, vo, first, s_len, GRAD_ROWS, dv, dv);
+    stage_rows::<F>(&mut k_sh, k, ko, first, s_len, GRAD_ROWS, d, d);
+    stage_rows::<F>(&mut v_sh, v, vo, first, s_len, GRAD_ROWS, dv, dv);
     sync_cube();
 
     // Query i (at absolute position S − T + i) sees key j when j ≤ S − T + i:
@@ -365,7 +365,7 @@ fn attention_dkv_kernel<E: Float + CubeElement>(
         }
         // Scores of this thread's query against the block's keys.
         if staged {
-            stage_rows::<E>(&mut tile_sh, q, qo, start, t, GRAD_BLOCK, d, stride);
+            stage_rows::<F>(&mut tile_sh, q, qo, start, t, GRAD_BLOCK, d, stride);
             sync_cube();
         }
         #[unroll]
@@ -401,7 +401,7 @@ fn attention_dkv_kernel<E: Float + CubeElement>(
         if staged {
             // Everyone is done with the query tile: dout's rows replace it.
             sync_cube();
-            stage_rows::<E>(&mut tile_sh, dout, go, start, t, GRAD_BLOCK, dv, stride);
+            stage_rows::<F>(&mut tile_sh, dout, go, start, t, GRAD_BLOCK, dv, stride);
         }
         if with_v {
             #[unroll]
@@ -459,7 +459,7 @@ fn attention_dkv_kernel<E: Float + CubeElement>(
                 p_sh[kj * GRAD_BLOCK + u] = pr[kj] * (dp[kj] - row_delta) * scale;
             }
             if staged {
-                stage_rows::<E>(&mut tile_sh, q, qo, start, t, GRAD_BLOCK, d, stride);
+                stage_rows::<F>(&mut tile_sh, q, qo, start, t, GRAD_BLOCK, d, stride);
             }
             sync_cube();
             #[unroll]
@@ -492,7 +492,7 @@ fn attention_dkv_kernel<E: Float + CubeElement>(
                 for c in 0..cols_k {
                     let col = c * GRAD_BLOCK + u;
                     if col < d {
-                        out[row + col] = E::cast_from(acc_k[kj * cols_k + c]);
+                        out[row + col] = F::cast_from(acc_k[kj * cols_k + c]);
                     }
                 }
             }
@@ -501,7 +501,7 @@ fn attention_dkv_kernel<E: Float + CubeElement>(
                 for c in 0..cols_v {
                     let col = c * GRAD_BLOCK + u;
                     if col < dv {
-                        out[row + k_width + col] = E::cast_from(acc_v[kj * cols_v + c]);
+                        out[row + k_width + col] = F::cast_from(acc_v[kj * cols_v + c]);
                     }
                 }
             }
@@ -559,8 +559,8 @@ pub fn launch_attention_dq<R: Runtime>(
         return;
     }
     let cubes = batch * t.div_ceil(GRAD_ROWS);
-    with_float!(elem, E => unsafe {
-        attention_dq_kernel::launch_unchecked::<E, R>(
+    with_float!(elem, F => unsafe {
+        attention_dq_kernel::launch_unchecked::<F, R>(
             client,
             grid_1d(cubes, 1),
             CubeDim::new_1d(GRAD_BLOCK as u32),
@@ -611,8 +611,8 @@ pub fn launch_attention_dkv<R: Runtime>(
         return;
     }
     let cubes = batch * s.div_ceil(GRAD_ROWS);
-    with_float!(elem, E => unsafe {
-        attention_dkv_kernel::launch_unchecked::<E, R>(
+    with_float!(elem, F => unsafe {
+        attention_dkv_kernel::launch_unchecked::<F, R>(
             client,
             grid_1d(cubes, 1),
             CubeDim::new_1d(GRAD_BLOCK as u32),

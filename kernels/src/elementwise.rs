@@ -109,9 +109,9 @@ fn apply_binary<F: Float>(a: F, b: F, #[comptime] op: Binary) -> F {
 }
 
 #[cube(launch_unchecked)]
-fn elementwise_kernel<E: Float>(
-    inputs: &Sequence<Tensor<E>>,
-    out: &mut Tensor<E>,
+fn elementwise_kernel<F: Float>(
+    inputs: &Sequence<Tensor<F>>,
+    out: &mut Tensor<F>,
     #[comptime] prog: Sequence<Instr>,
 ) {
     let pos = linear_pos();
@@ -126,7 +126,7 @@ fn elementwise_kernel<E: Float>(
         let v = match ins {
             Instr::Input(k) => {
                 let t = inputs.index(k);
-                f32::cast_from(t[broadcast_offset::<E>(t, out, pos)])
+                f32::cast_from(t[broadcast_offset::<F>(t, out, pos)])
             }
             Instr::InputDense(k) => f32::cast_from(inputs.index(k)[pos]),
             Instr::Const(bits) => f32::new(comptime! { f32::from_bits(bits) }),
@@ -135,7 +135,7 @@ fn elementwise_kernel<E: Float>(
         };
         vals.push(v);
     }
-    out[pos] = E::cast_from(*vals.index(comptime! { prog.len() - 1 }));
+    out[pos] = F::cast_from(*vals.index(comptime! { prog.len() - 1 }));
 }
 
 /// Runs `prog` over `inputs` (views already broadcast to `out_shape`) into
@@ -167,8 +167,8 @@ pub fn launch_elementwise<R: Runtime>(
             other => other,
         });
     }
-    with_float!(elem, E => unsafe {
-        let mut args = SequenceArg::<R, Tensor<E>>::new();
+    with_float!(elem, F => unsafe {
+        let mut args = SequenceArg::<R, Tensor<F>>::new();
         // A program must read at least one operand for the kernel's
         // signature; constants-only programs read the output's own buffer,
         // unused.
@@ -178,7 +178,7 @@ pub fn launch_elementwise<R: Runtime>(
         if inputs.is_empty() {
             args.push(out.arg::<R>());
         }
-        elementwise_kernel::launch_unchecked::<E, R>(
+        elementwise_kernel::launch_unchecked::<F, R>(
             client,
             grid_1d(n, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
@@ -211,8 +211,8 @@ pub fn launch_fill_float<R: Runtime>(
     if n == 0 {
         return;
     }
-    with_float!(elem, E => unsafe {
-        fill_kernel::launch_unchecked::<E, f32, R>(
+    with_float!(elem, F => unsafe {
+        fill_kernel::launch_unchecked::<F, f32, R>(
             client,
             grid_1d(n, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),

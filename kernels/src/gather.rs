@@ -17,10 +17,10 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 #[cube(launch_unchecked)]
-fn gather_kernel<E: Float + CubeElement>(
-    table: &Array<E>,
+fn gather_kernel<F: Float + CubeElement>(
+    table: &Array<F>,
     ids: &Array<i32>,
-    out: &mut Array<E>,
+    out: &mut Array<F>,
     rows: usize,
     row_len: usize,
     n: usize,
@@ -32,7 +32,7 @@ fn gather_kernel<E: Float + CubeElement>(
     }
     // out (n_ids, row_len), table (rows, row_len)
     let id = ids[pos / row_len];
-    let mut v = E::cast_from(nan);
+    let mut v = F::cast_from(nan);
     if id >= 0 && (id as usize) < rows {
         v = table[id as usize * row_len + pos % row_len];
     }
@@ -56,8 +56,8 @@ pub fn launch_gather<R: Runtime>(
     if n == 0 {
         return;
     }
-    with_float!(elem, E => unsafe {
-        gather_kernel::launch_unchecked::<E, R>(
+    with_float!(elem, F => unsafe {
+        gather_kernel::launch_unchecked::<F, R>(
             client,
             grid_1d(n, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
@@ -73,9 +73,9 @@ pub fn launch_gather<R: Runtime>(
 }
 
 #[cube(launch_unchecked)]
-fn causal_mask_kernel<E: Float + CubeElement>(
-    x: &Array<E>,
-    out: &mut Array<E>,
+fn causal_mask_kernel<F: Float + CubeElement>(
+    x: &Array<F>,
+    out: &mut Array<F>,
     t: usize,
     s: usize,
     n: usize,
@@ -90,7 +90,7 @@ fn causal_mask_kernel<E: Float + CubeElement>(
     let i = (pos / s) % t;
     let mut v = x[pos];
     if j + t > i + s {
-        v = E::cast_from(neg_inf);
+        v = F::cast_from(neg_inf);
     }
     out[pos] = v;
 }
@@ -109,8 +109,8 @@ pub fn launch_causal_mask<R: Runtime>(
     if n == 0 {
         return;
     }
-    with_float!(elem, E => unsafe {
-        causal_mask_kernel::launch_unchecked::<E, R>(
+    with_float!(elem, F => unsafe {
+        causal_mask_kernel::launch_unchecked::<F, R>(
             client,
             grid_1d(n, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
@@ -125,11 +125,11 @@ pub fn launch_causal_mask<R: Runtime>(
 }
 
 #[cube(launch_unchecked)]
-fn scatter_add_kernel<E: Float>(
+fn scatter_add_kernel<F: Float>(
     offsets: &Array<i32>,
     order: &Array<i32>,
-    src: &Array<E>,
-    out: &mut Array<E>,
+    src: &Array<F>,
+    out: &mut Array<F>,
     row_len: usize,
     n: usize,
 ) {
@@ -145,7 +145,7 @@ fn scatter_add_kernel<E: Float>(
     for k in start..end {
         acc += f32::cast_from(src[order[k] as usize * row_len + j]);
     }
-    out[pos] = E::cast_from(acc);
+    out[pos] = F::cast_from(acc);
 }
 
 /// Which source rows each output row of a scatter-add sums, as CSR:
@@ -201,8 +201,8 @@ pub fn launch_scatter_add<R: Runtime>(
     }
     let offsets_h = client.create_from_slice(i32::as_bytes(&offsets));
     let order_h = client.create_from_slice(i32::as_bytes(&order));
-    with_float!(elem, E => unsafe {
-        scatter_add_kernel::launch_unchecked::<E, R>(
+    with_float!(elem, F => unsafe {
+        scatter_add_kernel::launch_unchecked::<F, R>(
             client,
             grid_1d(n, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
@@ -217,16 +217,16 @@ pub fn launch_scatter_add<R: Runtime>(
 }
 
 #[cube(launch_unchecked)]
-fn one_hot_kernel<E: Float>(ids: &Array<i32>, out: &mut Array<E>, depth: usize, n: usize) {
+fn one_hot_kernel<F: Float>(ids: &Array<i32>, out: &mut Array<F>, depth: usize, n: usize) {
     let pos = linear_pos();
     if pos >= n {
         terminate!();
     }
     // out (n_ids, depth)
     let id = ids[pos / depth];
-    let mut v = E::new(0.0);
+    let mut v = F::new(0.0);
     if id >= 0 && id as usize == pos % depth {
-        v = E::new(1.0);
+        v = F::new(1.0);
     }
     out[pos] = v;
 }
@@ -245,8 +245,8 @@ pub fn launch_one_hot<R: Runtime>(
     if n == 0 {
         return;
     }
-    with_float!(elem, E => unsafe {
-        one_hot_kernel::launch_unchecked::<E, R>(
+    with_float!(elem, F => unsafe {
+        one_hot_kernel::launch_unchecked::<F, R>(
             client,
             grid_1d(n, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),

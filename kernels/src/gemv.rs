@@ -24,10 +24,10 @@ pub const GEMV_MAX_ROWS: usize = 8;
 const GEMV_THREADS: usize = 256;
 
 #[cube(launch_unchecked)]
-fn gemv_kernel<E: Float + CubeElement>(
-    a: &Tensor<E>,
-    b: &Tensor<E>,
-    out: &mut Tensor<E>,
+fn gemv_kernel<F: Float + CubeElement>(
+    a: &Tensor<F>,
+    b: &Tensor<F>,
+    out: &mut Tensor<F>,
     #[comptime] rows: usize,
     #[comptime] k_contiguous: bool,
 ) {
@@ -78,7 +78,7 @@ fn gemv_kernel<E: Float + CubeElement>(
                 }
                 s += partial[m * GEMV_THREADS + at];
             }
-            out[m * n_len + n] = E::cast_from(s);
+            out[m * n_len + n] = F::cast_from(s);
         }
     }
 }
@@ -103,8 +103,8 @@ pub fn launch_gemv<R: Runtime>(
     }
     let k_contiguous = b.strides[0] == 1 && b.shape[0] > 1;
     let cols = if k_contiguous { 8 } else { 64 };
-    with_float!(elem, E => unsafe {
-        gemv_kernel::launch_unchecked::<E, R>(
+    with_float!(elem, F => unsafe {
+        gemv_kernel::launch_unchecked::<F, R>(
             client,
             grid_1d(n.div_ceil(cols), 1),
             CubeDim::new_1d(GEMV_THREADS as u32),

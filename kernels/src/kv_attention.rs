@@ -185,8 +185,8 @@ fn visible_keys(
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn kv_attention_kernel<E: Float + CubeElement>(
-    q: &Array<E>,
+fn kv_attention_kernel<F: Float + CubeElement>(
+    q: &Array<F>,
     c0: &Array<i32>,
     c1: &Array<i32>,
     cv: &Array<i32>,
@@ -444,8 +444,8 @@ const WARPS: usize = 4;
 /// partial per chunk for the combine kernel.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn kv_decode_kernel<E: Float + CubeElement>(
-    q: &Array<E>,
+fn kv_decode_kernel<F: Float + CubeElement>(
+    q: &Array<F>,
     c0: &Array<i32>,
     c1: &Array<i32>,
     cv: &Array<i32>,
@@ -762,11 +762,11 @@ fn attend(
 /// One unit per output element: the chunks' partials rescaled to their
 /// common maximum and normalized.
 #[cube(launch_unchecked)]
-fn combine_kernel<E: Float + CubeElement>(
+fn combine_kernel<F: Float + CubeElement>(
     m_in: &Array<f32>,
     l_in: &Array<f32>,
     acc_in: &Array<f32>,
-    out: &mut Array<E>,
+    out: &mut Array<F>,
     total: usize,
     splits: usize,
     dv: usize,
@@ -792,7 +792,7 @@ fn combine_kernel<E: Float + CubeElement>(
             num += acc_in[slot * dv + col] * w;
         }
     }
-    out[i] = E::cast_from(num / den);
+    out[i] = F::cast_from(num / den);
 }
 
 /// The number of key chunks of the staged kernel: enough cubes to fill a
@@ -882,8 +882,8 @@ pub fn launch_kv_attention<R: Runtime>(
         slots_per_row = splits;
         let slots = bh * rows * slots_per_row;
         (m_buf, l_buf, acc_buf) = (scratch(slots), scratch(slots), scratch(slots * dv));
-        with_float!(elem, E => unsafe {
-            kv_decode_kernel::launch_unchecked::<E, R>(
+        with_float!(elem, F => unsafe {
+            kv_decode_kernel::launch_unchecked::<F, R>(
                 client,
                 CubeCount::Static(bh as u32, splits as u32, 1),
                 CubeDim::new_2d(lanes as u32, WARPS as u32),
@@ -927,8 +927,8 @@ pub fn launch_kv_attention<R: Runtime>(
         slots_per_row = splits;
         let slots = bh * rows * splits;
         (m_buf, l_buf, acc_buf) = (scratch(slots), scratch(slots), scratch(slots * dv));
-        with_float!(elem, E => unsafe {
-            kv_attention_kernel::launch_unchecked::<E, R>(
+        with_float!(elem, F => unsafe {
+            kv_attention_kernel::launch_unchecked::<F, R>(
                 client,
                 CubeCount::Static((bh * rows.div_ceil(nq)) as u32, splits as u32, 1),
                 CubeDim::new_1d(KV_TILE as u32),
@@ -961,8 +961,8 @@ pub fn launch_kv_attention<R: Runtime>(
     }
     let total = bh * rows * dv;
     let slots = bh * rows * slots_per_row;
-    with_float!(elem, E => unsafe {
-        combine_kernel::launch_unchecked::<E, R>(
+    with_float!(elem, F => unsafe {
+        combine_kernel::launch_unchecked::<F, R>(
             client,
             grid_1d(total, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),

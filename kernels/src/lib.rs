@@ -14,7 +14,8 @@
 //! statistics and scalars (`eps`, `scale`) in `f32`, and round once, to
 //! nearest even, as they store. With `f32` storage the widening and
 //! rounding are no-ops, so the generated code is what it was before narrow
-//! storage. Pure data movement (strided copy, gather, fill) moves the
+//! storage (kernels call their storage type parameter `F`, as when it was
+//! the compute type, so even the generated kernels' names are unchanged). Pure data movement (strided copy, gather, fill) moves the
 //! stored elements as they are. A device that cannot hold a narrow type
 //! (`FloatElem::supported`) may keep such a tensor widened to `f32`, its
 //! values rounded to the narrow grid (`cast::launch_round`), as the

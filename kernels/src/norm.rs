@@ -13,10 +13,10 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 #[cube(launch_unchecked)]
-fn rms_norm_kernel<E: Float + CubeElement>(
-    x: &Array<E>,
-    w: &Array<E>,
-    out: &mut Array<E>,
+fn rms_norm_kernel<F: Float + CubeElement>(
+    x: &Array<F>,
+    w: &Array<F>,
+    out: &mut Array<F>,
     d: usize,
     rows: usize,
     eps: f32,
@@ -39,7 +39,7 @@ fn rms_norm_kernel<E: Float + CubeElement>(
     let inv = f32::new(1.0) / (ss / f32::cast_from(d) + eps).sqrt();
     j = UNIT_POS as usize;
     while j < d {
-        out[base + j] = E::cast_from(f32::cast_from(x[base + j]) * inv * f32::cast_from(w[j]));
+        out[base + j] = F::cast_from(f32::cast_from(x[base + j]) * inv * f32::cast_from(w[j]));
         j += step;
     }
 }
@@ -51,10 +51,10 @@ fn rms_norm_kernel<E: Float + CubeElement>(
 /// shared-memory step across planes when the device has plane operations.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn rms_norm_vec_kernel<E: Float + CubeElement, N: Size>(
-    x: &Array<Vector<E, N>>,
-    w: &Array<Vector<E, N>>,
-    out: &mut Array<Vector<E, N>>,
+fn rms_norm_vec_kernel<F: Float + CubeElement, N: Size>(
+    x: &Array<Vector<F, N>>,
+    w: &Array<Vector<F, N>>,
+    out: &mut Array<Vector<F, N>>,
     dv: usize,
     rows: usize,
     inv_d: f32,
@@ -109,7 +109,7 @@ fn rms_norm_vec_kernel<E: Float + CubeElement, N: Size>(
         let j = u + i * threads;
         if exact || j < dv {
             out[base + j] =
-                Vector::<E, N>::cast_from(cache[i] * inv * Vector::<f32, N>::cast_from(w[j]));
+                Vector::<F, N>::cast_from(cache[i] * inv * Vector::<f32, N>::cast_from(w[j]));
         }
     }
 }
@@ -160,8 +160,8 @@ pub fn launch_rms_norm<R: Runtime>(
         let threads = dv.next_power_of_two().clamp(min_threads, RMS_THREADS);
         let per_thread = dv.div_ceil(threads);
         if per_thread <= RMS_MAX_PER_THREAD {
-            with_float!(elem, E => unsafe {
-                rms_norm_vec_kernel::launch_unchecked::<E, R>(
+            with_float!(elem, F => unsafe {
+                rms_norm_vec_kernel::launch_unchecked::<F, R>(
                     client,
                     grid_1d(rows, 1),
                     CubeDim::new_1d(threads as u32),
@@ -182,8 +182,8 @@ pub fn launch_rms_norm<R: Runtime>(
             return;
         }
     }
-    with_float!(elem, E => unsafe {
-        rms_norm_kernel::launch_unchecked::<E, R>(
+    with_float!(elem, F => unsafe {
+        rms_norm_kernel::launch_unchecked::<F, R>(
             client,
             grid_1d(rows, 1),
             CubeDim::new_1d(ROW_BLOCK),
@@ -198,10 +198,10 @@ pub fn launch_rms_norm<R: Runtime>(
 }
 
 #[cube(launch_unchecked)]
-fn cross_entropy_kernel<E: Float + CubeElement>(
-    logits: &Array<E>,
+fn cross_entropy_kernel<F: Float + CubeElement>(
+    logits: &Array<F>,
     targets: &Array<i32>,
-    out: &mut Array<E>,
+    out: &mut Array<F>,
     v: usize,
     rows: usize,
     neg_inf: f32,
@@ -234,7 +234,7 @@ fn cross_entropy_kernel<E: Float + CubeElement>(
         if t >= 0 && (t as usize) < v {
             r = s.ln() + m - f32::cast_from(logits[base + t as usize]);
         }
-        out[row] = E::cast_from(r);
+        out[row] = F::cast_from(r);
     }
 }
 
@@ -252,8 +252,8 @@ pub fn launch_cross_entropy<R: Runtime>(
     if rows == 0 {
         return;
     }
-    with_float!(elem, E => unsafe {
-        cross_entropy_kernel::launch_unchecked::<E, R>(
+    with_float!(elem, F => unsafe {
+        cross_entropy_kernel::launch_unchecked::<F, R>(
             client,
             grid_1d(rows, 1),
             CubeDim::new_1d(ROW_BLOCK),

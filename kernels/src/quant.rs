@@ -248,8 +248,8 @@ pub fn load4_regs(
 
 /// One unit per block of 32 values: its scale, then its codes.
 #[cube(launch_unchecked)]
-fn quantize_kernel<E: Float + CubeElement>(
-    x: &Array<E>,
+fn quantize_kernel<F: Float + CubeElement>(
+    x: &Array<F>,
     out: &mut Array<i32>,
     blocks: usize,
     n: usize,
@@ -356,9 +356,9 @@ fn quantize_kernel<E: Float + CubeElement>(
 
 /// One unit per value.
 #[cube(launch_unchecked)]
-fn dequantize_kernel<E: Float + CubeElement>(
+fn dequantize_kernel<F: Float + CubeElement>(
     c: &Array<i32>,
-    out: &mut Array<E>,
+    out: &mut Array<F>,
     total: usize,
     n: usize,
     #[comptime] format: u32,
@@ -371,7 +371,7 @@ fn dequantize_kernel<E: Float + CubeElement>(
     let nb = n / BLOCK;
     let words = comptime!(row_words(format, BLOCK)) * nb;
     let (r, e) = (i / n, i % n);
-    out[i] = E::cast_from(load_value(c, r * words, e, nb, &levels, format));
+    out[i] = F::cast_from(load_value(c, r * words, e, nb, &levels, format));
 }
 
 /// Quantizes `rows` rows of `n` values (`n` a multiple of 32) stored as
@@ -389,8 +389,8 @@ pub fn launch_quantize<R: Runtime>(
     if blocks == 0 {
         return;
     }
-    with_float!(elem, E => unsafe {
-        quantize_kernel::launch_unchecked::<E, R>(
+    with_float!(elem, F => unsafe {
+        quantize_kernel::launch_unchecked::<F, R>(
             client,
             grid_1d(blocks, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
@@ -417,8 +417,8 @@ pub fn launch_dequantize<R: Runtime>(
     if total == 0 {
         return;
     }
-    with_float!(elem, E => unsafe {
-        dequantize_kernel::launch_unchecked::<E, R>(
+    with_float!(elem, F => unsafe {
+        dequantize_kernel::launch_unchecked::<F, R>(
             client,
             grid_1d(total, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),

@@ -98,9 +98,9 @@ fn reduce_step<F: Float>(acc: F, x: F, #[comptime] kind: ReduceKind) -> F {
 /// One cube per row of a dense `(rows, axis_len)` tensor: threads stride
 /// along the row and combine through shared memory.
 #[cube(launch_unchecked)]
-fn reduce_kernel<E: Float + CubeElement>(
-    input: &Array<E>,
-    output: &mut Array<E>,
+fn reduce_kernel<F: Float + CubeElement>(
+    input: &Array<F>,
+    output: &mut Array<F>,
     axis_len: usize,
     rows: usize,
     neg_inf: f32,
@@ -124,7 +124,7 @@ fn reduce_kernel<E: Float + CubeElement>(
         ReduceKind::Mean => block_sum::<f32>(&mut smem, acc) / f32::cast_from(axis_len),
     };
     if UNIT_POS == 0 {
-        output[row] = E::cast_from(r);
+        output[row] = F::cast_from(r);
     }
 }
 
@@ -199,8 +199,8 @@ pub fn launch_reduce<R: Runtime>(
         return;
     }
     if inner == 1 {
-        with_float!(elem, E => unsafe {
-            reduce_kernel::launch_unchecked::<E, R>(
+        with_float!(elem, F => unsafe {
+            reduce_kernel::launch_unchecked::<F, R>(
                 client,
                 grid_1d(rows, 1),
                 CubeDim::new_1d(ROW_BLOCK),
@@ -306,9 +306,9 @@ fn launch_columns<R: Runtime>(
 }
 
 #[cube(launch_unchecked)]
-fn softmax_kernel<E: Float + CubeElement>(
-    input: &Array<E>,
-    output: &mut Array<E>,
+fn softmax_kernel<F: Float + CubeElement>(
+    input: &Array<F>,
+    output: &mut Array<F>,
     axis_len: usize,
     inner: usize,
     rows: usize,
@@ -339,7 +339,7 @@ fn softmax_kernel<E: Float + CubeElement>(
     a = UNIT_POS as usize;
     while a < axis_len {
         let idx = base + a * inner;
-        output[idx] = E::cast_from((f32::cast_from(input[idx]) - m).exp() / s);
+        output[idx] = F::cast_from((f32::cast_from(input[idx]) - m).exp() / s);
         a += step;
     }
 }
@@ -360,8 +360,8 @@ pub fn launch_softmax<R: Runtime>(
         return;
     }
     let n = outer * axis_len * inner;
-    with_float!(elem, E => unsafe {
-        softmax_kernel::launch_unchecked::<E, R>(
+    with_float!(elem, F => unsafe {
+        softmax_kernel::launch_unchecked::<F, R>(
             client,
             grid_1d(rows, 1),
             CubeDim::new_1d(ROW_BLOCK),

@@ -38,11 +38,11 @@ fn rope_table_kernel(
 /// constants; only the position (`row mod t`) divides at run time.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn rope_kernel<E: Float>(
-    x: &Array<E>,
+fn rope_kernel<F: Float>(
+    x: &Array<F>,
     cos: &Array<f32>,
     sin: &Array<f32>,
-    out: &mut Array<E>,
+    out: &mut Array<F>,
     t: u32,
     n: usize,
     #[comptime] h: usize,
@@ -64,7 +64,7 @@ fn rope_kernel<E: Float>(
     } else {
         v * c + f32::cast_from(x[p - half]) * s
     };
-    out[p] = E::cast_from(r);
+    out[p] = F::cast_from(r);
 }
 
 /// RoPE of dense `x (..., t, h, d)` (`n` elements) into `out`, both stored
@@ -101,7 +101,7 @@ pub fn launch_rope<R: Runtime>(
             half,
             entries,
         );
-        with_float!(elem, E => rope_kernel::launch_unchecked::<E, R>(
+        with_float!(elem, F => rope_kernel::launch_unchecked::<F, R>(
             client,
             grid_1d(n, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
