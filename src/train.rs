@@ -73,7 +73,7 @@ pub struct TrainGraph {
 }
 
 /// The precision a run trains in. `use_amp: true` computes in `amp_dtype`
-/// (bf16 unless given); a half `dtype` (the run's, else the defaults')
+/// (bf16 unless given or `auto`; `float32` turns it off); a half `dtype` (the run's, else the defaults')
 /// means the same: activations, gradients of activations and the
 /// matrix products in that dtype, while weights, their gradients and the
 /// optimizer state stay f32 (master weights). Otherwise (`float32`,
@@ -85,7 +85,11 @@ pub fn train_precision(m: &Manifest, t: &TrainConfig) -> Precision {
         _ => None,
     };
     let compute = if t.use_amp {
-        Some(half(t.amp_dtype).unwrap_or(DType::BF16))
+        match t.amp_dtype {
+            // Autocast to f32 is no autocast.
+            Some(DTypeSpec::Float32) => None,
+            d => Some(half(d).unwrap_or(DType::BF16)),
+        }
     } else {
         half(t.dtype.or(m.defaults.dtype))
     };

@@ -1579,6 +1579,20 @@ fn download_as<R: Runtime>(
     }
 }
 
+/// Reads `out` back (stored as `elem`) and compares it with `want` at the
+/// format's relative precision plus `abs` (see [`assert_narrow`]).
+fn expect_narrow<R: Runtime>(
+    client: &ComputeClient<R>,
+    elem: FloatElem,
+    out: &Handle,
+    want: &[f32],
+    abs: f32,
+    what: &str,
+) {
+    let got = download_as(client, elem, out, want.len());
+    assert_narrow(want, &got, narrow_rel(elem), abs, what);
+}
+
 /// `|reference − device| ≤ rel·|reference| + abs·max(1, |reference|)`;
 /// NaN or infinity must match.
 fn assert_narrow(want: &[f32], got: &[f32], rel: f32, abs: f32, what: &str) {
@@ -1820,11 +1834,11 @@ pub fn narrow_reduce_softmax<R: Runtime>(dev: &R::Device) {
             let out = client.empty(want.len() * elem.size());
             let hx = upload_tensor(&client, elem, &x);
             launch_softmax(&client, elem, &hx, &out, outer, shape[axis], inner);
-            let got = download_as(&client, elem, &out, want.len());
-            assert_narrow(
+            expect_narrow(
+                &client,
+                elem,
+                &out,
                 &want,
-                &got,
-                narrow_rel(elem),
                 1e-6,
                 &format!("{elem:?} softmax axis {axis}"),
             );
@@ -1859,11 +1873,11 @@ pub fn narrow_norms<R: Runtime>(dev: &R::Device) {
                 d,
                 1e-5,
             );
-            let got = download_as(&client, elem, &out, want.len());
-            assert_narrow(
+            expect_narrow(
+                &client,
+                elem,
+                &out,
                 &want,
-                &got,
-                narrow_rel(elem),
                 1e-5,
                 &format!("{elem:?} rms_norm d {d}"),
             );
@@ -2026,14 +2040,7 @@ pub fn narrow_rope<R: Runtime>(dev: &R::Device) {
             16,
             want.len(),
         );
-        let got = download_as(&client, elem, &out, want.len());
-        assert_narrow(
-            &want,
-            &got,
-            narrow_rel(elem),
-            1e-4,
-            &format!("{elem:?} rope"),
-        );
+        expect_narrow(&client, elem, &out, &want, 1e-4, &format!("{elem:?} rope"));
     }
 }
 
@@ -2085,11 +2092,11 @@ pub fn narrow_attention<R: Runtime>(dev: &R::Device) {
                         launch_attention
                     };
                     launch(&client, elem, &q, &k, &v, &o, causal, scale.0 as f32);
-                    let got = download_as(&client, elem, &out, want.len());
-                    assert_narrow(
+                    expect_narrow(
+                        &client,
+                        elem,
+                        &out,
                         &want,
-                        &got,
-                        narrow_rel(elem),
                         1e-4,
                         &format!("{elem:?} {sq:?} causal {causal} lse {with_lse}"),
                     );
@@ -2181,11 +2188,11 @@ pub fn narrow_attention_backward<R: Runtime>(dev: &R::Device) {
                             KeyGrads::KV,
                         ),
                     }
-                    let got = download_as(&client, elem, &out, want.len());
-                    assert_narrow(
+                    expect_narrow(
+                        &client,
+                        elem,
+                        &out,
                         &want,
-                        &got,
-                        narrow_rel(elem),
                         1e-4,
                         &format!("{elem:?} {sq:?} causal {causal} d{wrt}"),
                     );
@@ -2258,11 +2265,11 @@ pub fn narrow_matmul<R: Runtime>(dev: &R::Device) {
                 fast,
             )
             .unwrap();
-            let got = download_as(&client, elem, &out, want.len());
-            assert_narrow(
+            expect_narrow(
+                &client,
+                elem,
+                &out,
                 &want,
-                &got,
-                narrow_rel(elem),
                 1e-4,
                 &format!("{elem:?} matmul fast {fast}"),
             );
@@ -2423,14 +2430,7 @@ pub fn narrow_kv_attention<R: Runtime>(dev: &R::Device) {
             );
             let out = client.empty(want.len() * elem.size());
             launch_dequantize(&client, elem, code(f), &codes, &out, 15, 96);
-            let got = download_as(&client, elem, &out, want.len());
-            assert_narrow(
-                &want,
-                &got,
-                narrow_rel(elem),
-                1e-6,
-                &format!("{elem:?} {f:?}"),
-            );
+            expect_narrow(&client, elem, &out, &want, 1e-6, &format!("{elem:?} {f:?}"));
         }
     }
 }

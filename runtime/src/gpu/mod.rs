@@ -294,7 +294,7 @@ impl<R: Runtime> GpuExecutor<R> {
                 let mut syms = SymValues::default();
                 check_binding("parameter", name, node, t, &mut syms)?;
                 let elem = narrow.elem(node.ty.dtype);
-                uploaded.insert(id, upload(&client, t, node.ty.dtype, elem, node)?);
+                uploaded.insert(id, upload_as(&client, t, node.ty.dtype, elem, &at(node))?);
             }
         }
         let vendor = match options.gemm {
@@ -504,7 +504,7 @@ impl<R: Runtime> GpuExecutor<R> {
                         (Some(t), None) => {
                             check_binding("input", name, node, t, &mut syms)?;
                             let elem = self.narrow.elem(node.ty.dtype);
-                            upload(&self.client, t, node.ty.dtype, elem, node)?
+                            upload_as(&self.client, t, node.ty.dtype, elem, &at(node))?
                         }
                         (None, Some(t)) => {
                             check_device_binding("input", name, node, t, &mut syms)?;
@@ -649,17 +649,6 @@ impl Plan {
             lazy_transposes,
         })
     }
-}
-
-/// Uploads a bound tensor as its node's device storage.
-fn upload<R: Runtime>(
-    client: &ComputeClient<R>,
-    t: &Tensor,
-    dtype: DType,
-    elem: FloatElem,
-    node: &Node,
-) -> Result<DevTensor, GpuError> {
-    upload_as(client, t, dtype, elem, &at(node))
 }
 
 /// Uploads `t` as a `dtype` tensor stored as `elem` (floats converted to
