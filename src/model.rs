@@ -6,7 +6,7 @@ use crate::commands::Failure;
 use caramba_compiler::hf::{llama_model, LlamaDims};
 use caramba_compiler::manifest::{RopeScalingCfg, RopeScalingKind};
 use caramba_compiler::{CacheEntry, KvCacheSpec};
-use caramba_ir::reference::{Bindings, SymValues, Tensor};
+use caramba_ir::reference::{round_bf16, round_f16, Bindings, Storage, SymValues, Tensor};
 use caramba_ir::{DType, Graph, Sym};
 use caramba_runtime::backend::{Backend, Executor};
 use caramba_runtime::checkpoint::{Checkpoint, CheckpointFormat, HfConfig, RopeScaling};
@@ -143,7 +143,21 @@ impl Model {
             let (shape, data) = ckpt
                 .tensor_f32(name)
                 .map_err(|e| Failure::runtime(e.to_string()))?;
-            params.insert(name.clone(), Tensor::f32(shape, data));
+            // Rounded once to a half-precision model's dtype (and labelled
+            // so), so the reference does not round them again every call.
+            let t = match dtype {
+                DType::BF16 | DType::F16 => {
+                    let round = if dtype == DType::BF16 {
+                        round_bf16
+                    } else {
+                        round_f16
+                    };
+                    let v = data.into_iter().map(round).collect();
+                    Tensor::new(dtype, shape, Storage::F32(v))
+                }
+                _ => Tensor::f32(shape, data),
+            };
+            params.insert(name.clone(), t);
         }
         let exec = match backend {
             Backend::Cpu => Executor::new(backend, &graph, &params),

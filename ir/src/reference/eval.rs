@@ -171,13 +171,14 @@ fn run(
     Ok(result)
 }
 
-/// A bound tensor as the node reads it: values bound to an `f16`/`bf16`
-/// node are rounded to its grid (as a device storing the type converts
-/// them on upload); others are borrowed as they are.
+/// A bound tensor as the node reads it: `f32` values bound to an
+/// `f16`/`bf16` node are rounded to its grid (as a device storing the type
+/// converts them on upload); a tensor already of the node's dtype (on its
+/// grid, as every op's result is) and others are borrowed as they are.
 fn bound(t: &Tensor, dtype: DType) -> Value<'_> {
     let round = match dtype {
-        DType::BF16 => round_bf16,
-        DType::F16 => round_f16,
+        DType::BF16 if t.dtype() != dtype => round_bf16,
+        DType::F16 if t.dtype() != dtype => round_f16,
         _ => {
             return Value {
                 held: Held::Borrowed(t),

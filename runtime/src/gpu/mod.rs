@@ -302,7 +302,7 @@ impl<R: Runtime> GpuExecutor<R> {
             GemmLibrary::Cubek => None,
         };
         Ok(Self::from_plan(
-            client, graph, plan, uploaded, options, vendor,
+            client, graph, plan, uploaded, options, vendor, narrow,
         ))
     }
 
@@ -338,6 +338,7 @@ impl<R: Runtime> GpuExecutor<R> {
             bound,
             self.options,
             self.vendor.clone(),
+            self.narrow,
         ))
     }
 
@@ -380,8 +381,8 @@ impl<R: Runtime> GpuExecutor<R> {
         params: HashMap<NodeId, DevTensor>,
         options: GpuOptions,
         vendor: Option<Arc<VendorGemm>>,
+        narrow: HalfStorage,
     ) -> Self {
-        let narrow = HalfStorage::of(&client);
         let mut rope_freqs = HashMap::new();
         for &id in &plan.order {
             if let caramba_ir::Op::Rope(spec) = &graph.node(id).op {
@@ -693,11 +694,6 @@ fn upload_as<R: Runtime>(
                 message: "f64 tensors".into(),
             })
         }
-    };
-    let elem = if dtype.is_float() {
-        elem
-    } else {
-        FloatElem::F32
     };
     Ok(DevTensor::dense(handle, t.shape().to_vec(), dtype, elem))
 }

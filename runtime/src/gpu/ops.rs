@@ -176,10 +176,14 @@ impl<R: Runtime> Ctx<'_, R> {
     /// A fresh dense buffer for this node's value.
     fn alloc(&self, shape: Vec<usize>) -> DevTensor {
         let n: usize = shape.iter().product();
-        let dtype = self.node.ty.dtype;
+        // Non-float tensors have `F32` as their elem: 4-byte elements too.
         let elem = self.elem();
-        let size = if dtype.is_float() { elem.size() } else { 4 };
-        DevTensor::dense(self.client.empty(n.max(1) * size), shape, dtype, elem)
+        DevTensor::dense(
+            self.client.empty(n.max(1) * elem.size()),
+            shape,
+            self.node.ty.dtype,
+            elem,
+        )
     }
 
     /// The tensor's view broadcast to `batch` leading axes, its last two

@@ -29,7 +29,7 @@ pub mod offline;
 
 use super::{at, concrete, live_order, ops, DevTensor, GpuError};
 use caramba_ir::reference::SymValues;
-use caramba_ir::{DType, Dim, Graph, NodeId, Op};
+use caramba_ir::{Dim, Graph, NodeId, Op};
 use caramba_kernels::cubecl::config::compilation::CompilationLogLevel;
 use caramba_kernels::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
 use caramba_kernels::cubecl::prelude::*;
@@ -188,13 +188,9 @@ fn capture<R: Runtime>(
         let value = match &node.op {
             Op::Input { .. } | Op::Param { .. } => {
                 let n: usize = shape.iter().product();
+                // `F32` (4 bytes) for i32 tensors too.
                 let elem = narrow.elem(node.ty.dtype);
-                let size = if node.ty.dtype == DType::I32 {
-                    4
-                } else {
-                    elem.size()
-                };
-                let handle = client.create_from_slice(&vec![0u8; n.max(1) * size]);
+                let handle = client.create_from_slice(&vec![0u8; n.max(1) * elem.size()]);
                 DevTensor::dense(handle, shape, node.ty.dtype, elem)
             }
             Op::Permute(_) if lazy.contains(&id) => {
