@@ -209,6 +209,42 @@ fn main() {
             flops / ms / 1e9,
         );
     }
+    // bf16 causal attention, B4 H32 T4096 (as `bench_torch.py`'s SDPA
+    // lines): head dim 64 and 128, and DBA's 12 (sem 128 + geo 256 over 32
+    // heads; values 12 dims too, as lowering makes them).
+    for hd in [64usize, 128, 12] {
+        if !selected("attention") {
+            continue;
+        }
+        PER_OP_DTYPE.with(|d| d.set(DType::BF16));
+        let s = vec![4, 32, 4096, hd];
+        let ms = per_op(
+            backend,
+            "attention",
+            &s,
+            &[("k", s.clone()), ("v", s.clone())],
+            5,
+            |g, q, e| {
+                g.add(
+                    Op::Attention {
+                        causal: true,
+                        scale: Scalar(1.0 / (hd as f64).sqrt()),
+                    },
+                    &[q, e[0], e[1]],
+                    "attn",
+                )
+                .unwrap()
+            },
+        );
+        PER_OP_DTYPE.with(|d| d.set(DType::F32));
+        let flops = 4.0 * 4.0 * 32.0 * 4096.0 * 4096.0 * hd as f64 / 2.0;
+        let name = if hd == 12 {
+            "attention_dba_causal_hd12_bf16_b4".to_string()
+        } else {
+            format!("attention_causal_hd{hd}_bf16_b4")
+        };
+        emit(&name, ms, "tflops", flops / ms / 1e9);
+    }
     // GEMM 4096³.
     if selected("gemm") {
         // cubek against cuBLASLt, exact f32 and TF32, on a square GEMM and

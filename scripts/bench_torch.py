@@ -83,6 +83,15 @@ def main():
             flops = 4 * b * 32 * 4096 * 4096 * hd / 2
             ms = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), iters=20)
             emit(name=f"attention_causal_hd{hd}_{dtype_name}_b{b}", impl="torch-sdpa", ms=ms, tflops=flops / ms / 1e9)
+        if dtype == torch.bfloat16:
+            # DBA's concatenated form: d_model 2048, 32 heads, sem 128 + geo 256
+            # = 12 query/key (and value) dims per head, B4 T4096, causal.
+            q = torch.randn(4, 32, 4096, 12, device=dev, dtype=dtype)
+            k = torch.randn_like(q)
+            v = torch.randn_like(q)
+            flops = 4 * 4 * 32 * 4096 * 4096 * 12 / 2
+            ms = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), iters=20)
+            emit(name="attention_dba_causal_hd12_bf16_b4", impl="torch-sdpa", ms=ms, tflops=flops / ms / 1e9)
         # GEMMs: 4096^3 and the 1B shape's MLP projection (B2 x T2048 rows);
         # f32 both exact and TF32, as `gpu_bench`'s gemm case.
         for m, k, n in [(4096, 4096, 4096), (4096, 2048, 8192)]:

@@ -351,6 +351,12 @@ fn launch<R: Runtime>(
     if batch * t == 0 || dv == 0 {
         return;
     }
+    if let Some(v) = v {
+        let tc = crate::attention_tc::try_launch_forward;
+        if tc(client, elem, elem, q, k, v, out, causal, scale, with_lse) {
+            return;
+        }
+    }
     let cubes = batch * t.div_ceil(ATTN_QUERIES);
     // Stage K and V tiles when they fit the device's shared memory (`f32`
     // whatever the storage).

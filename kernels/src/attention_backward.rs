@@ -558,6 +558,9 @@ pub fn launch_attention_dq<R: Runtime>(
     if batch * t * d == 0 {
         return;
     }
+    if crate::attention_tc::try_launch_dq(client, elem, elem, elem, x, out, causal, scale) {
+        return;
+    }
     let cubes = batch * t.div_ceil(GRAD_ROWS);
     with_float!(elem, F => unsafe {
         attention_dq_kernel::launch_unchecked::<F, R>(
@@ -608,6 +611,11 @@ pub fn launch_attention_dkv<R: Runtime>(
     let (with_k, with_v) = (grads != KeyGrads::V, grads != KeyGrads::K);
     let width = if with_k { d } else { 0 } + if with_v { dv } else { 0 };
     if batch * s * width == 0 {
+        return;
+    }
+    if grads == KeyGrads::KV
+        && crate::attention_tc::try_launch_dkv(client, elem, elem, elem, x, out, causal, scale)
+    {
         return;
     }
     let cubes = batch * s.div_ceil(GRAD_ROWS);

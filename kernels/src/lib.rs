@@ -27,6 +27,7 @@
 
 pub mod attention;
 pub mod attention_backward;
+pub mod attention_tc;
 pub mod cast;
 pub mod copy;
 pub mod elementwise;
