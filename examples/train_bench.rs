@@ -104,10 +104,13 @@ fn main() {
     // `bf16` (or `f16`) as the sixth argument: mixed precision, as
     // `use_amp: true` trains (f32 weights and optimizer state, half
     // activations and products).
-    let precision = match args.get(6).map(String::as_str) {
-        Some("bf16") => caramba_compiler::Precision::mixed(DType::BF16),
-        Some("f16") => caramba_compiler::Precision::mixed(DType::F16),
-        _ => caramba_compiler::Precision::uniform(DType::F32),
+    let (precision, half) = match args.get(6).map(String::as_str) {
+        Some("bf16") => (
+            caramba_compiler::Precision::mixed(DType::BF16),
+            Some("bf16"),
+        ),
+        Some("f16") => (caramba_compiler::Precision::mixed(DType::F16), Some("f16")),
+        _ => (caramba_compiler::Precision::uniform(DType::F32), None),
     };
     eprintln!("precision: {precision:?}");
     let mut forward = caramba_compiler::lower_model_with(&llama_model(&d), &which, precision, None)
@@ -256,11 +259,19 @@ fn main() {
         }
     }
     let tps = (b * t) as f64 / secs;
-    let mfu = 6.0 * n_params as f64 * tps / 67e12;
+    // Model FLOPs (6·N per token) against the H100 SXM's dense peak for
+    // the precision the products run in: f32 67, TF32 495, bf16/f16 989
+    // TFLOP/s.
+    let (label, peak) = match (half, tf32) {
+        (Some(h), _) => (h, 989e12),
+        (None, true) => ("tf32", 495e12),
+        (None, false) => ("f32", 67e12),
+    };
+    let mfu = 6.0 * n_params as f64 * tps / peak;
     println!(
-"{{\"name\": \"train_{which}_b{b}_t{t}_{}{}\", \"impl\": \"caramba\", \"ms_per_step\": {:.1}, \"tokens_per_s\": {tps:.0}, \"mfu_f32\": {mfu:.3}, \"loss\": {last:.4}}}",
-        if tf32 { "tf32" } else { "f32" },
+"{{\"name\": \"train_{which}_b{b}_t{t}_{label}{}\", \"impl\": \"caramba\", \"ms_per_step\": {:.1}, \"tokens_per_s\": {tps:.0}, \"mfu\": {mfu:.3}, \"peak_tflops\": {:.0}, \"loss\": {last:.4}}}",
         if primitive { "_primitive_backward" } else { "" },
-        secs * 1e3
+        secs * 1e3,
+        peak / 1e12
     );
 }

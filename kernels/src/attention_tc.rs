@@ -115,7 +115,9 @@ fn key_limit(i: usize, t: usize, s_len: usize, #[comptime] causal: bool) -> usiz
 /// Copies rows `start..start + TC_BLOCK` of `src`'s matrix at `base` (its
 /// last two axes, `w` columns) into `dst` (row stride `stride`), by the
 /// whole cube; rows at `len` or past it and the columns `w..wp` of padding
-/// become zeros.
+/// become zeros. Where the padded width divides the cube (16, 32, 64, 128
+/// columns), each unit keeps one column and steps through rows, its loads
+/// unrolled so that they are all in flight at once.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn stage<F: Float>(
@@ -128,17 +130,35 @@ fn stage<F: Float>(
     #[comptime] stride: usize,
 ) {
     let wp = comptime!(pad16(w));
+    let threads = comptime!(TC_PLANES * PLANE);
     let rank = src.rank();
     let (rs, cs) = (src.stride(rank - 2), src.stride(rank - 1));
-    let mut idx = UNIT_POS as usize;
-    while idx < comptime!(TC_BLOCK * wp) {
-        let (r, x) = (idx / wp, idx % wp);
-        let mut val = F::from_int(0);
-        if start + r < len && x < w {
-            val = src[base + (start + r) * rs + x * cs];
+    let u = UNIT_POS as usize;
+    if comptime!(threads % wp == 0) {
+        let step = comptime!(threads / wp); // rows per pass of the cube
+        let (r0, x) = (u / wp, u % wp);
+        let mut at = base + (start + r0) * rs + x * cs;
+        #[unroll]
+        for n in 0..comptime!(TC_BLOCK / (threads / wp)) {
+            let r = r0 + n * step;
+            let mut val = F::from_int(0);
+            if start + r < len && x < w {
+                val = src[at];
+            }
+            dst[r * stride + x] = val;
+            at += step * rs;
         }
-        dst[r * stride + x] = val;
-        idx += comptime!(TC_PLANES * PLANE);
+    } else {
+        let mut idx = u;
+        while idx < comptime!(TC_BLOCK * wp) {
+            let (r, x) = (idx / wp, idx % wp);
+            let mut val = F::from_int(0);
+            if start + r < len && x < w {
+                val = src[base + (start + r) * rs + x * cs];
+            }
+            dst[r * stride + x] = val;
+            idx += threads;
+        }
     }
 }
 
@@ -162,32 +182,47 @@ fn stage_stat<S: Float>(
     }
 }
 
-/// This plane's 16 × `TC_BLOCK` block `a·bᵀ` into the f32 scratch `dst`
-/// at `dst_off` (row stride `ds`): `a` is 16 rows at `a_off` of `a_sh`
-/// (row stride `as_`), `b` the `TC_BLOCK` rows of `b_sh` (row stride
-/// `bs`), both `kd` wide (a multiple of 16).
+/// The `kd / 16` row-major A fragments of the 16 × `kd` tile at `a_off`
+/// of `a_sh` (row stride `as_`): a plane's rows, loaded once and kept in
+/// registers for every tile of the other side.
 #[cube]
-#[allow(clippy::too_many_arguments)]
-fn product_abt<F: Float>(
+fn a_fragments<F: Float>(
     a_sh: &SharedMemory<F>,
     a_off: usize,
-    b_sh: &SharedMemory<F>,
-    dst: &mut SharedMemory<f32>,
-    dst_off: usize,
     #[comptime] kd: usize,
     #[comptime] as_: usize,
-    #[comptime] bs: usize,
-    #[comptime] ds: usize,
-) {
-    let a = unsafe {
-        cmma::Matrix::<F>::uninitialized(
+) -> Sequence<cmma::Matrix<F>> {
+    let mut frags = Sequence::<cmma::Matrix<F>>::new();
+    #[unroll]
+    for x in 0..kd / 16 {
+        frags.push(cmma::Matrix::<F>::from_slice(
             cmma::MatrixIdent::A,
             16usize,
             16usize,
             16usize,
             cmma::MatrixLayout::RowMajor,
-        )
-    };
+            &a_sh.slice(a_off + x * 16, a_off + 16 * as_),
+            as_ as u32,
+        ));
+    }
+    frags
+}
+
+/// This plane's 16 × `TC_BLOCK` block `a·bᵀ` into the f32 scratch `dst`
+/// at `dst_off` (row stride `ds`): `a` is the plane's 16 rows as
+/// fragments (`a_fragments`), `b` the `TC_BLOCK` rows of `b_sh` (row
+/// stride `bs`), both `kd` wide (a multiple of 16).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn product_abt<F: Float>(
+    a: &Sequence<cmma::Matrix<F>>,
+    b_sh: &SharedMemory<F>,
+    dst: &mut SharedMemory<f32>,
+    dst_off: usize,
+    #[comptime] kd: usize,
+    #[comptime] bs: usize,
+    #[comptime] ds: usize,
+) {
     // bᵀ's (x, n) element is b's row n, column x: column-major with b's
     // row stride.
     let bt = unsafe {
@@ -213,14 +248,9 @@ fn product_abt<F: Float>(
         cmma::fill(&acc, f32::new(0.0));
         #[unroll]
         for x in 0..kd / 16 {
-            cmma::load(
-                &a,
-                &a_sh.slice(a_off + x * 16, a_off + 16 * as_),
-                as_ as u32,
-            );
             let b_off = j * 16 * bs + x * 16;
             cmma::load(&bt, &b_sh.slice(b_off, b_off + 16 * bs), bs as u32);
-            cmma::execute::<F, F, f32, f32>(&a, &bt, &acc, &acc);
+            cmma::execute::<F, F, f32, f32>(a.index(x), &bt, &acc, &acc);
         }
         let d_off = dst_off + j * 16;
         cmma::store(
@@ -370,34 +400,10 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
     let mut p_sh = SharedMemory::<F>::new_aligned(comptime!(TC_BLOCK * P_STRIDE), 32usize);
     let mut s_sh = SharedMemory::<f32>::new_aligned(comptime!(TC_BLOCK * ss), 32usize);
     stage::<F>(&mut q_sh, q, qo, first, t, d, hs);
+    sync_cube();
+    let qa = a_fragments::<F>(&q_sh, prow * hs, dp, hs);
 
-    let pv = unsafe {
-        cmma::Matrix::<F>::uninitialized(
-            cmma::MatrixIdent::A,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::RowMajor,
-        )
-    };
-    let vb = unsafe {
-        cmma::Matrix::<F>::uninitialized(
-            cmma::MatrixIdent::B,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::RowMajor,
-        )
-    };
-    let acc = unsafe {
-        cmma::Matrix::<f32>::uninitialized(
-            cmma::MatrixIdent::Accumulator,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::Undefined,
-        )
-    };
+    let pv_acc = zeroed_accumulators(comptime!(dvp / 16));
     let mut o = Array::<f32>::new(comptime!(dvp / 2)); // columns 2j + half
     #[unroll]
     for j in 0..dvp / 2 {
@@ -413,18 +419,8 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
         stage::<F>(&mut k_sh, k, ko, start, s_len, d, hs);
         stage::<F>(&mut v_sh, v, vo, start, s_len, dv, vs);
         sync_cube();
-        product_abt::<F>(
-            &q_sh,
-            prow * hs,
-            &k_sh,
-            &mut s_sh,
-            prow * ss,
-            dp,
-            hs,
-            hs,
-            ss,
-        );
-        sync_cube();
+        product_abt::<F>(&qa, &k_sh, &mut s_sh, prow * ss, dp, hs, ss);
+        sync_plane();
         // The online softmax over this tile, two units per row.
         let mut tile_max = neg_inf;
         #[unroll]
@@ -457,38 +453,30 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
         psum += plane_shuffle_xor(psum, 1u32);
         l = l * corr + psum;
         m = m_new;
-        sync_cube();
-        // This tile's p·v, column tile by column tile, through the scratch.
+        sync_plane();
+        // This tile's p·v (each p fragment serves every column tile),
+        // through the scratch.
         #[unroll]
         for c in 0..dvp / 16 {
-            cmma::fill(&acc, f32::new(0.0));
-            #[unroll]
-            for x in 0..TC_BLOCK / 16 {
-                let p_off = prow * P_STRIDE + x * 16;
-                cmma::load(
-                    &pv,
-                    &p_sh.slice(p_off, p_off + 16 * P_STRIDE),
-                    P_STRIDE as u32,
-                );
-                let v_off = x * 16 * vs + c * 16;
-                cmma::load(&vb, &v_sh.slice(v_off, v_off + 16 * vs), vs as u32);
-                cmma::execute::<F, F, f32, f32>(&pv, &vb, &acc, &acc);
-            }
-            let s_off = prow * ss + c * 16;
-            cmma::store(
-                &mut s_sh.slice_mut(s_off, s_off + 16 * ss),
-                &acc,
-                ss as u32,
-                cmma::MatrixLayout::RowMajor,
-            );
+            cmma::fill(pv_acc.index(c), f32::new(0.0));
         }
-        sync_cube();
+        product_ab_acc::<F>(
+            &pv_acc,
+            &p_sh,
+            prow * P_STRIDE,
+            &v_sh,
+            comptime!(dvp / 16),
+            vs,
+        );
+        store_accumulators(&pv_acc, &mut s_sh, prow * ss, comptime!(dvp / 16), ss);
+        sync_plane();
         #[unroll]
         for j in 0..dvp / 2 {
             o[j] = o[j] * corr + s_sh[srow + 2 * j + par];
         }
-        // The next tile's staging syncs before anyone overwrites the
-        // scratch or the tiles.
+        // Every plane is done with this tile's values before the next
+        // tile's staging overwrites them.
+        sync_cube();
     }
     if i < t {
         let orow = (batch * t + i) * width;
@@ -572,6 +560,9 @@ fn attention_dq_tc_kernel<
     let mut dp_sh = SharedMemory::<f32>::new_aligned(comptime!(TC_BLOCK * ss), 32usize);
     stage::<F>(&mut q_sh, q, qo, first, t, d, hs);
     stage::<F>(&mut g_sh, dout, go, first, t, dv, vs);
+    sync_cube();
+    let qa = a_fragments::<F>(&q_sh, prow * hs, dp, hs);
+    let ga = a_fragments::<F>(&g_sh, prow * vs, dvp, vs);
 
     let accs = zeroed_accumulators(comptime!(dp / 16));
     let srow = (prow + row) * ss;
@@ -581,29 +572,9 @@ fn attention_dq_tc_kernel<
         stage::<F>(&mut k_sh, k, ko, start, s_len, d, hs);
         stage::<F>(&mut v_sh, v, vo, start, s_len, dv, vs);
         sync_cube();
-        product_abt::<F>(
-            &q_sh,
-            prow * hs,
-            &k_sh,
-            &mut s_sh,
-            prow * ss,
-            dp,
-            hs,
-            hs,
-            ss,
-        );
-        product_abt::<F>(
-            &g_sh,
-            prow * vs,
-            &v_sh,
-            &mut dp_sh,
-            prow * ss,
-            dvp,
-            vs,
-            vs,
-            ss,
-        );
-        sync_cube();
+        product_abt::<F>(&qa, &k_sh, &mut s_sh, prow * ss, dp, hs, ss);
+        product_abt::<F>(&ga, &v_sh, &mut dp_sh, prow * ss, dvp, vs, ss);
+        sync_plane();
         #[unroll]
         for j in 0..TC_BLOCK / 2 {
             let c = 2 * j + par;
@@ -614,7 +585,7 @@ fn attention_dq_tc_kernel<
             }
             ds_sh[(prow + row) * P_STRIDE + c] = F::cast_from(ds);
         }
-        sync_cube();
+        sync_plane();
         product_ab_acc::<F>(
             &accs,
             &ds_sh,
@@ -697,6 +668,9 @@ fn attention_dkv_tc_kernel<
     let mut delta_sh = SharedMemory::<f32>::new(TC_BLOCK);
     stage::<F>(&mut k_sh, k, ko, first, s_len, d, hs);
     stage::<F>(&mut v_sh, v, vo, first, s_len, dv, vs);
+    sync_cube();
+    let ka = a_fragments::<F>(&k_sh, prow * hs, dp, hs);
+    let va = a_fragments::<F>(&v_sh, prow * vs, dvp, vs);
 
     let dk = zeroed_accumulators(comptime!(dp / 16));
     let dvs = zeroed_accumulators(comptime!(dvp / 16));
@@ -716,29 +690,9 @@ fn attention_dkv_tc_kernel<
         stage_stat::<S>(&mut delta_sh, delta, eo, start, t);
         sync_cube();
         // sᵀ = k·qᵀ and dpᵀ = v·doutᵀ: this plane's 16 keys × the tile's queries.
-        product_abt::<F>(
-            &k_sh,
-            prow * hs,
-            &q_sh,
-            &mut s_sh,
-            prow * ss,
-            dp,
-            hs,
-            hs,
-            ss,
-        );
-        product_abt::<F>(
-            &v_sh,
-            prow * vs,
-            &g_sh,
-            &mut dp_sh,
-            prow * ss,
-            dvp,
-            vs,
-            vs,
-            ss,
-        );
-        sync_cube();
+        product_abt::<F>(&ka, &q_sh, &mut s_sh, prow * ss, dp, hs, ss);
+        product_abt::<F>(&va, &g_sh, &mut dp_sh, prow * ss, dvp, vs, ss);
+        sync_plane();
         #[unroll]
         for j in 0..TC_BLOCK / 2 {
             let c = 2 * j + par;
@@ -756,7 +710,7 @@ fn attention_dkv_tc_kernel<
             p_sh[(prow + row) * P_STRIDE + c] = F::cast_from(p);
             ds_sh[(prow + row) * P_STRIDE + c] = F::cast_from(ds);
         }
-        sync_cube();
+        sync_plane();
         product_ab_acc::<F>(&dvs, &p_sh, prow * P_STRIDE, &g_sh, comptime!(dvp / 16), vs);
         product_ab_acc::<F>(&dk, &ds_sh, prow * P_STRIDE, &q_sh, comptime!(dp / 16), hs);
         sync_cube();
