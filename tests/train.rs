@@ -615,6 +615,7 @@ fn mixed_precision_keeps_f32_weights_and_follows_the_f32_gradients() {
         (loss_amp - loss_f32).abs() < 0.02 * loss_f32.abs(),
         "loss {loss_amp} in bf16 against {loss_f32} in f32"
     );
+    let mut worst = (f64::INFINITY, "");
     for (name, ga) in &grads_amp {
         assert_eq!(ga.dtype(), DType::F32, "gradient of {name}");
         let (p, q) = (ga.to_f32_vec(), grads_f32[name].to_f32_vec());
@@ -629,7 +630,14 @@ fn mixed_precision_keeps_f32_weights_and_follows_the_f32_gradients() {
             cos > 0.99,
             "gradient of {name}: cosine {cos} to the f32 gradient"
         );
+        if cos < worst.0 {
+            worst = (cos, name.as_str());
+        }
     }
+    println!(
+        "lowest gradient cosine to f32: {:.6} ({})",
+        worst.0, worst.1
+    );
 
     let out = run_train(&src, &dir.join("artifacts"), None, None);
     let f32_out = run_train(

@@ -211,9 +211,11 @@ impl Backward {
 
     /// `attention_grad{wrt}` of attention `y = attention(x…)` for the
     /// output adjoint `gy`, with the row statistics it needs: the
-    /// log-sum-exp `lse` (recomputed) and `delta = Σ gy·y` per query row.
-    /// The q and kv gradients each make their own copies of these; the
-    /// optimizer's e-graph merges them.
+    /// log-sum-exp `lse` (recomputed) and `delta = Σ gy·y` per query row,
+    /// both in the statistics dtype (`f32` for half-precision attention,
+    /// `delta` summed from `gy` and `y` widened to it, as FlashAttention-2
+    /// does). The q and kv gradients each make their own copies of these;
+    /// the optimizer's e-graph merges them.
     #[allow(clippy::too_many_arguments)]
     fn attention_grad(
         &mut self,
@@ -226,7 +228,14 @@ impl Backward {
         scope: &str,
     ) -> Result<NodeId, IrError> {
         let lse = self.op(Op::AttentionLse { causal, scale }, &[x[0], x[1]], scope)?;
-        let prod = self.bin(BinaryOp::Mul, gy, y, scope)?;
+        let stats = self.ty(lse).dtype;
+        let mut widened = [gy, y];
+        for v in &mut widened {
+            if self.ty(*v).dtype != stats {
+                *v = self.op(Op::Cast(stats), &[*v], scope)?;
+            }
+        }
+        let prod = self.bin(BinaryOp::Mul, widened[0], widened[1], scope)?;
         let last = self.ty(prod).shape.rank() - 1;
         let delta = self.op(
             Op::Reduce {

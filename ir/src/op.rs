@@ -209,24 +209,37 @@ pub enum Op {
     Attention { causal: bool, scale: Scalar },
     /// The log-sum-exp of `attention`'s masked, scaled scores per query row:
     /// q `[..., T, d]`, k `[..., S, d]` → `[..., T, 1]` (leading axes
-    /// broadcast). Decomposition, with `s = mask(mul(matmul(q,
-    /// permute_last2(k)), scale))` and `m = reduce_max{last}(s)`:
-    /// `add(m, log(sum{last}(exp(sub(s, m)))))`. What the backward of
-    /// attention recomputes its probabilities from, without storing them.
+    /// broadcast) of the statistics dtype of q's ([`DType::stats`]: `f32`
+    /// for f16/bf16 q, q's dtype otherwise). Decomposition, with `s =
+    /// mask(mul(matmul(q, permute_last2(k)), scale))` and `m =
+    /// reduce_max{last}(s)`: `add(m, log(sum{last}(exp(sub(s, m)))))`,
+    /// which for f16/bf16 q is computed in f32 (as every op is) and stored
+    /// in f32, never rounded to q's dtype. What the backward of attention
+    /// recomputes its probabilities from, without storing them.
     AttentionLse { causal: bool, scale: Scalar },
     /// `attention` and its `attention_lse` from one pass over the scores:
-    /// q `[..., T, d]`, k `[..., S, d]`, v `[..., S, dv]` → `[..., T, dv + 1]`,
-    /// the attention output with each query row's log-sum-exp appended as
-    /// the last column (`dv` constant). Decomposition:
-    /// `concat{last}(attention{causal, scale}(q, k, v),
-    /// attention_lse{causal, scale}(q, k))`, the log-sum-exp broadcast to the
-    /// output's leading axes. What a training graph computes where its
-    /// backward needs the statistic its forward already had (see
-    /// `caramba_compiler::reuse_attention_lse`), instead of recomputing it.
+    /// q `[..., T, d]`, k `[..., S, d]`, v `[..., S, dv]` → `[..., T, dv + 1]`
+    /// of `attention_lse`'s dtype (`f32` for f16/bf16 q), the attention
+    /// output with each query row's log-sum-exp appended as the last column
+    /// (`dv` constant). Decomposition: `concat{last}(attention{causal,
+    /// scale}(q, k, v), attention_lse{causal, scale}(q, k))`, the
+    /// log-sum-exp broadcast to the output's leading axes. For f16/bf16 q
+    /// the attention part is attention's f32 value before the rounding to
+    /// q's dtype: computed in f32 and stored unrounded, so that
+    /// `cast(slice{last, 0..dv}(·), q's dtype)` is exactly `attention{causal,
+    /// scale}(q, k, v)` (which computes in f32 and rounds once). What a
+    /// training graph computes where its backward needs the statistic its
+    /// forward already had (see `caramba_compiler::reuse_attention_lse`,
+    /// which reads the attention part through that cast), instead of
+    /// recomputing it.
     AttentionWithLse { causal: bool, scale: Scalar },
     /// One gradient of `attention{causal, scale}(q, k, v)`, flash-style:
-    /// operands `q, k, v, dout [..., T, dv], lse [..., T, 1]` (from
-    /// `attention_lse`) and `delta [..., T, 1]` = `sum{last}(dout · out)`.
+    /// operands `q, k, v, dout [..., T, dv]` of one float dtype, then
+    /// `lse [..., T, 1]` (from `attention_lse`) and `delta [..., T, 1]` =
+    /// `sum{last}(mul(dout, out))` (`out` the forward's output), both of the
+    /// statistics dtype ([`DType::stats`]: `f32` for f16/bf16 q, `delta`
+    /// then summed from dout and out widened to f32). The result is of q's
+    /// dtype, computed in f32 for f16/bf16 q (the statistics unrounded).
     /// With `p = exp(sub(s, lse))` (`s` as in `AttentionLse`) and
     /// `ds = mul(mul(p, sub(matmul(dout, permute_last2(v)), delta)), scale)`
     /// the result is, by `wrt`: `q` → `matmul(ds, k)` `[..., T, d]`;
@@ -806,14 +819,14 @@ impl Op {
                         ))
                     }
                 }
-                Ok(TensorType::new(q.dtype, Shape(dims)))
+                Ok(TensorType::new(q.dtype.stats(), Shape(dims)))
             }
             Op::AttentionLse { .. } => {
                 let q = xs[0];
                 let mut dims = attention_batch(self.mnemonic(), q, xs[1], None)?.0;
                 dims.push(q.shape.0[q.shape.rank() - 2]);
                 dims.push(Dim::Const(1));
-                Ok(TensorType::new(q.dtype, Shape(dims)))
+                Ok(TensorType::new(q.dtype.stats(), Shape(dims)))
             }
             Op::AttentionGrad { wrt, .. } => {
                 let (q, k, v) = (xs[0], xs[1], xs[2]);
@@ -824,17 +837,24 @@ impl Op {
                     dims.extend(last2);
                     Shape(dims)
                 };
+                let stats = q.dtype.stats();
+                let column = TensorType::new(stats, with([row(q, 2), Dim::Const(1)]));
                 let expect = [
-                    ("dout", with([row(q, 2), row(v, 1)])),
-                    ("lse", with([row(q, 2), Dim::Const(1)])),
-                    ("delta", with([row(q, 2), Dim::Const(1)])),
+                    (
+                        "dout",
+                        TensorType::new(q.dtype, with([row(q, 2), row(v, 1)])),
+                    ),
+                    ("lse", column.clone()),
+                    ("delta", column),
                 ];
-                for ((name, shape), t) in expect.iter().zip(&xs[3..]) {
-                    if t.dtype != q.dtype || &t.shape != shape {
-                        return Err(format!(
-                            "attention_grad needs {name} {}{shape}, got {t}",
-                            q.dtype
-                        ));
+                for ((name, want), t) in expect.iter().zip(&xs[3..]) {
+                    if *t != want {
+                        let why = if *name != "dout" && stats != q.dtype {
+                            format!(" (attention's statistics are {stats} for {} q)", q.dtype)
+                        } else {
+                            String::new()
+                        };
+                        return Err(format!("attention_grad needs {name} {want}{why}, got {t}"));
                     }
                 }
                 let shape = match wrt {

@@ -26,6 +26,19 @@ impl DType {
         matches!(self, DType::I32 | DType::U32)
     }
 
+    /// The dtype row statistics over values of this dtype are kept in:
+    /// `f32` for the half-precision types, the dtype itself otherwise.
+    /// Attention's log-sum-exp and its backward's `delta` are such
+    /// statistics (`Op::AttentionLse`): the backward subtracts `delta` from
+    /// values close to it, which would amplify a half-precision rounding
+    /// (FlashAttention keeps both in f32 too).
+    pub fn stats(self) -> DType {
+        match self {
+            DType::F16 | DType::BF16 => DType::F32,
+            dtype => dtype,
+        }
+    }
+
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {

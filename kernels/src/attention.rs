@@ -19,11 +19,15 @@
 //! columns `u, u + B, …` of `p · v` for every query. Each key and value
 //! element is read once per block of queries.
 //!
-//! Every operand and the output are stored as the launch's `elem` and
-//! computed in `f32`: elements are widened as they are staged or read, the
-//! staged tiles in shared memory, the scores, running statistics and
-//! accumulators are `f32`, and each result is rounded once as it is
-//! stored.
+//! Every operand is stored as the launch's `elem` and computed in `f32`:
+//! elements are widened as they are staged or read, and the staged tiles in
+//! shared memory, the scores, running statistics and accumulators are
+//! `f32`. Attention's output is stored as `elem` too, each value rounded
+//! once as it is stored; the two modes with the log-sum-exp write `f32`
+//! whatever `elem` is (the IR's statistics dtype, `f32` for f16/bf16 q;
+//! the device holds no f64), the output part of `attention_with_lse`
+//! included, unrounded. Both instantiations share one body
+//! (`attention_rows`), generic over the output's type.
 //!
 //! Where it stops: scalar FMAs, no tensor cores; causal blocks skip key
 //! tiles past their last query but not the masked part of the diagonal
@@ -39,12 +43,54 @@ pub const ATTN_BLOCK: usize = 64;
 /// this many queries.
 pub const ATTN_QUERIES: usize = 8;
 
+/// Attention alone: the output stored as the operands are.
 #[cube(launch_unchecked)]
 fn attention_kernel<F: Float + CubeElement>(
     q: &Tensor<F>,
     k: &Tensor<F>,
     v: &Tensor<F>,
     out: &mut Tensor<F>,
+    scale: f32,
+    neg_inf: f32,
+    #[comptime] causal: bool,
+    #[comptime] d: usize,
+    #[comptime] dv: usize,
+    #[comptime] staged: bool,
+) {
+    attention_rows::<F, F>(
+        q, k, v, out, scale, neg_inf, causal, d, dv, staged, false, false,
+    );
+}
+
+/// The log-sum-exp, alone (`lse_only`) or after the output: stored as
+/// `f32` whatever the operands are.
+#[cube(launch_unchecked)]
+fn attention_stats_kernel<F: Float + CubeElement>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    out: &mut Tensor<f32>,
+    scale: f32,
+    neg_inf: f32,
+    #[comptime] causal: bool,
+    #[comptime] d: usize,
+    #[comptime] dv: usize,
+    #[comptime] staged: bool,
+    #[comptime] lse_only: bool,
+) {
+    attention_rows::<F, f32>(
+        q, k, v, out, scale, neg_inf, causal, d, dv, staged, lse_only, true,
+    );
+}
+
+/// The kernel's body: operands stored as `F`, the output as `O`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn attention_rows<F: Float + CubeElement, O: Float + CubeElement>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    out: &mut Tensor<O>,
     scale: f32,
     neg_inf: f32,
     #[comptime] causal: bool,
@@ -263,7 +309,7 @@ fn attention_kernel<F: Float + CubeElement>(
             if lse_only || with_lse {
                 let lse = m[qi] + l[qi].ln();
                 if u == 0 {
-                    out[row + width - 1] = F::cast_from(lse);
+                    out[row + width - 1] = O::cast_from(lse);
                 }
             }
             if !lse_only {
@@ -271,7 +317,7 @@ fn attention_kernel<F: Float + CubeElement>(
                 for c in 0..cols {
                     let col = c * ATTN_BLOCK + u;
                     if col < dv {
-                        out[row + col] = F::cast_from(acc[qi * cols + c] / l[qi]);
+                        out[row + col] = O::cast_from(acc[qi * cols + c] / l[qi]);
                     }
                 }
             }
@@ -298,7 +344,8 @@ pub fn launch_attention<R: Runtime>(
 
 /// Attention and the log-sum-exp of its scores from one pass
 /// (`AttentionWithLse`): as [`launch_attention`], with `out` dense
-/// `(batch…, T, dv + 1)`, each row the output followed by its log-sum-exp.
+/// `(batch…, T, dv + 1)` and stored as `f32` whatever `elem` is, each row
+/// the output (unrounded) followed by its log-sum-exp.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_attention_with_lse<R: Runtime>(
     client: &ComputeClient<R>,
@@ -315,8 +362,9 @@ pub fn launch_attention_with_lse<R: Runtime>(
 
 /// The log-sum-exp of attention's masked, scaled scores per query row
 /// (`AttentionLse`): the forward kernel without the values. q
-/// `(batch…, T, d)` and k `(batch…, S, d)` broadcast to the output's batch
-/// axes; `out` dense `(batch…, T, 1)`.
+/// `(batch…, T, d)` and k `(batch…, S, d)`, stored as `elem`, broadcast to
+/// the output's batch axes; `out` dense `(batch…, T, 1)`, stored as `f32`
+/// whatever `elem` is.
 pub fn launch_attention_lse<R: Runtime>(
     client: &ComputeClient<R>,
     elem: FloatElem,
@@ -363,23 +411,28 @@ fn launch<R: Runtime>(
     let stride = d.max(dv) + 1;
     let shared = 4 * (ATTN_BLOCK * stride + ATTN_QUERIES * (d + ATTN_BLOCK));
     let staged = shared <= client.properties().hardware.max_shared_memory_size;
-    with_float!(elem, F => unsafe {
-        attention_kernel::launch_unchecked::<F, R>(
-            client,
-            grid_1d(cubes, 1),
-            CubeDim::new_1d(ATTN_BLOCK as u32),
+    let (grid, block) = (grid_1d(cubes, 1), CubeDim::new_1d(ATTN_BLOCK as u32));
+    let (lse_only, plain) = (v.is_none(), v.is_some() && !with_lse);
+    let (q, k, v, out) = unsafe {
+        (
             q.arg::<R>(),
             k.arg::<R>(),
             v.unwrap_or(k).arg::<R>(),
             out.arg::<R>(),
-            scale,
-            f32::NEG_INFINITY,
-            causal,
-            d.max(1),
-            dv,
-            staged,
-            v.is_none(),
-            with_lse,
-        );
+        )
+    };
+    let d = d.max(1);
+    let neg_inf = f32::NEG_INFINITY;
+    with_float!(elem, F => unsafe {
+        if plain {
+            attention_kernel::launch_unchecked::<F, R>(
+                client, grid, block, q, k, v, out, scale, neg_inf, causal, d, dv, staged,
+            );
+        } else {
+            attention_stats_kernel::launch_unchecked::<F, R>(
+                client, grid, block, q, k, v, out, scale, neg_inf, causal, d, dv, staged,
+                lse_only,
+            );
+        }
     });
 }

@@ -27,9 +27,11 @@
 //! Layout: every operand a strided view broadcast to the result's batch
 //! axes (GQA's shared key/value heads have stride 0 there; summing their
 //! gradients over the query groups is the caller's reduction); the result
-//! is dense. Every operand and the result are stored as the launch's
-//! `elem` and computed in `f32` (shared memory, scores, accumulators), the
-//! result rounded once as it is stored.
+//! is dense. q, k, v, dout and the result are stored as the launch's
+//! `elem`, lse and delta as `f32` whatever `elem` is (the IR's statistics
+//! dtype, `f32` for f16/bf16 q: the subtraction `dout·vᵀ − delta` would
+//! amplify their rounding); everything is computed in `f32` (shared
+//! memory, scores, accumulators), the result rounded once as it is stored.
 
 use crate::{grid_1d, linear_cube, with_float, FloatElem, View};
 use cubecl::prelude::*;
@@ -42,7 +44,7 @@ pub const GRAD_ROWS: usize = 8;
 /// The element offset in `t` of batch index `batch`, flattened over the
 /// leading axes of `out` (to whose batch axes `t` is broadcast).
 #[cube]
-fn batch_offset<F: Float>(t: &Tensor<F>, out: &Tensor<F>, batch: usize) -> usize {
+fn batch_offset<T: Float, F: Float>(t: &Tensor<T>, out: &Tensor<F>, batch: usize) -> usize {
     let rank = out.rank();
     let mut rem = batch;
     let mut offset = 0;
@@ -91,8 +93,8 @@ fn attention_dq_kernel<F: Float + CubeElement>(
     k: &Tensor<F>,
     v: &Tensor<F>,
     dout: &Tensor<F>,
-    lse: &Tensor<F>,
-    delta: &Tensor<F>,
+    lse: &Tensor<f32>,
+    delta: &Tensor<f32>,
     out: &mut Tensor<F>,
     scale: f32,
     #[comptime] causal: bool,
@@ -110,12 +112,12 @@ fn attention_dq_kernel<F: Float + CubeElement>(
         terminate!();
     }
     let first = (cube % blocks) * GRAD_ROWS;
-    let qo = batch_offset::<F>(q, out, batch);
-    let ko = batch_offset::<F>(k, out, batch);
-    let vo = batch_offset::<F>(v, out, batch);
-    let go = batch_offset::<F>(dout, out, batch);
-    let lo = batch_offset::<F>(lse, out, batch);
-    let eo = batch_offset::<F>(delta, out, batch);
+    let qo = batch_offset::<F, F>(q, out, batch);
+    let ko = batch_offset::<F, F>(k, out, batch);
+    let vo = batch_offset::<F, F>(v, out, batch);
+    let go = batch_offset::<F, F>(dout, out, batch);
+    let lo = batch_offset::<f32, F>(lse, out, batch);
+    let eo = batch_offset::<f32, F>(delta, out, batch);
     let (k_s, k_d) = (k.stride(rank - 2), k.stride(rank - 1));
     let (v_s, v_d) = (v.stride(rank - 2), v.stride(rank - 1));
     let (l_t, e_t) = (lse.stride(rank - 2), delta.stride(rank - 2));
@@ -144,8 +146,8 @@ fn attention_dq_kernel<F: Float + CubeElement>(
         row_lse[qi] = f32::new(0.0);
         row_delta[qi] = f32::new(0.0);
         if i < t {
-            row_lse[qi] = f32::cast_from(lse[lo + i * l_t]);
-            row_delta[qi] = f32::cast_from(delta[eo + i * e_t]);
+            row_lse[qi] = lse[lo + i * l_t];
+            row_delta[qi] = delta[eo + i * e_t];
             limit = s_len;
             if causal {
                 limit = 0;
@@ -278,8 +280,8 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
     k: &Tensor<F>,
     v: &Tensor<F>,
     dout: &Tensor<F>,
-    lse: &Tensor<F>,
-    delta: &Tensor<F>,
+    lse: &Tensor<f32>,
+    delta: &Tensor<f32>,
     out: &mut Tensor<F>,
     scale: f32,
     #[comptime] causal: bool,
@@ -302,12 +304,12 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
         terminate!();
     }
     let first = (cube % blocks) * GRAD_ROWS;
-    let qo = batch_offset::<F>(q, out, batch);
-    let ko = batch_offset::<F>(k, out, batch);
-    let vo = batch_offset::<F>(v, out, batch);
-    let go = batch_offset::<F>(dout, out, batch);
-    let lo = batch_offset::<F>(lse, out, batch);
-    let eo = batch_offset::<F>(delta, out, batch);
+    let qo = batch_offset::<F, F>(q, out, batch);
+    let ko = batch_offset::<F, F>(k, out, batch);
+    let vo = batch_offset::<F, F>(v, out, batch);
+    let go = batch_offset::<F, F>(dout, out, batch);
+    let lo = batch_offset::<f32, F>(lse, out, batch);
+    let eo = batch_offset::<f32, F>(delta, out, batch);
     let (q_t, q_d) = (q.stride(rank - 2), q.stride(rank - 1));
     let (g_t, g_d) = (dout.stride(rank - 2), dout.stride(rank - 1));
     let (l_t, e_t) = (lse.stride(rank - 2), delta.stride(rank - 2));
@@ -360,8 +362,8 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
         let mut row_lse = f32::new(0.0);
         let mut row_delta = f32::new(0.0);
         if i < t {
-            row_lse = f32::cast_from(lse[lo + i * l_t]);
-            row_delta = f32::cast_from(delta[eo + i * e_t]);
+            row_lse = lse[lo + i * l_t];
+            row_delta = delta[eo + i * e_t];
         }
         // Scores of this thread's query against the block's keys.
         if staged {
@@ -511,7 +513,8 @@ fn attention_dkv_kernel<F: Float + CubeElement>(
 
 /// The operands of one attention gradient, every view broadcast to the
 /// result's batch axes: q `(batch…, T, d)`, k `(batch…, S, d)`, v
-/// `(batch…, S, dv)`, dout `(batch…, T, dv)`, lse and delta `(batch…, T, 1)`.
+/// `(batch…, S, dv)`, dout `(batch…, T, dv)`, all stored as the launch's
+/// `elem`; lse and delta `(batch…, T, 1)`, stored as `f32`.
 pub struct GradOperands<'a> {
     pub q: &'a View,
     pub k: &'a View,
@@ -544,8 +547,8 @@ impl GradOperands<'_> {
     }
 }
 
-/// `dq = ds·k` into `out`, dense `(batch…, T, d)`; the operands and `out`
-/// are stored as `elem`.
+/// `dq = ds·k` into `out`, dense `(batch…, T, d)`; `out` and the operands
+/// but lse and delta (`f32`) are stored as `elem`.
 pub fn launch_attention_dq<R: Runtime>(
     client: &ComputeClient<R>,
     elem: FloatElem,
@@ -595,8 +598,8 @@ pub enum KeyGrads {
     KV,
 }
 
-/// `dk`, `dv` or both (`grads`) into `out`; the operands and `out` are
-/// stored as `elem`.
+/// `dk`, `dv` or both (`grads`) into `out`; `out` and the operands but lse
+/// and delta (`f32`) are stored as `elem`.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_attention_dkv<R: Runtime>(
     client: &ComputeClient<R>,

@@ -19,9 +19,11 @@
 //! stored elements as they are. A device that cannot hold a narrow type
 //! (`FloatElem::supported`) may keep such a tensor widened to `f32`, its
 //! values rounded to the narrow grid (`cast::launch_round`), as the
-//! reference interpreter does. Optimizer state and master weights
-//! (`optim`) and cuBLASLt's GEMMs (`vendor_gemm`) are `f32` only. Integer
-//! tensors are `i32`. Buffers are dense and row-major; a view (`View`)
+//! reference interpreter does. Attention's row statistics (the
+//! log-sum-exp its forward writes, with the output beside it, and the
+//! backward's lse and delta) are `f32` whatever `elem` is, as the IR types
+//! them. Optimizer state and master weights (`optim`) and cuBLASLt's GEMMs
+//! (`vendor_gemm`) are `f32` only. Integer tensors are `i32`. Buffers are dense and row-major; a view (`View`)
 //! adds strides and an element offset so that permute, slice, broadcast and
 //! concat are strided copies.
 

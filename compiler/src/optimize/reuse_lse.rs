@@ -8,11 +8,17 @@
 //! `attention_lse` (same q and k nodes, same `causal` and `scale`) by one
 //! `attention_with_lse{c, s}(q, k, v)` and two slices of its last axis:
 //! `0..dv` stands for the attention, `dv..dv + 1` for the log-sum-exp.
+//! The fused node has the log-sum-exp's dtype (`f32` for half-precision
+//! q), so for half-precision attention the first slice is read through a
+//! `cast` back to the attention's dtype.
 //!
 //! Proof: `attention_with_lse`'s decomposition is
 //! `concat{last}(attention(q, k, v), attention_lse(q, k))`, and slicing a
 //! concatenation along its axis at the parts' boundaries gives the parts
-//! back. The pass keeps every other node, every output and every name.
+//! back. For half-precision q the attention part is attention's f32 value
+//! before its rounding, which the cast rounds exactly as `attention` does;
+//! the log-sum-exp part is `attention_lse`'s f32 value as it is. The pass
+//! keeps every other node, every output and every name.
 //!
 //! Why a graph pass and not an e-graph rule: the rewrite pairs two nodes
 //! that share operands without either being part of the other's term, a
@@ -192,7 +198,9 @@ pub fn reuse_attention_lse(g: &Graph) -> Result<Graph, IrError> {
 }
 
 /// Adds a pair's `attention_with_lse` to `out` over the new operands in
-/// `map`; returns its slices, the attention and the log-sum-exp.
+/// `map`; returns what stands for the attention (its slice, cast back to
+/// the attention's dtype where the fused node is wider) and the
+/// log-sum-exp's slice.
 fn fuse(
     g: &Graph,
     out: &mut Graph,
@@ -207,7 +215,11 @@ fn fuse(
     let fused = out.add(Op::AttentionWithLse { causal, scale }, &xs, scope)?;
     let axis = out.node(fused).ty.shape.rank() - 1;
     let slice = |start, end| Op::Slice { axis, start, end };
-    let y = out.add(slice(0, pair.dv), &[fused], scope)?;
+    let mut y = out.add(slice(0, pair.dv), &[fused], scope)?;
+    let dtype = g.node(pair.attention).ty.dtype;
+    if out.node(y).ty.dtype != dtype {
+        y = out.add(Op::Cast(dtype), &[y], scope)?;
+    }
     let lse_scope = &g.node(pair.lses[0]).scope;
     let lse = out.add(slice(pair.dv, pair.dv + 1), &[fused], lse_scope)?;
     Ok((y, lse))

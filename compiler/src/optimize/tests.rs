@@ -428,7 +428,8 @@ fn kv_attention_grad_costs_less_than_k_and_v_apart() {
 /// and kv gradients each do), over GQA-broadcast heads with `T ≤ S`, plus
 /// what the pass must leave alone: an attention nothing asks the
 /// log-sum-exp of (other values) and an `attention_lse` of another scale.
-fn lse_graph(rng: &mut Rng) -> Graph {
+/// q, k and v are of `dtype`.
+fn lse_graph(rng: &mut Rng, dtype: DType) -> Graph {
     let (kv, grp, d, dv) = (
         rng.range(1, 2),
         rng.range(1, 3),
@@ -439,13 +440,11 @@ fn lse_graph(rng: &mut Rng) -> Graph {
     let (causal, scale) = (rng.bool(), Scalar(rng.unit() * 2.0));
     let mut g = Graph::new("t");
     let q = g
-        .input("q", ty(DType::F64, &[b, c(kv), c(grp), t, c(d)]))
+        .input("q", ty(dtype, &[b, c(kv), c(grp), t, c(d)]))
         .unwrap();
-    let k = g
-        .input("k", ty(DType::F64, &[b, c(kv), c(1), s, c(d)]))
-        .unwrap();
+    let k = g.input("k", ty(dtype, &[b, c(kv), c(1), s, c(d)])).unwrap();
     let v = g
-        .input("v", ty(DType::F64, &[b, c(kv), c(1), s, c(dv)]))
+        .input("v", ty(dtype, &[b, c(kv), c(1), s, c(dv)]))
         .unwrap();
     let y = g
         .add(Op::Attention { causal, scale }, &[q, k, v], "attn")
@@ -459,7 +458,7 @@ fn lse_graph(rng: &mut Rng) -> Graph {
         g.set_output(&format!("lse{i}"), lse);
     }
     let w = g
-        .input("w", ty(DType::F64, &[b, c(kv), c(1), s, c(dv)]))
+        .input("w", ty(dtype, &[b, c(kv), c(1), s, c(dv)]))
         .unwrap();
     let other = g
         .add(Op::Attention { causal, scale }, &[q, k, w], "other")
@@ -480,15 +479,18 @@ fn lse_graph(rng: &mut Rng) -> Graph {
     g
 }
 
-/// The pass against the graph it rewrites, on random shapes: one fused
-/// node serves the attention and both log-sum-exps, the rest is left as
-/// it was, and `optimize` afterwards keeps the fused node without bringing
-/// a second attention back.
+/// The pass against the graph it rewrites, on random shapes, in f64 and
+/// in half precision: one fused node serves the attention and both
+/// log-sum-exps (for half-precision q the fused node is f32 and the
+/// attention's slice is cast back, one cast), the rest is left as it was,
+/// every output keeps its type and value, and `optimize` afterwards keeps
+/// the fused node without bringing a second attention back.
 #[test]
 fn reuse_attention_lse_is_sound() {
     let mut rng = Rng::new(reuse_lse::NAME.len() as u64 * 7919);
     for case in 0..24 {
-        let g = lse_graph(&mut rng);
+        let dtype = [DType::F64, DType::BF16, DType::F16][case % 3];
+        let g = lse_graph(&mut rng, dtype);
         let h = reuse_attention_lse(&g).unwrap();
         caramba_ir::verify(&h).unwrap();
         let ops = |g: &Graph| {
@@ -496,15 +498,21 @@ fn reuse_attention_lse_is_sound() {
                 count(g, |o| matches!(o, Op::AttentionWithLse { .. })),
                 count(g, |o| matches!(o, Op::Attention { .. })),
                 count(g, |o| matches!(o, Op::AttentionLse { .. })),
+                count(g, |o| matches!(o, Op::Cast(_))),
             )
         };
+        let casts = usize::from(dtype != DType::F64);
         assert_eq!(
             ops(&h),
-            (1, 1, 1),
+            (1, 1, 1, casts),
             "case {case}:
 {}",
             caramba_ir::to_text(&h)
         );
+        for (name, id) in g.outputs() {
+            let new = h.output(name).expect("outputs kept");
+            assert_eq!(h.node(new).ty, g.node(*id).ty, "case {case}: output {name}");
+        }
         let t = rng.range(1, 5);
         let ts = (t, t + rng.range(0, 3));
         let err = compare(&g, &h, &mut rng, ts, 1);
@@ -521,7 +529,7 @@ before:
         let (o, _) = optimize(&h).unwrap();
         assert_eq!(
             ops(&o),
-            (1, 1, 1),
+            (1, 1, 1, casts),
             "case {case}:
 {}",
             caramba_ir::to_text(&o)

@@ -2,7 +2,7 @@
 //! direct formulas, and of the evaluator's binding checks.
 
 use super::*;
-use crate::op::{BinaryOp, Op, ReduceOp, RopeSpec, Scalar, UnaryOp};
+use crate::op::{AttnArg, BinaryOp, Op, ReduceOp, RopeSpec, Scalar, UnaryOp};
 use crate::types::{DType, Dim, Shape, Sym, TensorType};
 use crate::{shape, Graph, NodeId};
 use std::collections::BTreeMap;
@@ -1200,6 +1200,210 @@ fn attention_with_lse_matches_a_direct_loop_and_its_decomposition() {
         }
         assert_close(got["fused"].as_f32().unwrap(), &want, 1e-5);
         assert_close(got["parts"].as_f32().unwrap(), &want, 1e-5);
+    }
+}
+
+/// Attention's statistics are typed in `DType::stats`: `f32` for
+/// half-precision q (so never rounded to q's dtype), q's dtype otherwise;
+/// `attention_grad` takes its `lse` and `delta` in that dtype only.
+#[test]
+fn attention_statistics_are_f32_for_half_precision() {
+    let (t, s, d, dv) = (3usize, 5usize, 4usize, 3usize);
+    let (causal, scale) = (true, Scalar(0.7));
+    for (dtype, stats) in [
+        (DType::BF16, DType::F32),
+        (DType::F16, DType::F32),
+        (DType::F32, DType::F32),
+        (DType::F64, DType::F64),
+    ] {
+        let mut g = Graph::new("t");
+        let q = g.input("q", ty(dtype, shape![2, t, d])).unwrap();
+        let k = g.input("k", ty(dtype, shape![2, s, d])).unwrap();
+        let v = g.input("v", ty(dtype, shape![2, s, dv])).unwrap();
+        let y = g
+            .add(Op::Attention { causal, scale }, &[q, k, v], "")
+            .unwrap();
+        let lse = g
+            .add(Op::AttentionLse { causal, scale }, &[q, k], "")
+            .unwrap();
+        let both = g
+            .add(Op::AttentionWithLse { causal, scale }, &[q, k, v], "")
+            .unwrap();
+        assert_eq!(g.node(y).ty, ty(dtype, shape![2, t, dv]));
+        assert_eq!(g.node(lse).ty, ty(stats, shape![2, t, 1]));
+        assert_eq!(g.node(both).ty, ty(stats, shape![2, t, dv + 1]));
+        let grad = Op::AttentionGrad {
+            causal,
+            scale,
+            wrt: AttnArg::Q,
+        };
+        let ok = g.add(grad.clone(), &[q, k, v, y, lse, lse], "").unwrap();
+        assert_eq!(g.node(ok).ty, ty(dtype, shape![2, t, d]));
+        if stats != dtype {
+            // Statistics rounded to q's dtype are refused.
+            let narrow = g.add(Op::Cast(dtype), &[lse], "").unwrap();
+            let err = g
+                .add(grad.clone(), &[q, k, v, y, narrow, lse], "")
+                .unwrap_err();
+            assert_eq!(
+                err.message,
+                format!(
+                    "attention_grad needs lse f32[2, {t}, 1] (attention's statistics are f32 \
+                     for {dtype} q), got {dtype}[2, {t}, 1]"
+                )
+            );
+            let err = g.add(grad, &[q, k, v, y, lse, narrow], "").unwrap_err();
+            assert!(err.message.contains("needs delta f32"), "{}", err.message);
+        }
+    }
+}
+
+/// For bf16 q the reference computes `attention_with_lse` in f32 and does
+/// not round it: its attention part cast to bf16 is exactly `attention`
+/// (rounded once), its log-sum-exp part exactly `attention_lse`, and the
+/// part itself is off the bf16 grid.
+#[test]
+fn half_precision_attention_with_lse_is_unrounded_f32() {
+    let (t, s, d, dv) = (3usize, 5usize, 4usize, 3usize);
+    let bf = |shape: &[usize], seed| {
+        let n = shape.iter().product();
+        let v = ramp(n, seed).into_iter().map(round_bf16).collect();
+        Tensor::new(DType::BF16, shape.to_vec(), Storage::F32(v))
+    };
+    for causal in [false, true] {
+        let scale = Scalar(0.7);
+        let mut g = Graph::new("t");
+        let bt = |dims: Shape| ty(DType::BF16, dims);
+        let q = g.input("q", bt(shape![2, t, d])).unwrap();
+        let k = g.input("k", bt(shape![2, s, d])).unwrap();
+        let v = g.input("v", bt(shape![2, s, dv])).unwrap();
+        let both = g
+            .add(Op::AttentionWithLse { causal, scale }, &[q, k, v], "")
+            .unwrap();
+        let part = |g: &mut Graph, start, end| {
+            let op = Op::Slice {
+                axis: 2,
+                start,
+                end,
+            };
+            g.add(op, &[both], "").unwrap()
+        };
+        let out = part(&mut g, 0, dv);
+        let out_bf16 = g.add(Op::Cast(DType::BF16), &[out], "").unwrap();
+        let lse_part = part(&mut g, dv, dv + 1);
+        let y = g
+            .add(Op::Attention { causal, scale }, &[q, k, v], "")
+            .unwrap();
+        let lse = g
+            .add(Op::AttentionLse { causal, scale }, &[q, k], "")
+            .unwrap();
+        for (name, id) in [
+            ("out", out),
+            ("out_bf16", out_bf16),
+            ("lse_part", lse_part),
+            ("y", y),
+            ("lse", lse),
+        ] {
+            g.set_output(name, id);
+        }
+        let b = Bindings::default()
+            .input("q", bf(&[2, t, d], 1))
+            .input("k", bf(&[2, s, d], 2))
+            .input("v", bf(&[2, s, dv], 3));
+        let got = eval(&g, &b).unwrap();
+        assert_eq!(got["out"].dtype(), DType::F32);
+        assert_eq!(got["out_bf16"], got["y"]);
+        assert_eq!(got["lse_part"], got["lse"]);
+        let unrounded = |t: &Tensor| t.as_f32().unwrap().iter().any(|&x| round_bf16(x) != x);
+        assert!(unrounded(&got["out"]), "{:?}", got["out"]);
+        assert!(unrounded(&got["lse"]), "{:?}", got["lse"]);
+    }
+}
+
+/// Autodiff's attention rule in bf16: the log-sum-exp it recomputes and
+/// `delta` are f32, `delta` summed from the widened adjoint and output,
+/// and the gradients agree with the f32 graph's on the same values.
+#[test]
+fn half_precision_attention_backward_keeps_f32_statistics() {
+    use crate::autodiff::{differentiate, grad_name};
+    let (t, s, d, dv) = (4usize, 6usize, 8usize, 4usize);
+    let graph = |dtype: DType| {
+        let mut g = Graph::new("t");
+        let q = g.param("q", ty(dtype, shape![2, t, d]), "").unwrap();
+        let k = g.param("k", ty(dtype, shape![2, s, d]), "").unwrap();
+        let v = g.param("v", ty(dtype, shape![2, s, dv]), "").unwrap();
+        let w = g.input("w", ty(dtype, shape![2, t, dv])).unwrap();
+        let y = g
+            .add(
+                Op::Attention {
+                    causal: true,
+                    scale: Scalar(0.5),
+                },
+                &[q, k, v],
+                "attn",
+            )
+            .unwrap();
+        let mut l = g.add(Op::Binary(BinaryOp::Mul), &[y, w], "").unwrap();
+        for axis in 0..3 {
+            let op = Op::Reduce {
+                op: ReduceOp::Sum,
+                axis,
+            };
+            l = g.add(op, &[l], "").unwrap();
+        }
+        let l = g.add(Op::Reshape(Shape::scalar()), &[l], "").unwrap();
+        g.set_output("loss", l);
+        let names = ["q", "k", "v"].map(String::from);
+        differentiate(&g, "loss", &names).unwrap()
+    };
+    let dg = graph(DType::BF16);
+    let mut grads = 0;
+    for id in dg.node_ids() {
+        match dg.node(id).op {
+            Op::AttentionLse { .. } => assert_eq!(dg.node(id).ty.dtype, DType::F32),
+            Op::AttentionGrad { .. } => {
+                grads += 1;
+                let xs = dg.operands(id);
+                let delta = dg.node(xs[5]);
+                assert_eq!(delta.ty.dtype, DType::F32);
+                // delta = sum(mul(cast(dout), cast(out))).
+                let prod = dg.operands(xs[5])[0];
+                for x in dg.operands(prod) {
+                    assert_eq!(dg.node(x).op, Op::Cast(DType::F32));
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(grads, 2, "q's gradient and k's and v's together");
+    let on_grid = |shape: &[usize], seed| {
+        let n = shape.iter().product();
+        let v: Vec<f32> = ramp(n, seed).into_iter().map(round_bf16).collect();
+        Tensor::f32(shape.to_vec(), v)
+    };
+    let params: BTreeMap<String, Tensor> = [
+        ("q", on_grid(&[2, t, d], 1)),
+        ("k", on_grid(&[2, s, d], 2)),
+        ("v", on_grid(&[2, s, dv], 3)),
+    ]
+    .into_iter()
+    .map(|(n, t)| (n.to_string(), t))
+    .collect();
+    let w = on_grid(&[2, t, dv], 4);
+    let run = |g: &Graph| eval(g, &Bindings::new(&params).input("w", w.clone())).unwrap();
+    let (half, full) = (run(&dg), run(&graph(DType::F32)));
+    for name in ["q", "k", "v"] {
+        let (a, b) = (
+            half[&grad_name(name)].to_f64_vec(),
+            full[&grad_name(name)].to_f64_vec(),
+        );
+        let err: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum::<f64>();
+        let norm: f64 = b.iter().map(|y| y * y).sum::<f64>();
+        assert!(
+            err.sqrt() <= 2e-2 * norm.sqrt(),
+            "grad {name}: relative error {}",
+            (err / norm).sqrt()
+        );
     }
 }
 

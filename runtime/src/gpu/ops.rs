@@ -603,13 +603,17 @@ impl<R: Runtime> Ctx<'_, R> {
                 let batch = &shape[..shape.len() - 2];
                 let bview = |t: &DevTensor| Self::batch_view(t, batch);
                 let (q, k, v) = (bview(xs[0]), bview(xs[1]), bview(xs[2]));
+                // The output is stored as q is, or, with the log-sum-exp,
+                // as f32 (the statistics dtype: f32 for f16/bf16 q).
                 let out = self.alloc(shape);
                 let launch = if matches!(self.node.op, Op::AttentionWithLse { .. }) {
+                    debug_assert_eq!(out.elem, FloatElem::F32, "attention statistics are f32");
                     attention::launch_attention_with_lse
                 } else {
                     attention::launch_attention
                 };
-                launch(c, e, &q, &k, &v, &Self::view(&out), *causal, scale.0 as f32);
+                let (qe, o) = (xs[0].elem, Self::view(&out));
+                launch(c, qe, &q, &k, &v, &o, *causal, scale.0 as f32);
                 Ok(out)
             }
             Op::AttentionLse { causal, scale } => {
@@ -619,9 +623,10 @@ impl<R: Runtime> Ctx<'_, R> {
                     Self::batch_view(xs[1], batch),
                 );
                 let out = self.alloc(shape);
+                debug_assert_eq!(out.elem, FloatElem::F32, "attention statistics are f32");
                 attention::launch_attention_lse(
                     c,
-                    e,
+                    xs[0].elem,
                     &q,
                     &k,
                     &Self::view(&out),
@@ -633,6 +638,9 @@ impl<R: Runtime> Ctx<'_, R> {
             Op::AttentionGrad { causal, scale, wrt } => {
                 use attention_backward::KeyGrads;
                 let batch = &shape[..shape.len() - 2];
+                // lse and delta are f32 (the statistics dtype), the rest as
+                // the result.
+                debug_assert!(xs[4..].iter().all(|x| x.elem == FloatElem::F32));
                 let v: Vec<View> = xs.iter().map(|x| Self::batch_view(x, batch)).collect();
                 let operands = attention_backward::GradOperands {
                     q: &v[0],

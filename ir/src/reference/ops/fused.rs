@@ -1,5 +1,12 @@
 //! Fused ops, evaluated through their primitive decompositions (so they are
 //! correct by construction against the primitives), and cross-entropy.
+//!
+//! Intermediates are labelled with the operands' dtype but never rounded
+//! (half-precision values are stored as `f32`): a fused op computes in f32
+//! and the evaluator rounds its result once if the node's dtype is f16 or
+//! bf16. Attention's statistics for half-precision q (`attention_lse`,
+//! `attention_with_lse`, and the `lse`/`delta` operands `attention_grad`
+//! reads) are typed `f32`, so they are never rounded.
 
 use super::attention::causal_mask;
 use super::elementwise::{binary, constant, unary};
@@ -79,7 +86,8 @@ pub fn attention_lse(q: &Tensor, k: &Tensor, causal: bool, scale: Scalar) -> Res
 }
 
 /// `concat{last}(attention(q, k, v), attention_lse(q, k))`, the log-sum-exp
-/// broadcast to the output's leading axes.
+/// broadcast to the output's leading axes; both parts as computed, before
+/// any rounding (the node is `f32` for half-precision q).
 pub fn attention_with_lse(
     q: &Tensor,
     k: &Tensor,
