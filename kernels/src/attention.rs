@@ -401,7 +401,7 @@ fn launch<R: Runtime>(
     }
     if let Some(v) = v {
         let tc = crate::attention_tc::try_launch_forward;
-        if tc(client, elem, elem, q, k, v, out, causal, scale, with_lse) {
+        if tc(client, elem, q, k, v, out, causal, scale, with_lse) {
             return;
         }
     }

@@ -561,7 +561,7 @@ pub fn launch_attention_dq<R: Runtime>(
     if batch * t * d == 0 {
         return;
     }
-    if crate::attention_tc::try_launch_dq(client, elem, elem, elem, x, out, causal, scale) {
+    if crate::attention_tc::try_launch_dq(client, elem, x, out, causal, scale) {
         return;
     }
     let cubes = batch * t.div_ceil(GRAD_ROWS);
@@ -617,7 +617,7 @@ pub fn launch_attention_dkv<R: Runtime>(
         return;
     }
     if grads == KeyGrads::KV
-        && crate::attention_tc::try_launch_dkv(client, elem, elem, elem, x, out, causal, scale)
+        && crate::attention_tc::try_launch_dkv(client, elem, x, out, causal, scale)
     {
         return;
     }

@@ -163,11 +163,11 @@ fn stage<F: Float>(
 }
 
 /// Copies `TC_BLOCK` entries of a `(…, rows, 1)` statistic (`lse` or
-/// `delta`) from row `start` on into `dst` as f32 (zeros past `len`).
+/// `delta`, f32) from row `start` on into `dst` (zeros past `len`).
 #[cube]
-fn stage_stat<S: Float>(
+fn stage_stat(
     dst: &mut SharedMemory<f32>,
-    src: &Tensor<S>,
+    src: &Tensor<f32>,
     base: usize,
     start: usize,
     len: usize,
@@ -176,7 +176,7 @@ fn stage_stat<S: Float>(
     if u < TC_BLOCK {
         let mut val = f32::new(0.0);
         if start + u < len {
-            val = f32::cast_from(src[base + (start + u) * src.stride(src.rank() - 2)]);
+            val = src[base + (start + u) * src.stride(src.rank() - 2)];
         }
         dst[u] = val;
     }
@@ -495,17 +495,13 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn attention_dq_tc_kernel<
-    F: Float + CubeElement,
-    S: Float + CubeElement,
-    O: Float + CubeElement,
->(
+fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
     q: &Tensor<F>,
     k: &Tensor<F>,
     v: &Tensor<F>,
     dout: &Tensor<F>,
-    lse: &Tensor<S>,
-    delta: &Tensor<S>,
+    lse: &Tensor<f32>,
+    delta: &Tensor<f32>,
     out: &mut Tensor<O>,
     scale: f32,
     #[comptime] causal: bool,
@@ -531,8 +527,8 @@ fn attention_dq_tc_kernel<
     let ko = offset_in::<F, O>(k, out, batch);
     let vo = offset_in::<F, O>(v, out, batch);
     let go = offset_in::<F, O>(dout, out, batch);
-    let lo = offset_in::<S, O>(lse, out, batch);
-    let eo = offset_in::<S, O>(delta, out, batch);
+    let lo = offset_in::<f32, O>(lse, out, batch);
+    let eo = offset_in::<f32, O>(delta, out, batch);
 
     let lane = UNIT_POS_PLANE as usize;
     let prow = (UNIT_POS as usize / PLANE) * 16;
@@ -547,8 +543,8 @@ fn attention_dq_tc_kernel<
     let mut row_lse = f32::new(0.0);
     let mut row_delta = f32::new(0.0);
     if i < t {
-        row_lse = f32::cast_from(lse[lo + i * lse.stride(rank - 2)]);
-        row_delta = f32::cast_from(delta[eo + i * delta.stride(rank - 2)]);
+        row_lse = lse[lo + i * lse.stride(rank - 2)];
+        row_delta = delta[eo + i * delta.stride(rank - 2)];
     }
 
     let mut q_sh = SharedMemory::<F>::new_aligned(comptime!(TC_BLOCK * hs), 32usize);
@@ -612,17 +608,13 @@ fn attention_dq_tc_kernel<
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn attention_dkv_tc_kernel<
-    F: Float + CubeElement,
-    S: Float + CubeElement,
-    O: Float + CubeElement,
->(
+fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
     q: &Tensor<F>,
     k: &Tensor<F>,
     v: &Tensor<F>,
     dout: &Tensor<F>,
-    lse: &Tensor<S>,
-    delta: &Tensor<S>,
+    lse: &Tensor<f32>,
+    delta: &Tensor<f32>,
     out: &mut Tensor<O>,
     scale: f32,
     #[comptime] causal: bool,
@@ -648,8 +640,8 @@ fn attention_dkv_tc_kernel<
     let ko = offset_in::<F, O>(k, out, batch);
     let vo = offset_in::<F, O>(v, out, batch);
     let go = offset_in::<F, O>(dout, out, batch);
-    let lo = offset_in::<S, O>(lse, out, batch);
-    let eo = offset_in::<S, O>(delta, out, batch);
+    let lo = offset_in::<f32, O>(lse, out, batch);
+    let eo = offset_in::<f32, O>(delta, out, batch);
 
     let lane = UNIT_POS_PLANE as usize;
     let prow = (UNIT_POS as usize / PLANE) * 16;
@@ -686,8 +678,8 @@ fn attention_dkv_tc_kernel<
         let start = tile * TC_BLOCK;
         stage::<F>(&mut q_sh, q, qo, start, t, d, hs);
         stage::<F>(&mut g_sh, dout, go, start, t, dv, vs);
-        stage_stat::<S>(&mut lse_sh, lse, lo, start, t);
-        stage_stat::<S>(&mut delta_sh, delta, eo, start, t);
+        stage_stat(&mut lse_sh, lse, lo, start, t);
+        stage_stat(&mut delta_sh, delta, eo, start, t);
         sync_cube();
         // sᵀ = k·qᵀ and dpᵀ = v·doutᵀ: this plane's 16 keys × the tile's queries.
         product_abt::<F>(&ka, &q_sh, &mut s_sh, prow * ss, dp, hs, ss);
@@ -757,20 +749,6 @@ macro_rules! with_half {
     };
 }
 
-/// Runs `$body` with `$T` = `f32` when `$elem` is `F32`, else the
-/// operands' storage `$F` (statistics and results are either).
-macro_rules! same_or_f32 {
-    ($elem:expr, $F:ty, $T:ident => $body:expr) => {
-        if $elem == FloatElem::F32 {
-            type $T = f32;
-            $body
-        } else {
-            type $T = $F;
-            $body
-        }
-    };
-}
-
 /// Bytes of shared memory a kernel needs for heads of `d` (queries and
 /// keys) and `dv` (values) dims with half storage.
 fn shared_bytes(d: usize, dv: usize, backward: bool) -> usize {
@@ -786,12 +764,10 @@ fn shared_bytes(d: usize, dv: usize, backward: bool) -> usize {
 }
 
 /// Whether the tensor-core kernels serve heads of `d` and `dv` dims stored
-/// as `elem` on `client`'s device (statistics and results stored as
-/// `other`, the storage itself or f32).
+/// as `elem` on `client`'s device.
 fn usable<R: Runtime>(
     client: &ComputeClient<R>,
     elem: FloatElem,
-    others: &[FloatElem],
     d: usize,
     dv: usize,
     backward: bool,
@@ -802,9 +778,6 @@ fn usable<R: Runtime>(
         FloatElem::BF16 => FloatKind::BF16,
         FloatElem::F32 => return false,
     };
-    if others.iter().any(|&o| o != elem && o != FloatElem::F32) {
-        return false;
-    }
     let props = client.properties();
     let half_ty = StorageType::Scalar(ElemType::Float(kind));
     let f32_ty = StorageType::Scalar(ElemType::Float(FloatKind::F32));
@@ -834,20 +807,19 @@ pub fn serves<R: Runtime>(
     dv: usize,
     backward: bool,
 ) -> bool {
-    usable(client, elem, &[], d, dv, backward)
+    usable(client, elem, d, dv, backward)
 }
 
 /// Attention (`with_lse`: and each row's log-sum-exp appended) on tensor
 /// cores, with the layout of `attention::launch_attention` (q, k, v views
 /// broadcast to the output's batch axes, stored as `elem`; `out` dense,
-/// stored as `out_elem`: `elem` or f32). Returns `false`, launching
-/// nothing, where the kernel does not serve the device, storage or head
-/// dims.
+/// stored as `elem`, or as f32 with the log-sum-exp, as the statistics
+/// are). Returns `false`, launching nothing, where the kernel does not
+/// serve the device, storage or head dims.
 #[allow(clippy::too_many_arguments)]
 pub fn try_launch_forward<R: Runtime>(
     client: &ComputeClient<R>,
     elem: FloatElem,
-    out_elem: FloatElem,
     q: &View,
     k: &View,
     v: &View,
@@ -858,7 +830,7 @@ pub fn try_launch_forward<R: Runtime>(
 ) -> bool {
     let r = out.shape.len();
     let (d, dv, t) = (q.shape[r - 1], v.shape[r - 1], out.shape[r - 2]);
-    if !usable(client, elem, &[out_elem], d, dv, false) {
+    if !usable(client, elem, d, dv, false) {
         return false;
     }
     let batch: usize = out.shape[..r - 2].iter().product();
@@ -866,37 +838,41 @@ pub fn try_launch_forward<R: Runtime>(
         return true;
     }
     let cubes = batch * t.div_ceil(TC_BLOCK);
-    with_half!(elem, F => same_or_f32!(out_elem, F, O => unsafe {
-        attention_tc_kernel::launch_unchecked::<F, O, R>(
-            client,
-            grid_1d(cubes, 1),
-            CubeDim::new_1d((TC_PLANES * PLANE) as u32),
-            q.arg::<R>(),
-            k.arg::<R>(),
-            v.arg::<R>(),
-            out.arg::<R>(),
-            scale,
-            f32::NEG_INFINITY,
-            causal,
-            d,
-            dv,
-            with_lse,
-        );
-    }));
+    // The log-sum-exp's row is f32 (the statistics' dtype), output included.
+    macro_rules! forward {
+        ($O:ty) => {
+            unsafe {
+                attention_tc_kernel::launch_unchecked::<F, $O, R>(
+                    client,
+                    grid_1d(cubes, 1),
+                    CubeDim::new_1d((TC_PLANES * PLANE) as u32),
+                    q.arg::<R>(),
+                    k.arg::<R>(),
+                    v.arg::<R>(),
+                    out.arg::<R>(),
+                    scale,
+                    f32::NEG_INFINITY,
+                    causal,
+                    d,
+                    dv,
+                    with_lse,
+                );
+            }
+        };
+    }
+    with_half!(elem, F => if with_lse { forward!(f32) } else { forward!(F) });
     true
 }
 
 /// `dq` on tensor cores, with the layout of
-/// `attention_backward::launch_attention_dq`: the operands stored as
-/// `elem`, `lse` and `delta` as `stats_elem`, `out` as `out_elem` (each
-/// `elem` or f32). Returns `false`, launching nothing, where the kernel
-/// does not serve the device, storage or head dims.
+/// `attention_backward::launch_attention_dq`: the operands and `out`
+/// stored as `elem`, `lse` and `delta` as f32. Returns `false`, launching
+/// nothing, where the kernel does not serve the device, storage or head
+/// dims.
 #[allow(clippy::too_many_arguments)]
 pub fn try_launch_dq<R: Runtime>(
     client: &ComputeClient<R>,
     elem: FloatElem,
-    stats_elem: FloatElem,
-    out_elem: FloatElem,
     x: &GradOperands,
     out: &View,
     causal: bool,
@@ -904,7 +880,7 @@ pub fn try_launch_dq<R: Runtime>(
 ) -> bool {
     let r = out.shape.len();
     let (d, dv, t) = (x.q.shape[r - 1], x.v.shape[r - 1], out.shape[r - 2]);
-    if !usable(client, elem, &[stats_elem, out_elem], d, dv, true) {
+    if !usable(client, elem, d, dv, true) {
         return false;
     }
     let batch: usize = out.shape[..r - 2].iter().product();
@@ -912,8 +888,8 @@ pub fn try_launch_dq<R: Runtime>(
         return true;
     }
     let cubes = batch * t.div_ceil(TC_BLOCK);
-    with_half!(elem, F => same_or_f32!(stats_elem, F, S => same_or_f32!(out_elem, F, O => unsafe {
-        attention_dq_tc_kernel::launch_unchecked::<F, S, O, R>(
+    with_half!(elem, F => unsafe {
+        attention_dq_tc_kernel::launch_unchecked::<F, F, R>(
             client,
             grid_1d(cubes, 1),
             CubeDim::new_1d((TC_PLANES * PLANE) as u32),
@@ -929,7 +905,7 @@ pub fn try_launch_dq<R: Runtime>(
             d,
             dv,
         );
-    })));
+    });
     true
 }
 
@@ -942,8 +918,6 @@ pub fn try_launch_dq<R: Runtime>(
 pub fn try_launch_dkv<R: Runtime>(
     client: &ComputeClient<R>,
     elem: FloatElem,
-    stats_elem: FloatElem,
-    out_elem: FloatElem,
     x: &GradOperands,
     out: &View,
     causal: bool,
@@ -951,7 +925,7 @@ pub fn try_launch_dkv<R: Runtime>(
 ) -> bool {
     let r = out.shape.len();
     let (d, dv, s) = (x.q.shape[r - 1], x.v.shape[r - 1], out.shape[r - 2]);
-    if !usable(client, elem, &[stats_elem, out_elem], d, dv, true) {
+    if !usable(client, elem, d, dv, true) {
         return false;
     }
     let batch: usize = out.shape[..r - 2].iter().product();
@@ -959,8 +933,8 @@ pub fn try_launch_dkv<R: Runtime>(
         return true;
     }
     let cubes = batch * s.div_ceil(TC_BLOCK);
-    with_half!(elem, F => same_or_f32!(stats_elem, F, S => same_or_f32!(out_elem, F, O => unsafe {
-        attention_dkv_tc_kernel::launch_unchecked::<F, S, O, R>(
+    with_half!(elem, F => unsafe {
+        attention_dkv_tc_kernel::launch_unchecked::<F, F, R>(
             client,
             grid_1d(cubes, 1),
             CubeDim::new_1d((TC_PLANES * PLANE) as u32),
@@ -976,6 +950,6 @@ pub fn try_launch_dkv<R: Runtime>(
             d,
             dv,
         );
-    })));
+    });
     true
 }

@@ -22,7 +22,7 @@ fn attention_graph(dtype: DType, d: usize) -> Graph {
         input("v", t(d)),
         input("dout", t(d)),
     );
-    let stats = TensorType::new(dtype, Shape::new([2, 3, 80, 1].map(Dim::Const)));
+    let stats = TensorType::new(dtype.stats(), Shape::new([2, 3, 80, 1].map(Dim::Const)));
     let (lse, delta) = (input("lse", stats.clone()), input("delta", stats));
     let (causal, scale) = (true, Scalar(0.125));
     let a = g
