@@ -15,14 +15,9 @@
 //! each taking every other column) apply the mask and the softmax, or the
 //! gradient's `p·(dp − delta)·scale`, in f32. The results that feed the next
 //! product (the probabilities `p`, the score gradient `ds`) are rounded to
-//! the storage type, as FlashAttention-2 does, except that `ds` goes in as
-//! two half-precision terms, `hi = round(ds)` and `lo = round(ds − hi)`
-//! (two products, about 16 significant bits): each row of `ds` sums to
-//! zero, a structure that one rounding breaks, and the error then scales
-//! with whatever the keys have in common (on a tiny Llama in bf16 the
-//! embedding's gradient moved 6.6% from the reference with one term).
-//! Everything else (scores, running statistics, accumulators) stays f32,
-//! and every result is rounded once as it is stored.
+//! the storage type, as FlashAttention-2 does; everything else (scores,
+//! running statistics, accumulators) stays f32, and every result is
+//! rounded once as it is stored.
 //!
 //! - forward: the output accumulator lives in the units' registers (row `r`,
 //!   columns `2j + h`), rescaled by the online softmax's correction once
@@ -557,7 +552,6 @@ fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
     let mut k_sh = SharedMemory::<F>::new_aligned(comptime!(TC_BLOCK * hs), 32usize);
     let mut v_sh = SharedMemory::<F>::new_aligned(comptime!(TC_BLOCK * vs), 32usize);
     let mut ds_sh = SharedMemory::<F>::new_aligned(comptime!(TC_BLOCK * P_STRIDE), 32usize);
-    let mut lo_sh = SharedMemory::<F>::new_aligned(comptime!(TC_BLOCK * P_STRIDE), 32usize);
     let mut s_sh = SharedMemory::<f32>::new_aligned(comptime!(TC_BLOCK * ss), 32usize);
     let mut dp_sh = SharedMemory::<f32>::new_aligned(comptime!(TC_BLOCK * ss), 32usize);
     stage::<F>(&mut q_sh, q, qo, first, t, d, hs);
@@ -585,22 +579,12 @@ fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
                 let p = (s_sh[srow + c] * scale - row_lse).exp();
                 ds = p * (dp_sh[srow + c] - row_delta) * scale;
             }
-            let hi = F::cast_from(ds);
-            ds_sh[(prow + row) * P_STRIDE + c] = hi;
-            lo_sh[(prow + row) * P_STRIDE + c] = F::cast_from(ds - f32::cast_from(hi));
+            ds_sh[(prow + row) * P_STRIDE + c] = F::cast_from(ds);
         }
         sync_plane();
         product_ab_acc::<F>(
             &accs,
             &ds_sh,
-            prow * P_STRIDE,
-            &k_sh,
-            comptime!(dp / 16),
-            hs,
-        );
-        product_ab_acc::<F>(
-            &accs,
-            &lo_sh,
             prow * P_STRIDE,
             &k_sh,
             comptime!(dp / 16),
@@ -670,7 +654,6 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
     let mut g_sh = SharedMemory::<F>::new_aligned(comptime!(TC_BLOCK * vs), 32usize);
     let mut p_sh = SharedMemory::<F>::new_aligned(comptime!(TC_BLOCK * P_STRIDE), 32usize);
     let mut ds_sh = SharedMemory::<F>::new_aligned(comptime!(TC_BLOCK * P_STRIDE), 32usize);
-    let mut lo_sh = SharedMemory::<F>::new_aligned(comptime!(TC_BLOCK * P_STRIDE), 32usize);
     let mut s_sh = SharedMemory::<f32>::new_aligned(comptime!(TC_BLOCK * ss), 32usize);
     let mut dp_sh = SharedMemory::<f32>::new_aligned(comptime!(TC_BLOCK * ss), 32usize);
     let mut lse_sh = SharedMemory::<f32>::new(TC_BLOCK);
@@ -717,14 +700,11 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
                 ds = p * (dp_sh[srow + c] - delta_sh[c]) * scale;
             }
             p_sh[(prow + row) * P_STRIDE + c] = F::cast_from(p);
-            let hi = F::cast_from(ds);
-            ds_sh[(prow + row) * P_STRIDE + c] = hi;
-            lo_sh[(prow + row) * P_STRIDE + c] = F::cast_from(ds - f32::cast_from(hi));
+            ds_sh[(prow + row) * P_STRIDE + c] = F::cast_from(ds);
         }
         sync_plane();
         product_ab_acc::<F>(&dvs, &p_sh, prow * P_STRIDE, &g_sh, comptime!(dvp / 16), vs);
         product_ab_acc::<F>(&dk, &ds_sh, prow * P_STRIDE, &q_sh, comptime!(dp / 16), hs);
-        product_ab_acc::<F>(&dk, &lo_sh, prow * P_STRIDE, &q_sh, comptime!(dp / 16), hs);
         sync_cube();
     }
     // dk's columns, then dv's, through the scratch.
@@ -779,7 +759,7 @@ fn shared_bytes(d: usize, dv: usize, backward: bool) -> usize {
         2 * TC_BLOCK * (2 * hs + vs + P_STRIDE) + 4 * TC_BLOCK * ss
     } else {
         let ss = scratch_stride(d.max(dv));
-        2 * tiles + 3 * 2 * TC_BLOCK * P_STRIDE + 2 * 4 * TC_BLOCK * ss + 2 * 4 * TC_BLOCK
+        2 * tiles + 2 * 2 * TC_BLOCK * P_STRIDE + 2 * 4 * TC_BLOCK * ss + 2 * 4 * TC_BLOCK
     }
 }
 
