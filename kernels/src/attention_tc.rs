@@ -869,7 +869,6 @@ pub fn try_launch_forward<R: Runtime>(
 /// stored as `elem`, `lse` and `delta` as f32. Returns `false`, launching
 /// nothing, where the kernel does not serve the device, storage or head
 /// dims.
-#[allow(clippy::too_many_arguments)]
 pub fn try_launch_dq<R: Runtime>(
     client: &ComputeClient<R>,
     elem: FloatElem,
@@ -878,35 +877,7 @@ pub fn try_launch_dq<R: Runtime>(
     causal: bool,
     scale: f32,
 ) -> bool {
-    let r = out.shape.len();
-    let (d, dv, t) = (x.q.shape[r - 1], x.v.shape[r - 1], out.shape[r - 2]);
-    if !usable(client, elem, d, dv, true) {
-        return false;
-    }
-    let batch: usize = out.shape[..r - 2].iter().product();
-    if batch * t == 0 {
-        return true;
-    }
-    let cubes = batch * t.div_ceil(TC_BLOCK);
-    with_half!(elem, F => unsafe {
-        attention_dq_tc_kernel::launch_unchecked::<F, F, R>(
-            client,
-            grid_1d(cubes, 1),
-            CubeDim::new_1d((TC_PLANES * PLANE) as u32),
-            x.q.arg::<R>(),
-            x.k.arg::<R>(),
-            x.v.arg::<R>(),
-            x.dout.arg::<R>(),
-            x.lse.arg::<R>(),
-            x.delta.arg::<R>(),
-            out.arg::<R>(),
-            scale,
-            causal,
-            d,
-            dv,
-        );
-    });
-    true
+    launch_backward(client, elem, x, out, causal, scale, false)
 }
 
 /// `dk` and `dv` together on tensor cores (`KeyGrads::KV`, what autodiff
@@ -914,7 +885,6 @@ pub fn try_launch_dq<R: Runtime>(
 /// `out` dense `(batch…, S, d + dv)`, each row dk's then dv's columns.
 /// Storage as for [`try_launch_dq`]. Returns `false`, launching nothing,
 /// where the kernel does not serve the device, storage or head dims.
-#[allow(clippy::too_many_arguments)]
 pub fn try_launch_dkv<R: Runtime>(
     client: &ComputeClient<R>,
     elem: FloatElem,
@@ -923,33 +893,59 @@ pub fn try_launch_dkv<R: Runtime>(
     causal: bool,
     scale: f32,
 ) -> bool {
+    launch_backward(client, elem, x, out, causal, scale, true)
+}
+
+/// The `dq` kernel, or (`keys`) the `dk‖dv` one: one cube per block of
+/// `TC_BLOCK` rows of `out` (query rows, or key rows).
+fn launch_backward<R: Runtime>(
+    client: &ComputeClient<R>,
+    elem: FloatElem,
+    x: &GradOperands,
+    out: &View,
+    causal: bool,
+    scale: f32,
+    keys: bool,
+) -> bool {
     let r = out.shape.len();
-    let (d, dv, s) = (x.q.shape[r - 1], x.v.shape[r - 1], out.shape[r - 2]);
+    let (d, dv, rows) = (x.q.shape[r - 1], x.v.shape[r - 1], out.shape[r - 2]);
     if !usable(client, elem, d, dv, true) {
         return false;
     }
     let batch: usize = out.shape[..r - 2].iter().product();
-    if batch * s == 0 {
+    if batch * rows == 0 {
         return true;
     }
-    let cubes = batch * s.div_ceil(TC_BLOCK);
-    with_half!(elem, F => unsafe {
-        attention_dkv_tc_kernel::launch_unchecked::<F, F, R>(
-            client,
-            grid_1d(cubes, 1),
-            CubeDim::new_1d((TC_PLANES * PLANE) as u32),
-            x.q.arg::<R>(),
-            x.k.arg::<R>(),
-            x.v.arg::<R>(),
-            x.dout.arg::<R>(),
-            x.lse.arg::<R>(),
-            x.delta.arg::<R>(),
-            out.arg::<R>(),
-            scale,
-            causal,
-            d,
-            dv,
-        );
+    let (grid, block) = (
+        grid_1d(batch * rows.div_ceil(TC_BLOCK), 1),
+        CubeDim::new_1d((TC_PLANES * PLANE) as u32),
+    );
+    macro_rules! backward {
+        ($kernel:ident, $F:ty) => {
+            unsafe {
+                $kernel::launch_unchecked::<$F, $F, R>(
+                    client,
+                    grid,
+                    block,
+                    x.q.arg::<R>(),
+                    x.k.arg::<R>(),
+                    x.v.arg::<R>(),
+                    x.dout.arg::<R>(),
+                    x.lse.arg::<R>(),
+                    x.delta.arg::<R>(),
+                    out.arg::<R>(),
+                    scale,
+                    causal,
+                    d,
+                    dv,
+                )
+            }
+        };
+    }
+    with_half!(elem, F => if keys {
+        backward!(attention_dkv_tc_kernel, F)
+    } else {
+        backward!(attention_dq_tc_kernel, F)
     });
     true
 }
