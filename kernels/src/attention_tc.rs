@@ -79,7 +79,11 @@ const fn scratch_stride(w: usize) -> usize {
 /// The element offset in `x` of batch index `batch`, flattened over the
 /// leading axes of `out` (to whose batch axes `x` is broadcast).
 #[cube]
-fn offset_in<F: Float, O: Float>(x: &Tensor<F>, out: &Tensor<O>, batch: usize) -> usize {
+fn offset_in<T: CubePrimitive, O: CubePrimitive>(
+    x: &Tensor<T>,
+    out: &Tensor<O>,
+    batch: usize,
+) -> usize {
     let rank = out.rank();
     let mut rem = batch;
     let mut offset = 0;
@@ -115,46 +119,58 @@ fn key_limit(i: usize, t: usize, s_len: usize, #[comptime] causal: bool) -> usiz
 /// Copies rows `start..start + TC_BLOCK` of `src`'s matrix at `base` (its
 /// last two axes, `w` columns) into `dst` (row stride `stride`), by the
 /// whole cube; rows at `len` or past it and the columns `w..wp` of padding
-/// become zeros. Where the padded width divides the cube (16, 32, 64, 128
-/// columns), each unit keeps one column and steps through rows, its loads
+/// become zeros. `src` is read in vectors of `nv` elements (`nv` > 1 only
+/// where the launch found its rows contiguous, aligned and a multiple of
+/// `nv` wide). Where the padded width in vectors divides the cube, each
+/// unit keeps one vector column and steps through rows, its loads
 /// unrolled so that they are all in flight at once.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn stage<F: Float>(
+fn stage<F: Float, N: Size>(
     dst: &mut SharedMemory<F>,
-    src: &Tensor<F>,
+    src: &Tensor<Vector<F, N>>,
     base: usize,
     start: usize,
     len: usize,
     #[comptime] w: usize,
     #[comptime] stride: usize,
+    #[comptime] nv: usize,
 ) {
     let wp = comptime!(pad16(w));
+    let wv = comptime!(pad16(w) / nv); // vectors per padded row
     let threads = comptime!(TC_PLANES * PLANE);
     let rank = src.rank();
     let (rs, cs) = (src.stride(rank - 2), src.stride(rank - 1));
     let u = UNIT_POS as usize;
-    if comptime!(threads % wp == 0) {
-        let step = comptime!(threads / wp); // rows per pass of the cube
-        let (r0, x) = (u / wp, u % wp);
+    if comptime!(threads % wv == 0) {
+        let step = comptime!(threads / wv); // rows per pass of the cube
+        let (r0, x) = (u / wv, (u % wv) * nv);
         let mut at = base + (start + r0) * rs + x * cs;
         #[unroll]
-        for n in 0..comptime!(TC_BLOCK / (threads / wp)) {
+        for n in 0..comptime!(TC_BLOCK / (threads / wv)) {
             let r = r0 + n * step;
-            let mut val = F::from_int(0);
             if start + r < len && x < w {
-                val = src[at];
+                let vec = src[at / nv];
+                #[unroll]
+                for i in 0..nv {
+                    dst[r * stride + x + i] = vec[i];
+                }
+            } else {
+                #[unroll]
+                for i in 0..nv {
+                    dst[r * stride + x + i] = F::from_int(0);
+                }
             }
-            dst[r * stride + x] = val;
             at += step * rs;
         }
     } else {
+        // Scalar (the launch gives nv = 1 here).
         let mut idx = u;
         while idx < comptime!(TC_BLOCK * wp) {
             let (r, x) = (idx / wp, idx % wp);
             let mut val = F::from_int(0);
             if start + r < len && x < w {
-                val = src[base + (start + r) * rs + x * cs];
+                val = src[base + (start + r) * rs + x * cs][0];
             }
             dst[r * stride + x] = val;
             idx += threads;
@@ -351,10 +367,10 @@ fn store_accumulators(
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
-    q: &Tensor<F>,
-    k: &Tensor<F>,
-    v: &Tensor<F>,
+fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
+    q: &Tensor<Vector<F, N>>,
+    k: &Tensor<Vector<F, N>>,
+    v: &Tensor<Vector<F, N>>,
     out: &mut Tensor<O>,
     scale: f32,
     neg_inf: f32,
@@ -362,6 +378,7 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
     #[comptime] d: usize,
     #[comptime] dv: usize,
     #[comptime] with_lse: bool,
+    #[comptime] nv: usize,
 ) {
     let dp = comptime!(pad16(d));
     let dvp = comptime!(pad16(dv));
@@ -379,9 +396,9 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
         terminate!();
     }
     let first = (cube % blocks) * TC_BLOCK;
-    let qo = offset_in::<F, O>(q, out, batch);
-    let ko = offset_in::<F, O>(k, out, batch);
-    let vo = offset_in::<F, O>(v, out, batch);
+    let qo = offset_in::<Vector<F, N>, O>(q, out, batch);
+    let ko = offset_in::<Vector<F, N>, O>(k, out, batch);
+    let vo = offset_in::<Vector<F, N>, O>(v, out, batch);
 
     let lane = UNIT_POS_PLANE as usize;
     let prow = (UNIT_POS as usize / PLANE) * 16; // the plane's first row
@@ -399,7 +416,7 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
     let mut v_sh = SharedMemory::<F>::new_aligned(comptime!(TC_BLOCK * vs), 32usize);
     let mut p_sh = SharedMemory::<F>::new_aligned(comptime!(TC_BLOCK * P_STRIDE), 32usize);
     let mut s_sh = SharedMemory::<f32>::new_aligned(comptime!(TC_BLOCK * ss), 32usize);
-    stage::<F>(&mut q_sh, q, qo, first, t, d, hs);
+    stage::<F, N>(&mut q_sh, q, qo, first, t, d, hs, nv);
     sync_cube();
     let qa = a_fragments::<F>(&q_sh, prow * hs, dp, hs);
 
@@ -416,8 +433,8 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
     let n_tiles = max_limit.div_ceil(TC_BLOCK);
     for tile in 0..n_tiles {
         let start = tile * TC_BLOCK;
-        stage::<F>(&mut k_sh, k, ko, start, s_len, d, hs);
-        stage::<F>(&mut v_sh, v, vo, start, s_len, dv, vs);
+        stage::<F, N>(&mut k_sh, k, ko, start, s_len, d, hs, nv);
+        stage::<F, N>(&mut v_sh, v, vo, start, s_len, dv, vs, nv);
         sync_cube();
         product_abt::<F>(&qa, &k_sh, &mut s_sh, prow * ss, dp, hs, ss);
         sync_plane();
@@ -495,11 +512,11 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
-    q: &Tensor<F>,
-    k: &Tensor<F>,
-    v: &Tensor<F>,
-    dout: &Tensor<F>,
+fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
+    q: &Tensor<Vector<F, N>>,
+    k: &Tensor<Vector<F, N>>,
+    v: &Tensor<Vector<F, N>>,
+    dout: &Tensor<Vector<F, N>>,
     lse: &Tensor<f32>,
     delta: &Tensor<f32>,
     out: &mut Tensor<O>,
@@ -507,6 +524,7 @@ fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
     #[comptime] causal: bool,
     #[comptime] d: usize,
     #[comptime] dv: usize,
+    #[comptime] nv: usize,
 ) {
     let dp = comptime!(pad16(d));
     let dvp = comptime!(pad16(dv));
@@ -523,10 +541,10 @@ fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
         terminate!();
     }
     let first = (cube % blocks) * TC_BLOCK;
-    let qo = offset_in::<F, O>(q, out, batch);
-    let ko = offset_in::<F, O>(k, out, batch);
-    let vo = offset_in::<F, O>(v, out, batch);
-    let go = offset_in::<F, O>(dout, out, batch);
+    let qo = offset_in::<Vector<F, N>, O>(q, out, batch);
+    let ko = offset_in::<Vector<F, N>, O>(k, out, batch);
+    let vo = offset_in::<Vector<F, N>, O>(v, out, batch);
+    let go = offset_in::<Vector<F, N>, O>(dout, out, batch);
     let lo = offset_in::<f32, O>(lse, out, batch);
     let eo = offset_in::<f32, O>(delta, out, batch);
 
@@ -554,8 +572,8 @@ fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
     let mut ds_sh = SharedMemory::<F>::new_aligned(comptime!(TC_BLOCK * P_STRIDE), 32usize);
     let mut s_sh = SharedMemory::<f32>::new_aligned(comptime!(TC_BLOCK * ss), 32usize);
     let mut dp_sh = SharedMemory::<f32>::new_aligned(comptime!(TC_BLOCK * ss), 32usize);
-    stage::<F>(&mut q_sh, q, qo, first, t, d, hs);
-    stage::<F>(&mut g_sh, dout, go, first, t, dv, vs);
+    stage::<F, N>(&mut q_sh, q, qo, first, t, d, hs, nv);
+    stage::<F, N>(&mut g_sh, dout, go, first, t, dv, vs, nv);
     sync_cube();
     let qa = a_fragments::<F>(&q_sh, prow * hs, dp, hs);
     let ga = a_fragments::<F>(&g_sh, prow * vs, dvp, vs);
@@ -565,8 +583,8 @@ fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
     let n_tiles = max_limit.div_ceil(TC_BLOCK);
     for tile in 0..n_tiles {
         let start = tile * TC_BLOCK;
-        stage::<F>(&mut k_sh, k, ko, start, s_len, d, hs);
-        stage::<F>(&mut v_sh, v, vo, start, s_len, dv, vs);
+        stage::<F, N>(&mut k_sh, k, ko, start, s_len, d, hs, nv);
+        stage::<F, N>(&mut v_sh, v, vo, start, s_len, dv, vs, nv);
         sync_cube();
         product_abt::<F>(&qa, &k_sh, &mut s_sh, prow * ss, dp, hs, ss);
         product_abt::<F>(&ga, &v_sh, &mut dp_sh, prow * ss, dvp, vs, ss);
@@ -608,11 +626,11 @@ fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
-    q: &Tensor<F>,
-    k: &Tensor<F>,
-    v: &Tensor<F>,
-    dout: &Tensor<F>,
+fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
+    q: &Tensor<Vector<F, N>>,
+    k: &Tensor<Vector<F, N>>,
+    v: &Tensor<Vector<F, N>>,
+    dout: &Tensor<Vector<F, N>>,
     lse: &Tensor<f32>,
     delta: &Tensor<f32>,
     out: &mut Tensor<O>,
@@ -620,6 +638,7 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
     #[comptime] causal: bool,
     #[comptime] d: usize,
     #[comptime] dv: usize,
+    #[comptime] nv: usize,
 ) {
     let dp = comptime!(pad16(d));
     let dvp = comptime!(pad16(dv));
@@ -636,10 +655,10 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
         terminate!();
     }
     let first = (cube % blocks) * TC_BLOCK; // first key of the block
-    let qo = offset_in::<F, O>(q, out, batch);
-    let ko = offset_in::<F, O>(k, out, batch);
-    let vo = offset_in::<F, O>(v, out, batch);
-    let go = offset_in::<F, O>(dout, out, batch);
+    let qo = offset_in::<Vector<F, N>, O>(q, out, batch);
+    let ko = offset_in::<Vector<F, N>, O>(k, out, batch);
+    let vo = offset_in::<Vector<F, N>, O>(v, out, batch);
+    let go = offset_in::<Vector<F, N>, O>(dout, out, batch);
     let lo = offset_in::<f32, O>(lse, out, batch);
     let eo = offset_in::<f32, O>(delta, out, batch);
 
@@ -658,8 +677,8 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
     let mut dp_sh = SharedMemory::<f32>::new_aligned(comptime!(TC_BLOCK * ss), 32usize);
     let mut lse_sh = SharedMemory::<f32>::new(TC_BLOCK);
     let mut delta_sh = SharedMemory::<f32>::new(TC_BLOCK);
-    stage::<F>(&mut k_sh, k, ko, first, s_len, d, hs);
-    stage::<F>(&mut v_sh, v, vo, first, s_len, dv, vs);
+    stage::<F, N>(&mut k_sh, k, ko, first, s_len, d, hs, nv);
+    stage::<F, N>(&mut v_sh, v, vo, first, s_len, dv, vs, nv);
     sync_cube();
     let ka = a_fragments::<F>(&k_sh, prow * hs, dp, hs);
     let va = a_fragments::<F>(&v_sh, prow * vs, dvp, vs);
@@ -676,8 +695,8 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement>(
     let n_tiles = t.div_ceil(TC_BLOCK);
     for tile in tile_first..n_tiles {
         let start = tile * TC_BLOCK;
-        stage::<F>(&mut q_sh, q, qo, start, t, d, hs);
-        stage::<F>(&mut g_sh, dout, go, start, t, dv, vs);
+        stage::<F, N>(&mut q_sh, q, qo, start, t, d, hs, nv);
+        stage::<F, N>(&mut g_sh, dout, go, start, t, dv, vs, nv);
         stage_stat(&mut lse_sh, lse, lo, start, t);
         stage_stat(&mut delta_sh, delta, eo, start, t);
         sync_cube();
@@ -763,6 +782,29 @@ fn shared_bytes(d: usize, dv: usize, backward: bool) -> usize {
     }
 }
 
+/// The widest vector (8, 4, 2 or 1 elements) the operands' rows can be
+/// staged in: every view's rows contiguous (last stride 1) and every other
+/// stride and the offset a multiple of it, the head dims `d` and `dv`
+/// multiples of it, and each padded width, counted in vectors, a divisor
+/// of the cube's units (the staging's fast path).
+fn vector_width(views: &[&View], d: usize, dv: usize) -> usize {
+    let threads = TC_PLANES * PLANE;
+    [8, 4, 2]
+        .into_iter()
+        .find(|&nv| {
+            let fits = |w: usize| w % nv == 0 && threads % (pad16(w) / nv) == 0;
+            fits(d)
+                && fits(dv)
+                && views.iter().all(|v| {
+                    let r = v.shape.len();
+                    v.strides[r - 1] == 1
+                        && v.offset % nv == 0
+                        && v.strides[..r - 1].iter().all(|s| s % nv == 0)
+                })
+        })
+        .unwrap_or(1)
+}
+
 /// Whether the tensor-core kernels serve heads of `d` and `dv` dims stored
 /// as `elem` on `client`'s device.
 fn usable<R: Runtime>(
@@ -838,6 +880,7 @@ pub fn try_launch_forward<R: Runtime>(
         return true;
     }
     let cubes = batch * t.div_ceil(TC_BLOCK);
+    let nv = vector_width(&[q, k, v], d, dv);
     // The log-sum-exp's row is f32 (the statistics' dtype), output included.
     macro_rules! forward {
         ($O:ty) => {
@@ -846,6 +889,7 @@ pub fn try_launch_forward<R: Runtime>(
                     client,
                     grid_1d(cubes, 1),
                     CubeDim::new_1d((TC_PLANES * PLANE) as u32),
+                    nv,
                     q.arg::<R>(),
                     k.arg::<R>(),
                     v.arg::<R>(),
@@ -856,6 +900,7 @@ pub fn try_launch_forward<R: Runtime>(
                     d,
                     dv,
                     with_lse,
+                    nv,
                 );
             }
         };
@@ -916,6 +961,7 @@ fn launch_backward<R: Runtime>(
     if batch * rows == 0 {
         return true;
     }
+    let nv = vector_width(&[x.q, x.k, x.v, x.dout], d, dv);
     let (grid, block) = (
         grid_1d(batch * rows.div_ceil(TC_BLOCK), 1),
         CubeDim::new_1d((TC_PLANES * PLANE) as u32),
@@ -927,6 +973,7 @@ fn launch_backward<R: Runtime>(
                     client,
                     grid,
                     block,
+                    nv,
                     x.q.arg::<R>(),
                     x.k.arg::<R>(),
                     x.v.arg::<R>(),
@@ -938,6 +985,7 @@ fn launch_backward<R: Runtime>(
                     causal,
                     d,
                     dv,
+                    nv,
                 )
             }
         };
