@@ -35,8 +35,9 @@
 //! 32-unit planes and `wmma` for the storage type (the `try_launch_*`
 //! functions return `false` otherwise and the caller runs the scalar
 //! kernel); head dims up to [`TC_MAX_DIM`]; loads from global memory are
-//! scalar and synchronous (no `cp.async`, no double buffering); the
-//! tiles' masked part on the causal diagonal is computed and discarded.
+//! synchronous (16-byte vectors where the rows allow, but no `cp.async`,
+//! no double buffering); the tiles' masked part on the causal diagonal is
+//! computed and discarded.
 
 use crate::attention_backward::GradOperands;
 use crate::{grid_1d, linear_cube, FloatElem, View};
