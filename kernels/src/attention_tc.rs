@@ -793,14 +793,14 @@ fn vector_width(views: &[&View], d: usize, dv: usize) -> usize {
     [8, 4, 2]
         .into_iter()
         .find(|&nv| {
-            let fits = |w: usize| w % nv == 0 && threads % (pad16(w) / nv) == 0;
+            let fits = |w: usize| w.is_multiple_of(nv) && threads.is_multiple_of(pad16(w) / nv);
             fits(d)
                 && fits(dv)
                 && views.iter().all(|v| {
                     let r = v.shape.len();
                     v.strides[r - 1] == 1
-                        && v.offset % nv == 0
-                        && v.strides[..r - 1].iter().all(|s| s % nv == 0)
+                        && v.offset.is_multiple_of(nv)
+                        && v.strides[..r - 1].iter().all(|s| s.is_multiple_of(nv))
                 })
         })
         .unwrap_or(1)
