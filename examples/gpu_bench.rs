@@ -177,53 +177,29 @@ fn main() {
         );
         emit("rmsnorm_f32", ms, "gbps", 2.0 * 4.0 * n as f64 / ms / 1e6);
     }
-    // Causal attention, B1 H32 T4096, head dim 64 and 128.
-    for hd in [64usize, 128] {
+    // Causal attention, H32 T4096: f32 at B1 (head dim 64 and 128), bf16
+    // at B4 as `bench_torch.py`'s SDPA lines (head dim 64 and 128, and
+    // DBA's 12: sem 128 + geo 256 over 32 heads, values 12 dims too, as
+    // lowering makes them).
+    let attention_cases = [
+        (DType::F32, 1usize, 64usize, 3usize),
+        (DType::F32, 1, 128, 3),
+        (DType::BF16, 4, 64, 5),
+        (DType::BF16, 4, 128, 5),
+        (DType::BF16, 4, 12, 5),
+    ];
+    for (dtype, b, hd, n) in attention_cases {
         if !selected("attention") {
             continue;
         }
-        let s = vec![1, 32, 4096, hd];
+        PER_OP_DTYPE.with(|d| d.set(dtype));
+        let s = vec![b, 32, 4096, hd];
         let ms = per_op(
             backend,
             "attention",
             &s,
             &[("k", s.clone()), ("v", s.clone())],
-            3,
-            |g, q, e| {
-                g.add(
-                    Op::Attention {
-                        causal: true,
-                        scale: Scalar(1.0 / (hd as f64).sqrt()),
-                    },
-                    &[q, e[0], e[1]],
-                    "attn",
-                )
-                .unwrap()
-            },
-        );
-        let flops = 4.0 * 32.0 * 4096.0 * 4096.0 * hd as f64 / 2.0;
-        emit(
-            &format!("attention_causal_hd{hd}_f32_b1"),
-            ms,
-            "tflops",
-            flops / ms / 1e9,
-        );
-    }
-    // bf16 causal attention, B4 H32 T4096 (as `bench_torch.py`'s SDPA
-    // lines): head dim 64 and 128, and DBA's 12 (sem 128 + geo 256 over 32
-    // heads; values 12 dims too, as lowering makes them).
-    for hd in [64usize, 128, 12] {
-        if !selected("attention") {
-            continue;
-        }
-        PER_OP_DTYPE.with(|d| d.set(DType::BF16));
-        let s = vec![4, 32, 4096, hd];
-        let ms = per_op(
-            backend,
-            "attention",
-            &s,
-            &[("k", s.clone()), ("v", s.clone())],
-            5,
+            n,
             |g, q, e| {
                 g.add(
                     Op::Attention {
@@ -237,12 +213,13 @@ fn main() {
             },
         );
         PER_OP_DTYPE.with(|d| d.set(DType::F32));
-        let flops = 4.0 * 4.0 * 32.0 * 4096.0 * 4096.0 * hd as f64 / 2.0;
-        let name = if hd == 12 {
-            "attention_dba_causal_hd12_bf16_b4".to_string()
+        let flops = 4.0 * b as f64 * 32.0 * 4096.0 * 4096.0 * hd as f64 / 2.0;
+        let kind = if hd == 12 {
+            "attention_dba"
         } else {
-            format!("attention_causal_hd{hd}_bf16_b4")
+            "attention"
         };
+        let name = format!("{kind}_causal_hd{hd}_{dtype}_b{b}");
         emit(&name, ms, "tflops", flops / ms / 1e9);
     }
     // GEMM 4096³.

@@ -44,7 +44,11 @@ pub const GRAD_ROWS: usize = 8;
 /// The element offset in `t` of batch index `batch`, flattened over the
 /// leading axes of `out` (to whose batch axes `t` is broadcast).
 #[cube]
-fn batch_offset<T: Float, F: Float>(t: &Tensor<T>, out: &Tensor<F>, batch: usize) -> usize {
+pub(crate) fn batch_offset<T: CubePrimitive, F: CubePrimitive>(
+    t: &Tensor<T>,
+    out: &Tensor<F>,
+    batch: usize,
+) -> usize {
     let rank = out.rank();
     let mut rem = batch;
     let mut offset = 0;

@@ -39,7 +39,7 @@
 //! no double buffering); the tiles' masked part on the causal diagonal is
 //! computed and discarded.
 
-use crate::attention_backward::GradOperands;
+use crate::attention_backward::{batch_offset, GradOperands};
 use crate::{grid_1d, linear_cube, FloatElem, View};
 use cubecl::cmma;
 use cubecl::prelude::*;
@@ -75,26 +75,6 @@ const P_STRIDE: usize = TC_BLOCK + 8;
 const fn scratch_stride(w: usize) -> usize {
     let w = pad16(w);
     (if w > TC_BLOCK { w } else { TC_BLOCK }) + 4
-}
-
-/// The element offset in `x` of batch index `batch`, flattened over the
-/// leading axes of `out` (to whose batch axes `x` is broadcast).
-#[cube]
-fn offset_in<T: CubePrimitive, O: CubePrimitive>(
-    x: &Tensor<T>,
-    out: &Tensor<O>,
-    batch: usize,
-) -> usize {
-    let rank = out.rank();
-    let mut rem = batch;
-    let mut offset = 0;
-    for i in 0..rank - 2 {
-        let a = rank - 3 - i;
-        let c = rem % out.shape(a);
-        rem /= out.shape(a);
-        offset += c * x.stride(a);
-    }
-    offset
 }
 
 /// Keys visible to query row `i` of `t` (all `s_len`, or up to its
@@ -199,6 +179,15 @@ fn stage_stat(
     }
 }
 
+/// An uninitialized 16 × 16 × 16 fragment of `ident`'s role, `layout`.
+#[cube]
+fn fragment<C: CubePrimitive>(
+    #[comptime] ident: cmma::MatrixIdent,
+    #[comptime] layout: cmma::MatrixLayout,
+) -> cmma::Matrix<C> {
+    unsafe { cmma::Matrix::<C>::uninitialized(ident, 16usize, 16usize, 16usize, layout) }
+}
+
 /// The `kd / 16` row-major A fragments of the 16 × `kd` tile at `a_off`
 /// of `a_sh` (row stride `as_`): a plane's rows, loaded once and kept in
 /// registers for every tile of the other side.
@@ -242,24 +231,11 @@ fn product_abt<F: Float>(
 ) {
     // bᵀ's (x, n) element is b's row n, column x: column-major with b's
     // row stride.
-    let bt = unsafe {
-        cmma::Matrix::<F>::uninitialized(
-            cmma::MatrixIdent::B,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::ColMajor,
-        )
-    };
-    let acc = unsafe {
-        cmma::Matrix::<f32>::uninitialized(
-            cmma::MatrixIdent::Accumulator,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::Undefined,
-        )
-    };
+    let bt = fragment::<F>(cmma::MatrixIdent::B, cmma::MatrixLayout::ColMajor);
+    let acc = fragment::<f32>(
+        cmma::MatrixIdent::Accumulator,
+        cmma::MatrixLayout::Undefined,
+    );
     #[unroll]
     for j in 0..TC_BLOCK / 16 {
         cmma::fill(&acc, f32::new(0.0));
@@ -292,24 +268,8 @@ fn product_ab_acc<F: Float>(
     #[comptime] n: usize,
     #[comptime] bs: usize,
 ) {
-    let a = unsafe {
-        cmma::Matrix::<F>::uninitialized(
-            cmma::MatrixIdent::A,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::RowMajor,
-        )
-    };
-    let b = unsafe {
-        cmma::Matrix::<F>::uninitialized(
-            cmma::MatrixIdent::B,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::RowMajor,
-        )
-    };
+    let a = fragment::<F>(cmma::MatrixIdent::A, cmma::MatrixLayout::RowMajor);
+    let b = fragment::<F>(cmma::MatrixIdent::B, cmma::MatrixLayout::RowMajor);
     #[unroll]
     for x in 0..TC_BLOCK / 16 {
         cmma::load(
@@ -397,9 +357,9 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
         terminate!();
     }
     let first = (cube % blocks) * TC_BLOCK;
-    let qo = offset_in::<Vector<F, N>, O>(q, out, batch);
-    let ko = offset_in::<Vector<F, N>, O>(k, out, batch);
-    let vo = offset_in::<Vector<F, N>, O>(v, out, batch);
+    let qo = batch_offset::<Vector<F, N>, O>(q, out, batch);
+    let ko = batch_offset::<Vector<F, N>, O>(k, out, batch);
+    let vo = batch_offset::<Vector<F, N>, O>(v, out, batch);
 
     let lane = UNIT_POS_PLANE as usize;
     let prow = (UNIT_POS as usize / PLANE) * 16; // the plane's first row
@@ -542,12 +502,12 @@ fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Siz
         terminate!();
     }
     let first = (cube % blocks) * TC_BLOCK;
-    let qo = offset_in::<Vector<F, N>, O>(q, out, batch);
-    let ko = offset_in::<Vector<F, N>, O>(k, out, batch);
-    let vo = offset_in::<Vector<F, N>, O>(v, out, batch);
-    let go = offset_in::<Vector<F, N>, O>(dout, out, batch);
-    let lo = offset_in::<f32, O>(lse, out, batch);
-    let eo = offset_in::<f32, O>(delta, out, batch);
+    let qo = batch_offset::<Vector<F, N>, O>(q, out, batch);
+    let ko = batch_offset::<Vector<F, N>, O>(k, out, batch);
+    let vo = batch_offset::<Vector<F, N>, O>(v, out, batch);
+    let go = batch_offset::<Vector<F, N>, O>(dout, out, batch);
+    let lo = batch_offset::<f32, O>(lse, out, batch);
+    let eo = batch_offset::<f32, O>(delta, out, batch);
 
     let lane = UNIT_POS_PLANE as usize;
     let prow = (UNIT_POS as usize / PLANE) * 16;
@@ -656,12 +616,12 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
         terminate!();
     }
     let first = (cube % blocks) * TC_BLOCK; // first key of the block
-    let qo = offset_in::<Vector<F, N>, O>(q, out, batch);
-    let ko = offset_in::<Vector<F, N>, O>(k, out, batch);
-    let vo = offset_in::<Vector<F, N>, O>(v, out, batch);
-    let go = offset_in::<Vector<F, N>, O>(dout, out, batch);
-    let lo = offset_in::<f32, O>(lse, out, batch);
-    let eo = offset_in::<f32, O>(delta, out, batch);
+    let qo = batch_offset::<Vector<F, N>, O>(q, out, batch);
+    let ko = batch_offset::<Vector<F, N>, O>(k, out, batch);
+    let vo = batch_offset::<Vector<F, N>, O>(v, out, batch);
+    let go = batch_offset::<Vector<F, N>, O>(dout, out, batch);
+    let lo = batch_offset::<f32, O>(lse, out, batch);
+    let eo = batch_offset::<f32, O>(delta, out, batch);
 
     let lane = UNIT_POS_PLANE as usize;
     let prow = (UNIT_POS as usize / PLANE) * 16;
