@@ -148,6 +148,12 @@ fn main() {
         report.cost_before,
         report.cost_after
     );
+    // CARAMBA_BENCH_DUMP=<file>: the optimized training graph's text form,
+    // to see what each launch of the profile is.
+    if let Ok(path) = std::env::var("CARAMBA_BENCH_DUMP") {
+        std::fs::write(&path, caramba_ir::text::to_text(&graph)).expect("write the graph dump");
+        eprintln!("training graph written to {path}");
+    }
     let mut n_params = 0usize;
     let params: BTreeMap<String, Tensor> = forward
         .params()

@@ -1021,6 +1021,7 @@ pub(crate) fn rope_spec(theta: f64, s: Option<&RopeScalingCfg>) -> RopeSpec {
                 original_max_position: s.original_max_position_embeddings.unwrap_or(8192),
             },
         }),
+        inverse: false,
     }
 }
 

@@ -20,7 +20,7 @@
 //! `attention_grad`: no second derivatives).
 
 use crate::graph::{Graph, IrError, NodeId};
-use crate::op::{AttnArg, BinaryOp, Op, ReduceOp, Scalar, UnaryOp};
+use crate::op::{AttnArg, BinaryOp, Op, ReduceOp, RopeSpec, Scalar, UnaryOp};
 use crate::types::{DType, Dim, Shape, TensorType};
 use std::collections::{BTreeSet, HashMap};
 
@@ -252,34 +252,6 @@ impl Backward {
         )
     }
 
-    /// J(t): the last axis' second half negated. Rotary embedding satisfies
-    /// R(−θ) = J·R(θ)·J, which gives RoPE's transpose from RoPE itself.
-    fn flip_half(&mut self, t: NodeId, scope: &str) -> Result<NodeId, IrError> {
-        let s = self.ty(t).shape;
-        let axis = s.rank() - 1;
-        let d = s.0[axis].as_const().unwrap_or(0);
-        let lo = self.op(
-            Op::Slice {
-                axis,
-                start: 0,
-                end: d / 2,
-            },
-            &[t],
-            scope,
-        )?;
-        let hi = self.op(
-            Op::Slice {
-                axis,
-                start: d / 2,
-                end: d,
-            },
-            &[t],
-            scope,
-        )?;
-        let hi = self.un(UnaryOp::Neg, hi, scope)?;
-        self.op(Op::Concat { axis }, &[lo, hi], scope)
-    }
-
     /// The contribution of node `id`'s output adjoint `gy` to its operand `i`.
     fn vjp(&mut self, g: &Graph, id: NodeId, i: usize, gy: NodeId) -> Result<NodeId, IrError> {
         let node = g.node(id);
@@ -499,9 +471,12 @@ impl Backward {
                 if i == 1 {
                     return Err(refuse("rope positions"));
                 }
-                let f = self.flip_half(gy, s)?;
-                let r = self.op(Op::Rope(*spec), &[f, x[1]], s)?;
-                self.flip_half(r, s)?
+                // A rotation's transpose is the rotation by −a.
+                let inverse = RopeSpec {
+                    inverse: !spec.inverse,
+                    ..*spec
+                };
+                self.op(Op::Rope(inverse), &[gy, x[1]], s)?
             }
             Op::CrossEntropy => {
                 if i == 1 {

@@ -99,6 +99,9 @@ pub enum RopeScaling {
 pub struct RopeSpec {
     pub theta: Scalar,
     pub scaling: Option<RopeScaling>,
+    /// Rotates by `−a` instead of `a`: the transpose of the rotation, which
+    /// is RoPE's gradient (`sin a` negated; `cos a` is even).
+    pub inverse: bool,
 }
 
 impl RopeSpec {
@@ -534,6 +537,9 @@ impl Op {
                              high={high_freq_factor}, original={original_max_position})"
                         )
                     }
+                }
+                if r.inverse {
+                    s += ", inverse";
                 }
                 s + "}"
             }

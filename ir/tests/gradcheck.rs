@@ -266,6 +266,7 @@ fn rope_gather_scatter_cross_entropy() {
                 Op::Rope(RopeSpec {
                     theta: Scalar(100.0),
                     scaling: None,
+                    inverse: false,
                 }),
                 &[x, pos],
                 "t",

@@ -5,7 +5,8 @@
 //! `out[j] = x[j]·cos a − x[j + d/2]·sin a`,
 //! `out[j + d/2] = x[j + d/2]·cos a + x[j]·sin a`. A first kernel tabulates
 //! `cos a` and `sin a` per (position, frequency), in `f32`; the second
-//! applies them, one thread per element. `x` and `out` are stored as the
+//! applies them, one thread per element. The inverse rotation (by `−a`,
+//! RoPE's gradient) only negates the table's sines. `x` and `out` are stored as the
 //! launch's `elem` and computed in `f32`; the inverse frequencies are an
 //! `f32` buffer.
 
@@ -24,6 +25,7 @@ fn rope_table_kernel(
     sin: &mut Array<f32>,
     half: usize,
     n: usize,
+    #[comptime] inverse: bool,
 ) {
     let p = linear_pos();
     if p >= n {
@@ -31,7 +33,12 @@ fn rope_table_kernel(
     }
     let angle = f32::cast_from(pos[p / half]) * inv_freq[p % half];
     cos[p] = angle.cos();
-    sin[p] = angle.sin();
+    // The inverse rotation (RoPE's gradient): sin(−a) = −sin(a), exactly.
+    if inverse {
+        sin[p] = -angle.sin();
+    } else {
+        sin[p] = angle.sin();
+    }
 }
 
 /// Heads and head dims are comptime, so the index arithmetic divides by
@@ -68,7 +75,7 @@ fn rope_kernel<F: Float>(
 }
 
 /// RoPE of dense `x (..., t, h, d)` (`n` elements) into `out`, both stored
-/// as `elem`; `inv_freq` is `f32`.
+/// as `elem`; `inv_freq` is `f32`. `inverse` rotates by `−a` (the gradient).
 #[allow(clippy::too_many_arguments)]
 pub fn launch_rope<R: Runtime>(
     client: &ComputeClient<R>,
@@ -81,6 +88,7 @@ pub fn launch_rope<R: Runtime>(
     h: usize,
     d: usize,
     n: usize,
+    inverse: bool,
 ) {
     if n == 0 {
         return;
@@ -100,6 +108,7 @@ pub fn launch_rope<R: Runtime>(
             ArrayArg::from_raw_parts(sin.clone(), entries),
             half,
             entries,
+            inverse,
         );
         with_float!(elem, F => rope_kernel::launch_unchecked::<F, R>(
             client,

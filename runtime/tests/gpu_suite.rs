@@ -421,6 +421,7 @@ pub fn rope<R: Runtime>(dev: &R::Device) {
         RopeSpec {
             theta: Scalar(10000.0),
             scaling: None,
+            inverse: false,
         },
         RopeSpec {
             theta: Scalar(500000.0),
@@ -430,6 +431,13 @@ pub fn rope<R: Runtime>(dev: &R::Device) {
                 high_freq_factor: Scalar(4.0),
                 original_max_position: 8192,
             }),
+            inverse: false,
+        },
+        // RoPE's gradient: the rotation by −a.
+        RopeSpec {
+            theta: Scalar(500000.0),
+            scaling: None,
+            inverse: true,
         },
     ];
     for spec in specs {
@@ -2065,6 +2073,7 @@ pub fn narrow_rope<R: Runtime>(dev: &R::Device) {
     let spec = RopeSpec {
         theta: Scalar(10000.0),
         scaling: None,
+        inverse: false,
     };
     let mut g = Graph::new("rope");
     let x = g.input("x0", f32t(&[2, 6, 3, 16])).unwrap();
@@ -2090,6 +2099,7 @@ pub fn narrow_rope<R: Runtime>(dev: &R::Device) {
             3,
             16,
             want.len(),
+            false,
         );
         expect_narrow(&client, elem, &out, &want, 1e-4, &format!("{elem:?} rope"));
     }

@@ -599,6 +599,7 @@ fn rope_matches_the_formula() {
     let spec = RopeSpec {
         theta: Scalar(10000.0),
         scaling: None,
+        inverse: false,
     };
     let pos = vec![0, 5, 7];
     let x: Vec<f32> = ramp(t * h * d, 11);
@@ -642,6 +643,53 @@ fn rope_matches_the_formula() {
     );
     let want32: Vec<f32> = want.iter().map(|&v| v as f32).collect();
     assert_close(y.as_f32().unwrap(), &want32, 1e-5);
+}
+
+#[test]
+fn inverse_rope_rotates_back() {
+    let (t, h, d) = (3, 2, 8);
+    let forward = RopeSpec {
+        theta: Scalar(10000.0),
+        scaling: None,
+        inverse: false,
+    };
+    let inverse = RopeSpec {
+        inverse: true,
+        ..forward
+    };
+    let pos = vec![0, 5, 7];
+    let x: Vec<f64> = ramp(t * h * d, 13).iter().map(|&v| v as f64).collect();
+    let x_ty = ty(DType::F64, shape![1, Sym::T, h, d]);
+    let p_ty = ty(DType::I32, shape![Sym::T]);
+    let apply = |spec: RopeSpec, x: &[f64]| {
+        let g = two_op(Op::Rope(spec), x_ty.clone(), p_ty.clone());
+        run(
+            &g,
+            vec![
+                ("a", Tensor::f64(vec![1, t, h, d], x.to_vec())),
+                ("b", Tensor::i32(vec![t], pos.clone())),
+            ],
+        )
+        .to_f64_vec()
+    };
+    // The definition at angle −a is the definition at position −p.
+    let neg: Vec<i32> = pos.iter().map(|p| -p).collect();
+    let want = rope_direct(&x, t, h, d, &neg, 10000.0);
+    let got = apply(inverse, &x);
+    let err = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(err < 1e-12, "inverse rope off by {err}");
+    // And it undoes the forward rotation.
+    let back = apply(inverse, &apply(forward, &x));
+    let err = back
+        .iter()
+        .zip(&x)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(err < 1e-12, "rope then inverse rope off by {err}");
 }
 
 /// `y = sum(silu(x @ w) * x @ w, axis 1)` as a small mixed graph.
@@ -913,6 +961,7 @@ fn llama_graph(layers: usize, vocab: usize) -> (Graph, BTreeMap<String, Tensor>)
     let rope = Op::Rope(RopeSpec {
         theta: Scalar(100000.0),
         scaling: None,
+        inverse: false,
     });
     let sh = |dims: Vec<Dim>| Shape::new(dims);
     for l in 0..layers {

@@ -526,6 +526,7 @@ impl<R: Runtime> Ctx<'_, R> {
                     h,
                     d,
                     x.numel(),
+                    spec.inverse,
                 );
                 Ok(out)
             }

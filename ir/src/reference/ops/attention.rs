@@ -33,7 +33,13 @@ pub fn causal_mask(x: &Tensor) -> Result<Raw, String> {
     ))
 }
 
-fn rope_typed<T: Float>(x: &[T], shape: &[usize], pos: &[i32], inv_freq: &[f64]) -> Vec<T> {
+fn rope_typed<T: Float>(
+    x: &[T],
+    shape: &[usize],
+    pos: &[i32],
+    inv_freq: &[f64],
+    inverse: bool,
+) -> Vec<T> {
     let r = shape.len();
     let (t, h, d) = (shape[r - 3], shape[r - 2], shape[r - 1]);
     let half = d / 2;
@@ -44,7 +50,8 @@ fn rope_typed<T: Float>(x: &[T], shape: &[usize], pos: &[i32], inv_freq: &[f64])
         for &f in inv_freq {
             let angle = T::from_f64(p as f64) * T::from_f64(f);
             cos.push(angle.cos());
-            sin.push(angle.sin());
+            // sin(−a) = −sin(a): the inverse rotation is exact negation.
+            sin.push(if inverse { -angle.sin() } else { angle.sin() });
         }
     }
     let mut out = vec![T::ZERO; x.len()];
@@ -73,7 +80,8 @@ fn rope_typed<T: Float>(x: &[T], shape: &[usize], pos: &[i32], inv_freq: &[f64])
 /// Rotary embedding of `x [..., T, H, d]` at positions `pos (i32) [T]`,
 /// rotate-half convention: for `i < d/2` and angle `a = pos · inv_freq[i]`,
 /// `out[i] = x[i]·cos a − x[i + d/2]·sin a` and
-/// `out[i + d/2] = x[i + d/2]·cos a + x[i]·sin a`.
+/// `out[i + d/2] = x[i + d/2]·cos a + x[i]·sin a`; with `spec.inverse`, the
+/// same with `−a` (the transpose, RoPE's gradient).
 pub fn rope(spec: &RopeSpec, x: &Tensor, pos: &Tensor) -> Result<Raw, String> {
     let shape = x.shape();
     let r = shape.len();
@@ -90,6 +98,6 @@ pub fn rope(spec: &RopeSpec, x: &Tensor, pos: &Tensor) -> Result<Raw, String> {
     let inv_freq = spec.inv_freq(shape[r - 1]);
     Ok((
         shape.to_vec(),
-        each_float!(x, v => rope_typed(v, shape, pos_v, &inv_freq)),
+        each_float!(x, v => rope_typed(v, shape, pos_v, &inv_freq, spec.inverse)),
     ))
 }
