@@ -47,19 +47,30 @@ pub enum Binary {
 #[derive(CubeType, Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Instr {
     Input(usize),
-    /// An operand that is dense and of the output's shape: read at the
-    /// output's index, no stride arithmetic. `launch_elementwise` rewrites
-    /// `Input` to this where it applies.
+    /// Vector operand `j` at the unit's own vector: an operand that is
+    /// dense and of the output's shape. `launch_elementwise` rewrites each
+    /// `Input` into this or one of the next two.
     InputDense(usize),
+    /// Vector operand `j` at the output's position broadcast into it: its
+    /// last axis is contiguous and its other strides divide by the vector.
+    InputRow(usize),
+    /// Scalar operand `j`, one value for the whole vector: its last axis is
+    /// broadcast (stride 0).
+    InputSplat(usize),
     Const(u32),
     Unary(Unary, usize),
     Binary(Binary, usize, usize),
 }
 
 /// The element offset of output element `pos` in an operand broadcast to
-/// the output's shape (`out` is dense).
+/// the output's shape (`out` is dense); shapes and strides count elements
+/// whatever the vector types.
 #[cube]
-pub(crate) fn broadcast_offset<F: Float>(t: &Tensor<F>, out: &Tensor<F>, pos: usize) -> usize {
+pub(crate) fn broadcast_offset<A: CubePrimitive, B: CubePrimitive>(
+    t: &Tensor<A>,
+    out: &Tensor<B>,
+    pos: usize,
+) -> usize {
     let mut off = 0;
     for d in 0..out.rank() {
         let coord = (pos / out.stride(d)) % out.shape(d);
@@ -108,34 +119,81 @@ fn apply_binary<F: Float>(a: F, b: F, #[comptime] op: Binary) -> F {
     }
 }
 
+/// One unit computes `nv` consecutive outputs (one vector, inside one row
+/// of the last axis): the operands' vectors are loaded first, then the
+/// program runs once per lane in `f32`, and the vector is stored once.
 #[cube(launch_unchecked)]
-fn elementwise_kernel<F: Float>(
-    inputs: &Sequence<Tensor<F>>,
-    out: &mut Tensor<F>,
+fn elementwise_kernel<F: Float, N: Size>(
+    vectors: &Sequence<Tensor<Vector<F, N>>>,
+    scalars: &Sequence<Tensor<F>>,
+    out: &mut Tensor<Vector<F, N>>,
+    units: usize,
     #[comptime] prog: Sequence<Instr>,
+    #[comptime] nv: usize,
 ) {
     let pos = linear_pos();
-    if pos >= out.len() {
+    if pos >= units {
         terminate!();
     }
-    // One register per instruction; comptime indices, so no dynamic access.
-    let mut vals = Sequence::<f32>::new();
+    // Each instruction's operand vector (a zero for the others, unused).
+    let mut loaded = Sequence::<Vector<F, N>>::new();
     #[unroll]
     for i in 0..prog.len() {
         let ins = comptime! { *prog.index(i) };
         let v = match ins {
-            Instr::Input(k) => {
-                let t = inputs.index(k);
-                f32::cast_from(t[broadcast_offset::<F>(t, out, pos)])
+            Instr::InputDense(k) => vectors.index(k)[pos],
+            Instr::InputRow(k) => {
+                let t = vectors.index(k);
+                t[broadcast_offset::<Vector<F, N>, Vector<F, N>>(t, out, pos * nv) / nv]
             }
-            Instr::InputDense(k) => f32::cast_from(inputs.index(k)[pos]),
-            Instr::Const(bits) => f32::new(comptime! { f32::from_bits(bits) }),
-            Instr::Unary(op, a) => apply_unary::<f32>(*vals.index(a), op),
-            Instr::Binary(op, a, b) => apply_binary::<f32>(*vals.index(a), *vals.index(b), op),
+            Instr::InputSplat(k) => {
+                let t = scalars.index(k);
+                Vector::<F, N>::new(t[broadcast_offset::<F, Vector<F, N>>(t, out, pos * nv)])
+            }
+            _ => Vector::<F, N>::new(F::new(0.0)),
         };
-        vals.push(v);
+        loaded.push(v);
     }
-    out[pos] = F::cast_from(*vals.index(comptime! { prog.len() - 1 }));
+    let mut result = Vector::<F, N>::empty();
+    #[unroll]
+    for lane in 0..nv {
+        // One register per instruction; comptime indices, so no dynamic access.
+        let mut vals = Sequence::<f32>::new();
+        #[unroll]
+        for i in 0..prog.len() {
+            let ins = comptime! { *prog.index(i) };
+            let v = match ins {
+                // Rewritten by the launch.
+                Instr::Input(_) => f32::new(0.0),
+                Instr::InputDense(_) | Instr::InputRow(_) | Instr::InputSplat(_) => {
+                    f32::cast_from(loaded.index(i)[lane])
+                }
+                Instr::Const(bits) => f32::new(comptime! { f32::from_bits(bits) }),
+                Instr::Unary(op, a) => apply_unary::<f32>(*vals.index(a), op),
+                Instr::Binary(op, a, b) => apply_binary::<f32>(*vals.index(a), *vals.index(b), op),
+            };
+            vals.push(v);
+        }
+        result[lane] = F::cast_from(*vals.index(comptime! { prog.len() - 1 }));
+    }
+    out[pos] = result;
+}
+
+/// How a launch of `nv`-element vectors reads an operand (see [`Instr`]),
+/// or `None` where that width cannot.
+fn operand_read(v: &View, out: &View, nv: usize) -> Option<fn(usize) -> Instr> {
+    let r = out.shape.len();
+    if v.is_contiguous() && v.shape == out.shape {
+        return Some(Instr::InputDense);
+    }
+    let last = if r == 0 { 1 } else { v.strides[r - 1] };
+    if nv > 1 && last == 0 {
+        return Some(Instr::InputSplat);
+    }
+    let aligned = r > 0
+        && v.offset.is_multiple_of(nv)
+        && v.strides[..r - 1].iter().all(|s| s.is_multiple_of(nv));
+    (nv == 1 || (last == 1 && aligned)).then_some(Instr::InputRow)
 }
 
 /// Runs `prog` over `inputs` (views already broadcast to `out_shape`) into
@@ -154,37 +212,72 @@ pub fn launch_elementwise<R: Runtime>(
     if n == 0 {
         return Ok(());
     }
+    // The widest vector (up to 16 bytes) that stays inside rows of the
+    // last axis and reads every operand.
+    let last = out.shape.last().copied().unwrap_or(1);
+    let operand = |k: usize| {
+        inputs.get(k).ok_or_else(|| {
+            KernelError::Unsupported(format!("the program reads operand {k} of {}", inputs.len()))
+        })
+    };
+    for ins in prog {
+        if let Instr::Input(k) = *ins {
+            operand(k)?;
+        }
+    }
+    let nv = client
+        .io_optimized_vector_sizes(elem.size())
+        .find(|&nv| {
+            last.is_multiple_of(nv)
+                && prog.iter().all(|ins| match *ins {
+                    Instr::Input(k) => operand_read(&inputs[k], out, nv).is_some(),
+                    _ => true,
+                })
+        })
+        .unwrap_or(1);
+    // Operands split between the vector and the scalar sequences.
+    let (mut vectors, mut scalars): (Vec<&View>, Vec<&View>) = (Vec::new(), Vec::new());
+    let mut slot: Vec<Option<Instr>> = vec![None; inputs.len()];
     let mut seq = Sequence::new();
     for ins in prog {
         seq.push(match *ins {
-            Instr::Input(k)
-                if inputs
-                    .get(k)
-                    .is_some_and(|v| v.is_contiguous() && v.shape == out.shape) =>
-            {
-                Instr::InputDense(k)
-            }
+            Instr::Input(k) => *slot[k].get_or_insert_with(|| {
+                let read = operand_read(&inputs[k], out, nv).expect("the width reads it");
+                let list = if read(0) == Instr::InputSplat(0) {
+                    &mut scalars
+                } else {
+                    &mut vectors
+                };
+                list.push(&inputs[k]);
+                read(list.len() - 1)
+            }),
             other => other,
         });
     }
+    let units = n / nv;
+    // Each sequence needs a tensor for the kernel's signature: an unused
+    // scratch buffer stands in for an empty one.
+    let spare = View::contiguous(client.empty(16), &[16 / elem.size()]);
     with_float!(elem, F => unsafe {
-        let mut args = SequenceArg::<R, Tensor<F>>::new();
-        // A program must read at least one operand for the kernel's
-        // signature; constants-only programs read the output's own buffer,
-        // unused.
-        for v in inputs {
-            args.push(v.arg::<R>());
+        let mut vector_args = SequenceArg::new();
+        for v in vectors.iter().copied().chain(vectors.is_empty().then_some(&spare)) {
+            vector_args.push(v.arg::<R>());
         }
-        if inputs.is_empty() {
-            args.push(out.arg::<R>());
+        let mut scalar_args = SequenceArg::new();
+        for v in scalars.iter().copied().chain(scalars.is_empty().then_some(&spare)) {
+            scalar_args.push(v.arg::<R>());
         }
         elementwise_kernel::launch_unchecked::<F, R>(
             client,
-            grid_1d(n, ELEM_BLOCK),
+            grid_1d(units, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
-            args,
+            nv,
+            vector_args,
+            scalar_args,
             out.arg::<R>(),
+            units,
             seq,
+            nv,
         );
     });
     Ok(())

@@ -1783,6 +1783,121 @@ pub fn narrow_copy<R: Runtime>(dev: &R::Device) {
     }
 }
 
+/// The strided copy in every layout the executor gives it, each element
+/// type: vectorized where the innermost axis is contiguous (head permutes,
+/// aligned last-axis slices, concat parts), scalar where it is not
+/// (transposes, odd offsets, broadcasts). Exact, and nothing outside the
+/// destination view is written.
+pub fn strided_copies<R: Runtime>(dev: &R::Device) {
+    use caramba_kernels::copy::launch_copy;
+    let client = R::client(dev);
+    // (source length, copy shape, source strides, source offset,
+    //  destination length, destination strides, destination offset)
+    type Case = (
+        usize,
+        &'static [usize],
+        &'static [usize],
+        usize,
+        usize,
+        &'static [usize],
+        usize,
+    );
+    let cases: [Case; 8] = [
+        // [B, T, H, d] → [B, H, T, d], d = 16.
+        (
+            2 * 3 * 4 * 16,
+            &[2, 4, 3, 16],
+            &[192, 16, 64, 1],
+            0,
+            384,
+            &[192, 48, 16, 1],
+            0,
+        ),
+        // Columns 0..16 of [B, H, T, 17] (attention_with_lse's output part).
+        (
+            2 * 3 * 17,
+            &[2, 3, 16],
+            &[51, 17, 1],
+            0,
+            96,
+            &[48, 16, 1],
+            0,
+        ),
+        // Columns 8..16 of [6, 16].
+        (96, &[6, 8], &[16, 1], 8, 48, &[8, 1], 0),
+        // Columns 2..10 of [6, 16]: the offset allows pairs only.
+        (96, &[6, 8], &[16, 1], 2, 48, &[8, 1], 0),
+        // The second part of a concat of [4, 8] and [4, 24] on axis 1.
+        (96, &[4, 24], &[24, 1], 0, 128, &[32, 1], 8),
+        // Transpose of the last two axes.
+        (
+            2 * 8 * 12,
+            &[2, 12, 8],
+            &[96, 1, 12],
+            0,
+            192,
+            &[96, 8, 1],
+            0,
+        ),
+        // A row broadcast down 5 rows, and a column across 8 columns.
+        (8, &[5, 8], &[0, 1], 0, 40, &[8, 1], 0),
+        (5, &[5, 8], &[1, 0], 0, 40, &[8, 1], 0),
+    ];
+    let gather = |src: &[f32], shape: &[usize], strides: &[usize], offset: usize| {
+        let n: usize = shape.iter().product();
+        (0..n)
+            .map(|i| {
+                let (mut rem, mut at) = (i, offset);
+                for d in (0..shape.len()).rev() {
+                    at += (rem % shape[d]) * strides[d];
+                    rem /= shape[d];
+                }
+                at
+            })
+            .map(|at| src[at])
+            .collect::<Vec<f32>>()
+    };
+    let mut elems = vec![FloatElem::F32];
+    elems.extend(narrow_elems(&client, "strided copy"));
+    for elem in elems {
+        for (i, &(src_len, shape, si, oi, dst_len, so, oo)) in cases.iter().enumerate() {
+            // Integers up to 251: exact in every storage, bf16 included.
+            let src: Vec<f32> = (0..src_len).map(|k| (k % 251) as f32 + 1.0).collect();
+            let sentinel = -7.0f32;
+            let input = View {
+                handle: upload_as(&client, elem, &src),
+                shape: shape.to_vec(),
+                strides: si.to_vec(),
+                offset: oi,
+            };
+            let out = upload_as(&client, elem, &vec![sentinel; dst_len]);
+            let output = View {
+                handle: out.clone(),
+                shape: shape.to_vec(),
+                strides: so.to_vec(),
+                offset: oo,
+            };
+            launch_copy(&client, elem.into(), &input, &output);
+            let mut want = vec![sentinel; dst_len];
+            let values = gather(&src, shape, si, oi);
+            let n: usize = shape.iter().product();
+            for (k, v) in values.into_iter().enumerate().take(n) {
+                let (mut rem, mut at) = (k, oo);
+                for d in (0..shape.len()).rev() {
+                    at += (rem % shape[d]) * so[d];
+                    rem /= shape[d];
+                }
+                want[at] = v;
+            }
+            assert_eq!(
+                download_as(&client, elem, &out, dst_len),
+                want,
+                "{elem:?} copy case {i}: shape {shape:?}"
+            );
+        }
+    }
+}
+
 /// Conversions through narrow storage: `f32 → narrow` rounds to nearest
 /// even (as `half` does), `narrow → f32` is exact, `narrow → i32`
 /// truncates, `i32 → narrow` rounds; all exact comparisons.
@@ -2575,7 +2690,7 @@ macro_rules! all_tests {
             mixed_precision_gradients,
             dba_preset, quantize_formats, kv_attention_over_caches, cached_tiny_llama,
             resident_values, fused_optimizers, grad_norm_and_clipping, trainer_matches_host_sgd,
-            trainer_matches_host_adamw, narrow_elementwise, narrow_copy, narrow_cast,
+            trainer_matches_host_adamw, narrow_elementwise, narrow_copy, strided_copies, narrow_cast,
             narrow_reduce_softmax, narrow_norms, narrow_gather, narrow_rope, narrow_attention,
             narrow_attention_backward, narrow_matmul, narrow_kv_attention);
     };
