@@ -293,6 +293,39 @@ fn matmul_through<R: Runtime>(dev: &R::Device, gemm: GemmLibrary) {
     check_with::<R>(dev, &g, &b, TOL, options);
 }
 
+/// A weight's gradient as autodiff writes it, `Σ_b x_bᵀ·dy_b` (a batched
+/// product of a transposed activation, then a sum over the batch): one
+/// GEMM over the batch's rows together. Also the fallback where the
+/// activation is not a lazy transpose (it is also an output), and a batch
+/// of one.
+pub fn weight_gradient_matmul<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(32);
+    for (b, t, k, n) in [
+        (3usize, 5usize, 7usize, 6usize),
+        (1, 4, 8, 8),
+        (4, 16, 32, 24),
+    ] {
+        for materialized in [false, true] {
+            let mut g = Graph::new("weight_gradient");
+            let x = g.input("x0", f32t(&[b, t, k])).unwrap();
+            let dy = g.input("x1", f32t(&[b, t, n])).unwrap();
+            let xt = g.add(Op::Permute(vec![0, 2, 1]), &[x], "").unwrap();
+            let m = g.add(Op::MatMul, &[xt, dy], "").unwrap();
+            let sum = Op::Reduce {
+                op: ReduceOp::Sum,
+                axis: 0,
+            };
+            let gw = g.add(sum, &[m], "").unwrap();
+            g.set_output("grad", gw);
+            if materialized {
+                g.set_output("xt", xt);
+            }
+            let bindings = bind(vec![rng.tensor(&[b, t, k]), rng.tensor(&[b, t, n])]);
+            check::<R>(dev, &g, &bindings, TOL);
+        }
+    }
+}
+
 /// A decode step's linear layers (1 to 8 rows against a weight): the
 /// matrix-vector kernel, with the weight read transposed (`[N, K]`, K
 /// contiguous) and as stored (`[K, N]`), sizes that fill no cube exactly.
@@ -2683,7 +2716,7 @@ macro_rules! all_tests {
     ($name:ident, $runtime:ty, $device:expr, $available:expr) => {
         gpu_suite!($name, $runtime, $device, $available;
             unary, binary_broadcast, constant_and_cast, reduce, softmax, matmul, matmul_few_rows,
-            matmul_fast, layout,
+            matmul_fast, layout, weight_gradient_matmul,
             gather_scatter_one_hot, causal_mask, rope, cross_entropy, rms_norm, attention,
             attention_backward,
             elementwise_program, symbolic_shapes, unsupported_is_an_error, tiny_llama, tiny_llama_bf16,

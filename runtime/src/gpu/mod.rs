@@ -250,6 +250,8 @@ pub struct GpuExecutor<R: Runtime> {
     params: HashMap<NodeId, DevTensor>,
     /// Permutes of the last two axes that feed only matmuls: not copied.
     lazy_transposes: HashSet<NodeId>,
+    /// Weight-gradient matmuls whose batch sum is one GEMM (see `Plan`).
+    batch_summed: HashSet<NodeId>,
     options: GpuOptions,
     /// cuBLASLt on CUDA (shared by the device's executors), for matmuls.
     vendor: Option<Arc<VendorGemm>>,
@@ -402,6 +404,7 @@ impl<R: Runtime> GpuExecutor<R> {
             uses: plan.uses,
             params,
             lazy_transposes: plan.lazy_transposes,
+            batch_summed: plan.batch_summed,
             options,
             vendor,
             profile: Default::default(),
@@ -539,6 +542,7 @@ impl<R: Runtime> GpuExecutor<R> {
                         vendor: self.vendor.as_deref(),
                         rope_freqs: self.rope_freqs.get(&id),
                         narrow: self.narrow,
+                        sum_batch: self.batch_summed.contains(&id),
                     };
                     if self.options.profile {
                         self.wait()?;
@@ -607,6 +611,9 @@ struct Plan {
     /// Reads of each value per run: one per operand edge, one per output.
     uses: HashMap<NodeId, usize>,
     lazy_transposes: HashSet<NodeId>,
+    /// Matmuls `[B, K, N]` whose one user sums axis 0 (weight gradients):
+    /// run as one GEMM over `B·T` rows when the layouts allow.
+    batch_summed: HashSet<NodeId>,
 }
 
 impl Plan {
@@ -643,11 +650,31 @@ impl Plan {
                 _ => false,
             })
             .collect();
+        let batch_summed = order
+            .iter()
+            .copied()
+            .filter(|&id| {
+                let users = graph.users(id);
+                matches!(graph.node(id).op, caramba_ir::Op::MatMul)
+                    && graph.node(id).ty.shape.rank() == 3
+                    && !outputs.contains(&id)
+                    && users.len() == 1
+                    && graph.operands(users[0]).len() == 1
+                    && matches!(
+                        graph.node(users[0]).op,
+                        caramba_ir::Op::Reduce {
+                            op: caramba_ir::ReduceOp::Sum,
+                            axis: 0
+                        }
+                    )
+            })
+            .collect();
         Ok(Plan {
             order,
             operands,
             uses,
             lazy_transposes,
+            batch_summed,
         })
     }
 }

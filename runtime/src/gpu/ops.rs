@@ -98,6 +98,10 @@ pub(crate) struct Ctx<'a, R: Runtime> {
     pub rope_freqs: Option<&'a caramba_kernels::cubecl::server::Handle>,
     /// Which half-precision types the device stores narrow.
     pub narrow: HalfStorage,
+    /// A matmul whose only user sums its batch axis (a weight's gradient,
+    /// `Σ_b x_bᵀ·dy_b`): it may return that sum, `[1, K, N]`, from one GEMM
+    /// over the batch and rows together (see `Ctx::matmul_summed`).
+    pub sum_batch: bool,
 }
 
 fn unary(u: UnaryOp) -> Unary {
@@ -403,6 +407,12 @@ impl<R: Runtime> Ctx<'_, R> {
                     x.elem,
                 ))
             }
+            // Over a size-1 axis (a batch already summed by its matmul):
+            // every reduction is the identity.
+            Op::Reduce { axis, .. } if xs[0].shape[*axis] == 1 => {
+                let x = xs[0];
+                Ok(DevTensor::dense(x.handle.clone(), shape, x.dtype, x.elem))
+            }
             Op::Reduce { op, axis } => {
                 let x = xs[0];
                 let (outer, len, inner) = split(&x.shape, *axis);
@@ -599,7 +609,13 @@ impl<R: Runtime> Ctx<'_, R> {
                 gather::launch_one_hot(c, e, &ids.handle, &out.handle, ids.numel(), *depth);
                 Ok(out)
             }
-            Op::MatMul => self.matmul(xs[0], xs[1], shape),
+            Op::MatMul => match self.sum_batch {
+                true => match self.matmul_summed(xs[0], xs[1])? {
+                    Some(summed) => Ok(summed),
+                    None => self.matmul(xs[0], xs[1], shape),
+                },
+                false => self.matmul(xs[0], xs[1], shape),
+            },
             Op::Attention { causal, scale } | Op::AttentionWithLse { causal, scale } => {
                 let batch = &shape[..shape.len() - 2];
                 let bview = |t: &DevTensor| Self::batch_view(t, batch);
@@ -739,6 +755,32 @@ impl<R: Runtime> Ctx<'_, R> {
         let (va, vb) = (pad(va), pad(vb));
         self.gemm(out.elem, &va, &vb, &Self::view(&out))?;
         Ok(out)
+    }
+
+    /// `Σ_b a_b·b_b` as one GEMM, `[1, K, N]`, where `a [B, K, T]` is the
+    /// transposed view of a dense `[B, T, K]` and `b [B, T, N]` is dense:
+    /// the batch joins the contraction, `x[B·T, K]ᵀ · dy[B·T, N]`, so no
+    /// `[B, K, N]` partials are written and summed. `None` for other
+    /// layouts (the caller then runs the batched product).
+    fn matmul_summed(&self, a: &DevTensor, b: &DevTensor) -> Result<Option<DevTensor>, GpuError> {
+        let (&[batch, k, t], &[b_batch, b_t, n]) = (&a.shape[..], &b.shape[..]) else {
+            return Ok(None);
+        };
+        if !a.transposed || b.transposed || batch != b_batch || t != b_t {
+            return Ok(None);
+        }
+        let rows = batch * t;
+        let out = self.alloc(vec![1, k, n]);
+        let lhs = View {
+            handle: a.handle.clone(),
+            shape: vec![k, rows],
+            strides: vec![1, k],
+            offset: 0,
+        };
+        let rhs = View::contiguous(b.handle.clone(), &[rows, n]);
+        let dst = View::contiguous(out.handle.clone(), &[k, n]);
+        self.gemm(out.elem, &lhs, &rhs, &dst)?;
+        Ok(Some(out))
     }
 
     /// One (batched) GEMM: cuBLASLt when the executor has it and it reads

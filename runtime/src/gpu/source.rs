@@ -210,6 +210,7 @@ fn capture<R: Runtime>(
                     vendor: None,
                     rope_freqs: None,
                     narrow,
+                    sum_batch: false,
                 };
                 let out = ctx.apply(&args, shape)?;
                 // Wait for the launch (and so its compilation) to finish,
