@@ -482,26 +482,9 @@ impl Backward {
                 if i == 1 {
                     return Err(refuse("cross-entropy targets"));
                 }
-                let ls = xshape(0);
-                let axis = ls.rank() - 1;
-                let v = ls.0[axis]
-                    .as_const()
-                    .ok_or_else(|| refuse("a symbolic vocabulary"))?;
-                let dt = self.ty(x[0]).dtype;
-                let p = self.op(Op::Softmax { axis }, &[x[0]], s)?;
-                let hot = self.op(
-                    Op::OneHot {
-                        depth: v,
-                        dtype: dt,
-                    },
-                    &[x[1]],
-                    s,
-                )?;
-                let d = self.bin(BinaryOp::Sub, p, hot, s)?;
-                let mut gs = self.ty(gy).shape;
-                gs.0.push(Dim::Const(1));
-                let g1 = self.op(Op::Reshape(gs), &[gy], s)?;
-                self.bin(BinaryOp::Mul, d, g1, s)?
+                // (softmax(l) − one_hot(t))·g in one fused op: nothing as
+                // large as the logits is stored but the gradient itself.
+                self.op(Op::CrossEntropyGrad, &[x[0], x[1], gy], s)?
             }
             &Op::Attention { causal, scale } => {
                 let full = if i == 0 {
@@ -534,6 +517,9 @@ impl Backward {
             }
             Op::AttentionLse { .. } | Op::AttentionWithLse { .. } | Op::AttentionGrad { .. } => {
                 return Err(refuse("attention's backward ops (no second derivatives)"))
+            }
+            Op::CrossEntropyGrad => {
+                return Err(refuse("cross-entropy's gradient (no second derivatives)"))
             }
             Op::RmsNorm { .. } | Op::Elementwise(_) | Op::KvAttention { .. } => {
                 return Err(refuse(

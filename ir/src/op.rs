@@ -196,6 +196,12 @@ pub enum Op {
     /// (i32) `[...]` give `logsumexp(logits) − logits[target]`, `[...]`, in
     /// the logits' dtype. A target outside `0..V` is an error.
     CrossEntropy,
+    /// Cross-entropy's gradient with respect to the logits: logits
+    /// `[..., V]` (float), targets (i32) `[...]` and the loss adjoint `g`
+    /// `[...]` (the logits' dtype) give `(softmax(logits) − one_hot(target))
+    /// · g`, `[..., V]`. Fused so that the probabilities and the one-hot
+    /// matrix, each as large as the logits, are never stored.
+    CrossEntropyGrad,
     /// Quantizes rows along the last axis: float `[..., n]` → i32
     /// `[..., words(n)]` in `format`'s block layout (see `quant.rs`); `n` a
     /// multiple of 32. How a KV cache stores new keys and values.
@@ -439,6 +445,7 @@ impl Op {
             Op::Attention { .. } | Op::AttentionWithLse { .. } => Arity::Exact(3),
             Op::AttentionLse { .. } => Arity::Exact(2),
             Op::AttentionGrad { .. } => Arity::Exact(6),
+            Op::CrossEntropyGrad => Arity::Exact(3),
             Op::Concat { .. } => Arity::AtLeast(1),
             Op::KvAttention { .. } => Arity::AtLeast(3),
             Op::Elementwise(p) => Arity::Exact(p.n_inputs()),
@@ -492,6 +499,7 @@ impl Op {
             Op::Rope(_) => "rope",
             Op::Dropout { .. } => "dropout",
             Op::CrossEntropy => "cross_entropy",
+            Op::CrossEntropyGrad => "cross_entropy_grad",
             Op::Broadcast(_) => "broadcast",
             Op::ScatterAdd { .. } => "scatter_add",
             Op::OneHot { .. } => "one_hot",
@@ -576,7 +584,8 @@ impl Op {
             | Op::MatMul
             | Op::Gather
             | Op::CausalMask
-            | Op::CrossEntropy => String::new(),
+            | Op::CrossEntropy
+            | Op::CrossEntropyGrad => String::new(),
         }
     }
 
@@ -805,6 +814,24 @@ impl Op {
                     ));
                 }
                 Ok(TensorType::new(l.dtype, t.shape.clone()))
+            }
+            Op::CrossEntropyGrad => {
+                let (l, t, g) = (xs[0], xs[1], xs[2]);
+                float(l)?;
+                let r = l.shape.rank();
+                let rows = Shape(l.shape.0[..r.max(1) - 1].to_vec());
+                if t.dtype != DType::I32 || r == 0 || t.shape != rows {
+                    return Err(format!(
+                        "cross_entropy_grad needs targets i32{rows} for logits {l}, got {t}"
+                    ));
+                }
+                if g.dtype != l.dtype || g.shape != rows {
+                    return Err(format!(
+                        "cross_entropy_grad needs the loss adjoint {}{rows} for logits {l}, got {g}",
+                        l.dtype
+                    ));
+                }
+                Ok(l.clone())
             }
             Op::Attention { .. } => {
                 let (q, v) = (xs[0], xs[2]);

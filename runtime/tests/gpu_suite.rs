@@ -495,12 +495,17 @@ pub fn cross_entropy<R: Runtime>(dev: &R::Device) {
         .unwrap();
     let y = g.add(Op::CrossEntropy, &[l, t], "").unwrap();
     g.set_output("y", y);
+    // Its gradient for a loss adjoint per row.
+    let gy = g.input("x2", f32t(&[3, 4])).unwrap();
+    let dl = g.add(Op::CrossEntropyGrad, &[l, t, gy], "").unwrap();
+    g.set_output("dlogits", dl);
     let mut logits = rng.tensor(&[3, 4, 300]);
     logits = Tensor::f32(
         vec![3, 4, 300],
         logits.as_f32().unwrap().iter().map(|v| v * 10.0).collect(),
     );
-    check::<R>(dev, &g, &bind(vec![logits, rng.ids(&[3, 4], 300)]), TOL);
+    let bindings = bind(vec![logits, rng.ids(&[3, 4], 300), rng.tensor(&[3, 4])]);
+    check::<R>(dev, &g, &bindings, TOL);
 }
 
 pub fn rms_norm<R: Runtime>(dev: &R::Device) {

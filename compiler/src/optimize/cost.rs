@@ -81,6 +81,8 @@ fn flops(op: &Op, xs: &[&TensorType], out: &TensorType) -> f64 {
                 }
         }
         Op::Softmax { .. } => 5.0 * numel(out),
+        // The row's max and sum, then each element's probability.
+        Op::CrossEntropyGrad => 6.0 * numel(out),
         Op::RmsNorm { .. } => 4.0 * numel(out),
         Op::Rope(_) => 6.0 * numel(out),
         Op::Elementwise(p) => {

@@ -1533,6 +1533,54 @@ fn cross_entropy_matches_hand_values() {
 }
 
 #[test]
+fn cross_entropy_grad_is_softmax_minus_one_hot_times_g() {
+    let (rows, v) = (3, 5);
+    let mut g = Graph::new("t");
+    let l = g.input("logits", ty(DType::F64, shape![rows, v])).unwrap();
+    let t = g.input("targets", ty(DType::I32, shape![rows])).unwrap();
+    let gy = g.input("g", ty(DType::F64, shape![rows])).unwrap();
+    let fused = g.add(Op::CrossEntropyGrad, &[l, t, gy], "").unwrap();
+    g.set_output("fused", fused);
+    // The decomposition autodiff used to emit.
+    let p = g.add(Op::Softmax { axis: 1 }, &[l], "").unwrap();
+    let one_hot = Op::OneHot {
+        depth: v,
+        dtype: DType::F64,
+    };
+    let hot = g.add(one_hot, &[t], "").unwrap();
+    let d = g.add(Op::Binary(BinaryOp::Sub), &[p, hot], "").unwrap();
+    let g1 = g.add(Op::Reshape(shape![rows, 1]), &[gy], "").unwrap();
+    let prim = g.add(Op::Binary(BinaryOp::Mul), &[d, g1], "").unwrap();
+    g.set_output("prim", prim);
+    let logits: Vec<f64> = ramp(rows * v, 17).iter().map(|&x| 3.0 * x as f64).collect();
+    let b = Bindings::default()
+        .input("logits", Tensor::f64(vec![rows, v], logits))
+        .input("targets", Tensor::i32(vec![rows], vec![4, 0, 2]))
+        .input("g", Tensor::f64(vec![rows], vec![0.5, -1.0, 2.0]));
+    let out = eval(&g, &b).unwrap();
+    let (f, p) = (out["fused"].to_f64_vec(), out["prim"].to_f64_vec());
+    let err = f
+        .iter()
+        .zip(&p)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(err < 1e-12, "fused cross-entropy gradient off by {err}");
+    // Each row sums to zero (softmax sums to one, minus one hot).
+    for row in f.chunks(v) {
+        assert!(row.iter().sum::<f64>().abs() < 1e-12);
+    }
+    // The loss adjoint must match the rows.
+    let mut bad = Graph::new("t");
+    let l = bad
+        .input("logits", ty(DType::F64, shape![rows, v]))
+        .unwrap();
+    let t = bad.input("targets", ty(DType::I32, shape![rows])).unwrap();
+    let gy = bad.input("g", ty(DType::F64, shape![rows, 1])).unwrap();
+    let err = bad.add(Op::CrossEntropyGrad, &[l, t, gy], "").unwrap_err();
+    assert!(err.to_string().contains("loss adjoint"), "{err}");
+}
+
+#[test]
 fn elementwise_programs_match_their_primitives() {
     use crate::op::{ElemInstr, ElemProgram};
     // silu(a) · w + 0.5, with w [4] broadcast over a [2, 4].

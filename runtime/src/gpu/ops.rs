@@ -555,6 +555,22 @@ impl<R: Runtime> Ctx<'_, R> {
                 );
                 Ok(out)
             }
+            Op::CrossEntropyGrad => {
+                let (logits, targets, g) = (xs[0], xs[1], xs[2]);
+                let v = *logits.shape.last().expect("typed rank ≥ 1");
+                let out = self.alloc(shape);
+                norm::launch_cross_entropy_grad(
+                    c,
+                    e,
+                    &logits.handle,
+                    &targets.handle,
+                    &g.handle,
+                    &out.handle,
+                    targets.numel(),
+                    v,
+                );
+                Ok(out)
+            }
             Op::RmsNorm { eps } => {
                 let (x, w) = (xs[0], xs[1]);
                 let d = *x.shape.last().expect("typed rank ≥ 1");

@@ -239,3 +239,41 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Raw, String> {
     let data = each_float!(logits, l => go(l, t, v)?);
     Ok((targets.shape().to_vec(), data))
 }
+
+/// `(softmax(logits) − one_hot(targets)) · g` along the last axis, each
+/// row's probabilities from its log-sum-exp in f64.
+pub fn cross_entropy_grad(logits: &Tensor, targets: &Tensor, g: &Tensor) -> Result<Raw, String> {
+    let v = *logits
+        .shape()
+        .last()
+        .ok_or("cross_entropy_grad of a scalar")?;
+    let t = targets
+        .as_i32()
+        .ok_or_else(|| format!("cross_entropy_grad targets must be i32, got {targets}"))?;
+    let g = g.to_f64_vec();
+    fn go<T: Float>(l: &[T], t: &[i32], g: &[f64], v: usize) -> Result<Vec<T>, String> {
+        let mut out = Vec::with_capacity(l.len());
+        for ((row, &tgt), &gi) in l.chunks(v).zip(t).zip(g) {
+            if tgt < 0 || tgt as usize >= v {
+                return Err(format!("target {tgt} is outside 0..{v}"));
+            }
+            let max = row
+                .iter()
+                .map(|x| x.to_f64())
+                .fold(f64::NEG_INFINITY, f64::max);
+            let lse = row
+                .iter()
+                .map(|x| (x.to_f64() - max).exp())
+                .sum::<f64>()
+                .ln()
+                + max;
+            out.extend(row.iter().enumerate().map(|(j, x)| {
+                let hot = if j == tgt as usize { 1.0 } else { 0.0 };
+                T::from_f64(((x.to_f64() - lse).exp() - hot) * gi)
+            }));
+        }
+        Ok(out)
+    }
+    let data = each_float!(logits, l => go(l, t, &g, v)?);
+    Ok((logits.shape().to_vec(), data))
+}
