@@ -197,21 +197,15 @@ pub fn launch_rms_norm<R: Runtime>(
     });
 }
 
-#[cube(launch_unchecked)]
-fn cross_entropy_kernel<F: Float + CubeElement>(
+/// The max of a logits row `logits[base..base + v]` and the sum of
+/// `exp(x − max)` over it, by the whole cube (every unit gets both).
+#[cube]
+fn row_max_sum<F: Float + CubeElement>(
     logits: &Array<F>,
-    targets: &Array<i32>,
-    out: &mut Array<F>,
+    base: usize,
     v: usize,
-    rows: usize,
     neg_inf: f32,
-    nan: f32,
-) {
-    let row = linear_cube();
-    if row >= rows {
-        terminate!();
-    }
-    let base = row * v; // row of (rows, V)
+) -> (f32, f32) {
     let mut smem = SharedMemory::<f32>::new(ROW_BLOCK as usize);
     let step = CUBE_DIM as usize;
     let mut m = neg_inf;
@@ -228,6 +222,25 @@ fn cross_entropy_kernel<F: Float + CubeElement>(
         j += step;
     }
     let s = block_sum::<f32>(&mut smem, s);
+    (m, s)
+}
+
+#[cube(launch_unchecked)]
+fn cross_entropy_kernel<F: Float + CubeElement>(
+    logits: &Array<F>,
+    targets: &Array<i32>,
+    out: &mut Array<F>,
+    v: usize,
+    rows: usize,
+    neg_inf: f32,
+    nan: f32,
+) {
+    let row = linear_cube();
+    if row >= rows {
+        terminate!();
+    }
+    let base = row * v; // row of (rows, V)
+    let (m, s) = row_max_sum::<F>(logits, base, v, neg_inf);
     if UNIT_POS == 0 {
         let t = targets[row];
         let mut r = nan;
@@ -258,29 +271,15 @@ fn cross_entropy_grad_kernel<F: Float + CubeElement>(
         terminate!();
     }
     let base = row * v;
-    let mut smem = SharedMemory::<f32>::new(ROW_BLOCK as usize);
-    let step = CUBE_DIM as usize;
-    let mut m = neg_inf;
-    let mut j = UNIT_POS as usize;
-    while j < v {
-        m = max_nan::<f32>(m, f32::cast_from(logits[base + j]));
-        j += step;
-    }
-    let m = block_max::<f32>(&mut smem, m);
-    let mut s = f32::new(0.0);
-    j = UNIT_POS as usize;
-    while j < v {
-        s += (f32::cast_from(logits[base + j]) - m).exp();
-        j += step;
-    }
-    let s = block_sum::<f32>(&mut smem, s);
+    let (m, s) = row_max_sum::<F>(logits, base, v, neg_inf);
     let t = targets[row];
+    let step = CUBE_DIM as usize;
     let mut scale = f32::cast_from(g[row]) / s;
     if t < 0 || (t as usize) >= v {
         scale = nan;
     }
     let gt = f32::cast_from(g[row]);
-    j = UNIT_POS as usize;
+    let mut j = UNIT_POS as usize;
     while j < v {
         let mut d = (f32::cast_from(logits[base + j]) - m).exp() * scale;
         if j == t as usize {

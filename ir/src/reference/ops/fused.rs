@@ -209,6 +209,20 @@ pub fn elementwise(p: &ElemProgram, xs: &[&Tensor], out_shape: &[usize]) -> Resu
     binary(BinaryOp::Add, &last, &zeros)
 }
 
+/// A logits row's log-sum-exp in f64, once its target is checked.
+fn row_lse<T: Float>(row: &[T], target: i32) -> Result<f64, String> {
+    let v = row.len();
+    if target < 0 || target as usize >= v {
+        return Err(format!("target {target} is outside 0..{v}"));
+    }
+    let max = row
+        .iter()
+        .map(|x| x.to_f64())
+        .fold(f64::NEG_INFINITY, f64::max);
+    let sum: f64 = row.iter().map(|x| (x.to_f64() - max).exp()).sum();
+    Ok(sum.ln() + max)
+}
+
 /// `logsumexp(logits) − logits[target]` per position, accumulated in f64.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Raw, String> {
     let v = *logits.shape().last().ok_or("cross_entropy of a scalar")?;
@@ -219,19 +233,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Raw, String> {
         l.chunks(v)
             .zip(t)
             .map(|(row, &tgt)| {
-                if tgt < 0 || tgt as usize >= v {
-                    return Err(format!("target {tgt} is outside 0..{v}"));
-                }
-                let max = row
-                    .iter()
-                    .map(|x| x.to_f64())
-                    .fold(f64::NEG_INFINITY, f64::max);
-                let lse = row
-                    .iter()
-                    .map(|x| (x.to_f64() - max).exp())
-                    .sum::<f64>()
-                    .ln()
-                    + max;
+                let lse = row_lse(row, tgt)?;
                 Ok(T::from_f64(lse - row[tgt as usize].to_f64()))
             })
             .collect()
@@ -254,19 +256,7 @@ pub fn cross_entropy_grad(logits: &Tensor, targets: &Tensor, g: &Tensor) -> Resu
     fn go<T: Float>(l: &[T], t: &[i32], g: &[f64], v: usize) -> Result<Vec<T>, String> {
         let mut out = Vec::with_capacity(l.len());
         for ((row, &tgt), &gi) in l.chunks(v).zip(t).zip(g) {
-            if tgt < 0 || tgt as usize >= v {
-                return Err(format!("target {tgt} is outside 0..{v}"));
-            }
-            let max = row
-                .iter()
-                .map(|x| x.to_f64())
-                .fold(f64::NEG_INFINITY, f64::max);
-            let lse = row
-                .iter()
-                .map(|x| (x.to_f64() - max).exp())
-                .sum::<f64>()
-                .ln()
-                + max;
+            let lse = row_lse(row, tgt)?;
             out.extend(row.iter().enumerate().map(|(j, x)| {
                 let hot = if j == tgt as usize { 1.0 } else { 0.0 };
                 T::from_f64(((x.to_f64() - lse).exp() - hot) * gi)
