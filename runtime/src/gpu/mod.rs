@@ -547,17 +547,29 @@ impl<R: Runtime> GpuExecutor<R> {
                     if self.options.profile {
                         self.wait()?;
                         let start = std::time::Instant::now();
+                        let batch = shape.first().copied();
                         let out = ctx.apply(&args, shape)?;
                         let host = start.elapsed().as_secs_f64();
                         self.wait()?;
+                        // A batch-summed matmul returns its `[1, K, N]` sum,
+                        // and the reduction after it is then a relabel: both
+                        // get their own rows, so launches count kernels.
                         let op = match &node.op {
                             caramba_ir::Op::MatMul => format!(
-                                "matmul {}",
+                                "matmul{} {}",
+                                if out.shape.first() == Some(&1) && batch != Some(1) {
+                                    " (batch summed)"
+                                } else {
+                                    ""
+                                },
                                 args.iter()
                                     .map(|a| format!("{:?}", a.shape))
                                     .collect::<Vec<_>>()
                                     .join("×")
                             ),
+                            caramba_ir::Op::Reduce { axis, .. } if args[0].shape[*axis] == 1 => {
+                                format!("{} (size-1 axis, relabel)", node.op.mnemonic())
+                            }
                             op => op.mnemonic().to_string(),
                         };
                         let mut table = self.profile.lock().expect("profile lock");
