@@ -256,15 +256,21 @@ pub fn launch_elementwise<R: Runtime>(
     }
     let units = n / nv;
     // Each sequence needs a tensor for the kernel's signature: an unused
-    // scratch buffer stands in for an empty one.
-    let spare = View::contiguous(client.empty(16), &[16 / elem.size()]);
+    // scratch buffer, allocated only then, stands in for an empty one.
+    let spare = (vectors.is_empty() || scalars.is_empty())
+        .then(|| View::contiguous(client.empty(16), &[16 / elem.size()]));
+    for list in [&mut vectors, &mut scalars] {
+        if list.is_empty() {
+            list.extend(spare.as_ref());
+        }
+    }
     with_float!(elem, F => unsafe {
         let mut vector_args = SequenceArg::new();
-        for v in vectors.iter().copied().chain(vectors.is_empty().then_some(&spare)) {
+        for v in &vectors {
             vector_args.push(v.arg::<R>());
         }
         let mut scalar_args = SequenceArg::new();
-        for v in scalars.iter().copied().chain(scalars.is_empty().then_some(&spare)) {
+        for v in &scalars {
             scalar_args.push(v.arg::<R>());
         }
         elementwise_kernel::launch_unchecked::<F, R>(

@@ -671,7 +671,6 @@ impl Plan {
                     && graph.node(id).ty.shape.rank() == 3
                     && !outputs.contains(&id)
                     && users.len() == 1
-                    && graph.operands(users[0]).len() == 1
                     && matches!(
                         graph.node(users[0]).op,
                         caramba_ir::Op::Reduce {
