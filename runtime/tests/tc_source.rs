@@ -1,7 +1,8 @@
 //! The tensor-core attention kernels (`caramba_kernels::attention_tc`)
 //! compile to CUDA C++ offline (no GPU needed: the compile-only runtime
 //! describes an H100): a bf16 graph's attention forward, its
-//! log-sum-exp variant and both backward kernels use `wmma` products,
+//! log-sum-exp variant and both backward kernels use `mma.sync`
+//! products on registers loaded with `ldmatrix`,
 //! while the same graph in f32 keeps the scalar kernels. What the kernels
 //! compute is checked against the CPU reference on a CUDA device by
 //! `gpu_suite`'s `narrow_attention*` tests.
@@ -74,10 +75,12 @@ fn half_precision_attention_runs_on_tensor_cores_and_f32_does_not() {
                     let titles: Vec<&String> = kernels.iter().map(|(t, _)| t).collect();
                     panic!("d = {d}: no {name} among {titles:#?}")
                 });
-            assert!(
-                source.contains("mma_sync"),
-                "{title} has no wmma product:\n{source}"
-            );
+            for needle in ["mma.sync.aligned.m16n8k16", "ldmatrix.sync.aligned"] {
+                assert!(
+                    source.contains(needle),
+                    "{title} has no {needle}:\n{source}"
+                );
+            }
         }
         let scalar = kernels
             .iter()
