@@ -122,14 +122,14 @@ fn stage<F: Float, N: Size>(
     let rank = src.rank();
     let (rs, cs) = (src.stride(rank - 2), src.stride(rank - 1));
     let u = UNIT_POS as usize;
-    if comptime!(threads % wv == 0) {
+    if comptime!(threads.is_multiple_of(wv)) {
         let step = comptime!(threads / wv); // rows per pass of the cube
         let (r0, x) = (u / wv, (u % wv) * nv);
         let mut at = base + (start + r0) * rs + x * cs;
         #[unroll]
         for n in 0..comptime!(rows.div_ceil(threads / wv)) {
             let r = r0 + n * step;
-            if comptime!(rows % step == 0) {
+            if comptime!(rows.is_multiple_of(step)) {
                 // No check that could split the unrolled loads.
                 stage_vector::<F, N>(dst, src, at, start + r < len && x < w, r * stride + x, nv);
             } else if r < rows {

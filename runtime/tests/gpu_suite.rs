@@ -2261,13 +2261,16 @@ pub fn narrow_rope<R: Runtime>(dev: &R::Device) {
 /// Attention's (q, k, v) shapes for the narrow tests: GQA (keys and values
 /// broadcast over the group axis), decode-like T < S with d ≠ dv, and more
 /// keys than one tile.
-const NARROW_ATTENTION: [(&[usize], &[usize], &[usize]); 5] = [
+const NARROW_ATTENTION: [(&[usize], &[usize], &[usize]); 6] = [
     (&[1, 2, 2, 5, 16], &[1, 2, 1, 5, 16], &[1, 2, 1, 5, 16]),
     (&[2, 3, 12], &[2, 20, 12], &[2, 20, 6]),
     (&[1, 70, 8], &[1, 150, 8], &[1, 150, 130]),
     // Several tiles of queries and keys (64 each on tensor cores), T ≠ S.
     (&[1, 100, 64], &[1, 150, 64], &[1, 150, 64]),
     (&[2, 2, 130, 32], &[2, 1, 130, 32], &[2, 1, 130, 48]),
+    // 128-dim heads: the tensor-core forward's 128-row cubes (two, the
+    // second partial), over four key tiles, with d ≠ dv.
+    (&[1, 200, 128], &[1, 230, 128], &[1, 230, 112]),
 ];
 
 /// The absolute tolerance (a fraction of the largest reference value) of
