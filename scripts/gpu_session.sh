@@ -1,0 +1,52 @@
+#!/bin/bash
+# The GPU machine script of the ninth session (BENCHMARKS.md): run from a
+# folder holding gzipped builds of gpu_suite (cargo test --release -p
+# caramba-runtime --features cuda --test gpu_suite --no-run), train_bench and
+# gpu_bench (cargo build --release --features cuda --example ...), with
+# scripts/bench_torch.py and scripts/bench_torch_train.py beside them.
+# Argument: a comma list of parts (suite, ptxas, rows, attn, trows, train, llama).
+cd "$(dirname "$0")"
+for f in *.gz; do gunzip -kf $f; done; chmod +x gpu_suite train_bench gpu_bench
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:$LD_LIBRARY_PATH
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+date -u
+what=${1:-suite,attn}
+if [[ $what == *suite* ]]; then
+echo "== suite (attention)"
+CARAMBA_REQUIRE_VENDOR_GEMM=1 timeout ${SUITE_T:-240} ./gpu_suite ${SUITE:-cuda::narrow_attention cuda::narrow_attention_backward cuda::attention cuda::attention_backward cuda::narrow_kv_attention cuda::dba_preset cuda::mixed_precision_gradients cuda::tiny_llama_bf16} > $OUT/suite.txt 2>&1
+echo "rc $?"
+grep -E "^test |test result|panicked" $OUT/suite.txt | head -30
+fi
+if [[ $what == *ptxas* ]]; then
+echo "== resource usage"
+NVCC=$(ls /usr/local/cuda*/bin/nvcc 2>/dev/null | head -1); echo "nvcc: $NVCC"
+for f in cu/*.cu; do echo "-- $f"; $NVCC -arch=sm_90 --resource-usage -c -o /dev/null $f 2>&1 | grep -E "registers|spill|error" | head -4; done
+fi
+if [[ $what == *rows* ]]; then
+for rows in 64 128; do echo "== ours attention rows $rows"
+CARAMBA_TC_ROWS=$rows CARAMBA_BENCH_ONLY=attention timeout 120 ./gpu_bench cuda 2>&1 | grep -E "^\{|panicked|error" | grep bf16 | head
+done
+fi
+if [[ $what == *attn* ]]; then
+echo "== ours attention"
+CARAMBA_BENCH_ONLY=attention timeout 120 ./gpu_bench cuda 2>&1 | grep -E "^\{|panicked|error" | head
+echo "== torch attention"
+CARAMBA_BENCH_ONLY=attention timeout 60 python3 bench_torch.py 2>&1 | grep -E "^\{|Error" | grep -E "attention|Error" | head -20
+fi
+if [[ $what == *trows* ]]; then
+for rows in 64 128; do echo "== train smollm2 rows $rows"
+CARAMBA_TC_ROWS=$rows CARAMBA_BENCH_PROFILE=1 timeout 150 ./train_bench cuda smollm2 8 2048 3 bf16 2>&1 | grep -E "^\{|panicked|error|attention" | head -5
+done
+fi
+if [[ $what == *llama* ]]; then
+echo "== train llama1b b4"
+timeout 200 ./train_bench cuda llama1b 4 2048 3 bf16 2>&1 | grep -E "^\{|panicked|error" | head -5
+echo "== torch llama1b b4 amp eager"
+CARAMBA_TORCH_DTYPES=amp CARAMBA_TORCH_MODES=eager timeout 120 python3 bench_torch_train.py llama1b 4 2048 5 2>&1 | grep -E "^\{|Error" | tail -3
+fi
+if [[ $what == *train,* || $what == *train ]]; then
+echo "== train smollm2"
+CARAMBA_BENCH_PROFILE=1 timeout 150 ./train_bench cuda smollm2 8 2048 3 bf16 2>&1 | grep -vE "^\s*$|XDG" | grep -E "^\{|panicked|error|profile|ms " | head -30
+echo "== torch smollm2 amp eager"
+CARAMBA_TORCH_DTYPES=amp CARAMBA_TORCH_MODES=eager timeout 90 python3 bench_torch_train.py smollm2 8 2048 5 2>&1 | grep -E "^\{|Error" | tail -3
+fi
