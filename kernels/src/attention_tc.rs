@@ -830,11 +830,15 @@ fn shared_bytes(d: usize, dv: usize, backward: bool) -> usize {
 /// same either way in SmolLM2's training step). `CARAMBA_TC_ROWS` (64 or
 /// 128) overrides the choice, for such measurements.
 fn cube_rows(d: usize, dv: usize, backward: bool) -> usize {
-    if let Some(rows) = std::env::var("CARAMBA_TC_ROWS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|r| [64, 128].contains(r))
-    {
+    // Read once per process: every launch asks (twice, with `usable`).
+    static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let forced = OVERRIDE.get_or_init(|| {
+        std::env::var("CARAMBA_TC_ROWS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|r| [64, 128].contains(r))
+    });
+    if let Some(rows) = *forced {
         return rows;
     }
     if !backward && pad16(d).max(pad16(dv)) >= 128 {
