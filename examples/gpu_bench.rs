@@ -162,20 +162,61 @@ fn main() {
             3.0 * 4.0 * n as f64 / ms / 1e6,
         );
     }
-    // RMSNorm 16384 × 4096.
+    // RMSNorm 16384 × 4096, f32 and bf16 (a bf16 model's: the normalized
+    // row rounded before the weight), and its two gradients in bf16 (dx
+    // reads x and dy and writes dx; dw reads x and dy, chained through w).
     if selected("rmsnorm") {
+        let eps = Scalar(1e-5);
+        for dtype in [DType::F32, DType::BF16] {
+            PER_OP_DTYPE.with(|d| d.set(dtype));
+            let ms = per_op(
+                backend,
+                "rmsnorm",
+                &[16384, 4096],
+                &[("w", vec![4096])],
+                10,
+                |g, x, e| g.add(Op::RmsNorm { eps }, &[x, e[0]], "rms").unwrap(),
+            );
+            let size = dtype.size() as f64;
+            emit(
+                &format!("rmsnorm_{dtype}"),
+                ms,
+                "gbps",
+                2.0 * size * n as f64 / ms / 1e6,
+            );
+        }
+        PER_OP_DTYPE.with(|d| d.set(DType::BF16));
+        let s = vec![16384, 4096];
+        let grad = |wrt| Op::RmsNormGrad { eps, wrt };
         let ms = per_op(
             backend,
-            "rmsnorm",
-            &[16384, 4096],
-            &[("w", vec![4096])],
+            "rmsnorm_grad_x",
+            &s,
+            &[("w", vec![4096]), ("dy", s.clone())],
             10,
-            |g, x, e| {
-                g.add(Op::RmsNorm { eps: Scalar(1e-5) }, &[x, e[0]], "rms")
-                    .unwrap()
-            },
+            |g, x, e| g.add(grad(NormArg::X), &[x, e[0], e[1]], "dx").unwrap(),
         );
-        emit("rmsnorm_f32", ms, "gbps", 2.0 * 4.0 * n as f64 / ms / 1e6);
+        emit(
+            "rmsnorm_grad_x_bf16",
+            ms,
+            "gbps",
+            3.0 * 2.0 * n as f64 / ms / 1e6,
+        );
+        let ms = per_op(
+            backend,
+            "rmsnorm_grad_w",
+            &[4096],
+            &[("xx", s.clone()), ("dy", s.clone())],
+            10,
+            |g, w, e| g.add(grad(NormArg::W), &[e[0], w, e[1]], "dw").unwrap(),
+        );
+        emit(
+            "rmsnorm_grad_w_bf16",
+            ms,
+            "gbps",
+            2.0 * 2.0 * n as f64 / ms / 1e6,
+        );
+        PER_OP_DTYPE.with(|d| d.set(DType::F32));
     }
     // Causal attention, H32 T4096: f32 at B1 (head dim 64 and 128), bf16
     // at B4 as `bench_torch.py`'s SDPA lines (head dim 64 and 128, and

@@ -126,7 +126,7 @@ fn main() {
     let fused = if primitive {
         forward.clone()
     } else {
-        caramba_compiler::fuse_attention(&forward).expect("fuse attention")
+        caramba_compiler::fuse_for_training(&forward).expect("fuse attention and norms")
     };
     let graph = differentiate(&fused, "loss", &names).expect("autodiff");
     // The forward attention also gives the backward its log-sum-exp.

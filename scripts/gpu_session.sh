@@ -4,7 +4,7 @@
 # caramba-runtime --features cuda --test gpu_suite --no-run), train_bench and
 # gpu_bench (cargo build --release --features cuda --example ...), with
 # scripts/bench_torch.py and scripts/bench_torch_train.py beside them.
-# Argument: a comma list of parts (suite, ptxas, rows, attn, trows, train, llama).
+# Argument: a comma list of parts (suite, ptxas, rows, attn, rms, trows, train, llama).
 cd "$(dirname "$0")"
 for f in *.gz; do gunzip -kf $f; done; chmod +x gpu_suite train_bench gpu_bench
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:$LD_LIBRARY_PATH
@@ -32,6 +32,12 @@ echo "== ours attention"
 CARAMBA_BENCH_ONLY=attention timeout 120 ./gpu_bench cuda 2>&1 | grep -E "^\{|panicked|error" | head
 echo "== torch attention"
 CARAMBA_BENCH_ONLY=attention timeout 60 python3 bench_torch.py 2>&1 | grep -E "^\{|Error" | grep -E "attention|Error" | head -20
+fi
+if [[ $what == *rms* ]]; then
+echo "== ours rmsnorm and copy"
+CARAMBA_BENCH_ONLY=copy,rmsnorm timeout 120 ./gpu_bench cuda 2>&1 | grep -E "^\{|panicked|error" | head
+echo "== torch rmsnorm and copy"
+CARAMBA_BENCH_ONLY=rmsnorm timeout 90 python3 bench_torch.py 2>&1 | grep -E "^\{|Error" | grep -E "rmsnorm|copy|Error" | head
 fi
 if [[ $what == *trows* ]]; then
 for rows in 64 128; do echo "== train smollm2 rows $rows"

@@ -48,7 +48,7 @@ fn check_src(src: &str) {
     let names: Vec<String> = g.params().map(|(n, _)| n.to_string()).collect();
     // Both ways of differentiating attention: as primitives, and fused
     // first (as training does) so that its rule emits the flash backward.
-    let fused = caramba_compiler::fuse_attention(&g).unwrap();
+    let fused = caramba_compiler::fuse_for_training(&g).unwrap();
     assert!(fused
         .node_ids()
         .any(|n| matches!(fused.node(n).op, caramba_ir::Op::Attention { .. })));

@@ -506,7 +506,7 @@ fn optimized_training_graph_gives_the_same_gradients() {
         // Each attention layer's forward is one kernel that also gives the
         // backward its log-sum-exp (nothing recomputes it), and its backward
         // is one gradient for q and one for k and v together.
-        let forward = caramba_compiler::fuse_attention(&tg.forward).unwrap();
+        let forward = caramba_compiler::fuse_for_training(&tg.forward).unwrap();
         let layers = forward
             .node_ids()
             .filter(|&n| matches!(forward.node(n).op, caramba_ir::Op::Attention { .. }))

@@ -24,7 +24,7 @@ pub use lower::{
 };
 pub use manifest::Manifest;
 pub use optimize::{
-    differentiate_for_training, fuse_attention, optimize, reuse_attention_lse, OptimizeError,
+    differentiate_for_training, fuse_for_training, optimize, reuse_attention_lse, OptimizeError,
     OptimizeReport, Stage, TrainGraphError,
 };
 

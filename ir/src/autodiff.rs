@@ -10,17 +10,21 @@
 //! Differentiation runs on the lowered graph of primitives, before fusion:
 //! the e-graph optimizer then fuses forward and backward together. The one
 //! exception is `attention`, which training pipelines form first (see
-//! `caramba_compiler::fuse_attention`): its rule emits the flash-style
+//! `caramba_compiler::fuse_for_training`): its rule emits the flash-style
 //! backward (`attention_lse`, `attention_grad`), which recomputes the
 //! probabilities instead of keeping a `T × S` matrix alive from the forward
 //! pass to the backward (training pipelines then take the log-sum-exp from
-//! the forward kernel: `caramba_compiler::reuse_attention_lse`). The other
-//! fused ops (`rms_norm`, `elementwise`, `kv_attention`) are refused, and so
-//! are attention's backward ops (`attention_lse`, `attention_with_lse`,
-//! `attention_grad`: no second derivatives).
+//! the forward kernel: `caramba_compiler::reuse_attention_lse`).
+//! `rms_norm`, formed there too, has its own rule as well (`rms_norm_grad`,
+//! one fused pass per operand that recomputes the row statistics from x,
+//! where the primitive chain's backward kept its f32 intermediates alive
+//! and took eight passes). The other fused ops (`elementwise`,
+//! `kv_attention`) are refused, and so are the backward ops
+//! (`attention_lse`, `attention_with_lse`, `attention_grad`,
+//! `rms_norm_grad`: no second derivatives).
 
 use crate::graph::{Graph, IrError, NodeId};
-use crate::op::{AttnArg, BinaryOp, Op, ReduceOp, RopeSpec, Scalar, UnaryOp};
+use crate::op::{AttnArg, BinaryOp, NormArg, Op, ReduceOp, RopeSpec, Scalar, UnaryOp};
 use crate::types::{DType, Dim, Shape, TensorType};
 use std::collections::{BTreeSet, HashMap};
 
@@ -521,7 +525,16 @@ impl Backward {
             Op::CrossEntropyGrad => {
                 return Err(refuse("cross-entropy's gradient (no second derivatives)"))
             }
-            Op::RmsNorm { .. } | Op::Elementwise(_) | Op::KvAttention { .. } => {
+            &Op::RmsNorm { eps } => {
+                // One fused pass per operand: the row statistics are
+                // recomputed from x, so the forward keeps nothing but x.
+                let wrt = if i == 0 { NormArg::X } else { NormArg::W };
+                self.op(Op::RmsNormGrad { eps, wrt }, &[x[0], x[1], gy], s)?
+            }
+            Op::RmsNormGrad { .. } => {
+                return Err(refuse("rms_norm's gradient (no second derivatives)"))
+            }
+            Op::Elementwise(_) | Op::KvAttention { .. } => {
                 return Err(refuse(
                     "fused ops: differentiate the lowered graph before fusion",
                 ))

@@ -15,8 +15,8 @@ pub mod verify;
 
 pub use graph::{Graph, IrError, Node, NodeId};
 pub use op::{
-    broadcast, Arity, AttnArg, BinaryOp, ElemInstr, ElemProgram, KvPart, Op, ReduceOp, RopeScaling,
-    RopeSpec, Scalar, UnaryOp,
+    broadcast, Arity, AttnArg, BinaryOp, ElemInstr, ElemProgram, KvPart, NormArg, Op, ReduceOp,
+    RopeScaling, RopeSpec, Scalar, UnaryOp,
 };
 pub use quant::QuantFormat;
 pub use text::to_text;

@@ -265,8 +265,25 @@ pub enum Op {
         wrt: AttnArg,
     },
     /// RMS normalization over the last axis: `x · rsqrt(mean(x²) + eps) · w`,
-    /// x `[..., D]`, w `[D]`, both of one float dtype.
+    /// x `[..., D]`, w `[D]`, both of one float dtype. For f16/bf16 it is
+    /// what lowering writes for half-precision models (as Hugging Face
+    /// does): `mul(cast(mul(x₃₂, rsqrt(mean(x₃₂·x₃₂) + eps)), x's dtype), w)`
+    /// with `x₃₂ = cast(x, f32)`: the normalized row computed in f32 and
+    /// rounded to x's dtype, then multiplied by `w` (in f32, rounded once).
     RmsNorm { eps: Scalar },
+    /// One gradient of `rms_norm{eps}(x, w)` for the output adjoint `dy`:
+    /// operands x `[..., D]`, w `[D]` and dy `[..., D]` of one float dtype.
+    /// Per row, with `r = rsqrt(mean(x²) + eps)`, `x̂ = x·r` and `g = dy·w`
+    /// (all in f32 for f16/bf16 operands, unrounded), by `wrt`: `x` →
+    /// `r·(g − x̂·mean(g·x̂))` `[..., D]`, which is `r·g − x·r³·mean(g·x)`;
+    /// `w` → `Σ dy·n` over every row `[D]`, `n` the normalized row as
+    /// `rms_norm` multiplies it by `w` (for f16/bf16 `x̂` rounded to x's
+    /// dtype). The result is of x's dtype, computed in f32 for f16/bf16
+    /// and rounded once. These are the gradients of `rms_norm`'s
+    /// decomposition, the half-precision roundings passed straight through
+    /// (as a cast's gradient is): what autodiff of the lowered chain
+    /// computes, without its intermediates.
+    RmsNormGrad { eps: Scalar, wrt: NormArg },
     /// A chain of elementwise ops evaluated per element over operands
     /// broadcast to one shape (NumPy rules), all of one float dtype.
     Elementwise(ElemProgram),
@@ -296,6 +313,22 @@ pub enum AttnArg {
     K,
     V,
     KV,
+}
+
+/// Which operand of `rms_norm` an `RmsNormGrad` differentiates for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NormArg {
+    X,
+    W,
+}
+
+impl fmt::Display for NormArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NormArg::X => "x",
+            NormArg::W => "w",
+        })
+    }
 }
 
 impl fmt::Display for AttnArg {
@@ -445,7 +478,7 @@ impl Op {
             Op::Attention { .. } | Op::AttentionWithLse { .. } => Arity::Exact(3),
             Op::AttentionLse { .. } => Arity::Exact(2),
             Op::AttentionGrad { .. } => Arity::Exact(6),
-            Op::CrossEntropyGrad => Arity::Exact(3),
+            Op::CrossEntropyGrad | Op::RmsNormGrad { .. } => Arity::Exact(3),
             Op::Concat { .. } => Arity::AtLeast(1),
             Op::KvAttention { .. } => Arity::AtLeast(3),
             Op::Elementwise(p) => Arity::Exact(p.n_inputs()),
@@ -508,6 +541,7 @@ impl Op {
             Op::AttentionWithLse { .. } => "attention_with_lse",
             Op::AttentionGrad { .. } => "attention_grad",
             Op::RmsNorm { .. } => "rms_norm",
+            Op::RmsNormGrad { .. } => "rms_norm_grad",
             Op::Elementwise(_) => "elementwise",
             Op::Quantize(_) => "quantize",
             Op::Dequantize { .. } => "dequantize",
@@ -561,6 +595,7 @@ impl Op {
                 format!("{{causal={causal}, scale={scale}, wrt={wrt}}}")
             }
             Op::RmsNorm { eps } => format!("{{eps={eps}}}"),
+            Op::RmsNormGrad { eps, wrt } => format!("{{eps={eps}, wrt={wrt}}}"),
             Op::Broadcast(s) => format!("{{shape={s}}}"),
             Op::ScatterAdd { size } => format!("{{size={size}}}"),
             Op::OneHot { depth, dtype } => format!("{{depth={depth}, to={dtype}}}"),
@@ -984,6 +1019,25 @@ impl Op {
                     ));
                 }
                 Ok(x.clone())
+            }
+            Op::RmsNormGrad { wrt, .. } => {
+                let (x, w, dy) = (xs[0], xs[1], xs[2]);
+                float(x)?;
+                if w.dtype != x.dtype || w.shape.rank() != 1 || x.shape.last() != w.shape.last() {
+                    return Err(format!(
+                        "rms_norm_grad needs a weight [{}] of the input's dtype, got {w} for {x}",
+                        x.shape.last().map(|d| d.to_string()).unwrap_or_default()
+                    ));
+                }
+                if dy != x {
+                    return Err(format!(
+                        "rms_norm_grad needs an output adjoint of the input's type {x}, got {dy}"
+                    ));
+                }
+                Ok(match wrt {
+                    NormArg::X => x.clone(),
+                    NormArg::W => w.clone(),
+                })
             }
             Op::Elementwise(p) => {
                 p.check()?;

@@ -381,3 +381,25 @@ fn fused_attention() {
         }
     }
 }
+
+/// The fused RMSNorm's rule (`rms_norm_grad` for x and for w, the row
+/// statistics recomputed from x) against finite differences, over a batch
+/// of rows and a single row.
+#[test]
+fn fused_rms_norm() {
+    for xs in [&[2, 3, 5][..], &[7][..]] {
+        let d = *xs.last().unwrap();
+        let name = format!("rms_norm x{xs:?}");
+        check(
+            &name,
+            &[("x", xs, -1.5, 1.5), ("w", &[d], 0.5, 1.5)],
+            vec![],
+            |g| {
+                let x = p(g, "x", xs);
+                let w = p(g, "w", &[d]);
+                g.add(Op::RmsNorm { eps: Scalar(1e-3) }, &[x, w], "norm")
+                    .unwrap()
+            },
+        );
+    }
+}

@@ -39,7 +39,7 @@ pub enum Narrow {
 }
 
 #[cube]
-fn round_bf16(x: f32) -> f32 {
+pub(crate) fn round_bf16(x: f32) -> f32 {
     let bits = u32::reinterpret(x);
     let mut out = x;
     // NaN and infinities keep their bits.
@@ -53,7 +53,7 @@ fn round_bf16(x: f32) -> f32 {
 // `a == a` is the NaN test (no `is_nan` on generic cube floats).
 #[allow(clippy::eq_op)]
 #[cube]
-fn round_f16(x: f32, inf: f32) -> f32 {
+pub(crate) fn round_f16(x: f32, inf: f32) -> f32 {
     let a = x.abs();
     let mut out = x;
     if a == a && a != inf {

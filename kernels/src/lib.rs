@@ -41,6 +41,7 @@ pub mod norm;
 pub mod optim;
 pub mod quant;
 pub mod reduce;
+pub mod rms_norm;
 pub mod rope;
 pub mod vendor_gemm;
 

@@ -214,6 +214,38 @@ pub fn launch_reduce<R: Runtime>(
         });
         return;
     }
+    reduce_columns_into(
+        client,
+        kind,
+        (elem, elem),
+        input,
+        output,
+        outer,
+        axis_len,
+        inner,
+    );
+}
+
+/// Reduces a dense `(outer, axis_len, inner)` tensor along its middle axis
+/// (`inner > 1`) into `output` `(outer, 1, inner)`, one thread per column;
+/// `io`: the input's and the output's storage. When there are too few
+/// columns to fill the device, the axis is first cut in chunks reduced into
+/// `f32` partial results, then those are reduced.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn reduce_columns_into<R: Runtime>(
+    client: &ComputeClient<R>,
+    kind: ReduceKind,
+    io: (FloatElem, FloatElem),
+    input: &Handle,
+    output: &Handle,
+    outer: usize,
+    axis_len: usize,
+    inner: usize,
+) {
+    let rows = outer * inner;
+    if rows == 0 {
+        return;
+    }
     let column =
         |kind, io, input: &Handle, output: &Handle, axis_len, chunks, chunk_len, divisor| {
             launch_columns(
@@ -227,7 +259,7 @@ pub fn launch_reduce<R: Runtime>(
     if chunks == 1 {
         column(
             kind,
-            (elem, elem),
+            io,
             input,
             output,
             axis_len,
@@ -248,7 +280,7 @@ pub fn launch_reduce<R: Runtime>(
     let f32_ = FloatElem::F32;
     column(
         first,
-        (elem, f32_),
+        (io.0, f32_),
         input,
         &partial,
         axis_len,
@@ -258,7 +290,7 @@ pub fn launch_reduce<R: Runtime>(
     );
     column(
         kind,
-        (f32_, elem),
+        (f32_, io.1),
         &partial,
         output,
         chunks,

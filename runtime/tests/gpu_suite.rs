@@ -8,7 +8,7 @@
 
 use caramba_ir::reference::{eval, Bindings, Tensor};
 use caramba_ir::{
-    shape, AttnArg, BinaryOp, DType, ElemInstr, ElemProgram, Graph, NodeId, Op, ReduceOp,
+    shape, AttnArg, BinaryOp, DType, ElemInstr, ElemProgram, Graph, NodeId, NormArg, Op, ReduceOp,
     RopeScaling, RopeSpec, Scalar, Shape, Sym, TensorType, UnaryOp,
 };
 use caramba_kernels::cubecl::Runtime;
@@ -508,11 +508,13 @@ pub fn cross_entropy<R: Runtime>(dev: &R::Device) {
     check::<R>(dev, &g, &bindings, TOL);
 }
 
+/// RMS norm and its gradients for x and w (`rms_norm_grad`).
 pub fn rms_norm<R: Runtime>(dev: &R::Device) {
     let mut rng = Rng(12);
     // Vectorized fast path: 4096 (every thread full), 300 and 4100 (a
     // ragged last vector per thread); the scalar fallback: odd lengths and
-    // rows too long to hold in registers (16388).
+    // rows too long to hold in registers (16388), which the gradients run
+    // with wider cubes.
     for d in [8, 300, 4096, 4100, 301, 7, 16388] {
         let g = one_op(
             "rms",
@@ -525,6 +527,23 @@ pub fn rms_norm<R: Runtime>(dev: &R::Device) {
             &bind(vec![rng.tensor(&[2, 3, d]), rng.tensor(&[d])]),
             TOL,
         );
+        // Rows: 6, and 70 (more rows than the weight gradient's groups aim
+        // for, so groups walk several rows and partial sums are reduced).
+        for rows in [6, 70] {
+            let x = [rows / 2, 2, d];
+            for wrt in [NormArg::X, NormArg::W] {
+                let g = one_op(
+                    "rms_grad",
+                    Op::RmsNormGrad {
+                        eps: Scalar(1e-5),
+                        wrt,
+                    },
+                    &[f32t(&x), f32t(&[d]), f32t(&x)],
+                );
+                let b = bind(vec![rng.tensor(&x), rng.tensor(&[d]), rng.tensor(&x)]);
+                check::<R>(dev, &g, &b, TOL);
+            }
+        }
     }
 }
 
@@ -2058,33 +2077,47 @@ pub fn narrow_reduce_softmax<R: Runtime>(dev: &R::Device) {
     }
 }
 
-/// RMS norm (the vectorized path: 8, 300, 4096; the scalar one: 301, 7)
-/// and cross-entropy (its loss stored as the logits are).
+/// RMS norm and its gradients as a half-precision model has them (the
+/// normalized row rounded to the model's grid before the weight; the
+/// vectorized path: 8, 300, 4096, 302; the scalar one: 7), and
+/// cross-entropy (its loss stored as the logits are).
 pub fn narrow_norms<R: Runtime>(dev: &R::Device) {
-    use caramba_kernels::norm::{launch_cross_entropy, launch_rms_norm};
+    use caramba_kernels::norm::launch_cross_entropy;
+    use caramba_kernels::rms_norm::{self, Grid, NormGradOperands};
     let client = R::client(dev);
     let mut rng = Rng(44);
     for elem in narrow_elems(&client, "norms") {
+        let (dtype, grid) = match elem {
+            FloatElem::BF16 => (DType::BF16, Grid::Bf16),
+            _ => (DType::F16, Grid::F16),
+        };
+        let half_t =
+            |dims: &[usize]| TensorType::new(dtype, Shape::new(dims.iter().map(|&d| d.into())));
+        let half = |t: &Tensor| {
+            Tensor::from_f32_as(
+                dtype,
+                t.shape().to_vec(),
+                rounded(elem, t).as_f32().unwrap().to_vec(),
+            )
+        };
         for d in [8, 300, 4096, 302, 7] {
+            let (rows, xs) = (40, [20, 2, d]);
+            let x = half(&rng.tensor(&xs));
+            let w = half(&rng.tensor(&[d]));
+            let dy = half(&rng.tensor(&xs));
+            let (xh, wh, dyh) = (
+                upload_tensor(&client, elem, &x),
+                upload_tensor(&client, elem, &w),
+                upload_tensor(&client, elem, &dy),
+            );
             let g = one_op(
                 "rms",
                 Op::RmsNorm { eps: Scalar(1e-5) },
-                &[f32t(&[2, 3, d]), f32t(&[d])],
+                &[half_t(&xs), half_t(&[d])],
             );
-            let x = rounded(elem, &rng.tensor(&[2, 3, d]));
-            let w = rounded(elem, &rng.tensor(&[d]));
             let (_, want) = reference_y(&g, vec![x.clone(), w.clone()]);
             let out = client.empty(want.len() * elem.size());
-            launch_rms_norm(
-                &client,
-                elem,
-                &upload_tensor(&client, elem, &x),
-                &upload_tensor(&client, elem, &w),
-                &out,
-                6,
-                d,
-                1e-5,
-            );
+            rms_norm::launch_rms_norm(&client, elem, grid, &xh, &wh, &out, rows, d, 1e-5);
             expect_narrow(
                 &client,
                 elem,
@@ -2093,6 +2126,50 @@ pub fn narrow_norms<R: Runtime>(dev: &R::Device) {
                 1e-5,
                 &format!("{elem:?} rms_norm d {d}"),
             );
+            let ops = NormGradOperands {
+                x: &xh,
+                w: &wh,
+                dy: &dyh,
+                rows,
+                d,
+                eps: 1e-5,
+            };
+            for wrt in [NormArg::X, NormArg::W] {
+                let g = one_op(
+                    "rms_grad",
+                    Op::RmsNormGrad {
+                        eps: Scalar(1e-5),
+                        wrt,
+                    },
+                    &[half_t(&xs), half_t(&[d]), half_t(&xs)],
+                );
+                let (_, want) = reference_y(&g, vec![x.clone(), w.clone(), dy.clone()]);
+                let out = client.empty(want.len() * elem.size());
+                match wrt {
+                    NormArg::X => rms_norm::launch_rms_norm_grad_x(&client, elem, &ops, &out),
+                    NormArg::W => rms_norm::launch_rms_norm_grad_w(&client, elem, grid, &ops, &out),
+                }
+                .unwrap();
+                // dx: sums over the row in another order, f32 differences of
+                // a few 1e-6 before the one rounding. dw: each row's
+                // normalized values are rounded to the grid from an `r` that
+                // may differ from the reference's in its last f32 bit, so a
+                // value next to a rounding boundary can land one step away
+                // (about one part in 2⁸ or 2¹¹ of |n| ≤ 3, times |dy| ≤ 1) in
+                // a column's sum of 40 rows, however small that sum is.
+                let abs = match wrt {
+                    NormArg::X => 1e-4,
+                    NormArg::W => narrow_rel(elem),
+                };
+                expect_narrow(
+                    &client,
+                    elem,
+                    &out,
+                    &want,
+                    abs,
+                    &format!("{elem:?} rms_norm_grad {wrt} d {d}"),
+                );
+            }
         }
         let mut g = Graph::new("xent");
         let l = g.input("x0", f32t(&[12, 300])).unwrap();

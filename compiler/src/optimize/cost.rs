@@ -84,6 +84,9 @@ fn flops(op: &Op, xs: &[&TensorType], out: &TensorType) -> f64 {
         // The row's max and sum, then each element's probability.
         Op::CrossEntropyGrad => 6.0 * numel(out),
         Op::RmsNorm { .. } => 4.0 * numel(out),
+        // Per element of x: its square, g = dy·w and g·x for the row's
+        // sums, then the gradient's few flops.
+        Op::RmsNormGrad { .. } => 8.0 * numel(xs[0]),
         Op::Rope(_) => 6.0 * numel(out),
         Op::Elementwise(p) => {
             let n =

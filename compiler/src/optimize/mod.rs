@@ -9,8 +9,8 @@
 //! identity cleanup), `rmsnorm`, `attention`, `dba`; `elementwise` runs
 //! after extraction. Every rule has a property test in `tests.rs` that
 //! evaluates both sides with the reference interpreter. Training graphs
-//! meet this module twice more around differentiation: `fuse_attention`
-//! (this stage with the attention rules only) before it, and `reuse_lse`,
+//! meet this module twice more around differentiation: `fuse_for_training`
+//! (this stage with the attention and RMSNorm rules only) before it, and `reuse_lse`,
 //! a deterministic graph pass, after it.
 //!
 //! The whole graph is saturated at once: the rules are targeted (no
@@ -163,6 +163,7 @@ pub fn optimize_with(g: &Graph, opts: &Options) -> Result<(Graph, OptimizeReport
             Op::Attention { .. }
                 | Op::AttentionWithLse { .. }
                 | Op::RmsNorm { .. }
+                | Op::RmsNormGrad { .. }
                 | Op::Elementwise(_)
                 | Op::KvAttention { .. }
         ) {
@@ -223,23 +224,28 @@ pub fn optimize_with(g: &Graph, opts: &Options) -> Result<(Graph, OptimizeReport
     Ok((graph, report))
 }
 
-/// The rules that form `attention` (and the layout clean-up they need):
-/// what a training graph runs before differentiation.
-pub fn attention_rules() -> Vec<&'static Rule> {
+/// The rules that form the fused ops with gradient rules of their own,
+/// `attention` and `rms_norm` (and the layout clean-up they need): what a
+/// training graph runs before differentiation.
+pub fn training_rules() -> Vec<&'static Rule> {
     let mut r = algebra::rules();
     r.push(&dba::MERGE_DBA_SCORES);
     r.push(&attention::FUSE_ATTENTION);
+    r.push(&rmsnorm::FUSE_RMSNORM);
     r
 }
 
-/// `g` with its attention fused and nothing else: the form training
-/// differentiates. Autodiff works on primitives, except that `attention`
-/// has its own gradient rule (the flash-style backward, which recomputes
-/// probabilities per tile instead of keeping each layer's `T × S` matrix
-/// alive until the backward pass); forming it first is what lets the
+/// `g` with its attention and RMSNorms fused and nothing else: the form
+/// training differentiates. Autodiff works on primitives, except for the
+/// fused ops with their own gradient rules: `attention` (the flash-style
+/// backward, which recomputes probabilities per tile instead of keeping
+/// each layer's `T × S` matrix alive until the backward pass) and
+/// `rms_norm` (one pass per gradient, the row statistics recomputed from
+/// x, where the primitive chain's backward kept its f32 intermediates and
+/// took eight passes over them); forming them first is what lets their
 /// backward be fused. DBA's two score paths merge here as in inference.
-pub fn fuse_attention(g: &Graph) -> Result<Graph, OptimizeError> {
-    let only = attention_rules()
+pub fn fuse_for_training(g: &Graph) -> Result<Graph, OptimizeError> {
+    let only = training_rules()
         .iter()
         .map(|r| r.name.to_string())
         .collect();
@@ -254,7 +260,7 @@ pub fn fuse_attention(g: &Graph) -> Result<Graph, OptimizeError> {
 /// Why [`differentiate_for_training`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainGraphError {
-    #[error("fusing attention failed: {0}")]
+    #[error("fusing attention and norms failed: {0}")]
     Fuse(OptimizeError),
     #[error("autodiff failed: {0}")]
     Autodiff(IrError),
@@ -264,8 +270,8 @@ pub enum TrainGraphError {
 
 /// The training graph of `forward`: the gradients of output `loss` with
 /// respect to the parameters `wrt`, in the order training pipelines need.
-/// Attention is fused first ([`fuse_attention`]) so that its backward is
-/// the flash-style one, the graph is differentiated, and each attention
+/// Attention and RMSNorm are fused first ([`fuse_for_training`]) so that
+/// their backward is fused too, the graph is differentiated, and each attention
 /// then hands its backward the log-sum-exp its forward kernel computes
 /// ([`reuse_attention_lse`]). The result is ready for [`optimize`].
 pub fn differentiate_for_training(
@@ -273,7 +279,7 @@ pub fn differentiate_for_training(
     loss: &str,
     wrt: &[String],
 ) -> Result<Graph, TrainGraphError> {
-    let fused = fuse_attention(forward).map_err(TrainGraphError::Fuse)?;
+    let fused = fuse_for_training(forward).map_err(TrainGraphError::Fuse)?;
     let graph = caramba_ir::autodiff::differentiate(&fused, loss, wrt)
         .map_err(TrainGraphError::Autodiff)?;
     reuse_attention_lse(&graph).map_err(TrainGraphError::ReuseLse)

@@ -26,7 +26,7 @@
 //! time) does not have; and extraction sums each term's tree, so the shared
 //! kernel would be charged once per slice and chosen in neither class. The
 //! pairs exist only after differentiation, so training pipelines run this
-//! right after `differentiate` (`fuse_attention → differentiate →
+//! right after `differentiate` (`fuse_for_training → differentiate →
 //! reuse_attention_lse`), before `optimize`, which keeps the result: no
 //! rule rewrites `attention_with_lse` or slices, and the primitives that
 //! `fuse-attention` forms attention from are gone by then.

@@ -6,22 +6,28 @@
 //! contains the same chain over the centred `x − mean(x)`, so it becomes
 //! `rms_norm(x − mean(x), w) (+ b)`, which is exactly its definition.
 //!
-//! It stops at the f32 case (and any other dtype computed natively). For
-//! f16/bf16 models lowering widens `x` to f32 and narrows the normalized value
-//! before multiplying by `w` in the model dtype; `rms_norm` multiplies by `w`
-//! in its own dtype, so the fused form would round differently. That chain is
-//! left as primitives (the elementwise pass still fuses its tail).
+//! For f16/bf16 models lowering widens `x` to f32, normalizes there and
+//! narrows the normalized row before multiplying by `w` in the model dtype:
+//! `cast(x₃₂ · rsqrt(mean_last(x₃₂ · x₃₂) + eps), h) · w` with
+//! `x₃₂ = cast(x, f32)`, which is `rms_norm`'s definition for a half `x`
+//! (see `Op::RmsNorm`), so it becomes `rms_norm(x, w)` too. A half
+//! LayerNorm normalizes the centred f32 row, which is not the widening of a
+//! half tensor: it is left as primitives (the elementwise pass still fuses
+//! its tail).
 
 use super::lang::EG;
 use super::rule::{Recipe, Ref, Rule};
-use caramba_ir::{BinaryOp, Op, ReduceOp, Scalar, UnaryOp};
+use caramba_ir::{BinaryOp, DType, Op, ReduceOp, Scalar, UnaryOp};
 use egg::Id;
 
-/// `(x · rsqrt(mean_last(x · x) + eps)) · w = rms_norm{eps}(x, w)`.
+/// `(x · rsqrt(mean_last(x · x) + eps)) · w = rms_norm{eps}(x, w)`, and for
+/// a half `x`, `cast(x₃₂ · rsqrt(mean_last(x₃₂ · x₃₂) + eps), h) · w =
+/// rms_norm{eps}(x, w)` with `x₃₂ = cast(x, f32)`.
 ///
-/// Proof: this is `RmsNorm`'s defining decomposition in `ir::op` (and its
+/// Proof: these are `RmsNorm`'s defining decompositions in `ir::op` (and its
 /// reference semantics): the same products in the same order, the mean taken
-/// over the last axis, `w` broadcast along it.
+/// over the last axis, `w` broadcast along it, and for a half `x` the
+/// normalized row rounded to x's dtype before the product with `w`.
 pub static FUSE_RMSNORM: Rule = Rule {
     name: "fuse-rmsnorm",
     search,
@@ -47,19 +53,50 @@ fn search(eg: &EG, id: Id) -> Vec<Recipe> {
         if wt.shape.rank() != 1 || wt.shape.last() != ty.shape.last() || wt.dtype != ty.dtype {
             continue;
         }
-        for (x, inv) in binary_pairs(eg, xn, BinaryOp::Mul) {
-            if eg[x].data.ty != *ty {
-                continue;
-            }
-            let Some(eps) = rsqrt_of_mean_square(eg, inv, x) else {
-                continue;
-            };
+        for (x, eps) in normalized(eg, xn, ty) {
             let mut r = Recipe::new();
             let y = r.node(
                 Op::RmsNorm { eps: Scalar(eps) },
                 &[Ref::Class(x), Ref::Class(w)],
             );
             out.push(r.result(y));
+        }
+    }
+    out
+}
+
+/// Each `(x, eps)` for which class `xn` (of type `ty`) is `x`'s normalized
+/// row: `x · rsqrt(mean_last(x · x) + eps)` with `x` of type `ty`, or for a
+/// half `ty` that product over `x₃₂ = cast(x, f32)`, narrowed to `ty`.
+fn normalized(eg: &EG, xn: Id, ty: &caramba_ir::TensorType) -> Vec<(Id, f64)> {
+    let mut out = Vec::new();
+    if !matches!(ty.dtype, DType::F16 | DType::BF16) {
+        for (x, inv) in binary_pairs(eg, xn, BinaryOp::Mul) {
+            if eg[x].data.ty == *ty {
+                if let Some(eps) = rsqrt_of_mean_square(eg, inv, x) {
+                    out.push((x, eps));
+                }
+            }
+        }
+        return out;
+    }
+    // A chain computed in half precision throughout would round its
+    // intermediates, which `rms_norm` does not: only the widened form.
+    for narrow in eg[xn].nodes.iter().filter(|n| n.op == Op::Cast(ty.dtype)) {
+        for (x32, inv) in binary_pairs(eg, narrow.children[0], BinaryOp::Mul) {
+            let Some(eps) = rsqrt_of_mean_square(eg, inv, x32) else {
+                continue;
+            };
+            for widen in eg[x32]
+                .nodes
+                .iter()
+                .filter(|n| n.op == Op::Cast(DType::F32))
+            {
+                let x = widen.children[0];
+                if eg[x].data.ty == *ty {
+                    out.push((x, eps));
+                }
+            }
         }
     }
     out

@@ -2,7 +2,7 @@
 //! direct formulas, and of the evaluator's binding checks.
 
 use super::*;
-use crate::op::{AttnArg, BinaryOp, Op, ReduceOp, RopeSpec, Scalar, UnaryOp};
+use crate::op::{AttnArg, BinaryOp, NormArg, Op, ReduceOp, RopeSpec, Scalar, UnaryOp};
 use crate::types::{DType, Dim, Shape, Sym, TensorType};
 use crate::{shape, Graph, NodeId};
 use std::collections::BTreeMap;
@@ -1506,6 +1506,93 @@ fn rms_norm_matches_the_formula_and_the_primitives() {
         .collect();
     assert_close(out["fused"].as_f32().unwrap(), &want, 1e-6);
     assert_close(out["prim"].as_f32().unwrap(), &want, 1e-6);
+}
+
+/// A half-precision `rms_norm` is the chain lowering writes for bf16 and
+/// f16 models (widen, normalize in f32, narrow, times `w`), value for value;
+/// its gradients are the f64 formula's, rounded once.
+#[test]
+fn half_rms_norm_is_the_lowered_chain_and_its_gradient_the_formula() {
+    use crate::reference::tensor::{round_bf16, round_f16};
+    let (rows, d) = (4usize, 24usize);
+    let eps = 1e-5;
+    for (dt, round) in [
+        (DType::BF16, round_bf16 as fn(f32) -> f32),
+        (DType::F16, round_f16),
+    ] {
+        let on_grid = |v: Vec<f32>| v.into_iter().map(round).collect::<Vec<_>>();
+        let xv = on_grid(ramp(rows * d, 4).iter().map(|v| v * 3.0).collect());
+        let wv = on_grid(ramp(d, 5).iter().map(|v| 1.0 + v / 2.0).collect());
+        let gv = on_grid(ramp(rows * d, 6));
+        let mut g = Graph::new("t");
+        let xi = g.input("x", ty(dt, shape![rows, d])).unwrap();
+        let wi = g.input("w", ty(dt, shape![d])).unwrap();
+        let gi = g.input("dy", ty(dt, shape![rows, d])).unwrap();
+        let e = Scalar(eps);
+        let fused = g.add(Op::RmsNorm { eps: e }, &[xi, wi], "").unwrap();
+        let x32 = g.add(Op::Cast(DType::F32), &[xi], "").unwrap();
+        let sq = g.add(Op::Binary(BinaryOp::Mul), &[x32, x32], "").unwrap();
+        let mean = Op::Reduce {
+            op: ReduceOp::Mean,
+            axis: 1,
+        };
+        let ms = g.add(mean, &[sq], "").unwrap();
+        let c = g.constant(eps, DType::F32, "");
+        let v = g.add(Op::Binary(BinaryOp::Add), &[ms, c], "").unwrap();
+        let inv = g.add(Op::Unary(UnaryOp::Rsqrt), &[v], "").unwrap();
+        let xn = g.add(Op::Binary(BinaryOp::Mul), &[x32, inv], "").unwrap();
+        let xn = g.add(Op::Cast(dt), &[xn], "").unwrap();
+        let prim = g.add(Op::Binary(BinaryOp::Mul), &[xn, wi], "").unwrap();
+        g.set_output("fused", fused);
+        g.set_output("prim", prim);
+        for (name, wrt) in [("dx", NormArg::X), ("dw", NormArg::W)] {
+            let n = g
+                .add(Op::RmsNormGrad { eps: e, wrt }, &[xi, wi, gi], "")
+                .unwrap();
+            g.set_output(name, n);
+        }
+        let half = |shape: Vec<usize>, v: &[f32]| Tensor::from_f32_as(dt, shape, v.to_vec());
+        let out = eval(
+            &g,
+            &Bindings::default()
+                .input("x", half(vec![rows, d], &xv))
+                .input("w", half(vec![d], &wv))
+                .input("dy", half(vec![rows, d], &gv)),
+        )
+        .unwrap();
+        assert_eq!(
+            out["fused"].as_f32().unwrap(),
+            out["prim"].as_f32().unwrap(),
+            "{dt}"
+        );
+        // The gradients in f64, then rounded once to the grid.
+        let (mut dx, mut dw) = (Vec::new(), vec![0.0f64; d]);
+        for (xr, gr) in xv.chunks(d).zip(gv.chunks(d)) {
+            let x: Vec<f64> = xr.iter().map(|&v| v as f64).collect();
+            let r = 1.0 / (x.iter().map(|v| v * v).sum::<f64>() / d as f64 + eps).sqrt();
+            let t: f64 = (0..d).map(|j| gr[j] as f64 * wv[j] as f64 * x[j]).sum();
+            for j in 0..d {
+                let gj = gr[j] as f64 * wv[j] as f64;
+                dx.push(round((r * gj - x[j] * r * r * r * t / d as f64) as f32));
+                dw[j] += gr[j] as f64 * round((x[j] * r) as f32) as f64;
+            }
+        }
+        let dw: Vec<f32> = dw.into_iter().map(|v| round(v as f32)).collect();
+        let ulp = if dt == DType::BF16 {
+            1.0 / 128.0
+        } else {
+            1.0 / 1024.0
+        };
+        for (name, want) in [("dx", &dx), ("dw", &dw)] {
+            let got = out[name].as_f32().unwrap();
+            for (a, b) in got.iter().zip(want.iter()) {
+                assert!(
+                    (a - b).abs() <= ulp * b.abs().max(1e-3),
+                    "{dt} {name}: {a} vs {b}"
+                );
+            }
+        }
+    }
 }
 
 #[test]

@@ -10,7 +10,8 @@
 
 use super::{at, constant_f32, DevTensor, GpuError, HalfStorage};
 use caramba_ir::{
-    AttnArg, BinaryOp, DType, ElemInstr, Graph, Node, NodeId, Op, QuantFormat, ReduceOp, UnaryOp,
+    AttnArg, BinaryOp, DType, ElemInstr, Graph, Node, NodeId, NormArg, Op, QuantFormat, ReduceOp,
+    UnaryOp,
 };
 use caramba_kernels::cast::Narrow;
 use caramba_kernels::copy::CopyElem;
@@ -20,7 +21,7 @@ use caramba_kernels::reduce::ReduceKind;
 use caramba_kernels::vendor_gemm::VendorGemm;
 use caramba_kernels::{
     attention, attention_backward, cast, copy, elementwise, gather, gemv, kv_attention, matmul,
-    norm, quant, reduce, rope, FloatElem, Storage, View,
+    norm, quant, reduce, rms_norm, rope, FloatElem, Storage, View,
 };
 
 /// Rejects ops and dtypes the device cannot run, before anything launches.
@@ -175,6 +176,16 @@ impl<R: Runtime> Ctx<'_, R> {
     /// The storage of this node's value, when it is a float.
     fn elem(&self) -> FloatElem {
         self.narrow.elem(self.node.ty.dtype)
+    }
+
+    /// The grid RMS norm rounds its normalized rows to: the node's dtype's
+    /// (whatever its storage on this device).
+    fn norm_grid(&self) -> rms_norm::Grid {
+        match self.node.ty.dtype {
+            DType::BF16 => rms_norm::Grid::Bf16,
+            DType::F16 => rms_norm::Grid::F16,
+            _ => rms_norm::Grid::Exact,
+        }
     }
 
     /// A fresh dense buffer for this node's value.
@@ -575,9 +586,10 @@ impl<R: Runtime> Ctx<'_, R> {
                 let (x, w) = (xs[0], xs[1]);
                 let d = *x.shape.last().expect("typed rank ≥ 1");
                 let out = self.alloc(shape);
-                norm::launch_rms_norm(
+                rms_norm::launch_rms_norm(
                     c,
                     e,
+                    self.norm_grid(),
                     &x.handle,
                     &w.handle,
                     &out.handle,
@@ -585,6 +597,31 @@ impl<R: Runtime> Ctx<'_, R> {
                     d,
                     eps.0 as f32,
                 );
+                Ok(out)
+            }
+            Op::RmsNormGrad { eps, wrt } => {
+                let (x, w, dy) = (xs[0], xs[1], xs[2]);
+                let d = *x.shape.last().expect("typed rank ≥ 1");
+                let operands = rms_norm::NormGradOperands {
+                    x: &x.handle,
+                    w: &w.handle,
+                    dy: &dy.handle,
+                    rows: x.numel() / d.max(1),
+                    d,
+                    eps: eps.0 as f32,
+                };
+                let out = self.alloc(shape);
+                match wrt {
+                    NormArg::X => rms_norm::launch_rms_norm_grad_x(c, e, &operands, &out.handle),
+                    NormArg::W => rms_norm::launch_rms_norm_grad_w(
+                        c,
+                        e,
+                        self.norm_grid(),
+                        &operands,
+                        &out.handle,
+                    ),
+                }
+                .map_err(|err| self.err(err.to_string()))?;
                 Ok(out)
             }
             Op::Broadcast(_) => {

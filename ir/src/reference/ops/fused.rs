@@ -14,8 +14,8 @@ use super::layout::{broadcast_to, concat};
 use super::matmul::{matmul, MatOperand};
 use super::reduce::{reduce, softmax};
 use super::{each_float, Raw};
-use crate::op::{AttnArg, BinaryOp, ElemInstr, ElemProgram, ReduceOp, Scalar, UnaryOp};
-use crate::reference::tensor::{Float, Storage, Tensor};
+use crate::op::{AttnArg, BinaryOp, ElemInstr, ElemProgram, NormArg, ReduceOp, Scalar, UnaryOp};
+use crate::reference::tensor::{round_bf16, round_f16, Float, Storage, Tensor};
 
 fn tensor(dtype: crate::DType, raw: Raw) -> Tensor {
     Tensor::new(dtype, raw.0, raw.1)
@@ -155,21 +155,34 @@ pub fn attention_grad(
     }
 }
 
-/// `x · rsqrt(mean(x²) + eps) · w` over the last axis, accumulated in f64.
+/// How `rms_norm` rounds its normalized row before multiplying by `w`:
+/// to x's grid for f16/bf16 (stored here as `f32`), not at all otherwise.
+fn normalized_rounding(dtype: crate::DType) -> fn(f32) -> f32 {
+    match dtype {
+        crate::DType::BF16 => round_bf16,
+        crate::DType::F16 => round_f16,
+        _ => |v| v,
+    }
+}
+
+/// `x · rsqrt(mean(x²) + eps) · w` over the last axis, the mean of squares
+/// accumulated in f64; for f16/bf16 the normalized row is rounded to x's
+/// grid before the product with `w` (see `Op::RmsNorm`).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: Scalar) -> Result<Raw, String> {
     let d = *x.shape().last().ok_or("rms_norm of a scalar")?;
-    fn go<T: Float>(x: &[T], w: &[T], d: usize, eps: f64) -> Vec<T> {
+    let round = normalized_rounding(x.dtype());
+    fn go<T: Float>(x: &[T], w: &[T], d: usize, eps: f64, round: impl Fn(T) -> T) -> Vec<T> {
         let mut out = Vec::with_capacity(x.len());
         for row in x.chunks(d) {
             let ms = row.iter().map(|v| v.to_f64() * v.to_f64()).sum::<f64>() / d as f64;
             let inv = T::from_f64(1.0 / (ms + eps).sqrt());
-            out.extend(row.iter().zip(w).map(|(&v, &g)| v * inv * g));
+            out.extend(row.iter().zip(w).map(|(&v, &g)| round(v * inv) * g));
         }
         out
     }
     let data = match (x.storage(), w.storage()) {
-        (Storage::F32(x), Storage::F32(w)) => Storage::F32(go(x, w, d, eps.0)),
-        (Storage::F64(x), Storage::F64(w)) => Storage::F64(go(x, w, d, eps.0)),
+        (Storage::F32(x), Storage::F32(w)) => Storage::F32(go(x, w, d, eps.0, round)),
+        (Storage::F64(x), Storage::F64(w)) => Storage::F64(go(x, w, d, eps.0, |v| v)),
         _ => {
             return Err(format!(
                 "rms_norm needs float operands of one dtype, got {x} and {w}"
@@ -177,6 +190,72 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: Scalar) -> Result<Raw, String> {
         }
     };
     Ok((x.shape().to_vec(), data))
+}
+
+/// `rms_norm`'s gradient for x or w (see `Op::RmsNormGrad`), each row's
+/// sums and the weight gradient's sum over rows accumulated in f64.
+pub fn rms_norm_grad(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: Scalar,
+    wrt: NormArg,
+) -> Result<Raw, String> {
+    let d = *x.shape().last().ok_or("rms_norm_grad of a scalar")?;
+    let (xs, ws, gs) = (x.to_f64_vec(), w.to_f64_vec(), dy.to_f64_vec());
+    if ws.len() != d || gs.len() != xs.len() {
+        return Err(format!(
+            "rms_norm_grad needs w [{d}] and dy of x's shape, got {w} and {dy} for {x}"
+        ));
+    }
+    let round = normalized_rounding(x.dtype());
+    let half = matches!(x.dtype(), crate::DType::F16 | crate::DType::BF16);
+    let rows = || xs.chunks(d).zip(gs.chunks(d));
+    let inv =
+        |row: &[f64]| 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / d as f64 + eps.0).sqrt();
+    let (shape, out) = match wrt {
+        NormArg::X => {
+            let mut out = Vec::with_capacity(xs.len());
+            for (row, g) in rows() {
+                let r = inv(row);
+                let t = row
+                    .iter()
+                    .zip(g)
+                    .zip(&ws)
+                    .map(|((x, g), w)| x * g * w)
+                    .sum::<f64>();
+                let c = r * r * r * t / d as f64;
+                out.extend(
+                    row.iter()
+                        .zip(g)
+                        .zip(&ws)
+                        .map(|((x, g), w)| r * g * w - x * c),
+                );
+            }
+            (x.shape().to_vec(), out)
+        }
+        NormArg::W => {
+            let mut acc = vec![0.0f64; d];
+            for (row, g) in rows() {
+                let r = inv(row);
+                for ((a, &x), &g) in acc.iter_mut().zip(row).zip(g) {
+                    let n = if half {
+                        round((x as f32) * (r as f32)) as f64
+                    } else {
+                        x * r
+                    };
+                    *a += g * n;
+                }
+            }
+            (vec![d], acc)
+        }
+    };
+    let data = match x.storage() {
+        Storage::F32(_) => Storage::F32(out.into_iter().map(|v| v as f32).collect()),
+        Storage::F64(_) => Storage::F64(out),
+        Storage::I32(_) => return Err(format!("rms_norm_grad needs float operands, got {x}")),
+    };
+    Ok((shape, data))
 }
 
 /// Runs the program one instruction at a time with the primitive ops, then
