@@ -4,7 +4,7 @@
 # caramba-runtime --features cuda --test gpu_suite --no-run), train_bench and
 # gpu_bench (cargo build --release --features cuda --example ...), with
 # scripts/bench_torch.py and scripts/bench_torch_train.py beside them.
-# Argument: a comma list of parts (suite, ptxas, rows, attn, rms, trows, train, llama).
+# Argument: a comma list of parts (suite, ptxas, rows, attn, rms, trows, train, cubek, llama).
 cd "$(dirname "$0")"
 for f in *.gz; do gunzip -kf $f; done; chmod +x gpu_suite train_bench gpu_bench
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:$LD_LIBRARY_PATH
@@ -43,6 +43,10 @@ if [[ $what == *trows* ]]; then
 for rows in 64 128; do echo "== train smollm2 rows $rows"
 CARAMBA_TC_ROWS=$rows CARAMBA_BENCH_PROFILE=1 timeout 150 ./train_bench cuda smollm2 8 2048 3 bf16 2>&1 | grep -E "^\{|panicked|error|attention" | head -5
 done
+fi
+if [[ $what == *cubek* ]]; then
+echo "== train smollm2, every GEMM on cubek (no cuBLASLt waits)"
+CARAMBA_BENCH_GEMM=cubek timeout 200 ./train_bench cuda smollm2 8 2048 3 bf16 2>&1 | grep -E "^\{|panicked|error" | head -5
 fi
 if [[ $what == *llama* ]]; then
 echo "== train llama1b b4"

@@ -2,22 +2,27 @@
 //! `rms_norm` and `rms_norm_grad`), for dense `(rows, d)` tensors and a
 //! weight `[d]`, stored as the launch's `elem` and computed in `f32`.
 //!
-//! - forward, `y = n·w` with `n = x·r`, `r = rsqrt(mean(x²) + eps)`: one
-//!   cube per row, the row held in registers between its sum of squares
-//!   and the scaling;
-//! - `dx = r·g − x·r³·mean(g·x)` with `g = dy·w`: one cube per row, both
-//!   sums from one read of the row;
-//! - `dw = Σ_rows dy·n`: each group of units (a plane where the device has
-//!   plane operations, else a cube) walks its own rows, recomputing each
-//!   row's `r`, and accumulates `dy·n` per column in registers; the groups'
-//!   `f32` partial sums are then reduced over groups (`reduce`'s column
-//!   reduction), so no atomics and a fixed order of summation.
+//! - forward, `y = n·w` with `n = x·r`, `r = rsqrt(mean(x²) + eps)`: the
+//!   row held in registers between its sum of squares and the scaling;
+//! - `dx = r·g − x·r³·mean(g·x)` with `g = dy·w`: both sums from one read
+//!   of the row;
+//! - `dw = Σ_rows dy·n`: each group of units walks its own rows,
+//!   recomputing each row's `r`, and accumulates `dy·n` per column in
+//!   registers; the groups' `f32` partial sums are then reduced over groups
+//!   (`reduce`'s column reduction), so no atomics and a fixed order of
+//!   summation.
 //!
-//! Vectors of up to 16 bytes (the widest `Vector` that divides `d`). For an
-//! f16/bf16 model the normalized row `n` is rounded to the model's grid
-//! before it multiplies `w` (and before it enters `dw`), as the IR defines
-//! it ([`Grid`]); the rounding works on `f32` bits, so a device that keeps
-//! half tensors widened to `f32` rounds the same way.
+//! A row is shared by one plane ([`Rows::Plane`], several rows per cube,
+//! no barrier) where the device has plane operations and the row fits a
+//! plane's registers (up to 8 vectors a unit: 2048 bf16 or 1024 f32
+//! values), else by a cube. Short rows (a 576-wide model's) were what the
+//! cube-per-row layout served worst: most of a 128-unit cube idle and a
+//! barrier per row. Vectors of up to 16 bytes (the widest `Vector` that
+//! divides `d`). For an f16/bf16 model the normalized row `n` is rounded
+//! to the model's grid before it multiplies `w` (and before it enters
+//! `dw`), as the IR defines it ([`Grid`]); the rounding works on `f32`
+//! bits, so a device that keeps half tensors widened to `f32` rounds the
+//! same way.
 
 use crate::cast::{round_bf16, round_f16};
 use crate::reduce::{block_sum, reduce_columns_into, ReduceKind};
@@ -57,32 +62,64 @@ fn on_grid<N: Size>(v: Vector<f32, N>, inf: f32, #[comptime] grid: Grid) -> Vect
     out
 }
 
-/// The sum of `v` over the cube, which every unit gets: a plane reduction
-/// and one shared-memory step across planes when `use_plane`, else a
-/// shared-memory tree. `smem` holds `2 · threads` values and `slot` (0 or
-/// 1) picks the half the plane path writes, so two calls in a row with
-/// different slots need one barrier each.
+/// Which units share a row, and so how its sums are reduced.
+#[derive(CubeType, Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Rows {
+    /// One plane per row, several rows per cube: plane reductions only, no
+    /// barrier (short rows, on devices with plane operations).
+    Plane,
+    /// One cube per row, reduced within planes then across them through
+    /// shared memory.
+    CubeOfPlanes,
+    /// One cube per row, reduced through a shared-memory tree (devices
+    /// without plane operations).
+    CubeTree,
+}
+
+/// The row this unit works on (`rows` rows per launch: past the end for
+/// units of a last, partial cube) and its index among the row's units.
 #[cube]
-fn cube_sum(
+fn row_and_unit(#[comptime] mode: Rows) -> (usize, usize) {
+    match mode {
+        Rows::Plane => (
+            linear_cube() * (CUBE_DIM / PLANE_DIM) as usize + (UNIT_POS / PLANE_DIM) as usize,
+            UNIT_POS_PLANE as usize,
+        ),
+        _ => (linear_cube(), UNIT_POS as usize),
+    }
+}
+
+/// The sum of `v` over the units of a row, which every one of them gets.
+/// `smem` holds `2 · threads` values; `slot` (0 or 1) picks the half the
+/// cube-of-planes path writes, so two calls in a row with different slots
+/// need one barrier each.
+#[cube]
+fn row_sum(
     v: f32,
     smem: &mut SharedMemory<f32>,
     #[comptime] slot: usize,
-    #[comptime] use_plane: bool,
+    #[comptime] mode: Rows,
     #[comptime] threads: usize,
 ) -> f32 {
     let mut s = f32::new(0.0);
-    if use_plane {
-        let p = plane_sum(v);
-        if UNIT_POS_PLANE == 0 {
-            smem[slot * threads + (UNIT_POS / PLANE_DIM) as usize] = p;
+    match mode {
+        Rows::Plane => {
+            s = plane_sum(v);
         }
-        sync_cube();
-        let planes = (CUBE_DIM / PLANE_DIM) as usize;
-        for k in 0..planes {
-            s += smem[slot * threads + k];
+        Rows::CubeOfPlanes => {
+            let p = plane_sum(v);
+            if UNIT_POS_PLANE == 0 {
+                smem[slot * threads + (UNIT_POS / PLANE_DIM) as usize] = p;
+            }
+            sync_cube();
+            let planes = (CUBE_DIM / PLANE_DIM) as usize;
+            for k in 0..planes {
+                s += smem[slot * threads + k];
+            }
         }
-    } else {
-        s = block_sum::<f32>(smem, v);
+        Rows::CubeTree => {
+            s = block_sum::<f32>(smem, v);
+        }
     }
     s
 }
@@ -136,9 +173,9 @@ fn rms_norm_kernel<F: Float + CubeElement>(
     }
 }
 
-/// Fast RMS norm: one cube per row, `Vector` loads and stores, the row held
-/// in registers (`per_thread` vectors per unit, unrolled) between the sum of
-/// squares and the scaling pass.
+/// Fast RMS norm: `Vector` loads and stores, the row held in registers
+/// (`per_thread` vectors per unit, unrolled) between the sum of squares and
+/// the scaling pass; a plane or a cube per row (`mode`, `threads` units).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn rms_norm_vec_kernel<F: Float + CubeElement, N: Size>(
@@ -152,16 +189,15 @@ fn rms_norm_vec_kernel<F: Float + CubeElement, N: Size>(
     inf: f32,
     #[comptime] per_thread: usize,
     #[comptime] exact: bool,
-    #[comptime] use_plane: bool,
+    #[comptime] mode: Rows,
     #[comptime] threads: usize,
     #[comptime] grid: Grid,
 ) {
-    let row = linear_cube();
+    let (row, u) = row_and_unit(mode);
     if row >= rows {
         terminate!();
     }
     let base = row * dv; // row of (rows, dv) vectors
-    let u = UNIT_POS as usize;
     let mut cache = Array::<Vector<f32, N>>::new(per_thread);
     let mut acc = Vector::<f32, N>::new(f32::new(0.0));
     #[unroll]
@@ -175,7 +211,7 @@ fn rms_norm_vec_kernel<F: Float + CubeElement, N: Size>(
         acc += v * v;
     }
     let mut smem = SharedMemory::<f32>::new(2 * threads);
-    let ss = cube_sum(lane_sum(acc), &mut smem, 0usize, use_plane, threads);
+    let ss = row_sum(lane_sum(acc), &mut smem, 0usize, mode, threads);
     let inv = Vector::<f32, N>::new(f32::new(1.0) / (ss * inv_d + eps).sqrt());
     #[unroll]
     for i in 0..per_thread {
@@ -187,8 +223,8 @@ fn rms_norm_vec_kernel<F: Float + CubeElement, N: Size>(
     }
 }
 
-/// `dx` of RMS norm: one cube per row, the row of `x` and of `g = dy·w` in
-/// registers while the cube sums `x²` and `g·x`.
+/// `dx` of RMS norm: the row of `x` and of `g = dy·w` in registers while
+/// its units sum `x²` and `g·x`; a plane or a cube per row.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn rms_norm_grad_x_kernel<F: Float + CubeElement, N: Size>(
@@ -202,15 +238,14 @@ fn rms_norm_grad_x_kernel<F: Float + CubeElement, N: Size>(
     eps: f32,
     #[comptime] per_thread: usize,
     #[comptime] exact: bool,
-    #[comptime] use_plane: bool,
+    #[comptime] mode: Rows,
     #[comptime] threads: usize,
 ) {
-    let row = linear_cube();
+    let (row, u) = row_and_unit(mode);
     if row >= rows {
         terminate!();
     }
     let base = row * dv;
-    let u = UNIT_POS as usize;
     let mut xs = Array::<Vector<f32, N>>::new(per_thread);
     let mut gs = Array::<Vector<f32, N>>::new(per_thread);
     let mut sq = Vector::<f32, N>::new(f32::new(0.0));
@@ -230,8 +265,8 @@ fn rms_norm_grad_x_kernel<F: Float + CubeElement, N: Size>(
         gx += g * v;
     }
     let mut smem = SharedMemory::<f32>::new(2 * threads);
-    let ss = cube_sum(lane_sum(sq), &mut smem, 0usize, use_plane, threads);
-    let t = cube_sum(lane_sum(gx), &mut smem, 1usize, use_plane, threads);
+    let ss = row_sum(lane_sum(sq), &mut smem, 0usize, mode, threads);
+    let t = row_sum(lane_sum(gx), &mut smem, 1usize, mode, threads);
     let r = f32::new(1.0) / (ss * inv_d + eps).sqrt();
     let rv = Vector::<f32, N>::new(r);
     let c = Vector::<f32, N>::new(r * r * r * t * inv_d);
@@ -244,11 +279,12 @@ fn rms_norm_grad_x_kernel<F: Float + CubeElement, N: Size>(
     }
 }
 
-/// `dw` of RMS norm, first pass: group `g` of `groups` (a plane when
-/// `use_plane`, else the cube; `group` units) takes rows `g, g + groups,
-/// …`, recomputes each row's `r` and adds `dy·n` to its columns' running
-/// sums (registers), then writes them as row `g` of `partial` `(groups,
-/// dv)`.
+/// `dw` of RMS norm, first pass: group `g` of `groups` (a plane for
+/// `Rows::Plane`, else the cube; `threads` units) takes rows `g, g +
+/// groups, …`, loads each row of `x` and `dy` (both before the row's sum,
+/// so one memory round trip per row), recomputes its `r` and adds `dy·n`
+/// to its columns' running sums in registers, then writes them as row `g`
+/// of `partial` `(groups, dv)`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn rms_norm_grad_w_kernel<F: Float + CubeElement, N: Size>(
@@ -263,73 +299,70 @@ fn rms_norm_grad_w_kernel<F: Float + CubeElement, N: Size>(
     inf: f32,
     #[comptime] per_thread: usize,
     #[comptime] exact: bool,
-    #[comptime] use_plane: bool,
-    #[comptime] group: usize,
+    #[comptime] mode: Rows,
+    #[comptime] threads: usize,
     #[comptime] grid: Grid,
 ) {
-    let mut g = linear_cube();
-    let mut u = UNIT_POS as usize;
-    if use_plane {
-        g = g * (CUBE_DIM as usize / group) + UNIT_POS as usize / group;
-        u = UNIT_POS_PLANE as usize;
-    }
+    let (g, u) = row_and_unit(mode);
     let mut acc = Array::<Vector<f32, N>>::new(per_thread);
-    let mut cache = Array::<Vector<f32, N>>::new(per_thread);
+    let mut xs = Array::<Vector<F, N>>::new(per_thread);
+    let mut dys = Array::<Vector<F, N>>::new(per_thread);
     #[unroll]
     for i in 0..per_thread {
         acc[i] = Vector::<f32, N>::new(f32::new(0.0));
     }
-    let mut smem = SharedMemory::<f32>::new(group);
+    let mut smem = SharedMemory::<f32>::new(2 * threads);
     let mut row = g;
     while row < rows {
         let base = row * dv;
         let mut sq = Vector::<f32, N>::new(f32::new(0.0));
         #[unroll]
         for i in 0..per_thread {
-            let j = u + i * group;
-            let mut v = Vector::<f32, N>::new(f32::new(0.0));
+            let j = u + i * threads;
+            let mut v = Vector::<F, N>::new(F::new(0.0));
+            let mut e = Vector::<F, N>::new(F::new(0.0));
             if exact || j < dv {
-                v = Vector::<f32, N>::cast_from(x[base + j]);
+                v = x[base + j];
+                e = dy[base + j];
             }
-            cache[i] = v;
-            sq += v * v;
+            xs[i] = v;
+            dys[i] = e;
+            let vf = Vector::<f32, N>::cast_from(v);
+            sq += vf * vf;
         }
-        let part = lane_sum(sq);
-        let ss = if use_plane {
-            plane_sum(part)
-        } else {
-            block_sum::<f32>(&mut smem, part)
-        };
+        let ss = row_sum(lane_sum(sq), &mut smem, 0usize, mode, threads);
+        // The next row writes the same slot: wait until every plane has
+        // read this one's.
+        match mode {
+            Rows::CubeOfPlanes => sync_cube(),
+            _ => {}
+        }
         let r = Vector::<f32, N>::new(f32::new(1.0) / (ss * inv_d + eps).sqrt());
         #[unroll]
         for i in 0..per_thread {
-            let j = u + i * group;
-            if exact || j < dv {
-                let n = on_grid(cache[i] * r, inf, grid);
-                acc[i] += Vector::<f32, N>::cast_from(dy[base + j]) * n;
-            }
+            let n = on_grid(Vector::<f32, N>::cast_from(xs[i]) * r, inf, grid);
+            acc[i] += Vector::<f32, N>::cast_from(dys[i]) * n;
         }
         row += groups;
     }
     #[unroll]
     for i in 0..per_thread {
-        let j = u + i * group;
+        let j = u + i * threads;
         if exact || j < dv {
             partial[g * dv + j] = acc[i];
         }
     }
 }
 
-/// Most vectors a unit holds in registers per row.
+/// Most vectors a unit holds in registers per row, when a cube shares the
+/// row and when a plane does.
 const MAX_PER_THREAD: usize = 16;
+const PLANE_PER_THREAD: usize = 8;
 /// Units per cube for a row, and the most the gradients use for long rows.
 const ROW_THREADS: usize = 256;
 const MAX_THREADS: usize = 1024;
-/// Most vectors a plane's unit holds in the weight gradient's plane path
-/// (each is two registers' worth: the row and the running sum).
-const W_PLANE_PER_THREAD: usize = 8;
-/// Planes per cube in the weight gradient's plane path.
-const W_PLANES: usize = 4;
+/// Rows (planes) per cube when a plane takes a row.
+const PLANE_ROWS: usize = 4;
 /// Rows per group the weight gradient aims for, and the most groups.
 const W_ROWS_PER_GROUP: usize = 16;
 const W_MAX_GROUPS: usize = 4096;
@@ -341,18 +374,33 @@ fn scalar_rms_forced() -> bool {
     *FORCED.get_or_init(|| std::env::var("CARAMBA_RMS_NORM_SCALAR").is_ok_and(|v| v == "1"))
 }
 
-/// How a launch lays a row out: the vector width, and the plane size when
-/// the device reduces within planes.
+/// How a launch lays rows out: the vector width, who shares a row, and
+/// how many units and vectors per unit that takes.
 struct RowLayout {
     nv: usize,
-    plane: Option<usize>,
+    /// Vectors per row.
+    dv: usize,
+    mode: Rows,
+    /// Units per row.
+    threads: usize,
+    per_thread: usize,
+    /// Rows per cube (groups of rows, for the weight gradient).
+    rows_per_cube: usize,
 }
 
 impl RowLayout {
-    fn of<R: Runtime>(client: &ComputeClient<R>, elem: FloatElem, d: usize) -> RowLayout {
+    /// The layout for rows of `d` elements stored as `elem`, a cube per row
+    /// having at most `max_threads` units; `None` when the row does not fit
+    /// in registers that way.
+    fn of<R: Runtime>(
+        client: &ComputeClient<R>,
+        elem: FloatElem,
+        d: usize,
+        max_threads: usize,
+    ) -> Option<RowLayout> {
         let props = client.properties();
         let plane_max = props.hardware.plane_size_max as usize;
-        let use_plane = props
+        let planes = props
             .features
             .plane
             .contains(cubecl::ir::features::Plane::Ops)
@@ -362,34 +410,59 @@ impl RowLayout {
             .io_optimized_vector_sizes(elem.size())
             .find(|&nv| d.is_multiple_of(nv))
             .unwrap_or(1);
-        RowLayout {
-            nv,
-            plane: use_plane.then_some(plane_max),
+        let dv = d / nv;
+        if planes && dv.div_ceil(plane_max) <= PLANE_PER_THREAD {
+            return Some(RowLayout {
+                nv,
+                dv,
+                mode: Rows::Plane,
+                threads: plane_max,
+                per_thread: dv.div_ceil(plane_max),
+                rows_per_cube: PLANE_ROWS,
+            });
         }
-    }
-
-    /// Units per cube (at most `max_threads`) and vectors per unit for one
-    /// cube per row of `dv` vectors, if the row fits in registers.
-    fn row_cube(&self, dv: usize, max_threads: usize) -> Option<(usize, usize)> {
-        let min_threads = self.plane.map_or(32, |p| p.max(32));
+        let min_threads = if planes { plane_max.max(32) } else { 32 };
         let mut threads = dv.next_power_of_two().clamp(min_threads, ROW_THREADS);
         if dv.div_ceil(threads) > MAX_PER_THREAD {
             threads = max_threads.max(threads);
         }
         let per_thread = dv.div_ceil(threads);
-        (per_thread <= MAX_PER_THREAD).then_some((threads, per_thread))
+        (per_thread <= MAX_PER_THREAD).then_some(RowLayout {
+            nv,
+            dv,
+            mode: if planes {
+                Rows::CubeOfPlanes
+            } else {
+                Rows::CubeTree
+            },
+            threads,
+            per_thread,
+            rows_per_cube: 1,
+        })
     }
 
-    /// [`RowLayout::row_cube`] for the gradients, which have no scalar
-    /// fallback: up to 1024 units per cube, so rows of up to 16384 vectors.
-    fn grad_cube(&self, dv: usize, d: usize) -> Result<(usize, usize), KernelError> {
-        self.row_cube(dv, MAX_THREADS).ok_or_else(|| {
+    /// [`RowLayout::of`] for the gradients, which have no scalar fallback:
+    /// up to 1024 units per cube, so rows of up to 16384 vectors.
+    fn for_grad<R: Runtime>(
+        client: &ComputeClient<R>,
+        elem: FloatElem,
+        d: usize,
+    ) -> Result<RowLayout, KernelError> {
+        Self::of(client, elem, d, MAX_THREADS).ok_or_else(|| {
             KernelError::Unsupported(format!(
-                "rms_norm_grad over rows of {d}: longer than {} vectors of {}",
+                "rms_norm_grad over rows of {d}: longer than {} vectors",
                 MAX_THREADS * MAX_PER_THREAD,
-                self.nv
             ))
         })
+    }
+
+    fn cube_dim(&self) -> CubeDim {
+        CubeDim::new_1d((self.threads * self.rows_per_cube) as u32)
+    }
+
+    /// Whether every unit's last vector is inside the row.
+    fn exact(&self) -> bool {
+        self.per_thread * self.threads == self.dv
     }
 }
 
@@ -412,18 +485,15 @@ pub fn launch_rms_norm<R: Runtime>(
     if rows == 0 || d == 0 {
         return;
     }
-    let layout = RowLayout::of(client, elem, d);
-    let dv = d / layout.nv;
-    if let Some((threads, per_thread)) = layout
-        .row_cube(dv, ROW_THREADS)
-        .filter(|_| !scalar_rms_forced())
-    {
+    let layout = RowLayout::of(client, elem, d, ROW_THREADS).filter(|_| !scalar_rms_forced());
+    if let Some(l) = layout {
+        let dv = l.dv;
         with_float!(elem, F => unsafe {
             rms_norm_vec_kernel::launch_unchecked::<F, R>(
                 client,
-                grid_1d(rows, 1),
-                CubeDim::new_1d(threads as u32),
-                layout.nv,
+                grid_1d(rows.div_ceil(l.rows_per_cube), 1),
+                l.cube_dim(),
+                l.nv,
                 ArrayArg::from_raw_parts(x.clone(), rows * dv),
                 ArrayArg::from_raw_parts(w.clone(), dv),
                 ArrayArg::from_raw_parts(out.clone(), rows * dv),
@@ -432,10 +502,10 @@ pub fn launch_rms_norm<R: Runtime>(
                 1.0 / d as f32,
                 eps,
                 f32::INFINITY,
-                per_thread,
-                per_thread * threads == dv,
-                layout.plane.is_some(),
-                threads,
+                l.per_thread,
+                l.exact(),
+                l.mode,
+                l.threads,
                 grid,
             );
         });
@@ -480,15 +550,14 @@ pub fn launch_rms_norm_grad_x<R: Runtime>(
     if rows == 0 || d == 0 {
         return Ok(());
     }
-    let layout = RowLayout::of(client, elem, d);
-    let dv = d / layout.nv;
-    let (threads, per_thread) = layout.grad_cube(dv, d)?;
+    let l = RowLayout::for_grad(client, elem, d)?;
+    let dv = l.dv;
     with_float!(elem, F => unsafe {
         rms_norm_grad_x_kernel::launch_unchecked::<F, R>(
             client,
-            grid_1d(rows, 1),
-            CubeDim::new_1d(threads as u32),
-            layout.nv,
+            grid_1d(rows.div_ceil(l.rows_per_cube), 1),
+            l.cube_dim(),
+            l.nv,
             ArrayArg::from_raw_parts(ops.x.clone(), rows * dv),
             ArrayArg::from_raw_parts(ops.w.clone(), dv),
             ArrayArg::from_raw_parts(ops.dy.clone(), rows * dv),
@@ -497,10 +566,10 @@ pub fn launch_rms_norm_grad_x<R: Runtime>(
             rows,
             1.0 / d as f32,
             ops.eps,
-            per_thread,
-            per_thread * threads == dv,
-            layout.plane.is_some(),
-            threads,
+            l.per_thread,
+            l.exact(),
+            l.mode,
+            l.threads,
         );
     });
     Ok(())
@@ -520,32 +589,18 @@ pub fn launch_rms_norm_grad_w<R: Runtime>(
     if d == 0 {
         return Ok(());
     }
-    let layout = RowLayout::of(client, elem, d);
-    let dv = d / layout.nv;
+    let l = RowLayout::for_grad(client, elem, d)?;
+    let dv = l.dv;
     let wanted = rows.div_ceil(W_ROWS_PER_GROUP).clamp(1, W_MAX_GROUPS);
-    // A plane per group where the device has plane operations and the row
-    // fits a plane's registers; else a cube per group.
-    let plane = layout
-        .plane
-        .filter(|&p| dv.div_ceil(p) <= W_PLANE_PER_THREAD);
-    let (group, per_thread, cubes, cube_dim) = match plane {
-        Some(p) => {
-            let cubes = wanted.div_ceil(W_PLANES);
-            (p, dv.div_ceil(p), cubes, p * W_PLANES)
-        }
-        None => {
-            let (threads, per_thread) = layout.grad_cube(dv, d)?;
-            (threads, per_thread, wanted, threads)
-        }
-    };
-    let groups = cubes * (cube_dim / group);
+    let cubes = wanted.div_ceil(l.rows_per_cube);
+    let groups = cubes * l.rows_per_cube;
     let partial = client.empty(groups * d * 4);
     with_float!(elem, F => unsafe {
         rms_norm_grad_w_kernel::launch_unchecked::<F, R>(
             client,
             CubeCount::Static(cubes as u32, 1, 1),
-            CubeDim::new_1d(cube_dim as u32),
-            layout.nv,
+            l.cube_dim(),
+            l.nv,
             ArrayArg::from_raw_parts(ops.x.clone(), (rows * dv).max(1)),
             ArrayArg::from_raw_parts(ops.dy.clone(), (rows * dv).max(1)),
             ArrayArg::from_raw_parts(partial.clone(), groups * dv),
@@ -555,10 +610,10 @@ pub fn launch_rms_norm_grad_w<R: Runtime>(
             1.0 / d as f32,
             ops.eps,
             f32::INFINITY,
-            per_thread,
-            per_thread * group == dv,
-            plane.is_some(),
-            group,
+            l.per_thread,
+            l.exact(),
+            l.mode,
+            l.threads,
             grid,
         );
     });
