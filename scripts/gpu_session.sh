@@ -4,7 +4,7 @@
 # caramba-runtime --features cuda --test gpu_suite --no-run), train_bench and
 # gpu_bench (cargo build --release --features cuda --example ...), with
 # scripts/bench_torch.py and scripts/bench_torch_train.py beside them.
-# Argument: a comma list of parts (suite, ptxas, rows, attn, rms, trows, train, cubek, llama).
+# Argument: a comma list of parts (suite, ptxas, rows, attn, rms, trows, train, cubek, nsys, llama, lprof).
 cd "$(dirname "$0")"
 for f in *.gz; do gunzip -kf $f; done; chmod +x gpu_suite train_bench gpu_bench
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:$LD_LIBRARY_PATH
@@ -48,7 +48,22 @@ if [[ $what == *cubek* ]]; then
 echo "== train smollm2, every GEMM on cubek (no cuBLASLt waits)"
 CARAMBA_BENCH_GEMM=cubek timeout 200 ./train_bench cuda smollm2 8 2048 3 bf16 2>&1 | grep -E "^\{|panicked|error" | head -5
 fi
-if [[ $what == *llama* ]]; then
+if [[ $what == *nsys* ]]; then
+echo "== nsys timeline of smollm2 training (3 timed steps after warm-up)"
+NSYS=$(ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems*/bin/nsys /usr/bin/nsys 2>/dev/null | head -1); echo "nsys: $NSYS"
+if [[ -n $NSYS ]]; then
+timeout 300 $NSYS profile -o $OUT/train -f true --trace=cuda ./train_bench cuda smollm2 8 2048 3 bf16 2>&1 | grep -E "^\{|panicked|error" | head -3
+timeout 200 $NSYS stats -q --report cuda_gpu_kern_sum --format csv -o $OUT/kern $OUT/train.nsys-rep > /dev/null 2>&1
+timeout 200 $NSYS stats -q --report cuda_api_sum --format csv -o $OUT/api $OUT/train.nsys-rep > /dev/null 2>&1
+ls $OUT; head -25 $OUT/kern*.csv | cut -c1-220; head -12 $OUT/api*.csv | cut -c1-200
+rm -f $OUT/train.nsys-rep $OUT/train.sqlite
+fi
+fi
+if [[ $what == *lprof* ]]; then
+echo "== train llama1b b4, profiled"
+CARAMBA_BENCH_PROFILE=1 timeout 300 ./train_bench cuda llama1b 4 2048 3 bf16 2>&1 | grep -vE "^\s*$|XDG" | grep -E "^\{|panicked|error|profile|ms " | head -30
+fi
+if [[ $what == *llama,* || $what == *llama ]]; then
 echo "== train llama1b b4"
 timeout 200 ./train_bench cuda llama1b 4 2048 3 bf16 2>&1 | grep -E "^\{|panicked|error" | head -5
 echo "== torch llama1b b4 amp eager"

@@ -97,12 +97,40 @@ pub fn differentiate(g: &Graph, loss: &str, wrt: &[String]) -> Result<Graph, IrE
     let mut adj: HashMap<NodeId, NodeId> = HashMap::new();
     let one = b.ng.constant(1.0, g.node(loss_id).ty.dtype, "loss/grad");
     adj.insert(loss_id, one);
+    // The adjoints of slices, held back per sliced node until every user
+    // of that node has been visited: disjoint slices along one axis then
+    // give one concatenation of their adjoints (zeros in the gaps), where
+    // padding each with zeros and adding them would write the whole node's
+    // shape once per slice.
+    let mut sliced: HashMap<NodeId, Vec<SlicePart>> = HashMap::new();
     for &id in order.iter().rev() {
+        if let Some(parts) = sliced.remove(&id) {
+            let scope = format!("{}/grad", g.node(id).scope);
+            let contrib = b.slice_adjoints(g, id, parts, &scope)?;
+            let total = match adj.get(&id) {
+                Some(&acc) => {
+                    b.ng.add(Op::Binary(BinaryOp::Add), &[acc, contrib], &scope)?
+                }
+                None => contrib,
+            };
+            adj.insert(id, total);
+        }
         if !needed(&id) {
             continue;
         }
         let Some(&gy) = adj.get(&id) else { continue };
         let operands = g.operands(id);
+        if let Op::Slice { axis, start, end } = g.node(id).op {
+            if needed(&operands[0]) {
+                sliced.entry(operands[0]).or_default().push(SlicePart {
+                    axis,
+                    start,
+                    end,
+                    grad: gy,
+                });
+            }
+            continue;
+        }
         for (i, &o) in operands.iter().enumerate() {
             if !needed(&o) {
                 continue;
@@ -134,6 +162,14 @@ pub fn differentiate(g: &Graph, loss: &str, wrt: &[String]) -> Result<Graph, IrE
     Ok(b.ng)
 }
 
+/// The adjoint `grad` of `slice{axis, start..end}` of a node.
+struct SlicePart {
+    axis: usize,
+    start: usize,
+    end: usize,
+    grad: NodeId,
+}
+
 struct Backward {
     ng: Graph,
     /// Forward node in the source graph → its copy in `ng`.
@@ -163,6 +199,79 @@ impl Backward {
     fn scalar(&mut self, v: f64, like: NodeId, scope: &str) -> NodeId {
         let dt = self.ty(like).dtype;
         self.ng.constant(v, dt, scope)
+    }
+
+    /// The sum of the adjoints of slices of node `x` (of `g`): one
+    /// concatenation along their axis, zeros filling the gaps, when the
+    /// slices share an axis and do not overlap; else each slice's adjoint
+    /// padded with zeros to `x`'s shape (the slice's own rule), summed.
+    fn slice_adjoints(
+        &mut self,
+        g: &Graph,
+        x: NodeId,
+        mut parts: Vec<SlicePart>,
+        scope: &str,
+    ) -> Result<NodeId, IrError> {
+        let shape = g.node(x).ty.shape.clone();
+        let axis = parts[0].axis;
+        parts.sort_by_key(|p| p.start);
+        let total = shape.0[axis].as_const();
+        let disjoint = parts.iter().all(|p| p.axis == axis)
+            && parts.windows(2).all(|w| w[0].end <= w[1].start)
+            && total.is_some();
+        if !disjoint || parts.len() == 1 {
+            let mut sum: Option<NodeId> = None;
+            for p in parts {
+                let part = self.pad_slice(&shape, p, scope)?;
+                sum = Some(match sum {
+                    Some(acc) => self.bin(BinaryOp::Add, acc, part, scope)?,
+                    None => part,
+                });
+            }
+            return Ok(sum.expect("at least one slice"));
+        }
+        let dtype = self.ty(parts[0].grad).dtype;
+        let mut pieces = Vec::new();
+        let mut at = 0;
+        let gap = |b: &mut Self, from: usize, to: usize| {
+            let mut sh = shape.clone();
+            sh.0[axis] = Dim::Const(to - from);
+            b.zeros(sh, dtype, scope)
+        };
+        for p in &parts {
+            if p.start > at {
+                pieces.push(gap(self, at, p.start)?);
+            }
+            pieces.push(p.grad);
+            at = p.end;
+        }
+        let total = total.expect("checked");
+        if total > at {
+            pieces.push(gap(self, at, total)?);
+        }
+        self.op(Op::Concat { axis }, &pieces, scope)
+    }
+
+    /// A slice's adjoint padded with zeros to its operand's `shape`.
+    fn pad_slice(&mut self, shape: &Shape, p: SlicePart, scope: &str) -> Result<NodeId, IrError> {
+        let total = shape.0[p.axis].as_const().unwrap_or(0);
+        let dt = self.ty(p.grad).dtype;
+        let mut all = Vec::new();
+        for (a, b) in [(0, p.start), (p.end, total)] {
+            if b > a {
+                let mut sh = shape.clone();
+                sh.0[p.axis] = Dim::Const(b - a);
+                let z = self.zeros(sh, dt, scope)?;
+                all.push((a, z));
+            }
+        }
+        all.push((p.start, p.grad));
+        all.sort_by_key(|&(a, _)| a);
+        if all.len() == 1 {
+            return Ok(p.grad);
+        }
+        let xs: Vec<NodeId> = all.into_iter().map(|(_, n)| n).collect();
+        self.op(Op::Concat { axis: p.axis }, &xs, scope)
     }
 
     fn zeros(&mut self, shape: Shape, dtype: DType, scope: &str) -> Result<NodeId, IrError> {
@@ -393,28 +502,13 @@ impl Backward {
                 self.op(Op::Permute(inv), &[gy], s)?
             }
             Op::Slice { axis, start, end } => {
-                let xs = xshape(0);
-                let total = xs.0[*axis].as_const().unwrap_or(0);
-                let dt = self.ty(gy).dtype;
-                let mut parts = Vec::new();
-                for (a, b) in [(0, *start), (*end, total)] {
-                    if b > a {
-                        let mut sh = xs.clone();
-                        sh.0[*axis] = Dim::Const(b - a);
-                        parts.push(self.zeros(sh, dt, s)?);
-                    }
-                }
-                let mut all = Vec::new();
-                if *start > 0 {
-                    all.push(parts.remove(0));
-                }
-                all.push(gy);
-                all.extend(parts);
-                if all.len() == 1 {
-                    gy
-                } else {
-                    self.op(Op::Concat { axis: *axis }, &all, s)?
-                }
+                let part = SlicePart {
+                    axis: *axis,
+                    start: *start,
+                    end: *end,
+                    grad: gy,
+                };
+                self.pad_slice(&xshape(0), part, s)?
             }
             Op::Concat { axis } => {
                 let mut off = 0;

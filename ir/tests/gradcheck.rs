@@ -403,3 +403,65 @@ fn fused_rms_norm() {
         );
     }
 }
+
+/// Several slices of one node (a merged projection's outputs): disjoint
+/// ones along one axis, with a gap, and overlapping ones. Disjoint slices'
+/// adjoints are gathered into one concatenation (no adds of zero-padded
+/// copies); overlapping ones are padded and summed.
+#[test]
+fn slices_of_one_node() {
+    let slice = |g: &mut Graph, x: NodeId, axis: usize, start: usize, end: usize| {
+        g.add(Op::Slice { axis, start, end }, &[x], "t").unwrap()
+    };
+    let mul = |g: &mut Graph, a: NodeId, b: NodeId| {
+        g.add(Op::Binary(BinaryOp::Mul), &[a, b], "t").unwrap()
+    };
+    // Columns 0..2, 3..5 and 5..6 of 7 (column 2 and 6 unused), combined
+    // nonlinearly so that each slice's adjoint differs.
+    let disjoint = |g: &mut Graph| {
+        let x = p(g, "x", &[3, 7]);
+        let a = slice(g, x, 1, 0, 2);
+        let b = slice(g, x, 1, 3, 5);
+        let c = slice(g, x, 1, 5, 6);
+        let ab = mul(g, a, b);
+        let c = g.add(Op::Broadcast(shape![3, 2]), &[c], "t").unwrap();
+        mul(g, ab, c)
+    };
+    check(
+        "disjoint slices",
+        &[("x", &[3, 7], -1.0, 1.0)],
+        vec![],
+        disjoint,
+    );
+    check(
+        "overlapping slices",
+        &[("x", &[3, 7], -1.0, 1.0)],
+        vec![],
+        |g| {
+            let x = p(g, "x", &[3, 7]);
+            let a = slice(g, x, 1, 0, 4);
+            let b = slice(g, x, 1, 2, 6);
+            mul(g, a, b)
+        },
+    );
+    // The disjoint case's adjoint of x: one concat, no add.
+    let mut g = Graph::new("shape");
+    let y = disjoint(&mut g);
+    let r = g.add(Op::Reshape(shape![6]), &[y], "t").unwrap();
+    let l = g
+        .add(
+            Op::Reduce {
+                op: ReduceOp::Sum,
+                axis: 0,
+            },
+            &[r],
+            "t",
+        )
+        .unwrap();
+    let l = g.add(Op::Reshape(Shape::scalar()), &[l], "t").unwrap();
+    g.set_output("loss", l);
+    let dg = differentiate(&g, "loss", &["x".to_string()]).unwrap();
+    let grad = dg.output(&grad_name("x")).unwrap();
+    assert_eq!(dg.node(grad).op, Op::Concat { axis: 1 });
+    assert_eq!(dg.operands(grad).len(), 5, "three slices and two gaps");
+}

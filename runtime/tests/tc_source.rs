@@ -75,6 +75,12 @@ fn half_precision_attention_runs_on_tensor_cores_and_f32_does_not() {
                     let titles: Vec<&String> = kernels.iter().map(|(t, _)| t).collect();
                     panic!("d = {d}: no {name} among {titles:#?}")
                 });
+            // CARAMBA_DUMP_CU=<dir>: the sources, for `nvcc --resource-usage`
+            // on a machine with the toolkit.
+            if let Some(dir) = std::env::var_os("CARAMBA_DUMP_CU") {
+                let path = std::path::Path::new(&dir).join(format!("{name}_{d}.cu"));
+                std::fs::write(path, source).expect("write the kernel source");
+            }
             for needle in ["mma.sync.aligned.m16n8k16", "ldmatrix.sync.aligned"] {
                 assert!(
                     source.contains(needle),

@@ -26,12 +26,14 @@ pub mod dba;
 pub mod elementwise;
 pub mod kv;
 pub mod lang;
+pub mod merge_projections;
 pub mod reuse_lse;
 pub mod rmsnorm;
 pub mod rule;
 #[cfg(test)]
 mod tests;
 
+pub use merge_projections::merge_projections;
 pub use reuse_lse::reuse_attention_lse;
 pub use rule::{Limits, Rule, Stop};
 
@@ -244,6 +246,11 @@ pub fn training_rules() -> Vec<&'static Rule> {
 /// x, where the primitive chain's backward kept its f32 intermediates and
 /// took eight passes over them); forming them first is what lets their
 /// backward be fused. DBA's two score paths merge here as in inference.
+///
+/// Projections of one input (attention's q, k and v; SwiGLU's gate and up)
+/// are then merged into one product each ([`merge_projections`]), so that
+/// the backward has one product for their input's gradient and one for
+/// their weights'.
 pub fn fuse_for_training(g: &Graph) -> Result<Graph, OptimizeError> {
     let only = training_rules()
         .iter()
@@ -254,7 +261,8 @@ pub fn fuse_for_training(g: &Graph) -> Result<Graph, OptimizeError> {
         fuse_elementwise: false,
         ..Options::default()
     };
-    optimize_with(g, &opts).map(|(g, _)| g)
+    let fused = optimize_with(g, &opts).map(|(g, _)| g)?;
+    Ok(merge_projections(&fused)?)
 }
 
 /// Why [`differentiate_for_training`] failed.

@@ -1221,3 +1221,50 @@ fn dequantize_in_attention_is_sound() {
         },
     );
 }
+
+// ---------------------------------------------------- merge-projections
+
+/// `merge-projections` on the presets that have attention: q, k and v
+/// become one product and SwiGLU's gate and up another (two and one fewer
+/// products a layer), in f32 and in mixed precision (weights read through
+/// casts), and the outputs agree with the unmerged graph's.
+#[test]
+fn merge_projections_stacks_sibling_weights_and_agrees() {
+    let mut rng = Rng::new(23);
+    for name in ["llama_block.yml", "dba.yml"] {
+        let path = format!("{}/../presets/{name}", env!("CARGO_MANIFEST_DIR"));
+        let c = crate::compile(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let model = shrink(&c.manifest.model);
+        for precision in [
+            crate::Precision::uniform(DType::F32),
+            crate::Precision::mixed(DType::BF16),
+        ] {
+            let g = crate::lower_model_with(&model, "m", precision, None)
+                .unwrap()
+                .graph;
+            let h = super::merge_projections(&g).unwrap();
+            caramba_ir::verify(&h).unwrap();
+            let products = |g: &Graph| count(g, |o| *o == Op::MatMul);
+            let stacked = count(&h, |o| *o == Op::Concat { axis: 0 });
+            assert!(stacked > 0, "{name}: nothing merged");
+            assert!(products(&h) < products(&g), "{name}");
+            // Each stack of n weights saves n − 1 products.
+            let saved: usize = h
+                .node_ids()
+                .filter(|&n| h.node(n).op == Op::Concat { axis: 0 })
+                .map(|n| h.operands(n).len() - 1)
+                .sum();
+            assert_eq!(products(&g) - products(&h), saved, "{name}");
+            // The same dot products, but the reference's GEMM tiles its sums
+            // by the output's width: f32 rounding differences, which bf16
+            // activations can round one step apart.
+            let tol = if precision.compute == DType::F32 {
+                1e-5
+            } else {
+                3e-2
+            };
+            let err = compare(&g, &h, &mut rng, (3, 5), model.embedder.vocab_size);
+            assert!(err <= tol, "{name} {precision:?}: differs by {err}");
+        }
+    }
+}
