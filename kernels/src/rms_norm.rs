@@ -332,7 +332,9 @@ fn rms_norm_grad_w_kernel<F: Float + CubeElement, N: Size>(
         }
         let ss = row_sum(lane_sum(sq), &mut smem, 0usize, mode, threads);
         // The next row writes the same slot: wait until every plane has
-        // read this one's.
+        // read this one's. (A `match`: the cube macro expands comptime
+        // enums there, not in `==`.)
+        #[allow(clippy::single_match)]
         match mode {
             Rows::CubeOfPlanes => sync_cube(),
             _ => {}

@@ -99,7 +99,7 @@ pub fn merge_projections(g: &Graph) -> Result<Graph, IrError> {
     for (_, mut ps) in by_input {
         ps.sort_by_key(|p| pos[&p.matmul]);
         let dtype = g.node(ps[0].w).ty.dtype;
-        let k = g.node(ps[0].w).ty.shape.dims()[1].clone();
+        let k = g.node(ps[0].w).ty.shape.dims()[1];
         let members: Vec<NodeId> = ps.iter().map(|p| p.matmul).collect();
         ps.retain(|p| {
             let t = &g.node(p.w).ty;
