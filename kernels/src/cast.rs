@@ -7,7 +7,7 @@
 //! rounding works on the bits, so it needs no `f16` support on the device.
 //! Infinity arrives as a runtime scalar (WGSL rejects non-finite literals).
 
-use crate::{grid_1d, linear_pos, FloatElem, Storage, ELEM_BLOCK};
+use crate::{grid_1d, linear_pos, FloatElem, Storage, View, ELEM_BLOCK};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
@@ -159,6 +159,104 @@ pub fn launch_convert<R: Runtime>(
         let o = ArrayArg::from_raw_parts(output.clone(), n);
         with_storage!(from, I => with_storage!(to, O => {
             convert_kernel::launch_unchecked::<I, O, R>(client, grid, dim, nv, i, o, units, via_f32)
+        }))
+    }
+}
+
+/// `launch_convert` between two views of one shape, each with its own
+/// strides and offset (a permuted or sliced operand read in place): the
+/// strided copy's indexing (`copy`), converting each vector through `f32`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn strided_convert_kernel<I: Numeric, O: Numeric, N: Size>(
+    input: &Tensor<Vector<I, N>>,
+    output: &mut Tensor<Vector<O, N>>,
+    in_offset: usize,
+    out_offset: usize,
+    units: usize,
+    #[comptime] rank: usize,
+    #[comptime] nv: usize,
+) {
+    let pos = linear_pos();
+    if pos >= units {
+        terminate!();
+    }
+    let mut rem = pos * nv;
+    let mut src = in_offset;
+    let mut dst = out_offset;
+    #[unroll]
+    for i in 0..rank {
+        let d = rank - 1 - i;
+        let c = rem % input.shape(d);
+        rem /= input.shape(d);
+        src += c * input.stride(d);
+        dst += c * output.stride(d);
+    }
+    output[dst / nv] = Vector::<O, N>::cast_from(Vector::<f32, N>::cast_from(input[src / nv]));
+}
+
+/// The elements of view `input` (stored as `from`) converted into view
+/// `output` (stored as `to`, a different storage) of the same shape, as
+/// [`launch_convert`] converts them. Axes are coalesced as the strided copy
+/// does; vectors of up to 16 bytes where the last axis allows.
+pub fn launch_convert_view<R: Runtime>(
+    client: &ComputeClient<R>,
+    from: Storage,
+    to: Storage,
+    input: &View,
+    output: &View,
+) {
+    assert_eq!(
+        input.shape, output.shape,
+        "conversion between views of different shapes"
+    );
+    let n = input.numel();
+    if n == 0 {
+        return;
+    }
+    let (shape, si, so) = crate::copy::coalesce(input, output);
+    let rank = shape.len();
+    let size = |s: Storage| match s {
+        Storage::Float(FloatElem::F16 | FloatElem::BF16) => 2,
+        _ => 4,
+    };
+    let nv = client
+        .io_optimized_vector_sizes(size(from).max(size(to)))
+        .find(|&nv| {
+            nv == 1
+                || (si[rank - 1] == 1
+                    && so[rank - 1] == 1
+                    && shape[rank - 1].is_multiple_of(nv)
+                    && input.offset.is_multiple_of(nv)
+                    && output.offset.is_multiple_of(nv)
+                    && si[..rank - 1].iter().all(|s| s.is_multiple_of(nv))
+                    && so[..rank - 1].iter().all(|s| s.is_multiple_of(nv)))
+        })
+        .unwrap_or(1);
+    let view = |v: &View, strides: Vec<usize>| View {
+        handle: v.handle.clone(),
+        shape: shape.clone(),
+        strides,
+        offset: v.offset,
+    };
+    let (input, output) = (view(input, si), view(output, so));
+    let units = n / nv;
+    let (grid, dim) = (grid_1d(units, ELEM_BLOCK), CubeDim::new_1d(ELEM_BLOCK));
+    unsafe {
+        with_storage!(from, I => with_storage!(to, O => {
+            strided_convert_kernel::launch_unchecked::<I, O, R>(
+                client,
+                grid,
+                dim,
+                nv,
+                input.arg::<R>(),
+                output.arg::<R>(),
+                input.offset,
+                output.offset,
+                units,
+                rank,
+                nv,
+            )
         }))
     }
 }

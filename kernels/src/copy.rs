@@ -44,7 +44,7 @@ fn strided_copy_kernel<E: Numeric, N: Size>(
 /// that are contiguous in both views merged (a slice of the last axis of a
 /// `[B, H, T, d + 1]` tensor becomes a 2-D copy). Returns the shape and
 /// the two views' strides.
-fn coalesce(input: &View, output: &View) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
+pub(crate) fn coalesce(input: &View, output: &View) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
     let mut shape: Vec<usize> = Vec::new();
     let (mut si, mut so): (Vec<usize>, Vec<usize>) = (Vec::new(), Vec::new());
     for d in 0..input.shape.len() {

@@ -151,8 +151,11 @@ impl HalfStorage {
 }
 
 /// A device buffer with its logical dtype and shape. The buffer is dense
-/// row-major in `shape`, or, when `transposed`, in `shape` with its last
-/// two axes swapped (an unmaterialized permute that only matmuls read).
+/// row-major in `shape`; or, when `transposed`, in `shape` with its last
+/// two axes swapped (an unmaterialized permute that only matmuls read); or,
+/// when `layout` is set, laid out by its strides from its offset (an
+/// unmaterialized permute or slice that only view-reading ops read, see
+/// `ops::reads_views`).
 #[derive(Clone, Debug)]
 pub(crate) struct DevTensor {
     pub handle: Handle,
@@ -161,6 +164,8 @@ pub(crate) struct DevTensor {
     /// The buffer's element type when `dtype` is a float (`F32` otherwise).
     pub elem: FloatElem,
     pub transposed: bool,
+    /// Strides and element offset of a lazy view (`None`: dense).
+    pub layout: Option<(Vec<usize>, usize)>,
 }
 
 impl DevTensor {
@@ -171,7 +176,13 @@ impl DevTensor {
             dtype,
             elem,
             transposed: false,
+            layout: None,
         }
+    }
+
+    /// Whether the buffer holds `shape` dense and row-major.
+    pub fn is_dense(&self) -> bool {
+        !self.transposed && self.layout.is_none()
     }
 
     /// An `f32` tensor (gradients, optimizer state).
@@ -250,6 +261,8 @@ pub struct GpuExecutor<R: Runtime> {
     params: HashMap<NodeId, DevTensor>,
     /// Permutes of the last two axes that feed only matmuls: not copied.
     lazy_transposes: HashSet<NodeId>,
+    /// Permutes and slices read in place (see `Plan`): not copied.
+    lazy_views: HashSet<NodeId>,
     /// Weight-gradient matmuls whose batch sum is one GEMM (see `Plan`).
     batch_summed: HashSet<NodeId>,
     options: GpuOptions,
@@ -404,6 +417,7 @@ impl<R: Runtime> GpuExecutor<R> {
             uses: plan.uses,
             params,
             lazy_transposes: plan.lazy_transposes,
+            lazy_views: plan.lazy_views,
             batch_summed: plan.batch_summed,
             options,
             vendor,
@@ -519,9 +533,15 @@ impl<R: Runtime> GpuExecutor<R> {
                     }
                 }
                 caramba_ir::Op::Param { .. } => self.params[&id].clone(),
+                caramba_ir::Op::Permute(_) | caramba_ir::Op::Slice { .. }
+                    if self.lazy_views.contains(&id) =>
+                {
+                    // Read in place by the ops it feeds (see `Plan::new`).
+                    ops::lazy_view(&node.op, &values[&operands[0]])
+                }
                 caramba_ir::Op::Permute(perm) if self.lazy_transposes.contains(&id) => {
                     // Read through strides by the matmuls it feeds.
-                    let x = &values[&operands[0]];
+                    let x = &ops::materialized(&self.client, &values[&operands[0]]);
                     let mut shape = x.shape.clone();
                     let r = shape.len();
                     debug_assert!(ops::swaps_last_two(perm));
@@ -534,7 +554,21 @@ impl<R: Runtime> GpuExecutor<R> {
                 }
                 _ => {
                     let shape = concrete(&node.ty.shape, &syms, node)?;
-                    let args: Vec<&DevTensor> = operands.iter().map(|o| &values[o]).collect();
+                    // A lazy view reaches only ops that read views, but a
+                    // relabel (a cast to the same storage) passes one on:
+                    // anything else gets it copied dense first.
+                    let dense: Vec<std::borrow::Cow<DevTensor>> = operands
+                        .iter()
+                        .map(|o| {
+                            let v = &values[o];
+                            if !ops::reads_in_place(&node.op, v) {
+                                std::borrow::Cow::Owned(ops::materialized(&self.client, v))
+                            } else {
+                                std::borrow::Cow::Borrowed(v)
+                            }
+                        })
+                        .collect();
+                    let args: Vec<&DevTensor> = dense.iter().map(|v| v.as_ref()).collect();
                     let ctx = ops::Ctx {
                         client: &self.client,
                         node,
@@ -603,8 +637,9 @@ impl<R: Runtime> GpuExecutor<R> {
             .outputs()
             .iter()
             .map(|(name, id)| {
-                let v = values[id].clone();
-                // Lazy transposes never reach an output (see `Plan::new`).
+                // Lazy transposes and views are never outputs (see
+                // `Plan::new`), but a relabel of a view can be.
+                let v = ops::materialized(&self.client, &values[id]);
                 debug_assert!(
                     !v.transposed,
                     "output {name} is an unmaterialized transpose"
@@ -615,6 +650,13 @@ impl<R: Runtime> GpuExecutor<R> {
     }
 }
 
+/// Whether `CARAMBA_NO_LAZY_VIEWS=1` materializes every permute and slice
+/// (for measuring what the lazy views save).
+fn lazy_disabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("CARAMBA_NO_LAZY_VIEWS").is_ok_and(|v| v == "1"))
+}
+
 /// What an executor precomputes from its graph: the live nodes in order,
 /// operands, use counts, and the permutes left unmaterialized.
 struct Plan {
@@ -623,6 +665,10 @@ struct Plan {
     /// Reads of each value per run: one per operand edge, one per output.
     uses: HashMap<NodeId, usize>,
     lazy_transposes: HashSet<NodeId>,
+    /// Permutes and slices whose every reader reads views in place
+    /// (`ops::reads_views`): left as strides and an offset over their
+    /// operand's buffer, no copy.
+    lazy_views: HashSet<NodeId>,
     /// Matmuls `[B, K, N]` whose one user sums axis 0 (weight gradients):
     /// run as one GEMM over `B·T` rows when the layouts allow.
     batch_summed: HashSet<NodeId>,
@@ -646,7 +692,7 @@ impl Plan {
             *uses.entry(*id).or_default() += 1;
         }
         let outputs: HashSet<NodeId> = graph.outputs().iter().map(|(_, id)| *id).collect();
-        let lazy_transposes = order
+        let lazy_transposes: HashSet<NodeId> = order
             .iter()
             .copied()
             .filter(|&id| match &graph.node(id).op {
@@ -660,6 +706,21 @@ impl Plan {
                             .all(|&u| matches!(graph.node(u).op, caramba_ir::Op::MatMul))
                 }
                 _ => false,
+            })
+            .collect();
+        let lazy_views = order
+            .iter()
+            .copied()
+            .filter(|&id| {
+                let users = graph.users(id);
+                matches!(
+                    graph.node(id).op,
+                    caramba_ir::Op::Permute(_) | caramba_ir::Op::Slice { .. }
+                ) && !lazy_transposes.contains(&id)
+                    && !outputs.contains(&id)
+                    && !users.is_empty()
+                    && users.iter().all(|&u| ops::reads_views(&graph.node(u).op))
+                    && !lazy_disabled()
             })
             .collect();
         let batch_summed = order
@@ -685,6 +746,7 @@ impl Plan {
             operands,
             uses,
             lazy_transposes,
+            lazy_views,
             batch_summed,
         })
     }

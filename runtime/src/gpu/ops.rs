@@ -138,6 +138,124 @@ fn copy_elem(t: &DevTensor) -> CopyElem {
     }
 }
 
+/// The tensor as a strided view of its buffer: dense, lazily transposed, or
+/// a lazy view's own strides and offset.
+fn view_of(t: &DevTensor) -> View {
+    if let Some((strides, offset)) = &t.layout {
+        return View {
+            handle: t.handle.clone(),
+            shape: t.shape.clone(),
+            strides: strides.clone(),
+            offset: *offset,
+        };
+    }
+    if !t.transposed {
+        return View::contiguous(t.handle.clone(), &t.shape);
+    }
+    let r = t.shape.len();
+    let mut physical = t.shape.clone();
+    physical.swap(r - 2, r - 1);
+    let mut strides = caramba_kernels::contiguous_strides(&physical);
+    strides.swap(r - 2, r - 1);
+    View {
+        handle: t.handle.clone(),
+        shape: t.shape.clone(),
+        strides,
+        offset: 0,
+    }
+}
+
+/// Whether `op`'s launch reads an operand laid out as `t` is (dense, or a
+/// lazy view), without a copy first: see [`reads_views`]; the kernels of
+/// elementwise programs and attention take strides but not an offset.
+pub(crate) fn reads_in_place(op: &Op, t: &DevTensor) -> bool {
+    match &t.layout {
+        None => true,
+        Some((_, offset)) => {
+            reads_views(op)
+                && (*offset == 0
+                    || matches!(
+                        op,
+                        Op::Permute(_)
+                            | Op::Slice { .. }
+                            | Op::Concat { .. }
+                            | Op::Broadcast(_)
+                            | Op::Cast(_)
+                    ))
+        }
+    }
+}
+
+/// Whether `op`'s launch reads its operands through their views (strides,
+/// and an offset for the copies and casts), so that a permute or slice feeding
+/// it need not be copied: the layout ops (strided copies), casts (a strided
+/// conversion, or a relabel that keeps the view), elementwise programs, and
+/// attention.
+pub(crate) fn reads_views(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Permute(_)
+            | Op::Slice { .. }
+            | Op::Concat { .. }
+            | Op::Broadcast(_)
+            | Op::Cast(_)
+            | Op::Unary(_)
+            | Op::Binary(_)
+            | Op::Elementwise(_)
+            | Op::Attention { .. }
+            | Op::AttentionWithLse { .. }
+            | Op::AttentionLse { .. }
+            | Op::AttentionGrad { .. }
+    )
+}
+
+/// `x` permuted or sliced as `op` says, as a view of `x`'s buffer (no
+/// kernel).
+pub(crate) fn lazy_view(op: &Op, x: &DevTensor) -> DevTensor {
+    let src = view_of(x);
+    let (shape, strides, offset) = match op {
+        Op::Permute(perm) => (
+            perm.iter().map(|&p| src.shape[p]).collect(),
+            perm.iter().map(|&p| src.strides[p]).collect(),
+            src.offset,
+        ),
+        &Op::Slice { axis, start, end } => {
+            let mut shape = src.shape.clone();
+            shape[axis] = end - start;
+            (
+                shape,
+                src.strides.clone(),
+                src.offset + start * src.strides[axis],
+            )
+        }
+        _ => unreachable!("only permutes and slices are lazy views"),
+    };
+    DevTensor {
+        handle: x.handle.clone(),
+        shape,
+        dtype: x.dtype,
+        elem: x.elem,
+        transposed: false,
+        layout: Some((strides, offset)),
+    }
+}
+
+/// `t` dense: itself when it is, else a copy of its view.
+pub(crate) fn materialized<R: Runtime>(client: &ComputeClient<R>, t: &DevTensor) -> DevTensor {
+    if t.layout.is_none() {
+        return t.clone();
+    }
+    let n = t.numel();
+    let out = DevTensor::dense(
+        client.empty(n.max(1) * t.elem.size()),
+        t.shape.clone(),
+        t.dtype,
+        t.elem,
+    );
+    copy::launch_copy(client, copy_elem(t), &view_of(t), &view_of(&out));
+    out
+}
+
 /// A tensor's buffer type, for conversions.
 fn storage(dtype: DType, elem: FloatElem) -> Storage {
     if dtype.is_float() {
@@ -212,20 +330,7 @@ impl<R: Runtime> Ctx<'_, R> {
 
     /// The tensor as a strided view of its buffer.
     fn view(t: &DevTensor) -> View {
-        if !t.transposed {
-            return View::contiguous(t.handle.clone(), &t.shape);
-        }
-        let r = t.shape.len();
-        let mut physical = t.shape.clone();
-        physical.swap(r - 2, r - 1);
-        let mut strides = caramba_kernels::contiguous_strides(&physical);
-        strides.swap(r - 2, r - 1);
-        View {
-            handle: t.handle.clone(),
-            shape: t.shape.clone(),
-            strides,
-            offset: 0,
-        }
+        view_of(t)
     }
 
     /// Launches the node's kernel on its operands; `shape` is the node's
@@ -392,16 +497,26 @@ impl<R: Runtime> Ctx<'_, R> {
                     Narrow::F16
                 });
                 let mut out = if from == to_st {
-                    // Same storage: relabel.
-                    DevTensor::dense(x.handle.clone(), shape.clone(), *to, e)
-                } else {
+                    // Same storage: relabel (a lazy view stays one).
+                    DevTensor {
+                        dtype: *to,
+                        elem: e,
+                        ..x.clone()
+                    }
+                } else if x.is_dense() {
                     let out = self.alloc(shape.clone());
                     cast::launch_convert(c, from, to_st, &x.handle, &out.handle, n);
                     out
+                } else {
+                    // A permuted or sliced operand, read in place.
+                    let out = self.alloc(shape.clone());
+                    cast::launch_convert_view(c, from, to_st, &Self::view(x), &Self::view(&out));
+                    out
                 };
                 if let Some(narrow) = round {
+                    let src = materialized(c, &out);
                     let rounded = self.alloc(shape);
-                    cast::launch_round(c, narrow, &out.handle, &rounded.handle, n);
+                    cast::launch_round(c, narrow, &src.handle, &rounded.handle, n);
                     out = rounded;
                 }
                 Ok(out)
@@ -450,7 +565,7 @@ impl<R: Runtime> Ctx<'_, R> {
                     handle: x.handle.clone(),
                     shape: shape.clone(),
                     strides: perm.iter().map(|&p| src.strides[p]).collect(),
-                    offset: 0,
+                    offset: src.offset,
                 };
                 let out = self.alloc(shape);
                 copy::launch_copy(c, copy_elem(x), &input, &Self::view(&out));
@@ -462,7 +577,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 let input = View {
                     handle: x.handle.clone(),
                     shape: shape.clone(),
-                    offset: start * src.strides[*axis],
+                    offset: src.offset + start * src.strides[*axis],
                     strides: src.strides,
                 };
                 let out = self.alloc(shape);
