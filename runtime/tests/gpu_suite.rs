@@ -1840,6 +1840,94 @@ pub fn narrow_copy<R: Runtime>(dev: &R::Device) {
     }
 }
 
+/// Permutes and slices left as views (no copy) where every reader takes
+/// views: a permute read by attention and by a cast (a strided
+/// conversion), a slice with an offset read by an elementwise program (which
+/// takes no offset: copied first) and by a cast, a slice of a slice, a
+/// permute whose reader is a reshape (copied), and a cast to the same
+/// storage (a relabel that stays a view) as a graph output. Against the
+/// reference, in f32 and bf16.
+pub fn lazy_views<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(61);
+    for dtype in [DType::F32, DType::BF16] {
+        let t = |dims: &[usize]| TensorType::new(dtype, Shape::new(dims.iter().map(|&d| d.into())));
+        let mut g = Graph::new(&format!("lazy_views_{dtype}"));
+        let x = g.input("x0", t(&[2, 5, 3, 8])).unwrap();
+        let y = g.input("x1", t(&[2, 5, 24])).unwrap();
+        // q, k, v as attention reads them: [B, T, H, d] → [B, H, T, d].
+        let perm = Op::Permute(vec![0, 2, 1, 3]);
+        let q = g.add(perm.clone(), &[x], "").unwrap();
+        let att = g
+            .add(
+                Op::Attention {
+                    causal: true,
+                    scale: Scalar(0.3),
+                },
+                &[q, q, q],
+                "",
+            )
+            .unwrap();
+        let wide = g.add(Op::Cast(DType::F32), &[q], "").unwrap();
+        // Columns 8..20 of y: an offset view, read by a program and a cast,
+        // then sliced again (columns 4..12 of it).
+        let s1 = g
+            .add(
+                Op::Slice {
+                    axis: 2,
+                    start: 8,
+                    end: 20,
+                },
+                &[y],
+                "",
+            )
+            .unwrap();
+        let sq = g.add(Op::Binary(BinaryOp::Mul), &[s1, s1], "").unwrap();
+        let s2 = g
+            .add(
+                Op::Slice {
+                    axis: 2,
+                    start: 4,
+                    end: 12,
+                },
+                &[s1],
+                "",
+            )
+            .unwrap();
+        let s2w = g.add(Op::Cast(DType::F32), &[s2], "").unwrap();
+        // A permute read by a reshape: copied.
+        let p2 = g.add(Op::Permute(vec![0, 2, 1]), &[y], "").unwrap();
+        let flat = g.add(Op::Reshape(shape![2, 120]), &[p2], "").unwrap();
+        // A relabel of a view as an output.
+        let same = g.add(Op::Cast(dtype), &[s2], "").unwrap();
+        for (name, id) in [
+            ("att", att),
+            ("wide", wide),
+            ("sq", sq),
+            ("s2w", s2w),
+            ("flat", flat),
+            ("same", same),
+        ] {
+            g.set_output(name, id);
+        }
+        let x0 = rounded_as(dtype, &rng.tensor(&[2, 5, 3, 8]));
+        let x1 = rounded_as(dtype, &rng.tensor(&[2, 5, 24]));
+        let tol = if dtype == DType::F32 { TOL } else { 2e-2 };
+        check::<R>(dev, &g, &bind(vec![x0, x1]), tol);
+    }
+}
+
+/// An f32 tensor as a tensor of `dtype` (its values rounded to the grid).
+fn rounded_as(dtype: DType, t: &Tensor) -> Tensor {
+    match dtype {
+        DType::BF16 => Tensor::from_f32_as(
+            dtype,
+            t.shape().to_vec(),
+            rounded(FloatElem::BF16, t).as_f32().unwrap().to_vec(),
+        ),
+        _ => t.clone(),
+    }
+}
+
 /// The strided copy in every layout the executor gives it, each element
 /// type: vectorized where the innermost axis is contiguous (head permutes,
 /// aligned last-axis slices, concat parts), scalar where it is not
@@ -2808,7 +2896,8 @@ macro_rules! all_tests {
             mixed_precision_gradients,
             dba_preset, quantize_formats, kv_attention_over_caches, cached_tiny_llama,
             resident_values, fused_optimizers, grad_norm_and_clipping, trainer_matches_host_sgd,
-            trainer_matches_host_adamw, narrow_elementwise, narrow_copy, strided_copies, narrow_cast,
+            trainer_matches_host_adamw, narrow_elementwise, narrow_copy, strided_copies, lazy_views,
+            narrow_cast,
             narrow_reduce_softmax, narrow_norms, narrow_gather, narrow_rope, narrow_attention,
             narrow_attention_backward, narrow_matmul, narrow_kv_attention);
     };
