@@ -1268,3 +1268,128 @@ fn merge_projections_stacks_sibling_weights_and_agrees() {
         }
     }
 }
+
+// ------------------------------------------------------------- transpose
+
+fn swap_last2(r: usize) -> Vec<usize> {
+    let mut p: Vec<usize> = (0..r).collect();
+    p.swap(r - 2, r - 1);
+    p
+}
+
+#[test]
+fn transpose_product_is_sound() {
+    prove("transpose-product", &["transpose-product"], 16, |rng| {
+        // a [.., m, k] · b [.., k, n], leading axes broadcast (b often
+        // rank 2, as a weight is).
+        let (m, k, n) = (rng.range(1, 5), rng.range(1, 5), rng.range(1, 5));
+        let lead_rank = rng.range(0, 3);
+        let lead = random_dims(rng, lead_rank);
+        let mut ad = lead.clone();
+        ad.extend([c(m), c(k)]);
+        let bd = if rng.bool() {
+            vec![c(k), c(n)]
+        } else {
+            let mut d = lead.clone();
+            d.extend([c(k), c(n)]);
+            d
+        };
+        let mut g = Graph::new("t");
+        let a = g.input("a", ty(DType::F64, &ad)).unwrap();
+        let b = g.input("b", ty(DType::F64, &bd)).unwrap();
+        let p = g.add(Op::MatMul, &[a, b], "").unwrap();
+        let r = g.node(p).ty.shape.rank();
+        let t = g.add(Op::Permute(swap_last2(r)), &[p], "").unwrap();
+        let y = g.add(Op::Unary(UnaryOp::Neg), &[t], "").unwrap();
+        g.set_output("y", y);
+        g
+    });
+}
+
+#[test]
+fn transpose_sum_is_sound() {
+    prove("transpose-sum", &["transpose-sum"], 12, |rng| {
+        let rank = rng.range(3, 5);
+        let dims = random_dims(rng, rank);
+        // An axis before the last two (`range` includes its bound).
+        let axis = rng.range(0, rank - 3);
+        let mut g = Graph::new("t");
+        let z = g.input("z", ty(DType::F64, &dims)).unwrap();
+        let s = g
+            .add(
+                Op::Reduce {
+                    op: ReduceOp::Sum,
+                    axis,
+                },
+                &[z],
+                "",
+            )
+            .unwrap();
+        let t = g.add(Op::Permute(swap_last2(rank)), &[s], "").unwrap();
+        let y = g.add(Op::Unary(UnaryOp::Neg), &[t], "").unwrap();
+        g.set_output("y", y);
+        g
+    });
+}
+
+#[test]
+fn transpose_reshape_is_sound() {
+    prove("transpose-reshape", &["transpose-reshape"], 12, |rng| {
+        // [1, (1,) k, n] → [k, n], or [k, n] → [1, (1,) k, n].
+        // k ≥ 2: a k of 1 would be a leading unit axis itself.
+        let (k, n) = (rng.range(2, 5), rng.range(2, 5));
+        let ones = rng.range(1, 3);
+        let mut wide = vec![c(1); ones];
+        wide.extend([c(k), c(n)]);
+        let narrow = vec![c(k), c(n)];
+        let (from, to) = if rng.bool() {
+            (wide, narrow)
+        } else {
+            (narrow, wide)
+        };
+        let mut g = Graph::new("t");
+        let x = g.input("x", ty(DType::F64, &from)).unwrap();
+        let r = g.add(Op::Reshape(Shape(to.clone())), &[x], "").unwrap();
+        let t = g.add(Op::Permute(swap_last2(to.len())), &[r], "").unwrap();
+        let y = g.add(Op::Unary(UnaryOp::Neg), &[t], "").unwrap();
+        g.set_output("y", y);
+        g
+    });
+}
+
+/// A weight gradient as autodiff writes it, `permute(reshape(sum0(
+/// matmul(permute(x), dy))))`, comes out of the optimizer with no
+/// transpose of the product's result: the product is `dyᵀ·x`.
+#[test]
+fn weight_gradients_come_out_untransposed() {
+    let (b, t, k, n) = (2, 3, 4, 5);
+    let mut g = Graph::new("t");
+    let x = g.input("x", ty(DType::F64, &[c(b), c(t), c(k)])).unwrap();
+    let dy = g.input("dy", ty(DType::F64, &[c(b), c(t), c(n)])).unwrap();
+    let xt = g.add(Op::Permute(vec![0, 2, 1]), &[x], "").unwrap();
+    let p = g.add(Op::MatMul, &[xt, dy], "").unwrap();
+    let s = g
+        .add(
+            Op::Reduce {
+                op: ReduceOp::Sum,
+                axis: 0,
+            },
+            &[p],
+            "",
+        )
+        .unwrap();
+    let r = g
+        .add(Op::Reshape(Shape(vec![c(k), c(n)])), &[s], "")
+        .unwrap();
+    let w = g.add(Op::Permute(vec![1, 0]), &[r], "").unwrap();
+    g.set_output("dw", w);
+    let (h, _) = optimize(&g).unwrap();
+    let out = h.output("dw").unwrap();
+    assert!(
+        !matches!(h.node(out).op, Op::Permute(_)),
+        "{}",
+        caramba_ir::to_text(&h)
+    );
+    let mut rng = Rng::new(5);
+    assert!(compare(&g, &h, &mut rng, (1, 1), 1) < 1e-12);
+}
