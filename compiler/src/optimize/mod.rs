@@ -6,8 +6,7 @@
 //! ```
 //!
 //! Rules are grouped by family, one file each: `algebra` (layout and
-//! identity cleanup), `transpose` (transposes moved onto products),
-//! `rmsnorm`, `attention`, `dba`; `elementwise` runs
+//! identity cleanup), `rmsnorm`, `attention`, `dba`; `elementwise` runs
 //! after extraction. Every rule has a property test in `tests.rs` that
 //! evaluates both sides with the reference interpreter. Training graphs
 //! meet this module twice more around differentiation: `fuse_for_training`
@@ -33,7 +32,6 @@ pub mod rmsnorm;
 pub mod rule;
 #[cfg(test)]
 mod tests;
-pub mod transpose;
 
 pub use merge_projections::merge_projections;
 pub use reuse_lse::reuse_attention_lse;
@@ -46,7 +44,6 @@ use std::time::{Duration, Instant};
 /// Every e-graph rule, in the order reports list them.
 pub fn rules() -> Vec<&'static Rule> {
     let mut r = algebra::rules();
-    r.extend(transpose::rules());
     r.push(&dba::MERGE_DBA_SCORES);
     r.push(&attention::FUSE_ATTENTION);
     r.push(&kv::DEQUANTIZE_IN_ATTENTION);
