@@ -165,7 +165,8 @@ pub fn launch_convert<R: Runtime>(
 
 /// `launch_convert` between two views of one shape, each with its own
 /// strides and offset (a permuted or sliced operand read in place): the
-/// strided copy's indexing (`copy`), converting each vector through `f32`.
+/// strided copy's indexing (`copy`), converting each vector through `f32`
+/// (a transposed matrix goes through `transpose_convert_kernel`'s tiles).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn strided_convert_kernel<I: Numeric, O: Numeric, N: Size>(
@@ -195,6 +196,54 @@ fn strided_convert_kernel<I: Numeric, O: Numeric, N: Size>(
     output[dst / nv] = Vector::<O, N>::cast_from(Vector::<f32, N>::cast_from(input[src / nv]));
 }
 
+/// Edge of the tiles `transpose_convert_kernel` moves through shared memory.
+const TILE: usize = 32;
+/// Rows of units per tile (each unit moves `TILE / TILE_ROWS` elements).
+const TILE_ROWS: usize = 8;
+
+/// `launch_convert_view` for a matrix read column-major and written
+/// row-major (a transposed operand, such as a weight gradient read through
+/// its transpose): each cube converts a `TILE × TILE` tile, reading it
+/// along the input's contiguous axis into shared memory and writing it
+/// along the output's, so both sides are coalesced (a plain strided read
+/// would touch one 32-byte sector per 2-byte element).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn transpose_convert_kernel<I: Numeric, O: Numeric>(
+    input: &Array<I>,
+    output: &mut Array<O>,
+    rows: usize,
+    cols: usize,
+    in_col_stride: usize,
+    out_row_stride: usize,
+    in_offset: usize,
+    out_offset: usize,
+) {
+    let mut tile = SharedMemory::<f32>::new(TILE * (TILE + 1));
+    let c0 = CUBE_POS_X as usize * TILE;
+    let r0 = CUBE_POS_Y as usize * TILE;
+    let (tx, ty) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
+    #[unroll]
+    for k in 0..TILE / TILE_ROWS {
+        // Consecutive units read consecutive rows: the input's contiguous axis.
+        let j = ty + k * TILE_ROWS;
+        let (r, c) = (r0 + tx, c0 + j);
+        if r < rows && c < cols {
+            tile[j * (TILE + 1) + tx] = f32::cast_from(input[in_offset + r + c * in_col_stride]);
+        }
+    }
+    sync_cube();
+    #[unroll]
+    for k in 0..TILE / TILE_ROWS {
+        // Consecutive units write consecutive columns: the output's.
+        let i = ty + k * TILE_ROWS;
+        let (r, c) = (r0 + i, c0 + tx);
+        if r < rows && c < cols {
+            output[out_offset + r * out_row_stride + c] = O::cast_from(tile[tx * (TILE + 1) + i]);
+        }
+    }
+}
+
 /// The elements of view `input` (stored as `from`) converted into view
 /// `output` (stored as `to`, a different storage) of the same shape, as
 /// [`launch_convert`] converts them. Axes are coalesced as the strided copy
@@ -216,6 +265,32 @@ pub fn launch_convert_view<R: Runtime>(
     }
     let (shape, si, so) = crate::copy::coalesce(input, output);
     let rank = shape.len();
+    if rank == 2 && si[0] == 1 && so[1] == 1 && shape[0] > 1 && shape[1] > 1 {
+        // A transposed matrix: tiles through shared memory.
+        let (rows, cols) = (shape[0], shape[1]);
+        let grid = CubeCount::Static(cols.div_ceil(TILE) as u32, rows.div_ceil(TILE) as u32, 1);
+        let dim = CubeDim::new_2d(TILE as u32, TILE_ROWS as u32);
+        let in_len = input.offset + (rows - 1) + (cols - 1) * si[1] + 1;
+        let out_len = output.offset + (rows - 1) * so[0] + cols;
+        unsafe {
+            with_storage!(from, I => with_storage!(to, O => {
+                transpose_convert_kernel::launch_unchecked::<I, O, R>(
+                    client,
+                    grid,
+                    dim,
+                    ArrayArg::from_raw_parts(input.handle.clone(), in_len),
+                    ArrayArg::from_raw_parts(output.handle.clone(), out_len),
+                    rows,
+                    cols,
+                    si[1],
+                    so[0],
+                    input.offset,
+                    output.offset,
+                )
+            }))
+        }
+        return;
+    }
     let size = |s: Storage| match s {
         Storage::Float(FloatElem::F16 | FloatElem::BF16) => 2,
         _ => 4,

@@ -1844,12 +1844,14 @@ pub fn narrow_copy<R: Runtime>(dev: &R::Device) {
 /// views: a permute read by attention and by a cast (a strided
 /// conversion), a slice with an offset read by an elementwise program (which
 /// takes no offset: copied first) and by a cast, a slice of a slice, a
-/// permute whose reader is a reshape (copied), and a cast to the same
-/// storage (a relabel that stays a view) as a graph output. Against the
-/// reference, in f32 and bf16.
+/// permute whose reader is a reshape (copied), a cast to the same
+/// storage (a relabel that stays a view) as a graph output, and a
+/// transposed matrix converted whole and sliced. Against the reference, in
+/// f32 and bf16.
 pub fn lazy_views<R: Runtime>(dev: &R::Device) {
     let mut rng = Rng(61);
-    for dtype in [DType::F32, DType::BF16] {
+    // f16 is a conversion on lavapipe too (which widens bf16 to f32).
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
         let t = |dims: &[usize]| TensorType::new(dtype, Shape::new(dims.iter().map(|&d| d.into())));
         let mut g = Graph::new(&format!("lazy_views_{dtype}"));
         let x = g.input("x0", t(&[2, 5, 3, 8])).unwrap();
@@ -1899,6 +1901,24 @@ pub fn lazy_views<R: Runtime>(dev: &R::Device) {
         let flat = g.add(Op::Reshape(shape![2, 120]), &[p2], "").unwrap();
         // A relabel of a view as an output.
         let same = g.add(Op::Cast(dtype), &[s2], "").unwrap();
+        // A transposed matrix converted (tiles through shared memory; 37 ×
+        // 70 crosses the tiles' edges), whole and sliced (rows 3..40 of
+        // the transpose: an offset).
+        let m = g.input("x2", t(&[37, 70])).unwrap();
+        let mt = g.add(Op::Permute(vec![1, 0]), &[m], "").unwrap();
+        let mtw = g.add(Op::Cast(DType::F32), &[mt], "").unwrap();
+        let ms = g
+            .add(
+                Op::Slice {
+                    axis: 0,
+                    start: 3,
+                    end: 40,
+                },
+                &[mt],
+                "",
+            )
+            .unwrap();
+        let msw = g.add(Op::Cast(DType::F32), &[ms], "").unwrap();
         for (name, id) in [
             ("att", att),
             ("wide", wide),
@@ -1906,26 +1926,31 @@ pub fn lazy_views<R: Runtime>(dev: &R::Device) {
             ("s2w", s2w),
             ("flat", flat),
             ("same", same),
+            ("mtw", mtw),
+            ("msw", msw),
         ] {
             g.set_output(name, id);
         }
         let x0 = rounded_as(dtype, &rng.tensor(&[2, 5, 3, 8]));
         let x1 = rounded_as(dtype, &rng.tensor(&[2, 5, 24]));
+        let x2 = rounded_as(dtype, &rng.tensor(&[37, 70]));
         let tol = if dtype == DType::F32 { TOL } else { 2e-2 };
-        check::<R>(dev, &g, &bind(vec![x0, x1]), tol);
+        check::<R>(dev, &g, &bind(vec![x0, x1, x2]), tol);
     }
 }
 
 /// An f32 tensor as a tensor of `dtype` (its values rounded to the grid).
 fn rounded_as(dtype: DType, t: &Tensor) -> Tensor {
-    match dtype {
-        DType::BF16 => Tensor::from_f32_as(
-            dtype,
-            t.shape().to_vec(),
-            rounded(FloatElem::BF16, t).as_f32().unwrap().to_vec(),
-        ),
-        _ => t.clone(),
-    }
+    let elem = match dtype {
+        DType::BF16 => FloatElem::BF16,
+        DType::F16 => FloatElem::F16,
+        _ => return t.clone(),
+    };
+    Tensor::from_f32_as(
+        dtype,
+        t.shape().to_vec(),
+        rounded(elem, t).as_f32().unwrap().to_vec(),
+    )
 }
 
 /// The strided copy in every layout the executor gives it, each element
