@@ -7,6 +7,7 @@
 //! rounding works on the bits, so it needs no `f16` support on the device.
 //! Infinity arrives as a runtime scalar (WGSL rejects non-finite literals).
 
+use crate::copy::view_positions;
 use crate::{grid_1d, linear_pos, FloatElem, Storage, View, ELEM_BLOCK};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -182,17 +183,7 @@ fn strided_convert_kernel<I: Numeric, O: Numeric, N: Size>(
     if pos >= units {
         terminate!();
     }
-    let mut rem = pos * nv;
-    let mut src = in_offset;
-    let mut dst = out_offset;
-    #[unroll]
-    for i in 0..rank {
-        let d = rank - 1 - i;
-        let c = rem % input.shape(d);
-        rem /= input.shape(d);
-        src += c * input.stride(d);
-        dst += c * output.stride(d);
-    }
+    let (src, dst) = view_positions(input, output, pos, in_offset, out_offset, rank, nv);
     output[dst / nv] = Vector::<O, N>::cast_from(Vector::<f32, N>::cast_from(input[src / nv]));
 }
 
@@ -295,19 +286,12 @@ pub fn launch_convert_view<R: Runtime>(
         Storage::Float(FloatElem::F16 | FloatElem::BF16) => 2,
         _ => 4,
     };
-    let nv = client
-        .io_optimized_vector_sizes(size(from).max(size(to)))
-        .find(|&nv| {
-            nv == 1
-                || (si[rank - 1] == 1
-                    && so[rank - 1] == 1
-                    && shape[rank - 1].is_multiple_of(nv)
-                    && input.offset.is_multiple_of(nv)
-                    && output.offset.is_multiple_of(nv)
-                    && si[..rank - 1].iter().all(|s| s.is_multiple_of(nv))
-                    && so[..rank - 1].iter().all(|s| s.is_multiple_of(nv)))
-        })
-        .unwrap_or(1);
+    let nv = crate::copy::vector_width(
+        client,
+        size(from).max(size(to)),
+        (&shape, &si, &so),
+        (input.offset, output.offset),
+    );
     let view = |v: &View, strides: Vec<usize>| View {
         handle: v.handle.clone(),
         shape: shape.clone(),

@@ -20,12 +20,29 @@ fn strided_copy_kernel<E: Numeric, N: Size>(
     #[comptime] rank: usize,
     #[comptime] nv: usize,
 ) {
-    // One unit per vector of `nv` elements along the last axis (contiguous
-    // in both views when `nv` > 1); shapes and strides count elements.
     let pos = linear_pos();
     if pos >= units {
         terminate!();
     }
+    let (src, dst) = view_positions(input, output, pos, in_offset, out_offset, rank, nv);
+    output[dst / nv] = input[src / nv];
+}
+
+/// Where unit `pos` of a strided copy (or conversion) reads and writes:
+/// one unit per vector of `nv` elements along the last axis (contiguous in
+/// both views when `nv` > 1), the element positions of its first element in
+/// `input` and `output` from their offsets; shapes and strides count
+/// elements.
+#[cube]
+pub(crate) fn view_positions<A: CubePrimitive, B: CubePrimitive>(
+    input: &Tensor<A>,
+    output: &Tensor<B>,
+    pos: usize,
+    in_offset: usize,
+    out_offset: usize,
+    #[comptime] rank: usize,
+    #[comptime] nv: usize,
+) -> (usize, usize) {
     let mut rem = pos * nv;
     let mut src = in_offset;
     let mut dst = out_offset;
@@ -37,7 +54,33 @@ fn strided_copy_kernel<E: Numeric, N: Size>(
         src += c * input.stride(d);
         dst += c * output.stride(d);
     }
-    output[dst / nv] = input[src / nv];
+    (src, dst)
+}
+
+/// The widest vector (of elements of `size` bytes, up to 16 bytes) that a
+/// copy between the coalesced views (`shape`, strides `si` and `so`, the
+/// views' offsets) can move per unit: the last axis contiguous on both
+/// sides, its length, the offsets and the other strides divisible by it.
+pub(crate) fn vector_width<R: Runtime>(
+    client: &ComputeClient<R>,
+    size: usize,
+    (shape, si, so): (&[usize], &[usize], &[usize]),
+    offsets: (usize, usize),
+) -> usize {
+    let rank = shape.len();
+    client
+        .io_optimized_vector_sizes(size)
+        .find(|&nv| {
+            nv == 1
+                || (si[rank - 1] == 1
+                    && so[rank - 1] == 1
+                    && shape[rank - 1].is_multiple_of(nv)
+                    && offsets.0.is_multiple_of(nv)
+                    && offsets.1.is_multiple_of(nv)
+                    && si[..rank - 1].iter().all(|s| s.is_multiple_of(nv))
+                    && so[..rank - 1].iter().all(|s| s.is_multiple_of(nv)))
+        })
+        .unwrap_or(1)
 }
 
 /// The copy with its axes simplified: size-1 axes dropped and neighbours
@@ -115,19 +158,12 @@ pub fn launch_copy<R: Runtime>(
         CopyElem::F32 | CopyElem::I32 => 4,
         CopyElem::F16 | CopyElem::BF16 => 2,
     };
-    let nv = client
-        .io_optimized_vector_sizes(size)
-        .find(|&nv| {
-            nv == 1
-                || (si[rank - 1] == 1
-                    && so[rank - 1] == 1
-                    && shape[rank - 1].is_multiple_of(nv)
-                    && input.offset.is_multiple_of(nv)
-                    && output.offset.is_multiple_of(nv)
-                    && si[..rank - 1].iter().all(|s| s.is_multiple_of(nv))
-                    && so[..rank - 1].iter().all(|s| s.is_multiple_of(nv)))
-        })
-        .unwrap_or(1);
+    let nv = vector_width(
+        client,
+        size,
+        (&shape, &si, &so),
+        (input.offset, output.offset),
+    );
     let view = |v: &View, strides: Vec<usize>| View {
         handle: v.handle.clone(),
         shape: shape.clone(),
