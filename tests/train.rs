@@ -4,7 +4,7 @@
 use caramba::train::{forward_backward, init_params, train, train_graph, TrainOptions};
 use caramba_compiler::Precision;
 use caramba_ir::reference::{eval, Bindings, Tensor};
-use caramba_ir::{AttnArg, DType, Sym};
+use caramba_ir::{AttnArg, DType, NormArg, Sym};
 use caramba_runtime::backend::Backend;
 use caramba_runtime::data::write_tokens;
 use caramba_runtime::data::NpyDtype;
@@ -541,6 +541,25 @@ fn optimized_training_graph_gives_the_same_gradients() {
             })
             .count();
         assert!(fused_ops > 0, "nothing fused in the training graph");
+        // Every RMSNorm is one op forward and one per gradient (x and its
+        // weight), with no primitive norm chain left to differentiate.
+        let norms = n_ops("rms_norm");
+        let grads: BTreeMap<NormArg, usize> = fused.node_ids().fold(BTreeMap::new(), |mut m, n| {
+            if let caramba_ir::Op::RmsNormGrad { wrt, .. } = fused.node(n).op {
+                *m.entry(wrt).or_insert(0) += 1;
+            }
+            m
+        });
+        assert!(norms > 0, "{ops:?}");
+        assert_eq!(
+            grads,
+            BTreeMap::from([(NormArg::X, norms), (NormArg::W, norms)])
+        );
+        let rsqrt = fused
+            .node_ids()
+            .filter(|&n| fused.node(n).op == caramba_ir::Op::Unary(caramba_ir::UnaryOp::Rsqrt))
+            .count();
+        assert_eq!(rsqrt, 0, "a norm chain left as primitives");
         tg.graph = fused;
         let (lf, gf) = forward_backward(&tg, &params, &x, &y, b, t).unwrap();
         assert!((lp - lf).abs() < 1e-5 * lp.abs(), "loss {lp} vs {lf}");
