@@ -646,6 +646,19 @@ impl Op {
                 ))
             }
         };
+        // RMS normalization and its gradient: a float `x` and a weight over
+        // its last axis, of its dtype.
+        let norm_operands = |x: &TensorType, w: &TensorType| -> Result<(), String> {
+            float(x)?;
+            if w.dtype != x.dtype || w.shape.rank() != 1 || x.shape.last() != w.shape.last() {
+                return Err(format!(
+                    "{} needs a weight [{}] of the input's dtype, got {w} for {x}",
+                    self.mnemonic(),
+                    x.shape.last().map(|d| d.to_string()).unwrap_or_default()
+                ));
+            }
+            Ok(())
+        };
         let axis_ok = |t: &TensorType, axis: usize| -> Result<(), String> {
             if axis < t.shape.rank() {
                 Ok(())
@@ -1011,24 +1024,12 @@ impl Op {
             }
             Op::RmsNorm { .. } => {
                 let (x, w) = (xs[0], xs[1]);
-                float(x)?;
-                if w.dtype != x.dtype || w.shape.rank() != 1 || x.shape.last() != w.shape.last() {
-                    return Err(format!(
-                        "rms_norm needs a weight [{}] of the input's dtype, got {w} for {x}",
-                        x.shape.last().map(|d| d.to_string()).unwrap_or_default()
-                    ));
-                }
+                norm_operands(x, w)?;
                 Ok(x.clone())
             }
             Op::RmsNormGrad { wrt, .. } => {
                 let (x, w, dy) = (xs[0], xs[1], xs[2]);
-                float(x)?;
-                if w.dtype != x.dtype || w.shape.rank() != 1 || x.shape.last() != w.shape.last() {
-                    return Err(format!(
-                        "rms_norm_grad needs a weight [{}] of the input's dtype, got {w} for {x}",
-                        x.shape.last().map(|d| d.to_string()).unwrap_or_default()
-                    ));
-                }
+                norm_operands(x, w)?;
                 if dy != x {
                     return Err(format!(
                         "rms_norm_grad needs an output adjoint of the input's type {x}, got {dy}"

@@ -58,7 +58,10 @@ struct Projection {
 pub fn merge_projections(g: &Graph) -> Result<Graph, IrError> {
     let order = g.topo_order();
     let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
-    let mut groups: BTreeMap<(usize, NodeId), Vec<Projection>> = BTreeMap::new();
+    // Projections by their input's position (so that the pass is
+    // deterministic), in order. The same weight projected twice is one
+    // product (the e-graph merges equal nodes): the group keeps the first.
+    let mut by_input: BTreeMap<usize, Vec<Projection>> = BTreeMap::new();
     for &id in &order {
         if g.node(id).op != Op::MatMul {
             continue;
@@ -77,27 +80,18 @@ pub fn merge_projections(g: &Graph) -> Result<Graph, IrError> {
         if g.node(x).ty.shape.rank() < 2 {
             continue;
         }
-        // Keyed by the input (and the weights' dtype); ordered by the
-        // input's position so that the pass is deterministic.
-        groups.entry((pos[&x], w)).or_default().push(Projection {
-            matmul: id,
-            permute: p,
-            w,
-            n,
-        });
-    }
-    // Regroup by input alone: the key above separates weights only to keep
-    // a projection read twice (same `w`) from merging with itself.
-    let mut by_input: BTreeMap<usize, Vec<Projection>> = BTreeMap::new();
-    for ((x_pos, _), mut ps) in groups {
-        // The same weight projected twice is one product (the e-graph
-        // merges equal nodes): keep one.
-        ps.truncate(1);
-        by_input.entry(x_pos).or_default().extend(ps);
+        let group = by_input.entry(pos[&x]).or_default();
+        if group.iter().all(|q| q.w != w) {
+            group.push(Projection {
+                matmul: id,
+                permute: p,
+                w,
+                n,
+            });
+        }
     }
     let mut merged: Vec<Vec<Projection>> = Vec::new();
     for (_, mut ps) in by_input {
-        ps.sort_by_key(|p| pos[&p.matmul]);
         let dtype = g.node(ps[0].w).ty.dtype;
         let k = g.node(ps[0].w).ty.shape.dims()[1];
         let members: Vec<NodeId> = ps.iter().map(|p| p.matmul).collect();
