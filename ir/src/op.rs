@@ -194,13 +194,20 @@ pub enum Op {
     OneHot { depth: usize, dtype: DType },
     /// Per-position cross-entropy: logits `[..., V]` (float) and targets
     /// (i32) `[...]` give `logsumexp(logits) − logits[target]`, `[...]`, in
-    /// the logits' dtype. A target outside `0..V` is an error.
+    /// the logits' statistics dtype (`DType::stats`: f32 for f16/bf16
+    /// logits, which are widened exactly first, so that
+    /// `cross_entropy(x) = cross_entropy(cast(x, f32))`; the logits' own
+    /// dtype otherwise). A target outside `0..V` is an error.
     CrossEntropy,
     /// Cross-entropy's gradient with respect to the logits: logits
     /// `[..., V]` (float), targets (i32) `[...]` and the loss adjoint `g`
-    /// `[...]` (the logits' dtype) give `(softmax(logits) − one_hot(target))
-    /// · g`, `[..., V]`. Fused so that the probabilities and the one-hot
-    /// matrix, each as large as the logits, are never stored.
+    /// `[...]` (the loss's dtype, `DType::stats` of the logits') give
+    /// `(softmax(logits) − one_hot(target)) · g`, `[..., V]`, in the
+    /// logits' dtype: for f16/bf16 logits, computed in f32 on their exact
+    /// widening and rounded once, so that `cross_entropy_grad(x, t, g) =
+    /// cast(cross_entropy_grad(cast(x, f32), t, g), dtype(x))`. Fused so
+    /// that the probabilities and the one-hot matrix, each as large as the
+    /// logits, are never stored.
     CrossEntropyGrad,
     /// Quantizes rows along the last axis: float `[..., n]` → i32
     /// `[..., words(n)]` in `format`'s block layout (see `quant.rs`); `n` a
@@ -861,7 +868,7 @@ impl Op {
                         Shape(l.shape.0[..r.max(1) - 1].to_vec())
                     ));
                 }
-                Ok(TensorType::new(l.dtype, t.shape.clone()))
+                Ok(TensorType::new(l.dtype.stats(), t.shape.clone()))
             }
             Op::CrossEntropyGrad => {
                 let (l, t, g) = (xs[0], xs[1], xs[2]);
@@ -873,10 +880,10 @@ impl Op {
                         "cross_entropy_grad needs targets i32{rows} for logits {l}, got {t}"
                     ));
                 }
-                if g.dtype != l.dtype || g.shape != rows {
+                if g.dtype != l.dtype.stats() || g.shape != rows {
                     return Err(format!(
                         "cross_entropy_grad needs the loss adjoint {}{rows} for logits {l}, got {g}",
-                        l.dtype
+                        l.dtype.stats()
                     ));
                 }
                 Ok(l.clone())

@@ -1,8 +1,12 @@
 //! Per-position cross-entropy over the last axis (`logsumexp(logits) −
-//! logits[target]`) and its gradient. One cube per row, shared-memory
-//! reductions (see `reduce`). A target outside `0..V` yields NaN: the GPU
-//! cannot stop to report it; the reference interpreter reports an error.
-//! Float tensors are stored as the launch's `elem` and computed in `f32`.
+//! logits[target]`) and its gradient. One cube per row; each unit keeps an
+//! online max and sum of exponentials over its vectors (the row is read
+//! once for the loss, twice for the gradient), then the cube combines them
+//! through shared memory (see `reduce`). A target outside `0..V` yields
+//! NaN: the GPU cannot stop to report it; the reference interpreter reports
+//! an error. Every value is computed in `f32`; each operand is read in its
+//! own storage (half-precision logits are read as they are, never widened
+//! into a copy) and each result is rounded once to its storage.
 //! (RMS normalization, the other row kernel, is in `rms_norm`.)
 
 use crate::reduce::{block_max, block_sum, max_nan};
@@ -10,159 +14,215 @@ use crate::{grid_1d, linear_cube, with_float, FloatElem, ROW_BLOCK};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-/// The max of a logits row `logits[base..base + v]` and the sum of
-/// `exp(x − max)` over it, by the whole cube (every unit gets both).
+/// The max of a logits row (vectors `base..base + nvec`) and the sum of
+/// `exp(x − max)` over it, by the whole cube (every unit gets both). Each
+/// unit keeps a running max and rescales its sum when the max grows, so
+/// the row is read once.
 #[cube]
-fn row_max_sum<F: Float + CubeElement>(
-    logits: &Array<F>,
+fn row_max_sum<L: Float, N: Size>(
+    logits: &Array<Vector<L, N>>,
     base: usize,
-    v: usize,
+    nvec: usize,
     neg_inf: f32,
+    #[comptime] nv: usize,
 ) -> (f32, f32) {
     let mut smem = SharedMemory::<f32>::new(ROW_BLOCK as usize);
     let step = CUBE_DIM as usize;
     let mut m = neg_inf;
-    let mut j = UNIT_POS as usize;
-    while j < v {
-        m = max_nan::<f32>(m, f32::cast_from(logits[base + j]));
-        j += step;
-    }
-    let m = block_max::<f32>(&mut smem, m);
     let mut s = f32::new(0.0);
-    j = UNIT_POS as usize;
-    while j < v {
-        s += (f32::cast_from(logits[base + j]) - m).exp();
+    let mut j = UNIT_POS as usize;
+    while j < nvec {
+        let x = logits[base + j];
+        let mut vm = neg_inf;
+        #[unroll]
+        for lane in 0..nv {
+            vm = max_nan::<f32>(vm, f32::cast_from(x[lane]));
+        }
+        let nm = max_nan::<f32>(m, vm);
+        // Until a finite value arrives there is nothing to rescale (and
+        // `-inf − -inf` would be NaN).
+        if nm != neg_inf {
+            let mut acc = s * (m - nm).exp();
+            #[unroll]
+            for lane in 0..nv {
+                acc += (f32::cast_from(x[lane]) - nm).exp();
+            }
+            s = acc;
+        }
+        m = nm;
         j += step;
     }
-    let s = block_sum::<f32>(&mut smem, s);
-    (m, s)
+    let mx = block_max::<f32>(&mut smem, m);
+    let mut part = f32::new(0.0);
+    if m != neg_inf {
+        part = s * (m - mx).exp();
+    }
+    let total = block_sum::<f32>(&mut smem, part);
+    (mx, total)
 }
 
 #[cube(launch_unchecked)]
-fn cross_entropy_kernel<F: Float + CubeElement>(
-    logits: &Array<F>,
+#[allow(clippy::too_many_arguments)]
+fn cross_entropy_kernel<L: Float, O: Float, N: Size>(
+    logits: &Array<Vector<L, N>>,
     targets: &Array<i32>,
-    out: &mut Array<F>,
+    out: &mut Array<O>,
     v: usize,
     rows: usize,
     neg_inf: f32,
     nan: f32,
+    #[comptime] nv: usize,
 ) {
     let row = linear_cube();
     if row >= rows {
         terminate!();
     }
-    let base = row * v; // row of (rows, V)
-    let (m, s) = row_max_sum::<F>(logits, base, v, neg_inf);
+    let nvec = v / nv;
+    let base = row * nvec; // row of (rows, V), in vectors
+    let (m, s) = row_max_sum::<L, N>(logits, base, nvec, neg_inf, nv);
     if UNIT_POS == 0 {
         let t = targets[row];
         let mut r = nan;
         if t >= 0 && (t as usize) < v {
-            r = s.ln() + m - f32::cast_from(logits[base + t as usize]);
+            let tv = logits[base + t as usize / nv];
+            let k = t as usize % nv;
+            let mut xt = f32::new(0.0);
+            #[unroll]
+            for lane in 0..nv {
+                if lane == k {
+                    xt = f32::cast_from(tv[lane]);
+                }
+            }
+            r = s.ln() + m - xt;
         }
-        out[row] = F::cast_from(r);
+        out[row] = O::cast_from(r);
     }
 }
 
 /// `(softmax(row) − one_hot(target))·g` of each row: the row's max and
 /// sum of exponentials as in `cross_entropy_kernel`, then every unit writes
-/// its columns of the gradient. A target outside `0..v` gives a NaN row.
+/// its vectors of the gradient. A target outside `0..v` gives a NaN row.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn cross_entropy_grad_kernel<F: Float + CubeElement>(
-    logits: &Array<F>,
+fn cross_entropy_grad_kernel<L: Float, G: Float, N: Size>(
+    logits: &Array<Vector<L, N>>,
     targets: &Array<i32>,
-    g: &Array<F>,
-    out: &mut Array<F>,
+    g: &Array<G>,
+    out: &mut Array<Vector<L, N>>,
     v: usize,
     rows: usize,
     neg_inf: f32,
     nan: f32,
+    #[comptime] nv: usize,
 ) {
     let row = linear_cube();
     if row >= rows {
         terminate!();
     }
-    let base = row * v;
-    let (m, s) = row_max_sum::<F>(logits, base, v, neg_inf);
+    let nvec = v / nv;
+    let base = row * nvec;
+    let (m, s) = row_max_sum::<L, N>(logits, base, nvec, neg_inf, nv);
     let t = targets[row];
-    let step = CUBE_DIM as usize;
-    let mut scale = f32::cast_from(g[row]) / s;
+    let gt = f32::cast_from(g[row]);
+    let mut scale = gt / s;
+    // `v` matches no column: the one-hot part of an invalid target.
+    let mut hot = v;
     if t < 0 || (t as usize) >= v {
         scale = nan;
+    } else {
+        hot = t as usize;
     }
-    let gt = f32::cast_from(g[row]);
+    let step = CUBE_DIM as usize;
     let mut j = UNIT_POS as usize;
-    while j < v {
-        let mut d = (f32::cast_from(logits[base + j]) - m).exp() * scale;
-        if j == t as usize {
-            d -= gt;
+    while j < nvec {
+        let x = logits[base + j];
+        let mut y = Vector::<L, N>::empty();
+        #[unroll]
+        for lane in 0..nv {
+            let mut d = (f32::cast_from(x[lane]) - m).exp() * scale;
+            if j * nv + lane == hot {
+                d -= gt;
+            }
+            y[lane] = L::cast_from(d);
         }
-        out[base + j] = F::cast_from(d);
+        out[base + j] = y;
         j += step;
     }
 }
 
-/// Cross-entropy's gradient of dense logits `(rows, v)` for `i32` targets
-/// and the loss adjoint `g` `[rows]` into `out` `(rows, v)`, all floats
-/// stored as `elem`.
+/// The widest vector (up to 16 bytes) of `elem` that divides a row of `v`.
+fn row_vector<R: Runtime>(client: &ComputeClient<R>, elem: FloatElem, v: usize) -> usize {
+    client
+        .io_optimized_vector_sizes(elem.size())
+        .find(|&nv| v.is_multiple_of(nv))
+        .unwrap_or(1)
+}
+
+/// Cross-entropy's gradient of dense logits `(rows, v)` (stored as
+/// `logits.0`) for `i32` targets and the loss adjoint `g` `[rows]` (stored
+/// as `g.0`) into `out` `(rows, v)`, stored as the logits are.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_cross_entropy_grad<R: Runtime>(
     client: &ComputeClient<R>,
-    elem: FloatElem,
-    logits: &Handle,
+    logits: (FloatElem, &Handle),
     targets: &Handle,
-    g: &Handle,
+    g: (FloatElem, &Handle),
     out: &Handle,
     rows: usize,
     v: usize,
 ) {
-    if rows == 0 {
+    if rows == 0 || v == 0 {
         return;
     }
-    with_float!(elem, F => unsafe {
-        cross_entropy_grad_kernel::launch_unchecked::<F, R>(
+    let nv = row_vector(client, logits.0, v);
+    with_float!(logits.0, L => with_float!(g.0, G => unsafe {
+        cross_entropy_grad_kernel::launch_unchecked::<L, G, R>(
             client,
             grid_1d(rows, 1),
             CubeDim::new_1d(ROW_BLOCK),
-            ArrayArg::from_raw_parts(logits.clone(), rows * v),
+            nv,
+            ArrayArg::from_raw_parts(logits.1.clone(), rows * v / nv),
             ArrayArg::from_raw_parts(targets.clone(), rows),
-            ArrayArg::from_raw_parts(g.clone(), rows),
-            ArrayArg::from_raw_parts(out.clone(), rows * v),
+            ArrayArg::from_raw_parts(g.1.clone(), rows),
+            ArrayArg::from_raw_parts(out.clone(), rows * v / nv),
             v,
             rows,
             f32::NEG_INFINITY,
             f32::NAN,
+            nv,
         );
-    });
+    }));
 }
 
-/// Cross-entropy of dense logits `(rows, v)` against `i32` targets `[rows]`;
-/// the logits and the loss `out` `[rows]` are stored as `elem`.
+/// Cross-entropy of dense logits `(rows, v)` (stored as `logits.0`)
+/// against `i32` targets `[rows]`, into the loss `out` `[rows]` stored as
+/// `out_elem`.
 pub fn launch_cross_entropy<R: Runtime>(
     client: &ComputeClient<R>,
-    elem: FloatElem,
-    logits: &Handle,
+    logits: (FloatElem, &Handle),
     targets: &Handle,
-    out: &Handle,
+    out: (FloatElem, &Handle),
     rows: usize,
     v: usize,
 ) {
     if rows == 0 {
         return;
     }
-    with_float!(elem, F => unsafe {
-        cross_entropy_kernel::launch_unchecked::<F, R>(
+    let nv = row_vector(client, logits.0, v.max(1));
+    with_float!(logits.0, L => with_float!(out.0, O => unsafe {
+        cross_entropy_kernel::launch_unchecked::<L, O, R>(
             client,
             grid_1d(rows, 1),
             CubeDim::new_1d(ROW_BLOCK),
-            ArrayArg::from_raw_parts(logits.clone(), rows * v),
+            nv,
+            ArrayArg::from_raw_parts(logits.1.clone(), (rows * v / nv).max(1)),
             ArrayArg::from_raw_parts(targets.clone(), rows),
-            ArrayArg::from_raw_parts(out.clone(), rows),
+            ArrayArg::from_raw_parts(out.1.clone(), rows),
             v,
             rows,
             f32::NEG_INFINITY,
             f32::NAN,
+            nv,
         );
-    });
+    }));
 }

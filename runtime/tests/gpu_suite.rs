@@ -8,8 +8,8 @@
 
 use caramba_ir::reference::{eval, Bindings, Tensor};
 use caramba_ir::{
-    shape, AttnArg, BinaryOp, DType, ElemInstr, ElemProgram, Graph, NodeId, NormArg, Op, ReduceOp,
-    RopeScaling, RopeSpec, Scalar, Shape, Sym, TensorType, UnaryOp,
+    shape, AttnArg, BinaryOp, DType, Dim, ElemInstr, ElemProgram, Graph, NodeId, NormArg, Op,
+    ReduceOp, RopeScaling, RopeSpec, Scalar, Shape, Sym, TensorType, UnaryOp,
 };
 use caramba_kernels::cubecl::Runtime;
 use caramba_runtime::gpu::{GemmLibrary, GpuError, GpuExecutor, GpuOptions};
@@ -488,24 +488,27 @@ pub fn rope<R: Runtime>(dev: &R::Device) {
 
 pub fn cross_entropy<R: Runtime>(dev: &R::Device) {
     let mut rng = Rng(11);
-    let mut g = Graph::new("xent");
-    let l = g.input("x0", f32t(&[3, 4, 300])).unwrap();
-    let t = g
-        .input("x1", TensorType::new(DType::I32, shape![3, 4]))
-        .unwrap();
-    let y = g.add(Op::CrossEntropy, &[l, t], "").unwrap();
-    g.set_output("y", y);
-    // Its gradient for a loss adjoint per row.
-    let gy = g.input("x2", f32t(&[3, 4])).unwrap();
-    let dl = g.add(Op::CrossEntropyGrad, &[l, t, gy], "").unwrap();
-    g.set_output("dlogits", dl);
-    let mut logits = rng.tensor(&[3, 4, 300]);
-    logits = Tensor::f32(
-        vec![3, 4, 300],
-        logits.as_f32().unwrap().iter().map(|v| v * 10.0).collect(),
-    );
-    let bindings = bind(vec![logits, rng.ids(&[3, 4], 300), rng.tensor(&[3, 4])]);
-    check::<R>(dev, &g, &bindings, TOL);
+    // Rows read in vectors (300, 4096) and one element at a time (301).
+    for v in [300, 301, 4096] {
+        let mut g = Graph::new("xent");
+        let l = g.input("x0", f32t(&[3, 4, v])).unwrap();
+        let t = g
+            .input("x1", TensorType::new(DType::I32, shape![3, 4]))
+            .unwrap();
+        let y = g.add(Op::CrossEntropy, &[l, t], "").unwrap();
+        g.set_output("y", y);
+        // Its gradient for a loss adjoint per row.
+        let gy = g.input("x2", f32t(&[3, 4])).unwrap();
+        let dl = g.add(Op::CrossEntropyGrad, &[l, t, gy], "").unwrap();
+        g.set_output("dlogits", dl);
+        let mut logits = rng.tensor(&[3, 4, v]);
+        logits = Tensor::f32(
+            vec![3, 4, v],
+            logits.as_f32().unwrap().iter().map(|v| v * 10.0).collect(),
+        );
+        let bindings = bind(vec![logits, rng.ids(&[3, 4], v), rng.tensor(&[3, 4])]);
+        check::<R>(dev, &g, &bindings, TOL);
+    }
 }
 
 /// RMS norm and its gradients for x and w (`rms_norm_grad`).
@@ -815,19 +818,58 @@ pub fn mixed_precision_gradients<R: Runtime>(dev: &R::Device) {
         .input("input_ids", rng.ids(&[2, 11], 96))
         .input("targets", rng.ids(&[2, 11], 96))
         .input("positions", Tensor::i32(vec![11], (0..11).collect()));
-    let want = eval(&graph, &b).expect("reference evaluation");
-    let exec = GpuExecutor::<R>::new(dev, &graph, b.params).expect("executor");
-    let got = exec.run_bindings(&b).expect("gpu run");
+    // The graph as differentiated, and as training on a device runs it:
+    // optimized (cross-entropy reading the bf16 logits, RMSNorm and
+    // elementwise chains fused, so fewer intermediate roundings: another
+    // bf16 approximation, compared with the reference of the same graph).
+    let (optimized, _) = caramba_compiler::optimize(&graph).expect("optimize");
+    let casts_of_logits = |g: &Graph| {
+        g.node_ids()
+            .filter(|&n| {
+                matches!(g.node(n).op, Op::Cast(_))
+                    && g.node(n).ty.shape.last() == Some(Dim::Const(96))
+            })
+            .count()
+    };
+    assert_eq!(
+        casts_of_logits(&graph),
+        2,
+        "the logits widened, their gradient narrowed"
+    );
+    assert_eq!(
+        casts_of_logits(&optimized),
+        0,
+        "cross-entropy reads the bf16 logits"
+    );
+    for (label, graph) in [("as differentiated", &graph), ("optimized", &optimized)] {
+        eprintln!("-- {label}");
+        let want = eval(graph, &b).expect("reference evaluation");
+        let exec = GpuExecutor::<R>::new(dev, graph, b.params).expect("executor");
+        let got = exec.run_bindings(&b).expect("gpu run");
+        mixed_precision_agrees::<R>(dev, &spec, &names, &b, &want, &got);
+    }
+}
+
+/// The device's gradients `got` of the tiny bf16 Llama against the
+/// reference's `want` (see `mixed_precision_gradients`).
+fn mixed_precision_agrees<R: Runtime>(
+    dev: &R::Device,
+    spec: &caramba_compiler::manifest::ModelSpec,
+    names: &[String],
+    b: &Bindings,
+    want: &BTreeMap<String, Tensor>,
+    got: &BTreeMap<String, Tensor>,
+) {
     // The f32 model's gradients: what both bf16 computations approximate.
     let exact = {
         let precision = caramba_compiler::Precision::uniform(DType::F32);
-        let mut f = caramba_compiler::lower_model_with(&spec, "tiny_f32", precision, None)
+        let mut f = caramba_compiler::lower_model_with(spec, "tiny_f32", precision, None)
             .unwrap()
             .graph;
         caramba_ir::autodiff::add_next_token_loss(&mut f, "logits").unwrap();
         f.remove_output("logits");
-        let g = caramba_compiler::differentiate_for_training(&f, "loss", &names).unwrap();
-        eval(&g, &b).expect("f32 reference evaluation")
+        let g = caramba_compiler::differentiate_for_training(&f, "loss", names).unwrap();
+        eval(&g, b).expect("f32 reference evaluation")
     };
     // Where attention runs on tensor cores (CUDA, bf16), the kernels round
     // the probabilities and the score gradients to bf16 before their
@@ -847,7 +889,7 @@ pub fn mixed_precision_gradients<R: Runtime>(dev: &R::Device) {
         norm(&mut a.iter().zip(b).map(|(x, y)| x - y)) / norm(&mut a.iter().copied()).max(1e-30)
     };
     let mut rows = Vec::new();
-    for (name, w) in &want {
+    for (name, w) in want {
         let g = &got[name];
         assert_eq!(g.dtype(), DType::F32, "{name} is f32");
         let (wv, gv, xv) = (w.to_f64_vec(), g.to_f64_vec(), exact[name].to_f64_vec());
@@ -2193,9 +2235,10 @@ pub fn narrow_reduce_softmax<R: Runtime>(dev: &R::Device) {
 /// RMS norm and its gradients as a half-precision model has them (the
 /// normalized row rounded to the model's grid before the weight; the
 /// vectorized path: 8, 300, 4096, 302; the scalar one: 7), and
-/// cross-entropy (its loss stored as the logits are).
+/// cross-entropy over narrow logits (its loss in f32, its gradient
+/// stored as the logits are).
 pub fn narrow_norms<R: Runtime>(dev: &R::Device) {
-    use caramba_kernels::norm::launch_cross_entropy;
+    use caramba_kernels::norm::{launch_cross_entropy, launch_cross_entropy_grad};
     use caramba_kernels::rms_norm::{self, Grid, NormGradOperands};
     let client = R::client(dev);
     let mut rng = Rng(44);
@@ -2299,24 +2342,53 @@ pub fn narrow_norms<R: Runtime>(dev: &R::Device) {
         let logits = rounded(elem, &logits);
         let targets = rng.ids(&[12], 300);
         let (_, want) = reference_y(&g, vec![logits.clone(), targets.clone()]);
-        let out = client.empty(want.len() * elem.size());
+        // Narrow logits read as they are, the loss in f32 (`Op::CrossEntropy`
+        // of half logits): the reference's own value up to f32 summation.
+        let (l_dev, t_dev) = (
+            upload_tensor(&client, elem, &logits),
+            upload_tensor(&client, elem, &targets),
+        );
+        let out = client.empty(want.len() * 4);
         launch_cross_entropy(
             &client,
-            elem,
-            &upload_tensor(&client, elem, &logits),
-            &upload_tensor(&client, elem, &targets),
+            (elem, &l_dev),
+            &t_dev,
+            (FloatElem::F32, &out),
+            12,
+            300,
+        );
+        let got = download_as(&client, FloatElem::F32, &out, want.len());
+        // A log-sum-exp over 300 terms: f32 differences of ~1e-5.
+        assert_narrow(&want, &got, 1e-5, 1e-4, &format!("{elem:?} xent"));
+        // The gradient for an f32 loss adjoint, rounded once to the logits'
+        // storage.
+        let mut g = Graph::new("xent_grad");
+        let l = g.input("x0", f32t(&[12, 300])).unwrap();
+        let t = g
+            .input("x1", TensorType::new(DType::I32, shape![12]))
+            .unwrap();
+        let gy = g.input("x2", f32t(&[12])).unwrap();
+        let d = g.add(Op::CrossEntropyGrad, &[l, t, gy], "").unwrap();
+        g.set_output("y", d);
+        let dy = rng.tensor(&[12]);
+        let (_, want) = reference_y(&g, vec![logits.clone(), targets.clone(), dy.clone()]);
+        let out = client.empty(want.len() * elem.size());
+        launch_cross_entropy_grad(
+            &client,
+            (elem, &l_dev),
+            &t_dev,
+            (FloatElem::F32, &upload_tensor(&client, FloatElem::F32, &dy)),
             &out,
             12,
             300,
         );
         let got = download_as(&client, elem, &out, want.len());
-        // A log-sum-exp over 300 terms: f32 differences of ~1e-5.
         assert_narrow(
             &want,
             &got,
             narrow_rel(elem),
-            1e-4,
-            &format!("{elem:?} xent"),
+            1e-6,
+            &format!("{elem:?} xent grad"),
         );
     }
 }

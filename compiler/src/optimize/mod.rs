@@ -6,7 +6,8 @@
 //! ```
 //!
 //! Rules are grouped by family, one file each: `algebra` (layout and
-//! identity cleanup), `rmsnorm`, `attention`, `dba`; `elementwise` runs
+//! identity cleanup), `rmsnorm`, `attention`, `dba`, `kv`, `precision`
+//! (half-precision values read where lowering widened them); `elementwise` runs
 //! after extraction. Every rule has a property test in `tests.rs` that
 //! evaluates both sides with the reference interpreter. Training graphs
 //! meet this module twice more around differentiation: `fuse_for_training`
@@ -27,6 +28,7 @@ pub mod elementwise;
 pub mod kv;
 pub mod lang;
 pub mod merge_projections;
+pub mod precision;
 pub mod reuse_lse;
 pub mod rmsnorm;
 pub mod rule;
@@ -48,6 +50,7 @@ pub fn rules() -> Vec<&'static Rule> {
     r.push(&attention::FUSE_ATTENTION);
     r.push(&kv::DEQUANTIZE_IN_ATTENTION);
     r.push(&rmsnorm::FUSE_RMSNORM);
+    r.extend(precision::rules());
     r
 }
 

@@ -137,6 +137,17 @@ fn count(g: &Graph, pred: impl Fn(&Op) -> bool) -> usize {
 /// Optimizes with only `rules` (and no elementwise pass), checks the named
 /// rule fired and nothing was rejected, and compares outputs.
 fn prove(rule: &str, rules: &[&str], cases: usize, build: impl Fn(&mut Rng) -> Graph) {
+    prove_with_vocab(rule, rules, cases, 1, build)
+}
+
+/// [`prove`] with integer inputs (token ids, targets) below `vocab`.
+fn prove_with_vocab(
+    rule: &str,
+    rules: &[&str],
+    cases: usize,
+    vocab: usize,
+    build: impl Fn(&mut Rng) -> Graph,
+) {
     let mut rng = Rng::new(rule.len() as u64 * 7919);
     for case in 0..cases {
         let g = build(&mut rng);
@@ -154,7 +165,7 @@ fn prove(rule: &str, rules: &[&str], cases: usize, build: impl Fn(&mut Rng) -> G
         );
         let ts = (rng.range(1, 5), 0);
         let ts = (ts.0, ts.0 + rng.range(0, 3));
-        let err = compare(&g, &h, &mut rng, ts, 1);
+        let err = compare(&g, &h, &mut rng, ts, vocab);
         assert!(
             err < 1e-12,
             "case {case}: {rule} changed the value by {err}\nbefore:\n{}after:\n{}",
@@ -278,6 +289,69 @@ fn unit_rules_are_sound() {
     assert_eq!(
         h.node(h.output("y").unwrap()).ty.shape,
         Shape(vec![c(2), c(3)])
+    );
+}
+
+// ---------------------------------------------------------------- precision
+
+/// The loss of half-precision logits `x [T, a, V]` as lowering writes it,
+/// and (when `grad`) the logits' gradient as autodiff writes it.
+fn half_loss_graph(rng: &mut Rng, grad: bool) -> Graph {
+    let h = [DType::BF16, DType::F16][rng.below(2)];
+    let a = rng.range(1, 3);
+    let mut g = Graph::new("t");
+    let x = g
+        .input("x", ty(h, &[Dim::Sym(Sym::T), c(a), c(CE_VOCAB)]))
+        .unwrap();
+    let t = g
+        .input("targets", ty(DType::I32, &[Dim::Sym(Sym::T), c(a)]))
+        .unwrap();
+    let x32 = g.add(Op::Cast(DType::F32), &[x], "loss").unwrap();
+    if grad {
+        let dy = g
+            .input("dy", ty(DType::F32, &[Dim::Sym(Sym::T), c(a)]))
+            .unwrap();
+        let d32 = g.add(Op::CrossEntropyGrad, &[x32, t, dy], "loss").unwrap();
+        let d = g.add(Op::Cast(h), &[d32], "loss").unwrap();
+        g.set_output("dx", d);
+    } else {
+        let y = g.add(Op::CrossEntropy, &[x32, t], "loss").unwrap();
+        g.set_output("loss", y);
+    }
+    g
+}
+
+const CE_VOCAB: usize = 7;
+
+#[test]
+fn widen_into_cross_entropy_is_sound() {
+    prove_with_vocab(
+        "widen-into-cross-entropy",
+        &["widen-into-cross-entropy"],
+        8,
+        CE_VOCAB,
+        |rng| {
+            let g = half_loss_graph(rng, false);
+            let (h, _) = optimize(&g).unwrap();
+            assert_eq!(count(&h, |o| matches!(o, Op::Cast(_))), 0);
+            g
+        },
+    );
+}
+
+#[test]
+fn narrow_cross_entropy_grad_is_sound() {
+    prove_with_vocab(
+        "narrow-cross-entropy-grad",
+        &["narrow-cross-entropy-grad"],
+        8,
+        CE_VOCAB,
+        |rng| {
+            let g = half_loss_graph(rng, true);
+            let (h, _) = optimize(&g).unwrap();
+            assert_eq!(count(&h, |o| matches!(o, Op::Cast(_))), 0);
+            g
+        },
     );
 }
 

@@ -667,15 +667,16 @@ impl<R: Runtime> Ctx<'_, R> {
                 Ok(out)
             }
             Op::CrossEntropy => {
+                // Half-precision logits are read as they are; the loss is
+                // f32 (`Op::CrossEntropy`).
                 let (logits, targets) = (xs[0], xs[1]);
                 let v = *logits.shape.last().expect("typed rank ≥ 1");
                 let out = self.alloc(shape);
                 norm::launch_cross_entropy(
                     c,
-                    e,
-                    &logits.handle,
+                    (logits.elem, &logits.handle),
                     &targets.handle,
-                    &out.handle,
+                    (e, &out.handle),
                     targets.numel(),
                     v,
                 );
@@ -687,10 +688,9 @@ impl<R: Runtime> Ctx<'_, R> {
                 let out = self.alloc(shape);
                 norm::launch_cross_entropy_grad(
                     c,
-                    e,
-                    &logits.handle,
+                    (logits.elem, &logits.handle),
                     &targets.handle,
-                    &g.handle,
+                    (g.elem, &g.handle),
                     &out.handle,
                     targets.numel(),
                     v,
