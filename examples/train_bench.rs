@@ -253,7 +253,7 @@ fn main() {
              (the optimizer's updates not included): {:.1} ms",
             total * 1e3
         );
-        for r in rows.iter().take(24) {
+        for r in rows.iter().take(40) {
             eprintln!(
                 "  {:>9.2} ms {:>5.1}% ({:>7.2} ms host)  {:>5}×  {}",
                 r.secs * 1e3,

@@ -604,6 +604,20 @@ impl<R: Runtime> GpuExecutor<R> {
                             caramba_ir::Op::Reduce { axis, .. } if args[0].shape[*axis] == 1 => {
                                 format!("{} (size-1 axis, relabel)", node.op.mnemonic())
                             }
+                            // Casts move weights, gradients, activations:
+                            // which is which shows in the types and layout.
+                            caramba_ir::Op::Cast(to) => format!(
+                                "cast {}→{to} {:?}{}",
+                                self.graph.node(operands[0]).ty.dtype,
+                                args[0].shape,
+                                if args[0].transposed {
+                                    " (transposed)"
+                                } else if args[0].is_dense() {
+                                    ""
+                                } else {
+                                    " (view)"
+                                }
+                            ),
                             op => op.mnemonic().to_string(),
                         };
                         let mut table = self.profile.lock().expect("profile lock");
