@@ -4,7 +4,7 @@
 # caramba-runtime --features cuda --test gpu_suite --no-run), train_bench and
 # gpu_bench (cargo build --release --features cuda --example ...), with
 # scripts/bench_torch.py and scripts/bench_torch_train.py beside them.
-# Argument: a comma list of parts (suite, ptxas, rows, attn, rms, trows, train, cubek, nsys, llama, lprof).
+# Argument: a comma list of parts (suite, ptxas, rows, attn, rms, trows, train, cubek, nsys, llama, lprof, handoff).
 cd "$(dirname "$0")"
 for f in *.gz; do gunzip -kf $f; done; chmod +x gpu_suite train_bench gpu_bench
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:$LD_LIBRARY_PATH
@@ -44,6 +44,12 @@ for rows in 64 128; do echo "== train smollm2 rows $rows"
 CARAMBA_TC_ROWS=$rows CARAMBA_BENCH_PROFILE=1 timeout 150 ./train_bench cuda smollm2 8 2048 3 bf16 2>&1 | grep -E "^\{|panicked|error|attention" | head -5
 done
 fi
+if [[ $what == *handoff* ]]; then
+for sync in 1 0; do echo "== train smollm2 and llama1b, CARAMBA_VENDOR_SYNC=$sync (1: host waits around each cuBLASLt call; 0: stream handoff)"
+CARAMBA_VENDOR_SYNC=$sync timeout 150 ./train_bench cuda smollm2 8 2048 5 bf16 2>&1 | grep -E "^\{|panicked|error" | head -5
+CARAMBA_VENDOR_SYNC=$sync timeout 200 ./train_bench cuda llama1b 4 2048 3 bf16 2>&1 | grep -E "^\{|panicked|error" | head -5
+done
+fi
 if [[ $what == *cubek* ]]; then
 echo "== train smollm2, every GEMM on cubek (no cuBLASLt waits)"
 CARAMBA_BENCH_GEMM=cubek timeout 200 ./train_bench cuda smollm2 8 2048 3 bf16 2>&1 | grep -E "^\{|panicked|error" | head -5
@@ -61,7 +67,7 @@ fi
 fi
 if [[ $what == *lprof* ]]; then
 echo "== train llama1b b4, profiled"
-CARAMBA_BENCH_PROFILE=1 timeout 300 ./train_bench cuda llama1b 4 2048 3 bf16 2>&1 | grep -vE "^\s*$|XDG" | grep -E "^\{|panicked|error|profile|ms " | head -30
+CARAMBA_BENCH_PROFILE=1 timeout 300 ./train_bench cuda llama1b 4 2048 3 bf16 2>&1 | grep -vE "^\s*$|XDG" | grep -E "^\{|panicked|error|profile|ms " | head -50
 fi
 if [[ $what == *llama,* || $what == *llama ]]; then
 echo "== train llama1b b4"
@@ -71,7 +77,7 @@ CARAMBA_TORCH_DTYPES=amp CARAMBA_TORCH_MODES=eager timeout 120 python3 bench_tor
 fi
 if [[ $what == *train,* || $what == *train ]]; then
 echo "== train smollm2"
-CARAMBA_BENCH_PROFILE=1 timeout 150 ./train_bench cuda smollm2 8 2048 3 bf16 2>&1 | grep -vE "^\s*$|XDG" | grep -E "^\{|panicked|error|profile|ms " | head -30
+CARAMBA_BENCH_PROFILE=1 timeout 150 ./train_bench cuda smollm2 8 2048 3 bf16 2>&1 | grep -vE "^\s*$|XDG" | grep -E "^\{|panicked|error|profile|ms " | head -50
 echo "== torch smollm2 amp eager"
 CARAMBA_TORCH_DTYPES=amp CARAMBA_TORCH_MODES=eager timeout 90 python3 bench_torch_train.py smollm2 8 2048 5 2>&1 | grep -E "^\{|Error" | tail -3
 fi

@@ -8,19 +8,38 @@
 //! `libcublasLt.so` on the loader path runs every product through cubek.
 //!
 //! **Ordering with CubeCL's stream.** CubeCL 0.10 does not expose the CUDA
-//! stream it launches on, so a cuBLASLt call cannot be enqueued behind the
-//! kernels that produce its operands. Each product therefore waits for the
-//! device (everything CubeCL queued is done), runs on this module's own
-//! stream, and waits for that stream before returning, so the kernels
-//! launched next see the result. The device idles while the host does
-//! this. Measured on an H200 (`CARAMBA_VENDOR_TRACE=1` prints each call's
-//! phases to stderr): 20–60 µs of host time per small product, and
-//! 0.2–0.35 ms around a 4096³ product's 0.35 ms (TF32) or 2.7 ms (f32) on
-//! the device, most of it spent resolving the three buffers through CubeCL.
-//! It is still a net gain on training shapes (BENCHMARKS.md); decode steps
-//! use the matrix-vector kernel (`gemv.rs`) and never come here.
-//! Enqueueing on CubeCL's own stream (which needs cubecl-cuda to expose
-//! it) would remove all three waits.
+//! stream it launches on, so a cuBLASLt call cannot be enqueued on it, and
+//! a CUDA event cannot be recorded there. The two streams are ordered
+//! through device memory instead, with no host wait (a *handoff*): each
+//! calling thread has two 32-bit flags in a CubeCL buffer and a counter
+//! `v`. For one product:
+//!
+//! ```text
+//! CubeCL stream:  … producers … → signal (flags[0] = v) → spin until flags[1] ≥ v → consumers …
+//! our stream:     wait until flags[0] ≥ v → cuBLASLt → flags[1] = v
+//! ```
+//!
+//! Both waits are one-thread kernels polling the flag: CubeCL's is a
+//! `#[cube]` kernel, ours is two hand-written PTX kernels (`HANDOFF_PTX`,
+//! JIT-compiled by the driver once) launched on our stream. CUDA's stream
+//! memory operations (`cuStreamWaitValue32`) would do our half without a
+//! kernel, but the driver refuses them on CubeCL's buffers (memory-pool
+//! allocations: `CUDA_ERROR_INVALID_VALUE` on the H100 here).
+//!
+//! The product starts once everything CubeCL queued before it is done, and
+//! everything CubeCL queues after it (including kernels that reuse a
+//! freed operand's memory) waits for it: the same order as one stream.
+//! The spin kernel is one thread, so the product has the rest of the
+//! device. The spin is launched only once the release write is queued, so
+//! a failed product cannot leave it spinning. Comparisons are wrap-safe
+//! (`(x − v) as i32 ≥ 0`), and each thread has its own flags (CubeCL gives
+//! each thread its own stream), so concurrent callers cannot satisfy each
+//! other's waits. `CARAMBA_VENDOR_SYNC=1` restores the earlier protocol
+//! (wait for the device on the host, run, wait for our stream), for
+//! measurements: there the device idled while the host resolved buffers
+//! and called cuBLASLt, 20–60 µs per small product on an H200
+//! (`CARAMBA_VENDOR_TRACE=1` prints each call's phases to stderr). Decode
+//! steps use the matrix-vector kernel (`gemv.rs`) and never come here.
 //!
 //! **Layouts.** Operands are row-major or column-major matrices (a view
 //! whose row stride or column stride is 1), with batch axes that merge into
@@ -317,6 +336,109 @@ mod cuda {
         stream: dsys::CUstream,
         workspace: dsys::CUdeviceptr,
         prepared: HashMap<Key, Prepared>,
+        /// Each calling thread's handoff flags (module documentation).
+        flags: HashMap<std::thread::ThreadId, Flags>,
+        /// Our stream's half of the handoff: the `wait` and `release`
+        /// kernels of `HANDOFF_PTX` (`None`: the module did not load, and
+        /// every product waits on the host).
+        handoff: Option<(dsys::CUfunction, dsys::CUfunction)>,
+    }
+
+    /// Our stream's half of the handoff (module documentation): `wait`
+    /// polls `*flag` until it reaches `v` (wrap-safe), `release` stores
+    /// `v`. One thread each; volatile accesses go to L2, where CubeCL's
+    /// atomic signal lands.
+    const HANDOFF_PTX: &str = "
+.version 7.0
+.target sm_70
+.address_size 64
+
+.visible .entry caramba_wait(.param .u64 flag, .param .u32 v)
+{
+    .reg .u64 %rd<2>;
+    .reg .u32 %r<3>;
+    .reg .pred %p;
+    ld.param.u64 %rd0, [flag];
+    ld.param.u32 %r0, [v];
+    cvta.to.global.u64 %rd1, %rd0;
+POLL:
+    ld.volatile.global.u32 %r1, [%rd1];
+    sub.u32 %r2, %r1, %r0;
+    setp.lt.s32 %p, %r2, 0;
+    @%p bra POLL;
+    ret;
+}
+
+.visible .entry caramba_release(.param .u64 flag, .param .u32 v)
+{
+    .reg .u64 %rd<2>;
+    .reg .u32 %r<1>;
+    ld.param.u64 %rd0, [flag];
+    ld.param.u32 %r0, [v];
+    cvta.to.global.u64 %rd1, %rd0;
+    st.volatile.global.u32 [%rd1], %r0;
+    ret;
+}
+";
+
+    /// Loads `HANDOFF_PTX` into the current context.
+    fn load_handoff() -> Option<(dsys::CUfunction, dsys::CUfunction)> {
+        let src = std::ffi::CString::new(HANDOFF_PTX).ok()?;
+        // SAFETY: a NUL-terminated PTX image; the module lives as long as
+        // the process (the context's teardown frees it).
+        let module = unsafe { drv::module::load_data(src.as_ptr() as *const c_void) }.ok()?;
+        let f = |name: &str| unsafe {
+            drv::module::get_function(module, std::ffi::CString::new(name).ok()?).ok()
+        };
+        Some((f("caramba_wait")?, f("caramba_release")?))
+    }
+
+    /// Launches one of the handoff kernels on `stream` for `flag` and `v`.
+    fn launch_flag(
+        f: dsys::CUfunction,
+        stream: dsys::CUstream,
+        flag: dsys::CUdeviceptr,
+        v: u32,
+    ) -> Result<(), cudarc::driver::DriverError> {
+        let (mut flag, mut v) = (flag, v);
+        let mut params = [
+            &mut flag as *mut dsys::CUdeviceptr as *mut c_void,
+            &mut v as *mut u32 as *mut c_void,
+        ];
+        // SAFETY: `f` takes (u64, u32), which `params` points to.
+        unsafe { drv::launch_kernel(f, (1, 1, 1), (1, 1, 1), 0, stream, &mut params) }
+    }
+
+    /// One thread's handoff: `[signal, release]` as a CubeCL buffer (kept
+    /// alive here, so its address stays put), that address, and the last
+    /// value used.
+    struct Flags {
+        _buffer: cubecl::server::Handle,
+        ptr: dsys::CUdeviceptr,
+        counter: u32,
+    }
+
+    /// `flags[0] = v`: everything queued before it on CubeCL's stream is done.
+    #[cube(launch_unchecked)]
+    fn signal_kernel(flags: &mut Array<Atomic<u32>>, v: u32) {
+        flags[0].store(v);
+    }
+
+    /// Holds CubeCL's stream until `flags[1]` reaches `v` (wrap-safe).
+    #[cube(launch_unchecked)]
+    fn spin_kernel(flags: &mut Array<Atomic<u32>>, v: u32) {
+        loop {
+            let x = flags[1].load();
+            if i32::cast_from(x - v) >= 0 {
+                break;
+            }
+        }
+    }
+
+    /// Whether `CARAMBA_VENDOR_SYNC=1` asks for the host-waiting protocol.
+    fn host_sync() -> bool {
+        static SYNC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *SYNC.get_or_init(|| std::env::var("CARAMBA_VENDOR_SYNC").is_ok_and(|v| v == "1"))
     }
 
     /// cuBLASLt bound to one device: handle, stream, workspace, and the
@@ -353,6 +475,8 @@ mod cuda {
                 stream,
                 workspace,
                 prepared: HashMap::new(),
+                flags: HashMap::new(),
+                handoff: load_handoff(),
             })))
         }
 
@@ -376,10 +500,13 @@ mod cuda {
             };
             static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
             let trace = *TRACE.get_or_init(|| std::env::var_os("CARAMBA_VENDOR_TRACE").is_some());
+            let sync = host_sync();
             let t0 = std::time::Instant::now();
             let (rl, rr, ro) = (res(lhs)?, res(rhs)?, res(out)?);
             let t1 = t0.elapsed();
-            cubecl::future::block_on(client.sync()).map_err(|e| err("wait", e))?;
+            if sync {
+                cubecl::future::block_on(client.sync()).map_err(|e| err("wait", e))?;
+            }
             let t2 = t0.elapsed();
             let mut st = self.0.lock().unwrap_or_else(|p| p.into_inner());
             unsafe { drv::ctx::set_current(st.ctx) }.map_err(|e| err("context", e))?;
@@ -409,10 +536,74 @@ mod cuda {
                 let p = prepare(st.handle, &key, plan.k)?;
                 st.prepared.insert(key, p);
             }
+            // The handoff's first half: our stream waits for CubeCL's.
+            let handoff = if sync || st.handoff.is_none() {
+                None
+            } else {
+                let thread = std::thread::current().id();
+                if !st.flags.contains_key(&thread) {
+                    let buffer = client.create_from_slice(u32::as_bytes(&[0, 0]));
+                    let ptr = client
+                        .get_resource(buffer.clone())
+                        .map_err(|e| err("flags", e))?
+                        .resource()
+                        .ptr;
+                    // Compile and load both kernels now, while nothing
+                    // waits on the device (a module load may wait for it).
+                    for k in 0..2 {
+                        let arg = unsafe { ArrayArg::from_raw_parts(buffer.clone(), 2) };
+                        let (grid, dim) = (CubeCount::Static(1, 1, 1), CubeDim::new_1d(1));
+                        unsafe {
+                            if k == 0 {
+                                signal_kernel::launch_unchecked::<CudaRuntime>(
+                                    client, grid, dim, arg, 0,
+                                )
+                            } else {
+                                spin_kernel::launch_unchecked::<CudaRuntime>(
+                                    client, grid, dim, arg, 0,
+                                )
+                            }
+                        };
+                    }
+                    cubecl::future::block_on(client.sync()).map_err(|e| err("wait", e))?;
+                    st.flags.insert(
+                        thread,
+                        Flags {
+                            _buffer: buffer,
+                            ptr,
+                            counter: 0,
+                        },
+                    );
+                }
+                let f = st.flags.get_mut(&thread).expect("inserted above");
+                f.counter = f.counter.wrapping_add(1);
+                let (v, ptr, buffer) = (f.counter, f.ptr, f._buffer.clone());
+                let arg = move || unsafe { ArrayArg::from_raw_parts(buffer.clone(), 2) };
+                unsafe {
+                    signal_kernel::launch_unchecked::<CudaRuntime>(
+                        client,
+                        CubeCount::Static(1, 1, 1),
+                        CubeDim::new_1d(1),
+                        arg(),
+                        v,
+                    )
+                };
+                // CubeCL may hold launches back until a flush: the signal
+                // must be on the device before our stream waits for it, or
+                // anything in CubeCL that waits for the whole device (a
+                // module load, a synchronous free) would wait for our
+                // waiting kernel, which waits for a signal still on the
+                // host.
+                client.flush().map_err(|e| err("flush", e))?;
+                let (wait, _) = st.handoff.expect("checked above");
+                launch_flag(wait, st.stream, ptr, v).map_err(|e| err("stream wait", e))?;
+                Some((v, ptr, arg))
+            };
             let p = &st.prepared[&key];
             let (alpha, beta) = (1.0f32, 0.0f32);
             let size = elem.size() as u64;
             let at = |base: u64, off: usize| (base + size * off as u64) as *mut c_void;
+            let mut called = Ok(());
             for &(ol, or, od) in &plan.outer {
                 let (b, a, d) = (
                     at(rl.resource().ptr, ol),
@@ -420,9 +611,11 @@ mod cuda {
                     at(ro.resource().ptr, od),
                 );
                 // SAFETY: the pointers are live device buffers (their
-                // managed resources are held until this returns) of the
-                // sizes the layouts describe; the descriptors are valid.
-                unsafe {
+                // managed resources are held until this returns, and with
+                // the handoff CubeCL reuses none of them before the
+                // product is done) of the sizes the layouts describe; the
+                // descriptors are valid.
+                called = unsafe {
                     lt::matmul(
                         st.handle,
                         p.desc,
@@ -442,15 +635,45 @@ mod cuda {
                         st.stream as _,
                     )
                 }
-                .map_err(|e| err("matmul", e))?;
+                .map_err(|e| err("matmul", e));
+                if called.is_err() {
+                    break;
+                }
             }
             let t3 = t0.elapsed();
-            unsafe { drv::stream::synchronize(st.stream) }.map_err(|e| err("wait", e))?;
+            match handoff {
+                // The second half: released even when a call failed, and
+                // CubeCL's stream held only once the release is queued.
+                Some((v, ptr, arg)) => {
+                    let (_, release) = st.handoff.expect("checked above");
+                    let released = launch_flag(release, st.stream, ptr + 4, v);
+                    match released {
+                        Ok(()) => unsafe {
+                            spin_kernel::launch_unchecked::<CudaRuntime>(
+                                client,
+                                CubeCount::Static(1, 1, 1),
+                                CubeDim::new_1d(1),
+                                arg(),
+                                v,
+                            )
+                        },
+                        Err(e) => {
+                            // Nothing holds CubeCL's stream: order by waiting.
+                            let _ = unsafe { drv::stream::synchronize(st.stream) };
+                            return Err(err("stream release", e));
+                        }
+                    }
+                }
+                None => {
+                    unsafe { drv::stream::synchronize(st.stream) }.map_err(|e| err("wait", e))?
+                }
+            }
+            called?;
             let t4 = t0.elapsed();
             drop((rl, rr, ro));
             if trace {
                 eprintln!(
-                    "vendor {}x{}x{} b{}: resources {:?} sync {:?} call {:?} wait {:?}",
+                    "vendor {}x{}x{} b{}: resources {:?} sync {:?} call {:?} {} {:?}",
                     plan.m,
                     plan.n,
                     plan.k,
@@ -458,6 +681,7 @@ mod cuda {
                     t1,
                     t2 - t1,
                     t3 - t2,
+                    if sync { "wait" } else { "release" },
                     t4 - t3
                 );
             }
