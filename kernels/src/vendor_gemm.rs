@@ -418,6 +418,32 @@ POLL:
         counter: u32,
     }
 
+    impl Flags {
+        /// A thread's zeroed flags, with both of CubeCL's handoff kernels
+        /// compiled and loaded now, while nothing waits on the device (a
+        /// module load may wait for it).
+        fn new(client: &ComputeClient<CudaRuntime>) -> Result<Flags, KernelError> {
+            let buffer = client.create_from_slice(u32::as_bytes(&[0, 0]));
+            let ptr = client
+                .get_resource(buffer.clone())
+                .map_err(|e| err("flags", e))?
+                .resource()
+                .ptr;
+            let (grid, dim) = (CubeCount::Static(1, 1, 1), CubeDim::new_1d(1));
+            let arg = || unsafe { ArrayArg::from_raw_parts(buffer.clone(), 2) };
+            unsafe {
+                signal_kernel::launch_unchecked::<CudaRuntime>(client, grid.clone(), dim, arg(), 0);
+                spin_kernel::launch_unchecked::<CudaRuntime>(client, grid, dim, arg(), 0);
+            }
+            cubecl::future::block_on(client.sync()).map_err(|e| err("wait", e))?;
+            Ok(Flags {
+                _buffer: buffer,
+                ptr,
+                counter: 0,
+            })
+        }
+    }
+
     /// `flags[0] = v`: everything queued before it on CubeCL's stream is done.
     #[cube(launch_unchecked)]
     fn signal_kernel(flags: &mut Array<Atomic<u32>>, v: u32) {
@@ -541,41 +567,10 @@ POLL:
                 None
             } else {
                 let thread = std::thread::current().id();
-                if !st.flags.contains_key(&thread) {
-                    let buffer = client.create_from_slice(u32::as_bytes(&[0, 0]));
-                    let ptr = client
-                        .get_resource(buffer.clone())
-                        .map_err(|e| err("flags", e))?
-                        .resource()
-                        .ptr;
-                    // Compile and load both kernels now, while nothing
-                    // waits on the device (a module load may wait for it).
-                    for k in 0..2 {
-                        let arg = unsafe { ArrayArg::from_raw_parts(buffer.clone(), 2) };
-                        let (grid, dim) = (CubeCount::Static(1, 1, 1), CubeDim::new_1d(1));
-                        unsafe {
-                            if k == 0 {
-                                signal_kernel::launch_unchecked::<CudaRuntime>(
-                                    client, grid, dim, arg, 0,
-                                )
-                            } else {
-                                spin_kernel::launch_unchecked::<CudaRuntime>(
-                                    client, grid, dim, arg, 0,
-                                )
-                            }
-                        };
-                    }
-                    cubecl::future::block_on(client.sync()).map_err(|e| err("wait", e))?;
-                    st.flags.insert(
-                        thread,
-                        Flags {
-                            _buffer: buffer,
-                            ptr,
-                            counter: 0,
-                        },
-                    );
-                }
-                let f = st.flags.get_mut(&thread).expect("inserted above");
+                let f = match st.flags.entry(thread) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => e.insert(Flags::new(client)?),
+                };
                 f.counter = f.counter.wrapping_add(1);
                 let (v, ptr, buffer) = (f.counter, f.ptr, f._buffer.clone());
                 let arg = move || unsafe { ArrayArg::from_raw_parts(buffer.clone(), 2) };
