@@ -17,10 +17,13 @@
 //! reads back only those partials (a few dozen floats per parameter).
 //!
 //! All buffers are dense `f32`; launches use 4-wide vectors when the length
-//! allows it (the updates are bandwidth-bound).
+//! allows it (the updates are bandwidth-bound). An update may also write
+//! the new weights rounded to a narrower storage ([`HalfCopy`]): the copy a
+//! mixed-precision graph reads in place of casting the f32 weights itself,
+//! rounded as the cast would round them (nearest even).
 
 use crate::reduce::block_sum;
-use crate::{grid_1d, linear_pos, ELEM_BLOCK, ROW_BLOCK};
+use crate::{grid_1d, linear_pos, with_float, FloatElem, ELEM_BLOCK, ROW_BLOCK};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
@@ -61,6 +64,47 @@ pub struct SgdStep {
     pub wd: f32,
 }
 
+/// Where an update also writes its new weights, rounded once: a dense
+/// buffer of the parameter's length in `elem` storage.
+#[derive(Clone, Copy, Debug)]
+pub struct HalfCopy<'a> {
+    pub elem: FloatElem,
+    pub handle: &'a Handle,
+}
+
+/// `copy[i] = w` rounded to `S` (nearest even), when the launch has a copy.
+#[cube]
+fn write_copy<F: Float, S: Float, N: Size>(
+    copy: &mut Array<Vector<S, N>>,
+    i: usize,
+    w: Vector<F, N>,
+    #[comptime] has_copy: bool,
+) {
+    if has_copy {
+        copy[i] = Vector::<S, N>::cast_from(w);
+    }
+}
+
+/// Runs `$launch` with `$H` the copy's storage type and `$copy`/`$has` its
+/// array and flag: `w`'s own array (never written) when there is none.
+macro_rules! with_copy {
+    ($copy:expr, $w:expr, $nv:expr, $H:ident, $arr:ident, $has:ident => $launch:expr) => {
+        match $copy {
+            Some(c) => with_float!(c.elem, $H => {
+                let $arr = unsafe { ArrayArg::from_raw_parts(c.handle.clone(), $nv) };
+                let $has = true;
+                $launch
+            }),
+            None => {
+                type $H = f32;
+                let $arr = unsafe { ArrayArg::from_raw_parts($w.clone(), $nv) };
+                let $has = false;
+                $launch
+            }
+        }
+    };
+}
+
 /// Vector width for a dense buffer of `n` elements.
 fn width(n: usize) -> usize {
     if n.is_multiple_of(4) {
@@ -79,11 +123,12 @@ fn elementwise_grid(n: usize) -> (CubeCount, usize, usize) {
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn adamw_kernel<F: Float + CubeElement, N: Size>(
+fn adamw_kernel<F: Float + CubeElement, S: Float, N: Size>(
     w: &mut Array<Vector<F, N>>,
     g: &Array<Vector<F, N>>,
     m: &mut Array<Vector<F, N>>,
     v: &mut Array<Vector<F, N>>,
+    copy: &mut Array<Vector<S, N>>,
     len: usize,
     b1: F,
     b2: F,
@@ -94,6 +139,7 @@ fn adamw_kernel<F: Float + CubeElement, N: Size>(
     bc2_sqrt: F,
     keep: F,
     grad_scale: F,
+    #[comptime] has_copy: bool,
 ) {
     let i = linear_pos();
     if i >= len {
@@ -104,12 +150,14 @@ fn adamw_kernel<F: Float + CubeElement, N: Size>(
     let vi = Vector::new(b2) * v[i] + Vector::new(one_minus_b2) * gi * gi;
     m[i] = mi;
     v[i] = vi;
-    w[i] = w[i] * Vector::new(keep)
+    let wi = w[i] * Vector::new(keep)
         - Vector::new(step_size) * mi / (vi.sqrt() / Vector::new(bc2_sqrt) + Vector::new(eps));
+    w[i] = wi;
+    write_copy::<F, S, N>(copy, i, wi, has_copy);
 }
 
 /// AdamW on `n` elements: updates `w`, `m` and `v` in place from `g`
-/// (read as `g · grad_scale`).
+/// (read as `g · grad_scale`), and writes `copy` when given.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_adamw<R: Runtime>(
     client: &ComputeClient<R>,
@@ -118,6 +166,7 @@ pub fn launch_adamw<R: Runtime>(
     g: &Handle,
     m: &Handle,
     v: &Handle,
+    copy: Option<HalfCopy>,
     n: usize,
     grad_scale: f32,
 ) {
@@ -126,8 +175,8 @@ pub fn launch_adamw<R: Runtime>(
     }
     let (grid, nv, vw) = elementwise_grid(n);
     let arr = |h: &Handle| unsafe { ArrayArg::from_raw_parts(h.clone(), nv) };
-    unsafe {
-        adamw_kernel::launch_unchecked::<f32, R>(
+    with_copy!(copy, w, nv, H, copy_arr, has_copy => unsafe {
+        adamw_kernel::launch_unchecked::<f32, H, R>(
             client,
             grid,
             CubeDim::new_1d(ELEM_BLOCK),
@@ -136,6 +185,7 @@ pub fn launch_adamw<R: Runtime>(
             arr(g),
             arr(m),
             arr(v),
+            copy_arr,
             nv,
             s.b1,
             s.b2,
@@ -146,16 +196,18 @@ pub fn launch_adamw<R: Runtime>(
             s.bc2_sqrt,
             s.keep,
             grad_scale,
+            has_copy,
         );
-    }
+    });
 }
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn lion_kernel<F: Float + CubeElement, N: Size>(
+fn lion_kernel<F: Float + CubeElement, S: Float, N: Size>(
     w: &mut Array<Vector<F, N>>,
     g: &Array<Vector<F, N>>,
     m: &mut Array<Vector<F, N>>,
+    copy: &mut Array<Vector<S, N>>,
     len: usize,
     b1: F,
     b2: F,
@@ -164,6 +216,7 @@ fn lion_kernel<F: Float + CubeElement, N: Size>(
     lr: F,
     keep: F,
     grad_scale: F,
+    #[comptime] has_copy: bool,
 ) {
     let i = linear_pos();
     if i >= len {
@@ -177,12 +230,14 @@ fn lion_kernel<F: Float + CubeElement, N: Size>(
     let one = Vector::<F, N>::new(F::new(1.0));
     let sign =
         select_many(c.greater_than(zero), one, zero) - select_many(c.less_than(zero), one, zero);
-    w[i] = w[i] * Vector::new(keep) - Vector::new(lr) * sign;
+    let wi = w[i] * Vector::new(keep) - Vector::new(lr) * sign;
+    w[i] = wi;
     m[i] = Vector::new(b2) * mi + Vector::new(one_minus_b2) * gi;
+    write_copy::<F, S, N>(copy, i, wi, has_copy);
 }
 
 /// Lion on `n` elements: updates `w` and `m` in place from `g` (read as
-/// `g · grad_scale`).
+/// `g · grad_scale`), and writes `copy` when given.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_lion<R: Runtime>(
     client: &ComputeClient<R>,
@@ -190,6 +245,7 @@ pub fn launch_lion<R: Runtime>(
     w: &Handle,
     g: &Handle,
     m: &Handle,
+    copy: Option<HalfCopy>,
     n: usize,
     grad_scale: f32,
 ) {
@@ -198,8 +254,8 @@ pub fn launch_lion<R: Runtime>(
     }
     let (grid, nv, vw) = elementwise_grid(n);
     let arr = |h: &Handle| unsafe { ArrayArg::from_raw_parts(h.clone(), nv) };
-    unsafe {
-        lion_kernel::launch_unchecked::<f32, R>(
+    with_copy!(copy, w, nv, H, copy_arr, has_copy => unsafe {
+        lion_kernel::launch_unchecked::<f32, H, R>(
             client,
             grid,
             CubeDim::new_1d(ELEM_BLOCK),
@@ -207,6 +263,7 @@ pub fn launch_lion<R: Runtime>(
             arr(w),
             arr(g),
             arr(m),
+            copy_arr,
             nv,
             s.b1,
             s.b2,
@@ -215,21 +272,24 @@ pub fn launch_lion<R: Runtime>(
             s.lr,
             s.keep,
             grad_scale,
+            has_copy,
         );
-    }
+    });
 }
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn sgd_momentum_kernel<F: Float + CubeElement, N: Size>(
+fn sgd_momentum_kernel<F: Float + CubeElement, S: Float, N: Size>(
     w: &mut Array<Vector<F, N>>,
     g: &Array<Vector<F, N>>,
     b: &mut Array<Vector<F, N>>,
+    copy: &mut Array<Vector<S, N>>,
     len: usize,
     momentum: F,
     lr: F,
     wd: F,
     grad_scale: F,
+    #[comptime] has_copy: bool,
 ) {
     let i = linear_pos();
     if i >= len {
@@ -239,29 +299,37 @@ fn sgd_momentum_kernel<F: Float + CubeElement, N: Size>(
     let d = g[i] * Vector::new(grad_scale) + Vector::new(wd) * wi;
     let bi = Vector::new(momentum) * b[i] + d;
     b[i] = bi;
-    w[i] = wi - Vector::new(lr) * bi;
+    let wn = wi - Vector::new(lr) * bi;
+    w[i] = wn;
+    write_copy::<F, S, N>(copy, i, wn, has_copy);
 }
 
 #[cube(launch_unchecked)]
-fn sgd_kernel<F: Float + CubeElement, N: Size>(
+#[allow(clippy::too_many_arguments)]
+fn sgd_kernel<F: Float + CubeElement, S: Float, N: Size>(
     w: &mut Array<Vector<F, N>>,
     g: &Array<Vector<F, N>>,
+    copy: &mut Array<Vector<S, N>>,
     len: usize,
     lr: F,
     wd: F,
     grad_scale: F,
+    #[comptime] has_copy: bool,
 ) {
     let i = linear_pos();
     if i >= len {
         terminate!();
     }
     let wi = w[i];
-    w[i] = wi - Vector::new(lr) * (g[i] * Vector::new(grad_scale) + Vector::new(wd) * wi);
+    let wn = wi - Vector::new(lr) * (g[i] * Vector::new(grad_scale) + Vector::new(wd) * wi);
+    w[i] = wn;
+    write_copy::<F, S, N>(copy, i, wn, has_copy);
 }
 
 /// SGD on `n` elements: updates `w` (and the momentum buffer `b`, when
-/// given) in place from `g` (read as `g · grad_scale`). Without a buffer it
-/// is plain SGD, as the host optimizer does when `momentum` is 0.
+/// given) in place from `g` (read as `g · grad_scale`), and writes `copy`
+/// when given. Without a buffer it is plain SGD, as the host optimizer
+/// does when `momentum` is 0.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_sgd<R: Runtime>(
     client: &ComputeClient<R>,
@@ -269,6 +337,7 @@ pub fn launch_sgd<R: Runtime>(
     w: &Handle,
     g: &Handle,
     b: Option<&Handle>,
+    copy: Option<HalfCopy>,
     n: usize,
     grad_scale: f32,
 ) {
@@ -278,9 +347,9 @@ pub fn launch_sgd<R: Runtime>(
     let (grid, nv, vw) = elementwise_grid(n);
     let arr = |h: &Handle| unsafe { ArrayArg::from_raw_parts(h.clone(), nv) };
     let dim = CubeDim::new_1d(ELEM_BLOCK);
-    unsafe {
+    with_copy!(copy, w, nv, H, copy_arr, has_copy => unsafe {
         match b {
-            Some(b) => sgd_momentum_kernel::launch_unchecked::<f32, R>(
+            Some(b) => sgd_momentum_kernel::launch_unchecked::<f32, H, R>(
                 client,
                 grid,
                 dim,
@@ -288,26 +357,30 @@ pub fn launch_sgd<R: Runtime>(
                 arr(w),
                 arr(g),
                 arr(b),
+                copy_arr,
                 nv,
                 s.momentum,
                 s.lr,
                 s.wd,
                 grad_scale,
+                has_copy,
             ),
-            None => sgd_kernel::launch_unchecked::<f32, R>(
+            None => sgd_kernel::launch_unchecked::<f32, H, R>(
                 client,
                 grid,
                 dim,
                 vw,
                 arr(w),
                 arr(g),
+                copy_arr,
                 nv,
                 s.lr,
                 s.wd,
                 grad_scale,
+                has_copy,
             ),
         }
-    }
+    });
 }
 
 /// Most cubes (hence partial sums) one tensor's sum of squares uses.

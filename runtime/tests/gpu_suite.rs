@@ -1608,6 +1608,103 @@ fn check_trainer<R: Runtime>(
     assert_eq!(trainer.step_count(), 3);
 }
 
+/// A mixed-precision trainer reads half-precision copies of its f32
+/// weights that its optimizer writes (`GpuOptions::param_copies`): after
+/// every step each copy is exactly the weight rounded to the compute dtype
+/// (what the forward's cast would give), and the training graph's loss on
+/// the new weights agrees with an evaluation executor that casts them
+/// itself.
+pub fn trainer_keeps_half_copies<R: Runtime>(dev: &R::Device) {
+    use caramba_runtime::gpu::train::GpuTrainer;
+    use caramba_runtime::train::{Optimizer, OptimizerConfig};
+    let client = R::client(dev);
+    for elem in narrow_elems(&client, "half copies") {
+        let dtype = if elem == FloatElem::BF16 {
+            DType::BF16
+        } else {
+            DType::F16
+        };
+        let spec = caramba_compiler::hf::llama_model(&tiny_llama_dims());
+        let precision = caramba_compiler::Precision::mixed(dtype);
+        let mut forward = caramba_compiler::lower_model_with(&spec, "tiny_amp", precision, None)
+            .unwrap()
+            .graph;
+        caramba_ir::autodiff::add_next_token_loss(&mut forward, "logits").unwrap();
+        forward.remove_output("logits");
+        let init = random_params(&forward, 57);
+        let names: Vec<String> = init.keys().cloned().collect();
+        let graph = caramba_compiler::differentiate_for_training(&forward, "loss", &names).unwrap();
+        let (graph, _) = caramba_compiler::optimize(&graph).unwrap();
+        for config in [
+            OptimizerConfig::adamw(0.1),
+            OptimizerConfig::lion(0.1),
+            OptimizerConfig::sgd(0.9, 0.1),
+        ] {
+            let mut trainer = GpuTrainer::<R>::new(
+                dev,
+                &graph,
+                "loss",
+                &init,
+                &Optimizer::new(config),
+                GpuOptions::default(),
+            )
+            .unwrap()
+            .with_eval_graph(&forward)
+            .unwrap();
+            let copies = trainer.executor().param_copies().clone();
+            assert_eq!(
+                copies.len(),
+                names.len(),
+                "{dtype}: every weight read in {dtype} has a copy"
+            );
+            let mut rng = Rng(58);
+            for step in 0..3 {
+                let batch = lm_batch(&mut rng, 2, 8);
+                trainer.step(&[batch], 1e-2, Some(1.0)).unwrap();
+                let weights = trainer.params_to_host().unwrap();
+                let round = if dtype == DType::BF16 {
+                    caramba_ir::reference::round_bf16
+                } else {
+                    caramba_ir::reference::round_f16
+                };
+                for (name, c) in &copies {
+                    let want: Vec<f32> = weights[name]
+                        .as_f32()
+                        .unwrap()
+                        .iter()
+                        .map(|&x| round(x))
+                        .collect();
+                    let got = trainer.executor().download(c).unwrap().to_f64_vec();
+                    let wrong = got.iter().zip(&want).position(|(&g, &w)| g != w as f64);
+                    assert!(
+                        wrong.is_none(),
+                        "{dtype} {config:?} step {step}: the copy of {name} at {wrong:?}: {:?}, want {:?}",
+                        wrong.map(|i| got[i]),
+                        wrong.map(|i| want[i])
+                    );
+                }
+                // The training graph (reading the copies) and the
+                // evaluation graph (casting the weights) see one model.
+                let mb = lm_batch(&mut rng, 2, 8);
+                let eval = trainer.eval_loss(&mb.inputs, mb.syms).unwrap();
+                let out = trainer
+                    .executor()
+                    .run_bindings(&Bindings {
+                        syms: mb.syms,
+                        inputs: mb.inputs.clone(),
+                        params: &weights,
+                    })
+                    .unwrap();
+                let loss = out["loss"].to_f64_vec()[0];
+                assert!(
+                    (loss - eval).abs() <= 2e-2 * eval,
+                    "{dtype} {config:?} step {step}: training graph {loss}, evaluation {eval}"
+                );
+            }
+        }
+    }
+}
+
 /// SGD with momentum and decay, whose update is linear in the gradient:
 /// the trainer against the whole host path (reference forward/backward).
 pub fn trainer_matches_host_sgd<R: Runtime>(dev: &R::Device) {
@@ -2993,7 +3090,7 @@ macro_rules! all_tests {
             mixed_precision_gradients,
             dba_preset, quantize_formats, kv_attention_over_caches, cached_tiny_llama,
             resident_values, fused_optimizers, grad_norm_and_clipping, trainer_matches_host_sgd,
-            trainer_matches_host_adamw, narrow_elementwise, narrow_copy, strided_copies, lazy_views,
+            trainer_matches_host_adamw, trainer_keeps_half_copies, narrow_elementwise, narrow_copy, strided_copies, lazy_views,
             narrow_cast,
             narrow_reduce_softmax, narrow_norms, narrow_gather, narrow_rope, narrow_attention,
             narrow_attention_backward, narrow_matmul, narrow_kv_attention);

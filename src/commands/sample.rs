@@ -40,6 +40,7 @@ pub fn sample(a: &SampleArgs) -> CmdResult {
         fast_matmul: a.tf32,
         gemm: a.gemm.into(),
         profile: a.profile,
+        ..Default::default()
     };
     let model = Model::load_with_options(&ckpt, backend, cache, gpu, a.dtype.into())?;
     let mut ids = tok.encode(&a.prompt, false);

@@ -88,6 +88,13 @@ pub struct GpuOptions {
     /// ([`GpuExecutor::profile`]). Serializes the device: for finding where
     /// time goes, not for timing whole runs.
     pub profile: bool,
+    /// Keep each parameter's half-precision cast (a mixed-precision graph's
+    /// `cast(param, bf16)`) as a buffer made once, instead of casting on
+    /// every run ([`GpuExecutor::param_copies`]). Whoever updates the
+    /// parameters must update the copies too: the trainer turns this on and
+    /// its optimizer writes them in the same launch. Executors made by
+    /// [`GpuExecutor::sharing`] never keep copies (they would go stale).
+    pub param_copies: bool,
 }
 
 /// Who computes matrix products on the device.
@@ -276,6 +283,11 @@ pub struct GpuExecutor<R: Runtime> {
     /// per launch cost about half a millisecond of host time on CUDA, most
     /// of a decode step.
     rope_freqs: HashMap<NodeId, Handle>,
+    /// With [`GpuOptions::param_copies`]: the casts of parameters to a half
+    /// precision the device stores narrow, each bound to its copy, and the
+    /// copies by parameter name.
+    copies: HashMap<NodeId, DevTensor>,
+    copies_by_name: BTreeMap<String, DeviceTensor>,
 }
 
 impl<R: Runtime> GpuExecutor<R> {
@@ -346,12 +358,16 @@ impl<R: Runtime> GpuExecutor<R> {
                 bound.insert(id, t.0.clone());
             }
         }
+        let options = GpuOptions {
+            param_copies: false,
+            ..self.options
+        };
         Ok(Self::from_plan(
             self.client.clone(),
             graph,
             plan,
             bound,
-            self.options,
+            options,
             self.vendor.clone(),
             self.narrow,
         ))
@@ -408,8 +424,15 @@ impl<R: Runtime> GpuExecutor<R> {
                 }
             }
         }
+        let (copies, copies_by_name) = if options.param_copies {
+            param_copies(&client, graph, &plan.order, &params, narrow)
+        } else {
+            Default::default()
+        };
         GpuExecutor {
             rope_freqs,
+            copies,
+            copies_by_name,
             client,
             graph: graph.clone(),
             order: plan.order,
@@ -424,6 +447,13 @@ impl<R: Runtime> GpuExecutor<R> {
             profile: Default::default(),
             narrow,
         }
+    }
+
+    /// The half-precision copies of parameters this executor reads instead
+    /// of casting them ([`GpuOptions::param_copies`]), by parameter name:
+    /// whoever updates a parameter in place must write its copy too.
+    pub fn param_copies(&self) -> &BTreeMap<String, DeviceTensor> {
+        &self.copies_by_name
     }
 
     /// The profile so far (with [`GpuOptions::profile`]): per op kind, the
@@ -533,6 +563,11 @@ impl<R: Runtime> GpuExecutor<R> {
                     }
                 }
                 caramba_ir::Op::Param { .. } => self.params[&id].clone(),
+                // A parameter's half-precision copy, kept up to date by the
+                // trainer's optimizer (`GpuOptions::param_copies`).
+                caramba_ir::Op::Cast(_) if self.copies.contains_key(&id) => {
+                    self.copies[&id].clone()
+                }
                 caramba_ir::Op::Permute(_) | caramba_ir::Op::Slice { .. }
                     if self.lazy_views.contains(&id) =>
                 {
@@ -662,6 +697,63 @@ impl<R: Runtime> GpuExecutor<R> {
             })
             .collect())
     }
+}
+
+/// For [`GpuOptions::param_copies`]: each live `cast` of a dense f32
+/// parameter to f16 or bf16 that the device stores narrow, bound to one
+/// copy per parameter made now (a second cast of the same parameter to the
+/// same dtype shares it; to another dtype, it stays a cast). Devices that
+/// keep the dtype widened in f32 buffers get no copies: the optimizer
+/// writes storage types, not rounded grids.
+fn param_copies<R: Runtime>(
+    client: &ComputeClient<R>,
+    graph: &Graph,
+    order: &[NodeId],
+    params: &HashMap<NodeId, DevTensor>,
+    narrow: HalfStorage,
+) -> (HashMap<NodeId, DevTensor>, BTreeMap<String, DeviceTensor>) {
+    let mut copies = HashMap::new();
+    let mut by_name: BTreeMap<String, DeviceTensor> = BTreeMap::new();
+    for &id in order {
+        let caramba_ir::Op::Cast(to) = graph.node(id).op else {
+            continue;
+        };
+        let src = graph.operands(id)[0];
+        let (caramba_ir::Op::Param { name }, Some(p)) = (&graph.node(src).op, params.get(&src))
+        else {
+            continue;
+        };
+        if !matches!(to, DType::F16 | DType::BF16)
+            || narrow.widens(to)
+            || p.elem != FloatElem::F32
+            || p.dtype != DType::F32
+            || !p.is_dense()
+        {
+            continue;
+        }
+        let copy = match by_name.get(name) {
+            Some(c) if c.dtype() == to => c.0.clone(),
+            Some(_) => continue,
+            None => {
+                let elem = narrow.elem(to);
+                let n = p.numel();
+                let h = client.empty(n.max(1) * elem.size());
+                caramba_kernels::cast::launch_convert(
+                    client,
+                    caramba_kernels::Storage::Float(FloatElem::F32),
+                    caramba_kernels::Storage::Float(elem),
+                    &p.handle,
+                    &h,
+                    n,
+                );
+                let t = DevTensor::dense(h, p.shape.clone(), to, elem);
+                by_name.insert(name.clone(), DeviceTensor(t.clone()));
+                t
+            }
+        };
+        copies.insert(id, copy);
+    }
+    (copies, by_name)
 }
 
 /// Whether `CARAMBA_NO_LAZY_VIEWS=1` materializes every permute and slice

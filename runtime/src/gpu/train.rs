@@ -114,6 +114,34 @@ impl<R: Runtime> DeviceOptimizer<R> {
         lr: f64,
         grad_scale: f32,
     ) -> Result<(), GpuError> {
+        self.step_with_copies(params, grads, &BTreeMap::new(), lr, grad_scale)
+    }
+
+    /// [`DeviceOptimizer::step`], also writing each updated parameter's
+    /// half-precision copy in `copies` (by name; see
+    /// [`super::GpuOptions::param_copies`]) in the same launch, rounded as
+    /// a cast would round the new weights.
+    pub fn step_with_copies(
+        &mut self,
+        params: &BTreeMap<String, DeviceTensor>,
+        grads: &BTreeMap<String, DeviceTensor>,
+        copies: &BTreeMap<String, DeviceTensor>,
+        lr: f64,
+        grad_scale: f32,
+    ) -> Result<(), GpuError> {
+        for (name, c) in copies {
+            let p = params
+                .get(name)
+                .ok_or_else(|| GpuError::MissingParam { name: name.clone() })?;
+            if p.shape() != c.shape() || !c.0.is_dense() {
+                return Err(GpuError::Mismatch {
+                    what: "parameter copy",
+                    name: name.clone(),
+                    expected: p.to_string(),
+                    found: c.to_string(),
+                });
+            }
+        }
         for (name, g) in grads {
             let p = params
                 .get(name)
@@ -140,6 +168,10 @@ impl<R: Runtime> DeviceOptimizer<R> {
                 .or_insert_with(|| Moments::zeros(client, p.shape(), buffers));
             let decay = self.config.decays(name, p.shape());
             let (w, g) = (p.handle(), g.handle());
+            let copy = copies.get(name).map(|c| k::HalfCopy {
+                elem: c.elem(),
+                handle: c.handle(),
+            });
             match rule {
                 Rule::Adamw {
                     b1,
@@ -163,7 +195,7 @@ impl<R: Runtime> DeviceOptimizer<R> {
                     };
                     let (m, v) = (s.m.as_ref(), s.v.as_ref());
                     let (m, v) = m.zip(v).expect("AdamW keeps two moments");
-                    k::launch_adamw(client, &step, w, g, m, v, n, grad_scale);
+                    k::launch_adamw(client, &step, w, g, m, v, copy, n, grad_scale);
                 }
                 Rule::Lion {
                     b1,
@@ -182,7 +214,7 @@ impl<R: Runtime> DeviceOptimizer<R> {
                         keep: if decay { decay_factor } else { 1.0 },
                     };
                     let m = s.m.as_ref().expect("Lion keeps a momentum");
-                    k::launch_lion(client, &step, w, g, m, n, grad_scale);
+                    k::launch_lion(client, &step, w, g, m, copy, n, grad_scale);
                 }
                 Rule::Sgd { momentum, lr, wd } => {
                     let step = k::SgdStep {
@@ -190,7 +222,7 @@ impl<R: Runtime> DeviceOptimizer<R> {
                         lr,
                         wd: if decay { wd } else { 0.0 },
                     };
-                    k::launch_sgd(client, &step, w, g, s.m.as_ref(), n, grad_scale);
+                    k::launch_sgd(client, &step, w, g, s.m.as_ref(), copy, n, grad_scale);
                 }
             }
         }
@@ -372,6 +404,12 @@ impl<R: Runtime> GpuTrainer<R> {
         optimizer: &Optimizer,
         options: GpuOptions,
     ) -> Result<Self, GpuError> {
+        // The forward's casts of f32 master weights to the compute dtype
+        // become copies the optimizer writes (`GpuOptions::param_copies`).
+        let options = GpuOptions {
+            param_copies: true,
+            ..options
+        };
         let exec = GpuExecutor::with_options(device, graph, params, options)?;
         let has_output = |name: &str| graph.outputs().iter().any(|(n, _)| n == name);
         if !has_output(loss) {
@@ -571,7 +609,13 @@ impl<R: Runtime> GpuTrainer<R> {
                 scale *= factor as f32;
             }
             self.optimizer
-                .step(&self.trainable, &self.grads, lr, scale)
+                .step_with_copies(
+                    &self.trainable,
+                    &self.grads,
+                    self.exec.param_copies(),
+                    lr,
+                    scale,
+                )
                 .map(|()| norm)
         });
         self.discard_gradients();
