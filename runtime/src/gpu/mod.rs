@@ -272,6 +272,8 @@ pub struct GpuExecutor<R: Runtime> {
     lazy_views: HashSet<NodeId>,
     /// Weight-gradient matmuls whose batch sum is one GEMM (see `Plan`).
     batch_summed: HashSet<NodeId>,
+    /// Those of them whose sum is read only transposed (see `Plan`).
+    transposed_sums: HashSet<NodeId>,
     options: GpuOptions,
     /// cuBLASLt on CUDA (shared by the device's executors), for matmuls.
     vendor: Option<Arc<VendorGemm>>,
@@ -442,6 +444,7 @@ impl<R: Runtime> GpuExecutor<R> {
             lazy_transposes: plan.lazy_transposes,
             lazy_views: plan.lazy_views,
             batch_summed: plan.batch_summed,
+            transposed_sums: plan.transposed_sums,
             options,
             vendor,
             profile: Default::default(),
@@ -612,6 +615,7 @@ impl<R: Runtime> GpuExecutor<R> {
                         rope_freqs: self.rope_freqs.get(&id),
                         narrow: self.narrow,
                         sum_batch: self.batch_summed.contains(&id),
+                        transposed_sum: self.transposed_sums.contains(&id),
                     };
                     if self.options.profile {
                         self.wait()?;
@@ -778,6 +782,10 @@ struct Plan {
     /// Matmuls `[B, K, N]` whose one user sums axis 0 (weight gradients):
     /// run as one GEMM over `B·T` rows when the layouts allow.
     batch_summed: HashSet<NodeId>,
+    /// Those whose sum is read only through `reshape` to `[K, N]` and then
+    /// `permute [1, 0]` (a weight's gradient in the weight's layout): the
+    /// GEMM writes the transposed product, so that transpose reads it dense.
+    transposed_sums: HashSet<NodeId>,
 }
 
 impl Plan {
@@ -829,7 +837,7 @@ impl Plan {
                     && !lazy_disabled()
             })
             .collect();
-        let batch_summed = order
+        let batch_summed: HashSet<NodeId> = order
             .iter()
             .copied()
             .filter(|&id| {
@@ -847,6 +855,31 @@ impl Plan {
                     )
             })
             .collect();
+        let only_user = |id: NodeId| match graph.users(id)[..] {
+            [u] if !outputs.contains(&id) => Some(u),
+            _ => None,
+        };
+        let transposed_sums = batch_summed
+            .iter()
+            .copied()
+            .filter(|&m| {
+                let Some(sum) = only_user(m) else {
+                    return false;
+                };
+                let Some(reshape) = only_user(sum) else {
+                    return false;
+                };
+                let users = graph.users(reshape);
+                matches!(graph.node(reshape).op, caramba_ir::Op::Reshape(_))
+                    && graph.node(reshape).ty.shape.rank() == 2
+                    && !outputs.contains(&reshape)
+                    && !users.is_empty()
+                    && users.iter().all(|&u| {
+                        matches!(&graph.node(u).op, caramba_ir::Op::Permute(p) if p[..] == [1, 0])
+                    })
+                    && !lazy_disabled()
+            })
+            .collect();
         Ok(Plan {
             order,
             operands,
@@ -854,6 +887,7 @@ impl Plan {
             lazy_transposes,
             lazy_views,
             batch_summed,
+            transposed_sums,
         })
     }
 }

@@ -103,6 +103,12 @@ pub(crate) struct Ctx<'a, R: Runtime> {
     /// `Σ_b x_bᵀ·dy_b`): it may return that sum, `[1, K, N]`, from one GEMM
     /// over the batch and rows together (see `Ctx::matmul_summed`).
     pub sum_batch: bool,
+    /// With `sum_batch`: the sum is read only transposed (a weight's
+    /// gradient, `(Σ xᵀ·dy)ᵀ`), so the GEMM computes `Σ dyᵀ·x` into a
+    /// `[N, K]` buffer and returns it as a `[1, K, N]` view of it: the
+    /// relabels after it keep the view, and the transpose that follows is
+    /// then a dense read.
+    pub transposed_sum: bool,
 }
 
 fn unary(u: UnaryOp) -> Unary {
@@ -171,6 +177,10 @@ fn view_of(t: &DevTensor) -> View {
 pub(crate) fn reads_in_place(op: &Op, t: &DevTensor) -> bool {
     match &t.layout {
         None => true,
+        // Relabels keep a view as it is (a reshape that cannot copies it
+        // itself, see `reshaped_view`).
+        Some(_) if matches!(op, Op::Reshape(_)) => true,
+        Some(_) if matches!(op, Op::Reduce { axis, .. } if t.shape[*axis] == 1) => true,
         Some((_, offset)) => {
             reads_views(op)
                 && (*offset == 0
@@ -238,6 +248,38 @@ pub(crate) fn lazy_view(op: &Op, x: &DevTensor) -> DevTensor {
         transposed: false,
         layout: Some((strides, offset)),
     }
+}
+
+/// The strides of view `t` reshaped to `shape` when the reshape only
+/// drops or inserts size-1 axes (the other axes keep their strides, in
+/// order); `None` otherwise.
+fn reshaped_view(t: &DevTensor, shape: &[usize]) -> Option<Vec<usize>> {
+    let (strides, _) = t.layout.as_ref()?;
+    let kept: Vec<(usize, usize)> = t
+        .shape
+        .iter()
+        .zip(strides)
+        .filter(|(&d, _)| d != 1)
+        .map(|(&d, &s)| (d, s))
+        .collect();
+    let dims: Vec<usize> = shape.iter().copied().filter(|&d| d != 1).collect();
+    if dims.len() != kept.len() || dims.iter().zip(&kept).any(|(d, (k, _))| d != k) {
+        return None;
+    }
+    let mut next = kept.iter().map(|&(_, s)| s);
+    // A size-1 axis is never stepped along: any stride serves.
+    Some(
+        shape
+            .iter()
+            .map(|&d| {
+                if d == 1 {
+                    0
+                } else {
+                    next.next().expect("counted")
+                }
+            })
+            .collect(),
+    )
 }
 
 /// `t` dense: itself when it is, else a copy of its view.
@@ -339,20 +381,22 @@ impl<R: Runtime> Ctx<'_, R> {
     pub fn apply(&self, xs: &[&DevTensor], shape: Vec<usize>) -> Result<DevTensor, GpuError> {
         let out = self.launch(xs, shape)?;
         let dtype = self.node.ty.dtype;
-        let exact = matches!(
-            self.node.op,
-            // Already rounded, or moving values that are.
-            Op::Cast(_)
-                | Op::Constant(_)
-                | Op::Reshape(_)
-                | Op::Dropout { .. }
-                | Op::Permute(_)
-                | Op::Slice { .. }
-                | Op::Concat { .. }
-                | Op::Broadcast(_)
-                | Op::Gather
-                | Op::CausalMask
-        );
+        let relabel = matches!(self.node.op, Op::Reduce { axis, .. } if xs[0].shape[axis] == 1);
+        let exact = relabel
+            || matches!(
+                self.node.op,
+                // Already rounded, or moving values that are.
+                Op::Cast(_)
+                    | Op::Constant(_)
+                    | Op::Reshape(_)
+                    | Op::Dropout { .. }
+                    | Op::Permute(_)
+                    | Op::Slice { .. }
+                    | Op::Concat { .. }
+                    | Op::Broadcast(_)
+                    | Op::Gather
+                    | Op::CausalMask
+            );
         if exact || !self.narrow.widens(dtype) {
             return Ok(out);
         }
@@ -363,7 +407,14 @@ impl<R: Runtime> Ctx<'_, R> {
         };
         let rounded = self.alloc(out.shape.clone());
         cast::launch_round(self.client, to, &out.handle, &rounded.handle, out.numel());
-        Ok(rounded)
+        // The one launch that returns a view, a transposed batch-summed
+        // product (`Ctx::transposed_sum`), covers its whole buffer from
+        // offset 0: rounded in buffer order, it keeps its layout.
+        debug_assert!(out.layout.as_ref().is_none_or(|(_, o)| *o == 0));
+        Ok(DevTensor {
+            layout: out.layout.clone(),
+            ..rounded
+        })
     }
 
     fn launch(&self, xs: &[&DevTensor], shape: Vec<usize>) -> Result<DevTensor, GpuError> {
@@ -526,6 +577,25 @@ impl<R: Runtime> Ctx<'_, R> {
                 if x.numel() != shape.iter().product::<usize>() {
                     return Err(self.err(format!("cannot reshape {:?} to {shape:?}", x.shape)));
                 }
+                if x.layout.is_some() {
+                    // A view: kept when only size-1 axes change, else copied.
+                    if let Some(strides) = reshaped_view(x, &shape) {
+                        let offset = x.layout.as_ref().expect("a view").1;
+                        return Ok(DevTensor {
+                            shape,
+                            dtype: self.node.ty.dtype,
+                            layout: Some((strides, offset)),
+                            ..x.clone()
+                        });
+                    }
+                    let d = materialized(c, x);
+                    return Ok(DevTensor::dense(
+                        d.handle,
+                        shape,
+                        self.node.ty.dtype,
+                        d.elem,
+                    ));
+                }
                 Ok(DevTensor::dense(
                     x.handle.clone(),
                     shape,
@@ -534,10 +604,10 @@ impl<R: Runtime> Ctx<'_, R> {
                 ))
             }
             // Over a size-1 axis (a batch already summed by its matmul):
-            // every reduction is the identity.
+            // every reduction is the identity (a view stays one).
             Op::Reduce { axis, .. } if xs[0].shape[*axis] == 1 => {
                 let x = xs[0];
-                Ok(DevTensor::dense(x.handle.clone(), shape, x.dtype, x.elem))
+                Ok(DevTensor { shape, ..x.clone() })
             }
             Op::Reduce { op, axis } => {
                 let x = xs[0];
@@ -939,6 +1009,22 @@ impl<R: Runtime> Ctx<'_, R> {
         }
         let rows = batch * t;
         let out = self.alloc(vec![1, k, n]);
+        if self.transposed_sum {
+            // `Σ dyᵀ·x` into `[N, K]`, returned as its `[1, K, N]` view.
+            let lhs = View {
+                handle: b.handle.clone(),
+                shape: vec![n, rows],
+                strides: vec![1, n],
+                offset: 0,
+            };
+            let rhs = View::contiguous(a.handle.clone(), &[rows, k]);
+            let dst = View::contiguous(out.handle.clone(), &[n, k]);
+            self.gemm(out.elem, &lhs, &rhs, &dst)?;
+            return Ok(Some(DevTensor {
+                layout: Some((vec![k * n, 1, k], 0)),
+                ..out
+            }));
+        }
         let lhs = View {
             handle: a.handle.clone(),
             shape: vec![k, rows],

@@ -211,6 +211,7 @@ fn capture<R: Runtime>(
                     rope_freqs: None,
                     narrow,
                     sum_batch: false,
+                    transposed_sum: false,
                 };
                 let out = ctx.apply(&args, shape)?;
                 // Wait for the launch (and so its compilation) to finish,
