@@ -767,6 +767,13 @@ fn lazy_disabled() -> bool {
     *OFF.get_or_init(|| std::env::var("CARAMBA_NO_LAZY_VIEWS").is_ok_and(|v| v == "1"))
 }
 
+/// Whether `CARAMBA_NO_TRANSPOSED_SUMS=1` keeps weight gradients in the
+/// product's own layout (for measuring what `Plan::transposed_sums` saves).
+fn transposed_sums_disabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("CARAMBA_NO_TRANSPOSED_SUMS").is_ok_and(|v| v == "1"))
+}
+
 /// What an executor precomputes from its graph: the live nodes in order,
 /// operands, use counts, and the permutes left unmaterialized.
 struct Plan {
@@ -878,6 +885,7 @@ impl Plan {
                         matches!(&graph.node(u).op, caramba_ir::Op::Permute(p) if p[..] == [1, 0])
                     })
                     && !lazy_disabled()
+                    && !transposed_sums_disabled()
             })
             .collect();
         Ok(Plan {

@@ -577,10 +577,10 @@ impl<R: Runtime> Ctx<'_, R> {
                 if x.numel() != shape.iter().product::<usize>() {
                     return Err(self.err(format!("cannot reshape {:?} to {shape:?}", x.shape)));
                 }
-                if x.layout.is_some() {
+                if let Some((_, offset)) = &x.layout {
                     // A view: kept when only size-1 axes change, else copied.
+                    let offset = *offset;
                     if let Some(strides) = reshaped_view(x, &shape) {
-                        let offset = x.layout.as_ref().expect("a view").1;
                         return Ok(DevTensor {
                             shape,
                             dtype: self.node.ty.dtype,
