@@ -564,6 +564,11 @@ POLL:
             }
             // The handoff's first half: our stream waits for CubeCL's.
             let handoff = if sync || st.handoff.is_none() {
+                if !sync {
+                    // No handoff kernels (the module did not load): wait on
+                    // the host, as `CARAMBA_VENDOR_SYNC=1` does.
+                    cubecl::future::block_on(client.sync()).map_err(|e| err("wait", e))?;
+                }
                 None
             } else {
                 let thread = std::thread::current().id();
