@@ -413,7 +413,7 @@ POLL:
     /// alive here, so its address stays put), that address, and the last
     /// value used.
     struct Flags {
-        _buffer: cubecl::server::Handle,
+        buffer: cubecl::server::Handle,
         ptr: dsys::CUdeviceptr,
         counter: u32,
     }
@@ -437,7 +437,7 @@ POLL:
             }
             cubecl::future::block_on(client.sync()).map_err(|e| err("wait", e))?;
             Ok(Flags {
-                _buffer: buffer,
+                buffer,
                 ptr,
                 counter: 0,
             })
@@ -577,7 +577,7 @@ POLL:
                     std::collections::hash_map::Entry::Vacant(e) => e.insert(Flags::new(client)?),
                 };
                 f.counter = f.counter.wrapping_add(1);
-                let (v, ptr, buffer) = (f.counter, f.ptr, f._buffer.clone());
+                let (v, ptr, buffer) = (f.counter, f.ptr, f.buffer.clone());
                 let arg = move || unsafe { ArrayArg::from_raw_parts(buffer.clone(), 2) };
                 unsafe {
                     signal_kernel::launch_unchecked::<CudaRuntime>(
@@ -641,6 +641,7 @@ POLL:
                 }
             }
             let t3 = t0.elapsed();
+            let waited = handoff.is_none();
             match handoff {
                 // The second half: released even when a call failed, and
                 // CubeCL's stream held only once the release is queued.
@@ -681,7 +682,7 @@ POLL:
                     t1,
                     t2 - t1,
                     t3 - t2,
-                    if sync { "wait" } else { "release" },
+                    if waited { "wait" } else { "release" },
                     t4 - t3
                 );
             }

@@ -1009,31 +1009,27 @@ impl<R: Runtime> Ctx<'_, R> {
         }
         let rows = batch * t;
         let out = self.alloc(vec![1, k, n]);
-        if self.transposed_sum {
-            // `Σ dyᵀ·x` into `[N, K]`, returned as its `[1, K, N]` view.
-            let lhs = View {
-                handle: b.handle.clone(),
-                shape: vec![n, rows],
-                strides: vec![1, n],
+        // `lhsᵀ·rhs` over the `B·T` rows of two dense `[rows, ·]` buffers.
+        let rows_product = |lhs: &DevTensor, l: usize, rhs: &DevTensor, r: usize| {
+            let lhs_t = View {
+                handle: lhs.handle.clone(),
+                shape: vec![l, rows],
+                strides: vec![1, l],
                 offset: 0,
             };
-            let rhs = View::contiguous(a.handle.clone(), &[rows, k]);
-            let dst = View::contiguous(out.handle.clone(), &[n, k]);
-            self.gemm(out.elem, &lhs, &rhs, &dst)?;
+            let rhs = View::contiguous(rhs.handle.clone(), &[rows, r]);
+            let dst = View::contiguous(out.handle.clone(), &[l, r]);
+            self.gemm(out.elem, &lhs_t, &rhs, &dst)
+        };
+        if self.transposed_sum {
+            // `Σ dyᵀ·x` into `[N, K]`, returned as its `[1, K, N]` view.
+            rows_product(b, n, a, k)?;
             return Ok(Some(DevTensor {
                 layout: Some((vec![k * n, 1, k], 0)),
                 ..out
             }));
         }
-        let lhs = View {
-            handle: a.handle.clone(),
-            shape: vec![k, rows],
-            strides: vec![1, k],
-            offset: 0,
-        };
-        let rhs = View::contiguous(b.handle.clone(), &[rows, n]);
-        let dst = View::contiguous(out.handle.clone(), &[k, n]);
-        self.gemm(out.elem, &lhs, &rhs, &dst)?;
+        rows_product(a, k, b, n)?;
         Ok(Some(out))
     }
 
