@@ -53,6 +53,7 @@ use crate::attention_backward::{batch_offset, GradOperands};
 use crate::{grid_1d, linear_cube, FloatElem, View};
 use cubecl::cmma::MmaDefinition;
 use cubecl::ir::MatrixIdent;
+use cubecl::prelude::barrier::{copy_async_checked, Barrier};
 use cubecl::prelude::*;
 
 /// Rows per tile of the other side, staged in shared memory per step.
@@ -75,6 +76,17 @@ const fn pad16(x: usize) -> usize {
 /// different banks (a multiple of 8: `ldmatrix` reads 16-byte rows).
 const fn half_stride(w: usize) -> usize {
     pad16(w) + 8
+}
+
+/// Buffers per staged tile: two where the rows go in vectors of more
+/// than one element (`cp.async` copies 4, 8 or 16 bytes), so that the next
+/// tile's copies overlap this one's products; one otherwise.
+const fn stages(nv: usize) -> usize {
+    if nv > 1 {
+        2
+    } else {
+        1
+    }
 }
 
 /// Keys visible to query row `i` of `t` (all `s_len`, or up to its
@@ -182,6 +194,109 @@ fn stage_vector<F: Float, N: Size>(
     }
 }
 
+/// `stage` with CUDA's asynchronous copies (`cp.async`): each unit's
+/// vectors of `nv` elements (`nv` > 1, the fast path's layout) go from
+/// global to shared memory without passing through registers, into `dst`
+/// from element `off` on; rows at `len` or past it and the padding columns
+/// are zero-filled by the copy itself (a source of no bytes). The copies
+/// complete on `bar` ([`commit_stage`]) and are visible after
+/// [`wait_stage`]: the kernels issue the next tile's copies before
+/// computing on the current one.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_async<F: Float, N: Size>(
+    dst: &mut SharedMemory<F>,
+    off: usize,
+    src: &Tensor<Vector<F, N>>,
+    base: usize,
+    start: usize,
+    len: usize,
+    #[comptime] rows: usize,
+    #[comptime] w: usize,
+    #[comptime] stride: usize,
+    #[comptime] nv: usize,
+    #[comptime] threads: usize,
+) {
+    let wv = comptime!(pad16(w) / nv);
+    let step = comptime!(threads / wv);
+    let rank = src.rank();
+    let (rs, cs) = (src.stride(rank - 2), src.stride(rank - 1));
+    let u = UNIT_POS as usize;
+    let (r0, x) = (u / wv, (u % wv) * nv);
+    let mut at = base + (start + r0) * rs + x * cs;
+    #[unroll]
+    for n in 0..comptime!(rows.div_ceil(step)) {
+        let r = r0 + n * step;
+        if comptime!(rows.is_multiple_of(step)) || r < rows {
+            let valid = start + r < len && x < w;
+            // A copy of no bytes where invalid (from the tensor's start,
+            // always a valid address): the destination is zero-filled.
+            let from = select(valid, at / nv, 0);
+            let count = select(valid, 1usize, 0usize);
+            let to = off + r * stride + x;
+            unsafe {
+                copy_async_checked::<F>(
+                    &src.slice(from, from + count).downcast_unchecked::<F>(),
+                    &mut dst.slice_mut(to, to + nv),
+                    comptime!(nv as u32),
+                );
+            }
+        }
+        at += step * rs;
+    }
+}
+
+/// `stage_stat` with asynchronous copies (4 bytes a unit), into `dst`
+/// from `off` on; completes on the stage's barrier as `stage_async` does.
+#[cube]
+fn stage_stat_async(
+    dst: &mut SharedMemory<f32>,
+    off: usize,
+    src: &Tensor<f32>,
+    base: usize,
+    start: usize,
+    len: usize,
+) {
+    let u = UNIT_POS as usize;
+    if u < TC_TILE {
+        let valid = start + u < len;
+        let from = select(valid, base + (start + u) * src.stride(src.rank() - 2), 0);
+        let count = select(valid, 1usize, 0usize);
+        copy_async_checked::<f32>(
+            &src.slice(from, from + count),
+            &mut dst.slice_mut(off + u, off + u + 1),
+            1u32,
+        );
+    }
+}
+
+/// Ends a unit's share of one stage of asynchronous copies: `bar`
+/// (`bars[0]` or `bars[1]` as `buf` says) completes its phase when every
+/// unit has arrived and every unit's copies have landed.
+#[cube]
+fn commit_stage(bar0: &Shared<Barrier>, bar1: &Shared<Barrier>, buf: usize) {
+    if buf == 0 {
+        bar0.commit_copy_async();
+        let _ = bar0.arrive();
+    } else {
+        bar1.commit_copy_async();
+        let _ = bar1.arrive();
+    }
+}
+
+/// Waits for tile `tile`'s stage (buffer `tile % 2`, that barrier's
+/// `tile / 2`-th phase).
+#[cube]
+fn wait_stage(bar0: &Shared<Barrier>, bar1: &Shared<Barrier>, tile: usize) {
+    let parity = u32::cast_from((tile / 2) % 2);
+    let buf = tile % 2;
+    if buf == 0 {
+        bar0.wait_parity(parity);
+    } else {
+        bar1.wait_parity(parity);
+    }
+}
+
 /// Copies `TC_TILE` entries of a `(…, rows, 1)` statistic (`lse` or
 /// `delta`, f32) from row `start` on into `dst` (zeros past `len`).
 #[cube]
@@ -227,48 +342,59 @@ fn zeroed(#[comptime] w: usize) -> Array<Pair<f32>> {
     acc
 }
 
-/// The A fragments of the 16 × `kd` tile of `sh` from row `row0` on (row
-/// stride `stride`, `kd` a multiple of 16): four registers per 16
-/// columns, loaded with `ldmatrix`, kept for every tile of the other side.
+/// The A fragments of the `16·mt` × `kd` block of `sh` from row `row0` on
+/// (row stride `stride`, `kd` a multiple of 16): four registers per 16
+/// columns of each 16-row tile (tile `m`'s from `m·kd/4` on), loaded with
+/// `ldmatrix`, kept for every tile of the other side.
 #[cube]
 fn a_fragments<F: Float>(
     sh: &SharedMemory<F>,
     row0: usize,
     #[comptime] kd: usize,
     #[comptime] stride: usize,
+    #[comptime] mt: usize,
 ) -> Array<Pair<F>> {
     let def = mma_shape::<F>();
     let lane = UNIT_POS_PLANE as usize;
-    let mut frags = Array::<Pair<F>>::new(comptime!(kd / 4));
+    let mut frags = Array::<Pair<F>>::new(comptime!(mt * kd / 4));
     #[unroll]
-    for c in 0..kd / 16 {
-        // Matrix `lane / 8`: rows 0-7 or 8-15 (`lane % 16`), columns
-        // 0-7 or 8-15 (`lane / 16`).
-        let at = (row0 + lane % 16) * stride + c * 16 + (lane / 16) * 8;
-        let regs =
-            def.load_matrix::<F, Const<2>>(&sh.slice(at, at + 8), MatrixIdent::A, 4usize, false);
+    for m in 0..mt {
         #[unroll]
-        for r in 0..4usize {
-            frags[c * 4 + r] = regs[r];
+        for c in 0..kd / 16 {
+            // Matrix `lane / 8`: rows 0-7 or 8-15 (`lane % 16`), columns
+            // 0-7 or 8-15 (`lane / 16`).
+            let at = (row0 + m * 16 + lane % 16) * stride + c * 16 + (lane / 16) * 8;
+            let regs = def.load_matrix::<F, Const<2>>(
+                &sh.slice(at, at + 8),
+                MatrixIdent::A,
+                4usize,
+                false,
+            );
+            #[unroll]
+            for r in 0..4usize {
+                frags[m * (kd / 4) + c * 4 + r] = regs[r];
+            }
         }
     }
     frags
 }
 
 /// `acc += a·bᵀ` for one 16 × 16 block of `acc` (column blocks `2n` and
-/// `2n + 1`): `a` one A fragment (four registers), `regs` the B
-/// fragments of both column blocks as `ldmatrix` gave them.
+/// `2n + 1` of the row tile whose pairs start at `base`): `a` one A
+/// fragment (four registers), `regs` the B fragments of both column
+/// blocks as `ldmatrix` gave them.
 #[cube]
 fn mma_pair<F: Float>(
     acc: &mut Array<Pair<f32>>,
     a: &Array<Pair<F>>,
     regs: &Array<Pair<F>>,
     #[comptime] n: usize,
+    #[comptime] base: usize,
 ) {
     let def = mma_shape::<F>();
     #[unroll]
     for h in 0..2usize {
-        let blk = 2 * n + h;
+        let blk = base / 2 + 2 * n + h;
         let mut b = Array::<Pair<F>>::new(2usize);
         b[0] = regs[2 * h];
         b[1] = regs[2 * h + 1];
@@ -281,89 +407,110 @@ fn mma_pair<F: Float>(
     }
 }
 
-/// This plane's 16 × `TC_TILE` block `a·bᵀ` in accumulators: `a` the
-/// plane's rows as A fragments (`a_fragments`, `kd` wide), `b` the
-/// `TC_TILE` rows of `b_sh` (row stride `stride`), read as B fragments
-/// without transposing (bᵀ's column `n` is b's row `n`).
+/// This plane's `16·mt` × `TC_TILE` block `a·bᵀ` in accumulators (row
+/// tile `m`'s pairs from `m·TC_TILE/4` on): `a` the plane's rows as A
+/// fragments (`a_fragments`, `kd` wide), `b` the `TC_TILE` rows of `b_sh`
+/// from element `off` on (row stride `stride`), read as B fragments
+/// without transposing (bᵀ's column `n` is b's row `n`), each B fragment
+/// loaded once for the `mt` row tiles.
 #[cube]
 fn scores<F: Float>(
     a: &Array<Pair<F>>,
     b_sh: &SharedMemory<F>,
+    off: usize,
     #[comptime] kd: usize,
     #[comptime] stride: usize,
+    #[comptime] mt: usize,
 ) -> Array<Pair<f32>> {
     let def = mma_shape::<F>();
     let lane = UNIT_POS_PLANE as usize;
-    let mut acc = zeroed(TC_TILE);
+    let mut acc = zeroed(comptime!(mt * TC_TILE));
     #[unroll]
     for c in 0..kd / 16 {
-        let mut af = Array::<Pair<F>>::new(4usize);
-        #[unroll]
-        for r in 0..4usize {
-            af[r] = a[c * 4 + r];
-        }
         #[unroll]
         for n in 0..TC_TILE / 16 {
             // Matrix `lane / 8`: b's rows 16n..16n + 7 or + 8..15
             // (`lane / 16`), columns 0-7 or 8-15 of this k step.
-            let at = (n * 16 + (lane / 16) * 8 + lane % 8) * stride + c * 16 + ((lane / 8) % 2) * 8;
+            let at = off
+                + (n * 16 + (lane / 16) * 8 + lane % 8) * stride
+                + c * 16
+                + ((lane / 8) % 2) * 8;
             let regs = def.load_matrix::<F, Const<2>>(
                 &b_sh.slice(at, at + 8),
                 MatrixIdent::B,
                 4usize,
                 false,
             );
-            mma_pair::<F>(&mut acc, &af, &regs, n);
+            #[unroll]
+            for m in 0..mt {
+                let mut af = Array::<Pair<F>>::new(4usize);
+                #[unroll]
+                for r in 0..4usize {
+                    af[r] = a[m * (kd / 4) + c * 4 + r];
+                }
+                mma_pair::<F>(&mut acc, &af, &regs, n, comptime!(m * TC_TILE / 4));
+            }
         }
     }
     acc
 }
 
-/// `acc += p·b`: `p` this plane's 16 × `TC_TILE` block in accumulator
-/// layout, rounded to the storage type (`scores`' layout is the A
-/// fragments' of `p·b`, two column blocks a fragment, so `p` never
-/// leaves the registers), `b` the `TC_TILE` rows of `b_sh` (row stride
-/// `stride`, `w` columns, a multiple of 16), read as B fragments with
-/// `ldmatrix`'s transpose.
+/// `acc += p·b`: `p` this plane's `16·mt` × `TC_TILE` block in
+/// accumulator layout, rounded to the storage type (`scores`' layout is
+/// the A fragments' of `p·b`, two column blocks a fragment, so `p` never
+/// leaves the registers), `b` the `TC_TILE` rows of `b_sh` from element
+/// `off` on (row stride `stride`, `w` columns, a multiple of 16), read as
+/// B fragments with `ldmatrix`'s transpose, each once for the `mt` row
+/// tiles (`acc`'s tile `m` from `m·w/4` on).
 #[cube]
+#[allow(clippy::too_many_arguments)]
 fn accumulate<F: Float>(
     acc: &mut Array<Pair<f32>>,
     p: &Array<Pair<F>>,
     b_sh: &SharedMemory<F>,
+    off: usize,
     #[comptime] w: usize,
     #[comptime] stride: usize,
+    #[comptime] mt: usize,
 ) {
     let def = mma_shape::<F>();
     let lane = UNIT_POS_PLANE as usize;
     #[unroll]
     for c in 0..TC_TILE / 16 {
-        let mut af = Array::<Pair<F>>::new(4usize);
-        af[0] = p[4 * c];
-        af[1] = p[4 * c + 1];
-        af[2] = p[4 * c + 2];
-        af[3] = p[4 * c + 3];
         #[unroll]
         for n in 0..w / 16 {
             // Matrix `lane / 8`: b's rows 16c..16c + 7 or + 8..15
             // (`(lane / 8) % 2`), columns 16n..16n + 7 or + 8..15.
-            let at = (c * 16 + ((lane / 8) % 2) * 8 + lane % 8) * stride + n * 16 + (lane / 16) * 8;
+            let at = off
+                + (c * 16 + ((lane / 8) % 2) * 8 + lane % 8) * stride
+                + n * 16
+                + (lane / 16) * 8;
             let regs = def.load_matrix::<F, Const<2>>(
                 &b_sh.slice(at, at + 8),
                 MatrixIdent::B,
                 4usize,
                 true,
             );
-            mma_pair::<F>(acc, &af, &regs, n);
+            #[unroll]
+            for m in 0..mt {
+                let pb = comptime!(m * TC_TILE / 4 + 4 * c);
+                let mut af = Array::<Pair<F>>::new(4usize);
+                af[0] = p[pb];
+                af[1] = p[pb + 1];
+                af[2] = p[pb + 2];
+                af[3] = p[pb + 3];
+                mma_pair::<F>(acc, &af, &regs, n, comptime!(m * w / 4));
+            }
         }
     }
 }
 
 /// `acc` rounded to the storage type, pair by pair.
 #[cube]
-fn rounded<F: Float>(acc: &Array<Pair<f32>>) -> Array<Pair<F>> {
-    let mut out = Array::<Pair<F>>::new(comptime!(TC_TILE / 4));
+fn rounded<F: Float>(acc: &Array<Pair<f32>>, #[comptime] mt: usize) -> Array<Pair<F>> {
+    let mut out = Array::<Pair<F>>::new(comptime!(mt * TC_TILE / 4));
     #[unroll]
-    for j in 0..TC_TILE / 4 {
+    for j in 0..mt * TC_TILE / 4 {
         out[j] = Pair::<F>::cast_from(acc[j]);
     }
     out
@@ -393,11 +540,12 @@ fn store_rows<O: Float>(
     mul1: f32,
     #[comptime] w: usize,
     #[comptime] limit: usize,
+    #[comptime] base: usize,
 ) {
     let tq = UNIT_POS_PLANE as usize % 4;
     #[unroll]
     for b in 0..w / 8 {
-        let (x0, x1) = (acc[2 * b], acc[2 * b + 1]);
+        let (x0, x1) = (acc[base + 2 * b], acc[base + 2 * b + 1]);
         #[unroll]
         for e in 0..2 {
             let c = b * 8 + 2 * tq + e;
@@ -428,13 +576,16 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
     #[comptime] with_lse: bool,
     #[comptime] nv: usize,
     #[comptime] rows: usize,
+    #[comptime] mt: usize,
 ) {
-    let threads = comptime!(rows / 16 * PLANE);
+    let threads = comptime!(rows / (16 * mt) * PLANE);
     let dp = comptime!(pad16(d));
     let dvp = comptime!(pad16(dv));
     let hs = comptime!(half_stride(d));
     let vs = comptime!(half_stride(dv));
     let width = comptime!(if with_lse { dv + 1 } else { dv });
+    // Pairs per row tile: of the scores, and of the output.
+    let (sp, op) = (comptime!(TC_TILE / 4), comptime!(dvp / 4));
     let rank = out.rank();
     let t = out.shape(rank - 2);
     let s_len = k.shape(rank - 2);
@@ -450,118 +601,196 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
     let vo = batch_offset::<Vector<F, N>, O>(v, out, batch);
 
     let lane = UNIT_POS_PLANE as usize;
-    let prow = (UNIT_POS as usize / PLANE) * 16; // the plane's first row
-    let (g, tq) = (lane / 4, lane % 4); // rows g and g + 8, columns 2tq + e
-    let i0 = first + prow + g;
-    let i1 = i0 + 8;
-    let limit0 = key_limit(i0, t, s_len, causal);
-    let limit1 = key_limit(i1, t, s_len, causal);
+    let prow = (UNIT_POS as usize / PLANE) * 16 * mt; // the plane's first row
+    let (g, tq) = (lane / 4, lane % 4); // rows g and g + 8 of each row tile
+                                        // Row `2m + h` of this unit: tile m's row g (h = 0) or g + 8 (h = 1).
+    let row0 = first + prow + g;
+    let mut limits = Array::<usize>::new(comptime!(2 * mt));
+    #[unroll]
+    for r in 0..2 * mt {
+        limits[r] = key_limit(row0 + r * 8, t, s_len, causal);
+    }
     let mut last = first + rows;
     if last > t {
         last = t;
     }
     let max_limit = key_limit(last - 1, t, s_len, causal);
 
+    // Two buffers of keys and values where the copies are asynchronous
+    // (the next tile's copies fly while this one is computed), one where
+    // they are not.
+    let stages = comptime!(stages(nv));
+    let (kb, vb) = (comptime!(TC_TILE * hs), comptime!(TC_TILE * vs));
     let mut q_sh = SharedMemory::<F>::new_aligned(comptime!(rows * hs), 32usize);
-    let mut k_sh = SharedMemory::<F>::new_aligned(comptime!(TC_TILE * hs), 32usize);
-    let mut v_sh = SharedMemory::<F>::new_aligned(comptime!(TC_TILE * vs), 32usize);
+    let mut k_sh = SharedMemory::<F>::new_aligned(comptime!(stages * kb), 32usize);
+    let mut v_sh = SharedMemory::<F>::new_aligned(comptime!(stages * vb), 32usize);
+    let bar0 = Barrier::shared_uninit();
+    let bar1 = Barrier::shared_uninit();
+    let n_tiles = max_limit.div_ceil(TC_TILE);
+    if comptime!(stages == 2) {
+        if UNIT_POS == 0 {
+            bar0.init_manual(CUBE_DIM);
+            bar1.init_manual(CUBE_DIM);
+        }
+        sync_cube();
+        if n_tiles > 0 {
+            stage_async::<F, N>(&mut k_sh, 0, k, ko, 0, s_len, TC_TILE, d, hs, nv, threads);
+            stage_async::<F, N>(&mut v_sh, 0, v, vo, 0, s_len, TC_TILE, dv, vs, nv, threads);
+            commit_stage(&bar0, &bar1, 0);
+        }
+    }
     stage::<F, N>(&mut q_sh, q, qo, first, t, rows, d, hs, nv, threads);
     sync_cube();
-    let qa = a_fragments::<F>(&q_sh, prow, dp, hs);
+    let qa = a_fragments::<F>(&q_sh, prow, dp, hs, mt);
 
-    let mut o = zeroed(dvp);
-    let (mut m0, mut m1) = (neg_inf, neg_inf);
-    // Each unit's share of its rows' sums; the quad adds them at the end.
-    let (mut l0, mut l1) = (f32::new(0.0), f32::new(0.0));
-    let n_tiles = max_limit.div_ceil(TC_TILE);
+    let mut o = zeroed(comptime!(mt * dvp));
+    // Each row's running maximum, and each unit's share of its sum (the
+    // quad adds them at the end).
+    let mut mx = Array::<f32>::new(comptime!(2 * mt));
+    let mut sum = Array::<f32>::new(comptime!(2 * mt));
+    #[unroll]
+    for r in 0..2 * mt {
+        mx[r] = neg_inf;
+        sum[r] = f32::new(0.0);
+    }
     for tile in 0..n_tiles {
         let start = tile * TC_TILE;
-        stage::<F, N>(&mut k_sh, k, ko, start, s_len, TC_TILE, d, hs, nv, threads);
-        stage::<F, N>(&mut v_sh, v, vo, start, s_len, TC_TILE, dv, vs, nv, threads);
-        sync_cube();
-        let mut s = scores::<F>(&qa, &k_sh, dp, hs);
-        // The online softmax over this tile: scale and mask (selects, not
-        // branches, so that the whole block schedules as one), the rows'
-        // maxima over the quad, then the probabilities.
-        let (mut x0, mut x1) = (neg_inf, neg_inf);
-        #[unroll]
-        for b in 0..TC_TILE / 8 {
-            let (mut r0, mut r1) = (s[2 * b], s[2 * b + 1]);
-            #[unroll]
-            for e in 0..2usize {
-                let c = start + b * 8 + 2 * tq + e;
-                r0[e] = select(c < limit0, r0[e] * scale, neg_inf);
-                r1[e] = select(c < limit1, r1[e] * scale, neg_inf);
-                x0 = x0.max(r0[e]);
-                x1 = x1.max(r1[e]);
+        let buf = tile % stages;
+        if comptime!(stages == 2) {
+            if tile + 1 < n_tiles {
+                let (next, nb) = (start + TC_TILE, 1 - buf);
+                stage_async::<F, N>(
+                    &mut k_sh,
+                    nb * kb,
+                    k,
+                    ko,
+                    next,
+                    s_len,
+                    TC_TILE,
+                    d,
+                    hs,
+                    nv,
+                    threads,
+                );
+                stage_async::<F, N>(
+                    &mut v_sh,
+                    nb * vb,
+                    v,
+                    vo,
+                    next,
+                    s_len,
+                    TC_TILE,
+                    dv,
+                    vs,
+                    nv,
+                    threads,
+                );
+                commit_stage(&bar0, &bar1, nb);
             }
-            s[2 * b] = r0;
-            s[2 * b + 1] = r1;
+            wait_stage(&bar0, &bar1, tile);
+        } else {
+            stage::<F, N>(&mut k_sh, k, ko, start, s_len, TC_TILE, d, hs, nv, threads);
+            stage::<F, N>(&mut v_sh, v, vo, start, s_len, TC_TILE, dv, vs, nv, threads);
+            sync_cube();
         }
-        x0 = x0.max(plane_shuffle_xor(x0, 1u32));
-        x0 = x0.max(plane_shuffle_xor(x0, 2u32));
-        x1 = x1.max(plane_shuffle_xor(x1, 1u32));
-        x1 = x1.max(plane_shuffle_xor(x1, 2u32));
-        let (n0, n1) = (m0.max(x0), m1.max(x1));
-        // A row with no visible key yet keeps its maximum at −∞: subtract
-        // zero instead, so that its masked scores give exp(−∞) = 0, not NaN.
-        let z0 = select(n0 > neg_inf, n0, f32::new(0.0));
-        let z1 = select(n1 > neg_inf, n1, f32::new(0.0));
-        let (c0, c1) = (fast_exp(m0 - z0), fast_exp(m1 - z1));
-        let (mut p0, mut p1) = (f32::new(0.0), f32::new(0.0));
+        let mut s = scores::<F>(&qa, &k_sh, buf * kb, dp, hs, mt);
         #[unroll]
-        for b in 0..TC_TILE / 8 {
-            let (mut r0, mut r1) = (s[2 * b], s[2 * b + 1]);
+        for m in 0..mt {
+            let (lim0, lim1) = (limits[2 * m], limits[2 * m + 1]);
+            // The online softmax over this tile: scale and mask (selects,
+            // not branches, so that the whole block schedules as one), the
+            // rows' maxima over the quad, then the probabilities.
+            let (mut x0, mut x1) = (neg_inf, neg_inf);
             #[unroll]
-            for e in 0..2usize {
-                r0[e] = fast_exp(r0[e] - z0);
-                r1[e] = fast_exp(r1[e] - z1);
-                p0 += r0[e];
-                p1 += r1[e];
+            for b in 0..TC_TILE / 8 {
+                let at = comptime!(m * sp + 2 * b);
+                let (mut r0, mut r1) = (s[at], s[at + 1]);
+                #[unroll]
+                for e in 0..2usize {
+                    let c = start + b * 8 + 2 * tq + e;
+                    r0[e] = select(c < lim0, r0[e] * scale, neg_inf);
+                    r1[e] = select(c < lim1, r1[e] * scale, neg_inf);
+                    x0 = x0.max(r0[e]);
+                    x1 = x1.max(r1[e]);
+                }
+                s[at] = r0;
+                s[at + 1] = r1;
             }
-            s[2 * b] = r0;
-            s[2 * b + 1] = r1;
+            x0 = x0.max(plane_shuffle_xor(x0, 1u32));
+            x0 = x0.max(plane_shuffle_xor(x0, 2u32));
+            x1 = x1.max(plane_shuffle_xor(x1, 1u32));
+            x1 = x1.max(plane_shuffle_xor(x1, 2u32));
+            let (n0, n1) = (mx[2 * m].max(x0), mx[2 * m + 1].max(x1));
+            // A row with no visible key yet keeps its maximum at −∞:
+            // subtract zero instead, so that its masked scores give
+            // exp(−∞) = 0, not NaN.
+            let z0 = select(n0 > neg_inf, n0, f32::new(0.0));
+            let z1 = select(n1 > neg_inf, n1, f32::new(0.0));
+            let (c0, c1) = (fast_exp(mx[2 * m] - z0), fast_exp(mx[2 * m + 1] - z1));
+            let (mut p0, mut p1) = (f32::new(0.0), f32::new(0.0));
+            #[unroll]
+            for b in 0..TC_TILE / 8 {
+                let at = comptime!(m * sp + 2 * b);
+                let (mut r0, mut r1) = (s[at], s[at + 1]);
+                #[unroll]
+                for e in 0..2usize {
+                    r0[e] = fast_exp(r0[e] - z0);
+                    r1[e] = fast_exp(r1[e] - z1);
+                    p0 += r0[e];
+                    p1 += r1[e];
+                }
+                s[at] = r0;
+                s[at + 1] = r1;
+            }
+            sum[2 * m] = sum[2 * m] * c0 + p0;
+            sum[2 * m + 1] = sum[2 * m + 1] * c1 + p1;
+            mx[2 * m] = n0;
+            mx[2 * m + 1] = n1;
+            #[unroll]
+            for b in 0..dvp / 8 {
+                let at = comptime!(m * op + 2 * b);
+                o[at] = o[at] * Pair::<f32>::new(c0);
+                o[at + 1] = o[at + 1] * Pair::<f32>::new(c1);
+            }
         }
-        l0 = l0 * c0 + p0;
-        l1 = l1 * c1 + p1;
-        m0 = n0;
-        m1 = n1;
-        #[unroll]
-        for b in 0..dvp / 8 {
-            o[2 * b] = o[2 * b] * Pair::<f32>::new(c0);
-            o[2 * b + 1] = o[2 * b + 1] * Pair::<f32>::new(c1);
-        }
-        accumulate::<F>(&mut o, &rounded::<F>(&s), &v_sh, dvp, vs);
+        accumulate::<F>(&mut o, &rounded::<F>(&s, mt), &v_sh, buf * vb, dvp, vs, mt);
         // Every plane is done with this tile's keys and values before the
         // next tile's staging overwrites them.
         sync_cube();
     }
-    l0 += plane_shuffle_xor(l0, 1u32);
-    l0 += plane_shuffle_xor(l0, 2u32);
-    l1 += plane_shuffle_xor(l1, 1u32);
-    l1 += plane_shuffle_xor(l1, 2u32);
-    let (at0, at1) = ((batch * t + i0) * width, (batch * t + i1) * width);
-    let (ok0, ok1) = (i0 < t, i1 < t);
-    if with_lse && tq == 0 {
-        if ok0 {
-            out[at0 + width - 1] = O::cast_from(m0 + l0.ln());
+    #[unroll]
+    for m in 0..mt {
+        let (mut l0, mut l1) = (sum[2 * m], sum[2 * m + 1]);
+        l0 += plane_shuffle_xor(l0, 1u32);
+        l0 += plane_shuffle_xor(l0, 2u32);
+        l1 += plane_shuffle_xor(l1, 1u32);
+        l1 += plane_shuffle_xor(l1, 2u32);
+        let i0 = row0 + m * 16;
+        let i1 = i0 + 8;
+        let (at0, at1) = ((batch * t + i0) * width, (batch * t + i1) * width);
+        let (ok0, ok1) = (i0 < t, i1 < t);
+        if with_lse && tq == 0 {
+            if ok0 {
+                out[at0 + width - 1] = O::cast_from(mx[2 * m] + l0.ln());
+            }
+            if ok1 {
+                out[at1 + width - 1] = O::cast_from(mx[2 * m + 1] + l1.ln());
+            }
         }
-        if ok1 {
-            out[at1 + width - 1] = O::cast_from(m1 + l1.ln());
-        }
+        store_rows::<O>(
+            out,
+            &o,
+            at0,
+            at1,
+            ok0,
+            ok1,
+            f32::new(1.0) / l0,
+            f32::new(1.0) / l1,
+            dvp,
+            dv,
+            comptime!(m * op),
+        );
     }
-    store_rows::<O>(
-        out,
-        &o,
-        at0,
-        at1,
-        ok0,
-        ok1,
-        f32::new(1.0) / l0,
-        f32::new(1.0) / l1,
-        dvp,
-        dv,
-    );
 }
 
 #[cube(launch_unchecked)]
@@ -627,27 +856,78 @@ fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Siz
         delta1 = delta[eo + i1 * delta.stride(rank - 2)];
     }
 
+    let stages = comptime!(stages(nv));
+    let (kb, vb) = (comptime!(TC_TILE * hs), comptime!(TC_TILE * vs));
     let mut q_sh = SharedMemory::<F>::new_aligned(comptime!(rows * hs), 32usize);
     let mut g_sh = SharedMemory::<F>::new_aligned(comptime!(rows * vs), 32usize);
-    let mut k_sh = SharedMemory::<F>::new_aligned(comptime!(TC_TILE * hs), 32usize);
-    let mut v_sh = SharedMemory::<F>::new_aligned(comptime!(TC_TILE * vs), 32usize);
+    let mut k_sh = SharedMemory::<F>::new_aligned(comptime!(stages * kb), 32usize);
+    let mut v_sh = SharedMemory::<F>::new_aligned(comptime!(stages * vb), 32usize);
+    let bar0 = Barrier::shared_uninit();
+    let bar1 = Barrier::shared_uninit();
+    let n_tiles = max_limit.div_ceil(TC_TILE);
+    if comptime!(stages == 2) {
+        if UNIT_POS == 0 {
+            bar0.init_manual(CUBE_DIM);
+            bar1.init_manual(CUBE_DIM);
+        }
+        sync_cube();
+        if n_tiles > 0 {
+            stage_async::<F, N>(&mut k_sh, 0, k, ko, 0, s_len, TC_TILE, d, hs, nv, threads);
+            stage_async::<F, N>(&mut v_sh, 0, v, vo, 0, s_len, TC_TILE, dv, vs, nv, threads);
+            commit_stage(&bar0, &bar1, 0);
+        }
+    }
     stage::<F, N>(&mut q_sh, q, qo, first, t, rows, d, hs, nv, threads);
     stage::<F, N>(&mut g_sh, dout, go, first, t, rows, dv, vs, nv, threads);
     sync_cube();
-    let qa = a_fragments::<F>(&q_sh, prow, dp, hs);
-    let ga = a_fragments::<F>(&g_sh, prow, dvp, vs);
+    let qa = a_fragments::<F>(&q_sh, prow, dp, hs, 1usize);
+    let ga = a_fragments::<F>(&g_sh, prow, dvp, vs, 1usize);
 
     let mut dq = zeroed(dp);
-    let n_tiles = max_limit.div_ceil(TC_TILE);
     for tile in 0..n_tiles {
         let start = tile * TC_TILE;
-        stage::<F, N>(&mut k_sh, k, ko, start, s_len, TC_TILE, d, hs, nv, threads);
-        stage::<F, N>(&mut v_sh, v, vo, start, s_len, TC_TILE, dv, vs, nv, threads);
-        sync_cube();
+        let buf = tile % stages;
+        if comptime!(stages == 2) {
+            if tile + 1 < n_tiles {
+                let (next, nb) = (start + TC_TILE, 1 - buf);
+                stage_async::<F, N>(
+                    &mut k_sh,
+                    nb * kb,
+                    k,
+                    ko,
+                    next,
+                    s_len,
+                    TC_TILE,
+                    d,
+                    hs,
+                    nv,
+                    threads,
+                );
+                stage_async::<F, N>(
+                    &mut v_sh,
+                    nb * vb,
+                    v,
+                    vo,
+                    next,
+                    s_len,
+                    TC_TILE,
+                    dv,
+                    vs,
+                    nv,
+                    threads,
+                );
+                commit_stage(&bar0, &bar1, nb);
+            }
+            wait_stage(&bar0, &bar1, tile);
+        } else {
+            stage::<F, N>(&mut k_sh, k, ko, start, s_len, TC_TILE, d, hs, nv, threads);
+            stage::<F, N>(&mut v_sh, v, vo, start, s_len, TC_TILE, dv, vs, nv, threads);
+            sync_cube();
+        }
         // s = q·kᵀ and dp = dout·vᵀ, then ds = p·(dp − delta)·scale in
         // place of s.
-        let mut s = scores::<F>(&qa, &k_sh, dp, hs);
-        let dpm = scores::<F>(&ga, &v_sh, dvp, vs);
+        let mut s = scores::<F>(&qa, &k_sh, buf * kb, dp, hs, 1usize);
+        let dpm = scores::<F>(&ga, &v_sh, buf * vb, dvp, vs, 1usize);
         #[unroll]
         for b in 0..TC_TILE / 8 {
             let (mut r0, mut r1) = (s[2 * b], s[2 * b + 1]);
@@ -663,12 +943,20 @@ fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Siz
             s[2 * b] = r0;
             s[2 * b + 1] = r1;
         }
-        accumulate::<F>(&mut dq, &rounded::<F>(&s), &k_sh, dp, hs);
+        accumulate::<F>(
+            &mut dq,
+            &rounded::<F>(&s, 1usize),
+            &k_sh,
+            buf * kb,
+            dp,
+            hs,
+            1usize,
+        );
         sync_cube();
     }
     let (at0, at1) = ((batch * t + i0) * d, (batch * t + i1) * d);
     let one = f32::new(1.0);
-    store_rows::<O>(out, &dq, at0, at1, ok0, ok1, one, one, dp, d);
+    store_rows::<O>(out, &dq, at0, at1, ok0, ok1, one, one, dp, d, 0usize);
 }
 
 #[cube(launch_unchecked)]
@@ -717,20 +1005,16 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
     let j1 = j0 + 8;
     let (ok0, ok1) = (j0 < s_len, j1 < s_len);
 
+    let stages = comptime!(stages(nv));
+    let (qb, gb) = (comptime!(TC_TILE * hs), comptime!(TC_TILE * vs));
     let mut k_sh = SharedMemory::<F>::new_aligned(comptime!(rows * hs), 32usize);
     let mut v_sh = SharedMemory::<F>::new_aligned(comptime!(rows * vs), 32usize);
-    let mut q_sh = SharedMemory::<F>::new_aligned(comptime!(TC_TILE * hs), 32usize);
-    let mut g_sh = SharedMemory::<F>::new_aligned(comptime!(TC_TILE * vs), 32usize);
-    let mut lse_sh = SharedMemory::<f32>::new(TC_TILE);
-    let mut delta_sh = SharedMemory::<f32>::new(TC_TILE);
-    stage::<F, N>(&mut k_sh, k, ko, first, s_len, rows, d, hs, nv, threads);
-    stage::<F, N>(&mut v_sh, v, vo, first, s_len, rows, dv, vs, nv, threads);
-    sync_cube();
-    let ka = a_fragments::<F>(&k_sh, prow, dp, hs);
-    let va = a_fragments::<F>(&v_sh, prow, dvp, vs);
-
-    let mut dk = zeroed(dp);
-    let mut dvacc = zeroed(dvp);
+    let mut q_sh = SharedMemory::<F>::new_aligned(comptime!(stages * qb), 32usize);
+    let mut g_sh = SharedMemory::<F>::new_aligned(comptime!(stages * gb), 32usize);
+    let mut lse_sh = SharedMemory::<f32>::new_aligned(comptime!(stages * TC_TILE), 16usize);
+    let mut delta_sh = SharedMemory::<f32>::new_aligned(comptime!(stages * TC_TILE), 16usize);
+    let bar0 = Barrier::shared_uninit();
+    let bar1 = Barrier::shared_uninit();
     // The first query that sees the block's first key.
     let mut q_first = 0;
     if causal && first + t > s_len {
@@ -738,17 +1022,83 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
     }
     let tile_first = q_first / TC_TILE;
     let n_tiles = t.div_ceil(TC_TILE);
+    if comptime!(stages == 2) {
+        if UNIT_POS == 0 {
+            bar0.init_manual(CUBE_DIM);
+            bar1.init_manual(CUBE_DIM);
+        }
+        sync_cube();
+        if tile_first < n_tiles {
+            // Stages are counted from `tile_first`: its tiles go to buffer
+            // `(tile − tile_first) % 2`.
+            let start = tile_first * TC_TILE;
+            stage_async::<F, N>(&mut q_sh, 0, q, qo, start, t, TC_TILE, d, hs, nv, threads);
+            stage_async::<F, N>(
+                &mut g_sh, 0, dout, go, start, t, TC_TILE, dv, vs, nv, threads,
+            );
+            stage_stat_async(&mut lse_sh, 0, lse, lo, start, t);
+            stage_stat_async(&mut delta_sh, 0, delta, eo, start, t);
+            commit_stage(&bar0, &bar1, 0);
+        }
+    }
+    stage::<F, N>(&mut k_sh, k, ko, first, s_len, rows, d, hs, nv, threads);
+    stage::<F, N>(&mut v_sh, v, vo, first, s_len, rows, dv, vs, nv, threads);
+    sync_cube();
+    let ka = a_fragments::<F>(&k_sh, prow, dp, hs, 1usize);
+    let va = a_fragments::<F>(&v_sh, prow, dvp, vs, 1usize);
+
+    let mut dk = zeroed(dp);
+    let mut dvacc = zeroed(dvp);
     for tile in tile_first..n_tiles {
         let start = tile * TC_TILE;
-        stage::<F, N>(&mut q_sh, q, qo, start, t, TC_TILE, d, hs, nv, threads);
-        stage::<F, N>(&mut g_sh, dout, go, start, t, TC_TILE, dv, vs, nv, threads);
-        stage_stat(&mut lse_sh, lse, lo, start, t);
-        stage_stat(&mut delta_sh, delta, eo, start, t);
-        sync_cube();
-        // sᵀ = k·qᵀ and dpᵀ = v·doutᵀ: this plane's 16 keys × the tile's
-        // queries; then pᵀ in place of dpᵀ's copy and dsᵀ in place of sᵀ.
-        let mut st = scores::<F>(&ka, &q_sh, dp, hs);
-        let dpt = scores::<F>(&va, &g_sh, dvp, vs);
+        let step = tile - tile_first;
+        let buf = step % stages;
+        if comptime!(stages == 2) {
+            if tile + 1 < n_tiles {
+                let (next, nb) = (start + TC_TILE, 1 - buf);
+                stage_async::<F, N>(
+                    &mut q_sh,
+                    nb * qb,
+                    q,
+                    qo,
+                    next,
+                    t,
+                    TC_TILE,
+                    d,
+                    hs,
+                    nv,
+                    threads,
+                );
+                stage_async::<F, N>(
+                    &mut g_sh,
+                    nb * gb,
+                    dout,
+                    go,
+                    next,
+                    t,
+                    TC_TILE,
+                    dv,
+                    vs,
+                    nv,
+                    threads,
+                );
+                stage_stat_async(&mut lse_sh, nb * TC_TILE, lse, lo, next, t);
+                stage_stat_async(&mut delta_sh, nb * TC_TILE, delta, eo, next, t);
+                commit_stage(&bar0, &bar1, nb);
+            }
+            wait_stage(&bar0, &bar1, step);
+        } else {
+            stage::<F, N>(&mut q_sh, q, qo, start, t, TC_TILE, d, hs, nv, threads);
+            stage::<F, N>(&mut g_sh, dout, go, start, t, TC_TILE, dv, vs, nv, threads);
+            stage_stat(&mut lse_sh, lse, lo, start, t);
+            stage_stat(&mut delta_sh, delta, eo, start, t);
+            sync_cube();
+        }
+        let so = buf * TC_TILE; // the statistics' buffer
+                                // sᵀ = k·qᵀ and dpᵀ = v·doutᵀ: this plane's 16 keys × the tile's
+                                // queries; then pᵀ in place of dpᵀ's copy and dsᵀ in place of sᵀ.
+        let mut st = scores::<F>(&ka, &q_sh, buf * qb, dp, hs, 1usize);
+        let dpt = scores::<F>(&va, &g_sh, buf * gb, dvp, vs, 1usize);
         let mut pt = zeroed(TC_TILE);
         #[unroll]
         for b in 0..TC_TILE / 8 {
@@ -758,7 +1108,7 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
             #[unroll]
             for e in 0..2usize {
                 let c = b * 8 + 2 * tq + e;
-                let (ls, dl) = (lse_sh[c], delta_sh[c]);
+                let (ls, dl) = (lse_sh[so + c], delta_sh[so + c]);
                 let qi = start + c;
                 let mut vis0 = qi < t && ok0;
                 let mut vis1 = qi < t && ok1;
@@ -776,8 +1126,24 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
             pt[2 * b] = p0;
             pt[2 * b + 1] = p1;
         }
-        accumulate::<F>(&mut dvacc, &rounded::<F>(&pt), &g_sh, dvp, vs);
-        accumulate::<F>(&mut dk, &rounded::<F>(&st), &q_sh, dp, hs);
+        accumulate::<F>(
+            &mut dvacc,
+            &rounded::<F>(&pt, 1usize),
+            &g_sh,
+            buf * gb,
+            dvp,
+            vs,
+            1usize,
+        );
+        accumulate::<F>(
+            &mut dk,
+            &rounded::<F>(&st, 1usize),
+            &q_sh,
+            buf * qb,
+            dp,
+            hs,
+            1usize,
+        );
         sync_cube();
     }
     let (at0, at1) = (
@@ -785,8 +1151,20 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
         (batch * s_len + j1) * (d + dv),
     );
     let one = f32::new(1.0);
-    store_rows::<O>(out, &dk, at0, at1, ok0, ok1, one, one, dp, d);
-    store_rows::<O>(out, &dvacc, at0 + d, at1 + d, ok0, ok1, one, one, dvp, dv);
+    store_rows::<O>(out, &dk, at0, at1, ok0, ok1, one, one, dp, d, 0usize);
+    store_rows::<O>(
+        out,
+        &dvacc,
+        at0 + d,
+        at1 + d,
+        ok0,
+        ok1,
+        one,
+        one,
+        dvp,
+        dv,
+        0usize,
+    );
 }
 
 /// Runs `$body` with `$F` the half-precision storage type of `$elem`
@@ -814,21 +1192,23 @@ macro_rules! with_half {
 fn shared_bytes(d: usize, dv: usize, backward: bool) -> usize {
     let (hs, vs) = (half_stride(d), half_stride(dv));
     let rows = cube_rows(d, dv, backward);
+    let st = stages(2); // the most: two buffers per tile
     if !backward {
-        2 * (rows + TC_TILE) * hs + 2 * TC_TILE * vs
+        2 * rows * hs + 2 * st * TC_TILE * (hs + vs)
     } else {
-        2 * (rows + TC_TILE) * (hs + vs) + 2 * 4 * TC_TILE
+        2 * (rows + st * TC_TILE) * (hs + vs) + st * 2 * 4 * TC_TILE
     }
 }
 
 /// Rows per cube (query rows for the forward and `dq`, key rows for
-/// `dk`/`dv`), 16 per plane: 128 for the forward over 128-dim heads,
-/// where eight planes sharing each staged tile pays (on an H100, B4 H32
-/// T4096 causal: 165 TFLOP/s against 140 with 64 rows), 64 otherwise
-/// (head dim 64: 143 against 118; DBA's 12 dims: 0.89 ms against 1.02;
-/// the backward's kernels hold more registers per unit, and measured the
-/// same either way in SmolLM2's training step). `CARAMBA_TC_ROWS` (64 or
-/// 128) overrides the choice, for such measurements.
+/// `dk`/`dv`): 128 for the forward (eight planes of one 16-row tile each
+/// over 128-dim heads, where sharing each staged tile among eight planes
+/// pays: on an H100, B4 H32 T4096 causal, 165 TFLOP/s against 140 with 64
+/// rows; four planes of two row tiles each ([`forward_tiles`]) over heads
+/// of up to 64 dims), 64 otherwise (the backward's kernels hold more
+/// registers per unit, and measured the same either way in SmolLM2's
+/// training step). `CARAMBA_TC_ROWS` (64 or 128) overrides the choice,
+/// for such measurements.
 fn cube_rows(d: usize, dv: usize, backward: bool) -> usize {
     // Read once per process: every launch asks (twice, with `usable`).
     static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
@@ -841,10 +1221,42 @@ fn cube_rows(d: usize, dv: usize, backward: bool) -> usize {
     if let Some(rows) = *forced {
         return rows;
     }
-    if !backward && pad16(d).max(pad16(dv)) >= 128 {
+    if !backward && (pad16(d).max(pad16(dv)) >= 128 || forward_tiles(d, dv) == 2) {
         128
     } else {
         64
+    }
+}
+
+/// Row tiles of 16 per plane in the forward: two where the wider head is
+/// 33 to 64 dims (each `ldmatrix` of keys and values then feeds two row
+/// tiles' products, halving the shared-memory reads per product, which
+/// bound the one-tile kernel: 82% of L1 throughput on an H100 at head dim
+/// 64; B4 H32 T4096 causal bf16: 198.8 TFLOP/s against 182.3), one
+/// otherwise: over 128-dim heads two tiles' accumulators crowd the
+/// registers (179.7 against 216.1), and DBA's 12-dim heads measured
+/// slower with two (0.895 ms against 0.858). `CARAMBA_TC_MT` (1 or 2)
+/// overrides the choice.
+fn forward_tiles(d: usize, dv: usize) -> usize {
+    static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let forced = OVERRIDE.get_or_init(|| {
+        std::env::var("CARAMBA_TC_MT")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|m| [1, 2].contains(m))
+    });
+    let wide = pad16(d).max(pad16(dv));
+    forced.unwrap_or(if (33..=64).contains(&wide) { 2 } else { 1 })
+}
+
+/// The forward's row tiles per plane for a cube of `rows` rows: at most
+/// one plane's worth of rows per 16·tiles.
+fn row_tiles(d: usize, dv: usize, rows: usize) -> usize {
+    let mt = forward_tiles(d, dv);
+    if rows.is_multiple_of(16 * mt) {
+        mt
+    } else {
+        1
     }
 }
 
@@ -945,7 +1357,8 @@ pub fn try_launch_forward<R: Runtime>(
         return true;
     }
     let rows = cube_rows(d, dv, false);
-    let threads = rows / 16 * PLANE;
+    let mt = row_tiles(d, dv, rows);
+    let threads = rows / (16 * mt) * PLANE;
     let cubes = batch * t.div_ceil(rows);
     let nv = vector_width(&[q, k, v], d, dv, threads);
     // The log-sum-exp's row is f32 (the statistics' dtype), output included.
@@ -969,6 +1382,7 @@ pub fn try_launch_forward<R: Runtime>(
                     with_lse,
                     nv,
                     rows,
+                    mt,
                 );
             }
         };
