@@ -213,9 +213,17 @@ fn main() {
     );
     let start = Instant::now();
     let mut last = first.loss();
+    // The host's share of each step: queuing the forward and backward,
+    // waiting for the device, queuing the update (summed over the steps).
+    let mut host = [0.0f64; 3];
     for _ in 0..steps {
         // Each step reads its loss back, so it is complete when it returns.
-        last = trainer.step(&batch, 1e-4, Some(1.0)).expect("step").loss();
+        let stats = trainer.step(&batch, 1e-4, Some(1.0)).expect("step");
+        last = stats.loss();
+        let t = stats.timing;
+        for (h, d) in host.iter_mut().zip([t.issue, t.wait, t.update]) {
+            *h += d.as_secs_f64() * 1e3 / steps as f64;
+        }
     }
     let secs = start.elapsed().as_secs_f64() / steps as f64;
     // CARAMBA_BENCH_PROFILE=1: one more step with every kernel waited for,
@@ -275,9 +283,12 @@ fn main() {
     };
     let mfu = 6.0 * n_params as f64 * tps / peak;
     println!(
-"{{\"name\": \"train_{which}_b{b}_t{t}_{label}{}\", \"impl\": \"caramba\", \"ms_per_step\": {:.1}, \"tokens_per_s\": {tps:.0}, \"mfu\": {mfu:.3}, \"peak_tflops\": {:.0}, \"loss\": {last:.4}}}",
+"{{\"name\": \"train_{which}_b{b}_t{t}_{label}{}\", \"impl\": \"caramba\", \"ms_per_step\": {:.1}, \"tokens_per_s\": {tps:.0}, \"mfu\": {mfu:.3}, \"peak_tflops\": {:.0}, \"loss\": {last:.4}, \"host_issue_ms\": {:.1}, \"host_wait_ms\": {:.1}, \"host_update_ms\": {:.1}}}",
         if primitive { "_primitive_backward" } else { "" },
         secs * 1e3,
-        peak / 1e12
+        peak / 1e12,
+        host[0],
+        host[1],
+        host[2]
     );
 }

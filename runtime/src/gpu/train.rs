@@ -348,6 +348,22 @@ pub struct StepStats {
     pub losses: Vec<f64>,
     /// The global norm of the mean gradient, before clipping.
     pub grad_norm: f64,
+    /// Where the host's time went.
+    pub timing: StepTiming,
+}
+
+/// The host's time in one step, in three parts. Where `wait` is near
+/// zero the device finished before the host asked: the step is bound by
+/// the host's launches, not by the device's work.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepTiming {
+    /// Queuing every micro-batch's forward and backward kernels.
+    pub issue: std::time::Duration,
+    /// Waiting for the device to finish them (the losses and the
+    /// gradient norm's partial sums read back).
+    pub wait: std::time::Duration,
+    /// Queuing the optimizer's updates (not waited for).
+    pub update: std::time::Duration,
 }
 
 impl StepStats {
@@ -544,6 +560,7 @@ impl<R: Runtime> GpuTrainer<R> {
         lr: f64,
         grad_clip: Option<f64>,
     ) -> Result<StepStats, StepError> {
+        let began = std::time::Instant::now();
         let mut losses = Vec::with_capacity(micro_batches.len());
         for b in micro_batches {
             match self.backward(&b.inputs, b.syms) {
@@ -554,7 +571,9 @@ impl<R: Runtime> GpuTrainer<R> {
                 }
             }
         }
-        let read = self.launch_norm().and_then(|partials| {
+        let partials = self.launch_norm();
+        let issued = std::time::Instant::now();
+        let read = partials.and_then(|partials| {
             let losses = losses
                 .iter()
                 .map(|l| Ok(self.exec.download(l)?.to_f64_vec()[0]))
@@ -575,8 +594,18 @@ impl<R: Runtime> GpuTrainer<R> {
                 loss,
             });
         }
+        let waited = std::time::Instant::now();
         let grad_norm = self.update(Ok(norm), lr, grad_clip)?;
-        Ok(StepStats { losses, grad_norm })
+        let timing = StepTiming {
+            issue: issued - began,
+            wait: waited - issued,
+            update: waited.elapsed(),
+        };
+        Ok(StepStats {
+            losses,
+            grad_norm,
+            timing,
+        })
     }
 
     /// Queues the partial sums of the accumulated gradients' squares.
