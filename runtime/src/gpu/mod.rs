@@ -290,6 +290,8 @@ pub struct GpuExecutor<R: Runtime> {
     /// copies by parameter name.
     copies: HashMap<NodeId, DevTensor>,
     copies_by_name: BTreeMap<String, DeviceTensor>,
+    /// Buffers of values no run needs any more, reused for new values.
+    recycled: ops::Recycled,
 }
 
 impl<R: Runtime> GpuExecutor<R> {
@@ -435,6 +437,7 @@ impl<R: Runtime> GpuExecutor<R> {
             rope_freqs,
             copies,
             copies_by_name,
+            recycled: ops::Recycled::default(),
             client,
             graph: graph.clone(),
             order: plan.order,
@@ -512,6 +515,13 @@ impl<R: Runtime> GpuExecutor<R> {
     /// parameters are ignored: the executor's were uploaded at build time).
     pub fn run_bindings(&self, b: &Bindings) -> Result<BTreeMap<String, Tensor>, GpuError> {
         self.run(&b.inputs, b.syms)
+    }
+
+    /// Gives a value back for reuse (see `ops::Recycled`): its buffer
+    /// serves a later value of the same size, unless something else still
+    /// refers to it.
+    pub(crate) fn recycle(&self, t: DeviceTensor) {
+        self.recycled.give(t.0);
     }
 
     /// Evaluates the graph's outputs for one call's inputs. Unset symbols
@@ -616,6 +626,7 @@ impl<R: Runtime> GpuExecutor<R> {
                         narrow: self.narrow,
                         sum_batch: self.batch_summed.contains(&id),
                         transposed_sum: self.transposed_sums.contains(&id),
+                        recycled: Some(&self.recycled),
                     };
                     if self.options.profile {
                         self.wait()?;
@@ -678,7 +689,9 @@ impl<R: Runtime> GpuExecutor<R> {
                 let left = uses.get_mut(o).expect("operand counted");
                 *left -= 1;
                 if *left == 0 {
-                    values.remove(o);
+                    if let Some(v) = values.remove(o) {
+                        self.recycled.give(v);
+                    }
                 }
             }
         }

@@ -16,6 +16,7 @@ use caramba_ir::{
 use caramba_kernels::cast::Narrow;
 use caramba_kernels::copy::CopyElem;
 use caramba_kernels::cubecl::prelude::*;
+use caramba_kernels::cubecl::server::Handle;
 use caramba_kernels::elementwise::{Binary, Instr, Unary};
 use caramba_kernels::reduce::ReduceKind;
 use caramba_kernels::vendor_gemm::VendorGemm;
@@ -23,6 +24,7 @@ use caramba_kernels::{
     attention, attention_backward, cast, copy, elementwise, gather, gemv, kv_attention, matmul,
     norm, quant, reduce, rms_norm, rope, FloatElem, Storage, View,
 };
+use std::collections::HashMap;
 
 /// Rejects ops and dtypes the device cannot run, before anything launches.
 pub(crate) fn check_supported(graph: &Graph, id: NodeId) -> Result<(), GpuError> {
@@ -87,6 +89,37 @@ fn format_code(f: Option<QuantFormat>) -> u32 {
     }
 }
 
+/// Whole buffers that values no longer need, by size in bytes, for the
+/// next allocation of that size. A training step allocates the same sizes
+/// in the same order every time, so from the second step on its values
+/// are made in recycled buffers: no allocation reaches CubeCL's memory
+/// pools, whose bookkeeping (a blocking round trip to the device thread
+/// per allocation, a page search, a free per value) was a large share of
+/// a step's host time. Reuse is safe as CubeCL's own is: kernels of one
+/// stream run in order (cuBLASLt's stream is ordered with it by the
+/// handoff), so a kernel that writes a recycled buffer runs after every
+/// kernel that read its previous value.
+#[derive(Default)]
+pub(crate) struct Recycled(std::sync::Mutex<HashMap<u64, Vec<Handle>>>);
+
+impl Recycled {
+    /// A buffer of exactly `bytes`, if one was given back.
+    pub fn take(&self, bytes: usize) -> Option<Handle> {
+        let mut free = self.0.lock().expect("recycled buffers");
+        free.get_mut(&(bytes as u64)).and_then(Vec::pop)
+    }
+
+    /// Keeps `t`'s buffer for reuse where nothing else refers to it (no
+    /// view, output or queued copy of the handle) and it is whole.
+    pub fn give(&self, t: DevTensor) {
+        let h = t.handle;
+        if h.can_mut() && h.offset_start.is_none() && h.offset_end.is_none() {
+            let mut free = self.0.lock().expect("recycled buffers");
+            free.entry(h.size()).or_default().push(h);
+        }
+    }
+}
+
 /// What one launch needs to know.
 pub(crate) struct Ctx<'a, R: Runtime> {
     pub client: &'a ComputeClient<R>,
@@ -109,6 +142,9 @@ pub(crate) struct Ctx<'a, R: Runtime> {
     /// relabels after it keep the view, and the transpose that follows is
     /// then a dense read.
     pub transposed_sum: bool,
+    /// Buffers the executor's earlier values left (see `Recycled`): an
+    /// output of the same size takes one instead of a fresh allocation.
+    pub recycled: Option<&'a Recycled>,
 }
 
 fn unary(u: UnaryOp) -> Unary {
@@ -353,12 +389,12 @@ impl<R: Runtime> Ctx<'_, R> {
         let n: usize = shape.iter().product();
         // Non-float tensors have `F32` as their elem: 4-byte elements too.
         let elem = self.elem();
-        DevTensor::dense(
-            self.client.empty(n.max(1) * elem.size()),
-            shape,
-            self.node.ty.dtype,
-            elem,
-        )
+        let bytes = n.max(1) * elem.size();
+        let handle = self
+            .recycled
+            .and_then(|r| r.take(bytes))
+            .unwrap_or_else(|| self.client.empty(bytes));
+        DevTensor::dense(handle, shape, self.node.ty.dtype, elem)
     }
 
     /// The tensor's view broadcast to `batch` leading axes, its last two

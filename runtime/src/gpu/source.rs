@@ -212,6 +212,7 @@ fn capture<R: Runtime>(
                     narrow,
                     sum_batch: false,
                     transposed_sum: false,
+                    recycled: None,
                 };
                 let out = ctx.apply(&args, shape)?;
                 // Wait for the launch (and so its compilation) to finish,

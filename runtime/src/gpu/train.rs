@@ -688,7 +688,11 @@ impl<R: Runtime> GpuTrainer<R> {
     }
 
     fn discard_gradients(&mut self) {
-        self.grads.clear();
+        // The next step's backward makes gradients of the same sizes in
+        // these buffers (those of the accumulators are kept by `acc`).
+        for (_, g) in std::mem::take(&mut self.grads) {
+            self.exec.recycle(g);
+        }
         self.micro_batches = 0;
     }
 }
