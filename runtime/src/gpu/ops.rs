@@ -111,7 +111,13 @@ impl Recycled {
 
     /// Keeps `t`'s buffer for reuse where nothing else refers to it (no
     /// view, output or queued copy of the handle) and it is whole.
+    /// `CARAMBA_NO_RECYCLE=1` gives every buffer back to CubeCL instead,
+    /// for A/B measurements.
     pub fn give(&self, t: DevTensor) {
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *OFF.get_or_init(|| std::env::var("CARAMBA_NO_RECYCLE").is_ok_and(|v| v == "1")) {
+            return;
+        }
         let h = t.handle;
         if h.can_mut() && h.offset_start.is_none() && h.offset_end.is_none() {
             let mut free = self.0.lock().expect("recycled buffers");
