@@ -4,7 +4,12 @@
 # caramba-runtime --features cuda --test gpu_suite --no-run), train_bench and
 # gpu_bench (cargo build --release --features cuda --example ...), with
 # scripts/bench_torch.py and scripts/bench_torch_train.py beside them.
-# Argument: a comma list of parts (suite, ptxas, rows, attn, rms, trows, train, cubek, nsys, llama, lprof, handoff).
+# Argument: a comma list of parts (suite, ptxas, rows, attn, rms, trows, train,
+# cubek, nsys, llama, lprof, handoff, tsums, ncu, quick, final, recycle).
+# `ncu` profiles the attention kernels with Nsight Compute (NCU_TRAIN=1: the
+# backward's too); `final` runs tests in the background while nvcc reports
+# the registers of the kernel sources in cu/ (`caramba compile --emit kernels
+# --target cuda`), then the attention and training benchmarks.
 cd "$(dirname "$0")"
 for f in *.gz; do gunzip -kf $f; done; chmod +x gpu_suite train_bench gpu_bench
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:$LD_LIBRARY_PATH
@@ -80,4 +85,72 @@ echo "== train smollm2"
 CARAMBA_BENCH_PROFILE=1 timeout 150 ./train_bench cuda smollm2 8 2048 3 bf16 2>&1 | grep -vE "^\s*$|XDG" | grep -E "^\{|panicked|error|profile|ms " | head -50
 echo "== torch smollm2 amp eager"
 CARAMBA_TORCH_DTYPES=amp CARAMBA_TORCH_MODES=eager timeout 90 python3 bench_torch_train.py smollm2 8 2048 5 2>&1 | grep -E "^\{|Error" | tail -3
+fi
+if [[ $what == *tsums* ]]; then
+for off in 1 0; do echo "== train smollm2 and llama1b, CARAMBA_NO_TRANSPOSED_SUMS=$off"
+CARAMBA_NO_TRANSPOSED_SUMS=$off timeout 150 ./train_bench cuda smollm2 8 2048 5 bf16 2>&1 | grep -E "^\{|panicked|error" | head -5
+CARAMBA_NO_TRANSPOSED_SUMS=$off timeout 200 ./train_bench cuda llama1b 4 2048 3 bf16 2>&1 | grep -E "^\{|panicked|error" | head -5
+done
+fi
+if [[ $what == *ncu* ]]; then
+NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1); echo "ncu: $NCU"
+SECS="--section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis --section SpeedOfLight"
+echo "== ncu attention forward (bf16 cases)"
+CARAMBA_BENCH_ONLY=attention timeout 300 $NCU --clock-control none -k regex:attention_tc --launch-count ${NCU_N:-3} --launch-skip ${NCU_SKIP:-0} $SECS ./gpu_bench cuda > $OUT/ncu_fwd.txt 2>&1; echo "rc $?"
+grep -E "attention|Registers Per|Shared Memory Config|Achieved Occupancy|Theoretical Occupancy|Block Limit|Duration|Warp Cycles Per Issued|Issue Slots Busy|SM Busy|Stall|Compute \(SM\) Thr|Memory Thr" $OUT/ncu_fwd.txt | head -80
+if [[ -n $NCU_TRAIN ]]; then
+echo "== ncu attention backward (smollm2 training)"
+timeout 300 $NCU --clock-control none -k regex:'attention_(dq|dkv)' --launch-count 2 $SECS ./train_bench cuda smollm2 8 2048 1 bf16 > $OUT/ncu_bwd.txt 2>&1; echo "rc $?"
+grep -E "attention|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|Duration|Warp Cycles Per Issued|Issue Slots Busy|Stall" $OUT/ncu_bwd.txt | head -60
+fi
+fi
+if [[ $what == *quick* ]]; then
+for off in 0 1; do echo "== train smollm2, CARAMBA_NO_TRANSPOSED_SUMS=$off"
+CARAMBA_NO_TRANSPOSED_SUMS=$off timeout 150 ./train_bench cuda smollm2 8 2048 5 bf16 2>&1 | grep -E "^\{|panicked|error" | head -5
+done
+echo "== train llama1b"
+timeout 200 ./train_bench cuda llama1b 4 2048 3 bf16 2>&1 | grep -E "^\{|panicked|error" | head -5
+echo "== torch smollm2 amp eager"
+CARAMBA_TORCH_DTYPES=amp CARAMBA_TORCH_MODES=eager timeout 90 python3 bench_torch_train.py smollm2 8 2048 5 2>&1 | grep -E "^\{|Error" | tail -3
+fi
+if [[ $what == *final* ]]; then
+echo "== suite in the background: ${SUITE:-narrow attention tests}"
+(CARAMBA_REQUIRE_VENDOR_GEMM=1 timeout ${SUITE_T:-300} ./gpu_suite ${SUITE:-cuda::narrow_attention cuda::narrow_attention_backward cuda::tiny_llama_bf16 cuda::mixed_precision_gradients} > $OUT/suite.txt 2>&1; echo "suite rc $?" >> $OUT/suite.txt) &
+SPID=$!
+NVCC=$(ls /usr/local/cuda*/bin/nvcc 2>/dev/null | head -1)
+for f in ${PTX_FILES:-cu/fwd_64.cu cu/fwd_128.cu cu/fwd_16.cu cu/dq_64.cu cu/dkv_64.cu}; do
+  ( $NVCC -arch=sm_90 --resource-usage -c -o /dev/null $f > $OUT/$(basename $f).ptxas 2>&1 ) &
+done
+wait $(jobs -p | grep -v "^$SPID$") 2>/dev/null
+for f in $OUT/*.ptxas; do echo "-- $f"; grep -E "registers|spill|error" $f | head -4; done
+wait $SPID
+grep -E "^test |test result|panicked|suite rc" $OUT/suite.txt | head -30
+for mt in 2 1; do echo "== ours attention, CARAMBA_TC_MT=$mt"
+CARAMBA_TC_MT=$mt CARAMBA_BENCH_ONLY=attention timeout 100 ./gpu_bench cuda 2>&1 | grep -E "^\{|panicked|error" | grep -v f32 | head
+done
+echo "== torch attention"
+CARAMBA_BENCH_ONLY=attention timeout 60 python3 bench_torch.py 2>&1 | grep -E "^\{|Error" | grep -E "attention|Error" | grep -v f32 | head -20
+echo "== train smollm2"
+timeout 120 ./train_bench cuda smollm2 8 2048 5 bf16 2>&1 | grep -E "^\{|panicked|error" | head -5
+echo "== torch smollm2 amp eager"
+CARAMBA_TORCH_DTYPES=amp CARAMBA_TORCH_MODES=eager timeout 90 python3 bench_torch_train.py smollm2 8 2048 5 2>&1 | grep -E "^\{|Error" | head -1
+echo "== train llama1b"
+timeout 150 ./train_bench cuda llama1b 4 2048 3 bf16 2>&1 | grep -E "^\{|panicked|error" | head -5
+echo "== torch llama1b amp eager"
+CARAMBA_TORCH_DTYPES=amp CARAMBA_TORCH_MODES=eager timeout 100 python3 bench_torch_train.py llama1b 4 2048 5 2>&1 | grep -E "^\{|Error" | head -1
+fi
+if [[ $what == *recycle* ]]; then
+echo "== suite in the background: ${SUITE}"
+(CARAMBA_REQUIRE_VENDOR_GEMM=1 timeout ${SUITE_T:-200} ./gpu_suite ${SUITE} > $OUT/suite.txt 2>&1; echo "suite rc $?" >> $OUT/suite.txt) &
+SPID=$!
+echo "== torch smollm2 amp eager (suite compiling alongside)"
+CARAMBA_TORCH_DTYPES=amp CARAMBA_TORCH_MODES=eager timeout 90 python3 bench_torch_train.py smollm2 8 2048 5 2>&1 | grep -E "^\{|Error" | head -1
+echo "== torch llama1b amp eager (suite compiling alongside)"
+CARAMBA_TORCH_DTYPES=amp CARAMBA_TORCH_MODES=eager timeout 100 python3 bench_torch_train.py llama1b 4 2048 5 2>&1 | grep -E "^\{|Error" | head -1
+wait $SPID
+grep -E "^test |test result|panicked|suite rc" $OUT/suite.txt | head -30
+for off in 1 0; do echo "== train smollm2 and llama1b, CARAMBA_NO_RECYCLE=$off"
+CARAMBA_NO_RECYCLE=$off timeout 120 ./train_bench cuda smollm2 8 2048 5 bf16 2>&1 | grep -E "^\{|panicked|error" | head -5
+CARAMBA_NO_RECYCLE=$off timeout 150 ./train_bench cuda llama1b 4 2048 3 bf16 2>&1 | grep -E "^\{|panicked|error" | head -5
+done
 fi
