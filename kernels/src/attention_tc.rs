@@ -246,6 +246,39 @@ fn stage_async<F: Float, N: Size>(
     }
 }
 
+/// Rows `start..start + TC_TILE` of two operands (keys and values, or
+/// queries and output gradients; `wa` and `wb` columns) into buffer `buf`
+/// of `a_sh` and `b_sh`: asynchronous copies where `stages` is 2 (the
+/// caller completes them with [`commit_stage`]), stores otherwise.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_tiles<F: Float, N: Size>(
+    a_sh: &mut SharedMemory<F>,
+    b_sh: &mut SharedMemory<F>,
+    a: &Tensor<Vector<F, N>>,
+    b: &Tensor<Vector<F, N>>,
+    offsets: (usize, usize),
+    start: usize,
+    len: usize,
+    buf: usize,
+    #[comptime] wa: usize,
+    #[comptime] wb: usize,
+    #[comptime] nv: usize,
+    #[comptime] threads: usize,
+    #[comptime] stages: usize,
+) {
+    let (sa, sb) = (comptime!(half_stride(wa)), comptime!(half_stride(wb)));
+    let (ao, bo) = offsets;
+    if comptime!(stages == 2) {
+        let (oa, ob) = (buf * comptime!(TC_TILE * sa), buf * comptime!(TC_TILE * sb));
+        stage_async::<F, N>(a_sh, oa, a, ao, start, len, TC_TILE, wa, sa, nv, threads);
+        stage_async::<F, N>(b_sh, ob, b, bo, start, len, TC_TILE, wb, sb, nv, threads);
+    } else {
+        stage::<F, N>(a_sh, a, ao, start, len, TC_TILE, wa, sa, nv, threads);
+        stage::<F, N>(b_sh, b, bo, start, len, TC_TILE, wb, sb, nv, threads);
+    }
+}
+
 /// `stage_stat` with asynchronous copies (4 bytes a unit), into `dst`
 /// from `off` on; completes on the stage's barrier as `stage_async` does.
 #[cube]
@@ -267,6 +300,31 @@ fn stage_stat_async(
             &mut dst.slice_mut(off + u, off + u + 1),
             1u32,
         );
+    }
+}
+
+/// The statistics (`lse`, `delta`) of rows `start..start + TC_TILE` into
+/// buffer `buf`, as [`stage_tiles`] stages the operands.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_stats(
+    lse_sh: &mut SharedMemory<f32>,
+    delta_sh: &mut SharedMemory<f32>,
+    lse: &Tensor<f32>,
+    delta: &Tensor<f32>,
+    offsets: (usize, usize),
+    start: usize,
+    len: usize,
+    buf: usize,
+    #[comptime] stages: usize,
+) {
+    let (lo, eo) = offsets;
+    if comptime!(stages == 2) {
+        stage_stat_async(lse_sh, buf * TC_TILE, lse, lo, start, len);
+        stage_stat_async(delta_sh, buf * TC_TILE, delta, eo, start, len);
+    } else {
+        stage_stat(lse_sh, lse, lo, start, len);
+        stage_stat(delta_sh, delta, eo, start, len);
     }
 }
 
@@ -634,8 +692,10 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
         }
         sync_cube();
         if n_tiles > 0 {
-            stage_async::<F, N>(&mut k_sh, 0, k, ko, 0, s_len, TC_TILE, d, hs, nv, threads);
-            stage_async::<F, N>(&mut v_sh, 0, v, vo, 0, s_len, TC_TILE, dv, vs, nv, threads);
+            let kv = (ko, vo);
+            stage_tiles::<F, N>(
+                &mut k_sh, &mut v_sh, k, v, kv, 0, s_len, 0, d, dv, nv, threads, stages,
+            );
             commit_stage(&bar0, &bar1, 0);
         }
     }
@@ -659,38 +719,18 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
         if comptime!(stages == 2) {
             if tile + 1 < n_tiles {
                 let (next, nb) = (start + TC_TILE, 1 - buf);
-                stage_async::<F, N>(
-                    &mut k_sh,
-                    nb * kb,
-                    k,
-                    ko,
-                    next,
-                    s_len,
-                    TC_TILE,
-                    d,
-                    hs,
-                    nv,
-                    threads,
-                );
-                stage_async::<F, N>(
-                    &mut v_sh,
-                    nb * vb,
-                    v,
-                    vo,
-                    next,
-                    s_len,
-                    TC_TILE,
-                    dv,
-                    vs,
-                    nv,
-                    threads,
+                let kv = (ko, vo);
+                stage_tiles::<F, N>(
+                    &mut k_sh, &mut v_sh, k, v, kv, next, s_len, nb, d, dv, nv, threads, stages,
                 );
                 commit_stage(&bar0, &bar1, nb);
             }
             wait_stage(&bar0, &bar1, tile);
         } else {
-            stage::<F, N>(&mut k_sh, k, ko, start, s_len, TC_TILE, d, hs, nv, threads);
-            stage::<F, N>(&mut v_sh, v, vo, start, s_len, TC_TILE, dv, vs, nv, threads);
+            let kv = (ko, vo);
+            stage_tiles::<F, N>(
+                &mut k_sh, &mut v_sh, k, v, kv, start, s_len, 0, d, dv, nv, threads, stages,
+            );
             sync_cube();
         }
         let mut s = scores::<F>(&qa, &k_sh, buf * kb, dp, hs, mt);
@@ -872,8 +912,10 @@ fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Siz
         }
         sync_cube();
         if n_tiles > 0 {
-            stage_async::<F, N>(&mut k_sh, 0, k, ko, 0, s_len, TC_TILE, d, hs, nv, threads);
-            stage_async::<F, N>(&mut v_sh, 0, v, vo, 0, s_len, TC_TILE, dv, vs, nv, threads);
+            let kv = (ko, vo);
+            stage_tiles::<F, N>(
+                &mut k_sh, &mut v_sh, k, v, kv, 0, s_len, 0, d, dv, nv, threads, stages,
+            );
             commit_stage(&bar0, &bar1, 0);
         }
     }
@@ -890,38 +932,18 @@ fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Siz
         if comptime!(stages == 2) {
             if tile + 1 < n_tiles {
                 let (next, nb) = (start + TC_TILE, 1 - buf);
-                stage_async::<F, N>(
-                    &mut k_sh,
-                    nb * kb,
-                    k,
-                    ko,
-                    next,
-                    s_len,
-                    TC_TILE,
-                    d,
-                    hs,
-                    nv,
-                    threads,
-                );
-                stage_async::<F, N>(
-                    &mut v_sh,
-                    nb * vb,
-                    v,
-                    vo,
-                    next,
-                    s_len,
-                    TC_TILE,
-                    dv,
-                    vs,
-                    nv,
-                    threads,
+                let kv = (ko, vo);
+                stage_tiles::<F, N>(
+                    &mut k_sh, &mut v_sh, k, v, kv, next, s_len, nb, d, dv, nv, threads, stages,
                 );
                 commit_stage(&bar0, &bar1, nb);
             }
             wait_stage(&bar0, &bar1, tile);
         } else {
-            stage::<F, N>(&mut k_sh, k, ko, start, s_len, TC_TILE, d, hs, nv, threads);
-            stage::<F, N>(&mut v_sh, v, vo, start, s_len, TC_TILE, dv, vs, nv, threads);
+            let kv = (ko, vo);
+            stage_tiles::<F, N>(
+                &mut k_sh, &mut v_sh, k, v, kv, start, s_len, 0, d, dv, nv, threads, stages,
+            );
             sync_cube();
         }
         // s = q·kᵀ and dp = dout·vᵀ, then ds = p·(dp − delta)·scale in
@@ -1032,12 +1054,21 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
             // Stages are counted from `tile_first`: its tiles go to buffer
             // `(tile − tile_first) % 2`.
             let start = tile_first * TC_TILE;
-            stage_async::<F, N>(&mut q_sh, 0, q, qo, start, t, TC_TILE, d, hs, nv, threads);
-            stage_async::<F, N>(
-                &mut g_sh, 0, dout, go, start, t, TC_TILE, dv, vs, nv, threads,
+            let (qg, le) = ((qo, go), (lo, eo));
+            stage_tiles::<F, N>(
+                &mut q_sh, &mut g_sh, q, dout, qg, start, t, 0, d, dv, nv, threads, stages,
             );
-            stage_stat_async(&mut lse_sh, 0, lse, lo, start, t);
-            stage_stat_async(&mut delta_sh, 0, delta, eo, start, t);
+            stage_stats(
+                &mut lse_sh,
+                &mut delta_sh,
+                lse,
+                delta,
+                le,
+                start,
+                t,
+                0,
+                stages,
+            );
             commit_stage(&bar0, &bar1, 0);
         }
     }
@@ -1056,42 +1087,40 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
         if comptime!(stages == 2) {
             if tile + 1 < n_tiles {
                 let (next, nb) = (start + TC_TILE, 1 - buf);
-                stage_async::<F, N>(
-                    &mut q_sh,
-                    nb * qb,
-                    q,
-                    qo,
+                let (qg, le) = ((qo, go), (lo, eo));
+                stage_tiles::<F, N>(
+                    &mut q_sh, &mut g_sh, q, dout, qg, next, t, nb, d, dv, nv, threads, stages,
+                );
+                stage_stats(
+                    &mut lse_sh,
+                    &mut delta_sh,
+                    lse,
+                    delta,
+                    le,
                     next,
                     t,
-                    TC_TILE,
-                    d,
-                    hs,
-                    nv,
-                    threads,
+                    nb,
+                    stages,
                 );
-                stage_async::<F, N>(
-                    &mut g_sh,
-                    nb * gb,
-                    dout,
-                    go,
-                    next,
-                    t,
-                    TC_TILE,
-                    dv,
-                    vs,
-                    nv,
-                    threads,
-                );
-                stage_stat_async(&mut lse_sh, nb * TC_TILE, lse, lo, next, t);
-                stage_stat_async(&mut delta_sh, nb * TC_TILE, delta, eo, next, t);
                 commit_stage(&bar0, &bar1, nb);
             }
             wait_stage(&bar0, &bar1, step);
         } else {
-            stage::<F, N>(&mut q_sh, q, qo, start, t, TC_TILE, d, hs, nv, threads);
-            stage::<F, N>(&mut g_sh, dout, go, start, t, TC_TILE, dv, vs, nv, threads);
-            stage_stat(&mut lse_sh, lse, lo, start, t);
-            stage_stat(&mut delta_sh, delta, eo, start, t);
+            let (qg, le) = ((qo, go), (lo, eo));
+            stage_tiles::<F, N>(
+                &mut q_sh, &mut g_sh, q, dout, qg, start, t, 0, d, dv, nv, threads, stages,
+            );
+            stage_stats(
+                &mut lse_sh,
+                &mut delta_sh,
+                lse,
+                delta,
+                le,
+                start,
+                t,
+                0,
+                stages,
+            );
             sync_cube();
         }
         let so = buf * TC_TILE; // the statistics' buffer
