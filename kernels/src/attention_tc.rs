@@ -328,6 +328,71 @@ fn stage_stats(
     }
 }
 
+/// Makes key/value tile `tile` of `n_tiles` readable in buffer
+/// `tile % stages` of `k_sh` and `v_sh` (the forward's and `dq`'s loop):
+/// with two stages, issues tile `tile + 1`'s copies into the other buffer,
+/// then waits for this tile's (issued one step earlier, or before the
+/// loop); with one, stages this tile and waits for the cube.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn kv_tile_ready<F: Float, N: Size>(
+    k_sh: &mut SharedMemory<F>,
+    v_sh: &mut SharedMemory<F>,
+    k: &Tensor<Vector<F, N>>,
+    v: &Tensor<Vector<F, N>>,
+    offsets: (usize, usize),
+    bar0: &Shared<Barrier>,
+    bar1: &Shared<Barrier>,
+    tile: usize,
+    n_tiles: usize,
+    s_len: usize,
+    #[comptime] d: usize,
+    #[comptime] dv: usize,
+    #[comptime] nv: usize,
+    #[comptime] threads: usize,
+    #[comptime] stages: usize,
+) {
+    let start = tile * TC_TILE;
+    if comptime!(stages == 2) {
+        if tile + 1 < n_tiles {
+            let nb = 1 - tile % 2;
+            stage_tiles::<F, N>(
+                k_sh,
+                v_sh,
+                k,
+                v,
+                offsets,
+                start + TC_TILE,
+                s_len,
+                nb,
+                d,
+                dv,
+                nv,
+                threads,
+                stages,
+            );
+            commit_stage(bar0, bar1, nb);
+        }
+        wait_stage(bar0, bar1, tile);
+    } else {
+        stage_tiles::<F, N>(
+            k_sh, v_sh, k, v, offsets, start, s_len, 0, d, dv, nv, threads, stages,
+        );
+        sync_cube();
+    }
+}
+
+/// Initializes the two stages' barriers (every unit arrives on each) and
+/// waits for the cube, so that no copy completes on an uninitialized one.
+#[cube]
+fn init_stages(bar0: &Shared<Barrier>, bar1: &Shared<Barrier>) {
+    if UNIT_POS == 0 {
+        bar0.init_manual(CUBE_DIM);
+        bar1.init_manual(CUBE_DIM);
+    }
+    sync_cube();
+}
+
 /// Ends a unit's share of one stage of asynchronous copies: `bar`
 /// (`bars[0]` or `bars[1]` as `buf` says) completes its phase when every
 /// unit has arrived and every unit's copies have landed.
@@ -685,14 +750,10 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
     let bar0 = Barrier::shared_uninit();
     let bar1 = Barrier::shared_uninit();
     let n_tiles = max_limit.div_ceil(TC_TILE);
+    let kv = (ko, vo);
     if comptime!(stages == 2) {
-        if UNIT_POS == 0 {
-            bar0.init_manual(CUBE_DIM);
-            bar1.init_manual(CUBE_DIM);
-        }
-        sync_cube();
+        init_stages(&bar0, &bar1);
         if n_tiles > 0 {
-            let kv = (ko, vo);
             stage_tiles::<F, N>(
                 &mut k_sh, &mut v_sh, k, v, kv, 0, s_len, 0, d, dv, nv, threads, stages,
             );
@@ -716,23 +777,10 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
     for tile in 0..n_tiles {
         let start = tile * TC_TILE;
         let buf = tile % stages;
-        if comptime!(stages == 2) {
-            if tile + 1 < n_tiles {
-                let (next, nb) = (start + TC_TILE, 1 - buf);
-                let kv = (ko, vo);
-                stage_tiles::<F, N>(
-                    &mut k_sh, &mut v_sh, k, v, kv, next, s_len, nb, d, dv, nv, threads, stages,
-                );
-                commit_stage(&bar0, &bar1, nb);
-            }
-            wait_stage(&bar0, &bar1, tile);
-        } else {
-            let kv = (ko, vo);
-            stage_tiles::<F, N>(
-                &mut k_sh, &mut v_sh, k, v, kv, start, s_len, 0, d, dv, nv, threads, stages,
-            );
-            sync_cube();
-        }
+        kv_tile_ready::<F, N>(
+            &mut k_sh, &mut v_sh, k, v, kv, &bar0, &bar1, tile, n_tiles, s_len, d, dv, nv, threads,
+            stages,
+        );
         let mut s = scores::<F>(&qa, &k_sh, buf * kb, dp, hs, mt);
         #[unroll]
         for m in 0..mt {
@@ -905,14 +953,10 @@ fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Siz
     let bar0 = Barrier::shared_uninit();
     let bar1 = Barrier::shared_uninit();
     let n_tiles = max_limit.div_ceil(TC_TILE);
+    let kv = (ko, vo);
     if comptime!(stages == 2) {
-        if UNIT_POS == 0 {
-            bar0.init_manual(CUBE_DIM);
-            bar1.init_manual(CUBE_DIM);
-        }
-        sync_cube();
+        init_stages(&bar0, &bar1);
         if n_tiles > 0 {
-            let kv = (ko, vo);
             stage_tiles::<F, N>(
                 &mut k_sh, &mut v_sh, k, v, kv, 0, s_len, 0, d, dv, nv, threads, stages,
             );
@@ -929,23 +973,10 @@ fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Siz
     for tile in 0..n_tiles {
         let start = tile * TC_TILE;
         let buf = tile % stages;
-        if comptime!(stages == 2) {
-            if tile + 1 < n_tiles {
-                let (next, nb) = (start + TC_TILE, 1 - buf);
-                let kv = (ko, vo);
-                stage_tiles::<F, N>(
-                    &mut k_sh, &mut v_sh, k, v, kv, next, s_len, nb, d, dv, nv, threads, stages,
-                );
-                commit_stage(&bar0, &bar1, nb);
-            }
-            wait_stage(&bar0, &bar1, tile);
-        } else {
-            let kv = (ko, vo);
-            stage_tiles::<F, N>(
-                &mut k_sh, &mut v_sh, k, v, kv, start, s_len, 0, d, dv, nv, threads, stages,
-            );
-            sync_cube();
-        }
+        kv_tile_ready::<F, N>(
+            &mut k_sh, &mut v_sh, k, v, kv, &bar0, &bar1, tile, n_tiles, s_len, d, dv, nv, threads,
+            stages,
+        );
         // s = q·kᵀ and dp = dout·vᵀ, then ds = p·(dp − delta)·scale in
         // place of s.
         let mut s = scores::<F>(&qa, &k_sh, buf * kb, dp, hs, 1usize);
@@ -1045,11 +1076,7 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
     let tile_first = q_first / TC_TILE;
     let n_tiles = t.div_ceil(TC_TILE);
     if comptime!(stages == 2) {
-        if UNIT_POS == 0 {
-            bar0.init_manual(CUBE_DIM);
-            bar1.init_manual(CUBE_DIM);
-        }
-        sync_cube();
+        init_stages(&bar0, &bar1);
         if tile_first < n_tiles {
             // Stages are counted from `tile_first`: its tiles go to buffer
             // `(tile − tile_first) % 2`.
