@@ -303,22 +303,35 @@ fn stage_stat_async(
     }
 }
 
-/// The statistics (`lse`, `delta`) of rows `start..start + TC_TILE` into
-/// buffer `buf`, as [`stage_tiles`] stages the operands.
+/// The `dk‖dv` kernel's tile of queries: rows `start..start + TC_TILE`
+/// of `q` and `dout` and of their statistics (`lse`, `delta`; `offsets`
+/// in that order) into buffer `buf`, as [`stage_tiles`] stages operands.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn stage_stats(
+fn stage_query_tile<F: Float, N: Size>(
+    q_sh: &mut SharedMemory<F>,
+    g_sh: &mut SharedMemory<F>,
     lse_sh: &mut SharedMemory<f32>,
     delta_sh: &mut SharedMemory<f32>,
+    q: &Tensor<Vector<F, N>>,
+    dout: &Tensor<Vector<F, N>>,
     lse: &Tensor<f32>,
     delta: &Tensor<f32>,
-    offsets: (usize, usize),
+    offsets: (usize, usize, usize, usize),
     start: usize,
     len: usize,
     buf: usize,
+    #[comptime] d: usize,
+    #[comptime] dv: usize,
+    #[comptime] nv: usize,
+    #[comptime] threads: usize,
     #[comptime] stages: usize,
 ) {
-    let (lo, eo) = offsets;
+    let (qo, go, lo, eo) = offsets;
+    let qg = (qo, go);
+    stage_tiles::<F, N>(
+        q_sh, g_sh, q, dout, qg, start, len, buf, d, dv, nv, threads, stages,
+    );
     if comptime!(stages == 2) {
         stage_stat_async(lse_sh, buf * TC_TILE, lse, lo, start, len);
         stage_stat_async(delta_sh, buf * TC_TILE, delta, eo, start, len);
@@ -1075,25 +1088,30 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
     }
     let tile_first = q_first / TC_TILE;
     let n_tiles = t.div_ceil(TC_TILE);
+    let offsets = (qo, go, lo, eo);
     if comptime!(stages == 2) {
         init_stages(&bar0, &bar1);
         if tile_first < n_tiles {
             // Stages are counted from `tile_first`: its tiles go to buffer
             // `(tile − tile_first) % 2`.
             let start = tile_first * TC_TILE;
-            let (qg, le) = ((qo, go), (lo, eo));
-            stage_tiles::<F, N>(
-                &mut q_sh, &mut g_sh, q, dout, qg, start, t, 0, d, dv, nv, threads, stages,
-            );
-            stage_stats(
+            stage_query_tile::<F, N>(
+                &mut q_sh,
+                &mut g_sh,
                 &mut lse_sh,
                 &mut delta_sh,
+                q,
+                dout,
                 lse,
                 delta,
-                le,
+                offsets,
                 start,
                 t,
                 0,
+                d,
+                dv,
+                nv,
+                threads,
                 stages,
             );
             commit_stage(&bar0, &bar1, 0);
@@ -1114,45 +1132,54 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
         if comptime!(stages == 2) {
             if tile + 1 < n_tiles {
                 let (next, nb) = (start + TC_TILE, 1 - buf);
-                let (qg, le) = ((qo, go), (lo, eo));
-                stage_tiles::<F, N>(
-                    &mut q_sh, &mut g_sh, q, dout, qg, next, t, nb, d, dv, nv, threads, stages,
-                );
-                stage_stats(
+                stage_query_tile::<F, N>(
+                    &mut q_sh,
+                    &mut g_sh,
                     &mut lse_sh,
                     &mut delta_sh,
+                    q,
+                    dout,
                     lse,
                     delta,
-                    le,
+                    offsets,
                     next,
                     t,
                     nb,
+                    d,
+                    dv,
+                    nv,
+                    threads,
                     stages,
                 );
                 commit_stage(&bar0, &bar1, nb);
             }
             wait_stage(&bar0, &bar1, step);
         } else {
-            let (qg, le) = ((qo, go), (lo, eo));
-            stage_tiles::<F, N>(
-                &mut q_sh, &mut g_sh, q, dout, qg, start, t, 0, d, dv, nv, threads, stages,
-            );
-            stage_stats(
+            stage_query_tile::<F, N>(
+                &mut q_sh,
+                &mut g_sh,
                 &mut lse_sh,
                 &mut delta_sh,
+                q,
+                dout,
                 lse,
                 delta,
-                le,
+                offsets,
                 start,
                 t,
                 0,
+                d,
+                dv,
+                nv,
+                threads,
                 stages,
             );
             sync_cube();
         }
-        let so = buf * TC_TILE; // the statistics' buffer
-                                // sᵀ = k·qᵀ and dpᵀ = v·doutᵀ: this plane's 16 keys × the tile's
-                                // queries; then pᵀ in place of dpᵀ's copy and dsᵀ in place of sᵀ.
+        // The statistics' buffer. Then sᵀ = k·qᵀ and dpᵀ = v·doutᵀ: this
+        // plane's 16 keys × the tile's queries; then pᵀ in place of dpᵀ's
+        // copy and dsᵀ in place of sᵀ.
+        let so = buf * TC_TILE;
         let mut st = scores::<F>(&ka, &q_sh, buf * qb, dp, hs, 1usize);
         let dpt = scores::<F>(&va, &g_sh, buf * gb, dvp, vs, 1usize);
         let mut pt = zeroed(TC_TILE);
