@@ -610,7 +610,11 @@ impl<R: Runtime> GpuExecutor<R> {
                         .map(|o| {
                             let v = &values[o];
                             if !ops::reads_in_place(&node.op, v) {
-                                std::borrow::Cow::Owned(ops::materialized(&self.client, v))
+                                std::borrow::Cow::Owned(ops::materialized_in(
+                                    &self.client,
+                                    v,
+                                    &self.recycled,
+                                ))
                             } else {
                                 std::borrow::Cow::Borrowed(v)
                             }
@@ -628,7 +632,7 @@ impl<R: Runtime> GpuExecutor<R> {
                         transposed_sum: self.transposed_sums.contains(&id),
                         recycled: Some(&self.recycled),
                     };
-                    if self.options.profile {
+                    let out = if self.options.profile {
                         self.wait()?;
                         let start = std::time::Instant::now();
                         let batch = shape.first().copied();
@@ -681,7 +685,15 @@ impl<R: Runtime> GpuExecutor<R> {
                         out
                     } else {
                         ctx.apply(&args, shape)?
+                    };
+                    // The dense copies made for this op serve later values.
+                    drop(args);
+                    for d in dense {
+                        if let std::borrow::Cow::Owned(t) = d {
+                            self.recycled.give(t);
+                        }
                     }
+                    out
                 }
             };
             values.insert(id, value);

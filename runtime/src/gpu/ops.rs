@@ -326,16 +326,32 @@ fn reshaped_view(t: &DevTensor, shape: &[usize]) -> Option<Vec<usize>> {
 
 /// `t` dense: itself when it is, else a copy of its view.
 pub(crate) fn materialized<R: Runtime>(client: &ComputeClient<R>, t: &DevTensor) -> DevTensor {
+    materialized_with(client, t, None)
+}
+
+/// [`materialized`], the copy made in a buffer `recycled` gave back where
+/// it has one of the size.
+pub(crate) fn materialized_in<R: Runtime>(
+    client: &ComputeClient<R>,
+    t: &DevTensor,
+    recycled: &Recycled,
+) -> DevTensor {
+    materialized_with(client, t, Some(recycled))
+}
+
+fn materialized_with<R: Runtime>(
+    client: &ComputeClient<R>,
+    t: &DevTensor,
+    recycled: Option<&Recycled>,
+) -> DevTensor {
     if t.layout.is_none() {
         return t.clone();
     }
-    let n = t.numel();
-    let out = DevTensor::dense(
-        client.empty(n.max(1) * t.elem.size()),
-        t.shape.clone(),
-        t.dtype,
-        t.elem,
-    );
+    let bytes = t.numel().max(1) * t.elem.size();
+    let handle = recycled
+        .and_then(|r| r.take(bytes))
+        .unwrap_or_else(|| client.empty(bytes));
+    let out = DevTensor::dense(handle, t.shape.clone(), t.dtype, t.elem);
     copy::launch_copy(client, copy_elem(t), &view_of(t), &view_of(&out));
     out
 }
