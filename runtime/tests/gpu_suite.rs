@@ -691,6 +691,46 @@ pub fn symbolic_shapes<R: Runtime>(dev: &R::Device) {
     }
 }
 
+/// The executor keeps the buffers of dead values for the next values of
+/// their size, but not past a run that takes none of them: after a large
+/// call, small ones must not keep the large buffers (generation without a
+/// cache grows its sequence every call, and would hold every size).
+pub fn recycling_is_bounded<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(16);
+    let mut g = Graph::new("recycling");
+    let x = g
+        .input("x0", TensorType::new(DType::F32, shape![Sym::T, 64]))
+        .unwrap();
+    // Intermediates that die inside the run: their buffers are recycled.
+    let a = g.add(Op::Unary(UnaryOp::Exp), &[x], "").unwrap();
+    let b = g.add(Op::Binary(BinaryOp::Mul), &[a, x], "").unwrap();
+    let c = g.add(Op::Unary(UnaryOp::Exp), &[b], "").unwrap();
+    let y = g.add(Op::Softmax { axis: 1 }, &[c], "").unwrap();
+    g.set_output("y", y);
+    let exec = GpuExecutor::<R>::new(dev, &g, &caramba_ir::reference::NoParams).unwrap();
+    let large = 4096 * 64 * 4; // one [4096, 64] f32 intermediate
+    for (t, runs) in [(4096usize, 2), (8, 3)] {
+        for _ in 0..runs {
+            let bindings = bind(vec![rng.tensor(&[t, 64])]);
+            let want = eval(&g, &bindings).unwrap();
+            let got = exec.run_bindings(&bindings).unwrap();
+            assert_close(&want, &got, TOL, "recycled buffers");
+        }
+        if t == 4096 {
+            assert!(
+                exec.recycled_bytes() >= large,
+                "the large run's dead values were not kept: {} bytes",
+                exec.recycled_bytes()
+            );
+        }
+    }
+    assert!(
+        exec.recycled_bytes() < large,
+        "buffers untaken for a whole run are still held: {} bytes",
+        exec.recycled_bytes()
+    );
+}
+
 pub fn unsupported_is_an_error<R: Runtime>(dev: &R::Device) {
     let g = one_op(
         "f64",
@@ -3086,7 +3126,7 @@ macro_rules! all_tests {
             matmul_fast, layout, weight_gradient_matmul,
             gather_scatter_one_hot, causal_mask, rope, cross_entropy, rms_norm, attention,
             attention_backward,
-            elementwise_program, symbolic_shapes, unsupported_is_an_error, tiny_llama, tiny_llama_bf16,
+            elementwise_program, symbolic_shapes, recycling_is_bounded, unsupported_is_an_error, tiny_llama, tiny_llama_bf16,
             mixed_precision_gradients,
             dba_preset, quantize_formats, kv_attention_over_caches, cached_tiny_llama,
             resident_values, fused_optimizers, grad_norm_and_clipping, trainer_matches_host_sgd,

@@ -517,6 +517,13 @@ impl<R: Runtime> GpuExecutor<R> {
         self.run(&b.inputs, b.syms)
     }
 
+    /// Bytes of device memory the executor keeps for reuse: buffers of
+    /// values no run needs any more, held for the next values of their
+    /// size until a whole run has passed without taking them.
+    pub fn recycled_bytes(&self) -> u64 {
+        self.recycled.held_bytes()
+    }
+
     /// Gives a value back for reuse (see `ops::Recycled`): its buffer
     /// serves a later value of the same size, unless something else still
     /// refers to it.
@@ -552,6 +559,7 @@ impl<R: Runtime> GpuExecutor<R> {
     ) -> Result<BTreeMap<String, DeviceTensor>, GpuError> {
         let mut syms = syms;
         let mut uses = self.uses.clone();
+        self.recycled.next_run();
         let mut values: HashMap<NodeId, DevTensor> = HashMap::new();
         for &id in &self.order {
             let node = self.graph.node(id);

@@ -92,21 +92,39 @@ fn format_code(f: Option<QuantFormat>) -> u32 {
 /// Whole buffers that values no longer need, by size in bytes, for the
 /// next allocation of that size. A training step allocates the same sizes
 /// in the same order every time, so from the second step on its values
-/// are made in recycled buffers: no allocation reaches CubeCL's memory
-/// pools, whose bookkeeping (a blocking round trip to the device thread
-/// per allocation, a page search, a free per value) was a large share of
-/// a step's host time. Reuse is safe as CubeCL's own is: kernels of one
-/// stream run in order (cuBLASLt's stream is ordered with it by the
-/// handoff), so a kernel that writes a recycled buffer runs after every
-/// kernel that read its previous value.
+/// reuse the buffers of the step before instead of asking CubeCL's pools
+/// (every allocation and free is a task for CubeCL's device thread, and
+/// the pools' page search showed in the host profile; the A/B run showed
+/// no faster step, BENCHMARKS.md, twelfth session). Reuse is safe as
+/// CubeCL's own is: kernels of one stream run in order (cuBLASLt's stream
+/// is ordered with it by the handoff), so a kernel that writes a recycled
+/// buffer runs after every kernel that read its previous value.
+///
+/// Buffers are kept for one run of the executor: those nobody took during
+/// a whole run go back to CubeCL at the start of the next ([`Recycled::
+/// next_run`]), so a graph whose sizes change from run to run (generation
+/// without a cache, whose sequence grows by one token a run) holds at most
+/// two runs' worth, not every size it ever used.
 #[derive(Default)]
-pub(crate) struct Recycled(std::sync::Mutex<HashMap<u64, Vec<Handle>>>);
+pub(crate) struct Recycled(std::sync::Mutex<Generations>);
+
+/// Buffers given back during this run, and those left from the last one.
+#[derive(Default)]
+pub(crate) struct Generations {
+    fresh: HashMap<u64, Vec<Handle>>,
+    stale: HashMap<u64, Vec<Handle>>,
+}
 
 impl Recycled {
     /// A buffer of exactly `bytes`, if one was given back.
     pub fn take(&self, bytes: usize) -> Option<Handle> {
-        let mut free = self.0.lock().expect("recycled buffers");
-        free.get_mut(&(bytes as u64)).and_then(Vec::pop)
+        let mut pools = self.0.lock().expect("recycled buffers");
+        let key = bytes as u64;
+        let Generations { fresh, stale } = &mut *pools;
+        stale
+            .get_mut(&key)
+            .and_then(Vec::pop)
+            .or_else(|| fresh.get_mut(&key).and_then(Vec::pop))
     }
 
     /// Keeps `t`'s buffer for reuse where nothing else refers to it (no
@@ -119,10 +137,30 @@ impl Recycled {
             return;
         }
         let h = t.handle;
-        if h.can_mut() && h.offset_start.is_none() && h.offset_end.is_none() {
-            let mut free = self.0.lock().expect("recycled buffers");
-            free.entry(h.size()).or_default().push(h);
+        // CubeCL's allocations carry zero offsets (`Some(0)`), not `None`.
+        let whole = h.offset_start.unwrap_or(0) == 0 && h.offset_end.unwrap_or(0) == 0;
+        if h.can_mut() && whole {
+            let mut pools = self.0.lock().expect("recycled buffers");
+            pools.fresh.entry(h.size()).or_default().push(h);
         }
+    }
+
+    /// Bytes held for reuse.
+    pub fn held_bytes(&self) -> u64 {
+        let pools = self.0.lock().expect("recycled buffers");
+        [&pools.fresh, &pools.stale]
+            .into_iter()
+            .flat_map(|m| m.iter())
+            .map(|(bytes, hs)| bytes * hs.len() as u64)
+            .sum()
+    }
+
+    /// Starts a run: what the last run left untaken goes back to CubeCL,
+    /// and what it gave back becomes this run's to take.
+    pub fn next_run(&self) {
+        let mut pools = self.0.lock().expect("recycled buffers");
+        let fresh = std::mem::take(&mut pools.fresh);
+        pools.stale = fresh;
     }
 }
 
