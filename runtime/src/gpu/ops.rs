@@ -94,8 +94,8 @@ fn format_code(f: Option<QuantFormat>) -> u32 {
 /// in the same order every time, so from the second step on its values
 /// reuse the buffers of the step before instead of asking CubeCL's pools
 /// (every allocation and free is a task for CubeCL's device thread, and
-/// the pools' page search showed in the host profile; the A/B run showed
-/// no faster step, BENCHMARKS.md, twelfth session). Reuse is safe as
+/// the pools' page search showed in the host profile; its effect on a
+/// CUDA step is not measured yet, BENCHMARKS.md, twelfth session). Reuse is safe as
 /// CubeCL's own is: kernels of one stream run in order (cuBLASLt's stream
 /// is ordered with it by the handoff), so a kernel that writes a recycled
 /// buffer runs after every kernel that read its previous value.
