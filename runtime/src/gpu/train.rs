@@ -353,8 +353,9 @@ pub struct StepStats {
 }
 
 /// The host's time in one step, in three parts. Where `wait` is near
-/// zero the device finished before the host asked: the step is bound by
-/// the host's launches, not by the device's work.
+/// zero the device finished as soon as the host had queued everything:
+/// the step is bound by the host's launches (or by whatever held them
+/// back while queuing), not by the device running behind.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StepTiming {
     /// Queuing every micro-batch's forward and backward kernels.
