@@ -145,6 +145,17 @@ impl Recycled {
         }
     }
 
+    /// A buffer of `bytes` for a new value: a recycled one where `pool`
+    /// has one of the size, else a fresh allocation.
+    pub fn or_empty<R: Runtime>(
+        pool: Option<&Recycled>,
+        client: &ComputeClient<R>,
+        bytes: usize,
+    ) -> Handle {
+        pool.and_then(|r| r.take(bytes))
+            .unwrap_or_else(|| client.empty(bytes))
+    }
+
     /// Bytes held for reuse.
     pub fn held_bytes(&self) -> u64 {
         let pools = self.0.lock().expect("recycled buffers");
@@ -386,9 +397,7 @@ fn materialized_with<R: Runtime>(
         return t.clone();
     }
     let bytes = t.numel().max(1) * t.elem.size();
-    let handle = recycled
-        .and_then(|r| r.take(bytes))
-        .unwrap_or_else(|| client.empty(bytes));
+    let handle = Recycled::or_empty(recycled, client, bytes);
     let out = DevTensor::dense(handle, t.shape.clone(), t.dtype, t.elem);
     copy::launch_copy(client, copy_elem(t), &view_of(t), &view_of(&out));
     out
@@ -449,11 +458,7 @@ impl<R: Runtime> Ctx<'_, R> {
         let n: usize = shape.iter().product();
         // Non-float tensors have `F32` as their elem: 4-byte elements too.
         let elem = self.elem();
-        let bytes = n.max(1) * elem.size();
-        let handle = self
-            .recycled
-            .and_then(|r| r.take(bytes))
-            .unwrap_or_else(|| self.client.empty(bytes));
+        let handle = Recycled::or_empty(self.recycled, self.client, n.max(1) * elem.size());
         DevTensor::dense(handle, shape, self.node.ty.dtype, elem)
     }
 
