@@ -365,32 +365,33 @@ fn kv_tile_ready<F: Float, N: Size>(
     #[comptime] threads: usize,
     #[comptime] stages: usize,
 ) {
-    let start = tile * TC_TILE;
-    if comptime!(stages == 2) {
-        if tile + 1 < n_tiles {
-            let nb = 1 - tile % 2;
-            stage_tiles::<F, N>(
-                k_sh,
-                v_sh,
-                k,
-                v,
-                offsets,
-                start + TC_TILE,
-                s_len,
-                nb,
-                d,
-                dv,
-                nv,
-                threads,
-                stages,
-            );
-            commit_stage(bar0, bar1, nb);
-        }
-        wait_stage(bar0, bar1, tile);
-    } else {
+    // The tile staged now: the next one with two stages, this one with one.
+    let staged = tile + comptime!(stages - 1);
+    let into = staged % stages;
+    if staged < n_tiles {
+        let start = staged * TC_TILE;
         stage_tiles::<F, N>(
-            k_sh, v_sh, k, v, offsets, start, s_len, 0, d, dv, nv, threads, stages,
+            k_sh, v_sh, k, v, offsets, start, s_len, into, d, dv, nv, threads, stages,
         );
+        if comptime!(stages == 2) {
+            commit_stage(bar0, bar1, into);
+        }
+    }
+    end_stage(bar0, bar1, tile, stages);
+}
+
+/// Waits until tile `step` (counted from the loop's first) is readable:
+/// its stage's barrier with two stages, the cube with one.
+#[cube]
+fn end_stage(
+    bar0: &Shared<Barrier>,
+    bar1: &Shared<Barrier>,
+    step: usize,
+    #[comptime] stages: usize,
+) {
+    if comptime!(stages == 2) {
+        wait_stage(bar0, bar1, step);
+    } else {
         sync_cube();
     }
 }
@@ -1129,32 +1130,11 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
         let start = tile * TC_TILE;
         let step = tile - tile_first;
         let buf = step % stages;
-        if comptime!(stages == 2) {
-            if tile + 1 < n_tiles {
-                let (next, nb) = (start + TC_TILE, 1 - buf);
-                stage_query_tile::<F, N>(
-                    &mut q_sh,
-                    &mut g_sh,
-                    &mut lse_sh,
-                    &mut delta_sh,
-                    q,
-                    dout,
-                    lse,
-                    delta,
-                    offsets,
-                    next,
-                    t,
-                    nb,
-                    d,
-                    dv,
-                    nv,
-                    threads,
-                    stages,
-                );
-                commit_stage(&bar0, &bar1, nb);
-            }
-            wait_stage(&bar0, &bar1, step);
-        } else {
+        // The tile staged now: the next one with two stages, this one with
+        // one (see `kv_tile_ready`).
+        let staged = tile + comptime!(stages - 1);
+        if staged < n_tiles {
+            let into = (step + comptime!(stages - 1)) % stages;
             stage_query_tile::<F, N>(
                 &mut q_sh,
                 &mut g_sh,
@@ -1165,17 +1145,20 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
                 lse,
                 delta,
                 offsets,
-                start,
+                staged * TC_TILE,
                 t,
-                0,
+                into,
                 d,
                 dv,
                 nv,
                 threads,
                 stages,
             );
-            sync_cube();
+            if comptime!(stages == 2) {
+                commit_stage(&bar0, &bar1, into);
+            }
         }
+        end_stage(&bar0, &bar1, step, stages);
         // The statistics' buffer. Then sᵀ = k·qᵀ and dpᵀ = v·doutᵀ: this
         // plane's 16 keys × the tile's queries; then pᵀ in place of dpᵀ's
         // copy and dsᵀ in place of sᵀ.
