@@ -11,7 +11,7 @@
 //! stream it launches on, so a cuBLASLt call cannot be enqueued on it, and
 //! a CUDA event cannot be recorded there. The two streams are ordered
 //! through device memory instead, with no host wait (a *handoff*): each
-//! calling thread has two 32-bit flags in a CubeCL buffer and a counter
+//! CubeCL stream has two 32-bit flags in a CubeCL buffer and a counter
 //! `v`. For one product:
 //!
 //! ```text
@@ -32,9 +32,10 @@
 //! The spin kernel is one thread, so the product has the rest of the
 //! device. The spin is launched only once the release write is queued, so
 //! a failed product cannot leave it spinning. Comparisons are wrap-safe
-//! (`(x − v) as i32 ≥ 0`), and each thread has its own flags (CubeCL gives
-//! each thread its own stream), so concurrent callers cannot satisfy each
-//! other's waits. `CARAMBA_VENDOR_SYNC=1` restores the earlier protocol
+//! (`(x − v) as i32 ≥ 0`), and each CubeCL stream has its own flags (CubeCL
+//! gives each calling thread its own stream, and keeps it for the thread's
+//! work even when that work runs on CubeCL's device thread), so concurrent
+//! callers cannot satisfy each other's waits. `CARAMBA_VENDOR_SYNC=1` restores the earlier protocol
 //! (wait for the device on the host, run, wait for our stream), for
 //! measurements: there the device idled while the host resolved buffers
 //! and called cuBLASLt, 20–60 µs per small product on an H200
@@ -336,8 +337,8 @@ mod cuda {
         stream: dsys::CUstream,
         workspace: dsys::CUdeviceptr,
         prepared: HashMap<Key, Prepared>,
-        /// Each calling thread's handoff flags (module documentation).
-        flags: HashMap<std::thread::ThreadId, Flags>,
+        /// Each CubeCL stream's handoff flags (module documentation).
+        flags: HashMap<cubecl::stream_id::StreamId, Flags>,
         /// Our stream's half of the handoff: the `wait` and `release`
         /// kernels of `HANDOFF_PTX` (`None`: the module did not load, and
         /// every product waits on the host).
@@ -409,7 +410,7 @@ POLL:
         unsafe { drv::launch_kernel(f, (1, 1, 1), (1, 1, 1), 0, stream, &mut params) }
     }
 
-    /// One thread's handoff: `[signal, release]` as a CubeCL buffer (kept
+    /// One stream's handoff: `[signal, release]` as a CubeCL buffer (kept
     /// alive here, so its address stays put), that address, and the last
     /// value used.
     struct Flags {
@@ -419,7 +420,7 @@ POLL:
     }
 
     impl Flags {
-        /// A thread's zeroed flags, with both of CubeCL's handoff kernels
+        /// A stream's zeroed flags, with both of CubeCL's handoff kernels
         /// compiled and loaded now, while nothing waits on the device (a
         /// module load may wait for it).
         fn new(client: &ComputeClient<CudaRuntime>) -> Result<Flags, KernelError> {
@@ -571,8 +572,8 @@ POLL:
                 }
                 None
             } else {
-                let thread = std::thread::current().id();
-                let f = match st.flags.entry(thread) {
+                let stream = cubecl::stream_id::StreamId::current();
+                let f = match st.flags.entry(stream) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                     std::collections::hash_map::Entry::Vacant(e) => e.insert(Flags::new(client)?),
                 };

@@ -557,6 +557,18 @@ impl<R: Runtime> GpuExecutor<R> {
         device_inputs: &BTreeMap<String, DeviceTensor>,
         syms: SymValues,
     ) -> Result<BTreeMap<String, DeviceTensor>, GpuError> {
+        on_device_thread(&self.client, || {
+            self.queue_run(host_inputs, device_inputs, syms)
+        })
+    }
+
+    /// [`GpuExecutor::run_resident`] on the calling thread.
+    fn queue_run(
+        &self,
+        host_inputs: &BTreeMap<String, Tensor>,
+        device_inputs: &BTreeMap<String, DeviceTensor>,
+        syms: SymValues,
+    ) -> Result<BTreeMap<String, DeviceTensor>, GpuError> {
         let mut syms = syms;
         let mut uses = self.uses.clone();
         self.recycled.next_run();
@@ -935,6 +947,38 @@ impl Plan {
 
 /// Uploads `t` as a `dtype` tensor stored as `elem` (floats converted to
 /// the storage type, rounding to nearest even).
+/// Runs `f` on CubeCL's device thread, blocking until it returns.
+///
+/// CubeCL 0.10 runs every launch, allocation and read of a calling thread
+/// as a task on its device thread, and each call that returns a value
+/// (`get_resource`, `flush`, reads) waits for the tasks queued before it;
+/// calls made *on* the device thread run inline. A run queues thousands
+/// of launches and, through cuBLASLt, several such waits per product, so
+/// handing the whole run to the device thread once replaces thousands of
+/// hand-offs by one (NOTES, thirteenth session). A panic in `f` is raised
+/// again on the calling thread. `CARAMBA_NO_EXCLUSIVE=1` runs `f` here
+/// instead (for A/B runs).
+pub(crate) fn on_device_thread<R: Runtime, T, E>(
+    client: &ComputeClient<R>,
+    f: impl FnOnce() -> Result<T, E> + Send,
+) -> Result<T, E>
+where
+    T: Send + 'static,
+    E: From<GpuError> + Send + 'static,
+{
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *OFF.get_or_init(|| std::env::var("CARAMBA_NO_EXCLUSIVE").is_ok_and(|v| v == "1")) {
+        return f();
+    }
+    let caught =
+        client.exclusive(move || std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
+    match caught {
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(e) => Err(GpuError::Device(format!("CubeCL's device thread: {e:?}")).into()),
+    }
+}
+
 fn upload_as<R: Runtime>(
     client: &ComputeClient<R>,
     t: &Tensor,

@@ -561,6 +561,19 @@ impl<R: Runtime> GpuTrainer<R> {
         lr: f64,
         grad_clip: Option<f64>,
     ) -> Result<StepStats, StepError> {
+        // One hand-off to CubeCL's device thread for the whole step (see
+        // `on_device_thread`).
+        let client = self.exec.client.clone();
+        super::on_device_thread(&client, || self.queue_step(micro_batches, lr, grad_clip))
+    }
+
+    /// [`GpuTrainer::step`] on the calling thread.
+    fn queue_step(
+        &mut self,
+        micro_batches: &[MicroBatch],
+        lr: f64,
+        grad_clip: Option<f64>,
+    ) -> Result<StepStats, StepError> {
         let began = std::time::Instant::now();
         let mut losses = Vec::with_capacity(micro_batches.len());
         for b in micro_batches {
