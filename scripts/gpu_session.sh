@@ -5,8 +5,8 @@
 # gpu_bench (cargo build --release --features cuda --example ...), with
 # scripts/bench_torch.py and scripts/bench_torch_train.py beside them.
 # Argument: a comma list of parts (suite, ptxas, rows, attn, rms, trows, train,
-# cubek, nsys, llama, lprof, handoff, tsums, ncu, quick, final, recycle, nochan,
-# vtrace, excl).
+# cubek, nsys, llama, lprof, handoff, tsums, ncu, quick, final, recycle, vtrace,
+# excl).
 # `ncu` profiles the attention kernels with Nsight Compute (NCU_TRAIN=1: the
 # backward's too); `final` runs tests in the background while nvcc reports
 # the registers of the kernel sources in cu/ (`caramba compile --emit kernels
@@ -155,22 +155,12 @@ CARAMBA_NO_RECYCLE=$off timeout 120 ./train_bench cuda smollm2 8 2048 5 bf16 2>&
 CARAMBA_NO_RECYCLE=$off timeout 150 ./train_bench cuda llama1b 4 2048 3 bf16 2>&1 | grep -E "^\{|panicked|error" | head -5
 done
 fi
-if [[ $what == *nochan* ]]; then
-# train_bench_nochan: built with --config "$(scripts/cubecl_without_channel.sh)"
-# (CubeCL's tasks on the calling thread, no device thread), gzipped beside
-# the others; the A/B against the normal build, same command.
-gunzip -kf train_bench_nochan.gz && chmod +x train_bench_nochan
-for b in train_bench train_bench_nochan; do echo "== $b"
-timeout 120 ./$b cuda smollm2 8 2048 5 bf16 2>&1 | grep -E "^\{|panicked|error" | head -5
-timeout 150 ./$b cuda llama1b 4 2048 3 bf16 2>&1 | grep -E "^\{|panicked|error" | head -5
-done
-fi
 if [[ $what == *vtrace* ]]; then
 # Where the calling thread's time goes around each cuBLASLt product
 # (scripts/vendor_trace_sum.py beside the builds): resolving the three
 # buffers (blocking calls that wait for CubeCL's device thread), the call.
-for b in train_bench ${VTRACE_NOCHAN:+train_bench_nochan}; do echo "== vendor trace, $b smollm2"
-CARAMBA_VENDOR_TRACE=1 timeout 120 ./$b cuda smollm2 8 2048 2 bf16 2>&1 | python3 vendor_trace_sum.py 2
+for off in 1 0; do echo "== vendor trace, smollm2, CARAMBA_NO_EXCLUSIVE=$off"
+CARAMBA_NO_EXCLUSIVE=$off CARAMBA_VENDOR_TRACE=1 timeout 120 ./train_bench cuda smollm2 8 2048 2 bf16 2>&1 | python3 vendor_trace_sum.py 2
 done
 fi
 if [[ $what == *excl* ]]; then
