@@ -175,14 +175,22 @@ fn reduce_columns_kernel<I: Float + CubeElement, O: Float + CubeElement>(
 /// (two passes) to keep the device busy.
 const COLUMN_THREADS: usize = 1 << 16;
 
+/// Rows of at most this many elements are reduced by one thread each: a
+/// cube of `ROW_BLOCK` threads per row would leave most of them idle and
+/// spend its time in the shared-memory tree (attention's backward sums
+/// 64-element rows, one per query row and head, every layer).
+const SHORT_ROW: usize = 128;
+
 /// Reduces a dense `(outer, axis_len, inner)` tensor along its middle axis
 /// into `output` `(outer, 1, inner)`, both stored as `elem`.
 ///
-/// Along the last axis (`inner == 1`) one cube reduces each row. Along any
-/// other axis one thread reduces each column (coalesced across threads);
-/// when there are too few columns to fill the device, the axis is first
-/// cut in chunks reduced into partial results, then those are reduced (a
-/// mean sums first and divides at the end; the partials are `f32`).
+/// Along the last axis (`inner == 1`) one cube reduces each row longer
+/// than `SHORT_ROW`. Along any other axis, and for short rows, one thread
+/// reduces each column (a short row is a column with `inner == 1`;
+/// otherwise consecutive threads read consecutive addresses); when there
+/// are too few columns to fill the device, the axis is first cut in chunks
+/// reduced into partial results, then those are reduced (a mean sums first
+/// and divides at the end; the partials are `f32`).
 #[allow(clippy::too_many_arguments)]
 pub fn launch_reduce<R: Runtime>(
     client: &ComputeClient<R>,
@@ -198,7 +206,7 @@ pub fn launch_reduce<R: Runtime>(
     if rows == 0 {
         return;
     }
-    if inner == 1 {
+    if inner == 1 && axis_len > SHORT_ROW {
         with_float!(elem, F => unsafe {
             reduce_kernel::launch_unchecked::<F, R>(
                 client,
@@ -227,7 +235,7 @@ pub fn launch_reduce<R: Runtime>(
 }
 
 /// Reduces a dense `(outer, axis_len, inner)` tensor along its middle axis
-/// (`inner > 1`) into `output` `(outer, 1, inner)`, one thread per column;
+/// into `output` `(outer, 1, inner)`, one thread per column;
 /// `io`: the input's and the output's storage. When there are too few
 /// columns to fill the device, the axis is first cut in chunks reduced into
 /// `f32` partial results, then those are reduced.

@@ -198,10 +198,17 @@ pub fn constant_and_cast<R: Runtime>(dev: &R::Device) {
 
 pub fn reduce<R: Runtime>(dev: &R::Device) {
     let mut rng = Rng(4);
-    // Rows (last axis), columns in one pass, columns split in chunks (a
-    // long axis with few columns), and an axis of one.
+    // Rows (last axis: short rows one thread each, long rows a cube each),
+    // columns in one pass, columns split in chunks (a long axis with few
+    // columns), and an axis of one.
     for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max] {
-        for shape in [&[3usize, 300, 5][..], &[4000, 3], &[2, 1, 7]] {
+        for shape in [
+            &[3usize, 300, 5][..],
+            &[4000, 3],
+            &[2, 1, 7],
+            &[700, 64],
+            &[5, 129],
+        ] {
             for axis in 0..shape.len() {
                 let g = one_op("reduce", Op::Reduce { op, axis }, &[f32t(shape)]);
                 check::<R>(dev, &g, &bind(vec![rng.tensor(shape)]), TOL);
