@@ -35,7 +35,8 @@
 //! (`(x − v) as i32 ≥ 0`), and each CubeCL stream has its own flags (CubeCL
 //! gives each calling thread its own stream, and keeps it for the thread's
 //! work even when that work runs on CubeCL's device thread), so concurrent
-//! callers cannot satisfy each other's waits. `CARAMBA_VENDOR_SYNC=1` restores the earlier protocol
+//! callers cannot satisfy each other's waits. `CARAMBA_VENDOR_SYNC=1`
+//! restores the earlier protocol
 //! (wait for the device on the host, run, wait for our stream), for
 //! measurements: there the device idled while the host resolved buffers
 //! and called cuBLASLt, 20–60 µs per small product on an H200

@@ -945,8 +945,6 @@ impl Plan {
     }
 }
 
-/// Uploads `t` as a `dtype` tensor stored as `elem` (floats converted to
-/// the storage type, rounding to nearest even).
 /// Runs `f` on CubeCL's device thread, blocking until it returns.
 ///
 /// CubeCL 0.10 runs every launch, allocation and read of a calling thread
@@ -979,6 +977,8 @@ where
     }
 }
 
+/// Uploads `t` as a `dtype` tensor stored as `elem` (floats converted to
+/// the storage type, rounding to nearest even).
 fn upload_as<R: Runtime>(
     client: &ComputeClient<R>,
     t: &Tensor,
