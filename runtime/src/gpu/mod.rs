@@ -1130,3 +1130,45 @@ impl From<EvalError> for GpuError {
         }
     }
 }
+
+#[cfg(all(test, feature = "wgpu"))]
+mod tests {
+    use super::{on_device_thread, GpuError, WgpuDevice, WgpuRuntime};
+    use caramba_kernels::cubecl::Runtime;
+
+    /// `on_device_thread` runs its closure on CubeCL's device thread (not
+    /// here: were it inline, the step would hand off every call again), a
+    /// panic there reaches the caller, and the device thread outlives it.
+    #[test]
+    fn closures_run_on_the_device_thread_and_panics_come_back() {
+        if !caramba_kernels::wgpu_available() {
+            assert!(
+                std::env::var_os("CARAMBA_REQUIRE_GPU").is_none(),
+                "CARAMBA_REQUIRE_GPU is set but no wgpu adapter exists"
+            );
+            eprintln!("*** SKIPPED: no wgpu adapter ***");
+            return;
+        }
+        if std::env::var("CARAMBA_NO_EXCLUSIVE").is_ok_and(|v| v == "1") {
+            return;
+        }
+        let client = WgpuRuntime::client(&WgpuDevice::default());
+        let here = std::thread::current().id();
+        let there = on_device_thread::<_, _, GpuError>(&client, || Ok(std::thread::current().id()));
+        assert_ne!(there.expect("a closure that returns"), here);
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            on_device_thread::<_, (), GpuError>(&client, || panic!("raised on the device thread"))
+        }));
+        let payload = caught.expect_err("the panic reaches the caller");
+        assert_eq!(
+            payload.downcast_ref::<&str>(),
+            Some(&"raised on the device thread")
+        );
+        let after = on_device_thread::<_, u32, GpuError>(&client, || Ok(7));
+        assert_eq!(after.expect("the device thread survives a panic"), 7);
+        let err = on_device_thread::<_, u32, GpuError>(&client, || {
+            Err(GpuError::Device("an error, not a panic".into()))
+        });
+        assert!(matches!(err, Err(GpuError::Device(m)) if m == "an error, not a panic"));
+    }
+}
