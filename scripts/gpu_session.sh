@@ -3,7 +3,8 @@
 # folder holding gzipped builds of gpu_suite (cargo test --release -p
 # caramba-runtime --features cuda --test gpu_suite --no-run), train_bench and
 # gpu_bench (cargo build --release --features cuda --example ...), with
-# scripts/bench_torch.py and scripts/bench_torch_train.py beside them.
+# scripts/bench_torch.py and scripts/bench_torch_train.py beside them
+# (scripts/device_pack.sh NAME builds and packs all of it).
 # Argument: a comma list of parts (suite, ptxas, rows, attn, rms, trows, train,
 # cubek, nsys, llama, lprof, handoff, tsums, ncu, quick, final, recycle, vtrace,
 # excl).
