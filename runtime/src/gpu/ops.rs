@@ -93,9 +93,10 @@ fn format_code(f: Option<QuantFormat>) -> u32 {
 /// next allocation of that size. A training step allocates the same sizes
 /// in the same order every time, so from the second step on its values
 /// reuse the buffers of the step before instead of asking CubeCL's pools
-/// (every allocation and free is a task for CubeCL's device thread, and
-/// the pools' page search showed in the host profile; its effect on a
-/// CUDA step is not measured yet, BENCHMARKS.md, twelfth session). Reuse is safe as
+/// (whose page search showed in the host profile). On CUDA it changed no
+/// step time (BENCHMARKS.md, thirteenth session): CubeCL's pools already
+/// serve a step's repeated sizes; what it bounds is memory held across
+/// runs of changing shapes. Reuse is safe as
 /// CubeCL's own is: kernels of one stream run in order (cuBLASLt's stream
 /// is ordered with it by the handoff), so a kernel that writes a recycled
 /// buffer runs after every kernel that read its previous value.
