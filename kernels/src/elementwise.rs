@@ -51,19 +51,21 @@ pub enum Instr {
     /// dense and of the output's shape. `launch_elementwise` rewrites each
     /// `Input` into this or one of the next two.
     InputDense(usize),
-    /// Vector operand `j` at the output's position broadcast into it: its
-    /// last axis is contiguous and its other strides divide by the vector.
-    InputRow(usize),
-    /// Scalar operand `j`, one value for the whole vector: its last axis is
-    /// broadcast (stride 0).
-    InputSplat(usize),
+    /// Vector operand `j` at the output's position broadcast into it,
+    /// from element offset `o`: its last axis is contiguous and its other
+    /// strides and `o` divide by the vector.
+    InputRow(usize, usize),
+    /// Scalar operand `j` from element offset `o`, one value for the whole
+    /// vector: its last axis is broadcast (stride 0).
+    InputSplat(usize, usize),
     Const(u32),
     Unary(Unary, usize),
     Binary(Binary, usize, usize),
 }
 
-/// The element offset of output element `pos` in an operand broadcast to
-/// the output's shape (`out` is dense); shapes and strides count elements
+/// The element offset, by `t`'s strides, of element `pos` of the output
+/// counted densely in the output's shape (the output itself may be a
+/// strided slot of a larger buffer); shapes and strides count elements
 /// whatever the vector types.
 #[cube]
 pub(crate) fn broadcast_offset<A: CubePrimitive, B: CubePrimitive>(
@@ -72,9 +74,12 @@ pub(crate) fn broadcast_offset<A: CubePrimitive, B: CubePrimitive>(
     pos: usize,
 ) -> usize {
     let mut off = 0;
-    for d in 0..out.rank() {
-        let coord = (pos / out.stride(d)) % out.shape(d);
-        off += coord * t.stride(d);
+    let mut rest = pos;
+    let rank = out.rank();
+    for i in 0..rank {
+        let d = rank - 1 - i;
+        off += (rest % out.shape(d)) * t.stride(d);
+        rest /= out.shape(d);
     }
     off
 }
@@ -121,7 +126,10 @@ fn apply_binary<F: Float>(a: F, b: F, #[comptime] op: Binary) -> F {
 
 /// One unit computes `nv` consecutive outputs (one vector, inside one row
 /// of the last axis): the operands' vectors are loaded first, then the
-/// program runs once per lane in `f32`, and the vector is stored once.
+/// program runs once per lane in `f32`, and the vector is stored once:
+/// densely, or, when `out_strided`, by `out`'s strides from element
+/// `out_offset` (a slot of a larger buffer, such as one operand's part of a
+/// concatenation).
 #[cube(launch_unchecked)]
 fn elementwise_kernel<F: Float, N: Size>(
     vectors: &Sequence<Tensor<Vector<F, N>>>,
@@ -130,6 +138,8 @@ fn elementwise_kernel<F: Float, N: Size>(
     units: usize,
     #[comptime] prog: Sequence<Instr>,
     #[comptime] nv: usize,
+    #[comptime] out_strided: bool,
+    #[comptime] out_offset: usize,
 ) {
     let pos = linear_pos();
     if pos >= units {
@@ -142,13 +152,13 @@ fn elementwise_kernel<F: Float, N: Size>(
         let ins = comptime! { *prog.index(i) };
         let v = match ins {
             Instr::InputDense(k) => vectors.index(k)[pos],
-            Instr::InputRow(k) => {
+            Instr::InputRow(k, o) => {
                 let t = vectors.index(k);
-                t[broadcast_offset::<Vector<F, N>, Vector<F, N>>(t, out, pos * nv) / nv]
+                t[(o + broadcast_offset::<Vector<F, N>, Vector<F, N>>(t, out, pos * nv)) / nv]
             }
-            Instr::InputSplat(k) => {
+            Instr::InputSplat(k, o) => {
                 let t = scalars.index(k);
-                Vector::<F, N>::new(t[broadcast_offset::<F, Vector<F, N>>(t, out, pos * nv)])
+                Vector::<F, N>::new(t[o + broadcast_offset::<F, Vector<F, N>>(t, out, pos * nv)])
             }
             _ => Vector::<F, N>::new(F::new(0.0)),
         };
@@ -165,7 +175,7 @@ fn elementwise_kernel<F: Float, N: Size>(
             let v = match ins {
                 // Rewritten by the launch.
                 Instr::Input(_) => f32::new(0.0),
-                Instr::InputDense(_) | Instr::InputRow(_) | Instr::InputSplat(_) => {
+                Instr::InputDense(_) | Instr::InputRow(_, _) | Instr::InputSplat(_, _) => {
                     f32::cast_from(loaded.index(i)[lane])
                 }
                 Instr::Const(bits) => f32::new(comptime! { f32::from_bits(bits) }),
@@ -176,28 +186,48 @@ fn elementwise_kernel<F: Float, N: Size>(
         }
         result[lane] = F::cast_from(*vals.index(comptime! { prog.len() - 1 }));
     }
-    out[pos] = result;
+    if out_strided {
+        let at =
+            (out_offset + broadcast_offset::<Vector<F, N>, Vector<F, N>>(out, out, pos * nv)) / nv;
+        out[at] = result;
+    } else {
+        out[pos] = result;
+    }
 }
 
 /// How a launch of `nv`-element vectors reads an operand (see [`Instr`]),
 /// or `None` where that width cannot.
-fn operand_read(v: &View, out: &View, nv: usize) -> Option<fn(usize) -> Instr> {
+fn operand_read(v: &View, out: &View, nv: usize) -> Option<Read> {
     let r = out.shape.len();
     if v.is_contiguous() && v.shape == out.shape {
-        return Some(Instr::InputDense);
+        return Some(Read::Dense);
     }
     let last = if r == 0 { 1 } else { v.strides[r - 1] };
     if nv > 1 && last == 0 {
-        return Some(Instr::InputSplat);
+        return Some(Read::Splat);
     }
-    let aligned = r > 0
-        && v.offset.is_multiple_of(nv)
-        && v.strides[..r - 1].iter().all(|s| s.is_multiple_of(nv));
-    (nv == 1 || (last == 1 && aligned)).then_some(Instr::InputRow)
+    (nv == 1 || (last == 1 && strided_aligned(v, nv))).then_some(Read::Row)
 }
 
-/// Runs `prog` over `inputs` (views already broadcast to `out_shape`) into
-/// the dense `out` buffer; `elem` is the storage of the inputs and `out`.
+/// How an operand is read (see [`Instr`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Read {
+    Dense,
+    Row,
+    Splat,
+}
+
+/// Whether `nv`-element vectors of the strided view `v` (last axis
+/// contiguous) start at multiples of `nv`.
+fn strided_aligned(v: &View, nv: usize) -> bool {
+    let r = v.shape.len();
+    r > 0 && v.offset.is_multiple_of(nv) && v.strides[..r - 1].iter().all(|s| s.is_multiple_of(nv))
+}
+
+/// Runs `prog` over `inputs` (views already broadcast to `out`'s shape)
+/// into `out`: a dense buffer, or a strided view whose last axis is
+/// contiguous (a slot of a larger buffer); `elem` is the storage of the
+/// inputs and `out`.
 pub fn launch_elementwise<R: Runtime>(
     client: &ComputeClient<R>,
     elem: FloatElem,
@@ -211,6 +241,14 @@ pub fn launch_elementwise<R: Runtime>(
     let n = out.numel();
     if n == 0 {
         return Ok(());
+    }
+    let r = out.shape.len();
+    let out_dense = out.is_contiguous();
+    if !out_dense && (r == 0 || out.strides[r - 1] != 1) {
+        return Err(KernelError::Unsupported(format!(
+            "an elementwise output with strides {:?}: its last axis must be contiguous",
+            out.strides
+        )));
     }
     // The widest vector (up to 16 bytes) that stays inside rows of the
     // last axis and reads every operand.
@@ -229,6 +267,7 @@ pub fn launch_elementwise<R: Runtime>(
         .io_optimized_vector_sizes(elem.size())
         .find(|&nv| {
             last.is_multiple_of(nv)
+                && (out_dense || strided_aligned(out, nv))
                 && prog.iter().all(|ins| match *ins {
                     Instr::Input(k) => operand_read(&inputs[k], out, nv).is_some(),
                     _ => true,
@@ -242,14 +281,20 @@ pub fn launch_elementwise<R: Runtime>(
     for ins in prog {
         seq.push(match *ins {
             Instr::Input(k) => *slot[k].get_or_insert_with(|| {
-                let read = operand_read(&inputs[k], out, nv).expect("the width reads it");
-                let list = if read(0) == Instr::InputSplat(0) {
+                let v = &inputs[k];
+                let read = operand_read(v, out, nv).expect("the width reads it");
+                let list = if read == Read::Splat {
                     &mut scalars
                 } else {
                     &mut vectors
                 };
-                list.push(&inputs[k]);
-                read(list.len() - 1)
+                list.push(v);
+                let j = list.len() - 1;
+                match read {
+                    Read::Dense => Instr::InputDense(j),
+                    Read::Row => Instr::InputRow(j, v.offset),
+                    Read::Splat => Instr::InputSplat(j, v.offset),
+                }
             }),
             other => other,
         });
@@ -284,6 +329,8 @@ pub fn launch_elementwise<R: Runtime>(
             units,
             seq,
             nv,
+            !out_dense,
+            out.offset,
         );
     });
     Ok(())

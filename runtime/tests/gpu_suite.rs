@@ -2028,8 +2028,8 @@ pub fn narrow_copy<R: Runtime>(dev: &R::Device) {
 
 /// Permutes and slices left as views (no copy) where every reader takes
 /// views: a permute read by attention and by a cast (a strided
-/// conversion), a slice with an offset read by an elementwise program (which
-/// takes no offset: copied first) and by a cast, a slice of a slice, a
+/// conversion), a slice with an offset read by an elementwise program and
+/// by a cast, a slice of a slice, a
 /// permute whose reader is a reshape (copied), a cast to the same
 /// storage (a relabel that stays a view) as a graph output, and a
 /// transposed matrix converted whole and sliced. Against the reference, in
@@ -2039,7 +2039,7 @@ pub fn lazy_views<R: Runtime>(dev: &R::Device) {
     // f16 is a conversion on lavapipe too (which widens bf16 to f32).
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         let t = |dims: &[usize]| TensorType::new(dtype, Shape::new(dims.iter().map(|&d| d.into())));
-        let mut g = Graph::new(&format!("lazy_views_{dtype}"));
+        let mut g = Graph::new(format!("lazy_views_{dtype}"));
         let x = g.input("x0", t(&[2, 5, 3, 8])).unwrap();
         let y = g.input("x1", t(&[2, 5, 24])).unwrap();
         // q, k, v as attention reads them: [B, T, H, d] → [B, H, T, d].
@@ -2122,6 +2122,84 @@ pub fn lazy_views<R: Runtime>(dev: &R::Device) {
         let x2 = rounded_as(dtype, &rng.tensor(&[37, 70]));
         let tol = if dtype == DType::F32 { TOL } else { 2e-2 };
         check::<R>(dev, &g, &bind(vec![x0, x1, x2]), tol);
+    }
+}
+
+/// Elementwise ops computed straight into their slot of the concatenation
+/// that is their one user (`Plan::slots`), reading offset views of a
+/// merged product as SwiGLU's backward does: along the last axis (where
+/// the slot's rows allow vectors, and where its odd width does not), along
+/// a middle axis, beside an operand that is copied (a permute's copy, and
+/// an elementwise value with a second user), and on a device that widens
+/// the dtype (no slots: rounded into a buffer of its own). Against the
+/// reference, in f32, f16 and bf16.
+pub fn concat_slots<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(62);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let t = |dims: &[usize]| TensorType::new(dtype, Shape::new(dims.iter().map(|&d| d.into())));
+        let mut g = Graph::new(format!("concat_slots_{dtype}"));
+        // A merged [gate | up] product, and the gradient dy.
+        let m = g.input("x0", t(&[2, 5, 32])).unwrap();
+        let dy = g.input("x1", t(&[2, 5, 16])).unwrap();
+        let half = |g: &mut Graph, start| {
+            g.add(
+                Op::Slice {
+                    axis: 2,
+                    start,
+                    end: start + 16,
+                },
+                &[m],
+                "",
+            )
+            .unwrap()
+        };
+        let (a, b) = (half(&mut g, 0), half(&mut g, 16));
+        // da = dy·b·silu'(a) as one program; db = dy·silu(a).
+        let da = g
+            .add(
+                Op::Elementwise(ElemProgram(vec![
+                    ElemInstr::Input(0),
+                    ElemInstr::Input(1),
+                    ElemInstr::Binary(BinaryOp::Mul, 0, 1),
+                    ElemInstr::Input(2),
+                    ElemInstr::Unary(UnaryOp::Sigmoid, 3),
+                    ElemInstr::Binary(BinaryOp::Mul, 2, 4),
+                ])),
+                &[dy, b, a],
+                "",
+            )
+            .unwrap();
+        let s = g.add(Op::Unary(UnaryOp::Silu), &[a], "").unwrap();
+        let db = g.add(Op::Binary(BinaryOp::Mul), &[dy, s], "").unwrap();
+        let dm = g.add(Op::Concat { axis: 2 }, &[da, db], "").unwrap();
+        // Odd widths (7 + 9 columns: scalar stores), beside a copied permute.
+        let x = g.input("x2", t(&[3, 7])).unwrap();
+        let w = g.input("x3", t(&[9, 3])).unwrap();
+        let ex = g.add(Op::Unary(UnaryOp::Exp), &[x], "").unwrap();
+        let wt = g.add(Op::Permute(vec![1, 0]), &[w], "").unwrap();
+        let odd = g.add(Op::Concat { axis: 1 }, &[ex, wt], "").unwrap();
+        // Along a middle axis; `twice` has a second user (no slot).
+        let p = g.input("x4", t(&[2, 3, 8])).unwrap();
+        let q = g.input("x5", t(&[2, 4, 8])).unwrap();
+        let neg = g.add(Op::Unary(UnaryOp::Neg), &[p], "").unwrap();
+        let twice = g.add(Op::Binary(BinaryOp::Add), &[q, q], "").unwrap();
+        let mid = g
+            .add(Op::Concat { axis: 1 }, &[twice, neg, twice], "")
+            .unwrap();
+        for (name, id) in [("dm", dm), ("odd", odd), ("mid", mid), ("twice", twice)] {
+            g.set_output(name, id);
+        }
+        let xs = [
+            &[2, 5, 32][..],
+            &[2, 5, 16],
+            &[3, 7],
+            &[9, 3],
+            &[2, 3, 8],
+            &[2, 4, 8],
+        ]
+        .map(|d| rounded_as(dtype, &rng.tensor(d)));
+        let tol = if dtype == DType::F32 { TOL } else { 2e-2 };
+        check::<R>(dev, &g, &bind(xs.to_vec()), tol);
     }
 }
 
@@ -3138,6 +3216,7 @@ macro_rules! all_tests {
             dba_preset, quantize_formats, kv_attention_over_caches, cached_tiny_llama,
             resident_values, fused_optimizers, grad_norm_and_clipping, trainer_matches_host_sgd,
             trainer_matches_host_adamw, trainer_keeps_half_copies, narrow_elementwise, narrow_copy, strided_copies, lazy_views,
+            concat_slots,
             narrow_cast,
             narrow_reduce_softmax, narrow_norms, narrow_gather, narrow_rope, narrow_attention,
             narrow_attention_backward, narrow_matmul, narrow_kv_attention);

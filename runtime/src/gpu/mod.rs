@@ -274,6 +274,9 @@ pub struct GpuExecutor<R: Runtime> {
     batch_summed: HashSet<NodeId>,
     /// Those of them whose sum is read only transposed (see `Plan`).
     transposed_sums: HashSet<NodeId>,
+    /// Elementwise ops computed into their concatenation's buffer (see
+    /// `Plan`).
+    slots: HashMap<NodeId, (NodeId, usize)>,
     options: GpuOptions,
     /// cuBLASLt on CUDA (shared by the device's executors), for matmuls.
     vendor: Option<Arc<VendorGemm>>,
@@ -448,6 +451,7 @@ impl<R: Runtime> GpuExecutor<R> {
             lazy_views: plan.lazy_views,
             batch_summed: plan.batch_summed,
             transposed_sums: plan.transposed_sums,
+            slots: plan.slots,
             options,
             vendor,
             profile: Default::default(),
@@ -562,6 +566,43 @@ impl<R: Runtime> GpuExecutor<R> {
         })
     }
 
+    /// Operand `k`'s slot in concatenation `c`'s buffer (allocated on the
+    /// first call for `c`), for a value of `shape`.
+    fn slot(
+        &self,
+        c: NodeId,
+        k: usize,
+        shape: &[usize],
+        syms: &SymValues,
+        bufs: &mut HashMap<NodeId, DevTensor>,
+    ) -> Result<DevTensor, GpuError> {
+        let cnode = self.graph.node(c);
+        let caramba_ir::Op::Concat { axis } = cnode.op else {
+            unreachable!("slots are in concatenations")
+        };
+        let buf = match bufs.entry(c) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let full = concrete(&cnode.ty.shape, syms, cnode)?;
+                let elem = self.narrow.elem(cnode.ty.dtype);
+                let bytes = full.iter().product::<usize>().max(1) * elem.size();
+                let handle = ops::Recycled::or_empty(Some(&self.recycled), &self.client, bytes);
+                e.insert(DevTensor::dense(handle, full, cnode.ty.dtype, elem))
+            }
+        };
+        let strides = caramba_kernels::contiguous_strides(&buf.shape);
+        let mut before = 0;
+        for &o in &self.operands[&c][..k] {
+            let n = self.graph.node(o);
+            before += concrete(&n.ty.shape, syms, n)?[axis];
+        }
+        Ok(DevTensor {
+            shape: shape.to_vec(),
+            layout: Some((strides.clone(), before * strides[axis])),
+            ..buf.clone()
+        })
+    }
+
     /// [`GpuExecutor::run_resident`] on the calling thread.
     fn queue_run(
         &self,
@@ -573,6 +614,10 @@ impl<R: Runtime> GpuExecutor<R> {
         let mut uses = self.uses.clone();
         self.recycled.next_run();
         let mut values: HashMap<NodeId, DevTensor> = HashMap::new();
+        // Concatenations' buffers, from their first slot's op on, and the
+        // values computed into them (see `Plan::slots`).
+        let mut slot_bufs: HashMap<NodeId, DevTensor> = HashMap::new();
+        let mut in_slot: HashSet<NodeId> = HashSet::new();
         for &id in &self.order {
             let node = self.graph.node(id);
             let operands = &self.operands[&id];
@@ -641,6 +686,26 @@ impl<R: Runtime> GpuExecutor<R> {
                         })
                         .collect();
                     let args: Vec<&DevTensor> = dense.iter().map(|v| v.as_ref()).collect();
+                    let dest = match self.slots.get(&id) {
+                        // A device that keeps this dtype widened rounds
+                        // into a new buffer: no slot then.
+                        Some(&(c, k)) if !self.narrow.widens(node.ty.dtype) => {
+                            let slot = self.slot(c, k, &shape, &syms, &mut slot_bufs)?;
+                            in_slot.insert(id);
+                            Some(slot)
+                        }
+                        _ => None,
+                    };
+                    let concat_buf = if matches!(node.op, caramba_ir::Op::Concat { .. }) {
+                        slot_bufs.remove(&id)
+                    } else {
+                        None
+                    };
+                    let placed: Vec<bool> = if concat_buf.is_some() {
+                        operands.iter().map(|o| in_slot.contains(o)).collect()
+                    } else {
+                        Vec::new()
+                    };
                     let ctx = ops::Ctx {
                         client: &self.client,
                         node,
@@ -651,6 +716,8 @@ impl<R: Runtime> GpuExecutor<R> {
                         sum_batch: self.batch_summed.contains(&id),
                         transposed_sum: self.transposed_sums.contains(&id),
                         recycled: Some(&self.recycled),
+                        dest: dest.as_ref().or(concat_buf.as_ref()),
+                        placed: &placed,
                     };
                     let out = if self.options.profile {
                         self.wait()?;
@@ -722,7 +789,10 @@ impl<R: Runtime> GpuExecutor<R> {
                 *left -= 1;
                 if *left == 0 {
                     if let Some(v) = values.remove(o) {
-                        self.recycled.give(v);
+                        // A slot's buffer is its concatenation's.
+                        if !in_slot.remove(o) {
+                            self.recycled.give(v);
+                        }
                     }
                 }
             }
@@ -819,6 +889,14 @@ fn transposed_sums_disabled() -> bool {
     *OFF.get_or_init(|| std::env::var("CARAMBA_NO_TRANSPOSED_SUMS").is_ok_and(|v| v == "1"))
 }
 
+/// Whether `CARAMBA_NO_SLOTS=1` computes every concatenation's operands
+/// into buffers of their own and copies them (for measuring what
+/// `Plan::slots` saves).
+fn slots_disabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("CARAMBA_NO_SLOTS").is_ok_and(|v| v == "1"))
+}
+
 /// What an executor precomputes from its graph: the live nodes in order,
 /// operands, use counts, and the permutes left unmaterialized.
 struct Plan {
@@ -838,6 +916,14 @@ struct Plan {
     /// `permute [1, 0]` (a weight's gradient in the weight's layout): the
     /// GEMM writes the transposed product, so that transpose reads it dense.
     transposed_sums: HashSet<NodeId>,
+    /// Elementwise ops (programs, unary and binary ops) whose one user is a
+    /// concatenation, by the concatenation and their operand position
+    /// there: each writes straight into its slot of the concatenation's
+    /// buffer (allocated when the first of them runs), and the
+    /// concatenation copies only the operands that did not (SwiGLU's two
+    /// input gradients, side by side in the merged gate/up product's
+    /// gradient, were a 2 × [B, T, F] copy per layer).
+    slots: HashMap<NodeId, (NodeId, usize)>,
 }
 
 impl Plan {
@@ -933,6 +1019,29 @@ impl Plan {
                     && !transposed_sums_disabled()
             })
             .collect();
+        let mut slots = HashMap::new();
+        for &c in &order {
+            if !matches!(graph.node(c).op, caramba_ir::Op::Concat { .. }) {
+                continue;
+            }
+            let os = &operands[&c];
+            for (k, &p) in os.iter().enumerate() {
+                let n = graph.node(p);
+                if matches!(
+                    n.op,
+                    caramba_ir::Op::Elementwise(_)
+                        | caramba_ir::Op::Unary(_)
+                        | caramba_ir::Op::Binary(_)
+                ) && n.ty.dtype.is_float()
+                    && !outputs.contains(&p)
+                    && graph.users(p)[..] == [c]
+                    && os.iter().filter(|&&o| o == p).count() == 1
+                    && !slots_disabled()
+                {
+                    slots.insert(p, (c, k));
+                }
+            }
+        }
         Ok(Plan {
             order,
             operands,
@@ -941,6 +1050,7 @@ impl Plan {
             lazy_views,
             batch_summed,
             transposed_sums,
+            slots,
         })
     }
 }

@@ -201,6 +201,14 @@ pub(crate) struct Ctx<'a, R: Runtime> {
     /// Buffers the executor's earlier values left (see `Recycled`): an
     /// output of the same size takes one instead of a fresh allocation.
     pub recycled: Option<&'a Recycled>,
+    /// Where the value goes instead of a fresh buffer: for an elementwise
+    /// op, its slot (a strided view) in the buffer of the concatenation
+    /// that is its one user; for that concatenation, the whole buffer.
+    /// See `Plan::slots`.
+    pub dest: Option<&'a DevTensor>,
+    /// For a concatenation with `dest`: which operands were already
+    /// computed into their slots (nothing left to copy).
+    pub placed: &'a [bool],
 }
 
 fn unary(u: UnaryOp) -> Unary {
@@ -264,8 +272,8 @@ fn view_of(t: &DevTensor) -> View {
 }
 
 /// Whether `op`'s launch reads an operand laid out as `t` is (dense, or a
-/// lazy view), without a copy first: see [`reads_views`]; the kernels of
-/// elementwise programs and attention take strides but not an offset.
+/// lazy view), without a copy first: see [`reads_views`]; the attention
+/// kernels take strides but not an offset.
 pub(crate) fn reads_in_place(op: &Op, t: &DevTensor) -> bool {
     match &t.layout {
         None => true,
@@ -283,6 +291,9 @@ pub(crate) fn reads_in_place(op: &Op, t: &DevTensor) -> bool {
                             | Op::Concat { .. }
                             | Op::Broadcast(_)
                             | Op::Cast(_)
+                            | Op::Unary(_)
+                            | Op::Binary(_)
+                            | Op::Elementwise(_)
                     ))
         }
     }
@@ -757,10 +768,17 @@ impl<R: Runtime> Ctx<'_, R> {
                 Ok(out)
             }
             Op::Concat { axis } => {
-                let out = self.alloc(shape);
+                let out = match self.dest {
+                    Some(d) => d.clone(),
+                    None => self.alloc(shape),
+                };
                 let dst = Self::view(&out);
                 let mut at_axis = 0;
-                for x in xs {
+                for (i, x) in xs.iter().enumerate() {
+                    if self.placed.get(i) == Some(&true) {
+                        at_axis += x.shape[*axis];
+                        continue;
+                    }
                     let part = View {
                         handle: out.handle.clone(),
                         shape: x.shape.clone(),
@@ -1034,7 +1052,10 @@ impl<R: Runtime> Ctx<'_, R> {
         xs: &[&DevTensor],
         shape: Vec<usize>,
     ) -> Result<DevTensor, GpuError> {
-        let out = self.alloc(shape);
+        let out = match self.dest {
+            Some(d) => d.clone(),
+            None => self.alloc(shape),
+        };
         let inputs: Vec<View> = xs
             .iter()
             .map(|x| Self::view(x).broadcast_to(&out.shape))

@@ -213,6 +213,8 @@ fn capture<R: Runtime>(
                     sum_batch: false,
                     transposed_sum: false,
                     recycled: None,
+                    dest: None,
+                    placed: &[],
                 };
                 let out = ctx.apply(&args, shape)?;
                 // Wait for the launch (and so its compilation) to finish,
