@@ -96,7 +96,8 @@ pub struct OptimizeReport {
     /// Fused nodes of the optimized graph, in its topological order.
     pub fused: Vec<FusedNode>,
     /// Rule → applications that changed the e-graph (`fuse-elementwise`:
-    /// kernels formed).
+    /// kernels formed, plus ops recomputed in their users' kernels instead
+    /// of stored).
     pub applied: BTreeMap<&'static str, usize>,
     /// Recipes that did not type (`rule: reason`); always empty unless a
     /// rule is broken.
@@ -189,7 +190,7 @@ pub fn optimize_with(g: &Graph, opts: &Options) -> Result<(Graph, OptimizeReport
             fused.insert(n, vec![elementwise::NAME]);
         }
         if !f.fused.is_empty() {
-            applied.insert(elementwise::NAME, f.fused.len());
+            applied.insert(elementwise::NAME, f.fused.len() + f.recomputed.len());
         }
         f.graph
     } else {

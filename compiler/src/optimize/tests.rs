@@ -858,6 +858,214 @@ fn swiglu_gate_fuses_into_one_kernel() {
     );
 }
 
+/// How many times the unary or binary `op` is computed in `g`: as a node of
+/// its own or inside an `elementwise` program.
+fn computed(g: &Graph, op: &Op) -> usize {
+    g.node_ids()
+        .map(|n| match &g.node(n).op {
+            Op::Elementwise(p) => {
+                p.0.iter()
+                    .filter(|i| match (i, op) {
+                        (caramba_ir::ElemInstr::Unary(u, _), Op::Unary(v)) => u == v,
+                        (caramba_ir::ElemInstr::Binary(b, ..), Op::Binary(c)) => b == c,
+                        _ => false,
+                    })
+                    .count()
+            }
+            o => usize::from(o == op),
+        })
+        .sum()
+}
+
+/// The program texts of the `elementwise` nodes of `g`, in topological order.
+fn programs(g: &Graph) -> Vec<String> {
+    g.topo_order()
+        .into_iter()
+        .filter_map(|n| match &g.node(n).op {
+            Op::Elementwise(p) => Some(p.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Optimizes `g` with the elementwise pass only, checks the result against
+/// `g` on random values, and returns it with the pass's count.
+fn fuse_only(g: &Graph) -> (Graph, usize) {
+    let opts = Options {
+        only: Some(Vec::new()),
+        ..Options::default()
+    };
+    let (h, rep) = optimize_with(g, &opts).unwrap();
+    let mut rng = Rng::new(5);
+    for _ in 0..3 {
+        let err = compare(g, &h, &mut rng, (1, 1), 1);
+        assert!(
+            err < 1e-12,
+            "changed by {err}\nbefore:\n{}after:\n{}",
+            caramba_ir::to_text(g),
+            caramba_ir::to_text(&h)
+        );
+    }
+    let applied = rep.applied.get("fuse-elementwise").copied().unwrap_or(0);
+    (h, applied)
+}
+
+/// SwiGLU in a training graph: the forward's `silu(a)·b` and the backward's
+/// `dy·silu(a)` both read `silu(a)`; it is recomputed in each product's
+/// kernel instead of being a kernel of its own.
+#[test]
+fn a_unary_read_by_two_kernels_is_recomputed_in_each() {
+    let mut g = Graph::new("t");
+    let t = ty(DType::F64, &[c(3), c(8)]);
+    let a = g.input("a", t.clone()).unwrap();
+    let b = g.input("b", t.clone()).unwrap();
+    let dy = g.input("dy", t).unwrap();
+    let s = g.add(Op::Unary(UnaryOp::Silu), &[a], "mlp").unwrap();
+    let h = bin(&mut g, BinaryOp::Mul, s, b);
+    let db = bin(&mut g, BinaryOp::Mul, dy, s);
+    g.set_output("h", h);
+    g.set_output("db", db);
+    let (o, applied) = fuse_only(&g);
+    assert_eq!(count(&o, |op| matches!(op, Op::Elementwise(_))), 2);
+    assert_eq!(
+        count(&o, |op| matches!(op, Op::Unary(_) | Op::Binary(_))),
+        0
+    );
+    assert_eq!(
+        programs(&o),
+        [
+            "$0=in0; $1=silu($0); $2=in1; $3=mul($1, $2)",
+            "$0=in0; $1=silu($0); $2=in1; $3=mul($2, $1)"
+        ],
+        "{}",
+        caramba_ir::to_text(&o)
+    );
+    // Two kernels formed and one op recomputed.
+    assert_eq!(applied, 3);
+    // Both kernels read `a` where they read `silu(a)`.
+    let reads = |n: NodeId| o.operands(n);
+    let input = |name: &str| o.inputs().find(|(n, _)| *n == name).unwrap().1;
+    let (ia, ib, idy) = (input("a"), input("b"), input("dy"));
+    assert_eq!(reads(o.output("h").unwrap()), [ia, ib]);
+    assert_eq!(reads(o.output("db").unwrap()), [ia, idy]);
+}
+
+/// A unary op rooting a group that reads one tensor (here with a scalar
+/// folded in) is recomputed with its group; users in one kernel share one
+/// copy.
+#[test]
+fn a_unary_chain_is_recomputed_once_per_kernel() {
+    let mut g = Graph::new("t");
+    let t = ty(DType::F64, &[c(2), c(4)]);
+    let x = g.input("x", t.clone()).unwrap();
+    let y = g.input("y", t).unwrap();
+    let e = g.add(Op::Unary(UnaryOp::Neg), &[x], "").unwrap();
+    let half = g.constant(0.5, DType::F64, "");
+    let m = bin(&mut g, BinaryOp::Max, e, half);
+    let s = g.add(Op::Unary(UnaryOp::Sigmoid), &[m], "").unwrap();
+    // Two users of `s` in one kernel, one in another.
+    let p = bin(&mut g, BinaryOp::Mul, s, y);
+    let q = bin(&mut g, BinaryOp::Add, p, s);
+    let r = bin(&mut g, BinaryOp::Sub, y, s);
+    g.set_output("q", q);
+    g.set_output("r", r);
+    let (o, applied) = fuse_only(&g);
+    assert_eq!(count(&o, |op| matches!(op, Op::Elementwise(_))), 2);
+    assert_eq!(
+        count(&o, |op| matches!(op, Op::Unary(_) | Op::Binary(_))),
+        0
+    );
+    assert_eq!(computed(&o, &Op::Unary(UnaryOp::Sigmoid)), 2);
+    assert_eq!(computed(&o, &Op::Unary(UnaryOp::Neg)), 2);
+    assert_eq!(computed(&o, &Op::Binary(BinaryOp::Max)), 2);
+    // Two kernels formed, three ops recomputed.
+    assert_eq!(applied, 2 + 3);
+    let f = elementwise::fuse(&g).unwrap();
+    assert_eq!(f.recomputed, [e, m, s]);
+    // Every node left in the graph is still mapped; recomputed ones are not.
+    for (old, new) in &f.map {
+        assert!(!f.recomputed.contains(old));
+        let (was, is) = (g.node(*old).op.mnemonic(), f.graph.node(*new).op.mnemonic());
+        assert!(was == is || is == "elementwise", "{was} → {is}");
+    }
+    assert_eq!(f.map.len(), f.graph.node_count());
+}
+
+/// What is not recomputed: a unary whose users are already in its kernel,
+/// one read by a broadcasting product, by a cast or by a matmul, one that
+/// is an output, and one whose kernel holds a binary op.
+#[test]
+fn a_unary_is_not_recomputed_where_it_saves_nothing() {
+    let t = ty(DType::F64, &[c(2), c(4)]);
+    type Build = fn(&mut Graph, NodeId, NodeId) -> Vec<(&'static str, NodeId)>;
+    let cases: [(&str, Build); 6] = [
+        ("users in its own kernel", |g, s, y| {
+            // σ(x)·(1 − σ(x)): both users of σ(x) are in one kernel.
+            let one = g.constant(1.0, DType::F64, "");
+            let c = bin(g, BinaryOp::Sub, one, s);
+            let o = bin(g, BinaryOp::Mul, s, c);
+            vec![("o", bin(g, BinaryOp::Add, o, y))]
+        }),
+        ("a broadcasting user", |g, s, y| {
+            let w = g.input("w", ty(DType::F64, &[c(3), c(2), c(4)])).unwrap();
+            vec![
+                ("o", bin(g, BinaryOp::Mul, s, y)),
+                ("p", bin(g, BinaryOp::Mul, w, s)),
+            ]
+        }),
+        ("a cast user", |g, s, y| {
+            let h = g.add(Op::Cast(DType::F32), &[s], "").unwrap();
+            vec![("o", bin(g, BinaryOp::Mul, s, y)), ("h", h)]
+        }),
+        ("a matmul user", |g, s, y| {
+            let w = g.input("w", ty(DType::F64, &[c(4), c(4)])).unwrap();
+            let m = g.add(Op::MatMul, &[s, w], "").unwrap();
+            vec![("o", bin(g, BinaryOp::Mul, s, y)), ("m", m)]
+        }),
+        ("an output", |g, s, y| {
+            vec![
+                ("o", bin(g, BinaryOp::Mul, s, y)),
+                ("p", bin(g, BinaryOp::Add, y, s)),
+                ("s", s),
+            ]
+        }),
+        ("a binary op in its kernel", |g, s, y| {
+            // `s` stands for `x + y` here; `silu(x + y)` is one kernel
+            // whose `add` would have to be stored in its place.
+            let u = g.add(Op::Unary(UnaryOp::Silu), &[s], "").unwrap();
+            vec![
+                ("o", bin(g, BinaryOp::Mul, u, y)),
+                ("p", bin(g, BinaryOp::Sub, y, u)),
+            ]
+        }),
+    ];
+    for (what, build) in cases {
+        let mut g = Graph::new("t");
+        let x = g.input("x", t.clone()).unwrap();
+        let y = g.input("y", t.clone()).unwrap();
+        let s = if what == "a binary op in its kernel" {
+            bin(&mut g, BinaryOp::Add, x, y)
+        } else {
+            g.add(Op::Unary(UnaryOp::Sigmoid), &[x], "").unwrap()
+        };
+        for (name, n) in build(&mut g, s, y) {
+            g.set_output(name, n);
+        }
+        let unary = |g: &Graph| {
+            computed(g, &Op::Unary(UnaryOp::Sigmoid)) + computed(g, &Op::Unary(UnaryOp::Silu))
+        };
+        let (o, _) = fuse_only(&g);
+        assert_eq!(
+            (unary(&g), unary(&o)),
+            (1, 1),
+            "{what}: recomputed\n{}",
+            caramba_ir::to_text(&o)
+        );
+        let f = elementwise::fuse(&g).unwrap();
+        assert!(f.recomputed.is_empty(), "{what}: {:?}", f.recomputed);
+    }
+}
+
 // ----------------------------------------------------------- whole models
 
 /// The model with small dimensions: heads kept, head dims of 4 (DBA: 2 + 2),
