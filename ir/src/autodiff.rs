@@ -619,6 +619,23 @@ impl Backward {
             Op::CrossEntropyGrad => {
                 return Err(refuse("cross-entropy's gradient (no second derivatives)"))
             }
+            Op::RowDot => {
+                // d/dx = g·y and d/dy = g·x, the row's adjoint `g [..., 1]`
+                // broadcast along the last axis; computed in the statistics
+                // dtype (the operands widened, as the decomposition does)
+                // and cast back to the operands' dtype (a cast's gradient).
+                let dt = g.node(ops[0]).ty.dtype;
+                let mut other = x[1 - i];
+                if self.ty(gy).dtype != dt {
+                    other = self.op(Op::Cast(self.ty(gy).dtype), &[other], s)?;
+                }
+                let full = self.bin(BinaryOp::Mul, gy, other, s)?;
+                if self.ty(full).dtype != dt {
+                    self.op(Op::Cast(dt), &[full], s)?
+                } else {
+                    full
+                }
+            }
             &Op::RmsNorm { eps } => {
                 // One fused pass per operand: the row statistics are
                 // recomputed from x, so the forward keeps nothing but x.

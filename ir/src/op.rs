@@ -271,6 +271,18 @@ pub enum Op {
         scale: Scalar,
         wrt: AttnArg,
     },
+    /// The dot product of two tensors' rows along the last axis: x and y
+    /// `[..., n]` of one float dtype and one shape (no broadcasting) →
+    /// `[..., 1]` of the statistics dtype of x's ([`DType::stats`]: `f32`
+    /// for f16/bf16 x, x's dtype otherwise). Decomposition, with `s` that
+    /// dtype: `sum{last}(mul(cast(x, s), cast(y, s)))`, which for f32 and
+    /// f64 x is `sum{last}(mul(x, y))`: for f16/bf16 x the operands are
+    /// widened exactly, and each product and the sum are computed in f32
+    /// and stored in f32, never rounded to x's dtype. What attention's
+    /// backward sums per query row (`delta = Σ dout·out`, see
+    /// `AttentionGrad`), read from the two operands in place instead of
+    /// through widened copies and their product.
+    RowDot,
     /// RMS normalization over the last axis: `x · rsqrt(mean(x²) + eps) · w`,
     /// x `[..., D]`, w `[D]`, both of one float dtype. For f16/bf16 it is
     /// what lowering writes for half-precision models (as Hugging Face
@@ -479,6 +491,7 @@ impl Op {
             | Op::Gather
             | Op::Rope(_)
             | Op::CrossEntropy
+            | Op::RowDot
             | Op::RmsNorm { .. }
             | Op::ScatterAdd { .. } => Arity::Exact(2),
             Op::Broadcast(_) | Op::OneHot { .. } => Arity::Exact(1),
@@ -547,6 +560,7 @@ impl Op {
             Op::AttentionLse { .. } => "attention_lse",
             Op::AttentionWithLse { .. } => "attention_with_lse",
             Op::AttentionGrad { .. } => "attention_grad",
+            Op::RowDot => "row_dot",
             Op::RmsNorm { .. } => "rms_norm",
             Op::RmsNormGrad { .. } => "rms_norm_grad",
             Op::Elementwise(_) => "elementwise",
@@ -627,7 +641,8 @@ impl Op {
             | Op::Gather
             | Op::CausalMask
             | Op::CrossEntropy
-            | Op::CrossEntropyGrad => String::new(),
+            | Op::CrossEntropyGrad
+            | Op::RowDot => String::new(),
         }
     }
 
@@ -1028,6 +1043,21 @@ impl Op {
                 let mut dims = qd[..4].to_vec();
                 dims.push(Dim::Const(dv));
                 Ok(TensorType::new(q.dtype, Shape(dims)))
+            }
+            Op::RowDot => {
+                let (x, y) = (xs[0], xs[1]);
+                float(x)?;
+                if x.shape.rank() == 0 {
+                    return Err(format!("row_dot needs rank ≥ 1 operands, got {x}"));
+                }
+                if y != x {
+                    return Err(format!(
+                        "row_dot needs two operands of one type (no broadcasting), got {x} and {y}"
+                    ));
+                }
+                let mut dims = x.shape.0.clone();
+                *dims.last_mut().expect("rank checked") = Dim::Const(1);
+                Ok(TensorType::new(x.dtype.stats(), Shape(dims)))
             }
             Op::RmsNorm { .. } => {
                 let (x, w) = (xs[0], xs[1]);

@@ -465,3 +465,31 @@ fn slices_of_one_node() {
     assert_eq!(dg.node(grad).op, Op::Concat { axis: 1 });
     assert_eq!(dg.operands(grad).len(), 5, "three slices and two gaps");
 }
+
+/// `row_dot` (each operand's gradient the other scaled by the row's
+/// adjoint), over a batch of rows and a single row, with x and y distinct
+/// and with both operands one node (`row_dot(x, x)`, `Σ x²`).
+#[test]
+fn row_dot() {
+    for xs in [&[2, 3, 5][..], &[7][..]] {
+        check(
+            &format!("row_dot {xs:?}"),
+            &[("x", xs, -1.5, 1.5), ("y", xs, -1.5, 1.5)],
+            vec![],
+            |g| {
+                let x = p(g, "x", xs);
+                let y = p(g, "y", xs);
+                g.add(Op::RowDot, &[x, y], "dot").unwrap()
+            },
+        );
+        check(
+            &format!("row_dot square {xs:?}"),
+            &[("x", xs, -1.5, 1.5)],
+            vec![],
+            |g| {
+                let x = p(g, "x", xs);
+                g.add(Op::RowDot, &[x, x], "dot").unwrap()
+            },
+        );
+    }
+}

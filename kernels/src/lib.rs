@@ -43,6 +43,7 @@ pub mod quant;
 pub mod reduce;
 pub mod rms_norm;
 pub mod rope;
+pub mod row_dot;
 pub mod vendor_gemm;
 
 pub use cubecl;

@@ -3174,6 +3174,94 @@ pub fn narrow_kv_attention<R: Runtime>(dev: &R::Device) {
     }
 }
 
+/// `row_dot` (attention's backward's `delta`) against the reference, for
+/// f32, f16 and bf16 operands (the rows f32: products and sum in f32 on the
+/// exact widening), rows of 64 (one thread each) and of 300 (a cube each):
+/// dense operands, a permuted one read in place (`[B, T, H, d]` read as
+/// `[B, H, T, d]`, as attention's output adjoint arrives), a sliced one (an
+/// offset, rows apart by more than their length) and a transposed one (the
+/// last axis strided); then, straight through the kernel, the narrow
+/// storages the device holds (a device that widens them runs the graphs
+/// above in f32 storage).
+pub fn row_dot<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(71);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for n in [64, 300] {
+            let t =
+                |dims: &[usize]| TensorType::new(dtype, Shape::new(dims.iter().map(|&d| d.into())));
+            let mut g = Graph::new(format!("row_dot_{dtype}_{n}"));
+            let x = g.input("x0", t(&[2, 3, 5, n])).unwrap();
+            let y = g.input("x1", t(&[2, 3, 5, n])).unwrap();
+            let dense = g.add(Op::RowDot, &[x, y], "").unwrap();
+            // [2, 5, 3, n] permuted to [2, 3, 5, n].
+            let z = g.input("x2", t(&[2, 5, 3, n])).unwrap();
+            let zp = g.add(Op::Permute(vec![0, 2, 1, 3]), &[z], "").unwrap();
+            let permuted = g.add(Op::RowDot, &[zp, y], "").unwrap();
+            // Columns 8..8 + n of [2, 3, 5, n + 8]: an offset view.
+            let w = g.input("x3", t(&[2, 3, 5, n + 8])).unwrap();
+            let slice = Op::Slice {
+                axis: 3,
+                start: 8,
+                end: 8 + n,
+            };
+            let ws = g.add(slice, &[w], "").unwrap();
+            let sliced = g.add(Op::RowDot, &[x, ws], "").unwrap();
+            // [2, 3, n, 5] transposed: the row's elements 5 apart.
+            let v = g.input("x4", t(&[2, 3, n, 5])).unwrap();
+            let vt = g.add(Op::Permute(vec![0, 1, 3, 2]), &[v], "").unwrap();
+            let strided = g.add(Op::RowDot, &[vt, zp], "").unwrap();
+            for (name, id) in [
+                ("dense", dense),
+                ("permuted", permuted),
+                ("sliced", sliced),
+                ("strided", strided),
+            ] {
+                assert_eq!(g.node(id).ty.dtype, DType::F32);
+                g.set_output(name, id);
+            }
+            let inputs = [
+                &[2, 3, 5, n][..],
+                &[2, 3, 5, n],
+                &[2, 5, 3, n],
+                &[2, 3, 5, n + 8],
+                &[2, 3, n, 5],
+            ]
+            .iter()
+            .map(|s| rounded_as(dtype, &rng.tensor(s)))
+            .collect();
+            // f32 sums of up to 300 products of values in [-1, 1).
+            check::<R>(dev, &g, &bind(inputs), TOL);
+        }
+    }
+    use caramba_kernels::row_dot::launch_row_dot;
+    let client = R::client(dev);
+    for elem in narrow_elems(&client, "row_dot") {
+        for n in [64, 300] {
+            let g = one_op("y", Op::RowDot, &[f32t(&[2, 3, 5, n]), f32t(&[2, 3, 5, n])]);
+            // x is stored as [2, 5, 3, n] and read permuted.
+            let xs = rounded(elem, &rng.tensor(&[2, 5, 3, n]));
+            let y = rounded(elem, &rng.tensor(&[2, 3, 5, n]));
+            let mut xg = Graph::new("p");
+            let xi = xg.input("x0", f32t(&[2, 5, 3, n])).unwrap();
+            let xp = xg.add(Op::Permute(vec![0, 2, 1, 3]), &[xi], "").unwrap();
+            xg.set_output("y", xp);
+            let (_, xv) = reference_y(&xg, vec![xs.clone()]);
+            let x = Tensor::f32(vec![2, 3, 5, n], xv);
+            let (_, want) = reference_y(&g, vec![x, y.clone()]);
+            let hx = upload_tensor(&client, elem, &xs);
+            let hy = upload_tensor(&client, elem, &y);
+            let mut xview = View::contiguous(hx, &[2, 5, 3, n]);
+            xview.shape = vec![2, 3, 5, n];
+            xview.strides.swap(1, 2);
+            let yview = View::contiguous(hy, &[2, 3, 5, n]);
+            let out = client.empty(want.len() * 4);
+            launch_row_dot(&client, elem, &xview, &yview, &out);
+            let got = download_as(&client, FloatElem::F32, &out, want.len());
+            assert_narrow(&want, &got, 0.0, TOL, &format!("{elem:?} row_dot n = {n}"));
+        }
+    }
+}
+
 /// Stamps the suite out for one backend: `$available` says whether a
 /// device exists, `$device` builds it.
 macro_rules! gpu_suite {
@@ -3216,7 +3304,7 @@ macro_rules! all_tests {
             dba_preset, quantize_formats, kv_attention_over_caches, cached_tiny_llama,
             resident_values, fused_optimizers, grad_norm_and_clipping, trainer_matches_host_sgd,
             trainer_matches_host_adamw, trainer_keeps_half_copies, narrow_elementwise, narrow_copy, strided_copies, lazy_views,
-            concat_slots,
+            concat_slots, row_dot,
             narrow_cast,
             narrow_reduce_softmax, narrow_norms, narrow_gather, narrow_rope, narrow_attention,
             narrow_attention_backward, narrow_matmul, narrow_kv_attention);

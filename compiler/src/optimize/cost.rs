@@ -88,6 +88,8 @@ fn flops(op: &Op, xs: &[&TensorType], out: &TensorType) -> f64 {
         // sums, then the gradient's few flops.
         Op::RmsNormGrad { .. } => 8.0 * numel(xs[0]),
         Op::Rope(_) => 6.0 * numel(out),
+        // A product and a sum per element of x.
+        Op::RowDot => 2.0 * numel(xs[0]),
         Op::Elementwise(p) => {
             let n =
                 p.0.iter()

@@ -7,7 +7,8 @@
 //!
 //! Rules are grouped by family, one file each: `algebra` (layout and
 //! identity cleanup), `rmsnorm`, `attention`, `dba`, `kv`, `precision`
-//! (half-precision values read where lowering widened them); `elementwise` runs
+//! (half-precision values read where lowering widened them), `row_dot`
+//! (a row's dot product read in place); `elementwise` runs
 //! after extraction. Every rule has a property test in `tests.rs` that
 //! evaluates both sides with the reference interpreter. Training graphs
 //! meet this module twice more around differentiation: `fuse_for_training`
@@ -31,6 +32,7 @@ pub mod merge_projections;
 pub mod precision;
 pub mod reuse_lse;
 pub mod rmsnorm;
+pub mod row_dot;
 pub mod rule;
 #[cfg(test)]
 mod tests;
@@ -51,6 +53,7 @@ pub fn rules() -> Vec<&'static Rule> {
     r.push(&kv::DEQUANTIZE_IN_ATTENTION);
     r.push(&rmsnorm::FUSE_RMSNORM);
     r.extend(precision::rules());
+    r.push(&row_dot::ROW_DOT);
     r
 }
 
@@ -170,6 +173,7 @@ pub fn optimize_with(g: &Graph, opts: &Options) -> Result<(Graph, OptimizeReport
                 | Op::AttentionWithLse { .. }
                 | Op::RmsNorm { .. }
                 | Op::RmsNormGrad { .. }
+                | Op::RowDot
                 | Op::Elementwise(_)
                 | Op::KvAttention { .. }
         ) {

@@ -1550,3 +1550,158 @@ fn merge_projections_stacks_sibling_weights_and_agrees() {
         }
     }
 }
+
+// ---------------------------------------------------------------- row dot
+
+/// `sum_last(mul(·, ·))` of two operands of one random type and shape, as
+/// attention's backward writes `delta`: for f16/bf16 operands each widened
+/// to f32 first, for f32/f64 ones read as they are; the product's operands
+/// in random order, and sometimes a widened copy with another user.
+fn row_dot_graph(rng: &mut Rng) -> Graph {
+    let dtype = [DType::BF16, DType::F16, DType::F32, DType::F64][rng.below(4)];
+    let rank = rng.range(1, 4);
+    let mut dims = random_dims(rng, rank);
+    if rank > 1 && rng.bool() {
+        dims[0] = Dim::Sym(Sym::T);
+    }
+    dims[rank - 1] = c(rng.range(1, 9));
+    let mut g = Graph::new("t");
+    let x = g.input("x", ty(dtype, &dims)).unwrap();
+    let y = g.input("y", ty(dtype, &dims)).unwrap();
+    let (mut a, mut b) = (x, y);
+    if dtype.stats() != dtype {
+        a = g.add(Op::Cast(dtype.stats()), &[x], "").unwrap();
+        b = g.add(Op::Cast(dtype.stats()), &[y], "").unwrap();
+        if rng.bool() {
+            g.set_output("widened", a);
+        }
+    }
+    if rng.bool() {
+        std::mem::swap(&mut a, &mut b);
+    }
+    let p = bin(&mut g, BinaryOp::Mul, a, b);
+    let sum = Op::Reduce {
+        op: ReduceOp::Sum,
+        axis: rank - 1,
+    };
+    let s = g.add(sum, &[p], "").unwrap();
+    g.set_output("delta", s);
+    g
+}
+
+#[test]
+fn row_dot_is_sound() {
+    prove("row-dot", &["row-dot"], 24, |rng| {
+        let g = row_dot_graph(rng);
+        let (h, _) = optimize(&g).unwrap();
+        assert_eq!(
+            count(&h, |o| *o == Op::RowDot),
+            1,
+            "{}",
+            caramba_ir::to_text(&h)
+        );
+        g
+    });
+}
+
+#[test]
+fn row_dot_leaves_half_products_and_broadcasts_alone() {
+    // A product computed in half precision rounds: not a row_dot.
+    let mut g = Graph::new("t");
+    let x = g.input("x", ty(DType::BF16, &[c(3), c(8)])).unwrap();
+    let y = g.input("y", ty(DType::BF16, &[c(3), c(8)])).unwrap();
+    let p = bin(&mut g, BinaryOp::Mul, x, y);
+    let sum = |axis| Op::Reduce {
+        op: ReduceOp::Sum,
+        axis,
+    };
+    let s = g.add(sum(1), &[p], "").unwrap();
+    g.set_output("half", s);
+    // A broadcast operand, and a sum over another axis.
+    let u = g.input("u", ty(DType::F32, &[c(3), c(8)])).unwrap();
+    let v = g.input("v", ty(DType::F32, &[c(1), c(8)])).unwrap();
+    let p = bin(&mut g, BinaryOp::Mul, u, v);
+    let s = g.add(sum(1), &[p], "").unwrap();
+    g.set_output("broadcast", s);
+    let w = g.input("w", ty(DType::F32, &[c(3), c(8)])).unwrap();
+    let p = bin(&mut g, BinaryOp::Mul, u, w);
+    let s = g.add(sum(0), &[p], "").unwrap();
+    g.set_output("columns", s);
+    let (h, rep) = optimize(&g).unwrap();
+    assert!(rep.rejected.is_empty(), "{:?}", rep.rejected);
+    assert_eq!(count(&h, |o| *o == Op::RowDot), 0);
+}
+
+#[test]
+fn row_dot_costs_less_than_its_decomposition() {
+    let t = |d| ty(d, &[Dim::Sym(Sym::B), c(3), c(3), Dim::Sym(Sym::T), c(64)]);
+    for d in [DType::BF16, DType::F32] {
+        let mut g = Graph::new("t");
+        let x = g.input("x", t(d)).unwrap();
+        let y = g.input("y", t(d)).unwrap();
+        let (mut a, mut b) = (x, y);
+        if d != DType::F32 {
+            a = g.add(Op::Cast(DType::F32), &[x], "").unwrap();
+            b = g.add(Op::Cast(DType::F32), &[y], "").unwrap();
+        }
+        let p = bin(&mut g, BinaryOp::Mul, a, b);
+        let sum = Op::Reduce {
+            op: ReduceOp::Sum,
+            axis: 4,
+        };
+        let s = g.add(sum, &[p], "").unwrap();
+        g.set_output("delta", s);
+        let mut f = Graph::new("t");
+        let x = f.input("x", t(d)).unwrap();
+        let y = f.input("y", t(d)).unwrap();
+        let s = f.add(Op::RowDot, &[x, y], "").unwrap();
+        f.set_output("delta", s);
+        // Half operands: 4 bytes an element read instead of 28 (two casts,
+        // the product, the sum); f32: 8 instead of 16.
+        let (before, after) = (cost::graph_cost(&g), cost::graph_cost(&f));
+        let gain = if d == DType::F32 { 1.8 } else { 5.0 };
+        assert!(after * gain < before, "{d}: {after} vs {before}");
+    }
+}
+
+/// A half-precision Llama's training graph: each attention's backward gets
+/// its `delta` from one `row_dot` of the output's adjoint and the output,
+/// with no widened copies, product or sum of them left.
+#[test]
+fn half_training_graphs_sum_attention_delta_in_one_row_dot() {
+    let path = format!("{}/../presets/llama_block.yml", env!("CARGO_MANIFEST_DIR"));
+    let c = crate::compile(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let model = shrink(&c.manifest.model);
+    for dtype in [DType::BF16, DType::F32] {
+        let mut forward = crate::lower_model(&model, "m", dtype).unwrap().graph;
+        caramba_ir::autodiff::add_next_token_loss(&mut forward, "logits").unwrap();
+        let names: Vec<String> = forward.params().map(|(n, _)| n.to_string()).collect();
+        let g = differentiate_for_training(&forward, "loss", &names).unwrap();
+        let (h, rep) = optimize(&g).unwrap();
+        assert!(rep.rejected.is_empty(), "{:?}", rep.rejected);
+        let grads: Vec<NodeId> = h
+            .node_ids()
+            .filter(|&n| matches!(h.node(n).op, Op::AttentionGrad { .. }))
+            .collect();
+        assert!(!grads.is_empty());
+        for n in grads {
+            let delta = h.operands(n)[5];
+            assert_eq!(
+                h.node(delta).op,
+                Op::RowDot,
+                "{dtype}: delta is {}",
+                h.node(delta).op.mnemonic()
+            );
+            let dot = h.operands(delta);
+            assert!(
+                dot.iter().all(|&o| h.node(o).ty.dtype == dtype),
+                "{dtype}: row_dot reads widened copies"
+            );
+        }
+        assert!(rep.applied.get("row-dot").copied().unwrap_or(0) > 0);
+        assert!(rep
+            .fused
+            .iter()
+            .any(|f| f.op == Op::RowDot && f.rules == ["row-dot"]));
+    }
+}

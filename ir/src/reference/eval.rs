@@ -265,6 +265,7 @@ fn apply(node: &Node, args: &[(&Tensor, bool)], syms: &SymValues) -> Result<Tens
         Op::AttentionGrad { causal, scale, wrt } => {
             fused::attention_grad(x(0), x(1), x(2), x(3), x(4), x(5), *causal, *scale, *wrt)
         }
+        Op::RowDot => fused::row_dot(x(0), x(1)),
         Op::RmsNorm { eps } => fused::rms_norm(x(0), x(1), *eps),
         Op::RmsNormGrad { eps, wrt } => fused::rms_norm_grad(x(0), x(1), x(2), *eps, *wrt),
         Op::Elementwise(p) => {

@@ -1932,3 +1932,71 @@ fn kv_attention_matches_its_decomposition() {
     );
     assert!(bad.is_err());
 }
+
+#[test]
+fn row_dot_matches_hand_values() {
+    // f32: `Σ x·y` per row, `[2, 3] → [2, 1]`.
+    let mut g = Graph::new("t");
+    let x = g.input("x", ty(DType::F32, shape![2, 3])).unwrap();
+    let w = g.input("w", ty(DType::F32, shape![2, 3])).unwrap();
+    let y = g.add(Op::RowDot, &[x, w], "").unwrap();
+    assert_eq!(g.node(y).ty, ty(DType::F32, shape![2, 1]));
+    g.set_output("y", y);
+    let got = run(
+        &g,
+        vec![
+            ("x", f32s(&[2, 3], &[1.0, 2.0, 3.0, -1.0, 0.5, 4.0])),
+            ("w", f32s(&[2, 3], &[4.0, 5.0, 6.0, 2.0, -2.0, 0.25])),
+        ],
+    );
+    // 4 + 10 + 18 and −2 − 1 + 1.
+    assert_eq!(got.shape(), &[2, 1]);
+    assert_close(got.as_f32().unwrap(), &[32.0, -2.0], 0.0);
+
+    // bf16: the operands widened exactly, each product and the sum in f32,
+    // the f32 result never rounded to bf16. (1 + 2⁻⁷)² = 1 + 2⁻⁶ + 2⁻¹⁴
+    // needs 15 significant bits and 256 + 1 needs 9; bf16 keeps 8.
+    let mut g = Graph::new("t");
+    let x = g.input("x", ty(DType::BF16, shape![2, 2])).unwrap();
+    let w = g.input("w", ty(DType::BF16, shape![2, 2])).unwrap();
+    let y = g.add(Op::RowDot, &[x, w], "").unwrap();
+    assert_eq!(g.node(y).ty, ty(DType::F32, shape![2, 1]));
+    g.set_output("y", y);
+    let a = 1.0 + 2f32.powi(-7);
+    let got = run(
+        &g,
+        vec![
+            ("x", f32s(&[2, 2], &[a, 3.0, 256.0, 1.0])),
+            ("w", f32s(&[2, 2], &[a, 1.0, 1.0, 1.0])),
+        ],
+    );
+    assert_eq!(got.dtype(), DType::F32);
+    assert_close(got.as_f32().unwrap(), &[a * a + 3.0, 257.0], 0.0);
+    assert_ne!(
+        round_bf16(a * a + 3.0),
+        a * a + 3.0,
+        "the test needs f32 sums"
+    );
+}
+
+#[test]
+fn row_dot_type_rule() {
+    let t = |d, s| TensorType::new(d, s);
+    let f16 = t(DType::F16, shape![2, 4]);
+    assert_eq!(
+        Op::RowDot.infer(&[&f16, &f16]).unwrap(),
+        t(DType::F32, shape![2, 1])
+    );
+    let f64_ = t(DType::F64, shape![4]);
+    assert_eq!(
+        Op::RowDot.infer(&[&f64_, &f64_]).unwrap(),
+        t(DType::F64, shape![1])
+    );
+    let other = t(DType::F16, shape![1, 4]);
+    let err = Op::RowDot.infer(&[&f16, &other]).unwrap_err();
+    assert!(err.contains("no broadcasting"), "{err}");
+    let bf = t(DType::BF16, shape![2, 4]);
+    assert!(Op::RowDot.infer(&[&f16, &bf]).is_err());
+    let ints = t(DType::I32, shape![2, 4]);
+    assert!(Op::RowDot.infer(&[&ints, &ints]).is_err());
+}

@@ -22,7 +22,7 @@ use caramba_kernels::reduce::ReduceKind;
 use caramba_kernels::vendor_gemm::VendorGemm;
 use caramba_kernels::{
     attention, attention_backward, cast, copy, elementwise, gather, gemv, kv_attention, matmul,
-    norm, quant, reduce, rms_norm, rope, FloatElem, Storage, View,
+    norm, quant, reduce, rms_norm, rope, row_dot, FloatElem, Storage, View,
 };
 use std::collections::HashMap;
 
@@ -294,6 +294,7 @@ pub(crate) fn reads_in_place(op: &Op, t: &DevTensor) -> bool {
                             | Op::Unary(_)
                             | Op::Binary(_)
                             | Op::Elementwise(_)
+                            | Op::RowDot
                     ))
         }
     }
@@ -302,8 +303,9 @@ pub(crate) fn reads_in_place(op: &Op, t: &DevTensor) -> bool {
 /// Whether `op`'s launch reads its operands through their views (strides,
 /// and an offset for the copies and casts), so that a permute or slice feeding
 /// it need not be copied: the layout ops (strided copies), casts (a strided
-/// conversion, or a relabel that keeps the view), elementwise programs, and
-/// attention.
+/// conversion, or a relabel that keeps the view), elementwise programs,
+/// attention, and `row_dot` (attention's backward's `delta`, whose output
+/// adjoint arrives as a permuted view).
 pub(crate) fn reads_views(op: &Op) -> bool {
     matches!(
         op,
@@ -319,6 +321,7 @@ pub(crate) fn reads_views(op: &Op) -> bool {
             | Op::AttentionWithLse { .. }
             | Op::AttentionLse { .. }
             | Op::AttentionGrad { .. }
+            | Op::RowDot
     )
 }
 
@@ -885,6 +888,22 @@ impl<R: Runtime> Ctx<'_, R> {
                     targets.numel(),
                     v,
                 );
+                Ok(out)
+            }
+            Op::RowDot => {
+                // Both operands read through their views (strides and
+                // offset), whatever their storage; the rows are f32, the
+                // statistics dtype of every float the device stores.
+                let (x, y) = (xs[0], xs[1]);
+                if x.elem != y.elem {
+                    return Err(self.err(format!(
+                        "row_dot operands stored as {:?} and {:?}",
+                        x.elem, y.elem
+                    )));
+                }
+                let out = self.alloc(shape);
+                debug_assert_eq!(out.elem, FloatElem::F32, "row_dot's rows are f32");
+                row_dot::launch_row_dot(c, x.elem, &Self::view(x), &Self::view(y), &out.handle);
                 Ok(out)
             }
             Op::RmsNorm { eps } => {

@@ -302,6 +302,20 @@ fn row_lse<T: Float>(row: &[T], target: i32) -> Result<f64, String> {
     Ok(sum.ln() + max)
 }
 
+/// `sum{last}(mul(x, y))`: its decomposition, for f16/bf16 operands on
+/// their values as stored (already widened to f32, exactly), so each
+/// product is an f32 product and the sum is accumulated in f64 and rounded
+/// once to the statistics dtype, as `sum` does.
+pub fn row_dot(x: &Tensor, y: &Tensor) -> Result<Raw, String> {
+    if x.shape() != y.shape() || x.rank() == 0 {
+        return Err(format!(
+            "row_dot needs two operands of one shape, got {x} and {y}"
+        ));
+    }
+    let p = tensor(x.dtype().stats(), binary(BinaryOp::Mul, x, y)?);
+    reduce(ReduceOp::Sum, p.rank() - 1, &p)
+}
+
 /// `logsumexp(logits) − logits[target]` per position, accumulated in f64.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Raw, String> {
     let v = *logits.shape().last().ok_or("cross_entropy of a scalar")?;
