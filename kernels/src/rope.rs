@@ -5,12 +5,14 @@
 //! `out[j] = x[j]·cos a − x[j + d/2]·sin a`,
 //! `out[j + d/2] = x[j + d/2]·cos a + x[j]·sin a`. A first kernel tabulates
 //! `cos a` and `sin a` per (position, frequency), in `f32`; the second
-//! applies them, one thread per element. The inverse rotation (by `−a`,
+//! applies them, one thread per vector of pairs (up to 16-byte loads),
+//! reading `x` through its strides (a slice of a merged projection or a
+//! permute of attention's gradient, in place). The inverse rotation (by `−a`,
 //! RoPE's gradient) only negates the table's sines. `x` and `out` are stored as the
 //! launch's `elem` and computed in `f32`; the inverse frequencies are an
 //! `f32` buffer.
 
-use crate::{grid_1d, linear_pos, with_float, FloatElem, ELEM_BLOCK};
+use crate::{grid_1d, linear_pos, with_float, FloatElem, KernelError, View, ELEM_BLOCK};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
@@ -41,62 +43,98 @@ fn rope_table_kernel(
     }
 }
 
-/// Heads and head dims are comptime, so the index arithmetic divides by
-/// constants; only the position (`row mod t`) divides at run time.
+/// One unit rotates `nv` pairs: the vectors at `j..j+nv` and
+/// `j+d/2..j+d/2+nv` of one head of one row (`j < d/2`), read through `x`'s
+/// strides from element `x_offset` (a slice or permute of another buffer,
+/// read in place) and written to the dense `out`. Heads and head dims are
+/// comptime, so the index arithmetic divides by constants; only the
+/// position (`row mod t`) divides at run time.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn rope_kernel<F: Float>(
-    x: &Array<F>,
+fn rope_kernel<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
     cos: &Array<f32>,
     sin: &Array<f32>,
-    out: &mut Array<F>,
+    out: &mut Tensor<Vector<F, N>>,
     t: u32,
-    n: usize,
+    units: usize,
     #[comptime] h: usize,
     #[comptime] d: usize,
+    #[comptime] nv: usize,
+    #[comptime] x_offset: usize,
 ) {
-    let p = linear_pos();
-    if p >= n {
+    let u = linear_pos();
+    if u >= units {
         terminate!();
     }
     let half = comptime!(d / 2);
-    let j = p % d;
-    let row = u32::cast_from(p / comptime!(h * d));
-    let ti = usize::cast_from(row % t);
-    let at = ti * half + j % half;
-    let (c, s) = (cos[at], sin[at]);
-    let v = f32::cast_from(x[p]);
-    let r = if j < half {
-        v * c - f32::cast_from(x[p + half]) * s
-    } else {
-        v * c + f32::cast_from(x[p - half]) * s
-    };
-    out[p] = F::cast_from(r);
+    let per_head = comptime!(half / nv);
+    let row = u / comptime!(h * per_head);
+    let head = (u / per_head) % h;
+    let j = (u % per_head) * nv;
+    // The dense element index of the first half's vector.
+    let p = row * comptime!(h * d) + head * d + j;
+    let ti = usize::cast_from(u32::cast_from(row) % t);
+    let at = ti * half + j;
+    let xo =
+        x_offset + crate::elementwise::broadcast_offset::<Vector<F, N>, Vector<F, N>>(x, out, p);
+    let lo = x[xo / nv];
+    let hi = x[(xo + half) / nv];
+    let mut a = Vector::<F, N>::empty();
+    let mut b = Vector::<F, N>::empty();
+    #[unroll]
+    for l in 0..nv {
+        let (c, s) = (cos[at + l], sin[at + l]);
+        let (vl, vh) = (f32::cast_from(lo[l]), f32::cast_from(hi[l]));
+        a[l] = F::cast_from(vl * c - vh * s);
+        b[l] = F::cast_from(vh * c + vl * s);
+    }
+    out[p / nv] = a;
+    out[(p + half) / nv] = b;
 }
 
-/// RoPE of dense `x (..., t, h, d)` (`n` elements) into `out`, both stored
-/// as `elem`; `inv_freq` is `f32`. `inverse` rotates by `−a` (the gradient).
+/// RoPE of `x (..., t, h, d)`, a view whose last axis is contiguous (dense,
+/// or a slice or permute of a larger buffer), into the dense `out`, both
+/// stored as `elem`; `inv_freq` is `f32`. `inverse` rotates by `−a` (the
+/// gradient).
 #[allow(clippy::too_many_arguments)]
 pub fn launch_rope<R: Runtime>(
     client: &ComputeClient<R>,
     elem: FloatElem,
-    x: &Handle,
+    x: &View,
     pos: &Handle,
     inv_freq: &Handle,
     out: &Handle,
-    t: usize,
-    h: usize,
-    d: usize,
-    n: usize,
     inverse: bool,
-) {
+) -> Result<(), KernelError> {
+    let r = x.shape.len();
+    if r < 3 || x.strides[r - 1] != 1 || !x.shape[r - 1].is_multiple_of(2) {
+        return Err(KernelError::Unsupported(format!(
+            "rope of a [{:?}] view with strides {:?}: needs [..., t, h, d], d even, the last axis contiguous",
+            x.shape, x.strides
+        )));
+    }
+    let (t, h, d) = (x.shape[r - 3], x.shape[r - 2], x.shape[r - 1]);
+    let n = x.numel();
     if n == 0 {
-        return;
+        return Ok(());
     }
     let half = d / 2;
     let entries = t * half;
     let cos = client.empty(entries.max(1) * 4);
     let sin = client.empty(entries.max(1) * 4);
+    // The widest vector (up to 16 bytes) that divides a half-head and
+    // keeps every row of the view aligned.
+    let nv = client
+        .io_optimized_vector_sizes(elem.size())
+        .find(|&nv| {
+            half.is_multiple_of(nv)
+                && x.offset.is_multiple_of(nv)
+                && x.strides[..r - 1].iter().all(|s| s.is_multiple_of(nv))
+        })
+        .unwrap_or(1);
+    let units = n / 2 / nv;
+    let dense = View::contiguous(out.clone(), &x.shape);
     unsafe {
         rope_table_kernel::launch_unchecked::<R>(
             client,
@@ -112,16 +150,20 @@ pub fn launch_rope<R: Runtime>(
         );
         with_float!(elem, F => rope_kernel::launch_unchecked::<F, R>(
             client,
-            grid_1d(n, ELEM_BLOCK),
+            grid_1d(units, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
-            ArrayArg::from_raw_parts(x.clone(), n),
+            nv,
+            x.arg::<R>(),
             ArrayArg::from_raw_parts(cos, entries),
             ArrayArg::from_raw_parts(sin, entries),
-            ArrayArg::from_raw_parts(out.clone(), n),
+            dense.arg::<R>(),
             t as u32,
-            n,
+            units,
             h,
             d,
+            nv,
+            x.offset,
         ));
     }
+    Ok(())
 }

@@ -491,6 +491,40 @@ pub fn rope<R: Runtime>(dev: &R::Device) {
         let p = Tensor::i32(vec![6], vec![0, 1, 2, 3, 40, 127]);
         check::<R>(dev, &g, &bind(vec![rng.tensor(&[2, 6, 3, 16]), p]), 1e-4);
     }
+    // Read in place through views: heads of a slice of a merged projection
+    // (offsets 8, aligned, and 2, not), and attention's gradient permuted
+    // back to [B, T, kv, g, d] with its heads merged (the inverse).
+    for spec in [specs[0], specs[2]] {
+        let mut g = Graph::new("rope_views");
+        let m = g.input("x0", f32t(&[2, 6, 40])).unwrap();
+        let pos = g
+            .input("x1", TensorType::new(DType::I32, shape![6]))
+            .unwrap();
+        let a = g.input("x2", f32t(&[2, 3, 2, 6, 8])).unwrap();
+        for (name, start) in [("aligned", 8), ("odd", 2)] {
+            let s = g
+                .add(
+                    Op::Slice {
+                        axis: 2,
+                        start,
+                        end: start + 24,
+                    },
+                    &[m],
+                    "",
+                )
+                .unwrap();
+            let heads = g.add(Op::Reshape(shape![2, 6, 3, 8]), &[s], "").unwrap();
+            let y = g.add(Op::Rope(spec), &[heads, pos], "").unwrap();
+            g.set_output(name, y);
+        }
+        let back = g.add(Op::Permute(vec![0, 3, 1, 2, 4]), &[a], "").unwrap();
+        let merged = g.add(Op::Reshape(shape![2, 6, 6, 8]), &[back], "").unwrap();
+        let y = g.add(Op::Rope(spec), &[merged, pos], "").unwrap();
+        g.set_output("merged", y);
+        let p = Tensor::i32(vec![6], vec![0, 1, 2, 3, 40, 127]);
+        let xs = vec![rng.tensor(&[2, 6, 40]), p, rng.tensor(&[2, 3, 2, 6, 8])];
+        check::<R>(dev, &g, &bind(xs), 1e-4);
+    }
 }
 
 pub fn cross_entropy<R: Runtime>(dev: &R::Device) {
@@ -2728,16 +2762,13 @@ pub fn narrow_rope<R: Runtime>(dev: &R::Device) {
         launch_rope(
             &client,
             elem,
-            &upload_tensor(&client, elem, &xv),
+            &View::contiguous(upload_tensor(&client, elem, &xv), &[2, 6, 3, 16]),
             &upload_tensor(&client, elem, &p),
             &upload_as(&client, FloatElem::F32, &inv),
             &out,
-            6,
-            3,
-            16,
-            want.len(),
             false,
-        );
+        )
+        .unwrap();
         expect_narrow(&client, elem, &out, &want, 1e-4, &format!("{elem:?} rope"));
     }
 }

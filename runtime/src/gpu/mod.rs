@@ -889,6 +889,26 @@ fn transposed_sums_disabled() -> bool {
     *OFF.get_or_init(|| std::env::var("CARAMBA_NO_TRANSPOSED_SUMS").is_ok_and(|v| v == "1"))
 }
 
+/// Whether node `u` reads a lazy view in place: its op does
+/// (`ops::reads_views`), or it is a reshape (which keeps a view where the
+/// layout allows, `ops::reshaped_view`, and copies it itself where not)
+/// whose every user does, in turn. So a slice of a merged projection
+/// reshaped into heads reaches RoPE, and a permute of attention's gradient
+/// reshaped back reaches RoPE's inverse, without a copy.
+fn reads_views_through_reshapes(graph: &Graph, u: NodeId, outputs: &HashSet<NodeId>) -> bool {
+    match graph.node(u).op {
+        caramba_ir::Op::Reshape(_) => {
+            let users = graph.users(u);
+            !outputs.contains(&u)
+                && !users.is_empty()
+                && users
+                    .iter()
+                    .all(|&w| reads_views_through_reshapes(graph, w, outputs))
+        }
+        ref op => ops::reads_views(op),
+    }
+}
+
 /// Whether `CARAMBA_NO_SLOTS=1` computes every concatenation's operands
 /// into buffers of their own and copies them (for measuring what
 /// `Plan::slots` saves).
@@ -971,7 +991,9 @@ impl Plan {
                 ) && !lazy_transposes.contains(&id)
                     && !outputs.contains(&id)
                     && !users.is_empty()
-                    && users.iter().all(|&u| ops::reads_views(&graph.node(u).op))
+                    && users
+                        .iter()
+                        .all(|&u| reads_views_through_reshapes(graph, u, &outputs))
                     && !lazy_disabled()
             })
             .collect();

@@ -295,6 +295,7 @@ pub(crate) fn reads_in_place(op: &Op, t: &DevTensor) -> bool {
                             | Op::Binary(_)
                             | Op::Elementwise(_)
                             | Op::RowDot
+                            | Op::Rope(_)
                     ))
         }
     }
@@ -304,7 +305,7 @@ pub(crate) fn reads_in_place(op: &Op, t: &DevTensor) -> bool {
 /// and an offset for the copies and casts), so that a permute or slice feeding
 /// it need not be copied: the layout ops (strided copies), casts (a strided
 /// conversion, or a relabel that keeps the view), elementwise programs,
-/// attention, and `row_dot` (attention's backward's `delta`, whose output
+/// RoPE, attention, and `row_dot` (attention's backward's `delta`, whose output
 /// adjoint arrives as a permuted view).
 pub(crate) fn reads_views(op: &Op) -> bool {
     matches!(
@@ -317,6 +318,7 @@ pub(crate) fn reads_views(op: &Op) -> bool {
             | Op::Unary(_)
             | Op::Binary(_)
             | Op::Elementwise(_)
+            | Op::Rope(_)
             | Op::Attention { .. }
             | Op::AttentionWithLse { .. }
             | Op::AttentionLse { .. }
@@ -356,36 +358,48 @@ pub(crate) fn lazy_view(op: &Op, x: &DevTensor) -> DevTensor {
     }
 }
 
-/// The strides of view `t` reshaped to `shape` when the reshape only
-/// drops or inserts size-1 axes (the other axes keep their strides, in
-/// order); `None` otherwise.
+/// The strides of view `t` reshaped to `shape` without a copy, when its
+/// layout allows: each run of the new axes must cover a run of old axes
+/// that is contiguous in the buffer (so size-1 axes come and go, and axes
+/// merge or split within such a run, as a permuted `[B, T, kv, g, d]`
+/// becomes `[B, T, kv·g, d]`); `None` otherwise (PyTorch's `view` rule).
 fn reshaped_view(t: &DevTensor, shape: &[usize]) -> Option<Vec<usize>> {
     let (strides, _) = t.layout.as_ref()?;
-    let kept: Vec<(usize, usize)> = t
-        .shape
-        .iter()
-        .zip(strides)
-        .filter(|(&d, _)| d != 1)
-        .map(|(&d, &s)| (d, s))
-        .collect();
-    let dims: Vec<usize> = shape.iter().copied().filter(|&d| d != 1).collect();
-    if dims.len() != kept.len() || dims.iter().zip(&kept).any(|(d, (k, _))| d != k) {
+    view_strides(&t.shape, strides, shape)
+}
+
+/// [`reshaped_view`] on shapes and strides.
+fn view_strides(old: &[usize], strides: &[usize], new: &[usize]) -> Option<Vec<usize>> {
+    if old.contains(&0) || new.contains(&0) {
         return None;
     }
-    let mut next = kept.iter().map(|&(_, s)| s);
-    // A size-1 axis is never stepped along: any stride serves.
-    Some(
-        shape
-            .iter()
-            .map(|&d| {
-                if d == 1 {
-                    0
-                } else {
-                    next.next().expect("counted")
-                }
-            })
-            .collect(),
-    )
+    let mut out = vec![0; new.len()];
+    // New axes are assigned from the last, one chunk of old axes at a time.
+    let mut view_d = new.len();
+    let mut base = strides.last().copied().unwrap_or(1);
+    let (mut old_numel, mut new_numel) = (1usize, 1usize);
+    for d in (0..old.len()).rev() {
+        old_numel *= old[d];
+        // A chunk ends where the next axis out is not laid out right
+        // around this one (or at the first axis).
+        let ends = d == 0 || (old[d - 1] != 1 && strides[d - 1] != old_numel * base);
+        if ends {
+            while view_d > 0 && (new_numel < old_numel || new[view_d - 1] == 1) {
+                out[view_d - 1] = new_numel * base;
+                new_numel *= new[view_d - 1];
+                view_d -= 1;
+            }
+            if new_numel != old_numel {
+                return None;
+            }
+            if d > 0 {
+                base = strides[d - 1];
+                old_numel = 1;
+                new_numel = 1;
+            }
+        }
+    }
+    (view_d == 0).then_some(out)
 }
 
 /// `t` dense: itself when it is, else a copy of its view.
@@ -833,8 +847,7 @@ impl<R: Runtime> Ctx<'_, R> {
             }
             Op::Rope(spec) => {
                 let (x, pos) = (xs[0], xs[1]);
-                let r = x.shape.len();
-                let (t, h, d) = (x.shape[r - 3], x.shape[r - 2], x.shape[r - 1]);
+                let d = x.shape[x.shape.len() - 1];
                 let inv = match self.rope_freqs {
                     Some(h) => h.clone(),
                     None => {
@@ -843,20 +856,14 @@ impl<R: Runtime> Ctx<'_, R> {
                         c.create_from_slice(f32::as_bytes(&inv))
                     }
                 };
+                // A view whose last axis is not contiguous is copied first.
+                let mut xv = Self::view(x);
+                if xv.strides.last() != Some(&1) {
+                    xv = Self::view(&materialized(c, x));
+                }
                 let out = self.alloc(shape);
-                rope::launch_rope(
-                    c,
-                    e,
-                    &x.handle,
-                    &pos.handle,
-                    &inv,
-                    &out.handle,
-                    t,
-                    h,
-                    d,
-                    x.numel(),
-                    spec.inverse,
-                );
+                rope::launch_rope(c, e, &xv, &pos.handle, &inv, &out.handle, spec.inverse)
+                    .map_err(|e| self.err(e.to_string()))?;
                 Ok(out)
             }
             Op::CrossEntropy => {
@@ -1188,5 +1195,55 @@ impl<R: Runtime> Ctx<'_, R> {
         }
         matmul::launch_matmul(self.client, e, lhs, rhs, out, self.fast_matmul)
             .map_err(|e| self.err(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::view_strides;
+
+    #[test]
+    fn views_reshape_without_a_copy_where_the_layout_allows() {
+        // Dense: any reshape.
+        assert_eq!(
+            view_strides(&[2, 3, 4], &[12, 4, 1], &[6, 4]),
+            Some(vec![4, 1])
+        );
+        assert_eq!(view_strides(&[2, 3, 4], &[12, 4, 1], &[24]), Some(vec![1]));
+        // [B, kv, g, T, d] permuted to [B, T, kv, g, d], heads merged.
+        assert_eq!(
+            view_strides(&[2, 5, 3, 2, 4], &[120, 4, 40, 20, 1], &[2, 5, 6, 4]),
+            Some(vec![120, 4, 20, 1])
+        );
+        // ... but T and the heads do not merge.
+        assert_eq!(
+            view_strides(&[2, 5, 3, 2, 4], &[120, 4, 40, 20, 1], &[2, 30, 4]),
+            None
+        );
+        // Columns 0..16 of [2, 5, 32]: split into heads, rows merged.
+        assert_eq!(
+            view_strides(&[2, 5, 16], &[160, 32, 1], &[2, 5, 4, 4]),
+            Some(vec![160, 32, 4, 1])
+        );
+        assert_eq!(
+            view_strides(&[2, 5, 16], &[160, 32, 1], &[10, 16]),
+            Some(vec![32, 1])
+        );
+        assert_eq!(view_strides(&[2, 5, 16], &[160, 32, 1], &[160]), None);
+        // Size-1 axes come and go.
+        assert_eq!(
+            view_strides(&[3, 4], &[8, 1], &[3, 1, 4]),
+            Some(vec![8, 4, 1])
+        );
+        assert_eq!(
+            view_strides(&[3, 1, 4], &[8, 0, 1], &[3, 4]),
+            Some(vec![8, 1])
+        );
+        // A transpose does not flatten, but its axes split.
+        assert_eq!(view_strides(&[3, 4], &[1, 3], &[12]), None);
+        assert_eq!(
+            view_strides(&[3, 4], &[1, 3], &[3, 2, 2]),
+            Some(vec![1, 6, 3])
+        );
     }
 }
