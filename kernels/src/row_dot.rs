@@ -89,7 +89,7 @@ fn row_dot_vec_kernel<F: Float + CubeElement, N: Size>(
     x_offset: usize,
     y_offset: usize,
     rows: usize,
-    n: usize,
+    len: usize,
     #[comptime] lead: usize,
     #[comptime] nv: usize,
 ) {
@@ -100,7 +100,7 @@ fn row_dot_vec_kernel<F: Float + CubeElement, N: Size>(
     let (a, b) = row_starts::<Vector<F, N>>(x, y, row, x_offset, y_offset, lead);
     let (va, vb) = (a / nv, b / nv);
     let mut acc = f32::new(0.0);
-    for i in 0..n / nv {
+    for i in 0..len / nv {
         let (p, q) = (x[va + i], y[vb + i]);
         #[unroll]
         for l in 0..nv {
