@@ -206,7 +206,7 @@ fn operand_read(v: &View, out: &View, nv: usize) -> Option<Read> {
     if nv > 1 && last == 0 {
         return Some(Read::Splat);
     }
-    (nv == 1 || (last == 1 && strided_aligned(v, nv))).then_some(Read::Row)
+    (nv == 1 || v.aligned_to(nv)).then_some(Read::Row)
 }
 
 /// How an operand is read (see [`Instr`]).
@@ -215,13 +215,6 @@ enum Read {
     Dense,
     Row,
     Splat,
-}
-
-/// Whether `nv`-element vectors of the strided view `v` (last axis
-/// contiguous) start at multiples of `nv`.
-fn strided_aligned(v: &View, nv: usize) -> bool {
-    let r = v.shape.len();
-    r > 0 && v.offset.is_multiple_of(nv) && v.strides[..r - 1].iter().all(|s| s.is_multiple_of(nv))
 }
 
 /// Runs `prog` over `inputs` (views already broadcast to `out`'s shape)
@@ -267,7 +260,7 @@ pub fn launch_elementwise<R: Runtime>(
         .io_optimized_vector_sizes(elem.size())
         .find(|&nv| {
             last.is_multiple_of(nv)
-                && (out_dense || strided_aligned(out, nv))
+                && (out_dense || out.aligned_to(nv))
                 && prog.iter().all(|ins| match *ins {
                     Instr::Input(k) => operand_read(&inputs[k], out, nv).is_some(),
                     _ => true,

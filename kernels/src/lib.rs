@@ -166,6 +166,16 @@ impl View {
         self.shape.iter().product()
     }
 
+    /// Whether the view reads as vectors of `nv` elements: its last axis
+    /// contiguous, its offset and other strides multiples of `nv`.
+    pub fn aligned_to(&self, nv: usize) -> bool {
+        let r = self.shape.len();
+        r > 0
+            && self.strides[r - 1] == 1
+            && self.offset.is_multiple_of(nv)
+            && self.strides[..r - 1].iter().all(|s| s.is_multiple_of(nv))
+    }
+
     pub fn is_contiguous(&self) -> bool {
         self.offset == 0 && self.strides == contiguous_strides(&self.shape)
     }

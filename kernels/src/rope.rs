@@ -127,11 +127,7 @@ pub fn launch_rope<R: Runtime>(
     // keeps every row of the view aligned.
     let nv = client
         .io_optimized_vector_sizes(elem.size())
-        .find(|&nv| {
-            half.is_multiple_of(nv)
-                && x.offset.is_multiple_of(nv)
-                && x.strides[..r - 1].iter().all(|s| s.is_multiple_of(nv))
-        })
+        .find(|&nv| half.is_multiple_of(nv) && x.aligned_to(nv))
         .unwrap_or(1);
     let units = n / 2 / nv;
     let dense = View::contiguous(out.clone(), &x.shape);

@@ -16,6 +16,7 @@
 //! strides, so any layout is correct; a contiguous last axis is the one
 //! whose reads neighbouring iterations share cache lines.
 
+use crate::copy::view_positions;
 use crate::reduce::block_sum;
 use crate::{grid_1d, linear_cube, linear_pos, with_float, FloatElem, View, ELEM_BLOCK, ROW_BLOCK};
 use cubecl::prelude::*;
@@ -23,32 +24,6 @@ use cubecl::server::Handle;
 
 /// Rows of at most this many elements are summed by one thread each.
 const SHORT_ROW: usize = 128;
-
-/// The element positions where row `row` starts in `x` and in `y`: the row
-/// index unravelled over the `lead` leading axes (the shape's, which the
-/// views share), each view's strides from its offset.
-#[cube]
-fn row_starts<F: CubePrimitive>(
-    x: &Tensor<F>,
-    y: &Tensor<F>,
-    row: usize,
-    x_offset: usize,
-    y_offset: usize,
-    #[comptime] lead: usize,
-) -> (usize, usize) {
-    let mut rem = row;
-    let mut a = x_offset;
-    let mut b = y_offset;
-    #[unroll]
-    for i in 0..lead {
-        let d = lead - 1 - i;
-        let c = rem % x.shape(d);
-        rem /= x.shape(d);
-        a += c * x.stride(d);
-        b += c * y.stride(d);
-    }
-    (a, b)
-}
 
 /// One thread per row.
 #[cube(launch_unchecked)]
@@ -67,7 +42,7 @@ fn row_dot_short_kernel<F: Float + CubeElement>(
     if row >= rows {
         terminate!();
     }
-    let (a, b) = row_starts::<F>(x, y, row, x_offset, y_offset, lead);
+    let (a, b) = view_positions::<F, F>(x, y, row, x_offset, y_offset, lead, 1usize);
     let (sa, sb) = (x.stride(lead), y.stride(lead));
     let mut acc = f32::new(0.0);
     for i in 0..n {
@@ -97,7 +72,8 @@ fn row_dot_vec_kernel<F: Float + CubeElement, N: Size>(
     if row >= rows {
         terminate!();
     }
-    let (a, b) = row_starts::<Vector<F, N>>(x, y, row, x_offset, y_offset, lead);
+    let (a, b) =
+        view_positions::<Vector<F, N>, Vector<F, N>>(x, y, row, x_offset, y_offset, lead, 1usize);
     let (va, vb) = (a / nv, b / nv);
     let mut acc = f32::new(0.0);
     for i in 0..len / nv {
@@ -128,7 +104,7 @@ fn row_dot_long_kernel<F: Float + CubeElement>(
     if row >= rows {
         terminate!();
     }
-    let (a, b) = row_starts::<F>(x, y, row, x_offset, y_offset, lead);
+    let (a, b) = view_positions::<F, F>(x, y, row, x_offset, y_offset, lead, 1usize);
     let (sa, sb) = (x.stride(lead), y.stride(lead));
     let mut smem = SharedMemory::<f32>::new(ROW_BLOCK as usize);
     let mut acc = f32::new(0.0);
@@ -166,14 +142,9 @@ pub fn launch_row_dot<R: Runtime>(
     }
     let short = n <= SHORT_ROW;
     // The widest vector both views allow (1: the scalar kernels).
-    let aligned = |v: &View, nv: usize| {
-        v.strides[lead] == 1
-            && v.offset.is_multiple_of(nv)
-            && v.strides[..lead].iter().all(|s| s.is_multiple_of(nv))
-    };
     let nv = client
         .io_optimized_vector_sizes(elem.size())
-        .find(|&nv| n.is_multiple_of(nv) && aligned(x, nv) && aligned(y, nv))
+        .find(|&nv| n.is_multiple_of(nv) && x.aligned_to(nv) && y.aligned_to(nv))
         .unwrap_or(1);
     if short && nv > 1 {
         with_float!(elem, F => unsafe {
