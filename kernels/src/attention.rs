@@ -37,68 +37,57 @@
 use crate::{grid_1d, linear_cube, with_float, FloatElem, View};
 use cubecl::prelude::*;
 
+/// Where the forward writes each query row's log-sum-exp `m + ln l`.
+#[derive(CubeType, Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Lse {
+    /// Nowhere: attention alone.
+    Without,
+    /// After the row's values, in an `f32` output `(batch…, T, dv + 1)`.
+    Appended,
+    /// In a tensor of its own, `f32` `(batch…, T, 1)`; the output is stored
+    /// as the operands are.
+    Apart,
+    /// The log-sum-exp alone, the values skipped: `(batch…, T, 1)`, `f32`.
+    Alone,
+}
+
+/// Batches of a `(batch…, rows, cols)` tensor: the product of its leading
+/// axes.
+#[cube]
+pub(crate) fn batches<T: CubePrimitive>(t: &Tensor<T>) -> usize {
+    let mut n = 1;
+    for a in 0..t.rank() - 2 {
+        n *= t.shape(a);
+    }
+    n
+}
+
 /// Keys per tile, also the cube size.
 pub const ATTN_BLOCK: usize = 64;
 /// Query rows per cube: each key and value read from global memory serves
 /// this many queries.
 pub const ATTN_QUERIES: usize = 8;
 
-/// Attention alone: the output stored as the operands are.
+/// The forward kernel: operands stored as `F`, the output as `O` (`F`
+/// for attention alone or with its log-sum-exp apart, `f32` where the
+/// log-sum-exp is appended to each row or stands alone), the log-sum-exp
+/// in `stats` where it goes apart (`stats` is otherwise unused: the
+/// launch binds any buffer there).
 #[cube(launch_unchecked)]
-fn attention_kernel<F: Float + CubeElement>(
-    q: &Tensor<F>,
-    k: &Tensor<F>,
-    v: &Tensor<F>,
-    out: &mut Tensor<F>,
-    scale: f32,
-    neg_inf: f32,
-    #[comptime] causal: bool,
-    #[comptime] d: usize,
-    #[comptime] dv: usize,
-    #[comptime] staged: bool,
-) {
-    attention_rows::<F, F>(
-        q, k, v, out, scale, neg_inf, causal, d, dv, staged, false, false,
-    );
-}
-
-/// The log-sum-exp, alone (`lse_only`) or after the output: stored as
-/// `f32` whatever the operands are.
-#[cube(launch_unchecked)]
-fn attention_stats_kernel<F: Float + CubeElement>(
-    q: &Tensor<F>,
-    k: &Tensor<F>,
-    v: &Tensor<F>,
-    out: &mut Tensor<f32>,
-    scale: f32,
-    neg_inf: f32,
-    #[comptime] causal: bool,
-    #[comptime] d: usize,
-    #[comptime] dv: usize,
-    #[comptime] staged: bool,
-    #[comptime] lse_only: bool,
-) {
-    attention_rows::<F, f32>(
-        q, k, v, out, scale, neg_inf, causal, d, dv, staged, lse_only, true,
-    );
-}
-
-/// The kernel's body: operands stored as `F`, the output as `O`.
-#[cube]
 #[allow(clippy::too_many_arguments)]
-fn attention_rows<F: Float + CubeElement, O: Float + CubeElement>(
+fn attention_kernel<F: Float + CubeElement, O: Float + CubeElement>(
     q: &Tensor<F>,
     k: &Tensor<F>,
     v: &Tensor<F>,
     out: &mut Tensor<O>,
+    stats: &mut Tensor<f32>,
     scale: f32,
     neg_inf: f32,
     #[comptime] causal: bool,
     #[comptime] d: usize,
     #[comptime] dv: usize,
     #[comptime] staged: bool,
-    #[comptime] lse_only: bool,
-    #[comptime] with_lse: bool,
+    #[comptime] lse: Lse,
 ) {
     let rank = out.rank();
     let t = out.shape(rank - 2);
@@ -106,17 +95,17 @@ fn attention_rows<F: Float + CubeElement, O: Float + CubeElement>(
     let q_blocks = t.div_ceil(ATTN_QUERIES);
     let cube = linear_cube(); // (batch, query block) flattened
     let batch = cube / q_blocks;
-    // An output row: dv values, then the log-sum-exp when it is wanted too
-    // (in the lse-only mode dv is 1 and the row is the log-sum-exp alone).
-    let width = comptime!(if with_lse && !lse_only { dv + 1 } else { dv });
-    if batch * t * width >= out.len() {
+    if batch >= batches(out) {
         terminate!();
     }
+    let lse_only = comptime!(lse == Lse::Alone);
     let first = (cube % q_blocks) * ATTN_QUERIES; // first query row of the block
     let mut rem = batch;
     let mut qo = 0;
     let mut ko = 0;
     let mut vo = 0;
+    let mut oo = 0;
+    let mut so = 0;
     for x in 0..rank - 2 {
         let a = rank - 3 - x;
         let c = rem % out.shape(a);
@@ -124,6 +113,10 @@ fn attention_rows<F: Float + CubeElement, O: Float + CubeElement>(
         qo += c * q.stride(a);
         ko += c * k.stride(a);
         vo += c * v.stride(a);
+        oo += c * out.stride(a);
+        if comptime!(lse == Lse::Apart) {
+            so += c * stats.stride(a);
+        }
     }
     let (q_t, q_d) = (q.stride(rank - 2), q.stride(rank - 1));
     let (k_s, k_d) = (k.stride(rank - 2), k.stride(rank - 1));
@@ -301,15 +294,26 @@ fn attention_rows<F: Float + CubeElement, O: Float + CubeElement>(
         }
         sync_cube();
     }
+    let (o_t, o_d) = (out.stride(rank - 2), out.stride(rank - 1));
     #[unroll]
     for qi in 0..ATTN_QUERIES {
         let i = first + qi;
         if i < t {
-            let row = (batch * t + i) * width;
-            if lse_only || with_lse {
-                let lse = m[qi] + l[qi].ln();
-                if u == 0 {
-                    out[row + width - 1] = O::cast_from(lse);
+            let row = oo + i * o_t;
+            if u == 0 {
+                let x = m[qi] + l[qi].ln();
+                match lse {
+                    Lse::Without => {}
+                    Lse::Apart => {
+                        stats[so + i * stats.stride(rank - 2)] = x;
+                    }
+                    // After the row's dv values.
+                    Lse::Appended => {
+                        out[row + dv * o_d] = O::cast_from(x);
+                    }
+                    Lse::Alone => {
+                        out[row] = O::cast_from(x);
+                    }
                 }
             }
             if !lse_only {
@@ -317,7 +321,7 @@ fn attention_rows<F: Float + CubeElement, O: Float + CubeElement>(
                 for c in 0..cols {
                     let col = c * ATTN_BLOCK + u;
                     if col < dv {
-                        out[row + col] = O::cast_from(acc[qi * cols + c] / l[qi]);
+                        out[row + col * o_d] = O::cast_from(acc[qi * cols + c] / l[qi]);
                     }
                 }
             }
@@ -326,8 +330,9 @@ fn attention_rows<F: Float + CubeElement, O: Float + CubeElement>(
 }
 
 /// Attention over views already broadcast to the output's batch axes:
-/// q `(batch…, T, d)`, k `(batch…, S, d)`, v `(batch…, S, dv)`; `out` dense
-/// `(batch…, T, dv)`; all stored as `elem`.
+/// q `(batch…, T, d)`, k `(batch…, S, d)`, v `(batch…, S, dv)`; `out`
+/// `(batch…, T, dv)`, any strides (a consumer's permuted layout); all
+/// stored as `elem`.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_attention<R: Runtime>(
     client: &ComputeClient<R>,
@@ -339,13 +344,29 @@ pub fn launch_attention<R: Runtime>(
     causal: bool,
     scale: f32,
 ) {
-    launch(client, elem, q, k, Some(v), out, causal, scale, false);
+    launch(
+        client,
+        elem,
+        q,
+        k,
+        Some(v),
+        out,
+        None,
+        Lse::Without,
+        causal,
+        scale,
+    );
 }
 
 /// Attention and the log-sum-exp of its scores from one pass
-/// (`AttentionWithLse`): as [`launch_attention`], with `out` dense
-/// `(batch…, T, dv + 1)` and stored as `f32` whatever `elem` is, each row
-/// the output (unrounded) followed by its log-sum-exp.
+/// (`AttentionWithLse`), as [`launch_attention`]. Without `lse`, `out` is
+/// `(batch…, T, dv + 1)` stored as `f32` whatever `elem` is, each row the
+/// output (unrounded) followed by its log-sum-exp: the op's own layout.
+/// With `lse` (`f32`, `(batch…, T, 1)`), the two parts go apart: `out`
+/// `(batch…, T, dv)` is stored as `elem` (each value rounded once, as a
+/// cast of the op's output to the operands' dtype would), the log-sum-exp
+/// in `lse`; the executor does this where the op's readers are the two
+/// slices that take it apart (`reuse-attention-lse`'s form).
 #[allow(clippy::too_many_arguments)]
 pub fn launch_attention_with_lse<R: Runtime>(
     client: &ComputeClient<R>,
@@ -354,16 +375,22 @@ pub fn launch_attention_with_lse<R: Runtime>(
     k: &View,
     v: &View,
     out: &View,
+    lse: Option<&View>,
     causal: bool,
     scale: f32,
 ) {
-    launch(client, elem, q, k, Some(v), out, causal, scale, true);
+    let mode = if lse.is_some() {
+        Lse::Apart
+    } else {
+        Lse::Appended
+    };
+    launch(client, elem, q, k, Some(v), out, lse, mode, causal, scale);
 }
 
 /// The log-sum-exp of attention's masked, scaled scores per query row
 /// (`AttentionLse`): the forward kernel without the values. q
 /// `(batch…, T, d)` and k `(batch…, S, d)`, stored as `elem`, broadcast to
-/// the output's batch axes; `out` dense `(batch…, T, 1)`, stored as `f32`
+/// the output's batch axes; `out` `(batch…, T, 1)`, stored as `f32`
 /// whatever `elem` is.
 pub fn launch_attention_lse<R: Runtime>(
     client: &ComputeClient<R>,
@@ -374,11 +401,22 @@ pub fn launch_attention_lse<R: Runtime>(
     causal: bool,
     scale: f32,
 ) {
-    launch(client, elem, q, k, None, out, causal, scale, false);
+    launch(
+        client,
+        elem,
+        q,
+        k,
+        None,
+        out,
+        None,
+        Lse::Alone,
+        causal,
+        scale,
+    );
 }
 
-/// The forward kernel over `v` (with the log-sum-exp appended to each row
-/// when `with_lse`), or in its log-sum-exp mode without one.
+/// The forward kernel over `v`, or in its log-sum-exp mode without one;
+/// `lse` is the log-sum-exp's own tensor in mode `Apart`.
 #[allow(clippy::too_many_arguments)]
 fn launch<R: Runtime>(
     client: &ComputeClient<R>,
@@ -387,10 +425,12 @@ fn launch<R: Runtime>(
     k: &View,
     v: Option<&View>,
     out: &View,
+    lse: Option<&View>,
+    mode: Lse,
     causal: bool,
     scale: f32,
-    with_lse: bool,
 ) {
+    debug_assert_eq!(lse.is_some(), mode == Lse::Apart);
     let r = out.shape.len();
     let d = q.shape[r - 1];
     let dv = v.map_or(1, |v| v.shape[r - 1]);
@@ -401,7 +441,7 @@ fn launch<R: Runtime>(
     }
     if let Some(v) = v {
         let tc = crate::attention_tc::try_launch_forward;
-        if tc(client, elem, q, k, v, out, causal, scale, with_lse) {
+        if tc(client, elem, q, k, v, out, lse, mode, causal, scale) {
             return;
         }
     }
@@ -412,27 +452,32 @@ fn launch<R: Runtime>(
     let shared = 4 * (ATTN_BLOCK * stride + ATTN_QUERIES * (d + ATTN_BLOCK));
     let staged = shared <= client.properties().hardware.max_shared_memory_size;
     let (grid, block) = (grid_1d(cubes, 1), CubeDim::new_1d(ATTN_BLOCK as u32));
-    let (lse_only, plain) = (v.is_none(), v.is_some() && !with_lse);
-    let (q, k, v, out) = unsafe {
+    // Without a tensor of its own, the statistics' binding is the output's
+    // (never read or written then).
+    let (q, k, v, o, stats) = unsafe {
         (
             q.arg::<R>(),
             k.arg::<R>(),
             v.unwrap_or(k).arg::<R>(),
             out.arg::<R>(),
+            lse.unwrap_or(out).arg::<R>(),
         )
     };
     let d = d.max(1);
     let neg_inf = f32::NEG_INFINITY;
-    with_float!(elem, F => unsafe {
-        if plain {
-            attention_kernel::launch_unchecked::<F, R>(
-                client, grid, block, q, k, v, out, scale, neg_inf, causal, d, dv, staged,
-            );
-        } else {
-            attention_stats_kernel::launch_unchecked::<F, R>(
-                client, grid, block, q, k, v, out, scale, neg_inf, causal, d, dv, staged,
-                lse_only,
-            );
-        }
+    macro_rules! forward {
+        ($F:ty, $O:ty) => {
+            unsafe {
+                attention_kernel::launch_unchecked::<$F, $O, R>(
+                    client, grid, block, q, k, v, o, stats, scale, neg_inf, causal, d, dv, staged,
+                    mode,
+                )
+            }
+        };
+    }
+    with_float!(elem, F => match mode {
+        // The output as the operands are stored.
+        Lse::Without | Lse::Apart => forward!(F, F),
+        Lse::Appended | Lse::Alone => forward!(F, f32),
     });
 }

@@ -49,6 +49,7 @@
 //! `cp.async`, no double buffering); the tiles' masked part on the causal
 //! diagonal is computed and discarded.
 
+use crate::attention::{batches, Lse};
 use crate::attention_backward::{batch_offset, GradOperands};
 use crate::{grid_1d, linear_cube, FloatElem, View};
 use cubecl::cmma::MmaDefinition;
@@ -661,16 +662,15 @@ fn fast_exp(x: f32) -> f32 {
     x.exp()
 }
 
-/// Writes this plane's rows `row` (`g`) and `row + 8` of `acc` (`w`
-/// columns, the first `limit` kept) to `out` from `at0`/`at1` on: rows
-/// at or past `rows` are skipped.
+/// Writes this plane's rows `g` and `g + 8` of `acc` (`w` columns, the
+/// first `limit` kept) to `out` from `at0`/`at1` on, columns `cs` apart
+/// (`at` = `(at0, at1, cs)`); rows not `ok` are skipped.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn store_rows<O: Float>(
     out: &mut Tensor<O>,
     acc: &Array<Pair<f32>>,
-    at0: usize,
-    at1: usize,
+    at: (usize, usize, usize),
     ok0: bool,
     ok1: bool,
     mul0: f32,
@@ -680,6 +680,7 @@ fn store_rows<O: Float>(
     #[comptime] base: usize,
 ) {
     let tq = UNIT_POS_PLANE as usize % 4;
+    let (at0, at1, cs) = at;
     #[unroll]
     for b in 0..w / 8 {
         let (x0, x1) = (acc[base + 2 * b], acc[base + 2 * b + 1]);
@@ -688,10 +689,10 @@ fn store_rows<O: Float>(
             let c = b * 8 + 2 * tq + e;
             if c < limit {
                 if ok0 {
-                    out[at0 + c] = O::cast_from(x0[e] * mul0);
+                    out[at0 + c * cs] = O::cast_from(x0[e] * mul0);
                 }
                 if ok1 {
-                    out[at1 + c] = O::cast_from(x1[e] * mul1);
+                    out[at1 + c * cs] = O::cast_from(x1[e] * mul1);
                 }
             }
         }
@@ -705,12 +706,13 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
     k: &Tensor<Vector<F, N>>,
     v: &Tensor<Vector<F, N>>,
     out: &mut Tensor<O>,
+    stats: &mut Tensor<f32>,
     scale: f32,
     neg_inf: f32,
     #[comptime] causal: bool,
     #[comptime] d: usize,
     #[comptime] dv: usize,
-    #[comptime] with_lse: bool,
+    #[comptime] lse: Lse,
     #[comptime] nv: usize,
     #[comptime] rows: usize,
     #[comptime] mt: usize,
@@ -720,7 +722,6 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
     let dvp = comptime!(pad16(dv));
     let hs = comptime!(half_stride(d));
     let vs = comptime!(half_stride(dv));
-    let width = comptime!(if with_lse { dv + 1 } else { dv });
     // Pairs per row tile: of the scores, and of the output.
     let (sp, op) = (comptime!(TC_TILE / 4), comptime!(dvp / 4));
     let rank = out.rank();
@@ -729,13 +730,14 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
     let blocks = t.div_ceil(rows);
     let cube = linear_cube(); // (batch, query block) flattened
     let batch = cube / blocks;
-    if batch * t * width >= out.len() {
+    if batch >= batches(out) {
         terminate!();
     }
     let first = (cube % blocks) * rows;
     let qo = batch_offset::<Vector<F, N>, O>(q, out, batch);
     let ko = batch_offset::<Vector<F, N>, O>(k, out, batch);
     let vo = batch_offset::<Vector<F, N>, O>(v, out, batch);
+    let oo = batch_offset::<O, O>(out, out, batch);
 
     let lane = UNIT_POS_PLANE as usize;
     let prow = (UNIT_POS as usize / PLANE) * 16 * mt; // the plane's first row
@@ -869,21 +871,38 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
         l1 += plane_shuffle_xor(l1, 2u32);
         let i0 = row0 + m * 16;
         let i1 = i0 + 8;
-        let (at0, at1) = ((batch * t + i0) * width, (batch * t + i1) * width);
+        let (ot, oc) = (out.stride(rank - 2), out.stride(rank - 1));
+        let (at0, at1) = (oo + i0 * ot, oo + i1 * ot);
         let (ok0, ok1) = (i0 < t, i1 < t);
-        if with_lse && tq == 0 {
-            if ok0 {
-                out[at0 + width - 1] = O::cast_from(mx[2 * m] + l0.ln());
-            }
-            if ok1 {
-                out[at1 + width - 1] = O::cast_from(mx[2 * m + 1] + l1.ln());
+        if tq == 0 {
+            let (x0, x1) = (mx[2 * m] + l0.ln(), mx[2 * m + 1] + l1.ln());
+            match lse {
+                Lse::Apart => {
+                    let so = batch_offset::<f32, O>(stats, out, batch);
+                    let st = stats.stride(rank - 2);
+                    if ok0 {
+                        stats[so + i0 * st] = x0;
+                    }
+                    if ok1 {
+                        stats[so + i1 * st] = x1;
+                    }
+                }
+                // After the row's dv values.
+                Lse::Appended => {
+                    if ok0 {
+                        out[at0 + dv * oc] = O::cast_from(x0);
+                    }
+                    if ok1 {
+                        out[at1 + dv * oc] = O::cast_from(x1);
+                    }
+                }
+                _ => {}
             }
         }
         store_rows::<O>(
             out,
             &o,
-            at0,
-            at1,
+            (at0, at1, oc),
             ok0,
             ok1,
             f32::new(1.0) / l0,
@@ -1023,7 +1042,18 @@ fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Siz
     }
     let (at0, at1) = ((batch * t + i0) * d, (batch * t + i1) * d);
     let one = f32::new(1.0);
-    store_rows::<O>(out, &dq, at0, at1, ok0, ok1, one, one, dp, d, 0usize);
+    store_rows::<O>(
+        out,
+        &dq,
+        (at0, at1, 1usize),
+        ok0,
+        ok1,
+        one,
+        one,
+        dp,
+        d,
+        0usize,
+    );
 }
 
 #[cube(launch_unchecked)]
@@ -1217,12 +1247,22 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
         (batch * s_len + j1) * (d + dv),
     );
     let one = f32::new(1.0);
-    store_rows::<O>(out, &dk, at0, at1, ok0, ok1, one, one, dp, d, 0usize);
+    store_rows::<O>(
+        out,
+        &dk,
+        (at0, at1, 1usize),
+        ok0,
+        ok1,
+        one,
+        one,
+        dp,
+        d,
+        0usize,
+    );
     store_rows::<O>(
         out,
         &dvacc,
-        at0 + d,
-        at1 + d,
+        (at0 + d, at1 + d, 1usize),
         ok0,
         ok1,
         one,
@@ -1395,11 +1435,12 @@ pub fn serves<R: Runtime>(
     usable(client, elem, d, dv, backward)
 }
 
-/// Attention (`with_lse`: and each row's log-sum-exp appended) on tensor
-/// cores, with the layout of `attention::launch_attention` (q, k, v views
-/// broadcast to the output's batch axes, stored as `elem`; `out` dense,
-/// stored as `elem`, or as f32 with the log-sum-exp, as the statistics
-/// are). Returns `false`, launching nothing, where the kernel does not
+/// Attention on tensor cores, with the layouts of
+/// `attention::launch_attention` and `launch_attention_with_lse` (q, k, v
+/// views broadcast to the output's batch axes, stored as `elem`; `out`
+/// strided, stored as `elem`, or as f32 with the log-sum-exp appended;
+/// `lse` the log-sum-exp's own tensor in mode `Apart`; `mode` never
+/// `Alone`). Returns `false`, launching nothing, where the kernel does not
 /// serve the device, storage or head dims.
 #[allow(clippy::too_many_arguments)]
 pub fn try_launch_forward<R: Runtime>(
@@ -1409,9 +1450,10 @@ pub fn try_launch_forward<R: Runtime>(
     k: &View,
     v: &View,
     out: &View,
+    lse: Option<&View>,
+    mode: Lse,
     causal: bool,
     scale: f32,
-    with_lse: bool,
 ) -> bool {
     let r = out.shape.len();
     let (d, dv, t) = (q.shape[r - 1], v.shape[r - 1], out.shape[r - 2]);
@@ -1427,7 +1469,8 @@ pub fn try_launch_forward<R: Runtime>(
     let threads = rows / (16 * mt) * PLANE;
     let cubes = batch * t.div_ceil(rows);
     let nv = vector_width(&[q, k, v], d, dv, threads);
-    // The log-sum-exp's row is f32 (the statistics' dtype), output included.
+    // Without a tensor of its own, the statistics' binding is the output's
+    // (never read or written then).
     macro_rules! forward {
         ($O:ty) => {
             unsafe {
@@ -1440,12 +1483,13 @@ pub fn try_launch_forward<R: Runtime>(
                     k.arg::<R>(),
                     v.arg::<R>(),
                     out.arg::<R>(),
+                    lse.unwrap_or(out).arg::<R>(),
                     scale,
                     f32::NEG_INFINITY,
                     causal,
                     d,
                     dv,
-                    with_lse,
+                    mode,
                     nv,
                     rows,
                     mt,
@@ -1453,7 +1497,12 @@ pub fn try_launch_forward<R: Runtime>(
             }
         };
     }
-    with_half!(elem, F => if with_lse { forward!(f32) } else { forward!(F) });
+    // An appended log-sum-exp makes the whole row f32 (the statistics'
+    // dtype), output included.
+    with_half!(elem, F => match mode {
+        Lse::Appended => forward!(f32),
+        _ => forward!(F),
+    });
     true
 }
 

@@ -2237,6 +2237,96 @@ pub fn concat_slots<R: Runtime>(dev: &R::Device) {
     }
 }
 
+/// A training graph's forward attention as `reuse-attention-lse` leaves
+/// it: `attention_with_lse` read by a slice of its values (cast to the
+/// operands' dtype, moved back to `[B, T, heads·d]` and read by `row_dot`,
+/// as the backward's `delta` reads it) and a slice of its log-sum-exp.
+/// The executor takes the op apart there (the values written as the
+/// operands are, in the permute's order, the log-sum-exp apart): same
+/// values as the reference, and no slice or cast left to launch, wherever
+/// the device stores the dtype as itself.
+pub fn attention_apart<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(63);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let t = |dims: &[usize]| TensorType::new(dtype, Shape::new(dims.iter().map(|&d| d.into())));
+        let mut g = Graph::new(format!("attention_apart_{dtype}"));
+        // GQA: two key/value heads of two queries each; 37 rows, 16 dims.
+        let (b, kv, grp, rows, d) = (2, 2, 2, 37, 16);
+        let q = g.input("x0", t(&[b, kv, grp, rows, d])).unwrap();
+        let k = g.input("x1", t(&[b, kv, 1, rows, d])).unwrap();
+        let v = g.input("x2", t(&[b, kv, 1, rows, d])).unwrap();
+        let dy = g.input("x3", t(&[b, kv, grp, rows, d])).unwrap();
+        let scale = Scalar(0.25);
+        let a = g
+            .add(
+                Op::AttentionWithLse {
+                    causal: true,
+                    scale,
+                },
+                &[q, k, v],
+                "",
+            )
+            .unwrap();
+        let slice = |g: &mut Graph, start, end| {
+            g.add(
+                Op::Slice {
+                    axis: 4,
+                    start,
+                    end,
+                },
+                &[a],
+                "",
+            )
+            .unwrap()
+        };
+        let values = slice(&mut g, 0, d);
+        let values = if dtype == DType::F32 {
+            values
+        } else {
+            g.add(Op::Cast(dtype), &[values], "").unwrap()
+        };
+        let lse = slice(&mut g, d, d + 1);
+        let moved = g
+            .add(Op::Permute(vec![0, 3, 1, 2, 4]), &[values], "")
+            .unwrap();
+        let o = g
+            .add(
+                Op::Reshape(Shape::new([b.into(), rows.into(), (kv * grp * d).into()])),
+                &[moved],
+                "",
+            )
+            .unwrap();
+        let delta = g.add(Op::RowDot, &[dy, values], "").unwrap();
+        let l = g.add(Op::Binary(BinaryOp::Add), &[lse, delta], "").unwrap();
+        g.set_output("o", o);
+        g.set_output("l", l);
+        let xs = [
+            &[b, kv, grp, rows, d][..],
+            &[b, kv, 1, rows, d],
+            &[b, kv, 1, rows, d],
+            &[b, kv, grp, rows, d],
+        ]
+        .map(|dims| rounded_as(dtype, &rng.tensor(dims)));
+        let tol = if dtype == DType::F32 { TOL } else { 2e-2 };
+        let bindings = bind(xs.to_vec());
+        let options = GpuOptions {
+            profile: true,
+            ..GpuOptions::default()
+        };
+        check_with::<R>(dev, &g, &bindings, tol, options);
+        let exec = GpuExecutor::<R>::with_options(dev, &g, bindings.params, options).unwrap();
+        exec.run_bindings(&bindings).unwrap();
+        if dtype == DType::F32 || exec.storage_of(dtype) != FloatElem::F32 {
+            let ops: Vec<String> = exec.profile().into_iter().map(|p| p.op).collect();
+            assert!(
+                !ops.iter()
+                    .any(|op| op.starts_with("slice") || op.starts_with("cast")),
+                "{dtype}: attention_with_lse was not taken apart: {ops:?}"
+            );
+        }
+    }
+}
+
 /// An f32 tensor as a tensor of `dtype` (its values rounded to the grid).
 fn rounded_as(dtype: DType, t: &Tensor) -> Tensor {
     let elem = match dtype {
@@ -2812,11 +2902,15 @@ fn attention_abs<R: Runtime>(
     }
 }
 
-/// The attention forward, plain and with each row's log-sum-exp appended,
-/// causal and not. Scores, softmax statistics and accumulators are `f32`,
-/// so the only narrow rounding is the inputs' (shared with the reference)
-/// and the plain output's: with the log-sum-exp the whole row is stored as
-/// `f32`, unrounded, and compared at f32's precision.
+/// The attention forward, plain and with each row's log-sum-exp appended
+/// or apart, causal and not. Scores, softmax statistics and accumulators
+/// are `f32`, so the only narrow rounding is the inputs' (shared with the
+/// reference) and the stored values': with the log-sum-exp appended the
+/// whole row is stored as `f32`, unrounded, and compared at f32's
+/// precision; apart, the values are stored as the operands are and the
+/// log-sum-exp as `f32`. The plain and apart outputs are written with the
+/// rows axis moved first (strides of a permuted layout, as the executor
+/// gives attention's output in its reader's order).
 pub fn narrow_attention<R: Runtime>(dev: &R::Device) {
     use caramba_kernels::attention::{launch_attention, launch_attention_with_lse};
     let client = R::client(dev);
@@ -2830,42 +2924,117 @@ pub fn narrow_attention<R: Runtime>(dev: &R::Device) {
                     .map(|s| rounded(elem, &rng.tensor(s)))
                     .collect();
                 let hs: Vec<Handle> = xs.iter().map(|x| upload_tensor(&client, elem, x)).collect();
-                for with_lse in [false, true] {
-                    let op = if with_lse {
-                        Op::AttentionWithLse { causal, scale }
-                    } else {
-                        Op::Attention { causal, scale }
+                for lse in ["without", "appended", "apart"] {
+                    let op = match lse {
+                        "without" => Op::Attention { causal, scale },
+                        _ => Op::AttentionWithLse { causal, scale },
                     };
                     let g = one_op("attention", op, &[f32t(sq), f32t(sk), f32t(sv)]);
                     let (shape, want) = reference_y(&g, xs.clone());
-                    let batch = &shape[..shape.len() - 2];
+                    let r = shape.len();
+                    let batch = &shape[..r - 2];
                     let (q, k, v) = (
                         batch_view(&hs[0], sq, batch),
                         batch_view(&hs[1], sk, batch),
                         batch_view(&hs[2], sv, batch),
                     );
-                    let out_elem = if with_lse { FloatElem::F32 } else { elem };
-                    let out = client.empty(want.len() * out_elem.size());
-                    let o = View::contiguous(out.clone(), &shape);
-                    let launch = if with_lse {
-                        launch_attention_with_lse
-                    } else {
-                        launch_attention
-                    };
-                    launch(&client, elem, &q, &k, &v, &o, causal, scale.0 as f32);
-                    let abs = attention_abs(&client, elem, (sq, sk, sv), false, &want, 1e-4);
-                    expect_narrow(
-                        &client,
-                        out_elem,
-                        &out,
-                        &want,
-                        abs,
-                        &format!("{elem:?} {sq:?} causal {causal} lse {with_lse}"),
+                    let what = format!("{elem:?} {sq:?} causal {causal} lse {lse}");
+                    let (scale, abs) = (
+                        scale.0 as f32,
+                        attention_abs(&client, elem, (sq, sk, sv), false, &want, 1e-4),
                     );
+                    if lse == "appended" {
+                        let out = client.empty(want.len() * FloatElem::F32.size());
+                        let o = View::contiguous(out.clone(), &shape);
+                        launch_attention_with_lse(
+                            &client, elem, &q, &k, &v, &o, None, causal, scale,
+                        );
+                        expect_narrow(&client, FloatElem::F32, &out, &want, abs, &what);
+                        continue;
+                    }
+                    // The values (the first dv columns of each row of
+                    // `want`) and the log-sum-exp (the last, when apart).
+                    let dv = sv[sv.len() - 1];
+                    let width = shape[r - 1];
+                    let values: Vec<f32> = want
+                        .chunks(width)
+                        .flat_map(|row| row[..dv].iter().copied())
+                        .collect();
+                    let mut vshape = shape.clone();
+                    vshape[r - 1] = dv;
+                    // Rows axis first: `[T, batch…, dv]` in the buffer.
+                    let order: Vec<usize> = std::iter::once(r - 2)
+                        .chain(0..r - 2)
+                        .chain([r - 1])
+                        .collect();
+                    let out = client.empty(values.len() * elem.size());
+                    let o = permuted_view(out.clone(), &vshape, &order);
+                    if lse == "without" {
+                        launch_attention(&client, elem, &q, &k, &v, &o, causal, scale);
+                    } else {
+                        let lse_want: Vec<f32> = want.chunks(width).map(|row| row[dv]).collect();
+                        let mut lshape = shape.clone();
+                        lshape[r - 1] = 1;
+                        let stats = client.empty(lse_want.len() * FloatElem::F32.size());
+                        let l = View::contiguous(stats.clone(), &lshape);
+                        launch_attention_with_lse(
+                            &client,
+                            elem,
+                            &q,
+                            &k,
+                            &v,
+                            &o,
+                            Some(&l),
+                            causal,
+                            scale,
+                        );
+                        let lse_abs =
+                            attention_abs(&client, elem, (sq, sk, sv), false, &lse_want, 1e-4);
+                        let what = format!("{what} (log-sum-exp)");
+                        expect_narrow(&client, FloatElem::F32, &stats, &lse_want, lse_abs, &what);
+                    }
+                    let physical = permuted_host(&values, &vshape, &order);
+                    expect_narrow(&client, elem, &out, &physical, abs, &what);
                 }
             }
         }
     }
+}
+
+/// A view of `shape` over `handle`, whose buffer holds the axes in
+/// `order` (row-major): the strides of a permuted layout.
+fn permuted_view(handle: Handle, shape: &[usize], order: &[usize]) -> View {
+    let physical: Vec<usize> = order.iter().map(|&a| shape[a]).collect();
+    let dense = caramba_kernels::contiguous_strides(&physical);
+    let mut strides = vec![0; shape.len()];
+    for (i, &a) in order.iter().enumerate() {
+        strides[a] = dense[i];
+    }
+    View {
+        handle,
+        shape: shape.to_vec(),
+        strides,
+        offset: 0,
+    }
+}
+
+/// `xs` (row-major over `shape`) rearranged as a buffer that holds the
+/// axes in `order`.
+fn permuted_host(xs: &[f32], shape: &[usize], order: &[usize]) -> Vec<f32> {
+    let physical: Vec<usize> = order.iter().map(|&a| shape[a]).collect();
+    let dense = caramba_kernels::contiguous_strides(&physical);
+    let mut out = vec![0.0; xs.len()];
+    for (i, &x) in xs.iter().enumerate() {
+        let (mut rem, mut at) = (i, 0);
+        for a in (0..shape.len()).rev() {
+            let c = rem % shape[a];
+            rem /= shape[a];
+            let p = order.iter().position(|&o| o == a).expect("axis in order");
+            at += c * dense[p];
+        }
+        out[at] = x;
+    }
+    out
 }
 
 /// Attention's backward kernels: `dq` and `dk`/`dv` from one pass, with
@@ -3335,7 +3504,7 @@ macro_rules! all_tests {
             dba_preset, quantize_formats, kv_attention_over_caches, cached_tiny_llama,
             resident_values, fused_optimizers, grad_norm_and_clipping, trainer_matches_host_sgd,
             trainer_matches_host_adamw, trainer_keeps_half_copies, narrow_elementwise, narrow_copy, strided_copies, lazy_views,
-            concat_slots, row_dot,
+            concat_slots, row_dot, attention_apart,
             narrow_cast,
             narrow_reduce_softmax, narrow_norms, narrow_gather, narrow_rope, narrow_attention,
             narrow_attention_backward, narrow_matmul, narrow_kv_attention);

@@ -277,6 +277,12 @@ pub struct GpuExecutor<R: Runtime> {
     /// Elementwise ops computed into their concatenation's buffer (see
     /// `Plan`).
     slots: HashMap<NodeId, (NodeId, usize)>,
+    /// `attention_with_lse` nodes whose values and log-sum-exp go to
+    /// buffers of their own (see [`SplitLse`]).
+    split_lse: HashMap<NodeId, SplitLse>,
+    /// Values written in the order of their one permuting reader (see
+    /// [`permuted_outputs`]), by that permutation.
+    permuted: HashMap<NodeId, Vec<usize>>,
     options: GpuOptions,
     /// cuBLASLt on CUDA (shared by the device's executors), for matmuls.
     vendor: Option<Arc<VendorGemm>>,
@@ -436,6 +442,8 @@ impl<R: Runtime> GpuExecutor<R> {
         } else {
             Default::default()
         };
+        let split_lse = split_lse(graph, &plan.order, narrow);
+        let permuted = permuted_outputs(graph, &plan.order, &split_lse);
         GpuExecutor {
             rope_freqs,
             copies,
@@ -452,6 +460,8 @@ impl<R: Runtime> GpuExecutor<R> {
             batch_summed: plan.batch_summed,
             transposed_sums: plan.transposed_sums,
             slots: plan.slots,
+            split_lse,
+            permuted,
             options,
             vendor,
             profile: Default::default(),
@@ -603,6 +613,58 @@ impl<R: Runtime> GpuExecutor<R> {
         })
     }
 
+    /// A fresh buffer for a value of `shape` laid out in the order `perm`
+    /// gives it (so that `permute(perm)` of it is dense): the value is a
+    /// strided view of the buffer.
+    fn permuted_buffer(
+        &self,
+        shape: &[usize],
+        perm: &[usize],
+        dtype: DType,
+        elem: FloatElem,
+    ) -> DevTensor {
+        let physical: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+        let dense = caramba_kernels::contiguous_strides(&physical);
+        let mut strides = vec![0; shape.len()];
+        for (i, &p) in perm.iter().enumerate() {
+            strides[p] = dense[i];
+        }
+        let bytes = shape.iter().product::<usize>().max(1) * elem.size();
+        let handle = ops::Recycled::or_empty(Some(&self.recycled), &self.client, bytes);
+        DevTensor {
+            layout: Some((strides, 0)),
+            ..DevTensor::dense(handle, shape.to_vec(), dtype, elem)
+        }
+    }
+
+    /// The buffer of a split `attention_with_lse`'s values: its values
+    /// node's type, stored as the device stores that dtype, in the order of
+    /// its permuting reader where it has one.
+    fn split_values(&self, split: &SplitLse, syms: &SymValues) -> Result<DevTensor, GpuError> {
+        let node = self.graph.node(split.values);
+        let shape = concrete(&node.ty.shape, syms, node)?;
+        let elem = self.narrow.elem(node.ty.dtype);
+        let perm = match self.permuted.get(&split.values) {
+            Some(perm) => perm.clone(),
+            None => (0..shape.len()).collect(),
+        };
+        Ok(self.permuted_buffer(&shape, &perm, node.ty.dtype, elem))
+    }
+
+    /// The buffer of a split `attention_with_lse`'s log-sum-exp, dense.
+    fn split_stats(&self, split: &SplitLse, syms: &SymValues) -> Result<DevTensor, GpuError> {
+        let node = self.graph.node(split.lse);
+        let shape = concrete(&node.ty.shape, syms, node)?;
+        let bytes = shape.iter().product::<usize>().max(1) * FloatElem::F32.size();
+        let handle = ops::Recycled::or_empty(Some(&self.recycled), &self.client, bytes);
+        Ok(DevTensor::dense(
+            handle,
+            shape,
+            node.ty.dtype,
+            FloatElem::F32,
+        ))
+    }
+
     /// [`GpuExecutor::run_resident`] on the calling thread.
     fn queue_run(
         &self,
@@ -618,10 +680,14 @@ impl<R: Runtime> GpuExecutor<R> {
         // values computed into them (see `Plan::slots`).
         let mut slot_bufs: HashMap<NodeId, DevTensor> = HashMap::new();
         let mut in_slot: HashSet<NodeId> = HashSet::new();
+        // Values an earlier launch computed (the parts of an
+        // `attention_with_lse` taken apart, see `SplitLse`).
+        let mut computed: HashMap<NodeId, DevTensor> = HashMap::new();
         for &id in &self.order {
             let node = self.graph.node(id);
             let operands = &self.operands[&id];
             let value = match &node.op {
+                _ if computed.contains_key(&id) => computed.remove(&id).expect("computed"),
                 caramba_ir::Op::Input { name } => {
                     match (host_inputs.get(name), device_inputs.get(name)) {
                         (Some(_), Some(_)) => {
@@ -701,6 +767,31 @@ impl<R: Runtime> GpuExecutor<R> {
                     } else {
                         None
                     };
+                    // Attention's output in its reader's order, and the two
+                    // parts of one taken apart.
+                    let (out_buf, stats) = match self.split_lse.get(&id) {
+                        Some(split) => {
+                            let values = self.split_values(split, &syms)?;
+                            let stats = self.split_stats(split, &syms)?;
+                            if let Some(slice) = split.slice {
+                                // Read only by the cast that `values` is.
+                                computed.insert(slice, values.clone());
+                            }
+                            computed.insert(split.values, values.clone());
+                            computed.insert(split.lse, stats.clone());
+                            (Some(values), Some(stats))
+                        }
+                        None => match self.permuted.get(&id) {
+                            Some(perm) => {
+                                let elem = self.narrow.elem(node.ty.dtype);
+                                (
+                                    Some(self.permuted_buffer(&shape, perm, node.ty.dtype, elem)),
+                                    None,
+                                )
+                            }
+                            None => (None, None),
+                        },
+                    };
                     let placed: Vec<bool> = if concat_buf.is_some() {
                         operands.iter().map(|o| in_slot.contains(o)).collect()
                     } else {
@@ -716,8 +807,9 @@ impl<R: Runtime> GpuExecutor<R> {
                         sum_batch: self.batch_summed.contains(&id),
                         transposed_sum: self.transposed_sums.contains(&id),
                         recycled: Some(&self.recycled),
-                        dest: dest.as_ref().or(concat_buf.as_ref()),
+                        dest: dest.as_ref().or(concat_buf.as_ref()).or(out_buf.as_ref()),
                         placed: &placed,
+                        stats: stats.as_ref(),
                     };
                     let out = if self.options.profile {
                         self.wait()?;
@@ -915,6 +1007,138 @@ fn reads_views_through_reshapes(graph: &Graph, u: NodeId, outputs: &HashSet<Node
 fn slots_disabled() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OFF.get_or_init(|| std::env::var("CARAMBA_NO_SLOTS").is_ok_and(|v| v == "1"))
+}
+
+/// An `attention_with_lse` (a training graph's forward attention, in
+/// `reuse-attention-lse`'s form) whose two readers are the slices that
+/// take its rows apart: its values (`0..dv`) and its log-sum-exp
+/// (`dv..dv + 1`). The op's layout keeps both in one f32 row, so the
+/// values were read back through 65-wide rows and cast to the operands'
+/// dtype by a kernel of their own; taken apart, the kernel writes the
+/// values as the operands are stored, already rounded as the cast rounds,
+/// into the buffer of the cast (`values`, and `slice` is the slice before
+/// it, read by nothing else), and the log-sum-exp into a buffer of its own
+/// (`lse`, the other slice's value).
+#[derive(Clone, Debug)]
+struct SplitLse {
+    values: NodeId,
+    slice: Option<NodeId>,
+    lse: NodeId,
+}
+
+/// Whether `CARAMBA_NO_SPLIT_LSE=1` keeps `attention_with_lse` in its own
+/// layout, and `CARAMBA_NO_PERMUTED_OUT=1` attention's output in its own
+/// order (for measuring what `split_lse` and `permuted_outputs` save).
+fn env_off(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| v == "1")
+}
+
+/// The `attention_with_lse` nodes of `order` that [`SplitLse`] applies to:
+/// read only by a slice of its values, and one of its log-sum-exp, neither
+/// an output; the values either the operands' dtype already (f32), or cast
+/// to it by the slice's one reader, on a device that stores that dtype as
+/// itself (one that widens it rounds in a kernel of its own).
+fn split_lse(graph: &Graph, order: &[NodeId], narrow: HalfStorage) -> HashMap<NodeId, SplitLse> {
+    let mut out = HashMap::new();
+    if env_off("CARAMBA_NO_SPLIT_LSE") {
+        return out;
+    }
+    let outputs: HashSet<NodeId> = graph.outputs().iter().map(|(_, id)| *id).collect();
+    for &id in order {
+        let node = graph.node(id);
+        if !matches!(node.op, caramba_ir::Op::AttentionWithLse { .. }) || outputs.contains(&id) {
+            continue;
+        }
+        let rank = node.ty.shape.rank();
+        let Some(width) = node.ty.shape.dims().last().and_then(|d| d.as_const()) else {
+            continue;
+        };
+        let dv = width - 1;
+        let q_dtype = graph.node(graph.operands(id)[0]).ty.dtype;
+        let users = graph.users(id);
+        let slice_of = |u: NodeId, range: (usize, usize)| {
+            matches!(graph.node(u).op,
+                caramba_ir::Op::Slice { axis, start, end }
+                    if axis == rank - 1 && (start, end) == range)
+                && !outputs.contains(&u)
+        };
+        let [a, b] = users[..] else {
+            continue;
+        };
+        let (values, lse) = if slice_of(a, (0, dv)) && slice_of(b, (dv, width)) {
+            (a, b)
+        } else if slice_of(b, (0, dv)) && slice_of(a, (dv, width)) {
+            (b, a)
+        } else {
+            continue;
+        };
+        let split = match graph.users(values)[..] {
+            [cast]
+                if matches!(graph.node(cast).op, caramba_ir::Op::Cast(to) if to == q_dtype)
+                    && !narrow.widens(q_dtype)
+                    && !outputs.contains(&cast) =>
+            {
+                SplitLse {
+                    values: cast,
+                    slice: Some(values),
+                    lse,
+                }
+            }
+            _ if q_dtype == graph.node(values).ty.dtype => SplitLse {
+                values,
+                slice: None,
+                lse,
+            },
+            _ => continue,
+        };
+        out.insert(id, split);
+    }
+    out
+}
+
+/// Attention outputs (of `attention`, or the values of a split
+/// `attention_with_lse`) read by one permute and otherwise only by ops
+/// that read views: the kernel writes them in that permute's order, so the
+/// permute (attention's heads moved back beside each other before the
+/// output projection) is a relabel instead of a copy.
+fn permuted_outputs(
+    graph: &Graph,
+    order: &[NodeId],
+    split: &HashMap<NodeId, SplitLse>,
+) -> HashMap<NodeId, Vec<usize>> {
+    let mut out = HashMap::new();
+    if env_off("CARAMBA_NO_PERMUTED_OUT") {
+        return out;
+    }
+    let outputs: HashSet<NodeId> = graph.outputs().iter().map(|(_, id)| *id).collect();
+    let values = order.iter().filter_map(|id| match graph.node(*id).op {
+        caramba_ir::Op::Attention { .. } => Some(*id),
+        caramba_ir::Op::AttentionWithLse { .. } => split.get(id).map(|s| s.values),
+        _ => None,
+    });
+    for v in values {
+        if outputs.contains(&v) {
+            continue;
+        }
+        let users = graph.users(v);
+        let perms: Vec<&Vec<usize>> = users
+            .iter()
+            .filter_map(|&u| match &graph.node(u).op {
+                caramba_ir::Op::Permute(perm) => Some(perm),
+                _ => None,
+            })
+            .collect();
+        let others_read_views = users
+            .iter()
+            .filter(|&&u| !matches!(graph.node(u).op, caramba_ir::Op::Permute(_)))
+            .all(|&u| ops::reads_views(&graph.node(u).op));
+        if let [perm] = perms[..] {
+            if others_read_views {
+                out.insert(v, perm.clone());
+            }
+        }
+    }
+    out
 }
 
 /// What an executor precomputes from its graph: the live nodes in order,

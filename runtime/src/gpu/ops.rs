@@ -209,6 +209,9 @@ pub(crate) struct Ctx<'a, R: Runtime> {
     /// For a concatenation with `dest`: which operands were already
     /// computed into their slots (nothing left to copy).
     pub placed: &'a [bool],
+    /// For `attention_with_lse` taken apart (see `Plan`'s `split_lse`):
+    /// the log-sum-exp's own tensor, with `dest` the values'.
+    pub stats: Option<&'a DevTensor>,
 }
 
 fn unary(u: UnaryOp) -> Unary {
@@ -327,8 +330,20 @@ pub(crate) fn reads_views(op: &Op) -> bool {
     )
 }
 
+/// `x`'s buffer read as `view` says, as a dense tensor when the view is
+/// the whole buffer in row-major order (a permute of a value laid out in
+/// the permute's order); `None` otherwise.
+fn dense_view(x: &DevTensor, view: &View) -> Option<DevTensor> {
+    let numel: usize = view.shape.iter().product();
+    (!x.transposed
+        && view.offset == 0
+        && view.strides == caramba_kernels::contiguous_strides(&view.shape)
+        && x.handle.size_in_used() == (numel.max(1) * x.elem.size()) as u64)
+        .then(|| DevTensor::dense(x.handle.clone(), view.shape.clone(), x.dtype, x.elem))
+}
+
 /// `x` permuted or sliced as `op` says, as a view of `x`'s buffer (no
-/// kernel).
+/// kernel); dense where that view is the whole buffer in order.
 pub(crate) fn lazy_view(op: &Op, x: &DevTensor) -> DevTensor {
     let src = view_of(x);
     let (shape, strides, offset) = match op {
@@ -348,6 +363,21 @@ pub(crate) fn lazy_view(op: &Op, x: &DevTensor) -> DevTensor {
         }
         _ => unreachable!("only permutes and slices are lazy views"),
     };
+    let view = View {
+        handle: x.handle.clone(),
+        shape,
+        strides,
+        offset,
+    };
+    if let Some(dense) = dense_view(x, &view) {
+        return dense;
+    }
+    let View {
+        shape,
+        strides,
+        offset,
+        ..
+    } = view;
     DevTensor {
         handle: x.handle.clone(),
         shape,
@@ -767,6 +797,11 @@ impl<R: Runtime> Ctx<'_, R> {
                     strides: perm.iter().map(|&p| src.strides[p]).collect(),
                     offset: src.offset,
                 };
+                // A value laid out in this permute's order (attention's
+                // output, `Plan`'s `permuted`) comes out dense: a relabel.
+                if let Some(dense) = dense_view(x, &input) {
+                    return Ok(dense);
+                }
                 let out = self.alloc(shape);
                 copy::launch_copy(c, copy_elem(x), &input, &Self::view(&out));
                 Ok(out)
@@ -1004,17 +1039,46 @@ impl<R: Runtime> Ctx<'_, R> {
                 let batch = &shape[..shape.len() - 2];
                 let bview = |t: &DevTensor| Self::batch_view(t, batch);
                 let (q, k, v) = (bview(xs[0]), bview(xs[1]), bview(xs[2]));
-                // The output is stored as q is, or, with the log-sum-exp,
-                // as f32 (the statistics dtype: f32 for f16/bf16 q).
+                let (qe, scale) = (xs[0].elem, scale.0 as f32);
+                if let Op::Attention { .. } = self.node.op {
+                    // Stored as q is, in `dest`'s layout where the executor
+                    // gives one (its reader's permuted order).
+                    let out = match self.dest {
+                        Some(d) => d.clone(),
+                        None => self.alloc(shape),
+                    };
+                    let o = Self::view(&out);
+                    attention::launch_attention(c, qe, &q, &k, &v, &o, *causal, scale);
+                    return Ok(out);
+                }
+                if let (Some(values), Some(stats)) = (self.dest, self.stats) {
+                    // Taken apart (`Plan`'s `split_lse`): the values stored
+                    // as q is, the log-sum-exp in its own f32 tensor. The
+                    // slices that read them are bound to those; the value
+                    // of this node is the statistics' buffer, which only
+                    // those slices read.
+                    let (o, l) = (Self::view(values), Self::view(stats));
+                    debug_assert_eq!(values.elem, qe, "values stored as q is");
+                    debug_assert_eq!(stats.elem, FloatElem::F32, "attention statistics are f32");
+                    attention::launch_attention_with_lse(
+                        c,
+                        qe,
+                        &q,
+                        &k,
+                        &v,
+                        &o,
+                        Some(&l),
+                        *causal,
+                        scale,
+                    );
+                    return Ok(stats.clone());
+                }
+                // The op's own layout: each row's values, then its
+                // log-sum-exp, all f32 (the statistics dtype).
                 let out = self.alloc(shape);
-                let launch = if matches!(self.node.op, Op::AttentionWithLse { .. }) {
-                    debug_assert_eq!(out.elem, FloatElem::F32, "attention statistics are f32");
-                    attention::launch_attention_with_lse
-                } else {
-                    attention::launch_attention
-                };
-                let (qe, o) = (xs[0].elem, Self::view(&out));
-                launch(c, qe, &q, &k, &v, &o, *causal, scale.0 as f32);
+                debug_assert_eq!(out.elem, FloatElem::F32, "attention statistics are f32");
+                let o = Self::view(&out);
+                attention::launch_attention_with_lse(c, qe, &q, &k, &v, &o, None, *causal, scale);
                 Ok(out)
             }
             Op::AttentionLse { causal, scale } => {

@@ -215,6 +215,7 @@ fn capture<R: Runtime>(
                     recycled: None,
                     dest: None,
                     placed: &[],
+                    stats: None,
                 };
                 let out = ctx.apply(&args, shape)?;
                 // Wait for the launch (and so its compilation) to finish,
