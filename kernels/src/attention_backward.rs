@@ -590,6 +590,56 @@ pub fn launch_attention_dq<R: Runtime>(
     });
 }
 
+/// `dq` into `dq_out` (as [`launch_attention_dq`]) and `dk‖dv` into
+/// `dkv_out` (as [`launch_attention_dkv`] with [`KeyGrads::KV`]). On
+/// tensor cores the key-major kernel adds each tile's `ds·k` into an f32
+/// sum with atomic adds (`attention_tc::try_launch_grads`), which is then
+/// rounded into `dq_out`: five products per tile pair instead of seven,
+/// but the sum's order depends on scheduling (not bit-reproducible run to
+/// run; `CARAMBA_NO_ATOMIC_DQ=1` keeps the two kernels, which are).
+/// Elsewhere, the two kernels.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_attention_grads<R: Runtime>(
+    client: &ComputeClient<R>,
+    elem: FloatElem,
+    x: &GradOperands,
+    dq_out: &View,
+    dkv_out: &View,
+    causal: bool,
+    scale: f32,
+) {
+    let (batch, t, s, d, dv) = x.dims();
+    if batch * t * s * d == 0 {
+        launch_attention_dq(client, elem, x, dq_out, causal, scale);
+        launch_attention_dkv(client, elem, x, dkv_out, causal, scale, KeyGrads::KV);
+        return;
+    }
+    if !atomic_dq_disabled() && crate::attention_tc::serves_grads(client, elem, d, dv) {
+        let n = batch * t * d;
+        let sum = client.empty(n * FloatElem::F32.size());
+        crate::elementwise::launch_fill_float(client, FloatElem::F32, &sum, n, 0.0);
+        let sum = View::contiguous(sum, &dq_out.shape);
+        let tc = crate::attention_tc::try_launch_grads;
+        if tc(client, elem, x, &sum, dkv_out, causal, scale) {
+            let (from, to) = (
+                crate::Storage::Float(FloatElem::F32),
+                crate::Storage::Float(elem),
+            );
+            crate::cast::launch_convert_view(client, from, to, &sum, dq_out);
+            return;
+        }
+    }
+    launch_attention_dq(client, elem, x, dq_out, causal, scale);
+    launch_attention_dkv(client, elem, x, dkv_out, causal, scale, KeyGrads::KV);
+}
+
+/// Whether `CARAMBA_NO_ATOMIC_DQ=1` keeps `dq` in a kernel of its own
+/// (bit-reproducible; for A/B measurements).
+fn atomic_dq_disabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("CARAMBA_NO_ATOMIC_DQ").is_ok_and(|v| v == "1"))
+}
+
 /// Which gradients of the keys' side [`launch_attention_dkv`] writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyGrads {

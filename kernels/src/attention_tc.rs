@@ -517,6 +517,36 @@ fn a_fragments<F: Float>(
     frags
 }
 
+/// The A fragments of the 16 × `TC_TILE` block `shᵀ[col0.., ..]`: `sh`'s
+/// columns `col0..col0 + 16` as rows, its `TC_TILE` rows as the inner
+/// dimension (row stride `stride`), loaded with `ldmatrix`'s transpose; the
+/// registers in `scores`' order (four per 16 of the inner dimension), so
+/// that [`accumulate`] takes them as it takes probabilities.
+#[cube]
+fn transposed_a_fragments<F: Float>(
+    sh: &SharedMemory<F>,
+    col0: usize,
+    #[comptime] stride: usize,
+) -> Array<Pair<F>> {
+    let def = mma_shape::<F>();
+    let lane = UNIT_POS_PLANE as usize;
+    let mut frags = Array::<Pair<F>>::new(comptime!(TC_TILE / 4));
+    #[unroll]
+    for c in 0..TC_TILE / 16 {
+        // Matrix `lane / 8`: A's rows 0-7 or 8-15 (`(lane / 8) % 2`, sh's
+        // columns), its columns 0-7 or 8-15 of this step (`lane / 16`,
+        // sh's rows).
+        let at = (c * 16 + (lane / 16) * 8 + lane % 8) * stride + col0 + ((lane / 8) % 2) * 8;
+        let regs =
+            def.load_matrix::<F, Const<2>>(&sh.slice(at, at + 8), MatrixIdent::A, 4usize, true);
+        #[unroll]
+        for r in 0..4usize {
+            frags[c * 4 + r] = regs[r];
+        }
+    }
+    frags
+}
+
 /// `acc += a·bᵀ` for one 16 × 16 block of `acc` (column blocks `2n` and
 /// `2n + 1` of the row tile whose pairs start at `base`): `a` one A
 /// fragment (four registers), `regs` the B fragments of both column
@@ -1066,18 +1096,23 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
     lse: &Tensor<f32>,
     delta: &Tensor<f32>,
     out: &mut Tensor<O>,
+    dq: &mut Tensor<Atomic<f32>>,
     scale: f32,
     #[comptime] causal: bool,
     #[comptime] d: usize,
     #[comptime] dv: usize,
     #[comptime] nv: usize,
     #[comptime] rows: usize,
+    #[comptime] with_dq: bool,
 ) {
     let threads = comptime!(rows / 16 * PLANE);
     let dp = comptime!(pad16(d));
     let dvp = comptime!(pad16(dv));
     let hs = comptime!(half_stride(d));
     let vs = comptime!(half_stride(dv));
+    // dsᵀ of the block's keys × the tile's queries, for `dq` (rounded as
+    // it enters the product, as `dq`'s own kernel rounds ds).
+    let dss = comptime!(half_stride(TC_TILE));
     let rank = out.rank();
     let t = q.shape(rank - 2);
     let s_len = out.shape(rank - 2);
@@ -1110,6 +1145,9 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
     let mut g_sh = SharedMemory::<F>::new_aligned(comptime!(stages * gb), 32usize);
     let mut lse_sh = SharedMemory::<f32>::new_aligned(comptime!(stages * TC_TILE), 16usize);
     let mut delta_sh = SharedMemory::<f32>::new_aligned(comptime!(stages * TC_TILE), 16usize);
+    let mut ds_sh =
+        SharedMemory::<F>::new_aligned(comptime!(if with_dq { rows * dss } else { 8 }), 32usize);
+    let dqo = batch_offset::<Atomic<f32>, O>(dq, out, batch);
     let bar0 = Barrier::shared_uninit();
     let bar1 = Barrier::shared_uninit();
     // The first query that sees the block's first key.
@@ -1231,15 +1269,44 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
             vs,
             1usize,
         );
-        accumulate::<F>(
-            &mut dk,
-            &rounded::<F>(&st, 1usize),
-            &q_sh,
-            buf * qb,
-            dp,
-            hs,
-            1usize,
-        );
+        let ds = rounded::<F>(&st, 1usize);
+        accumulate::<F>(&mut dk, &ds, &q_sh, buf * qb, dp, hs, 1usize);
+        if comptime!(with_dq) {
+            // dq += ds·k for the tile's queries, each plane 16 of them over
+            // the block's keys: dsᵀ through shared memory (this plane's
+            // rows), then read transposed as the A fragments.
+            #[unroll]
+            for b in 0..TC_TILE / 8 {
+                let (x0, x1) = (ds[2 * b], ds[2 * b + 1]);
+                let at = (prow + g) * dss + b * 8 + 2 * tq;
+                ds_sh[at] = x0[0];
+                ds_sh[at + 1] = x0[1];
+                ds_sh[at + 8 * dss] = x1[0];
+                ds_sh[at + 8 * dss + 1] = x1[1];
+            }
+            sync_cube();
+            let dsa = transposed_a_fragments::<F>(&ds_sh, prow, dss);
+            let mut dqp = zeroed(dp);
+            accumulate::<F>(&mut dqp, &dsa, &k_sh, 0usize, dp, hs, 1usize);
+            let dq_t = dq.stride(rank - 2);
+            let (i0, i1) = (start + prow + g, start + prow + g + 8);
+            #[unroll]
+            for b in 0..dp / 8 {
+                let (y0, y1) = (dqp[2 * b], dqp[2 * b + 1]);
+                #[unroll]
+                for e in 0..2usize {
+                    let c = b * 8 + 2 * tq + e;
+                    if c < d {
+                        if i0 < t {
+                            dq[dqo + i0 * dq_t + c].fetch_add(y0[e]);
+                        }
+                        if i1 < t {
+                            dq[dqo + i1 * dq_t + c].fetch_add(y1[e]);
+                        }
+                    }
+                }
+            }
+        }
         sync_cube();
     }
     let (at0, at1) = (
@@ -1519,7 +1586,7 @@ pub fn try_launch_dq<R: Runtime>(
     causal: bool,
     scale: f32,
 ) -> bool {
-    launch_backward(client, elem, x, out, causal, scale, false)
+    launch_backward(client, elem, x, out, None, causal, scale, false)
 }
 
 /// `dk` and `dv` together on tensor cores (`KeyGrads::KV`, what autodiff
@@ -1535,16 +1602,54 @@ pub fn try_launch_dkv<R: Runtime>(
     causal: bool,
     scale: f32,
 ) -> bool {
-    launch_backward(client, elem, x, out, causal, scale, true)
+    launch_backward(client, elem, x, out, None, causal, scale, true)
+}
+
+/// `dk‖dv` as [`try_launch_dkv`] and, from the same pass, `dq` added into
+/// `dq_sum` (f32, `(batch…, T, d)`, zeroed by the caller) with atomic
+/// adds: each key block adds its `ds·k` for every query tile it sees, so
+/// the `dq` kernel's recomputation of `s` and `dp` (two of the backward's
+/// seven products per tile pair) is not needed. The order of the adds
+/// depends on scheduling: the sum is not bit-reproducible from run to run.
+/// Returns `false`, launching nothing, where the kernel does not serve the
+/// device, storage or head dims, or its cubes hold more keys than a query
+/// tile has rows.
+pub fn try_launch_grads<R: Runtime>(
+    client: &ComputeClient<R>,
+    elem: FloatElem,
+    x: &GradOperands,
+    dq_sum: &View,
+    out: &View,
+    causal: bool,
+    scale: f32,
+) -> bool {
+    let r = out.shape.len();
+    let (d, dv) = (x.q.shape[r - 1], x.v.shape[r - 1]);
+    serves_grads(client, elem, d, dv)
+        && launch_backward(client, elem, x, out, Some(dq_sum), causal, scale, true)
+}
+
+/// Whether [`try_launch_grads`] runs on `client`'s device for heads of `d`
+/// and `dv` dims stored as `elem` (so that its caller zeroes a sum only
+/// where one is used).
+pub fn serves_grads<R: Runtime>(
+    client: &ComputeClient<R>,
+    elem: FloatElem,
+    d: usize,
+    dv: usize,
+) -> bool {
+    usable(client, elem, d, dv, true) && cube_rows(d, dv, true) == TC_TILE
 }
 
 /// The `dq` kernel, or (`keys`) the `dk‖dv` one: one cube per block of
 /// [`cube_rows`] rows of `out` (query rows, or key rows).
+#[allow(clippy::too_many_arguments)]
 fn launch_backward<R: Runtime>(
     client: &ComputeClient<R>,
     elem: FloatElem,
     x: &GradOperands,
     out: &View,
+    dq_sum: Option<&View>,
     causal: bool,
     scale: f32,
     keys: bool,
@@ -1590,8 +1695,34 @@ fn launch_backward<R: Runtime>(
             }
         };
     }
+    // Without a sum of its own, `dq`'s binding is the output's (never
+    // written then).
+    let with_dq = dq_sum.is_some();
+    let dq = dq_sum.unwrap_or(out);
     with_half!(elem, F => if keys {
-        backward!(attention_dkv_tc_kernel, F)
+        unsafe {
+            attention_dkv_tc_kernel::launch_unchecked::<F, F, R>(
+                client,
+                grid,
+                block,
+                nv,
+                x.q.arg::<R>(),
+                x.k.arg::<R>(),
+                x.v.arg::<R>(),
+                x.dout.arg::<R>(),
+                x.lse.arg::<R>(),
+                x.delta.arg::<R>(),
+                out.arg::<R>(),
+                dq.arg::<R>(),
+                scale,
+                causal,
+                d,
+                dv,
+                nv,
+                rows,
+                with_dq,
+            )
+        }
     } else {
         backward!(attention_dq_tc_kernel, F)
     });

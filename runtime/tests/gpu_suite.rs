@@ -3043,7 +3043,7 @@ fn permuted_host(xs: &[f32], shape: &[usize], order: &[usize]) -> Vec<f32> {
 /// `attention_grad` on the same operands.
 pub fn narrow_attention_backward<R: Runtime>(dev: &R::Device) {
     use caramba_kernels::attention_backward::{
-        launch_attention_dkv, launch_attention_dq, GradOperands, KeyGrads,
+        launch_attention_dkv, launch_attention_dq, launch_attention_grads, GradOperands, KeyGrads,
     };
     let client = R::client(dev);
     let mut rng = Rng(48);
@@ -3094,9 +3094,13 @@ pub fn narrow_attention_backward<R: Runtime>(dev: &R::Device) {
                         upload_tensor(&client, e, x)
                     })
                     .collect();
+                // Each gradient alone, and (last) both from one launch,
+                // which on tensor cores adds dq from the key-major kernel.
+                let mut wanted = Vec::new();
                 for wrt in [AttnArg::Q, AttnArg::KV] {
                     let g = one_op("grad", Op::AttentionGrad { causal, scale, wrt }, &types);
                     let (shape, want) = reference_y(&g, xs.clone());
+                    wanted.push((shape.clone(), want.clone()));
                     let batch = &shape[..shape.len() - 2];
                     let views: Vec<View> = hs
                         .iter()
@@ -3135,6 +3139,34 @@ pub fn narrow_attention_backward<R: Runtime>(dev: &R::Device) {
                         abs,
                         &format!("{elem:?} {sq:?} causal {causal} d{wrt}"),
                     );
+                }
+                let batch = &wanted[0].0[..wanted[0].0.len() - 2];
+                let views: Vec<View> = hs
+                    .iter()
+                    .zip(&shapes)
+                    .map(|(h, s)| batch_view(h, s, batch))
+                    .collect();
+                let operands = GradOperands {
+                    q: &views[0],
+                    k: &views[1],
+                    v: &views[2],
+                    dout: &views[3],
+                    lse: &views[4],
+                    delta: &views[5],
+                };
+                let outs: Vec<(Handle, View)> = wanted
+                    .iter()
+                    .map(|(shape, want)| {
+                        let h = client.empty(want.len() * elem.size());
+                        (h.clone(), View::contiguous(h, shape))
+                    })
+                    .collect();
+                let s = scale.0 as f32;
+                launch_attention_grads(&client, elem, &operands, &outs[0].1, &outs[1].1, causal, s);
+                for ((_, want), ((h, _), name)) in wanted.iter().zip(outs.iter().zip(["q", "kv"])) {
+                    let abs = attention_abs(&client, elem, (sq, sk, sv), true, want, 1e-4);
+                    let what = format!("{elem:?} {sq:?} causal {causal} d{name}, one launch");
+                    expect_narrow(&client, elem, h, want, abs, &what);
                 }
             }
         }

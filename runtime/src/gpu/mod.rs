@@ -283,6 +283,9 @@ pub struct GpuExecutor<R: Runtime> {
     /// Values written in the order of their one permuting reader (see
     /// [`permuted_outputs`]), by that permutation.
     permuted: HashMap<NodeId, Vec<usize>>,
+    /// `attention_grad` nodes computed together with a sibling (see
+    /// [`grad_pairs`]): the first of each pair in order, by the other.
+    grad_pairs: HashMap<NodeId, NodeId>,
     options: GpuOptions,
     /// cuBLASLt on CUDA (shared by the device's executors), for matmuls.
     vendor: Option<Arc<VendorGemm>>,
@@ -444,6 +447,7 @@ impl<R: Runtime> GpuExecutor<R> {
         };
         let split_lse = split_lse(graph, &plan.order, narrow);
         let permuted = permuted_outputs(graph, &plan.order, &split_lse);
+        let grad_pairs = grad_pairs(graph, &plan.order);
         GpuExecutor {
             rope_freqs,
             copies,
@@ -462,6 +466,7 @@ impl<R: Runtime> GpuExecutor<R> {
             slots: plan.slots,
             split_lse,
             permuted,
+            grad_pairs,
             options,
             vendor,
             profile: Default::default(),
@@ -767,9 +772,10 @@ impl<R: Runtime> GpuExecutor<R> {
                     } else {
                         None
                     };
-                    // Attention's output in its reader's order, and the two
-                    // parts of one taken apart.
-                    let (out_buf, stats) = match self.split_lse.get(&id) {
+                    // Attention's output in its reader's order, the two
+                    // parts of one taken apart, and the sibling of an
+                    // attention gradient computed with it.
+                    let (out_buf, second) = match self.split_lse.get(&id) {
                         Some(split) => {
                             let values = self.split_values(split, &syms)?;
                             let stats = self.split_stats(split, &syms)?;
@@ -781,15 +787,28 @@ impl<R: Runtime> GpuExecutor<R> {
                             computed.insert(split.lse, stats.clone());
                             (Some(values), Some(stats))
                         }
-                        None => match self.permuted.get(&id) {
-                            Some(perm) => {
+                        None => match (self.permuted.get(&id), self.grad_pairs.get(&id)) {
+                            (Some(perm), _) => {
                                 let elem = self.narrow.elem(node.ty.dtype);
                                 (
                                     Some(self.permuted_buffer(&shape, perm, node.ty.dtype, elem)),
                                     None,
                                 )
                             }
-                            None => (None, None),
+                            (None, Some(&sibling)) => {
+                                let snode = self.graph.node(sibling);
+                                let sshape = concrete(&snode.ty.shape, &syms, snode)?;
+                                let elem = self.narrow.elem(snode.ty.dtype);
+                                let all = identity(sshape.len());
+                                let buf = self.permuted_buffer(&sshape, &all, snode.ty.dtype, elem);
+                                let buf = DevTensor {
+                                    layout: None,
+                                    ..buf
+                                };
+                                computed.insert(sibling, buf.clone());
+                                (None, Some(buf))
+                            }
+                            (None, None) => (None, None),
                         },
                     };
                     let placed: Vec<bool> = if concat_buf.is_some() {
@@ -809,7 +828,7 @@ impl<R: Runtime> GpuExecutor<R> {
                         recycled: Some(&self.recycled),
                         dest: dest.as_ref().or(concat_buf.as_ref()).or(out_buf.as_ref()),
                         placed: &placed,
-                        stats: stats.as_ref(),
+                        second: second.as_ref(),
                     };
                     let out = if self.options.profile {
                         self.wait()?;
@@ -849,6 +868,15 @@ impl<R: Runtime> GpuExecutor<R> {
                                     ""
                                 } else {
                                     " (view)"
+                                }
+                            ),
+                            // dq and dk‖dv apart, or both from one launch.
+                            caramba_ir::Op::AttentionGrad { wrt, .. } => format!(
+                                "attention_grad {{wrt={wrt}}}{}",
+                                if self.grad_pairs.contains_key(&id) {
+                                    " + its sibling"
+                                } else {
+                                    ""
                                 }
                             ),
                             op => op.mnemonic().to_string(),
@@ -1135,6 +1163,47 @@ fn permuted_outputs(
         if let [perm] = perms[..] {
             if others_read_views {
                 out.insert(v, perm.clone());
+            }
+        }
+    }
+    out
+}
+
+/// The axes of a rank-`r` tensor in order.
+fn identity(r: usize) -> Vec<usize> {
+    (0..r).collect()
+}
+
+/// Attention's `dq` and `dk‖dv` (`attention_grad` with `wrt=q` and
+/// `wrt=kv`, as autodiff emits them) over the same operands: computed by
+/// one launch ([`caramba_kernels::attention_backward::launch_attention_grads`],
+/// whose tensor-core path adds `dq` from the key-major kernel and skips
+/// `dq`'s own). Keyed by the first of the two in `order`, valued by the
+/// other. `CARAMBA_NO_ATOMIC_DQ=1` keeps them apart (the kernel then runs
+/// them as two anyway).
+pub(crate) fn grad_pairs(graph: &Graph, order: &[NodeId]) -> HashMap<NodeId, NodeId> {
+    use caramba_ir::{AttnArg, Op};
+    let mut out = HashMap::new();
+    if env_off("CARAMBA_NO_ATOMIC_DQ") {
+        return out;
+    }
+    type Key = (Vec<NodeId>, bool, u64, bool);
+    let mut seen: HashMap<Key, NodeId> = HashMap::new();
+    for &id in order {
+        let Op::AttentionGrad { causal, scale, wrt } = graph.node(id).op else {
+            continue;
+        };
+        if !matches!(wrt, AttnArg::Q | AttnArg::KV) {
+            continue;
+        }
+        let (operands, bits, is_q) = (graph.operands(id), scale.0.to_bits(), wrt == AttnArg::Q);
+        let sibling = (operands.clone(), causal, bits, !is_q);
+        match seen.remove(&sibling) {
+            Some(first) => {
+                out.insert(first, id);
+            }
+            None => {
+                seen.insert((operands, causal, bits, is_q), id);
             }
         }
     }

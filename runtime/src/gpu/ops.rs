@@ -209,9 +209,12 @@ pub(crate) struct Ctx<'a, R: Runtime> {
     /// For a concatenation with `dest`: which operands were already
     /// computed into their slots (nothing left to copy).
     pub placed: &'a [bool],
-    /// For `attention_with_lse` taken apart (see `Plan`'s `split_lse`):
-    /// the log-sum-exp's own tensor, with `dest` the values'.
-    pub stats: Option<&'a DevTensor>,
+    /// The buffer of a second node whose value this launch computes too:
+    /// for `attention_with_lse` taken apart (see `SplitLse`), the
+    /// log-sum-exp's, with `dest` the values'; for `attention_grad` paired
+    /// with its sibling (`dq` with `dk‖dv`, see `GradPair`), the
+    /// sibling's.
+    pub second: Option<&'a DevTensor>,
 }
 
 fn unary(u: UnaryOp) -> Unary {
@@ -1051,7 +1054,7 @@ impl<R: Runtime> Ctx<'_, R> {
                     attention::launch_attention(c, qe, &q, &k, &v, &o, *causal, scale);
                     return Ok(out);
                 }
-                if let (Some(values), Some(stats)) = (self.dest, self.stats) {
+                if let (Some(values), Some(stats)) = (self.dest, self.second) {
                     // Taken apart (`Plan`'s `split_lse`): the values stored
                     // as q is, the log-sum-exp in its own f32 tensor. The
                     // slices that read them are bound to those; the value
@@ -1117,6 +1120,18 @@ impl<R: Runtime> Ctx<'_, R> {
                 };
                 let out = self.alloc(shape);
                 let (o, scale) = (Self::view(&out), scale.0 as f32);
+                if let Some(sibling) = self.second {
+                    // Both from one launch where the kernels allow.
+                    let s = Self::view(sibling);
+                    let (dq, dkv) = match wrt {
+                        AttnArg::Q => (&o, &s),
+                        _ => (&s, &o),
+                    };
+                    attention_backward::launch_attention_grads(
+                        c, e, &operands, dq, dkv, *causal, scale,
+                    );
+                    return Ok(out);
+                }
                 let keys = |grads| {
                     attention_backward::launch_attention_dkv(
                         c, e, &operands, &o, *causal, scale, grads,

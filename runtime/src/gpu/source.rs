@@ -181,11 +181,16 @@ fn capture<R: Runtime>(
     let mut seen_sources = HashSet::new();
     let mut result = Vec::new();
     let mut values: HashMap<NodeId, DevTensor> = HashMap::new();
+    // As the executor runs them: attention's `dq` and `dk‖dv` from one
+    // launch, the second's value computed with the first.
+    let pairs = super::grad_pairs(graph, &order);
+    let mut computed: HashMap<NodeId, DevTensor> = HashMap::new();
     for &id in &order {
         let node = graph.node(id);
         let operands = graph.operands(id);
         let shape = concrete(&node.ty.shape, &syms, node)?;
         let value = match &node.op {
+            _ if computed.contains_key(&id) => computed.remove(&id).expect("computed"),
             Op::Input { .. } | Op::Param { .. } => {
                 let n: usize = shape.iter().product();
                 // `F32` (4 bytes) for i32 tensors too.
@@ -203,6 +208,19 @@ fn capture<R: Runtime>(
             }
             _ => {
                 let args: Vec<&DevTensor> = operands.iter().map(|o| &values[o]).collect();
+                let second = match pairs.get(&id) {
+                    Some(&sibling) => {
+                        let snode = graph.node(sibling);
+                        let sshape = concrete(&snode.ty.shape, &syms, snode)?;
+                        let elem = narrow.elem(snode.ty.dtype);
+                        let n: usize = sshape.iter().product();
+                        let handle = client.empty(n.max(1) * elem.size());
+                        let t = DevTensor::dense(handle, sshape, snode.ty.dtype, elem);
+                        computed.insert(sibling, t.clone());
+                        Some(t)
+                    }
+                    None => None,
+                };
                 let ctx = ops::Ctx {
                     client: &client,
                     node,
@@ -215,7 +233,7 @@ fn capture<R: Runtime>(
                     recycled: None,
                     dest: None,
                     placed: &[],
-                    stats: None,
+                    second: second.as_ref(),
                 };
                 let out = ctx.apply(&args, shape)?;
                 // Wait for the launch (and so its compilation) to finish,
