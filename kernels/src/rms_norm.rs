@@ -231,6 +231,7 @@ fn rms_norm_grad_x_kernel<F: Float + CubeElement, N: Size>(
     x: &Array<Vector<F, N>>,
     w: &Array<Vector<F, N>>,
     dy: &Array<Vector<F, N>>,
+    residual: &Array<Vector<F, N>>,
     out: &mut Array<Vector<F, N>>,
     dv: usize,
     rows: usize,
@@ -240,6 +241,7 @@ fn rms_norm_grad_x_kernel<F: Float + CubeElement, N: Size>(
     #[comptime] exact: bool,
     #[comptime] mode: Rows,
     #[comptime] threads: usize,
+    #[comptime] with_residual: bool,
 ) {
     let (row, u) = row_and_unit(mode);
     if row >= rows {
@@ -274,7 +276,11 @@ fn rms_norm_grad_x_kernel<F: Float + CubeElement, N: Size>(
     for i in 0..per_thread {
         let j = u + i * threads;
         if exact || j < dv {
-            out[base + j] = Vector::<F, N>::cast_from(gs[i] * rv - xs[i] * c);
+            let mut y = gs[i] * rv - xs[i] * c;
+            if comptime!(with_residual) {
+                y += Vector::<f32, N>::cast_from(residual[base + j]);
+            }
+            out[base + j] = Vector::<F, N>::cast_from(y);
         }
     }
 }
@@ -541,11 +547,15 @@ pub struct NormGradOperands<'a> {
     pub eps: f32,
 }
 
-/// `dx` of RMS norm into `out` `(rows, d)`.
+/// `dx` of RMS norm into `out` `(rows, d)`; with `residual` (dense
+/// `(rows, d)`, stored as `elem`), `residual + dx` instead, summed in f32
+/// and rounded once (a residual stream's gradient, where the norm's
+/// input gradient joins the one that skips it).
 pub fn launch_rms_norm_grad_x<R: Runtime>(
     client: &ComputeClient<R>,
     elem: FloatElem,
     ops: &NormGradOperands,
+    residual: Option<&Handle>,
     out: &Handle,
 ) -> Result<(), KernelError> {
     let (rows, d) = (ops.rows, ops.d);
@@ -563,6 +573,8 @@ pub fn launch_rms_norm_grad_x<R: Runtime>(
             ArrayArg::from_raw_parts(ops.x.clone(), rows * dv),
             ArrayArg::from_raw_parts(ops.w.clone(), dv),
             ArrayArg::from_raw_parts(ops.dy.clone(), rows * dv),
+            // Without one, the binding is dy's (never read then).
+            ArrayArg::from_raw_parts(residual.unwrap_or(ops.dy).clone(), rows * dv),
             ArrayArg::from_raw_parts(out.clone(), rows * dv),
             dv,
             rows,
@@ -572,6 +584,7 @@ pub fn launch_rms_norm_grad_x<R: Runtime>(
             l.exact(),
             l.mode,
             l.threads,
+            residual.is_some(),
         );
     });
     Ok(())

@@ -2327,6 +2327,65 @@ pub fn attention_apart<R: Runtime>(dev: &R::Device) {
     }
 }
 
+/// The residual stream's gradient joining an RMS norm's input gradient,
+/// `add(r, rms_norm_grad{wrt=x}(x, w, dy))`: the executor has the norm's
+/// kernel add `r` in (one rounding, so narrow dtypes compare at their
+/// precision), leaving no `add` to launch; a norm gradient with a second
+/// reader keeps its add. Rows of 2048 (vectors) and of 37 (scalars).
+pub fn residual_adds<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(64);
+    for dtype in [DType::F32, DType::BF16] {
+        for d in [2048, 37] {
+            let t =
+                |dims: &[usize]| TensorType::new(dtype, Shape::new(dims.iter().map(|&d| d.into())));
+            let mut g = Graph::new(format!("residual_adds_{dtype}_{d}"));
+            let x = g.input("x0", t(&[2, 3, d])).unwrap();
+            let w = g.input("x1", t(&[d])).unwrap();
+            let dy = g.input("x2", t(&[2, 3, d])).unwrap();
+            let r = g.input("x3", t(&[2, 3, d])).unwrap();
+            let eps = Scalar(1e-5);
+            let grad = |g: &mut Graph, dy| {
+                g.add(
+                    Op::RmsNormGrad {
+                        eps,
+                        wrt: NormArg::X,
+                    },
+                    &[x, w, dy],
+                    "",
+                )
+                .unwrap()
+            };
+            let folded = grad(&mut g, dy);
+            let sum = g.add(Op::Binary(BinaryOp::Add), &[r, folded], "").unwrap();
+            // The same with a second reader: not folded.
+            let neg = g.add(Op::Unary(UnaryOp::Neg), &[dy], "").unwrap();
+            let kept = grad(&mut g, neg);
+            let sum2 = g.add(Op::Binary(BinaryOp::Add), &[kept, r], "").unwrap();
+            g.set_output("sum", sum);
+            g.set_output("sum2", sum2);
+            g.set_output("kept", kept);
+            let xs = [&[2, 3, d][..], &[d], &[2, 3, d], &[2, 3, d]]
+                .map(|dims| rounded_as(dtype, &rng.tensor(dims)));
+            let tol = if dtype == DType::F32 { TOL } else { 2e-2 };
+            let bindings = bind(xs.to_vec());
+            let options = GpuOptions {
+                profile: true,
+                ..GpuOptions::default()
+            };
+            check_with::<R>(dev, &g, &bindings, tol, options);
+            let exec = GpuExecutor::<R>::with_options(dev, &g, bindings.params, options).unwrap();
+            exec.run_bindings(&bindings).unwrap();
+            let adds: usize = exec
+                .profile()
+                .into_iter()
+                .filter(|p| p.op == "add")
+                .map(|p| p.launches)
+                .sum();
+            assert_eq!(adds, 1, "{dtype} d {d}: one add folded, one kept");
+        }
+    }
+}
+
 /// An f32 tensor as a tensor of `dtype` (its values rounded to the grid).
 fn rounded_as(dtype: DType, t: &Tensor) -> Tensor {
     let elem = match dtype {
@@ -2648,7 +2707,7 @@ pub fn narrow_norms<R: Runtime>(dev: &R::Device) {
                 let (_, want) = reference_y(&g, vec![x.clone(), w.clone(), dy.clone()]);
                 let out = client.empty(want.len() * elem.size());
                 match wrt {
-                    NormArg::X => rms_norm::launch_rms_norm_grad_x(&client, elem, &ops, &out),
+                    NormArg::X => rms_norm::launch_rms_norm_grad_x(&client, elem, &ops, None, &out),
                     NormArg::W => rms_norm::launch_rms_norm_grad_w(&client, elem, grid, &ops, &out),
                 }
                 .unwrap();
@@ -3536,7 +3595,7 @@ macro_rules! all_tests {
             dba_preset, quantize_formats, kv_attention_over_caches, cached_tiny_llama,
             resident_values, fused_optimizers, grad_norm_and_clipping, trainer_matches_host_sgd,
             trainer_matches_host_adamw, trainer_keeps_half_copies, narrow_elementwise, narrow_copy, strided_copies, lazy_views,
-            concat_slots, row_dot, attention_apart,
+            concat_slots, row_dot, attention_apart, residual_adds,
             narrow_cast,
             narrow_reduce_softmax, narrow_norms, narrow_gather, narrow_rope, narrow_attention,
             narrow_attention_backward, narrow_matmul, narrow_kv_attention);

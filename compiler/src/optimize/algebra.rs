@@ -66,6 +66,21 @@ pub static ADD_ZERO: Rule = Rule {
     search: add_zero,
 };
 
+/// `reduce(slice(x, axis b, s..e), axis a) = slice(reduce(x, axis a), axis
+/// b, s..e)` for `a ≠ b` (sum, mean or max; the reduced axis keeps size 1).
+///
+/// Proof: both sides at index `i` reduce the same elements of `x`, those
+/// at `i` with axis `b` moved by `s` and axis `a` running over its whole
+/// length, in the same order, so even rounding agrees. Two slices of one
+/// tensor reduced along the same axis then share one reduction (the
+/// e-graph hash-conses it): GQA's `dk‖dv` is summed over each group of
+/// query heads once, then sliced, instead of sliced (a copy each, for
+/// the reduction reads dense rows) and summed twice.
+pub static REDUCE_OF_SLICE: Rule = Rule {
+    name: "reduce-of-slice",
+    search: reduce_of_slice,
+};
+
 pub fn rules() -> Vec<&'static Rule> {
     vec![
         &PERMUTE_COMPOSE,
@@ -74,6 +89,7 @@ pub fn rules() -> Vec<&'static Rule> {
         &RESHAPE_IDENTITY,
         &MUL_ONE,
         &ADD_ZERO,
+        &REDUCE_OF_SLICE,
     ]
 }
 
@@ -166,4 +182,41 @@ fn mul_one(eg: &EG, id: Id) -> Vec<Recipe> {
 
 fn add_zero(eg: &EG, id: Id) -> Vec<Recipe> {
     drop_unit(eg, id, BinaryOp::Add, 0.0)
+}
+
+fn reduce_of_slice(eg: &EG, id: Id) -> Vec<Recipe> {
+    let mut out = Vec::new();
+    for n in &eg[id].nodes {
+        let Op::Reduce { op, axis: a } = n.op else {
+            continue;
+        };
+        for m in &eg[n.children[0]].nodes {
+            let Op::Slice {
+                axis: b,
+                start,
+                end,
+            } = m.op
+            else {
+                continue;
+            };
+            if a == b {
+                continue;
+            }
+            let mut rec = Recipe::new();
+            let r = rec.node(
+                Op::Reduce { op, axis: a },
+                &[super::rule::Ref::Class(m.children[0])],
+            );
+            let y = rec.node(
+                Op::Slice {
+                    axis: b,
+                    start,
+                    end,
+                },
+                &[r],
+            );
+            out.push(rec.result(y));
+        }
+    }
+    out
 }

@@ -209,6 +209,93 @@ fn permute_compose_is_sound() {
 }
 
 #[test]
+fn reduce_of_slice_is_sound() {
+    prove("reduce-of-slice", &["reduce-of-slice"], 24, |rng| {
+        let rank = rng.range(2, 5);
+        let dims: Vec<usize> = (0..rank).map(|_| rng.range(1, 4)).collect();
+        let mut g = Graph::new("t");
+        let x = g
+            .input(
+                "x",
+                ty(DType::F64, &dims.iter().map(|&d| c(d)).collect::<Vec<_>>()),
+            )
+            .unwrap();
+        // Sliced along b, reduced along another axis a; a second slice of
+        // the same x reduced along a (GQA's dk and dv) shares the reduction.
+        // (`range` is inclusive.)
+        let b = rng.range(0, rank - 1);
+        let a = (b + rng.range(1, rank - 1)) % rank;
+        let op = [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max][rng.range(0, 2)];
+        let len = dims[b];
+        let start = rng.range(0, len - 1);
+        let end = rng.range(start + 1, len);
+        let s1 = g
+            .add(
+                Op::Slice {
+                    axis: b,
+                    start,
+                    end,
+                },
+                &[x],
+                "",
+            )
+            .unwrap();
+        let s2 = g
+            .add(
+                Op::Slice {
+                    axis: b,
+                    start: 0,
+                    end: len,
+                },
+                &[x],
+                "",
+            )
+            .unwrap();
+        let r1 = g.add(Op::Reduce { op, axis: a }, &[s1], "").unwrap();
+        let r2 = g.add(Op::Reduce { op, axis: a }, &[s2], "").unwrap();
+        g.set_output("y1", r1);
+        g.set_output("y2", r2);
+        g
+    });
+}
+
+#[test]
+fn reduce_of_slice_keeps_a_slice_of_the_reduced_axis() {
+    // Along the reduced axis itself the rule must not fire.
+    let mut g = Graph::new("t");
+    let x = g.input("x", ty(DType::F64, &[c(3), c(4)])).unwrap();
+    let s = g
+        .add(
+            Op::Slice {
+                axis: 1,
+                start: 1,
+                end: 3,
+            },
+            &[x],
+            "",
+        )
+        .unwrap();
+    let r = g
+        .add(
+            Op::Reduce {
+                op: ReduceOp::Sum,
+                axis: 1,
+            },
+            &[s],
+            "",
+        )
+        .unwrap();
+    g.set_output("y", r);
+    let opts = Options {
+        only: Some(vec!["reduce-of-slice".to_string()]),
+        fuse_elementwise: false,
+        ..Options::default()
+    };
+    let (_, rep) = optimize_with(&g, &opts).unwrap();
+    assert_eq!(rep.applied.get("reduce-of-slice"), None);
+}
+
+#[test]
 fn permute_identity_is_sound() {
     prove("permute-identity", &["permute-identity"], 8, |rng| {
         let rank = rng.range(1, 4);

@@ -286,6 +286,10 @@ pub struct GpuExecutor<R: Runtime> {
     /// `attention_grad` nodes computed together with a sibling (see
     /// [`grad_pairs`]): the first of each pair in order, by the other.
     grad_pairs: HashMap<NodeId, NodeId>,
+    /// RMS norms' input gradients that add the residual stream's gradient
+    /// in (see [`residual_adds`]): by the add they stand for and its other
+    /// operand.
+    residual_adds: HashMap<NodeId, (NodeId, NodeId)>,
     options: GpuOptions,
     /// cuBLASLt on CUDA (shared by the device's executors), for matmuls.
     vendor: Option<Arc<VendorGemm>>,
@@ -448,6 +452,7 @@ impl<R: Runtime> GpuExecutor<R> {
         let split_lse = split_lse(graph, &plan.order, narrow);
         let permuted = permuted_outputs(graph, &plan.order, &split_lse);
         let grad_pairs = grad_pairs(graph, &plan.order);
+        let residual_adds = residual_adds(graph, &plan.order);
         GpuExecutor {
             rope_freqs,
             copies,
@@ -467,6 +472,7 @@ impl<R: Runtime> GpuExecutor<R> {
             split_lse,
             permuted,
             grad_pairs,
+            residual_adds,
             options,
             vendor,
             profile: Default::default(),
@@ -808,7 +814,19 @@ impl<R: Runtime> GpuExecutor<R> {
                                 computed.insert(sibling, buf.clone());
                                 (None, Some(buf))
                             }
-                            (None, None) => (None, None),
+                            (None, None) => match self.residual_adds.get(&id) {
+                                // The residual's gradient, added by the
+                                // norm's kernel (dense: it reads rows).
+                                Some(&(_, r)) => {
+                                    let r = ops::materialized_in(
+                                        &self.client,
+                                        &values[&r],
+                                        &self.recycled,
+                                    );
+                                    (None, Some(r))
+                                }
+                                None => (None, None),
+                            },
                         },
                     };
                     let placed: Vec<bool> = if concat_buf.is_some() {
@@ -893,6 +911,9 @@ impl<R: Runtime> GpuExecutor<R> {
                     } else {
                         ctx.apply(&args, shape)?
                     };
+                    if let Some(&(add, _)) = self.residual_adds.get(&id) {
+                        computed.insert(add, out.clone());
+                    }
                     // The dense copies made for this op serve later values.
                     drop(args);
                     for d in dense {
@@ -1205,6 +1226,54 @@ pub(crate) fn grad_pairs(graph: &Graph, order: &[NodeId]) -> HashMap<NodeId, Nod
             None => {
                 seen.insert((operands, causal, bits, is_q), id);
             }
+        }
+    }
+    out
+}
+
+/// `add(r, rms_norm_grad{wrt=x}(…))` where the norm's gradient has no other
+/// reader and `r` (same type, no broadcast) is computed before it: the
+/// residual stream's gradient joining the norm's input gradient, twice a
+/// layer in a training step's backward. The norm's kernel adds `r` in
+/// (in f32, rounding once, as fused elementwise chains round) and its
+/// output is the add's value: one pass less over `[B, T, d]`.
+/// `CARAMBA_NO_RESIDUAL_ADDS=1` keeps the adds. By the norm's gradient,
+/// its add and `r`.
+fn residual_adds(graph: &Graph, order: &[NodeId]) -> HashMap<NodeId, (NodeId, NodeId)> {
+    use caramba_ir::{BinaryOp, NormArg, Op};
+    let mut out = HashMap::new();
+    if env_off("CARAMBA_NO_RESIDUAL_ADDS") {
+        return out;
+    }
+    let outputs: HashSet<NodeId> = graph.outputs().iter().map(|(_, id)| *id).collect();
+    let position: HashMap<NodeId, usize> =
+        order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    for &g in order {
+        let node = graph.node(g);
+        if !matches!(
+            node.op,
+            Op::RmsNormGrad {
+                wrt: NormArg::X,
+                ..
+            }
+        ) || outputs.contains(&g)
+        {
+            continue;
+        }
+        let [add] = graph.users(g)[..] else {
+            continue;
+        };
+        if graph.node(add).op != Op::Binary(BinaryOp::Add) {
+            continue;
+        }
+        let r = match graph.operands(add)[..] {
+            [a, b] if a == g && b != g => b,
+            [a, b] if b == g && a != g => a,
+            _ => continue,
+        };
+        let typed = |n: NodeId| graph.node(n).ty == node.ty;
+        if typed(add) && typed(r) && position.get(&r) < position.get(&g) {
+            out.insert(g, (add, r));
         }
     }
     out

@@ -980,8 +980,13 @@ impl<R: Runtime> Ctx<'_, R> {
                     eps: eps.0 as f32,
                 };
                 let out = self.alloc(shape);
+                // The residual stream's gradient added in, where the
+                // executor folds the add that reads this one (`residual`).
+                let residual = self.second.map(|r| &r.handle);
                 match wrt {
-                    NormArg::X => rms_norm::launch_rms_norm_grad_x(c, e, &operands, &out.handle),
+                    NormArg::X => {
+                        rms_norm::launch_rms_norm_grad_x(c, e, &operands, residual, &out.handle)
+                    }
                     NormArg::W => rms_norm::launch_rms_norm_grad_w(
                         c,
                         e,
