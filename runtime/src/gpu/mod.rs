@@ -286,10 +286,9 @@ pub struct GpuExecutor<R: Runtime> {
     /// `attention_grad` nodes computed together with a sibling (see
     /// [`grad_pairs`]): the first of each pair in order, by the other.
     grad_pairs: HashMap<NodeId, NodeId>,
-    /// RMS norms' input gradients that add the residual stream's gradient
-    /// in (see [`residual_adds`]): by the add they stand for and its other
-    /// operand.
-    residual_adds: HashMap<NodeId, (NodeId, NodeId)>,
+    /// Producers that add the other operand of their one reader, an add,
+    /// in (see [`folded_adds`]): by that add and its other operand.
+    folded_adds: HashMap<NodeId, (NodeId, NodeId)>,
     options: GpuOptions,
     /// cuBLASLt on CUDA (shared by the device's executors), for matmuls.
     vendor: Option<Arc<VendorGemm>>,
@@ -452,7 +451,7 @@ impl<R: Runtime> GpuExecutor<R> {
         let split_lse = split_lse(graph, &plan.order, narrow);
         let permuted = permuted_outputs(graph, &plan.order, &split_lse);
         let grad_pairs = grad_pairs(graph, &plan.order);
-        let residual_adds = residual_adds(graph, &plan.order);
+        let folded_adds = folded_adds(graph, &plan.order, &plan.batch_summed, &plan.slots);
         GpuExecutor {
             rope_freqs,
             copies,
@@ -472,7 +471,7 @@ impl<R: Runtime> GpuExecutor<R> {
             split_lse,
             permuted,
             grad_pairs,
-            residual_adds,
+            folded_adds,
             options,
             vendor,
             profile: Default::default(),
@@ -814,9 +813,9 @@ impl<R: Runtime> GpuExecutor<R> {
                                 computed.insert(sibling, buf.clone());
                                 (None, Some(buf))
                             }
-                            (None, None) => match self.residual_adds.get(&id) {
-                                // The residual's gradient, added by the
-                                // norm's kernel (dense: it reads rows).
+                            (None, None) => match self.folded_adds.get(&id) {
+                                // The add's other operand, added by this
+                                // kernel (dense: it reads it as its output).
                                 Some(&(_, r)) => {
                                     let r = ops::materialized_in(
                                         &self.client,
@@ -911,7 +910,7 @@ impl<R: Runtime> GpuExecutor<R> {
                     } else {
                         ctx.apply(&args, shape)?
                     };
-                    if let Some(&(add, _)) = self.residual_adds.get(&id) {
+                    if let Some(&(add, _)) = self.folded_adds.get(&id) {
                         computed.insert(add, out.clone());
                     }
                     // The dense copies made for this op serve later values.
@@ -1231,18 +1230,31 @@ pub(crate) fn grad_pairs(graph: &Graph, order: &[NodeId]) -> HashMap<NodeId, Nod
     out
 }
 
-/// `add(r, rms_norm_grad{wrt=x}(…))` where the norm's gradient has no other
-/// reader and `r` (same type, no broadcast) is computed before it: the
-/// residual stream's gradient joining the norm's input gradient, twice a
-/// layer in a training step's backward. The norm's kernel adds `r` in
-/// (in f32, rounding once, as fused elementwise chains round) and its
-/// output is the add's value: one pass less over `[B, T, d]`.
-/// `CARAMBA_NO_RESIDUAL_ADDS=1` keeps the adds. By the norm's gradient,
-/// its add and `r`.
-fn residual_adds(graph: &Graph, order: &[NodeId]) -> HashMap<NodeId, (NodeId, NodeId)> {
+/// Adds folded into the op that produces one of their operands: the
+/// producer's kernel adds the other operand `r` in (in f32, rounding once,
+/// as fused elementwise chains round) and its output is the add's value,
+/// one pass less over the tensor. By the producer, its add and `r`. Two
+/// producers qualify:
+/// - `rms_norm_grad{wrt=x}`: the residual stream's gradient joining the
+///   norm's input gradient, twice a layer in a training step's backward;
+/// - `matmul` (not a batch-summed weight gradient): the residual add after
+///   attention's output projection and after the MLP's down projection,
+///   twice a layer in every forward, added by cuBLASLt's epilogue (`C`
+///   with `β = 1`; after the product where another kernel runs it).
+///
+/// The add must be the producer's one reader, of the same type as the
+/// producer and `r` (no broadcast), not a concatenation's slot, and `r`
+/// computed before the producer. `CARAMBA_NO_FOLDED_ADDS=1` keeps the
+/// adds.
+fn folded_adds(
+    graph: &Graph,
+    order: &[NodeId],
+    batch_summed: &HashSet<NodeId>,
+    slots: &HashMap<NodeId, (NodeId, usize)>,
+) -> HashMap<NodeId, (NodeId, NodeId)> {
     use caramba_ir::{BinaryOp, NormArg, Op};
     let mut out = HashMap::new();
-    if env_off("CARAMBA_NO_RESIDUAL_ADDS") {
+    if env_off("CARAMBA_NO_FOLDED_ADDS") {
         return out;
     }
     let outputs: HashSet<NodeId> = graph.outputs().iter().map(|(_, id)| *id).collect();
@@ -1250,20 +1262,20 @@ fn residual_adds(graph: &Graph, order: &[NodeId]) -> HashMap<NodeId, (NodeId, No
         order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
     for &g in order {
         let node = graph.node(g);
-        if !matches!(
-            node.op,
+        let producer = match node.op {
             Op::RmsNormGrad {
-                wrt: NormArg::X,
-                ..
-            }
-        ) || outputs.contains(&g)
-        {
+                wrt: NormArg::X, ..
+            } => true,
+            Op::MatMul => !batch_summed.contains(&g),
+            _ => false,
+        };
+        if !producer || outputs.contains(&g) {
             continue;
         }
         let [add] = graph.users(g)[..] else {
             continue;
         };
-        if graph.node(add).op != Op::Binary(BinaryOp::Add) {
+        if graph.node(add).op != Op::Binary(BinaryOp::Add) || slots.contains_key(&add) {
             continue;
         }
         let r = match graph.operands(add)[..] {
@@ -1272,7 +1284,7 @@ fn residual_adds(graph: &Graph, order: &[NodeId]) -> HashMap<NodeId, (NodeId, No
             _ => continue,
         };
         let typed = |n: NodeId| graph.node(n).ty == node.ty;
-        if typed(add) && typed(r) && position.get(&r) < position.get(&g) {
+        if typed(add) && typed(r) && position[&r] < position[&g] {
             out.insert(g, (add, r));
         }
     }
