@@ -1180,8 +1180,10 @@ fn permuted_outputs(
             .iter()
             .filter(|&&u| !matches!(graph.node(u).op, caramba_ir::Op::Permute(_)))
             .all(|&u| ops::reads_views(&graph.node(u).op));
+        // (A transpose of the last two axes feeding products is read
+        // through strides already: `lazy_transposes`.)
         if let [perm] = perms[..] {
-            if others_read_views {
+            if others_read_views && !ops::swaps_last_two(perm) {
                 out.insert(v, perm.clone());
             }
         }
