@@ -591,13 +591,16 @@ pub fn launch_attention_dq<R: Runtime>(
 }
 
 /// `dq` into `dq_out` (as [`launch_attention_dq`]) and `dk‖dv` into
-/// `dkv_out` (as [`launch_attention_dkv`] with [`KeyGrads::KV`]). On
-/// tensor cores the key-major kernel adds each tile's `ds·k` into an f32
-/// sum with atomic adds (`attention_tc::try_launch_grads`), which is then
-/// rounded into `dq_out`: five products per tile pair instead of seven,
-/// but the sum's order depends on scheduling (not bit-reproducible run to
-/// run; `CARAMBA_NO_ATOMIC_DQ=1` keeps the two kernels, which are).
-/// Elsewhere, the two kernels.
+/// `dkv_out` (as [`launch_attention_dkv`] with [`KeyGrads::KV`]). With
+/// `atomic_dq`, on tensor cores, the key-major kernel adds each tile's
+/// `ds·k` into an f32 sum with atomic adds
+/// (`attention_tc::try_launch_grads`), which is then rounded into
+/// `dq_out`: five products per tile pair instead of seven, but the sum's
+/// order depends on scheduling (not bit-reproducible run to run), and on
+/// an H100 it measured slower than the two kernels (NOTES, fifteenth
+/// session), so the executor asks for it only under `CARAMBA_ATOMIC_DQ=1`.
+/// Otherwise, and where the tensor-core kernels do not run, the two
+/// kernels.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_attention_grads<R: Runtime>(
     client: &ComputeClient<R>,
@@ -607,14 +610,11 @@ pub fn launch_attention_grads<R: Runtime>(
     dkv_out: &View,
     causal: bool,
     scale: f32,
+    atomic_dq: bool,
 ) {
     let (batch, t, s, d, dv) = x.dims();
-    if batch * t * s * d == 0 {
-        launch_attention_dq(client, elem, x, dq_out, causal, scale);
-        launch_attention_dkv(client, elem, x, dkv_out, causal, scale, KeyGrads::KV);
-        return;
-    }
-    if !atomic_dq_disabled() && crate::attention_tc::serves_grads(client, elem, d, dv) {
+    if atomic_dq && batch * t * s * d > 0 && crate::attention_tc::serves_grads(client, elem, d, dv)
+    {
         let n = batch * t * d;
         let sum = client.empty(n * FloatElem::F32.size());
         crate::elementwise::launch_fill_float(client, FloatElem::F32, &sum, n, 0.0);
@@ -631,13 +631,6 @@ pub fn launch_attention_grads<R: Runtime>(
     }
     launch_attention_dq(client, elem, x, dq_out, causal, scale);
     launch_attention_dkv(client, elem, x, dkv_out, causal, scale, KeyGrads::KV);
-}
-
-/// Whether `CARAMBA_NO_ATOMIC_DQ=1` keeps `dq` in a kernel of its own
-/// (bit-reproducible; for A/B measurements).
-fn atomic_dq_disabled() -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OFF.get_or_init(|| std::env::var("CARAMBA_NO_ATOMIC_DQ").is_ok_and(|v| v == "1"))
 }
 
 /// Which gradients of the keys' side [`launch_attention_dkv`] writes.

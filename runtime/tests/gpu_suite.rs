@@ -3198,7 +3198,8 @@ pub fn narrow_attention_backward<R: Runtime>(dev: &R::Device) {
                     })
                     .collect();
                 // Each gradient alone, and (last) both from one launch,
-                // which on tensor cores adds dq from the key-major kernel.
+                // which on tensor cores adds dq from the key-major kernel
+                // by atomic adds (`CARAMBA_ATOMIC_DQ=1`'s path).
                 let mut wanted = Vec::new();
                 for wrt in [AttnArg::Q, AttnArg::KV] {
                     let g = one_op("grad", Op::AttentionGrad { causal, scale, wrt }, &types);
@@ -3265,7 +3266,8 @@ pub fn narrow_attention_backward<R: Runtime>(dev: &R::Device) {
                     })
                     .collect();
                 let s = scale.0 as f32;
-                launch_attention_grads(&client, elem, &operands, &outs[0].1, &outs[1].1, causal, s);
+                let (dq, dkv) = (&outs[0].1, &outs[1].1);
+                launch_attention_grads(&client, elem, &operands, dq, dkv, causal, s, true);
                 for ((_, want), ((h, _), name)) in wanted.iter().zip(outs.iter().zip(["q", "kv"])) {
                     let abs = attention_abs(&client, elem, (sq, sk, sv), true, want, 1e-4);
                     let what = format!("{elem:?} {sq:?} causal {causal} d{name}, one launch");

@@ -1197,16 +1197,16 @@ fn identity(r: usize) -> Vec<usize> {
 }
 
 /// Attention's `dq` and `dk‖dv` (`attention_grad` with `wrt=q` and
-/// `wrt=kv`, as autodiff emits them) over the same operands: computed by
-/// one launch ([`caramba_kernels::attention_backward::launch_attention_grads`],
-/// whose tensor-core path adds `dq` from the key-major kernel and skips
-/// `dq`'s own). Keyed by the first of the two in `order`, valued by the
-/// other. `CARAMBA_NO_ATOMIC_DQ=1` keeps them apart (the kernel then runs
-/// them as two anyway).
+/// `wrt=kv`, as autodiff emits them) over the same operands, computed by
+/// one launch with `dq` added from the key-major kernel by atomic adds
+/// ([`caramba_kernels::attention_backward::launch_attention_grads`]).
+/// Keyed by the first of the two in `order`, valued by the other. Only
+/// under `CARAMBA_ATOMIC_DQ=1`: on an H100 the two kernels were faster
+/// (NOTES, fifteenth session), and they are bit-reproducible.
 pub(crate) fn grad_pairs(graph: &Graph, order: &[NodeId]) -> HashMap<NodeId, NodeId> {
     use caramba_ir::{AttnArg, Op};
     let mut out = HashMap::new();
-    if env_off("CARAMBA_NO_ATOMIC_DQ") {
+    if !std::env::var("CARAMBA_ATOMIC_DQ").is_ok_and(|v| v == "1") {
         return out;
     }
     type Key = (Vec<NodeId>, bool, u64, bool);

@@ -1133,7 +1133,7 @@ impl<R: Runtime> Ctx<'_, R> {
                         _ => (&s, &o),
                     };
                     attention_backward::launch_attention_grads(
-                        c, e, &operands, dq, dkv, *causal, scale,
+                        c, e, &operands, dq, dkv, *causal, scale, true,
                     );
                     return Ok(out);
                 }
