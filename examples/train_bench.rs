@@ -142,11 +142,15 @@ fn main() {
     let optimize = Instant::now();
     let (graph, report) = caramba_compiler::optimize(&graph).expect("optimize");
     eprintln!(
-        "training graph optimized in {:.2} s: {} nodes, modelled cost {:.3e} -> {:.3e}",
+        "training graph optimized in {:.2} s: {} nodes, modelled cost {:.3e} -> {:.3e}, \
+         stopped by {:?} after {} iterations; rules applied: {:?}",
         optimize.elapsed().as_secs_f64(),
         graph.node_count(),
         report.cost_before,
-        report.cost_after
+        report.cost_after,
+        report.stop,
+        report.iterations,
+        report.applied
     );
     // CARAMBA_BENCH_DUMP=<file>: the optimized training graph's text form,
     // to see what each launch of the profile is.

@@ -276,11 +276,16 @@ fn rms_norm_grad_x_kernel<F: Float + CubeElement, N: Size>(
     for i in 0..per_thread {
         let j = u + i * threads;
         if exact || j < dv {
-            let mut y = gs[i] * rv - xs[i] * c;
+            let dx = Vector::<F, N>::cast_from(gs[i] * rv - xs[i] * c);
             if comptime!(with_residual) {
-                y += Vector::<f32, N>::cast_from(residual[base + j]);
+                // Rounded as the gradient's own node is stored, then
+                // added and rounded as the add's: the graph's two roundings.
+                let y = Vector::<f32, N>::cast_from(dx)
+                    + Vector::<f32, N>::cast_from(residual[base + j]);
+                out[base + j] = Vector::<F, N>::cast_from(y);
+            } else {
+                out[base + j] = dx;
             }
-            out[base + j] = Vector::<F, N>::cast_from(y);
         }
     }
 }
@@ -548,9 +553,10 @@ pub struct NormGradOperands<'a> {
 }
 
 /// `dx` of RMS norm into `out` `(rows, d)`; with `residual` (dense
-/// `(rows, d)`, stored as `elem`), `residual + dx` instead, summed in f32
-/// and rounded once (a residual stream's gradient, where the norm's
-/// input gradient joins the one that skips it).
+/// `(rows, d)`, stored as `elem`), `residual + dx` instead (a residual
+/// stream's gradient, where the norm's input gradient joins the one that
+/// skips it), `dx` rounded to `elem` before the sum and the sum after it,
+/// as the two nodes would be.
 pub fn launch_rms_norm_grad_x<R: Runtime>(
     client: &ComputeClient<R>,
     elem: FloatElem,

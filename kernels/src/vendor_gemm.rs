@@ -110,32 +110,6 @@ impl VendorGemm {
         out: &View,
         tf32: bool,
     ) -> Result<bool, KernelError> {
-        self.matmul_add(client, elem, lhs, rhs, None, out, tf32)
-    }
-
-    /// [`VendorGemm::matmul`], with `addend` (when given) added to the
-    /// product by the GEMM's epilogue (`out = lhs @ rhs + addend`, its
-    /// `C` operand with `β = 1`, summed in f32 and rounded once): a
-    /// residual add without a kernel of its own. `addend` must be laid out
-    /// as `out` is, dense from offset 0, or nothing is done (`Ok(false)`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn matmul_add<R: Runtime>(
-        &self,
-        client: &ComputeClient<R>,
-        elem: FloatElem,
-        lhs: &View,
-        rhs: &View,
-        addend: Option<&View>,
-        out: &View,
-        tf32: bool,
-    ) -> Result<bool, KernelError> {
-        if let Some(c) = addend {
-            let dense =
-                |v: &View| v.offset == 0 && v.strides == crate::contiguous_strides(&v.shape);
-            if c.shape != out.shape || !dense(c) || !dense(out) {
-                return Ok(false);
-            }
-        }
         let Some(plan) = Plan::new(lhs.into(), rhs.into(), out.into()) else {
             return Ok(false);
         };
@@ -146,13 +120,12 @@ impl VendorGemm {
             else {
                 return Ok(false);
             };
-            self.lt
-                .run(client, elem, &plan, lhs, rhs, addend, out, tf32)?;
+            self.lt.run(client, elem, &plan, lhs, rhs, out, tf32)?;
             Ok(true)
         }
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = (client, elem, plan, tf32, addend);
+            let _ = (client, elem, plan, tf32);
             Ok(false)
         }
     }
@@ -543,7 +516,6 @@ POLL:
             plan: &Plan,
             lhs: &View,
             rhs: &View,
-            addend: Option<&View>,
             out: &View,
             tf32: bool,
         ) -> Result<(), KernelError> {
@@ -559,8 +531,6 @@ POLL:
             let sync = host_sync();
             let t0 = std::time::Instant::now();
             let (rl, rr, ro) = (res(lhs)?, res(rhs)?, res(out)?);
-            // The addend (`C`, laid out as `D`), or `D` itself with β = 0.
-            let rc = addend.map(res).transpose()?;
             let t1 = t0.elapsed();
             if sync {
                 cubecl::future::block_on(client.sync()).map_err(|e| err("wait", e))?;
@@ -632,7 +602,7 @@ POLL:
                 Some((v, ptr, arg))
             };
             let p = &st.prepared[&key];
-            let (alpha, beta) = (1.0f32, if rc.is_some() { 1.0f32 } else { 0.0 });
+            let (alpha, beta) = (1.0f32, 0.0f32);
             let size = elem.size() as u64;
             let at = |base: u64, off: usize| (base + size * off as u64) as *mut c_void;
             let mut called = Ok(());
@@ -642,7 +612,6 @@ POLL:
                     at(rr.resource().ptr, or),
                     at(ro.resource().ptr, od),
                 );
-                let c = rc.as_ref().map_or(d, |rc| at(rc.resource().ptr, od));
                 // SAFETY: the pointers are live device buffers (their
                 // managed resources are held until this returns, and with
                 // the handoff CubeCL reuses none of them before the
@@ -658,7 +627,7 @@ POLL:
                         p.la,
                         b,
                         p.lb,
-                        c,
+                        d,
                         p.ld,
                         d,
                         p.ld,
@@ -704,7 +673,7 @@ POLL:
             }
             called?;
             let t4 = t0.elapsed();
-            drop((rl, rr, ro, rc));
+            drop((rl, rr, ro));
             if trace {
                 eprintln!(
                     "vendor {}x{}x{} b{}: resources {:?} sync {:?} call {:?} {} {:?}",

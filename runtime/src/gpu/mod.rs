@@ -289,6 +289,9 @@ pub struct GpuExecutor<R: Runtime> {
     /// Producers that add the other operand of their one reader, an add,
     /// in (see [`folded_adds`]): by that add and its other operand.
     folded_adds: HashMap<NodeId, (NodeId, NodeId)>,
+    /// Reductions of slices computed as slices of one whole reduction
+    /// (see [`ReducedSlices`]).
+    reduced_slices: ReducedSlices,
     options: GpuOptions,
     /// cuBLASLt on CUDA (shared by the device's executors), for matmuls.
     vendor: Option<Arc<VendorGemm>>,
@@ -451,7 +454,8 @@ impl<R: Runtime> GpuExecutor<R> {
         let split_lse = split_lse(graph, &plan.order, narrow);
         let permuted = permuted_outputs(graph, &plan.order, &split_lse);
         let grad_pairs = grad_pairs(graph, &plan.order);
-        let folded_adds = folded_adds(graph, &plan.order, &plan.batch_summed, &plan.slots);
+        let folded_adds = folded_adds(graph, &plan.order, &plan.slots, narrow);
+        let reduced_slices = reduced_slices(graph, &plan.order);
         GpuExecutor {
             rope_freqs,
             copies,
@@ -472,6 +476,7 @@ impl<R: Runtime> GpuExecutor<R> {
             permuted,
             grad_pairs,
             folded_adds,
+            reduced_slices,
             options,
             vendor,
             profile: Default::default(),
@@ -675,6 +680,48 @@ impl<R: Runtime> GpuExecutor<R> {
         ))
     }
 
+    /// `node`'s reduction over the whole of `x` (see `ReducedSlices`),
+    /// profiled as its own row when profiling.
+    fn reduce_whole(
+        &self,
+        node: &Node,
+        x: &DevTensor,
+        shape: Vec<usize>,
+    ) -> Result<DevTensor, GpuError> {
+        let ctx = ops::Ctx {
+            client: &self.client,
+            node,
+            fast_matmul: self.options.fast_matmul,
+            vendor: None,
+            rope_freqs: None,
+            narrow: self.narrow,
+            sum_batch: false,
+            transposed_sum: false,
+            recycled: Some(&self.recycled),
+            dest: None,
+            placed: &[],
+            second: None,
+        };
+        if !self.options.profile {
+            return ctx.apply(&[x], shape);
+        }
+        self.wait()?;
+        let start = std::time::Instant::now();
+        let out = ctx.apply(&[x], shape)?;
+        let host = start.elapsed().as_secs_f64();
+        self.wait()?;
+        let op = format!("{} (whole, then sliced)", node.op.mnemonic());
+        let mut table = self.profile.lock().expect("profile lock");
+        let e = table.entry(op.clone()).or_insert_with(|| OpProfile {
+            op,
+            ..OpProfile::default()
+        });
+        e.launches += 1;
+        e.secs += start.elapsed().as_secs_f64();
+        e.host_secs += host;
+        Ok(out)
+    }
+
     /// [`GpuExecutor::run_resident`] on the calling thread.
     fn queue_run(
         &self,
@@ -693,6 +740,9 @@ impl<R: Runtime> GpuExecutor<R> {
         // Values an earlier launch computed (the parts of an
         // `attention_with_lse` taken apart, see `SplitLse`).
         let mut computed: HashMap<NodeId, DevTensor> = HashMap::new();
+        // Whole reductions of sliced tensors (see `reduced_slices`), with
+        // the readers each still has this run.
+        let mut reductions: HashMap<(NodeId, NodeId), (DevTensor, usize)> = HashMap::new();
         for &id in &self.order {
             let node = self.graph.node(id);
             let operands = &self.operands[&id];
@@ -717,6 +767,37 @@ impl<R: Runtime> GpuExecutor<R> {
                     }
                 }
                 caramba_ir::Op::Param { .. } => self.params[&id].clone(),
+                // Read only by a reduction that reduces the whole tensor
+                // (below): no copy, its value stands for the tensor.
+                caramba_ir::Op::Slice { .. } if self.reduced_slices.sliced.contains(&id) => {
+                    values[&operands[0]].clone()
+                }
+                caramba_ir::Op::Reduce { .. } if self.reduced_slices.group.contains_key(&id) => {
+                    let (x, slice) = (&values[&operands[0]], &self.graph.node(operands[0]).op);
+                    let group = self.reduced_slices.group[&id];
+                    let whole = match reductions.get_mut(&group) {
+                        Some((t, left)) => {
+                            *left -= 1;
+                            t.clone()
+                        }
+                        None => {
+                            let mut shape = x.shape.clone();
+                            let caramba_ir::Op::Reduce { axis, .. } = node.op else {
+                                unreachable!("a reduction")
+                            };
+                            shape[axis] = 1;
+                            let x = ops::materialized_in(&self.client, x, &self.recycled);
+                            let t = self.reduce_whole(node, &x, shape)?;
+                            let left = self.reduced_slices.readers[&group] - 1;
+                            reductions.insert(group, (t.clone(), left));
+                            t
+                        }
+                    };
+                    if reductions.get(&group).is_some_and(|(_, left)| *left == 0) {
+                        reductions.remove(&group);
+                    }
+                    ops::lazy_view(slice, &whole)
+                }
                 // A parameter's half-precision copy, kept up to date by the
                 // trainer's optimizer (`GpuOptions::param_copies`).
                 caramba_ir::Op::Cast(_) if self.copies.contains_key(&id) => {
@@ -1233,26 +1314,26 @@ pub(crate) fn grad_pairs(graph: &Graph, order: &[NodeId]) -> HashMap<NodeId, Nod
 }
 
 /// Adds folded into the op that produces one of their operands: the
-/// producer's kernel adds the other operand `r` in (in f32, rounding once,
-/// as fused elementwise chains round) and its output is the add's value,
-/// one pass less over the tensor. By the producer, its add and `r`. Two
-/// producers qualify:
-/// - `rms_norm_grad{wrt=x}`: the residual stream's gradient joining the
-///   norm's input gradient, twice a layer in a training step's backward;
-/// - `matmul` (not a batch-summed weight gradient): the residual add after
-///   attention's output projection and after the MLP's down projection,
-///   twice a layer in every forward, added by cuBLASLt's epilogue (`C`
-///   with `β = 1`; after the product where another kernel runs it).
+/// residual stream's gradient joining an RMS norm's input gradient,
+/// `add(r, rms_norm_grad{wrt=x}(…))`, twice a layer in a training step's
+/// backward. The norm's kernel adds `r` in, after rounding its own result
+/// to the storage type as its node would be stored (so the sum is the
+/// add's, rounded the same way), and its output is the add's value: one
+/// pass less over `[B, T, d]`. The add must be the norm gradient's one
+/// reader, of its type and `r`'s (no broadcast), not a concatenation's
+/// slot, `r` computed before the norm's gradient, and the dtype stored
+/// as itself (not widened). By the norm's gradient, its add and `r`. `CARAMBA_NO_FOLDED_ADDS=1` keeps the adds.
 ///
-/// The add must be the producer's one reader, of the same type as the
-/// producer and `r` (no broadcast), not a concatenation's slot, and `r`
-/// computed before the producer. `CARAMBA_NO_FOLDED_ADDS=1` keeps the
-/// adds.
+/// The residual add after a linear layer could go into cuBLASLt's
+/// epilogue (`C` with `β = 1`) the same way, but that sums the product
+/// unrounded: not the graph's rounding, and a tiny bf16 Llama's logits
+/// then moved by 13% against the reference where a product and the
+/// residual nearly cancel (NOTES, fifteenth session).
 fn folded_adds(
     graph: &Graph,
     order: &[NodeId],
-    batch_summed: &HashSet<NodeId>,
     slots: &HashMap<NodeId, (NodeId, usize)>,
+    narrow: HalfStorage,
 ) -> HashMap<NodeId, (NodeId, NodeId)> {
     use caramba_ir::{BinaryOp, NormArg, Op};
     let mut out = HashMap::new();
@@ -1264,14 +1345,16 @@ fn folded_adds(
         order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
     for &g in order {
         let node = graph.node(g);
-        let producer = match node.op {
+        let norm_grad = matches!(
+            node.op,
             Op::RmsNormGrad {
-                wrt: NormArg::X, ..
-            } => true,
-            Op::MatMul => !batch_summed.contains(&g),
-            _ => false,
-        };
-        if !producer || outputs.contains(&g) {
+                wrt: NormArg::X,
+                ..
+            }
+        );
+        // A device that keeps the dtype widened rounds after the kernel, so
+        // the kernel could not round between the two: no fold there.
+        if !norm_grad || outputs.contains(&g) || narrow.widens(node.ty.dtype) {
             continue;
         }
         let [add] = graph.users(g)[..] else {
@@ -1289,6 +1372,63 @@ fn folded_adds(
         if typed(add) && typed(r) && position[&r] < position[&g] {
             out.insert(g, (add, r));
         }
+    }
+    out
+}
+
+/// Reductions of slices, `reduce{axis a}(slice{axis b}(x))` with `a ≠ b`
+/// and the slice read by nothing else, grouped by `x`, the reduction and
+/// its axis: where a group has two or more (GQA's `dk‖dv` summed over each
+/// group of query heads, sliced into `dk` and `dv`), its first reduction
+/// reduces the whole of `x` once and each one's value is a slice (a view)
+/// of that, so the slices (a copy each: reductions read dense rows) and
+/// the second reduction go. The same as the e-graph rule `reduce-of-slice`,
+/// decided here because extraction does not take that rule in a training
+/// graph's backward (NOTES, fifteenth session).
+/// `CARAMBA_NO_REDUCED_SLICES=1` turns it off.
+#[derive(Default)]
+struct ReducedSlices {
+    /// Each reduction's group: `x` and the first reduction of the group.
+    group: HashMap<NodeId, (NodeId, NodeId)>,
+    /// The reductions in each group.
+    readers: HashMap<(NodeId, NodeId), usize>,
+    /// The slices they read.
+    sliced: HashSet<NodeId>,
+}
+
+fn reduced_slices(graph: &Graph, order: &[NodeId]) -> ReducedSlices {
+    use caramba_ir::Op;
+    let mut out = ReducedSlices::default();
+    if env_off("CARAMBA_NO_REDUCED_SLICES") {
+        return out;
+    }
+    let outputs: HashSet<NodeId> = graph.outputs().iter().map(|(_, id)| *id).collect();
+    let mut groups: HashMap<(NodeId, Op), Vec<NodeId>> = HashMap::new();
+    for &r in order {
+        let Op::Reduce { axis: a, .. } = graph.node(r).op else {
+            continue;
+        };
+        let s = graph.operands(r)[0];
+        let Op::Slice { axis: b, .. } = graph.node(s).op else {
+            continue;
+        };
+        if a != b && !outputs.contains(&s) && graph.users(s)[..] == [r] {
+            let x = graph.operands(s)[0];
+            groups
+                .entry((x, graph.node(r).op.clone()))
+                .or_default()
+                .push(r);
+        }
+    }
+    for ((x, _), rs) in groups {
+        if rs.len() < 2 {
+            continue;
+        }
+        for &r in &rs {
+            out.group.insert(r, (x, rs[0]));
+            out.sliced.insert(graph.operands(r)[0]);
+        }
+        out.readers.insert((x, rs[0]), rs.len());
     }
     out
 }

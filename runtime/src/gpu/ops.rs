@@ -1203,12 +1203,8 @@ impl<R: Runtime> Ctx<'_, R> {
             let dst = View::contiguous(out.handle.clone(), &[rows, n]);
             if (1..=gemv::GEMV_MAX_ROWS).contains(&rows) && rhs.offset == 0 {
                 gemv::launch_gemv(self.client, out.elem, &lhs, &rhs, &dst);
-                self.add_addend(&out)?;
             } else {
-                let addend = self
-                    .second
-                    .map(|x| View::contiguous(x.handle.clone(), &[rows, n]));
-                self.gemm(out.elem, &lhs, &rhs, addend.as_ref(), &dst)?;
+                self.gemm(out.elem, &lhs, &rhs, &dst)?;
             }
             return Ok(out);
         }
@@ -1228,31 +1224,8 @@ impl<R: Runtime> Ctx<'_, R> {
             }
         };
         let (va, vb) = (pad(va), pad(vb));
-        let addend = self.second.map(Self::view);
-        self.gemm(out.elem, &va, &vb, addend.as_ref(), &Self::view(&out))?;
+        self.gemm(out.elem, &va, &vb, &Self::view(&out))?;
         Ok(out)
-    }
-
-    /// `out += second` (the addend of a product whose one reader adds it,
-    /// see `Plan`'s `gemm_adds`), where the product could not add it
-    /// itself; nothing without one.
-    fn add_addend(&self, out: &DevTensor) -> Result<(), GpuError> {
-        match self.second {
-            Some(x) => self.add_in_place(out.elem, &Self::view(out), &Self::view(x)),
-            None => Ok(()),
-        }
-    }
-
-    /// `out += x` (views of one shape, stored as `e`), by one elementwise
-    /// kernel.
-    fn add_in_place(&self, e: FloatElem, out: &View, x: &View) -> Result<(), GpuError> {
-        let prog = [
-            Instr::Input(0),
-            Instr::Input(1),
-            Instr::Binary(Binary::Add, 0, 1),
-        ];
-        elementwise::launch_elementwise(self.client, e, &prog, &[out.clone(), x.clone()], out)
-            .map_err(|e| self.err(e.to_string()))
     }
 
     /// `Σ_b a_b·b_b` as one GEMM, `[1, K, N]`, where `a [B, K, T]` is the
@@ -1279,7 +1252,7 @@ impl<R: Runtime> Ctx<'_, R> {
             };
             let rhs = View::contiguous(rhs.handle.clone(), &[rows, r]);
             let dst = View::contiguous(out.handle.clone(), &[l, r]);
-            self.gemm(out.elem, &lhs_t, &rhs, None, &dst)
+            self.gemm(out.elem, &lhs_t, &rhs, &dst)
         };
         if self.transposed_sum {
             // `Σ dyᵀ·x` into `[N, K]`, returned as its `[1, K, N]` view.
@@ -1295,31 +1268,17 @@ impl<R: Runtime> Ctx<'_, R> {
 
     /// One (batched) GEMM: cuBLASLt when the executor has it and it reads
     /// these layouts, else cubek. All three are stored as `e`.
-    /// `out = lhs @ rhs (+ addend)`: cuBLASLt where it takes the layouts
-    /// (the addend in its epilogue), else cubek's product and, with an
-    /// addend, an elementwise add after it.
-    fn gemm(
-        &self,
-        e: FloatElem,
-        lhs: &View,
-        rhs: &View,
-        addend: Option<&View>,
-        out: &View,
-    ) -> Result<(), GpuError> {
+    fn gemm(&self, e: FloatElem, lhs: &View, rhs: &View, out: &View) -> Result<(), GpuError> {
         if let Some(vendor) = self.vendor {
             let done = vendor
-                .matmul_add(self.client, e, lhs, rhs, addend, out, self.fast_matmul)
+                .matmul(self.client, e, lhs, rhs, out, self.fast_matmul)
                 .map_err(|e| self.err(e.to_string()))?;
             if done {
                 return Ok(());
             }
         }
         matmul::launch_matmul(self.client, e, lhs, rhs, out, self.fast_matmul)
-            .map_err(|e| self.err(e.to_string()))?;
-        match addend {
-            Some(x) => self.add_in_place(e, out, x),
-            None => Ok(()),
-        }
+            .map_err(|e| self.err(e.to_string()))
     }
 }
 
