@@ -711,6 +711,13 @@ impl<R: Runtime> GpuExecutor<R> {
         let host = start.elapsed().as_secs_f64();
         self.wait()?;
         let op = format!("{} (whole, then sliced)", node.op.mnemonic());
+        self.record(op, start, host);
+        Ok(out)
+    }
+
+    /// One launch of `op` in the profile: `start` when the device was
+    /// idle before it, `host` the seconds of the launch call.
+    fn record(&self, op: String, start: std::time::Instant, host: f64) {
         let mut table = self.profile.lock().expect("profile lock");
         let e = table.entry(op.clone()).or_insert_with(|| OpProfile {
             op,
@@ -719,7 +726,6 @@ impl<R: Runtime> GpuExecutor<R> {
         e.launches += 1;
         e.secs += start.elapsed().as_secs_f64();
         e.host_secs += host;
-        Ok(out)
     }
 
     /// [`GpuExecutor::run_resident`] on the calling thread.
@@ -979,14 +985,7 @@ impl<R: Runtime> GpuExecutor<R> {
                             ),
                             op => op.mnemonic().to_string(),
                         };
-                        let mut table = self.profile.lock().expect("profile lock");
-                        let e = table.entry(op.clone()).or_insert_with(|| OpProfile {
-                            op,
-                            ..OpProfile::default()
-                        });
-                        e.launches += 1;
-                        e.secs += start.elapsed().as_secs_f64();
-                        e.host_secs += host;
+                        self.record(op, start, host);
                         out
                     } else {
                         ctx.apply(&args, shape)?
