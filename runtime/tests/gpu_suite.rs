@@ -3209,50 +3209,14 @@ pub fn narrow_attention_backward<R: Runtime>(dev: &R::Device) {
                 // Each gradient alone, and (last) both from one launch,
                 // which on tensor cores adds dq from the key-major kernel
                 // by atomic adds (`CARAMBA_ATOMIC_DQ=1`'s path).
-                let mut wanted = Vec::new();
-                for wrt in [AttnArg::Q, AttnArg::KV] {
-                    let g = one_op("grad", Op::AttentionGrad { causal, scale, wrt }, &types);
-                    let (shape, want) = reference_y(&g, xs.clone());
-                    wanted.push((shape.clone(), want.clone()));
-                    let batch = &shape[..shape.len() - 2];
-                    let views: Vec<View> = hs
-                        .iter()
-                        .zip(&shapes)
-                        .map(|(h, s)| batch_view(h, s, batch))
-                        .collect();
-                    let operands = GradOperands {
-                        q: &views[0],
-                        k: &views[1],
-                        v: &views[2],
-                        dout: &views[3],
-                        lse: &views[4],
-                        delta: &views[5],
-                    };
-                    let out = client.empty(want.len() * elem.size());
-                    let o = View::contiguous(out.clone(), &shape);
-                    let s = scale.0 as f32;
-                    match wrt {
-                        AttnArg::Q => launch_attention_dq(&client, elem, &operands, &o, causal, s),
-                        _ => launch_attention_dkv(
-                            &client,
-                            elem,
-                            &operands,
-                            &o,
-                            causal,
-                            s,
-                            KeyGrads::KV,
-                        ),
-                    }
-                    let abs = attention_abs(&client, elem, (sq, sk, sv), true, &want, 1e-4);
-                    expect_narrow(
-                        &client,
-                        elem,
-                        &out,
-                        &want,
-                        abs,
-                        &format!("{elem:?} {sq:?} causal {causal} d{wrt}"),
-                    );
-                }
+                let wanted: Vec<(Vec<usize>, Vec<f32>)> = [AttnArg::Q, AttnArg::KV]
+                    .into_iter()
+                    .map(|wrt| {
+                        let g = one_op("grad", Op::AttentionGrad { causal, scale, wrt }, &types);
+                        reference_y(&g, xs.clone())
+                    })
+                    .collect();
+                // Both gradients have the queries' batch axes.
                 let batch = &wanted[0].0[..wanted[0].0.len() - 2];
                 let views: Vec<View> = hs
                     .iter()
@@ -3267,6 +3231,32 @@ pub fn narrow_attention_backward<R: Runtime>(dev: &R::Device) {
                     lse: &views[4],
                     delta: &views[5],
                 };
+                let s = scale.0 as f32;
+                for (wrt, (shape, want)) in [AttnArg::Q, AttnArg::KV].into_iter().zip(&wanted) {
+                    let out = client.empty(want.len() * elem.size());
+                    let o = View::contiguous(out.clone(), shape);
+                    match wrt {
+                        AttnArg::Q => launch_attention_dq(&client, elem, &operands, &o, causal, s),
+                        _ => launch_attention_dkv(
+                            &client,
+                            elem,
+                            &operands,
+                            &o,
+                            causal,
+                            s,
+                            KeyGrads::KV,
+                        ),
+                    }
+                    let abs = attention_abs(&client, elem, (sq, sk, sv), true, want, 1e-4);
+                    expect_narrow(
+                        &client,
+                        elem,
+                        &out,
+                        want,
+                        abs,
+                        &format!("{elem:?} {sq:?} causal {causal} d{wrt}"),
+                    );
+                }
                 let outs: Vec<(Handle, View)> = wanted
                     .iter()
                     .map(|(shape, want)| {
@@ -3274,7 +3264,6 @@ pub fn narrow_attention_backward<R: Runtime>(dev: &R::Device) {
                         (h.clone(), View::contiguous(h, shape))
                     })
                     .collect();
-                let s = scale.0 as f32;
                 let (dq, dkv) = (&outs[0].1, &outs[1].1);
                 launch_attention_grads(&client, elem, &operands, dq, dkv, causal, s, true);
                 for ((_, want), ((h, _), name)) in wanted.iter().zip(outs.iter().zip(["q", "kv"])) {

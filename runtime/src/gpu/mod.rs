@@ -628,56 +628,34 @@ impl<R: Runtime> GpuExecutor<R> {
         })
     }
 
-    /// A fresh buffer for a value of `shape` laid out in the order `perm`
-    /// gives it (so that `permute(perm)` of it is dense): the value is a
-    /// strided view of the buffer.
-    fn permuted_buffer(
+    /// A fresh buffer for node `id`'s value, stored as the device stores
+    /// its dtype: dense, or laid out in the order `perm` gives it (so that
+    /// `permute(perm)` of it is dense; the value is then a strided view of
+    /// the buffer).
+    fn node_buffer(
         &self,
-        shape: &[usize],
-        perm: &[usize],
-        dtype: DType,
-        elem: FloatElem,
-    ) -> DevTensor {
-        let physical: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
-        let dense = caramba_kernels::contiguous_strides(&physical);
-        let mut strides = vec![0; shape.len()];
-        for (i, &p) in perm.iter().enumerate() {
-            strides[p] = dense[i];
-        }
-        let bytes = shape.iter().product::<usize>().max(1) * elem.size();
-        let handle = ops::Recycled::or_empty(Some(&self.recycled), &self.client, bytes);
-        DevTensor {
-            layout: Some((strides, 0)),
-            ..DevTensor::dense(handle, shape.to_vec(), dtype, elem)
-        }
-    }
-
-    /// The buffer of a split `attention_with_lse`'s values: its values
-    /// node's type, stored as the device stores that dtype, in the order of
-    /// its permuting reader where it has one.
-    fn split_values(&self, split: &SplitLse, syms: &SymValues) -> Result<DevTensor, GpuError> {
-        let node = self.graph.node(split.values);
+        id: NodeId,
+        syms: &SymValues,
+        perm: Option<&[usize]>,
+    ) -> Result<DevTensor, GpuError> {
+        let node = self.graph.node(id);
         let shape = concrete(&node.ty.shape, syms, node)?;
         let elem = self.narrow.elem(node.ty.dtype);
-        let perm = match self.permuted.get(&split.values) {
-            Some(perm) => perm.clone(),
-            None => (0..shape.len()).collect(),
-        };
-        Ok(self.permuted_buffer(&shape, &perm, node.ty.dtype, elem))
-    }
-
-    /// The buffer of a split `attention_with_lse`'s log-sum-exp, dense.
-    fn split_stats(&self, split: &SplitLse, syms: &SymValues) -> Result<DevTensor, GpuError> {
-        let node = self.graph.node(split.lse);
-        let shape = concrete(&node.ty.shape, syms, node)?;
-        let bytes = shape.iter().product::<usize>().max(1) * FloatElem::F32.size();
+        let bytes = shape.iter().product::<usize>().max(1) * elem.size();
         let handle = ops::Recycled::or_empty(Some(&self.recycled), &self.client, bytes);
-        Ok(DevTensor::dense(
-            handle,
-            shape,
-            node.ty.dtype,
-            FloatElem::F32,
-        ))
+        let layout = perm.map(|perm| {
+            let physical: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+            let dense = caramba_kernels::contiguous_strides(&physical);
+            let mut strides = vec![0; shape.len()];
+            for (i, &p) in perm.iter().enumerate() {
+                strides[p] = dense[i];
+            }
+            (strides, 0)
+        });
+        Ok(DevTensor {
+            layout,
+            ..DevTensor::dense(handle, shape, node.ty.dtype, elem)
+        })
     }
 
     /// `node`'s reduction over the whole of `x` (see `ReducedSlices`),
@@ -869,8 +847,9 @@ impl<R: Runtime> GpuExecutor<R> {
                     // attention gradient computed with it.
                     let (out_buf, second) = match self.split_lse.get(&id) {
                         Some(split) => {
-                            let values = self.split_values(split, &syms)?;
-                            let stats = self.split_stats(split, &syms)?;
+                            let perm = self.permuted.get(&split.values).map(Vec::as_slice);
+                            let values = self.node_buffer(split.values, &syms, perm)?;
+                            let stats = self.node_buffer(split.lse, &syms, None)?;
                             if let Some(slice) = split.slice {
                                 // Read only by the cast that `values` is.
                                 computed.insert(slice, values.clone());
@@ -881,22 +860,10 @@ impl<R: Runtime> GpuExecutor<R> {
                         }
                         None => match (self.permuted.get(&id), self.grad_pairs.get(&id)) {
                             (Some(perm), _) => {
-                                let elem = self.narrow.elem(node.ty.dtype);
-                                (
-                                    Some(self.permuted_buffer(&shape, perm, node.ty.dtype, elem)),
-                                    None,
-                                )
+                                (Some(self.node_buffer(id, &syms, Some(perm))?), None)
                             }
                             (None, Some(&sibling)) => {
-                                let snode = self.graph.node(sibling);
-                                let sshape = concrete(&snode.ty.shape, &syms, snode)?;
-                                let elem = self.narrow.elem(snode.ty.dtype);
-                                let all = identity(sshape.len());
-                                let buf = self.permuted_buffer(&sshape, &all, snode.ty.dtype, elem);
-                                let buf = DevTensor {
-                                    layout: None,
-                                    ..buf
-                                };
+                                let buf = self.node_buffer(sibling, &syms, None)?;
                                 computed.insert(sibling, buf.clone());
                                 (None, Some(buf))
                             }
@@ -1269,11 +1236,6 @@ fn permuted_outputs(
         }
     }
     out
-}
-
-/// The axes of a rank-`r` tensor in order.
-fn identity(r: usize) -> Vec<usize> {
-    (0..r).collect()
 }
 
 /// Attention's `dq` and `dk‖dv` (`attention_grad` with `wrt=q` and
