@@ -212,7 +212,7 @@ pub(crate) struct Ctx<'a, R: Runtime> {
     /// The buffer of a second node whose value this launch computes too:
     /// for `attention_with_lse` taken apart (see `SplitLse`), the
     /// log-sum-exp's, with `dest` the values'; for `attention_grad` paired
-    /// with its sibling (`dq` with `dk‖dv`, see `GradPair`), the
+    /// with its sibling (`dq` with `dk‖dv`, see `grad_pairs`), the
     /// sibling's.
     pub second: Option<&'a DevTensor>,
 }
@@ -801,7 +801,7 @@ impl<R: Runtime> Ctx<'_, R> {
                     offset: src.offset,
                 };
                 // A value laid out in this permute's order (attention's
-                // output, `Plan`'s `permuted`) comes out dense: a relabel.
+                // output, `permuted_outputs`) comes out dense: a relabel.
                 if let Some(dense) = dense_view(x, &input) {
                     return Ok(dense);
                 }
@@ -981,7 +981,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 };
                 let out = self.alloc(shape);
                 // The residual stream's gradient added in, where the
-                // executor folds the add that reads this one (`residual`).
+                // executor folds the add that reads this one (`folded_adds`).
                 let residual = self.second.map(|r| &r.handle);
                 match wrt {
                     NormArg::X => {
@@ -1060,7 +1060,7 @@ impl<R: Runtime> Ctx<'_, R> {
                     return Ok(out);
                 }
                 if let (Some(values), Some(stats)) = (self.dest, self.second) {
-                    // Taken apart (`Plan`'s `split_lse`): the values stored
+                    // Taken apart (`SplitLse`): the values stored
                     // as q is, the log-sum-exp in its own f32 tensor. The
                     // slices that read them are bound to those; the value
                     // of this node is the statistics' buffer, which only
