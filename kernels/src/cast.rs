@@ -7,7 +7,7 @@
 //! rounding works on the bits, so it needs no `f16` support on the device.
 //! Infinity arrives as a runtime scalar (WGSL rejects non-finite literals).
 
-use crate::copy::view_positions;
+use crate::copy::{copy_layout, view_positions};
 use crate::{grid_1d, linear_pos, FloatElem, Storage, View, ELEM_BLOCK};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -171,8 +171,9 @@ pub fn launch_convert<R: Runtime>(
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn strided_convert_kernel<I: Numeric, O: Numeric, N: Size>(
-    input: &Tensor<Vector<I, N>>,
-    output: &mut Tensor<Vector<O, N>>,
+    input: &Array<Vector<I, N>>,
+    output: &mut Array<Vector<O, N>>,
+    layout: &Sequence<usize>,
     in_offset: usize,
     out_offset: usize,
     units: usize,
@@ -183,7 +184,7 @@ fn strided_convert_kernel<I: Numeric, O: Numeric, N: Size>(
     if pos >= units {
         terminate!();
     }
-    let (src, dst) = view_positions(input, output, pos, in_offset, out_offset, rank, nv);
+    let (src, dst) = view_positions(layout, pos, in_offset, out_offset, rank, nv);
     output[dst / nv] = Vector::<O, N>::cast_from(Vector::<f32, N>::cast_from(input[src / nv]));
 }
 
@@ -292,13 +293,6 @@ pub fn launch_convert_view<R: Runtime>(
         (&shape, &si, &so),
         (input.offset, output.offset),
     );
-    let view = |v: &View, strides: Vec<usize>| View {
-        handle: v.handle.clone(),
-        shape: shape.clone(),
-        strides,
-        offset: v.offset,
-    };
-    let (input, output) = (view(input, si), view(output, so));
     let units = n / nv;
     let (grid, dim) = (grid_1d(units, ELEM_BLOCK), CubeDim::new_1d(ELEM_BLOCK));
     unsafe {
@@ -308,8 +302,9 @@ pub fn launch_convert_view<R: Runtime>(
                 grid,
                 dim,
                 nv,
-                input.arg::<R>(),
-                output.arg::<R>(),
+                input.array::<R>(),
+                output.array::<R>(),
+                copy_layout::<R>(&shape, &si, &so),
                 input.offset,
                 output.offset,
                 units,

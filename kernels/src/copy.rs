@@ -11,9 +11,11 @@ use crate::{grid_1d, linear_pos, View, ELEM_BLOCK};
 use cubecl::prelude::*;
 
 #[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
 fn strided_copy_kernel<E: Numeric, N: Size>(
-    input: &Tensor<Vector<E, N>>,
-    output: &mut Tensor<Vector<E, N>>,
+    input: &Array<Vector<E, N>>,
+    output: &mut Array<Vector<E, N>>,
+    layout: &Sequence<usize>,
     in_offset: usize,
     out_offset: usize,
     units: usize,
@@ -24,19 +26,19 @@ fn strided_copy_kernel<E: Numeric, N: Size>(
     if pos >= units {
         terminate!();
     }
-    let (src, dst) = view_positions(input, output, pos, in_offset, out_offset, rank, nv);
+    let (src, dst) = view_positions(layout, pos, in_offset, out_offset, rank, nv);
     output[dst / nv] = input[src / nv];
 }
 
 /// Where unit `pos` of a strided copy (or conversion) reads and writes:
 /// one unit per vector of `nv` elements along the last axis (contiguous in
 /// both views when `nv` > 1), the element positions of its first element in
-/// `input` and `output` from their offsets; shapes and strides count
-/// elements.
+/// the input and the output from their offsets. `layout` holds the shape,
+/// then the input's strides, then the output's (`rank` each, counting
+/// elements; [`copy_layout`]).
 #[cube]
-pub(crate) fn view_positions<A: CubePrimitive, B: CubePrimitive>(
-    input: &Tensor<A>,
-    output: &Tensor<B>,
+pub(crate) fn view_positions(
+    layout: &Sequence<usize>,
     pos: usize,
     in_offset: usize,
     out_offset: usize,
@@ -48,13 +50,25 @@ pub(crate) fn view_positions<A: CubePrimitive, B: CubePrimitive>(
     let mut dst = out_offset;
     #[unroll]
     for i in 0..rank {
-        let d = rank - 1 - i;
-        let c = rem % input.shape(d);
-        rem /= input.shape(d);
-        src += c * input.stride(d);
-        dst += c * output.stride(d);
+        let d = comptime!(rank - 1 - i);
+        let n = *layout.index(d);
+        let c = rem % n;
+        rem /= n;
+        src += c * *layout.index(comptime!(rank + d));
+        dst += c * *layout.index(comptime!(2 * rank + d));
     }
     (src, dst)
+}
+
+/// The scalars [`view_positions`] reads: `shape`, then the input's
+/// strides `si`, then the output's `so`.
+pub(crate) fn copy_layout<R: Runtime>(
+    shape: &[usize],
+    si: &[usize],
+    so: &[usize],
+) -> SequenceArg<R, usize> {
+    let all: Vec<usize> = [shape, si, so].concat();
+    crate::scalars(&all)
 }
 
 /// The widest vector (of elements of `size` bytes, up to 16 bytes) that a
@@ -164,13 +178,6 @@ pub fn launch_copy<R: Runtime>(
         (&shape, &si, &so),
         (input.offset, output.offset),
     );
-    let view = |v: &View, strides: Vec<usize>| View {
-        handle: v.handle.clone(),
-        shape: shape.clone(),
-        strides,
-        offset: v.offset,
-    };
-    let (input, output) = (view(input, si), view(output, so));
     let units = n / nv;
     let (grid, dim) = (grid_1d(units, ELEM_BLOCK), CubeDim::new_1d(ELEM_BLOCK));
     macro_rules! copy {
@@ -180,8 +187,9 @@ pub fn launch_copy<R: Runtime>(
                 grid,
                 dim,
                 nv,
-                input.arg::<R>(),
-                output.arg::<R>(),
+                input.array::<R>(),
+                output.array::<R>(),
+                copy_layout::<R>(&shape, &si, &so),
                 input.offset,
                 output.offset,
                 units,

@@ -52,34 +52,39 @@ pub enum Instr {
     /// `Input` into this or one of the next two.
     InputDense(usize),
     /// Vector operand `j` at the output's position broadcast into it,
-    /// from element offset `o`: its last axis is contiguous and its other
-    /// strides and `o` divide by the vector.
-    InputRow(usize, usize),
-    /// Scalar operand `j` from element offset `o`, one value for the whole
-    /// vector: its last axis is broadcast (stride 0).
-    InputSplat(usize, usize),
+    /// from element offset `o`, by the strides at `layout[at..]`: its last
+    /// axis is contiguous and its other strides and `o` divide by the
+    /// vector.
+    InputRow(usize, usize, usize),
+    /// Scalar operand `j` from element offset `o` by the strides at
+    /// `layout[at..]`, one value for the whole vector: its last axis is
+    /// broadcast (stride 0).
+    InputSplat(usize, usize, usize),
     Const(u32),
     Unary(Unary, usize),
     Binary(Binary, usize, usize),
 }
 
-/// The element offset, by `t`'s strides, of element `pos` of the output
-/// counted densely in the output's shape (the output itself may be a
-/// strided slot of a larger buffer); shapes and strides count elements
-/// whatever the vector types.
+/// The element offset of element `pos`, counted densely in the shape
+/// `layout[0..rank]` (the output's, which may itself be a strided slot of
+/// a larger buffer), by the strides `layout[at..at + rank]` (an operand's,
+/// broadcast to that shape, or the output's); shapes and strides count
+/// elements whatever the vector types (see [`crate::scalars`]).
 #[cube]
-pub(crate) fn broadcast_offset<A: CubePrimitive, B: CubePrimitive>(
-    t: &Tensor<A>,
-    out: &Tensor<B>,
+pub(crate) fn layout_offset(
+    layout: &Sequence<usize>,
     pos: usize,
+    #[comptime] rank: usize,
+    #[comptime] at: usize,
 ) -> usize {
     let mut off = 0;
     let mut rest = pos;
-    let rank = out.rank();
+    #[unroll]
     for i in 0..rank {
-        let d = rank - 1 - i;
-        off += (rest % out.shape(d)) * t.stride(d);
-        rest /= out.shape(d);
+        let d = comptime!(rank - 1 - i);
+        let n = *layout.index(d);
+        off += (rest % n) * *layout.index(comptime!(at + d));
+        rest /= n;
     }
     off
 }
@@ -127,19 +132,25 @@ fn apply_binary<F: Float>(a: F, b: F, #[comptime] op: Binary) -> F {
 /// One unit computes `nv` consecutive outputs (one vector, inside one row
 /// of the last axis): the operands' vectors are loaded first, then the
 /// program runs once per lane in `f32`, and the vector is stored once:
-/// densely, or, when `out_strided`, by `out`'s strides from element
-/// `out_offset` (a slot of a larger buffer, such as one operand's part of a
-/// concatenation).
+/// densely, or, when `out_strided`, by the output's strides (at
+/// `layout[out_at..]`) from element `out_offset` (a slot of a larger
+/// buffer, such as one operand's part of a concatenation). `layout` starts
+/// with the output's shape (`rank` scalars), then the strided operands'
+/// strides (see [`crate::scalars`]).
 #[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
 fn elementwise_kernel<F: Float, N: Size>(
-    vectors: &Sequence<Tensor<Vector<F, N>>>,
-    scalars: &Sequence<Tensor<F>>,
-    out: &mut Tensor<Vector<F, N>>,
+    vectors: &Sequence<Array<Vector<F, N>>>,
+    scalars: &Sequence<Array<F>>,
+    out: &mut Array<Vector<F, N>>,
+    layout: &Sequence<usize>,
     units: usize,
     #[comptime] prog: Sequence<Instr>,
     #[comptime] nv: usize,
+    #[comptime] rank: usize,
     #[comptime] out_strided: bool,
     #[comptime] out_offset: usize,
+    #[comptime] out_at: usize,
 ) {
     let pos = linear_pos();
     if pos >= units {
@@ -152,13 +163,13 @@ fn elementwise_kernel<F: Float, N: Size>(
         let ins = comptime! { *prog.index(i) };
         let v = match ins {
             Instr::InputDense(k) => vectors.index(k)[pos],
-            Instr::InputRow(k, o) => {
+            Instr::InputRow(k, o, at) => {
                 let t = vectors.index(k);
-                t[(o + broadcast_offset::<Vector<F, N>, Vector<F, N>>(t, out, pos * nv)) / nv]
+                t[(o + layout_offset(layout, pos * nv, rank, at)) / nv]
             }
-            Instr::InputSplat(k, o) => {
+            Instr::InputSplat(k, o, at) => {
                 let t = scalars.index(k);
-                Vector::<F, N>::new(t[o + broadcast_offset::<F, Vector<F, N>>(t, out, pos * nv)])
+                Vector::<F, N>::new(t[o + layout_offset(layout, pos * nv, rank, at)])
             }
             _ => Vector::<F, N>::new(F::new(0.0)),
         };
@@ -175,7 +186,7 @@ fn elementwise_kernel<F: Float, N: Size>(
             let v = match ins {
                 // Rewritten by the launch.
                 Instr::Input(_) => f32::new(0.0),
-                Instr::InputDense(_) | Instr::InputRow(_, _) | Instr::InputSplat(_, _) => {
+                Instr::InputDense(_) | Instr::InputRow(_, _, _) | Instr::InputSplat(_, _, _) => {
                     f32::cast_from(loaded.index(i)[lane])
                 }
                 Instr::Const(bits) => f32::new(comptime! { f32::from_bits(bits) }),
@@ -187,9 +198,7 @@ fn elementwise_kernel<F: Float, N: Size>(
         result[lane] = F::cast_from(*vals.index(comptime! { prog.len() - 1 }));
     }
     if out_strided {
-        let at =
-            (out_offset + broadcast_offset::<Vector<F, N>, Vector<F, N>>(out, out, pos * nv)) / nv;
-        out[at] = result;
+        out[(out_offset + layout_offset(layout, pos * nv, rank, out_at)) / nv] = result;
     } else {
         out[pos] = result;
     }
@@ -267,8 +276,11 @@ pub fn launch_elementwise<R: Runtime>(
                 })
         })
         .unwrap_or(1);
-    // Operands split between the vector and the scalar sequences.
+    // Operands split between the vector and the scalar sequences; the
+    // layout scalars: the output's shape, then each strided operand's
+    // strides, then (when strided) the output's.
     let (mut vectors, mut scalars): (Vec<&View>, Vec<&View>) = (Vec::new(), Vec::new());
+    let mut layout: Vec<usize> = out.shape.clone();
     let mut slot: Vec<Option<Instr>> = vec![None; inputs.len()];
     let mut seq = Sequence::new();
     for ins in prog {
@@ -283,33 +295,32 @@ pub fn launch_elementwise<R: Runtime>(
                 };
                 list.push(v);
                 let j = list.len() - 1;
+                let at = layout.len();
+                if read != Read::Dense {
+                    layout.extend(&v.strides);
+                }
                 match read {
                     Read::Dense => Instr::InputDense(j),
-                    Read::Row => Instr::InputRow(j, v.offset),
-                    Read::Splat => Instr::InputSplat(j, v.offset),
+                    Read::Row => Instr::InputRow(j, v.offset, at),
+                    Read::Splat => Instr::InputSplat(j, v.offset, at),
                 }
             }),
             other => other,
         });
     }
-    let units = n / nv;
-    // Each sequence needs a tensor for the kernel's signature: an unused
-    // scratch buffer, allocated only then, stands in for an empty one.
-    let spare = (vectors.is_empty() || scalars.is_empty())
-        .then(|| View::contiguous(client.empty(16), &[16 / elem.size()]));
-    for list in [&mut vectors, &mut scalars] {
-        if list.is_empty() {
-            list.extend(spare.as_ref());
-        }
+    let out_at = layout.len();
+    if !out_dense {
+        layout.extend(&out.strides);
     }
+    let units = n / nv;
     with_float!(elem, F => unsafe {
         let mut vector_args = SequenceArg::new();
         for v in &vectors {
-            vector_args.push(v.arg::<R>());
+            vector_args.push(v.array::<R>());
         }
         let mut scalar_args = SequenceArg::new();
         for v in &scalars {
-            scalar_args.push(v.arg::<R>());
+            scalar_args.push(v.array::<R>());
         }
         elementwise_kernel::launch_unchecked::<F, R>(
             client,
@@ -318,12 +329,15 @@ pub fn launch_elementwise<R: Runtime>(
             nv,
             vector_args,
             scalar_args,
-            out.arg::<R>(),
+            out.array::<R>(),
+            crate::scalars(&layout),
             units,
             seq,
             nv,
+            r,
             !out_dense,
             out.offset,
+            out_at,
         );
     });
     Ok(())

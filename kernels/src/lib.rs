@@ -193,6 +193,43 @@ impl View {
         };
         unsafe { TensorArg::from_raw_parts(self.handle.clone(), strides.into(), shape.into()) }
     }
+
+    /// Elements from the start of the buffer to one past the view's last
+    /// element (0 for an empty view).
+    pub fn extent(&self) -> usize {
+        if self.numel() == 0 {
+            return 0;
+        }
+        let last: usize = self
+            .shape
+            .iter()
+            .zip(&self.strides)
+            .map(|(n, s)| (n - 1) * s)
+            .sum();
+        self.offset + last + 1
+    }
+
+    /// The view's buffer as a kernel array, to be indexed through its
+    /// shape and strides passed as scalars ([`scalars`]).
+    ///
+    /// # Safety
+    ///
+    /// The strides and shape must stay inside the buffer.
+    pub(crate) unsafe fn array<R: Runtime>(&self) -> ArrayArg<R> {
+        unsafe { ArrayArg::from_raw_parts(self.handle.clone(), self.extent().max(1)) }
+    }
+}
+
+/// `values` (shapes, strides) as a kernel's scalar arguments.
+///
+/// A `Tensor` argument's shape and strides are launch metadata that CubeCL
+/// uploads to the device before every launch (a staging copy and two pool
+/// allocations on the host, a copy on the stream); scalars travel in the
+/// launch's own parameters. The kernels that read views through strides
+/// therefore take arrays and these sequences, indexed at comptime
+/// positions (their lengths are comptime).
+pub(crate) fn scalars<R: Runtime>(values: &[usize]) -> SequenceArg<R, usize> {
+    values.iter().copied().collect()
 }
 
 /// Row-major strides of `shape`.

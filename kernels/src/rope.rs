@@ -4,7 +4,8 @@
 //! angle `a = pos · inv_freq[j]` (in f32, like the reference):
 //! `out[j] = x[j]·cos a − x[j + d/2]·sin a`,
 //! `out[j + d/2] = x[j + d/2]·cos a + x[j]·sin a`. A first kernel tabulates
-//! `cos a` and `sin a` per (position, frequency), in `f32`; the second
+//! `cos a` and `sin a` per (position, frequency), in `f32` (once per run
+//! for all the layers' rotations over the same positions: `RopeTable`); the second
 //! applies them, one thread per vector of pairs (up to 16-byte loads),
 //! reading `x` through its strides (a slice of a merged projection or a
 //! permute of attention's gradient, in place). The inverse rotation (by `−a`,
@@ -52,16 +53,18 @@ fn rope_table_kernel(
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn rope_kernel<F: Float, N: Size>(
-    x: &Tensor<Vector<F, N>>,
+    x: &Array<Vector<F, N>>,
     cos: &Array<f32>,
     sin: &Array<f32>,
-    out: &mut Tensor<Vector<F, N>>,
+    out: &mut Array<Vector<F, N>>,
+    layout: &Sequence<usize>,
     t: u32,
     units: usize,
     #[comptime] h: usize,
     #[comptime] d: usize,
     #[comptime] nv: usize,
     #[comptime] x_offset: usize,
+    #[comptime] rank: usize,
 ) {
     let u = linear_pos();
     if u >= units {
@@ -76,8 +79,7 @@ fn rope_kernel<F: Float, N: Size>(
     let p = row * comptime!(h * d) + head * d + j;
     let ti = usize::cast_from(u32::cast_from(row) % t);
     let at = ti * half + j;
-    let xo =
-        x_offset + crate::elementwise::broadcast_offset::<Vector<F, N>, Vector<F, N>>(x, out, p);
+    let xo = x_offset + crate::elementwise::layout_offset(layout, p, rank, rank);
     let lo = x[xo / nv];
     let hi = x[(xo + half) / nv];
     let mut a = Vector::<F, N>::empty();
@@ -91,6 +93,64 @@ fn rope_kernel<F: Float, N: Size>(
     }
     out[p / nv] = a;
     out[(p + half) / nv] = b;
+}
+
+/// The cosines and sines of RoPE's angles for `t` positions and `half`
+/// frequencies (`f32`, `[t, half]` each): one launch's worth, which every
+/// rotation over the same positions, frequencies and direction can share
+/// (the executor keeps one per run for all layers).
+#[derive(Clone, Debug)]
+pub struct RopeTable {
+    cos: Handle,
+    sin: Handle,
+    t: usize,
+    half: usize,
+}
+
+/// Tabulates RoPE's angles for positions `pos` (`i32 [t]`) and inverse
+/// frequencies `inv_freq` (`f32 [half]`); `inverse` negates the sines
+/// (the rotation by `−a`, RoPE's gradient).
+pub fn launch_rope_table<R: Runtime>(
+    client: &ComputeClient<R>,
+    pos: &Handle,
+    inv_freq: &Handle,
+    t: usize,
+    half: usize,
+    inverse: bool,
+) -> RopeTable {
+    let entries = t * half;
+    let cos = client.empty(entries.max(1) * 4);
+    let sin = client.empty(entries.max(1) * 4);
+    if entries > 0 {
+        unsafe {
+            rope_table_kernel::launch_unchecked::<R>(
+                client,
+                grid_1d(entries, ELEM_BLOCK),
+                CubeDim::new_1d(ELEM_BLOCK),
+                ArrayArg::from_raw_parts(pos.clone(), t),
+                ArrayArg::from_raw_parts(inv_freq.clone(), half),
+                ArrayArg::from_raw_parts(cos.clone(), entries),
+                ArrayArg::from_raw_parts(sin.clone(), entries),
+                half,
+                entries,
+                inverse,
+            );
+        }
+    }
+    RopeTable { cos, sin, t, half }
+}
+
+/// The `(t, d)` of a rope over `x (..., t, h, d)`, or why the kernel
+/// cannot read `x`.
+pub fn rope_dims(x: &View) -> Result<(usize, usize), KernelError> {
+    let r = x.shape.len();
+    if r < 3 || x.strides[r - 1] != 1 || !x.shape[r - 1].is_multiple_of(2) {
+        return Err(KernelError::Unsupported(format!(
+            "rope of a [{:?}] view with strides {:?}: needs [..., t, h, d], d even, the last axis contiguous",
+            x.shape, x.strides
+        )));
+    }
+    Ok((x.shape[r - 3], x.shape[r - 1]))
 }
 
 /// RoPE of `x (..., t, h, d)`, a view whose last axis is contiguous (dense,
@@ -107,22 +167,35 @@ pub fn launch_rope<R: Runtime>(
     out: &Handle,
     inverse: bool,
 ) -> Result<(), KernelError> {
+    let (t, d) = rope_dims(x)?;
+    let table = launch_rope_table(client, pos, inv_freq, t, d / 2, inverse);
+    launch_rope_with(client, elem, x, &table, out)
+}
+
+/// [`launch_rope`] with the angles' table already computed (for `x`'s
+/// positions and head dim).
+pub fn launch_rope_with<R: Runtime>(
+    client: &ComputeClient<R>,
+    elem: FloatElem,
+    x: &View,
+    table: &RopeTable,
+    out: &Handle,
+) -> Result<(), KernelError> {
+    let (t, d) = rope_dims(x)?;
     let r = x.shape.len();
-    if r < 3 || x.strides[r - 1] != 1 || !x.shape[r - 1].is_multiple_of(2) {
+    let h = x.shape[r - 2];
+    let half = d / 2;
+    if (table.t, table.half) != (t, half) {
         return Err(KernelError::Unsupported(format!(
-            "rope of a [{:?}] view with strides {:?}: needs [..., t, h, d], d even, the last axis contiguous",
-            x.shape, x.strides
+            "a rope table of {} positions and {} frequencies for x of shape {:?}",
+            table.t, table.half, x.shape
         )));
     }
-    let (t, h, d) = (x.shape[r - 3], x.shape[r - 2], x.shape[r - 1]);
     let n = x.numel();
     if n == 0 {
         return Ok(());
     }
-    let half = d / 2;
     let entries = t * half;
-    let cos = client.empty(entries.max(1) * 4);
-    let sin = client.empty(entries.max(1) * 4);
     // The widest vector (up to 16 bytes) that divides a half-head and
     // keeps every row of the view aligned.
     let nv = client
@@ -130,35 +203,24 @@ pub fn launch_rope<R: Runtime>(
         .find(|&nv| half.is_multiple_of(nv) && x.aligned_to(nv))
         .unwrap_or(1);
     let units = n / 2 / nv;
-    let dense = View::contiguous(out.clone(), &x.shape);
     unsafe {
-        rope_table_kernel::launch_unchecked::<R>(
-            client,
-            grid_1d(entries, ELEM_BLOCK),
-            CubeDim::new_1d(ELEM_BLOCK),
-            ArrayArg::from_raw_parts(pos.clone(), t),
-            ArrayArg::from_raw_parts(inv_freq.clone(), half),
-            ArrayArg::from_raw_parts(cos.clone(), entries),
-            ArrayArg::from_raw_parts(sin.clone(), entries),
-            half,
-            entries,
-            inverse,
-        );
         with_float!(elem, F => rope_kernel::launch_unchecked::<F, R>(
             client,
             grid_1d(units, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
             nv,
-            x.arg::<R>(),
-            ArrayArg::from_raw_parts(cos, entries),
-            ArrayArg::from_raw_parts(sin, entries),
-            dense.arg::<R>(),
+            x.array::<R>(),
+            ArrayArg::from_raw_parts(table.cos.clone(), entries),
+            ArrayArg::from_raw_parts(table.sin.clone(), entries),
+            ArrayArg::from_raw_parts(out.clone(), n),
+            crate::scalars(&[&x.shape[..], &x.strides[..]].concat()),
             t as u32,
             units,
             h,
             d,
             nv,
             x.offset,
+            r,
         ));
     }
     Ok(())

@@ -16,7 +16,7 @@
 //! strides, so any layout is correct; a contiguous last axis is the one
 //! whose reads neighbouring iterations share cache lines.
 
-use crate::copy::view_positions;
+use crate::copy::{copy_layout, view_positions};
 use crate::reduce::block_sum;
 use crate::{grid_1d, linear_cube, linear_pos, with_float, FloatElem, View, ELEM_BLOCK, ROW_BLOCK};
 use cubecl::prelude::*;
@@ -29,11 +29,14 @@ const SHORT_ROW: usize = 128;
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn row_dot_short_kernel<F: Float + CubeElement>(
-    x: &Tensor<F>,
-    y: &Tensor<F>,
+    x: &Array<F>,
+    y: &Array<F>,
     out: &mut Array<f32>,
+    layout: &Sequence<usize>,
     x_offset: usize,
     y_offset: usize,
+    sa: usize,
+    sb: usize,
     rows: usize,
     n: usize,
     #[comptime] lead: usize,
@@ -42,8 +45,7 @@ fn row_dot_short_kernel<F: Float + CubeElement>(
     if row >= rows {
         terminate!();
     }
-    let (a, b) = view_positions::<F, F>(x, y, row, x_offset, y_offset, lead, 1usize);
-    let (sa, sb) = (x.stride(lead), y.stride(lead));
+    let (a, b) = view_positions(layout, row, x_offset, y_offset, lead, 1usize);
     let mut acc = f32::new(0.0);
     for i in 0..n {
         acc += f32::cast_from(x[a + i * sa]) * f32::cast_from(y[b + i * sb]);
@@ -58,9 +60,10 @@ fn row_dot_short_kernel<F: Float + CubeElement>(
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn row_dot_vec_kernel<F: Float + CubeElement, N: Size>(
-    x: &Tensor<Vector<F, N>>,
-    y: &Tensor<Vector<F, N>>,
+    x: &Array<Vector<F, N>>,
+    y: &Array<Vector<F, N>>,
     out: &mut Array<f32>,
+    layout: &Sequence<usize>,
     x_offset: usize,
     y_offset: usize,
     rows: usize,
@@ -72,8 +75,7 @@ fn row_dot_vec_kernel<F: Float + CubeElement, N: Size>(
     if row >= rows {
         terminate!();
     }
-    let (a, b) =
-        view_positions::<Vector<F, N>, Vector<F, N>>(x, y, row, x_offset, y_offset, lead, 1usize);
+    let (a, b) = view_positions(layout, row, x_offset, y_offset, lead, 1usize);
     let (va, vb) = (a / nv, b / nv);
     let mut acc = f32::new(0.0);
     for i in 0..len / nv {
@@ -91,11 +93,14 @@ fn row_dot_vec_kernel<F: Float + CubeElement, N: Size>(
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn row_dot_long_kernel<F: Float + CubeElement>(
-    x: &Tensor<F>,
-    y: &Tensor<F>,
+    x: &Array<F>,
+    y: &Array<F>,
     out: &mut Array<f32>,
+    layout: &Sequence<usize>,
     x_offset: usize,
     y_offset: usize,
+    sa: usize,
+    sb: usize,
     rows: usize,
     n: usize,
     #[comptime] lead: usize,
@@ -104,8 +109,7 @@ fn row_dot_long_kernel<F: Float + CubeElement>(
     if row >= rows {
         terminate!();
     }
-    let (a, b) = view_positions::<F, F>(x, y, row, x_offset, y_offset, lead, 1usize);
-    let (sa, sb) = (x.stride(lead), y.stride(lead));
+    let (a, b) = view_positions(layout, row, x_offset, y_offset, lead, 1usize);
     let mut smem = SharedMemory::<f32>::new(ROW_BLOCK as usize);
     let mut acc = f32::new(0.0);
     let mut i = UNIT_POS as usize;
@@ -141,6 +145,8 @@ pub fn launch_row_dot<R: Runtime>(
         return;
     }
     let short = n <= SHORT_ROW;
+    // The leading axes and both views' strides along them.
+    let layout = || copy_layout::<R>(&x.shape[..lead], &x.strides[..lead], &y.strides[..lead]);
     // The widest vector both views allow (1: the scalar kernels).
     let nv = client
         .io_optimized_vector_sizes(elem.size())
@@ -153,9 +159,10 @@ pub fn launch_row_dot<R: Runtime>(
                 grid_1d(rows, ELEM_BLOCK),
                 CubeDim::new_1d(ELEM_BLOCK),
                 nv,
-                x.arg::<R>(),
-                y.arg::<R>(),
+                x.array::<R>(),
+                y.array::<R>(),
                 ArrayArg::from_raw_parts(out.clone(), rows),
+                layout(),
                 x.offset,
                 y.offset,
                 rows,
@@ -177,11 +184,14 @@ pub fn launch_row_dot<R: Runtime>(
                 client,
                 grid,
                 dim,
-                x.arg::<R>(),
-                y.arg::<R>(),
+                x.array::<R>(),
+                y.array::<R>(),
                 ArrayArg::from_raw_parts(out.clone(), rows),
+                layout(),
                 x.offset,
                 y.offset,
+                x.strides[lead],
+                y.strides[lead],
                 rows,
                 n,
                 lead,

@@ -303,6 +303,9 @@ pub struct GpuExecutor<R: Runtime> {
     /// per launch cost about half a millisecond of host time on CUDA, most
     /// of a decode step.
     rope_freqs: HashMap<NodeId, Handle>,
+    /// Each rope node's key among this run's angle tables (`rope_tables`).
+    rope_keys: HashMap<NodeId, ops::RopeKey>,
+    rope_tables: ops::RopeTables,
     /// With [`GpuOptions::param_copies`]: the casts of parameters to a half
     /// precision the device stores narrow, each bound to its copy, and the
     /// copies by parameter name.
@@ -436,13 +439,31 @@ impl<R: Runtime> GpuExecutor<R> {
         vendor: Option<Arc<VendorGemm>>,
         narrow: HalfStorage,
     ) -> Self {
-        let mut rope_freqs = HashMap::new();
+        // Each distinct set of inverse frequencies is uploaded once; the
+        // rotations over one positions operand with the same frequencies
+        // and direction share a key, hence one angle table per run
+        // (`CARAMBA_NO_ROPE_TABLES=1`: a table per launch, for A/B runs).
+        let shared_tables = !env_off("CARAMBA_NO_ROPE_TABLES");
+        let (mut rope_freqs, mut rope_keys) = (HashMap::new(), HashMap::new());
+        let mut distinct: Vec<(Vec<u32>, Handle)> = Vec::new();
         for &id in &plan.order {
             if let caramba_ir::Op::Rope(spec) = &graph.node(id).op {
-                let x = graph.operands(id)[0];
+                let (x, pos) = (graph.operands(id)[0], graph.operands(id)[1]);
                 if let Some(Some(d)) = graph.node(x).ty.shape.last().map(|d| d.as_const()) {
                     let inv: Vec<f32> = spec.inv_freq(d).into_iter().map(|f| f as f32).collect();
-                    rope_freqs.insert(id, client.create_from_slice(f32::as_bytes(&inv)));
+                    let bits: Vec<u32> = inv.iter().map(|f| f.to_bits()).collect();
+                    let k = match distinct.iter().position(|(b, _)| *b == bits) {
+                        Some(k) => k,
+                        None => {
+                            let h = client.create_from_slice(f32::as_bytes(&inv));
+                            distinct.push((bits, h));
+                            distinct.len() - 1
+                        }
+                    };
+                    rope_freqs.insert(id, distinct[k].1.clone());
+                    if shared_tables {
+                        rope_keys.insert(id, (pos, k, spec.inverse));
+                    }
                 }
             }
         }
@@ -458,6 +479,8 @@ impl<R: Runtime> GpuExecutor<R> {
         let reduced_slices = reduced_slices(graph, &plan.order);
         GpuExecutor {
             rope_freqs,
+            rope_keys,
+            rope_tables: ops::RopeTables::default(),
             copies,
             copies_by_name,
             recycled: ops::Recycled::default(),
@@ -672,6 +695,7 @@ impl<R: Runtime> GpuExecutor<R> {
             fast_matmul: self.options.fast_matmul,
             vendor: None,
             rope_freqs: None,
+            rope_table: None,
             narrow: self.narrow,
             sum_batch: false,
             transposed_sum: false,
@@ -716,6 +740,7 @@ impl<R: Runtime> GpuExecutor<R> {
         let mut syms = syms;
         let mut uses = self.uses.clone();
         self.recycled.next_run();
+        self.rope_tables.clear();
         let mut values: HashMap<NodeId, DevTensor> = HashMap::new();
         // Concatenations' buffers, from their first slot's op on, and the
         // values computed into them (see `Plan::slots`).
@@ -893,6 +918,7 @@ impl<R: Runtime> GpuExecutor<R> {
                         fast_matmul: self.options.fast_matmul,
                         vendor: self.vendor.as_deref(),
                         rope_freqs: self.rope_freqs.get(&id),
+                        rope_table: self.rope_keys.get(&id).map(|&k| (&self.rope_tables, k)),
                         narrow: self.narrow,
                         sum_batch: self.batch_summed.contains(&id),
                         transposed_sum: self.transposed_sums.contains(&id),

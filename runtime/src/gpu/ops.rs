@@ -176,6 +176,35 @@ impl Recycled {
     }
 }
 
+/// Which rotations share angle tables: those over the same positions (the
+/// operand node), the same inverse frequencies (an index among the
+/// executor's distinct ones) and in the same direction.
+pub(crate) type RopeKey = (NodeId, usize, bool);
+
+/// RoPE's angle tables of one run, by key and number of positions: every
+/// layer's rotation of q and k over the same positions reads one table
+/// (two launches and two allocations a layer fewer). Emptied at the start
+/// of each run, since the positions are an input the caller may rewrite.
+#[derive(Default)]
+pub(crate) struct RopeTables(std::sync::Mutex<HashMap<(RopeKey, usize), rope::RopeTable>>);
+
+impl RopeTables {
+    /// The table for `key` at `t` positions, made by `make` the first time.
+    pub fn get_or(
+        &self,
+        key: RopeKey,
+        t: usize,
+        make: impl FnOnce() -> rope::RopeTable,
+    ) -> rope::RopeTable {
+        let mut tables = self.0.lock().expect("rope tables");
+        tables.entry((key, t)).or_insert_with(make).clone()
+    }
+
+    pub fn clear(&self) {
+        self.0.lock().expect("rope tables").clear();
+    }
+}
+
 /// What one launch needs to know.
 pub(crate) struct Ctx<'a, R: Runtime> {
     pub client: &'a ComputeClient<R>,
@@ -186,6 +215,9 @@ pub(crate) struct Ctx<'a, R: Runtime> {
     /// A rope node's inverse frequencies, when the executor uploaded them
     /// once; otherwise they are uploaded for the launch.
     pub rope_freqs: Option<&'a caramba_kernels::cubecl::server::Handle>,
+    /// A rope node's angle tables this run and its key there (see
+    /// `RopeTables`); `None`: the launch tabulates its own.
+    pub rope_table: Option<(&'a RopeTables, RopeKey)>,
     /// Which half-precision types the device stores narrow.
     pub narrow: HalfStorage,
     /// A matmul whose only user sums its batch axis (a weight's gradient,
@@ -885,22 +917,29 @@ impl<R: Runtime> Ctx<'_, R> {
             }
             Op::Rope(spec) => {
                 let (x, pos) = (xs[0], xs[1]);
-                let d = x.shape[x.shape.len() - 1];
-                let inv = match self.rope_freqs {
-                    Some(h) => h.clone(),
-                    None => {
-                        let inv: Vec<f32> =
-                            spec.inv_freq(d).into_iter().map(|f| f as f32).collect();
-                        c.create_from_slice(f32::as_bytes(&inv))
-                    }
-                };
                 // A view whose last axis is not contiguous is copied first.
                 let mut xv = Self::view(x);
                 if xv.strides.last() != Some(&1) {
                     xv = Self::view(&materialized(c, x));
                 }
+                let (t, d) = rope::rope_dims(&xv).map_err(|e| self.err(e.to_string()))?;
+                let tabulate = || {
+                    let inv = match self.rope_freqs {
+                        Some(h) => h.clone(),
+                        None => {
+                            let inv: Vec<f32> =
+                                spec.inv_freq(d).into_iter().map(|f| f as f32).collect();
+                            c.create_from_slice(f32::as_bytes(&inv))
+                        }
+                    };
+                    rope::launch_rope_table(c, &pos.handle, &inv, t, d / 2, spec.inverse)
+                };
+                let table = match self.rope_table {
+                    Some((tables, key)) => tables.get_or(key, t, tabulate),
+                    None => tabulate(),
+                };
                 let out = self.alloc(shape);
-                rope::launch_rope(c, e, &xv, &pos.handle, &inv, &out.handle, spec.inverse)
+                rope::launch_rope_with(c, e, &xv, &table, &out.handle)
                     .map_err(|e| self.err(e.to_string()))?;
                 Ok(out)
             }

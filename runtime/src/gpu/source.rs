@@ -227,6 +227,7 @@ fn capture<R: Runtime>(
                     fast_matmul: false,
                     vendor: None,
                     rope_freqs: None,
+                    rope_table: None,
                     narrow,
                     sum_batch: false,
                     transposed_sum: false,
