@@ -463,6 +463,13 @@ POLL:
         }
     }
 
+    /// Whether `CARAMBA_VENDOR_FLUSH=1` asks for a CubeCL flush (and its
+    /// fence wait) after each product's signal.
+    fn flush_per_product() -> bool {
+        static FLUSH: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *FLUSH.get_or_init(|| std::env::var("CARAMBA_VENDOR_FLUSH").is_ok_and(|v| v == "1"))
+    }
+
     /// Whether `CARAMBA_VENDOR_SYNC=1` asks for the host-waiting protocol.
     fn host_sync() -> bool {
         static SYNC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -580,6 +587,7 @@ POLL:
                 };
                 f.counter = f.counter.wrapping_add(1);
                 let (v, ptr, buffer) = (f.counter, f.ptr, f.buffer.clone());
+                let lookup = buffer.clone();
                 let arg = move || unsafe { ArrayArg::from_raw_parts(buffer.clone(), 2) };
                 unsafe {
                     signal_kernel::launch_unchecked::<CudaRuntime>(
@@ -590,13 +598,25 @@ POLL:
                         v,
                     )
                 };
-                // CubeCL may hold launches back until a flush: the signal
-                // must be on the device before our stream waits for it, or
-                // anything in CubeCL that waits for the whole device (a
-                // module load, a synchronous free) would wait for our
-                // waiting kernel, which waits for a signal still on the
-                // host.
-                client.flush().map_err(|e| err("flush", e))?;
+                // The signal must be issued to CubeCL's stream before our
+                // stream waits for it, or anything in CubeCL that waits for
+                // the whole device (a module load, a synchronous free)
+                // would wait for our waiting kernel, which would wait for a
+                // signal still queued on the host. A caller that is not
+                // CubeCL's device thread queued the launch on its channel:
+                // one blocking round trip there (a buffer lookup) has it
+                // issued; on the device thread (`ComputeClient::exclusive`)
+                // the launch was issued inline. `client.flush()` did this
+                // too, but it also waits for the device to reach the fence
+                // of the flush before: a host wait per product that kept
+                // the host from running more than one product ahead of the
+                // device (BENCHMARKS, sixteenth session).
+                // `CARAMBA_VENDOR_FLUSH=1` restores it, for A/B runs.
+                if flush_per_product() {
+                    client.flush().map_err(|e| err("flush", e))?;
+                } else {
+                    client.get_resource(lookup).map_err(|e| err("flush", e))?;
+                }
                 let (wait, _) = st.handoff.expect("checked above");
                 launch_flag(wait, st.stream, ptr, v).map_err(|e| err("stream wait", e))?;
                 Some((v, ptr, arg))
