@@ -230,6 +230,7 @@ fn main() {
         }
     }
     let secs = start.elapsed().as_secs_f64() / steps as f64;
+    let reserved = trainer.reserved_bytes();
     // CARAMBA_BENCH_PROFILE=1: one more step with every kernel waited for,
     // and where its time went.
     if std::env::var("CARAMBA_BENCH_PROFILE").is_ok_and(|v| v == "1") {
@@ -287,12 +288,13 @@ fn main() {
     };
     let mfu = 6.0 * n_params as f64 * tps / peak;
     println!(
-"{{\"name\": \"train_{which}_b{b}_t{t}_{label}{}\", \"impl\": \"caramba\", \"ms_per_step\": {:.1}, \"tokens_per_s\": {tps:.0}, \"mfu\": {mfu:.3}, \"peak_tflops\": {:.0}, \"loss\": {last:.4}, \"host_issue_ms\": {:.1}, \"host_wait_ms\": {:.1}, \"host_update_ms\": {:.1}}}",
+"{{\"name\": \"train_{which}_b{b}_t{t}_{label}{}\", \"impl\": \"caramba\", \"ms_per_step\": {:.1}, \"tokens_per_s\": {tps:.0}, \"mfu\": {mfu:.3}, \"peak_tflops\": {:.0}, \"loss\": {last:.4}, \"host_issue_ms\": {:.1}, \"host_wait_ms\": {:.1}, \"host_update_ms\": {:.1}, \"reserved_gib\": {}}}",
         if primitive { "_primitive_backward" } else { "" },
         secs * 1e3,
         peak / 1e12,
         host[0],
         host[1],
-        host[2]
+        host[2],
+        reserved.map_or("null".to_string(), |r| format!("{:.1}", r as f64 / (1u64 << 30) as f64))
     );
 }

@@ -75,7 +75,10 @@ def main():
                     name=f"train_{which}_b{b}_t{t}_{'tf32' if tf32 and dtype_name == 'f32' else dtype_name}",
                     impl=f"torch-{mode}", ms_per_step=round(secs * 1e3, 1), tokens_per_s=round(tps),
                     mfu=round(6 * n * tps / (67e12 if dtype_name == "f32" else 989e12), 3),
-                    peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1))), flush=True)
+                    peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
+                    # The caching allocator's high-water mark: comparable
+                    # with train_bench's reserved_gib (CubeCL's pools).
+                    reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 1))), flush=True)
                 del model, opt, fwd
                 torch.cuda.empty_cache()
             except Exception as e:  # report, don't hide

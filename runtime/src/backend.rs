@@ -378,6 +378,30 @@ impl DeviceTrainer {
         }
     }
 
+    /// The bytes the device's memory pools hold (CubeCL's
+    /// `bytes_reserved`): pools keep their pages, so after a run this is
+    /// the high-water mark of what the training needed, padding included
+    /// (more than PyTorch's `max_memory_allocated`, which counts live
+    /// tensors only).
+    pub fn reserved_bytes(&self) -> Option<u64> {
+        match *self {
+            #[cfg(feature = "wgpu")]
+            DeviceTrainer::Wgpu(ref t) => t
+                .executor()
+                .client()
+                .memory_usage()
+                .ok()
+                .map(|u| u.bytes_reserved),
+            #[cfg(feature = "cuda")]
+            DeviceTrainer::Cuda(ref t) => t
+                .executor()
+                .client()
+                .memory_usage()
+                .ok()
+                .map(|u| u.bytes_reserved),
+        }
+    }
+
     /// One optimizer step over micro-batches (`GpuTrainer::step`).
     pub fn step(
         &mut self,
