@@ -184,8 +184,8 @@ pub(crate) type RopeKey = (NodeId, usize, bool);
 /// RoPE's angle tables of one run, by key and number of positions: every
 /// layer's rotation of q and k over the same positions reads one table
 /// (every rotation but the first saves a launch and two allocations).
-/// Emptied at the start
-/// of each run, since the positions are an input the caller may rewrite.
+/// Emptied at the start of each run, since the positions are an input the
+/// caller may rewrite.
 #[derive(Default)]
 pub(crate) struct RopeTables(std::sync::Mutex<HashMap<(RopeKey, usize), rope::RopeTable>>);
 
