@@ -124,6 +124,28 @@ fn bind<'a>(vals: Vec<Tensor>) -> Bindings<'a> {
 
 const TOL: f32 = 1e-4;
 
+/// `g` on `xs` (inputs `x0, x1, …`, stored as `dtype`) by a profiling
+/// executor, checked against the reference (to `dtype`'s tolerance); the
+/// executor is returned with that one run in its profile.
+fn checked_profiled<R: Runtime>(
+    dev: &R::Device,
+    g: &Graph,
+    xs: Vec<Tensor>,
+    dtype: DType,
+) -> GpuExecutor<R> {
+    let tol = if dtype == DType::F32 { TOL } else { 2e-2 };
+    let bindings = bind(xs);
+    let want = eval(g, &bindings).expect("reference evaluation");
+    let options = GpuOptions {
+        profile: true,
+        ..GpuOptions::default()
+    };
+    let exec = GpuExecutor::<R>::with_options(dev, g, bindings.params, options).expect("executor");
+    let got = exec.run_bindings(&bindings).expect("gpu run");
+    assert_close(&want, &got, tol, &g.name);
+    exec
+}
+
 pub fn unary<R: Runtime>(dev: &R::Device) {
     let mut rng = Rng(1);
     for u in [
@@ -2307,15 +2329,7 @@ pub fn attention_apart<R: Runtime>(dev: &R::Device) {
             &[b, kv, grp, rows, d],
         ]
         .map(|dims| rounded_as(dtype, &rng.tensor(dims)));
-        let tol = if dtype == DType::F32 { TOL } else { 2e-2 };
-        let bindings = bind(xs.to_vec());
-        let options = GpuOptions {
-            profile: true,
-            ..GpuOptions::default()
-        };
-        check_with::<R>(dev, &g, &bindings, tol, options);
-        let exec = GpuExecutor::<R>::with_options(dev, &g, bindings.params, options).unwrap();
-        exec.run_bindings(&bindings).unwrap();
+        let exec = checked_profiled::<R>(dev, &g, xs.to_vec(), dtype);
         if dtype == DType::F32 || exec.storage_of(dtype) != FloatElem::F32 {
             let ops: Vec<String> = exec.profile().into_iter().map(|p| p.op).collect();
             assert!(
@@ -2367,15 +2381,7 @@ pub fn folded_adds<R: Runtime>(dev: &R::Device) {
             }
             let xs = [&[2, 3, d][..], &[d], &[2, 3, d], &[2, 3, d]]
                 .map(|dims| rounded_as(dtype, &rng.tensor(dims)));
-            let tol = if dtype == DType::F32 { TOL } else { 2e-2 };
-            let bindings = bind(xs.to_vec());
-            let options = GpuOptions {
-                profile: true,
-                ..GpuOptions::default()
-            };
-            check_with::<R>(dev, &g, &bindings, tol, options);
-            let exec = GpuExecutor::<R>::with_options(dev, &g, bindings.params, options).unwrap();
-            exec.run_bindings(&bindings).unwrap();
+            let exec = checked_profiled::<R>(dev, &g, xs.to_vec(), dtype);
             let adds: usize = exec
                 .profile()
                 .into_iter()
@@ -2417,15 +2423,7 @@ pub fn reduced_slices<R: Runtime>(dev: &R::Device) {
             g.set_output(name, id);
         }
         let xs = [&[2, 3, 4, 5, 16][..], &[3, 6, 5]].map(|d| rounded_as(dtype, &rng.tensor(d)));
-        let tol = if dtype == DType::F32 { TOL } else { 2e-2 };
-        let bindings = bind(xs.to_vec());
-        let options = GpuOptions {
-            profile: true,
-            ..GpuOptions::default()
-        };
-        check_with::<R>(dev, &g, &bindings, tol, options);
-        let exec = GpuExecutor::<R>::with_options(dev, &g, bindings.params, options).unwrap();
-        exec.run_bindings(&bindings).unwrap();
+        let exec = checked_profiled::<R>(dev, &g, xs.to_vec(), dtype);
         let launches = |name: &str| -> usize {
             exec.profile()
                 .into_iter()
