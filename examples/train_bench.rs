@@ -82,6 +82,7 @@ fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 }
 
 fn main() {
+    caramba::device_memory::install_panic_hook();
     let args: Vec<String> = std::env::args().collect();
     let backend = Backend::parse(args.get(1).map_or("auto", |s| s)).expect("backend");
     let which = args.get(2).map_or("smollm2", |s| s).to_string();

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod commands;
+pub mod device_memory;
 pub mod model;
 pub mod progress;
 pub mod train;

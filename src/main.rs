@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
+    caramba::device_memory::install_panic_hook();
     match commands::dispatch(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

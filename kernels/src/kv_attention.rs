@@ -13,7 +13,8 @@
 //! every SM busy when a decode step has only `g` query rows:
 //!
 //! - the *decode* kernel, for at most `KV_QUERIES` query rows per head on
-//!   devices with fixed-size planes (CUDA): one plane per key, lanes
+//!   devices with fixed-size planes (CUDA): each plane scores a tile of
+//!   keys one per lane, then accumulates their values with the lanes
 //!   splitting the head dims, K and V read straight into registers (see
 //!   `kv_decode_kernel`);
 //! - the *staged* kernel for everything else (prefill, lavapipe), described
@@ -428,20 +429,28 @@ fn kv_attention_kernel<F: Float + CubeElement>(
     }
 }
 
-/// Planes per cube of the decode kernel: each takes every `WARPS`-th key
+/// Planes per cube of the decode kernel: each takes every `WARPS`-th tile
 /// of the cube's chunk.
 const WARPS: usize = 4;
 
-/// Decode (at most `KV_QUERIES` query rows per head): one plane per key at
-/// a time, its lanes splitting the head dims four values each, so a key's
-/// row is read once, coalesced, straight from the cache into registers; the
-/// dot products are plane sums, and the softmax update and the value
-/// accumulation happen in each lane's registers. q (pre-scaled) lives in
-/// registers too: no shared memory in the loop, so the kernel waits on
-/// memory, not on shared-memory instructions. Each plane takes two keys per
-/// iteration (independent loads, so one's latency hides the other's), and
-/// the cube's planes merge their partials in shared memory at the end: one
-/// partial per chunk for the combine kernel.
+/// Decode (at most `KV_QUERIES` query rows per head): each plane takes a
+/// tile of one key per lane at a time.
+///
+/// - **Scores, one lane per key**: a lane reads its key's whole row (the
+///   plane reads `lanes` rows at once, so every load instruction has that
+///   many independent requests in flight) and dots it with every query
+///   row, `q` (pre-scaled) read from shared memory by all lanes at once (a
+///   broadcast). No reduction across lanes per key: the plane reductions
+///   (max, sum) happen once per tile and row, as does the accumulator's
+///   rescale.
+/// - **Values, lanes splitting the dims** (four each, coalesced), each
+///   key's probability taken from its lane with a shuffle.
+///
+/// Keys past the chunk are clamped to its last one (a valid row) and
+/// weighted zero, so the tile's loops have no branches and the compiler can
+/// issue all of a tile's loads together. The cube's planes merge their
+/// partials in shared memory at the end: one partial per chunk for the
+/// combine kernel.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn kv_decode_kernel<F: Float + CubeElement>(
@@ -472,8 +481,8 @@ fn kv_decode_kernel<F: Float + CubeElement>(
 ) {
     let levels = nf4_levels();
     let dk = comptime!(d0 + d1);
-    let pk = comptime!((d0 + d1).div_ceil(4 * lanes));
     let pv = comptime!(dv.div_ceil(4 * lanes));
+    let per_lane = comptime!(4 * dv.div_ceil(4 * lanes));
     let bh = CUBE_POS_X as usize;
     let split = CUBE_POS_Y as usize;
     let (b, h) = (bh / heads, bh % heads);
@@ -482,23 +491,19 @@ fn kv_decode_kernel<F: Float + CubeElement>(
     let (n0, n1, nv) = (heads * d0, heads * d1, heads * dv);
     let (w0, w1, wv) = (words_of(n0, f0), words_of(n1, f1), words_of(nv, fv));
 
-    let mut qr = Array::<f32>::new(comptime!(nq * 4 * (d0 + d1).div_ceil(4 * lanes)));
-    let mut limits = Array::<usize>::new(nq);
-    #[unroll]
-    for r in 0..nq {
-        #[unroll]
-        for p in 0..pk {
-            #[unroll]
-            for k in 0..4usize {
-                let x = p * 4 * lanes + lane * 4 + k;
-                let mut v = f32::new(0.0);
-                if r < rows && x < dk {
-                    v = f32::cast_from(q[(bh * rows + r) * dk + x]) * scale;
-                }
-                qr[(r * pk + p) * 4 + k] = v;
-            }
+    let mut q_sh = SharedMemory::<f32>::new(comptime!(nq * (d0 + d1)));
+    let mut j = warp * lanes + lane;
+    while j < nq * dk {
+        let r = j / dk;
+        let mut v = f32::new(0.0);
+        if r < rows {
+            v = f32::cast_from(q[(bh * rows + r) * dk + j % dk]) * scale;
         }
+        q_sh[j] = v;
+        j += comptime!(WARPS * lanes);
     }
+    sync_cube();
+    let mut limits = Array::<usize>::new(nq);
     let hi = visible_keys(
         &mut limits,
         0,
@@ -519,65 +524,135 @@ fn kv_decode_kernel<F: Float + CubeElement>(
         l[r] = f32::new(0.0);
     }
     #[unroll]
-    for j in 0..comptime!(nq * 4 * dv.div_ceil(4 * lanes)) {
-        acc[j] = f32::new(0.0);
+    for i in 0..comptime!(nq * 4 * dv.div_ceil(4 * lanes)) {
+        acc[i] = f32::new(0.0);
     }
-    let mut ka = Array::<f32>::new(comptime!(4 * (d0 + d1).div_ceil(4 * lanes)));
-    let mut va = Array::<f32>::new(comptime!(4 * dv.div_ceil(4 * lanes)));
-    let mut kb = Array::<f32>::new(comptime!(4 * (d0 + d1).div_ceil(4 * lanes)));
-    let mut vb = Array::<f32>::new(comptime!(4 * dv.div_ceil(4 * lanes)));
-    let parts = (f0, d0, f1, d1, fv, dv, lanes);
-    let caches = (n0, n1, nv, w0, w1, wv);
-    // Two keys per iteration: their loads are independent, so one's
-    // latency hides behind the other's.
-    let mut key = lo + warp;
-    while key < hi {
-        let key2 = key + WARPS;
-        let has2 = key2 < hi;
-        load_key(
-            c0,
-            c1,
-            cv,
-            b * s_len + key,
-            h,
-            lane,
-            caches,
-            &levels,
-            &mut ka,
-            &mut va,
-            parts,
-        );
-        if has2 {
-            load_key(
+    let mut sc = Array::<f32>::new(nq);
+    let mut pr = Array::<f32>::new(nq);
+    let mut kreg = Array::<f32>::new(4usize);
+    let mut vreg = Array::<f32>::new(comptime!(4 * dv.div_ceil(4 * lanes)));
+    let mut tile = lo + warp * lanes;
+    while tile < hi {
+        // Scores: this lane's key (clamped to the chunk's last).
+        let key = tile + lane;
+        let mut kc = key;
+        if kc >= hi {
+            kc = hi - 1;
+        }
+        let tok = b * s_len + kc;
+        #[unroll]
+        for r in 0..nq {
+            sc[r] = f32::new(0.0);
+        }
+        #[unroll]
+        for p in 0..comptime!(d0 / 4) {
+            load4_regs(
                 c0,
-                c1,
-                cv,
-                b * s_len + key2,
-                h,
-                lane,
-                caches,
+                tok * w0,
+                h * d0 + p * 4,
+                n0 / BLOCK,
                 &levels,
-                &mut kb,
-                &mut vb,
-                parts,
+                &mut kreg,
+                0,
+                f0,
             );
+            #[unroll]
+            for r in 0..nq {
+                #[unroll]
+                for k in 0..4usize {
+                    sc[r] += q_sh[r * dk + p * 4 + k] * kreg[k];
+                }
+            }
         }
-        attend(
-            key, &qr, &ka, &va, &limits, &mut m, &mut l, &mut acc, nq, parts,
-        );
-        if has2 {
-            attend(
-                key2, &qr, &kb, &vb, &limits, &mut m, &mut l, &mut acc, nq, parts,
+        #[unroll]
+        for p in 0..comptime!(d1 / 4) {
+            load4_regs(
+                c1,
+                tok * w1,
+                h * d1 + p * 4,
+                n1 / BLOCK,
+                &levels,
+                &mut kreg,
+                0,
+                f1,
             );
+            #[unroll]
+            for r in 0..nq {
+                #[unroll]
+                for k in 0..4usize {
+                    sc[r] += q_sh[r * dk + d0 + p * 4 + k] * kreg[k];
+                }
+            }
         }
-        key += 2 * WARPS;
+        // The online softmax, once per tile and row.
+        #[unroll]
+        for r in 0..nq {
+            let mut s = neg_inf;
+            if key < limits[r] && key < hi {
+                s = sc[r];
+            }
+            let m_new = m[r].max(plane_max(s));
+            // A row with no visible key yet keeps m = -inf: no correction.
+            let mut corr = f32::new(1.0);
+            if m_new != neg_inf {
+                corr = (m[r] - m_new).exp();
+            }
+            let mut p = f32::new(0.0);
+            if s != neg_inf {
+                p = (s - m_new).exp();
+            }
+            l[r] = l[r] * corr + plane_sum(p);
+            m[r] = m_new;
+            pr[r] = p;
+            #[unroll]
+            for i in 0..per_lane {
+                acc[r * per_lane + i] *= corr;
+            }
+        }
+        // Values: lanes split the dims; key x's weights from lane x.
+        #[unroll]
+        for x in 0..lanes {
+            let mut kx = tile + x;
+            if kx >= hi {
+                kx = hi - 1;
+            }
+            let vtok = b * s_len + kx;
+            #[unroll]
+            for p in 0..pv {
+                let col = p * 4 * lanes + lane * 4;
+                #[unroll]
+                for k in 0..4usize {
+                    vreg[p * 4 + k] = f32::new(0.0);
+                }
+                if col < dv {
+                    load4_regs(
+                        cv,
+                        vtok * wv,
+                        h * dv + col,
+                        nv / BLOCK,
+                        &levels,
+                        &mut vreg,
+                        p * 4,
+                        fv,
+                    );
+                }
+            }
+            #[unroll]
+            for r in 0..nq {
+                let w = plane_shuffle(pr[r], comptime!(x as u32));
+                #[unroll]
+                for i in 0..per_lane {
+                    acc[r * per_lane + i] += w * vreg[i];
+                }
+            }
+        }
+        tile += comptime!(WARPS * lanes);
     }
     // The cube's planes merge their partials in shared memory; plane 0
     // writes one partial per chunk.
     let mut m_sh = SharedMemory::<f32>::new(comptime!(WARPS * nq));
     let mut l_sh = SharedMemory::<f32>::new(comptime!(WARPS * nq));
     let mut a_sh = SharedMemory::<f32>::new(comptime!(WARPS * nq * dv));
-    let per_lane = comptime!(4 * dv.div_ceil(4 * lanes));
     #[unroll]
     for r in 0..nq {
         if lane == 0 {
@@ -637,124 +712,6 @@ fn kv_decode_kernel<F: Float + CubeElement>(
                     }
                 }
             }
-        }
-    }
-}
-
-/// One key's and its value's dims of this lane (four per pass) into
-/// registers, zero past the head.
-#[cube]
-// The inner `if` is comptime (no second key cache, no code): it cannot
-// join the runtime condition.
-#[allow(clippy::too_many_arguments, clippy::collapsible_if)]
-fn load_key(
-    c0: &Array<i32>,
-    c1: &Array<i32>,
-    cv: &Array<i32>,
-    tok: usize,
-    h: usize,
-    lane: usize,
-    caches: (usize, usize, usize, usize, usize, usize),
-    levels: &SharedMemory<f32>,
-    kreg: &mut Array<f32>,
-    vreg: &mut Array<f32>,
-    #[comptime] parts: (u32, usize, u32, usize, u32, usize, usize),
-) {
-    let (f0, d0, f1, d1, fv, dv, lanes) = parts;
-    let (n0, n1, nv, w0, w1, wv) = caches;
-    let dk = comptime!(d0 + d1);
-    #[unroll]
-    for p in 0..comptime!((d0 + d1).div_ceil(4 * lanes)) {
-        let x = p * 4 * lanes + lane * 4;
-        #[unroll]
-        for k in 0..4usize {
-            kreg[p * 4 + k] = f32::new(0.0);
-        }
-        if x < d0 {
-            load4_regs(
-                c0,
-                tok * w0,
-                h * d0 + x,
-                n0 / BLOCK,
-                levels,
-                kreg,
-                p * 4,
-                f0,
-            );
-        } else if x < dk {
-            if comptime!(d1 > 0) {
-                load4_regs(
-                    c1,
-                    tok * w1,
-                    h * d1 + x - d0,
-                    n1 / BLOCK,
-                    levels,
-                    kreg,
-                    p * 4,
-                    f1,
-                );
-            }
-        }
-    }
-    #[unroll]
-    for p in 0..comptime!(dv.div_ceil(4 * lanes)) {
-        let x = p * 4 * lanes + lane * 4;
-        #[unroll]
-        for k in 0..4usize {
-            vreg[p * 4 + k] = f32::new(0.0);
-        }
-        if x < dv {
-            load4_regs(
-                cv,
-                tok * wv,
-                h * dv + x,
-                nv / BLOCK,
-                levels,
-                vreg,
-                p * 4,
-                fv,
-            );
-        }
-    }
-}
-
-/// The online-softmax update of every query row with one key.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn attend(
-    key: usize,
-    qr: &Array<f32>,
-    kreg: &Array<f32>,
-    vreg: &Array<f32>,
-    limits: &Array<usize>,
-    m: &mut Array<f32>,
-    l: &mut Array<f32>,
-    acc: &mut Array<f32>,
-    #[comptime] nq: usize,
-    #[comptime] parts: (u32, usize, u32, usize, u32, usize, usize),
-) {
-    let (_f0, d0, _f1, d1, _fv, dv, lanes) = parts;
-    let per_k = comptime!(4 * (d0 + d1).div_ceil(4 * lanes));
-    let per_v = comptime!(4 * dv.div_ceil(4 * lanes));
-    #[unroll]
-    for r in 0..nq {
-        let mut part = f32::new(0.0);
-        #[unroll]
-        for j in 0..per_k {
-            part += qr[r * per_k + j] * kreg[j];
-        }
-        let s = plane_sum(part);
-        if key < limits[r] {
-            let m_new = m[r].max(s);
-            let corr = (m[r] - m_new).exp();
-            let pr = (s - m_new).exp();
-            l[r] = l[r] * corr + pr;
-            #[unroll]
-            for j in 0..per_v {
-                let at = r * per_v + j;
-                acc[at] = acc[at] * corr + pr * vreg[j];
-            }
-            m[r] = m_new;
         }
     }
 }
@@ -873,12 +830,14 @@ pub fn launch_kv_attention<R: Runtime>(
     let slots_per_row;
     let (m_buf, l_buf, acc_buf);
     if let Some(lanes) = plane {
-        // Each plane should see a few dozen keys; about 8192 planes in all.
-        let per_plane = 32;
+        // About 2048 cubes, each chunk a whole number of the cube's tiles
+        // (a tile of `lanes` keys a plane).
+        let step = WARPS * lanes;
         let splits = 2048usize
             .div_ceil(bh)
-            .clamp(1, shape.s.div_ceil(WARPS * per_plane).max(1));
-        let chunk = shape.s.div_ceil(splits);
+            .clamp(1, shape.s.div_ceil(step).max(1));
+        let chunk = (shape.s.div_ceil(splits).div_ceil(step) * step).max(step);
+        let splits = shape.s.div_ceil(chunk).max(1);
         slots_per_row = splits;
         let slots = bh * rows * slots_per_row;
         (m_buf, l_buf, acc_buf) = (scratch(slots), scratch(slots), scratch(slots * dv));

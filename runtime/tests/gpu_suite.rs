@@ -1127,6 +1127,52 @@ pub fn kv_attention_over_caches<R: Runtime>(dev: &R::Device) {
     }
 }
 
+/// The decode kernel's paths the small shapes above do not take: enough
+/// (batch, kv head) pairs that each cube's chunk spans several tiles a
+/// plane (1,024 pairs: 2 chunks of 384 keys over 700, three 32-key tiles
+/// a plane, the last partial), and several query rows a head with their
+/// own causal limits (T = 2 new positions, 2 heads a kv head).
+pub fn kv_decode_chunks<R: Runtime>(dev: &R::Device) {
+    use caramba_ir::{KvPart, QuantFormat};
+    let mut rng = Rng(24);
+    let (b, kv, grp, t, s) = (64usize, 16usize, 2usize, 2usize, 700usize);
+    let parts = [
+        KvPart {
+            format: Some(QuantFormat::Q8),
+            dim: 4,
+        },
+        KvPart {
+            format: None,
+            dim: 8,
+        },
+    ];
+    for causal in [false, true] {
+        let mut g = Graph::new("kv_decode");
+        let q = g.input("x0", f32t(&[b, kv, grp, t, 4])).unwrap();
+        let mut xs = vec![q];
+        let mut vals = vec![rng.tensor(&[b, kv, grp, t, 4])];
+        for (i, p) in parts.iter().enumerate() {
+            let raw = g
+                .input(&format!("x{}", i + 1), f32t(&[b, s, kv * p.dim]))
+                .unwrap();
+            vals.push(rng.tensor(&[b, s, kv * p.dim]));
+            xs.push(match p.format {
+                None => raw,
+                Some(f) => g.add(Op::Quantize(f), &[raw], "").unwrap(),
+            });
+        }
+        let op = Op::KvAttention {
+            causal,
+            scale: Scalar(0.5),
+            heads: kv,
+            parts: parts.to_vec(),
+        };
+        let y = g.add(op, &xs, "").unwrap();
+        g.set_output("y", y);
+        check::<R>(dev, &g, &bind(vals), TOL);
+    }
+}
+
 /// A tiny Llama lowered with a KV cache and optimized (its attentions read
 /// the caches through `dequantize-in-attention`) gives the reference's
 /// logits for a prefill and then a decode step, for fp32 and q8 caches.
@@ -3634,7 +3680,7 @@ macro_rules! all_tests {
             attention_backward,
             elementwise_program, symbolic_shapes, recycling_is_bounded, unsupported_is_an_error, tiny_llama, tiny_llama_bf16,
             mixed_precision_gradients,
-            dba_preset, quantize_formats, kv_attention_over_caches, cached_tiny_llama,
+            dba_preset, quantize_formats, kv_attention_over_caches, kv_decode_chunks, cached_tiny_llama,
             resident_values, fused_optimizers, grad_norm_and_clipping, trainer_matches_host_sgd,
             trainer_matches_host_adamw, trainer_keeps_half_copies, narrow_elementwise, narrow_copy, strided_copies, lazy_views,
             concat_slots, row_dot, attention_apart, folded_adds, reduced_slices,
