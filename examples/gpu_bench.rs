@@ -392,10 +392,10 @@ fn main() {
     }
     let ms = start.elapsed().as_secs_f64() * 1e3 / iters as f64;
     emit(
-        if tf32 {
-            "smollm2_forward_loss_b8_t1024_tf32"
-        } else {
-            "smollm2_forward_loss_b8_t1024_f32"
+        match (tf32, dtype) {
+            (true, _) => "smollm2_forward_loss_b8_t1024_tf32",
+            (false, DType::BF16) => "smollm2_forward_loss_b8_t1024_bf16",
+            _ => "smollm2_forward_loss_b8_t1024_f32",
         },
         ms,
         "tokens_per_s",

@@ -7,16 +7,18 @@
 //! launch's `elem`; everything else (shared memory, registers, the chunks'
 //! partials) is `f32`.
 //!
-//! Two kernels share the work, both flash-decoding (the keys cut into
+//! The kernels share the work, all flash-decoding (the keys cut into
 //! chunks, each chunk's unnormalized partial — running max, running sum,
 //! accumulator — combined by a third kernel), so that many chunks keep
 //! every SM busy when a decode step has only `g` query rows:
 //!
-//! - the *decode* kernel, for at most `KV_QUERIES` query rows per head on
-//!   devices with fixed-size planes (CUDA): each plane scores a tile of
-//!   keys one per lane, then accumulates their values with the lanes
-//!   splitting the head dims, K and V read straight into registers (see
-//!   `kv_decode_kernel`);
+//! - the *decode* kernels, for at most `KV_QUERIES` query rows per head on
+//!   devices with fixed-size planes (CUDA), K and V read straight into
+//!   registers: over quantized keys each plane scores a tile of keys one
+//!   per lane, then accumulates their values with the lanes splitting the
+//!   head dims (`kv_decode_tiles_kernel`); over float keys each plane takes
+//!   one key at a time, its lanes splitting the dims
+//!   (`kv_decode_keys_kernel`);
 //! - the *staged* kernel for everything else (prefill, lavapipe), described
 //!   here.
 //!
@@ -453,7 +455,7 @@ const WARPS: usize = 4;
 /// combine kernel.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn kv_decode_kernel<F: Float + CubeElement>(
+fn kv_decode_tiles_kernel<F: Float + CubeElement>(
     q: &Array<F>,
     c0: &Array<i32>,
     c1: &Array<i32>,
@@ -648,8 +650,299 @@ fn kv_decode_kernel<F: Float + CubeElement>(
         }
         tile += comptime!(WARPS * lanes);
     }
-    // The cube's planes merge their partials in shared memory; plane 0
-    // writes one partial per chunk.
+    merge_planes(
+        &m, &l, &acc, m_out, l_out, acc_out, bh, rows, slots, split, neg_inf, nq, dv, lanes,
+    );
+}
+
+/// Decode (at most `KV_QUERIES` query rows per head): one plane per key at
+/// a time, its lanes splitting the head dims four values each, so a key's
+/// row is read once, coalesced, straight from the cache into registers; the
+/// dot products are plane sums, and the softmax update and the value
+/// accumulation happen in each lane's registers. q (pre-scaled) lives in
+/// registers too: no shared memory in the loop, so the kernel waits on
+/// memory, not on shared-memory instructions. Each plane takes two keys per
+/// iteration (independent loads, so one's latency hides the other's), and
+/// the cube's planes merge their partials in shared memory at the end: one
+/// partial per chunk for the combine kernel.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn kv_decode_keys_kernel<F: Float + CubeElement>(
+    q: &Array<F>,
+    c0: &Array<i32>,
+    c1: &Array<i32>,
+    cv: &Array<i32>,
+    m_out: &mut Array<f32>,
+    l_out: &mut Array<f32>,
+    acc_out: &mut Array<f32>,
+    heads: usize,
+    rows: usize,
+    t: usize,
+    s_len: usize,
+    chunk: usize,
+    slots: usize,
+    scale: f32,
+    neg_inf: f32,
+    #[comptime] causal: bool,
+    #[comptime] f0: u32,
+    #[comptime] d0: usize,
+    #[comptime] f1: u32,
+    #[comptime] d1: usize,
+    #[comptime] fv: u32,
+    #[comptime] dv: usize,
+    #[comptime] nq: usize,
+    #[comptime] lanes: usize,
+) {
+    let levels = nf4_levels();
+    let dk = comptime!(d0 + d1);
+    let pk = comptime!((d0 + d1).div_ceil(4 * lanes));
+    let bh = CUBE_POS_X as usize;
+    let split = CUBE_POS_Y as usize;
+    let (b, h) = (bh / heads, bh % heads);
+    let lane = UNIT_POS_X as usize;
+    let warp = UNIT_POS_Y as usize;
+    let (n0, n1, nv) = (heads * d0, heads * d1, heads * dv);
+    let (w0, w1, wv) = (words_of(n0, f0), words_of(n1, f1), words_of(nv, fv));
+
+    let mut qr = Array::<f32>::new(comptime!(nq * 4 * (d0 + d1).div_ceil(4 * lanes)));
+    let mut limits = Array::<usize>::new(nq);
+    #[unroll]
+    for r in 0..nq {
+        #[unroll]
+        for p in 0..pk {
+            #[unroll]
+            for k in 0..4usize {
+                let x = p * 4 * lanes + lane * 4 + k;
+                let mut v = f32::new(0.0);
+                if r < rows && x < dk {
+                    v = f32::cast_from(q[(bh * rows + r) * dk + x]) * scale;
+                }
+                qr[(r * pk + p) * 4 + k] = v;
+            }
+        }
+    }
+    let hi = visible_keys(
+        &mut limits,
+        0,
+        rows,
+        t,
+        s_len,
+        split * chunk + chunk,
+        nq,
+        causal,
+    );
+    let lo = split * chunk;
+    let mut m = Array::<f32>::new(nq);
+    let mut l = Array::<f32>::new(nq);
+    let mut acc = Array::<f32>::new(comptime!(nq * 4 * dv.div_ceil(4 * lanes)));
+    #[unroll]
+    for r in 0..nq {
+        m[r] = neg_inf;
+        l[r] = f32::new(0.0);
+    }
+    #[unroll]
+    for j in 0..comptime!(nq * 4 * dv.div_ceil(4 * lanes)) {
+        acc[j] = f32::new(0.0);
+    }
+    let mut ka = Array::<f32>::new(comptime!(4 * (d0 + d1).div_ceil(4 * lanes)));
+    let mut va = Array::<f32>::new(comptime!(4 * dv.div_ceil(4 * lanes)));
+    let mut kb = Array::<f32>::new(comptime!(4 * (d0 + d1).div_ceil(4 * lanes)));
+    let mut vb = Array::<f32>::new(comptime!(4 * dv.div_ceil(4 * lanes)));
+    let parts = (f0, d0, f1, d1, fv, dv, lanes);
+    let caches = (n0, n1, nv, w0, w1, wv);
+    // Two keys per iteration: their loads are independent, so one's
+    // latency hides behind the other's.
+    let mut key = lo + warp;
+    while key < hi {
+        let key2 = key + WARPS;
+        let has2 = key2 < hi;
+        load_key(
+            c0,
+            c1,
+            cv,
+            b * s_len + key,
+            h,
+            lane,
+            caches,
+            &levels,
+            &mut ka,
+            &mut va,
+            parts,
+        );
+        if has2 {
+            load_key(
+                c0,
+                c1,
+                cv,
+                b * s_len + key2,
+                h,
+                lane,
+                caches,
+                &levels,
+                &mut kb,
+                &mut vb,
+                parts,
+            );
+        }
+        attend(
+            key, &qr, &ka, &va, &limits, &mut m, &mut l, &mut acc, nq, parts,
+        );
+        if has2 {
+            attend(
+                key2, &qr, &kb, &vb, &limits, &mut m, &mut l, &mut acc, nq, parts,
+            );
+        }
+        key += 2 * WARPS;
+    }
+    merge_planes(
+        &m, &l, &acc, m_out, l_out, acc_out, bh, rows, slots, split, neg_inf, nq, dv, lanes,
+    );
+}
+
+/// One key's and its value's dims of this lane (four per pass) into
+/// registers, zero past the head.
+#[cube]
+// The inner `if` is comptime (no second key cache, no code): it cannot
+// join the runtime condition.
+#[allow(clippy::too_many_arguments, clippy::collapsible_if)]
+fn load_key(
+    c0: &Array<i32>,
+    c1: &Array<i32>,
+    cv: &Array<i32>,
+    tok: usize,
+    h: usize,
+    lane: usize,
+    caches: (usize, usize, usize, usize, usize, usize),
+    levels: &SharedMemory<f32>,
+    kreg: &mut Array<f32>,
+    vreg: &mut Array<f32>,
+    #[comptime] parts: (u32, usize, u32, usize, u32, usize, usize),
+) {
+    let (f0, d0, f1, d1, fv, dv, lanes) = parts;
+    let (n0, n1, nv, w0, w1, wv) = caches;
+    let dk = comptime!(d0 + d1);
+    #[unroll]
+    for p in 0..comptime!((d0 + d1).div_ceil(4 * lanes)) {
+        let x = p * 4 * lanes + lane * 4;
+        #[unroll]
+        for k in 0..4usize {
+            kreg[p * 4 + k] = f32::new(0.0);
+        }
+        if x < d0 {
+            load4_regs(
+                c0,
+                tok * w0,
+                h * d0 + x,
+                n0 / BLOCK,
+                levels,
+                kreg,
+                p * 4,
+                f0,
+            );
+        } else if x < dk {
+            if comptime!(d1 > 0) {
+                load4_regs(
+                    c1,
+                    tok * w1,
+                    h * d1 + x - d0,
+                    n1 / BLOCK,
+                    levels,
+                    kreg,
+                    p * 4,
+                    f1,
+                );
+            }
+        }
+    }
+    #[unroll]
+    for p in 0..comptime!(dv.div_ceil(4 * lanes)) {
+        let x = p * 4 * lanes + lane * 4;
+        #[unroll]
+        for k in 0..4usize {
+            vreg[p * 4 + k] = f32::new(0.0);
+        }
+        if x < dv {
+            load4_regs(
+                cv,
+                tok * wv,
+                h * dv + x,
+                nv / BLOCK,
+                levels,
+                vreg,
+                p * 4,
+                fv,
+            );
+        }
+    }
+}
+
+/// The online-softmax update of every query row with one key.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    key: usize,
+    qr: &Array<f32>,
+    kreg: &Array<f32>,
+    vreg: &Array<f32>,
+    limits: &Array<usize>,
+    m: &mut Array<f32>,
+    l: &mut Array<f32>,
+    acc: &mut Array<f32>,
+    #[comptime] nq: usize,
+    #[comptime] parts: (u32, usize, u32, usize, u32, usize, usize),
+) {
+    let (_f0, d0, _f1, d1, _fv, dv, lanes) = parts;
+    let per_k = comptime!(4 * (d0 + d1).div_ceil(4 * lanes));
+    let per_v = comptime!(4 * dv.div_ceil(4 * lanes));
+    #[unroll]
+    for r in 0..nq {
+        let mut part = f32::new(0.0);
+        #[unroll]
+        for j in 0..per_k {
+            part += qr[r * per_k + j] * kreg[j];
+        }
+        let s = plane_sum(part);
+        if key < limits[r] {
+            let m_new = m[r].max(s);
+            let corr = (m[r] - m_new).exp();
+            let pr = (s - m_new).exp();
+            l[r] = l[r] * corr + pr;
+            #[unroll]
+            for j in 0..per_v {
+                let at = r * per_v + j;
+                acc[at] = acc[at] * corr + pr * vreg[j];
+            }
+            m[r] = m_new;
+        }
+    }
+}
+
+/// The cube's planes merge their partials (`m`, `l`, `acc`: this lane's
+/// `4 · pv` columns of each row, `pv` passes of `4 · lanes` columns) in
+/// shared memory; plane 0 writes the chunk's one partial into slot `split`
+/// of each row.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn merge_planes(
+    m: &Array<f32>,
+    l: &Array<f32>,
+    acc: &Array<f32>,
+    m_out: &mut Array<f32>,
+    l_out: &mut Array<f32>,
+    acc_out: &mut Array<f32>,
+    bh: usize,
+    rows: usize,
+    slots: usize,
+    split: usize,
+    neg_inf: f32,
+    #[comptime] nq: usize,
+    #[comptime] dv: usize,
+    #[comptime] lanes: usize,
+) {
+    let lane = UNIT_POS_X as usize;
+    let warp = UNIT_POS_Y as usize;
+    let pv = comptime!(dv.div_ceil(4 * lanes));
+    let per_lane = comptime!(4 * dv.div_ceil(4 * lanes));
     let mut m_sh = SharedMemory::<f32>::new(comptime!(WARPS * nq));
     let mut l_sh = SharedMemory::<f32>::new(comptime!(WARPS * nq));
     let mut a_sh = SharedMemory::<f32>::new(comptime!(WARPS * nq * dv));
@@ -831,7 +1124,8 @@ pub fn launch_kv_attention<R: Runtime>(
     let (m_buf, l_buf, acc_buf);
     if let Some(lanes) = plane {
         // About 2048 cubes, each chunk a whole number of the cube's tiles
-        // (a tile of `lanes` keys a plane).
+        // (a tile of `lanes` keys a plane; the key-per-plane kernel takes
+        // its keys in the same steps).
         let step = WARPS * lanes;
         let splits = 2048usize
             .div_ceil(bh)
@@ -841,37 +1135,51 @@ pub fn launch_kv_attention<R: Runtime>(
         slots_per_row = splits;
         let slots = bh * rows * slots_per_row;
         (m_buf, l_buf, acc_buf) = (scratch(slots), scratch(slots), scratch(slots * dv));
-        with_float!(elem, F => unsafe {
-            kv_decode_kernel::launch_unchecked::<F, R>(
-                client,
-                CubeCount::Static(bh as u32, splits as u32, 1),
-                CubeDim::new_2d(lanes as u32, WARPS as u32),
-                ArrayArg::from_raw_parts(q.clone(), bh * rows * dk),
-                ArrayArg::from_raw_parts(k0.handle.clone(), words(k0)),
-                ArrayArg::from_raw_parts(dummy, k1.map_or(words(k0), words)),
-                ArrayArg::from_raw_parts(values.handle.clone(), words(values)),
-                ArrayArg::from_raw_parts(m_buf.clone(), slots),
-                ArrayArg::from_raw_parts(l_buf.clone(), slots),
-                ArrayArg::from_raw_parts(acc_buf.clone(), slots * dv),
-                shape.heads,
-                rows,
-                shape.t,
-                shape.s,
-                chunk,
-                slots_per_row,
-                scale,
-                f32::NEG_INFINITY,
-                causal,
-                k0.code(),
-                k0.dim,
-                f1,
-                d1,
-                values.code(),
-                dv,
-                rows_per_cube(rows),
-                lanes,
-            );
-        });
+        // Both decode kernels take the same arguments.
+        macro_rules! launch_decode {
+            ($kernel:ident) => {
+                with_float!(elem, F => unsafe {
+                    $kernel::launch_unchecked::<F, R>(
+                        client,
+                        CubeCount::Static(bh as u32, splits as u32, 1),
+                        CubeDim::new_2d(lanes as u32, WARPS as u32),
+                        ArrayArg::from_raw_parts(q.clone(), bh * rows * dk),
+                        ArrayArg::from_raw_parts(k0.handle.clone(), words(k0)),
+                        ArrayArg::from_raw_parts(dummy, k1.map_or(words(k0), words)),
+                        ArrayArg::from_raw_parts(values.handle.clone(), words(values)),
+                        ArrayArg::from_raw_parts(m_buf.clone(), slots),
+                        ArrayArg::from_raw_parts(l_buf.clone(), slots),
+                        ArrayArg::from_raw_parts(acc_buf.clone(), slots * dv),
+                        shape.heads,
+                        rows,
+                        shape.t,
+                        shape.s,
+                        chunk,
+                        slots_per_row,
+                        scale,
+                        f32::NEG_INFINITY,
+                        causal,
+                        k0.code(),
+                        k0.dim,
+                        f1,
+                        d1,
+                        values.code(),
+                        dv,
+                        rows_per_cube(rows),
+                        lanes,
+                    );
+                });
+            };
+        }
+        // Quantized keys: a tile of keys a plane, one per lane. Float keys:
+        // one key a plane at a time (lanes reading whole f32 key rows spread
+        // a plane's loads over 32 rows and 16 KB of cache lines, which
+        // measured slower; BENCHMARKS, seventeenth session).
+        if keys.iter().any(|k| k.format != FLOAT) {
+            launch_decode!(kv_decode_tiles_kernel);
+        } else {
+            launch_decode!(kv_decode_keys_kernel);
+        }
     } else {
         let nq = rows_per_cube(rows);
         let shared = 4 * (KV_TILE * (dk.max(dv) + 1) + nq * (dk + KV_TILE) + 16);

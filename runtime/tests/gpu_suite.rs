@@ -1127,7 +1127,7 @@ pub fn kv_attention_over_caches<R: Runtime>(dev: &R::Device) {
     }
 }
 
-/// The decode kernel's paths the small shapes above do not take: enough
+/// The decode kernels' paths the small shapes above do not take: enough
 /// (batch, kv head) pairs that each cube's chunk spans several tiles a
 /// plane (1,024 pairs: 2 chunks of 384 keys over 700, three 32-key tiles
 /// a plane, the last partial), and several query rows a head with their
@@ -1136,40 +1136,43 @@ pub fn kv_decode_chunks<R: Runtime>(dev: &R::Device) {
     use caramba_ir::{KvPart, QuantFormat};
     let mut rng = Rng(24);
     let (b, kv, grp, t, s) = (64usize, 16usize, 2usize, 2usize, 700usize);
-    let parts = [
-        KvPart {
-            format: Some(QuantFormat::Q8),
-            dim: 4,
-        },
-        KvPart {
-            format: None,
-            dim: 8,
-        },
-    ];
-    for causal in [false, true] {
-        let mut g = Graph::new("kv_decode");
-        let q = g.input("x0", f32t(&[b, kv, grp, t, 4])).unwrap();
-        let mut xs = vec![q];
-        let mut vals = vec![rng.tensor(&[b, kv, grp, t, 4])];
-        for (i, p) in parts.iter().enumerate() {
-            let raw = g
-                .input(&format!("x{}", i + 1), f32t(&[b, s, kv * p.dim]))
-                .unwrap();
-            vals.push(rng.tensor(&[b, s, kv * p.dim]));
-            xs.push(match p.format {
-                None => raw,
-                Some(f) => g.add(Op::Quantize(f), &[raw], "").unwrap(),
-            });
+    // q8 keys take the tile kernel, f32 keys the key-per-plane one.
+    for key_format in [Some(QuantFormat::Q8), None] {
+        let parts = [
+            KvPart {
+                format: key_format,
+                dim: 4,
+            },
+            KvPart {
+                format: None,
+                dim: 8,
+            },
+        ];
+        for causal in [false, true] {
+            let mut g = Graph::new("kv_decode");
+            let q = g.input("x0", f32t(&[b, kv, grp, t, 4])).unwrap();
+            let mut xs = vec![q];
+            let mut vals = vec![rng.tensor(&[b, kv, grp, t, 4])];
+            for (i, p) in parts.iter().enumerate() {
+                let raw = g
+                    .input(&format!("x{}", i + 1), f32t(&[b, s, kv * p.dim]))
+                    .unwrap();
+                vals.push(rng.tensor(&[b, s, kv * p.dim]));
+                xs.push(match p.format {
+                    None => raw,
+                    Some(f) => g.add(Op::Quantize(f), &[raw], "").unwrap(),
+                });
+            }
+            let op = Op::KvAttention {
+                causal,
+                scale: Scalar(0.5),
+                heads: kv,
+                parts: parts.to_vec(),
+            };
+            let y = g.add(op, &xs, "").unwrap();
+            g.set_output("y", y);
+            check::<R>(dev, &g, &bind(vals), TOL);
         }
-        let op = Op::KvAttention {
-            causal,
-            scale: Scalar(0.5),
-            heads: kv,
-            parts: parts.to_vec(),
-        };
-        let y = g.add(op, &xs, "").unwrap();
-        g.set_output("y", y);
-        check::<R>(dev, &g, &bind(vals), TOL);
     }
 }
 
