@@ -48,7 +48,7 @@ fn main() {
         causal: true,
         scale: Scalar(1.0 / (hd as f64).sqrt()),
         heads: kv,
-        parts: vec![part.clone(), part],
+        parts: vec![part, part],
     };
     let y = g.add(op, &xs, "attn").expect("kv_attention types");
     g.set_output("out", y);
