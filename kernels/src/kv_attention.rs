@@ -520,15 +520,14 @@ fn kv_decode_tiles_kernel<F: Float + CubeElement>(
     let mut m = Array::<f32>::new(nq);
     let mut l = Array::<f32>::new(nq);
     let mut acc = Array::<f32>::new(comptime!(nq * 4 * dv.div_ceil(4 * lanes)));
-    #[unroll]
-    for r in 0..nq {
-        m[r] = neg_inf;
-        l[r] = f32::new(0.0);
-    }
-    #[unroll]
-    for i in 0..comptime!(nq * 4 * dv.div_ceil(4 * lanes)) {
-        acc[i] = f32::new(0.0);
-    }
+    empty_partials(
+        &mut m,
+        &mut l,
+        &mut acc,
+        neg_inf,
+        nq,
+        comptime!(nq * 4 * dv.div_ceil(4 * lanes)),
+    );
     let mut sc = Array::<f32>::new(nq);
     let mut pr = Array::<f32>::new(nq);
     let mut kreg = Array::<f32>::new(4usize);
@@ -735,15 +734,14 @@ fn kv_decode_keys_kernel<F: Float + CubeElement>(
     let mut m = Array::<f32>::new(nq);
     let mut l = Array::<f32>::new(nq);
     let mut acc = Array::<f32>::new(comptime!(nq * 4 * dv.div_ceil(4 * lanes)));
-    #[unroll]
-    for r in 0..nq {
-        m[r] = neg_inf;
-        l[r] = f32::new(0.0);
-    }
-    #[unroll]
-    for j in 0..comptime!(nq * 4 * dv.div_ceil(4 * lanes)) {
-        acc[j] = f32::new(0.0);
-    }
+    empty_partials(
+        &mut m,
+        &mut l,
+        &mut acc,
+        neg_inf,
+        nq,
+        comptime!(nq * 4 * dv.div_ceil(4 * lanes)),
+    );
     let mut ka = Array::<f32>::new(comptime!(4 * (d0 + d1).div_ceil(4 * lanes)));
     let mut va = Array::<f32>::new(comptime!(4 * dv.div_ceil(4 * lanes)));
     let mut kb = Array::<f32>::new(comptime!(4 * (d0 + d1).div_ceil(4 * lanes)));
@@ -914,6 +912,28 @@ fn attend(
             }
             m[r] = m_new;
         }
+    }
+}
+
+/// A partial with no key yet: running maxima `-inf`, sums and the
+/// accumulator zero.
+#[cube]
+fn empty_partials(
+    m: &mut Array<f32>,
+    l: &mut Array<f32>,
+    acc: &mut Array<f32>,
+    neg_inf: f32,
+    #[comptime] nq: usize,
+    #[comptime] n_acc: usize,
+) {
+    #[unroll]
+    for r in 0..nq {
+        m[r] = neg_inf;
+        l[r] = f32::new(0.0);
+    }
+    #[unroll]
+    for i in 0..n_acc {
+        acc[i] = f32::new(0.0);
     }
 }
 

@@ -1097,34 +1097,49 @@ pub fn kv_attention_over_caches<R: Runtime>(dev: &R::Device) {
                 format: Some(vf),
                 dim: 16,
             });
-            let dk: usize = parts[..parts.len() - 1].iter().map(|p| p.dim).sum();
             for causal in [false, true] {
-                let mut g = Graph::new("kv_attention");
-                let q = g.input("x0", f32t(&[b, kv, grp, t, dk])).unwrap();
-                let mut xs = vec![q];
-                let mut vals = vec![rng.tensor(&[b, kv, grp, t, dk])];
-                for (i, p) in parts.iter().enumerate() {
-                    let raw = g
-                        .input(&format!("x{}", i + 1), f32t(&[b, s, kv * p.dim]))
-                        .unwrap();
-                    vals.push(rng.tensor(&[b, s, kv * p.dim]));
-                    xs.push(match p.format {
-                        None => raw,
-                        Some(f) => g.add(Op::Quantize(f), &[raw], "").unwrap(),
-                    });
-                }
-                let op = Op::KvAttention {
-                    causal,
-                    scale: Scalar(0.25),
-                    heads: kv,
-                    parts: parts.clone(),
-                };
-                let y = g.add(op, &xs, "").unwrap();
-                g.set_output("y", y);
+                let shape = (b, kv, grp, t, s);
+                let (g, vals) = kv_attention_graph(&mut rng, &parts, shape, causal, 0.25);
                 check::<R>(dev, &g, &bind(vals), TOL);
             }
         }
     }
+}
+
+/// A `kv_attention` graph over caches of `parts` (keys, then the values;
+/// quantized ones through a `quantize` of an f32 input) for
+/// `(batch, kv heads, groups, T, S)`, and random inputs for it.
+fn kv_attention_graph(
+    rng: &mut Rng,
+    parts: &[caramba_ir::KvPart],
+    (b, kv, grp, t, s): (usize, usize, usize, usize, usize),
+    causal: bool,
+    scale: f64,
+) -> (Graph, Vec<Tensor>) {
+    let dk: usize = parts[..parts.len() - 1].iter().map(|p| p.dim).sum();
+    let mut g = Graph::new("kv_attention");
+    let q = g.input("x0", f32t(&[b, kv, grp, t, dk])).unwrap();
+    let mut xs = vec![q];
+    let mut vals = vec![rng.tensor(&[b, kv, grp, t, dk])];
+    for (i, p) in parts.iter().enumerate() {
+        let raw = g
+            .input(&format!("x{}", i + 1), f32t(&[b, s, kv * p.dim]))
+            .unwrap();
+        vals.push(rng.tensor(&[b, s, kv * p.dim]));
+        xs.push(match p.format {
+            None => raw,
+            Some(f) => g.add(Op::Quantize(f), &[raw], "").unwrap(),
+        });
+    }
+    let op = Op::KvAttention {
+        causal,
+        scale: Scalar(scale),
+        heads: kv,
+        parts: parts.to_vec(),
+    };
+    let y = g.add(op, &xs, "").unwrap();
+    g.set_output("y", y);
+    (g, vals)
 }
 
 /// The decode kernels' paths the small shapes above do not take: enough
@@ -1149,28 +1164,8 @@ pub fn kv_decode_chunks<R: Runtime>(dev: &R::Device) {
             },
         ];
         for causal in [false, true] {
-            let mut g = Graph::new("kv_decode");
-            let q = g.input("x0", f32t(&[b, kv, grp, t, 4])).unwrap();
-            let mut xs = vec![q];
-            let mut vals = vec![rng.tensor(&[b, kv, grp, t, 4])];
-            for (i, p) in parts.iter().enumerate() {
-                let raw = g
-                    .input(&format!("x{}", i + 1), f32t(&[b, s, kv * p.dim]))
-                    .unwrap();
-                vals.push(rng.tensor(&[b, s, kv * p.dim]));
-                xs.push(match p.format {
-                    None => raw,
-                    Some(f) => g.add(Op::Quantize(f), &[raw], "").unwrap(),
-                });
-            }
-            let op = Op::KvAttention {
-                causal,
-                scale: Scalar(0.5),
-                heads: kv,
-                parts: parts.to_vec(),
-            };
-            let y = g.add(op, &xs, "").unwrap();
-            g.set_output("y", y);
+            let shape = (b, kv, grp, t, s);
+            let (g, vals) = kv_attention_graph(&mut rng, &parts, shape, causal, 0.5);
             check::<R>(dev, &g, &bind(vals), TOL);
         }
     }
