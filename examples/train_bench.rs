@@ -277,6 +277,18 @@ fn main() {
                 r.op
             );
         }
+        // Live buffers against the pools' pages: which of the two makes
+        // the memory we hold beyond PyTorch's.
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        if let (Some(live), Some(reserved)) =
+            (trainer.peak_bytes_in_use(), trainer.reserved_bytes())
+        {
+            eprintln!(
+                "memory: {:.2} GiB of live buffers at the most between ops, {:.2} GiB reserved by the pools",
+                gib(live),
+                gib(reserved)
+            );
+        }
     }
     let tps = (b * t) as f64 / secs;
     // Model FLOPs (6·N per token) against the H100 SXM's dense peak for

@@ -402,6 +402,18 @@ impl DeviceTrainer {
         }
     }
 
+    /// The profiled runs' peak of live buffers
+    /// ([`crate::gpu::GpuExecutor::peak_bytes_in_use`]; with
+    /// `GpuOptions::profile` only).
+    pub fn peak_bytes_in_use(&self) -> Option<u64> {
+        match *self {
+            #[cfg(feature = "wgpu")]
+            DeviceTrainer::Wgpu(ref t) => t.executor().peak_bytes_in_use(),
+            #[cfg(feature = "cuda")]
+            DeviceTrainer::Cuda(ref t) => t.executor().peak_bytes_in_use(),
+        }
+    }
+
     /// One optimizer step over micro-batches (`GpuTrainer::step`).
     pub fn step(
         &mut self,

@@ -297,6 +297,9 @@ pub struct GpuExecutor<R: Runtime> {
     vendor: Option<Arc<VendorGemm>>,
     /// Per-op launches and times, when profiling.
     profile: std::sync::Mutex<BTreeMap<String, OpProfile>>,
+    /// When profiling: the most bytes the device's pools had handed out
+    /// (CubeCL's `bytes_in_use`) after any op.
+    peak_in_use: std::sync::atomic::AtomicU64,
     /// Which half-precision types the device stores narrow.
     narrow: HalfStorage,
     /// RoPE's inverse frequencies per rope node, uploaded once: an upload
@@ -503,6 +506,7 @@ impl<R: Runtime> GpuExecutor<R> {
             options,
             vendor,
             profile: Default::default(),
+            peak_in_use: Default::default(),
             narrow,
         }
     }
@@ -521,6 +525,19 @@ impl<R: Runtime> GpuExecutor<R> {
         let mut rows: Vec<OpProfile> = table.values().cloned().collect();
         rows.sort_by(|a, b| b.secs.total_cmp(&a.secs));
         rows
+    }
+
+    /// With [`GpuOptions::profile`]: the most bytes of live buffers
+    /// (CubeCL's `bytes_in_use`, each buffer rounded up to its pool's
+    /// alignment) seen after any profiled op, so the peak of what the
+    /// plan keeps alive, apart from the pools' reserved pages. Sampled
+    /// between ops: scratch buffers that live only inside one op's launch
+    /// are not in it. `None` before a profiled run.
+    pub fn peak_bytes_in_use(&self) -> Option<u64> {
+        match self.peak_in_use.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            n => Some(n),
+        }
     }
 
     fn wait(&self) -> Result<(), GpuError> {
@@ -728,6 +745,10 @@ impl<R: Runtime> GpuExecutor<R> {
         e.launches += 1;
         e.secs += start.elapsed().as_secs_f64();
         e.host_secs += host;
+        if let Ok(usage) = self.client.memory_usage() {
+            self.peak_in_use
+                .fetch_max(usage.bytes_in_use, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// [`GpuExecutor::run_resident`] on the calling thread.
