@@ -8,8 +8,10 @@
 //! ```
 //!
 //! `CARAMBA_BENCH_ONLY=copy,rmsnorm` (a comma list of `copy`, `rmsnorm`,
-//! `attention`, `gemm`, `kvdecode`, `decode`, `smollm2`) runs only those cases;
-//! `decode` is SmolLM2-shaped cached generation, with a per-op profile.
+//! `attention`, `gemm`, `kvdecode`, `decode`, `smollm2`, `llama1b`) runs only
+//! those cases; `decode` is SmolLM2-shaped cached generation, with a per-op
+//! profile; `smollm2` and `llama1b` are the models' forward and loss at
+//! batch 8 × 1024 (f32, or `gpu_bench cuda bf16` / `tf32`).
 //! `CARAMBA_BENCH_GEMM=cubek` puts every GEMM on cubek instead of cuBLASLt
 //! (the `gemm` case times both).
 //!
@@ -339,18 +341,25 @@ fn main() {
     if selected("decode") {
         smollm2_decode(backend);
     }
-    if !selected("smollm2") {
-        return;
+    // The models' forward + loss: `smollm2`, then `llama1b`.
+    for which in ["smollm2", "llama1b"] {
+        if selected(which) {
+            model_forward(backend, which);
+        }
     }
+}
 
-    // SmolLM2-135M-shaped forward + loss, random weights, batch 8 × 1024.
-    let dims = smollm2_dims();
+/// A model-shaped forward + loss (`smollm2` or `llama1b`), random weights,
+/// batch 8 × 1024, in f32 (`tf32` on tensor cores) or bf16 by the second
+/// argument; then a profile of one run.
+fn model_forward(backend: Backend, which: &str) {
+    let dims = LlamaDims::benchmark_shape(which).expect("a benchmark shape");
     // `gpu_bench cuda bf16`: the model in bf16 (weights and activations).
     let dtype = match std::env::args().nth(2).as_deref() {
         Some("bf16") => DType::BF16,
         _ => DType::F32,
     };
-    let mut g = caramba_compiler::lower_model(&llama_model(&dims), "smollm2", dtype)
+    let mut g = caramba_compiler::lower_model(&llama_model(&dims), which, dtype)
         .unwrap()
         .graph;
     add_next_token_loss(&mut g, "logits").unwrap();
@@ -367,7 +376,9 @@ fn main() {
     };
     let exec = Executor::with_options(backend, &g, &params, options).expect("executor");
     let (b, t) = (8usize, 1024usize);
-    let ids: Vec<i32> = (0..b * t).map(|i| (i * 7919 % 49152) as i32).collect();
+    let ids: Vec<i32> = (0..b * t)
+        .map(|i| (i * 7919 % dims.vocab_size) as i32)
+        .collect();
     let mut inputs = BTreeMap::new();
     inputs.insert(
         "input_ids".to_string(),
@@ -391,12 +402,13 @@ fn main() {
         exec.run(&bind).expect("run");
     }
     let ms = start.elapsed().as_secs_f64() * 1e3 / iters as f64;
+    let label = match (tf32, dtype) {
+        (true, _) => "tf32",
+        (false, DType::BF16) => "bf16",
+        _ => "f32",
+    };
     emit(
-        match (tf32, dtype) {
-            (true, _) => "smollm2_forward_loss_b8_t1024_tf32",
-            (false, DType::BF16) => "smollm2_forward_loss_b8_t1024_bf16",
-            _ => "smollm2_forward_loss_b8_t1024_f32",
-        },
+        &format!("{which}_forward_loss_b8_t1024_{label}"),
         ms,
         "tokens_per_s",
         (b * t) as f64 / ms * 1e3,
@@ -411,7 +423,7 @@ fn main() {
     let rows = exec.profile();
     let total: f64 = rows.iter().map(|r| r.secs).sum();
     eprintln!(
-        "profile of one smollm2 forward + loss ({:.1} ms in kernels):",
+        "profile of one {which} forward + loss ({:.1} ms in kernels):",
         total * 1e3
     );
     for r in rows.iter().take(20) {
@@ -447,23 +459,6 @@ fn random_params(g: &Graph) -> BTreeMap<String, Tensor> {
         .collect()
 }
 
-/// SmolLM2-135M's shapes.
-fn smollm2_dims() -> LlamaDims {
-    LlamaDims {
-        vocab_size: 49152,
-        hidden_size: 576,
-        num_hidden_layers: 30,
-        num_attention_heads: 9,
-        num_key_value_heads: 3,
-        head_dim: 64,
-        intermediate_size: 1536,
-        rope_theta: 100000.0,
-        rope_scaling: None,
-        rms_norm_eps: 1e-5,
-        tie_word_embeddings: true,
-    }
-}
-
 /// SmolLM2-135M-shaped cached generation (random weights, fp32 cache), as
 /// `caramba sample` runs it: a 16-token prefill, then one token per step
 /// with the cache resident on the device and the logits read back. Prints
@@ -472,7 +467,7 @@ fn smollm2_dims() -> LlamaDims {
 fn smollm2_decode(backend: Backend) {
     use caramba_compiler::{CacheFormat, KvCacheSpec};
     let lowered = caramba_compiler::lower_model_cached(
-        &llama_model(&smollm2_dims()),
+        &llama_model(&LlamaDims::benchmark_shape("smollm2").expect("a benchmark shape")),
         "smollm2",
         DType::F32,
         KvCacheSpec::uniform(CacheFormat::Fp32),

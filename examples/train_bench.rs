@@ -23,52 +23,6 @@ use caramba_runtime::train::{Optimizer, OptimizerConfig};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-fn dims(which: &str) -> LlamaDims {
-    match which {
-        "smollm2" => LlamaDims {
-            vocab_size: 49152,
-            hidden_size: 576,
-            num_hidden_layers: 30,
-            num_attention_heads: 9,
-            num_key_value_heads: 3,
-            head_dim: 64,
-            intermediate_size: 1536,
-            rope_theta: 100000.0,
-            rope_scaling: None,
-            rms_norm_eps: 1e-5,
-            tie_word_embeddings: true,
-        },
-        "llama1b" => LlamaDims {
-            vocab_size: 128256,
-            hidden_size: 2048,
-            num_hidden_layers: 16,
-            num_attention_heads: 32,
-            num_key_value_heads: 8,
-            head_dim: 64,
-            intermediate_size: 8192,
-            rope_theta: 500000.0,
-            rope_scaling: None,
-            rms_norm_eps: 1e-5,
-            tie_word_embeddings: true,
-        },
-        // A smoke test for machines without a real GPU (lavapipe).
-        "tiny" => LlamaDims {
-            vocab_size: 256,
-            hidden_size: 64,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            head_dim: 16,
-            intermediate_size: 128,
-            rope_theta: 10000.0,
-            rope_scaling: None,
-            rms_norm_eps: 1e-5,
-            tie_word_embeddings: true,
-        },
-        other => panic!("unknown model {other:?} (smollm2, llama1b or tiny)"),
-    }
-}
-
 fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut s = seed;
     (0..n)
@@ -101,7 +55,8 @@ fn main() {
         },
         ..Default::default()
     };
-    let d = dims(&which);
+    let d = LlamaDims::benchmark_shape(&which)
+        .unwrap_or_else(|| panic!("unknown model {which:?} (smollm2, llama1b or tiny)"));
     // `bf16` (or `f16`) as the sixth argument: mixed precision, as
     // `use_amp: true` trains (f32 weights and optimizer state, half
     // activations and products).

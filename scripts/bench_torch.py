@@ -103,36 +103,45 @@ def main():
                 ms = timed(lambda: a @ bm, iters=20)
                 emit(name=f"gemm{m}x{k}x{n}_{label}", impl="torch", ms=ms, tflops=2 * m * k * n / ms / 1e9)
             torch.backends.cuda.matmul.allow_tf32 = tf32
-    if not selected("smollm2"):
-        emit(name="meta", impl="torch", torch=torch.__version__, device=torch.cuda.get_device_name(0), date=time.strftime("%Y-%m-%d"))
-        return
-    # Elementwise bandwidth: x * x (2 reads + 1 write), f32.
-    n = 16384 * 4096
-    x = torch.randn(n, device=dev)
-    ms = timed(lambda: x * x)
-    emit(name="mul_f32 (2 reads + 1 write)", impl="torch", ms=ms, gbps=3 * 4 * n / ms / 1e6)
-    # SmolLM2-135M-shaped forward + loss, random weights, B8 x T1024, f32 and bf16.
-    try:
-        from transformers import LlamaConfig, LlamaForCausalLM
+    if selected("copy"):
+        # Elementwise bandwidth: x * x (2 reads + 1 write), f32.
+        n = 16384 * 4096
+        x = torch.randn(n, device=dev)
+        ms = timed(lambda: x * x)
+        emit(name="mul_f32 (2 reads + 1 write)", impl="torch", ms=ms, gbps=3 * 4 * n / ms / 1e6)
+        del x
+    # The models' forward + loss (as gpu_bench's cases of the same names),
+    # random weights, B8 x T1024, f32 and bf16.
+    shapes = {
+        "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                        num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0),
+        "llama1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0),
+    }
+    for which, shape in shapes.items():
+        if not selected(which):
+            continue
+        try:
+            from transformers import LlamaConfig, LlamaForCausalLM
 
-        cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                          num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
-                          rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=2048)
-        for dtype_name, dtype in [("f32", torch.float32), ("bf16", torch.bfloat16)]:
-            model = LlamaForCausalLM(cfg).to(dev, dtype).eval()
-            ids = torch.randint(0, 49152, (8, 1024), device=dev)
-            with torch.no_grad():
-                f = lambda: model(input_ids=ids, labels=ids).loss
-                ms = timed(f, iters=5, warmup=2)
-                tag = "tf32" if tf32 and dtype == torch.float32 else dtype_name
-                emit(name=f"smollm2_forward_loss_b8_t1024_{tag}", impl="torch-eager", ms=ms, tokens_per_s=8 * 1024 / ms * 1e3)
-                cm = torch.compile(model)
-                f = lambda: cm(input_ids=ids, labels=ids).loss
-                ms = timed(f, iters=5, warmup=3)
-                emit(name=f"smollm2_forward_loss_b8_t1024_{tag}", impl="torch-compile", ms=ms, tokens_per_s=8 * 1024 / ms * 1e3)
-            del model
-    except Exception as e:  # report, don't hide
-        emit(name="smollm2_forward_loss", impl="torch", error=repr(e))
+            cfg = LlamaConfig(**shape, rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=2048)
+            for dtype_name, dtype in [("f32", torch.float32), ("bf16", torch.bfloat16)]:
+                model = LlamaForCausalLM(cfg).to(dev, dtype).eval()
+                ids = torch.randint(0, cfg.vocab_size, (8, 1024), device=dev)
+                with torch.no_grad():
+                    f = lambda: model(input_ids=ids, labels=ids).loss
+                    ms = timed(f, iters=5, warmup=2)
+                    tag = "tf32" if tf32 and dtype == torch.float32 else dtype_name
+                    name = f"{which}_forward_loss_b8_t1024_{tag}"
+                    emit(name=name, impl="torch-eager", ms=ms, tokens_per_s=8 * 1024 / ms * 1e3)
+                    cm = torch.compile(model)
+                    f = lambda: cm(input_ids=ids, labels=ids).loss
+                    ms = timed(f, iters=5, warmup=3)
+                    emit(name=name, impl="torch-compile", ms=ms, tokens_per_s=8 * 1024 / ms * 1e3)
+                del model
+                torch.cuda.empty_cache()
+        except Exception as e:  # report, don't hide
+            emit(name=f"{which}_forward_loss", impl="torch", error=repr(e))
     emit(name="meta", impl="torch", torch=torch.__version__, device=torch.cuda.get_device_name(0), date=time.strftime("%Y-%m-%d"))
 
 
