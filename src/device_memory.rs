@@ -24,8 +24,9 @@ pub fn failed_allocation(message: &str) -> Option<u64> {
 pub fn out_of_memory_message(bytes: u64) -> String {
     format!(
         "error: the device ran out of memory (an allocation of {:.2} GiB failed)\n  \
-         = help: lower the run's `batch_size` (or `block_size`), and raise \
-         `gradient_accumulation_steps` to keep the tokens per optimizer step",
+         = help: use a smaller batch or shorter sequences; in a training run, lower \
+         `batch_size` (or `block_size`) and raise `gradient_accumulation_steps` to \
+         keep the tokens per optimizer step",
         bytes as f64 / (1u64 << 30) as f64
     )
 }
