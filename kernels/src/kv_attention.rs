@@ -1098,8 +1098,10 @@ fn fixed_plane<R: Runtime>(client: &ComputeClient<R>) -> Option<usize> {
 /// `kv_attention` with `q` dense `[B, heads, g, T, Σdₖ]`, one or two key
 /// caches and the value cache, into `out` dense `[B, heads, g, T, dv]`.
 /// A decode step (at most [`KV_QUERIES`] query rows per head, dims in
-/// fours) takes the plane-per-key kernel when the device has fixed-size
-/// planes; anything else the staged kernel. `q` and `out` are stored as
+/// fours) takes a decode kernel when the device has fixed-size planes
+/// and plane operations (the tile kernel over quantized keys, the
+/// key-per-plane kernel over float keys); anything else the staged
+/// kernel. `q` and `out` are stored as
 /// `elem`, each cache part as it says.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_kv_attention<R: Runtime>(

@@ -386,19 +386,9 @@ impl DeviceTrainer {
     pub fn reserved_bytes(&self) -> Option<u64> {
         match *self {
             #[cfg(feature = "wgpu")]
-            DeviceTrainer::Wgpu(ref t) => t
-                .executor()
-                .client()
-                .memory_usage()
-                .ok()
-                .map(|u| u.bytes_reserved),
+            DeviceTrainer::Wgpu(ref t) => t.executor().reserved_bytes(),
             #[cfg(feature = "cuda")]
-            DeviceTrainer::Cuda(ref t) => t
-                .executor()
-                .client()
-                .memory_usage()
-                .ok()
-                .map(|u| u.bytes_reserved),
+            DeviceTrainer::Cuda(ref t) => t.executor().reserved_bytes(),
         }
     }
 

@@ -527,6 +527,12 @@ impl<R: Runtime> GpuExecutor<R> {
         rows
     }
 
+    /// The bytes the device's memory pools hold now (CubeCL's
+    /// `bytes_reserved`; pools keep their pages, so a high-water mark).
+    pub fn reserved_bytes(&self) -> Option<u64> {
+        self.client.memory_usage().ok().map(|u| u.bytes_reserved)
+    }
+
     /// With [`GpuOptions::profile`]: the most bytes of live buffers
     /// (CubeCL's `bytes_in_use`, each buffer rounded up to its pool's
     /// alignment) seen after any profiled op, so the peak of what the
