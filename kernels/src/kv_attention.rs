@@ -42,7 +42,8 @@
 //! per head; neither kernel reaches memory bandwidth yet (BENCHMARKS.md).
 
 use crate::quant::{
-    float_code, is_float, load4_regs, load_value, nf4_levels, row_words, BLOCK, FLOAT,
+    fetch_scale, fetch_word, float_code, is_float, load4_regs, load_value, nf4_levels, per_word,
+    row_words, unpack_word, BLOCK, FLOAT,
 };
 use crate::{grid_1d, linear_pos, with_float, FloatElem, KernelError, ELEM_BLOCK};
 use cubecl::prelude::*;
@@ -915,6 +916,320 @@ fn attend(
     }
 }
 
+/// Decode (at most `KV_QUERIES` query rows per head): each plane splits
+/// into groups of `g` lanes, a group per key, so a plane scores
+/// `lanes / g` keys at once and reads each of them coalesced.
+///
+/// - **Loads**: lane `j` of a group reads words `j, j + g, j + 2g, …` of
+///   its key's and its value's slices (a group's `g` consecutive words per
+///   load instruction, whatever the format), `u` keys a group at a time,
+///   all of a step's loads issued before any arithmetic, straight into
+///   registers. Quantized words are unpacked and scaled in registers
+///   ([`unpack_word`]); `q` (pre-scaled) lives in registers, each lane
+///   holding the dims of its words.
+/// - **Scores**: partial dot products summed over the group with
+///   `log₂ g` butterfly shuffles, so every lane of a group holds its key's
+///   score.
+/// - **Softmax**: each group keeps its own running max and sum over the
+///   keys it saw (no plane-wide reduction in the loop); its accumulator
+///   is rescaled only when its max grows.
+/// - **Values**: each lane accumulates its own dims of every row.
+/// - At the end the plane's groups merge their partials with shuffles,
+///   then the cube's planes through shared memory: one partial per chunk.
+///
+/// Keys past the chunk are clamped to its last one (a valid row) and
+/// weighted zero; words past a head's slice (when `g` does not divide
+/// it) are clamped to its last one and meet zero dims of `q`, and their
+/// accumulators are never written.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn kv_decode_groups_kernel<F: Float + CubeElement>(
+    q: &Array<F>,
+    c0: &Array<i32>,
+    c1: &Array<i32>,
+    cv: &Array<i32>,
+    m_out: &mut Array<f32>,
+    l_out: &mut Array<f32>,
+    acc_out: &mut Array<f32>,
+    heads: usize,
+    rows: usize,
+    t: usize,
+    s_len: usize,
+    chunk: usize,
+    slots: usize,
+    scale: f32,
+    neg_inf: f32,
+    #[comptime] causal: bool,
+    #[comptime] f0: u32,
+    #[comptime] d0: usize,
+    #[comptime] f1: u32,
+    #[comptime] d1: usize,
+    #[comptime] fv: u32,
+    #[comptime] dv: usize,
+    #[comptime] nq: usize,
+    #[comptime] lanes: usize,
+    #[comptime] geometry: (usize, usize),
+) {
+    let (g, u) = geometry;
+    let levels = nf4_levels();
+    let dk = comptime!(d0 + d1);
+    // Values per word, words per head slice, and words per lane per key.
+    let (e0, e1, ev) = comptime!((per_word(f0), per_word(f1), per_word(fv)));
+    let (kw0, kw1, vw) = comptime!((d0 / e0, d1 / e1, dv / ev));
+    let (pk0, pk1, pv) = comptime!((kw0.div_ceil(g), kw1.div_ceil(g), vw.div_ceil(g)));
+    // Registers per row: q's dims of this lane, then the accumulator's.
+    let qk = comptime!(pk0 * e0 + pk1 * e1);
+    let av = comptime!(pv * ev);
+    let per_plane = comptime!(lanes / g);
+    let bh = CUBE_POS_X as usize;
+    let split = CUBE_POS_Y as usize;
+    let (b, h) = (bh / heads, bh % heads);
+    let lane = UNIT_POS_X as usize;
+    let warp = UNIT_POS_Y as usize;
+    let (grp, j) = (lane / g, lane % g);
+    let (n0, n1, nv) = (heads * d0, heads * d1, heads * dv);
+    let (w0, w1, wv) = (words_of(n0, f0), words_of(n1, f1), words_of(nv, fv));
+    let (nb0, nb1, nbv) = (n0 / BLOCK, n1 / BLOCK, nv / BLOCK);
+
+    // This lane's dims of q, zero past a head slice.
+    let mut qr = Array::<f32>::new(comptime!(nq * (pk0 * e0 + pk1 * e1)));
+    #[unroll]
+    for r in 0..nq {
+        #[unroll]
+        for i in 0..pk0 {
+            #[unroll]
+            for k in 0..e0 {
+                let w = j + i * g;
+                let mut v = f32::new(0.0);
+                if r < rows && w < kw0 {
+                    v = f32::cast_from(q[(bh * rows + r) * dk + w * e0 + k]) * scale;
+                }
+                qr[r * qk + i * e0 + k] = v;
+            }
+        }
+        #[unroll]
+        for i in 0..pk1 {
+            #[unroll]
+            for k in 0..e1 {
+                let w = j + i * g;
+                let mut v = f32::new(0.0);
+                if r < rows && w < kw1 {
+                    v = f32::cast_from(q[(bh * rows + r) * dk + d0 + w * e1 + k]) * scale;
+                }
+                qr[r * qk + pk0 * e0 + i * e1 + k] = v;
+            }
+        }
+    }
+    let mut limits = Array::<usize>::new(nq);
+    let hi = visible_keys(
+        &mut limits,
+        0,
+        rows,
+        t,
+        s_len,
+        split * chunk + chunk,
+        nq,
+        causal,
+    );
+    let lo = split * chunk;
+    let mut m = Array::<f32>::new(nq);
+    let mut l = Array::<f32>::new(nq);
+    let mut acc = Array::<f32>::new(comptime!(nq * pv * ev));
+    empty_partials(&mut m, &mut l, &mut acc, neg_inf, nq, comptime!(nq * av));
+    // A step's raw words and scales, u keys of this lane's group.
+    let mut kr0 = Array::<u32>::new(comptime!((u * pk0).max(1)));
+    let mut ks0 = Array::<f32>::new(comptime!((u * pk0).max(1)));
+    let mut kr1 = Array::<u32>::new(comptime!((u * pk1).max(1)));
+    let mut ks1 = Array::<f32>::new(comptime!((u * pk1).max(1)));
+    let mut vr = Array::<u32>::new(comptime!(u * pv));
+    let mut vs = Array::<f32>::new(comptime!(u * pv));
+    let mut vals = Array::<f32>::new(comptime!(e0.max(e1).max(ev)));
+    let mut sc = Array::<f32>::new(comptime!(u * nq));
+    let mut tile = lo + warp * comptime!(u * lanes / g);
+    while tile < hi {
+        // Every load of the step first.
+        #[unroll]
+        for x in 0..u {
+            let mut key = tile + x * per_plane + grp;
+            if key >= hi {
+                key = hi - 1;
+            }
+            let tok = b * s_len + key;
+            #[unroll]
+            for i in 0..pk0 {
+                let mut w = j + i * g;
+                if w >= kw0 {
+                    w = kw0 - 1;
+                }
+                kr0[x * pk0 + i] = fetch_word(c0, tok * w0, nb0, h * d0, w, f0);
+                ks0[x * pk0 + i] = fetch_scale(c0, tok * w0, h * d0, w, f0);
+            }
+            #[unroll]
+            for i in 0..pk1 {
+                let mut w = j + i * g;
+                if w >= kw1 {
+                    w = kw1 - 1;
+                }
+                kr1[x * pk1 + i] = fetch_word(c1, tok * w1, nb1, h * d1, w, f1);
+                ks1[x * pk1 + i] = fetch_scale(c1, tok * w1, h * d1, w, f1);
+            }
+            #[unroll]
+            for i in 0..pv {
+                let mut w = j + i * g;
+                if w >= vw {
+                    w = vw - 1;
+                }
+                vr[x * pv + i] = fetch_word(cv, tok * wv, nbv, h * dv, w, fv);
+                vs[x * pv + i] = fetch_scale(cv, tok * wv, h * dv, w, fv);
+            }
+        }
+        // Scores: this lane's partial dot products, summed over the group.
+        #[unroll]
+        for x in 0..u {
+            #[unroll]
+            for r in 0..nq {
+                sc[x * nq + r] = f32::new(0.0);
+            }
+            #[unroll]
+            for i in 0..pk0 {
+                unpack_word(kr0[x * pk0 + i], &levels, &mut vals, 0, f0);
+                #[unroll]
+                for r in 0..nq {
+                    let mut dot = f32::new(0.0);
+                    #[unroll]
+                    for k in 0..e0 {
+                        dot += qr[r * qk + i * e0 + k] * vals[k];
+                    }
+                    sc[x * nq + r] += dot * ks0[x * pk0 + i];
+                }
+            }
+            #[unroll]
+            for i in 0..pk1 {
+                unpack_word(kr1[x * pk1 + i], &levels, &mut vals, 0, f1);
+                #[unroll]
+                for r in 0..nq {
+                    let mut dot = f32::new(0.0);
+                    #[unroll]
+                    for k in 0..e1 {
+                        dot += qr[r * qk + pk0 * e0 + i * e1 + k] * vals[k];
+                    }
+                    sc[x * nq + r] += dot * ks1[x * pk1 + i];
+                }
+            }
+            let key = tile + x * per_plane + grp;
+            #[unroll]
+            for r in 0..nq {
+                let mut s = sc[x * nq + r];
+                #[unroll]
+                for bit in 0..comptime!(g.trailing_zeros() as usize) {
+                    s += plane_shuffle_xor(s, comptime!(1u32 << bit));
+                }
+                if key >= limits[r] || key >= hi {
+                    s = neg_inf;
+                }
+                sc[x * nq + r] = s;
+            }
+        }
+        // The group's online softmax over its u keys; then the values.
+        #[unroll]
+        for r in 0..nq {
+            let mut mx = m[r];
+            #[unroll]
+            for x in 0..u {
+                mx = mx.max(sc[x * nq + r]);
+            }
+            if mx > m[r] {
+                // A row with no visible key before keeps a zero
+                // accumulator: exp(-inf) = 0.
+                let corr = (m[r] - mx).exp();
+                l[r] *= corr;
+                #[unroll]
+                for a in 0..av {
+                    acc[r * av + a] *= corr;
+                }
+                m[r] = mx;
+            }
+            #[unroll]
+            for x in 0..u {
+                let mut p = f32::new(0.0);
+                if sc[x * nq + r] != neg_inf {
+                    p = (sc[x * nq + r] - mx).exp();
+                }
+                l[r] += p;
+                sc[x * nq + r] = p;
+            }
+        }
+        #[unroll]
+        for x in 0..u {
+            #[unroll]
+            for i in 0..pv {
+                unpack_word(vr[x * pv + i], &levels, &mut vals, 0, fv);
+                #[unroll]
+                for r in 0..nq {
+                    let w = sc[x * nq + r] * vs[x * pv + i];
+                    #[unroll]
+                    for k in 0..ev {
+                        acc[r * av + i * ev + k] += w * vals[k];
+                    }
+                }
+            }
+        }
+        tile += comptime!(WARPS * u * lanes / g);
+    }
+    // The plane's groups merge (lanes j of every group hold the same dims).
+    #[unroll]
+    for bit in 0..comptime!((lanes / g).trailing_zeros() as usize) {
+        let mask = comptime!((g << bit) as u32);
+        #[unroll]
+        for r in 0..nq {
+            let mo = plane_shuffle_xor(m[r], mask);
+            let lo_other = plane_shuffle_xor(l[r], mask);
+            let mx = m[r].max(mo);
+            let mut wa = f32::new(0.0);
+            let mut wb = f32::new(0.0);
+            if m[r] != neg_inf {
+                wa = (m[r] - mx).exp();
+            }
+            if mo != neg_inf {
+                wb = (mo - mx).exp();
+            }
+            l[r] = l[r] * wa + lo_other * wb;
+            #[unroll]
+            for a in 0..av {
+                let other = plane_shuffle_xor(acc[r * av + a], mask);
+                acc[r * av + a] = acc[r * av + a] * wa + other * wb;
+            }
+            m[r] = mx;
+        }
+    }
+    let mut m_sh = SharedMemory::<f32>::new(comptime!(WARPS * nq));
+    let mut l_sh = SharedMemory::<f32>::new(comptime!(WARPS * nq));
+    let mut a_sh = SharedMemory::<f32>::new(comptime!(WARPS * nq * dv));
+    if grp == 0 {
+        #[unroll]
+        for r in 0..nq {
+            if j == 0 {
+                m_sh[warp * nq + r] = m[r];
+                l_sh[warp * nq + r] = l[r];
+            }
+            #[unroll]
+            for i in 0..pv {
+                let w = j + i * g;
+                if w < vw {
+                    #[unroll]
+                    for k in 0..ev {
+                        a_sh[(warp * nq + r) * dv + w * ev + k] = acc[r * av + i * ev + k];
+                    }
+                }
+            }
+        }
+    }
+    sync_cube();
+    combine_planes(
+        &m_sh, &l_sh, &a_sh, m_out, l_out, acc_out, bh, rows, slots, split, neg_inf, nq, dv, lanes,
+    );
+}
+
 /// A partial with no key yet: running maxima `-inf`, sums and the
 /// accumulator zero.
 #[cube]
@@ -938,9 +1253,9 @@ fn empty_partials(
 }
 
 /// The cube's planes merge their partials (`m`, `l`, `acc`: this lane's
-/// `4 · pv` columns of each row, `pv` passes of `4 · lanes` columns) in
-/// shared memory; plane 0 writes the chunk's one partial into slot `split`
-/// of each row.
+/// `4 · pv` columns of each row, `pv` passes of `4 · lanes` columns)
+/// through shared memory ([`combine_planes`]) into slot `split` of each
+/// row.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn merge_planes(
@@ -984,48 +1299,62 @@ fn merge_planes(
         }
     }
     sync_cube();
-    if warp == 0 {
-        #[unroll]
-        for r in 0..nq {
-            if r < rows {
-                let mut mx = neg_inf;
-                #[unroll]
-                for w in 0..WARPS {
-                    mx = mx.max(m_sh[w * nq + r]);
-                }
-                let mut wts = Array::<f32>::new(WARPS);
-                let mut den = f32::new(0.0);
-                #[unroll]
-                for w in 0..WARPS {
-                    let mut wt = f32::new(0.0);
-                    if m_sh[w * nq + r] != neg_inf {
-                        wt = (m_sh[w * nq + r] - mx).exp();
-                    }
-                    wts[w] = wt;
-                    den += l_sh[w * nq + r] * wt;
-                }
-                let slot = (bh * rows + r) * slots + split;
-                if lane == 0 {
-                    m_out[slot] = mx;
-                    l_out[slot] = den;
-                }
-                #[unroll]
-                for p in 0..pv {
-                    #[unroll]
-                    for k in 0..4usize {
-                        let col = p * 4 * lanes + lane * 4 + k;
-                        if col < dv {
-                            let mut num = f32::new(0.0);
-                            #[unroll]
-                            for w in 0..WARPS {
-                                num += a_sh[(w * nq + r) * dv + col] * wts[w];
-                            }
-                            acc_out[slot * dv + col] = num;
-                        }
-                    }
-                }
+    combine_planes(
+        &m_sh, &l_sh, &a_sh, m_out, l_out, acc_out, bh, rows, slots, split, neg_inf, nq, dv, lanes,
+    );
+}
+
+/// The cube's planes' partials (in shared memory: running max and sum of
+/// row `r` of plane `w` at `w · nq + r`, its accumulator at
+/// `(w · nq + r) · dv`) rescaled to their common maximum and summed into
+/// the chunk's one partial, slot `split` of each row; every unit of the
+/// cube takes some of the rows' columns.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn combine_planes(
+    m_sh: &SharedMemory<f32>,
+    l_sh: &SharedMemory<f32>,
+    a_sh: &SharedMemory<f32>,
+    m_out: &mut Array<f32>,
+    l_out: &mut Array<f32>,
+    acc_out: &mut Array<f32>,
+    bh: usize,
+    rows: usize,
+    slots: usize,
+    split: usize,
+    neg_inf: f32,
+    #[comptime] nq: usize,
+    #[comptime] dv: usize,
+    #[comptime] lanes: usize,
+) {
+    let mut i = UNIT_POS_Y as usize * lanes + UNIT_POS_X as usize;
+    while i < comptime!(nq * dv) {
+        let (r, col) = (i / dv, i % dv);
+        if r < rows {
+            let mut mx = neg_inf;
+            #[unroll]
+            for w in 0..WARPS {
+                mx = mx.max(m_sh[w * nq + r]);
             }
+            let mut den = f32::new(0.0);
+            let mut num = f32::new(0.0);
+            #[unroll]
+            for w in 0..WARPS {
+                let mut wt = f32::new(0.0);
+                if m_sh[w * nq + r] != neg_inf {
+                    wt = (m_sh[w * nq + r] - mx).exp();
+                }
+                den += l_sh[w * nq + r] * wt;
+                num += a_sh[(w * nq + r) * dv + col] * wt;
+            }
+            let slot = (bh * rows + r) * slots + split;
+            if col == 0 {
+                m_out[slot] = mx;
+                l_out[slot] = den;
+            }
+            acc_out[slot * dv + col] = num;
         }
+        i += comptime!(WARPS * lanes);
     }
 }
 
@@ -1095,6 +1424,81 @@ fn fixed_plane<R: Runtime>(client: &ComputeClient<R>) -> Option<usize> {
     (ops && lo == hi && hi.is_power_of_two() && hi >= 4).then_some(hi)
 }
 
+/// A decode kernel and its geometry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Decode {
+    /// [`kv_decode_groups_kernel`]: `group` lanes a key, `keys` keys a
+    /// group per step.
+    Groups { group: usize, keys: usize },
+    /// [`kv_decode_tiles_kernel`].
+    Tiles,
+    /// [`kv_decode_keys_kernel`].
+    Keys,
+}
+
+/// Registers a lane of the groups kernel may spend on `q`, the
+/// accumulator and a step's raw words: about 160 keeps it clear of spills
+/// under the 255 a thread has.
+const DECODE_REGISTERS: usize = 160;
+
+/// The groups kernel's geometry for these cache parts (keys, then
+/// values) and `nq` rows a cube: `keys` keys a group per step, and the
+/// smallest group (at least 4 lanes) whose registers fit
+/// [`DECODE_REGISTERS`] (so the most keys a plane at once), else a whole
+/// plane.
+fn group_geometry(parts: &[&CachePart], nq: usize, lanes: usize, keys: usize) -> (usize, usize) {
+    let words = |p: &CachePart, g: usize| (p.dim / per_word(p.code())).div_ceil(g);
+    let registers = |g: usize| {
+        let (k, v) = parts.split_at(parts.len() - 1);
+        let q: usize = k.iter().map(|p| words(p, g) * per_word(p.code())).sum();
+        let acc = words(v[0], g) * per_word(v[0].code());
+        let raw: usize = parts.iter().map(|p| words(p, g)).sum();
+        nq * (q + acc) + 2 * keys * raw
+    };
+    let group = [4, 8, 16]
+        .into_iter()
+        .find(|&g| g < lanes && registers(g) <= DECODE_REGISTERS)
+        .unwrap_or(lanes);
+    (group, keys)
+}
+
+/// The decode kernel for these parts: the groups kernel when every part's
+/// head slice is whole words of its storage, else the tile kernel
+/// (quantized keys) or the key-per-plane kernel (float keys) when the dims
+/// come in fours, else none (the staged kernel). `CARAMBA_KV_DECODE`
+/// (`groups`, `groups:<lanes>:<keys>`, `tiles`, `keys`) overrides the
+/// choice, for benchmarks.
+fn decode_kernel(parts: &[&CachePart], nq: usize, lanes: usize, vec4: bool) -> Option<Decode> {
+    static CHOICE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let choice = CHOICE.get_or_init(|| std::env::var("CARAMBA_KV_DECODE").ok());
+    let whole_words = parts.iter().all(|p| p.dim % per_word(p.code()) == 0);
+    let quantized_keys = parts[..parts.len() - 1].iter().any(|p| p.format != FLOAT);
+    let fallback = vec4.then_some(if quantized_keys {
+        Decode::Tiles
+    } else {
+        Decode::Keys
+    });
+    let groups = whole_words.then(|| {
+        let (group, keys) = group_geometry(parts, nq, lanes, 2);
+        Decode::Groups { group, keys }
+    });
+    let forced = choice.as_deref().and_then(|c| {
+        let mut it = c.split(':');
+        match (it.next(), it.next(), it.next()) {
+            (Some("tiles"), ..) => vec4.then_some(Decode::Tiles),
+            (Some("keys"), ..) => vec4.then_some(Decode::Keys),
+            (Some("groups"), Some(g), Some(u)) => {
+                let (g, u) = (g.parse().ok()?, u.parse().ok()?);
+                let fits = g > 0 && lanes % g == 0 && u > 0;
+                (whole_words && fits).then_some(Decode::Groups { group: g, keys: u })
+            }
+            (Some("groups"), ..) => groups,
+            _ => None,
+        }
+    });
+    forced.or(groups).or(fallback)
+}
+
 /// `kv_attention` with `q` dense `[B, heads, g, T, Σdₖ]`, one or two key
 /// caches and the value cache, into `out` dense `[B, heads, g, T, dv]`.
 /// A decode step (at most [`KV_QUERIES`] query rows per head, dims in
@@ -1141,13 +1545,16 @@ pub fn launch_kv_attention<R: Runtime>(
     let dummy = k1.map_or(k0.handle.clone(), |k| k.handle.clone());
     let (f1, d1) = (k1.map_or(FLOAT, |k| k.code()), k1.map_or(0, |k| k.dim));
     let scratch = |n: usize| client.empty(n.max(1) * 4);
-    let plane = fixed_plane(client).filter(|_| vec4 && rows <= KV_QUERIES && dv <= 256);
+    let nq = rows_per_cube(rows);
+    let parts: Vec<&CachePart> = keys.iter().chain([values]).collect();
+    let decode = fixed_plane(client)
+        .filter(|_| rows <= KV_QUERIES && dv <= 256)
+        .and_then(|lanes| decode_kernel(&parts, nq, lanes, vec4).map(|d| (lanes, d)));
     let slots_per_row;
     let (m_buf, l_buf, acc_buf);
-    if let Some(lanes) = plane {
-        // About 2048 cubes, each chunk a whole number of the cube's tiles
-        // (a tile of `lanes` keys a plane; the key-per-plane kernel takes
-        // its keys in the same steps).
+    if let Some((lanes, kernel)) = decode {
+        // About 2048 cubes, each chunk a whole number of `WARPS · lanes`
+        // keys (every decode kernel's step divides it).
         let step = WARPS * lanes;
         let splits = 2048usize
             .div_ceil(bh)
@@ -1157,9 +1564,10 @@ pub fn launch_kv_attention<R: Runtime>(
         slots_per_row = splits;
         let slots = bh * rows * slots_per_row;
         (m_buf, l_buf, acc_buf) = (scratch(slots), scratch(slots), scratch(slots * dv));
-        // Both decode kernels take the same arguments.
+        // The decode kernels take the same arguments (the groups kernel one
+        // more, its geometry).
         macro_rules! launch_decode {
-            ($kernel:ident) => {
+            ($kernel:ident $(, $extra:expr)?) => {
                 with_float!(elem, F => unsafe {
                     $kernel::launch_unchecked::<F, R>(
                         client,
@@ -1187,23 +1595,25 @@ pub fn launch_kv_attention<R: Runtime>(
                         d1,
                         values.code(),
                         dv,
-                        rows_per_cube(rows),
+                        nq,
                         lanes,
+                        $($extra)?
                     );
                 });
             };
         }
-        // Quantized keys: a tile of keys a plane, one per lane. Float keys:
-        // one key a plane at a time (lanes reading whole f32 key rows spread
-        // a plane's loads over 32 rows and 16 KB of cache lines, which
-        // measured slower; BENCHMARKS, seventeenth session).
-        if keys.iter().any(|k| k.format != FLOAT) {
-            launch_decode!(kv_decode_tiles_kernel);
-        } else {
-            launch_decode!(kv_decode_keys_kernel);
+        match kernel {
+            Decode::Groups { group, keys } => {
+                launch_decode!(kv_decode_groups_kernel, (group, keys));
+            }
+            Decode::Tiles => {
+                launch_decode!(kv_decode_tiles_kernel);
+            }
+            Decode::Keys => {
+                launch_decode!(kv_decode_keys_kernel);
+            }
         }
     } else {
-        let nq = rows_per_cube(rows);
         let shared = 4 * (KV_TILE * (dk.max(dv) + 1) + nq * (dk + KV_TILE) + 16);
         let limit = client.properties().hardware.max_shared_memory_size;
         if shared > limit {

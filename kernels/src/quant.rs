@@ -68,7 +68,7 @@ const LEVELS: [f32; 16] = [
 ];
 
 /// Bits per code of a quantized format.
-pub fn bits(format: u32) -> usize {
+pub const fn bits(format: u32) -> usize {
     if format == Q8 {
         8
     } else {
@@ -242,6 +242,99 @@ pub fn load4_regs(
         for k in 0..4 {
             let code = (w >> (base + comptime!(k as u32) * b)) & comptime!((1u32 << b) - 1);
             out[at + k] = decode(code, s, levels, format);
+        }
+    }
+}
+
+/// Values per 32-bit word of a cache in `format` (a kernel code): 1 for
+/// `f32`, 2 for a 2-byte float, 4 for q8, 8 for q4 and NF4.
+pub const fn per_word(format: u32) -> usize {
+    if format == FLOAT {
+        1
+    } else if is_float(format) {
+        2
+    } else {
+        32 / bits(format)
+    }
+}
+
+/// The raw bits of word `w` of a head's slice of a row, for
+/// [`unpack_word`]: the row starts at word `row` and has `nb` blocks, the
+/// head's first value is element `e0` (`row` and `e0` as [`load_value`]
+/// takes them; `e0` a multiple of [`per_word`]). Fetching and unpacking
+/// apart lets a kernel issue a tile's loads together.
+#[cube]
+pub fn fetch_word(
+    c: &Array<i32>,
+    row: usize,
+    nb: usize,
+    e0: usize,
+    w: usize,
+    #[comptime] format: u32,
+) -> u32 {
+    let mut at = row + nb + e0 / comptime!(per_word(format)) + w;
+    if comptime!(format == FLOAT) {
+        at = row + e0 + w;
+    } else if comptime!(is_float(format)) {
+        at = (row + e0) / 2 + w;
+    }
+    u32::reinterpret(c[at])
+}
+
+/// The block scale of word `w` of a head's slice of a row (arguments as
+/// [`fetch_word`]); 1 for a float cache, which reads nothing.
+#[cube]
+pub fn fetch_scale(
+    c: &Array<i32>,
+    row: usize,
+    e0: usize,
+    w: usize,
+    #[comptime] format: u32,
+) -> f32 {
+    let mut s = f32::new(1.0);
+    if comptime!(!is_float(format)) {
+        s = f32::reinterpret(c[row + (e0 + w * comptime!(per_word(format))) / BLOCK]);
+    }
+    s
+}
+
+/// A word's [`per_word`] values into `out[at ..]`, unscaled (a quantized
+/// value is its code's level; multiply by the block's scale). q8 and q4
+/// codes become floats by placing them in the mantissa of 2²³ and
+/// subtracting, integer and add instructions instead of conversions (an
+/// SM converts a quarter as many values per clock as it adds).
+#[cube]
+pub fn unpack_word(
+    word: u32,
+    levels: &SharedMemory<f32>,
+    out: &mut Array<f32>,
+    at: usize,
+    #[comptime] format: u32,
+) {
+    if comptime!(format == FLOAT) {
+        out[at] = f32::reinterpret(word);
+    } else if comptime!(is_float(format)) {
+        out[at] = widen_half(word, format);
+        out[at + 1] = widen_half(word >> 16u32, format);
+    } else if comptime!(format == Q8) {
+        // Flipping the sign bit maps code c (two's complement) to c + 128.
+        let x = word ^ 0x8080_8080u32;
+        #[unroll]
+        for k in 0..4usize {
+            let m = ((x >> comptime!((k * 8) as u32)) & 0xffu32) | 0x4b00_0000u32;
+            out[at + k] = f32::reinterpret(m) - f32::new(8_388_736.0);
+        }
+    } else if comptime!(format == Q4) {
+        #[unroll]
+        for k in 0..8usize {
+            let m = ((word >> comptime!((k * 4) as u32)) & 0xfu32) | 0x4b00_0000u32;
+            out[at + k] = f32::reinterpret(m) - f32::new(8_388_616.0);
+        }
+    } else {
+        #[unroll]
+        for k in 0..8usize {
+            let code = (word >> comptime!((k * 4) as u32)) & 0xfu32;
+            out[at + k] = levels[usize::cast_from(code)];
         }
     }
 }

@@ -1143,28 +1143,41 @@ fn kv_attention_graph(
 }
 
 /// The decode kernels' paths the small shapes above do not take: enough
-/// (batch, kv head) pairs that each cube's chunk spans several tiles a
-/// plane (1,024 pairs: 2 chunks of 384 keys over 700, three 32-key tiles
-/// a plane, the last partial), and several query rows a head with their
-/// own causal limits (T = 2 new positions, 2 heads a kv head).
+/// (batch, kv head) pairs that each cube's chunk spans several steps a
+/// plane (1,024 pairs: 2 chunks of 384 keys over 700, the last step
+/// partial), several query rows a head with their own causal limits
+/// (T = 2 new positions, 2 heads a kv head), and head dims and formats
+/// that set the groups kernel's geometry: 96-dim q8 (8 lanes a key), f32
+/// (16 lanes a key), q4 keys with NF4 values, and 8 query rows a head
+/// (16 lanes a key for the same registers). 96, not 128: the staged
+/// kernel, which lavapipe runs, holds a tile of 64 × 129 floats for 128,
+/// more than lavapipe's 32 KB of shared memory.
 pub fn kv_decode_chunks<R: Runtime>(dev: &R::Device) {
     use caramba_ir::{KvPart, QuantFormat};
     let mut rng = Rng(24);
-    let (b, kv, grp, t, s) = (64usize, 16usize, 2usize, 2usize, 700usize);
-    // q8 keys take the tile kernel, f32 keys the key-per-plane one.
-    for key_format in [Some(QuantFormat::Q8), None] {
-        let parts = [
-            KvPart {
-                format: key_format,
-                dim: 4,
-            },
-            KvPart {
-                format: None,
-                dim: 8,
-            },
-        ];
+    let part = |format, dim| KvPart { format, dim };
+    let (q8, q4, nf4) = (
+        Some(QuantFormat::Q8),
+        Some(QuantFormat::Q4),
+        Some(QuantFormat::Nf4),
+    );
+    let cases = [
+        (
+            (64usize, 16usize, 2usize, 2usize),
+            vec![part(q8, 4), part(None, 8)],
+        ),
+        ((64, 16, 2, 2), vec![part(None, 4), part(None, 8)]),
+        ((4, 4, 2, 2), vec![part(q8, 96), part(q8, 96)]),
+        ((4, 4, 2, 2), vec![part(None, 96), part(None, 96)]),
+        (
+            (4, 4, 1, 1),
+            vec![part(q4, 32), part(q8, 64), part(nf4, 64)],
+        ),
+        ((2, 4, 4, 2), vec![part(q8, 96), part(q8, 96)]),
+    ];
+    for ((b, kv, grp, t), parts) in cases {
         for causal in [false, true] {
-            let shape = (b, kv, grp, t, s);
+            let shape = (b, kv, grp, t, 700);
             let (g, vals) = kv_attention_graph(&mut rng, &parts, shape, causal, 0.5);
             check::<R>(dev, &g, &bind(vals), TOL);
         }
