@@ -12,13 +12,10 @@
 //! accumulator — combined by a third kernel), so that many chunks keep
 //! every SM busy when a decode step has only `g` query rows:
 //!
-//! - the *decode* kernels, for at most `KV_QUERIES` query rows per head on
-//!   devices with fixed-size planes (CUDA), K and V read straight into
-//!   registers: over quantized keys each plane scores a tile of keys one
-//!   per lane, then accumulates their values with the lanes splitting the
-//!   head dims (`kv_decode_tiles_kernel`); over float keys each plane takes
-//!   one key at a time, its lanes splitting the dims
-//!   (`kv_decode_keys_kernel`);
+//! - the *decode* kernel, for at most `KV_QUERIES` query rows per head on
+//!   devices with fixed-size planes (CUDA): a group of lanes per key, each
+//!   lane reading vectors of words of the caches straight into registers
+//!   and unpacking them there (`kv_decode_groups_kernel`);
 //! - the *staged* kernel for everything else (prefill, lavapipe), described
 //!   here.
 //!
@@ -37,13 +34,14 @@
 //! query rows.
 //!
 //! Where it stops: f32 arithmetic (no tensor cores); a 2-byte float cache
-//! needs an even number of dims per head; a tile of
-//! `64 × max(Σdₖ, dv)` floats in shared memory limits either to 160 dims
-//! per head; neither kernel reaches memory bandwidth yet (BENCHMARKS.md).
+//! needs an even number of dims per head; the staged kernel's tile of
+//! `64 × max(Σdₖ, dv)` floats in shared memory limits it to 160 dims per
+//! head (less where shared memory is smaller: 96 on lavapipe's 32 KB);
+//! the decode kernel takes up to 256 (BENCHMARKS.md has its speed).
 
 use crate::quant::{
-    fetch_scale, fetch_word, float_code, is_float, load4_regs, load_value, nf4_levels, per_word,
-    row_words, unpack_word, BLOCK, FLOAT,
+    fetch_scale, float_code, is_float, load4_regs, load_value, nf4_levels, per_word, row_words,
+    unpack_word, word_at, BLOCK, FLOAT,
 };
 use crate::{grid_1d, linear_pos, with_float, FloatElem, KernelError, ELEM_BLOCK};
 use cubecl::prelude::*;
@@ -432,501 +430,25 @@ fn kv_attention_kernel<F: Float + CubeElement>(
     }
 }
 
-/// Planes per cube of the decode kernel: each takes every `WARPS`-th tile
+/// Planes per cube of the decode kernel: each takes every `WARPS`-th step
 /// of the cube's chunk.
 const WARPS: usize = 4;
-
-/// Decode (at most `KV_QUERIES` query rows per head): each plane takes a
-/// tile of one key per lane at a time.
-///
-/// - **Scores, one lane per key**: a lane reads its key's whole row (the
-///   plane reads `lanes` rows at once, so every load instruction has that
-///   many independent requests in flight) and dots it with every query
-///   row, `q` (pre-scaled) read from shared memory by all lanes at once (a
-///   broadcast). No reduction across lanes per key: the plane reductions
-///   (max, sum) happen once per tile and row, as does the accumulator's
-///   rescale.
-/// - **Values, lanes splitting the dims** (four each, coalesced), each
-///   key's probability taken from its lane with a shuffle.
-///
-/// Keys past the chunk are clamped to its last one (a valid row) and
-/// weighted zero, so the tile's loops have no branches and the compiler can
-/// issue all of a tile's loads together. The cube's planes merge their
-/// partials in shared memory at the end: one partial per chunk for the
-/// combine kernel.
-#[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
-fn kv_decode_tiles_kernel<F: Float + CubeElement>(
-    q: &Array<F>,
-    c0: &Array<i32>,
-    c1: &Array<i32>,
-    cv: &Array<i32>,
-    m_out: &mut Array<f32>,
-    l_out: &mut Array<f32>,
-    acc_out: &mut Array<f32>,
-    heads: usize,
-    rows: usize,
-    t: usize,
-    s_len: usize,
-    chunk: usize,
-    slots: usize,
-    scale: f32,
-    neg_inf: f32,
-    #[comptime] causal: bool,
-    #[comptime] f0: u32,
-    #[comptime] d0: usize,
-    #[comptime] f1: u32,
-    #[comptime] d1: usize,
-    #[comptime] fv: u32,
-    #[comptime] dv: usize,
-    #[comptime] nq: usize,
-    #[comptime] lanes: usize,
-) {
-    let levels = nf4_levels();
-    let dk = comptime!(d0 + d1);
-    let pv = comptime!(dv.div_ceil(4 * lanes));
-    let per_lane = comptime!(4 * dv.div_ceil(4 * lanes));
-    let bh = CUBE_POS_X as usize;
-    let split = CUBE_POS_Y as usize;
-    let (b, h) = (bh / heads, bh % heads);
-    let lane = UNIT_POS_X as usize;
-    let warp = UNIT_POS_Y as usize;
-    let (n0, n1, nv) = (heads * d0, heads * d1, heads * dv);
-    let (w0, w1, wv) = (words_of(n0, f0), words_of(n1, f1), words_of(nv, fv));
-
-    let mut q_sh = SharedMemory::<f32>::new(comptime!(nq * (d0 + d1)));
-    let mut j = warp * lanes + lane;
-    while j < nq * dk {
-        let r = j / dk;
-        let mut v = f32::new(0.0);
-        if r < rows {
-            v = f32::cast_from(q[(bh * rows + r) * dk + j % dk]) * scale;
-        }
-        q_sh[j] = v;
-        j += comptime!(WARPS * lanes);
-    }
-    sync_cube();
-    let mut limits = Array::<usize>::new(nq);
-    let hi = visible_keys(
-        &mut limits,
-        0,
-        rows,
-        t,
-        s_len,
-        split * chunk + chunk,
-        nq,
-        causal,
-    );
-    let lo = split * chunk;
-    let mut m = Array::<f32>::new(nq);
-    let mut l = Array::<f32>::new(nq);
-    let mut acc = Array::<f32>::new(comptime!(nq * 4 * dv.div_ceil(4 * lanes)));
-    empty_partials(
-        &mut m,
-        &mut l,
-        &mut acc,
-        neg_inf,
-        nq,
-        comptime!(nq * 4 * dv.div_ceil(4 * lanes)),
-    );
-    let mut sc = Array::<f32>::new(nq);
-    let mut pr = Array::<f32>::new(nq);
-    let mut kreg = Array::<f32>::new(4usize);
-    let mut vreg = Array::<f32>::new(comptime!(4 * dv.div_ceil(4 * lanes)));
-    let mut tile = lo + warp * lanes;
-    while tile < hi {
-        // Scores: this lane's key (clamped to the chunk's last).
-        let key = tile + lane;
-        let mut kc = key;
-        if kc >= hi {
-            kc = hi - 1;
-        }
-        let tok = b * s_len + kc;
-        #[unroll]
-        for r in 0..nq {
-            sc[r] = f32::new(0.0);
-        }
-        #[unroll]
-        for p in 0..comptime!(d0 / 4) {
-            load4_regs(
-                c0,
-                tok * w0,
-                h * d0 + p * 4,
-                n0 / BLOCK,
-                &levels,
-                &mut kreg,
-                0,
-                f0,
-            );
-            #[unroll]
-            for r in 0..nq {
-                #[unroll]
-                for k in 0..4usize {
-                    sc[r] += q_sh[r * dk + p * 4 + k] * kreg[k];
-                }
-            }
-        }
-        #[unroll]
-        for p in 0..comptime!(d1 / 4) {
-            load4_regs(
-                c1,
-                tok * w1,
-                h * d1 + p * 4,
-                n1 / BLOCK,
-                &levels,
-                &mut kreg,
-                0,
-                f1,
-            );
-            #[unroll]
-            for r in 0..nq {
-                #[unroll]
-                for k in 0..4usize {
-                    sc[r] += q_sh[r * dk + d0 + p * 4 + k] * kreg[k];
-                }
-            }
-        }
-        // The online softmax, once per tile and row.
-        #[unroll]
-        for r in 0..nq {
-            let mut s = neg_inf;
-            if key < limits[r] && key < hi {
-                s = sc[r];
-            }
-            let m_new = m[r].max(plane_max(s));
-            // A row with no visible key yet keeps m = -inf: no correction.
-            let mut corr = f32::new(1.0);
-            if m_new != neg_inf {
-                corr = (m[r] - m_new).exp();
-            }
-            let mut p = f32::new(0.0);
-            if s != neg_inf {
-                p = (s - m_new).exp();
-            }
-            l[r] = l[r] * corr + plane_sum(p);
-            m[r] = m_new;
-            pr[r] = p;
-            #[unroll]
-            for i in 0..per_lane {
-                acc[r * per_lane + i] *= corr;
-            }
-        }
-        // Values: lanes split the dims; key x's weights from lane x.
-        #[unroll]
-        for x in 0..lanes {
-            let mut kx = tile + x;
-            if kx >= hi {
-                kx = hi - 1;
-            }
-            let vtok = b * s_len + kx;
-            #[unroll]
-            for p in 0..pv {
-                let col = p * 4 * lanes + lane * 4;
-                #[unroll]
-                for k in 0..4usize {
-                    vreg[p * 4 + k] = f32::new(0.0);
-                }
-                if col < dv {
-                    load4_regs(
-                        cv,
-                        vtok * wv,
-                        h * dv + col,
-                        nv / BLOCK,
-                        &levels,
-                        &mut vreg,
-                        p * 4,
-                        fv,
-                    );
-                }
-            }
-            #[unroll]
-            for r in 0..nq {
-                let w = plane_shuffle(pr[r], comptime!(x as u32));
-                #[unroll]
-                for i in 0..per_lane {
-                    acc[r * per_lane + i] += w * vreg[i];
-                }
-            }
-        }
-        tile += comptime!(WARPS * lanes);
-    }
-    merge_planes(
-        &m, &l, &acc, m_out, l_out, acc_out, bh, rows, slots, split, neg_inf, nq, dv, lanes,
-    );
-}
-
-/// Decode (at most `KV_QUERIES` query rows per head): one plane per key at
-/// a time, its lanes splitting the head dims four values each, so a key's
-/// row is read once, coalesced, straight from the cache into registers; the
-/// dot products are plane sums, and the softmax update and the value
-/// accumulation happen in each lane's registers. q (pre-scaled) lives in
-/// registers too: no shared memory in the loop, so the kernel waits on
-/// memory, not on shared-memory instructions. Each plane takes two keys per
-/// iteration (independent loads, so one's latency hides the other's), and
-/// the cube's planes merge their partials in shared memory at the end: one
-/// partial per chunk for the combine kernel.
-#[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
-fn kv_decode_keys_kernel<F: Float + CubeElement>(
-    q: &Array<F>,
-    c0: &Array<i32>,
-    c1: &Array<i32>,
-    cv: &Array<i32>,
-    m_out: &mut Array<f32>,
-    l_out: &mut Array<f32>,
-    acc_out: &mut Array<f32>,
-    heads: usize,
-    rows: usize,
-    t: usize,
-    s_len: usize,
-    chunk: usize,
-    slots: usize,
-    scale: f32,
-    neg_inf: f32,
-    #[comptime] causal: bool,
-    #[comptime] f0: u32,
-    #[comptime] d0: usize,
-    #[comptime] f1: u32,
-    #[comptime] d1: usize,
-    #[comptime] fv: u32,
-    #[comptime] dv: usize,
-    #[comptime] nq: usize,
-    #[comptime] lanes: usize,
-) {
-    let levels = nf4_levels();
-    let dk = comptime!(d0 + d1);
-    let pk = comptime!((d0 + d1).div_ceil(4 * lanes));
-    let bh = CUBE_POS_X as usize;
-    let split = CUBE_POS_Y as usize;
-    let (b, h) = (bh / heads, bh % heads);
-    let lane = UNIT_POS_X as usize;
-    let warp = UNIT_POS_Y as usize;
-    let (n0, n1, nv) = (heads * d0, heads * d1, heads * dv);
-    let (w0, w1, wv) = (words_of(n0, f0), words_of(n1, f1), words_of(nv, fv));
-
-    let mut qr = Array::<f32>::new(comptime!(nq * 4 * (d0 + d1).div_ceil(4 * lanes)));
-    let mut limits = Array::<usize>::new(nq);
-    #[unroll]
-    for r in 0..nq {
-        #[unroll]
-        for p in 0..pk {
-            #[unroll]
-            for k in 0..4usize {
-                let x = p * 4 * lanes + lane * 4 + k;
-                let mut v = f32::new(0.0);
-                if r < rows && x < dk {
-                    v = f32::cast_from(q[(bh * rows + r) * dk + x]) * scale;
-                }
-                qr[(r * pk + p) * 4 + k] = v;
-            }
-        }
-    }
-    let hi = visible_keys(
-        &mut limits,
-        0,
-        rows,
-        t,
-        s_len,
-        split * chunk + chunk,
-        nq,
-        causal,
-    );
-    let lo = split * chunk;
-    let mut m = Array::<f32>::new(nq);
-    let mut l = Array::<f32>::new(nq);
-    let mut acc = Array::<f32>::new(comptime!(nq * 4 * dv.div_ceil(4 * lanes)));
-    empty_partials(
-        &mut m,
-        &mut l,
-        &mut acc,
-        neg_inf,
-        nq,
-        comptime!(nq * 4 * dv.div_ceil(4 * lanes)),
-    );
-    let mut ka = Array::<f32>::new(comptime!(4 * (d0 + d1).div_ceil(4 * lanes)));
-    let mut va = Array::<f32>::new(comptime!(4 * dv.div_ceil(4 * lanes)));
-    let mut kb = Array::<f32>::new(comptime!(4 * (d0 + d1).div_ceil(4 * lanes)));
-    let mut vb = Array::<f32>::new(comptime!(4 * dv.div_ceil(4 * lanes)));
-    let parts = (f0, d0, f1, d1, fv, dv, lanes);
-    let caches = (n0, n1, nv, w0, w1, wv);
-    // Two keys per iteration: their loads are independent, so one's
-    // latency hides behind the other's.
-    let mut key = lo + warp;
-    while key < hi {
-        let key2 = key + WARPS;
-        let has2 = key2 < hi;
-        load_key(
-            c0,
-            c1,
-            cv,
-            b * s_len + key,
-            h,
-            lane,
-            caches,
-            &levels,
-            &mut ka,
-            &mut va,
-            parts,
-        );
-        if has2 {
-            load_key(
-                c0,
-                c1,
-                cv,
-                b * s_len + key2,
-                h,
-                lane,
-                caches,
-                &levels,
-                &mut kb,
-                &mut vb,
-                parts,
-            );
-        }
-        attend(
-            key, &qr, &ka, &va, &limits, &mut m, &mut l, &mut acc, nq, parts,
-        );
-        if has2 {
-            attend(
-                key2, &qr, &kb, &vb, &limits, &mut m, &mut l, &mut acc, nq, parts,
-            );
-        }
-        key += 2 * WARPS;
-    }
-    merge_planes(
-        &m, &l, &acc, m_out, l_out, acc_out, bh, rows, slots, split, neg_inf, nq, dv, lanes,
-    );
-}
-
-/// One key's and its value's dims of this lane (four per pass) into
-/// registers, zero past the head.
-#[cube]
-// The inner `if` is comptime (no second key cache, no code): it cannot
-// join the runtime condition.
-#[allow(clippy::too_many_arguments, clippy::collapsible_if)]
-fn load_key(
-    c0: &Array<i32>,
-    c1: &Array<i32>,
-    cv: &Array<i32>,
-    tok: usize,
-    h: usize,
-    lane: usize,
-    caches: (usize, usize, usize, usize, usize, usize),
-    levels: &SharedMemory<f32>,
-    kreg: &mut Array<f32>,
-    vreg: &mut Array<f32>,
-    #[comptime] parts: (u32, usize, u32, usize, u32, usize, usize),
-) {
-    let (f0, d0, f1, d1, fv, dv, lanes) = parts;
-    let (n0, n1, nv, w0, w1, wv) = caches;
-    let dk = comptime!(d0 + d1);
-    #[unroll]
-    for p in 0..comptime!((d0 + d1).div_ceil(4 * lanes)) {
-        let x = p * 4 * lanes + lane * 4;
-        #[unroll]
-        for k in 0..4usize {
-            kreg[p * 4 + k] = f32::new(0.0);
-        }
-        if x < d0 {
-            load4_regs(
-                c0,
-                tok * w0,
-                h * d0 + x,
-                n0 / BLOCK,
-                levels,
-                kreg,
-                p * 4,
-                f0,
-            );
-        } else if x < dk {
-            if comptime!(d1 > 0) {
-                load4_regs(
-                    c1,
-                    tok * w1,
-                    h * d1 + x - d0,
-                    n1 / BLOCK,
-                    levels,
-                    kreg,
-                    p * 4,
-                    f1,
-                );
-            }
-        }
-    }
-    #[unroll]
-    for p in 0..comptime!(dv.div_ceil(4 * lanes)) {
-        let x = p * 4 * lanes + lane * 4;
-        #[unroll]
-        for k in 0..4usize {
-            vreg[p * 4 + k] = f32::new(0.0);
-        }
-        if x < dv {
-            load4_regs(
-                cv,
-                tok * wv,
-                h * dv + x,
-                nv / BLOCK,
-                levels,
-                vreg,
-                p * 4,
-                fv,
-            );
-        }
-    }
-}
-
-/// The online-softmax update of every query row with one key.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn attend(
-    key: usize,
-    qr: &Array<f32>,
-    kreg: &Array<f32>,
-    vreg: &Array<f32>,
-    limits: &Array<usize>,
-    m: &mut Array<f32>,
-    l: &mut Array<f32>,
-    acc: &mut Array<f32>,
-    #[comptime] nq: usize,
-    #[comptime] parts: (u32, usize, u32, usize, u32, usize, usize),
-) {
-    let (_f0, d0, _f1, d1, _fv, dv, lanes) = parts;
-    let per_k = comptime!(4 * (d0 + d1).div_ceil(4 * lanes));
-    let per_v = comptime!(4 * dv.div_ceil(4 * lanes));
-    #[unroll]
-    for r in 0..nq {
-        let mut part = f32::new(0.0);
-        #[unroll]
-        for j in 0..per_k {
-            part += qr[r * per_k + j] * kreg[j];
-        }
-        let s = plane_sum(part);
-        if key < limits[r] {
-            let m_new = m[r].max(s);
-            let corr = (m[r] - m_new).exp();
-            let pr = (s - m_new).exp();
-            l[r] = l[r] * corr + pr;
-            #[unroll]
-            for j in 0..per_v {
-                let at = r * per_v + j;
-                acc[at] = acc[at] * corr + pr * vreg[j];
-            }
-            m[r] = m_new;
-        }
-    }
-}
 
 /// Decode (at most `KV_QUERIES` query rows per head): each plane splits
 /// into groups of `g` lanes, a group per key, so a plane scores
 /// `lanes / g` keys at once and reads each of them coalesced.
 ///
-/// - **Loads**: lane `j` of a group reads words `j, j + g, j + 2g, …` of
-///   its key's and its value's slices (a group's `g` consecutive words per
-///   load instruction, whatever the format), `u` keys a group at a time,
-///   all of a step's loads issued before any arithmetic, straight into
-///   registers. Quantized words are unpacked and scaled in registers
-///   ([`unpack_word`]); `q` (pre-scaled) lives in registers, each lane
-///   holding the dims of its words.
+/// - **Loads**: a head's slice of a cache row is read in *accesses* of
+///   `nw` consecutive words (one vector load each, `N = nw`); lane `j` of
+///   a group takes accesses `j, j + g, j + 2g, …` of its key's and its
+///   value's slices, so a group reads `g · nw` consecutive words per load
+///   instruction whatever the format. `u` keys a group at a time, all of a
+///   step's loads issued before any arithmetic, straight into registers.
+///   An access never straddles a quantization block, so it needs one
+///   scale, read through a scalar view of the same cache (`s0`, `s1`,
+///   `sv`). Quantized words are unpacked in registers ([`unpack_word`]);
+///   `q` (pre-scaled) lives in registers, each lane holding the dims of its
+///   accesses.
 /// - **Scores**: partial dot products summed over the group with
 ///   `log₂ g` butterfly shuffles, so every lane of a group holds its key's
 ///   score.
@@ -938,16 +460,19 @@ fn attend(
 ///   then the cube's planes through shared memory: one partial per chunk.
 ///
 /// Keys past the chunk are clamped to its last one (a valid row) and
-/// weighted zero; words past a head's slice (when `g` does not divide
-/// it) are clamped to its last one and meet zero dims of `q`, and their
-/// accumulators are never written.
+/// weighted zero; accesses past a head's slice (when `g` does not divide
+/// their number) are clamped to its last one and meet zero dims of `q`,
+/// and their accumulators are never written.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn kv_decode_groups_kernel<F: Float + CubeElement>(
+fn kv_decode_groups_kernel<F: Float + CubeElement, N: Size>(
     q: &Array<F>,
-    c0: &Array<i32>,
-    c1: &Array<i32>,
-    cv: &Array<i32>,
+    c0: &Array<Vector<i32, N>>,
+    c1: &Array<Vector<i32, N>>,
+    cv: &Array<Vector<i32, N>>,
+    s0: &Array<i32>,
+    s1: &Array<i32>,
+    sv: &Array<i32>,
     m_out: &mut Array<f32>,
     l_out: &mut Array<f32>,
     acc_out: &mut Array<f32>,
@@ -968,18 +493,18 @@ fn kv_decode_groups_kernel<F: Float + CubeElement>(
     #[comptime] dv: usize,
     #[comptime] nq: usize,
     #[comptime] lanes: usize,
-    #[comptime] geometry: (usize, usize),
+    #[comptime] geometry: (usize, usize, usize),
 ) {
-    let (g, u) = geometry;
+    let (g, u, nw) = geometry;
     let levels = nf4_levels();
     let dk = comptime!(d0 + d1);
-    // Values per word, words per head slice, and words per lane per key.
-    let (e0, e1, ev) = comptime!((per_word(f0), per_word(f1), per_word(fv)));
-    let (kw0, kw1, vw) = comptime!((d0 / e0, d1 / e1, dv / ev));
-    let (pk0, pk1, pv) = comptime!((kw0.div_ceil(g), kw1.div_ceil(g), vw.div_ceil(g)));
+    // Values per access, accesses per head slice, accesses per lane.
+    let (e0, e1, ev) = comptime!((nw * per_word(f0), nw * per_word(f1), nw * per_word(fv)));
+    let (a0, a1, av) = comptime!((d0 / e0, d1 / e1, dv / ev));
+    let (p0, p1, pv) = comptime!((a0.div_ceil(g), a1.div_ceil(g), av.div_ceil(g)));
     // Registers per row: q's dims of this lane, then the accumulator's.
-    let qk = comptime!(pk0 * e0 + pk1 * e1);
-    let av = comptime!(pv * ev);
+    let qk = comptime!(p0 * e0 + p1 * e1);
+    let na = comptime!(pv * ev);
     let per_plane = comptime!(lanes / g);
     let bh = CUBE_POS_X as usize;
     let split = CUBE_POS_Y as usize;
@@ -992,31 +517,31 @@ fn kv_decode_groups_kernel<F: Float + CubeElement>(
     let (nb0, nb1, nbv) = (n0 / BLOCK, n1 / BLOCK, nv / BLOCK);
 
     // This lane's dims of q, zero past a head slice.
-    let mut qr = Array::<f32>::new(comptime!(nq * (pk0 * e0 + pk1 * e1)));
+    let mut qr = Array::<f32>::new(comptime!(nq * (p0 * e0 + p1 * e1)));
     #[unroll]
     for r in 0..nq {
         #[unroll]
-        for i in 0..pk0 {
+        for i in 0..p0 {
             #[unroll]
             for k in 0..e0 {
-                let w = j + i * g;
+                let a = j + i * g;
                 let mut v = f32::new(0.0);
-                if r < rows && w < kw0 {
-                    v = f32::cast_from(q[(bh * rows + r) * dk + w * e0 + k]) * scale;
+                if r < rows && a < a0 {
+                    v = f32::cast_from(q[(bh * rows + r) * dk + a * e0 + k]) * scale;
                 }
                 qr[r * qk + i * e0 + k] = v;
             }
         }
         #[unroll]
-        for i in 0..pk1 {
+        for i in 0..p1 {
             #[unroll]
             for k in 0..e1 {
-                let w = j + i * g;
+                let a = j + i * g;
                 let mut v = f32::new(0.0);
-                if r < rows && w < kw1 {
-                    v = f32::cast_from(q[(bh * rows + r) * dk + d0 + w * e1 + k]) * scale;
+                if r < rows && a < a1 {
+                    v = f32::cast_from(q[(bh * rows + r) * dk + d0 + a * e1 + k]) * scale;
                 }
-                qr[r * qk + pk0 * e0 + i * e1 + k] = v;
+                qr[r * qk + p0 * e0 + i * e1 + k] = v;
             }
         }
     }
@@ -1035,15 +560,15 @@ fn kv_decode_groups_kernel<F: Float + CubeElement>(
     let mut m = Array::<f32>::new(nq);
     let mut l = Array::<f32>::new(nq);
     let mut acc = Array::<f32>::new(comptime!(nq * pv * ev));
-    empty_partials(&mut m, &mut l, &mut acc, neg_inf, nq, comptime!(nq * av));
+    empty_partials(&mut m, &mut l, &mut acc, neg_inf, nq, comptime!(nq * na));
     // A step's raw words and scales, u keys of this lane's group.
-    let mut kr0 = Array::<u32>::new(comptime!((u * pk0).max(1)));
-    let mut ks0 = Array::<f32>::new(comptime!((u * pk0).max(1)));
-    let mut kr1 = Array::<u32>::new(comptime!((u * pk1).max(1)));
-    let mut ks1 = Array::<f32>::new(comptime!((u * pk1).max(1)));
-    let mut vr = Array::<u32>::new(comptime!(u * pv));
+    let mut kr0 = Array::<u32>::new(comptime!((u * p0 * nw).max(1)));
+    let mut ks0 = Array::<f32>::new(comptime!((u * p0).max(1)));
+    let mut kr1 = Array::<u32>::new(comptime!((u * p1 * nw).max(1)));
+    let mut ks1 = Array::<f32>::new(comptime!((u * p1).max(1)));
+    let mut vr = Array::<u32>::new(comptime!(u * pv * nw));
     let mut vs = Array::<f32>::new(comptime!(u * pv));
-    let mut vals = Array::<f32>::new(comptime!(e0.max(e1).max(ev)));
+    let mut vals = Array::<f32>::new(comptime!(per_word(f0).max(per_word(f1)).max(per_word(fv))));
     let mut sc = Array::<f32>::new(comptime!(u * nq));
     let mut tile = lo + warp * comptime!(u * lanes / g);
     while tile < hi {
@@ -1055,32 +580,36 @@ fn kv_decode_groups_kernel<F: Float + CubeElement>(
                 key = hi - 1;
             }
             let tok = b * s_len + key;
+            let (r0, r1, rv) = (tok * w0, tok * w1, tok * wv);
             #[unroll]
-            for i in 0..pk0 {
-                let mut w = j + i * g;
-                if w >= kw0 {
-                    w = kw0 - 1;
+            for i in 0..p0 {
+                let w = access_word(j + i * g, a0, nw);
+                let word = c0[word_at(r0, nb0, h * d0, w, f0) / nw];
+                #[unroll]
+                for k in 0..nw {
+                    kr0[(x * p0 + i) * nw + k] = u32::reinterpret(word[k]);
                 }
-                kr0[x * pk0 + i] = fetch_word(c0, tok * w0, nb0, h * d0, w, f0);
-                ks0[x * pk0 + i] = fetch_scale(c0, tok * w0, h * d0, w, f0);
+                ks0[x * p0 + i] = fetch_scale(s0, r0, h * d0, w, f0);
             }
             #[unroll]
-            for i in 0..pk1 {
-                let mut w = j + i * g;
-                if w >= kw1 {
-                    w = kw1 - 1;
+            for i in 0..p1 {
+                let w = access_word(j + i * g, a1, nw);
+                let word = c1[word_at(r1, nb1, h * d1, w, f1) / nw];
+                #[unroll]
+                for k in 0..nw {
+                    kr1[(x * p1 + i) * nw + k] = u32::reinterpret(word[k]);
                 }
-                kr1[x * pk1 + i] = fetch_word(c1, tok * w1, nb1, h * d1, w, f1);
-                ks1[x * pk1 + i] = fetch_scale(c1, tok * w1, h * d1, w, f1);
+                ks1[x * p1 + i] = fetch_scale(s1, r1, h * d1, w, f1);
             }
             #[unroll]
             for i in 0..pv {
-                let mut w = j + i * g;
-                if w >= vw {
-                    w = vw - 1;
+                let w = access_word(j + i * g, av, nw);
+                let word = cv[word_at(rv, nbv, h * dv, w, fv) / nw];
+                #[unroll]
+                for k in 0..nw {
+                    vr[(x * pv + i) * nw + k] = u32::reinterpret(word[k]);
                 }
-                vr[x * pv + i] = fetch_word(cv, tok * wv, nbv, h * dv, w, fv);
-                vs[x * pv + i] = fetch_scale(cv, tok * wv, h * dv, w, fv);
+                vs[x * pv + i] = fetch_scale(sv, rv, h * dv, w, fv);
             }
         }
         // Scores: this lane's partial dot products, summed over the group.
@@ -1091,29 +620,36 @@ fn kv_decode_groups_kernel<F: Float + CubeElement>(
                 sc[x * nq + r] = f32::new(0.0);
             }
             #[unroll]
-            for i in 0..pk0 {
-                unpack_word(kr0[x * pk0 + i], &levels, &mut vals, 0, f0);
+            for i in 0..p0 {
                 #[unroll]
                 for r in 0..nq {
                     let mut dot = f32::new(0.0);
                     #[unroll]
-                    for k in 0..e0 {
-                        dot += qr[r * qk + i * e0 + k] * vals[k];
+                    for k in 0..nw {
+                        unpack_word(kr0[(x * p0 + i) * nw + k], &levels, &mut vals, 0, f0);
+                        #[unroll]
+                        for z in 0..comptime!(per_word(f0)) {
+                            dot += qr[r * qk + i * e0 + k * comptime!(per_word(f0)) + z] * vals[z];
+                        }
                     }
-                    sc[x * nq + r] += dot * ks0[x * pk0 + i];
+                    sc[x * nq + r] += dot * ks0[x * p0 + i];
                 }
             }
             #[unroll]
-            for i in 0..pk1 {
-                unpack_word(kr1[x * pk1 + i], &levels, &mut vals, 0, f1);
+            for i in 0..p1 {
                 #[unroll]
                 for r in 0..nq {
                     let mut dot = f32::new(0.0);
                     #[unroll]
-                    for k in 0..e1 {
-                        dot += qr[r * qk + pk0 * e0 + i * e1 + k] * vals[k];
+                    for k in 0..nw {
+                        unpack_word(kr1[(x * p1 + i) * nw + k], &levels, &mut vals, 0, f1);
+                        #[unroll]
+                        for z in 0..comptime!(per_word(f1)) {
+                            dot += qr[r * qk + p0 * e0 + i * e1 + k * comptime!(per_word(f1)) + z]
+                                * vals[z];
+                        }
                     }
-                    sc[x * nq + r] += dot * ks1[x * pk1 + i];
+                    sc[x * nq + r] += dot * ks1[x * p1 + i];
                 }
             }
             let key = tile + x * per_plane + grp;
@@ -1144,8 +680,8 @@ fn kv_decode_groups_kernel<F: Float + CubeElement>(
                 let corr = (m[r] - mx).exp();
                 l[r] *= corr;
                 #[unroll]
-                for a in 0..av {
-                    acc[r * av + a] *= corr;
+                for a in 0..na {
+                    acc[r * na + a] *= corr;
                 }
                 m[r] = mx;
             }
@@ -1163,13 +699,17 @@ fn kv_decode_groups_kernel<F: Float + CubeElement>(
         for x in 0..u {
             #[unroll]
             for i in 0..pv {
-                unpack_word(vr[x * pv + i], &levels, &mut vals, 0, fv);
                 #[unroll]
-                for r in 0..nq {
-                    let w = sc[x * nq + r] * vs[x * pv + i];
+                for k in 0..nw {
+                    unpack_word(vr[(x * pv + i) * nw + k], &levels, &mut vals, 0, fv);
                     #[unroll]
-                    for k in 0..ev {
-                        acc[r * av + i * ev + k] += w * vals[k];
+                    for r in 0..nq {
+                        let w = sc[x * nq + r] * vs[x * pv + i];
+                        #[unroll]
+                        for z in 0..comptime!(per_word(fv)) {
+                            let at = r * na + i * ev + k * comptime!(per_word(fv)) + z;
+                            acc[at] += w * vals[z];
+                        }
                     }
                 }
             }
@@ -1195,9 +735,9 @@ fn kv_decode_groups_kernel<F: Float + CubeElement>(
             }
             l[r] = l[r] * wa + lo_other * wb;
             #[unroll]
-            for a in 0..av {
-                let other = plane_shuffle_xor(acc[r * av + a], mask);
-                acc[r * av + a] = acc[r * av + a] * wa + other * wb;
+            for a in 0..na {
+                let other = plane_shuffle_xor(acc[r * na + a], mask);
+                acc[r * na + a] = acc[r * na + a] * wa + other * wb;
             }
             m[r] = mx;
         }
@@ -1214,11 +754,11 @@ fn kv_decode_groups_kernel<F: Float + CubeElement>(
             }
             #[unroll]
             for i in 0..pv {
-                let w = j + i * g;
-                if w < vw {
+                let a = j + i * g;
+                if a < av {
                     #[unroll]
                     for k in 0..ev {
-                        a_sh[(warp * nq + r) * dv + w * ev + k] = acc[r * av + i * ev + k];
+                        a_sh[(warp * nq + r) * dv + a * ev + k] = acc[r * na + i * ev + k];
                     }
                 }
             }
@@ -1228,6 +768,17 @@ fn kv_decode_groups_kernel<F: Float + CubeElement>(
     combine_planes(
         &m_sh, &l_sh, &a_sh, m_out, l_out, acc_out, bh, rows, slots, split, neg_inf, nq, dv, lanes,
     );
+}
+
+/// The first word of access `a` of a head slice of `accesses` accesses of
+/// `nw` words, clamped to the last access.
+#[cube]
+fn access_word(a: usize, accesses: usize, #[comptime] nw: usize) -> usize {
+    let mut at = a;
+    if at >= accesses {
+        at = accesses - 1;
+    }
+    at * nw
 }
 
 /// A partial with no key yet: running maxima `-inf`, sums and the
@@ -1250,58 +801,6 @@ fn empty_partials(
     for i in 0..n_acc {
         acc[i] = f32::new(0.0);
     }
-}
-
-/// The cube's planes merge their partials (`m`, `l`, `acc`: this lane's
-/// `4 · pv` columns of each row, `pv` passes of `4 · lanes` columns)
-/// through shared memory ([`combine_planes`]) into slot `split` of each
-/// row.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn merge_planes(
-    m: &Array<f32>,
-    l: &Array<f32>,
-    acc: &Array<f32>,
-    m_out: &mut Array<f32>,
-    l_out: &mut Array<f32>,
-    acc_out: &mut Array<f32>,
-    bh: usize,
-    rows: usize,
-    slots: usize,
-    split: usize,
-    neg_inf: f32,
-    #[comptime] nq: usize,
-    #[comptime] dv: usize,
-    #[comptime] lanes: usize,
-) {
-    let lane = UNIT_POS_X as usize;
-    let warp = UNIT_POS_Y as usize;
-    let pv = comptime!(dv.div_ceil(4 * lanes));
-    let per_lane = comptime!(4 * dv.div_ceil(4 * lanes));
-    let mut m_sh = SharedMemory::<f32>::new(comptime!(WARPS * nq));
-    let mut l_sh = SharedMemory::<f32>::new(comptime!(WARPS * nq));
-    let mut a_sh = SharedMemory::<f32>::new(comptime!(WARPS * nq * dv));
-    #[unroll]
-    for r in 0..nq {
-        if lane == 0 {
-            m_sh[warp * nq + r] = m[r];
-            l_sh[warp * nq + r] = l[r];
-        }
-        #[unroll]
-        for p in 0..pv {
-            #[unroll]
-            for k in 0..4usize {
-                let col = p * 4 * lanes + lane * 4 + k;
-                if col < dv {
-                    a_sh[(warp * nq + r) * dv + col] = acc[r * per_lane + p * 4 + k];
-                }
-            }
-        }
-    }
-    sync_cube();
-    combine_planes(
-        &m_sh, &l_sh, &a_sh, m_out, l_out, acc_out, bh, rows, slots, split, neg_inf, nq, dv, lanes,
-    );
 }
 
 /// The cube's planes' partials (in shared memory: running max and sum of
@@ -1424,89 +923,98 @@ fn fixed_plane<R: Runtime>(client: &ComputeClient<R>) -> Option<usize> {
     (ops && lo == hi && hi.is_power_of_two() && hi >= 4).then_some(hi)
 }
 
-/// A decode kernel and its geometry.
+/// The decode kernel's geometry: `group` lanes a key, `keys` keys a group
+/// per step, `words` words a vector load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Decode {
-    /// [`kv_decode_groups_kernel`]: `group` lanes a key, `keys` keys a
-    /// group per step.
-    Groups { group: usize, keys: usize },
-    /// [`kv_decode_tiles_kernel`].
-    Tiles,
-    /// [`kv_decode_keys_kernel`].
-    Keys,
+struct Geometry {
+    group: usize,
+    keys: usize,
+    words: usize,
 }
 
-/// Registers a lane of the groups kernel may spend on `q`, the
-/// accumulator and a step's raw words: about 160 keeps it clear of spills
-/// under the 255 a thread has.
-const DECODE_REGISTERS: usize = 160;
+/// Registers a lane of the decode kernel may spend on `q`, the
+/// accumulator and a step's raw words and scales: clear of spills under
+/// the 255 a thread has, with room for occupancy.
+const DECODE_REGISTERS: usize = 176;
 
-/// The groups kernel's geometry for these cache parts (keys, then
-/// values) and `nq` rows a cube: `keys` keys a group per step, and the
-/// smallest group (at least 4 lanes) whose registers fit
-/// [`DECODE_REGISTERS`] (so the most keys a plane at once), else a whole
-/// plane.
-fn group_geometry(parts: &[&CachePart], nq: usize, lanes: usize, keys: usize) -> (usize, usize) {
-    let words = |p: &CachePart, g: usize| (p.dim / per_word(p.code())).div_ceil(g);
-    let registers = |g: usize| {
-        let (k, v) = parts.split_at(parts.len() - 1);
-        let q: usize = k.iter().map(|p| words(p, g) * per_word(p.code())).sum();
-        let acc = words(v[0], g) * per_word(v[0].code());
-        let raw: usize = parts.iter().map(|p| words(p, g)).sum();
-        nq * (q + acc) + 2 * keys * raw
-    };
-    let group = [4, 8, 16]
-        .into_iter()
-        .find(|&g| g < lanes && registers(g) <= DECODE_REGISTERS)
-        .unwrap_or(lanes);
-    (group, keys)
-}
-
-/// The decode kernel for these parts: the groups kernel when every part's
-/// head slice is whole words of its storage, else the tile kernel
-/// (quantized keys) or the key-per-plane kernel (float keys) when the dims
-/// come in fours, else none (the staged kernel). `CARAMBA_KV_DECODE`
-/// (`groups`, `groups:<lanes>:<keys>`, `tiles`, `keys`) overrides the
-/// choice, for benchmarks.
-fn decode_kernel(parts: &[&CachePart], nq: usize, lanes: usize, vec4: bool) -> Option<Decode> {
-    static CHOICE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let choice = CHOICE.get_or_init(|| std::env::var("CARAMBA_KV_DECODE").ok());
-    let whole_words = parts.iter().all(|p| p.dim % per_word(p.code()) == 0);
-    let quantized_keys = parts[..parts.len() - 1].iter().any(|p| p.format != FLOAT);
-    let fallback = vec4.then_some(if quantized_keys {
-        Decode::Tiles
-    } else {
-        Decode::Keys
-    });
-    let groups = whole_words.then(|| {
-        let (group, keys) = group_geometry(parts, nq, lanes, 2);
-        Decode::Groups { group, keys }
-    });
-    let forced = choice.as_deref().and_then(|c| {
-        let mut it = c.split(':');
-        match (it.next(), it.next(), it.next()) {
-            (Some("tiles"), ..) => vec4.then_some(Decode::Tiles),
-            (Some("keys"), ..) => vec4.then_some(Decode::Keys),
-            (Some("groups"), Some(g), Some(u)) => {
-                let (g, u) = (g.parse().ok()?, u.parse().ok()?);
-                let fits = g > 0 && lanes % g == 0 && u > 0;
-                (whole_words && fits).then_some(Decode::Groups { group: g, keys: u })
-            }
-            (Some("groups"), ..) => groups,
+/// The decode kernel's geometry for these cache parts (keys, then values)
+/// of `heads` kv heads and `nq` rows a cube, or `None` where a head's
+/// slice of some part is not whole words of its storage.
+///
+/// - `words`: the widest vector load (4, 2 or 1 words) that every part's
+///   head slices and rows are aligned to;
+/// - `group`: the smallest group (at least 4 lanes, the most keys a plane
+///   at once) with no idle lanes whose registers fit
+///   [`DECODE_REGISTERS`], else the widest with no idle lanes;
+/// - `keys`: 2 a step.
+///
+/// `CARAMBA_KV_DECODE=<group>:<keys>:<words>` overrides it, for
+/// benchmarks (ignored where it does not fit the parts).
+fn decode_geometry(
+    parts: &[&CachePart],
+    heads: usize,
+    nq: usize,
+    lanes: usize,
+) -> Option<Geometry> {
+    static FORCED: std::sync::OnceLock<Option<Geometry>> = std::sync::OnceLock::new();
+    let forced = FORCED.get_or_init(|| {
+        let v = std::env::var("CARAMBA_KV_DECODE").ok()?;
+        let n: Vec<usize> = v
+            .split(':')
+            .map(|s| s.parse().ok())
+            .collect::<Option<_>>()?;
+        match n[..] {
+            [group, keys, words] => Some(Geometry { group, keys, words }),
             _ => None,
         }
     });
-    forced.or(groups).or(fallback)
+    let words_of = |p: &CachePart| p.dim / per_word(p.code());
+    let aligned = |p: &CachePart, nw: usize| {
+        let quant_rows = is_float(p.code()) || (heads * p.dim / BLOCK) % nw == 0;
+        p.dim % per_word(p.code()) == 0 && words_of(p) % nw == 0 && quant_rows
+    };
+    let words = [4, 2, 1]
+        .into_iter()
+        .find(|&nw| parts.iter().all(|p| aligned(p, nw)))?;
+    let accesses = |p: &CachePart, g: usize| (words_of(p) / words).div_ceil(g);
+    let registers = |g: usize, keys: usize| {
+        let (k, v) = parts.split_at(parts.len() - 1);
+        let values = |p: &CachePart| accesses(p, g) * words * per_word(p.code());
+        let q: usize = k.iter().map(|p| values(p)).sum();
+        let raw: usize = parts
+            .iter()
+            .map(|p| accesses(p, g) * (words + usize::from(!is_float(p.code()))))
+            .sum();
+        nq * (q + values(v[0])) + keys * raw
+    };
+    let widest = parts.iter().map(|p| words_of(p) / words).max().unwrap_or(1);
+    if let Some(f) =
+        forced.filter(|f| f.words == words && f.group > 0 && lanes % f.group == 0 && f.keys > 0)
+    {
+        return Some(f);
+    }
+    let fits = [4, 8, 16, 32]
+        .into_iter()
+        .filter(|&g| g <= lanes && (g <= widest || g == 4));
+    let group = fits
+        .clone()
+        .find(|&g| registers(g, 2) <= DECODE_REGISTERS)
+        .or(fits.last())
+        .unwrap_or(lanes);
+    Some(Geometry {
+        group,
+        keys: 2,
+        words,
+    })
 }
 
 /// `kv_attention` with `q` dense `[B, heads, g, T, Σdₖ]`, one or two key
 /// caches and the value cache, into `out` dense `[B, heads, g, T, dv]`.
-/// A decode step (at most [`KV_QUERIES`] query rows per head, dims in
-/// fours) takes a decode kernel when the device has fixed-size planes
-/// and plane operations (the tile kernel over quantized keys, the
-/// key-per-plane kernel over float keys); anything else the staged
-/// kernel. `q` and `out` are stored as
-/// `elem`, each cache part as it says.
+/// A decode step (at most [`KV_QUERIES`] query rows per head, head
+/// slices of whole words) takes the decode kernel when the device has
+/// fixed-size planes and plane operations ([`decode_geometry`]); anything
+/// else the staged kernel. `q` and `out` are stored as `elem`, each cache
+/// part as it says.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_kv_attention<R: Runtime>(
     client: &ComputeClient<R>,
@@ -1549,12 +1057,12 @@ pub fn launch_kv_attention<R: Runtime>(
     let parts: Vec<&CachePart> = keys.iter().chain([values]).collect();
     let decode = fixed_plane(client)
         .filter(|_| rows <= KV_QUERIES && dv <= 256)
-        .and_then(|lanes| decode_kernel(&parts, nq, lanes, vec4).map(|d| (lanes, d)));
+        .and_then(|lanes| decode_geometry(&parts, shape.heads, nq, lanes).map(|d| (lanes, d)));
     let slots_per_row;
     let (m_buf, l_buf, acc_buf);
-    if let Some((lanes, kernel)) = decode {
+    if let Some((lanes, geo)) = decode {
         // About 2048 cubes, each chunk a whole number of `WARPS · lanes`
-        // keys (every decode kernel's step divides it).
+        // keys.
         let step = WARPS * lanes;
         let splits = 2048usize
             .div_ceil(bh)
@@ -1564,55 +1072,43 @@ pub fn launch_kv_attention<R: Runtime>(
         slots_per_row = splits;
         let slots = bh * rows * slots_per_row;
         (m_buf, l_buf, acc_buf) = (scratch(slots), scratch(slots), scratch(slots * dv));
-        // The decode kernels take the same arguments (the groups kernel one
-        // more, its geometry).
-        macro_rules! launch_decode {
-            ($kernel:ident $(, $extra:expr)?) => {
-                with_float!(elem, F => unsafe {
-                    $kernel::launch_unchecked::<F, R>(
-                        client,
-                        CubeCount::Static(bh as u32, splits as u32, 1),
-                        CubeDim::new_2d(lanes as u32, WARPS as u32),
-                        ArrayArg::from_raw_parts(q.clone(), bh * rows * dk),
-                        ArrayArg::from_raw_parts(k0.handle.clone(), words(k0)),
-                        ArrayArg::from_raw_parts(dummy, k1.map_or(words(k0), words)),
-                        ArrayArg::from_raw_parts(values.handle.clone(), words(values)),
-                        ArrayArg::from_raw_parts(m_buf.clone(), slots),
-                        ArrayArg::from_raw_parts(l_buf.clone(), slots),
-                        ArrayArg::from_raw_parts(acc_buf.clone(), slots * dv),
-                        shape.heads,
-                        rows,
-                        shape.t,
-                        shape.s,
-                        chunk,
-                        slots_per_row,
-                        scale,
-                        f32::NEG_INFINITY,
-                        causal,
-                        k0.code(),
-                        k0.dim,
-                        f1,
-                        d1,
-                        values.code(),
-                        dv,
-                        nq,
-                        lanes,
-                        $($extra)?
-                    );
-                });
-            };
-        }
-        match kernel {
-            Decode::Groups { group, keys } => {
-                launch_decode!(kv_decode_groups_kernel, (group, keys));
-            }
-            Decode::Tiles => {
-                launch_decode!(kv_decode_tiles_kernel);
-            }
-            Decode::Keys => {
-                launch_decode!(kv_decode_keys_kernel);
-            }
-        }
+        let second = k1.map_or(words(k0), words);
+        with_float!(elem, F => unsafe {
+            kv_decode_groups_kernel::launch_unchecked::<F, R>(
+                client,
+                CubeCount::Static(bh as u32, splits as u32, 1),
+                CubeDim::new_2d(lanes as u32, WARPS as u32),
+                geo.words,
+                ArrayArg::from_raw_parts(q.clone(), bh * rows * dk),
+                ArrayArg::from_raw_parts(k0.handle.clone(), words(k0)),
+                ArrayArg::from_raw_parts(dummy.clone(), second),
+                ArrayArg::from_raw_parts(values.handle.clone(), words(values)),
+                ArrayArg::from_raw_parts(k0.handle.clone(), words(k0)),
+                ArrayArg::from_raw_parts(dummy, second),
+                ArrayArg::from_raw_parts(values.handle.clone(), words(values)),
+                ArrayArg::from_raw_parts(m_buf.clone(), slots),
+                ArrayArg::from_raw_parts(l_buf.clone(), slots),
+                ArrayArg::from_raw_parts(acc_buf.clone(), slots * dv),
+                shape.heads,
+                rows,
+                shape.t,
+                shape.s,
+                chunk,
+                slots_per_row,
+                scale,
+                f32::NEG_INFINITY,
+                causal,
+                k0.code(),
+                k0.dim,
+                f1,
+                d1,
+                values.code(),
+                dv,
+                nq,
+                lanes,
+                (geo.group, geo.keys, geo.words),
+            );
+        });
     } else {
         let shared = 4 * (KV_TILE * (dk.max(dv) + 1) + nq * (dk + KV_TILE) + 16);
         let limit = client.properties().hardware.max_shared_memory_size;

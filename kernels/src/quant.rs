@@ -258,31 +258,24 @@ pub const fn per_word(format: u32) -> usize {
     }
 }
 
-/// The raw bits of word `w` of a head's slice of a row, for
-/// [`unpack_word`]: the row starts at word `row` and has `nb` blocks, the
-/// head's first value is element `e0` (`row` and `e0` as [`load_value`]
-/// takes them; `e0` a multiple of [`per_word`]). Fetching and unpacking
-/// apart lets a kernel issue a tile's loads together.
+/// The index of word `w` of a head's slice of a row, in `c`'s words:
+/// the row starts at word `row` and has `nb` blocks, the head's first
+/// value is element `e0` (`row` and `e0` as [`load_value`] takes them;
+/// `e0` a multiple of [`per_word`]). Kernels that read several words at
+/// once fetch them by index and unpack them with [`unpack_word`].
 #[cube]
-pub fn fetch_word(
-    c: &Array<i32>,
-    row: usize,
-    nb: usize,
-    e0: usize,
-    w: usize,
-    #[comptime] format: u32,
-) -> u32 {
+pub fn word_at(row: usize, nb: usize, e0: usize, w: usize, #[comptime] format: u32) -> usize {
     let mut at = row + nb + e0 / comptime!(per_word(format)) + w;
     if comptime!(format == FLOAT) {
         at = row + e0 + w;
     } else if comptime!(is_float(format)) {
         at = (row + e0) / 2 + w;
     }
-    u32::reinterpret(c[at])
+    at
 }
 
 /// The block scale of word `w` of a head's slice of a row (arguments as
-/// [`fetch_word`]); 1 for a float cache, which reads nothing.
+/// [`word_at`]); 1 for a float cache, which reads nothing.
 #[cube]
 pub fn fetch_scale(
     c: &Array<i32>,
