@@ -988,9 +988,11 @@ fn decode_geometry(
         nq * (q + values(v[0])) + keys * raw
     };
     let widest = parts.iter().map(|p| words_of(p) / words).max().unwrap_or(1);
-    if let Some(f) =
-        forced.filter(|f| f.words == words && f.group > 0 && lanes % f.group == 0 && f.keys > 0)
-    {
+    // Alignment to `words` is alignment to any of its divisors.
+    let usable = |f: &Geometry| {
+        f.words > 0 && words % f.words == 0 && f.group > 0 && lanes % f.group == 0 && f.keys > 0
+    };
+    if let Some(f) = forced.filter(usable) {
         return Some(f);
     }
     let fits = [4, 8, 16, 32]
