@@ -937,21 +937,27 @@ struct Geometry {
 /// the 255 a thread has, with room for occupancy.
 const DECODE_REGISTERS: usize = 176;
 
-/// The decode kernel's geometry for these cache parts (keys, then values)
-/// of `heads` kv heads and `nq` rows a cube, or `None` where a head's
+/// The decode kernel's geometry for cache parts of these formats (kernel
+/// codes) and dims per head (keys, then values) of `heads` kv heads and `nq` rows a cube, or `None` where a head's
 /// slice of some part is not whole words of its storage.
 ///
-/// - `words`: the widest vector load (4, 2 or 1 words) that every part's
-///   head slices and rows are aligned to;
-/// - `group`: the smallest group (at least 4 lanes, the most keys a plane
-///   at once) with no idle lanes whose registers fit
-///   [`DECODE_REGISTERS`], else the widest with no idle lanes;
-/// - `keys`: 2 a step.
+/// - `keys`: 4 a step where a key is at most 12 raw words and scales a
+///   lane (quantized caches), else 2;
+/// - `words` and `group`: the widest vector load (4, 2 or 1 words) that
+///   every part's head slices and rows are aligned to, and the smallest
+///   group (at least 4 lanes: the most keys a plane at once; no idle
+///   lanes beyond 4) whose registers fit [`DECODE_REGISTERS`]; else the
+///   same with narrower loads; else the fewest registers.
+///
+/// Measured on an H100 (BENCHMARKS, eighteenth session): over a q8
+/// cache of 128-dim heads this picks 8 lanes, 4 keys, 4 words (0.250 ms
+/// where 2 keys took 0.281); over f32, 16 lanes, 2 keys, 4 words (0.410
+/// ms, within 5% of the best geometry tried).
 ///
 /// `CARAMBA_KV_DECODE=<group>:<keys>:<words>` overrides it, for
 /// benchmarks (ignored where it does not fit the parts).
 fn decode_geometry(
-    parts: &[&CachePart],
+    parts: &[(u32, usize)],
     heads: usize,
     nq: usize,
     lanes: usize,
@@ -968,44 +974,58 @@ fn decode_geometry(
             _ => None,
         }
     });
-    let words_of = |p: &CachePart| p.dim / per_word(p.code());
-    let aligned = |p: &CachePart, nw: usize| {
-        let quant_rows = is_float(p.code()) || (heads * p.dim / BLOCK) % nw == 0;
-        p.dim % per_word(p.code()) == 0 && words_of(p) % nw == 0 && quant_rows
+    let words_of = |&(code, dim): &(u32, usize)| dim / per_word(code);
+    let aligned = |p: &(u32, usize), nw: usize| {
+        let (code, dim) = *p;
+        let quant_rows = is_float(code) || (heads * dim / BLOCK) % nw == 0;
+        dim % per_word(code) == 0 && words_of(p) % nw == 0 && quant_rows
     };
-    let words = [4, 2, 1]
+    let widest = [4, 2, 1]
         .into_iter()
         .find(|&nw| parts.iter().all(|p| aligned(p, nw)))?;
-    let accesses = |p: &CachePart, g: usize| (words_of(p) / words).div_ceil(g);
-    let registers = |g: usize, keys: usize| {
-        let (k, v) = parts.split_at(parts.len() - 1);
-        let values = |p: &CachePart| accesses(p, g) * words * per_word(p.code());
-        let q: usize = k.iter().map(|p| values(p)).sum();
-        let raw: usize = parts
-            .iter()
-            .map(|p| accesses(p, g) * (words + usize::from(!is_float(p.code()))))
-            .sum();
-        nq * (q + values(v[0])) + keys * raw
-    };
-    let widest = parts.iter().map(|p| words_of(p) / words).max().unwrap_or(1);
-    // Alignment to `words` is alignment to any of its divisors.
+    // Alignment to `widest` is alignment to any of its divisors.
     let usable = |f: &Geometry| {
-        f.words > 0 && words % f.words == 0 && f.group > 0 && lanes % f.group == 0 && f.keys > 0
+        f.words > 0 && widest % f.words == 0 && f.group > 0 && lanes % f.group == 0 && f.keys > 0
     };
     if let Some(f) = forced.filter(usable) {
         return Some(f);
     }
-    let fits = [4, 8, 16, 32]
+    let accesses = |p: &(u32, usize), nw: usize, g: usize| (words_of(p) / nw).div_ceil(g);
+    // A key's raw words and scales a lane.
+    let raw = |nw: usize, g: usize| -> usize {
+        parts
+            .iter()
+            .map(|p| accesses(p, nw, g) * (nw + usize::from(!is_float(p.0))))
+            .sum()
+    };
+    // Four keys a step where a key is few words a lane (quantized caches),
+    // two where it is many: about the same bytes in flight a step.
+    let keys = |nw: usize, g: usize| if raw(nw, g) <= 12 { 4 } else { 2 };
+    let registers = |nw: usize, g: usize| {
+        let (k, v) = parts.split_at(parts.len() - 1);
+        let values = |p: &(u32, usize)| accesses(p, nw, g) * nw * per_word(p.0);
+        let q: usize = k.iter().map(values).sum();
+        nq * (q + values(&v[0])) + keys(nw, g) * raw(nw, g)
+    };
+    // Wider loads first, then smaller groups; no group wider than a head
+    // slice's accesses (idle lanes) beyond the narrowest, 4.
+    let candidates = [4, 2, 1]
         .into_iter()
-        .filter(|&g| g <= lanes && (g <= widest || g == 4));
-    let group = fits
+        .filter(|&nw| widest % nw == 0)
+        .flat_map(|nw| {
+            let most = parts.iter().map(|p| words_of(p) / nw).max().unwrap_or(1);
+            [4, 8, 16, 32]
+                .into_iter()
+                .filter(move |&g| g <= lanes && (g <= most || g == 4))
+                .map(move |g| (nw, g))
+        });
+    let (words, group) = candidates
         .clone()
-        .find(|&g| registers(g, 2) <= DECODE_REGISTERS)
-        .or(fits.last())
-        .unwrap_or(lanes);
+        .find(|&(nw, g)| registers(nw, g) <= DECODE_REGISTERS)
+        .or_else(|| candidates.min_by_key(|&(nw, g)| registers(nw, g)))?;
     Some(Geometry {
         group,
-        keys: 2,
+        keys: keys(words, group),
         words,
     })
 }
@@ -1056,10 +1076,14 @@ pub fn launch_kv_attention<R: Runtime>(
     let (f1, d1) = (k1.map_or(FLOAT, |k| k.code()), k1.map_or(0, |k| k.dim));
     let scratch = |n: usize| client.empty(n.max(1) * 4);
     let nq = rows_per_cube(rows);
-    let parts: Vec<&CachePart> = keys.iter().chain([values]).collect();
+    let layout: Vec<(u32, usize)> = keys
+        .iter()
+        .chain([values])
+        .map(|p| (p.code(), p.dim))
+        .collect();
     let decode = fixed_plane(client)
         .filter(|_| rows <= KV_QUERIES && dv <= 256)
-        .and_then(|lanes| decode_geometry(&parts, shape.heads, nq, lanes).map(|d| (lanes, d)));
+        .and_then(|lanes| decode_geometry(&layout, shape.heads, nq, lanes).map(|d| (lanes, d)));
     let slots_per_row;
     let (m_buf, l_buf, acc_buf);
     if let Some((lanes, geo)) = decode {
@@ -1174,4 +1198,28 @@ pub fn launch_kv_attention<R: Runtime>(
         );
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_geometry_of_the_benchmark_caches() {
+        use crate::quant::{Q4, Q8};
+        let geo = |parts: &[(u32, usize)], nq| {
+            decode_geometry(parts, 8, nq, 32).map(|g| (g.group, g.keys, g.words))
+        };
+        // 128-dim heads, 4 query rows (the `kvdecode` benchmark).
+        assert_eq!(geo(&[(Q8, 128), (Q8, 128)], 4), Some((8, 4, 4)));
+        assert_eq!(geo(&[(FLOAT, 128), (FLOAT, 128)], 4), Some((16, 2, 4)));
+        // Twice the rows: narrower loads and wider groups for the same
+        // registers.
+        assert_eq!(geo(&[(Q8, 128), (Q8, 128)], 8), Some((16, 4, 2)));
+        // 6-dim float heads: 2-word loads; 5 dims, scalar ones; a q4 slice
+        // of 4 dims is half a word (the staged kernel).
+        assert_eq!(geo(&[(FLOAT, 6), (FLOAT, 6)], 1), Some((4, 4, 2)));
+        assert_eq!(geo(&[(FLOAT, 5), (FLOAT, 6)], 1), Some((4, 4, 1)));
+        assert_eq!(geo(&[(Q4, 4), (FLOAT, 8)], 1), None);
+    }
 }
