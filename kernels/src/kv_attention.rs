@@ -977,7 +977,7 @@ fn decode_geometry(
     let words_of = |&(code, dim): &(u32, usize)| dim / per_word(code);
     let aligned = |p: &(u32, usize), nw: usize| {
         let (code, dim) = *p;
-        let quant_rows = is_float(code) || (heads * dim / BLOCK) % nw == 0;
+        let quant_rows = is_float(code) || (heads * dim / BLOCK).is_multiple_of(nw);
         dim % per_word(code) == 0 && words_of(p) % nw == 0 && quant_rows
     };
     let widest = [4, 2, 1]
@@ -985,7 +985,11 @@ fn decode_geometry(
         .find(|&nw| parts.iter().all(|p| aligned(p, nw)))?;
     // Alignment to `widest` is alignment to any of its divisors.
     let usable = |f: &Geometry| {
-        f.words > 0 && widest % f.words == 0 && f.group > 0 && lanes % f.group == 0 && f.keys > 0
+        f.words > 0
+            && widest % f.words == 0
+            && f.group > 0
+            && lanes.is_multiple_of(f.group)
+            && f.keys > 0
     };
     if let Some(f) = forced.filter(usable) {
         return Some(f);
