@@ -1088,21 +1088,33 @@ pub fn launch_kv_attention<R: Runtime>(
     let decode = fixed_plane(client)
         .filter(|_| rows <= KV_QUERIES && dv <= 256)
         .and_then(|lanes| decode_geometry(&layout, shape.heads, nq, lanes).map(|d| (lanes, d)));
-    let slots_per_row;
-    let (m_buf, l_buf, acc_buf);
+    // The key chunks: about 2048 cubes; for the decode kernel each chunk a
+    // whole number of `WARPS · lanes` keys, for the staged one of tiles.
+    let (splits, chunk) = match decode {
+        Some((lanes, _)) => {
+            let step = WARPS * lanes;
+            let splits = 2048usize
+                .div_ceil(bh)
+                .clamp(1, shape.s.div_ceil(step).max(1));
+            let chunk = (shape.s.div_ceil(splits).div_ceil(step) * step).max(step);
+            (shape.s.div_ceil(chunk).max(1), chunk)
+        }
+        None => {
+            let shared = 4 * (KV_TILE * (dk.max(dv) + 1) + nq * (dk + KV_TILE) + 16);
+            let limit = client.properties().hardware.max_shared_memory_size;
+            if shared > limit {
+                return Err(KernelError::Unsupported(format!(
+                    "kv_attention with {dk} key and {dv} value dims per head needs {shared} bytes of shared memory; this device has {limit}"
+                )));
+            }
+            let splits = splits_for(shape);
+            (splits, shape.s.div_ceil(splits).div_ceil(KV_TILE) * KV_TILE)
+        }
+    };
+    let slots = bh * rows * splits;
+    let (m_buf, l_buf, acc_buf) = (scratch(slots), scratch(slots), scratch(slots * dv));
+    let second = k1.map_or(words(k0), words);
     if let Some((lanes, geo)) = decode {
-        // About 2048 cubes, each chunk a whole number of `WARPS · lanes`
-        // keys.
-        let step = WARPS * lanes;
-        let splits = 2048usize
-            .div_ceil(bh)
-            .clamp(1, shape.s.div_ceil(step).max(1));
-        let chunk = (shape.s.div_ceil(splits).div_ceil(step) * step).max(step);
-        let splits = shape.s.div_ceil(chunk).max(1);
-        slots_per_row = splits;
-        let slots = bh * rows * slots_per_row;
-        (m_buf, l_buf, acc_buf) = (scratch(slots), scratch(slots), scratch(slots * dv));
-        let second = k1.map_or(words(k0), words);
         with_float!(elem, F => unsafe {
             kv_decode_groups_kernel::launch_unchecked::<F, R>(
                 client,
@@ -1124,7 +1136,7 @@ pub fn launch_kv_attention<R: Runtime>(
                 shape.t,
                 shape.s,
                 chunk,
-                slots_per_row,
+                splits,
                 scale,
                 f32::NEG_INFINITY,
                 causal,
@@ -1140,18 +1152,6 @@ pub fn launch_kv_attention<R: Runtime>(
             );
         });
     } else {
-        let shared = 4 * (KV_TILE * (dk.max(dv) + 1) + nq * (dk + KV_TILE) + 16);
-        let limit = client.properties().hardware.max_shared_memory_size;
-        if shared > limit {
-            return Err(KernelError::Unsupported(format!(
-                "kv_attention with {dk} key and {dv} value dims per head needs {shared} bytes of shared memory; this device has {limit}"
-            )));
-        }
-        let splits = splits_for(shape);
-        let chunk = shape.s.div_ceil(splits).div_ceil(KV_TILE) * KV_TILE;
-        slots_per_row = splits;
-        let slots = bh * rows * splits;
-        (m_buf, l_buf, acc_buf) = (scratch(slots), scratch(slots), scratch(slots * dv));
         with_float!(elem, F => unsafe {
             kv_attention_kernel::launch_unchecked::<F, R>(
                 client,
@@ -1159,7 +1159,7 @@ pub fn launch_kv_attention<R: Runtime>(
                 CubeDim::new_1d(KV_TILE as u32),
                 ArrayArg::from_raw_parts(q.clone(), bh * rows * dk),
                 ArrayArg::from_raw_parts(k0.handle.clone(), words(k0)),
-                ArrayArg::from_raw_parts(dummy, k1.map_or(words(k0), words)),
+                ArrayArg::from_raw_parts(dummy, second),
                 ArrayArg::from_raw_parts(values.handle.clone(), words(values)),
                 ArrayArg::from_raw_parts(m_buf.clone(), slots),
                 ArrayArg::from_raw_parts(l_buf.clone(), slots),
@@ -1185,7 +1185,6 @@ pub fn launch_kv_attention<R: Runtime>(
         });
     }
     let total = bh * rows * dv;
-    let slots = bh * rows * slots_per_row;
     with_float!(elem, F => unsafe {
         combine_kernel::launch_unchecked::<F, R>(
             client,
@@ -1196,7 +1195,7 @@ pub fn launch_kv_attention<R: Runtime>(
             ArrayArg::from_raw_parts(acc_buf, slots * dv),
             ArrayArg::from_raw_parts(out.clone(), total),
             total,
-            slots_per_row,
+            splits,
             dv,
             f32::NEG_INFINITY,
         );
