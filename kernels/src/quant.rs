@@ -1,7 +1,8 @@
 //! KV-cache storage: quantizing rows into the block formats of
 //! `caramba_ir::quant` (scales first, then little-endian packed codes, in
-//! `i32` words) and dequantizing them, plus [`load_value`] and
-//! [`load4_regs`], the element reads that `kv_attention` shares.
+//! `i32` words) and dequantizing them, plus the reads `kv_attention`
+//! shares: elements ([`load_value`], [`load4_regs`]) and whole words
+//! ([`word_at`], [`fetch_scale`], [`unpack_word`]).
 //!
 //! Formats are comptime codes ([`FLOAT`], [`Q8`], [`Q4`], [`NF4`]); a float
 //! cache is read through the same `Array<i32>` binding, so one kernel serves
@@ -295,7 +296,7 @@ pub fn fetch_scale(
 /// value is its code's level; multiply by the block's scale). q8 and q4
 /// codes become floats by placing them in the mantissa of 2²³ and
 /// subtracting, integer and add instructions instead of conversions (an
-/// SM converts a quarter as many values per clock as it adds).
+/// H100 SM converts 16 values a clock and adds 128).
 #[cube]
 pub fn unpack_word(
     word: u32,
