@@ -1038,7 +1038,7 @@ fn decode_geometry(
 /// caches and the value cache, into `out` dense `[B, heads, g, T, dv]`.
 /// A decode step (at most [`KV_QUERIES`] query rows per head, head
 /// slices of whole words) takes the decode kernel when the device has
-/// fixed-size planes and plane operations ([`decode_geometry`]); anything
+/// fixed-size planes and plane operations (`decode_geometry`); anything
 /// else the staged kernel. `q` and `out` are stored as `elem`, each cache
 /// part as it says.
 #[allow(clippy::too_many_arguments)]
