@@ -580,37 +580,15 @@ fn kv_decode_groups_kernel<F: Float + CubeElement, N: Size>(
                 key = hi - 1;
             }
             let tok = b * s_len + key;
-            let (r0, r1, rv) = (tok * w0, tok * w1, tok * wv);
-            #[unroll]
-            for i in 0..p0 {
-                let w = access_word(j + i * g, a0, nw);
-                let word = c0[word_at(r0, nb0, h * d0, w, f0) / nw];
-                #[unroll]
-                for k in 0..nw {
-                    kr0[(x * p0 + i) * nw + k] = u32::reinterpret(word[k]);
-                }
-                ks0[x * p0 + i] = fetch_scale(s0, r0, h * d0, w, f0);
-            }
-            #[unroll]
-            for i in 0..p1 {
-                let w = access_word(j + i * g, a1, nw);
-                let word = c1[word_at(r1, nb1, h * d1, w, f1) / nw];
-                #[unroll]
-                for k in 0..nw {
-                    kr1[(x * p1 + i) * nw + k] = u32::reinterpret(word[k]);
-                }
-                ks1[x * p1 + i] = fetch_scale(s1, r1, h * d1, w, f1);
-            }
-            #[unroll]
-            for i in 0..pv {
-                let w = access_word(j + i * g, av, nw);
-                let word = cv[word_at(rv, nbv, h * dv, w, fv) / nw];
-                #[unroll]
-                for k in 0..nw {
-                    vr[(x * pv + i) * nw + k] = u32::reinterpret(word[k]);
-                }
-                vs[x * pv + i] = fetch_scale(sv, rv, h * dv, w, fv);
-            }
+            let r0 = (tok * w0, nb0, h * d0);
+            let k0 = comptime!((f0, a0, p0, x * p0, g, nw));
+            fetch_accesses(c0, s0, r0, j, &mut kr0, &mut ks0, k0);
+            let r1 = (tok * w1, nb1, h * d1);
+            let k1 = comptime!((f1, a1, p1, x * p1, g, nw));
+            fetch_accesses(c1, s1, r1, j, &mut kr1, &mut ks1, k1);
+            let rv = (tok * wv, nbv, h * dv);
+            let kv = comptime!((fv, av, pv, x * pv, g, nw));
+            fetch_accesses(cv, sv, rv, j, &mut vr, &mut vs, kv);
         }
         // Scores: this lane's partial dot products, summed over the group.
         #[unroll]
@@ -619,39 +597,29 @@ fn kv_decode_groups_kernel<F: Float + CubeElement, N: Size>(
             for r in 0..nq {
                 sc[x * nq + r] = f32::new(0.0);
             }
-            #[unroll]
-            for i in 0..p0 {
-                #[unroll]
-                for r in 0..nq {
-                    let mut dot = f32::new(0.0);
-                    #[unroll]
-                    for k in 0..nw {
-                        unpack_word(kr0[(x * p0 + i) * nw + k], &levels, &mut vals, 0, f0);
-                        #[unroll]
-                        for z in 0..comptime!(per_word(f0)) {
-                            dot += qr[r * qk + i * e0 + k * comptime!(per_word(f0)) + z] * vals[z];
-                        }
-                    }
-                    sc[x * nq + r] += dot * ks0[x * p0 + i];
-                }
-            }
-            #[unroll]
-            for i in 0..p1 {
-                #[unroll]
-                for r in 0..nq {
-                    let mut dot = f32::new(0.0);
-                    #[unroll]
-                    for k in 0..nw {
-                        unpack_word(kr1[(x * p1 + i) * nw + k], &levels, &mut vals, 0, f1);
-                        #[unroll]
-                        for z in 0..comptime!(per_word(f1)) {
-                            dot += qr[r * qk + p0 * e0 + i * e1 + k * comptime!(per_word(f1)) + z]
-                                * vals[z];
-                        }
-                    }
-                    sc[x * nq + r] += dot * ks1[x * p1 + i];
-                }
-            }
+            // Part 0's dims of q first in each row, then part 1's.
+            let d0_at = comptime!((f0, p0, x * p0, 0usize));
+            dot_accesses(
+                &kr0,
+                &ks0,
+                &qr,
+                &levels,
+                &mut vals,
+                &mut sc,
+                d0_at,
+                (qk, nw, nq, x),
+            );
+            let d1_at = comptime!((f1, p1, x * p1, p0 * e0));
+            dot_accesses(
+                &kr1,
+                &ks1,
+                &qr,
+                &levels,
+                &mut vals,
+                &mut sc,
+                d1_at,
+                (qk, nw, nq, x),
+            );
             let key = tile + x * per_plane + grp;
             #[unroll]
             for r in 0..nq {
@@ -768,6 +736,75 @@ fn kv_decode_groups_kernel<F: Float + CubeElement, N: Size>(
     combine_planes(
         &m_sh, &l_sh, &a_sh, m_out, l_out, acc_out, bh, rows, slots, split, neg_inf, nq, dv, lanes,
     );
+}
+
+/// This lane's (`j`) accesses of one key's head slice of a cache into
+/// registers. `row`: the row's first word, its blocks and the head's
+/// first element, as [`word_at`] takes them; `part`: the format, the
+/// slice's accesses, this lane's `p` of them, where they go (raw words to
+/// `raw[at · nw ..]`, scales to `scales[at ..]`), the group's lanes and
+/// the words a load. Accesses past the slice are clamped to its last one.
+#[cube]
+fn fetch_accesses<N: Size>(
+    c: &Array<Vector<i32, N>>,
+    s: &Array<i32>,
+    row: (usize, usize, usize),
+    j: usize,
+    raw: &mut Array<u32>,
+    scales: &mut Array<f32>,
+    #[comptime] part: (u32, usize, usize, usize, usize, usize),
+) {
+    let (start, nb, e0) = row;
+    let (format, accesses, p, at, g, nw) = part;
+    #[unroll]
+    for i in 0..p {
+        let w = access_word(j + i * g, accesses, nw);
+        let word = c[word_at(start, nb, e0, w, format) / nw];
+        #[unroll]
+        for k in 0..nw {
+            raw[(at + i) * nw + k] = u32::reinterpret(word[k]);
+        }
+        scales[at + i] = fetch_scale(s, start, e0, w, format);
+    }
+}
+
+/// Adds to the scores of key `x` of the step (`sc[x · nq + r]`, each of
+/// the `nq` query rows) the dot products of this lane's fetched accesses
+/// of one cache part with its dims of `q`. `part`: the format, this
+/// lane's `p` accesses at `at` (as [`fetch_accesses`] left them) and the
+/// part's first dim in each of `qr`'s rows of `qk`; `step`: `qk`, the words
+/// a load, `nq` and `x`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn dot_accesses(
+    raw: &Array<u32>,
+    scales: &Array<f32>,
+    qr: &Array<f32>,
+    levels: &SharedMemory<f32>,
+    vals: &mut Array<f32>,
+    sc: &mut Array<f32>,
+    #[comptime] part: (u32, usize, usize, usize),
+    #[comptime] step: (usize, usize, usize, usize),
+) {
+    let (format, p, at, offset) = part;
+    let (qk, nw, nq, x) = step;
+    let e = comptime!(per_word(format));
+    #[unroll]
+    for i in 0..p {
+        #[unroll]
+        for r in 0..nq {
+            let mut dot = f32::new(0.0);
+            #[unroll]
+            for k in 0..nw {
+                unpack_word(raw[(at + i) * nw + k], levels, vals, 0, format);
+                #[unroll]
+                for z in 0..e {
+                    dot += qr[r * qk + offset + (i * nw + k) * e + z] * vals[z];
+                }
+            }
+            sc[x * nq + r] += dot * scales[at + i];
+        }
+    }
 }
 
 /// The first word of access `a` of a head slice of `accesses` accesses of
