@@ -223,8 +223,15 @@ fn main() {
         (DType::BF16, 4, 128, 5),
         (DType::BF16, 4, 12, 5),
     ];
+    // `CARAMBA_BENCH_ATTN=bf16` (or `f32`) keeps one storage's cases, for
+    // profiling one kernel.
+    let attn_dtype = std::env::var("CARAMBA_BENCH_ATTN").ok();
     for (dtype, b, hd, n) in attention_cases {
-        if !selected("attention") {
+        if !selected("attention")
+            || attn_dtype
+                .as_deref()
+                .is_some_and(|want| want != dtype.to_string())
+        {
             continue;
         }
         PER_OP_DTYPE.with(|d| d.set(dtype));

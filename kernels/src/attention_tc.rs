@@ -684,6 +684,38 @@ fn rounded<F: Float>(acc: &Array<Pair<f32>>, #[comptime] mt: usize) -> Array<Pai
     out
 }
 
+/// Sets this unit's scores of tile `start` (`mt` row tiles of [`TC_TILE`]
+/// keys, in `s`) that its rows do not see (`limits`: row `2m + h`'s visible
+/// keys) to `neg_inf`.
+#[cube]
+fn mask_tile(
+    s: &mut Array<Pair<f32>>,
+    limits: &Array<usize>,
+    start: usize,
+    tq: usize,
+    neg_inf: f32,
+    #[comptime] mt: usize,
+) {
+    let sp = comptime!(TC_TILE / 4);
+    #[unroll]
+    for m in 0..mt {
+        let (lim0, lim1) = (limits[2 * m], limits[2 * m + 1]);
+        #[unroll]
+        for b in 0..TC_TILE / 8 {
+            let at = comptime!(m * sp + 2 * b);
+            let (mut r0, mut r1) = (s[at], s[at + 1]);
+            #[unroll]
+            for e in 0..2usize {
+                let c = start + b * 8 + 2 * tq + e;
+                r0[e] = select(c < lim0, r0[e], neg_inf);
+                r1[e] = select(c < lim1, r1[e], neg_inf);
+            }
+            s[at] = r0;
+            s[at + 1] = r1;
+        }
+    }
+}
+
 /// `exp(x)` in one multiply and the hardware's base-2 exponential (CUDA's
 /// `__expf`, about 2 ulp): the softmax rounds its result to half precision
 /// next. `exp(−∞)` is 0.
@@ -784,6 +816,12 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
         last = t;
     }
     let max_limit = key_limit(last - 1, t, s_len, causal);
+    // Keys every row of the cube sees (none where it has rows past `t`):
+    // tiles below it need no mask.
+    let mut min_limit = 0;
+    if first + rows <= t {
+        min_limit = key_limit(first, t, s_len, causal);
+    }
 
     // Two buffers of keys and values where the copies are asynchronous
     // (the next tile's copies fly while this one is computed), one where
@@ -828,27 +866,25 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
             stages,
         );
         let mut s = scores::<F>(&qa, &k_sh, buf * kb, dp, hs, mt);
+        // Only tiles that reach past some row's last visible key are
+        // masked (a branch the whole cube takes alike): the causal
+        // diagonal, the keys' end, a last partial block of rows.
+        if start + TC_TILE > min_limit {
+            mask_tile(&mut s, &limits, start, tq, neg_inf, mt);
+        }
         #[unroll]
         for m in 0..mt {
-            let (lim0, lim1) = (limits[2 * m], limits[2 * m + 1]);
-            // The online softmax over this tile: scale and mask (selects,
-            // not branches, so that the whole block schedules as one), the
-            // rows' maxima over the quad, then the probabilities.
+            // The online softmax over this tile, on the raw scores (`scale`
+            // > 0, so their maximum is the scaled scores' over `scale`):
+            // the rows' maxima over the quad, then `exp(s·scale − max·scale)`,
+            // one fused multiply-add before the exponential.
             let (mut x0, mut x1) = (neg_inf, neg_inf);
             #[unroll]
             for b in 0..TC_TILE / 8 {
                 let at = comptime!(m * sp + 2 * b);
-                let (mut r0, mut r1) = (s[at], s[at + 1]);
-                #[unroll]
-                for e in 0..2usize {
-                    let c = start + b * 8 + 2 * tq + e;
-                    r0[e] = select(c < lim0, r0[e] * scale, neg_inf);
-                    r1[e] = select(c < lim1, r1[e] * scale, neg_inf);
-                    x0 = x0.max(r0[e]);
-                    x1 = x1.max(r1[e]);
-                }
-                s[at] = r0;
-                s[at + 1] = r1;
+                let (r0, r1) = (s[at], s[at + 1]);
+                x0 = x0.max(r0[0]).max(r0[1]);
+                x1 = x1.max(r1[0]).max(r1[1]);
             }
             x0 = x0.max(plane_shuffle_xor(x0, 1u32));
             x0 = x0.max(plane_shuffle_xor(x0, 2u32));
@@ -858,9 +894,10 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
             // A row with no visible key yet keeps its maximum at −∞:
             // subtract zero instead, so that its masked scores give
             // exp(−∞) = 0, not NaN.
-            let z0 = select(n0 > neg_inf, n0, f32::new(0.0));
-            let z1 = select(n1 > neg_inf, n1, f32::new(0.0));
-            let (c0, c1) = (fast_exp(mx[2 * m] - z0), fast_exp(mx[2 * m + 1] - z1));
+            let z0 = select(n0 > neg_inf, n0 * scale, f32::new(0.0));
+            let z1 = select(n1 > neg_inf, n1 * scale, f32::new(0.0));
+            let c0 = fast_exp(mx[2 * m] * scale - z0);
+            let c1 = fast_exp(mx[2 * m + 1] * scale - z1);
             let (mut p0, mut p1) = (f32::new(0.0), f32::new(0.0));
             #[unroll]
             for b in 0..TC_TILE / 8 {
@@ -868,8 +905,8 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
                 let (mut r0, mut r1) = (s[at], s[at + 1]);
                 #[unroll]
                 for e in 0..2usize {
-                    r0[e] = fast_exp(r0[e] - z0);
-                    r1[e] = fast_exp(r1[e] - z1);
+                    r0[e] = fast_exp(r0[e] * scale - z0);
+                    r1[e] = fast_exp(r1[e] * scale - z1);
                     p0 += r0[e];
                     p1 += r1[e];
                 }
@@ -905,7 +942,8 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
         let (at0, at1) = (oo + i0 * ot, oo + i1 * ot);
         let (ok0, ok1) = (i0 < t, i1 < t);
         if tq == 0 {
-            let (x0, x1) = (mx[2 * m] + l0.ln(), mx[2 * m + 1] + l1.ln());
+            // The maxima are of the raw scores.
+            let (x0, x1) = (mx[2 * m] * scale + l0.ln(), mx[2 * m + 1] * scale + l1.ln());
             match lse {
                 Lse::Apart => {
                     let so = batch_offset::<f32, O>(stats, out, batch);
@@ -1508,7 +1546,7 @@ pub fn serves<R: Runtime>(
 /// strided, stored as `elem`, or as f32 with the log-sum-exp appended;
 /// `lse` the log-sum-exp's own tensor in mode `Apart`; `mode` never
 /// `Alone`). Returns `false`, launching nothing, where the kernel does not
-/// serve the device, storage or head dims.
+/// serve the device, storage or head dims, or `scale` is not positive.
 #[allow(clippy::too_many_arguments)]
 pub fn try_launch_forward<R: Runtime>(
     client: &ComputeClient<R>,
@@ -1524,7 +1562,9 @@ pub fn try_launch_forward<R: Runtime>(
 ) -> bool {
     let r = out.shape.len();
     let (d, dv, t) = (q.shape[r - 1], v.shape[r - 1], out.shape[r - 2]);
-    if !usable(client, elem, d, dv, false) {
+    // The kernel takes each row's maximum over the raw scores, which is
+    // the scaled scores' only for a positive scale.
+    if !usable(client, elem, d, dv, false) || !(scale > 0.0 && scale.is_finite()) {
         return false;
     }
     let batch: usize = out.shape[..r - 2].iter().product();

@@ -6,11 +6,12 @@
 //!   row held in registers between its sum of squares and the scaling;
 //! - `dx = r·g − x·r³·mean(g·x)` with `g = dy·w`: both sums from one read
 //!   of the row;
-//! - `dw = Σ_rows dy·n`: each group of units walks its own rows,
-//!   recomputing each row's `r`, and accumulates `dy·n` per column in
-//!   registers; the groups' `f32` partial sums are then reduced over groups
-//!   (`reduce`'s column reduction), so no atomics and a fixed order of
-//!   summation.
+//! - `dw = Σ_rows dy·n`: each group of units walks its own rows, a batch
+//!   of rows' loads in flight at a time, recomputing each row's `r`, and
+//!   accumulates `dy·n` per column in registers; the groups (as many as
+//!   the device holds at once, where it tells its multiprocessors) write
+//!   `f32` partial sums that are then reduced over groups (`reduce`'s
+//!   column reduction), so no atomics and a fixed order of summation.
 //!
 //! A row is shared by one plane ([`Rows::Plane`], several rows per cube,
 //! no barrier) where the device has plane operations and the row fits a
@@ -292,10 +293,12 @@ fn rms_norm_grad_x_kernel<F: Float + CubeElement, N: Size>(
 
 /// `dw` of RMS norm, first pass: group `g` of `groups` (a plane for
 /// `Rows::Plane`, else the cube; `threads` units) takes rows `g, g +
-/// groups, …`, loads each row of `x` and `dy` (both before the row's sum,
-/// so one memory round trip per row), recomputes its `r` and adds `dy·n`
-/// to its columns' running sums in registers, then writes them as row `g`
-/// of `partial` `(groups, dv)`.
+/// groups, …`, `batch` of them at a time: it loads those rows of `x` and
+/// `dy` together (so `batch` rows' loads are in flight before any sum, and
+/// a cube of planes meets one barrier per batch), recomputes each row's
+/// `r`, adds `dy·n` to its columns' running sums in registers, and at the
+/// end writes them as row `g` of `partial` `(groups, dv)`. A batch's rows
+/// past the end load the last row again and count for nothing (`r` = 0).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn rms_norm_grad_w_kernel<F: Float + CubeElement, N: Size>(
@@ -313,20 +316,110 @@ fn rms_norm_grad_w_kernel<F: Float + CubeElement, N: Size>(
     #[comptime] mode: Rows,
     #[comptime] threads: usize,
     #[comptime] grid: Grid,
+    #[comptime] batch: usize,
+    #[comptime] ahead: bool,
 ) {
     let (g, u) = row_and_unit(mode);
     let mut acc = Array::<Vector<f32, N>>::new(per_thread);
-    let mut xs = Array::<Vector<F, N>>::new(per_thread);
-    let mut dys = Array::<Vector<F, N>>::new(per_thread);
+    let mut xs = Array::<Vector<F, N>>::new(comptime!(batch * per_thread));
+    let mut dys = Array::<Vector<F, N>>::new(comptime!(batch * per_thread));
+    let mut sums = Array::<f32>::new(batch);
     #[unroll]
     for i in 0..per_thread {
         acc[i] = Vector::<f32, N>::new(f32::new(0.0));
     }
     let mut smem = SharedMemory::<f32>::new(2 * threads);
-    let mut row = g;
-    while row < rows {
-        let base = row * dv;
-        let mut sq = Vector::<f32, N>::new(f32::new(0.0));
+    // Where `ahead`, the next batch's rows are loaded into `nxs`/`ndys`
+    // before this batch's barrier, so that a group always has loads in
+    // flight.
+    let size = comptime!(if ahead { batch * per_thread } else { 1 });
+    let mut nxs = Array::<Vector<F, N>>::new(size);
+    let mut ndys = Array::<Vector<F, N>>::new(size);
+    let mut first = g;
+    let mut half = 0usize;
+    if ahead && first < rows {
+        load_batch(
+            x, dy, &mut xs, &mut dys, first, groups, rows, dv, u, per_thread, exact, threads, batch,
+        );
+    }
+    while first < rows {
+        if !ahead {
+            load_batch(
+                x, dy, &mut xs, &mut dys, first, groups, rows, dv, u, per_thread, exact, threads,
+                batch,
+            );
+        }
+        #[unroll]
+        for k in 0..batch {
+            let mut sq = Vector::<f32, N>::new(f32::new(0.0));
+            #[unroll]
+            for i in 0..per_thread {
+                let vf = Vector::<f32, N>::cast_from(xs[k * per_thread + i]);
+                sq += vf * vf;
+            }
+            sums[k] = lane_sum(sq);
+        }
+        let next = first + batch * groups;
+        if ahead && next < rows {
+            load_batch(
+                x, dy, &mut nxs, &mut ndys, next, groups, rows, dv, u, per_thread, exact, threads,
+                batch,
+            );
+        }
+        batch_sums(&mut sums, &mut smem, half, mode, threads, batch);
+        #[unroll]
+        for k in 0..batch {
+            let r = f32::new(1.0) / (sums[k] * inv_d + eps).sqrt();
+            let r = Vector::<f32, N>::new(select(first + k * groups < rows, r, f32::new(0.0)));
+            #[unroll]
+            for i in 0..per_thread {
+                let at = k * per_thread + i;
+                let n = on_grid(Vector::<f32, N>::cast_from(xs[at]) * r, inf, grid);
+                acc[i] += Vector::<f32, N>::cast_from(dys[at]) * n;
+            }
+        }
+        if ahead {
+            #[unroll]
+            for at in 0..batch * per_thread {
+                xs[at] = nxs[at];
+                dys[at] = ndys[at];
+            }
+        }
+        first = next;
+        half = 1 - half;
+    }
+    #[unroll]
+    for i in 0..per_thread {
+        let j = u + i * threads;
+        if exact || j < dv {
+            partial[g * dv + j] = acc[i];
+        }
+    }
+}
+
+/// Rows `first, first + groups, …` (`batch` of them; past `rows`, the
+/// last row again) of `x` and `dy`, this unit's vectors of each, into `xs`
+/// and `dys`, all loads issued before any is used.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_batch<F: Float + CubeElement, N: Size>(
+    x: &Array<Vector<F, N>>,
+    dy: &Array<Vector<F, N>>,
+    xs: &mut Array<Vector<F, N>>,
+    dys: &mut Array<Vector<F, N>>,
+    first: usize,
+    groups: usize,
+    rows: usize,
+    dv: usize,
+    u: usize,
+    #[comptime] per_thread: usize,
+    #[comptime] exact: bool,
+    #[comptime] threads: usize,
+    #[comptime] batch: usize,
+) {
+    #[unroll]
+    for k in 0..batch {
+        let base = (first + k * groups).min(rows - 1) * dv;
         #[unroll]
         for i in 0..per_thread {
             let j = u + i * threads;
@@ -336,33 +429,54 @@ fn rms_norm_grad_w_kernel<F: Float + CubeElement, N: Size>(
                 v = x[base + j];
                 e = dy[base + j];
             }
-            xs[i] = v;
-            dys[i] = e;
-            let vf = Vector::<f32, N>::cast_from(v);
-            sq += vf * vf;
+            xs[k * per_thread + i] = v;
+            dys[k * per_thread + i] = e;
         }
-        let ss = row_sum(lane_sum(sq), &mut smem, 0usize, mode, threads);
-        // The next row writes the same slot: wait until every plane has
-        // read this one's. (A `match`: the cube macro expands comptime
-        // enums there, not in `==`.)
-        #[allow(clippy::single_match)]
-        match mode {
-            Rows::CubeOfPlanes => sync_cube(),
-            _ => {}
-        }
-        let r = Vector::<f32, N>::new(f32::new(1.0) / (ss * inv_d + eps).sqrt());
-        #[unroll]
-        for i in 0..per_thread {
-            let n = on_grid(Vector::<f32, N>::cast_from(xs[i]) * r, inf, grid);
-            acc[i] += Vector::<f32, N>::cast_from(dys[i]) * n;
-        }
-        row += groups;
     }
-    #[unroll]
-    for i in 0..per_thread {
-        let j = u + i * threads;
-        if exact || j < dv {
-            partial[g * dv + j] = acc[i];
+}
+
+/// [`row_sum`] of each of `batch` rows' values in `sums`, in place. A cube
+/// of planes writes its planes' sums to half `half` of `smem` (`2 ·
+/// threads` values, `batch` planes' worth a row fitting in one half) and
+/// meets one barrier for the batch; alternating halves between batches
+/// keeps the next batch's writes off values still being read.
+#[cube]
+fn batch_sums(
+    sums: &mut Array<f32>,
+    smem: &mut SharedMemory<f32>,
+    half: usize,
+    #[comptime] mode: Rows,
+    #[comptime] threads: usize,
+    #[comptime] batch: usize,
+) {
+    match mode {
+        Rows::CubeOfPlanes => {
+            let planes = (CUBE_DIM / PLANE_DIM) as usize;
+            let plane = (UNIT_POS / PLANE_DIM) as usize;
+            let at = half * threads;
+            #[unroll]
+            for k in 0..batch {
+                let p = plane_sum(sums[k]);
+                if UNIT_POS_PLANE == 0 {
+                    smem[at + k * planes + plane] = p;
+                }
+            }
+            sync_cube();
+            #[unroll]
+            for k in 0..batch {
+                let mut s = f32::new(0.0);
+                for q in 0..planes {
+                    s += smem[at + k * planes + q];
+                }
+                sums[k] = s;
+            }
+        }
+        _ =>
+        {
+            #[unroll]
+            for k in 0..batch {
+                sums[k] = row_sum(sums[k], smem, 0usize, mode, threads);
+            }
         }
     }
 }
@@ -376,9 +490,36 @@ const ROW_THREADS: usize = 256;
 const MAX_THREADS: usize = 1024;
 /// Rows (planes) per cube when a plane takes a row.
 const PLANE_ROWS: usize = 4;
-/// Rows per group the weight gradient aims for, and the most groups.
-const W_ROWS_PER_GROUP: usize = 16;
+/// Rows per group the weight gradient aims for where the device does not
+/// tell its multiprocessors, and the most groups.
+const W_ROWS_PER_GROUP: usize = 64;
 const W_MAX_GROUPS: usize = 4096;
+/// Units per multiprocessor of the weight gradient where the device tells
+/// their number: as many cubes as stay resident together (two 256-unit
+/// cubes of about 100 registers a unit on an H100), each with a batch of
+/// rows in flight.
+const W_UNITS_PER_SM: usize = 512;
+/// Vectors of `x` a unit of the weight gradient holds per batch of rows
+/// (and as many of `dy`): a batch is this many over the unit's vectors a
+/// row, at most [`W_MAX_BATCH`] rows.
+const W_BATCH_VECTORS: usize = 8;
+const W_MAX_BATCH: usize = 4;
+/// Whether the weight gradient loads a group's next batch before this
+/// one's sums.
+const W_AHEAD: bool = false;
+
+/// `CARAMBA_RMS_DW=rows:batch:ahead` (rows per group, or 0 for the
+/// default; rows per batch; 1 to load the next batch ahead, 0 not to), for
+/// benchmark sweeps of the weight gradient; read once per process.
+fn grad_w_override() -> Option<(usize, usize, bool)> {
+    static FORCED: std::sync::OnceLock<Option<(usize, usize, bool)>> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| {
+        let v = std::env::var("CARAMBA_RMS_DW").ok()?;
+        let mut it = v.split(':').map(|s| s.parse::<usize>().ok());
+        let (r, b, a) = (it.next()??, it.next()??, it.next()??);
+        (b > 0).then_some((r, b, a == 1))
+    })
+}
 
 /// Whether `CARAMBA_RMS_NORM_SCALAR=1` forces the scalar forward kernel
 /// (for benchmarking the vectorized one against it).
@@ -612,7 +753,31 @@ pub fn launch_rms_norm_grad_w<R: Runtime>(
     }
     let l = RowLayout::for_grad(client, elem, d)?;
     let dv = l.dv;
-    let wanted = rows.div_ceil(W_ROWS_PER_GROUP).clamp(1, W_MAX_GROUPS);
+    let batch = (W_BATCH_VECTORS / l.per_thread).clamp(1, W_MAX_BATCH);
+    let sms = client.properties().hardware.num_streaming_multiprocessors;
+    // As many groups as fit the device at once, each walking its rows in
+    // batches: the fewest partial sums for every unit busy.
+    let per_group = match sms {
+        Some(sms) => {
+            let per_sm = (W_UNITS_PER_SM / (l.threads * l.rows_per_cube)).max(1);
+            rows.div_ceil(per_sm * sms as usize * l.rows_per_cube)
+        }
+        None => W_ROWS_PER_GROUP,
+    };
+    let (per_group, batch, ahead) = match grad_w_override() {
+        Some((r, b, a)) => (if r > 0 { r } else { per_group }, b, a),
+        None => (per_group, batch, W_AHEAD),
+    };
+    // A cube of planes keeps a batch's plane sums in half of its `2 ·
+    // threads` shared values: `batch` may not exceed the plane size. A
+    // shared-memory tree has a barrier per row anyway.
+    let plane = client.properties().hardware.plane_size_min.max(1) as usize;
+    let batch = match l.mode {
+        Rows::CubeTree => 1,
+        Rows::CubeOfPlanes => batch.min(plane),
+        Rows::Plane => batch,
+    };
+    let wanted = rows.div_ceil(per_group).clamp(1, W_MAX_GROUPS);
     let cubes = wanted.div_ceil(l.rows_per_cube);
     let groups = cubes * l.rows_per_cube;
     let partial = client.empty(groups * d * 4);
@@ -636,6 +801,8 @@ pub fn launch_rms_norm_grad_w<R: Runtime>(
             l.mode,
             l.threads,
             grid,
+            batch,
+            ahead,
         );
     });
     reduce_columns_into(
