@@ -1564,7 +1564,7 @@ pub fn try_launch_forward<R: Runtime>(
     let (d, dv, t) = (q.shape[r - 1], v.shape[r - 1], out.shape[r - 2]);
     // The kernel takes each row's maximum over the raw scores, which is
     // the scaled scores' only for a positive scale.
-    if !usable(client, elem, d, dv, false) || !(scale > 0.0 && scale.is_finite()) {
+    if !(usable(client, elem, d, dv, false) && scale > 0.0 && scale.is_finite()) {
         return false;
     }
     let batch: usize = out.shape[..r - 2].iter().product();
