@@ -12,6 +12,8 @@
 //! those cases; `decode` is SmolLM2-shaped cached generation, with a per-op
 //! profile; `smollm2` and `llama1b` are the models' forward and loss at
 //! batch 8 × 1024 (f32, or `gpu_bench cuda bf16` / `tf32`).
+//! `CARAMBA_BENCH_ATTN=bf16` keeps the `attention` case's bf16 shapes only
+//! (for a profiler: three shapes, 30 launches each, in the order listed).
 //! `CARAMBA_BENCH_GEMM=cubek` puts every GEMM on cubek instead of cuBLASLt
 //! (the `gemm` case times both).
 //!
