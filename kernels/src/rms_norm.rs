@@ -300,7 +300,7 @@ fn rms_norm_grad_x_kernel<F: Float + CubeElement, N: Size>(
 /// end writes them as row `g` of `partial` `(groups, dv)`. A batch's rows
 /// past the end load the last row again and count for nothing (`r` = 0).
 #[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::collapsible_if)]
 fn rms_norm_grad_w_kernel<F: Float + CubeElement, N: Size>(
     x: &Array<Vector<F, N>>,
     dy: &Array<Vector<F, N>>,
@@ -337,10 +337,16 @@ fn rms_norm_grad_w_kernel<F: Float + CubeElement, N: Size>(
     let mut ndys = Array::<Vector<F, N>>::new(size);
     let mut first = g;
     let mut half = 0usize;
-    if ahead && first < rows {
-        load_batch(
-            x, dy, &mut xs, &mut dys, first, groups, rows, dv, u, per_thread, exact, threads, batch,
-        );
+    // (`ahead` alone in the outer conditions, so that the branches are not
+    // emitted without it: `nxs` has one element then, and WGSL rejects even
+    // unreachable constant indices past an array's end.)
+    if ahead {
+        if first < rows {
+            load_batch(
+                x, dy, &mut xs, &mut dys, first, groups, rows, dv, u, per_thread, exact, threads,
+                batch,
+            );
+        }
     }
     while first < rows {
         if !ahead {
@@ -360,11 +366,13 @@ fn rms_norm_grad_w_kernel<F: Float + CubeElement, N: Size>(
             sums[k] = lane_sum(sq);
         }
         let next = first + batch * groups;
-        if ahead && next < rows {
-            load_batch(
-                x, dy, &mut nxs, &mut ndys, next, groups, rows, dv, u, per_thread, exact, threads,
-                batch,
-            );
+        if ahead {
+            if next < rows {
+                load_batch(
+                    x, dy, &mut nxs, &mut ndys, next, groups, rows, dv, u, per_thread, exact,
+                    threads, batch,
+                );
+            }
         }
         batch_sums(&mut sums, &mut smem, half, mode, threads, batch);
         #[unroll]
