@@ -300,7 +300,7 @@ fn rms_norm_grad_x_kernel<F: Float + CubeElement, N: Size>(
 /// end writes them as row `g` of `partial` `(groups, dv)`. A batch's rows
 /// past the end load the last row again and count for nothing (`r` = 0).
 #[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments, clippy::collapsible_if)]
+#[allow(clippy::too_many_arguments)]
 fn rms_norm_grad_w_kernel<F: Float + CubeElement, N: Size>(
     x: &Array<Vector<F, N>>,
     dy: &Array<Vector<F, N>>,
@@ -317,7 +317,6 @@ fn rms_norm_grad_w_kernel<F: Float + CubeElement, N: Size>(
     #[comptime] threads: usize,
     #[comptime] grid: Grid,
     #[comptime] batch: usize,
-    #[comptime] ahead: bool,
 ) {
     let (g, u) = row_and_unit(mode);
     let mut acc = Array::<Vector<f32, N>>::new(per_thread);
@@ -329,32 +328,12 @@ fn rms_norm_grad_w_kernel<F: Float + CubeElement, N: Size>(
         acc[i] = Vector::<f32, N>::new(f32::new(0.0));
     }
     let mut smem = SharedMemory::<f32>::new(2 * threads);
-    // Where `ahead`, the next batch's rows are loaded into `nxs`/`ndys`
-    // before this batch's barrier, so that a group always has loads in
-    // flight.
-    let size = comptime!(if ahead { batch * per_thread } else { 1 });
-    let mut nxs = Array::<Vector<F, N>>::new(size);
-    let mut ndys = Array::<Vector<F, N>>::new(size);
     let mut first = g;
     let mut half = 0usize;
-    // (`ahead` alone in the outer conditions, so that the branches are not
-    // emitted without it: `nxs` has one element then, and WGSL rejects even
-    // unreachable constant indices past an array's end.)
-    if ahead {
-        if first < rows {
-            load_batch(
-                x, dy, &mut xs, &mut dys, first, groups, rows, dv, u, per_thread, exact, threads,
-                batch,
-            );
-        }
-    }
     while first < rows {
-        if !ahead {
-            load_batch(
-                x, dy, &mut xs, &mut dys, first, groups, rows, dv, u, per_thread, exact, threads,
-                batch,
-            );
-        }
+        load_batch(
+            x, dy, &mut xs, &mut dys, first, groups, rows, dv, u, per_thread, exact, threads, batch,
+        );
         #[unroll]
         for k in 0..batch {
             let mut sq = Vector::<f32, N>::new(f32::new(0.0));
@@ -364,15 +343,6 @@ fn rms_norm_grad_w_kernel<F: Float + CubeElement, N: Size>(
                 sq += vf * vf;
             }
             sums[k] = lane_sum(sq);
-        }
-        let next = first + batch * groups;
-        if ahead {
-            if next < rows {
-                load_batch(
-                    x, dy, &mut nxs, &mut ndys, next, groups, rows, dv, u, per_thread, exact,
-                    threads, batch,
-                );
-            }
         }
         batch_sums(&mut sums, &mut smem, half, mode, threads, batch);
         #[unroll]
@@ -386,14 +356,7 @@ fn rms_norm_grad_w_kernel<F: Float + CubeElement, N: Size>(
                 acc[i] += Vector::<f32, N>::cast_from(dys[at]) * n;
             }
         }
-        if ahead {
-            #[unroll]
-            for at in 0..batch * per_thread {
-                xs[at] = nxs[at];
-                dys[at] = ndys[at];
-            }
-        }
-        first = next;
+        first += batch * groups;
         half = 1 - half;
     }
     #[unroll]
@@ -512,20 +475,17 @@ const W_UNITS_PER_SM: usize = 512;
 /// row, at most [`W_MAX_BATCH`] rows.
 const W_BATCH_VECTORS: usize = 8;
 const W_MAX_BATCH: usize = 4;
-/// Whether the weight gradient loads a group's next batch before this
-/// one's sums.
-const W_AHEAD: bool = false;
 
-/// `CARAMBA_RMS_DW=rows:batch:ahead` (rows per group, or 0 for the
-/// default; rows per batch; 1 to load the next batch ahead, 0 not to), for
-/// benchmark sweeps of the weight gradient; read once per process.
-fn grad_w_override() -> Option<(usize, usize, bool)> {
-    static FORCED: std::sync::OnceLock<Option<(usize, usize, bool)>> = std::sync::OnceLock::new();
+/// `CARAMBA_RMS_DW=rows:batch` (rows per group, or 0 for the default;
+/// rows per batch), for benchmark sweeps of the weight gradient; read once
+/// per process.
+fn grad_w_override() -> Option<(usize, usize)> {
+    static FORCED: std::sync::OnceLock<Option<(usize, usize)>> = std::sync::OnceLock::new();
     *FORCED.get_or_init(|| {
         let v = std::env::var("CARAMBA_RMS_DW").ok()?;
-        let mut it = v.split(':').map(|s| s.parse::<usize>().ok());
-        let (r, b, a) = (it.next()??, it.next()??, it.next()??);
-        (b > 0).then_some((r, b, a == 1))
+        let (r, b) = v.split_once(':')?;
+        let (r, b) = (r.parse::<usize>().ok()?, b.parse::<usize>().ok()?);
+        (b > 0).then_some((r, b))
     })
 }
 
@@ -769,12 +729,13 @@ pub fn launch_rms_norm_grad_w<R: Runtime>(
         Some(sms) => {
             let per_sm = (W_UNITS_PER_SM / (l.threads * l.rows_per_cube)).max(1);
             rows.div_ceil(per_sm * sms as usize * l.rows_per_cube)
+                .max(1)
         }
         None => W_ROWS_PER_GROUP,
     };
-    let (per_group, batch, ahead) = match grad_w_override() {
-        Some((r, b, a)) => (if r > 0 { r } else { per_group }, b, a),
-        None => (per_group, batch, W_AHEAD),
+    let (per_group, batch) = match grad_w_override() {
+        Some((r, b)) => (if r > 0 { r } else { per_group }, b),
+        None => (per_group, batch),
     };
     // A cube of planes keeps a batch's plane sums in half of its `2 ·
     // threads` shared values: `batch` may not exceed the plane size. A
@@ -810,7 +771,6 @@ pub fn launch_rms_norm_grad_w<R: Runtime>(
             l.threads,
             grid,
             batch,
-            ahead,
         );
     });
     reduce_columns_into(
