@@ -12,6 +12,8 @@
 //! accumulator — combined by a third kernel), so that many chunks keep
 //! every SM busy when a decode step has only `g` query rows:
 //!
+//! - the *tensor-core decode* kernel (`kv_decode_mma.rs`), for a decode
+//!   step over q8 caches of whole-block head slices on CUDA (sm_80 on);
 //! - the *decode* kernel, for at most `KV_QUERIES` query rows per head on
 //!   devices with fixed-size planes (CUDA): a group of lanes per key, each
 //!   lane reading vectors of words of the caches straight into registers
@@ -43,7 +45,7 @@ use crate::quant::{
     fetch_scale, float_code, is_float, load4_regs, load_value, nf4_levels, per_word, row_words,
     unpack_word, word_at, BLOCK, FLOAT,
 };
-use crate::{grid_1d, linear_pos, with_float, FloatElem, KernelError, ELEM_BLOCK};
+use crate::{grid_1d, kv_decode_mma, linear_pos, with_float, FloatElem, KernelError, ELEM_BLOCK};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
@@ -151,7 +153,7 @@ fn words_of(n: usize, #[comptime] format: u32) -> usize {
 /// sees.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn visible_keys(
+pub(crate) fn visible_keys(
     limits: &mut Array<usize>,
     first: usize,
     rows: usize,
@@ -432,7 +434,7 @@ fn kv_attention_kernel<F: Float + CubeElement>(
 
 /// Planes per cube of the decode kernel: each takes every `WARPS`-th step
 /// of the cube's chunk.
-const WARPS: usize = 4;
+pub(crate) const WARPS: usize = 4;
 
 /// Decode (at most `KV_QUERIES` query rows per head): each plane splits
 /// into groups of `g` lanes, a group per key, so a plane scores
@@ -847,7 +849,7 @@ fn empty_partials(
 /// cube takes some of the rows' columns.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn combine_planes(
+pub(crate) fn combine_planes(
     m_sh: &SharedMemory<f32>,
     l_sh: &SharedMemory<f32>,
     a_sh: &SharedMemory<f32>,
@@ -1122,13 +1124,19 @@ pub fn launch_kv_attention<R: Runtime>(
         .chain([values])
         .map(|p| (p.code(), p.dim))
         .collect();
+    let mma = kv_decode_mma::serves(client, keys, values, rows);
     let decode = fixed_plane(client)
         .filter(|_| rows <= KV_QUERIES && dv <= 256)
         .and_then(|lanes| decode_geometry(&layout, shape.heads, nq, lanes).map(|d| (lanes, d)));
-    // The key chunks: about 2048 cubes; for the decode kernel each chunk a
-    // whole number of `WARPS · lanes` keys, for the staged one of tiles.
-    let (splits, chunk) = match decode {
-        Some((lanes, _)) => {
+    // The key chunks: about 2048 cubes; for the decode kernels each chunk
+    // a whole number of `WARPS · lanes` keys, for the staged one of tiles.
+    let decode_lanes = if mma {
+        Some(kv_decode_mma::MMA_PLANE)
+    } else {
+        decode.map(|(lanes, _)| lanes)
+    };
+    let (splits, chunk) = match decode_lanes {
+        Some(lanes) => {
             let step = WARPS * lanes;
             let splits = 2048usize
                 .div_ceil(bh)
@@ -1151,7 +1159,36 @@ pub fn launch_kv_attention<R: Runtime>(
     let slots = bh * rows * splits;
     let (m_buf, l_buf, acc_buf) = (scratch(slots), scratch(slots), scratch(slots * dv));
     let second = k1.map_or(words(k0), words);
-    if let Some((lanes, geo)) = decode {
+    if mma {
+        with_float!(elem, F => unsafe {
+            kv_decode_mma::kv_decode_mma_kernel::launch_unchecked::<F, R>(
+                client,
+                CubeCount::Static(bh as u32, splits as u32, 1),
+                CubeDim::new_2d(kv_decode_mma::MMA_PLANE as u32, WARPS as u32),
+                ArrayArg::from_raw_parts(q.clone(), bh * rows * dk),
+                ArrayArg::from_raw_parts(k0.handle.clone(), words(k0)),
+                ArrayArg::from_raw_parts(dummy.clone(), second),
+                ArrayArg::from_raw_parts(values.handle.clone(), words(values)),
+                ArrayArg::from_raw_parts(m_buf.clone(), slots),
+                ArrayArg::from_raw_parts(l_buf.clone(), slots),
+                ArrayArg::from_raw_parts(acc_buf.clone(), slots * dv),
+                shape.heads,
+                rows,
+                shape.t,
+                shape.s,
+                chunk,
+                splits,
+                scale,
+                f32::NEG_INFINITY,
+                causal,
+                shape.heads,
+                k0.dim,
+                d1,
+                dv,
+                nq,
+            );
+        });
+    } else if let Some((lanes, geo)) = decode {
         with_float!(elem, F => unsafe {
             kv_decode_groups_kernel::launch_unchecked::<F, R>(
                 client,

@@ -36,6 +36,7 @@ pub mod elementwise;
 pub mod gather;
 pub mod gemv;
 pub mod kv_attention;
+pub mod kv_decode_mma;
 pub mod matmul;
 pub mod norm;
 pub mod optim;

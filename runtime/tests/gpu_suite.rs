@@ -1150,7 +1150,9 @@ fn kv_attention_graph(
 /// (T = 2 new positions, 2 heads a kv head), and head dims and formats
 /// that set the groups kernel's geometry: 96-dim q8 (8 lanes a key), f32
 /// (16 lanes a key), q4 keys with NF4 values, and 8 query rows a head
-/// (16 lanes a key for the same registers). 96, not 128: the staged
+/// (16 lanes a key for the same registers); on CUDA the q8 cases take the
+/// tensor-core kernel (`kv_decode_mma`; `CARAMBA_KV_MMA=0` sends them to
+/// the groups kernel). 96, not 128: the staged
 /// kernel, which lavapipe runs, holds a tile of 64 × 129 floats for 128,
 /// more than lavapipe's 32 KB of shared memory.
 pub fn kv_decode_chunks<R: Runtime>(dev: &R::Device) {
@@ -1175,6 +1177,13 @@ pub fn kv_decode_chunks<R: Runtime>(dev: &R::Device) {
             vec![part(q4, 32), part(q8, 64), part(nf4, 64)],
         ),
         ((2, 4, 4, 2), vec![part(q8, 96), part(q8, 96)]),
+        // The tensor-core kernel (CUDA) on shapes of its own: different
+        // key and value dims, DBA's two key parts (one 32-dim block a
+        // head, a single kv head: an odd number of scale words a row),
+        // and 3 query rows a head.
+        ((2, 8, 4, 1), vec![part(q8, 96), part(q8, 64)]),
+        ((3, 1, 8, 1), vec![part(q8, 64), part(q8, 32), part(q8, 64)]),
+        ((2, 3, 3, 1), vec![part(q8, 64), part(q8, 64)]),
     ];
     for ((b, kv, grp, t), parts) in cases {
         for causal in [false, true] {
