@@ -1138,9 +1138,12 @@ pub fn launch_kv_attention<R: Runtime>(
     let (splits, chunk) = match decode_lanes {
         Some(lanes) => {
             let step = WARPS * lanes;
-            let splits = 2048usize
-                .div_ceil(bh)
-                .clamp(1, shape.s.div_ceil(step).max(1));
+            let wanted = if mma {
+                kv_decode_mma::splits(client, bh)
+            } else {
+                2048usize.div_ceil(bh)
+            };
+            let splits = wanted.clamp(1, shape.s.div_ceil(step).max(1));
             let chunk = (shape.s.div_ceil(splits).div_ceil(step) * step).max(step);
             (shape.s.div_ceil(chunk).max(1), chunk)
         }

@@ -192,8 +192,9 @@ fn load_keys(
 fn key_scores(
     raw: &Array<u32>,
     sc: &Array<f32>,
-    qf: &Array<Pair<f16>>,
+    qsh: &SharedMemory<Vector<u32, Const<4>>>,
     s: &mut Array<f32>,
+    lane: usize,
     #[comptime] dk: usize,
 ) {
     let def = mma_def();
@@ -212,10 +213,11 @@ fn key_scores(
                 let mut bf = Array::<Pair<f16>>::new(2usize);
                 bf[0] = codes(x);
                 bf[1] = codes(x >> 8u32);
+                let qv = qsh[cc * MMA_PLANE + lane];
                 let mut af = Array::<Pair<f16>>::new(4usize);
                 #[unroll]
                 for r in 0..4usize {
-                    af[r] = qf[comptime!(4 * cc + r)];
+                    af[r] = Pair::<f16>::reinterpret(qv[r]);
                 }
                 let out = def.execute(&af, &bf, &acc);
                 acc[0] = out[0];
@@ -239,10 +241,189 @@ fn value_codes(x: u32, y: u32, #[comptime] j: usize) -> Pair<f16> {
     codes(w >> comptime!((8 * (j % 2)) as u32))
 }
 
+/// The tokens of a step from key `tile` on (keys past `hi` clamped to
+/// its last): this unit's B column of each score block (`kb`), and its
+/// four score / value keys (`ks`: columns `2t, 2t + 1` of both blocks).
+#[cube]
+fn step_tokens(
+    kb: &mut Array<usize>,
+    ks: &mut Array<usize>,
+    tile: usize,
+    hi: usize,
+    first: usize,
+    g: usize,
+    t: usize,
+) {
+    #[unroll]
+    for nb in 0..2usize {
+        let key = (tile + nb * 8 + g).min(hi - 1);
+        kb[nb] = first + key;
+        #[unroll]
+        for e in 0..2usize {
+            let key = (tile + nb * 8 + 2 * t + e).min(hi - 1);
+            ks[comptime!(2 * nb + e)] = first + key;
+        }
+    }
+}
+
+/// Issues every load of the step at `tile` into registers: key codes and
+/// scales ([`load_keys`], both parts), this unit's value words (word `g`
+/// of each value block of its four keys) and their scales. `dims`: `d0`,
+/// `d1`, `dv`; `kv_heads` sets the rows' layout.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_step(
+    c0: &Array<i32>,
+    c1: &Array<i32>,
+    cv: &Array<i32>,
+    kraw: &mut Array<u32>,
+    ksc: &mut Array<f32>,
+    vw: &mut Array<u32>,
+    vsc: &mut Array<f32>,
+    tile: usize,
+    hi: usize,
+    first: usize,
+    h: usize,
+    lane: usize,
+    #[comptime] kv_heads: usize,
+    #[comptime] dims: (usize, usize, usize),
+) {
+    let (d0, d1, dv) = dims;
+    let (g, t) = (lane / 4, lane % 4);
+    let dk = comptime!(d0 + d1);
+    let (kw, kb_all, vb) = comptime!((dk / 16, dk / BLOCK, dv / BLOCK));
+    let (nb0, nb1, nbv) = comptime!((kv_heads * d0 / BLOCK, kv_heads * d1 / BLOCK, kv_heads * dv / BLOCK));
+    let mut kb = Array::<usize>::new(2usize);
+    let mut ks = Array::<usize>::new(4usize);
+    step_tokens(&mut kb, &mut ks, tile, hi, first, g, t);
+    let parts0 = comptime!((0usize, kw, 0usize, kb_all));
+    load_keys(c0, kraw, ksc, &kb, &ks, h, t, (nb0, comptime!(d0 / 4)), d0, parts0);
+    if comptime!(d1 > 0) {
+        let parts1 = comptime!((d0 / 16, kw, d0 / BLOCK, kb_all));
+        load_keys(c1, kraw, ksc, &kb, &ks, h, t, (nb1, comptime!(d1 / 4)), d1, parts1);
+    }
+    #[unroll]
+    for kk in 0..4usize {
+        let row = ks[kk] * comptime!(nbv * 9);
+        #[unroll]
+        for bb in 0..vb {
+            let at = row + nbv + h * comptime!(dv / 4) + bb * 8 + g;
+            vw[comptime!(kk * vb + bb)] = u32::reinterpret(cv[at]);
+            vsc[comptime!(kk * vb + bb)] = f32::reinterpret(cv[row + h * vb + bb]);
+        }
+    }
+}
+
+/// One step of 16 keys from `tile` on, its loads in registers (as
+/// [`load_step`] left them): scores, mask (keys at or past this row's
+/// `limit` or `hi`), the online softmax (`ml`: the row's running max and
+/// this unit's share of its sum) and `o += p·v`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn compute_step(
+    kraw: &Array<u32>,
+    ksc: &Array<f32>,
+    vw: &Array<u32>,
+    vsc: &Array<f32>,
+    qsh: &SharedMemory<Vector<u32, Const<4>>>,
+    ml: &mut Array<f32>,
+    o: &mut Array<Pair<f32>>,
+    tile: usize,
+    hi: usize,
+    limit: usize,
+    lane: usize,
+    neg_inf: f32,
+    #[comptime] dk: usize,
+    #[comptime] dv: usize,
+) {
+    let def = mma_def();
+    let t = lane % 4;
+    let vb = comptime!(dv / BLOCK);
+    let mut s = Array::<f32>::new(4usize);
+    #[unroll]
+    for i in 0..4usize {
+        s[i] = f32::new(0.0);
+    }
+    key_scores(kraw, ksc, qsh, &mut s, lane, dk);
+    // Mask, then the online softmax over the row's 16 keys.
+    let m = ml[0];
+    let mut mx = m;
+    #[unroll]
+    for i in 0..4usize {
+        let key = tile + (i / 2) * 8 + 2 * t + i % 2;
+        if key >= limit || key >= hi {
+            s[i] = neg_inf;
+        }
+        mx = mx.max(s[i]);
+    }
+    mx = mx.max(plane_shuffle_xor(mx, 1u32));
+    mx = mx.max(plane_shuffle_xor(mx, 2u32));
+    if mx > m {
+        // A row with no visible key before has a zero output.
+        let corr = (m - mx).exp();
+        ml[1] *= corr;
+        #[unroll]
+        for i in 0..dv / 4 {
+            o[i] = o[i] * Pair::<f32>::new(corr);
+        }
+        ml[0] = mx;
+    }
+    let mut p = Array::<f32>::new(4usize);
+    #[unroll]
+    for i in 0..4usize {
+        let mut x = f32::new(0.0);
+        if s[i] != neg_inf {
+            x = (s[i] - mx).exp();
+        }
+        ml[1] += x;
+        p[i] = x;
+    }
+    // O += P·V, a 32-dim value block at a time.
+    #[unroll]
+    for bb in 0..vb {
+        let mut af = Array::<Pair<f16>>::new(4usize);
+        #[unroll]
+        for half in 0..2usize {
+            let mut x = Pair::<f32>::new(f32::new(0.0));
+            #[unroll]
+            for e in 0..2usize {
+                let kk = comptime!(2 * half + e);
+                x[e] = p[kk] * vsc[comptime!(kk * vb + bb)];
+            }
+            let (hp, lp) = split(x);
+            af[comptime!(2 * half)] = hp;
+            af[comptime!(2 * half + 1)] = lp;
+        }
+        // Keys 2t, 2t + 1 (x) and 2t + 8, 2t + 9 (y) of this block's
+        // word g, bytes interleaved a pair of keys at a time.
+        let (w0, w1) = (vw[bb], vw[comptime!(vb + bb)]);
+        let (w2, w3) = (vw[comptime!(2 * vb + bb)], vw[comptime!(3 * vb + bb)]);
+        let x01 = (w0 & 0xffffu32) | (w1 << 16u32);
+        let y01 = (w0 >> 16u32) | (w1 & 0xffff_0000u32);
+        let x89 = (w2 & 0xffffu32) | (w3 << 16u32);
+        let y89 = (w2 >> 16u32) | (w3 & 0xffff_0000u32);
+        #[unroll]
+        for j in 0..4usize {
+            let mut bf = Array::<Pair<f16>>::new(2usize);
+            bf[0] = value_codes(x01, y01, j);
+            bf[1] = value_codes(x89, y89, j);
+            let n = comptime!(4 * bb + j);
+            let mut acc = Array::<Pair<f32>>::new(2usize);
+            acc[0] = o[comptime!(2 * n)];
+            acc[1] = o[comptime!(2 * n + 1)];
+            let out = def.execute(&af, &bf, &acc);
+            o[comptime!(2 * n)] = out[0];
+            o[comptime!(2 * n + 1)] = out[1];
+        }
+    }
+}
+
 /// Decode attention over q8 caches on tensor cores (module doc). Cube:
 /// `WARPS` planes of 32 units; `CUBE_POS_X` the (batch, kv head),
 /// `CUBE_POS_Y` the key chunk. Writes each chunk's partial as
-/// `kv_attention`'s decode kernel does.
+/// `kv_attention`'s decode kernel does. Each plane's steps are software
+/// pipelined: two sets of registers, the next step's loads issued before
+/// this step's arithmetic.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement>(
@@ -268,7 +449,6 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement>(
     #[comptime] dv: usize,
     #[comptime] nq: usize,
 ) {
-    let def = mma_def();
     let dk = comptime!(d0 + d1);
     let bh = CUBE_POS_X as usize;
     let split_at = CUBE_POS_Y as usize;
@@ -276,18 +456,30 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement>(
     let lane = UNIT_POS_X as usize;
     let warp = UNIT_POS_Y as usize;
     let (g, t) = (lane / 4, lane % 4);
-    // Scale words per row of each cache (one a block), words per head of
-    // codes.
-    let (nb0, nb1, nbv) = comptime!((kv_heads * d0 / BLOCK, kv_heads * d1 / BLOCK, kv_heads * dv / BLOCK));
 
-    // q's fragments: row g of this head's rows (zero past them).
-    let mut qf = Array::<Pair<f16>>::new(comptime!(dk / 4));
-    let valid = g < rows;
-    let row_at = (bh * rows + g) * dk;
-    q_fragments::<F>(q, &mut qf, row_at, valid, t, scale, 0usize, d0, 0usize);
-    if comptime!(d1 > 0) {
-        q_fragments::<F>(q, &mut qf, row_at, valid, t, scale, d0, d1, comptime!(d0 / 16));
+    // q's fragments (row g of this head's rows, zero past them), shared
+    // by the cube's planes: k-step c's four registers of unit `lane` at
+    // `c · 32 + lane`.
+    let mut qsh = SharedMemory::<Vector<u32, Const<4>>>::new(comptime!(dk / 16 * MMA_PLANE));
+    if warp == 0 {
+        let mut qf = Array::<Pair<f16>>::new(comptime!(dk / 4));
+        let valid = g < rows;
+        let row_at = (bh * rows + g) * dk;
+        q_fragments::<F>(q, &mut qf, row_at, valid, t, scale, 0usize, d0, 0usize);
+        if comptime!(d1 > 0) {
+            q_fragments::<F>(q, &mut qf, row_at, valid, t, scale, d0, d1, comptime!(d0 / 16));
+        }
+        #[unroll]
+        for c in 0..dk / 16 {
+            let mut v = Vector::<u32, Const<4>>::new(0u32);
+            #[unroll]
+            for r in 0..4usize {
+                v[r] = u32::reinterpret(qf[comptime!(4 * c + r)]);
+            }
+            qsh[c * MMA_PLANE + lane] = v;
+        }
     }
+    sync_cube();
     let mut limits = Array::<usize>::new(nq);
     let hi = visible_keys(
         &mut limits,
@@ -308,138 +500,45 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement>(
         }
     }
     let lo = split_at * chunk;
-    let mut m = neg_inf;
-    let mut l = f32::new(0.0);
+    let first = b * s_len;
+    let mut ml = Array::<f32>::new(2usize);
+    ml[0] = neg_inf;
+    ml[1] = f32::new(0.0);
     let nblocks = comptime!(dv / 8);
     let mut o = Array::<Pair<f32>>::new(comptime!(2 * nblocks));
     #[unroll]
     for i in 0..2 * nblocks {
         o[i] = Pair::<f32>::new(f32::new(0.0));
     }
+    let (kw, kb_all, vb) = comptime!((dk / 16, dk / BLOCK, dv / BLOCK));
+    let dims = comptime!((d0, d1, dv));
+    // Two register sets, a and b, in turn.
+    let mut ka = Array::<u32>::new(comptime!(2 * kw));
+    let mut ksa = Array::<f32>::new(comptime!(4 * kb_all));
+    let mut va = Array::<u32>::new(comptime!(4 * vb));
+    let mut vsa = Array::<f32>::new(comptime!(4 * vb));
+    let mut kb = Array::<u32>::new(comptime!(2 * kw));
+    let mut ksb = Array::<f32>::new(comptime!(4 * kb_all));
+    let mut vbr = Array::<u32>::new(comptime!(4 * vb));
+    let mut vsb = Array::<f32>::new(comptime!(4 * vb));
+    let stride = comptime!(WARPS * STEP);
     let mut tile = lo + warp * STEP;
+    if tile < hi {
+        load_step(c0, c1, cv, &mut ka, &mut ksa, &mut va, &mut vsa, tile, hi, first, h, lane, kv_heads, dims);
+    }
     while tile < hi {
-        // Tokens: this unit's B column of each score block, and its four
-        // score / value keys (columns 2t, 2t + 1 of both blocks).
-        let mut kb = Array::<usize>::new(2usize);
-        let mut ks = Array::<usize>::new(4usize);
-        #[unroll]
-        for nb in 0..2usize {
-            let mut key = tile + nb * 8 + g;
-            if key >= hi {
-                key = hi - 1;
-            }
-            kb[nb] = b * s_len + key;
-            #[unroll]
-            for e in 0..2usize {
-                let mut key = tile + nb * 8 + 2 * t + e;
-                if key >= hi {
-                    key = hi - 1;
-                }
-                ks[comptime!(2 * nb + e)] = b * s_len + key;
-            }
+        let next = tile + stride;
+        load_step(c0, c1, cv, &mut kb, &mut ksb, &mut vbr, &mut vsb, next, hi, first, h, lane, kv_heads, dims);
+        compute_step(&ka, &ksa, &va, &vsa, &qsh, &mut ml, &mut o, tile, hi, limit, lane, neg_inf, dk, dv);
+        let after = next + stride;
+        if next < hi {
+            load_step(c0, c1, cv, &mut ka, &mut ksa, &mut va, &mut vsa, after, hi, first, h, lane, kv_heads, dims);
+            compute_step(&kb, &ksb, &vbr, &vsb, &qsh, &mut ml, &mut o, next, hi, limit, lane, neg_inf, dk, dv);
         }
-        // Every load of the step first: key codes and scales, value codes
-        // and scales.
-        let (kw, kb_all, vb) = comptime!((dk / 16, dk / BLOCK, dv / BLOCK));
-        let mut kraw = Array::<u32>::new(comptime!(2 * kw));
-        let mut ksc = Array::<f32>::new(comptime!(4 * kb_all));
-        let parts0 = comptime!((0usize, kw, 0usize, kb_all));
-        load_keys(c0, &mut kraw, &mut ksc, &kb, &ks, h, t, (nb0, comptime!(d0 / 4)), d0, parts0);
-        if comptime!(d1 > 0) {
-            let parts1 = comptime!((d0 / 16, kw, d0 / BLOCK, kb_all));
-            load_keys(c1, &mut kraw, &mut ksc, &kb, &ks, h, t, (nb1, comptime!(d1 / 4)), d1, parts1);
-        }
-        let mut vw = Array::<u32>::new(comptime!(4 * vb));
-        let mut vsc = Array::<f32>::new(comptime!(4 * vb));
-        #[unroll]
-        for kk in 0..4usize {
-            let row = ks[kk] * comptime!(nbv * 9);
-            #[unroll]
-            for bb in 0..vb {
-                let at = row + nbv + h * comptime!(dv / 4) + bb * 8 + g;
-                vw[comptime!(kk * vb + bb)] = u32::reinterpret(cv[at]);
-                vsc[comptime!(kk * vb + bb)] = f32::reinterpret(cv[row + h * vb + bb]);
-            }
-        }
-        let mut s = Array::<f32>::new(4usize);
-        #[unroll]
-        for i in 0..4usize {
-            s[i] = f32::new(0.0);
-        }
-        key_scores(&kraw, &ksc, &qf, &mut s, dk);
-        // Mask, then the online softmax over the row's 16 keys.
-        let mut mx = m;
-        #[unroll]
-        for i in 0..4usize {
-            let key = tile + (i / 2) * 8 + 2 * t + i % 2;
-            if key >= limit || key >= hi {
-                s[i] = neg_inf;
-            }
-            mx = mx.max(s[i]);
-        }
-        mx = mx.max(plane_shuffle_xor(mx, 1u32));
-        mx = mx.max(plane_shuffle_xor(mx, 2u32));
-        if mx > m {
-            // A row with no visible key before has a zero output.
-            let corr = (m - mx).exp();
-            l *= corr;
-            #[unroll]
-            for i in 0..2 * nblocks {
-                o[i] = o[i] * Pair::<f32>::new(corr);
-            }
-            m = mx;
-        }
-        let mut p = Array::<f32>::new(4usize);
-        #[unroll]
-        for i in 0..4usize {
-            let mut x = f32::new(0.0);
-            if s[i] != neg_inf {
-                x = (s[i] - m).exp();
-            }
-            l += x;
-            p[i] = x;
-        }
-        // O += P·V, a 32-dim value block at a time.
-        #[unroll]
-        for bb in 0..dv / BLOCK {
-            let mut af = Array::<Pair<f16>>::new(4usize);
-            #[unroll]
-            for half in 0..2usize {
-                let mut x = Pair::<f32>::new(f32::new(0.0));
-                #[unroll]
-                for e in 0..2usize {
-                    let kk = comptime!(2 * half + e);
-                    x[e] = p[kk] * vsc[comptime!(kk * vb + bb)];
-                }
-                let (hp, lp) = split(x);
-                af[comptime!(2 * half)] = hp;
-                af[comptime!(2 * half + 1)] = lp;
-            }
-            // Keys 2t, 2t + 1 (x) and 2t + 8, 2t + 9 (y) of this block's
-            // word g, bytes interleaved a pair of keys at a time.
-            let (w0, w1) = (vw[bb], vw[comptime!(vb + bb)]);
-            let (w2, w3) = (vw[comptime!(2 * vb + bb)], vw[comptime!(3 * vb + bb)]);
-            let x01 = (w0 & 0xffffu32) | (w1 << 16u32);
-            let y01 = (w0 >> 16u32) | (w1 & 0xffff_0000u32);
-            let x89 = (w2 & 0xffffu32) | (w3 << 16u32);
-            let y89 = (w2 >> 16u32) | (w3 & 0xffff_0000u32);
-            #[unroll]
-            for j in 0..4usize {
-                let mut bf = Array::<Pair<f16>>::new(2usize);
-                bf[0] = value_codes(x01, y01, j);
-                bf[1] = value_codes(x89, y89, j);
-                let n = comptime!(4 * bb + j);
-                let mut acc = Array::<Pair<f32>>::new(2usize);
-                acc[0] = o[comptime!(2 * n)];
-                acc[1] = o[comptime!(2 * n + 1)];
-                let out = def.execute(&af, &bf, &acc);
-                o[comptime!(2 * n)] = out[0];
-                o[comptime!(2 * n + 1)] = out[1];
-            }
-        }
-        tile += comptime!(WARPS * STEP);
+        tile = after;
     }
     // The row's sum over its four units; rows' halves summed.
+    let mut l = ml[1];
     l += plane_shuffle_xor(l, 1u32);
     l += plane_shuffle_xor(l, 2u32);
     let mut m_sh = SharedMemory::<f32>::new(comptime!(WARPS * nq));
@@ -447,7 +546,7 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement>(
     let mut a_sh = SharedMemory::<f32>::new(comptime!(WARPS * nq * dv));
     if g < nq {
         if t == 0 {
-            m_sh[warp * nq + g] = m;
+            m_sh[warp * nq + g] = ml[0];
             l_sh[warp * nq + g] = l;
         }
         #[unroll]
@@ -465,10 +564,37 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement>(
     );
 }
 
+/// Cubes a multiprocessor holds at once: two of 128 units at the
+/// kernel's 255 registers a unit (ptxas, sm_90).
+const CUBES_PER_SM: usize = 2;
+
+/// `CARAMBA_KV_MMA`, read once per process (for benchmarks): `0` turns
+/// the kernel off (the CUDA-core kernel instead), `n` asks for `n` waves
+/// of cubes; unset, one wave.
+fn waves() -> usize {
+    static WAVES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *WAVES.get_or_init(|| {
+        std::env::var("CARAMBA_KV_MMA")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1)
+    })
+}
+
+/// The number of key chunks for `bh` (batch, kv head) pairs: one wave of
+/// cubes where the device tells its multiprocessors (every plane walks
+/// a long chunk, so that its pipeline's start, `q`'s fragments and the
+/// planes' merge are paid once per wave), else about 2048 cubes.
+pub(crate) fn splits<R: Runtime>(client: &ComputeClient<R>, bh: usize) -> usize {
+    match client.properties().hardware.num_streaming_multiprocessors {
+        Some(sms) => (waves() * CUBES_PER_SM * sms as usize / bh.max(1)).max(1),
+        None => 2048usize.div_ceil(bh.max(1)),
+    }
+}
+
 /// Whether the kernel serves a decode step of `rows` query rows per kv
 /// head over these caches on `client`'s device (module doc), unless
-/// `CARAMBA_KV_MMA=0` (read once per process, for benchmarks: the
-/// CUDA-core kernel instead).
+/// `CARAMBA_KV_MMA=0`.
 pub(crate) fn serves<R: Runtime>(
     client: &ComputeClient<R>,
     keys: &[CachePart],
@@ -476,8 +602,7 @@ pub(crate) fn serves<R: Runtime>(
     rows: usize,
 ) -> bool {
     use cubecl::ir::{ElemType, FloatKind, StorageType};
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *OFF.get_or_init(|| std::env::var("CARAMBA_KV_MMA").is_ok_and(|v| v == "0")) {
+    if waves() == 0 {
         return false;
     }
     let props = client.properties();
