@@ -1163,12 +1163,16 @@ pub fn launch_kv_attention<R: Runtime>(
     let (m_buf, l_buf, acc_buf) = (scratch(slots), scratch(slots), scratch(slots * dv));
     let second = k1.map_or(words(k0), words);
     if mma {
+        let kn = kv_decode_mma::key_words(shape.heads, keys);
         with_float!(elem, F => unsafe {
             kv_decode_mma::kv_decode_mma_kernel::launch_unchecked::<F, R>(
                 client,
                 CubeCount::Static(bh as u32, splits as u32, 1),
                 CubeDim::new_2d(kv_decode_mma::MMA_PLANE as u32, WARPS as u32),
+                kn,
                 ArrayArg::from_raw_parts(q.clone(), bh * rows * dk),
+                ArrayArg::from_raw_parts(k0.handle.clone(), words(k0)),
+                ArrayArg::from_raw_parts(dummy.clone(), second),
                 ArrayArg::from_raw_parts(k0.handle.clone(), words(k0)),
                 ArrayArg::from_raw_parts(dummy.clone(), second),
                 ArrayArg::from_raw_parts(values.handle.clone(), words(values)),
@@ -1189,6 +1193,7 @@ pub fn launch_kv_attention<R: Runtime>(
                 d1,
                 dv,
                 nq,
+                kn,
             );
         });
     } else if let Some((lanes, geo)) = decode {

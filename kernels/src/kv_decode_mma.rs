@@ -149,28 +149,37 @@ fn q_fragments<F: Float>(
 /// the part's scale words a row and code words a head.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn load_keys(
-    c: &Array<i32>,
+fn load_keys<N: Size>(
+    c: &Array<Vector<i32, N>>,
+    cs: &Array<i32>,
     raw: &mut Array<u32>,
     sc: &mut Array<f32>,
     kb: &Array<usize>,
     ks: &Array<usize>,
     h: usize,
     t: usize,
-    #[comptime] layout: (usize, usize),
+    #[comptime] layout: (usize, usize, usize),
     #[comptime] d: usize,
     #[comptime] at: (usize, usize, usize, usize),
 ) {
-    let (nb_row, head_words) = layout;
+    let (nb_row, head_words, kn) = layout;
     let (c0, kw, b0, kb_all) = at;
     // A row: its scales (one word a block), then its codes.
     let row_words = comptime!(nb_row * 9);
     #[unroll]
     for nb in 0..2usize {
         let base = kb[nb] * row_words + nb_row + h * head_words;
+        // A block's two words of this unit, k-steps 2b and 2b + 1: one
+        // 8-byte load where the rows are even (`kn` = 2).
         #[unroll]
         for cc in 0..d / 16 {
-            raw[comptime!(nb * kw + c0 + cc)] = u32::reinterpret(c[base + k_word(t, cc)]);
+            if comptime!(kn == 1 || cc % 2 == 0) {
+                let v = c[(base + k_word(t, cc)) / kn];
+                #[unroll]
+                for i in 0..kn {
+                    raw[comptime!(nb * kw + c0 + cc + i)] = u32::reinterpret(v[i]);
+                }
+            }
         }
     }
     #[unroll]
@@ -178,7 +187,7 @@ fn load_keys(
         let base = ks[kk] * row_words + h * comptime!(d / BLOCK);
         #[unroll]
         for b in 0..d / BLOCK {
-            sc[comptime!(kk * kb_all + b0 + b)] = f32::reinterpret(c[base + b]);
+            sc[comptime!(kk * kb_all + b0 + b)] = f32::reinterpret(cs[base + b]);
         }
     }
 }
@@ -272,9 +281,11 @@ fn step_tokens(
 /// `d1`, `dv`; `kv_heads` sets the rows' layout.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn load_step(
-    c0: &Array<i32>,
-    c1: &Array<i32>,
+fn load_step<N: Size>(
+    c0: &Array<Vector<i32, N>>,
+    c1: &Array<Vector<i32, N>>,
+    s0: &Array<i32>,
+    s1: &Array<i32>,
     cv: &Array<i32>,
     kraw: &mut Array<u32>,
     ksc: &mut Array<f32>,
@@ -287,20 +298,49 @@ fn load_step(
     lane: usize,
     #[comptime] kv_heads: usize,
     #[comptime] dims: (usize, usize, usize),
+    #[comptime] kn: usize,
 ) {
     let (d0, d1, dv) = dims;
     let (g, t) = (lane / 4, lane % 4);
     let dk = comptime!(d0 + d1);
     let (kw, kb_all, vb) = comptime!((dk / 16, dk / BLOCK, dv / BLOCK));
-    let (nb0, nb1, nbv) = comptime!((kv_heads * d0 / BLOCK, kv_heads * d1 / BLOCK, kv_heads * dv / BLOCK));
+    let (nb0, nb1, nbv) = comptime!((
+        kv_heads * d0 / BLOCK,
+        kv_heads * d1 / BLOCK,
+        kv_heads * dv / BLOCK
+    ));
     let mut kb = Array::<usize>::new(2usize);
     let mut ks = Array::<usize>::new(4usize);
     step_tokens(&mut kb, &mut ks, tile, hi, first, g, t);
     let parts0 = comptime!((0usize, kw, 0usize, kb_all));
-    load_keys(c0, kraw, ksc, &kb, &ks, h, t, (nb0, comptime!(d0 / 4)), d0, parts0);
+    load_keys::<N>(
+        c0,
+        s0,
+        kraw,
+        ksc,
+        &kb,
+        &ks,
+        h,
+        t,
+        (nb0, comptime!(d0 / 4), kn),
+        d0,
+        parts0,
+    );
     if comptime!(d1 > 0) {
         let parts1 = comptime!((d0 / 16, kw, d0 / BLOCK, kb_all));
-        load_keys(c1, kraw, ksc, &kb, &ks, h, t, (nb1, comptime!(d1 / 4)), d1, parts1);
+        load_keys::<N>(
+            c1,
+            s1,
+            kraw,
+            ksc,
+            &kb,
+            &ks,
+            h,
+            t,
+            (nb1, comptime!(d1 / 4), kn),
+            d1,
+            parts1,
+        );
     }
     #[unroll]
     for kk in 0..4usize {
@@ -426,10 +466,12 @@ fn compute_step(
 /// this step's arithmetic.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement>(
+pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
     q: &Array<F>,
-    c0: &Array<i32>,
-    c1: &Array<i32>,
+    c0: &Array<Vector<i32, N>>,
+    c1: &Array<Vector<i32, N>>,
+    s0: &Array<i32>,
+    s1: &Array<i32>,
     cv: &Array<i32>,
     m_out: &mut Array<f32>,
     l_out: &mut Array<f32>,
@@ -448,6 +490,7 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement>(
     #[comptime] d1: usize,
     #[comptime] dv: usize,
     #[comptime] nq: usize,
+    #[comptime] kn: usize,
 ) {
     let dk = comptime!(d0 + d1);
     let bh = CUBE_POS_X as usize;
@@ -467,7 +510,17 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement>(
         let row_at = (bh * rows + g) * dk;
         q_fragments::<F>(q, &mut qf, row_at, valid, t, scale, 0usize, d0, 0usize);
         if comptime!(d1 > 0) {
-            q_fragments::<F>(q, &mut qf, row_at, valid, t, scale, d0, d1, comptime!(d0 / 16));
+            q_fragments::<F>(
+                q,
+                &mut qf,
+                row_at,
+                valid,
+                t,
+                scale,
+                d0,
+                d1,
+                comptime!(d0 / 16),
+            );
         }
         #[unroll]
         for c in 0..dk / 16 {
@@ -524,16 +577,30 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement>(
     let stride = comptime!(WARPS * STEP);
     let mut tile = lo + warp * STEP;
     if tile < hi {
-        load_step(c0, c1, cv, &mut ka, &mut ksa, &mut va, &mut vsa, tile, hi, first, h, lane, kv_heads, dims);
+        load_step::<N>(
+            c0, c1, s0, s1, cv, &mut ka, &mut ksa, &mut va, &mut vsa, tile, hi, first, h, lane,
+            kv_heads, dims, kn,
+        );
     }
     while tile < hi {
         let next = tile + stride;
-        load_step(c0, c1, cv, &mut kb, &mut ksb, &mut vbr, &mut vsb, next, hi, first, h, lane, kv_heads, dims);
-        compute_step(&ka, &ksa, &va, &vsa, &qsh, &mut ml, &mut o, tile, hi, limit, lane, neg_inf, dk, dv);
+        load_step::<N>(
+            c0, c1, s0, s1, cv, &mut kb, &mut ksb, &mut vbr, &mut vsb, next, hi, first, h, lane,
+            kv_heads, dims, kn,
+        );
+        compute_step(
+            &ka, &ksa, &va, &vsa, &qsh, &mut ml, &mut o, tile, hi, limit, lane, neg_inf, dk, dv,
+        );
         let after = next + stride;
         if next < hi {
-            load_step(c0, c1, cv, &mut ka, &mut ksa, &mut va, &mut vsa, after, hi, first, h, lane, kv_heads, dims);
-            compute_step(&kb, &ksb, &vbr, &vsb, &qsh, &mut ml, &mut o, next, hi, limit, lane, neg_inf, dk, dv);
+            load_step::<N>(
+                c0, c1, s0, s1, cv, &mut ka, &mut ksa, &mut va, &mut vsa, after, hi, first, h,
+                lane, kv_heads, dims, kn,
+            );
+            compute_step(
+                &kb, &ksb, &vbr, &vsb, &qsh, &mut ml, &mut o, next, hi, limit, lane, neg_inf, dk,
+                dv,
+            );
         }
         tile = after;
     }
@@ -589,6 +656,20 @@ pub(crate) fn splits<R: Runtime>(client: &ComputeClient<R>, bh: usize) -> usize 
     match client.properties().hardware.num_streaming_multiprocessors {
         Some(sms) => (waves() * CUBES_PER_SM * sms as usize / bh.max(1)).max(1),
         None => 2048usize.div_ceil(bh.max(1)),
+    }
+}
+
+/// Words a load of the key caches' codes: 2 where every part's rows of
+/// `heads` kv heads have an even number of scale words (then a unit's two
+/// words of a block are 8-byte aligned), else 1.
+pub(crate) fn key_words(heads: usize, keys: &[CachePart]) -> usize {
+    if keys
+        .iter()
+        .all(|k| (heads * k.dim / BLOCK).is_multiple_of(2))
+    {
+        2
+    } else {
+        1
     }
 }
 
