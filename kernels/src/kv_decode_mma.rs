@@ -697,7 +697,7 @@ pub(crate) fn serves<R: Runtime>(
         n: 8,
         k: 16,
     };
-    let q8 = |p: &CachePart| p.format == Q8 && p.dim > 0 && p.dim % BLOCK == 0;
+    let q8 = |p: &CachePart| p.format == Q8 && p.dim > 0 && p.dim.is_multiple_of(BLOCK);
     let dk: usize = keys.iter().map(|k| k.dim).sum();
     props.features.matmul.mma.contains(&mma)
         && props.hardware.plane_size_min == MMA_PLANE as u32
