@@ -18,7 +18,8 @@
 //!   the A operand is `q`, pre-scaled and split into two `f16` halves,
 //!   `q = hi + lo`, row `r` of the 16 holding `hi` of query row `r` and
 //!   row `r + 8` its `lo` (so `S = D[r] + D[r + 8]` keeps about 22 bits;
-//!   a unit holds both rows). Loaded once. The B operand is a key's codes
+//!   a unit holds both rows), built once per cube into shared memory and read
+//!   back each step as one 16-byte load a k-step. The B operand is a key's codes
 //!   straight from the cache: unit `(g, t)` (`g = lane / 4`, `t = lane %
 //!   4`) reads key `g`'s word `8b + 2t + i` for the k-steps `2b + i` of
 //!   block `b`, and a word's four codes are the k-indices `2t, 2t + 8`
