@@ -1493,23 +1493,16 @@ fn vector_width(views: &[&View], d: usize, dv: usize, threads: usize) -> usize {
         .unwrap_or(1)
 }
 
-/// Whether the tensor-core kernels serve heads of `d` and `dv` dims stored
-/// as `elem` on `client`'s device.
-fn usable<R: Runtime>(
+/// Whether `client`'s device runs `mma.sync.m16n8k16` with `half`
+/// operands and f32 accumulators, on planes of exactly 32 units: what
+/// the manual-MMA kernels (these and `kv_decode_mma`) are written for.
+pub(crate) fn has_half_mma<R: Runtime>(
     client: &ComputeClient<R>,
-    elem: FloatElem,
-    d: usize,
-    dv: usize,
-    backward: bool,
+    half: cubecl::ir::FloatKind,
 ) -> bool {
     use cubecl::ir::{ElemType, FloatKind, StorageType};
-    let kind = match elem {
-        FloatElem::F16 => FloatKind::F16,
-        FloatElem::BF16 => FloatKind::BF16,
-        FloatElem::F32 => return false,
-    };
     let props = client.properties();
-    let half_ty = StorageType::Scalar(ElemType::Float(kind));
+    let half_ty = StorageType::Scalar(ElemType::Float(half));
     let f32_ty = StorageType::Scalar(ElemType::Float(FloatKind::F32));
     let mma = cubecl::ir::features::MmaConfig {
         a_type: half_ty,
@@ -1522,9 +1515,27 @@ fn usable<R: Runtime>(
     props.features.matmul.mma.contains(&mma)
         && props.hardware.plane_size_min == PLANE as u32
         && props.hardware.plane_size_max == PLANE as u32
+}
+
+/// Whether the tensor-core kernels serve heads of `d` and `dv` dims stored
+/// as `elem` on `client`'s device.
+fn usable<R: Runtime>(
+    client: &ComputeClient<R>,
+    elem: FloatElem,
+    d: usize,
+    dv: usize,
+    backward: bool,
+) -> bool {
+    use cubecl::ir::FloatKind;
+    let kind = match elem {
+        FloatElem::F16 => FloatKind::F16,
+        FloatElem::BF16 => FloatKind::BF16,
+        FloatElem::F32 => return false,
+    };
+    has_half_mma(client, kind)
         && (1..=TC_MAX_DIM).contains(&d)
         && (1..=TC_MAX_DIM).contains(&dv)
-        && shared_bytes(d, dv, backward) <= props.hardware.max_shared_memory_size
+        && shared_bytes(d, dv, backward) <= client.properties().hardware.max_shared_memory_size
 }
 
 /// Whether the tensor-core kernels run attention over heads of `d`

@@ -1179,7 +1179,6 @@ pub fn launch_kv_attention<R: Runtime>(
                 ArrayArg::from_raw_parts(m_buf.clone(), slots),
                 ArrayArg::from_raw_parts(l_buf.clone(), slots),
                 ArrayArg::from_raw_parts(acc_buf.clone(), slots * dv),
-                shape.heads,
                 rows,
                 shape.t,
                 shape.s,

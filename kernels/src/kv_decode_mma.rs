@@ -50,6 +50,7 @@
 //! dims per head (registers), at most 8 query rows per kv head; anything
 //! else takes the CUDA-core decode kernel.
 
+use crate::attention_tc::has_half_mma;
 use crate::kv_attention::{combine_planes, visible_keys, CachePart, WARPS};
 use crate::quant::{BLOCK, Q8};
 use cubecl::cmma::MmaDefinition;
@@ -477,7 +478,6 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
     m_out: &mut Array<f32>,
     l_out: &mut Array<f32>,
     acc_out: &mut Array<f32>,
-    heads: usize,
     rows: usize,
     t_len: usize,
     s_len: usize,
@@ -496,7 +496,7 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
     let dk = comptime!(d0 + d1);
     let bh = CUBE_POS_X as usize;
     let split_at = CUBE_POS_Y as usize;
-    let (b, h) = (bh / heads, bh % heads);
+    let (b, h) = (bh / kv_heads, bh % kv_heads);
     let lane = UNIT_POS_X as usize;
     let warp = UNIT_POS_Y as usize;
     let (g, t) = (lane / 4, lane % 4);
@@ -683,26 +683,12 @@ pub(crate) fn serves<R: Runtime>(
     values: &CachePart,
     rows: usize,
 ) -> bool {
-    use cubecl::ir::{ElemType, FloatKind, StorageType};
     if waves() == 0 {
         return false;
     }
-    let props = client.properties();
-    let f16_ty = StorageType::Scalar(ElemType::Float(FloatKind::F16));
-    let f32_ty = StorageType::Scalar(ElemType::Float(FloatKind::F32));
-    let mma = cubecl::ir::features::MmaConfig {
-        a_type: f16_ty,
-        b_type: f16_ty,
-        cd_type: f32_ty,
-        m: 16,
-        n: 8,
-        k: 16,
-    };
     let q8 = |p: &CachePart| p.format == Q8 && p.dim > 0 && p.dim.is_multiple_of(BLOCK);
     let dk: usize = keys.iter().map(|k| k.dim).sum();
-    props.features.matmul.mma.contains(&mma)
-        && props.hardware.plane_size_min == MMA_PLANE as u32
-        && props.hardware.plane_size_max == MMA_PLANE as u32
+    has_half_mma(client, cubecl::ir::FloatKind::F16)
         && (1..=2).contains(&keys.len())
         && keys.iter().chain([values]).all(q8)
         && dk <= MMA_MAX_DK
