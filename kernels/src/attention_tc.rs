@@ -117,7 +117,8 @@ fn key_limit(i: usize, t: usize, s_len: usize, #[comptime] causal: bool) -> usiz
 /// where the launch found its rows contiguous, aligned and a multiple of
 /// `nv` wide). Where the padded width in vectors divides the cube, each
 /// unit keeps one vector column and steps through rows, its loads
-/// unrolled so that they are all in flight at once.
+/// unrolled so that they are all in flight at once. With `keep_pad` the
+/// padding columns are left as they are (see [`ones_column`]).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn stage<F: Float, N: Size>(
@@ -131,6 +132,7 @@ fn stage<F: Float, N: Size>(
     #[comptime] stride: usize,
     #[comptime] nv: usize,
     #[comptime] threads: usize,
+    #[comptime] keep_pad: bool,
 ) {
     let wp = comptime!(pad16(w));
     let wv = comptime!(pad16(w) / nv); // vectors per padded row
@@ -141,18 +143,22 @@ fn stage<F: Float, N: Size>(
         let step = comptime!(threads / wv); // rows per pass of the cube
         let (r0, x) = (u / wv, (u % wv) * nv);
         let mut at = base + (start + r0) * rs + x * cs;
-        #[unroll]
-        for n in 0..comptime!(rows.div_ceil(threads / wv)) {
-            let r = r0 + n * step;
-            if comptime!(rows.is_multiple_of(step)) {
-                // No check that could split the unrolled loads.
-                stage_vector::<F, N>(dst, src, at, start + r < len && x < w, r * stride + x, nv);
-            } else if r < rows {
-                // The last pass of a block that the cube's passes do not
-                // divide.
-                stage_vector::<F, N>(dst, src, at, start + r < len && x < w, r * stride + x, nv);
+        // A unit whose vector is padding has nothing to do with `keep_pad`.
+        if !(comptime!(keep_pad) && x >= w) {
+            #[unroll]
+            for n in 0..comptime!(rows.div_ceil(threads / wv)) {
+                let r = r0 + n * step;
+                let valid = start + r < len && x < w;
+                if comptime!(rows.is_multiple_of(step)) {
+                    // No check that could split the unrolled loads.
+                    stage_vector::<F, N>(dst, src, at, valid, r * stride + x, nv);
+                } else if r < rows {
+                    // The last pass of a block that the cube's passes do
+                    // not divide.
+                    stage_vector::<F, N>(dst, src, at, valid, r * stride + x, nv);
+                }
+                at += step * rs;
             }
-            at += step * rs;
         }
     } else {
         // Scalar (the launch gives nv = 1 here).
@@ -163,7 +169,9 @@ fn stage<F: Float, N: Size>(
             if start + r < len && x < w {
                 val = src[base + (start + r) * rs + x * cs][0];
             }
-            dst[r * stride + x] = val;
+            if x < w || comptime!(!keep_pad) {
+                dst[r * stride + x] = val;
+            }
             idx += threads;
         }
     }
@@ -202,7 +210,8 @@ fn stage_vector<F: Float, N: Size>(
 /// are zero-filled by the copy itself (a source of no bytes). The copies
 /// complete on `bar` ([`commit_stage`]) and are visible after
 /// [`wait_stage`]: the kernels issue the next tile's copies before
-/// computing on the current one.
+/// computing on the current one. With `keep_pad` the padding columns get
+/// no copy and keep what they hold.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn stage_async<F: Float, N: Size>(
@@ -217,6 +226,7 @@ fn stage_async<F: Float, N: Size>(
     #[comptime] stride: usize,
     #[comptime] nv: usize,
     #[comptime] threads: usize,
+    #[comptime] keep_pad: bool,
 ) {
     let wv = comptime!(pad16(w) / nv);
     let step = comptime!(threads / wv);
@@ -225,32 +235,36 @@ fn stage_async<F: Float, N: Size>(
     let u = UNIT_POS as usize;
     let (r0, x) = (u / wv, (u % wv) * nv);
     let mut at = base + (start + r0) * rs + x * cs;
-    #[unroll]
-    for n in 0..comptime!(rows.div_ceil(step)) {
-        let r = r0 + n * step;
-        if comptime!(rows.is_multiple_of(step)) || r < rows {
-            let valid = start + r < len && x < w;
-            // A copy of no bytes where invalid (from the tensor's start,
-            // always a valid address): the destination is zero-filled.
-            let from = select(valid, at / nv, 0);
-            let count = select(valid, 1usize, 0usize);
-            let to = off + r * stride + x;
-            unsafe {
-                copy_async_checked::<F>(
-                    &src.slice(from, from + count).downcast_unchecked::<F>(),
-                    &mut dst.slice_mut(to, to + nv),
-                    comptime!(nv as u32),
-                );
+    if !(comptime!(keep_pad) && x >= w) {
+        #[unroll]
+        for n in 0..comptime!(rows.div_ceil(step)) {
+            let r = r0 + n * step;
+            if comptime!(rows.is_multiple_of(step)) || r < rows {
+                let valid = start + r < len && x < w;
+                // A copy of no bytes where invalid (from the tensor's
+                // start, always a valid address): the destination is
+                // zero-filled.
+                let from = select(valid, at / nv, 0);
+                let count = select(valid, 1usize, 0usize);
+                let to = off + r * stride + x;
+                unsafe {
+                    copy_async_checked::<F>(
+                        &src.slice(from, from + count).downcast_unchecked::<F>(),
+                        &mut dst.slice_mut(to, to + nv),
+                        comptime!(nv as u32),
+                    );
+                }
             }
+            at += step * rs;
         }
-        at += step * rs;
     }
 }
 
 /// Rows `start..start + TC_TILE` of two operands (keys and values, or
 /// queries and output gradients; `wa` and `wb` columns) into buffer `buf`
 /// of `a_sh` and `b_sh`: asynchronous copies where `stages` is 2 (the
-/// caller completes them with [`commit_stage`]), stores otherwise.
+/// caller completes them with [`commit_stage`]), stores otherwise;
+/// `b_pad`: `b_sh`'s padding columns are kept ([`ones_column`]).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn stage_tiles<F: Float, N: Size>(
@@ -267,16 +281,21 @@ fn stage_tiles<F: Float, N: Size>(
     #[comptime] nv: usize,
     #[comptime] threads: usize,
     #[comptime] stages: usize,
+    #[comptime] b_pad: bool,
 ) {
     let (sa, sb) = (comptime!(half_stride(wa)), comptime!(half_stride(wb)));
     let (ao, bo) = offsets;
     if comptime!(stages == 2) {
         let (oa, ob) = (buf * comptime!(TC_TILE * sa), buf * comptime!(TC_TILE * sb));
-        stage_async::<F, N>(a_sh, oa, a, ao, start, len, TC_TILE, wa, sa, nv, threads);
-        stage_async::<F, N>(b_sh, ob, b, bo, start, len, TC_TILE, wb, sb, nv, threads);
+        stage_async::<F, N>(
+            a_sh, oa, a, ao, start, len, TC_TILE, wa, sa, nv, threads, false,
+        );
+        stage_async::<F, N>(
+            b_sh, ob, b, bo, start, len, TC_TILE, wb, sb, nv, threads, b_pad,
+        );
     } else {
-        stage::<F, N>(a_sh, a, ao, start, len, TC_TILE, wa, sa, nv, threads);
-        stage::<F, N>(b_sh, b, bo, start, len, TC_TILE, wb, sb, nv, threads);
+        stage::<F, N>(a_sh, a, ao, start, len, TC_TILE, wa, sa, nv, threads, false);
+        stage::<F, N>(b_sh, b, bo, start, len, TC_TILE, wb, sb, nv, threads, b_pad);
     }
 }
 
@@ -331,7 +350,7 @@ fn stage_query_tile<F: Float, N: Size>(
     let (qo, go, lo, eo) = offsets;
     let qg = (qo, go);
     stage_tiles::<F, N>(
-        q_sh, g_sh, q, dout, qg, start, len, buf, d, dv, nv, threads, stages,
+        q_sh, g_sh, q, dout, qg, start, len, buf, d, dv, nv, threads, stages, false,
     );
     if comptime!(stages == 2) {
         stage_stat_async(lse_sh, buf * TC_TILE, lse, lo, start, len);
@@ -365,6 +384,7 @@ fn kv_tile_ready<F: Float, N: Size>(
     #[comptime] nv: usize,
     #[comptime] threads: usize,
     #[comptime] stages: usize,
+    #[comptime] v_pad: bool,
 ) {
     // The tile staged now: the next one with two stages, this one with one.
     let staged = tile + comptime!(stages - 1);
@@ -372,7 +392,7 @@ fn kv_tile_ready<F: Float, N: Size>(
     if staged < n_tiles {
         let start = staged * TC_TILE;
         stage_tiles::<F, N>(
-            k_sh, v_sh, k, v, offsets, start, s_len, into, d, dv, nv, threads, stages,
+            k_sh, v_sh, k, v, offsets, start, s_len, into, d, dv, nv, threads, stages, v_pad,
         );
         if comptime!(stages == 2) {
             commit_stage(bar0, bar1, into);
@@ -716,12 +736,13 @@ fn mask_tile(
     }
 }
 
-/// `exp(x)` in one multiply and the hardware's base-2 exponential (CUDA's
-/// `__expf`, about 2 ulp): the softmax rounds its result to half precision
-/// next. `exp(−∞)` is 0.
+/// `2ˣ` in the hardware's base-2 exponential alone: CUDA's `__powf(2, x)`,
+/// whose `log₂ 2` NVVM folds away, leaving one `ex2.approx.f32` (CubeCL
+/// 0.10 has no `exp2`). The softmax folds `log₂ e` into its scale, which
+/// saves `__expf`'s multiply on every score. `2^−∞` is 0.
 #[cube(fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
-fn fast_exp(x: f32) -> f32 {
-    x.exp()
+fn fast_exp2(x: f32) -> f32 {
+    f32::new(2.0).powf(x)
 }
 
 /// Writes this plane's rows `g` and `g + 8` of `acc` (`w` columns, the
@@ -758,6 +779,29 @@ fn store_rows<O: Float>(
                 }
             }
         }
+    }
+}
+
+/// Column `dv` of every row of `v_sh` (`rows` rows, `stride` apart) set
+/// to one and the rest of the padding to zero, by the whole cube: where
+/// the values are narrower than their padding (DBA's 12 dims in 16), the
+/// product `p·v` then also yields each row's sum of `p` (rounded as the
+/// product sees it) in output column `dv`, and the softmax adds no sum of
+/// its own. The staging leaves these columns alone (`keep_pad`).
+#[cube]
+fn ones_column<F: Float>(
+    v_sh: &mut SharedMemory<F>,
+    #[comptime] rows: usize,
+    #[comptime] dv: usize,
+    #[comptime] stride: usize,
+    #[comptime] threads: usize,
+) {
+    let w = comptime!(pad16(dv) - dv);
+    let mut idx = UNIT_POS as usize;
+    while idx < comptime!(rows * w) {
+        let (r, c) = (idx / w, idx % w);
+        v_sh[r * stride + dv + c] = select(c == 0, F::from_int(1), F::from_int(0));
+        idx += threads;
     }
 }
 
@@ -835,16 +879,22 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
     let bar1 = Barrier::shared_uninit();
     let n_tiles = max_limit.div_ceil(TC_TILE);
     let kv = (ko, vo);
+    // Values narrower than their padding carry the rows' sums (module doc
+    // of `ones_column`); the barrier after `q`'s staging publishes it.
+    let ones = comptime!(dv < dvp);
+    if comptime!(ones) {
+        ones_column::<F>(&mut v_sh, comptime!(stages * TC_TILE), dv, vs, threads);
+    }
     if comptime!(stages == 2) {
         init_stages(&bar0, &bar1);
         if n_tiles > 0 {
             stage_tiles::<F, N>(
-                &mut k_sh, &mut v_sh, k, v, kv, 0, s_len, 0, d, dv, nv, threads, stages,
+                &mut k_sh, &mut v_sh, k, v, kv, 0, s_len, 0, d, dv, nv, threads, stages, ones,
             );
             commit_stage(&bar0, &bar1, 0);
         }
     }
-    stage::<F, N>(&mut q_sh, q, qo, first, t, rows, d, hs, nv, threads);
+    stage::<F, N>(&mut q_sh, q, qo, first, t, rows, d, hs, nv, threads, false);
     sync_cube();
     let qa = a_fragments::<F>(&q_sh, prow, dp, hs, mt);
 
@@ -858,12 +908,14 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
         mx[r] = neg_inf;
         sum[r] = f32::new(0.0);
     }
+    // exp(x·scale) = 2^(x·scale·log₂ e).
+    let scale2 = scale * f32::new(core::f32::consts::LOG2_E);
     for tile in 0..n_tiles {
         let start = tile * TC_TILE;
         let buf = tile % stages;
         kv_tile_ready::<F, N>(
             &mut k_sh, &mut v_sh, k, v, kv, &bar0, &bar1, tile, n_tiles, s_len, d, dv, nv, threads,
-            stages,
+            stages, ones,
         );
         let mut s = scores::<F>(&qa, &k_sh, buf * kb, dp, hs, mt);
         // Only tiles that reach past some row's last visible key are
@@ -876,8 +928,9 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
         for m in 0..mt {
             // The online softmax over this tile, on the raw scores (`scale`
             // > 0, so their maximum is the scaled scores' over `scale`):
-            // the rows' maxima over the quad, then `exp(s·scale − max·scale)`,
-            // one fused multiply-add before the exponential.
+            // the rows' maxima over the quad, then `exp(s·scale − max·scale)`
+            // as `2^(s·scale₂ − max·scale₂)`: one fused multiply-add before
+            // the base-2 exponential.
             let (mut x0, mut x1) = (neg_inf, neg_inf);
             #[unroll]
             for b in 0..TC_TILE / 8 {
@@ -894,10 +947,10 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
             // A row with no visible key yet keeps its maximum at −∞:
             // subtract zero instead, so that its masked scores give
             // exp(−∞) = 0, not NaN.
-            let z0 = select(n0 > neg_inf, n0 * scale, f32::new(0.0));
-            let z1 = select(n1 > neg_inf, n1 * scale, f32::new(0.0));
-            let c0 = fast_exp(mx[2 * m] * scale - z0);
-            let c1 = fast_exp(mx[2 * m + 1] * scale - z1);
+            let z0 = select(n0 > neg_inf, n0 * scale2, f32::new(0.0));
+            let z1 = select(n1 > neg_inf, n1 * scale2, f32::new(0.0));
+            let c0 = fast_exp2(mx[2 * m] * scale2 - z0);
+            let c1 = fast_exp2(mx[2 * m + 1] * scale2 - z1);
             let (mut p0, mut p1) = (f32::new(0.0), f32::new(0.0));
             #[unroll]
             for b in 0..TC_TILE / 8 {
@@ -905,16 +958,20 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
                 let (mut r0, mut r1) = (s[at], s[at + 1]);
                 #[unroll]
                 for e in 0..2usize {
-                    r0[e] = fast_exp(r0[e] * scale - z0);
-                    r1[e] = fast_exp(r1[e] * scale - z1);
-                    p0 += r0[e];
-                    p1 += r1[e];
+                    r0[e] = fast_exp2(r0[e] * scale2 - z0);
+                    r1[e] = fast_exp2(r1[e] * scale2 - z1);
+                    if comptime!(!ones) {
+                        p0 += r0[e];
+                        p1 += r1[e];
+                    }
                 }
                 s[at] = r0;
                 s[at + 1] = r1;
             }
-            sum[2 * m] = sum[2 * m] * c0 + p0;
-            sum[2 * m + 1] = sum[2 * m + 1] * c1 + p1;
+            if comptime!(!ones) {
+                sum[2 * m] = sum[2 * m] * c0 + p0;
+                sum[2 * m + 1] = sum[2 * m + 1] * c1 + p1;
+            }
             mx[2 * m] = n0;
             mx[2 * m + 1] = n1;
             #[unroll]
@@ -932,6 +989,14 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
     #[unroll]
     for m in 0..mt {
         let (mut l0, mut l1) = (sum[2 * m], sum[2 * m + 1]);
+        if comptime!(ones) {
+            // Column dv of the output: unit `tq` holds columns `2tq, 2tq
+            // + 1` of each 8-column block.
+            let at = comptime!(m * op + 2 * (dv / 8));
+            let mine = tq == comptime!((dv % 8) / 2);
+            l0 = select(mine, o[at][comptime!(dv % 2)], f32::new(0.0));
+            l1 = select(mine, o[at + 1][comptime!(dv % 2)], f32::new(0.0));
+        }
         l0 += plane_shuffle_xor(l0, 1u32);
         l0 += plane_shuffle_xor(l0, 2u32);
         l1 += plane_shuffle_xor(l1, 1u32);
@@ -1044,6 +1109,10 @@ fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Siz
         lse1 = lse[lo + i1 * lse.stride(rank - 2)];
         delta1 = delta[eo + i1 * delta.stride(rank - 2)];
     }
+    // p = exp(s·scale − lse) = 2^(s·scale₂ − lse·log₂ e).
+    let log2e = f32::new(core::f32::consts::LOG2_E);
+    let scale2 = scale * log2e;
+    let (lse0, lse1) = (lse0 * log2e, lse1 * log2e);
 
     let stages = comptime!(stages(nv));
     let (kb, vb) = (comptime!(TC_TILE * hs), comptime!(TC_TILE * vs));
@@ -1059,13 +1128,15 @@ fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Siz
         init_stages(&bar0, &bar1);
         if n_tiles > 0 {
             stage_tiles::<F, N>(
-                &mut k_sh, &mut v_sh, k, v, kv, 0, s_len, 0, d, dv, nv, threads, stages,
+                &mut k_sh, &mut v_sh, k, v, kv, 0, s_len, 0, d, dv, nv, threads, stages, false,
             );
             commit_stage(&bar0, &bar1, 0);
         }
     }
-    stage::<F, N>(&mut q_sh, q, qo, first, t, rows, d, hs, nv, threads);
-    stage::<F, N>(&mut g_sh, dout, go, first, t, rows, dv, vs, nv, threads);
+    stage::<F, N>(&mut q_sh, q, qo, first, t, rows, d, hs, nv, threads, false);
+    stage::<F, N>(
+        &mut g_sh, dout, go, first, t, rows, dv, vs, nv, threads, false,
+    );
     sync_cube();
     let qa = a_fragments::<F>(&q_sh, prow, dp, hs, 1usize);
     let ga = a_fragments::<F>(&g_sh, prow, dvp, vs, 1usize);
@@ -1076,7 +1147,7 @@ fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Siz
         let buf = tile % stages;
         kv_tile_ready::<F, N>(
             &mut k_sh, &mut v_sh, k, v, kv, &bar0, &bar1, tile, n_tiles, s_len, d, dv, nv, threads,
-            stages,
+            stages, false,
         );
         // s = q·kᵀ and dp = dout·vᵀ, then ds = p·(dp − delta)·scale in
         // place of s.
@@ -1089,8 +1160,8 @@ fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Siz
             #[unroll]
             for e in 0..2usize {
                 let c = start + b * 8 + 2 * tq + e;
-                let p0 = fast_exp(r0[e] * scale - lse0);
-                let p1 = fast_exp(r1[e] * scale - lse1);
+                let p0 = fast_exp2(r0[e] * scale2 - lse0);
+                let p1 = fast_exp2(r1[e] * scale2 - lse1);
                 r0[e] = select(c < limit0, p0 * (d0[e] - delta0) * scale, f32::new(0.0));
                 r1[e] = select(c < limit1, p1 * (d1[e] - delta1) * scale, f32::new(0.0));
             }
@@ -1196,6 +1267,9 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
     let tile_first = q_first / TC_TILE;
     let n_tiles = t.div_ceil(TC_TILE);
     let offsets = (qo, go, lo, eo);
+    // p = exp(s·scale − lse) = 2^(s·scale₂ − lse·log₂ e).
+    let log2e = f32::new(core::f32::consts::LOG2_E);
+    let scale2 = scale * log2e;
     if comptime!(stages == 2) {
         init_stages(&bar0, &bar1);
         if tile_first < n_tiles {
@@ -1224,8 +1298,12 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
             commit_stage(&bar0, &bar1, 0);
         }
     }
-    stage::<F, N>(&mut k_sh, k, ko, first, s_len, rows, d, hs, nv, threads);
-    stage::<F, N>(&mut v_sh, v, vo, first, s_len, rows, dv, vs, nv, threads);
+    stage::<F, N>(
+        &mut k_sh, k, ko, first, s_len, rows, d, hs, nv, threads, false,
+    );
+    stage::<F, N>(
+        &mut v_sh, v, vo, first, s_len, rows, dv, vs, nv, threads, false,
+    );
     sync_cube();
     let ka = a_fragments::<F>(&k_sh, prow, dp, hs, 1usize);
     let va = a_fragments::<F>(&v_sh, prow, dvp, vs, 1usize);
@@ -1280,7 +1358,7 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
             #[unroll]
             for e in 0..2usize {
                 let c = b * 8 + 2 * tq + e;
-                let (ls, dl) = (lse_sh[so + c], delta_sh[so + c]);
+                let (ls, dl) = (lse_sh[so + c] * log2e, delta_sh[so + c]);
                 let qi = start + c;
                 let mut vis0 = qi < t && ok0;
                 let mut vis1 = qi < t && ok1;
@@ -1288,8 +1366,8 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
                     vis0 = vis0 && j0 + t <= qi + s_len;
                     vis1 = vis1 && j1 + t <= qi + s_len;
                 }
-                p0[e] = select(vis0, fast_exp(s0[e] * scale - ls), f32::new(0.0));
-                p1[e] = select(vis1, fast_exp(s1[e] * scale - ls), f32::new(0.0));
+                p0[e] = select(vis0, fast_exp2(s0[e] * scale2 - ls), f32::new(0.0));
+                p1[e] = select(vis1, fast_exp2(s1[e] * scale2 - ls), f32::new(0.0));
                 s0[e] = p0[e] * (d0[e] - dl) * scale;
                 s1[e] = p1[e] * (d1[e] - dl) * scale;
             }
