@@ -459,6 +459,8 @@ const PLANE_PER_THREAD: usize = 8;
 /// Units per cube for a row, and the most the gradients use for long rows.
 const ROW_THREADS: usize = 256;
 const MAX_THREADS: usize = 1024;
+/// Bytes of a row a unit holds at least when a cube shares the row.
+const UNIT_BYTES: usize = 64;
 /// Rows (planes) per cube when a plane takes a row.
 const PLANE_ROWS: usize = 4;
 /// Rows per group the weight gradient aims for where the device does not
@@ -472,8 +474,10 @@ const W_MAX_GROUPS: usize = 4096;
 const W_UNITS_PER_SM: usize = 512;
 /// Vectors of `x` a unit of the weight gradient holds per batch of rows
 /// (and as many of `dy`): a batch is this many over the unit's vectors a
-/// row, at most [`W_MAX_BATCH`] rows.
-const W_BATCH_VECTORS: usize = 8;
+/// row, at most [`W_MAX_BATCH`] rows. At 4, a 4096-wide bf16 or f32 row
+/// (4 vectors a unit) goes one row a batch: on an H200 that beat 2 a batch
+/// (BENCHMARKS, twenty-first session).
+const W_BATCH_VECTORS: usize = 4;
 const W_MAX_BATCH: usize = 4;
 
 /// `CARAMBA_RMS_DW=rows:batch` (rows per group, or 0 for the default;
@@ -486,6 +490,21 @@ fn grad_w_override() -> Option<(usize, usize)> {
         let (r, b) = v.split_once(':')?;
         let (r, b) = (r.parse::<usize>().ok()?, b.parse::<usize>().ok()?);
         (b > 0).then_some((r, b))
+    })
+}
+
+/// Bytes of a row each unit holds at least, where a cube shares the row
+/// (`CARAMBA_RMS_UNIT_BYTES` overrides, for benchmark sweeps; read once
+/// per process). At 64, a 4096-wide row takes 256 units in f32 and 128 in
+/// bf16, 16 bytes a vector.
+fn unit_bytes() -> usize {
+    static BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BYTES.get_or_init(|| {
+        std::env::var("CARAMBA_RMS_UNIT_BYTES")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&b| b > 0)
+            .unwrap_or(UNIT_BYTES)
     })
 }
 
@@ -544,7 +563,14 @@ impl RowLayout {
             });
         }
         let min_threads = if planes { plane_max.max(32) } else { 32 };
-        let mut threads = dv.next_power_of_two().clamp(min_threads, ROW_THREADS);
+        // Fewer units a row where that keeps `unit_bytes()` of the row in
+        // each unit's registers: more rows' loads in flight per
+        // multiprocessor for the same units.
+        let per_unit = (unit_bytes() / (nv * elem.size())).max(1);
+        let mut threads = dv
+            .div_ceil(per_unit)
+            .next_power_of_two()
+            .clamp(min_threads, ROW_THREADS);
         if dv.div_ceil(threads) > MAX_PER_THREAD {
             threads = max_threads.max(threads);
         }
