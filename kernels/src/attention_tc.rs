@@ -282,20 +282,17 @@ fn stage_tiles<F: Float, N: Size>(
     #[comptime] threads: usize,
     #[comptime] stages: usize,
     #[comptime] b_pad: bool,
+    #[comptime] kt: usize,
 ) {
     let (sa, sb) = (comptime!(half_stride(wa)), comptime!(half_stride(wb)));
     let (ao, bo) = offsets;
     if comptime!(stages == 2) {
-        let (oa, ob) = (buf * comptime!(TC_TILE * sa), buf * comptime!(TC_TILE * sb));
-        stage_async::<F, N>(
-            a_sh, oa, a, ao, start, len, TC_TILE, wa, sa, nv, threads, false,
-        );
-        stage_async::<F, N>(
-            b_sh, ob, b, bo, start, len, TC_TILE, wb, sb, nv, threads, b_pad,
-        );
+        let (oa, ob) = (buf * comptime!(kt * sa), buf * comptime!(kt * sb));
+        stage_async::<F, N>(a_sh, oa, a, ao, start, len, kt, wa, sa, nv, threads, false);
+        stage_async::<F, N>(b_sh, ob, b, bo, start, len, kt, wb, sb, nv, threads, b_pad);
     } else {
-        stage::<F, N>(a_sh, a, ao, start, len, TC_TILE, wa, sa, nv, threads, false);
-        stage::<F, N>(b_sh, b, bo, start, len, TC_TILE, wb, sb, nv, threads, b_pad);
+        stage::<F, N>(a_sh, a, ao, start, len, kt, wa, sa, nv, threads, false);
+        stage::<F, N>(b_sh, b, bo, start, len, kt, wb, sb, nv, threads, b_pad);
     }
 }
 
@@ -350,7 +347,7 @@ fn stage_query_tile<F: Float, N: Size>(
     let (qo, go, lo, eo) = offsets;
     let qg = (qo, go);
     stage_tiles::<F, N>(
-        q_sh, g_sh, q, dout, qg, start, len, buf, d, dv, nv, threads, stages, false,
+        q_sh, g_sh, q, dout, qg, start, len, buf, d, dv, nv, threads, stages, false, TC_TILE,
     );
     if comptime!(stages == 2) {
         stage_stat_async(lse_sh, buf * TC_TILE, lse, lo, start, len);
@@ -385,14 +382,15 @@ fn kv_tile_ready<F: Float, N: Size>(
     #[comptime] threads: usize,
     #[comptime] stages: usize,
     #[comptime] v_pad: bool,
+    #[comptime] kt: usize,
 ) {
     // The tile staged now: the next one with two stages, this one with one.
     let staged = tile + comptime!(stages - 1);
     let into = staged % stages;
     if staged < n_tiles {
-        let start = staged * TC_TILE;
+        let start = staged * kt;
         stage_tiles::<F, N>(
-            k_sh, v_sh, k, v, offsets, start, s_len, into, d, dv, nv, threads, stages, v_pad,
+            k_sh, v_sh, k, v, offsets, start, s_len, into, d, dv, nv, threads, stages, v_pad, kt,
         );
         if comptime!(stages == 2) {
             commit_stage(bar0, bar1, into);
@@ -609,14 +607,15 @@ fn scores<F: Float>(
     #[comptime] kd: usize,
     #[comptime] stride: usize,
     #[comptime] mt: usize,
+    #[comptime] kt: usize,
 ) -> Array<Pair<f32>> {
     let def = mma_shape::<F>();
     let lane = UNIT_POS_PLANE as usize;
-    let mut acc = zeroed(comptime!(mt * TC_TILE));
+    let mut acc = zeroed(comptime!(mt * kt));
     #[unroll]
     for c in 0..kd / 16 {
         #[unroll]
-        for n in 0..TC_TILE / 16 {
+        for n in 0..kt / 16 {
             // Matrix `lane / 8`: b's rows 16n..16n + 7 or + 8..15
             // (`lane / 16`), columns 0-7 or 8-15 of this k step.
             let at = off
@@ -636,7 +635,7 @@ fn scores<F: Float>(
                 for r in 0..4usize {
                     af[r] = a[m * (kd / 4) + c * 4 + r];
                 }
-                mma_pair::<F>(&mut acc, &af, &regs, n, comptime!(m * TC_TILE / 4));
+                mma_pair::<F>(&mut acc, &af, &regs, n, comptime!(m * kt / 4));
             }
         }
     }
@@ -660,11 +659,12 @@ fn accumulate<F: Float>(
     #[comptime] w: usize,
     #[comptime] stride: usize,
     #[comptime] mt: usize,
+    #[comptime] kt: usize,
 ) {
     let def = mma_shape::<F>();
     let lane = UNIT_POS_PLANE as usize;
     #[unroll]
-    for c in 0..TC_TILE / 16 {
+    for c in 0..kt / 16 {
         #[unroll]
         for n in 0..w / 16 {
             // Matrix `lane / 8`: b's rows 16c..16c + 7 or + 8..15
@@ -681,7 +681,7 @@ fn accumulate<F: Float>(
             );
             #[unroll]
             for m in 0..mt {
-                let pb = comptime!(m * TC_TILE / 4 + 4 * c);
+                let pb = comptime!(m * kt / 4 + 4 * c);
                 let mut af = Array::<Pair<F>>::new(4usize);
                 af[0] = p[pb];
                 af[1] = p[pb + 1];
@@ -695,10 +695,14 @@ fn accumulate<F: Float>(
 
 /// `acc` rounded to the storage type, pair by pair.
 #[cube]
-fn rounded<F: Float>(acc: &Array<Pair<f32>>, #[comptime] mt: usize) -> Array<Pair<F>> {
-    let mut out = Array::<Pair<F>>::new(comptime!(mt * TC_TILE / 4));
+fn rounded<F: Float>(
+    acc: &Array<Pair<f32>>,
+    #[comptime] mt: usize,
+    #[comptime] kt: usize,
+) -> Array<Pair<F>> {
+    let mut out = Array::<Pair<F>>::new(comptime!(mt * kt / 4));
     #[unroll]
-    for j in 0..mt * TC_TILE / 4 {
+    for j in 0..mt * kt / 4 {
         out[j] = Pair::<F>::cast_from(acc[j]);
     }
     out
@@ -715,13 +719,14 @@ fn mask_tile(
     tq: usize,
     neg_inf: f32,
     #[comptime] mt: usize,
+    #[comptime] kt: usize,
 ) {
-    let sp = comptime!(TC_TILE / 4);
+    let sp = comptime!(kt / 4);
     #[unroll]
     for m in 0..mt {
         let (lim0, lim1) = (limits[2 * m], limits[2 * m + 1]);
         #[unroll]
-        for b in 0..TC_TILE / 8 {
+        for b in 0..kt / 8 {
             let at = comptime!(m * sp + 2 * b);
             let (mut r0, mut r1) = (s[at], s[at + 1]);
             #[unroll]
@@ -822,6 +827,7 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
     #[comptime] nv: usize,
     #[comptime] rows: usize,
     #[comptime] mt: usize,
+    #[comptime] kt: usize,
 ) {
     let threads = comptime!(rows / (16 * mt) * PLANE);
     let dp = comptime!(pad16(d));
@@ -829,7 +835,7 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
     let hs = comptime!(half_stride(d));
     let vs = comptime!(half_stride(dv));
     // Pairs per row tile: of the scores, and of the output.
-    let (sp, op) = (comptime!(TC_TILE / 4), comptime!(dvp / 4));
+    let (sp, op) = (comptime!(kt / 4), comptime!(dvp / 4));
     let rank = out.rank();
     let t = out.shape(rank - 2);
     let s_len = k.shape(rank - 2);
@@ -871,25 +877,25 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
     // (the next tile's copies fly while this one is computed), one where
     // they are not.
     let stages = comptime!(stages(nv));
-    let (kb, vb) = (comptime!(TC_TILE * hs), comptime!(TC_TILE * vs));
+    let (kb, vb) = (comptime!(kt * hs), comptime!(kt * vs));
     let mut q_sh = SharedMemory::<F>::new_aligned(comptime!(rows * hs), 32usize);
     let mut k_sh = SharedMemory::<F>::new_aligned(comptime!(stages * kb), 32usize);
     let mut v_sh = SharedMemory::<F>::new_aligned(comptime!(stages * vb), 32usize);
     let bar0 = Barrier::shared_uninit();
     let bar1 = Barrier::shared_uninit();
-    let n_tiles = max_limit.div_ceil(TC_TILE);
+    let n_tiles = max_limit.div_ceil(kt);
     let kv = (ko, vo);
     // Values narrower than their padding carry the rows' sums (module doc
     // of `ones_column`); the barrier after `q`'s staging publishes it.
     let ones = comptime!(dv < dvp);
     if comptime!(ones) {
-        ones_column::<F>(&mut v_sh, comptime!(stages * TC_TILE), dv, vs, threads);
+        ones_column::<F>(&mut v_sh, comptime!(stages * kt), dv, vs, threads);
     }
     if comptime!(stages == 2) {
         init_stages(&bar0, &bar1);
         if n_tiles > 0 {
             stage_tiles::<F, N>(
-                &mut k_sh, &mut v_sh, k, v, kv, 0, s_len, 0, d, dv, nv, threads, stages, ones,
+                &mut k_sh, &mut v_sh, k, v, kv, 0, s_len, 0, d, dv, nv, threads, stages, ones, kt,
             );
             commit_stage(&bar0, &bar1, 0);
         }
@@ -911,18 +917,18 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
     // exp(x·scale) = 2^(x·scale·log₂ e).
     let scale2 = scale * f32::new(core::f32::consts::LOG2_E);
     for tile in 0..n_tiles {
-        let start = tile * TC_TILE;
+        let start = tile * kt;
         let buf = tile % stages;
         kv_tile_ready::<F, N>(
             &mut k_sh, &mut v_sh, k, v, kv, &bar0, &bar1, tile, n_tiles, s_len, d, dv, nv, threads,
-            stages, ones,
+            stages, ones, kt,
         );
-        let mut s = scores::<F>(&qa, &k_sh, buf * kb, dp, hs, mt);
+        let mut s = scores::<F>(&qa, &k_sh, buf * kb, dp, hs, mt, kt);
         // Only tiles that reach past some row's last visible key are
         // masked (a branch the whole cube takes alike): the causal
         // diagonal, the keys' end, a last partial block of rows.
-        if start + TC_TILE > min_limit {
-            mask_tile(&mut s, &limits, start, tq, neg_inf, mt);
+        if start + kt > min_limit {
+            mask_tile(&mut s, &limits, start, tq, neg_inf, mt, kt);
         }
         #[unroll]
         for m in 0..mt {
@@ -933,7 +939,7 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
             // the base-2 exponential.
             let (mut x0, mut x1) = (neg_inf, neg_inf);
             #[unroll]
-            for b in 0..TC_TILE / 8 {
+            for b in 0..kt / 8 {
                 let at = comptime!(m * sp + 2 * b);
                 let (r0, r1) = (s[at], s[at + 1]);
                 x0 = x0.max(r0[0]).max(r0[1]);
@@ -953,7 +959,7 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
             let c1 = fast_exp2(mx[2 * m + 1] * scale2 - z1);
             let (mut p0, mut p1) = (f32::new(0.0), f32::new(0.0));
             #[unroll]
-            for b in 0..TC_TILE / 8 {
+            for b in 0..kt / 8 {
                 let at = comptime!(m * sp + 2 * b);
                 let (mut r0, mut r1) = (s[at], s[at + 1]);
                 #[unroll]
@@ -981,7 +987,16 @@ fn attention_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Size>(
                 o[at + 1] = o[at + 1] * Pair::<f32>::new(c1);
             }
         }
-        accumulate::<F>(&mut o, &rounded::<F>(&s, mt), &v_sh, buf * vb, dvp, vs, mt);
+        accumulate::<F>(
+            &mut o,
+            &rounded::<F>(&s, mt, kt),
+            &v_sh,
+            buf * vb,
+            dvp,
+            vs,
+            mt,
+            kt,
+        );
         // Every plane is done with this tile's keys and values before the
         // next tile's staging overwrites them.
         sync_cube();
@@ -1129,6 +1144,7 @@ fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Siz
         if n_tiles > 0 {
             stage_tiles::<F, N>(
                 &mut k_sh, &mut v_sh, k, v, kv, 0, s_len, 0, d, dv, nv, threads, stages, false,
+                TC_TILE,
             );
             commit_stage(&bar0, &bar1, 0);
         }
@@ -1147,12 +1163,12 @@ fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Siz
         let buf = tile % stages;
         kv_tile_ready::<F, N>(
             &mut k_sh, &mut v_sh, k, v, kv, &bar0, &bar1, tile, n_tiles, s_len, d, dv, nv, threads,
-            stages, false,
+            stages, false, TC_TILE,
         );
         // s = q·kᵀ and dp = dout·vᵀ, then ds = p·(dp − delta)·scale in
         // place of s.
-        let mut s = scores::<F>(&qa, &k_sh, buf * kb, dp, hs, 1usize);
-        let dpm = scores::<F>(&ga, &v_sh, buf * vb, dvp, vs, 1usize);
+        let mut s = scores::<F>(&qa, &k_sh, buf * kb, dp, hs, 1usize, TC_TILE);
+        let dpm = scores::<F>(&ga, &v_sh, buf * vb, dvp, vs, 1usize, TC_TILE);
         #[unroll]
         for b in 0..TC_TILE / 8 {
             let (mut r0, mut r1) = (s[2 * b], s[2 * b + 1]);
@@ -1170,12 +1186,13 @@ fn attention_dq_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Siz
         }
         accumulate::<F>(
             &mut dq,
-            &rounded::<F>(&s, 1usize),
+            &rounded::<F>(&s, 1usize, TC_TILE),
             &k_sh,
             buf * kb,
             dp,
             hs,
             1usize,
+            TC_TILE,
         );
         sync_cube();
     }
@@ -1347,8 +1364,8 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
         // plane's 16 keys × the tile's queries; then pᵀ in place of dpᵀ's
         // copy and dsᵀ in place of sᵀ.
         let so = buf * TC_TILE;
-        let mut st = scores::<F>(&ka, &q_sh, buf * qb, dp, hs, 1usize);
-        let dpt = scores::<F>(&va, &g_sh, buf * gb, dvp, vs, 1usize);
+        let mut st = scores::<F>(&ka, &q_sh, buf * qb, dp, hs, 1usize, TC_TILE);
+        let dpt = scores::<F>(&va, &g_sh, buf * gb, dvp, vs, 1usize, TC_TILE);
         let mut pt = zeroed(TC_TILE);
         #[unroll]
         for b in 0..TC_TILE / 8 {
@@ -1378,15 +1395,16 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
         }
         accumulate::<F>(
             &mut dvacc,
-            &rounded::<F>(&pt, 1usize),
+            &rounded::<F>(&pt, 1usize, TC_TILE),
             &g_sh,
             buf * gb,
             dvp,
             vs,
             1usize,
+            TC_TILE,
         );
-        let ds = rounded::<F>(&st, 1usize);
-        accumulate::<F>(&mut dk, &ds, &q_sh, buf * qb, dp, hs, 1usize);
+        let ds = rounded::<F>(&st, 1usize, TC_TILE);
+        accumulate::<F>(&mut dk, &ds, &q_sh, buf * qb, dp, hs, 1usize, TC_TILE);
         if comptime!(with_dq) {
             // dq += ds·k for the tile's queries, each plane 16 of them over
             // the block's keys: dsᵀ through shared memory (this plane's
@@ -1403,7 +1421,7 @@ fn attention_dkv_tc_kernel<F: Float + CubeElement, O: Float + CubeElement, N: Si
             sync_cube();
             let dsa = transposed_a_fragments::<F>(&ds_sh, prow, dss);
             let mut dqp = zeroed(dp);
-            accumulate::<F>(&mut dqp, &dsa, &k_sh, 0usize, dp, hs, 1usize);
+            accumulate::<F>(&mut dqp, &dsa, &k_sh, 0usize, dp, hs, 1usize, TC_TILE);
             let dq_t = dq.stride(rank - 2);
             let (i0, i1) = (start + prow + g, start + prow + g + 8);
             #[unroll]
@@ -1477,13 +1495,14 @@ macro_rules! with_half {
 
 /// Bytes of shared memory a kernel needs for heads of `d` (queries and
 /// keys) and `dv` (values) dims with half storage: the staged tiles (and
-/// the backward's two f32 statistics per row of a tile).
-fn shared_bytes(d: usize, dv: usize, backward: bool) -> usize {
+/// the backward's two f32 statistics per row of a tile); `kt` keys a
+/// staged tile in the forward.
+fn shared_bytes(d: usize, dv: usize, backward: bool, kt: usize) -> usize {
     let (hs, vs) = (half_stride(d), half_stride(dv));
     let rows = cube_rows(d, dv, backward);
     let st = stages(2); // the most: two buffers per tile
     if !backward {
-        2 * rows * hs + 2 * st * TC_TILE * (hs + vs)
+        2 * rows * hs + 2 * st * kt * (hs + vs)
     } else {
         2 * (rows + st * TC_TILE) * (hs + vs) + st * 2 * 4 * TC_TILE
     }
@@ -1501,12 +1520,7 @@ fn shared_bytes(d: usize, dv: usize, backward: bool) -> usize {
 fn cube_rows(d: usize, dv: usize, backward: bool) -> usize {
     // Read once per process: every launch asks (twice, with `usable`).
     static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let forced = OVERRIDE.get_or_init(|| {
-        std::env::var("CARAMBA_TC_ROWS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|r| [64, 128].contains(r))
-    });
+    let forced = OVERRIDE.get_or_init(|| env_choice("CARAMBA_TC_ROWS", &[64, 128]));
     if let Some(rows) = *forced {
         return rows;
     }
@@ -1528,14 +1542,41 @@ fn cube_rows(d: usize, dv: usize, backward: bool) -> usize {
 /// overrides the choice.
 fn forward_tiles(d: usize, dv: usize) -> usize {
     static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let forced = OVERRIDE.get_or_init(|| {
-        std::env::var("CARAMBA_TC_MT")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|m| [1, 2].contains(m))
-    });
+    let forced = OVERRIDE.get_or_init(|| env_choice("CARAMBA_TC_MT", &[1, 2]));
     let wide = pad16(d).max(pad16(dv));
     forced.unwrap_or(if (33..=64).contains(&wide) { 2 } else { 1 })
+}
+
+/// The value of environment variable `var` where it is one of `allowed`
+/// (the benchmark overrides of the launch's choices).
+fn env_choice(var: &str, allowed: &[usize]) -> Option<usize> {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|x| allowed.contains(x))
+}
+
+/// Keys per staged tile in the forward, where the device has `smem`
+/// bytes of shared memory a cube: 128 where a plane takes one row tile
+/// and the tiles fit, which halves the per-tile work (barriers, maxima,
+/// rescaling) per score (on an H200, B4 H32 T4096 causal bf16: head dim
+/// 128 238 TFLOP/s against 223; DBA's 12-dim heads 608 µs against 643 by
+/// kernel time), [`TC_TILE`] otherwise (two row tiles' scores of 128 keys
+/// crowd the registers: head dim 64, 209 against 219–224 TFLOP/s).
+/// `CARAMBA_TC_KT` (32, 64 or 128) overrides it, for sweeps (a plane's
+/// scores for a tile take `mt·kt/2` registers a unit).
+fn key_tile(d: usize, dv: usize, smem: usize) -> usize {
+    static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let forced = OVERRIDE.get_or_init(|| env_choice("CARAMBA_TC_KT", &[32, 64, 128]));
+    if let Some(kt) = *forced {
+        return kt;
+    }
+    let wide = 2 * TC_TILE;
+    if row_tiles(d, dv, cube_rows(d, dv, false)) == 1 && shared_bytes(d, dv, false, wide) <= smem {
+        wide
+    } else {
+        TC_TILE
+    }
 }
 
 /// The forward's row tiles per plane for a cube of `rows` rows: at most
@@ -1613,7 +1654,13 @@ fn usable<R: Runtime>(
     has_half_mma(client, kind)
         && (1..=TC_MAX_DIM).contains(&d)
         && (1..=TC_MAX_DIM).contains(&dv)
-        && shared_bytes(d, dv, backward) <= client.properties().hardware.max_shared_memory_size
+        && shared_bytes(d, dv, backward, forward_key_tile(client, d, dv))
+            <= client.properties().hardware.max_shared_memory_size
+}
+
+/// [`key_tile`] for `client`'s device.
+fn forward_key_tile<R: Runtime>(client: &ComputeClient<R>, d: usize, dv: usize) -> usize {
+    key_tile(d, dv, client.properties().hardware.max_shared_memory_size)
 }
 
 /// Whether the tensor-core kernels run attention over heads of `d`
@@ -1662,6 +1709,7 @@ pub fn try_launch_forward<R: Runtime>(
     }
     let rows = cube_rows(d, dv, false);
     let mt = row_tiles(d, dv, rows);
+    let kt = forward_key_tile(client, d, dv);
     let threads = rows / (16 * mt) * PLANE;
     let cubes = batch * t.div_ceil(rows);
     let nv = vector_width(&[q, k, v], d, dv, threads);
@@ -1689,6 +1737,7 @@ pub fn try_launch_forward<R: Runtime>(
                     nv,
                     rows,
                     mt,
+                    kt,
                 );
             }
         };
