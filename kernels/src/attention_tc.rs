@@ -10,9 +10,10 @@
 //! A cube is 4 or 8 planes of 32 units; each plane owns 16 rows of the
 //! cube's block of 64 or 128 rows (`cube_rows`: query rows for the forward and `dq`,
 //! key rows for `dk`/`dv`) and visits the other side in tiles of
-//! `TC_TILE` rows staged in shared memory by the whole cube. A plane's
+//! `TC_TILE` rows (the forward: 128 where a plane has one row tile,
+//! `key_tile`) staged in shared memory by the whole cube. A plane's
 //! rows enter the products as A fragments loaded once (`ldmatrix`); per
-//! tile it forms its 16 × 64 block of scores in accumulator registers
+//! tile it forms its 16 × 64 (or 128) block of scores in accumulator registers
 //! (each unit holds rows `g = lane / 4` and `g + 8`, columns `2t`, `2t + 1`
 //! of every 8, `t = lane % 4`), applies the mask and the online softmax,
 //! or the gradient's `p·(dp − delta)·scale`, in f32 in those registers (a

@@ -468,9 +468,9 @@ const PLANE_ROWS: usize = 4;
 const W_ROWS_PER_GROUP: usize = 64;
 const W_MAX_GROUPS: usize = 4096;
 /// Units per multiprocessor of the weight gradient where the device tells
-/// their number: as many cubes as stay resident together (two 256-unit
-/// cubes of about 100 registers a unit on an H100), each with a batch of
-/// rows in flight.
+/// their number: as many cubes as stay resident together (four 128-unit
+/// cubes of about 110 registers a unit for 4096-wide bf16 rows on an
+/// H200), each with a batch of rows in flight.
 const W_UNITS_PER_SM: usize = 512;
 /// Vectors of `x` a unit of the weight gradient holds per batch of rows
 /// (and as many of `dy`): a batch is this many over the unit's vectors a
