@@ -1124,13 +1124,13 @@ pub fn launch_kv_attention<R: Runtime>(
         .chain([values])
         .map(|p| (p.code(), p.dim))
         .collect();
-    let mma = kv_decode_mma::serves(client, keys, values, rows);
+    let mma = kv_decode_mma::plan(client, shape.heads, keys, values, rows, nq);
     let decode = fixed_plane(client)
         .filter(|_| rows <= KV_QUERIES && dv <= 256)
         .and_then(|lanes| decode_geometry(&layout, shape.heads, nq, lanes).map(|d| (lanes, d)));
     // The key chunks: about 2048 cubes; for the decode kernels each chunk
     // a whole number of `WARPS · lanes` keys, for the staged one of tiles.
-    let decode_lanes = if mma {
+    let decode_lanes = if mma.is_some() {
         Some(kv_decode_mma::MMA_PLANE)
     } else {
         decode.map(|(lanes, _)| lanes)
@@ -1138,10 +1138,9 @@ pub fn launch_kv_attention<R: Runtime>(
     let (splits, chunk) = match decode_lanes {
         Some(lanes) => {
             let step = WARPS * lanes;
-            let wanted = if mma {
-                kv_decode_mma::splits(client, bh)
-            } else {
-                2048usize.div_ceil(bh)
+            let wanted = match mma {
+                Some(plan) => kv_decode_mma::splits(client, bh, plan),
+                None => 2048usize.div_ceil(bh),
             };
             let splits = wanted.clamp(1, shape.s.div_ceil(step).max(1));
             let chunk = (shape.s.div_ceil(splits).div_ceil(step) * step).max(step);
@@ -1162,17 +1161,17 @@ pub fn launch_kv_attention<R: Runtime>(
     let slots = bh * rows * splits;
     let (m_buf, l_buf, acc_buf) = (scratch(slots), scratch(slots), scratch(slots * dv));
     let second = k1.map_or(words(k0), words);
-    if mma {
-        let kn = kv_decode_mma::key_words(shape.heads, keys);
+    if let Some(plan) = mma {
         with_float!(elem, F => unsafe {
             kv_decode_mma::kv_decode_mma_kernel::launch_unchecked::<F, R>(
                 client,
                 CubeCount::Static(bh as u32, splits as u32, 1),
                 CubeDim::new_2d(kv_decode_mma::MMA_PLANE as u32, WARPS as u32),
-                kn,
+                plan.kn,
                 ArrayArg::from_raw_parts(q.clone(), bh * rows * dk),
                 ArrayArg::from_raw_parts(k0.handle.clone(), words(k0)),
                 ArrayArg::from_raw_parts(dummy.clone(), second),
+                ArrayArg::from_raw_parts(values.handle.clone(), words(values)),
                 ArrayArg::from_raw_parts(k0.handle.clone(), words(k0)),
                 ArrayArg::from_raw_parts(dummy.clone(), second),
                 ArrayArg::from_raw_parts(values.handle.clone(), words(values)),
@@ -1192,7 +1191,8 @@ pub fn launch_kv_attention<R: Runtime>(
                 d1,
                 dv,
                 nq,
-                kn,
+                plan.kn,
+                plan.stages,
             );
         });
     } else if let Some((lanes, geo)) = decode {

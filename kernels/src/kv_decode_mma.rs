@@ -54,6 +54,7 @@ use crate::attention_tc::has_half_mma;
 use crate::kv_attention::{combine_planes, visible_keys, CachePart, WARPS};
 use crate::quant::{BLOCK, Q8};
 use cubecl::cmma::MmaDefinition;
+use cubecl::prelude::barrier::{copy_async, Barrier};
 use cubecl::prelude::*;
 use half::f16;
 
@@ -143,84 +144,39 @@ fn q_fragments<F: Float>(
     }
 }
 
-/// Loads one key part's share of a step into registers: the codes of
-/// this unit's B column key of each score block (`kb[nb]`, the words of
-/// [`k_word`]) into `raw[nb·kw + c0 + cc]` (`kw` the k-steps of all
-/// parts), and the block scales of its four score keys (`ks[kk]`) into
-/// `sc[kk·kb_all + b0 + b]` (`kb_all` the blocks of all parts). `layout`:
-/// the part's scale words a row and code words a head.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn load_keys<N: Size>(
-    c: &Array<Vector<i32, N>>,
-    cs: &Array<i32>,
-    raw: &mut Array<u32>,
-    sc: &mut Array<f32>,
-    kb: &Array<usize>,
-    ks: &Array<usize>,
-    h: usize,
-    t: usize,
-    #[comptime] layout: (usize, usize, usize),
-    #[comptime] d: usize,
-    #[comptime] at: (usize, usize, usize, usize),
-) {
-    let (nb_row, head_words, kn) = layout;
-    let (c0, kw, b0, kb_all) = at;
-    // A row: its scales (one word a block), then its codes.
-    let row_words = comptime!(nb_row * 9);
-    #[unroll]
-    for nb in 0..2usize {
-        let base = kb[nb] * row_words + nb_row + h * head_words;
-        // A block's two words of this unit, k-steps 2b and 2b + 1: one
-        // 8-byte load where the rows are even (`kn` = 2).
-        #[unroll]
-        for cc in 0..d / 16 {
-            if comptime!(kn == 1 || cc % 2 == 0) {
-                let v = c[(base + k_word(t, cc)) / kn];
-                #[unroll]
-                for i in 0..kn {
-                    raw[comptime!(nb * kw + c0 + cc + i)] = u32::reinterpret(v[i]);
-                }
-            }
-        }
-    }
-    #[unroll]
-    for kk in 0..4usize {
-        let base = ks[kk] * row_words + h * comptime!(d / BLOCK);
-        #[unroll]
-        for b in 0..d / BLOCK {
-            sc[comptime!(kk * kb_all + b0 + b)] = f32::reinterpret(cs[base + b]);
-        }
-    }
-}
-
 /// Adds the keys' contribution to this unit's four scores `s` of the
-/// step (score block `nb`'s columns `2t, 2t + 1` at `s[2nb + e]`): for
-/// each quantization block, two products from zero over the loaded codes
-/// (`raw`, as [`load_keys`] left them), scaled by the score keys' block
-/// scales (`sc`) as they join the score.
+/// step staged in buffer `buf` (score block `nb`'s columns `2t, 2t + 1`
+/// at `s[2nb + e]`): for each quantization block, two products from zero
+/// over the codes of the unit's B column key (words `8b + 2t` and `8b +
+/// 2t + 1` of block `b`, one 8-byte load: k-steps `2b`, `2b + 1`), scaled
+/// by the score keys' block scales as they join the score.
 #[cube]
 fn key_scores(
-    raw: &Array<u32>,
-    sc: &Array<f32>,
+    sh: &Staged,
     qsh: &SharedMemory<Vector<u32, Const<4>>>,
     s: &mut Array<f32>,
+    buf: usize,
     lane: usize,
     #[comptime] dk: usize,
+    #[comptime] dv: usize,
 ) {
     let def = mma_def();
-    let (kw, kb_all) = comptime!((dk / 16, dk / BLOCK));
+    let (g, t) = (lane / 4, lane % 4);
+    let words = comptime!(stage_words(dk, dv));
+    let (kst, kb_all) = comptime!((key_stride(dk), dk / BLOCK));
     #[unroll]
     for nb in 0..2usize {
+        let row = (buf * comptime!(words[0]) + (nb * 8 + g) * kst) / 2;
         #[unroll]
         for b in 0..kb_all {
+            let pair = sh.keys[row + 4 * b + t];
             let mut acc = Array::<Pair<f32>>::new(2usize);
             acc[0] = Pair::<f32>::new(f32::new(0.0));
             acc[1] = Pair::<f32>::new(f32::new(0.0));
             #[unroll]
             for i in 0..2usize {
                 let cc = comptime!(2 * b + i);
-                let x = raw[comptime!(nb * kw + cc)];
+                let x = u32::reinterpret(pair[i]);
                 let mut bf = Array::<Pair<f16>>::new(2usize);
                 bf[0] = codes(x);
                 bf[1] = codes(x >> 8u32);
@@ -236,8 +192,9 @@ fn key_scores(
             }
             #[unroll]
             for e in 0..2usize {
-                let kk = comptime!(2 * nb + e);
-                s[kk] += sc[comptime!(kk * kb_all + b)] * (acc[0][e] + acc[1][e]);
+                let key = comptime!(8 * nb + e) + 2 * t;
+                let scale = sh.key_scales[buf * comptime!(words[1]) + key * kb_all + b];
+                s[comptime!(2 * nb + e)] += f32::reinterpret(scale) * (acc[0][e] + acc[1][e]);
             }
         }
     }
@@ -252,47 +209,150 @@ fn value_codes(x: u32, y: u32, #[comptime] j: usize) -> Pair<f16> {
     codes(w >> comptime!((8 * (j % 2)) as u32))
 }
 
-/// The tokens of a step from key `tile` on (keys past `hi` clamped to
-/// its last): this unit's B column of each score block (`kb`), and its
-/// four score / value keys (`ks`: columns `2t, 2t + 1` of both blocks).
+/// Words of a staged key row (every key part's codes, `dk / 4` words),
+/// plus 8 where that is a multiple of 16: a plane reads 8-byte words of 8
+/// rows at once, half a plane a pass, and a stride of 8 (mod 32) words puts
+/// each pass's 4 rows in distinct banks.
+pub(crate) const fn key_stride(dk: usize) -> usize {
+    let w = dk / 4;
+    if w.is_multiple_of(16) {
+        w + 8
+    } else {
+        w
+    }
+}
+
+/// Words of a staged value row: `dv / 4 + 4`. A unit group reads word `g`
+/// of the rows `2t (+ 1)`, and a stride of 4 (mod 8) words puts the 4 rows
+/// of a pass in distinct banks.
+pub(crate) const fn value_stride(dv: usize) -> usize {
+    dv / 4 + 4
+}
+
+/// Words of one plane's stage, per buffer: key codes, key scales, value
+/// codes, value scales (`STEP` rows each).
+pub(crate) const fn stage_words(dk: usize, dv: usize) -> [usize; 4] {
+    [
+        STEP * key_stride(dk),
+        STEP * (dk / BLOCK),
+        STEP * value_stride(dv),
+        STEP * (dv / BLOCK),
+    ]
+}
+
+/// One asynchronous copy of `words` 4-byte words from element `from` of
+/// `src` to unit `to` of `dst` (both in their own element units).
 #[cube]
-fn step_tokens(
-    kb: &mut Array<usize>,
-    ks: &mut Array<usize>,
+fn copy_words<S: CubePrimitive, D: CubePrimitive>(
+    src: &Array<S>,
+    from: usize,
+    dst: &mut SharedMemory<D>,
+    to: usize,
+    #[comptime] words: u32,
+) {
+    unsafe {
+        copy_async::<i32>(
+            &src.slice(from, from + 1).downcast_unchecked::<i32>(),
+            &mut dst.slice_mut(to, to + 1).downcast_unchecked::<i32>(),
+            words,
+        );
+    }
+}
+
+/// Copies one cache part's codes of the step's `STEP` keys from `tile` on
+/// (keys past `hi` take its last) into `dst`: key `k`'s `d / 4` words at
+/// word `to + k · stride` (`du` words a unit of `dst`), in copies of `kn`
+/// words spread over the plane. `layout`: the part's scale words a row
+/// (`nb_row`) and head dims (`d`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_codes<N: Size, D: CubePrimitive>(
+    src: &Array<Vector<i32, N>>,
+    dst: &mut SharedMemory<D>,
+    to: usize,
     tile: usize,
     hi: usize,
     first: usize,
-    g: usize,
-    t: usize,
+    h: usize,
+    lane: usize,
+    #[comptime] layout: (usize, usize),
+    #[comptime] stride: usize,
+    #[comptime] du: usize,
+    #[comptime] kn: usize,
 ) {
+    let (nb_row, d) = layout;
+    let per_row = comptime!(d / (4 * kn));
+    let total = comptime!(STEP * per_row);
     #[unroll]
-    for nb in 0..2usize {
-        let key = (tile + nb * 8 + g).min(hi - 1);
-        kb[nb] = first + key;
-        #[unroll]
-        for e in 0..2usize {
-            let key = (tile + nb * 8 + 2 * t + e).min(hi - 1);
-            ks[comptime!(2 * nb + e)] = first + key;
+    for n in 0..comptime!(total.div_ceil(MMA_PLANE)) {
+        let i = lane + n * MMA_PLANE;
+        if comptime!(total.is_multiple_of(MMA_PLANE)) || i < total {
+            let (k, c) = (i / per_row, i % per_row);
+            let row = first + (tile + k).min(hi - 1);
+            let word = row * comptime!(nb_row * 9) + nb_row + h * comptime!(d / 4) + c * kn;
+            let at = to + k * stride + c * kn;
+            copy_words(src, word / kn, dst, at / du, comptime!(kn as u32));
         }
     }
 }
 
-/// Issues every load of the step at `tile` into registers: key codes and
-/// scales ([`load_keys`], both parts), this unit's value words (word `g`
-/// of each value block of its four keys) and their scales. `dims`: `d0`,
-/// `d1`, `dv`; `kv_heads` sets the rows' layout.
+/// Copies one cache part's block scales of the step's keys (as
+/// [`stage_codes`]): key `k`'s `d / 32` scales at `to + k · stride`, one
+/// 4-byte copy each.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn load_step<N: Size>(
+fn stage_scales(
+    src: &Array<i32>,
+    dst: &mut SharedMemory<i32>,
+    to: usize,
+    tile: usize,
+    hi: usize,
+    first: usize,
+    h: usize,
+    lane: usize,
+    #[comptime] layout: (usize, usize),
+    #[comptime] stride: usize,
+) {
+    let (nb_row, d) = layout;
+    let per_row = comptime!(d / BLOCK);
+    let total = comptime!(STEP * per_row);
+    #[unroll]
+    for n in 0..comptime!(total.div_ceil(MMA_PLANE)) {
+        let i = lane + n * MMA_PLANE;
+        if comptime!(total.is_multiple_of(MMA_PLANE)) || i < total {
+            let (k, c) = (i / per_row, i % per_row);
+            let row = first + (tile + k).min(hi - 1);
+            let word = row * comptime!(nb_row * 9) + h * per_row + c;
+            copy_words(src, word, dst, to + k * stride + c, 1u32);
+        }
+    }
+}
+
+/// The shared buffers a cube stages its steps in, `stages` per plane
+/// ([`stage_words`] words each).
+#[derive(CubeType)]
+struct Staged {
+    keys: SharedMemory<Vector<i32, Const<2>>>,
+    key_scales: SharedMemory<i32>,
+    values: SharedMemory<i32>,
+    value_scales: SharedMemory<i32>,
+}
+
+/// Issues the asynchronous copies of this plane's step at `tile` into
+/// buffer `buf` (the plane's and stage's): both key parts' codes and
+/// scales, the values' codes and scales. `dims`: `d0`, `d1`, `dv`;
+/// `kv_heads` sets the rows' layout, `kn` the words a code copy.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_step<N: Size>(
     c0: &Array<Vector<i32, N>>,
     c1: &Array<Vector<i32, N>>,
     s0: &Array<i32>,
     s1: &Array<i32>,
+    cvn: &Array<Vector<i32, N>>,
     cv: &Array<i32>,
-    kraw: &mut Array<u32>,
-    ksc: &mut Array<f32>,
-    vw: &mut Array<u32>,
-    vsc: &mut Array<f32>,
+    sh: &mut Staged,
+    buf: usize,
     tile: usize,
     hi: usize,
     first: usize,
@@ -303,71 +363,154 @@ fn load_step<N: Size>(
     #[comptime] kn: usize,
 ) {
     let (d0, d1, dv) = dims;
-    let (g, t) = (lane / 4, lane % 4);
     let dk = comptime!(d0 + d1);
-    let (kw, kb_all, vb) = comptime!((dk / 16, dk / BLOCK, dv / BLOCK));
+    let words = comptime!(stage_words(dk, dv));
+    let (kst, vst) = comptime!((key_stride(dk), value_stride(dv)));
+    let (kb_all, vb) = comptime!((dk / BLOCK, dv / BLOCK));
     let (nb0, nb1, nbv) = comptime!((
         kv_heads * d0 / BLOCK,
         kv_heads * d1 / BLOCK,
         kv_heads * dv / BLOCK
     ));
-    let mut kb = Array::<usize>::new(2usize);
-    let mut ks = Array::<usize>::new(4usize);
-    step_tokens(&mut kb, &mut ks, tile, hi, first, g, t);
-    let parts0 = comptime!((0usize, kw, 0usize, kb_all));
-    load_keys::<N>(
+    let (k_at, s_at) = (buf * comptime!(words[0]), buf * comptime!(words[1]));
+    stage_codes::<N, Vector<i32, Const<2>>>(
         c0,
-        s0,
-        kraw,
-        ksc,
-        &kb,
-        &ks,
+        &mut sh.keys,
+        k_at,
+        tile,
+        hi,
+        first,
         h,
-        t,
-        (nb0, comptime!(d0 / 4), kn),
-        d0,
-        parts0,
+        lane,
+        (nb0, d0),
+        kst,
+        2usize,
+        kn,
+    );
+    stage_scales(
+        s0,
+        &mut sh.key_scales,
+        s_at,
+        tile,
+        hi,
+        first,
+        h,
+        lane,
+        (nb0, d0),
+        kb_all,
     );
     if comptime!(d1 > 0) {
-        let parts1 = comptime!((d0 / 16, kw, d0 / BLOCK, kb_all));
-        load_keys::<N>(
+        stage_codes::<N, Vector<i32, Const<2>>>(
             c1,
-            s1,
-            kraw,
-            ksc,
-            &kb,
-            &ks,
+            &mut sh.keys,
+            k_at + comptime!(d0 / 4),
+            tile,
+            hi,
+            first,
             h,
-            t,
-            (nb1, comptime!(d1 / 4), kn),
-            d1,
-            parts1,
+            lane,
+            (nb1, d1),
+            kst,
+            2usize,
+            kn,
+        );
+        stage_scales(
+            s1,
+            &mut sh.key_scales,
+            s_at + comptime!(d0 / BLOCK),
+            tile,
+            hi,
+            first,
+            h,
+            lane,
+            (nb1, d1),
+            kb_all,
         );
     }
-    #[unroll]
-    for kk in 0..4usize {
-        let row = ks[kk] * comptime!(nbv * 9);
-        #[unroll]
-        for bb in 0..vb {
-            let at = row + nbv + h * comptime!(dv / 4) + bb * 8 + g;
-            vw[comptime!(kk * vb + bb)] = u32::reinterpret(cv[at]);
-            vsc[comptime!(kk * vb + bb)] = f32::reinterpret(cv[row + h * vb + bb]);
-        }
+    stage_codes::<N, i32>(
+        cvn,
+        &mut sh.values,
+        buf * comptime!(words[2]),
+        tile,
+        hi,
+        first,
+        h,
+        lane,
+        (nbv, dv),
+        vst,
+        1usize,
+        kn,
+    );
+    stage_scales(
+        cv,
+        &mut sh.value_scales,
+        buf * comptime!(words[3]),
+        tile,
+        hi,
+        first,
+        h,
+        lane,
+        (nbv, dv),
+        vb,
+    );
+}
+
+/// Ends this unit's share of staging into buffer `s` of the stages'
+/// barriers: its copies complete on that barrier, then it arrives.
+#[cube]
+fn commit_stage(bars: &StageBarriers, s: usize) {
+    if s == 0 {
+        bars.b0.commit_copy_async();
+        let _ = bars.b0.arrive();
+    } else if s == 1 {
+        bars.b1.commit_copy_async();
+        let _ = bars.b1.arrive();
+    } else if s == 2 {
+        bars.b2.commit_copy_async();
+        let _ = bars.b2.arrive();
+    } else {
+        bars.b3.commit_copy_async();
+        let _ = bars.b3.arrive();
     }
 }
 
+/// Waits for step `i`'s stage: barrier `i % stages`, its
+/// `i / stages`-th phase.
+#[cube]
+fn wait_stage(bars: &StageBarriers, i: usize, #[comptime] stages: usize) {
+    let s = i % stages;
+    let parity = u32::cast_from((i / stages) % 2);
+    if s == 0 {
+        bars.b0.wait_parity(parity);
+    } else if s == 1 {
+        bars.b1.wait_parity(parity);
+    } else if s == 2 {
+        bars.b2.wait_parity(parity);
+    } else {
+        bars.b3.wait_parity(parity);
+    }
+}
+
+/// The stages' barriers (up to [`MAX_STAGES`]); every unit of the cube
+/// arrives on each.
+#[derive(CubeType)]
+struct StageBarriers {
+    b0: Shared<Barrier>,
+    b1: Shared<Barrier>,
+    b2: Shared<Barrier>,
+    b3: Shared<Barrier>,
+}
+
 /// One step of 16 keys from `tile` on, its loads in registers (as
-/// [`load_step`] left them): scores, mask (keys at or past this row's
+/// [`read_step`] left them): scores, mask (keys at or past this row's
 /// `limit` or `hi`), the online softmax (`ml`: the row's running max and
 /// this unit's share of its sum) and `o += p·v`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn compute_step(
-    kraw: &Array<u32>,
-    ksc: &Array<f32>,
-    vw: &Array<u32>,
-    vsc: &Array<f32>,
+    sh: &Staged,
     qsh: &SharedMemory<Vector<u32, Const<4>>>,
+    buf: usize,
     ml: &mut Array<f32>,
     o: &mut Array<Pair<f32>>,
     tile: usize,
@@ -386,7 +529,7 @@ fn compute_step(
     for i in 0..4usize {
         s[i] = f32::new(0.0);
     }
-    key_scores(kraw, ksc, qsh, &mut s, lane, dk);
+    key_scores(sh, qsh, &mut s, buf, lane, dk, dv);
     // Mask, then the online softmax over the row's 16 keys.
     let m = ml[0];
     let mut mx = m;
@@ -420,7 +563,19 @@ fn compute_step(
         ml[1] += x;
         p[i] = x;
     }
-    // O += P·V, a 32-dim value block at a time.
+    // O += P·V, a 32-dim value block at a time: this unit's four keys
+    // (`2t, 2t + 1, 2t + 8, 2t + 9`), their block scales and word `g` of
+    // the block.
+    let words = comptime!(stage_words(dk, dv));
+    let vst = comptime!(value_stride(dv));
+    let mut vr = Array::<usize>::new(4usize);
+    let mut vs = Array::<usize>::new(4usize);
+    #[unroll]
+    for kk in 0..4usize {
+        let key = comptime!((kk / 2) * 8 + kk % 2) + 2 * t;
+        vr[kk] = buf * comptime!(words[2]) + key * vst + lane / 4;
+        vs[kk] = buf * comptime!(words[3]) + key * vb;
+    }
     #[unroll]
     for bb in 0..vb {
         let mut af = Array::<Pair<f16>>::new(4usize);
@@ -430,7 +585,7 @@ fn compute_step(
             #[unroll]
             for e in 0..2usize {
                 let kk = comptime!(2 * half + e);
-                x[e] = p[kk] * vsc[comptime!(kk * vb + bb)];
+                x[e] = p[kk] * f32::reinterpret(sh.value_scales[vs[kk] + bb]);
             }
             let (hp, lp) = split(x);
             af[comptime!(2 * half)] = hp;
@@ -438,8 +593,12 @@ fn compute_step(
         }
         // Keys 2t, 2t + 1 (x) and 2t + 8, 2t + 9 (y) of this block's
         // word g, bytes interleaved a pair of keys at a time.
-        let (w0, w1) = (vw[bb], vw[comptime!(vb + bb)]);
-        let (w2, w3) = (vw[comptime!(2 * vb + bb)], vw[comptime!(3 * vb + bb)]);
+        let mut w = Array::<u32>::new(4usize);
+        #[unroll]
+        for kk in 0..4usize {
+            w[kk] = u32::reinterpret(sh.values[vr[kk] + bb * 8]);
+        }
+        let (w0, w1, w2, w3) = (w[0], w[1], w[2], w[3]);
         let x01 = (w0 & 0xffffu32) | (w1 << 16u32);
         let y01 = (w0 >> 16u32) | (w1 & 0xffff_0000u32);
         let x89 = (w2 & 0xffffu32) | (w3 << 16u32);
@@ -463,15 +622,19 @@ fn compute_step(
 /// Decode attention over q8 caches on tensor cores (module doc). Cube:
 /// `WARPS` planes of 32 units; `CUBE_POS_X` the (batch, kv head),
 /// `CUBE_POS_Y` the key chunk. Writes each chunk's partial as
-/// `kv_attention`'s decode kernel does. Each plane's steps are software
-/// pipelined: two sets of registers, the next step's loads issued before
-/// this step's arithmetic.
+/// `kv_attention`'s decode kernel does. A plane's steps go through
+/// `stages` shared buffers of its own, filled by asynchronous copies
+/// (`cp.async`) `stages - 1` steps ahead of the one it computes on; the
+/// cube's planes take their steps in turn and meet on one barrier a stage.
+/// `c0`, `c1` and `cvn` are the key parts' and the values' caches seen in
+/// words of `kn`, `s0`, `s1` and `cv` the same caches in single words.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
     q: &Array<F>,
     c0: &Array<Vector<i32, N>>,
     c1: &Array<Vector<i32, N>>,
+    cvn: &Array<Vector<i32, N>>,
     s0: &Array<i32>,
     s1: &Array<i32>,
     cv: &Array<i32>,
@@ -492,6 +655,7 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
     #[comptime] dv: usize,
     #[comptime] nq: usize,
     #[comptime] kn: usize,
+    #[comptime] stages: usize,
 ) {
     let dk = comptime!(d0 + d1);
     let bh = CUBE_POS_X as usize;
@@ -500,6 +664,30 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
     let lane = UNIT_POS_X as usize;
     let warp = UNIT_POS_Y as usize;
     let (g, t) = (lane / 4, lane % 4);
+
+    let words = comptime!(stage_words(dk, dv));
+    let buffers = comptime!(WARPS * stages);
+    let mut sh = Staged {
+        keys: SharedMemory::<Vector<i32, Const<2>>>::new_aligned(
+            comptime!(buffers * words[0] / 2),
+            16usize,
+        ),
+        key_scales: SharedMemory::<i32>::new(comptime!(buffers * words[1])),
+        values: SharedMemory::<i32>::new_aligned(comptime!(buffers * words[2]), 16usize),
+        value_scales: SharedMemory::<i32>::new(comptime!(buffers * words[3])),
+    };
+    let bars = StageBarriers {
+        b0: Barrier::shared_uninit(),
+        b1: Barrier::shared_uninit(),
+        b2: Barrier::shared_uninit(),
+        b3: Barrier::shared_uninit(),
+    };
+    if UNIT_POS == 0 {
+        bars.b0.init_manual(CUBE_DIM);
+        bars.b1.init_manual(CUBE_DIM);
+        bars.b2.init_manual(CUBE_DIM);
+        bars.b3.init_manual(CUBE_DIM);
+    }
 
     // q's fragments (row g of this head's rows, zero past them), shared
     // by the cube's planes: k-step c's four registers of unit `lane` at
@@ -533,6 +721,7 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
             qsh[c * MMA_PLANE + lane] = v;
         }
     }
+    // Publishes q's fragments and the initialized barriers.
     sync_cube();
     let mut limits = Array::<usize>::new(nq);
     let hi = visible_keys(
@@ -564,46 +753,93 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
     for i in 0..2 * nblocks {
         o[i] = Pair::<f32>::new(f32::new(0.0));
     }
-    let (kw, kb_all, vb) = comptime!((dk / 16, dk / BLOCK, dv / BLOCK));
     let dims = comptime!((d0, d1, dv));
-    // Two register sets, a and b, in turn.
-    let mut ka = Array::<u32>::new(comptime!(2 * kw));
-    let mut ksa = Array::<f32>::new(comptime!(4 * kb_all));
-    let mut va = Array::<u32>::new(comptime!(4 * vb));
-    let mut vsa = Array::<f32>::new(comptime!(4 * vb));
-    let mut kb = Array::<u32>::new(comptime!(2 * kw));
-    let mut ksb = Array::<f32>::new(comptime!(4 * kb_all));
-    let mut vbr = Array::<u32>::new(comptime!(4 * vb));
-    let mut vsb = Array::<f32>::new(comptime!(4 * vb));
     let stride = comptime!(WARPS * STEP);
-    let mut tile = lo + warp * STEP;
-    if tile < hi {
-        load_step::<N>(
-            c0, c1, s0, s1, cv, &mut ka, &mut ksa, &mut va, &mut vsa, tile, hi, first, h, lane,
-            kv_heads, dims, kn,
-        );
+    // The cube's steps (the same count for every plane, so that all of
+    // them arrive on every stage), this plane's at `lo + warp · STEP + i ·
+    // stride`.
+    let own = lo + warp * STEP;
+    let mut steps = 0;
+    if hi > lo {
+        steps = (hi - lo).div_ceil(stride);
     }
-    while tile < hi {
-        let next = tile + stride;
-        load_step::<N>(
-            c0, c1, s0, s1, cv, &mut kb, &mut ksb, &mut vbr, &mut vsb, next, hi, first, h, lane,
-            kv_heads, dims, kn,
-        );
-        compute_step(
-            &ka, &ksa, &va, &vsa, &qsh, &mut ml, &mut o, tile, hi, limit, lane, neg_inf, dk, dv,
-        );
-        let after = next + stride;
-        if next < hi {
-            load_step::<N>(
-                c0, c1, s0, s1, cv, &mut ka, &mut ksa, &mut va, &mut vsa, after, hi, first, h,
-                lane, kv_heads, dims, kn,
-            );
+    let plane_buf = warp * stages;
+    #[unroll]
+    for s in 0..comptime!(stages - 1) {
+        if s < steps {
+            let tile = own + s * stride;
+            if tile < hi {
+                stage_step::<N>(
+                    c0,
+                    c1,
+                    s0,
+                    s1,
+                    cvn,
+                    cv,
+                    &mut sh,
+                    plane_buf + s,
+                    tile,
+                    hi,
+                    first,
+                    h,
+                    lane,
+                    kv_heads,
+                    dims,
+                    kn,
+                );
+            }
+            commit_stage(&bars, s);
+        }
+    }
+    let mut i = 0;
+    while i < steps {
+        // Step i + stages - 1 goes into the buffer step i - 1 used, once
+        // every unit of the plane is done reading it.
+        let ahead = i + comptime!(stages - 1);
+        if ahead < steps {
+            let tile = own + ahead * stride;
+            sync_plane();
+            if tile < hi {
+                stage_step::<N>(
+                    c0,
+                    c1,
+                    s0,
+                    s1,
+                    cvn,
+                    cv,
+                    &mut sh,
+                    plane_buf + ahead % stages,
+                    tile,
+                    hi,
+                    first,
+                    h,
+                    lane,
+                    kv_heads,
+                    dims,
+                    kn,
+                );
+            }
+            commit_stage(&bars, ahead % stages);
+        }
+        wait_stage(&bars, i, stages);
+        let tile = own + i * stride;
+        if tile < hi {
             compute_step(
-                &kb, &ksb, &vbr, &vsb, &qsh, &mut ml, &mut o, next, hi, limit, lane, neg_inf, dk,
+                &sh,
+                &qsh,
+                plane_buf + i % stages,
+                &mut ml,
+                &mut o,
+                tile,
+                hi,
+                limit,
+                lane,
+                neg_inf,
+                dk,
                 dv,
             );
         }
-        tile = after;
+        i += 1;
     }
     // The row's sum over its four units; rows' halves summed.
     let mut l = ml[1];
@@ -632,9 +868,13 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
     );
 }
 
-/// Cubes a multiprocessor holds at once: two of 128 units at the
-/// kernel's 255 registers a unit (ptxas, sm_90).
-const CUBES_PER_SM: usize = 2;
+/// Shared buffers a plane stages its steps in, at most (the barriers).
+pub const MAX_STAGES: usize = 4;
+/// Stages unless `CARAMBA_KV_STAGES` says otherwise (2 to 4).
+const STAGES: usize = 3;
+/// Cubes of 128 units a multiprocessor holds at once by registers (the
+/// kernel's count by ptxas, sm_90, at most 128 a unit).
+const CUBES_BY_REGISTERS: usize = 4;
 
 /// `CARAMBA_KV_MMA`, read once per process (for benchmarks): `0` turns
 /// the kernel off (the CUDA-core kernel instead), `n` asks for `n` waves
@@ -649,49 +889,102 @@ fn waves() -> usize {
     })
 }
 
+/// `CARAMBA_KV_STAGES`, read once per process (for sweeps).
+fn stages_wanted() -> usize {
+    static STAGES_SET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *STAGES_SET.get_or_init(|| {
+        std::env::var("CARAMBA_KV_STAGES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|s| (2..=MAX_STAGES).contains(s))
+            .unwrap_or(STAGES)
+    })
+}
+
+/// How a launch stages its steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Staging {
+    /// Words a copy of codes: 4 or 2, as the rows' alignment allows.
+    pub kn: usize,
+    /// Shared buffers a plane.
+    pub stages: usize,
+    /// Cubes a multiprocessor holds at once (shared memory, registers).
+    pub cubes_per_sm: usize,
+}
+
+/// Bytes of shared memory a cube takes: the planes' stages, `q`'s
+/// fragments, the planes' merge (`nq` rows) and the barriers.
+pub(crate) fn shared_bytes(dk: usize, dv: usize, nq: usize, stages: usize) -> usize {
+    let stage: usize = stage_words(dk, dv).iter().sum();
+    4 * (WARPS * stages * stage + dk / 16 * MMA_PLANE * 4 + WARPS * nq * (dv + 2)) + 8 * MAX_STAGES
+}
+
 /// The number of key chunks for `bh` (batch, kv head) pairs: one wave of
 /// cubes where the device tells its multiprocessors (every plane walks
 /// a long chunk, so that its pipeline's start, `q`'s fragments and the
 /// planes' merge are paid once per wave), else about 2048 cubes.
-pub(crate) fn splits<R: Runtime>(client: &ComputeClient<R>, bh: usize) -> usize {
+pub(crate) fn splits<R: Runtime>(client: &ComputeClient<R>, bh: usize, plan: Staging) -> usize {
     match client.properties().hardware.num_streaming_multiprocessors {
-        Some(sms) => (waves() * CUBES_PER_SM * sms as usize / bh.max(1)).max(1),
+        Some(sms) => (waves() * plan.cubes_per_sm * sms as usize / bh.max(1)).max(1),
         None => 2048usize.div_ceil(bh.max(1)),
     }
 }
 
-/// Words a load of the key caches' codes: 2 where every part's rows of
-/// `heads` kv heads have an even number of scale words (then a unit's two
-/// words of a block are 8-byte aligned), else 1.
-pub(crate) fn key_words(heads: usize, keys: &[CachePart]) -> usize {
-    if keys
-        .iter()
-        .all(|k| (heads * k.dim / BLOCK).is_multiple_of(2))
-    {
-        2
+/// Words a copy of codes: 4 where every part's rows of `heads` kv heads
+/// have a multiple of 4 scale words (then every head slice of codes starts
+/// on 16 bytes), 2 where an even number, else none (the kernel does not
+/// serve such caches).
+fn copy_words_for(heads: usize, parts: &[&CachePart]) -> Option<usize> {
+    let scale_words = |p: &&CachePart| heads * p.dim / BLOCK;
+    if parts.iter().all(|p| scale_words(p).is_multiple_of(4)) {
+        Some(4)
+    } else if parts.iter().all(|p| scale_words(p).is_multiple_of(2)) {
+        Some(2)
     } else {
-        1
+        None
     }
 }
 
-/// Whether the kernel serves a decode step of `rows` query rows per kv
-/// head over these caches on `client`'s device (module doc), unless
-/// `CARAMBA_KV_MMA=0`.
-pub(crate) fn serves<R: Runtime>(
+/// How the kernel serves a decode step of `rows` query rows per kv head
+/// (`nq` a cube) over these caches of `heads` kv heads on `client`'s
+/// device (module doc), or `None` where it does not (then the CUDA-core
+/// kernel does), or where `CARAMBA_KV_MMA=0`.
+pub(crate) fn plan<R: Runtime>(
     client: &ComputeClient<R>,
+    heads: usize,
     keys: &[CachePart],
     values: &CachePart,
     rows: usize,
-) -> bool {
+    nq: usize,
+) -> Option<Staging> {
     if waves() == 0 {
-        return false;
+        return None;
     }
     let q8 = |p: &CachePart| p.format == Q8 && p.dim > 0 && p.dim.is_multiple_of(BLOCK);
     let dk: usize = keys.iter().map(|k| k.dim).sum();
-    has_half_mma(client, cubecl::ir::FloatKind::F16)
+    let dv = values.dim;
+    let served = has_half_mma(client, cubecl::ir::FloatKind::F16)
         && (1..=2).contains(&keys.len())
         && keys.iter().chain([values]).all(q8)
         && dk <= MMA_MAX_DK
-        && values.dim <= MMA_MAX_DV
-        && (1..=MMA_ROWS).contains(&rows)
+        && dv <= MMA_MAX_DV
+        && (1..=MMA_ROWS).contains(&rows);
+    if !served {
+        return None;
+    }
+    let parts: Vec<&CachePart> = keys.iter().chain([values]).collect();
+    let kn = copy_words_for(heads, &parts)?;
+    let hardware = &client.properties().hardware;
+    let limit = hardware.max_shared_memory_size;
+    let stages = (2..=stages_wanted())
+        .rev()
+        .find(|&s| shared_bytes(dk, dv, nq, s) <= limit)?;
+    // A multiprocessor's shared memory is taken to be the most a cube may
+    // ask for plus 1 KB (sm_80 on), less 1 KB the driver keeps a cube.
+    let by_shared = (limit + 1024) / (shared_bytes(dk, dv, nq, stages) + 1024);
+    Some(Staging {
+        kn,
+        stages,
+        cubes_per_sm: by_shared.clamp(1, CUBES_BY_REGISTERS),
+    })
 }
