@@ -747,7 +747,7 @@ fn mask_tile(
 /// 0.10 has no `exp2`). The softmax folds `log₂ e` into its scale, which
 /// saves `__expf`'s multiply on every score. `2^−∞` is 0.
 #[cube(fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
-fn fast_exp2(x: f32) -> f32 {
+pub(crate) fn fast_exp2(x: f32) -> f32 {
     f32::new(2.0).powf(x)
 }
 

@@ -1185,6 +1185,7 @@ pub fn launch_kv_attention<R: Runtime>(
                 splits,
                 scale,
                 f32::NEG_INFINITY,
+                kv_decode_mma::CODE_BIAS,
                 causal,
                 shape.heads,
                 k0.dim,
@@ -1193,6 +1194,8 @@ pub fn launch_kv_attention<R: Runtime>(
                 nq,
                 plan.kn,
                 plan.stages,
+                plan.exp2,
+                plan.runtime_bias,
             );
         });
     } else if let Some((lanes, geo)) = decode {

@@ -50,13 +50,14 @@
 //! dims per head (registers), at most 8 query rows per kv head; anything
 //! else takes the CUDA-core decode kernel.
 
-use crate::attention_tc::has_half_mma;
+use crate::attention_tc::{fast_exp2, has_half_mma};
 use crate::kv_attention::{combine_planes, visible_keys, CachePart, WARPS};
 use crate::quant::{BLOCK, Q8};
 use cubecl::cmma::MmaDefinition;
 use cubecl::prelude::barrier::{copy_async, Barrier};
 use cubecl::prelude::*;
 use half::f16;
+use std::f32::consts::{LN_2, LOG2_E};
 
 type Pair<E> = Vector<E, Const<2>>;
 
@@ -79,11 +80,28 @@ fn mma_def() -> MmaDefinition<f16, f16, f32> {
 }
 
 /// Two codes of a word, bytes 0 and 2 of `x` (after a shift), as an
-/// exact `f16` pair.
+/// exact `f16` pair. `bias` is [`CODE_BIAS`], passed in at run time so
+/// that the mask and the bias take one `LOP3` (an instruction takes one
+/// immediate operand; with both known, ptxas emits two).
 #[cube]
-fn codes(x: u32) -> Pair<f16> {
-    let bits = (x & 0x00ff_00ffu32) ^ 0x6480_6480u32;
+fn codes(x: u32, bias: u32) -> Pair<f16> {
+    let bits = (x & 0x00ff_00ffu32) ^ bias;
     Pair::<f16>::reinterpret(bits) - Pair::<f16>::new(f16::new(1152.0))
+}
+
+/// The exponent of 1024 in both halves of a word, and each code's top bit
+/// flipped: `(c + 128) + 1024` as an `f16` once the code is in place.
+pub(crate) const CODE_BIAS: u32 = 0x6480_6480;
+
+/// `e^x` where the scores are natural, `2^x` where they are in base 2
+/// (`q` pre-scaled by `log₂ e`: one `ex2.approx`, see `attention_tc`).
+#[cube]
+fn softmax_exp(x: f32, #[comptime] exp2: bool) -> f32 {
+    if comptime!(exp2) {
+        fast_exp2(x)
+    } else {
+        x.exp()
+    }
 }
 
 /// `x` split into two `f16` pairs whose sum is `x` to about 22 bits.
@@ -157,6 +175,7 @@ fn key_scores(
     s: &mut Array<f32>,
     buf: usize,
     lane: usize,
+    bias: u32,
     #[comptime] dk: usize,
     #[comptime] dv: usize,
 ) {
@@ -178,8 +197,8 @@ fn key_scores(
                 let cc = comptime!(2 * b + i);
                 let x = u32::reinterpret(pair[i]);
                 let mut bf = Array::<Pair<f16>>::new(2usize);
-                bf[0] = codes(x);
-                bf[1] = codes(x >> 8u32);
+                bf[0] = codes(x, bias);
+                bf[1] = codes(x >> 8u32, bias);
                 let qv = qsh[cc * MMA_PLANE + lane];
                 let mut af = Array::<Pair<f16>>::new(4usize);
                 #[unroll]
@@ -204,9 +223,9 @@ fn key_scores(
 /// `b` (high half), from `x = a's bytes 0, 1 ‖ b's bytes 0, 1` (`j` < 2)
 /// or `y` the same of bytes 2, 3.
 #[cube]
-fn value_codes(x: u32, y: u32, #[comptime] j: usize) -> Pair<f16> {
+fn value_codes(x: u32, y: u32, bias: u32, #[comptime] j: usize) -> Pair<f16> {
     let w = if comptime!(j < 2) { x } else { y };
-    codes(w >> comptime!((8 * (j % 2)) as u32))
+    codes(w >> comptime!((8 * (j % 2)) as u32), bias)
 }
 
 /// Words of a staged key row (every key part's codes, `dk / 4` words),
@@ -259,8 +278,8 @@ fn copy_words<S: CubePrimitive, D: CubePrimitive>(
     }
 }
 
-/// Copies one cache part's codes of the step's `STEP` keys from `tile` on
-/// (keys past `hi` take its last) into `dst`: key `k`'s `d / 4` words at
+/// Copies one cache part's codes of the step's `STEP` keys from row `row0`
+/// on (rows past `last` take it) into `dst`: key `k`'s `d / 4` words at
 /// word `to + k · stride` (`du` words a unit of `dst`), in copies of `kn`
 /// words spread over the plane. `layout`: the part's scale words a row
 /// (`nb_row`) and head dims (`d`).
@@ -270,9 +289,8 @@ fn stage_codes<N: Size, D: CubePrimitive>(
     src: &Array<Vector<i32, N>>,
     dst: &mut SharedMemory<D>,
     to: usize,
-    tile: usize,
-    hi: usize,
-    first: usize,
+    row0: usize,
+    last: usize,
     h: usize,
     lane: usize,
     #[comptime] layout: (usize, usize),
@@ -282,16 +300,48 @@ fn stage_codes<N: Size, D: CubePrimitive>(
 ) {
     let (nb_row, d) = layout;
     let per_row = comptime!(d / (4 * kn));
-    let total = comptime!(STEP * per_row);
-    #[unroll]
-    for n in 0..comptime!(total.div_ceil(MMA_PLANE)) {
-        let i = lane + n * MMA_PLANE;
-        if comptime!(total.is_multiple_of(MMA_PLANE)) || i < total {
-            let (k, c) = (i / per_row, i % per_row);
-            let row = first + (tile + k).min(hi - 1);
-            let word = row * comptime!(nb_row * 9) + nb_row + h * comptime!(d / 4) + c * kn;
-            let at = to + k * stride + c * kn;
-            copy_words(src, word / kn, dst, at / du, comptime!(kn as u32));
+    // A row in copies, and the head's first copy in it.
+    let row_copies = comptime!(nb_row * 9 / kn);
+    let head = (comptime!(nb_row) + h * comptime!(d / 4)) / comptime!(kn);
+    if comptime!(MMA_PLANE.is_multiple_of(per_row)) {
+        // Unit `lane` takes copy `lane % per_row` of keys `lane / per_row
+        // + n · per_pass`: the column and the destination are the unit's
+        // for every key.
+        let per_pass = comptime!(MMA_PLANE / per_row);
+        let (k0, c) = (lane / per_row, lane % per_row);
+        let from = head + c;
+        let at = (to + k0 * stride + c * kn) / du;
+        #[unroll]
+        for n in 0..comptime!(STEP.div_ceil(per_pass)) {
+            if comptime!(per_pass <= STEP) || k0 < STEP {
+                let row = (row0 + k0 + comptime!(n * per_pass)).min(last);
+                let to_n = at + comptime!(n * per_pass * stride / du);
+                copy_words(
+                    src,
+                    row * row_copies + from,
+                    dst,
+                    to_n,
+                    comptime!(kn as u32),
+                );
+            }
+        }
+    } else {
+        let total = comptime!(STEP * per_row);
+        #[unroll]
+        for n in 0..comptime!(total.div_ceil(MMA_PLANE)) {
+            let i = lane + n * MMA_PLANE;
+            if comptime!(total.is_multiple_of(MMA_PLANE)) || i < total {
+                let (k, c) = (i / per_row, i % per_row);
+                let row = (row0 + k).min(last);
+                let at = to + k * stride + c * kn;
+                copy_words(
+                    src,
+                    row * row_copies + head + c,
+                    dst,
+                    at / du,
+                    comptime!(kn as u32),
+                );
+            }
         }
     }
 }
@@ -305,9 +355,8 @@ fn stage_scales(
     src: &Array<i32>,
     dst: &mut SharedMemory<i32>,
     to: usize,
-    tile: usize,
-    hi: usize,
-    first: usize,
+    row0: usize,
+    last: usize,
     h: usize,
     lane: usize,
     #[comptime] layout: (usize, usize),
@@ -315,15 +364,42 @@ fn stage_scales(
 ) {
     let (nb_row, d) = layout;
     let per_row = comptime!(d / BLOCK);
-    let total = comptime!(STEP * per_row);
-    #[unroll]
-    for n in 0..comptime!(total.div_ceil(MMA_PLANE)) {
-        let i = lane + n * MMA_PLANE;
-        if comptime!(total.is_multiple_of(MMA_PLANE)) || i < total {
-            let (k, c) = (i / per_row, i % per_row);
-            let row = first + (tile + k).min(hi - 1);
-            let word = row * comptime!(nb_row * 9) + h * per_row + c;
-            copy_words(src, word, dst, to + k * stride + c, 1u32);
+    let row_words = comptime!(nb_row * 9);
+    let head = h * per_row;
+    if comptime!(MMA_PLANE.is_multiple_of(per_row)) {
+        let per_pass = comptime!(MMA_PLANE / per_row);
+        let (k0, c) = (lane / per_row, lane % per_row);
+        let from = head + c;
+        let at = to + k0 * stride + c;
+        #[unroll]
+        for n in 0..comptime!(STEP.div_ceil(per_pass)) {
+            if comptime!(per_pass <= STEP) || k0 < STEP {
+                let row = (row0 + k0 + comptime!(n * per_pass)).min(last);
+                copy_words(
+                    src,
+                    row * row_words + from,
+                    dst,
+                    at + comptime!(n * per_pass * stride),
+                    1u32,
+                );
+            }
+        }
+    } else {
+        let total = comptime!(STEP * per_row);
+        #[unroll]
+        for n in 0..comptime!(total.div_ceil(MMA_PLANE)) {
+            let i = lane + n * MMA_PLANE;
+            if comptime!(total.is_multiple_of(MMA_PLANE)) || i < total {
+                let (k, c) = (i / per_row, i % per_row);
+                let row = (row0 + k).min(last);
+                copy_words(
+                    src,
+                    row * row_words + head + c,
+                    dst,
+                    to + k * stride + c,
+                    1u32,
+                );
+            }
         }
     }
 }
@@ -373,13 +449,14 @@ fn stage_step<N: Size>(
         kv_heads * dv / BLOCK
     ));
     let (k_at, s_at) = (buf * comptime!(words[0]), buf * comptime!(words[1]));
+    // Keys past `hi` take its last.
+    let (row0, last) = (first + tile, first + hi - 1);
     stage_codes::<N, Vector<i32, Const<2>>>(
         c0,
         &mut sh.keys,
         k_at,
-        tile,
-        hi,
-        first,
+        row0,
+        last,
         h,
         lane,
         (nb0, d0),
@@ -391,9 +468,8 @@ fn stage_step<N: Size>(
         s0,
         &mut sh.key_scales,
         s_at,
-        tile,
-        hi,
-        first,
+        row0,
+        last,
         h,
         lane,
         (nb0, d0),
@@ -404,9 +480,8 @@ fn stage_step<N: Size>(
             c1,
             &mut sh.keys,
             k_at + comptime!(d0 / 4),
-            tile,
-            hi,
-            first,
+            row0,
+            last,
             h,
             lane,
             (nb1, d1),
@@ -418,9 +493,8 @@ fn stage_step<N: Size>(
             s1,
             &mut sh.key_scales,
             s_at + comptime!(d0 / BLOCK),
-            tile,
-            hi,
-            first,
+            row0,
+            last,
             h,
             lane,
             (nb1, d1),
@@ -431,9 +505,8 @@ fn stage_step<N: Size>(
         cvn,
         &mut sh.values,
         buf * comptime!(words[2]),
-        tile,
-        hi,
-        first,
+        row0,
+        last,
         h,
         lane,
         (nbv, dv),
@@ -445,9 +518,8 @@ fn stage_step<N: Size>(
         cv,
         &mut sh.value_scales,
         buf * comptime!(words[3]),
-        tile,
-        hi,
-        first,
+        row0,
+        last,
         h,
         lane,
         (nbv, dv),
@@ -518,8 +590,10 @@ fn compute_step(
     limit: usize,
     lane: usize,
     neg_inf: f32,
+    bias: u32,
     #[comptime] dk: usize,
     #[comptime] dv: usize,
+    #[comptime] exp2: bool,
 ) {
     let def = mma_def();
     let t = lane % 4;
@@ -529,7 +603,7 @@ fn compute_step(
     for i in 0..4usize {
         s[i] = f32::new(0.0);
     }
-    key_scores(sh, qsh, &mut s, buf, lane, dk, dv);
+    key_scores(sh, qsh, &mut s, buf, lane, bias, dk, dv);
     // Mask, then the online softmax over the row's 16 keys.
     let m = ml[0];
     let mut mx = m;
@@ -545,7 +619,7 @@ fn compute_step(
     mx = mx.max(plane_shuffle_xor(mx, 2u32));
     if mx > m {
         // A row with no visible key before has a zero output.
-        let corr = (m - mx).exp();
+        let corr = softmax_exp(m - mx, exp2);
         ml[1] *= corr;
         #[unroll]
         for i in 0..dv / 4 {
@@ -556,10 +630,8 @@ fn compute_step(
     let mut p = Array::<f32>::new(4usize);
     #[unroll]
     for i in 0..4usize {
-        let mut x = f32::new(0.0);
-        if s[i] != neg_inf {
-            x = (s[i] - mx).exp();
-        }
+        // A masked score gives 0 (and NaN where the row has seen no key).
+        let x = select(s[i] != neg_inf, softmax_exp(s[i] - mx, exp2), f32::new(0.0));
         ml[1] += x;
         p[i] = x;
     }
@@ -606,8 +678,8 @@ fn compute_step(
         #[unroll]
         for j in 0..4usize {
             let mut bf = Array::<Pair<f16>>::new(2usize);
-            bf[0] = value_codes(x01, y01, j);
-            bf[1] = value_codes(x89, y89, j);
+            bf[0] = value_codes(x01, y01, bias, j);
+            bf[1] = value_codes(x89, y89, bias, j);
             let n = comptime!(4 * bb + j);
             let mut acc = Array::<Pair<f32>>::new(2usize);
             acc[0] = o[comptime!(2 * n)];
@@ -648,6 +720,7 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
     slots: usize,
     scale: f32,
     neg_inf: f32,
+    code_bias: u32,
     #[comptime] causal: bool,
     #[comptime] kv_heads: usize,
     #[comptime] d0: usize,
@@ -656,7 +729,15 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
     #[comptime] nq: usize,
     #[comptime] kn: usize,
     #[comptime] stages: usize,
+    #[comptime] exp2: bool,
+    #[comptime] runtime_bias: bool,
 ) {
+    let mut bias = u32::new(CODE_BIAS as i64);
+    if comptime!(runtime_bias) {
+        bias = code_bias;
+    }
+    // The scores in base 2 where the softmax takes `2^x`.
+    let scale = select(exp2, scale * f32::new(LOG2_E), scale);
     let dk = comptime!(d0 + d1);
     let bh = CUBE_POS_X as usize;
     let split_at = CUBE_POS_Y as usize;
@@ -835,8 +916,10 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
                 limit,
                 lane,
                 neg_inf,
+                bias,
                 dk,
                 dv,
+                exp2,
             );
         }
         i += 1;
@@ -850,7 +933,8 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
     let mut a_sh = SharedMemory::<f32>::new(comptime!(WARPS * nq * dv));
     if g < nq {
         if t == 0 {
-            m_sh[warp * nq + g] = ml[0];
+            // The maximum in natural units, as the combine takes it.
+            m_sh[warp * nq + g] = select(exp2, ml[0] * f32::new(LN_2), ml[0]);
             l_sh[warp * nq + g] = l;
         }
         #[unroll]
@@ -910,6 +994,15 @@ pub(crate) struct Staging {
     pub stages: usize,
     /// Cubes a multiprocessor holds at once (shared memory, registers).
     pub cubes_per_sm: usize,
+    /// The softmax in base 2 (`CARAMBA_KV_EXP2`, default on).
+    pub exp2: bool,
+    /// The codes' bias passed at run time (`CARAMBA_KV_BIAS`, default on).
+    pub runtime_bias: bool,
+}
+
+/// A `0`/`1` switch from the environment, read once per call site.
+fn env_flag(var: &str, default: bool) -> bool {
+    std::env::var(var).map_or(default, |v| v != "0")
 }
 
 /// Bytes of shared memory a cube takes: the planes' stages, `q`'s
@@ -986,5 +1079,7 @@ pub(crate) fn plan<R: Runtime>(
         kn,
         stages,
         cubes_per_sm: by_shared.clamp(1, CUBES_BY_REGISTERS),
+        exp2: env_flag("CARAMBA_KV_EXP2", true),
+        runtime_bias: env_flag("CARAMBA_KV_BIAS", true),
     })
 }
