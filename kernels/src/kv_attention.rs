@@ -1194,8 +1194,6 @@ pub fn launch_kv_attention<R: Runtime>(
                 nq,
                 plan.kn,
                 plan.stages,
-                plan.exp2,
-                plan.runtime_bias,
             );
         });
     } else if let Some((lanes, geo)) = decode {

@@ -43,12 +43,30 @@
 //!
 //! A code `c` becomes an `f16` by placing `c + 128` (the byte with its
 //! top bit flipped) in the mantissa of 1024 and subtracting 1152: one
-//! logic instruction and one half-pair subtraction per two codes.
+//! logic instruction and one half-pair subtraction per two codes (the
+//! bias comes in as a kernel argument: with both the mask and the bias
+//! known, ptxas spends two logic instructions).
+//!
+//! The softmax runs in base 2 (`q` pre-scaled by `log₂ e`, one
+//! `ex2.approx` a score, as in `attention_tc`); the partials' maxima are
+//! written back in natural units for the combine.
+//!
+//! **Staging.** A plane's steps go through shared memory: each step's key
+//! and value codes and scales are copied there by `cp.async` (16- or
+//! 8-byte copies of codes, 4-byte copies of scales, spread over the
+//! plane), `stages − 1` steps ahead of the step the plane computes on, and
+//! read back as the products take them. The in-flight bytes then take no
+//! registers (the register-pipelined version held two steps in about 160
+//! of its 255), and the kernel fits in 128 registers. The cube's planes
+//! meet on one barrier a stage. Rows of 128 dims or more are swizzled
+//! (chunk `c` of row `r` at `c ^ 2·(r mod 4)`), narrower ones padded, so
+//! that the rows a plane reads at once fall in distinct banks.
 //!
 //! Where it stops: q8 keys and values, every part's head slice a multiple
-//! of 32 dims, at most [`MMA_MAX_DK`] key dims and [`MMA_MAX_DV`] value
-//! dims per head (registers), at most 8 query rows per kv head; anything
-//! else takes the CUDA-core decode kernel.
+//! of 32 dims and an even number of scale words a cache row (the copies
+//! are at least 8 bytes), at most [`MMA_MAX_DK`] key dims and
+//! [`MMA_MAX_DV`] value dims per head (registers), at most 8 query rows per
+//! kv head; anything else takes the CUDA-core decode kernel.
 
 use crate::attention_tc::{fast_exp2, has_half_mma};
 use crate::kv_attention::{combine_planes, visible_keys, CachePart, WARPS};
@@ -92,17 +110,6 @@ fn codes(x: u32, bias: u32) -> Pair<f16> {
 /// The exponent of 1024 in both halves of a word, and each code's top bit
 /// flipped: `(c + 128) + 1024` as an `f16` once the code is in place.
 pub(crate) const CODE_BIAS: u32 = 0x6480_6480;
-
-/// `e^x` where the scores are natural, `2^x` where they are in base 2
-/// (`q` pre-scaled by `log₂ e`: one `ex2.approx`, see `attention_tc`).
-#[cube]
-fn softmax_exp(x: f32, #[comptime] exp2: bool) -> f32 {
-    if comptime!(exp2) {
-        fast_exp2(x)
-    } else {
-        x.exp()
-    }
-}
 
 /// `x` split into two `f16` pairs whose sum is `x` to about 22 bits.
 #[cube]
@@ -183,12 +190,15 @@ fn key_scores(
     let (g, t) = (lane / 4, lane % 4);
     let words = comptime!(stage_words(dk, dv));
     let (kst, kb_all) = comptime!((key_stride(dk), dk / BLOCK));
+    // Rows `8nb + g` (the swizzle's `r mod 4` is `g mod 4`).
+    let xor = select(comptime!(swizzled(dk)), g % 4, 0);
     #[unroll]
     for nb in 0..2usize {
         let row = (buf * comptime!(words[0]) + (nb * 8 + g) * kst) / 2;
         #[unroll]
         for b in 0..kb_all {
-            let pair = sh.keys[row + 4 * b + t];
+            // Words 8b + 2t, 8b + 2t + 1: chunk 2b + t/2 (swizzled).
+            let pair = sh.keys[row + 4 * (b ^ xor) + t];
             let mut acc = Array::<Pair<f32>>::new(2usize);
             acc[0] = Pair::<f32>::new(f32::new(0.0));
             acc[1] = Pair::<f32>::new(f32::new(0.0));
@@ -228,24 +238,51 @@ fn value_codes(x: u32, y: u32, bias: u32, #[comptime] j: usize) -> Pair<f16> {
     codes(w >> comptime!((8 * (j % 2)) as u32), bias)
 }
 
+/// Whether staged rows of `d` codes are swizzled rather than padded: where
+/// they hold a power of two of at least 8 chunks of 16 bytes (128 dims or
+/// 256). Row `r`'s chunk `c` then sits at chunk `c ^ 2·(r mod 4)` (key
+/// rows) or `c ^ 2·(⌊r/2⌋ mod 4)` (value rows), so that the rows a plane
+/// reads at once fall in distinct banks, as the padding does otherwise.
+pub(crate) const fn swizzled(d: usize) -> bool {
+    let chunks = d / 16;
+    chunks >= 8 && chunks.is_power_of_two()
+}
+
 /// Words of a staged key row (every key part's codes, `dk / 4` words),
-/// plus 8 where that is a multiple of 16: a plane reads 8-byte words of 8
-/// rows at once, half a plane a pass, and a stride of 8 (mod 32) words puts
-/// each pass's 4 rows in distinct banks.
+/// unless swizzled plus 8 where that is a multiple of 16: a plane reads
+/// 8-byte words of 8 rows at once, half a plane a pass, and a stride of 8
+/// (mod 32) words puts each pass's 4 rows in distinct banks.
 pub(crate) const fn key_stride(dk: usize) -> usize {
     let w = dk / 4;
-    if w.is_multiple_of(16) {
+    if !swizzled(dk) && w.is_multiple_of(16) {
         w + 8
     } else {
         w
     }
 }
 
-/// Words of a staged value row: `dv / 4 + 4`. A unit group reads word `g`
-/// of the rows `2t (+ 1)`, and a stride of 4 (mod 8) words puts the 4 rows
-/// of a pass in distinct banks.
+/// Words of a staged value row: `dv / 4`, plus 4 unless swizzled. A unit
+/// group reads word `g` of the rows `2t (+ 1)`, and a stride of 4 (mod 8)
+/// words puts the 4 rows of a pass in distinct banks.
 pub(crate) const fn value_stride(dv: usize) -> usize {
-    dv / 4 + 4
+    if swizzled(dv) {
+        dv / 4
+    } else {
+        dv / 4 + 4
+    }
+}
+
+/// Where word `w` of staged row `r` sits in the row (module doc of
+/// [`swizzled`]): `rows` is 0 for unswizzled rows, 1 for key rows, 2 for
+/// value rows.
+#[cube]
+fn slot(w: usize, r: usize, #[comptime] rows: usize) -> usize {
+    if comptime!(rows == 0) {
+        w
+    } else {
+        let xor = 2 * ((r / rows) % 4);
+        (((w / 4) ^ xor) * 4) + w % 4
+    }
 }
 
 /// Words of one plane's stage, per buffer: key codes, key scales, value
@@ -279,9 +316,10 @@ fn copy_words<S: CubePrimitive, D: CubePrimitive>(
 }
 
 /// Copies one cache part's codes of the step's `STEP` keys from row `row0`
-/// on (rows past `last` take it) into `dst`: key `k`'s `d / 4` words at
-/// word `to + k · stride` (`du` words a unit of `dst`), in copies of `kn`
-/// words spread over the plane. `layout`: the part's scale words a row
+/// on (rows past `last` take it) into `dst`: key `k`'s `d / 4` words from
+/// word `off` of staged row `k` on (`to + k · stride`, swizzled as [`slot`]
+/// says for `rows`; `du` words a unit of `dst`), in copies of `kn` words
+/// spread over the plane. `layout`: the part's scale words a row
 /// (`nb_row`) and head dims (`d`).
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -295,9 +333,11 @@ fn stage_codes<N: Size, D: CubePrimitive>(
     lane: usize,
     #[comptime] layout: (usize, usize),
     #[comptime] stride: usize,
+    #[comptime] place: (usize, usize),
     #[comptime] du: usize,
     #[comptime] kn: usize,
 ) {
+    let (off, rows) = place;
     let (nb_row, d) = layout;
     let per_row = comptime!(d / (4 * kn));
     // A row in copies, and the head's first copy in it.
@@ -310,12 +350,14 @@ fn stage_codes<N: Size, D: CubePrimitive>(
         let per_pass = comptime!(MMA_PLANE / per_row);
         let (k0, c) = (lane / per_row, lane % per_row);
         let from = head + c;
-        let at = (to + k0 * stride + c * kn) / du;
+        let at = to + k0 * stride;
         #[unroll]
         for n in 0..comptime!(STEP.div_ceil(per_pass)) {
             if comptime!(per_pass <= STEP) || k0 < STEP {
-                let row = (row0 + k0 + comptime!(n * per_pass)).min(last);
-                let to_n = at + comptime!(n * per_pass * stride / du);
+                let k = k0 + comptime!(n * per_pass);
+                let row = (row0 + k).min(last);
+                let word = slot(comptime!(off) + c * kn, k, rows);
+                let to_n = (at + comptime!(n * per_pass * stride) + word) / du;
                 copy_words(
                     src,
                     row * row_copies + from,
@@ -333,7 +375,7 @@ fn stage_codes<N: Size, D: CubePrimitive>(
             if comptime!(total.is_multiple_of(MMA_PLANE)) || i < total {
                 let (k, c) = (i / per_row, i % per_row);
                 let row = (row0 + k).min(last);
-                let at = to + k * stride + c * kn;
+                let at = to + k * stride + slot(comptime!(off) + c * kn, k, rows);
                 copy_words(
                     src,
                     row * row_copies + head + c,
@@ -451,6 +493,8 @@ fn stage_step<N: Size>(
     let (k_at, s_at) = (buf * comptime!(words[0]), buf * comptime!(words[1]));
     // Keys past `hi` take its last.
     let (row0, last) = (first + tile, first + hi - 1);
+    let key_rows = comptime!(if swizzled(dk) { 1usize } else { 0usize });
+    let value_rows = comptime!(if swizzled(dv) { 2usize } else { 0usize });
     stage_codes::<N, Vector<i32, Const<2>>>(
         c0,
         &mut sh.keys,
@@ -461,6 +505,7 @@ fn stage_step<N: Size>(
         lane,
         (nb0, d0),
         kst,
+        (0usize, key_rows),
         2usize,
         kn,
     );
@@ -479,13 +524,14 @@ fn stage_step<N: Size>(
         stage_codes::<N, Vector<i32, Const<2>>>(
             c1,
             &mut sh.keys,
-            k_at + comptime!(d0 / 4),
+            k_at,
             row0,
             last,
             h,
             lane,
             (nb1, d1),
             kst,
+            (comptime!(d0 / 4), key_rows),
             2usize,
             kn,
         );
@@ -511,6 +557,7 @@ fn stage_step<N: Size>(
         lane,
         (nbv, dv),
         vst,
+        (0usize, value_rows),
         1usize,
         kn,
     );
@@ -593,7 +640,6 @@ fn compute_step(
     bias: u32,
     #[comptime] dk: usize,
     #[comptime] dv: usize,
-    #[comptime] exp2: bool,
 ) {
     let def = mma_def();
     let t = lane % 4;
@@ -619,7 +665,7 @@ fn compute_step(
     mx = mx.max(plane_shuffle_xor(mx, 2u32));
     if mx > m {
         // A row with no visible key before has a zero output.
-        let corr = softmax_exp(m - mx, exp2);
+        let corr = fast_exp2(m - mx);
         ml[1] *= corr;
         #[unroll]
         for i in 0..dv / 4 {
@@ -631,7 +677,7 @@ fn compute_step(
     #[unroll]
     for i in 0..4usize {
         // A masked score gives 0 (and NaN where the row has seen no key).
-        let x = select(s[i] != neg_inf, softmax_exp(s[i] - mx, exp2), f32::new(0.0));
+        let x = select(s[i] != neg_inf, fast_exp2(s[i] - mx), f32::new(0.0));
         ml[1] += x;
         p[i] = x;
     }
@@ -668,7 +714,10 @@ fn compute_step(
         let mut w = Array::<u32>::new(4usize);
         #[unroll]
         for kk in 0..4usize {
-            w[kk] = u32::reinterpret(sh.values[vr[kk] + bb * 8]);
+            // Word 8bb + g: chunk 2bb + g/4, swizzled by 2t for all
+            // four keys (`⌊key/2⌋ mod 4` is `t`).
+            let at = select(comptime!(swizzled(dv)), bb ^ t, bb);
+            w[kk] = u32::reinterpret(sh.values[vr[kk] + at * 8]);
         }
         let (w0, w1, w2, w3) = (w[0], w[1], w[2], w[3]);
         let x01 = (w0 & 0xffffu32) | (w1 << 16u32);
@@ -729,15 +778,10 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
     #[comptime] nq: usize,
     #[comptime] kn: usize,
     #[comptime] stages: usize,
-    #[comptime] exp2: bool,
-    #[comptime] runtime_bias: bool,
 ) {
-    let mut bias = u32::new(CODE_BIAS as i64);
-    if comptime!(runtime_bias) {
-        bias = code_bias;
-    }
-    // The scores in base 2 where the softmax takes `2^x`.
-    let scale = select(exp2, scale * f32::new(LOG2_E), scale);
+    let bias = code_bias;
+    // The scores in base 2: the softmax takes `2^x`.
+    let scale = scale * f32::new(LOG2_E);
     let dk = comptime!(d0 + d1);
     let bh = CUBE_POS_X as usize;
     let split_at = CUBE_POS_Y as usize;
@@ -919,7 +963,6 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
                 bias,
                 dk,
                 dv,
-                exp2,
             );
         }
         i += 1;
@@ -934,7 +977,7 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
     if g < nq {
         if t == 0 {
             // The maximum in natural units, as the combine takes it.
-            m_sh[warp * nq + g] = select(exp2, ml[0] * f32::new(LN_2), ml[0]);
+            m_sh[warp * nq + g] = ml[0] * f32::new(LN_2);
             l_sh[warp * nq + g] = l;
         }
         #[unroll]
@@ -956,8 +999,8 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
 pub const MAX_STAGES: usize = 4;
 /// Stages unless `CARAMBA_KV_STAGES` says otherwise (2 to 4).
 const STAGES: usize = 3;
-/// Cubes of 128 units a multiprocessor holds at once by registers (the
-/// kernel's count by ptxas, sm_90, at most 128 a unit).
+/// Cubes of 128 units a multiprocessor holds at once by registers: ptxas
+/// gives the kernel 127 registers a unit at 128 dims (sm_90).
 const CUBES_BY_REGISTERS: usize = 4;
 
 /// `CARAMBA_KV_MMA`, read once per process (for benchmarks): `0` turns
@@ -994,15 +1037,6 @@ pub(crate) struct Staging {
     pub stages: usize,
     /// Cubes a multiprocessor holds at once (shared memory, registers).
     pub cubes_per_sm: usize,
-    /// The softmax in base 2 (`CARAMBA_KV_EXP2`, default on).
-    pub exp2: bool,
-    /// The codes' bias passed at run time (`CARAMBA_KV_BIAS`, default on).
-    pub runtime_bias: bool,
-}
-
-/// A `0`/`1` switch from the environment, read once per call site.
-fn env_flag(var: &str, default: bool) -> bool {
-    std::env::var(var).map_or(default, |v| v != "0")
 }
 
 /// Bytes of shared memory a cube takes: the planes' stages, `q`'s
@@ -1079,7 +1113,5 @@ pub(crate) fn plan<R: Runtime>(
         kn,
         stages,
         cubes_per_sm: by_shared.clamp(1, CUBES_BY_REGISTERS),
-        exp2: env_flag("CARAMBA_KV_EXP2", true),
-        runtime_bias: env_flag("CARAMBA_KV_BIAS", true),
     })
 }

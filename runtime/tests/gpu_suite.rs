@@ -1179,12 +1179,31 @@ pub fn kv_decode_chunks<R: Runtime>(dev: &R::Device) {
         ((2, 4, 4, 2), vec![part(q8, 96), part(q8, 96)]),
         // The tensor-core kernel (CUDA) on shapes of its own: different
         // key and value dims, DBA's two key parts (one 32-dim block a
-        // head, a single kv head: an odd number of scale words a row),
-        // and 3 query rows a head.
+        // head, a single kv head: an odd number of scale words a row,
+        // which it leaves to the CUDA-core kernel), and 3 query rows a
+        // head with 8-byte copies (6 scale words a row).
         ((2, 8, 4, 1), vec![part(q8, 96), part(q8, 64)]),
         ((3, 1, 8, 1), vec![part(q8, 64), part(q8, 32), part(q8, 64)]),
         ((2, 3, 3, 1), vec![part(q8, 64), part(q8, 64)]),
     ];
+    // Heads of 128 dims, where the tensor-core kernel swizzles its staged
+    // rows: 16-byte copies; two key parts of 64 (8-byte copies) whose rows
+    // meet at the swizzle. Only where the device's shared memory holds the
+    // staged kernel's 128-dim tiles (not lavapipe's 32 KB).
+    let wide = [
+        (
+            (2usize, 8usize, 4usize, 1usize),
+            vec![part(q8, 128), part(q8, 128)],
+        ),
+        (
+            (2, 3, 3, 1),
+            vec![part(q8, 64), part(q8, 64), part(q8, 128)],
+        ),
+    ];
+    let shared = R::client(dev).properties().hardware.max_shared_memory_size;
+    let cases = cases
+        .into_iter()
+        .chain(wide.into_iter().filter(|_| shared >= 64 * 1024));
     for ((b, kv, grp, t), parts) in cases {
         for causal in [false, true] {
             let shape = (b, kv, grp, t, 700);
