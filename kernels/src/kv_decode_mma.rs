@@ -55,12 +55,12 @@
 //! and value codes and scales are copied there by `cp.async` (16- or
 //! 8-byte copies of codes, 4-byte copies of scales, spread over the
 //! plane), `stages − 1` steps ahead of the step the plane computes on, and
-//! read back as the products take them. The in-flight bytes then take no
+//! read back as the products take them. The bytes in flight then take no
 //! registers (the register-pipelined version held two steps in about 160
 //! of its 255), and the kernel fits in 128 registers. The cube's planes
-//! meet on one barrier a stage. Rows of 128 dims or more are swizzled
-//! (chunk `c` of row `r` at `c ^ 2·(r mod 4)`), narrower ones padded, so
-//! that the rows a plane reads at once fall in distinct banks.
+//! meet on one barrier a stage. Staged rows are padded so that the rows a
+//! plane reads at once fall in distinct banks (an XOR swizzle instead
+//! saved the padding but cost 20% more instructions, NOTES).
 //!
 //! Where it stops: q8 keys and values, every part's head slice a multiple
 //! of 32 dims and an even number of scale words a cache row (the copies
@@ -190,15 +190,12 @@ fn key_scores(
     let (g, t) = (lane / 4, lane % 4);
     let words = comptime!(stage_words(dk, dv));
     let (kst, kb_all) = comptime!((key_stride(dk), dk / BLOCK));
-    // Rows `8nb + g` (the swizzle's `r mod 4` is `g mod 4`).
-    let xor = select(comptime!(swizzled(dk)), g % 4, 0);
     #[unroll]
     for nb in 0..2usize {
         let row = (buf * comptime!(words[0]) + (nb * 8 + g) * kst) / 2;
         #[unroll]
         for b in 0..kb_all {
-            // Words 8b + 2t, 8b + 2t + 1: chunk 2b + t/2 (swizzled).
-            let pair = sh.keys[row + 4 * (b ^ xor) + t];
+            let pair = sh.keys[row + 4 * b + t];
             let mut acc = Array::<Pair<f32>>::new(2usize);
             acc[0] = Pair::<f32>::new(f32::new(0.0));
             acc[1] = Pair::<f32>::new(f32::new(0.0));
@@ -238,51 +235,24 @@ fn value_codes(x: u32, y: u32, bias: u32, #[comptime] j: usize) -> Pair<f16> {
     codes(w >> comptime!((8 * (j % 2)) as u32), bias)
 }
 
-/// Whether staged rows of `d` codes are swizzled rather than padded: where
-/// they hold a power of two of at least 8 chunks of 16 bytes (128 dims or
-/// 256). Row `r`'s chunk `c` then sits at chunk `c ^ 2·(r mod 4)` (key
-/// rows) or `c ^ 2·(⌊r/2⌋ mod 4)` (value rows), so that the rows a plane
-/// reads at once fall in distinct banks, as the padding does otherwise.
-pub(crate) const fn swizzled(d: usize) -> bool {
-    let chunks = d / 16;
-    chunks >= 8 && chunks.is_power_of_two()
-}
-
 /// Words of a staged key row (every key part's codes, `dk / 4` words),
-/// unless swizzled plus 8 where that is a multiple of 16: a plane reads
-/// 8-byte words of 8 rows at once, half a plane a pass, and a stride of 8
-/// (mod 32) words puts each pass's 4 rows in distinct banks.
+/// plus 8 where that is a multiple of 16: a plane reads 8-byte words of 8
+/// rows at once, half a plane a pass, and a stride of 8 (mod 32) words puts
+/// each pass's 4 rows in distinct banks.
 pub(crate) const fn key_stride(dk: usize) -> usize {
     let w = dk / 4;
-    if !swizzled(dk) && w.is_multiple_of(16) {
+    if w.is_multiple_of(16) {
         w + 8
     } else {
         w
     }
 }
 
-/// Words of a staged value row: `dv / 4`, plus 4 unless swizzled. A unit
-/// group reads word `g` of the rows `2t (+ 1)`, and a stride of 4 (mod 8)
-/// words puts the 4 rows of a pass in distinct banks.
+/// Words of a staged value row: `dv / 4 + 4`. A unit group reads word `g`
+/// of the rows `2t (+ 1)`, and a stride of 4 (mod 8) words puts the 4 rows
+/// of a pass in distinct banks.
 pub(crate) const fn value_stride(dv: usize) -> usize {
-    if swizzled(dv) {
-        dv / 4
-    } else {
-        dv / 4 + 4
-    }
-}
-
-/// Where word `w` of staged row `r` sits in the row (module doc of
-/// [`swizzled`]): `rows` is 0 for unswizzled rows, 1 for key rows, 2 for
-/// value rows.
-#[cube]
-fn slot(w: usize, r: usize, #[comptime] rows: usize) -> usize {
-    if comptime!(rows == 0) {
-        w
-    } else {
-        let xor = 2 * ((r / rows) % 4);
-        (((w / 4) ^ xor) * 4) + w % 4
-    }
+    dv / 4 + 4
 }
 
 /// Words of one plane's stage, per buffer: key codes, key scales, value
@@ -316,10 +286,9 @@ fn copy_words<S: CubePrimitive, D: CubePrimitive>(
 }
 
 /// Copies one cache part's codes of the step's `STEP` keys from row `row0`
-/// on (rows past `last` take it) into `dst`: key `k`'s `d / 4` words from
-/// word `off` of staged row `k` on (`to + k · stride`, swizzled as [`slot`]
-/// says for `rows`; `du` words a unit of `dst`), in copies of `kn` words
-/// spread over the plane. `layout`: the part's scale words a row
+/// on (rows past `last` take it) into `dst`: key `k`'s `d / 4` words at
+/// word `to + k · stride` (`du` words a unit of `dst`), in copies of `kn`
+/// words spread over the plane. `layout`: the part's scale words a row
 /// (`nb_row`) and head dims (`d`).
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -333,11 +302,9 @@ fn stage_codes<N: Size, D: CubePrimitive>(
     lane: usize,
     #[comptime] layout: (usize, usize),
     #[comptime] stride: usize,
-    #[comptime] place: (usize, usize),
     #[comptime] du: usize,
     #[comptime] kn: usize,
 ) {
-    let (off, rows) = place;
     let (nb_row, d) = layout;
     let per_row = comptime!(d / (4 * kn));
     // A row in copies, and the head's first copy in it.
@@ -350,14 +317,12 @@ fn stage_codes<N: Size, D: CubePrimitive>(
         let per_pass = comptime!(MMA_PLANE / per_row);
         let (k0, c) = (lane / per_row, lane % per_row);
         let from = head + c;
-        let at = to + k0 * stride;
+        let at = (to + k0 * stride + c * kn) / du;
         #[unroll]
         for n in 0..comptime!(STEP.div_ceil(per_pass)) {
             if comptime!(per_pass <= STEP) || k0 < STEP {
-                let k = k0 + comptime!(n * per_pass);
-                let row = (row0 + k).min(last);
-                let word = slot(comptime!(off) + c * kn, k, rows);
-                let to_n = (at + comptime!(n * per_pass * stride) + word) / du;
+                let row = (row0 + k0 + comptime!(n * per_pass)).min(last);
+                let to_n = at + comptime!(n * per_pass * stride / du);
                 copy_words(
                     src,
                     row * row_copies + from,
@@ -375,7 +340,7 @@ fn stage_codes<N: Size, D: CubePrimitive>(
             if comptime!(total.is_multiple_of(MMA_PLANE)) || i < total {
                 let (k, c) = (i / per_row, i % per_row);
                 let row = (row0 + k).min(last);
-                let at = to + k * stride + slot(comptime!(off) + c * kn, k, rows);
+                let at = to + k * stride + c * kn;
                 copy_words(
                     src,
                     row * row_copies + head + c,
@@ -452,7 +417,9 @@ fn stage_scales(
 struct Staged {
     keys: SharedMemory<Vector<i32, Const<2>>>,
     key_scales: SharedMemory<i32>,
-    values: SharedMemory<i32>,
+    /// Words of codes, held as `f32` so that the planes' outputs can take
+    /// their place at the end.
+    values: SharedMemory<f32>,
     value_scales: SharedMemory<i32>,
 }
 
@@ -493,8 +460,6 @@ fn stage_step<N: Size>(
     let (k_at, s_at) = (buf * comptime!(words[0]), buf * comptime!(words[1]));
     // Keys past `hi` take its last.
     let (row0, last) = (first + tile, first + hi - 1);
-    let key_rows = comptime!(if swizzled(dk) { 1usize } else { 0usize });
-    let value_rows = comptime!(if swizzled(dv) { 2usize } else { 0usize });
     stage_codes::<N, Vector<i32, Const<2>>>(
         c0,
         &mut sh.keys,
@@ -505,7 +470,6 @@ fn stage_step<N: Size>(
         lane,
         (nb0, d0),
         kst,
-        (0usize, key_rows),
         2usize,
         kn,
     );
@@ -524,14 +488,13 @@ fn stage_step<N: Size>(
         stage_codes::<N, Vector<i32, Const<2>>>(
             c1,
             &mut sh.keys,
-            k_at,
+            k_at + comptime!(d0 / 4),
             row0,
             last,
             h,
             lane,
             (nb1, d1),
             kst,
-            (comptime!(d0 / 4), key_rows),
             2usize,
             kn,
         );
@@ -547,7 +510,7 @@ fn stage_step<N: Size>(
             kb_all,
         );
     }
-    stage_codes::<N, i32>(
+    stage_codes::<N, f32>(
         cvn,
         &mut sh.values,
         buf * comptime!(words[2]),
@@ -557,7 +520,6 @@ fn stage_step<N: Size>(
         lane,
         (nbv, dv),
         vst,
-        (0usize, value_rows),
         1usize,
         kn,
     );
@@ -714,10 +676,7 @@ fn compute_step(
         let mut w = Array::<u32>::new(4usize);
         #[unroll]
         for kk in 0..4usize {
-            // Word 8bb + g: chunk 2bb + g/4, swizzled by 2t for all
-            // four keys (`⌊key/2⌋ mod 4` is `t`).
-            let at = select(comptime!(swizzled(dv)), bb ^ t, bb);
-            w[kk] = u32::reinterpret(sh.values[vr[kk] + at * 8]);
+            w[kk] = u32::reinterpret(sh.values[vr[kk] + bb * 8]);
         }
         let (w0, w1, w2, w3) = (w[0], w[1], w[2], w[3]);
         let x01 = (w0 & 0xffffu32) | (w1 << 16u32);
@@ -798,7 +757,7 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
             16usize,
         ),
         key_scales: SharedMemory::<i32>::new(comptime!(buffers * words[1])),
-        values: SharedMemory::<i32>::new_aligned(comptime!(buffers * words[2]), 16usize),
+        values: SharedMemory::<f32>::new_aligned(comptime!(buffers * words[2]), 16usize),
         value_scales: SharedMemory::<i32>::new(comptime!(buffers * words[3])),
     };
     let bars = StageBarriers {
@@ -973,7 +932,10 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
     l += plane_shuffle_xor(l, 2u32);
     let mut m_sh = SharedMemory::<f32>::new(comptime!(WARPS * nq));
     let mut l_sh = SharedMemory::<f32>::new(comptime!(WARPS * nq));
-    let mut a_sh = SharedMemory::<f32>::new(comptime!(WARPS * nq * dv));
+    // The planes' outputs go where the values were staged (it holds them:
+    // `stages · 16 · (dv/4 + 4) ≥ 8 · dv` words for 2 stages on), once
+    // every plane is done with its last step.
+    sync_cube();
     if g < nq {
         if t == 0 {
             // The maximum in natural units, as the combine takes it.
@@ -984,14 +946,14 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
         for n in 0..nblocks {
             let (bb, j) = comptime!((n / 4, n % 4));
             let at = (warp * nq + g) * dv + bb * BLOCK + 8 * t + j;
-            a_sh[at] = o[comptime!(2 * n)][0] + o[comptime!(2 * n + 1)][0];
-            a_sh[at + 4] = o[comptime!(2 * n)][1] + o[comptime!(2 * n + 1)][1];
+            sh.values[at] = o[comptime!(2 * n)][0] + o[comptime!(2 * n + 1)][0];
+            sh.values[at + 4] = o[comptime!(2 * n)][1] + o[comptime!(2 * n + 1)][1];
         }
     }
     sync_cube();
     combine_planes(
-        &m_sh, &l_sh, &a_sh, m_out, l_out, acc_out, bh, rows, slots, split_at, neg_inf, nq, dv,
-        MMA_PLANE,
+        &m_sh, &l_sh, &sh.values, m_out, l_out, acc_out, bh, rows, slots, split_at, neg_inf, nq,
+        dv, MMA_PLANE,
     );
 }
 
@@ -1039,11 +1001,12 @@ pub(crate) struct Staging {
     pub cubes_per_sm: usize,
 }
 
-/// Bytes of shared memory a cube takes: the planes' stages, `q`'s
-/// fragments, the planes' merge (`nq` rows) and the barriers.
+/// Bytes of shared memory a cube takes: the planes' stages (whose value
+/// buffers also take the planes' outputs at the end), `q`'s fragments,
+/// the planes' maxima and sums (`nq` rows) and the barriers.
 pub(crate) fn shared_bytes(dk: usize, dv: usize, nq: usize, stages: usize) -> usize {
     let stage: usize = stage_words(dk, dv).iter().sum();
-    4 * (WARPS * stages * stage + dk / 16 * MMA_PLANE * 4 + WARPS * nq * (dv + 2)) + 8 * MAX_STAGES
+    4 * (WARPS * stages * stage + dk / 16 * MMA_PLANE * 4 + 2 * WARPS * nq) + 8 * MAX_STAGES
 }
 
 /// The number of key chunks for `bh` (batch, kv head) pairs: one wave of
@@ -1109,6 +1072,8 @@ pub(crate) fn plan<R: Runtime>(
     // A multiprocessor's shared memory is taken to be the most a cube may
     // ask for plus 1 KB (sm_80 on), less 1 KB the driver keeps a cube.
     let by_shared = (limit + 1024) / (shared_bytes(dk, dv, nq, stages) + 1024);
+    // The planes' outputs fit where the values were staged (kernel).
+    debug_assert!(WARPS * stages * stage_words(dk, dv)[2] >= WARPS * nq * dv);
     Some(Staging {
         kn,
         stages,
