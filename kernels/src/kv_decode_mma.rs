@@ -959,8 +959,11 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
 
 /// Shared buffers a plane stages its steps in, at most (the barriers).
 pub const MAX_STAGES: usize = 4;
-/// Stages unless `CARAMBA_KV_STAGES` says otherwise (2 to 4).
-const STAGES: usize = 3;
+/// Stages unless `CARAMBA_KV_STAGES` says otherwise (2 to 4). On the H200
+/// at 128 dims, 4 stages (two cubes a multiprocessor) and 2 stages (four
+/// cubes) took the same kernel time, 93 µs; 3 stages (three cubes) took
+/// 113 µs (BENCHMARKS, twenty-second session).
+const STAGES: usize = 4;
 /// Cubes of 128 units a multiprocessor holds at once by registers: ptxas
 /// gives the kernel 127 registers a unit at 128 dims (sm_90).
 const CUBES_BY_REGISTERS: usize = 4;
