@@ -1023,19 +1023,15 @@ pub(crate) fn splits<R: Runtime>(client: &ComputeClient<R>, bh: usize, plan: Sta
     }
 }
 
-/// Words a copy of codes: 4 where every part's rows of `heads` kv heads
-/// have a multiple of 4 scale words (then every head slice of codes starts
-/// on 16 bytes), 2 where an even number, else none (the kernel does not
-/// serve such caches).
-fn copy_words_for(heads: usize, parts: &[&CachePart]) -> Option<usize> {
-    let scale_words = |p: &&CachePart| heads * p.dim / BLOCK;
-    if parts.iter().all(|p| scale_words(p).is_multiple_of(4)) {
-        Some(4)
-    } else if parts.iter().all(|p| scale_words(p).is_multiple_of(2)) {
-        Some(2)
-    } else {
-        None
-    }
+/// Words a copy of codes for parts of `dims` dims a head: 4 where every
+/// part's rows of `heads` kv heads have a multiple of 4 scale words (then
+/// every head slice of codes starts on 16 bytes), 2 where an even number,
+/// else none (the kernel does not serve such caches).
+fn copy_words_for(heads: usize, dims: &[usize]) -> Option<usize> {
+    let scale_words = |d: &usize| heads * d / BLOCK;
+    [4, 2]
+        .into_iter()
+        .find(|&n| dims.iter().all(|d| scale_words(d).is_multiple_of(n)))
 }
 
 /// How the kernel serves a decode step of `rows` query rows per kv head
@@ -1065,8 +1061,8 @@ pub(crate) fn plan<R: Runtime>(
     if !served {
         return None;
     }
-    let parts: Vec<&CachePart> = keys.iter().chain([values]).collect();
-    let kn = copy_words_for(heads, &parts)?;
+    let dims: Vec<usize> = keys.iter().chain([values]).map(|p| p.dim).collect();
+    let kn = copy_words_for(heads, &dims)?;
     let hardware = &client.properties().hardware;
     let limit = hardware.max_shared_memory_size;
     let stages = (2..=stages_wanted())
@@ -1082,4 +1078,57 @@ pub(crate) fn plan<R: Runtime>(
         stages,
         cubes_per_sm: by_shared.clamp(1, CUBES_BY_REGISTERS),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// H100 / H200: the most shared memory a cube may take.
+    const SM90_SHARED: usize = 227 * 1024;
+
+    fn cubes(dk: usize, dv: usize, nq: usize, stages: usize) -> usize {
+        (SM90_SHARED + 1024) / (shared_bytes(dk, dv, nq, stages) + 1024)
+    }
+
+    #[test]
+    fn copies_are_as_wide_as_the_rows_allow() {
+        // 8 kv heads of 128 dims: 32 scale words a row.
+        assert_eq!(copy_words_for(8, &[128, 128]), Some(4));
+        // 3 kv heads of 64: 6 scale words a row, 8-byte copies.
+        assert_eq!(copy_words_for(3, &[64, 64, 128]), Some(2));
+        // One kv head of 32 dims: 1 scale word, the CUDA-core kernel.
+        assert_eq!(copy_words_for(1, &[64, 32, 64]), None);
+    }
+
+    #[test]
+    fn staged_rows_keep_copies_aligned_and_hold_the_merge() {
+        for dk in (32..=MMA_MAX_DK).step_by(32) {
+            for dv in (32..=MMA_MAX_DV).step_by(32) {
+                let [k, ks, v, vs] = stage_words(dk, dv);
+                // 16-byte copies land on 16 bytes: rows of whole chunks.
+                assert_eq!(key_stride(dk) % 4, 0, "dk {dk}");
+                assert_eq!(value_stride(dv) % 4, 0, "dv {dv}");
+                assert_eq!((k, v), (STEP * key_stride(dk), STEP * value_stride(dv)));
+                assert_eq!((ks, vs), (STEP * dk / BLOCK, STEP * dv / BLOCK));
+                // The planes' outputs fit the value buffers (the kernel's
+                // merge writes them there) at every depth and row count.
+                for stages in 2..=MAX_STAGES {
+                    assert!(stages * v >= MMA_ROWS * dv, "dv {dv}, {stages} stages");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_benchmark_shape_fits_as_measured() {
+        // 128-dim heads, 4 rows a kv head: two cubes a multiprocessor at
+        // 4 stages, three at 3, four at 2 (BENCHMARKS, twenty-second
+        // session; Nsight Compute showed the same limits).
+        assert_eq!(cubes(128, 128, 4, 4), 2);
+        assert_eq!(cubes(128, 128, 4, 3), 3);
+        assert_eq!(cubes(128, 128, 4, 2), 4);
+        // The widest heads still fit one cube at the deepest staging.
+        assert!(shared_bytes(MMA_MAX_DK, MMA_MAX_DV, MMA_ROWS, MAX_STAGES) <= SM90_SHARED);
+    }
 }
