@@ -1186,10 +1186,10 @@ pub fn kv_decode_chunks<R: Runtime>(dev: &R::Device) {
         ((3, 1, 8, 1), vec![part(q8, 64), part(q8, 32), part(q8, 64)]),
         ((2, 3, 3, 1), vec![part(q8, 64), part(q8, 64)]),
     ];
-    // Heads of 128 dims, where the tensor-core kernel swizzles its staged
-    // rows: 16-byte copies; two key parts of 64 (8-byte copies) whose rows
-    // meet at the swizzle. Only where the device's shared memory holds the
-    // staged kernel's 128-dim tiles (not lavapipe's 32 KB).
+    // Heads of 128 dims (the benchmark's): the tensor-core kernel's
+    // 16-byte copies into padded staged rows; two key parts of 64 (8-byte
+    // copies) that meet in one staged row. Only where the device's shared
+    // memory holds the staged kernel's 128-dim tiles (not lavapipe's 32 KB).
     let wide = [
         (
             (2usize, 8usize, 4usize, 1usize),
