@@ -582,8 +582,8 @@ struct StageBarriers {
     b3: Shared<Barrier>,
 }
 
-/// One step of 16 keys from `tile` on, its loads in registers (as
-/// [`read_step`] left them): scores, mask (keys at or past this row's
+/// One step of 16 keys from `tile` on, staged in buffer `buf` of `sh`
+/// (read back as the products take it): scores, mask (keys at or past this row's
 /// `limit` or `hi`), the online softmax (`ml`: the row's running max and
 /// this unit's share of its sum) and `o += p·v`.
 #[cube]
