@@ -536,6 +536,58 @@ fn stage_step<N: Size>(
     );
 }
 
+/// Issues this plane's step `j` (tile `own + j · WARPS · STEP`; no copies
+/// where that is at or past `hi`) into its buffer `plane_buf + j mod
+/// stages`, and commits it on that stage's barrier, which every unit
+/// arrives on whether or not it copied.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn issue_step<N: Size>(
+    c0: &Array<Vector<i32, N>>,
+    c1: &Array<Vector<i32, N>>,
+    s0: &Array<i32>,
+    s1: &Array<i32>,
+    cvn: &Array<Vector<i32, N>>,
+    cv: &Array<i32>,
+    sh: &mut Staged,
+    bars: &StageBarriers,
+    j: usize,
+    own: usize,
+    hi: usize,
+    first: usize,
+    h: usize,
+    lane: usize,
+    plane_buf: usize,
+    #[comptime] kv_heads: usize,
+    #[comptime] dims: (usize, usize, usize),
+    #[comptime] kn: usize,
+    #[comptime] stages: usize,
+) {
+    let tile = own + j * comptime!(WARPS * STEP);
+    let s = j % stages;
+    if tile < hi {
+        stage_step::<N>(
+            c0,
+            c1,
+            s0,
+            s1,
+            cvn,
+            cv,
+            sh,
+            plane_buf + s,
+            tile,
+            hi,
+            first,
+            h,
+            lane,
+            kv_heads,
+            dims,
+            kn,
+        );
+    }
+    commit_stage(bars, s);
+}
+
 /// Ends this unit's share of staging into buffer `s` of the stages'
 /// barriers: its copies complete on that barrier, then it arrives.
 #[cube]
@@ -851,28 +903,10 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
     #[unroll]
     for s in 0..comptime!(stages - 1) {
         if s < steps {
-            let tile = own + s * stride;
-            if tile < hi {
-                stage_step::<N>(
-                    c0,
-                    c1,
-                    s0,
-                    s1,
-                    cvn,
-                    cv,
-                    &mut sh,
-                    plane_buf + s,
-                    tile,
-                    hi,
-                    first,
-                    h,
-                    lane,
-                    kv_heads,
-                    dims,
-                    kn,
-                );
-            }
-            commit_stage(&bars, s);
+            issue_step::<N>(
+                c0, c1, s0, s1, cvn, cv, &mut sh, &bars, s, own, hi, first, h, lane, plane_buf,
+                kv_heads, dims, kn, stages,
+            );
         }
     }
     let mut i = 0;
@@ -881,29 +915,11 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
         // every unit of the plane is done reading it.
         let ahead = i + comptime!(stages - 1);
         if ahead < steps {
-            let tile = own + ahead * stride;
             sync_plane();
-            if tile < hi {
-                stage_step::<N>(
-                    c0,
-                    c1,
-                    s0,
-                    s1,
-                    cvn,
-                    cv,
-                    &mut sh,
-                    plane_buf + ahead % stages,
-                    tile,
-                    hi,
-                    first,
-                    h,
-                    lane,
-                    kv_heads,
-                    dims,
-                    kn,
-                );
-            }
-            commit_stage(&bars, ahead % stages);
+            issue_step::<N>(
+                c0, c1, s0, s1, cvn, cv, &mut sh, &bars, ahead, own, hi, first, h, lane, plane_buf,
+                kv_heads, dims, kn, stages,
+            );
         }
         wait_stage(&bars, i, stages);
         let tile = own + i * stride;
