@@ -1550,7 +1550,7 @@ fn forward_tiles(d: usize, dv: usize) -> usize {
 
 /// The value of environment variable `var` where it is one of `allowed`
 /// (the benchmark overrides of the launch's choices).
-fn env_choice(var: &str, allowed: &[usize]) -> Option<usize> {
+pub(crate) fn env_choice(var: &str, allowed: &[usize]) -> Option<usize> {
     std::env::var(var)
         .ok()
         .and_then(|v| v.parse::<usize>().ok())

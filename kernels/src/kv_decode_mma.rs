@@ -68,7 +68,7 @@
 //! [`MMA_MAX_DV`] value dims per head (registers), at most 8 query rows per
 //! kv head; anything else takes the CUDA-core decode kernel.
 
-use crate::attention_tc::{fast_exp2, has_half_mma};
+use crate::attention_tc::{env_choice, fast_exp2, has_half_mma};
 use crate::kv_attention::{combine_planes, visible_keys, CachePart, WARPS};
 use crate::quant::{BLOCK, Q8};
 use cubecl::cmma::MmaDefinition;
@@ -1001,11 +1001,8 @@ fn waves() -> usize {
 fn stages_wanted() -> usize {
     static STAGES_SET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *STAGES_SET.get_or_init(|| {
-        std::env::var("CARAMBA_KV_STAGES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|s| (2..=MAX_STAGES).contains(s))
-            .unwrap_or(STAGES)
+        // 2 to `MAX_STAGES`.
+        env_choice("CARAMBA_KV_STAGES", &[2, 3, 4]).unwrap_or(STAGES)
     })
 }
 
