@@ -1194,6 +1194,7 @@ pub fn launch_kv_attention<R: Runtime>(
                 nq,
                 plan.kn,
                 plan.stages,
+                plan.imma,
             );
         });
     } else if let Some((lanes, geo)) = decode {

@@ -62,6 +62,14 @@
 //! plane reads at once fall in distinct banks (an XOR swizzle instead
 //! saved the padding but cost 20% more instructions, NOTES).
 //!
+//! **Integer scores (experimental, `CARAMBA_KV_IMMA=1`, not yet run on a
+//! GPU).** The score products can instead run on `mma.sync.m16n8k32` for
+//! s8: the key codes are the B operand as they are (no unpacking, one
+//! product a block instead of two) and `q` goes in as two int8 halves per
+//! row ([`q_fragments_s8`], [`key_scores_s8`]). Offline SASS: 755
+//! instructions in the step loop against 847 (NOTES, twenty-third
+//! session).
+//!
 //! Where it stops: q8 keys and values, every part's head slice a multiple
 //! of 32 dims and an even number of scale words a cache row (the copies
 //! are at least 8 bytes), at most [`MMA_MAX_DK`] key dims and
@@ -223,6 +231,154 @@ fn key_scores(
                 s[comptime!(2 * nb + e)] += f32::reinterpret(scale) * (acc[0][e] + acc[1][e]);
             }
         }
+    }
+}
+
+#[cube]
+fn imma_def() -> MmaDefinition<i8, i8, i32> {
+    MmaDefinition::<i8, i8, i32>::new(16usize, 8usize, 32usize)
+}
+
+/// Four signed bytes in a word, `v[0]` lowest.
+#[cube]
+fn pack_s8(v: &Array<i32>, #[comptime] at: usize) -> u32 {
+    let mut w = 0u32;
+    #[unroll]
+    for i in 0..4usize {
+        w |= (u32::cast_from(v[comptime!(at + i)]) & 0xffu32) << comptime!((8 * i) as u32);
+    }
+    w
+}
+
+/// `q`'s rows (pre-scaled) as two int8 halves for the integer score
+/// products ([`key_scores_s8`]), one 32-dim block a product: per row,
+/// `q ≈ s/256 · (256·h + l)` with `s = max|q| / 127`, `h = round(q / s)`
+/// and `l = round(256 · (q − h·s) / s)` (clamped to ±127; NOTES,
+/// twenty-third session, has the precision). Unit `(g, t)` holds each
+/// block's dims `8t..8t+3` (its k-indices `4t..4t+3`, the keys' word `2t`)
+/// and `8t+4..8t+7` (k-indices `16+4t..`, word `2t + 1`) of row `g`: A
+/// registers `[h, l, h, l]` of the two (rows `g` and `g + 8` of the
+/// product), at `qsh[b · 32 + lane]`; `s/256` at `qscale[g]`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn q_fragments_s8<F: Float>(
+    q: &Array<F>,
+    qsh: &mut SharedMemory<Vector<u32, Const<4>>>,
+    qscale: &mut SharedMemory<f32>,
+    row_at: usize,
+    valid: bool,
+    lane: usize,
+    scale: f32,
+    #[comptime] dk: usize,
+) {
+    let (g, t) = (lane / 4, lane % 4);
+    // The row's largest |q| (its four units hold it all).
+    let mut m = f32::new(0.0);
+    if valid {
+        #[unroll]
+        for b in 0..dk / BLOCK {
+            #[unroll]
+            for i in 0..8usize {
+                let v = f32::cast_from(q[row_at + comptime!(b * BLOCK) + 8 * t + i]) * scale;
+                m = m.max(v.abs());
+            }
+        }
+    }
+    m = m.max(plane_shuffle_xor(m, 1u32));
+    m = m.max(plane_shuffle_xor(m, 2u32));
+    let s = m / f32::new(127.0);
+    let mut inv = f32::new(0.0);
+    if m > f32::new(0.0) {
+        inv = f32::new(127.0) / m;
+    }
+    if t == 0 {
+        qscale[g] = s / f32::new(256.0);
+    }
+    #[unroll]
+    for b in 0..dk / BLOCK {
+        let mut x = Array::<f32>::new(8usize);
+        #[unroll]
+        for i in 0..8usize {
+            let mut v = f32::new(0.0);
+            if valid {
+                v = f32::cast_from(q[row_at + comptime!(b * BLOCK) + 8 * t + i]) * scale;
+            }
+            x[i] = v;
+        }
+        let mut hl = Array::<i32>::new(16usize);
+        #[unroll]
+        for i in 0..8usize {
+            let h = (x[i] * inv).round();
+            let l = ((x[i] - h * s) * inv * f32::new(256.0))
+                .round()
+                .clamp(f32::new(-127.0), f32::new(127.0));
+            // Words: h of dims 0..3, l of 0..3, h of 4..7, l of 4..7.
+            hl[comptime!(8 * (i / 4) + i % 4)] = i32::cast_from(h);
+            hl[comptime!(8 * (i / 4) + 4 + i % 4)] = i32::cast_from(l);
+        }
+        let mut v = Vector::<u32, Const<4>>::new(0u32);
+        #[unroll]
+        for r in 0..4usize {
+            v[r] = pack_s8(&hl, comptime!(4 * r));
+        }
+        qsh[comptime!(b * MMA_PLANE) + lane] = v;
+    }
+}
+
+/// [`key_scores`] on integer tensor cores (`CARAMBA_KV_IMMA=1`, not yet
+/// run on a GPU): each block's product takes the unit's B column key's
+/// 8-byte load as it is (its q8 codes are the int8 operand, words `2t`
+/// and `2t + 1` its k-indices `4t..` and `16+4t..`) against `q`'s int8
+/// halves ([`q_fragments_s8`]); `256·hi + lo` is exact in 32 bits, the
+/// key's block scale weighs it, and `sq` (`s/256` of this unit's row)
+/// scales the sum.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn key_scores_s8(
+    sh: &Staged,
+    qsh: &SharedMemory<Vector<u32, Const<4>>>,
+    sq: f32,
+    s: &mut Array<f32>,
+    buf: usize,
+    lane: usize,
+    #[comptime] dk: usize,
+    #[comptime] dv: usize,
+) {
+    let def = imma_def();
+    let (g, t) = (lane / 4, lane % 4);
+    let words = comptime!(stage_words(dk, dv));
+    let (kst, kb_all) = comptime!((key_stride(dk), dk / BLOCK));
+    #[unroll]
+    for nb in 0..2usize {
+        let row = (buf * comptime!(words[0]) + (nb * 8 + g) * kst) / 2;
+        #[unroll]
+        for b in 0..kb_all {
+            let pair = sh.keys[row + 4 * b + t];
+            let qv = qsh[comptime!(b * MMA_PLANE) + lane];
+            let mut af = Array::<Vector<i8, Const<4>>>::new(4usize);
+            #[unroll]
+            for r in 0..4usize {
+                af[r] = Vector::<i8, Const<4>>::reinterpret(qv[r]);
+            }
+            let mut bf = Array::<Vector<i8, Const<4>>>::new(2usize);
+            bf[0] = Vector::<i8, Const<4>>::reinterpret(pair[0]);
+            bf[1] = Vector::<i8, Const<4>>::reinterpret(pair[1]);
+            let mut acc = Array::<Vector<i32, Const<2>>>::new(2usize);
+            acc[0] = Vector::<i32, Const<2>>::new(0i32);
+            acc[1] = Vector::<i32, Const<2>>::new(0i32);
+            let out = def.execute(&af, &bf, &acc);
+            #[unroll]
+            for e in 0..2usize {
+                let key = comptime!(8 * nb + e) + 2 * t;
+                let scale = sh.key_scales[buf * comptime!(words[1]) + key * kb_all + b];
+                let x = f32::cast_from(out[0][e] * 256i32 + out[1][e]);
+                s[comptime!(2 * nb + e)] += f32::reinterpret(scale) * x;
+            }
+        }
+    }
+    #[unroll]
+    for i in 0..4usize {
+        s[i] *= sq;
     }
 }
 
@@ -643,6 +799,7 @@ struct StageBarriers {
 fn compute_step(
     sh: &Staged,
     qsh: &SharedMemory<Vector<u32, Const<4>>>,
+    sq: f32,
     buf: usize,
     ml: &mut Array<f32>,
     o: &mut Array<Pair<f32>>,
@@ -654,6 +811,7 @@ fn compute_step(
     bias: u32,
     #[comptime] dk: usize,
     #[comptime] dv: usize,
+    #[comptime] imma: bool,
 ) {
     let def = mma_def();
     let t = lane % 4;
@@ -663,7 +821,11 @@ fn compute_step(
     for i in 0..4usize {
         s[i] = f32::new(0.0);
     }
-    key_scores(sh, qsh, &mut s, buf, lane, bias, dk, dv);
+    if comptime!(imma) {
+        key_scores_s8(sh, qsh, sq, &mut s, buf, lane, dk, dv);
+    } else {
+        key_scores(sh, qsh, &mut s, buf, lane, bias, dk, dv);
+    }
     // Mask, then the online softmax over the row's 16 keys.
     let m = ml[0];
     let mut mx = m;
@@ -789,6 +951,7 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
     #[comptime] nq: usize,
     #[comptime] kn: usize,
     #[comptime] stages: usize,
+    #[comptime] imma: bool,
 ) {
     let bias = code_bias;
     // The scores in base 2: the softmax takes `2^x`.
@@ -829,7 +992,13 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
     // by the cube's planes: k-step c's four registers of unit `lane` at
     // `c · 32 + lane`.
     let mut qsh = SharedMemory::<Vector<u32, Const<4>>>::new(comptime!(dk / 16 * MMA_PLANE));
-    if warp == 0 {
+    let mut qscale = SharedMemory::<f32>::new(8usize);
+    if comptime!(imma) {
+        if warp == 0 {
+            let row_at = (bh * rows + g) * dk;
+            q_fragments_s8::<F>(q, &mut qsh, &mut qscale, row_at, g < rows, lane, scale, dk);
+        }
+    } else if warp == 0 {
         let mut qf = Array::<Pair<f16>>::new(comptime!(dk / 4));
         let valid = g < rows;
         let row_at = (bh * rows + g) * dk;
@@ -859,6 +1028,11 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
     }
     // Publishes q's fragments and the initialized barriers.
     sync_cube();
+    // This unit's row's `s/256` (the integer score products).
+    let mut sq = f32::new(0.0);
+    if comptime!(imma) {
+        sq = qscale[g];
+    }
     let mut limits = Array::<usize>::new(nq);
     let hi = visible_keys(
         &mut limits,
@@ -927,6 +1101,7 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
             compute_step(
                 &sh,
                 &qsh,
+                sq,
                 plane_buf + i % stages,
                 &mut ml,
                 &mut o,
@@ -938,6 +1113,7 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
                 bias,
                 dk,
                 dv,
+                imma,
             );
         }
         i += 1;
@@ -997,6 +1173,13 @@ fn waves() -> usize {
     })
 }
 
+/// `CARAMBA_KV_IMMA=1`, read once per process: the integer score
+/// products (experimental).
+fn imma_wanted() -> bool {
+    static IMMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *IMMA.get_or_init(|| std::env::var("CARAMBA_KV_IMMA").is_ok_and(|v| v == "1"))
+}
+
 /// `CARAMBA_KV_STAGES`, read once per process (for sweeps).
 fn stages_wanted() -> usize {
     static STAGES_SET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -1015,14 +1198,19 @@ pub(crate) struct Staging {
     pub stages: usize,
     /// Cubes a multiprocessor holds at once (shared memory, registers).
     pub cubes_per_sm: usize,
+    /// The scores on integer tensor cores ([`key_scores_s8`]):
+    /// `CARAMBA_KV_IMMA=1`, experimental (not yet run on a GPU).
+    pub imma: bool,
 }
 
 /// Bytes of shared memory a cube takes: the planes' stages (whose value
-/// buffers also take the planes' outputs at the end), `q`'s fragments,
+/// buffers also take the planes' outputs at the end), `q`'s fragments
+/// (and its rows' scales where the scores run on integer tensor cores),
 /// the planes' maxima and sums (`nq` rows) and the barriers.
 pub(crate) fn shared_bytes(dk: usize, dv: usize, nq: usize, stages: usize) -> usize {
     let stage: usize = stage_words(dk, dv).iter().sum();
-    4 * (WARPS * stages * stage + dk / 16 * MMA_PLANE * 4 + 2 * WARPS * nq) + 8 * MAX_STAGES
+    4 * (WARPS * stages * stage + dk / 16 * MMA_PLANE * 4 + MMA_ROWS + 2 * WARPS * nq)
+        + 8 * MAX_STAGES
 }
 
 /// The number of key chunks for `bh` (batch, kv head) pairs: one wave of
@@ -1088,6 +1276,7 @@ pub(crate) fn plan<R: Runtime>(
     debug_assert!(WARPS * stages * stage_words(dk, dv)[2] >= WARPS * nq * dv);
     Some(Staging {
         kn,
+        imma: imma_wanted(),
         stages,
         cubes_per_sm: by_shared.clamp(1, CUBES_BY_REGISTERS),
     })
