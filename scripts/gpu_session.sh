@@ -7,7 +7,10 @@
 # (scripts/device_pack.sh NAME builds and packs all of it).
 # Argument: a comma list of parts (suite, ptxas, rows, attn, rms, trows, train,
 # cubek, nsys, llama, lprof, handoff, tsums, ncu, quick, final, recycle, vtrace,
-# excl).
+# excl, imma).
+# `imma` checks the q8 decode kernel's integer scores (`CARAMBA_KV_IMMA=1`):
+# the KV tests with them on, then Nsight Compute's kernel time of
+# `gpu_bench`'s `kvdecode` with them off and on.
 # `ncu` profiles the attention kernels with Nsight Compute (NCU_TRAIN=1: the
 # backward's too); `final` runs tests in the background while nvcc reports
 # the registers of the kernel sources in cu/ (`caramba compile --emit kernels
@@ -114,6 +117,19 @@ echo "== train llama1b"
 timeout 200 ./train_bench cuda llama1b 4 2048 3 bf16 2>&1 | grep -E "^\{|panicked|error" | head -5
 echo "== torch smollm2 amp eager"
 CARAMBA_TORCH_DTYPES=amp CARAMBA_TORCH_MODES=eager timeout 90 python3 bench_torch_train.py smollm2 8 2048 5 2>&1 | grep -E "^\{|Error" | tail -3
+fi
+if [[ $what == *imma* ]]; then
+echo "== KV tests with CARAMBA_KV_IMMA=1"
+CARAMBA_KV_IMMA=1 timeout ${SUITE_T:-300} ./gpu_suite cuda::kv cuda::cached_tiny_llama cuda::narrow_kv > $OUT/suite_imma.txt 2>&1
+echo "rc $?"
+grep -E "^test |test result|panicked|max error" $OUT/suite_imma.txt | head -20
+NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+for on in 0 1; do echo "== ncu kv_decode_mma, CARAMBA_KV_IMMA=$on"
+CARAMBA_KV_IMMA=$on CARAMBA_BENCH_ONLY=kvdecode timeout 300 $NCU --clock-control none -k regex:kv_decode_mma --launch-skip 3 --launch-count 1 \
+  --section SpeedOfLight --section LaunchStats --section WarpStateStats --section InstructionStats \
+  ./gpu_bench cuda > $OUT/ncu_imma$on.txt 2>&1; echo "rc $?"
+grep -E "Duration|DRAM Throughput|Registers Per|Executed Instructions |Warp Cycles Per Issued" $OUT/ncu_imma$on.txt | head -8
+done
 fi
 if [[ $what == *final* ]]; then
 echo "== suite in the background: ${SUITE:-narrow attention tests}"
