@@ -323,10 +323,19 @@ fn main() {
         OPTIONS.with(|o| o.set(base));
         PER_OP_DTYPE.with(|d| d.set(DType::F32));
     }
-    // Decode attention over a q8 KV cache at 32k context: B4, 32 query
-    // heads over 8 kv heads, head dim 128, one new token.
+    // Decode attention over a quantized KV cache at 32k context: B4, 32
+    // query heads over 8 kv heads, head dim 128, one new token; q8 (the
+    // tensor-core kernel where the device has one), q4 and NF4 (the
+    // CUDA-core kernel) and f32.
     if selected("kvdecode") {
-        for (label, format) in [("q8", Some(caramba_ir::QuantFormat::Q8)), ("fp32", None)] {
+        use caramba_ir::QuantFormat;
+        let formats = [
+            ("q8", Some(QuantFormat::Q8)),
+            ("q4", Some(QuantFormat::Q4)),
+            ("nf4", Some(QuantFormat::Nf4)),
+            ("fp32", None),
+        ];
+        for (label, format) in formats {
             let ms = kv_decode(backend, format);
             let (b, s, kv, d) = (4usize, 32768usize, 8usize, 128usize);
             let per_value = format.map_or(4.0, |f| f.bytes_per_value());

@@ -8,9 +8,10 @@
 # Argument: a comma list of parts (suite, ptxas, rows, attn, rms, trows, train,
 # cubek, nsys, llama, lprof, handoff, tsums, ncu, quick, final, recycle, vtrace,
 # excl, imma).
-# `imma` checks the q8 decode kernel's integer scores (`CARAMBA_KV_IMMA=1`):
-# the KV tests with them on, then Nsight Compute's kernel time of
-# `gpu_bench`'s `kvdecode` with them off and on.
+# `imma` checks the q8 decode kernel's `f16` score products (the fallback,
+# `CARAMBA_KV_IMMA=0`; the integer ones are the default): the KV tests with
+# them, then Nsight Compute's kernel time of `gpu_bench`'s `kvdecode` with
+# and without them, and its chain timing twice each, alternating.
 # `ncu` profiles the attention kernels with Nsight Compute (NCU_TRAIN=1: the
 # backward's too); `final` runs tests in the background while nvcc reports
 # the registers of the kernel sources in cu/ (`caramba compile --emit kernels
@@ -119,8 +120,8 @@ echo "== torch smollm2 amp eager"
 CARAMBA_TORCH_DTYPES=amp CARAMBA_TORCH_MODES=eager timeout 90 python3 bench_torch_train.py smollm2 8 2048 5 2>&1 | grep -E "^\{|Error" | tail -3
 fi
 if [[ $what == *imma* ]]; then
-echo "== KV tests with CARAMBA_KV_IMMA=1"
-CARAMBA_KV_IMMA=1 timeout ${SUITE_T:-300} ./gpu_suite cuda::kv cuda::cached_tiny_llama cuda::narrow_kv > $OUT/suite_imma.txt 2>&1
+echo "== KV tests with CARAMBA_KV_IMMA=0"
+CARAMBA_KV_IMMA=0 timeout ${SUITE_T:-300} ./gpu_suite cuda::kv cuda::cached_tiny_llama cuda::narrow_kv > $OUT/suite_imma.txt 2>&1
 echo "rc $?"
 grep -E "^test |test result|panicked|max error" $OUT/suite_imma.txt | head -20
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
@@ -129,6 +130,9 @@ CARAMBA_KV_IMMA=$on CARAMBA_BENCH_ONLY=kvdecode timeout 300 $NCU --clock-control
   --section SpeedOfLight --section LaunchStats --section WarpStateStats --section InstructionStats \
   ./gpu_bench cuda > $OUT/ncu_imma$on.txt 2>&1; echo "rc $?"
 grep -E "Duration|DRAM Throughput|Registers Per|Executed Instructions |Warp Cycles Per Issued" $OUT/ncu_imma$on.txt | head -8
+done
+for on in 0 1 0 1; do echo "== kvdecode chain timing, CARAMBA_KV_IMMA=$on"
+CARAMBA_KV_IMMA=$on CARAMBA_BENCH_ONLY=kvdecode timeout 120 ./gpu_bench cuda 2>&1 | grep -E "^\{|panicked|error" | head -6
 done
 fi
 if [[ $what == *final* ]]; then
