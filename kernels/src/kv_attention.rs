@@ -1195,6 +1195,8 @@ pub fn launch_kv_attention<R: Runtime>(
                 plan.kn,
                 plan.stages,
                 plan.imma,
+                plan.bits.0,
+                plan.bits.1,
             );
         });
     } else if let Some((lanes, geo)) = decode {

@@ -1,9 +1,11 @@
-//! Decode attention over q8 caches on tensor cores: the `kv_attention`
-//! kernel for a decode step (at most `KV_QUERIES` query rows per kv head)
-//! whose key and value caches are all q8 with head slices of whole
-//! quantization blocks, on CUDA devices with `mma.sync.m16n8k16` for `f16`
-//! (sm_80 on). Same partials as `kv_attention`'s decode kernel (one per
-//! key chunk, combined by its combine kernel), same semantics.
+//! Decode attention over q8 and q4 caches on tensor cores: the
+//! `kv_attention` kernel for a decode step (at most `KV_QUERIES` query rows
+//! per kv head) whose key and value caches are q8 or q4 with head slices of
+//! whole quantization blocks, on CUDA devices with `mma.sync.m16n8k16` for
+//! `f16` (sm_80 on). Same partials as `kv_attention`'s decode kernel (one
+//! per key chunk, combined by its combine kernel), same semantics. The
+//! description below is of q8; q4 differs where its codes are read
+//! ([`key_scores_s8`], [`compute_step`], [`nibble_codes`]).
 //!
 //! Why: over a q8 cache the CUDA-core kernel spends four FMAs per cached
 //! value and query row plus the unpacking, and is bound by instructions
@@ -62,23 +64,37 @@
 //! plane reads at once fall in distinct banks (an XOR swizzle instead
 //! saved the padding but cost 20% more instructions, NOTES).
 //!
-//! **Integer scores (experimental, `CARAMBA_KV_IMMA=1`, not yet run on a
-//! GPU).** The score products can instead run on `mma.sync.m16n8k32` for
-//! s8: the key codes are the B operand as they are (no unpacking, one
-//! product a block instead of two) and `q` goes in as two int8 halves per
-//! row ([`q_fragments_s8`], [`key_scores_s8`]). Offline SASS: 755
-//! instructions in the step loop against 847 (NOTES, twenty-third
-//! session).
+//! **Integer scores.** Where the device has `mma.sync.m16n8k32` for s8
+//! (sm_80 on), the score products run there instead: the key codes are
+//! the B operand as they are (no unpacking, one product a block instead
+//! of two) and `q` goes in as two int8 halves per row
+//! ([`q_fragments_s8`], [`key_scores_s8`]). On the H200: 14% fewer
+//! instructions, 89.6 µs against 92.8 (Nsight Compute), 81% of the copy's
+//! rate (NOTES, twenty-fourth session). `CARAMBA_KV_IMMA=0` keeps the
+//! `f16` score products, which the module doc above describes and which
+//! serve devices without the integer ones.
 //!
-//! Where it stops: q8 keys and values, every part's head slice a multiple
-//! of 32 dims and an even number of scale words a cache row (the copies
-//! are at least 8 bytes), at most [`MMA_MAX_DK`] key dims and
-//! [`MMA_MAX_DV`] value dims per head (registers), at most 8 query rows per
-//! kv head; anything else takes the CUDA-core decode kernel.
+//! **q4.** A q4 code (`c + 8` in a nibble) goes into the integer score
+//! products as a signed byte (three logic and integer instructions per
+//! four codes) and into the value products as an exact `f16` like a q8
+//! code; a unit takes a block's word `t` of a key (scores) and half `g %
+//! 2` of word `g / 2` of a value (the same dims `4g..4g + 3` as q8's word
+//! `g`). q4 keys need the integer products (their `f16` score path is not
+//! written). On the H200 q4 decode went from 0.25 ms (CUDA-core kernel)
+//! to 0.103–0.108 ms; its step loop is 838 instructions against q8's 755
+//! for half the bytes (NOTES, twenty-fourth session).
+//!
+//! Where it stops: q8 or q4 keys (every key part the same) and values,
+//! every part's head slice a multiple of 32 dims and an even number of
+//! scale words a cache row (the copies are at least 8 bytes), at most
+//! [`MMA_MAX_DK`] key dims and [`MMA_MAX_DV`] value dims per head
+//! (registers), at most 8 query rows per kv head; anything else (NF4,
+//! whose levels are not integers, among it) takes the CUDA-core decode
+//! kernel.
 
 use crate::attention_tc::{env_choice, fast_exp2, has_half_mma};
 use crate::kv_attention::{combine_planes, visible_keys, CachePart, WARPS};
-use crate::quant::{BLOCK, Q8};
+use crate::quant::{BLOCK, Q4, Q8};
 use cubecl::cmma::MmaDefinition;
 use cubecl::prelude::barrier::{copy_async, Barrier};
 use cubecl::prelude::*;
@@ -193,11 +209,12 @@ fn key_scores(
     bias: u32,
     #[comptime] dk: usize,
     #[comptime] dv: usize,
+    #[comptime] vbits: usize,
 ) {
     let def = mma_def();
     let (g, t) = (lane / 4, lane % 4);
-    let words = comptime!(stage_words(dk, dv));
-    let (kst, kb_all) = comptime!((key_stride(dk), dk / BLOCK));
+    let words = comptime!(stage_words(dk, dv, (8, vbits)));
+    let (kst, kb_all) = comptime!((key_stride(dk, 8), dk / BLOCK));
     #[unroll]
     for nb in 0..2usize {
         let row = (buf * comptime!(words[0]) + (nb * 8 + g) * kst) / 2;
@@ -255,10 +272,13 @@ fn pack_s8(v: &Array<i32>, #[comptime] at: usize) -> u32 {
 /// `q ≈ s/256 · (256·h + l)` with `s = max|q| / 127`, `h = round(q / s)`
 /// and `l = round(256 · (q − h·s) / s)` (clamped to ±127; NOTES,
 /// twenty-third session, has the precision). Unit `(g, t)` holds each
-/// block's dims `8t..8t+3` (its k-indices `4t..4t+3`, the keys' word `2t`)
-/// and `8t+4..8t+7` (k-indices `16+4t..`, word `2t + 1`) of row `g`: A
-/// registers `[h, l, h, l]` of the two (rows `g` and `g + 8` of the
-/// product), at `qsh[b · 32 + lane]`; `s/256` at `qscale[g]`.
+/// block's dims `8t..8t+7` of row `g`, as [`key_scores_s8`] pairs them
+/// with k-indices for keys of `kbits`: for q8 `8t..8t+3` are its k-indices
+/// `4t..4t+3` (the keys' word `2t`) and `8t+4..8t+7` its `16+4t..` (word
+/// `2t + 1`); for q4 (word `t`) the even dims `8t, 8t+2, ..` are `4t..`
+/// and the odd ones `16+4t..`. A registers `[h, l, h, l]` of the two
+/// (rows `g` and `g + 8` of the product), at `qsh[b · 32 + lane]`; `s/256`
+/// at `qscale[g]`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn q_fragments_s8<F: Float>(
@@ -270,6 +290,7 @@ fn q_fragments_s8<F: Float>(
     lane: usize,
     scale: f32,
     #[comptime] dk: usize,
+    #[comptime] kbits: usize,
 ) {
     let (g, t) = (lane / 4, lane % 4);
     // The row's largest |q| (its four units hold it all).
@@ -312,9 +333,15 @@ fn q_fragments_s8<F: Float>(
             let l = ((x[i] - h * s) * inv * f32::new(256.0))
                 .round()
                 .clamp(f32::new(-127.0), f32::new(127.0));
-            // Words: h of dims 0..3, l of 0..3, h of 4..7, l of 4..7.
-            hl[comptime!(8 * (i / 4) + i % 4)] = i32::cast_from(h);
-            hl[comptime!(8 * (i / 4) + 4 + i % 4)] = i32::cast_from(l);
+            // Words: h of the first k-indices' four dims, their l, h of
+            // the second four, their l.
+            let at = comptime!(if kbits == 8 {
+                8 * (i / 4) + i % 4
+            } else {
+                8 * (i % 2) + i / 2
+            });
+            hl[at] = i32::cast_from(h);
+            hl[comptime!(at + 4)] = i32::cast_from(l);
         }
         let mut v = Vector::<u32, Const<4>>::new(0u32);
         #[unroll]
@@ -325,13 +352,16 @@ fn q_fragments_s8<F: Float>(
     }
 }
 
-/// [`key_scores`] on integer tensor cores (`CARAMBA_KV_IMMA=1`, not yet
-/// run on a GPU): each block's product takes the unit's B column key's
-/// 8-byte load as it is (its q8 codes are the int8 operand, words `2t`
-/// and `2t + 1` its k-indices `4t..` and `16+4t..`) against `q`'s int8
-/// halves ([`q_fragments_s8`]); `256·hi + lo` is exact in 32 bits, the
-/// key's block scale weighs it, and `sq` (`s/256` of this unit's row)
-/// scales the sum.
+/// [`key_scores`] on integer tensor cores (the default where the device
+/// has them): each block's product takes the unit's B column key's codes
+/// against `q`'s int8 halves ([`q_fragments_s8`]); `256·hi + lo` is exact
+/// in 32 bits, the key's block scale weighs it, and `sq` (`s/256` of this
+/// unit's row) scales the sum. q8 codes are the int8 operand as they are
+/// (an 8-byte load: words `2t` and `2t + 1` of the block, its k-indices
+/// `4t..` and `16+4t..`); q4 codes (`c + 8` in a nibble) take word `t` of
+/// the block, its even nibbles the k-indices `4t..` and its odd ones
+/// `16+4t..`, each made a signed byte `(u + 0x78) ^ 0x80` (no carry
+/// leaves a byte).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn key_scores_s8(
@@ -343,17 +373,26 @@ fn key_scores_s8(
     lane: usize,
     #[comptime] dk: usize,
     #[comptime] dv: usize,
+    #[comptime] bits: (usize, usize),
 ) {
     let def = imma_def();
     let (g, t) = (lane / 4, lane % 4);
-    let words = comptime!(stage_words(dk, dv));
-    let (kst, kb_all) = comptime!((key_stride(dk), dk / BLOCK));
+    let kbits = comptime!(bits.0);
+    let words = comptime!(stage_words(dk, dv, bits));
+    let (kst, kb_all) = comptime!((key_stride(dk, kbits), dk / BLOCK));
+    // Pairs of words a block, and this unit's pair in it.
+    let per_block = comptime!(code_words(BLOCK, kbits) / 2);
+    let mut at = t;
+    if comptime!(kbits == 4) {
+        at = t / 2;
+    }
+    let odd = t % 2 == 1;
     #[unroll]
     for nb in 0..2usize {
         let row = (buf * comptime!(words[0]) + (nb * 8 + g) * kst) / 2;
         #[unroll]
         for b in 0..kb_all {
-            let pair = sh.keys[row + 4 * b + t];
+            let pair = sh.keys[row + comptime!(per_block * b) + at];
             let qv = qsh[comptime!(b * MMA_PLANE) + lane];
             let mut af = Array::<Vector<i8, Const<4>>>::new(4usize);
             #[unroll]
@@ -361,8 +400,20 @@ fn key_scores_s8(
                 af[r] = Vector::<i8, Const<4>>::reinterpret(qv[r]);
             }
             let mut bf = Array::<Vector<i8, Const<4>>>::new(2usize);
-            bf[0] = Vector::<i8, Const<4>>::reinterpret(pair[0]);
-            bf[1] = Vector::<i8, Const<4>>::reinterpret(pair[1]);
+            if comptime!(kbits == 8) {
+                bf[0] = Vector::<i8, Const<4>>::reinterpret(pair[0]);
+                bf[1] = Vector::<i8, Const<4>>::reinterpret(pair[1]);
+            } else {
+                let x = u32::reinterpret(select(odd, pair[1], pair[0]));
+                let even_nibbles = x & 0x0f0f_0f0fu32;
+                let odd_nibbles = (x >> 4u32) & 0x0f0f_0f0fu32;
+                bf[0] = Vector::<i8, Const<4>>::reinterpret(
+                    (even_nibbles + 0x7878_7878u32) ^ 0x8080_8080u32,
+                );
+                bf[1] = Vector::<i8, Const<4>>::reinterpret(
+                    (odd_nibbles + 0x7878_7878u32) ^ 0x8080_8080u32,
+                );
+            }
             let mut acc = Array::<Vector<i32, Const<2>>>::new(2usize);
             acc[0] = Vector::<i32, Const<2>>::new(0i32);
             acc[1] = Vector::<i32, Const<2>>::new(0i32);
@@ -391,33 +442,63 @@ fn value_codes(x: u32, y: u32, bias: u32, #[comptime] j: usize) -> Pair<f16> {
     codes(w >> comptime!((8 * (j % 2)) as u32), bias)
 }
 
-/// Words of a staged key row (every key part's codes, `dk / 4` words),
-/// plus 8 where that is a multiple of 16: a plane reads 8-byte words of 8
-/// rows at once, half a plane a pass, and a stride of 8 (mod 32) words puts
-/// each pass's 4 rows in distinct banks.
-pub(crate) const fn key_stride(dk: usize) -> usize {
-    let w = dk / 4;
-    if w.is_multiple_of(16) {
-        w + 8
+/// Two q4 codes (`c + 8`, the low nibbles of both halves of `x`) as an
+/// exact `f16` pair: `(c + 8) + 1024` in place, less 1032. `bias` is
+/// [`NIBBLE_BIAS`], passed in at run time as [`CODE_BIAS`] is.
+#[cube]
+fn nibble_codes(x: u32, bias: u32) -> Pair<f16> {
+    let bits = (x & 0x000f_000fu32) | bias;
+    Pair::<f16>::reinterpret(bits) - Pair::<f16>::new(f16::new(1032.0))
+}
+
+/// The exponent of 1024 in both halves of a word: [`CODE_BIAS`] without
+/// the flipped top bits (the kernel derives it so).
+pub(crate) const NIBBLE_BIAS: u32 = 0x6400_6400;
+const _: () = assert!(CODE_BIAS & 0xff7f_ff7f == NIBBLE_BIAS);
+
+/// Words of codes of `d` dims at `bits` bits a code (8: q8, 4: q4).
+pub(crate) const fn code_words(d: usize, bits: usize) -> usize {
+    d * bits / 32
+}
+
+/// Words of a staged key row (every key part's codes), padded so that the
+/// rows a plane reads at once fall in distinct banks. q8: `dk / 4` words,
+/// plus 8 where that is a multiple of 16 (a plane reads 8-byte words of 8
+/// rows at once, half a plane a pass, and a stride of 8 (mod 32) words
+/// puts each pass's 4 rows in distinct banks). q4: `dk / 8` words, plus 4
+/// where that is a multiple of 8 (the plane reads two 8-byte words of 8
+/// rows at once, and a stride of 4 (mod 8) words spreads them over the 32
+/// banks).
+pub(crate) const fn key_stride(dk: usize, bits: usize) -> usize {
+    let w = code_words(dk, bits);
+    let pad = if bits == 8 { 16 } else { 8 };
+    if w.is_multiple_of(pad) {
+        w + pad / 2
     } else {
         w
     }
 }
 
-/// Words of a staged value row: `dv / 4 + 4`. A unit group reads word `g`
-/// of the rows `2t (+ 1)`, and a stride of 4 (mod 8) words puts the 4 rows
-/// of a pass in distinct banks.
-pub(crate) const fn value_stride(dv: usize) -> usize {
-    dv / 4 + 4
+/// Words of a staged value row, padded to 4 or 12 (mod 16) words: a unit
+/// group reads one word (q8: word `g`, q4: word `g / 2`) of the rows `2t
+/// (+ 1)`, and that stride puts the 4 rows of a pass in distinct banks.
+pub(crate) const fn value_stride(dv: usize, bits: usize) -> usize {
+    let w = code_words(dv, bits);
+    if w % 16 == 4 || w % 16 == 12 {
+        w
+    } else {
+        w + 4
+    }
 }
 
 /// Words of one plane's stage, per buffer: key codes, key scales, value
-/// codes, value scales (`STEP` rows each).
-pub(crate) const fn stage_words(dk: usize, dv: usize) -> [usize; 4] {
+/// codes, value scales (`STEP` rows each), for keys and values of
+/// `bits = (key bits, value bits)`.
+pub(crate) const fn stage_words(dk: usize, dv: usize, bits: (usize, usize)) -> [usize; 4] {
     [
-        STEP * key_stride(dk),
+        STEP * key_stride(dk, bits.0),
         STEP * (dk / BLOCK),
-        STEP * value_stride(dv),
+        STEP * value_stride(dv, bits.1),
         STEP * (dv / BLOCK),
     ]
 }
@@ -442,10 +523,11 @@ fn copy_words<S: CubePrimitive, D: CubePrimitive>(
 }
 
 /// Copies one cache part's codes of the step's `STEP` keys from row `row0`
-/// on (rows past `last` take it) into `dst`: key `k`'s `d / 4` words at
+/// on (rows past `last` take it) into `dst`: key `k`'s [`code_words`] at
 /// word `to + k · stride` (`du` words a unit of `dst`), in copies of `kn`
 /// words spread over the plane. `layout`: the part's scale words a row
-/// (`nb_row`) and head dims (`d`).
+/// (`nb_row`), head dims (`d`) and bits a code (a row: `nb_row` scales,
+/// then `nb_row` blocks of `bits` words of codes).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn stage_codes<N: Size, D: CubePrimitive>(
@@ -456,16 +538,16 @@ fn stage_codes<N: Size, D: CubePrimitive>(
     last: usize,
     h: usize,
     lane: usize,
-    #[comptime] layout: (usize, usize),
+    #[comptime] layout: (usize, usize, usize),
     #[comptime] stride: usize,
     #[comptime] du: usize,
     #[comptime] kn: usize,
 ) {
-    let (nb_row, d) = layout;
-    let per_row = comptime!(d / (4 * kn));
+    let (nb_row, d, bits) = layout;
+    let per_row = comptime!(code_words(d, bits) / kn);
     // A row in copies, and the head's first copy in it.
-    let row_copies = comptime!(nb_row * 9 / kn);
-    let head = (comptime!(nb_row) + h * comptime!(d / 4)) / comptime!(kn);
+    let row_copies = comptime!(nb_row * (1 + code_words(BLOCK, bits)) / kn);
+    let head = (comptime!(nb_row) + h * comptime!(code_words(d, bits))) / comptime!(kn);
     if comptime!(MMA_PLANE.is_multiple_of(per_row)) {
         // Unit `lane` takes copy `lane % per_row` of keys `lane / per_row
         // + n · per_pass`: the column and the destination are the unit's
@@ -522,12 +604,12 @@ fn stage_scales(
     last: usize,
     h: usize,
     lane: usize,
-    #[comptime] layout: (usize, usize),
+    #[comptime] layout: (usize, usize, usize),
     #[comptime] stride: usize,
 ) {
-    let (nb_row, d) = layout;
+    let (nb_row, d, bits) = layout;
     let per_row = comptime!(d / BLOCK);
-    let row_words = comptime!(nb_row * 9);
+    let row_words = comptime!(nb_row * (1 + code_words(BLOCK, bits)));
     let head = h * per_row;
     if comptime!(MMA_PLANE.is_multiple_of(per_row)) {
         let per_pass = comptime!(MMA_PLANE / per_row);
@@ -582,7 +664,8 @@ struct Staged {
 /// Issues the asynchronous copies of this plane's step at `tile` into
 /// buffer `buf` (the plane's and stage's): both key parts' codes and
 /// scales, the values' codes and scales. `dims`: `d0`, `d1`, `dv`;
-/// `kv_heads` sets the rows' layout, `kn` the words a code copy.
+/// `kv_heads` and `bits` (the keys' and the values' bits a code) set the
+/// rows' layout, `kn` the words a code copy.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn stage_step<N: Size>(
@@ -601,12 +684,14 @@ fn stage_step<N: Size>(
     lane: usize,
     #[comptime] kv_heads: usize,
     #[comptime] dims: (usize, usize, usize),
+    #[comptime] bits: (usize, usize),
     #[comptime] kn: usize,
 ) {
     let (d0, d1, dv) = dims;
+    let (kbits, vbits) = bits;
     let dk = comptime!(d0 + d1);
-    let words = comptime!(stage_words(dk, dv));
-    let (kst, vst) = comptime!((key_stride(dk), value_stride(dv)));
+    let words = comptime!(stage_words(dk, dv, bits));
+    let (kst, vst) = comptime!((key_stride(dk, kbits), value_stride(dv, vbits)));
     let (kb_all, vb) = comptime!((dk / BLOCK, dv / BLOCK));
     let (nb0, nb1, nbv) = comptime!((
         kv_heads * d0 / BLOCK,
@@ -624,7 +709,7 @@ fn stage_step<N: Size>(
         last,
         h,
         lane,
-        (nb0, d0),
+        (nb0, d0, kbits),
         kst,
         2usize,
         kn,
@@ -637,19 +722,19 @@ fn stage_step<N: Size>(
         last,
         h,
         lane,
-        (nb0, d0),
+        (nb0, d0, kbits),
         kb_all,
     );
     if comptime!(d1 > 0) {
         stage_codes::<N, Vector<i32, Const<2>>>(
             c1,
             &mut sh.keys,
-            k_at + comptime!(d0 / 4),
+            k_at + comptime!(code_words(d0, kbits)),
             row0,
             last,
             h,
             lane,
-            (nb1, d1),
+            (nb1, d1, kbits),
             kst,
             2usize,
             kn,
@@ -662,7 +747,7 @@ fn stage_step<N: Size>(
             last,
             h,
             lane,
-            (nb1, d1),
+            (nb1, d1, kbits),
             kb_all,
         );
     }
@@ -674,7 +759,7 @@ fn stage_step<N: Size>(
         last,
         h,
         lane,
-        (nbv, dv),
+        (nbv, dv, vbits),
         vst,
         1usize,
         kn,
@@ -687,7 +772,7 @@ fn stage_step<N: Size>(
         last,
         h,
         lane,
-        (nbv, dv),
+        (nbv, dv, vbits),
         vb,
     );
 }
@@ -716,6 +801,7 @@ fn issue_step<N: Size>(
     plane_buf: usize,
     #[comptime] kv_heads: usize,
     #[comptime] dims: (usize, usize, usize),
+    #[comptime] bits: (usize, usize),
     #[comptime] kn: usize,
     #[comptime] stages: usize,
 ) {
@@ -738,6 +824,7 @@ fn issue_step<N: Size>(
             lane,
             kv_heads,
             dims,
+            bits,
             kn,
         );
     }
@@ -809,12 +896,15 @@ fn compute_step(
     lane: usize,
     neg_inf: f32,
     bias: u32,
+    nibble_bias: u32,
     #[comptime] dk: usize,
     #[comptime] dv: usize,
+    #[comptime] bits: (usize, usize),
     #[comptime] imma: bool,
 ) {
     let def = mma_def();
-    let t = lane % 4;
+    let (g, t) = (lane / 4, lane % 4);
+    let vbits = comptime!(bits.1);
     let vb = comptime!(dv / BLOCK);
     let mut s = Array::<f32>::new(4usize);
     #[unroll]
@@ -822,9 +912,9 @@ fn compute_step(
         s[i] = f32::new(0.0);
     }
     if comptime!(imma) {
-        key_scores_s8(sh, qsh, sq, &mut s, buf, lane, dk, dv);
+        key_scores_s8(sh, qsh, sq, &mut s, buf, lane, dk, dv, bits);
     } else {
-        key_scores(sh, qsh, &mut s, buf, lane, bias, dk, dv);
+        key_scores(sh, qsh, &mut s, buf, lane, bias, dk, dv, vbits);
     }
     // Mask, then the online softmax over the row's 16 keys.
     let m = ml[0];
@@ -858,16 +948,22 @@ fn compute_step(
         p[i] = x;
     }
     // O += P·V, a 32-dim value block at a time: this unit's four keys
-    // (`2t, 2t + 1, 2t + 8, 2t + 9`), their block scales and word `g` of
-    // the block.
-    let words = comptime!(stage_words(dk, dv));
-    let vst = comptime!(value_stride(dv));
+    // (`2t, 2t + 1, 2t + 8, 2t + 9`), their block scales and the block's
+    // dims `4g..4g + 3`: q8 word `g`, q4 half `g % 2` of word `g / 2`.
+    let words = comptime!(stage_words(dk, dv, bits));
+    let vst = comptime!(value_stride(dv, vbits));
+    let per_block = comptime!(code_words(BLOCK, vbits));
+    let mut word = g;
+    if comptime!(vbits == 4) {
+        word = g / 2;
+    }
+    let high_half = g % 2 == 1;
     let mut vr = Array::<usize>::new(4usize);
     let mut vs = Array::<usize>::new(4usize);
     #[unroll]
     for kk in 0..4usize {
         let key = comptime!((kk / 2) * 8 + kk % 2) + 2 * t;
-        vr[kk] = buf * comptime!(words[2]) + key * vst + lane / 4;
+        vr[kk] = buf * comptime!(words[2]) + key * vst + word;
         vs[kk] = buf * comptime!(words[3]) + key * vb;
     }
     #[unroll]
@@ -890,18 +986,26 @@ fn compute_step(
         let mut w = Array::<u32>::new(4usize);
         #[unroll]
         for kk in 0..4usize {
-            w[kk] = u32::reinterpret(sh.values[vr[kk] + bb * 8]);
+            w[kk] = u32::reinterpret(sh.values[vr[kk] + comptime!(bb * per_block)]);
         }
         let (w0, w1, w2, w3) = (w[0], w[1], w[2], w[3]);
         let x01 = (w0 & 0xffffu32) | (w1 << 16u32);
         let y01 = (w0 >> 16u32) | (w1 & 0xffff_0000u32);
         let x89 = (w2 & 0xffffu32) | (w3 << 16u32);
         let y89 = (w2 >> 16u32) | (w3 & 0xffff_0000u32);
+        // q4: this unit's half of each key's word, keys side by side.
+        let h01 = select(high_half, y01, x01);
+        let h89 = select(high_half, y89, x89);
         #[unroll]
         for j in 0..4usize {
             let mut bf = Array::<Pair<f16>>::new(2usize);
-            bf[0] = value_codes(x01, y01, bias, j);
-            bf[1] = value_codes(x89, y89, bias, j);
+            if comptime!(vbits == 8) {
+                bf[0] = value_codes(x01, y01, bias, j);
+                bf[1] = value_codes(x89, y89, bias, j);
+            } else {
+                bf[0] = nibble_codes(h01 >> comptime!((4 * j) as u32), nibble_bias);
+                bf[1] = nibble_codes(h89 >> comptime!((4 * j) as u32), nibble_bias);
+            }
             let n = comptime!(4 * bb + j);
             let mut acc = Array::<Pair<f32>>::new(2usize);
             acc[0] = o[comptime!(2 * n)];
@@ -952,8 +1056,13 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
     #[comptime] kn: usize,
     #[comptime] stages: usize,
     #[comptime] imma: bool,
+    #[comptime] kbits: usize,
+    #[comptime] vbits: usize,
 ) {
     let bias = code_bias;
+    // [`NIBBLE_BIAS`] from it, at run time for the same reason.
+    let nibble_bias = code_bias & 0xff7f_ff7fu32;
+    let bits = comptime!((kbits, vbits));
     // The scores in base 2: the softmax takes `2^x`.
     let scale = scale * f32::new(LOG2_E);
     let dk = comptime!(d0 + d1);
@@ -964,7 +1073,7 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
     let warp = UNIT_POS_Y as usize;
     let (g, t) = (lane / 4, lane % 4);
 
-    let words = comptime!(stage_words(dk, dv));
+    let words = comptime!(stage_words(dk, dv, bits));
     let buffers = comptime!(WARPS * stages);
     let mut sh = Staged {
         keys: SharedMemory::<Vector<i32, Const<2>>>::new_aligned(
@@ -996,7 +1105,17 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
     if comptime!(imma) {
         if warp == 0 {
             let row_at = (bh * rows + g) * dk;
-            q_fragments_s8::<F>(q, &mut qsh, &mut qscale, row_at, g < rows, lane, scale, dk);
+            q_fragments_s8::<F>(
+                q,
+                &mut qsh,
+                &mut qscale,
+                row_at,
+                g < rows,
+                lane,
+                scale,
+                dk,
+                kbits,
+            );
         }
     } else if warp == 0 {
         let mut qf = Array::<Pair<f16>>::new(comptime!(dk / 4));
@@ -1079,7 +1198,7 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
         if s < steps {
             issue_step::<N>(
                 c0, c1, s0, s1, cvn, cv, &mut sh, &bars, s, own, hi, first, h, lane, plane_buf,
-                kv_heads, dims, kn, stages,
+                kv_heads, dims, bits, kn, stages,
             );
         }
     }
@@ -1092,7 +1211,7 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
             sync_plane();
             issue_step::<N>(
                 c0, c1, s0, s1, cvn, cv, &mut sh, &bars, ahead, own, hi, first, h, lane, plane_buf,
-                kv_heads, dims, kn, stages,
+                kv_heads, dims, bits, kn, stages,
             );
         }
         wait_stage(&bars, i, stages);
@@ -1111,8 +1230,10 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
                 lane,
                 neg_inf,
                 bias,
+                nibble_bias,
                 dk,
                 dv,
+                bits,
                 imma,
             );
         }
@@ -1124,9 +1245,8 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
     l += plane_shuffle_xor(l, 2u32);
     let mut m_sh = SharedMemory::<f32>::new(comptime!(WARPS * nq));
     let mut l_sh = SharedMemory::<f32>::new(comptime!(WARPS * nq));
-    // The planes' outputs go where the values were staged (it holds them:
-    // `stages · 16 · (dv/4 + 4) ≥ 8 · dv` words for 2 stages on), once
-    // every plane is done with its last step.
+    // The planes' outputs go where the values were staged (`plan` sees
+    // that it holds them), once every plane is done with its last step.
     sync_cube();
     if g < nq {
         if t == 0 {
@@ -1173,11 +1293,28 @@ fn waves() -> usize {
     })
 }
 
-/// `CARAMBA_KV_IMMA=1`, read once per process: the integer score
-/// products (experimental).
-fn imma_wanted() -> bool {
-    static IMMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *IMMA.get_or_init(|| std::env::var("CARAMBA_KV_IMMA").is_ok_and(|v| v == "1"))
+/// `CARAMBA_KV_IMMA=0`, read once per process (for comparisons): the
+/// score products on `f16` tensor cores even where the device has the
+/// integer ones.
+fn imma_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("CARAMBA_KV_IMMA").is_ok_and(|v| v == "0"))
+}
+
+/// Whether `client`'s device lists `mma.sync.m16n8k32` for s8 × s8 → s32
+/// ([`imma_def`]; sm_80 on).
+fn has_int8_mma<R: Runtime>(client: &ComputeClient<R>) -> bool {
+    use cubecl::ir::{ElemType, IntKind, StorageType};
+    let s8 = StorageType::Scalar(ElemType::Int(IntKind::I8));
+    let mma = cubecl::ir::features::MmaConfig {
+        a_type: s8,
+        b_type: s8,
+        cd_type: StorageType::Scalar(ElemType::Int(IntKind::I32)),
+        m: 16,
+        n: 8,
+        k: 32,
+    };
+    client.properties().features.matmul.mma.contains(&mma)
 }
 
 /// `CARAMBA_KV_STAGES`, read once per process (for sweeps).
@@ -1198,19 +1335,46 @@ pub(crate) struct Staging {
     pub stages: usize,
     /// Cubes a multiprocessor holds at once (shared memory, registers).
     pub cubes_per_sm: usize,
-    /// The scores on integer tensor cores ([`key_scores_s8`]):
-    /// `CARAMBA_KV_IMMA=1`, experimental (not yet run on a GPU).
+    /// The scores on integer tensor cores ([`key_scores_s8`]) rather
+    /// than `f16` ones ([`key_scores`]): where the device has them, unless
+    /// `CARAMBA_KV_IMMA=0`.
     pub imma: bool,
+    /// Bits a code of the keys (every key part) and of the values: 8
+    /// (q8) or 4 (q4; keys only on integer tensor cores).
+    pub bits: (usize, usize),
+}
+
+/// Bits a code of a cache part the kernel takes: q8 and q4 (NF4's levels
+/// are not integers).
+fn code_bits(format: u32) -> Option<usize> {
+    match format {
+        Q8 => Some(8),
+        Q4 => Some(4),
+        _ => None,
+    }
 }
 
 /// Bytes of shared memory a cube takes: the planes' stages (whose value
 /// buffers also take the planes' outputs at the end), `q`'s fragments
 /// (and its rows' scales where the scores run on integer tensor cores),
 /// the planes' maxima and sums (`nq` rows) and the barriers.
-pub(crate) fn shared_bytes(dk: usize, dv: usize, nq: usize, stages: usize) -> usize {
-    let stage: usize = stage_words(dk, dv).iter().sum();
+pub(crate) fn shared_bytes(
+    dk: usize,
+    dv: usize,
+    nq: usize,
+    stages: usize,
+    bits: (usize, usize),
+) -> usize {
+    let stage: usize = stage_words(dk, dv, bits).iter().sum();
     4 * (WARPS * stages * stage + dk / 16 * MMA_PLANE * 4 + MMA_ROWS + 2 * WARPS * nq)
         + 8 * MAX_STAGES
+}
+
+/// Whether a plane's value buffers (`stages` of them) hold its outputs of
+/// `nq` rows at the end (the kernel's merge writes them there): always
+/// for q8 values, not for q4 values of 8 rows at 3 stages or fewer.
+fn holds_outputs(dv: usize, nq: usize, stages: usize, bits: (usize, usize)) -> bool {
+    stages * STEP * value_stride(dv, bits.1) >= nq * dv
 }
 
 /// The number of key chunks for `bh` (batch, kv head) pairs: one wave of
@@ -1250,16 +1414,23 @@ pub(crate) fn plan<R: Runtime>(
     if waves() == 0 {
         return None;
     }
-    let q8 = |p: &CachePart| p.format == Q8 && p.dim > 0 && p.dim.is_multiple_of(BLOCK);
+    let whole = |p: &CachePart| p.dim > 0 && p.dim.is_multiple_of(BLOCK);
     let dk: usize = keys.iter().map(|k| k.dim).sum();
     let dv = values.dim;
     let served = has_half_mma(client, cubecl::ir::FloatKind::F16)
         && (1..=2).contains(&keys.len())
-        && keys.iter().chain([values]).all(q8)
+        && keys.iter().chain([values]).all(whole)
+        && keys.iter().all(|k| k.format == keys[0].format)
         && dk <= MMA_MAX_DK
         && dv <= MMA_MAX_DV
         && (1..=MMA_ROWS).contains(&rows);
     if !served {
+        return None;
+    }
+    let bits = (code_bits(keys[0].format)?, code_bits(values.format)?);
+    let imma = !imma_off() && has_int8_mma(client);
+    // q4 keys only as integers (their f16 score path is not written).
+    if bits.0 == 4 && !imma {
         return None;
     }
     let dims: Vec<usize> = keys.iter().chain([values]).map(|p| p.dim).collect();
@@ -1268,15 +1439,14 @@ pub(crate) fn plan<R: Runtime>(
     let limit = hardware.max_shared_memory_size;
     let stages = (2..=stages_wanted())
         .rev()
-        .find(|&s| shared_bytes(dk, dv, nq, s) <= limit)?;
+        .find(|&s| shared_bytes(dk, dv, nq, s, bits) <= limit && holds_outputs(dv, nq, s, bits))?;
     // A multiprocessor's shared memory is taken to be the most a cube may
     // ask for plus 1 KB (sm_80 on), less 1 KB the driver keeps a cube.
-    let by_shared = (limit + 1024) / (shared_bytes(dk, dv, nq, stages) + 1024);
-    // The planes' outputs fit where the values were staged (kernel).
-    debug_assert!(WARPS * stages * stage_words(dk, dv)[2] >= WARPS * nq * dv);
+    let by_shared = (limit + 1024) / (shared_bytes(dk, dv, nq, stages, bits) + 1024);
     Some(Staging {
         kn,
-        imma: imma_wanted(),
+        imma,
+        bits,
         stages,
         cubes_per_sm: by_shared.clamp(1, CUBES_BY_REGISTERS),
     })
@@ -1290,7 +1460,7 @@ mod tests {
     const SM90_SHARED: usize = 227 * 1024;
 
     fn cubes(dk: usize, dv: usize, nq: usize, stages: usize) -> usize {
-        (SM90_SHARED + 1024) / (shared_bytes(dk, dv, nq, stages) + 1024)
+        (SM90_SHARED + 1024) / (shared_bytes(dk, dv, nq, stages, (8, 8)) + 1024)
     }
 
     #[test]
@@ -1305,18 +1475,31 @@ mod tests {
 
     #[test]
     fn staged_rows_keep_copies_aligned_and_hold_the_merge() {
-        for dk in (32..=MMA_MAX_DK).step_by(32) {
-            for dv in (32..=MMA_MAX_DV).step_by(32) {
-                let [k, ks, v, vs] = stage_words(dk, dv);
-                // 16-byte copies land on 16 bytes: rows of whole chunks.
-                assert_eq!(key_stride(dk) % 4, 0, "dk {dk}");
-                assert_eq!(value_stride(dv) % 4, 0, "dv {dv}");
-                assert_eq!((k, v), (STEP * key_stride(dk), STEP * value_stride(dv)));
-                assert_eq!((ks, vs), (STEP * dk / BLOCK, STEP * dv / BLOCK));
-                // The planes' outputs fit the value buffers (the kernel's
-                // merge writes them there) at every depth and row count.
-                for stages in 2..=MAX_STAGES {
-                    assert!(stages * v >= MMA_ROWS * dv, "dv {dv}, {stages} stages");
+        for bits in [(8, 8), (8, 4), (4, 8), (4, 4)] {
+            for dk in (32..=MMA_MAX_DK).step_by(32) {
+                for dv in (32..=MMA_MAX_DV).step_by(32) {
+                    let [k, ks, v, vs] = stage_words(dk, dv, bits);
+                    let (kst, vst) = (key_stride(dk, bits.0), value_stride(dv, bits.1));
+                    // 16-byte copies land on 16 bytes: rows of whole chunks.
+                    assert_eq!(kst % 4, 0, "dk {dk}");
+                    assert_eq!(vst % 4, 0, "dv {dv}");
+                    assert_eq!((k, v), (STEP * kst, STEP * vst));
+                    assert_eq!((ks, vs), (STEP * dk / BLOCK, STEP * dv / BLOCK));
+                    // The rows a plane reads at once fall in distinct banks
+                    // (module doc, `key_stride`, `value_stride`).
+                    if bits.0 == 4 {
+                        assert_eq!(kst % 8, 4, "dk {dk}");
+                    }
+                    assert!(vst % 16 == 4 || vst % 16 == 12, "dv {dv}");
+                    // The planes' outputs fit the value buffers (the
+                    // kernel's merge writes them there) at every depth and
+                    // row count for q8 values, at the default depth for
+                    // q4.
+                    for stages in 2..=MAX_STAGES {
+                        let fits = holds_outputs(dv, MMA_ROWS, stages, bits);
+                        assert_eq!(fits, stages * v >= MMA_ROWS * dv);
+                        assert!(fits || (bits.1 == 4 && stages < STAGES), "{bits:?} {dv}");
+                    }
                 }
             }
         }
@@ -1331,6 +1514,6 @@ mod tests {
         assert_eq!(cubes(128, 128, 4, 3), 3);
         assert_eq!(cubes(128, 128, 4, 2), 4);
         // The widest heads still fit one cube at the deepest staging.
-        assert!(shared_bytes(MMA_MAX_DK, MMA_MAX_DV, MMA_ROWS, MAX_STAGES) <= SM90_SHARED);
+        assert!(shared_bytes(MMA_MAX_DK, MMA_MAX_DV, MMA_ROWS, MAX_STAGES, (8, 8)) <= SM90_SHARED);
     }
 }

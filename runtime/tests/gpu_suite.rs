@@ -1150,9 +1150,10 @@ fn kv_attention_graph(
 /// (T = 2 new positions, 2 heads a kv head), and head dims and formats
 /// that set the groups kernel's geometry: 96-dim q8 (8 lanes a key), f32
 /// (16 lanes a key), q4 keys with NF4 values, and 8 query rows a head
-/// (16 lanes a key for the same registers); on CUDA the q8 cases take the
-/// tensor-core kernel (`kv_decode_mma`; `CARAMBA_KV_MMA=0` sends them to
-/// the groups kernel). 96, not 128: the staged
+/// (16 lanes a key for the same registers); on CUDA the q8 and q4 cases
+/// (whole 32-dim blocks, key parts of one format) take the tensor-core
+/// kernel (`kv_decode_mma`; `CARAMBA_KV_MMA=0` sends them to the groups
+/// kernel). 96, not 128: the staged
 /// kernel, which lavapipe runs, holds a tile of 64 × 129 floats for 128,
 /// more than lavapipe's 32 KB of shared memory.
 pub fn kv_decode_chunks<R: Runtime>(dev: &R::Device) {
@@ -1185,6 +1186,12 @@ pub fn kv_decode_chunks<R: Runtime>(dev: &R::Device) {
         ((2, 8, 4, 1), vec![part(q8, 96), part(q8, 64)]),
         ((3, 1, 8, 1), vec![part(q8, 64), part(q8, 32), part(q8, 64)]),
         ((2, 3, 3, 1), vec![part(q8, 64), part(q8, 64)]),
+        // q4 on the tensor-core kernel (integer scores): q4 keys with q8
+        // values, q8 keys with q4 values at 8 query rows a head, and DBA's
+        // two q4 key parts with q4 values (8-byte copies).
+        ((2, 8, 4, 1), vec![part(q4, 96), part(q8, 64)]),
+        ((2, 4, 8, 1), vec![part(q8, 64), part(q4, 64)]),
+        ((2, 2, 4, 1), vec![part(q4, 32), part(q4, 64), part(q4, 32)]),
     ];
     // Heads of 128 dims (the benchmark's): the tensor-core kernel's
     // 16-byte copies into padded staged rows; two key parts of 64 (8-byte
@@ -1199,6 +1206,10 @@ pub fn kv_decode_chunks<R: Runtime>(dev: &R::Device) {
             (2, 3, 3, 1),
             vec![part(q8, 64), part(q8, 64), part(q8, 128)],
         ),
+        // q4 at the benchmark's dims, and 128-dim q4 values for 8 query
+        // rows a head (their outputs fill most of the value buffers).
+        ((2, 8, 4, 1), vec![part(q4, 128), part(q4, 128)]),
+        ((2, 2, 8, 1), vec![part(q4, 64), part(q4, 128)]),
     ];
     let shared = R::client(dev).properties().hardware.max_shared_memory_size;
     let cases = cases
