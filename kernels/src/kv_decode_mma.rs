@@ -81,8 +81,8 @@
 //! 2` of word `g / 2` of a value (the same dims `4g..4g + 3` as q8's word
 //! `g`). q4 keys need the integer products (their `f16` score path is not
 //! written). On the H200 q4 decode went from 0.25 ms (CUDA-core kernel)
-//! to 0.103–0.108 ms; its step loop is 838 instructions against q8's 755
-//! for half the bytes (NOTES, twenty-fourth session).
+//! to 0.087–0.088 ms (2 stages); its step loop is 838 instructions
+//! against q8's 755 for half the bytes (NOTES, twenty-fourth session).
 //!
 //! Where it stops: q8 or q4 keys (every key part the same) and values,
 //! every part's head slice a multiple of 32 dims and an even number of
@@ -1271,10 +1271,23 @@ pub(crate) fn kv_decode_mma_kernel<F: Float + CubeElement, N: Size>(
 
 /// Shared buffers a plane stages its steps in, at most (the barriers).
 pub const MAX_STAGES: usize = 4;
-/// Stages unless `CARAMBA_KV_STAGES` says otherwise (2 to 4). On the H200
-/// at 128 dims, 4 stages (two cubes a multiprocessor) and 2 stages (four
-/// cubes) took the same kernel time, 93 µs; 3 stages (three cubes) took
-/// 113 µs (BENCHMARKS, twenty-second session).
+/// Stages unless `CARAMBA_KV_STAGES` says otherwise (2 to 4), for caches
+/// of `bits` ([`Staging::bits`]). q8: on the H200 at 128 dims, 4 stages
+/// (two cubes a multiprocessor) and 2 stages (four cubes) took the same
+/// kernel time, 93 µs; 3 stages (three cubes) took 113 µs (BENCHMARKS,
+/// twenty-second session). q4 keys and values: 2 stages 0.091 ms, 3
+/// stages 0.094, 4 stages 0.106 by chain timing (twenty-fourth session;
+/// four cubes a multiprocessor at every depth, by registers and shared
+/// memory alike). Mixed formats were not measured: they take q8's.
+const fn default_stages(bits: (usize, usize)) -> usize {
+    if bits.0 == 4 && bits.1 == 4 {
+        2
+    } else {
+        STAGES
+    }
+}
+
+/// The q8 caches' stages ([`default_stages`]).
 const STAGES: usize = 4;
 /// Cubes of 128 units a multiprocessor holds at once by registers: ptxas
 /// gives the kernel 127 registers a unit at 128 dims (sm_90).
@@ -1317,13 +1330,14 @@ fn has_int8_mma<R: Runtime>(client: &ComputeClient<R>) -> bool {
     client.properties().features.matmul.mma.contains(&mma)
 }
 
-/// `CARAMBA_KV_STAGES`, read once per process (for sweeps).
-fn stages_wanted() -> usize {
-    static STAGES_SET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *STAGES_SET.get_or_init(|| {
-        // 2 to `MAX_STAGES`.
-        env_choice("CARAMBA_KV_STAGES", &[2, 3, 4]).unwrap_or(STAGES)
-    })
+/// `CARAMBA_KV_STAGES`, read once per process (for sweeps), else
+/// [`default_stages`].
+fn stages_wanted(bits: (usize, usize)) -> usize {
+    static STAGES_SET: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    // 2 to `MAX_STAGES`.
+    STAGES_SET
+        .get_or_init(|| env_choice("CARAMBA_KV_STAGES", &[2, 3, 4]))
+        .unwrap_or(default_stages(bits))
 }
 
 /// How a launch stages its steps.
@@ -1437,8 +1451,9 @@ pub(crate) fn plan<R: Runtime>(
     let kn = copy_words_for(heads, &dims)?;
     let hardware = &client.properties().hardware;
     let limit = hardware.max_shared_memory_size;
-    let stages = (2..=stages_wanted())
-        .rev()
+    // The stages wanted, else the deepest that fit.
+    let stages = std::iter::once(stages_wanted(bits))
+        .chain((2..=MAX_STAGES).rev())
         .find(|&s| shared_bytes(dk, dv, nq, s, bits) <= limit && holds_outputs(dv, nq, s, bits))?;
     // A multiprocessor's shared memory is taken to be the most a cube may
     // ask for plus 1 KB (sm_80 on), less 1 KB the driver keeps a cube.
