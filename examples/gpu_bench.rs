@@ -14,6 +14,8 @@
 //! batch 8 × 1024 (f32, or `gpu_bench cuda bf16` / `tf32`).
 //! `CARAMBA_BENCH_ATTN=bf16` keeps the `attention` case's bf16 shapes only
 //! (for a profiler: three shapes, 30 launches each, in the order listed).
+//! `CARAMBA_BENCH_KV=q4` (a comma list of `q8`, `q4`, `nf4`, `fp32`) keeps
+//! those of the `kvdecode` case's cache formats.
 //! `CARAMBA_BENCH_GEMM=cubek` puts every GEMM on cubek instead of cuBLASLt
 //! (the `gemm` case times both).
 //!
@@ -335,7 +337,11 @@ fn main() {
             ("nf4", Some(QuantFormat::Nf4)),
             ("fp32", None),
         ];
-        for (label, format) in formats {
+        let kept = |label: &str| match std::env::var("CARAMBA_BENCH_KV") {
+            Ok(list) => list.split(',').any(|c| c.trim() == label),
+            Err(_) => true,
+        };
+        for (label, format) in formats.into_iter().filter(|(l, _)| kept(l)) {
             let ms = kv_decode(backend, format);
             let (b, s, kv, d) = (4usize, 32768usize, 8usize, 128usize);
             let per_value = format.map_or(4.0, |f| f.bytes_per_value());

@@ -11,7 +11,8 @@
 # `imma` checks the q8 decode kernel's `f16` score products (the fallback,
 # `CARAMBA_KV_IMMA=0`; the integer ones are the default): the KV tests with
 # them, then Nsight Compute's kernel time of `gpu_bench`'s `kvdecode` with
-# and without them, and its chain timing twice each, alternating.
+# and without them (and over q4 caches), and its chain timing twice each,
+# alternating.
 # `ncu` profiles the attention kernels with Nsight Compute (NCU_TRAIN=1: the
 # backward's too); `final` runs tests in the background while nvcc reports
 # the registers of the kernel sources in cu/ (`caramba compile --emit kernels
@@ -131,6 +132,11 @@ CARAMBA_KV_IMMA=$on CARAMBA_BENCH_ONLY=kvdecode timeout 300 $NCU --clock-control
   ./gpu_bench cuda > $OUT/ncu_imma$on.txt 2>&1; echo "rc $?"
 grep -E "Duration|DRAM Throughput|Registers Per|Executed Instructions |Warp Cycles Per Issued" $OUT/ncu_imma$on.txt | head -8
 done
+echo "== ncu kv_decode_mma over q4 caches"
+CARAMBA_BENCH_KV=q4 CARAMBA_BENCH_ONLY=kvdecode timeout 300 $NCU --clock-control none -k regex:kv_decode_mma --launch-skip 3 --launch-count 1 \
+  --section SpeedOfLight --section LaunchStats --section WarpStateStats --section InstructionStats \
+  ./gpu_bench cuda > $OUT/ncu_q4.txt 2>&1; echo "rc $?"
+grep -E "Duration|DRAM Throughput|Registers Per|Executed Instructions |Warp Cycles Per Issued" $OUT/ncu_q4.txt | head -8
 for on in 0 1 0 1; do echo "== kvdecode chain timing, CARAMBA_KV_IMMA=$on"
 CARAMBA_KV_IMMA=$on CARAMBA_BENCH_ONLY=kvdecode timeout 120 ./gpu_bench cuda 2>&1 | grep -E "^\{|panicked|error" | head -6
 done
