@@ -145,7 +145,12 @@ fn emit(name: &str, ms: f64, key: &str, value: f64) {
 
 /// Whether case `name` is selected by `CARAMBA_BENCH_ONLY` (all when unset).
 fn selected(name: &str) -> bool {
-    match std::env::var("CARAMBA_BENCH_ONLY") {
+    listed("CARAMBA_BENCH_ONLY", name)
+}
+
+/// Whether the comma list in `var` names `name` (true when `var` is unset).
+fn listed(var: &str, name: &str) -> bool {
+    match std::env::var(var) {
         Ok(list) => list.split(',').any(|c| c.trim() == name),
         Err(_) => true,
     }
@@ -326,9 +331,9 @@ fn main() {
         PER_OP_DTYPE.with(|d| d.set(DType::F32));
     }
     // Decode attention over a quantized KV cache at 32k context: B4, 32
-    // query heads over 8 kv heads, head dim 128, one new token; q8 (the
-    // tensor-core kernel where the device has one), q4 and NF4 (the
-    // CUDA-core kernel) and f32.
+    // query heads over 8 kv heads, head dim 128, one new token; q8 and q4
+    // (the tensor-core kernel where the device has one), NF4 and f32 (the
+    // CUDA-core kernel); `CARAMBA_BENCH_KV` keeps some of them.
     if selected("kvdecode") {
         use caramba_ir::QuantFormat;
         let formats = [
@@ -337,11 +342,10 @@ fn main() {
             ("nf4", Some(QuantFormat::Nf4)),
             ("fp32", None),
         ];
-        let kept = |label: &str| match std::env::var("CARAMBA_BENCH_KV") {
-            Ok(list) => list.split(',').any(|c| c.trim() == label),
-            Err(_) => true,
-        };
-        for (label, format) in formats.into_iter().filter(|(l, _)| kept(l)) {
+        for (label, format) in formats
+            .into_iter()
+            .filter(|(l, _)| listed("CARAMBA_BENCH_KV", l))
+        {
             let ms = kv_decode(backend, format);
             let (b, s, kv, d) = (4usize, 32768usize, 8usize, 128usize);
             let per_value = format.map_or(4.0, |f| f.bytes_per_value());

@@ -208,12 +208,10 @@ fn key_scores(
     lane: usize,
     bias: u32,
     #[comptime] dk: usize,
-    #[comptime] dv: usize,
-    #[comptime] vbits: usize,
 ) {
     let def = mma_def();
     let (g, t) = (lane / 4, lane % 4);
-    let words = comptime!(stage_words(dk, dv, (8, vbits)));
+    let words = comptime!(key_stage_words(dk, 8));
     let (kst, kb_all) = comptime!((key_stride(dk, 8), dk / BLOCK));
     #[unroll]
     for nb in 0..2usize {
@@ -372,13 +370,11 @@ fn key_scores_s8(
     buf: usize,
     lane: usize,
     #[comptime] dk: usize,
-    #[comptime] dv: usize,
-    #[comptime] bits: (usize, usize),
+    #[comptime] kbits: usize,
 ) {
     let def = imma_def();
     let (g, t) = (lane / 4, lane % 4);
-    let kbits = comptime!(bits.0);
-    let words = comptime!(stage_words(dk, dv, bits));
+    let words = comptime!(key_stage_words(dk, kbits));
     let (kst, kb_all) = comptime!((key_stride(dk, kbits), dk / BLOCK));
     // Pairs of words a block, and this unit's pair in it.
     let per_block = comptime!(code_words(BLOCK, kbits) / 2);
@@ -405,14 +401,8 @@ fn key_scores_s8(
                 bf[1] = Vector::<i8, Const<4>>::reinterpret(pair[1]);
             } else {
                 let x = u32::reinterpret(select(odd, pair[1], pair[0]));
-                let even_nibbles = x & 0x0f0f_0f0fu32;
-                let odd_nibbles = (x >> 4u32) & 0x0f0f_0f0fu32;
-                bf[0] = Vector::<i8, Const<4>>::reinterpret(
-                    (even_nibbles + 0x7878_7878u32) ^ 0x8080_8080u32,
-                );
-                bf[1] = Vector::<i8, Const<4>>::reinterpret(
-                    (odd_nibbles + 0x7878_7878u32) ^ 0x8080_8080u32,
-                );
+                bf[0] = nibbles_s8(x);
+                bf[1] = nibbles_s8(x >> 4u32);
             }
             let mut acc = Array::<Vector<i32, Const<2>>>::new(2usize);
             acc[0] = Vector::<i32, Const<2>>::new(0i32);
@@ -431,6 +421,13 @@ fn key_scores_s8(
     for i in 0..4usize {
         s[i] *= sq;
     }
+}
+
+/// The q4 codes in the low nibbles of `x`'s four bytes (`u = c + 8`) as
+/// signed bytes `c`: `(u + 0x78) ^ 0x80`, which carries out of no byte.
+#[cube]
+fn nibbles_s8(x: u32) -> Vector<i8, Const<4>> {
+    Vector::<i8, Const<4>>::reinterpret(((x & 0x0f0f_0f0fu32) + 0x7878_7878u32) ^ 0x8080_8080u32)
 }
 
 /// A byte pair as an exact `f16` pair: byte `j` of `a` (low half) and of
@@ -491,13 +488,20 @@ pub(crate) const fn value_stride(dv: usize, bits: usize) -> usize {
     }
 }
 
+/// Words of one plane's stage of keys, per buffer: codes, scales (the
+/// first two of [`stage_words`]).
+pub(crate) const fn key_stage_words(dk: usize, kbits: usize) -> [usize; 2] {
+    [STEP * key_stride(dk, kbits), STEP * (dk / BLOCK)]
+}
+
 /// Words of one plane's stage, per buffer: key codes, key scales, value
 /// codes, value scales (`STEP` rows each), for keys and values of
 /// `bits = (key bits, value bits)`.
 pub(crate) const fn stage_words(dk: usize, dv: usize, bits: (usize, usize)) -> [usize; 4] {
+    let [keys, key_scales] = key_stage_words(dk, bits.0);
     [
-        STEP * key_stride(dk, bits.0),
-        STEP * (dk / BLOCK),
+        keys,
+        key_scales,
         STEP * value_stride(dv, bits.1),
         STEP * (dv / BLOCK),
     ]
@@ -912,9 +916,9 @@ fn compute_step(
         s[i] = f32::new(0.0);
     }
     if comptime!(imma) {
-        key_scores_s8(sh, qsh, sq, &mut s, buf, lane, dk, dv, bits);
+        key_scores_s8(sh, qsh, sq, &mut s, buf, lane, dk, comptime!(bits.0));
     } else {
-        key_scores(sh, qsh, &mut s, buf, lane, bias, dk, dv, vbits);
+        key_scores(sh, qsh, &mut s, buf, lane, bias, dk);
     }
     // Mask, then the online softmax over the row's 16 keys.
     let m = ml[0];
