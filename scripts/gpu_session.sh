@@ -126,17 +126,20 @@ CARAMBA_KV_IMMA=0 timeout ${SUITE_T:-300} ./gpu_suite cuda::kv cuda::cached_tiny
 echo "rc $?"
 grep -E "^test |test result|panicked|max error" $OUT/suite_imma.txt | head -20
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+# Nsight Compute of the fourth kv_decode_mma launch of `kvdecode` into
+# $OUT/NAME.txt, with the environment assignments that follow NAME.
+ncu_kv() {
+  local name=$1; shift
+  env "$@" CARAMBA_BENCH_ONLY=kvdecode timeout 300 $NCU --clock-control none -k regex:kv_decode_mma --launch-skip 3 --launch-count 1 \
+    --section SpeedOfLight --section LaunchStats --section WarpStateStats --section InstructionStats \
+    ./gpu_bench cuda > $OUT/$name.txt 2>&1; echo "rc $?"
+  grep -E "Duration|DRAM Throughput|Registers Per|Executed Instructions |Warp Cycles Per Issued" $OUT/$name.txt | head -8
+}
 for on in 0 1; do echo "== ncu kv_decode_mma, CARAMBA_KV_IMMA=$on"
-CARAMBA_KV_IMMA=$on CARAMBA_BENCH_ONLY=kvdecode timeout 300 $NCU --clock-control none -k regex:kv_decode_mma --launch-skip 3 --launch-count 1 \
-  --section SpeedOfLight --section LaunchStats --section WarpStateStats --section InstructionStats \
-  ./gpu_bench cuda > $OUT/ncu_imma$on.txt 2>&1; echo "rc $?"
-grep -E "Duration|DRAM Throughput|Registers Per|Executed Instructions |Warp Cycles Per Issued" $OUT/ncu_imma$on.txt | head -8
+ncu_kv ncu_imma$on CARAMBA_KV_IMMA=$on
 done
 echo "== ncu kv_decode_mma over q4 caches"
-CARAMBA_BENCH_KV=q4 CARAMBA_BENCH_ONLY=kvdecode timeout 300 $NCU --clock-control none -k regex:kv_decode_mma --launch-skip 3 --launch-count 1 \
-  --section SpeedOfLight --section LaunchStats --section WarpStateStats --section InstructionStats \
-  ./gpu_bench cuda > $OUT/ncu_q4.txt 2>&1; echo "rc $?"
-grep -E "Duration|DRAM Throughput|Registers Per|Executed Instructions |Warp Cycles Per Issued" $OUT/ncu_q4.txt | head -8
+ncu_kv ncu_q4 CARAMBA_BENCH_KV=q4
 for on in 0 1 0 1; do echo "== kvdecode chain timing, CARAMBA_KV_IMMA=$on"
 CARAMBA_KV_IMMA=$on CARAMBA_BENCH_ONLY=kvdecode timeout 120 ./gpu_bench cuda 2>&1 | grep -E "^\{|panicked|error" | head -6
 done
