@@ -41,8 +41,9 @@ With no flag, prints a one-line summary per model.",
 Each training run writes artifacts/<name>_<run>_<timestamp>/ with the resolved manifest, metrics.jsonl \
 (step, loss, lr, grad norm, tokens/s, val loss) and checkpoints (weights, optimizer state, step, RNG state; \
 written atomically). --resume <checkpoint> continues a run exactly.\n\n\
-This version executes `mode: train` runs with `phase: standard` on the CPU reference backend and \
-`perplexity` benchmarks; a manifest that needs more (distillation phases, verify blocks, other benchmarks) \
+This version executes `mode: train` runs with `phase: standard` and `perplexity` benchmarks, on the \
+device --device names (the CPU reference by default; on wgpu or cuda the forward, backward, optimizer and \
+evaluation run on the GPU with weights and optimizer state kept there); a manifest that needs more (distillation phases, verify blocks, other benchmarks) \
 is refused before anything runs, with the list of what is missing.",
         after_help = "Examples:\n  scripts/fixtures.sh && caramba run presets/tiny.yml\n  caramba run presets/tiny.yml --resume artifacts/tiny_train_20261126_120000/checkpoints/latest"
     )]

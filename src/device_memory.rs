@@ -5,7 +5,8 @@
 //! buffer of size: N"), and every later call into the dead thread panics
 //! again. The command line installs [`install_panic_hook`], which turns the
 //! first such panic into one error line naming the size that failed and
-//! what to change, and exits with status 1. Checkpoints and artifacts are
+//! what to change, and exits with status 1 (without the destructors that
+//! would wait on the dead device). Checkpoints and artifacts are
 //! written atomically (a temporary file, then a rename), so exiting from
 //! the hook leaves no half-written file behind. Every other panic keeps
 //! the default report: it is a bug.
@@ -44,11 +45,29 @@ pub fn install_panic_hook() {
         match failed_allocation(message) {
             Some(bytes) => {
                 eprintln!("{}", out_of_memory_message(bytes));
-                std::process::exit(1);
+                exit_now(1);
             }
             None => default(info),
         }
     }));
+}
+
+/// Exits with `code` without running destructors. `std::process::exit`
+/// runs the calling thread's thread-local destructors, and on wgpu one of
+/// them drops the device, whose queue waits for the last submission: after
+/// a failed allocation that wait can time out and panic inside this hook,
+/// which aborts (seen on lavapipe). Standard output is flushed first;
+/// standard error is unbuffered.
+fn exit_now(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    #[cfg(unix)]
+    // SAFETY: `_exit` ends the process at once; nothing runs after it.
+    unsafe {
+        libc::_exit(code)
+    }
+    #[cfg(not(unix))]
+    std::process::exit(code)
 }
 
 #[cfg(test)]

@@ -91,6 +91,18 @@ impl Backend {
         }
     }
 
+    /// The largest single buffer this backend's device can allocate, where
+    /// it has such a limit: a wgpu device's maximum storage-buffer binding
+    /// (128 MiB on Mesa's lavapipe), CUDA's largest memory page. `None` on
+    /// the CPU or when the device does not open.
+    pub fn max_buffer_bytes(self) -> Option<u64> {
+        match self {
+            Backend::Cpu => None,
+            Backend::Wgpu => wgpu_max_buffer(),
+            Backend::Cuda => cuda_max_buffer(),
+        }
+    }
+
     /// Evaluates the graph's outputs.
     pub fn run(
         self,
@@ -133,6 +145,36 @@ fn cuda_any() -> bool {
 #[cfg(not(feature = "cuda"))]
 fn cuda_any() -> bool {
     false
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu_max_buffer() -> Option<u64> {
+    use crate::gpu::{WgpuDevice, WgpuRuntime};
+    use caramba_kernels::cubecl::Runtime;
+    wgpu_any().then(|| {
+        let client = WgpuRuntime::client(&WgpuDevice::DefaultDevice);
+        client.properties().memory.max_page_size
+    })
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_max_buffer() -> Option<u64> {
+    None
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_max_buffer() -> Option<u64> {
+    use crate::gpu::{CudaDevice, CudaRuntime};
+    use caramba_kernels::cubecl::Runtime;
+    cuda_any().then(|| {
+        let client = CudaRuntime::client(&CudaDevice { index: 0 });
+        client.properties().memory.max_page_size
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_max_buffer() -> Option<u64> {
+    None
 }
 
 #[cfg(feature = "wgpu")]

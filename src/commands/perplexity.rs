@@ -43,6 +43,23 @@ pub fn perplexity(a: &PerplexityArgs) -> CmdResult {
             "token id {bad} is outside the model's vocabulary of {vocab}"
         )));
     }
+    // Each window's logits come back as one f32 buffer of window × vocab
+    // values; a device whose buffers are smaller (lavapipe's 128 MiB) would
+    // fail half-way through the run.
+    let longest = a.block_size.min(tokens.len());
+    if let Some(max) = backend.max_buffer_bytes() {
+        let need = (longest * vocab * 4) as u64;
+        if need > max {
+            let fits = (max / (vocab as u64 * 4)).max(1);
+            return Err(Failure::usage(format!(
+                "a window of {longest} tokens needs a {} logits buffer ({longest} × {vocab} \
+                 f32), larger than the largest buffer this {backend} device allocates ({}): \
+                 use --block-size {fits} or less, or another --device",
+                mib(need),
+                mib(max)
+            )));
+        }
+    }
     let (mut nll, mut count) = (0.0f64, 0usize);
     let windows: Vec<&[u32]> = tokens
         .chunks(a.block_size)
@@ -80,4 +97,9 @@ pub fn nll_of(logits: &[f32], target: usize) -> f64 {
         .ln()
         + max;
     lse - logits[target] as f64
+}
+
+/// `bytes` in MiB, for messages.
+fn mib(bytes: u64) -> String {
+    format!("{:.0} MiB", bytes as f64 / (1u64 << 20) as f64)
 }
