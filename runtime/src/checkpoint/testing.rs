@@ -12,6 +12,10 @@ use std::path::PathBuf;
 
 /// `<repo>/.fixtures`, found from this crate's manifest directory.
 pub fn fixtures_dir() -> PathBuf {
+    // A test binary carried to another machine finds them where it is told.
+    if let Some(dir) = std::env::var_os("CARAMBA_FIXTURES") {
+        return PathBuf::from(dir);
+    }
     let runtime = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     runtime
         .parent()
