@@ -3470,14 +3470,22 @@ pub fn narrow_kv_attention<R: Runtime>(dev: &R::Device) {
     for elem in narrow_elems(&client, "kv_attention") {
         // (format, storage, dims) of the key parts, then of the values.
         type Part = (Option<QuantFormat>, FloatElem, usize);
-        let configs: [(Vec<Part>, Part); 4] = [
+        let (q8, q4, nf4) = (
+            Some(QuantFormat::Q8),
+            Some(QuantFormat::Q4),
+            Some(QuantFormat::Nf4),
+        );
+        let configs: [(Vec<Part>, Part); 7] = [
             (vec![(None, elem, 16)], (None, elem, 16)),
             (vec![(None, elem, 6)], (None, elem, 6)),
             (vec![(None, elem, 16)], (None, FloatElem::F32, 16)),
-            (
-                vec![(None, elem, 16), (Some(QuantFormat::Q8), elem, 32)],
-                (Some(QuantFormat::Nf4), elem, 16),
-            ),
+            (vec![(None, elem, 16), (q8, elem, 32)], (nf4, elem, 16)),
+            // Every part quantized (on CUDA the decode steps take the
+            // tensor-core kernel with half-precision queries and outputs),
+            // q4 on both sides, and NF4 keys.
+            (vec![(q8, elem, 32)], (q8, elem, 32)),
+            (vec![(q4, elem, 64)], (q4, elem, 32)),
+            (vec![(nf4, elem, 32)], (q8, elem, 32)),
         ];
         for (t, s) in [(1usize, 300usize), (5, 5), (3, 130)] {
             for (keys, value) in &configs {
