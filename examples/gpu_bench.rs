@@ -17,7 +17,8 @@
 //! `CARAMBA_BENCH_KV=q4` (a comma list of `q8`, `q4`, `nf4`, `fp32`) keeps
 //! those of the `kvdecode` case's cache formats.
 //! `CARAMBA_BENCH_GEMM=cubek` puts every GEMM on cubek instead of cuBLASLt
-//! (the `gemm` case times both).
+//! (the `gemm` case times both). `CARAMBA_BENCH_GEMMS=gemm4096x2048x8192_bf16`
+//! (a comma list of the names it prints) keeps those of its lines.
 //!
 //! The executor reads its outputs back after each run, so a kernel's time is
 //! measured as the difference between a chain of N copies of it and a chain
@@ -287,6 +288,10 @@ fn main() {
                 ("bf16_cubek", GemmLibrary::Cubek, false, DType::BF16),
                 ("bf16", GemmLibrary::Vendor, false, DType::BF16),
             ] {
+                let name = format!("gemm{m}x{k}x{n}_{label}");
+                if !listed("CARAMBA_BENCH_GEMMS", &name) {
+                    continue;
+                }
                 PER_OP_DTYPE.with(|d| d.set(dtype));
                 OPTIONS.with(|o| {
                     o.set(GpuOptions {
@@ -319,12 +324,7 @@ fn main() {
                         },
                     ) / 2.0
                 };
-                emit(
-                    &format!("gemm{m}x{k}x{n}_{label}"),
-                    ms,
-                    "tflops",
-                    2.0 * (m * k * n) as f64 / ms / 1e9,
-                );
+                emit(&name, ms, "tflops", 2.0 * (m * k * n) as f64 / ms / 1e9);
             }
         }
         OPTIONS.with(|o| o.set(base));

@@ -22,8 +22,10 @@
 //! reference interpreter does. Attention's row statistics (the
 //! log-sum-exp its forward writes, with the output beside it, and the
 //! backward's lse and delta) are `f32` whatever `elem` is, as the IR types
-//! them. Optimizer state and master weights (`optim`) and cuBLASLt's GEMMs
-//! (`vendor_gemm`) are `f32` only. Integer tensors are `i32`. Buffers are dense and row-major; a view (`View`)
+//! them. Optimizer state and master weights (`optim`) are `f32` only;
+//! cuBLASLt's GEMMs (`vendor_gemm`) take `f32`, `f16` and `bf16` operands and
+//! accumulate in `f32`. Integer tensors are `i32`. Buffers are dense and
+//! row-major; a view (`View`)
 //! adds strides and an element offset so that permute, slice, broadcast and
 //! concat are strided copies.
 
