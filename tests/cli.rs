@@ -260,3 +260,50 @@ fn the_manifest_path_in_errors_is_as_given() {
     let want = format!("--> {}:", Path::new(&abs).display());
     assert!(stderr(&o).contains(&want), "{}", show("abs", &o));
 }
+
+/// `perplexity` on a device whose largest buffer cannot hold a window's
+/// logits (lavapipe: 128 MiB; SmolLM2's 1024 × 49,152 f32 logits take 192
+/// MiB) is refused before the run with the largest `--block-size` that
+/// fits, not a failed allocation half-way (which used to abort).
+#[test]
+fn perplexity_too_wide_for_the_device_is_bad_input() {
+    use caramba_runtime::backend::Backend;
+    use caramba_runtime::checkpoint::testing::{fixture_path, SMOLLM2_GGUF};
+    let Some(gguf) = fixture_path(SMOLLM2_GGUF) else {
+        return;
+    };
+    let vocab_bytes = 49_152 * 4;
+    let Some(max) = Backend::Wgpu.max_buffer_bytes() else {
+        eprintln!("*** SKIPPED: no wgpu adapter ***");
+        return;
+    };
+    if max > 1 << 30 {
+        eprintln!("*** SKIPPED: this wgpu device's buffers hold any window here ***");
+        return;
+    }
+    let block = max / vocab_bytes + 1;
+    // About 12 tokens a sentence: more than a window's worth.
+    let text = "In the beginning God created the heaven and the earth. ";
+    let corpus = std::env::temp_dir().join("caramba_cli_ppl.txt");
+    std::fs::write(&corpus, text.repeat(1 + block as usize / 8)).unwrap();
+    let block = block.to_string();
+    let o = caramba(&[
+        "perplexity",
+        "--ckpt",
+        gguf.to_str().unwrap(),
+        "--text",
+        corpus.to_str().unwrap(),
+        "--block-size",
+        &block,
+        "--device",
+        "wgpu",
+    ]);
+    assert_no_panic("perplexity", &o);
+    assert_eq!(o.status.code(), Some(2), "{}", show("perplexity", &o));
+    let fits = (max / vocab_bytes).to_string();
+    assert!(
+        stderr(&o).contains(&format!("--block-size {fits} or less")),
+        "{}",
+        show("perplexity", &o)
+    );
+}
