@@ -8,7 +8,7 @@
 //! Needs the fixture (`scripts/fixtures.sh`); without it each test says
 //! SKIPPED loudly (and fails when CARAMBA_REQUIRE_FIXTURES is set, as in CI).
 
-use caramba::commands::perplexity::nll_of;
+use caramba::commands::perplexity::{logits_exceed_buffers, nll_of};
 use caramba::commands::sample::parse_kv_cache;
 use caramba::model::{open_checkpoint, Model};
 use caramba_ir::DType;
@@ -261,11 +261,7 @@ fn greedy_cached_on(
         if step == 0 {
             first = l.to_vec();
         }
-        let last = &l[l.len() - vocab..];
-        let next = (0..vocab)
-            .max_by(|&a, &b| last[a].total_cmp(&last[b]))
-            .expect("non-empty") as u32;
-        seq.push(next);
+        seq.push(argmax(&l[l.len() - vocab..]) as u32);
     }
     assert_eq!(past.len(), seq.len() - 1);
     (seq[prompt.len()..].to_vec(), first)
@@ -343,8 +339,7 @@ fn check_perplexity(m: &Model, backend: Backend) {
     let tokens = ids(&p["ids"]);
     let want = p["perplexity"].as_f64().expect("perplexity");
     let vocab = m.config.vocab_size;
-    let need = (tokens.len() * vocab * 4) as u64;
-    if let Some(max) = backend.max_buffer_bytes().filter(|&max| max < need) {
+    if let Some((need, max)) = logits_exceed_buffers(backend, tokens.len(), vocab) {
         println!(
             "{backend}: perplexity skipped: its logits need {need} bytes, \
              the device's largest buffer is {max}"

@@ -3,6 +3,7 @@
 use super::{backend_for, CmdResult, Failure};
 use crate::cli::PerplexityArgs;
 use crate::model::{open_checkpoint, tokenizer_for, Model};
+use caramba_runtime::backend::Backend;
 use caramba_runtime::data::NpyTokens;
 
 pub fn perplexity(a: &PerplexityArgs) -> CmdResult {
@@ -43,22 +44,18 @@ pub fn perplexity(a: &PerplexityArgs) -> CmdResult {
             "token id {bad} is outside the model's vocabulary of {vocab}"
         )));
     }
-    // Each window's logits come back as one f32 buffer of window × vocab
-    // values; a device whose buffers are smaller (lavapipe's 128 MiB) would
-    // fail half-way through the run.
+    // A device whose buffers are smaller than a window's logits would fail
+    // half-way through the run.
     let longest = a.block_size.min(tokens.len());
-    if let Some(max) = backend.max_buffer_bytes() {
-        let need = (longest * vocab * 4) as u64;
-        if need > max {
-            let fits = (max / (vocab as u64 * 4)).max(1);
-            return Err(Failure::usage(format!(
-                "a window of {longest} tokens needs a {} logits buffer ({longest} × {vocab} \
-                 f32), larger than the largest buffer this {backend} device allocates ({}): \
-                 use --block-size {fits} or less, or another --device",
-                mib(need),
-                mib(max)
-            )));
-        }
+    if let Some((need, max)) = logits_exceed_buffers(backend, longest, vocab) {
+        let fits = (max / (vocab as u64 * 4)).max(1);
+        return Err(Failure::usage(format!(
+            "a window of {longest} tokens needs a {} logits buffer ({longest} × {vocab} \
+             f32), larger than the largest buffer this {backend} device allocates ({}): \
+             use --block-size {fits} or less, or another --device",
+            mib(need),
+            mib(max)
+        )));
     }
     let (mut nll, mut count) = (0.0f64, 0usize);
     let windows: Vec<&[u32]> = tokens
@@ -85,6 +82,16 @@ pub fn perplexity(a: &PerplexityArgs) -> CmdResult {
     println!("mean nll: {mean:.6}");
     println!("perplexity: {:.6}", mean.exp());
     Ok(())
+}
+
+/// `(needed, largest)` bytes when a window of `window` tokens has logits
+/// (one f32 buffer of window × vocab values) larger than the largest buffer
+/// `backend`'s device allocates (lavapipe: 128 MiB); `None` when they fit
+/// or the device has no such limit.
+pub fn logits_exceed_buffers(backend: Backend, window: usize, vocab: usize) -> Option<(u64, u64)> {
+    let need = (window * vocab * 4) as u64;
+    let max = backend.max_buffer_bytes()?;
+    (need > max).then_some((need, max))
 }
 
 /// −log softmax(logits)[target], in f64.
