@@ -16,6 +16,8 @@
 //! (for a profiler: three shapes, 30 launches each, in the order listed).
 //! `CARAMBA_BENCH_KV=q4` (a comma list of `q8`, `q4`, `nf4`, `fp32`) keeps
 //! those of the `kvdecode` case's cache formats.
+//! `CARAMBA_BENCH_UNFOLDED=1` optimizes the models as before the norm fold:
+//! projections unmerged and no `fuse-norm-matmul` (for A/B runs).
 //! `CARAMBA_BENCH_GEMM=cubek` puts every GEMM on cubek instead of cuBLASLt
 //! (the `gemm` case times both). `CARAMBA_BENCH_GEMMS=gemm4096x2048x8192_bf16`
 //! (a comma list of the names it prints) keeps those of its lines.
@@ -89,6 +91,40 @@ thread_local! {
 
 fn bench_options() -> GpuOptions {
     OPTIONS.with(|o| o.get())
+}
+
+/// The model graphs' optimizer: every rule, or with
+/// `CARAMBA_BENCH_UNFOLDED=1` the optimizer before the norm fold
+/// (projections not merged, no `fuse-norm-matmul`).
+fn optimize_model(g: &Graph) -> Graph {
+    use caramba_compiler::optimize::{optimize_with, rule_names, Options};
+    let opts = if std::env::var("CARAMBA_BENCH_UNFOLDED").is_ok_and(|v| v == "1") {
+        Options {
+            only: Some(
+                rule_names()
+                    .into_iter()
+                    .filter(|n| *n != "fuse-norm-matmul")
+                    .map(String::from)
+                    .collect(),
+            ),
+            merge_projections: false,
+            ..Options::default()
+        }
+    } else {
+        Options::default()
+    };
+    optimize_with(g, &opts).expect("optimize").0
+}
+
+/// [`bench_options`] for a model's forward, as `caramba sample` and
+/// `perplexity` run it: values computed from the weights alone (merged
+/// projections' stacked weights) made once, not per run. Not for the
+/// chains, whose input is a parameter.
+fn model_options() -> GpuOptions {
+    GpuOptions {
+        keep_param_values: true,
+        ..bench_options()
+    }
 }
 
 fn time_graph(backend: Backend, g: &Graph, params: &BTreeMap<String, Tensor>, iters: usize) -> f64 {
@@ -386,13 +422,13 @@ fn model_forward(backend: Backend, which: &str) {
     // Only the loss comes back, as with PyTorch's `.loss` (reading the
     // 1.6 GB of logits back to the host took most of an earlier run).
     g.remove_output("logits");
-    let (g, _) = caramba_compiler::optimize(&g).unwrap();
+    let g = optimize_model(&g);
     let params = random_params(&g);
     // `gpu_bench cuda tf32`: the model's matmuls on tensor cores.
     let tf32 = std::env::args().nth(2).is_some_and(|s| s == "tf32");
     let options = GpuOptions {
         fast_matmul: tf32,
-        ..bench_options()
+        ..model_options()
     };
     let exec = Executor::with_options(backend, &g, &params, options).expect("executor");
     let (b, t) = (8usize, 1024usize);
@@ -436,7 +472,7 @@ fn model_forward(backend: Backend, which: &str) {
     // Where the time goes: one profiled run (each kernel waited for).
     let options = GpuOptions {
         profile: true,
-        ..bench_options()
+        ..model_options()
     };
     let exec = Executor::with_options(backend, &g, &params, options).expect("executor");
     exec.run(&bind).expect("profiled run");
@@ -493,7 +529,7 @@ fn smollm2_decode(backend: Backend) {
         KvCacheSpec::uniform(CacheFormat::Fp32),
     )
     .unwrap();
-    let (g, _) = caramba_compiler::optimize(&lowered.graph).unwrap();
+    let g = optimize_model(&lowered.graph);
     let params = random_params(&g);
     let run = |exec: &Executor, steps: usize| -> f64 {
         let mut device = BTreeMap::new();
@@ -542,14 +578,14 @@ fn smollm2_decode(backend: Backend) {
         }
         start.elapsed().as_secs_f64() * 1e3 / steps as f64
     };
-    let exec = Executor::with_options(backend, &g, &params, bench_options()).expect("executor");
+    let exec = Executor::with_options(backend, &g, &params, model_options()).expect("executor");
     run(&exec, 8);
     let steps = 64;
     let ms = run(&exec, steps);
     emit("smollm2_decode_fp32_cache", ms, "tokens_per_s", 1e3 / ms);
     let options = GpuOptions {
         profile: true,
-        ..bench_options()
+        ..model_options()
     };
     let exec = Executor::with_options(backend, &g, &params, options).expect("executor");
     run(&exec, 16);

@@ -167,6 +167,13 @@ impl Model {
                         "internal error: optimizing the model failed: {e:?}"
                     ))
                 })?;
+                // The weights never change under a loaded model: values
+                // made from them alone (merged projections' stacked
+                // weights) are made once.
+                let options = GpuOptions {
+                    keep_param_values: true,
+                    ..options
+                };
                 Executor::with_options(backend, &fused, &params, options)
             }
         }

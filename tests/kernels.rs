@@ -81,7 +81,8 @@ fn sections(text: &str) -> Vec<(String, String)> {
 }
 
 /// The snapshot of one `--emit kernels` output: the header, the title of
-/// every kernel, then the rms_norm and attention kernels in full. Each
+/// every kernel, then the first kernel of the rms_norm_matmul (the norm,
+/// before the GEMM at the stand-in rows) and attention in full. Each
 /// section must look like `marker` says a kernel of the target does.
 fn digest(text: &str, marker: &str) -> String {
     let header = text.lines().next().unwrap_or_default();
@@ -107,7 +108,7 @@ fn digest(text: &str, marker: &str) -> String {
             .unwrap_or_else(|| panic!("no kernel for {needle:?} in:\n{titles:#?}"));
         format!("// === {title}\n{}", source.trim_end())
     };
-    let rms = pick("rms_norm @");
+    let rms = pick("rms_norm_matmul @");
     let attn = pick("attention @");
     titles.insert(0, header);
     format!("{}\n\n{rms}\n\n{attn}\n", titles.join("\n"))

@@ -344,7 +344,8 @@ fn lower(v: &impl std::fmt::Debug) -> String {
 /// formed it; blocks that repeat with the same kernels fold into one
 /// `model.layers.*.x ×n` entry. Reshapes are views and a permute that swaps
 /// the last two axes of a matmul operand is a strided read, so neither is
-/// listed as a kernel; nor are sources.
+/// listed as a kernel; nor are sources. Kernels over the weights alone are
+/// marked: `sample` and `perplexity` run them once per loaded model.
 pub fn render_kernels(
     layers: &[LayerInfo],
     g: &caramba_ir::Graph,
@@ -368,8 +369,28 @@ pub fn render_kernels(
             && p[r - 1] == r - 2
             && p[..r - 2].iter().enumerate().all(|(i, &x)| i == x)
             && !g.users(id).is_empty()
-            && g.users(id).iter().all(|&u| g.node(u).op == Op::MatMul)
+            && g.users(id).iter().all(|&u| match g.node(u).op {
+                Op::MatMul => true,
+                // Its weight operand, read as matmul reads it.
+                Op::RmsNormMatMul { .. } => g.operands(u)[..2].iter().all(|&o| o != id),
+                _ => false,
+            })
     };
+    // Values made from the weights alone (merged projections' stacked
+    // weights): a loaded model makes them once, not per run.
+    let mut from_weights = std::collections::HashSet::new();
+    for id in g.topo_order() {
+        let os = g.operands(id);
+        if !g.node(id).op.is_source()
+            && !os.is_empty()
+            && os.iter().all(|o| {
+                from_weights.contains(o)
+                    || matches!(g.node(*o).op, Op::Param { .. } | Op::Constant(_))
+            })
+        {
+            from_weights.insert(id);
+        }
+    }
     let mut order: Vec<String> = Vec::new();
     let mut by_scope: std::collections::HashMap<String, Vec<String>> = Default::default();
     for id in g.topo_order() {
@@ -402,6 +423,9 @@ pub fn render_kernels(
         let _ = write!(line, " → {}", n.ty);
         if let Some(rules) = report.rules_of(id) {
             let _ = write!(line, "  ← {}", rules.join(" + "));
+        }
+        if from_weights.contains(&id) {
+            line.push_str("  (weights only: once per loaded model)");
         }
         let scope = match layer_of(&n.scope) {
             Some(l) => {

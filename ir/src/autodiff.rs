@@ -645,7 +645,7 @@ impl Backward {
             Op::RmsNormGrad { .. } => {
                 return Err(refuse("rms_norm's gradient (no second derivatives)"))
             }
-            Op::Elementwise(_) | Op::KvAttention { .. } => {
+            Op::Elementwise(_) | Op::KvAttention { .. } | Op::RmsNormMatMul { .. } => {
                 return Err(refuse(
                     "fused ops: differentiate the lowered graph before fusion",
                 ))

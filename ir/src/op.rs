@@ -303,6 +303,16 @@ pub enum Op {
     /// (as a cast's gradient is): what autodiff of the lowered chain
     /// computes, without its intermediates.
     RmsNormGrad { eps: Scalar, wrt: NormArg },
+    /// A linear layer that reads its input through an RMSNorm: x `[..., K]`
+    /// (rank ≥ 2), w `[K]` and b `[K, N]` of one float dtype → `[..., N]`.
+    /// Decomposition: `matmul(rms_norm{eps}(x, w), b)`, the normalized rows
+    /// rounded as `rms_norm` rounds them (for f16/bf16 x, `x̂` and `x̂·w`
+    /// each rounded to x's dtype), the product accumulated as `matmul`'s.
+    /// What a pre-norm block's first projection computes, with the
+    /// normalized rows never stored: a device computes each row's
+    /// statistic where the product reads the row (see `gemv`), or falls
+    /// back to the two kernels.
+    RmsNormMatMul { eps: Scalar },
     /// A chain of elementwise ops evaluated per element over operands
     /// broadcast to one shape (NumPy rules), all of one float dtype.
     Elementwise(ElemProgram),
@@ -498,7 +508,9 @@ impl Op {
             Op::Attention { .. } | Op::AttentionWithLse { .. } => Arity::Exact(3),
             Op::AttentionLse { .. } => Arity::Exact(2),
             Op::AttentionGrad { .. } => Arity::Exact(6),
-            Op::CrossEntropyGrad | Op::RmsNormGrad { .. } => Arity::Exact(3),
+            Op::CrossEntropyGrad | Op::RmsNormGrad { .. } | Op::RmsNormMatMul { .. } => {
+                Arity::Exact(3)
+            }
             Op::Concat { .. } => Arity::AtLeast(1),
             Op::KvAttention { .. } => Arity::AtLeast(3),
             Op::Elementwise(p) => Arity::Exact(p.n_inputs()),
@@ -563,6 +575,7 @@ impl Op {
             Op::RowDot => "row_dot",
             Op::RmsNorm { .. } => "rms_norm",
             Op::RmsNormGrad { .. } => "rms_norm_grad",
+            Op::RmsNormMatMul { .. } => "rms_norm_matmul",
             Op::Elementwise(_) => "elementwise",
             Op::Quantize(_) => "quantize",
             Op::Dequantize { .. } => "dequantize",
@@ -615,7 +628,7 @@ impl Op {
             Op::AttentionGrad { causal, scale, wrt } => {
                 format!("{{causal={causal}, scale={scale}, wrt={wrt}}}")
             }
-            Op::RmsNorm { eps } => format!("{{eps={eps}}}"),
+            Op::RmsNorm { eps } | Op::RmsNormMatMul { eps } => format!("{{eps={eps}}}"),
             Op::RmsNormGrad { eps, wrt } => format!("{{eps={eps}, wrt={wrt}}}"),
             Op::Broadcast(s) => format!("{{shape={s}}}"),
             Op::ScatterAdd { size } => format!("{{size={size}}}"),
@@ -1063,6 +1076,22 @@ impl Op {
                 let (x, w) = (xs[0], xs[1]);
                 norm_operands(x, w)?;
                 Ok(x.clone())
+            }
+            Op::RmsNormMatMul { .. } => {
+                let (x, w, b) = (xs[0], xs[1], xs[2]);
+                norm_operands(x, w)?;
+                let ra = x.shape.rank();
+                if ra < 2 || b.shape.rank() != 2 || b.dtype != x.dtype {
+                    return Err(format!(
+                        "rms_norm_matmul needs x of rank ≥ 2 and a matrix b of x's dtype, got {x} and {b}"
+                    ));
+                }
+                if b.shape.0[0] != x.shape.0[ra - 1] {
+                    return Err(format!("inner dimensions differ: {x} @ {b}"));
+                }
+                let mut dims = x.shape.0.clone();
+                dims[ra - 1] = b.shape.0[1];
+                Ok(TensorType::new(x.dtype, Shape(dims)))
             }
             Op::RmsNormGrad { wrt, .. } => {
                 let (x, w, dy) = (xs[0], xs[1], xs[2]);

@@ -41,7 +41,11 @@ pub enum Grid {
 }
 
 #[cube]
-fn on_grid<N: Size>(v: Vector<f32, N>, inf: f32, #[comptime] grid: Grid) -> Vector<f32, N> {
+pub(crate) fn on_grid<N: Size>(
+    v: Vector<f32, N>,
+    inf: f32,
+    #[comptime] grid: Grid,
+) -> Vector<f32, N> {
     let mut out = v;
     match grid {
         Grid::Exact => {}

@@ -3704,6 +3704,86 @@ pub fn row_dot<R: Runtime>(dev: &R::Device) {
     }
 }
 
+/// `rms_norm_matmul` against the reference: a decode step's few rows (the
+/// matrix-vector kernel that normalizes as it reads) and more (the norm
+/// kernel, then the product), each dtype, the weight `[K, N]` or read
+/// transposed from `[N, K]` as a linear layer's is.
+pub fn norm_matmul<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(61);
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let t = |dims: &[usize]| TensorType::new(dtype, Shape::new(dims.iter().map(|&d| d.into())));
+        let cases: [(&[usize], usize, usize, bool); 6] = [
+            (&[1, 1], 64, 40, true),
+            (&[1, 3], 300, 17, false),
+            (&[2, 4], 96, 130, true),
+            (&[1], 576, 64, true),
+            (&[3, 7], 64, 33, true),
+            (&[2, 5], 40, 70, false),
+        ];
+        for (lead, k, n, transposed) in cases {
+            let mut g = Graph::new(&format!("{dtype} rms_norm_matmul {lead:?} k {k} n {n}"));
+            let mut xs = lead.to_vec();
+            xs.push(k);
+            let x = g.input("x0", t(&xs)).unwrap();
+            let w = g.input("x1", t(&[k])).unwrap();
+            let bs = if transposed { [n, k] } else { [k, n] };
+            let mut b = g.input("x2", t(&bs)).unwrap();
+            if transposed {
+                b = g.add(Op::Permute(vec![1, 0]), &[b], "").unwrap();
+            }
+            let eps = Scalar(1e-5);
+            let y = g.add(Op::RmsNormMatMul { eps }, &[x, w, b], "").unwrap();
+            g.set_output("y", y);
+            let vals = vec![
+                rounded_as(dtype, &rng.tensor(&xs)),
+                rounded_as(dtype, &rng.tensor(&[k])),
+                rounded_as(dtype, &rng.tensor(&bs)),
+            ];
+            // Half results of sums of up to 576 products: a rounding of
+            // the result apart (the two sum in different orders).
+            let tol = if dtype == DType::F32 { TOL } else { 2e-2 };
+            check::<R>(dev, &g, &bind(vals), tol);
+        }
+    }
+}
+
+/// `keep_param_values`: merged projections' stacked weights (a concat of
+/// parameters, read transposed) are made on the first run only, and every
+/// run still agrees with the reference.
+pub fn kept_param_values<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(62);
+    let mut g = Graph::new("kept");
+    let x = g.input("x", f32t(&[3, 32])).unwrap();
+    let p1 = g.param("p1", f32t(&[24, 32]), "").unwrap();
+    let p2 = g.param("p2", f32t(&[8, 32]), "").unwrap();
+    let w = g.add(Op::Concat { axis: 0 }, &[p1, p2], "").unwrap();
+    let wt = g.add(Op::Permute(vec![1, 0]), &[w], "").unwrap();
+    let y = g.add(Op::MatMul, &[x, wt], "").unwrap();
+    g.set_output("y", y);
+    let mut params = BTreeMap::new();
+    params.insert("p1".to_string(), rng.tensor(&[24, 32]));
+    params.insert("p2".to_string(), rng.tensor(&[8, 32]));
+    let options = GpuOptions {
+        keep_param_values: true,
+        profile: true,
+        ..GpuOptions::default()
+    };
+    let exec = GpuExecutor::<R>::with_options(dev, &g, &params, options).expect("executor");
+    for _ in 0..3 {
+        let b = Bindings::new(&params).input("x", rng.tensor(&[3, 32]));
+        let want = eval(&g, &b).expect("reference evaluation");
+        let got = exec.run_bindings(&b).expect("gpu run");
+        assert_close(&want, &got, TOL, "kept");
+    }
+    let concats: usize = exec
+        .profile()
+        .iter()
+        .filter(|r| r.op == "concat")
+        .map(|r| r.launches)
+        .sum();
+    assert_eq!(concats, 1, "the stacked weights are made once");
+}
+
 /// Stamps the suite out for one backend: `$available` says whether a
 /// device exists, `$device` builds it.
 macro_rules! gpu_suite {
@@ -3749,7 +3829,8 @@ macro_rules! all_tests {
             concat_slots, row_dot, attention_apart, folded_adds, reduced_slices,
             narrow_cast,
             narrow_reduce_softmax, narrow_norms, narrow_gather, narrow_rope, narrow_attention,
-            narrow_attention_backward, narrow_matmul, narrow_kv_attention);
+            narrow_attention_backward, narrow_matmul, narrow_kv_attention, norm_matmul,
+            kept_param_values);
     };
 }
 

@@ -84,6 +84,8 @@ fn flops(op: &Op, xs: &[&TensorType], out: &TensorType) -> f64 {
         // The row's max and sum, then each element's probability.
         Op::CrossEntropyGrad => 6.0 * numel(out),
         Op::RmsNorm { .. } => 4.0 * numel(out),
+        // The norm's few flops per element of x, then the product.
+        Op::RmsNormMatMul { .. } => 4.0 * numel(xs[0]) + 2.0 * numel(out) * last(xs[0], 1),
         // Per element of x: its square, g = dy·w and g·x for the row's
         // sums, then the gradient's few flops.
         Op::RmsNormGrad { .. } => 8.0 * numel(xs[0]),

@@ -234,18 +234,33 @@ fn merge(c: &mut Copy, ps: &[Projection]) -> Result<Vec<NodeId>, IrError> {
 /// scope whole when they agree), e.g. `model.layers.3.self_attn` for the
 /// scopes of `q_proj`, `k_proj` and `v_proj`.
 fn common_scope<'a>(mut scopes: impl Iterator<Item = &'a str>) -> String {
-    let first = scopes.next().unwrap_or("");
-    let mut len = first.len();
+    let first: Vec<&str> = scopes.next().unwrap_or("").split('.').collect();
+    let mut n = first.len();
     for s in scopes {
-        len = first
-            .bytes()
-            .zip(s.bytes())
-            .take(len)
-            .take_while(|(a, b)| a == b)
+        n = first
+            .iter()
+            .zip(s.split('.'))
+            .take(n)
+            .take_while(|(a, b)| *a == b)
             .count();
-        if len < first.len() && len < s.len() {
-            len = first[..len].rfind('.').unwrap_or(0);
-        }
     }
-    first[..len].trim_end_matches('.').to_string()
+    first[..n].join(".")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::common_scope;
+
+    #[test]
+    fn common_scope_keeps_whole_segments() {
+        let qkv = [
+            "model.layers.3.self_attn.q_proj",
+            "model.layers.3.self_attn.k_proj",
+            "model.layers.3.self_attn.v_proj",
+        ];
+        assert_eq!(common_scope(qkv.into_iter()), "model.layers.3.self_attn");
+        assert_eq!(common_scope(["a.bc", "a.bd"].into_iter()), "a");
+        assert_eq!(common_scope(["x.y", "x.y"].into_iter()), "x.y");
+        assert_eq!(common_scope(["x.y"].into_iter()), "x.y");
+    }
 }

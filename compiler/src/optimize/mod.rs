@@ -2,11 +2,13 @@
 //! a report of which rules formed each fused node.
 //!
 //! ```text
-//! Graph ─ lang::load ─ rule::saturate(rules) ─ extract(cost) ─ elementwise::fuse ─ verify ─ Graph
+//! Graph ─ merge_projections ─ lang::load ─ rule::saturate(rules) ─ extract(cost)
+//!       ─ elementwise::fuse ─ verify ─ Graph
 //! ```
 //!
 //! Rules are grouped by family, one file each: `algebra` (layout and
-//! identity cleanup), `rmsnorm`, `attention`, `dba`, `kv`, `precision`
+//! identity cleanup), `rmsnorm`, `norm_matmul` (a norm folded into the
+//! product that reads it), `attention`, `dba`, `kv`, `precision`
 //! (half-precision values read where lowering widened them), `row_dot`
 //! (a row's dot product read in place); `elementwise` runs
 //! after extraction. Every rule has a property test in `tests.rs` that
@@ -29,6 +31,7 @@ pub mod elementwise;
 pub mod kv;
 pub mod lang;
 pub mod merge_projections;
+pub mod norm_matmul;
 pub mod precision;
 pub mod reuse_lse;
 pub mod rmsnorm;
@@ -52,6 +55,7 @@ pub fn rules() -> Vec<&'static Rule> {
     r.push(&attention::FUSE_ATTENTION);
     r.push(&kv::DEQUANTIZE_IN_ATTENTION);
     r.push(&rmsnorm::FUSE_RMSNORM);
+    r.push(&norm_matmul::FUSE_NORM_MATMUL);
     r.extend(precision::rules());
     r.push(&row_dot::ROW_DOT);
     r
@@ -72,6 +76,10 @@ pub struct Options {
     pub only: Option<Vec<String>>,
     /// Run the elementwise fusion pass after extraction.
     pub fuse_elementwise: bool,
+    /// Merge projections of one input ([`merge_projections`]) before
+    /// saturating, so that each norm has one product to fold into
+    /// (`fuse-norm-matmul`).
+    pub merge_projections: bool,
 }
 
 impl Default for Options {
@@ -80,6 +88,7 @@ impl Default for Options {
             limits: Limits::default(),
             only: None,
             fuse_elementwise: true,
+            merge_projections: true,
         }
     }
 }
@@ -154,6 +163,14 @@ pub fn optimize_with(g: &Graph, opts: &Options) -> Result<(Graph, OptimizeReport
                 .is_none_or(|o| o.iter().any(|n| n == r.name))
         })
         .collect();
+    let original = g;
+    let merged;
+    let g = if opts.merge_projections {
+        merged = merge_projections(g)?;
+        &merged
+    } else {
+        g
+    };
     let mut loaded = lang::load(g);
     let sat = rule::saturate(&mut loaded.egraph, &active, &opts.limits);
     let eg = &loaded.egraph;
@@ -172,6 +189,7 @@ pub fn optimize_with(g: &Graph, opts: &Options) -> Result<(Graph, OptimizeReport
             Op::Attention { .. }
                 | Op::AttentionWithLse { .. }
                 | Op::RmsNorm { .. }
+                | Op::RmsNormMatMul { .. }
                 | Op::RmsNormGrad { .. }
                 | Op::RowDot
                 | Op::Elementwise(_)
@@ -225,9 +243,9 @@ pub fn optimize_with(g: &Graph, opts: &Options) -> Result<(Graph, OptimizeReport
         iterations: sat.iterations,
         egraph_nodes: eg.total_number_of_nodes(),
         egraph_classes: eg.number_of_classes(),
-        nodes_before: g.node_count(),
+        nodes_before: original.node_count(),
         nodes_after: graph.node_count(),
-        cost_before: cost::graph_cost(g),
+        cost_before: cost::graph_cost(original),
         cost_after: cost::graph_cost(&graph),
         elapsed: start.elapsed(),
     };
@@ -267,6 +285,7 @@ pub fn fuse_for_training(g: &Graph) -> Result<Graph, OptimizeError> {
     let opts = Options {
         only: Some(only),
         fuse_elementwise: false,
+        merge_projections: false,
         ..Options::default()
     };
     let fused = optimize_with(g, &opts).map(|(g, _)| g)?;

@@ -495,6 +495,59 @@ fn fuse_rmsnorm_is_sound() {
     });
 }
 
+/// An RMSNorm read by a product with a matrix: the lowered chain
+/// (f64) or an `rms_norm` node (f32, f16, bf16), then `matmul` with a
+/// weight `[K, N]` or with the transpose of one `[N, K]`, as lowering
+/// writes a linear layer.
+fn norm_matmul_graph(rng: &mut Rng, dtype: DType) -> Graph {
+    let mut g = if dtype == DType::F64 {
+        rmsnorm_graph(rng)
+    } else {
+        let (a, d) = (rng.range(1, 3), rng.range(1, 6));
+        let mut g = Graph::new("t");
+        let x = g
+            .input("x", ty(dtype, &[Dim::Sym(Sym::T), c(a), c(d)]))
+            .unwrap();
+        let w = g.param("w", ty(dtype, &[c(d)]), "norm").unwrap();
+        let eps = Scalar([1e-5, 0.1][rng.below(2)]);
+        let y = g.add(Op::RmsNorm { eps }, &[x, w], "norm").unwrap();
+        g.set_output("y", y);
+        g
+    };
+    let y = g.outputs()[0].1;
+    let k = g
+        .node(y)
+        .ty
+        .shape
+        .last()
+        .and_then(|d| d.as_const())
+        .unwrap();
+    let n = rng.range(1, 5);
+    let b = if rng.bool() {
+        g.param("proj", ty(dtype, &[c(k), c(n)]), "proj").unwrap()
+    } else {
+        let wt = g.param("proj", ty(dtype, &[c(n), c(k)]), "proj").unwrap();
+        g.add(Op::Permute(vec![1, 0]), &[wt], "proj").unwrap()
+    };
+    let p = g.add(Op::MatMul, &[y, b], "proj").unwrap();
+    g.set_output("y", p);
+    g
+}
+
+#[test]
+fn fuse_norm_matmul_is_sound() {
+    for dtype in [DType::F64, DType::F32, DType::F16, DType::BF16] {
+        let rules = ["fuse-rmsnorm", "fuse-norm-matmul"];
+        prove("fuse-norm-matmul", &rules, 12, |rng| {
+            let g = norm_matmul_graph(rng, dtype);
+            let (h, _) = optimize(&g).unwrap();
+            assert_eq!(count(&h, |o| matches!(o, Op::RmsNormMatMul { .. })), 1);
+            assert_eq!(count(&h, |o| matches!(o, Op::RmsNorm { .. })), 0);
+            g
+        });
+    }
+}
+
 /// Grouped attention as lowering writes it: q `[B, kv, g, T, d]`, keys
 /// `[B, S, kv, 1, d]` transposed to `[B, kv, 1, d, S]`, values
 /// `[B, kv, 1, S, dv]`; random scale, mask and operand order.
@@ -1258,10 +1311,14 @@ fn every_model_optimizes_to_the_same_logits() {
             .iter()
             .filter(|l| l.kind.starts_with("RMSNorm") || l.kind.starts_with("LayerNorm"))
             .count();
+        // Each norm read by one (merged) product folds into it.
         assert_eq!(
-            count(&h, |o| matches!(o, Op::RmsNorm { .. })),
+            count(&h, |o| matches!(
+                o,
+                Op::RmsNorm { .. } | Op::RmsNormMatMul { .. }
+            )),
             norms,
-            "{path}: one rms_norm per RMSNorm layer, and per LayerNorm (of x − mean)"
+            "{path}: one rms_norm(_matmul) per RMSNorm layer, and per LayerNorm (of x − mean)"
         );
         let sites = attention_sites(g);
         assert_eq!(
@@ -1347,7 +1404,15 @@ fn half_precision_models_fuse_attention_and_agree() {
                 .filter(|l| l.kind.starts_with("RMSNorm"))
                 .count();
             assert!(norms > 0, "{name}");
-            assert_eq!(count(&h, |o| matches!(o, Op::RmsNorm { .. })), norms);
+            let folded = count(&h, |o| matches!(o, Op::RmsNormMatMul { .. }));
+            assert!(
+                folded > 0,
+                "{name} {dtype}: no norm folded into its product"
+            );
+            assert_eq!(
+                count(&h, |o| matches!(o, Op::RmsNorm { .. })) + folded,
+                norms
+            );
             let err = compare(&g, &h, &mut rng, (4, 4), model.embedder.vocab_size);
             assert!(err < 3e-2, "{name} {dtype}: differs by {err}");
         }

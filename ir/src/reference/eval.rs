@@ -209,11 +209,16 @@ fn apply(node: &Node, args: &[(&Tensor, bool)], syms: &SymValues) -> Result<Tens
         at: at(node),
         message,
     };
-    // Only matmul reads a transposed operand in place; others get a copy.
+    // Only matmul (and rms_norm_matmul's weight) reads a transposed operand in
+    // place; others get a copy.
     let dense: Vec<Cow<Tensor>> = if matches!(node.op, Op::MatMul) {
         Vec::new()
     } else {
-        args.iter()
+        let read = match node.op {
+            Op::RmsNormMatMul { .. } => &args[..2],
+            _ => args,
+        };
+        read.iter()
             .map(|&(t, tr)| {
                 if tr {
                     Cow::Owned(transpose_last_two(t))
@@ -267,6 +272,15 @@ fn apply(node: &Node, args: &[(&Tensor, bool)], syms: &SymValues) -> Result<Tens
         }
         Op::RowDot => fused::row_dot(x(0), x(1)),
         Op::RmsNorm { eps } => fused::rms_norm(x(0), x(1), *eps),
+        Op::RmsNormMatMul { eps } => {
+            // The weight read as matmul reads it (in place when transposed),
+            // so that the product sums in matmul's order.
+            let b = MatOperand {
+                t: args[2].0,
+                transposed: args[2].1,
+            };
+            fused::rms_norm_matmul(x(0), x(1), b, *eps)
+        }
         Op::RmsNormGrad { eps, wrt } => fused::rms_norm_grad(x(0), x(1), x(2), *eps, *wrt),
         Op::Elementwise(p) => {
             let xs: Vec<&Tensor> = dense.iter().map(|c| &**c).collect();
@@ -434,7 +448,7 @@ fn feeds_only_matmuls(graph: &Graph, id: NodeId) -> bool {
     !users.is_empty()
         && users
             .iter()
-            .all(|&u| matches!(graph.node(u).op, Op::MatMul))
+            .all(|&u| matches!(graph.node(u).op, Op::MatMul | Op::RmsNormMatMul { .. }))
 }
 
 /// A copy of `t` with its last two axes swapped.

@@ -340,6 +340,17 @@ pub(crate) fn reads_in_place(op: &Op, t: &DevTensor) -> bool {
     }
 }
 
+/// Whether `user` reads its operand `x` (a swap of the last two axes)
+/// through transposed strides, as a GEMM operand: every operand of a
+/// matmul, the weight of an `rms_norm_matmul` (not its rows or norm weight).
+pub(crate) fn reads_transposed(graph: &Graph, user: NodeId, x: NodeId) -> bool {
+    match graph.node(user).op {
+        Op::MatMul => true,
+        Op::RmsNormMatMul { .. } => graph.operands(user)[..2].iter().all(|&o| o != x),
+        _ => false,
+    }
+}
+
 /// Whether `op`'s launch reads its operands through their views (strides,
 /// and an offset for the copies and casts), so that a permute or slice feeding
 /// it need not be copied: the layout ops (strided copies), casts (a strided
@@ -576,7 +587,6 @@ impl<R: Runtime> Ctx<'_, R> {
     /// widened to `f32` is rounded to its grid, as narrow storage would.
     pub fn apply(&self, xs: &[&DevTensor], shape: Vec<usize>) -> Result<DevTensor, GpuError> {
         let out = self.launch(xs, shape)?;
-        let dtype = self.node.ty.dtype;
         let relabel = matches!(self.node.op, Op::Reduce { axis, .. } if xs[0].shape[axis] == 1);
         let exact = relabel
             || matches!(
@@ -593,8 +603,19 @@ impl<R: Runtime> Ctx<'_, R> {
                     | Op::Gather
                     | Op::CausalMask
             );
-        if exact || !self.narrow.widens(dtype) {
+        if exact {
             return Ok(out);
+        }
+        Ok(self.on_grid(out))
+    }
+
+    /// `out`, a value of this node's dtype, rounded to that dtype's grid
+    /// where the device keeps the dtype widened to `f32` (as narrow
+    /// storage would round it); `out` itself elsewhere.
+    fn on_grid(&self, out: DevTensor) -> DevTensor {
+        let dtype = self.node.ty.dtype;
+        if !self.narrow.widens(dtype) {
+            return out;
         }
         let to = if dtype == DType::BF16 {
             Narrow::Bf16
@@ -607,10 +628,10 @@ impl<R: Runtime> Ctx<'_, R> {
         // product (`Ctx::transposed_sum`), covers its whole buffer from
         // offset 0: rounded in buffer order, it keeps its layout.
         debug_assert!(out.layout.as_ref().is_none_or(|(_, o)| *o == 0));
-        Ok(DevTensor {
+        DevTensor {
             layout: out.layout.clone(),
             ..rounded
-        })
+        }
     }
 
     fn launch(&self, xs: &[&DevTensor], shape: Vec<usize>) -> Result<DevTensor, GpuError> {
@@ -1008,6 +1029,9 @@ impl<R: Runtime> Ctx<'_, R> {
                 );
                 Ok(out)
             }
+            Op::RmsNormMatMul { eps } => {
+                self.rms_norm_matmul(xs[0], xs[1], xs[2], eps.0 as f32, shape)
+            }
             Op::RmsNormGrad { eps, wrt } => {
                 let (x, w, dy) = (xs[0], xs[1], xs[2]);
                 let d = *x.shape.last().expect("typed rank ≥ 1");
@@ -1213,6 +1237,59 @@ impl<R: Runtime> Ctx<'_, R> {
         elementwise::launch_elementwise(self.client, out.elem, prog, &inputs, &Self::view(&out))
             .map_err(|e| self.err(e.to_string()))?;
         Ok(out)
+    }
+
+    /// `rms_norm{eps}(x, w) @ b` for a dense x and a matrix b (any view):
+    /// for a decode step's few rows, one matrix-vector kernel that
+    /// normalizes each row where it reads it; for more, the norm kernel
+    /// into a scratch buffer and then the product (cuBLASLt's and cubek's
+    /// GEMMs take no prologue), which is what the two ops cost unfused.
+    fn rms_norm_matmul(
+        &self,
+        x: &DevTensor,
+        w: &DevTensor,
+        b: &DevTensor,
+        eps: f32,
+        shape: Vec<usize>,
+    ) -> Result<DevTensor, GpuError> {
+        let d = *x.shape.last().expect("typed rank ≥ 2");
+        let rows = x.numel() / d.max(1);
+        let vb = Self::view(b);
+        if (1..=gemv::GEMV_MAX_ROWS).contains(&rows) && vb.offset == 0 {
+            let out = self.alloc(shape);
+            let n = *out.shape.last().expect("typed rank ≥ 2");
+            gemv::launch_gemv_norm(
+                self.client,
+                out.elem,
+                self.norm_grid(),
+                &View::contiguous(x.handle.clone(), &[rows, d]),
+                &View::contiguous(w.handle.clone(), &[d]),
+                &vb,
+                &View::contiguous(out.handle.clone(), &[rows, n]),
+                eps,
+            );
+            return Ok(out);
+        }
+        let xn = self.alloc(x.shape.clone());
+        rms_norm::launch_rms_norm(
+            self.client,
+            self.elem(),
+            self.norm_grid(),
+            &x.handle,
+            &w.handle,
+            &xn.handle,
+            rows,
+            d,
+            eps,
+        );
+        let xn = self.on_grid(xn);
+        let out = self.matmul(&xn, b, shape);
+        if let Some(r) = self.recycled {
+            // Kernels of one stream run in order: the product has read
+            // the rows before a later kernel can write this buffer.
+            r.give(xn);
+        }
+        out
     }
 
     /// `a @ b` with broadcast batch axes, through cuBLASLt or cubek.

@@ -348,8 +348,8 @@ fn declaration<'a>(lines: &[&'a str]) -> Option<(DeclKey<'a>, usize)> {
     None
 }
 
-/// Permutes of the last two axes that feed only matmuls (the executor
-/// reads them through strides instead of copying).
+/// Permutes of the last two axes that feed only matmuls' operands (the
+/// executor reads them through strides instead of copying).
 fn lazy_transposes(graph: &Graph, order: &[NodeId]) -> HashSet<NodeId> {
     let outputs: HashSet<NodeId> = graph.outputs().iter().map(|(_, id)| *id).collect();
     order
@@ -361,9 +361,7 @@ fn lazy_transposes(graph: &Graph, order: &[NodeId]) -> HashSet<NodeId> {
                 ops::swaps_last_two(perm)
                     && !outputs.contains(&id)
                     && !users.is_empty()
-                    && users
-                        .iter()
-                        .all(|&u| matches!(graph.node(u).op, Op::MatMul))
+                    && users.iter().all(|&u| ops::reads_transposed(graph, u, id))
             }
             _ => false,
         })

@@ -192,6 +192,28 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: Scalar) -> Result<Raw, String> {
     Ok((x.shape().to_vec(), data))
 }
 
+/// `matmul(rms_norm{eps}(x, w), b)` (see `Op::RmsNormMatMul`): the
+/// normalized rows rounded to x's dtype as the op's result would be, then
+/// the product.
+pub fn rms_norm_matmul(x: &Tensor, w: &Tensor, b: MatOperand, eps: Scalar) -> Result<Raw, String> {
+    let (shape, mut data) = rms_norm(x, w, eps)?;
+    if let Storage::F32(v) = &mut data {
+        match x.dtype() {
+            crate::DType::BF16 => v.iter_mut().for_each(|e| *e = round_bf16(*e)),
+            crate::DType::F16 => v.iter_mut().for_each(|e| *e = round_f16(*e)),
+            _ => {}
+        }
+    }
+    let n = Tensor::new(x.dtype(), shape, data);
+    matmul(
+        MatOperand {
+            t: &n,
+            transposed: false,
+        },
+        b,
+    )
+}
+
 /// `rms_norm`'s gradient for x or w (see `Op::RmsNormGrad`), each row's
 /// sums and the weight gradient's sum over rows accumulated in f64.
 pub fn rms_norm_grad(
