@@ -3,15 +3,15 @@
 //!
 //! ```text
 //! Graph ─ merge_projections ─ lang::load ─ rule::saturate(rules) ─ extract(cost)
-//!       ─ elementwise::fuse ─ verify ─ Graph
+//!       ─ norm_matmul::fold ─ elementwise::fuse ─ verify ─ Graph
 //! ```
 //!
 //! Rules are grouped by family, one file each: `algebra` (layout and
-//! identity cleanup), `rmsnorm`, `norm_matmul` (a norm folded into the
-//! product that reads it), `attention`, `dba`, `kv`, `precision`
+//! identity cleanup), `rmsnorm`, `attention`, `dba`, `kv`, `precision`
 //! (half-precision values read where lowering widened them), `row_dot`
-//! (a row's dot product read in place); `elementwise` runs
-//! after extraction. Every rule has a property test in `tests.rs` that
+//! (a row's dot product read in place); `norm_matmul` (a norm folded
+//! into the one product that reads it) and `elementwise` run after
+//! extraction. Every rule has a property test in `tests.rs` that
 //! evaluates both sides with the reference interpreter. Training graphs
 //! meet this module twice more around differentiation: `fuse_for_training`
 //! (this stage with the attention and RMSNorm rules only) before it, and `reuse_lse`,
@@ -55,15 +55,16 @@ pub fn rules() -> Vec<&'static Rule> {
     r.push(&attention::FUSE_ATTENTION);
     r.push(&kv::DEQUANTIZE_IN_ATTENTION);
     r.push(&rmsnorm::FUSE_RMSNORM);
-    r.push(&norm_matmul::FUSE_NORM_MATMUL);
     r.extend(precision::rules());
     r.push(&row_dot::ROW_DOT);
     r
 }
 
-/// Every rule name, e-graph rules first, then `fuse-elementwise`.
+/// Every rule name, e-graph rules first, then the passes after
+/// extraction: `fuse-norm-matmul`, `fuse-elementwise`.
 pub fn rule_names() -> Vec<&'static str> {
     let mut v: Vec<&'static str> = rules().iter().map(|r| r.name).collect();
+    v.push(norm_matmul::NAME);
     v.push(elementwise::NAME);
     v
 }
@@ -202,6 +203,29 @@ pub fn optimize_with(g: &Graph, opts: &Options) -> Result<(Graph, OptimizeReport
         }
     }
     let mut applied = sat.applied.clone();
+    let fold_norms = opts
+        .only
+        .as_ref()
+        .is_none_or(|o| o.iter().any(|n| n == norm_matmul::NAME));
+    let graph = if fold_norms {
+        let f = norm_matmul::fold(&graph)?;
+        let mut remapped: BTreeMap<NodeId, Vec<&'static str>> = fused
+            .iter()
+            .filter_map(|(old, rules)| f.map.get(old).map(|&new| (new, rules.clone())))
+            .collect();
+        for &(new, norm) in &f.folds {
+            let mut rules = fused.get(&norm).cloned().unwrap_or_default();
+            rules.push(norm_matmul::NAME);
+            remapped.insert(new, rules);
+        }
+        fused = remapped;
+        if !f.folds.is_empty() {
+            applied.insert(norm_matmul::NAME, f.folds.len());
+        }
+        f.graph
+    } else {
+        graph
+    };
     let graph = if opts.fuse_elementwise {
         let f = elementwise::fuse(&graph)?;
         fused = fused

@@ -1,5 +1,15 @@
-//! `fuse-norm-matmul`: a product that reads an RMSNorm's output becomes one
-//! `rms_norm_matmul`, so that the normalized rows are never stored.
+//! `fuse-norm-matmul`: a product that is the only reader of an RMSNorm's
+//! output becomes one `rms_norm_matmul`, so that the normalized rows are
+//! never stored.
+//!
+//! ```text
+//! matmul(rms_norm{eps}(x, w), b)  →  rms_norm_matmul{eps}(x, w, b)    b a matrix
+//! ```
+//!
+//! Proof: this is `RmsNormMatMul`'s defining decomposition in `ir::op`
+//! (and its reference semantics): the normalized rows rounded as
+//! `rms_norm`'s result is, then `matmul` with `b`; the output's leading
+//! axes are x's, as `matmul`'s are for a rank-2 right operand.
 //!
 //! A pre-norm block normalizes its input and projects it at once: attention
 //! its q, k and v (one product after `merge-projections`), SwiGLU its gate
@@ -12,55 +22,100 @@
 //! a kernel of its own first (cubek's and cuBLASLt's matmuls take no
 //! prologue), as before the rewrite.
 //!
-//! Why after `merge-projections`: a norm read by three unmerged products
-//! would fold into each of them, and a GEMM that falls back to the norm
-//! kernel would normalize three times. Merged, each norm has one reader.
-//! Extraction counts a shared operand once per reader (egg's tree cost), so
-//! it cannot see that; `optimize` merges projections before saturating.
+//! Why a graph pass after extraction and not an e-graph rule: the rule
+//! needs to know that the product is the norm's *only* reader (a norm read
+//! by three unmerged products would be computed three times by GEMMs that
+//! fall back to the norm kernel), which only the chosen graph knows; and it
+//! was one first, which extraction took in 27 of the 33 places of
+//! `llama32_1b_dba.yml`. egg's extractor sums the costs of a node's
+//! operands as trees, so a residual stream read by two branches per block
+//! doubles the cost per block: by layer 11 a class costs about 1e23, whose
+//! f64 spacing is larger than what the fold saves (a launch and two passes
+//! over the rows), and the two choices compared equal (NOTES). `optimize`
+//! merges projections before saturating, so each norm of a block has one
+//! product to fold into.
 //!
 //! It stops at products whose right operand is a matrix (a linear layer's
 //! weight, read through any view): a batched product of two activations
 //! after a norm is not a projection, and the op does not take one.
 
-use super::lang::EG;
-use super::rule::{Recipe, Ref, Rule};
-use caramba_ir::Op;
-use egg::Id;
+use caramba_ir::{Graph, IrError, NodeId, Op};
+use std::collections::{HashMap, HashSet};
 
-/// `matmul(rms_norm{eps}(x, w), b) = rms_norm_matmul{eps}(x, w, b)` for a
-/// matrix `b`.
-///
-/// Proof: this is `RmsNormMatMul`'s defining decomposition in `ir::op`
-/// (and its reference semantics): the normalized rows rounded as
-/// `rms_norm`'s result is, then `matmul` with `b`; the output's leading
-/// axes are x's, as `matmul`'s are for a rank-2 right operand.
-pub static FUSE_NORM_MATMUL: Rule = Rule {
-    name: "fuse-norm-matmul",
-    search,
-};
+/// The pass's name, as reports and docs give it.
+pub const NAME: &str = "fuse-norm-matmul";
 
-fn search(eg: &EG, id: Id) -> Vec<Recipe> {
-    let mut out = Vec::new();
-    for m in eg[id].nodes.iter().filter(|n| n.op == Op::MatMul) {
-        let (a, b) = (m.children[0], m.children[1]);
-        if eg[b].data.ty.shape.rank() != 2 || eg[a].data.ty.shape.rank() < 2 {
+/// The graph after the pass, where each old node went, and the folds.
+pub struct Folded {
+    pub graph: Graph,
+    /// Old node → new node, for every old node but the folded norms (the
+    /// product each folded into maps to its `rms_norm_matmul`).
+    pub map: HashMap<NodeId, NodeId>,
+    /// Each `rms_norm_matmul` formed, with the old norm folded into it.
+    pub folds: Vec<(NodeId, NodeId)>,
+}
+
+/// `g` with every `matmul(rms_norm(x, w), b)` whose norm has no other
+/// reader (and is not an output) and whose `b` is a matrix folded.
+pub fn fold(g: &Graph) -> Result<Folded, IrError> {
+    let outputs: HashSet<NodeId> = g.outputs().iter().map(|(_, id)| *id).collect();
+    let mut norm_of: HashMap<NodeId, NodeId> = HashMap::new();
+    for id in g.node_ids() {
+        if g.node(id).op != Op::MatMul {
             continue;
         }
-        for n in &eg[a].nodes {
-            let Op::RmsNorm { eps } = n.op else {
-                continue;
-            };
-            let mut r = Recipe::new();
-            let y = r.node(
-                Op::RmsNormMatMul { eps },
-                &[
-                    Ref::Class(n.children[0]),
-                    Ref::Class(n.children[1]),
-                    Ref::Class(b),
-                ],
-            );
-            out.push(r.result(y));
+        let [a, b] = g.operands(id)[..] else {
+            continue;
+        };
+        if matches!(g.node(a).op, Op::RmsNorm { .. })
+            && g.node(b).ty.shape.rank() == 2
+            && g.node(a).ty.shape.rank() >= 2
+            && !outputs.contains(&a)
+            && g.users(a) == [id]
+        {
+            norm_of.insert(id, a);
         }
     }
-    out
+    let folded: HashSet<NodeId> = norm_of.values().copied().collect();
+    let mut out = Graph::new(g.name.clone());
+    let mut map: HashMap<NodeId, NodeId> = HashMap::new();
+    let mut folds = Vec::new();
+    for id in g.topo_order() {
+        if folded.contains(&id) {
+            continue;
+        }
+        let n = g.node(id);
+        let new = match (&n.op, norm_of.get(&id)) {
+            (_, Some(&norm)) => {
+                let Op::RmsNorm { eps } = g.node(norm).op else {
+                    unreachable!("folds are of norms")
+                };
+                let xs = g.operands(norm);
+                let b = g.operands(id)[1];
+                let y = out.add(
+                    Op::RmsNormMatMul { eps },
+                    &[map[&xs[0]], map[&xs[1]], map[&b]],
+                    &n.scope,
+                )?;
+                folds.push((y, norm));
+                y
+            }
+            (Op::Input { name }, _) => out.input(name, n.ty.clone())?,
+            (Op::Param { name }, _) => out.param(name, n.ty.clone(), &n.scope)?,
+            (Op::Constant(v), _) => out.constant(v.0, n.ty.dtype, &n.scope),
+            (op, None) => {
+                let xs: Vec<NodeId> = g.operands(id).iter().map(|o| map[o]).collect();
+                out.add(op.clone(), &xs, &n.scope)?
+            }
+        };
+        map.insert(id, new);
+    }
+    for (name, id) in g.outputs() {
+        out.set_output(name, map[id]);
+    }
+    Ok(Folded {
+        graph: out,
+        map,
+        folds,
+    })
 }

@@ -1857,3 +1857,27 @@ fn half_training_graphs_sum_attention_delta_in_one_row_dot() {
             .any(|f| f.op == Op::RowDot && f.rules == ["row-dot"]));
     }
 }
+
+/// Every norm of a deep model folds into its product: as an e-graph rule,
+/// extraction lost the fold in the last five blocks of the 16-layer
+/// preset, where tree costs outgrow f64's spacing (`norm_matmul.rs`).
+#[test]
+fn every_norm_of_the_1b_preset_folds_into_its_product() {
+    let src = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../presets/llama32_1b_dba.yml"
+    ))
+    .unwrap();
+    let c = crate::compile(&src).unwrap();
+    let (h, rep) = optimize(&c.student.graph).unwrap();
+    // Two per block and the final norm before the LM head.
+    assert_eq!(count(&h, |o| matches!(o, Op::RmsNormMatMul { .. })), 33);
+    assert_eq!(count(&h, |o| matches!(o, Op::RmsNorm { .. })), 0);
+    assert_eq!(rep.applied.get("fuse-norm-matmul"), Some(&33));
+    let folded = rep
+        .fused
+        .iter()
+        .find(|f| matches!(f.op, Op::RmsNormMatMul { .. }))
+        .unwrap();
+    assert_eq!(folded.rules, ["fuse-rmsnorm", "fuse-norm-matmul"]);
+}
