@@ -3721,7 +3721,7 @@ pub fn norm_matmul<R: Runtime>(dev: &R::Device) {
             (&[2, 5], 40, 70, false),
         ];
         for (lead, k, n, transposed) in cases {
-            let mut g = Graph::new(&format!("{dtype} rms_norm_matmul {lead:?} k {k} n {n}"));
+            let mut g = Graph::new(format!("{dtype} rms_norm_matmul {lead:?} k {k} n {n}"));
             let mut xs = lead.to_vec();
             xs.push(k);
             let x = g.input("x0", t(&xs)).unwrap();
