@@ -13,7 +13,8 @@
 //! - `N` contiguous: 64 consecutive columns per cube, 4 lanes striding `k`.
 //!
 //! `a` (a few KiB) is read from global memory by every cube and served by
-//! the caches. `a`, `b` and `out` are stored as the launch's `elem`; the
+//! the caches. The same kernel folds an RMSNorm of `a`'s rows into the
+//! product (`launch_gemv_norm`, `Op::RmsNormMatMul`). `a`, `b` and `out` are stored as the launch's `elem`; the
 //! products are accumulated in `f32`.
 
 use crate::rms_norm::{on_grid, Grid};
@@ -23,66 +24,6 @@ use cubecl::prelude::*;
 /// The most rows the kernel takes; more go to the GEMM.
 pub const GEMV_MAX_ROWS: usize = 8;
 const GEMV_THREADS: usize = 256;
-
-#[cube(launch_unchecked)]
-fn gemv_kernel<F: Float + CubeElement>(
-    a: &Tensor<F>,
-    b: &Tensor<F>,
-    out: &mut Tensor<F>,
-    #[comptime] rows: usize,
-    #[comptime] k_contiguous: bool,
-) {
-    let k_len = a.shape(1);
-    let n_len = out.shape(1);
-    let (b_k, b_n) = (b.stride(0), b.stride(1));
-    let lanes = comptime!(if k_contiguous { 32 } else { 4 });
-    let cols = comptime!(GEMV_THREADS / lanes);
-    let u = UNIT_POS as usize;
-    let mut col = u % cols;
-    let mut lane = u / cols;
-    if k_contiguous {
-        col = u / lanes;
-        lane = u % lanes;
-    }
-    let cube = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
-    let n = cube * cols + col;
-    let mut acc = Array::<f32>::new(rows);
-    #[unroll]
-    for m in 0..rows {
-        acc[m] = f32::new(0.0);
-    }
-    if n < n_len {
-        let mut k = lane;
-        while k < k_len {
-            let w = f32::cast_from(b[k * b_k + n * b_n]);
-            #[unroll]
-            for m in 0..rows {
-                acc[m] += f32::cast_from(a[m * k_len + k]) * w;
-            }
-            k += lanes;
-        }
-    }
-    let mut partial = SharedMemory::<f32>::new(GEMV_THREADS * rows);
-    #[unroll]
-    for m in 0..rows {
-        partial[m * GEMV_THREADS + u] = acc[m];
-    }
-    sync_cube();
-    if lane == 0 && n < n_len {
-        #[unroll]
-        for m in 0..rows {
-            let mut s = f32::new(0.0);
-            for l in 0..lanes {
-                let mut at = l * cols + col;
-                if k_contiguous {
-                    at = col * lanes + l;
-                }
-                s += partial[m * GEMV_THREADS + at];
-            }
-            out[m * n_len + n] = F::cast_from(s);
-        }
-    }
-}
 
 /// `out = a @ b` for a dense `a (M, K)` with `1 ≤ M ≤ GEMV_MAX_ROWS`, a
 /// strided `b (K, N)` and a dense `out (M, N)`, all stored as `elem`, each
@@ -110,42 +51,31 @@ pub fn launch_gemv<R: Runtime>(
             grid_1d(n.div_ceil(cols), 1),
             CubeDim::new_1d(GEMV_THREADS as u32),
             a.arg::<R>(),
+            a.arg::<R>(),
             b.arg::<R>(),
             out.arg::<R>(),
+            0.0,
+            f32::INFINITY,
             m,
             k_contiguous,
+            false,
+            Grid::Exact,
         );
     });
 }
 
-/// [`gemv_kernel`] over rows read through an RMSNorm: `out = rms_norm(a,
-/// w)·b` with the normalized rows never stored (`Op::RmsNormMatMul`). Each
-/// cube first sums every row's squares (its units striding the row, then
-/// a tree in shared memory), then streams its block of `b` as the plain
-/// kernel does, normalizing each element of `a` where it reads it: `a·r`
-/// put on the model dtype's `grid`, times `w[k]`, on the grid again (what
-/// `rms_norm` stores for a half model), then the product in `f32`. At a
-/// decode step's few rows the extra reads of `a` hit the caches; the norm's
-/// launch and its round trip through memory are gone.
-#[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
-fn gemv_norm_kernel<F: Float + CubeElement>(
+/// Each row's `1 / rms` (`rows` rows of `a`) into `inv`: every unit sums
+/// its share of each row's squares, then a tree in `partial`.
+#[cube]
+fn row_inverse_rms<F: Float + CubeElement>(
     a: &Tensor<F>,
-    w: &Tensor<F>,
-    b: &Tensor<F>,
-    out: &mut Tensor<F>,
+    partial: &mut SharedMemory<f32>,
+    inv: &mut Array<f32>,
     eps: f32,
-    inf: f32,
     #[comptime] rows: usize,
-    #[comptime] k_contiguous: bool,
-    #[comptime] grid: Grid,
 ) {
     let k_len = a.shape(1);
-    let n_len = out.shape(1);
-    let (b_k, b_n) = (b.stride(0), b.stride(1));
     let u = UNIT_POS as usize;
-    let mut partial = SharedMemory::<f32>::new(GEMV_THREADS * rows);
-    // Each row's sum of squares: a unit's share, then a tree.
     #[unroll]
     for m in 0..rows {
         let mut s = f32::new(0.0);
@@ -172,12 +102,47 @@ fn gemv_norm_kernel<F: Float + CubeElement>(
         sync_cube();
         half /= 2;
     }
-    let mut inv = Array::<f32>::new(rows);
     #[unroll]
     for m in 0..rows {
         inv[m] = f32::new(1.0) / (partial[m * GEMV_THREADS] / f32::cast_from(k_len) + eps).sqrt();
     }
+    // `partial` is written again for the products' sums.
     sync_cube();
+}
+
+/// `out = a·b`, or with `norm` `out = rms_norm(a, w)·b` with the
+/// normalized rows never stored (`Op::RmsNormMatMul`). With `norm`, each
+/// cube first sums every row's squares (its units striding the row, then
+/// a tree in shared memory), then streams its block of `b` as without,
+/// normalizing each element of `a` where it reads it: `a·r` put on the
+/// model dtype's `grid`, times `w[k]`, on the grid again (what `rms_norm`
+/// stores for a half model), then the product in `f32`. At a decode step's
+/// few rows the extra reads of `a` hit the caches; the norm's launch and
+/// its round trip through memory are gone. Without `norm`, `w`, `eps` and
+/// `grid` are not read and the norm's code is not generated.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn gemv_kernel<F: Float + CubeElement>(
+    a: &Tensor<F>,
+    w: &Tensor<F>,
+    b: &Tensor<F>,
+    out: &mut Tensor<F>,
+    eps: f32,
+    inf: f32,
+    #[comptime] rows: usize,
+    #[comptime] k_contiguous: bool,
+    #[comptime] norm: bool,
+    #[comptime] grid: Grid,
+) {
+    let k_len = a.shape(1);
+    let n_len = out.shape(1);
+    let (b_k, b_n) = (b.stride(0), b.stride(1));
+    let u = UNIT_POS as usize;
+    let mut partial = SharedMemory::<f32>::new(GEMV_THREADS * rows);
+    let mut inv = Array::<f32>::new(rows);
+    if norm {
+        row_inverse_rms(a, &mut partial, &mut inv, eps, rows);
+    }
     let lanes = comptime!(if k_contiguous { 32 } else { 4 });
     let cols = comptime!(GEMV_THREADS / lanes);
     let mut col = u % cols;
@@ -197,13 +162,20 @@ fn gemv_norm_kernel<F: Float + CubeElement>(
         let mut k = lane;
         while k < k_len {
             let wb = f32::cast_from(b[k * b_k + n * b_n]);
-            let g = f32::cast_from(w[k]);
-            #[unroll]
-            for m in 0..rows {
-                let x = f32::cast_from(a[m * k_len + k]);
-                let xn = on_grid::<Const<1>>(Vector::new(x * inv[m]), inf, grid);
-                let y = on_grid::<Const<1>>(Vector::new(xn[0] * g), inf, grid);
-                acc[m] += y[0] * wb;
+            if norm {
+                let g = f32::cast_from(w[k]);
+                #[unroll]
+                for m in 0..rows {
+                    let x = f32::cast_from(a[m * k_len + k]);
+                    let xn = on_grid::<Const<1>>(Vector::new(x * inv[m]), inf, grid);
+                    let y = on_grid::<Const<1>>(Vector::new(xn[0] * g), inf, grid);
+                    acc[m] += y[0] * wb;
+                }
+            } else {
+                #[unroll]
+                for m in 0..rows {
+                    acc[m] += f32::cast_from(a[m * k_len + k]) * wb;
+                }
             }
             k += lanes;
         }
@@ -259,7 +231,7 @@ pub fn launch_gemv_norm<R: Runtime>(
     let k_contiguous = b.strides[0] == 1 && b.shape[0] > 1;
     let cols = if k_contiguous { 8 } else { 64 };
     with_float!(elem, F => unsafe {
-        gemv_norm_kernel::launch_unchecked::<F, R>(
+        gemv_kernel::launch_unchecked::<F, R>(
             client,
             grid_1d(n.div_ceil(cols), 1),
             CubeDim::new_1d(GEMV_THREADS as u32),
@@ -271,6 +243,7 @@ pub fn launch_gemv_norm<R: Runtime>(
             f32::INFINITY,
             m,
             k_contiguous,
+            true,
             grid,
         );
     });
