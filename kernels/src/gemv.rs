@@ -35,33 +35,7 @@ pub fn launch_gemv<R: Runtime>(
     b: &View,
     out: &View,
 ) {
-    let (m, n) = (out.shape[0], out.shape[1]);
-    assert!(
-        (1..=GEMV_MAX_ROWS).contains(&m) && a.offset == 0 && b.offset == 0 && out.offset == 0,
-        "gemv takes 1 to {GEMV_MAX_ROWS} rows of views at element 0"
-    );
-    if n == 0 {
-        return;
-    }
-    let k_contiguous = b.strides[0] == 1 && b.shape[0] > 1;
-    let cols = if k_contiguous { 8 } else { 64 };
-    with_float!(elem, F => unsafe {
-        gemv_kernel::launch_unchecked::<F, R>(
-            client,
-            grid_1d(n.div_ceil(cols), 1),
-            CubeDim::new_1d(GEMV_THREADS as u32),
-            a.arg::<R>(),
-            a.arg::<R>(),
-            b.arg::<R>(),
-            out.arg::<R>(),
-            0.0,
-            f32::INFINITY,
-            m,
-            k_contiguous,
-            false,
-            Grid::Exact,
-        );
-    });
+    launch(client, elem, a, None, b, out);
 }
 
 /// Each row's `1 / rms` (`rows` rows of `a`) into `inv`: every unit sums
@@ -216,20 +190,34 @@ pub fn launch_gemv_norm<R: Runtime>(
     out: &View,
     eps: f32,
 ) {
+    launch(client, elem, a, Some((w, grid, eps)), b, out);
+}
+
+/// Both launches: `norm` is the norm's weight, grid and `eps`, if any.
+fn launch<R: Runtime>(
+    client: &ComputeClient<R>,
+    elem: FloatElem,
+    a: &View,
+    norm: Option<(&View, Grid, f32)>,
+    b: &View,
+    out: &View,
+) {
     let (m, n) = (out.shape[0], out.shape[1]);
     assert!(
         (1..=GEMV_MAX_ROWS).contains(&m)
             && a.offset == 0
-            && w.offset == 0
+            && norm.is_none_or(|(w, _, _)| w.offset == 0)
             && b.offset == 0
             && out.offset == 0,
-        "gemv_norm takes 1 to {GEMV_MAX_ROWS} rows of views at element 0"
+        "gemv takes 1 to {GEMV_MAX_ROWS} rows of views at element 0"
     );
     if n == 0 {
         return;
     }
     let k_contiguous = b.strides[0] == 1 && b.shape[0] > 1;
     let cols = if k_contiguous { 8 } else { 64 };
+    // Without a norm, `a` stands in for the weight the kernel never reads.
+    let (w, grid, eps) = norm.unwrap_or((a, Grid::Exact, 0.0));
     with_float!(elem, F => unsafe {
         gemv_kernel::launch_unchecked::<F, R>(
             client,
@@ -243,7 +231,7 @@ pub fn launch_gemv_norm<R: Runtime>(
             f32::INFINITY,
             m,
             k_contiguous,
-            true,
+            norm.is_some(),
             grid,
         );
     });
