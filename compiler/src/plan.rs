@@ -378,19 +378,7 @@ pub fn render_kernels(
     };
     // Values made from the weights alone (merged projections' stacked
     // weights): a loaded model makes them once, not per run.
-    let mut from_weights = std::collections::HashSet::new();
-    for id in g.topo_order() {
-        let os = g.operands(id);
-        if !g.node(id).op.is_source()
-            && !os.is_empty()
-            && os.iter().all(|o| {
-                from_weights.contains(o)
-                    || matches!(g.node(*o).op, Op::Param { .. } | Op::Constant(_))
-            })
-        {
-            from_weights.insert(id);
-        }
-    }
+    let from_weights = g.weight_only(&g.topo_order());
     let mut order: Vec<String> = Vec::new();
     let mut by_scope: std::collections::HashMap<String, Vec<String>> = Default::default();
     for id in g.topo_order() {

@@ -260,6 +260,25 @@ impl Graph {
     }
 
     /// The underlying petgraph, for passes that need graph algorithms.
+    /// The nodes of `order` (a topological order) computed from
+    /// parameters and constants alone: not sources, with operands that are
+    /// all parameters, constants or such nodes (a stack of weights, a
+    /// transposed weight). What a model whose weights never change can
+    /// compute once.
+    pub fn weight_only(&self, order: &[NodeId]) -> std::collections::HashSet<NodeId> {
+        let mut only = std::collections::HashSet::new();
+        for &id in order {
+            let operands = self.operands(id);
+            let from_weights = operands.iter().all(|o| {
+                only.contains(o) || matches!(self.node(*o).op, Op::Param { .. } | Op::Constant(_))
+            });
+            if !self.node(id).op.is_source() && !operands.is_empty() && from_weights {
+                only.insert(id);
+            }
+        }
+        only
+    }
+
     pub fn petgraph(&self) -> &StableDiGraph<Node, u32> {
         &self.g
     }

@@ -1101,21 +1101,7 @@ impl<R: Runtime> GpuExecutor<R> {
 /// operands are all parameters, constants or such nodes, and of them the
 /// frontier, those with a reader outside the set (or outputs).
 fn param_values(graph: &Graph, order: &[NodeId]) -> (HashSet<NodeId>, HashSet<NodeId>) {
-    let mut only = HashSet::new();
-    for &id in order {
-        let node = graph.node(id);
-        let operands = graph.operands(id);
-        let from_params = operands.iter().all(|o| {
-            only.contains(o)
-                || matches!(
-                    graph.node(*o).op,
-                    caramba_ir::Op::Param { .. } | caramba_ir::Op::Constant(_)
-                )
-        });
-        if !node.op.is_source() && !operands.is_empty() && from_params {
-            only.insert(id);
-        }
-    }
+    let only = graph.weight_only(order);
     let live: HashSet<NodeId> = order.iter().copied().collect();
     let outputs: HashSet<NodeId> = graph.outputs().iter().map(|(_, id)| *id).collect();
     let frontier = only
