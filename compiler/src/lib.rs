@@ -115,3 +115,59 @@ pub fn teacher_of(m: &ModelSpec) -> ModelSpec {
         topology: topo(&m.topology),
     }
 }
+
+/// The model at test size: heads kept, head dims of 4 (DBA: 2 + 2 a
+/// head), d_ff 16 and a vocabulary of 97, when it is large (d_model over
+/// 256 or a vocabulary over 4096); small models as they are. The whole-graph
+/// tests run every preset this way, on the reference and on each device.
+pub fn reduced(m: &ModelSpec) -> ModelSpec {
+    let d0 = m.embedder.d_model;
+    if d0 <= 256 && m.embedder.vocab_size <= 4096 {
+        return m.clone();
+    }
+    let heads = {
+        fn find(t: &Topology) -> Option<usize> {
+            t.layers.iter().find_map(|e| match e {
+                Element::Topology(t) => find(t),
+                Element::Layer(l) => match &l.kind {
+                    LayerKind::Attention(a) => Some(a.n_heads),
+                    _ => None,
+                },
+            })
+        }
+        find(&m.topology).unwrap_or(4)
+    };
+    let d = heads * 4;
+    let w = |x: usize| if x == d0 { d } else { x };
+    fn walk(t: &mut Topology, f: &dyn Fn(&mut LayerKind)) {
+        for e in &mut t.layers {
+            match e {
+                Element::Topology(t) => walk(t, f),
+                Element::Layer(l) => f(&mut l.kind),
+            }
+        }
+    }
+    let mut m = m.clone();
+    m.embedder.d_model = d;
+    m.embedder.vocab_size = 97;
+    walk(&mut m.topology, &|k| match k {
+        LayerKind::Attention(a) => {
+            a.d_model = w(a.d_model);
+            a.head_dim = a.head_dim.map(|_| 4);
+            a.sem_dim = a.sem_dim.map(|_| a.n_heads * 2);
+            a.geo_dim = a.geo_dim.map(|_| a.n_heads * 2);
+        }
+        LayerKind::RmsNorm(n) | LayerKind::LayerNorm(n) => n.d_model = w(n.d_model),
+        LayerKind::SwiGlu(s) => {
+            s.d_model = w(s.d_model);
+            s.d_ff = 16;
+        }
+        LayerKind::Linear(l) => {
+            l.d_in = w(l.d_in);
+            l.d_out = w(l.d_out);
+        }
+        LayerKind::Rope(r) => r.d_model = w(r.d_model),
+        LayerKind::Dropout(x) => x.d_model = x.d_model.map(w),
+    });
+    m
+}

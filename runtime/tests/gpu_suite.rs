@@ -1045,6 +1045,185 @@ pub fn dba_preset<R: Runtime>(dev: &R::Device) {
     run_model::<R>(dev, &compiled.student.graph, 512, 7);
 }
 
+/// Every preset and every example manifest, compiled in so that a test
+/// binary carried to another machine (the GPU one) has them too.
+const MANIFESTS: &[(&str, &str)] = &[
+    (
+        "presets/dba.yml",
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../presets/dba.yml")),
+    ),
+    (
+        "presets/llama32_1b_dba.yml",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../presets/llama32_1b_dba.yml"
+        )),
+    ),
+    (
+        "presets/llama32_1b_dba_compare.yml",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../presets/llama32_1b_dba_compare.yml"
+        )),
+    ),
+    (
+        "presets/llama32_1b_dba_eval.yml",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../presets/llama32_1b_dba_eval.yml"
+        )),
+    ),
+    (
+        "presets/llama_block.yml",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../presets/llama_block.yml"
+        )),
+    ),
+    (
+        "presets/smollm2_135m_dba.yml",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../presets/smollm2_135m_dba.yml"
+        )),
+    ),
+    (
+        "presets/tiny.yml",
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../presets/tiny.yml")),
+    ),
+    (
+        "tests/data/manifests/ok/attention_modes.yml",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/data/manifests/ok/attention_modes.yml"
+        )),
+    ),
+    (
+        "tests/data/manifests/ok/branching.yml",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/data/manifests/ok/branching.yml"
+        )),
+    ),
+    (
+        "tests/data/manifests/ok/cyclic_recurrent.yml",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/data/manifests/ok/cyclic_recurrent.yml"
+        )),
+    ),
+    (
+        "tests/data/manifests/ok/parallel_sum_mean.yml",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/data/manifests/ok/parallel_sum_mean.yml"
+        )),
+    ),
+    (
+        "tests/data/manifests/ok/residual_nested.yml",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/data/manifests/ok/residual_nested.yml"
+        )),
+    ),
+    (
+        "tests/data/manifests/ok/rope_layer.yml",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/data/manifests/ok/rope_layer.yml"
+        )),
+    ),
+    (
+        "tests/data/manifests/ok/runs_groups.yml",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/data/manifests/ok/runs_groups.yml"
+        )),
+    ),
+    (
+        "tests/data/manifests/ok/stacked_sequential_head.yml",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/data/manifests/ok/stacked_sequential_head.yml"
+        )),
+    ),
+    (
+        "tests/data/manifests/ok/vars_forms.yml",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/data/manifests/ok/vars_forms.yml"
+        )),
+    ),
+];
+
+/// The whole-graph test: every manifest's model at test size
+/// (`caramba_compiler::reduced`), optimized by every rule and run on the
+/// device, against the unoptimized graph on the reference. The compiler's
+/// `every_model_optimizes_to_the_same_logits` checks the same graphs both on
+/// the reference; this one checks what the device makes of the optimizer's
+/// output (merged DBA scores, fused attention, norms folded into their
+/// products, fused elementwise kernels).
+pub fn optimized_models<R: Runtime>(dev: &R::Device) {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    // Where the sources are (not on a machine the binary was carried to),
+    // the list above must name every one of them.
+    for dir in ["presets", "tests/data/manifests/ok"] {
+        let Ok(entries) = std::fs::read_dir(format!("{root}/{dir}")) else {
+            continue;
+        };
+        for e in entries {
+            let name = format!("{dir}/{}", e.unwrap().file_name().to_string_lossy());
+            if name.ends_with(".yml") {
+                assert!(
+                    MANIFESTS.iter().any(|(n, _)| *n == name),
+                    "{name} is missing from MANIFESTS"
+                );
+            }
+        }
+    }
+    let (b, t) = (2, 7);
+    for (i, (path, src)) in MANIFESTS.iter().enumerate() {
+        let compiled = caramba_compiler::compile(src).unwrap_or_else(|d| panic!("{path}: {d:?}"));
+        let model = caramba_compiler::reduced(&compiled.manifest.model);
+        let vocab = model.embedder.vocab_size;
+        let g = caramba_compiler::lower_model(&model, "m", DType::F32)
+            .unwrap_or_else(|d| panic!("{path}: {d:?}"))
+            .graph;
+        let (h, rep) = caramba_compiler::optimize(&g).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert!(rep.rejected.is_empty(), "{path}: {:?}", rep.rejected);
+        let params = random_params(&g, 7 + i as u64);
+        let mut rng = Rng(31 + i as u64);
+        let mut bindings = Bindings::new(&params).sym(Sym::B, b).sym(Sym::T, t);
+        for (name, id) in g.inputs() {
+            let ty = &g.node(id).ty;
+            let shape: Vec<usize> = ty
+                .shape
+                .dims()
+                .iter()
+                .map(|d| match d {
+                    Dim::Const(n) => *n,
+                    Dim::Sym(Sym::B) => b,
+                    Dim::Sym(_) => t,
+                })
+                .collect();
+            let n: usize = shape.iter().product();
+            let value = match ty.dtype {
+                DType::I32 if name == "positions" => Tensor::i32(shape, (0..n as i32).collect()),
+                DType::I32 => rng.ids(&shape, vocab),
+                _ => rng.tensor(&shape),
+            };
+            bindings = bindings.input(name, value);
+        }
+        let want = eval(&g, &bindings).unwrap_or_else(|e| panic!("{path}: reference: {e}"));
+        let exec = GpuExecutor::<R>::new(dev, &h, &params)
+            .unwrap_or_else(|e| panic!("{path}: executor: {e}"));
+        let got = exec
+            .run_bindings(&bindings)
+            .unwrap_or_else(|e| panic!("{path}: run: {e}"));
+        assert_close(&want, &got, 1e-3, path);
+    }
+}
+
 /// Quantize and dequantize in every cache format: the codes (exactly) and
 /// the values match the reference's.
 pub fn quantize_formats<R: Runtime>(dev: &R::Device) {
@@ -3823,7 +4002,7 @@ macro_rules! all_tests {
             attention_backward,
             elementwise_program, symbolic_shapes, recycling_is_bounded, unsupported_is_an_error, tiny_llama, tiny_llama_bf16,
             mixed_precision_gradients,
-            dba_preset, quantize_formats, kv_attention_over_caches, kv_decode_chunks, cached_tiny_llama,
+            dba_preset, optimized_models, quantize_formats, kv_attention_over_caches, kv_decode_chunks, cached_tiny_llama,
             resident_values, fused_optimizers, grad_norm_and_clipping, trainer_matches_host_sgd,
             trainer_matches_host_adamw, trainer_keeps_half_copies, narrow_elementwise, narrow_copy, strided_copies, lazy_views,
             concat_slots, row_dot, attention_apart, folded_adds, reduced_slices,

@@ -1208,60 +1208,6 @@ fn a_unary_is_not_recomputed_where_it_saves_nothing() {
 
 // ----------------------------------------------------------- whole models
 
-/// The model with small dimensions: heads kept, head dims of 4 (DBA: 2 + 2),
-/// d_ff 16 and a vocabulary of 97, when it is large; small models as is.
-fn shrink(m: &ModelSpec) -> ModelSpec {
-    let d0 = m.embedder.d_model;
-    if d0 <= 256 && m.embedder.vocab_size <= 4096 {
-        return m.clone();
-    }
-    let heads = {
-        fn find(t: &Topology) -> Option<usize> {
-            t.layers.iter().find_map(|e| match e {
-                Element::Topology(t) => find(t),
-                Element::Layer(l) => match &l.kind {
-                    LayerKind::Attention(a) => Some(a.n_heads),
-                    _ => None,
-                },
-            })
-        }
-        find(&m.topology).unwrap_or(4)
-    };
-    let d = heads * 4;
-    let w = |x: usize| if x == d0 { d } else { x };
-    fn walk(t: &mut Topology, f: &dyn Fn(&mut LayerKind)) {
-        for e in &mut t.layers {
-            match e {
-                Element::Topology(t) => walk(t, f),
-                Element::Layer(l) => f(&mut l.kind),
-            }
-        }
-    }
-    let mut m = m.clone();
-    m.embedder.d_model = d;
-    m.embedder.vocab_size = 97;
-    walk(&mut m.topology, &|k| match k {
-        LayerKind::Attention(a) => {
-            a.d_model = w(a.d_model);
-            a.head_dim = a.head_dim.map(|_| 4);
-            a.sem_dim = a.sem_dim.map(|_| a.n_heads * 2);
-            a.geo_dim = a.geo_dim.map(|_| a.n_heads * 2);
-        }
-        LayerKind::RmsNorm(n) | LayerKind::LayerNorm(n) => n.d_model = w(n.d_model),
-        LayerKind::SwiGlu(s) => {
-            s.d_model = w(s.d_model);
-            s.d_ff = 16;
-        }
-        LayerKind::Linear(l) => {
-            l.d_in = w(l.d_in);
-            l.d_out = w(l.d_out);
-        }
-        LayerKind::Rope(r) => r.d_model = w(r.d_model),
-        LayerKind::Dropout(x) => x.d_model = x.d_model.map(w),
-    });
-    m
-}
-
 fn manifests() -> Vec<(String, String)> {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let mut out = Vec::new();
@@ -1300,7 +1246,7 @@ fn every_model_optimizes_to_the_same_logits() {
     let mut rng = Rng::new(3);
     for (path, src) in manifests() {
         let compiled = crate::compile(&src).unwrap_or_else(|e| panic!("{path}: {e:?}"));
-        let model = shrink(&compiled.manifest.model);
+        let model = crate::reduced(&compiled.manifest.model);
         let lowered = crate::lower_model(&model, "m", DType::F32).unwrap();
         let g = &lowered.graph;
         let (h, rep) = optimize(g).unwrap_or_else(|e| panic!("{path}: {e}"));
@@ -1385,7 +1331,7 @@ fn half_precision_models_fuse_attention_and_agree() {
     for name in ["dba.yml", "llama_block.yml"] {
         let path = format!("{}/../presets/{name}", env!("CARGO_MANIFEST_DIR"));
         let c = crate::compile(&std::fs::read_to_string(path).unwrap()).unwrap();
-        let model = shrink(&c.manifest.model);
+        let model = crate::reduced(&c.manifest.model);
         for dtype in [DType::F16, DType::BF16] {
             let lowered = crate::lower_model(&model, "m", dtype).unwrap();
             let g = lowered.graph;
@@ -1668,7 +1614,7 @@ fn merge_projections_stacks_sibling_weights_and_agrees() {
     for name in ["llama_block.yml", "dba.yml"] {
         let path = format!("{}/../presets/{name}", env!("CARGO_MANIFEST_DIR"));
         let c = crate::compile(&std::fs::read_to_string(path).unwrap()).unwrap();
-        let model = shrink(&c.manifest.model);
+        let model = crate::reduced(&c.manifest.model);
         for precision in [
             crate::Precision::uniform(DType::F32),
             crate::Precision::mixed(DType::BF16),
@@ -1823,7 +1769,7 @@ fn row_dot_costs_less_than_its_decomposition() {
 fn half_training_graphs_sum_attention_delta_in_one_row_dot() {
     let path = format!("{}/../presets/llama_block.yml", env!("CARGO_MANIFEST_DIR"));
     let c = crate::compile(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let model = shrink(&c.manifest.model);
+    let model = crate::reduced(&c.manifest.model);
     for dtype in [DType::BF16, DType::F32] {
         let mut forward = crate::lower_model(&model, "m", dtype).unwrap().graph;
         caramba_ir::autodiff::add_next_token_loss(&mut forward, "logits").unwrap();
