@@ -115,7 +115,22 @@ pub fn graph_cost(g: &Graph) -> f64 {
         .sum()
 }
 
-/// Extraction's cost: a node's kernel cost plus the cost of its operands.
+/// An e-node's own kernel cost: sources cost nothing, and a node whose type
+/// does not infer is never chosen.
+pub fn enode_cost(eg: &EG, node: &ENode) -> f64 {
+    if node.decl.is_some() {
+        return 0.0;
+    }
+    let xs: Vec<&TensorType> = node.children.iter().map(|&c| &eg[c].data.ty).collect();
+    match node.op.infer(&xs) {
+        Ok(out) => op_cost(&node.op, &xs, &out),
+        Err(_) => f64::INFINITY,
+    }
+}
+
+/// Tree extraction's cost (egg's `Extractor`, the fallback of
+/// [`super::extract::dag`]): a node's kernel cost plus the cost of its
+/// operands, a shared operand counted once per path.
 pub struct Cost<'a> {
     pub egraph: &'a EG,
 }
@@ -127,18 +142,7 @@ impl CostFunction<ENode> for Cost<'_> {
     where
         C: FnMut(Id) -> f64,
     {
-        let xs: Vec<&TensorType> = enode
-            .children
-            .iter()
-            .map(|&c| &self.egraph[c].data.ty)
-            .collect();
-        let own = match &enode.decl {
-            Some(_) => 0.0,
-            None => match enode.op.infer(&xs) {
-                Ok(out) => op_cost(&enode.op, &xs, &out),
-                Err(_) => f64::INFINITY,
-            },
-        };
+        let own = enode_cost(self.egraph, enode);
         enode.children.iter().fold(own, |acc, &c| acc + costs(c))
     }
 }

@@ -2,7 +2,7 @@
 //! a report of which rules formed each fused node.
 //!
 //! ```text
-//! Graph ─ merge_projections ─ lang::load ─ rule::saturate(rules) ─ extract(cost)
+//! Graph ─ merge_projections ─ lang::load ─ rule::saturate(rules) ─ extract::dag(cost)
 //!       ─ norm_matmul::fold ─ elementwise::fuse ─ verify ─ Graph
 //! ```
 //!
@@ -28,6 +28,7 @@ pub mod attention;
 pub mod cost;
 pub mod dba;
 pub mod elementwise;
+pub mod extract;
 pub mod kv;
 pub mod lang;
 pub mod merge_projections;
@@ -94,6 +95,17 @@ impl Default for Options {
     }
 }
 
+/// How the optimized graph was chosen from the e-graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extraction {
+    /// By DAG cost, every class counted once ([`extract::dag`]), settled
+    /// after this many visits of a class.
+    Dag { visits: usize },
+    /// By tree cost (egg's `Extractor`), because the DAG choice did not
+    /// settle: shared operands counted once per path.
+    Tree,
+}
+
 /// One fused node of the optimized graph and the rules that formed it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FusedNode {
@@ -117,6 +129,7 @@ pub struct OptimizeReport {
     pub rejected: Vec<String>,
     pub stop: Stop,
     pub iterations: usize,
+    pub extraction: Extraction,
     pub egraph_nodes: usize,
     pub egraph_classes: usize,
     pub nodes_before: usize,
@@ -175,8 +188,24 @@ pub fn optimize_with(g: &Graph, opts: &Options) -> Result<(Graph, OptimizeReport
     let mut loaded = lang::load(g);
     let sat = rule::saturate(&mut loaded.egraph, &active, &opts.limits);
     let eg = &loaded.egraph;
-    let extractor = egg::Extractor::new(eg, cost::Cost { egraph: eg });
-    let (graph, class_of) = lang::extract(&loaded, |c| extractor.find_best_node(c).clone())?;
+    let (graph, class_of, extraction) = match extract::dag(eg) {
+        Some(choice) => {
+            let (graph, class_of) = lang::extract(&loaded, |c| choice.best[&c].clone())?;
+            (
+                graph,
+                class_of,
+                Extraction::Dag {
+                    visits: choice.visits,
+                },
+            )
+        }
+        None => {
+            let extractor = egg::Extractor::new(eg, cost::Cost { egraph: eg });
+            let (graph, class_of) =
+                lang::extract(&loaded, |c| extractor.find_best_node(c).clone())?;
+            (graph, class_of, Extraction::Tree)
+        }
+    };
     let order = rule_names();
     let sorted = |set: std::collections::BTreeSet<&'static str>| {
         let mut v: Vec<&'static str> = set.into_iter().collect();
@@ -265,6 +294,7 @@ pub fn optimize_with(g: &Graph, opts: &Options) -> Result<(Graph, OptimizeReport
         rejected: sat.rejected,
         stop: sat.stop,
         iterations: sat.iterations,
+        extraction,
         egraph_nodes: eg.total_number_of_nodes(),
         egraph_classes: eg.number_of_classes(),
         nodes_before: original.node_count(),

@@ -1827,3 +1827,93 @@ fn every_norm_of_the_1b_preset_folds_into_its_product() {
         .unwrap();
     assert_eq!(folded.rules, ["fuse-rmsnorm", "fuse-norm-matmul"]);
 }
+
+/// Every manifest's model, plain and over q8 and f16 caches, at full size:
+/// extraction settles as a DAG (no fallback to tree costs), in about one
+/// visit a class.
+#[test]
+fn every_model_extracts_as_a_dag() {
+    for (path, src) in manifests() {
+        let c = crate::compile(&src).unwrap();
+        let mut graphs = vec![c.student.graph.clone()];
+        for format in [
+            crate::CacheFormat::Quant(caramba_ir::QuantFormat::Q8),
+            crate::CacheFormat::Fp16,
+        ] {
+            let spec = crate::KvCacheSpec::uniform(format);
+            if let Ok(l) = crate::lower_model_cached(&c.manifest.model, "m", DType::F32, spec) {
+                graphs.push(l.graph);
+            }
+        }
+        for g in &graphs {
+            let (_, rep) = optimize(g).unwrap();
+            let Extraction::Dag { visits } = rep.extraction else {
+                panic!("{path}: extraction fell back to tree costs");
+            };
+            assert!(
+                visits <= 2 * rep.egraph_classes,
+                "{path}: {visits} visits of {} classes",
+                rep.egraph_classes
+            );
+        }
+    }
+}
+
+/// SmolLM2's 30 layers over an f16 cache: every layer's attention reads the
+/// cache in place (`dequantize-in-attention`, its f16 branch). Tree costs took it at 14 of
+/// the 30: past the middle of the model, operand costs counted once per
+/// path reach 1e20 and more, where f64 cannot see what the rule saves.
+#[test]
+fn every_layer_of_a_deep_cached_model_reads_its_cache_in_attention() {
+    let src = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../presets/smollm2_135m_dba.yml"
+    ))
+    .unwrap();
+    let c = crate::compile(&src).unwrap();
+    let spec = crate::KvCacheSpec::uniform(crate::CacheFormat::Fp16);
+    let l = crate::lower_model_cached(&c.manifest.model, "m", DType::F32, spec).unwrap();
+    let (h, rep) = optimize(&l.graph).unwrap();
+    assert!(matches!(rep.extraction, Extraction::Dag { .. }));
+    assert_eq!(count(&h, |o| matches!(o, Op::KvAttention { .. })), 30);
+    assert_eq!(count(&h, |o| matches!(o, Op::Attention { .. })), 0);
+}
+
+/// The 16-layer 1B teacher's f32 training graph (GQA attention): every
+/// attention backward takes its `delta` from one `row_dot`, and no
+/// reduction reads a slice (`reduce-of-slice`: GQA's `dk‖dv` summed over
+/// query groups once, then sliced). Under tree costs neither rule was
+/// extracted at this depth: `row_dot` at none of the 16 layers, and the
+/// 16 `sum(slice(dk‖dv))` pairs stayed (the shared sum counted once per
+/// slice).
+#[test]
+fn deep_training_graphs_take_row_dot_and_reduce_of_slice_at_every_layer() {
+    let path = format!(
+        "{}/../presets/llama32_1b_dba.yml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let c = crate::compile(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let model = crate::teacher_of(&c.manifest.model);
+    let mut forward = crate::lower_model(&model, "m", DType::F32).unwrap().graph;
+    caramba_ir::autodiff::add_next_token_loss(&mut forward, "logits").unwrap();
+    forward.remove_output("logits");
+    let names: Vec<String> = forward.params().map(|(n, _)| n.to_string()).collect();
+    let g = differentiate_for_training(&forward, "loss", &names).unwrap();
+    let (h, rep) = optimize(&g).unwrap();
+    assert!(matches!(rep.extraction, Extraction::Dag { .. }));
+    let grads: Vec<NodeId> = h
+        .node_ids()
+        .filter(|&n| matches!(h.node(n).op, Op::AttentionGrad { .. }))
+        .collect();
+    assert!(grads.len() >= 16);
+    for n in grads {
+        let delta = h.operands(n)[5];
+        assert_eq!(h.node(delta).op, Op::RowDot, "{}", h.node(n).scope);
+    }
+    let of_slices = h
+        .node_ids()
+        .filter(|&n| matches!(h.node(n).op, Op::Reduce { .. }))
+        .filter(|&n| matches!(h.node(h.operands(n)[0]).op, Op::Slice { .. }))
+        .count();
+    assert_eq!(of_slices, 0);
+}
