@@ -190,6 +190,12 @@ pub struct SampleArgs {
     /// token (all heads together)
     #[arg(long, default_value = "fp32", value_name = "SPEC")]
     pub kv_cache: String,
+    /// Run the prompt through the model N tokens at a time, each chunk over
+    /// the cache of the ones before (default: all at once, or as many as
+    /// the device's largest buffer holds the logits of, e.g. 682 tokens of
+    /// SmolLM2 on lavapipe). Needs a KV cache
+    #[arg(long, value_name = "N")]
+    pub prefill_chunk: Option<usize>,
     /// Print prefill and decode timings and the KV-cache size to stderr
     #[arg(long)]
     pub stats: bool,

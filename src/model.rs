@@ -276,6 +276,44 @@ impl Model {
         Ok(logits.reshaped(vec![t, self.config.vocab_size]))
     }
 
+    /// The prompt `ids` through the model into `cache`, `chunk` tokens at
+    /// a time (all at once when `None`), each chunk over the cache of the
+    /// ones before: logits `[T, vocab]` of every prompt position when
+    /// `keep_all`, else of the last chunk's positions only (the last row is
+    /// the next token's).
+    pub fn prefill(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        chunk: Option<usize>,
+        keep_all: bool,
+    ) -> Result<Tensor, Failure> {
+        let chunk = chunk.unwrap_or(ids.len()).max(1);
+        if ids.len() <= chunk {
+            return self.forward_cached(ids, cache);
+        }
+        let vocab = self.config.vocab_size;
+        let mut rows: Vec<f32> = Vec::new();
+        let mut last = None;
+        for part in ids.chunks(chunk) {
+            let logits = self.forward_cached(part, cache)?;
+            if keep_all {
+                rows.extend_from_slice(logits.as_f32().expect("logits are f32"));
+            } else {
+                last = Some(logits);
+            }
+        }
+        Ok(last.unwrap_or_else(|| Tensor::f32(vec![ids.len(), vocab], rows)))
+    }
+
+    /// The most prompt tokens one step's logits (f32, `T × vocab`) fit in
+    /// the device's largest buffer (lavapipe: 128 MiB, 682 tokens of
+    /// SmolLM2); `None` where the device has no such limit.
+    pub fn largest_prefill(&self) -> Option<usize> {
+        let max = self.backend().max_buffer_bytes()? as usize;
+        Some((max / (self.config.vocab_size * 4)).max(1))
+    }
+
     /// An empty KV cache for [`Model::forward_cached`].
     pub fn empty_cache(&self) -> KvCache {
         let host = self

@@ -307,3 +307,24 @@ fn perplexity_too_wide_for_the_device_is_bad_input() {
         show("perplexity", &o)
     );
 }
+
+#[test]
+fn prefill_chunk_is_checked_before_the_checkpoint_opens() {
+    for (args, says) in [
+        (
+            &["--prefill-chunk", "0"][..],
+            "--prefill-chunk must be at least 1",
+        ),
+        (
+            &["--prefill-chunk", "8", "--kv-cache", "none"][..],
+            "--prefill-chunk needs a KV cache",
+        ),
+    ] {
+        let mut all = vec!["sample", "--ckpt", "missing.gguf", "--prompt", "hi"];
+        all.extend_from_slice(args);
+        let o = caramba(&all);
+        assert_eq!(o.status.code(), Some(2), "{}", show("sample", &o));
+        assert!(stderr(&o).contains(says), "{}", show("sample", &o));
+        assert_no_panic("sample", &o);
+    }
+}

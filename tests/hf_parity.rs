@@ -303,6 +303,56 @@ fn cached_generation_matches_transformers() {
     }
 }
 
+/// A prompt prefilled in chunks (each over the cache of the ones before,
+/// as `sample` does where a device cannot hold the whole prompt's logits)
+/// gives every position the logits of one pass, and the same next tokens.
+#[test]
+fn chunked_prefill_matches_one_pass() {
+    if model().is_none() {
+        return;
+    }
+    let path = fixture_path(SMOLLM2_GGUF).expect("fixture checked above");
+    let ckpt = open_checkpoint(&path).unwrap_or_else(|e| panic!("{}", e.message));
+    let m = Model::load_with(&ckpt, Backend::Cpu, parse_kv_cache("fp32").unwrap())
+        .unwrap_or_else(|e| panic!("{}", e.message));
+    let g = json("greedy.json");
+    let prompt: Vec<u32> = ids(&g["prompt_ids"]).repeat(4);
+    let vocab = m.config.vocab_size;
+    let one = m
+        .prefill(&prompt, &mut m.empty_cache(), None, true)
+        .expect("prefill");
+    for chunk in [1, 5, prompt.len() - 1] {
+        let mut past = m.empty_cache();
+        let all = m
+            .prefill(&prompt, &mut past, Some(chunk), true)
+            .expect("prefill");
+        assert_eq!(all.shape(), one.shape(), "chunk {chunk}");
+        assert_eq!(past.len(), prompt.len());
+        let diff = all.max_abs_diff(&one);
+        assert!(diff <= 1e-3, "chunk {chunk}: logits differ by {diff:.3e}");
+        let last = m
+            .prefill(&prompt, &mut m.empty_cache(), Some(chunk), false)
+            .expect("prefill");
+        let tail = last.as_f32().unwrap();
+        assert_eq!(tail.len() % vocab, 0);
+        let want = one.as_f32().unwrap();
+        assert_eq!(
+            argmax(&tail[tail.len() - vocab..]),
+            argmax(&want[want.len() - vocab..])
+        );
+        // Decoding goes on from the chunked cache.
+        let next = argmax(&tail[tail.len() - vocab..]) as u32;
+        let mut whole = m.empty_cache();
+        m.prefill(&prompt, &mut whole, None, false)
+            .expect("prefill");
+        let (a, b) = (
+            m.forward_cached(&[next], &mut past).expect("decode"),
+            m.forward_cached(&[next], &mut whole).expect("decode"),
+        );
+        assert!(a.max_abs_diff(&b) <= 1e-3, "chunk {chunk}: decode after it");
+    }
+}
+
 /// On wgpu (lavapipe in CI) the cache stays in device memory between
 /// steps and the fused graph attends over it with `kv_attention`: the q8
 /// cache gives transformers' first tokens there too.

@@ -2,7 +2,10 @@
 //!
 //! The prompt runs through the model once (prefill), filling the KV cache;
 //! each later step runs only the new token against the cache (decode). With
-//! `--kv-cache none` every step recomputes the whole sequence instead. Each
+//! `--kv-cache none` every step recomputes the whole sequence instead. A
+//! prompt whose logits would not fit the device's largest buffer (lavapipe:
+//! 128 MiB, 682 tokens of SmolLM2's vocabulary) is prefilled in chunks of
+//! as many tokens as fit, each chunk over the cache of the ones before. Each
 //! step takes the last position's logits and picks the next token: argmax at
 //! temperature 0, else a draw from softmax(logits / T) restricted by top-k
 //! and top-p.
@@ -33,7 +36,15 @@ pub fn sample(a: &SampleArgs) -> CmdResult {
     if a.top_k == Some(0) {
         return Err(Failure::usage("--top-k must be at least 1"));
     }
+    if a.prefill_chunk == Some(0) {
+        return Err(Failure::usage("--prefill-chunk must be at least 1"));
+    }
     let cache = parse_kv_cache(&a.kv_cache).map_err(Failure::usage)?;
+    if cache.is_none() && a.prefill_chunk.is_some() {
+        return Err(Failure::usage(
+            "--prefill-chunk needs a KV cache (each chunk attends to the ones before); drop `--kv-cache none`",
+        ));
+    }
     let ckpt = open_checkpoint(&a.ckpt)?;
     let tok = tokenizer_for(&ckpt, a.tokenizer.as_deref())?;
     let gpu = caramba_runtime::gpu::GpuOptions {
@@ -65,12 +76,13 @@ pub fn sample(a: &SampleArgs) -> CmdResult {
     let (mut prefill, mut decode) = (Duration::ZERO, Duration::ZERO);
     for step in 0..a.max_new_tokens {
         let timer = Instant::now();
-        let logits = if cache.is_some() {
-            // The prompt at the first step, then only the newest token.
-            let start = if step == 0 { 0 } else { ids.len() - 1 };
-            model.forward_cached(&ids[start..], &mut past)?
-        } else {
+        let logits = if cache.is_none() {
             model.logits(&ids)?
+        } else if step == 0 {
+            let chunk = a.prefill_chunk.or_else(|| model.largest_prefill());
+            model.prefill(&ids, &mut past, chunk, a.dump_logits.is_some())?
+        } else {
+            model.forward_cached(&ids[ids.len() - 1..], &mut past)?
         };
         let all = logits.as_f32().expect("logits are f32");
         if step == 0 {
@@ -86,8 +98,7 @@ pub fn sample(a: &SampleArgs) -> CmdResult {
         } else {
             decode += timer.elapsed();
         }
-        let rows = all.len() / vocab;
-        let last = &all[(rows - 1) * vocab..];
+        let last = &all[all.len() - vocab..];
         let next = pick(last, a.temperature, a.top_k, a.top_p, &mut rng);
         ids.push(next);
         new_ids.push(next);
