@@ -95,10 +95,11 @@ fn bench_options() -> GpuOptions {
 
 /// The model graphs' optimizer: every rule, or with
 /// `CARAMBA_BENCH_UNFOLDED=1` the optimizer before the norm fold
-/// (projections not merged, no `fuse-norm-matmul`).
+/// (projections not merged, no `fuse-norm-matmul`); with
+/// `CARAMBA_BENCH_TREE=1`, extraction by tree costs (before `extract.rs`).
 fn optimize_model(g: &Graph) -> Graph {
     use caramba_compiler::optimize::{optimize_with, rule_names, Options};
-    let opts = if std::env::var("CARAMBA_BENCH_UNFOLDED").is_ok_and(|v| v == "1") {
+    let mut opts = if std::env::var("CARAMBA_BENCH_UNFOLDED").is_ok_and(|v| v == "1") {
         Options {
             only: Some(
                 rule_names()
@@ -113,6 +114,7 @@ fn optimize_model(g: &Graph) -> Graph {
     } else {
         Options::default()
     };
+    opts.tree_extraction = std::env::var("CARAMBA_BENCH_TREE").is_ok_and(|v| v == "1");
     optimize_with(g, &opts).expect("optimize").0
 }
 

@@ -96,7 +96,13 @@ fn main() {
     };
     // As `caramba run` trains on GPUs: the joint graph optimized.
     let optimize = Instant::now();
-    let (graph, report) = caramba_compiler::optimize(&graph).expect("optimize");
+    // CARAMBA_BENCH_TREE=1: extraction by tree costs, as before `extract.rs`.
+    let opts = caramba_compiler::optimize::Options {
+        tree_extraction: std::env::var("CARAMBA_BENCH_TREE").is_ok_and(|v| v == "1"),
+        ..Default::default()
+    };
+    let (graph, report) =
+        caramba_compiler::optimize::optimize_with(&graph, &opts).expect("optimize");
     eprintln!(
         "training graph optimized in {:.2} s: {} nodes, modelled cost {:.3e} -> {:.3e}, \
          stopped by {:?} after {} iterations; rules applied: {:?}",

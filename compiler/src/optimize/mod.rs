@@ -82,6 +82,9 @@ pub struct Options {
     /// saturating, so that each norm has one product to fold into
     /// (`fuse-norm-matmul`).
     pub merge_projections: bool,
+    /// Extract by tree costs (egg's `Extractor`) instead of DAG costs: the
+    /// optimizer before `extract.rs`, for comparisons.
+    pub tree_extraction: bool,
 }
 
 impl Default for Options {
@@ -91,6 +94,7 @@ impl Default for Options {
             only: None,
             fuse_elementwise: true,
             merge_projections: true,
+            tree_extraction: false,
         }
     }
 }
@@ -188,7 +192,12 @@ pub fn optimize_with(g: &Graph, opts: &Options) -> Result<(Graph, OptimizeReport
     let mut loaded = lang::load(g);
     let sat = rule::saturate(&mut loaded.egraph, &active, &opts.limits);
     let eg = &loaded.egraph;
-    let (graph, class_of, extraction) = match extract::dag(eg) {
+    let dag = if opts.tree_extraction {
+        None
+    } else {
+        extract::dag(eg)
+    };
+    let (graph, class_of, extraction) = match dag {
         Some(choice) => {
             let (graph, class_of) = lang::extract(&loaded, |c| choice.best[&c].clone())?;
             (

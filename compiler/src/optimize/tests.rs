@@ -2,7 +2,6 @@
 //! their unoptimized selves, all through the reference interpreter.
 
 use super::*;
-use crate::manifest::{Element, LayerKind, ModelSpec, Topology};
 use caramba_ir::reference::{eval, Bindings, Tensor};
 use caramba_ir::{
     AttnArg, BinaryOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Scalar, Shape, Sym, TensorType,
