@@ -118,15 +118,15 @@ fn optimize_model(g: &Graph) -> Graph {
     optimize_with(g, &opts).expect("optimize").0
 }
 
-/// [`bench_options`] for a model's forward, as `caramba sample` and
-/// `perplexity` run it: values computed from the weights alone (merged
-/// projections' stacked weights) made once, not per run. Not for the
-/// chains, whose input is a parameter.
-fn model_options() -> GpuOptions {
-    GpuOptions {
-        keep_param_values: true,
-        ..bench_options()
-    }
+/// A model as `caramba sample` and `perplexity` load it: optimized
+/// ([`optimize_model`]), random weights, and the values made from the
+/// weights alone (merged projections' stacked weights) made once, in place
+/// of the weights they were made from (`fold-weights`).
+fn loaded_model(g: &Graph) -> (Graph, BTreeMap<String, Tensor>) {
+    let g = optimize_model(g);
+    let params = random_params(&g);
+    let f = caramba_compiler::fold_weights(&g, &params).expect("fold weights");
+    (f.graph, f.params)
 }
 
 fn time_graph(backend: Backend, g: &Graph, params: &BTreeMap<String, Tensor>, iters: usize) -> f64 {
@@ -424,13 +424,12 @@ fn model_forward(backend: Backend, which: &str) {
     // Only the loss comes back, as with PyTorch's `.loss` (reading the
     // 1.6 GB of logits back to the host took most of an earlier run).
     g.remove_output("logits");
-    let g = optimize_model(&g);
-    let params = random_params(&g);
+    let (g, params) = loaded_model(&g);
     // `gpu_bench cuda tf32`: the model's matmuls on tensor cores.
     let tf32 = std::env::args().nth(2).is_some_and(|s| s == "tf32");
     let options = GpuOptions {
         fast_matmul: tf32,
-        ..model_options()
+        ..bench_options()
     };
     let exec = Executor::with_options(backend, &g, &params, options).expect("executor");
     let (b, t) = (8usize, 1024usize);
@@ -474,7 +473,7 @@ fn model_forward(backend: Backend, which: &str) {
     // Where the time goes: one profiled run (each kernel waited for).
     let options = GpuOptions {
         profile: true,
-        ..model_options()
+        ..bench_options()
     };
     let exec = Executor::with_options(backend, &g, &params, options).expect("executor");
     exec.run(&bind).expect("profiled run");
@@ -531,8 +530,7 @@ fn smollm2_decode(backend: Backend) {
         KvCacheSpec::uniform(CacheFormat::Fp32),
     )
     .unwrap();
-    let g = optimize_model(&lowered.graph);
-    let params = random_params(&g);
+    let (g, params) = loaded_model(&lowered.graph);
     let run = |exec: &Executor, steps: usize| -> f64 {
         let mut device = BTreeMap::new();
         let mut host = BTreeMap::new();
@@ -580,14 +578,14 @@ fn smollm2_decode(backend: Backend) {
         }
         start.elapsed().as_secs_f64() * 1e3 / steps as f64
     };
-    let exec = Executor::with_options(backend, &g, &params, model_options()).expect("executor");
+    let exec = Executor::with_options(backend, &g, &params, bench_options()).expect("executor");
     run(&exec, 8);
     let steps = 64;
     let ms = run(&exec, steps);
     emit("smollm2_decode_fp32_cache", ms, "tokens_per_s", 1e3 / ms);
     let options = GpuOptions {
         profile: true,
-        ..model_options()
+        ..bench_options()
     };
     let exec = Executor::with_options(backend, &g, &params, options).expect("executor");
     run(&exec, 16);

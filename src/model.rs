@@ -169,12 +169,12 @@ impl Model {
                 })?;
                 // The weights never change under a loaded model: values
                 // made from them alone (merged projections' stacked
-                // weights) are made once.
-                let options = GpuOptions {
-                    keep_param_values: true,
-                    ..options
-                };
-                Executor::with_options(backend, &fused, &params, options)
+                // weights) are made once, here, and replace the weights
+                // they were made from (`fold-weights`).
+                let folded = caramba_compiler::fold_weights(&fused, &params).map_err(|e| {
+                    Failure::runtime(format!("internal error: folding the model's weights: {e}"))
+                })?;
+                Executor::with_options(backend, &folded.graph, &folded.params, options)
             }
         }
         .map_err(|e| Failure::runtime(format!("cannot prepare the model on {backend}: {e}")))?;

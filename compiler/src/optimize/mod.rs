@@ -29,6 +29,7 @@ pub mod cost;
 pub mod dba;
 pub mod elementwise;
 pub mod extract;
+pub mod fold_weights;
 pub mod kv;
 pub mod lang;
 pub mod merge_projections;
@@ -41,6 +42,7 @@ pub mod rule;
 #[cfg(test)]
 mod tests;
 
+pub use fold_weights::{fold_weights, FoldError, Folded};
 pub use merge_projections::merge_projections;
 pub use reuse_lse::reuse_attention_lse;
 pub use rule::{Limits, Rule, Stop};

@@ -1916,3 +1916,89 @@ fn deep_training_graphs_take_row_dot_and_reduce_of_slice_at_every_layer() {
         .count();
     assert_eq!(of_slices, 0);
 }
+
+/// `fold-weights` on every manifest's optimized model at test size: the
+/// folded graph gives the optimized graph's outputs exactly (its values are
+/// the reference's), reads no parameter only the folded values read, and
+/// holds no more parameter values than the original. Models with merged
+/// projections fold their stacked weights.
+#[test]
+fn folded_weights_give_the_same_outputs_and_hold_each_weight_once() {
+    let mut rng = Rng::new(41);
+    let values = |ps: &BTreeMap<String, Tensor>| -> usize {
+        ps.values()
+            .map(|t| t.shape().iter().product::<usize>())
+            .sum()
+    };
+    for (path, src) in manifests() {
+        let c = crate::compile(&src).unwrap();
+        let model = crate::reduced(&c.manifest.model);
+        let g = crate::lower_model(&model, "m", DType::F32).unwrap().graph;
+        let (h, _) = optimize(&g).unwrap();
+        let (inputs, params) = bindings(&h, &mut rng, (5, 5), model.embedder.vocab_size);
+        let f = fold_weights(&h, &params).unwrap_or_else(|e| panic!("{path}: {e}"));
+        caramba_ir::verify(&f.graph).unwrap();
+        let merged = count(&h, |o| matches!(o, Op::Concat { .. })) > 0
+            && count(&g, |o| matches!(o, Op::Concat { .. })) == 0;
+        if merged {
+            assert!(!f.folded.is_empty(), "{path}: nothing folded");
+        }
+        assert!(
+            values(&f.params) <= values(&params),
+            "{path}: more parameter values: {} > {}; folded {:?}",
+            values(&f.params),
+            values(&params),
+            f.folded
+                .iter()
+                .map(|n| (n, f.params[n].shape().to_vec()))
+                .collect::<Vec<_>>()
+        );
+        let read: Vec<&str> = f.graph.params().map(|(n, _)| n).collect();
+        assert_eq!(
+            read,
+            f.params.keys().map(String::as_str).collect::<Vec<_>>(),
+            "{path}: parameters bound and read"
+        );
+        let (x, y) = (run(&h, &inputs, &params), run(&f.graph, &inputs, &f.params));
+        for (name, t) in &x {
+            assert_eq!(t.max_abs_diff(&y[name]), 0.0, "{path}: output {name}");
+        }
+    }
+}
+
+/// A tied embedding is read by the gather as it is and by the LM head
+/// transposed: the transpose is not folded into a second copy.
+#[test]
+fn a_tied_embedding_is_not_copied() {
+    let mut dims = crate::hf::LlamaDims {
+        vocab_size: 64,
+        hidden_size: 16,
+        num_hidden_layers: 1,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        head_dim: 8,
+        intermediate_size: 32,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: true,
+    };
+    for tie in [true, false] {
+        dims.tie_word_embeddings = tie;
+        let spec = crate::hf::llama_model(&dims);
+        let g = crate::lower_model(&spec, "m", DType::F32).unwrap().graph;
+        let (h, _) = optimize(&g).unwrap();
+        let (_, params) = bindings(&h, &mut Rng::new(5), (3, 3), 64);
+        let f = fold_weights(&h, &params).unwrap();
+        assert!(f.params.contains_key("model.embed_tokens.weight"));
+        assert!(
+            f.folded
+                .iter()
+                .all(|n| !n.contains("embed") && !n.contains("lm_head")),
+            "tie {tie}: {:?}",
+            f.folded
+        );
+        // q/k/v and gate/up of the one layer.
+        assert_eq!(f.folded.len(), 2, "tie {tie}: {:?}", f.folded);
+    }
+}

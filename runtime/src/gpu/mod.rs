@@ -95,12 +95,6 @@ pub struct GpuOptions {
     /// its optimizer writes them in the same launch. Executors made by
     /// [`GpuExecutor::sharing`] never keep copies (they would go stale).
     pub param_copies: bool,
-    /// Compute values made from parameters alone (the stacked weights of
-    /// merged projections, see `caramba_compiler::merge_projections`) on
-    /// the first run and keep them, instead of recomputing them on every
-    /// run. Only for parameters nobody updates: inference. Executors made
-    /// by [`GpuExecutor::sharing`] never keep them (they would go stale).
-    pub keep_param_values: bool,
 }
 
 /// Who computes matrix products on the device.
@@ -322,13 +316,6 @@ pub struct GpuExecutor<R: Runtime> {
     copies_by_name: BTreeMap<String, DeviceTensor>,
     /// Buffers of values no run needs any more, reused for new values.
     recycled: ops::Recycled,
-    /// With [`GpuOptions::keep_param_values`]: the nodes computed from
-    /// parameters (and constants) alone, and of them those read by
-    /// anything else (or outputs), whose values are kept.
-    param_only: HashSet<NodeId>,
-    param_frontier: HashSet<NodeId>,
-    /// The kept values, from the first run on.
-    kept: std::sync::Mutex<HashMap<NodeId, DevTensor>>,
 }
 
 impl<R: Runtime> GpuExecutor<R> {
@@ -401,7 +388,6 @@ impl<R: Runtime> GpuExecutor<R> {
         }
         let options = GpuOptions {
             param_copies: false,
-            keep_param_values: false,
             ..self.options
         };
         Ok(Self::from_plan(
@@ -494,11 +480,6 @@ impl<R: Runtime> GpuExecutor<R> {
         let grad_pairs = grad_pairs(graph, &plan.order);
         let folded_adds = folded_adds(graph, &plan.order, &plan.slots, narrow);
         let reduced_slices = reduced_slices(graph, &plan.order);
-        let (param_only, param_frontier) = if options.keep_param_values {
-            param_values(graph, &plan.order)
-        } else {
-            Default::default()
-        };
         GpuExecutor {
             rope_freqs,
             rope_keys,
@@ -506,9 +487,6 @@ impl<R: Runtime> GpuExecutor<R> {
             copies,
             copies_by_name,
             recycled: ops::Recycled::default(),
-            param_only,
-            param_frontier,
-            kept: Default::default(),
             client,
             graph: graph.clone(),
             order: plan.order,
@@ -801,18 +779,9 @@ impl<R: Runtime> GpuExecutor<R> {
         // Whole reductions of sliced tensors (see `reduced_slices`), with
         // the readers each still has this run.
         let mut reductions: HashMap<(NodeId, NodeId), (DevTensor, usize)> = HashMap::new();
-        let kept = self.kept.lock().expect("kept values").clone();
         for &id in &self.order {
             let node = self.graph.node(id);
             let operands = &self.operands[&id];
-            if self.param_only.contains(&id) && kept.len() == self.param_frontier.len() {
-                // Kept from the first whole run (`keep_param_values`): the
-                // frontier's values are bound, the nodes inside it skipped.
-                if let Some(v) = kept.get(&id) {
-                    values.insert(id, v.clone());
-                }
-                continue;
-            }
             let value = match &node.op {
                 _ if computed.contains_key(&id) => computed.remove(&id).expect("computed"),
                 caramba_ir::Op::Input { name } => {
@@ -1054,14 +1023,6 @@ impl<R: Runtime> GpuExecutor<R> {
                     out
                 }
             };
-            if self.param_frontier.contains(&id) {
-                // Held here, its buffer is never recycled (`Recycled::give`
-                // takes only buffers nothing else refers to).
-                self.kept
-                    .lock()
-                    .expect("kept values")
-                    .insert(id, value.clone());
-            }
             values.insert(id, value);
             for o in operands {
                 let left = uses.get_mut(o).expect("operand counted");
@@ -1095,27 +1056,6 @@ impl<R: Runtime> GpuExecutor<R> {
             })
             .collect())
     }
-}
-
-/// For [`GpuOptions::keep_param_values`]: the live non-source nodes whose
-/// operands are all parameters, constants or such nodes, and of them the
-/// frontier, those with a reader outside the set (or outputs).
-fn param_values(graph: &Graph, order: &[NodeId]) -> (HashSet<NodeId>, HashSet<NodeId>) {
-    let only = graph.weight_only(order);
-    let live: HashSet<NodeId> = order.iter().copied().collect();
-    let outputs: HashSet<NodeId> = graph.outputs().iter().map(|(_, id)| *id).collect();
-    let frontier = only
-        .iter()
-        .copied()
-        .filter(|&id| {
-            outputs.contains(&id)
-                || graph
-                    .users(id)
-                    .iter()
-                    .any(|u| live.contains(u) && !only.contains(u))
-        })
-        .collect();
-    (only, frontier)
 }
 
 /// For [`GpuOptions::param_copies`]: each live `cast` of a dense f32
