@@ -2002,3 +2002,71 @@ fn a_tied_embedding_is_not_copied() {
         assert_eq!(f.folded.len(), 2, "tie {tie}: {:?}", f.folded);
     }
 }
+
+/// Every rule and pass `rule_names` lists has a property test: a test
+/// named `…_is_sound` or `…_are_sound` in this file that names it.
+#[test]
+fn every_rule_has_a_property_test() {
+    let src = include_str!("tests.rs");
+    let sound: Vec<&str> = src
+        .split("#[test]\nfn ")
+        .skip(1)
+        .filter(|t| {
+            let name = t.split('(').next().unwrap_or("");
+            name.ends_with("_is_sound") || name.ends_with("_are_sound")
+        })
+        .collect();
+    for rule in rule_names() {
+        let quoted = format!("\"{rule}\"");
+        assert!(
+            sound.iter().any(|t| t.contains(&quoted)),
+            "{rule} has no property test (a `…_is_sound` test naming it)"
+        );
+    }
+}
+
+/// Saturation stopped by each limit still gives a graph that verifies and
+/// computes the same outputs (extraction takes what the e-graph holds).
+#[test]
+fn every_saturation_limit_stops_with_an_equivalent_graph() {
+    let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../presets/dba.yml"))
+        .unwrap();
+    let c = crate::compile(&src).unwrap();
+    let model = crate::reduced(&c.manifest.model);
+    let g = crate::lower_model(&model, "m", DType::F32).unwrap().graph;
+    let mut rng = Rng::new(77);
+    let cases = [
+        (
+            Limits {
+                max_nodes: 1,
+                ..Limits::default()
+            },
+            Stop::NodeLimit,
+        ),
+        (
+            Limits {
+                max_iterations: 1,
+                ..Limits::default()
+            },
+            Stop::IterationLimit,
+        ),
+        (
+            Limits {
+                max_time: std::time::Duration::ZERO,
+                ..Limits::default()
+            },
+            Stop::TimeLimit,
+        ),
+    ];
+    for (limits, stop) in cases {
+        let opts = Options {
+            limits,
+            ..Options::default()
+        };
+        let (h, rep) = optimize_with(&g, &opts).unwrap();
+        assert_eq!(rep.stop, stop);
+        caramba_ir::verify(&h).unwrap();
+        let err = compare(&g, &h, &mut rng, (5, 5), model.embedder.vocab_size);
+        assert!(err < 1e-4, "{stop:?}: outputs differ by {err}");
+    }
+}
