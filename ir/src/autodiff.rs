@@ -57,15 +57,8 @@ pub fn differentiate(g: &Graph, loss: &str, wrt: &[String]) -> Result<Graph, IrE
     let order = g.topo_order();
     for &id in &order {
         let n = g.node(id);
-        let new = match &n.op {
-            Op::Input { name } => b.ng.input(name, n.ty.clone())?,
-            Op::Param { name } => b.ng.param(name, n.ty.clone(), &n.scope)?,
-            Op::Constant(v) => b.ng.constant(v.0, n.ty.dtype, &n.scope),
-            op => {
-                let xs: Vec<NodeId> = g.operands(id).iter().map(|o| b.map[o]).collect();
-                b.ng.add(op.clone(), &xs, &n.scope)?
-            }
-        };
+        let xs: Vec<NodeId> = g.operands(id).iter().map(|o| b.map[o]).collect();
+        let new = b.ng.add_copy(n, &xs)?;
         b.map.insert(id, new);
     }
     for (name, id) in g.outputs() {

@@ -259,7 +259,6 @@ impl Graph {
         dead.len()
     }
 
-    /// The underlying petgraph, for passes that need graph algorithms.
     /// The nodes of `order` (a topological order) computed from
     /// parameters and constants alone: not sources, with operands that are
     /// all parameters, constants or such nodes (a stack of weights, a
@@ -279,6 +278,19 @@ impl Graph {
         only
     }
 
+    /// A copy of `n` (a node of another graph) reading `operands`, for
+    /// passes that rebuild a graph: sources are declared again by name (a
+    /// parameter asked for twice is the same node), other ops added.
+    pub fn add_copy(&mut self, n: &Node, operands: &[NodeId]) -> Result<NodeId, IrError> {
+        Ok(match &n.op {
+            Op::Input { name } => self.input(name, n.ty.clone())?,
+            Op::Param { name } => self.param(name, n.ty.clone(), &n.scope)?,
+            Op::Constant(v) => self.constant(v.0, n.ty.dtype, &n.scope),
+            op => self.add(op.clone(), operands, &n.scope)?,
+        })
+    }
+
+    /// The underlying petgraph, for passes that need graph algorithms.
     pub fn petgraph(&self) -> &StableDiGraph<Node, u32> {
         &self.g
     }

@@ -48,7 +48,7 @@ pub fn perplexity(a: &PerplexityArgs) -> CmdResult {
     // half-way through the run.
     let longest = a.block_size.min(tokens.len());
     if let Some((need, max)) = logits_exceed_buffers(backend, longest, vocab) {
-        let fits = (max / (vocab as u64 * 4)).max(1);
+        let fits = model.largest_prefill().unwrap_or(1);
         return Err(Failure::usage(format!(
             "a window of {longest} tokens needs a {} logits buffer ({longest} × {vocab} \
              f32), larger than the largest buffer this {backend} device allocates ({}): \

@@ -227,17 +227,6 @@ fn recomputable(
     out
 }
 
-/// A copy of node `id` of `g` in `out`, reading `xs`.
-fn copy(out: &mut Graph, g: &Graph, id: NodeId, xs: &[NodeId]) -> Result<NodeId, IrError> {
-    let n = g.node(id);
-    Ok(match &n.op {
-        Op::Input { name } => out.input(name, n.ty.clone())?,
-        Op::Param { name } => out.param(name, n.ty.clone(), &n.scope)?,
-        Op::Constant(v) => out.constant(v.0, n.ty.dtype, &n.scope),
-        op => out.add(op.clone(), xs, &n.scope)?,
-    })
-}
-
 /// `g` with each node of `recompute` replaced by one copy per group of its
 /// users (`group_of`: node → root of its group; a node in none is its own),
 /// made just before the first user in that group; and where each other
@@ -269,7 +258,7 @@ fn duplicate(
                 .into_iter()
                 .map(|x| self.operand(group, x))
                 .collect::<Result<Vec<_>, _>>()?;
-            let c = copy(&mut self.out, self.g, o, &xs)?;
+            let c = self.out.add_copy(self.g.node(o), &xs)?;
             self.copies.insert((group, o), c);
             Ok(c)
         }
@@ -291,7 +280,7 @@ fn duplicate(
             .into_iter()
             .map(|o| cp.operand(group, o))
             .collect::<Result<Vec<_>, _>>()?;
-        let new = copy(&mut cp.out, g, id, &xs)?;
+        let new = cp.out.add_copy(g.node(id), &xs)?;
         cp.map.insert(id, new);
     }
     for (name, id) in g.outputs() {
@@ -358,7 +347,7 @@ fn build(
             }
             None => {
                 let xs: Vec<NodeId> = g.operands(id).iter().map(|o| map[o]).collect();
-                copy(&mut out, g, id, &xs)?
+                out.add_copy(g.node(id), &xs)?
             }
         };
         map.insert(id, new);

@@ -148,21 +148,13 @@ pub fn fold_weights(g: &Graph, params: &BTreeMap<String, Tensor>) -> Result<Fold
             }
             continue;
         }
-        let new = match &n.op {
-            Op::Input { name } => out.input(name, n.ty.clone())?,
-            Op::Param { name } => {
-                if let Some(t) = params.get(name) {
-                    new_params.insert(name.clone(), t.clone());
-                }
-                out.param(name, n.ty.clone(), &n.scope)?
+        if let Op::Param { name } = &n.op {
+            if let Some(t) = params.get(name) {
+                new_params.insert(name.clone(), t.clone());
             }
-            Op::Constant(v) => out.constant(v.0, n.ty.dtype, &n.scope),
-            op => {
-                let xs: Vec<NodeId> = g.operands(id).iter().map(|o| map[o]).collect();
-                out.add(op.clone(), &xs, &n.scope)?
-            }
-        };
-        map.insert(id, new);
+        }
+        let xs: Vec<NodeId> = g.operands(id).iter().map(|o| map[o]).collect();
+        map.insert(id, out.add_copy(n, &xs)?);
     }
     for (name, id) in g.outputs() {
         out.set_output(name, map[id]);

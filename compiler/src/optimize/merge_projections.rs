@@ -185,19 +185,11 @@ impl Copy<'_> {
         if let Some(&n) = self.map.get(&id) {
             return Ok(n);
         }
-        let n = self.g.node(id);
-        let new = match &n.op {
-            Op::Input { name } => self.out.input(name, n.ty.clone())?,
-            Op::Param { name } => self.out.param(name, n.ty.clone(), &n.scope)?,
-            Op::Constant(v) => self.out.constant(v.0, n.ty.dtype, &n.scope),
-            op => {
-                let mut xs = Vec::new();
-                for o in self.g.operands(id) {
-                    xs.push(self.copy(o)?);
-                }
-                self.out.add(op.clone(), &xs, &n.scope)?
-            }
-        };
+        let mut xs = Vec::new();
+        for o in self.g.operands(id) {
+            xs.push(self.copy(o)?);
+        }
+        let new = self.out.add_copy(self.g.node(id), &xs)?;
         self.map.insert(id, new);
         Ok(new)
     }

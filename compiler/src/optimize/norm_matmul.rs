@@ -100,12 +100,9 @@ pub fn fold(g: &Graph) -> Result<Folded, IrError> {
                 folds.push((y, norm));
                 y
             }
-            (Op::Input { name }, _) => out.input(name, n.ty.clone())?,
-            (Op::Param { name }, _) => out.param(name, n.ty.clone(), &n.scope)?,
-            (Op::Constant(v), _) => out.constant(v.0, n.ty.dtype, &n.scope),
-            (op, None) => {
+            (_, None) => {
                 let xs: Vec<NodeId> = g.operands(id).iter().map(|o| map[o]).collect();
-                out.add(op.clone(), &xs, &n.scope)?
+                out.add_copy(n, &xs)?
             }
         };
         map.insert(id, new);

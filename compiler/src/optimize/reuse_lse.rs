@@ -179,15 +179,10 @@ pub fn reuse_attention_lse(g: &Graph) -> Result<Graph, IrError> {
                     Role::Lse(_) => lse,
                 }
             }
-            None => match &n.op {
-                Op::Input { name } => out.input(name, n.ty.clone())?,
-                Op::Param { name } => out.param(name, n.ty.clone(), &n.scope)?,
-                Op::Constant(v) => out.constant(v.0, n.ty.dtype, &n.scope),
-                op => {
-                    let xs: Vec<NodeId> = operands[&id].iter().map(|o| map[o]).collect();
-                    out.add(op.clone(), &xs, &n.scope)?
-                }
-            },
+            None => {
+                let xs: Vec<NodeId> = operands[&id].iter().map(|o| map[o]).collect();
+                out.add_copy(n, &xs)?
+            }
         };
         map.insert(id, new);
     }
