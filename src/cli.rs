@@ -320,7 +320,7 @@ pub enum Emit {
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum KernelTarget {
-    /// WGSL, from cubecl-wgpu's compiler (any wgpu adapter, lavapipe included)
+    /// WGSL, from cubecl-wgpu's compiler, compiled offline for Mesa's lavapipe (needs no GPU, adapter or Vulkan driver)
     Wgsl,
     /// CUDA C++ for an H100 (sm_90), from cubecl-cpp's CUDA dialect, compiled offline (in a binary built with `--features cuda`; needs no GPU, driver or CUDA toolkit)
     Cuda,

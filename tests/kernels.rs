@@ -1,12 +1,11 @@
 //! `caramba compile --emit kernels`: the generated GPU kernel source of a
 //! preset, as the user gets it from the binary.
 //!
-//! WGSL is generated on a wgpu adapter (lavapipe, a CPU Vulkan driver, on a
-//! machine without a GPU). With no adapter the WGSL tests print a loud
-//! SKIPPED line, and fail when `CARAMBA_REQUIRE_GPU` is set. CUDA C++ (with
-//! the `cuda` feature) is compiled offline for an H100 and needs no GPU;
-//! on a machine with a CUDA device, one more test checks it against the
-//! text the device's own client compiles. The whole output holds cubek's
+//! Both targets compile offline, for a device described by constants:
+//! WGSL for Mesa's lavapipe, CUDA C++ (with the `cuda` feature) for an
+//! H100. Neither needs a GPU, and the text is the same on every machine.
+//! Where the described device is present, one more test each checks the
+//! offline text against what the device's own client compiles. The whole output holds cubek's
 //! matmul kernels (thousands of lines): each snapshot is the list of kernel
 //! titles plus the full source of the rms_norm and attention kernels.
 
@@ -46,23 +45,12 @@ fn dba_kernels(target: &str) -> Output {
     ])
 }
 
-/// The WGSL of `presets/dba.yml`, or `None` (after a SKIPPED line) when
-/// this machine has no wgpu adapter.
-fn dba_wgsl() -> Option<String> {
+/// The WGSL of `presets/dba.yml`: compiled offline for lavapipe, so it
+/// needs no adapter and is the same on every machine.
+fn dba_wgsl() -> String {
     let o = dba_kernels("wgsl");
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    if !o.status.success() && stderr.contains("no wgpu adapter") {
-        if std::env::var_os("CARAMBA_REQUIRE_GPU").is_some() {
-            panic!("CARAMBA_REQUIRE_GPU is set but no wgpu adapter exists:\n{stderr}");
-        }
-        eprintln!(
-            "\n*** SKIPPED: no wgpu adapter; `--emit kernels --target wgsl` was not tested \
-             (install mesa-vulkan-drivers; set CARAMBA_REQUIRE_GPU to make this fail) ***\n"
-        );
-        return None;
-    }
     assert!(o.status.success(), "{}", show(&o));
-    Some(String::from_utf8(o.stdout).expect("utf-8 output"))
+    String::from_utf8(o.stdout).expect("utf-8 output")
 }
 
 /// `(title, source)` of each `// === kernel N: title` section.
@@ -116,7 +104,7 @@ fn digest(text: &str, marker: &str) -> String {
 
 #[test]
 fn dba_wgsl_kernels() {
-    let Some(text) = dba_wgsl() else { return };
+    let text = dba_wgsl();
     insta::assert_snapshot!("dba_wgsl", digest(&text, "@compute"));
 }
 
@@ -124,9 +112,71 @@ fn dba_wgsl_kernels() {
 /// order; the output sorts them).
 #[test]
 fn dba_wgsl_is_deterministic() {
-    let Some(a) = dba_wgsl() else { return };
-    let Some(b) = dba_wgsl() else { return };
-    assert!(a == b, "two runs of --emit kernels differ");
+    assert!(
+        dba_wgsl() == dba_wgsl(),
+        "two runs of --emit kernels differ"
+    );
+}
+
+/// `presets/dba.yml` compiled and optimized, as `compile --emit kernels`
+/// does.
+fn dba_graph() -> caramba_ir::Graph {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("presets/dba.yml");
+    let src = std::fs::read_to_string(path).expect("presets/dba.yml");
+    let compiled = caramba_compiler::compile(&src).expect("dba.yml compiles");
+    caramba_compiler::optimize(&compiled.student.graph)
+        .expect("optimizes")
+        .0
+}
+
+/// Skips a comparison with a live device loudly, or fails it where
+/// `CARAMBA_REQUIRE_GPU` is set.
+fn skip_live(why: &str) {
+    if std::env::var_os("CARAMBA_REQUIRE_GPU").is_some() {
+        panic!("CARAMBA_REQUIRE_GPU is set but {why}");
+    }
+    eprintln!(
+        "\n*** SKIPPED: {why}; the offline source was not compared with a device's \
+         (set CARAMBA_REQUIRE_GPU to make this fail) ***\n"
+    );
+}
+
+/// The offline WGSL runtime describes lavapipe as cubecl-wgpu reads it:
+/// the same device properties, and so the same text, as a live client on
+/// the machine's lavapipe. Skipped loudly without one, or where this
+/// machine's lavapipe is another (llvmpipe's subgroup size follows the
+/// CPU's vector width).
+#[test]
+fn offline_wgsl_source_matches_lavapipe() {
+    let (live, properties) =
+        match caramba_runtime::gpu::source::kernel_sources_on_wgpu_adapter(&dba_graph()) {
+            Ok(k) => k,
+            Err(e) if e.to_string().contains("no CPU wgpu adapter") => {
+                return skip_live("no CPU wgpu adapter (lavapipe)");
+            }
+            Err(e) => panic!("wgpu capture failed: {e}"),
+        };
+    let described = caramba_runtime::gpu::source::offline::wgsl::lavapipe();
+    if properties.hardware.plane_size_max != described.hardware.plane_size_max {
+        return skip_live(&format!(
+            "this lavapipe's subgroups have {} lanes, the described one's {}",
+            properties.hardware.plane_size_max, described.hardware.plane_size_max
+        ));
+    }
+    assert_eq!(
+        properties, described,
+        "the live lavapipe's properties (left) are not those described"
+    );
+    let offline = sections(&dba_wgsl());
+    for ((title, source), k) in offline.iter().zip(&live) {
+        assert_eq!(title, &k.title, "kernel titles differ");
+        assert_eq!(
+            source.trim_end(),
+            k.source.trim_end(),
+            "{title}: offline and lavapipe sources differ"
+        );
+    }
+    assert_eq!(offline.len(), live.len(), "kernel counts differ");
 }
 
 /// The CUDA C++ of `presets/dba.yml`: compiled offline for an H100, so it
@@ -163,21 +213,10 @@ fn dba_cuda_is_deterministic() {
 #[cfg(feature = "cuda")]
 #[test]
 fn offline_cuda_source_matches_the_device() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("presets/dba.yml");
-    let src = std::fs::read_to_string(path).expect("presets/dba.yml");
-    let compiled = caramba_compiler::compile(&src).expect("dba.yml compiles");
-    let (graph, _) = caramba_compiler::optimize(&compiled.student.graph).expect("optimizes");
-    let device = match caramba_runtime::gpu::source::kernel_sources_on_cuda_device(&graph) {
+    let device = match caramba_runtime::gpu::source::kernel_sources_on_cuda_device(&dba_graph()) {
         Ok(k) => k,
         Err(e) if e.to_string().contains("no CUDA device") => {
-            if std::env::var_os("CARAMBA_REQUIRE_GPU").is_some() {
-                panic!("CARAMBA_REQUIRE_GPU is set but no CUDA device exists");
-            }
-            eprintln!(
-                "\n*** SKIPPED: no CUDA device; the offline CUDA source was not compared \
-                 with a device's (set CARAMBA_REQUIRE_GPU to make this fail) ***\n"
-            );
-            return;
+            return skip_live("no CUDA device exists");
         }
         Err(e) => panic!("CUDA device capture failed: {e}"),
     };

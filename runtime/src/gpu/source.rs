@@ -10,21 +10,21 @@
 //! launch to that node. A kernel compiled once is cached by CubeCL, so each
 //! section is a distinct kernel, headed by the first node that needs it.
 //!
-//! WGSL comes from cubecl-wgpu's compiler on any wgpu adapter (lavapipe on
-//! a machine without a GPU). CUDA C++ comes from cubecl-cpp's CUDA dialect
-//! through [`offline::OfflineCudaRuntime`], a compile-only runtime that
-//! describes an H100 (`sm_90`, 32-lane planes) by constants: it needs the
-//! `cuda` feature but no GPU, driver or toolkit, and it is used even where
-//! a CUDA device is present, so that the text is the same on every machine
-//! (an H100's, whatever card this one has).
-//! [`kernel_sources_on_cuda_device`] captures the same text from the real
-//! device, to check the offline runtime against it.
+//! Both targets compile offline, through [`offline`]'s compile-only
+//! runtimes, so that the text is the same on every machine and needs no
+//! GPU, driver or toolkit: WGSL from cubecl-wgpu's compiler for Mesa's
+//! lavapipe described by constants ([`offline::wgsl::Lavapipe`]), and CUDA
+//! C++ from cubecl-cpp's CUDA dialect for an H100 (`sm_90`, 32-lane planes;
+//! [`offline::cuda::H100`], which needs the `cuda` feature). They are used
+//! even where such a device is present. [`kernel_sources_on_wgpu_adapter`]
+//! and [`kernel_sources_on_cuda_device`] capture the same text from a live
+//! device, to check the offline runtimes against it.
 //!
 //! Shape-dependent choices (cubek's matmul routine, whether attention
 //! stages its tiles in shared memory) follow the stand-in shapes, not a
 //! real workload's.
 
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub mod offline;
 
 use super::{at, concrete, live_order, ops, DevTensor, GpuError};
@@ -94,24 +94,12 @@ pub fn kernel_sources(graph: &Graph, target: Target) -> Result<Vec<KernelSource>
     match target {
         #[cfg(feature = "wgpu")]
         Target::Wgsl => {
-            // The source depends on the adapter's features (subgroups, vector
-            // widths): prefer a CPU adapter (lavapipe) so that every machine
-            // with one prints the same text.
-            let adapters = caramba_kernels::wgpu_adapters();
-            if adapters.is_empty() {
-                return Err(GpuError::Device(
-                    "no wgpu adapter: WGSL is generated on a wgpu device; install a Vulkan \
-                     driver (mesa-vulkan-drivers provides lavapipe, a CPU one)"
-                        .into(),
-                ));
-            }
-            let device = if adapters.iter().any(|(_, cpu)| *cpu) {
-                super::WgpuDevice::Cpu
-            } else {
-                super::WgpuDevice::DefaultDevice
-            };
             let path = log_file()?;
-            capture::<super::WgpuRuntime>(&device, graph, path)
+            capture::<offline::wgsl::OfflineWgslRuntime>(
+                &offline::wgsl::OfflineWgslDevice::default(),
+                graph,
+                path,
+            )
         }
         #[cfg(not(feature = "wgpu"))]
         Target::Wgsl => Err(GpuError::Device(
@@ -120,7 +108,11 @@ pub fn kernel_sources(graph: &Graph, target: Target) -> Result<Vec<KernelSource>
         #[cfg(feature = "cuda")]
         Target::Cuda => {
             let path = log_file()?;
-            capture::<offline::OfflineCudaRuntime>(&offline::OfflineCudaDevice, graph, path)
+            capture::<offline::cuda::OfflineCudaRuntime>(
+                &offline::cuda::OfflineCudaDevice::default(),
+                graph,
+                path,
+            )
         }
         #[cfg(not(feature = "cuda"))]
         Target::Cuda => Err(GpuError::Device(
@@ -129,6 +121,31 @@ pub fn kernel_sources(graph: &Graph, target: Target) -> Result<Vec<KernelSource>
                 .into(),
         )),
     }
+}
+
+/// The WGSL of each distinct kernel `graph` launches, compiled by a live
+/// client on the machine's CPU wgpu adapter (lavapipe), with the
+/// properties that client read from it. Call it before any other GPU work
+/// in the process: the compilation log must be set up before the first
+/// client opens.
+#[cfg(feature = "wgpu")]
+pub fn kernel_sources_on_wgpu_adapter(
+    graph: &Graph,
+) -> Result<
+    (
+        Vec<KernelSource>,
+        caramba_kernels::cubecl::ir::DeviceProperties,
+    ),
+    GpuError,
+> {
+    let path = log_file()?;
+    if !caramba_kernels::wgpu_adapters().iter().any(|(_, cpu)| *cpu) {
+        return Err(GpuError::Device("no CPU wgpu adapter".into()));
+    }
+    let device = super::WgpuDevice::Cpu;
+    let sources = capture::<super::WgpuRuntime>(&device, graph, path)?;
+    let properties = super::WgpuRuntime::client(&device).properties().clone();
+    Ok((sources, properties))
 }
 
 /// The CUDA C++ of each distinct kernel `graph` launches, compiled by a

@@ -1,65 +1,52 @@
-//! A compile-only CubeCL runtime for CUDA: an H100 (`sm_90`) described by
-//! constants instead of a driver, so that `--emit kernels --target cuda`
-//! runs on a machine without an NVIDIA GPU, driver or toolkit.
+//! Compile-only CubeCL runtimes: a device described by constants instead
+//! of a driver, so that `--emit kernels` runs on a machine without that
+//! device (or any GPU), and prints the same text on every machine.
 //!
-//! Its server is CubeCL's `ComputeServer` with the execution taken out. A
-//! launch defines the kernel against this runtime's client (whose device
-//! properties are those cubecl-cuda 0.10 reads from an H100), compiles it
-//! with cubecl-cpp's CUDA compiler (`cubecl::cuda::CudaCompiler`, the one
-//! `CudaRuntime` uses) under the compilation options cubecl-cuda sets for
-//! compute capability 9.0, checks the same launch limits (cube size, units,
-//! shared memory), and writes the source to CubeCL's compilation log as
-//! cubecl-cuda does just before handing it to NVRTC. Nothing runs and no
-//! memory is held: writes are dropped and every read returns zeros, so only
-//! the host-side launch logic (which kernel, which comptime values, which
-//! cube size) runs as it would on the card. A compilation or limit error is
-//! kept and returned by the next `read` or `sync`.
+//! [`OfflineServer`] is CubeCL's `ComputeServer` with the execution taken
+//! out. A launch defines the kernel against this runtime's client (whose
+//! device properties are those the real runtime reads from the described
+//! device), compiles it with the real runtime's compiler under the options
+//! the real runtime sets for that device, checks the same launch limits
+//! (cube size, units, shared memory), and writes the source to CubeCL's
+//! compilation log as the real runtime does just before handing it to the
+//! driver. Nothing runs and no memory is held: writes are dropped and every
+//! read returns zeros, so only the host-side launch logic (which kernel,
+//! which comptime values, which cube size) runs as it would on the device.
+//! A compilation or limit error is kept and returned by the next `read` or
+//! `sync`.
 //!
-//! One thing differs from cubecl-cuda on purpose: cubecl-opt places a
-//! kernel's shared memories in its dynamic shared buffer in hash order, so
-//! their offsets change from process to process; [`OfflineCudaCompiler`]
-//! places them in id order instead (one of the layouts cubecl can produce,
-//! the same every time).
+//! What differs per device is a [`Described`] type:
+//! - [`cuda::H100`]: an H100 (`sm_90`) as cubecl-cuda 0.10 sees it, with
+//!   cubecl-cpp's CUDA compiler (the `cuda` feature);
+//! - [`wgsl::Lavapipe`]: Mesa's lavapipe (llvmpipe, a CPU Vulkan driver)
+//!   as cubecl-wgpu 0.10 sees it on an x86-64 machine with AVX2, with
+//!   cubecl-wgpu's WGSL compiler (the `wgpu` feature).
 //!
-//! Where it stops: the source is cubecl-cpp's text, unformatted (cubecl-cuda
-//! pipes it through `clang-format` when one is installed; the text here does
-//! not depend on the machine). No PTX is produced; NVRTC is never called.
-//! `tests/kernels.rs` checks the text against a live client on an H100
-//! when one is present.
+//! Each is checked against the live device where one is present:
+//! `tests/kernels.rs` compares the CUDA text with an H100's client, and
+//! `runtime/tests/gpu_suite.rs` compares lavapipe's properties with the
+//! live adapter's.
 
-use caramba_kernels::cubecl::cuda::{
-    CudaCompiler, CudaComputeKernel, CudaRuntime, CUDA_MAX_BINDINGS,
-};
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(feature = "wgpu")]
+pub mod wgsl;
+
 use caramba_kernels::cubecl::device::{Device, DeviceId, DeviceService, ServerUtilitiesHandle};
-use caramba_kernels::cubecl::ir::features::{
-    AtomicUsage, MmaConfig, Plane, ScaledMmaConfig, Tma, TypeUsage,
-};
-use caramba_kernels::cubecl::ir::{
-    BarrierLevel, DeviceProperties, ElemType, FloatKind, HardwareProperties,
-    MemoryDeviceProperties, OpaqueType, Scope, SemanticType, StorageType, TargetProperties, Type,
-    VectorSize,
-};
+use caramba_kernels::cubecl::ir::{DeviceProperties, TargetProperties};
 use caramba_kernels::cubecl::prelude::*;
-use caramba_kernels::cubecl::profile::{ProfileDuration, TimingMethod};
+use caramba_kernels::cubecl::profile::ProfileDuration;
 use caramba_kernels::cubecl::server::{
-    Binding, ComputeServer, CopyDescriptor, KernelArguments, LaunchError, ProfileError,
-    ProfilingToken, ResourceLimitError, ServerCommunication, ServerError, ServerUtilities,
+    Binding, ComputeServer, CopyDescriptor, KernelArguments, LaunchError, MemoryLayoutPolicy,
+    ProfileError, ProfilingToken, ResourceLimitError, ServerCommunication, ServerError,
+    ServerUtilities,
 };
 use caramba_kernels::cubecl::stream_id::StreamId;
-use caramba_kernels::cubecl::zspace::{striding::has_pitched_row_major_strides, Shape, Strides};
+use caramba_kernels::cubecl::zspace::{Shape, Strides};
 use caramba_kernels::cubecl::{
-    backtrace::BackTrace, bytes::Bytes, future::DynFut, CompilationError, Compiler, CubeTask,
-    MemoryUsage,
+    backtrace::BackTrace, bytes::Bytes, future::DynFut, Compiler, CubeTask, MemoryUsage,
 };
-use cubecl_cpp::cuda::{arch::CudaArchitecture, CudaDialect};
-use cubecl_cpp::shared::{
-    register_mma_features, register_scaled_mma_features, register_wmma_features,
-    CompilationOptions, CppCompiler, CppSupportedFeatures, SharedMemory,
-};
-use cubecl_cpp::{register_supported_types, DialectWmmaCompiler};
-use cubecl_opt::{Optimizer, SharedLiveness};
-use cubecl_runtime::allocator::PitchedMemoryLayoutPolicy;
-use cubecl_runtime::kernel::{DebugInformation, KernelDefinition};
+use cubecl_runtime::kernel::DebugInformation;
 use cubecl_runtime::logging::ServerLogger;
 use cubecl_runtime::memory_management::{ManagedMemoryHandle, MemoryAllocationMode};
 use cubecl_runtime::storage::{
@@ -67,101 +54,120 @@ use cubecl_runtime::storage::{
 };
 use cubecl_runtime::timestamp_profiler::TimestampProfiler;
 use cubecl_runtime::validation::{validate_cube_dim, validate_units};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::marker::PhantomData;
 use std::sync::Arc;
 
-/// The card described: compute capability 9.0 (H100).
-const ARCH: u32 = 90;
-/// An H100 SXM's streaming multiprocessors.
-const SMS: u32 = 132;
-/// `CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN` on compute
-/// capability 9.0 (227 KiB). cubecl-cuda allocates a kernel's shared memory
-/// dynamically and raises each kernel's limit to its need, so this, not the
-/// 48 KiB of static shared memory, is the bound its kernels are chosen for.
-const MAX_SHARED_BYTES: usize = 232_448;
-/// The global memory of an H100 80GB HBM3 (as PyTorch reads it there).
-const TOTAL_MEMORY: u64 = 85_017_493_504;
-/// The row alignment cubecl-cuda uses (`cuMemAllocPitch`'s).
-const MEM_ALIGNMENT: u64 = 512;
+/// A device described by constants: what its real CubeCL runtime would
+/// read from it, and the compiler that runtime uses.
+pub trait Described:
+    Clone + Copy + Debug + Default + PartialEq + Eq + Hash + Send + Sync + 'static
+{
+    /// The real runtime's compiler.
+    type Compiler: Compiler + Default;
+    /// The real runtime's buffer layout (it sets the strides of the tensors
+    /// a launch sees, and with them some kernels' vector widths).
+    type Layout: MemoryLayoutPolicy;
+    /// `Runtime::name` of the real runtime.
+    const NAME: &'static str;
+    /// The language tag the real runtime logs with each kernel.
+    const LANG: &'static str;
+    /// This device's id, distinct from any real device's.
+    const ID: DeviceId;
+    /// The storage alignment of the real runtime's buffers.
+    const ALIGNMENT: usize;
 
-/// The compile-only CUDA runtime (see the module documentation).
+    /// The properties, compilation options and buffer layout the real
+    /// runtime derives from the device.
+    fn describe() -> (
+        DeviceProperties,
+        <Self::Compiler as Compiler>::CompilationOptions,
+        Self::Layout,
+    );
+
+    /// The shared memory a compiled kernel declares, in bytes.
+    fn shared_bytes(kernel: &<Self::Compiler as Compiler>::Representation) -> usize;
+
+    /// The real runtime's answers to `Runtime`'s static questions.
+    fn require_array_lengths() -> bool;
+    fn max_cube_count() -> (u32, u32, u32);
+    fn can_read_tensor(shape: &Shape, strides: &Strides) -> bool;
+    fn target_properties() -> TargetProperties;
+}
+
+/// The compile-only runtime of device `D` (see the module documentation).
 #[derive(Debug, Clone)]
-pub struct OfflineCudaRuntime;
+pub struct OfflineRuntime<D: Described>(PhantomData<D>);
 
-/// The one stand-in device: an H100.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct OfflineCudaDevice;
+/// The one stand-in device of `D`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OfflineDevice<D: Described>(pub D);
 
-impl Device for OfflineCudaDevice {
+impl<D: Described> Device for OfflineDevice<D> {
     fn from_id(_: DeviceId) -> Self {
-        OfflineCudaDevice
+        OfflineDevice(D::default())
     }
 
     fn to_id(&self) -> DeviceId {
-        DeviceId {
-            type_id: 0,
-            index_id: 0,
-        }
+        D::ID
     }
 }
 
-impl Runtime for OfflineCudaRuntime {
-    type Compiler = OfflineCudaCompiler;
-    type Server = OfflineCudaServer;
-    type Device = OfflineCudaDevice;
+impl<D: Described> Runtime for OfflineRuntime<D> {
+    type Compiler = D::Compiler;
+    type Server = OfflineServer<D>;
+    type Device = OfflineDevice<D>;
 
     fn client(device: &Self::Device) -> ComputeClient<Self> {
         ComputeClient::load(device)
     }
 
     fn name(_: &ComputeClient<Self>) -> &'static str {
-        "cuda"
+        D::NAME
     }
 
     fn require_array_lengths() -> bool {
-        true
+        D::require_array_lengths()
     }
 
     fn max_cube_count() -> (u32, u32, u32) {
-        CudaRuntime::max_cube_count()
+        D::max_cube_count()
     }
 
     fn can_read_tensor(shape: &Shape, strides: &Strides) -> bool {
-        has_pitched_row_major_strides(shape, strides)
+        D::can_read_tensor(shape, strides)
     }
 
     fn target_properties() -> TargetProperties {
-        CudaRuntime::target_properties()
+        D::target_properties()
     }
 
     fn enumerate_devices(_: u16, _: &()) -> Vec<DeviceId> {
-        vec![OfflineCudaDevice.to_id()]
+        vec![D::ID]
     }
 }
 
 /// Compiles what is launched and runs nothing.
 #[derive(Debug)]
-pub struct OfflineCudaServer {
+pub struct OfflineServer<D: Described> {
     utilities: Arc<ServerUtilities<Self>>,
-    options: CompilationOptions,
-    /// Kernels already compiled (with their execution mode), as
-    /// cubecl-cuda keeps its loaded modules.
+    options: <D::Compiler as Compiler>::CompilationOptions,
+    /// Kernels already compiled (with their execution mode), as the real
+    /// runtimes keep their loaded modules and pipelines.
     compiled: HashSet<KernelId>,
     /// Errors not yet reported by a `read` or `sync`.
     errors: Vec<ServerError>,
     timestamps: TimestampProfiler,
 }
 
-impl DeviceService for OfflineCudaServer {
+impl<D: Described> DeviceService for OfflineServer<D> {
     fn init(_: DeviceId) -> Self {
-        let (properties, options) = h100();
-        let utilities = ServerUtilities::new(
-            properties,
-            Arc::new(ServerLogger::default()),
-            (),
-            PitchedMemoryLayoutPolicy::new(MEM_ALIGNMENT as usize),
-        );
-        OfflineCudaServer {
+        let (properties, options, layout) = D::describe();
+        let utilities =
+            ServerUtilities::new(properties, Arc::new(ServerLogger::default()), (), layout);
+        OfflineServer {
             utilities: Arc::new(utilities),
             options,
             compiled: HashSet::new(),
@@ -175,11 +181,11 @@ impl DeviceService for OfflineCudaServer {
     }
 }
 
-impl OfflineCudaServer {
-    /// What cubecl-cuda's `compile_kernel` does before NVRTC.
+impl<D: Described> OfflineServer<D> {
+    /// What the real runtime does with a kernel before its driver sees it.
     fn compile(
         &mut self,
-        kernel: Box<dyn CubeTask<OfflineCudaCompiler>>,
+        kernel: Box<dyn CubeTask<D::Compiler>>,
         mode: ExecutionMode,
     ) -> Result<(), LaunchError> {
         let mut id = kernel.id();
@@ -191,12 +197,12 @@ impl OfflineCudaServer {
         validate_cube_dim(properties, &id)?;
         validate_units(properties, &id)?;
         let mut compiled = kernel.compile(
-            &mut OfflineCudaCompiler::default(),
+            &mut D::Compiler::default(),
             &self.options,
             mode,
             kernel.address_type(),
         )?;
-        let shared = compiled.repr.as_ref().map_or(0, |r| r.shared_memory_size());
+        let shared = compiled.repr.as_ref().map_or(0, D::shared_bytes);
         let max = properties.hardware.max_shared_memory_size;
         if shared > max {
             return Err(ResourceLimitError::SharedMemory {
@@ -206,7 +212,7 @@ impl OfflineCudaServer {
             }
             .into());
         }
-        compiled.debug_info = Some(DebugInformation::new("cpp", id.clone()));
+        compiled.debug_info = Some(DebugInformation::new(D::LANG, id.clone()));
         self.utilities.logger.log_compilation(&compiled);
         self.compiled.insert(id);
         Ok(())
@@ -224,15 +230,15 @@ impl OfflineCudaServer {
     }
 }
 
-impl ServerCommunication for OfflineCudaServer {
+impl<D: Described> ServerCommunication for OfflineServer<D> {
     const SERVER_COMM_ENABLED: bool = false;
 }
 
-impl ComputeServer for OfflineCudaServer {
-    type Kernel = Box<dyn CubeTask<OfflineCudaCompiler>>;
+impl<D: Described> ComputeServer for OfflineServer<D> {
+    type Kernel = Box<dyn CubeTask<D::Compiler>>;
     type Info = ();
-    type MemoryLayoutPolicy = PitchedMemoryLayoutPolicy;
-    type Storage = NoStorage;
+    type MemoryLayoutPolicy = D::Layout;
+    type Storage = NoStorage<D>;
 
     fn initialize_memory(&mut self, _: ManagedMemoryHandle, _: u64, _: StreamId) {}
 
@@ -319,126 +325,15 @@ impl ComputeServer for OfflineCudaServer {
     fn allocation_mode(&mut self, _: MemoryAllocationMode, _: StreamId) {}
 }
 
-/// `CudaCompiler` with the shared-memory layout fixed.
-///
-/// cubecl-cpp asks cubecl-opt's `SharedLiveness` where each shared memory
-/// goes in the kernel's one dynamic shared buffer. That analysis places the
-/// memories live in each block first-fit, in the iteration order of a std
-/// `HashSet` (`allocate_slices`), which is seeded per process: the offsets
-/// in `&dynamic_shared_mem[offset]`, and with them the buffer's size, change
-/// from run to run. This compiler reruns the analysis on the same kernel
-/// body and places the memories by the same first-fit rule in ascending id
-/// order, then lists the declarations by id.
-#[derive(Clone, Debug, Default)]
-pub struct OfflineCudaCompiler(CudaCompiler);
-
-impl Compiler for OfflineCudaCompiler {
-    type Representation = CudaComputeKernel;
-    type CompilationOptions = CompilationOptions;
-
-    fn compile(
-        &mut self,
-        kernel: KernelDefinition,
-        options: &CompilationOptions,
-        mode: ExecutionMode,
-        address_type: StorageType,
-    ) -> Result<CudaComputeKernel, CompilationError> {
-        let (body, cube_dim) = (kernel.body.clone(), kernel.cube_dim);
-        let mut repr = self.0.compile(kernel, options, mode, address_type)?;
-        place_shared(&mut repr.body.shared_memories, body, cube_dim)?;
-        Ok(repr)
-    }
-
-    fn elem_size(&self, elem: ElemType) -> usize {
-        self.0.elem_size(elem)
-    }
-
-    fn extension(&self) -> &'static str {
-        self.0.extension()
-    }
-}
-
-/// Sets the offset of each of `shared` (cubecl-cpp's declarations) to its
-/// place in id order, and sorts them by id.
-fn place_shared<D: cubecl_cpp::Dialect>(
-    shared: &mut [SharedMemory<D>],
-    body: Scope,
-    cube_dim: CubeDim,
-) -> Result<(), CompilationError> {
-    if shared.is_empty() {
-        return Ok(());
-    }
-    let mut opt = Optimizer::shared_only(body, cube_dim);
-    let liveness = opt.analysis::<SharedLiveness>();
-    // id → (offset, size in bytes)
-    let mut placed: BTreeMap<u32, (usize, usize)> = BTreeMap::new();
-    for block in opt.node_ids() {
-        let live = liveness.at_block(block);
-        let mut ids: Vec<u32> = live.iter().copied().collect();
-        ids.sort_unstable();
-        for id in ids {
-            if placed.contains_key(&id) {
-                continue;
-            }
-            let smem = liveness.shared_memories[&id];
-            let mut taken: Vec<(usize, usize)> = placed
-                .iter()
-                .filter(|(other, _)| live.contains(other))
-                .map(|(_, slot)| *slot)
-                .collect();
-            taken.sort_unstable();
-            let offset = first_fit(&taken, smem.size(), smem.align());
-            placed.insert(id, (offset, smem.size()));
-        }
-    }
-    for s in shared.iter_mut() {
-        let bytes = s.size();
-        let (SharedMemory::Array { index, offset, .. } | SharedMemory::Value { index, offset, .. }) =
-            s;
-        match placed.get(index) {
-            Some(&(o, size)) if size == bytes => *offset = o,
-            _ => {
-                return Err(CompilationError::Generic {
-                    reason: format!(
-                        "shared memory {index}: cubecl-opt's liveness analysis does not \
-                         place it as cubecl-cpp declares it"
-                    ),
-                    backtrace: BackTrace::capture(),
-                })
-            }
-        }
-    }
-    shared.sort_by_key(|s| match s {
-        SharedMemory::Array { index, .. } | SharedMemory::Value { index, .. } => *index,
-    });
-    Ok(())
-}
-
-/// cubecl-opt's rule: the first gap between the live slices `taken`
-/// (`(offset, size)`, by offset) that holds `size` bytes at `align`, else
-/// the end of the last one.
-fn first_fit(taken: &[(usize, usize)], size: usize, align: usize) -> usize {
-    let Some(&(last, last_size)) = taken.last() else {
-        return 0;
-    };
-    for pair in taken.windows(2) {
-        let end = (pair[0].0 + pair[0].1).next_multiple_of(align);
-        if pair[1].0.saturating_sub(end) >= size {
-            return end;
-        }
-    }
-    (last + last_size).next_multiple_of(align)
-}
-
 /// Storage that holds nothing: the server never touches buffer contents.
 #[derive(Debug, Default)]
-pub struct NoStorage;
+pub struct NoStorage<D>(PhantomData<D>);
 
-impl ComputeStorage for NoStorage {
+impl<D: Described> ComputeStorage for NoStorage<D> {
     type Resource = ();
 
     fn alignment(&self) -> usize {
-        MEM_ALIGNMENT as usize
+        D::ALIGNMENT
     }
 
     fn get(&mut self, _: &StorageHandle) {}
@@ -456,115 +351,4 @@ impl ComputeStorage for NoStorage {
     fn dealloc(&mut self, _: StorageId) {}
 
     fn flush(&mut self) {}
-}
-
-/// The supported (WMMA, MMA, scaled MMA) shapes of the tensor-core compiler
-/// inside `CudaCompiler`, whichever cubecl-cuda was built with.
-trait TensorCoreShapes {
-    fn shapes(arch: &CudaArchitecture) -> (Vec<MmaConfig>, Vec<MmaConfig>, Vec<ScaledMmaConfig>);
-}
-
-impl<M: DialectWmmaCompiler<CudaDialect<M>>> TensorCoreShapes for CppCompiler<CudaDialect<M>> {
-    fn shapes(arch: &CudaArchitecture) -> (Vec<MmaConfig>, Vec<MmaConfig>, Vec<ScaledMmaConfig>) {
-        (
-            M::supported_wmma_combinations(arch),
-            M::supported_mma_combinations(arch),
-            M::supported_scaled_mma_combinations(arch),
-        )
-    }
-}
-
-/// The device properties and compilation options cubecl-cuda 0.10's
-/// `CudaServer::init` (`runtime.rs`) derives from an H100: its branches for
-/// compute capability ≥ 6.0, 7.0, 7.5, 8.0, 8.9 and 9.0, with the driver's
-/// answers written in.
-fn h100() -> (DeviceProperties, CompilationOptions) {
-    let arch = CudaArchitecture { version: ARCH };
-    let (wmma, mma, scaled_mma) = <CudaCompiler as TensorCoreShapes>::shapes(&arch);
-    let options = CompilationOptions {
-        warp_size: 32,
-        supports_features: CppSupportedFeatures {
-            fast_math: true,
-            grid_constants: true,
-            // cubecl-cuda sets this when its CUDA bindings are 12.8 or newer;
-            // without a toolkit at build time they are the newest cudarc knows.
-            fast_tanh: true,
-            clusters: true,
-            elect_sync: true,
-        },
-    };
-    let hardware = HardwareProperties {
-        load_width: 128,
-        plane_size_min: 32,
-        plane_size_max: 32,
-        max_bindings: CUDA_MAX_BINDINGS,
-        max_shared_memory_size: MAX_SHARED_BYTES,
-        max_cube_count: (i32::MAX as u32, u16::MAX as u32, u16::MAX as u32),
-        max_units_per_cube: 1024,
-        max_cube_dim: (1024, 1024, 64),
-        num_streaming_multiprocessors: Some(SMS),
-        num_tensor_cores: Some(4),
-        min_tensor_cores_dim: (!wmma.is_empty()).then_some(8),
-        num_cpu_cores: None,
-        max_vector_size: VectorSize::MAX,
-    };
-    let memory = MemoryDeviceProperties {
-        max_page_size: TOTAL_MEMORY / 4,
-        alignment: MEM_ALIGNMENT,
-    };
-    let mut p = DeviceProperties::new(Default::default(), memory, hardware, TimingMethod::System);
-    register_supported_types(&mut p);
-    p.register_type_usage(ElemType::Float(FloatKind::TF32), TypeUsage::Conversion);
-    let atomic = |kind| Type::new(StorageType::Atomic(ElemType::Float(kind)));
-    let add_load_store = || AtomicUsage::Add | AtomicUsage::LoadStore;
-    // ≥ 6.0
-    p.register_atomic_type_usage(atomic(FloatKind::F64), add_load_store());
-    // ≥ 7.0
-    p.register_atomic_type_usage(atomic(FloatKind::F16), add_load_store());
-    p.register_atomic_type_usage(atomic(FloatKind::F16).with_vector_size(2), add_load_store());
-    p.register_semantic_type(SemanticType::Pipeline);
-    p.register_type_usage(OpaqueType::Barrier(BarrierLevel::Unit), TypeUsage::Buffer);
-    p.register_type_usage(OpaqueType::Barrier(BarrierLevel::Cube), TypeUsage::Buffer);
-    p.features.plane.insert(Plane::Sync);
-    // ≥ 7.5
-    for kind in [FloatKind::F16, FloatKind::BF16] {
-        p.features
-            .matmul
-            .ldmatrix
-            .insert(ElemType::Float(kind).into());
-    }
-    // ≥ 8.0
-    p.features.copy_async = true;
-    // ≥ 8.9
-    for kind in [FloatKind::E4M3, FloatKind::E5M2] {
-        p.register_type_usage(
-            ElemType::Float(kind),
-            TypeUsage::Conversion | TypeUsage::Buffer,
-        );
-    }
-    // ≥ 9.0
-    p.features.tma.insert(Tma::Base);
-    p.register_semantic_type(SemanticType::TensorMap);
-    p.features.cube_cluster = true;
-    for kind in [FloatKind::F16, FloatKind::BF16] {
-        p.features
-            .matmul
-            .stmatrix
-            .insert(ElemType::Float(kind).into());
-    }
-    for width in [2, 4] {
-        p.register_atomic_type_usage(
-            atomic(FloatKind::F32).with_vector_size(width),
-            add_load_store(),
-        );
-    }
-    // Every architecture.
-    p.features.memory_reinterpret = true;
-    p.features.alignment = true;
-    p.features.plane.insert(Plane::Ops);
-    p.features.plane.insert(Plane::NonUniformControlFlow);
-    register_wmma_features(wmma, &mut p);
-    register_mma_features(mma, &mut p);
-    register_scaled_mma_features(scaled_mma, &mut p);
-    (p, options)
 }
