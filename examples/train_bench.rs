@@ -241,12 +241,16 @@ fn main() {
         // Live buffers against the pools' pages: which of the two makes
         // the memory we hold beyond PyTorch's.
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-        if let (Some(live), Some(reserved)) =
-            (trainer.peak_bytes_in_use(), trainer.reserved_bytes())
-        {
+        if let (Some(live), Some(values), Some(reserved)) = (
+            trainer.peak_bytes_in_use(),
+            trainer.peak_bytes_in_values(),
+            trainer.reserved_bytes(),
+        ) {
             eprintln!(
-                "memory: {:.2} GiB of live buffers at the most between ops, {:.2} GiB reserved by the pools",
+                "memory: {:.2} GiB of live buffers at the most between ops ({:.2} GiB in live values, \
+                 the rest held for reuse), {:.2} GiB reserved by the pools",
                 gib(live),
+                gib(values),
                 gib(reserved)
             );
         }

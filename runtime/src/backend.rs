@@ -446,6 +446,17 @@ impl DeviceTrainer {
         }
     }
 
+    /// The same peak less the buffers held for reuse
+    /// ([`crate::gpu::GpuExecutor::peak_bytes_in_values`]).
+    pub fn peak_bytes_in_values(&self) -> Option<u64> {
+        match *self {
+            #[cfg(feature = "wgpu")]
+            DeviceTrainer::Wgpu(ref t) => t.executor().peak_bytes_in_values(),
+            #[cfg(feature = "cuda")]
+            DeviceTrainer::Cuda(ref t) => t.executor().peak_bytes_in_values(),
+        }
+    }
+
     /// One optimizer step over micro-batches (`GpuTrainer::step`).
     pub fn step(
         &mut self,

@@ -300,6 +300,8 @@ pub struct GpuExecutor<R: Runtime> {
     /// When profiling: the most bytes the device's pools had handed out
     /// (CubeCL's `bytes_in_use`) after any op.
     peak_in_use: std::sync::atomic::AtomicU64,
+    /// The same, less the buffers held for reuse at that moment.
+    peak_in_values: std::sync::atomic::AtomicU64,
     /// Which half-precision types the device stores narrow.
     narrow: HalfStorage,
     /// RoPE's inverse frequencies per rope node, uploaded once: an upload
@@ -507,6 +509,7 @@ impl<R: Runtime> GpuExecutor<R> {
             vendor,
             profile: Default::default(),
             peak_in_use: Default::default(),
+            peak_in_values: Default::default(),
             narrow,
         }
     }
@@ -541,6 +544,19 @@ impl<R: Runtime> GpuExecutor<R> {
     /// are not in it. `None` before a profiled run.
     pub fn peak_bytes_in_use(&self) -> Option<u64> {
         match self.peak_in_use.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+
+    /// As [`GpuExecutor::peak_bytes_in_use`], less the dead values'
+    /// buffers held for reuse at each sample (`ops::Recycled`): the peak
+    /// of what the values alive between two ops hold.
+    pub fn peak_bytes_in_values(&self) -> Option<u64> {
+        match self
+            .peak_in_values
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
             0 => None,
             n => Some(n),
         }
@@ -754,6 +770,11 @@ impl<R: Runtime> GpuExecutor<R> {
         if let Ok(usage) = self.client.memory_usage() {
             self.peak_in_use
                 .fetch_max(usage.bytes_in_use, std::sync::atomic::Ordering::Relaxed);
+            let values = usage
+                .bytes_in_use
+                .saturating_sub(self.recycled.held_bytes());
+            self.peak_in_values
+                .fetch_max(values, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
