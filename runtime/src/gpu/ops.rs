@@ -114,42 +114,6 @@ pub(crate) struct Recycled(std::sync::Mutex<Generations>);
 pub(crate) struct Generations {
     fresh: HashMap<u64, Vec<Handle>>,
     stale: HashMap<u64, Vec<Handle>>,
-    /// Sizes asked for this run, in order (under [`Policy::Planned`]).
-    asked: Vec<u64>,
-    /// For each size, how many more times this run will ask for it, as
-    /// the last run did (under [`Policy::Planned`]; `None` before a run
-    /// has been seen).
-    ahead: Option<HashMap<u64, usize>>,
-}
-
-/// Which dead buffers the executor keeps (`CARAMBA_RECYCLE`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Policy {
-    /// Every whole buffer (`all`, the default).
-    All,
-    /// Only where the run, as the last one went, will still ask for a
-    /// buffer of its size; others go back to CubeCL's pools at once, for
-    /// values of any size (`planned`).
-    Planned,
-    /// None: every buffer goes back to CubeCL (`none`, or the older
-    /// `CARAMBA_NO_RECYCLE=1`).
-    None,
-}
-
-impl Policy {
-    fn get() -> Policy {
-        static POLICY: std::sync::OnceLock<Policy> = std::sync::OnceLock::new();
-        *POLICY.get_or_init(|| {
-            if std::env::var("CARAMBA_NO_RECYCLE").is_ok_and(|v| v == "1") {
-                return Policy::None;
-            }
-            match std::env::var("CARAMBA_RECYCLE").as_deref() {
-                Ok("planned") => Policy::Planned,
-                Ok("none") => Policy::None,
-                _ => Policy::All,
-            }
-        })
-    }
 }
 
 impl Recycled {
@@ -157,18 +121,7 @@ impl Recycled {
     pub fn take(&self, bytes: usize) -> Option<Handle> {
         let mut pools = self.0.lock().expect("recycled buffers");
         let key = bytes as u64;
-        let Generations {
-            fresh,
-            stale,
-            asked,
-            ahead,
-        } = &mut *pools;
-        if Policy::get() == Policy::Planned {
-            asked.push(key);
-            if let Some(n) = ahead.as_mut().and_then(|a| a.get_mut(&key)) {
-                *n = n.saturating_sub(1);
-            }
-        }
+        let Generations { fresh, stale } = &mut *pools;
         stale
             .get_mut(&key)
             .and_then(Vec::pop)
@@ -176,11 +129,12 @@ impl Recycled {
     }
 
     /// Keeps `t`'s buffer for reuse where nothing else refers to it (no
-    /// view, output or queued copy of the handle) and it is whole, and
-    /// where the [`Policy`] keeps it.
+    /// view, output or queued copy of the handle) and it is whole.
+    /// `CARAMBA_NO_RECYCLE=1` gives every buffer back to CubeCL instead,
+    /// for A/B measurements.
     pub fn give(&self, t: DevTensor) {
-        let policy = Policy::get();
-        if policy == Policy::None {
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *OFF.get_or_init(|| std::env::var("CARAMBA_NO_RECYCLE").is_ok_and(|v| v == "1")) {
             return;
         }
         let h = t.handle;
@@ -188,19 +142,7 @@ impl Recycled {
         let whole = h.offset_start.unwrap_or(0) == 0 && h.offset_end.unwrap_or(0) == 0;
         if h.can_mut() && whole {
             let mut pools = self.0.lock().expect("recycled buffers");
-            let key = h.size();
-            if policy == Policy::Planned {
-                if let Some(ahead) = &pools.ahead {
-                    let held = [&pools.fresh, &pools.stale]
-                        .iter()
-                        .map(|m| m.get(&key).map_or(0, Vec::len))
-                        .sum::<usize>();
-                    if ahead.get(&key).copied().unwrap_or(0) <= held {
-                        return;
-                    }
-                }
-            }
-            pools.fresh.entry(key).or_default().push(h);
+            pools.fresh.entry(h.size()).or_default().push(h);
         }
     }
 
@@ -231,13 +173,6 @@ impl Recycled {
         let mut pools = self.0.lock().expect("recycled buffers");
         let fresh = std::mem::take(&mut pools.fresh);
         pools.stale = fresh;
-        if Policy::get() == Policy::Planned {
-            let mut ahead: HashMap<u64, usize> = HashMap::new();
-            for key in std::mem::take(&mut pools.asked) {
-                *ahead.entry(key).or_default() += 1;
-            }
-            pools.ahead = Some(ahead);
-        }
     }
 }
 
