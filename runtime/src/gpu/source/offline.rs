@@ -22,10 +22,10 @@
 //!   as cubecl-wgpu 0.10 sees it on an x86-64 machine with AVX2, with
 //!   cubecl-wgpu's WGSL compiler (the `wgpu` feature).
 //!
-//! Each is checked against the live device where one is present:
-//! `tests/kernels.rs` compares the CUDA text with an H100's client, and
-//! `runtime/tests/gpu_suite.rs` compares lavapipe's properties with the
-//! live adapter's.
+//! Each is checked against the live device where one is present, in
+//! `tests/kernels.rs`: the CUDA text against an H100's client
+//! (`offline_cuda_source_matches_the_device`), lavapipe's properties and
+//! WGSL against the live adapter's (`offline_wgsl_source_matches_lavapipe`).
 
 #[cfg(feature = "cuda")]
 pub mod cuda;

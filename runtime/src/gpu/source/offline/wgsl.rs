@@ -10,8 +10,9 @@
 //! machine's adapter: a discrete GPU (subgroup operations, other limits)
 //! or another lavapipe (llvmpipe's subgroup size is the CPU's vector width,
 //! 8 lanes of f32 with AVX2, 16 with AVX-512) would make other choices.
-//! `lavapipe_is_described_as_the_live_adapter` (`gpu_suite`) checks these
-//! properties against the live adapter where lavapipe is present.
+//! `offline_wgsl_source_matches_lavapipe` (`tests/kernels.rs`) checks these
+//! properties, and the text, against the live adapter where lavapipe is
+//! present.
 
 use super::Described;
 use caramba_kernels::cubecl::device::DeviceId;
@@ -42,7 +43,7 @@ const ALIGNMENT: u64 = 32;
 const PLANE: u32 = 8;
 
 /// Lavapipe on an x86-64 CPU with AVX2, as cubecl-wgpu 0.10 sees it
-/// (Mesa 25, Vulkan 1.3, llvmpipe).
+/// (Mesa 22.3, Debian 12's `mesa-vulkan-drivers`: Vulkan 1.3, llvmpipe).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Lavapipe;
 
