@@ -795,6 +795,53 @@ pub fn recycling_is_bounded<R: Runtime>(dev: &R::Device) {
     );
 }
 
+/// A profiled run's memory figures: the live peak, and the same less the
+/// dead values' buffers held for reuse (`train_bench`'s memory line splits
+/// our plan's liveness from the recycler and the pools with them).
+pub fn profiled_memory_figures<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(17);
+    let mut g = Graph::new("memory");
+    let x = g
+        .input("x0", TensorType::new(DType::F32, shape![Sym::T, 64]))
+        .unwrap();
+    let m = g
+        .input("x1", TensorType::new(DType::F32, shape![64, 128]))
+        .unwrap();
+    // `u` and `x0` die into buffers of their size, which the wider values
+    // after them cannot take: they are held while `w` and `z` are alive.
+    let u = g.add(Op::Unary(UnaryOp::Exp), &[x], "").unwrap();
+    let w = g.add(Op::MatMul, &[u, m], "").unwrap();
+    let z = g.add(Op::Unary(UnaryOp::Exp), &[w], "").unwrap();
+    let y = g.add(Op::Softmax { axis: 1 }, &[z], "").unwrap();
+    g.set_output("y", y);
+    let options = GpuOptions {
+        profile: true,
+        ..GpuOptions::default()
+    };
+    let exec =
+        GpuExecutor::<R>::with_options(dev, &g, &caramba_ir::reference::NoParams, options).unwrap();
+    assert_eq!(
+        exec.peak_bytes_in_use(),
+        None,
+        "no figure before a profiled run"
+    );
+    assert_eq!(exec.peak_bytes_in_values(), None);
+    let narrow = 4096 * 64 * 4; // one [4096, 64] f32 value
+    let bindings = bind(vec![rng.tensor(&[4096, 64]), rng.tensor(&[64, 128])]);
+    let want = eval(&g, &bindings).unwrap();
+    let got = exec.run_bindings(&bindings).unwrap();
+    assert_close(&want, &got, TOL, "profiled run");
+    let in_use = exec.peak_bytes_in_use().expect("a live peak");
+    let values = exec.peak_bytes_in_values().expect("a peak of values");
+    // After `z = exp(w)`: w and z, two [4096, 128] values, are alive.
+    assert!(values >= 4 * narrow, "values' peak {values} under w and z");
+    // ... while the buffers of u (and x0) are held for reuse.
+    assert!(
+        in_use >= values + narrow,
+        "the live peak {in_use} does not count the held buffers beyond the values' {values}"
+    );
+}
+
 pub fn unsupported_is_an_error<R: Runtime>(dev: &R::Device) {
     let g = one_op(
         "f64",
@@ -3966,7 +4013,7 @@ macro_rules! all_tests {
             matmul_fast, layout, weight_gradient_matmul,
             gather_scatter_one_hot, causal_mask, rope, cross_entropy, rms_norm, attention,
             attention_backward,
-            elementwise_program, symbolic_shapes, recycling_is_bounded, unsupported_is_an_error, tiny_llama, tiny_llama_bf16,
+            elementwise_program, symbolic_shapes, recycling_is_bounded, profiled_memory_figures, unsupported_is_an_error, tiny_llama, tiny_llama_bf16,
             mixed_precision_gradients,
             dba_preset, optimized_models, quantize_formats, kv_attention_over_caches, kv_decode_chunks, cached_tiny_llama,
             resident_values, fused_optimizers, grad_norm_and_clipping, trainer_matches_host_sgd,
