@@ -543,23 +543,14 @@ impl<R: Runtime> GpuExecutor<R> {
     /// between ops: scratch buffers that live only inside one op's launch
     /// are not in it. `None` before a profiled run.
     pub fn peak_bytes_in_use(&self) -> Option<u64> {
-        match self.peak_in_use.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => None,
-            n => Some(n),
-        }
+        sampled(&self.peak_in_use)
     }
 
     /// As [`GpuExecutor::peak_bytes_in_use`], less the dead values'
     /// buffers held for reuse at each sample (`ops::Recycled`): the peak
     /// of what the values alive between two ops hold.
     pub fn peak_bytes_in_values(&self) -> Option<u64> {
-        match self
-            .peak_in_values
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            0 => None,
-            n => Some(n),
-        }
+        sampled(&self.peak_in_values)
     }
 
     fn wait(&self) -> Result<(), GpuError> {
@@ -1077,6 +1068,12 @@ impl<R: Runtime> GpuExecutor<R> {
             })
             .collect())
     }
+}
+
+/// A peak sampled by profiled runs: `None` before any sample.
+fn sampled(peak: &std::sync::atomic::AtomicU64) -> Option<u64> {
+    std::num::NonZeroU64::new(peak.load(std::sync::atomic::Ordering::Relaxed))
+        .map(std::num::NonZeroU64::get)
 }
 
 /// For [`GpuOptions::param_copies`]: each live `cast` of a dense f32
