@@ -46,13 +46,17 @@ fn main() {
     // `tf32` as the sixth argument: matmuls on tensor cores.
     let tf32 = args.get(6).is_some_and(|s| s == "tf32");
     // CARAMBA_BENCH_GEMM=cubek: every GEMM on cubek (default: cuBLASLt on
-    // CUDA when it loads).
+    // CUDA when it loads). CARAMBA_BENCH_POOLED=1: every buffer from
+    // CubeCL's pools (default for a trainer: exact buffers).
     let options = caramba_runtime::gpu::GpuOptions {
         fast_matmul: tf32,
         gemm: match std::env::var("CARAMBA_BENCH_GEMM").as_deref() {
             Ok("cubek") => caramba_runtime::gpu::GemmLibrary::Cubek,
             _ => caramba_runtime::gpu::GemmLibrary::Vendor,
         },
+        buffers: std::env::var("CARAMBA_BENCH_POOLED")
+            .is_ok_and(|v| v == "1")
+            .then_some(caramba_runtime::gpu::Buffers::Pooled),
         ..Default::default()
     };
     let d = LlamaDims::benchmark_shape(&which)

@@ -2037,6 +2037,78 @@ fn check_trainer<R: Runtime>(
     assert_eq!(trainer.step_count(), 3);
 }
 
+/// A trainer's exact buffers (its default, `Buffers::Exact`) change where
+/// its buffers come from, not what it computes: the same steps with
+/// pooled buffers give bit-identical losses, gradient norms, weights and
+/// optimizer state (micro-batches summed in the trainer's accumulators,
+/// a resumed run's uploaded state, evaluation on the shared weights).
+pub fn exact_buffers<R: Runtime>(dev: &R::Device) {
+    use caramba_runtime::gpu::train::GpuTrainer;
+    use caramba_runtime::gpu::Buffers;
+    use caramba_runtime::train::{Optimizer, OptimizerConfig};
+    let (graph, forward, init) = tiny_training_graph("model.layers.1.input_layernorm.weight");
+    let config = OptimizerConfig::adamw(0.01);
+    let mut rng = Rng(47);
+    let steps: Vec<Vec<_>> = [2, 1, 3]
+        .iter()
+        .map(|&n| (0..n).map(|_| lm_batch(&mut rng, 2, 8)).collect())
+        .collect();
+    let held_out = lm_batch(&mut rng, 2, 8);
+    let train = |buffers: Option<Buffers>| {
+        let options = GpuOptions {
+            buffers,
+            ..GpuOptions::default()
+        };
+        let mut trainer =
+            GpuTrainer::<R>::new(dev, &graph, "loss", &init, &Optimizer::new(config), options)
+                .unwrap()
+                .with_eval_graph(&forward)
+                .unwrap();
+        let exact = trainer.executor().exact_buffers();
+        let mut stats = Vec::new();
+        for batches in &steps[..2] {
+            let s = trainer.step(batches, 1e-2, Some(1.0)).unwrap();
+            stats.push((s.losses, s.grad_norm));
+        }
+        // The third step on a trainer resumed from the host state.
+        let (params, optimizer) = (
+            trainer.params_to_host().unwrap(),
+            trainer.optimizer_to_host().unwrap(),
+        );
+        let mut resumed = GpuTrainer::<R>::new(dev, &graph, "loss", &params, &optimizer, options)
+            .unwrap()
+            .with_eval_graph(&forward)
+            .unwrap();
+        let s = resumed.step(&steps[2], 1e-2, Some(1.0)).unwrap();
+        stats.push((s.losses, s.grad_norm));
+        let eval = resumed.eval_loss(&held_out.inputs, held_out.syms).unwrap();
+        let state = resumed.optimizer_to_host().unwrap();
+        let moments: Vec<(String, Vec<f32>, Vec<f32>)> = init
+            .keys()
+            .filter_map(|n| {
+                let (m, v) = state.param_state(n)?;
+                Some((n.clone(), m.to_vec(), v.to_vec()))
+            })
+            .collect();
+        (
+            exact,
+            stats,
+            resumed.params_to_host().unwrap(),
+            moments,
+            eval,
+        )
+    };
+    let (exact, exact_stats, exact_params, exact_moments, exact_eval) = train(None);
+    assert!(exact, "a trainer's default is exact buffers");
+    let (pooled, stats, params, moments, eval) = train(Some(Buffers::Pooled));
+    assert!(!pooled);
+    assert_eq!(exact_stats, stats, "losses and gradient norms");
+    assert_eq!(exact_params, params, "weights");
+    assert_eq!(exact_moments, moments, "optimizer state");
+    assert_eq!(exact_eval, eval, "evaluation");
+    assert!(!moments.is_empty());
+}
+
 /// A mixed-precision trainer reads half-precision copies of its f32
 /// weights that its optimizer writes (`GpuOptions::param_copies`): after
 /// every step each copy is exactly the weight rounded to the compute dtype
@@ -4017,7 +4089,7 @@ macro_rules! all_tests {
             mixed_precision_gradients,
             dba_preset, optimized_models, quantize_formats, kv_attention_over_caches, kv_decode_chunks, cached_tiny_llama,
             resident_values, fused_optimizers, grad_norm_and_clipping, trainer_matches_host_sgd,
-            trainer_matches_host_adamw, trainer_keeps_half_copies, narrow_elementwise, narrow_copy, strided_copies, lazy_views,
+            trainer_matches_host_adamw, trainer_keeps_half_copies, exact_buffers, narrow_elementwise, narrow_copy, strided_copies, lazy_views,
             concat_slots, row_dot, attention_apart, folded_adds, reduced_slices,
             narrow_cast,
             narrow_reduce_softmax, narrow_norms, narrow_gather, narrow_rope, narrow_attention,

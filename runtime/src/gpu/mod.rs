@@ -95,6 +95,32 @@ pub struct GpuOptions {
     /// its optimizer writes them in the same launch. Executors made by
     /// [`GpuExecutor::sharing`] never keep copies (they would go stale).
     pub param_copies: bool,
+    /// How buffers are allocated; `None`: the runner's default, which is
+    /// [`Buffers::Exact`] for [`train::GpuTrainer`] (every step asks for
+    /// the same sizes) and [`Buffers::Pooled`] for everything else.
+    pub buffers: Option<Buffers>,
+}
+
+/// Where an executor's buffers come from.
+///
+/// CubeCL's pools slice large pages: on an H200 an allocation between
+/// 0.56 and 4.49 GB takes a slice of a 9 GB page, a larger one a slice of
+/// a 35.9 GB page, and a page stays reserved while any slice of it lives.
+/// Training SmolLM2-135M at batch 32 × 2048 in bf16 kept 47.8 GiB of live
+/// values and reserved 83.6 GiB for them; with exact buffers it reserved
+/// 58.7 GiB at the same step time (BENCHMARKS.md, twenty-ninth session).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Buffers {
+    /// Every buffer from CubeCL's pools: right where sizes change from run
+    /// to run (generation without a cache), since pages are shared by any
+    /// size.
+    Pooled,
+    /// Parameters, the executor's own tables and every value of a
+    /// megabyte or more in a buffer of exactly its size, reused for the
+    /// same size only: right where every run asks for the same sizes (a
+    /// training step), since such buffers are never sliced and never
+    /// returned to the device while it is open.
+    Exact,
 }
 
 /// Who computes matrix products on the device.
@@ -341,6 +367,8 @@ impl<R: Runtime> GpuExecutor<R> {
         let client = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| R::client(device)))
             .map_err(|_| GpuError::Device(format!("cannot open device {device:?}")))?;
         let narrow = HalfStorage::of(&client);
+        // What the executor holds for its life: exact buffers too.
+        let _exact = ops::ExactAllocation::start(&client, options.buffers == Some(Buffers::Exact));
         let mut uploaded = HashMap::new();
         for &id in &plan.order {
             let node = graph.node(id);
@@ -392,6 +420,7 @@ impl<R: Runtime> GpuExecutor<R> {
             param_copies: false,
             ..self.options
         };
+        let _exact = ops::ExactAllocation::start(&self.client, self.exact_buffers());
         Ok(Self::from_plan(
             self.client.clone(),
             graph,
@@ -488,7 +517,11 @@ impl<R: Runtime> GpuExecutor<R> {
             rope_tables: ops::RopeTables::default(),
             copies,
             copies_by_name,
-            recycled: ops::Recycled::default(),
+            recycled: ops::Recycled {
+                exact_from: (options.buffers == Some(Buffers::Exact))
+                    .then_some(ops::EXACT_MIN_BYTES),
+                ..Default::default()
+            },
             client,
             graph: graph.clone(),
             order: plan.order,
@@ -585,7 +618,13 @@ impl<R: Runtime> GpuExecutor<R> {
     /// Copies a host tensor to the device (in its own dtype's storage).
     pub fn upload(&self, t: &Tensor) -> Result<DeviceTensor, GpuError> {
         let elem = self.narrow.elem(t.dtype());
+        let _exact = ops::ExactAllocation::start(&self.client, self.exact_buffers());
         upload_as(&self.client, t, t.dtype(), elem, "upload").map(DeviceTensor)
+    }
+
+    /// Whether this executor allocates exact buffers ([`Buffers::Exact`]).
+    pub fn exact_buffers(&self) -> bool {
+        self.recycled.exact_from.is_some()
     }
 
     /// Reads a device tensor back (waits for the work that writes it).

@@ -17,6 +17,7 @@ use caramba_kernels::cast::Narrow;
 use caramba_kernels::copy::CopyElem;
 use caramba_kernels::cubecl::prelude::*;
 use caramba_kernels::cubecl::server::Handle;
+use caramba_kernels::cubecl::MemoryAllocationMode;
 use caramba_kernels::elementwise::{Binary, Instr, Unary};
 use caramba_kernels::reduce::ReduceKind;
 use caramba_kernels::vendor_gemm::VendorGemm;
@@ -107,7 +108,12 @@ fn format_code(f: Option<QuantFormat>) -> u32 {
 /// without a cache, whose sequence grows by one token a run) holds at most
 /// two runs' worth, not every size it ever used.
 #[derive(Default)]
-pub(crate) struct Recycled(std::sync::Mutex<Generations>);
+pub(crate) struct Recycled {
+    pub held: std::sync::Mutex<Generations>,
+    /// Fresh buffers of at least this many bytes are exact (see
+    /// [`ExactAllocation`]); `None`: every buffer comes from the pools.
+    pub exact_from: Option<u64>,
+}
 
 /// Buffers given back during this run, and those left from the last one.
 #[derive(Default)]
@@ -119,7 +125,7 @@ pub(crate) struct Generations {
 impl Recycled {
     /// A buffer of exactly `bytes`, if one was given back.
     pub fn take(&self, bytes: usize) -> Option<Handle> {
-        let mut pools = self.0.lock().expect("recycled buffers");
+        let mut pools = self.held.lock().expect("recycled buffers");
         let key = bytes as u64;
         let Generations { fresh, stale } = &mut *pools;
         stale
@@ -141,7 +147,7 @@ impl Recycled {
         // CubeCL's allocations carry zero offsets (`Some(0)`), not `None`.
         let whole = h.offset_start.unwrap_or(0) == 0 && h.offset_end.unwrap_or(0) == 0;
         if h.can_mut() && whole {
-            let mut pools = self.0.lock().expect("recycled buffers");
+            let mut pools = self.held.lock().expect("recycled buffers");
             pools.fresh.entry(h.size()).or_default().push(h);
         }
     }
@@ -153,13 +159,21 @@ impl Recycled {
         client: &ComputeClient<R>,
         bytes: usize,
     ) -> Handle {
-        pool.and_then(|r| r.take(bytes))
-            .unwrap_or_else(|| client.empty(bytes))
+        pool.and_then(|r| r.take(bytes)).unwrap_or_else(|| {
+            if pool
+                .and_then(|r| r.exact_from)
+                .is_some_and(|m| bytes as u64 >= m)
+            {
+                exact_empty(client, bytes)
+            } else {
+                client.empty(bytes)
+            }
+        })
     }
 
     /// Bytes held for reuse.
     pub fn held_bytes(&self) -> u64 {
-        let pools = self.0.lock().expect("recycled buffers");
+        let pools = self.held.lock().expect("recycled buffers");
         [&pools.fresh, &pools.stale]
             .into_iter()
             .flat_map(|m| m.iter())
@@ -170,10 +184,51 @@ impl Recycled {
     /// Starts a run: what the last run left untaken goes back to CubeCL,
     /// and what it gave back becomes this run's to take.
     pub fn next_run(&self) {
-        let mut pools = self.0.lock().expect("recycled buffers");
+        let mut pools = self.held.lock().expect("recycled buffers");
         let fresh = std::mem::take(&mut pools.fresh);
         pools.stale = fresh;
     }
+}
+
+/// Fresh buffers of at least this many bytes are exact under
+/// [`Buffers::Exact`](super::Buffers) (smaller ones, a few norms' weights and
+/// per-row statistics, stay in the pools' small pages).
+pub(crate) const EXACT_MIN_BYTES: u64 = 1 << 20;
+
+/// While alive, this thread's fresh allocations on `client` are exact:
+/// buffers of their own size from CubeCL's persistent pool, never a slice
+/// of a larger page, reused only for a request of the same size (and
+/// never given back to the device while the client lives, as the pools'
+/// pages are not). See [`Buffers::Exact`](super::Buffers).
+pub(crate) struct ExactAllocation<R: Runtime>(Option<ComputeClient<R>>);
+
+impl<R: Runtime> ExactAllocation<R> {
+    /// Starts exact allocation where `on`; a no-op guard otherwise.
+    pub fn start(client: &ComputeClient<R>, on: bool) -> Self {
+        if on {
+            // SAFETY: CubeCL's caution is that the mode is shared by every
+            // allocation on the stream until it is set back. The stream is
+            // this thread's (`StreamId::current`), and the guard sets it
+            // back when dropped, panics included.
+            unsafe { client.allocation_mode(MemoryAllocationMode::Persistent) };
+        }
+        ExactAllocation(on.then(|| client.clone()))
+    }
+}
+
+impl<R: Runtime> Drop for ExactAllocation<R> {
+    fn drop(&mut self) {
+        if let Some(client) = &self.0 {
+            // SAFETY: as in `start`.
+            unsafe { client.allocation_mode(MemoryAllocationMode::Auto) };
+        }
+    }
+}
+
+/// A fresh buffer of exactly `bytes` (see [`ExactAllocation`]).
+pub(crate) fn exact_empty<R: Runtime>(client: &ComputeClient<R>, bytes: usize) -> Handle {
+    let _exact = ExactAllocation::start(client, true);
+    client.empty(bytes)
 }
 
 /// Which rotations share angle tables: those over the same positions (the

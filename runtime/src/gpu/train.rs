@@ -23,7 +23,7 @@
 //! of two successive scalings: results agree to f32 rounding, not bit for
 //! bit.
 
-use super::{download, DevTensor, DeviceTensor, GpuError, GpuExecutor, GpuOptions};
+use super::{download, ops, Buffers, DevTensor, DeviceTensor, GpuError, GpuExecutor, GpuOptions};
 use crate::train::optim::Rule;
 use crate::train::{clip_factor, Optimizer, OptimizerConfig, Params};
 use caramba_ir::autodiff::grad_name;
@@ -53,6 +53,8 @@ pub struct DeviceOptimizer<R: Runtime> {
     step: u64,
     /// Created at a parameter's first update, as the host optimizer does.
     state: BTreeMap<String, Moments>,
+    /// Whether the state's buffers are exact ([`super::Buffers::Exact`]).
+    exact: bool,
 }
 
 impl<R: Runtime> DeviceOptimizer<R> {
@@ -62,7 +64,15 @@ impl<R: Runtime> DeviceOptimizer<R> {
             config,
             step: 0,
             state: BTreeMap::new(),
+            exact: false,
         }
+    }
+
+    /// Allocates the state's buffers at their exact sizes (see
+    /// [`super::Buffers::Exact`]), those uploaded from now on included.
+    pub fn with_exact_buffers(mut self, exact: bool) -> Self {
+        self.exact = exact;
+        self
     }
 
     /// The host optimizer's configuration, step count and state, uploaded
@@ -89,6 +99,7 @@ impl<R: Runtime> DeviceOptimizer<R> {
             config: *host.config(),
             step: host.step_count(),
             state,
+            exact: false,
         }
     }
 
@@ -162,10 +173,10 @@ impl<R: Runtime> DeviceOptimizer<R> {
         for (name, g) in grads {
             let p = &params[name];
             let n = p.numel();
-            let s = self
-                .state
-                .entry(name.clone())
-                .or_insert_with(|| Moments::zeros(client, p.shape(), buffers));
+            let s = self.state.entry(name.clone()).or_insert_with(|| {
+                let _exact = ops::ExactAllocation::start(client, self.exact);
+                Moments::zeros(client, p.shape(), buffers)
+            });
             let decay = self.config.decays(name, p.shape());
             let (w, g) = (p.handle(), g.handle());
             let copy = copies.get(name).map(|c| k::HalfCopy {
@@ -425,9 +436,11 @@ impl<R: Runtime> GpuTrainer<R> {
         // become copies the optimizer writes (`GpuOptions::param_copies`).
         let options = GpuOptions {
             param_copies: true,
+            buffers: Some(options.buffers.unwrap_or(Buffers::Exact)),
             ..options
         };
         let exec = GpuExecutor::with_options(device, graph, params, options)?;
+        let exact = exec.exact_buffers();
         let has_output = |name: &str| graph.outputs().iter().any(|(n, _)| n == name);
         if !has_output(loss) {
             return Err(GpuError::Op {
@@ -461,7 +474,11 @@ impl<R: Runtime> GpuTrainer<R> {
                 });
             }
         }
-        let optimizer = DeviceOptimizer::from_host(exec.client(), optimizer);
+        let optimizer = {
+            // The state a resumed run uploads lives as long as the trainer.
+            let _exact = ops::ExactAllocation::start(exec.client(), exact);
+            DeviceOptimizer::from_host(exec.client(), optimizer).with_exact_buffers(exact)
+        };
         Ok(GpuTrainer {
             exec,
             eval: None,
@@ -508,6 +525,7 @@ impl<R: Runtime> GpuTrainer<R> {
         let mut out = self.exec.run_resident(inputs, &BTreeMap::new(), syms)?;
         let loss = out.remove(&self.loss).expect("checked when built");
         let client = &self.exec.client;
+        let exact = self.exec.exact_buffers();
         for (name, p) in &self.trainable {
             let g = out.remove(&grad_name(name)).expect("checked when built");
             let n = g.numel();
@@ -518,6 +536,7 @@ impl<R: Runtime> GpuTrainer<R> {
                 }
                 1 => {
                     let acc = self.acc.entry(name.clone()).or_insert_with(|| {
+                        let _exact = ops::ExactAllocation::start(client, exact);
                         let h = client.empty(n.max(1) * 4);
                         DeviceTensor(DevTensor::f32(h, p.shape().to_vec()))
                     });
