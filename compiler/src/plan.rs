@@ -455,6 +455,18 @@ pub fn render_kernels(
         traffic(report.cost_before),
         traffic(report.cost_after)
     );
+    if let Some(l) = &report.layers {
+        let _ = writeln!(
+            s,
+            "  {} layers optimized as {} ({}: each class of identical layers saturated once)",
+            l.layers,
+            match l.classes {
+                1 => "one".to_string(),
+                n => format!("{n} classes"),
+            },
+            crate::optimize::layers::NAME
+        );
+    }
     for (scope, kernels, n) in folded {
         let rep = if n > 1 {
             format!(" ×{n}")

@@ -2,8 +2,9 @@
 //! a report of which rules formed each fused node.
 //!
 //! ```text
-//! Graph ─ merge_projections ─ lang::load ─ rule::saturate(rules) ─ extract::dag(cost)
-//!       ─ norm_matmul::fold ─ elementwise::fuse ─ verify ─ Graph
+//! Graph ─ merge_projections ─ layers: per region (the rest, one layer per class)
+//!         lang::load ─ rule::saturate(rules) ─ extract::dag(cost) ─ norm_matmul::fold
+//!       ─ splice ─ elementwise::fuse ─ verify ─ Graph
 //! ```
 //!
 //! Rules are grouped by family, one file each: `algebra` (layout and
@@ -17,11 +18,14 @@
 //! (this stage with the attention and RMSNorm rules only) before it, and `reuse_lse`,
 //! a deterministic graph pass, after it.
 //!
-//! The whole graph is saturated at once: the rules are targeted (no
-//! commutativity or associativity), so the e-graph grows by a few nodes per
-//! match and a 16-layer model saturates in milliseconds; compiling one layer
-//! and reusing it was not needed (see the `optimize` case of the compile
-//! bench). It stops at the IR: scheduling and kernels come after.
+//! Identical layers are optimized once (`layers.rs`, on by default,
+//! `Options::reuse_layers`): the graph is cut into its layers and the rest;
+//! the rest and one layer of each class of identical layers go through
+//! saturation, extraction and norm folding; the chosen layer is copied into
+//! every layer of its class; elementwise fusion then runs over the whole
+//! graph. It gives the graph that saturating the whole model gives
+//! (`every_model_optimizes_alike_by_layers`) from e-graphs of a layer's
+//! size. It stops at the IR: scheduling and kernels come after.
 
 pub mod algebra;
 pub mod attention;
@@ -32,6 +36,7 @@ pub mod extract;
 pub mod fold_weights;
 pub mod kv;
 pub mod lang;
+pub mod layers;
 pub mod merge_projections;
 pub mod norm_matmul;
 pub mod precision;
@@ -87,6 +92,10 @@ pub struct Options {
     /// Extract by tree costs (egg's `Extractor`) instead of DAG costs: the
     /// optimizer before `extract.rs`, for comparisons.
     pub tree_extraction: bool,
+    /// Optimize each class of identical layers once and copy the result
+    /// into every layer of the class (`layers.rs`); off: the whole graph
+    /// is saturated at once.
+    pub reuse_layers: bool,
 }
 
 impl Default for Options {
@@ -97,6 +106,7 @@ impl Default for Options {
             fuse_elementwise: true,
             merge_projections: true,
             tree_extraction: false,
+            reuse_layers: true,
         }
     }
 }
@@ -136,8 +146,12 @@ pub struct OptimizeReport {
     pub stop: Stop,
     pub iterations: usize,
     pub extraction: Extraction,
+    /// E-graph sizes summed over the graphs saturated (with layer reuse:
+    /// the rest of the model and one layer of each class).
     pub egraph_nodes: usize,
     pub egraph_classes: usize,
+    /// With layer reuse: how the layers were grouped.
+    pub layers: Option<layers::Reuse>,
     pub nodes_before: usize,
     pub nodes_after: usize,
     /// Modelled cost (bytes moved + weighted flops, see `cost.rs`).
@@ -191,8 +205,98 @@ pub fn optimize_with(g: &Graph, opts: &Options) -> Result<(Graph, OptimizeReport
     } else {
         g
     };
+    let part = |g: &Graph| extract_part(g, opts, &active);
+    let reused = if opts.reuse_layers {
+        layers::optimize(g, part)?
+    } else {
+        None
+    };
+    let (part, layers) = match reused {
+        Some((part, layers)) => (part, Some(layers)),
+        None => (part(g)?, None),
+    };
+    let Part {
+        graph,
+        mut fused,
+        mut applied,
+        rejected,
+        stop,
+        iterations,
+        extraction,
+        egraph_nodes,
+        egraph_classes,
+    } = part;
+    let graph = if opts.fuse_elementwise {
+        let f = elementwise::fuse(&graph)?;
+        fused = fused
+            .into_iter()
+            .filter_map(|(old, rules)| f.map.get(&old).map(|&new| (new, rules)))
+            .collect();
+        for &n in &f.fused {
+            fused.insert(n, vec![elementwise::NAME]);
+        }
+        if !f.fused.is_empty() {
+            applied.insert(elementwise::NAME, f.fused.len() + f.recomputed.len());
+        }
+        f.graph
+    } else {
+        graph
+    };
+    caramba_ir::verify(&graph).map_err(OptimizeError::Verify)?;
+    let pos: BTreeMap<NodeId, usize> = graph
+        .topo_order()
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| (n, i))
+        .collect();
+    let mut fused: Vec<FusedNode> = fused
+        .into_iter()
+        .map(|(node, rules)| FusedNode {
+            node,
+            op: graph.node(node).op.clone(),
+            scope: graph.node(node).scope.clone(),
+            rules,
+        })
+        .collect();
+    fused.sort_by_key(|f| pos[&f.node]);
+    let report = OptimizeReport {
+        fused,
+        applied,
+        rejected,
+        stop,
+        iterations,
+        extraction,
+        egraph_nodes,
+        egraph_classes,
+        layers,
+        nodes_before: original.node_count(),
+        nodes_after: graph.node_count(),
+        cost_before: cost::graph_cost(original),
+        cost_after: cost::graph_cost(&graph),
+        elapsed: start.elapsed(),
+    };
+    Ok((graph, report))
+}
+
+/// A graph (or a part of one, see `layers.rs`) after saturation,
+/// extraction and `fuse-norm-matmul`, before elementwise fusion.
+pub(crate) struct Part {
+    pub graph: Graph,
+    /// Fused nodes and the rules that formed them.
+    pub fused: BTreeMap<NodeId, Vec<&'static str>>,
+    pub applied: BTreeMap<&'static str, usize>,
+    pub rejected: Vec<String>,
+    pub stop: Stop,
+    pub iterations: usize,
+    pub extraction: Extraction,
+    pub egraph_nodes: usize,
+    pub egraph_classes: usize,
+}
+
+/// Saturates `g` with `active`, extracts, and folds norms into products.
+fn extract_part(g: &Graph, opts: &Options, active: &[&Rule]) -> Result<Part, OptimizeError> {
     let mut loaded = lang::load(g);
-    let sat = rule::saturate(&mut loaded.egraph, &active, &opts.limits);
+    let sat = rule::saturate(&mut loaded.egraph, active, &opts.limits);
     let eg = &loaded.egraph;
     let dag = if opts.tree_extraction {
         None
@@ -266,40 +370,8 @@ pub fn optimize_with(g: &Graph, opts: &Options) -> Result<(Graph, OptimizeReport
     } else {
         graph
     };
-    let graph = if opts.fuse_elementwise {
-        let f = elementwise::fuse(&graph)?;
-        fused = fused
-            .into_iter()
-            .filter_map(|(old, rules)| f.map.get(&old).map(|&new| (new, rules)))
-            .collect();
-        for &n in &f.fused {
-            fused.insert(n, vec![elementwise::NAME]);
-        }
-        if !f.fused.is_empty() {
-            applied.insert(elementwise::NAME, f.fused.len() + f.recomputed.len());
-        }
-        f.graph
-    } else {
-        graph
-    };
-    caramba_ir::verify(&graph).map_err(OptimizeError::Verify)?;
-    let pos: BTreeMap<NodeId, usize> = graph
-        .topo_order()
-        .into_iter()
-        .enumerate()
-        .map(|(i, n)| (n, i))
-        .collect();
-    let mut fused: Vec<FusedNode> = fused
-        .into_iter()
-        .map(|(node, rules)| FusedNode {
-            node,
-            op: graph.node(node).op.clone(),
-            scope: graph.node(node).scope.clone(),
-            rules,
-        })
-        .collect();
-    fused.sort_by_key(|f| pos[&f.node]);
-    let report = OptimizeReport {
+    Ok(Part {
+        graph,
         fused,
         applied,
         rejected: sat.rejected,
@@ -308,13 +380,7 @@ pub fn optimize_with(g: &Graph, opts: &Options) -> Result<(Graph, OptimizeReport
         extraction,
         egraph_nodes: eg.total_number_of_nodes(),
         egraph_classes: eg.number_of_classes(),
-        nodes_before: original.node_count(),
-        nodes_after: graph.node_count(),
-        cost_before: cost::graph_cost(original),
-        cost_after: cost::graph_cost(&graph),
-        elapsed: start.elapsed(),
-    };
-    Ok((graph, report))
+    })
 }
 
 /// The rules that form the fused ops with gradient rules of their own,

@@ -7,7 +7,7 @@ use caramba_ir::{
     AttnArg, BinaryOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Scalar, Shape, Sym, TensorType,
     UnaryOp,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// A small deterministic generator (xorshift64*).
 struct Rng(u64);
@@ -2069,4 +2069,103 @@ fn every_saturation_limit_stops_with_an_equivalent_graph() {
         let err = compare(&g, &h, &mut rng, (5, 5), model.embedder.vocab_size);
         assert!(err < 1e-4, "{stop:?}: outputs differ by {err}");
     }
+}
+
+/// A graph written out from its outputs, depth first with operands in
+/// order, numbered in that order: equal for graphs that differ only in
+/// their node ids.
+fn canonical(g: &Graph) -> Vec<String> {
+    let mut num: HashMap<NodeId, usize> = HashMap::new();
+    let mut lines = Vec::new();
+    for (name, out) in g.outputs() {
+        let mut stack = vec![(*out, false)];
+        while let Some((n, expanded)) = stack.pop() {
+            if num.contains_key(&n) {
+                continue;
+            }
+            if !expanded {
+                stack.push((n, true));
+                for o in g.operands(n).into_iter().rev() {
+                    stack.push((o, false));
+                }
+                continue;
+            }
+            let node = g.node(n);
+            let ops: Vec<String> = g
+                .operands(n)
+                .iter()
+                .map(|o| format!("%{}", num[o]))
+                .collect();
+            lines.push(format!(
+                "{:?} ({}) : {} @ {}",
+                node.op,
+                ops.join(", "),
+                node.ty,
+                node.scope
+            ));
+            num.insert(n, num.len());
+        }
+        lines.push(format!("output {name} = %{}", num[out]));
+    }
+    lines
+}
+
+/// Layer reuse (`layers.rs`) gives the graph that saturating the whole
+/// model gives: every manifest's model (plain and over q8 and fp16 caches),
+/// and a deep training graph (forward and backward layers), at full size.
+/// The same graph means the same node order too, which the executor
+/// follows. The rule counts agree; the e-graphs built are smaller.
+#[test]
+fn every_model_optimizes_alike_by_layers() {
+    let whole = Options {
+        reuse_layers: false,
+        ..Options::default()
+    };
+    let mut graphs: Vec<(String, Graph)> = Vec::new();
+    for (path, src) in manifests() {
+        let c = crate::compile(&src).unwrap();
+        graphs.push((path.clone(), c.student.graph.clone()));
+        for format in [
+            crate::CacheFormat::Quant(caramba_ir::QuantFormat::Q8),
+            crate::CacheFormat::Fp16,
+        ] {
+            let spec = crate::KvCacheSpec::uniform(format);
+            if let Ok(l) = crate::lower_model_cached(&c.manifest.model, "m", DType::F32, spec) {
+                graphs.push((format!("{path} ({format:?} cache)"), l.graph));
+            }
+        }
+    }
+    let path = format!(
+        "{}/../presets/llama32_1b_dba.yml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let c = crate::compile(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut forward = crate::lower_model(&c.manifest.model, "m", DType::F32)
+        .unwrap()
+        .graph;
+    caramba_ir::autodiff::add_next_token_loss(&mut forward, "logits").unwrap();
+    forward.remove_output("logits");
+    let names: Vec<String> = forward.params().map(|(n, _)| n.to_string()).collect();
+    let train = differentiate_for_training(&forward, "loss", &names).unwrap();
+    graphs.push((format!("{path} (training)"), train));
+    let mut reused = 0;
+    for (what, g) in &graphs {
+        let (a, ra) = optimize_with(g, &whole).unwrap();
+        let (b, rb) = optimize(g).unwrap();
+        assert_eq!(canonical(&a), canonical(&b), "{what}");
+        assert_eq!(
+            caramba_ir::to_text(&a),
+            caramba_ir::to_text(&b),
+            "{what}: node order"
+        );
+        assert_eq!(ra.applied, rb.applied, "{what}");
+        assert_eq!(ra.fused, rb.fused, "{what}");
+        assert!(ra.layers.is_none());
+        if let Some(l) = &rb.layers {
+            reused += 1;
+            assert!(l.classes < l.layers, "{what}: {l:?}");
+            assert!(rb.egraph_nodes < ra.egraph_nodes, "{what}");
+        }
+    }
+    assert!(reused >= 10, "only {reused} graphs had identical layers");
 }
