@@ -107,8 +107,9 @@ pub struct GpuOptions {
 /// 0.56 and 4.49 GB takes a slice of a 9 GB page, a larger one a slice of
 /// a 35.9 GB page, and a page stays reserved while any slice of it lives.
 /// Training SmolLM2-135M at batch 32 × 2048 in bf16 kept 47.8 GiB of live
-/// values and reserved 83.6 GiB for them; with exact buffers it reserved
-/// 58.7 GiB at the same step time (BENCHMARKS.md, twenty-ninth session).
+/// values and reserved 83.6 GiB for them; with exact buffers it reserves
+/// 55.9 GiB at the same step time, the 1B shape 51.0 GiB for 45.0 instead
+/// of 59.6 (BENCHMARKS.md, twenty-ninth session).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Buffers {
     /// Every buffer from CubeCL's pools: right where sizes change from run
@@ -116,8 +117,9 @@ pub enum Buffers {
     /// size.
     Pooled,
     /// Parameters, the executor's own tables and every value of a
-    /// megabyte or more in a buffer of exactly its size, reused for the
-    /// same size only: right where every run asks for the same sizes (a
+    /// megabyte or more in a buffer of exactly its size, reused (by
+    /// CubeCL's persistent pool, not held by the executor) for the same
+    /// size only: right where every run asks for the same sizes (a
     /// training step), since such buffers are never sliced and never
     /// returned to the device while it is open.
     Exact,

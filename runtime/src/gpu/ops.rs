@@ -136,7 +136,12 @@ impl Recycled {
 
     /// Keeps `t`'s buffer for reuse where nothing else refers to it (no
     /// view, output or queued copy of the handle) and it is whole.
-    /// `CARAMBA_NO_RECYCLE=1` gives every buffer back to CubeCL instead,
+    /// An exact buffer (see `exact_from`) goes back to CubeCL's persistent
+    /// pool instead, which gives it to the next request of its size as
+    /// this would, without holding it from other requests meanwhile (the
+    /// 1B shape's training step reserved 51.0 GiB so against 51.8 held
+    /// here, SmolLM2's 55.9 against 58.7; BENCHMARKS.md, twenty-ninth
+    /// session). `CARAMBA_NO_RECYCLE=1` gives every buffer back to CubeCL,
     /// for A/B measurements.
     pub fn give(&self, t: DevTensor) {
         static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -144,6 +149,9 @@ impl Recycled {
             return;
         }
         let h = t.handle;
+        if self.exact_from.is_some_and(|m| h.size() >= m) {
+            return;
+        }
         // CubeCL's allocations carry zero offsets (`Some(0)`), not `None`.
         let whole = h.offset_start.unwrap_or(0) == 0 && h.offset_end.unwrap_or(0) == 0;
         if h.can_mut() && whole {
