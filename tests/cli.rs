@@ -112,6 +112,14 @@ fn every_preset_emits_ir_and_a_plan() {
         assert_eq!(o.status.code(), Some(0), "{}", show(&p, &o));
         assert!(stdout(&o).starts_with("manifest "), "{}", show(&p, &o));
         assert!(stdout(&o).contains("model student"), "{}", show(&p, &o));
+        if p.ends_with("llama32_1b_dba.yml") {
+            // Its 16 identical layers are optimized once (`reuse-layers`).
+            assert!(
+                stdout(&o).contains("16 layers optimized as one (reuse-layers"),
+                "{}",
+                show(&p, &o)
+            );
+        }
         assert_no_panic(&p, &o);
 
         let o = caramba(&["compile", &p]);

@@ -2169,3 +2169,76 @@ fn every_model_optimizes_alike_by_layers() {
     }
     assert!(reused >= 10, "only {reused} graphs had identical layers");
 }
+
+#[test]
+fn a_layer_is_the_first_numeric_segment_of_its_scope() {
+    use super::layers::layer_of;
+    assert_eq!(
+        layer_of("model.layers.3.self_attn"),
+        Some(("model.layers", 3))
+    );
+    assert_eq!(
+        layer_of("model.layers.12.mlp/grad"),
+        Some(("model.layers", 12))
+    );
+    assert_eq!(layer_of("model.layers.3/grad"), Some(("model.layers", 3)));
+    assert_eq!(layer_of("blocks.0"), Some(("blocks", 0)));
+    assert_eq!(layer_of("model.norm"), None);
+    assert_eq!(layer_of("lm_head"), None);
+    assert_eq!(layer_of(""), None);
+}
+
+/// Three layers, the third unlike the first two: two classes, and the
+/// graph made from them computes what the input graph does, with each
+/// layer reading its own weights.
+#[test]
+fn unlike_layers_form_classes_of_their_own() {
+    let mut g = Graph::new("stack");
+    let ty = TensorType::new(
+        DType::F32,
+        Shape::new(vec![Dim::Sym(Sym::T), Dim::Const(8)]),
+    );
+    let mut h = g.input("x", ty).unwrap();
+    for (k, kind) in [(0, BinaryOp::Add), (1, BinaryOp::Add), (2, BinaryOp::Sub)] {
+        let scope = format!("m.layers.{k}");
+        let w = g
+            .param(
+                &format!("{scope}.weight"),
+                TensorType::new(DType::F32, Shape::new(vec![Dim::Const(8)])),
+                &scope,
+            )
+            .unwrap();
+        let one = g.constant(1.0, DType::F32, &scope);
+        let s = g.add(Op::Binary(BinaryOp::Mul), &[h, w], &scope).unwrap();
+        let s = g.add(Op::Binary(BinaryOp::Mul), &[s, one], &scope).unwrap();
+        h = g.add(Op::Binary(kind), &[s, h], &scope).unwrap();
+    }
+    g.set_output("y", h);
+    let (opt, rep) = optimize(&g).unwrap();
+    assert_eq!(
+        rep.layers,
+        Some(super::layers::Reuse {
+            layers: 3,
+            classes: 2
+        })
+    );
+    let whole = Options {
+        reuse_layers: false,
+        ..Options::default()
+    };
+    let (a, _) = optimize_with(&g, &whole).unwrap();
+    assert_eq!(canonical(&a), canonical(&opt));
+    let mut names: Vec<&str> = opt.params().map(|(n, _)| n).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "m.layers.0.weight",
+            "m.layers.1.weight",
+            "m.layers.2.weight"
+        ]
+    );
+    let mut rng = Rng::new(5);
+    let err = compare(&g, &opt, &mut rng, (4, 4), 8);
+    assert!(err < 1e-6, "outputs differ by {err}");
+}
