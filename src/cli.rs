@@ -183,7 +183,8 @@ pub struct SampleArgs {
     /// Print the token ids as well as the text
     #[arg(long)]
     pub ids: bool,
-    /// KV cache storage: `none` (recompute the sequence every step), one
+    /// KV cache storage: `none` (recompute the sequence every step, the
+    /// head on the last position only), one
     /// format for every path (`fp32`, `fp16`, `q8`, `q4`, `nf4`), or per
     /// path, e.g. `k=q8,v=fp16` or `k_sem=q8,k_geo=q4,v=fp16` (paths not
     /// named stay fp32). Quantized paths need a multiple of 32 values per

@@ -24,6 +24,9 @@ pub struct Model {
     exec: Executor,
     /// The KV-cache tensors of a model loaded for cached generation.
     pub cache: Vec<CacheEntry>,
+    /// Whether the graph gives the last position's logits only
+    /// ([`Model::load_for_generation`] without a cache).
+    last_position: bool,
 }
 
 /// The dimensions of a Hugging Face Llama config, for the compiler.
@@ -96,6 +99,32 @@ impl Model {
         options: GpuOptions,
         dtype: DType,
     ) -> Result<Model, Failure> {
+        Model::load_graph(ckpt, backend, cache, options, dtype, false)
+    }
+
+    /// [`Model::load_with_options`] for generation: without a cache, the
+    /// graph computes the last position's logits only
+    /// (`caramba_compiler::last_position`: the head, and the last layer's
+    /// MLP and output projection, run on one row), read by
+    /// [`Model::next_logits`]; [`Model::logits`] is then unavailable.
+    pub fn load_for_generation(
+        ckpt: &Checkpoint,
+        backend: Backend,
+        cache: Option<KvCacheSpec>,
+        options: GpuOptions,
+        dtype: DType,
+    ) -> Result<Model, Failure> {
+        Model::load_graph(ckpt, backend, cache, options, dtype, cache.is_none())
+    }
+
+    fn load_graph(
+        ckpt: &Checkpoint,
+        backend: Backend,
+        cache: Option<KvCacheSpec>,
+        options: GpuOptions,
+        dtype: DType,
+        last_only: bool,
+    ) -> Result<Model, Failure> {
         let config = ckpt.config.clone();
         let spec = llama_model(&dims(&config));
         let lowered = match cache {
@@ -114,7 +143,19 @@ impl Model {
             ))
         })?;
         let cache_entries = lowered.cache;
-        let graph = lowered.graph;
+        let mut graph = lowered.graph;
+        let mut last_position = false;
+        if last_only {
+            let last = caramba_compiler::last_position(&graph, "logits").map_err(|e| {
+                Failure::runtime(format!(
+                    "internal error: selecting the last position failed: {e}"
+                ))
+            })?;
+            if let Some(g) = last {
+                graph = g;
+                last_position = true;
+            }
+        }
         let expected: Vec<(String, Vec<usize>)> = graph
             .params()
             .map(|(name, id)| {
@@ -184,6 +225,7 @@ impl Model {
             config,
             exec,
             cache: cache_entries,
+            last_position,
         })
     }
 
@@ -343,8 +385,44 @@ impl Model {
             .sum()
     }
 
+    /// Logits [1, vocab] of the last of `ids`, positions 0..T, without a
+    /// cache: from the last-position graph where the model was loaded by
+    /// [`Model::load_for_generation`], else the last row of
+    /// [`Model::logits`].
+    pub fn next_logits(&self, ids: &[u32]) -> Result<Tensor, Failure> {
+        let v = self.config.vocab_size;
+        if !self.last_position {
+            let all = self.logits(ids)?;
+            let rows = all.as_f32().expect("logits are f32");
+            return Ok(Tensor::f32(vec![1, v], rows[rows.len() - v..].to_vec()));
+        }
+        let t = ids.len();
+        let input = Tensor::i32(vec![1, t], ids.iter().map(|&i| i as i32).collect());
+        let pos = Tensor::i32(vec![t], (0..t as i32).collect());
+        let last = Tensor::i32(vec![1], vec![t as i32 - 1]);
+        let b = Bindings::new(&self.params)
+            .sym(Sym::B, 1)
+            .sym(Sym::T, t)
+            .input("input_ids", input)
+            .input("positions", pos)
+            .input(caramba_compiler::LAST_POSITION, last);
+        let mut out = self
+            .exec
+            .run(&b)
+            .map_err(|e| Failure::runtime(format!("forward pass failed: {e}")))?;
+        let logits = out
+            .remove("logits")
+            .ok_or_else(|| Failure::runtime("the model graph has no logits output"))?;
+        Ok(logits.reshaped(vec![1, v]))
+    }
+
     /// Logits [T, vocab] for one sequence, positions 0..T.
     pub fn logits(&self, ids: &[u32]) -> Result<Tensor, Failure> {
+        if self.last_position {
+            return Err(Failure::runtime(
+                "internal error: a model loaded for generation gives the last position's logits only (next_logits)",
+            ));
+        }
         let t = ids.len();
         let input = Tensor::i32(vec![1, t], ids.iter().map(|&i| i as i32).collect());
         let pos = Tensor::i32(vec![t], (0..t as i32).collect());

@@ -182,6 +182,53 @@ fn greedy_generation_matches_transformers() {
     assert_eq!(got, want, "greedy continuation differs from transformers'");
 }
 
+/// Generation without a cache computes the last position only
+/// (`Model::load_for_generation`, `caramba_compiler::last_position`): on
+/// the CPU reference its greedy tokens are transformers', and its logits
+/// the last row of the whole forward's; on every device of the build its
+/// first step's logits are the CPU reference's within 2e-3 (f32).
+#[test]
+fn generation_without_a_cache_computes_the_last_position() {
+    let Some(cpu) = model() else { return };
+    let path = fixture_path(SMOLLM2_GGUF).expect("fixture checked above");
+    let ckpt = open_checkpoint(&path).unwrap_or_else(|e| panic!("{}", e.message));
+    let g = json("greedy.json");
+    let (prompt, want) = (ids(&g["prompt_ids"]), ids(&g["new_ids"]));
+    let vocab = cpu.config.vocab_size;
+    let whole = cpu.logits(&prompt).unwrap();
+    let whole = &whole.as_f32().unwrap()[(prompt.len() - 1) * vocab..];
+    let mut backends = vec![Backend::Cpu];
+    backends.extend(
+        [Backend::Wgpu, Backend::Cuda]
+            .into_iter()
+            .filter(|b| b.available()),
+    );
+    for backend in backends {
+        let m = Model::load_for_generation(&ckpt, backend, None, GpuOptions::default(), DType::F32)
+            .unwrap_or_else(|e| panic!("{}", e.message));
+        assert!(m.logits(&prompt).is_err(), "{backend}: whole logits");
+        let last = m.next_logits(&prompt).unwrap();
+        let last = last.as_f32().unwrap();
+        let err = whole
+            .iter()
+            .zip(last)
+            .fold(0f32, |e, (a, b)| e.max((a - b).abs()));
+        let tol = if backend == Backend::Cpu { 1e-4 } else { 2e-3 };
+        assert!(
+            err <= tol,
+            "{backend}: last-position logits off by {err:.3e}"
+        );
+        if backend == Backend::Cpu {
+            let mut seq = prompt.clone();
+            for _ in 0..want.len() {
+                let l = m.next_logits(&seq).unwrap();
+                seq.push(argmax(l.as_f32().unwrap()) as u32);
+            }
+            assert_eq!(&seq[prompt.len()..], &want[..], "greedy tokens");
+        }
+    }
+}
+
 /// Every device of this build (wgpu where an adapter opens; CUDA where
 /// built with `cuda` and a card is present) against transformers and the
 /// CPU reference: f32 logits within 2e-3 of transformers', and greedy

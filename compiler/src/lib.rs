@@ -9,6 +9,7 @@
 pub mod de;
 pub mod diag;
 pub mod hf;
+pub mod last_position;
 pub mod lower;
 pub mod manifest;
 pub mod optimize;
@@ -18,6 +19,7 @@ pub mod vars;
 pub mod yaml;
 
 pub use diag::{Diagnostic, Diagnostics, Span};
+pub use last_position::{last_position, LAST_POSITION};
 pub use lower::{
     lower_model, lower_model_cached, lower_model_with, CacheEntry, CacheFormat, KvCacheSpec,
     LayerInfo, Lowered, Precision,

@@ -2,7 +2,9 @@
 //!
 //! The prompt runs through the model once (prefill), filling the KV cache;
 //! each later step runs only the new token against the cache (decode). With
-//! `--kv-cache none` every step recomputes the whole sequence instead. A
+//! `--kv-cache none` every step recomputes the whole sequence instead, the
+//! head and the last layer's row-wise work on the last position only
+//! (`caramba_compiler::last_position`). A
 //! prompt whose logits would not fit the device's largest buffer (lavapipe:
 //! 128 MiB, 682 tokens of SmolLM2's vocabulary) is prefilled in chunks of
 //! as many tokens as fit, each chunk over the cache of the ones before. Each
@@ -53,7 +55,13 @@ pub fn sample(a: &SampleArgs) -> CmdResult {
         profile: a.profile,
         ..Default::default()
     };
-    let model = Model::load_with_options(&ckpt, backend, cache, gpu, a.dtype.into())?;
+    // Without a cache each token reruns the sequence: only the last
+    // position's logits are computed, unless the prompt's are dumped.
+    let model = if a.dump_logits.is_some() {
+        Model::load_with_options(&ckpt, backend, cache, gpu, a.dtype.into())?
+    } else {
+        Model::load_for_generation(&ckpt, backend, cache, gpu, a.dtype.into())?
+    };
     let mut ids = tok.encode(&a.prompt, false);
     if a.bos {
         let bos = tok
@@ -76,8 +84,10 @@ pub fn sample(a: &SampleArgs) -> CmdResult {
     let (mut prefill, mut decode) = (Duration::ZERO, Duration::ZERO);
     for step in 0..a.max_new_tokens {
         let timer = Instant::now();
-        let logits = if cache.is_none() {
+        let logits = if cache.is_none() && step == 0 && a.dump_logits.is_some() {
             model.logits(&ids)?
+        } else if cache.is_none() {
+            model.next_logits(&ids)?
         } else if step == 0 {
             let chunk = a.prefill_chunk.or_else(|| model.largest_prefill());
             model.prefill(&ids, &mut past, chunk, a.dump_logits.is_some())?
