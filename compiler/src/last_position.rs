@@ -70,13 +70,14 @@ fn row_local(g: &Graph, n: NodeId) -> bool {
 
 /// `g` with `output` (`[B, T, V]`) computed for the last position only
 /// (`[B, 1, V]`), reading the input [`LAST_POSITION`]; `None` when
-/// `output` is missing or has no rows, or nothing before it treats rows
-/// independently.
+/// `output` is missing, has no rows, is read by other nodes, or is not
+/// computed row by row.
 pub fn last_position(g: &Graph, output: &str) -> Result<Option<Graph>, IrError> {
     let Some(out) = g.output(output) else {
         return Ok(None);
     };
-    if !row_local(g, out) {
+    // Read by another node (a loss), the output must stay whole.
+    if !row_local(g, out) || !g.users(out).is_empty() {
         return Ok(None);
     }
     let outputs: BTreeSet<NodeId> = g
@@ -267,5 +268,19 @@ mod tests {
             }
         }
         assert!(checked >= 10);
+    }
+
+    /// Logits a loss reads stay whole: the pass declines.
+    #[test]
+    fn logits_a_loss_reads_are_left_alone() {
+        let src =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../presets/tiny.yml"))
+                .unwrap();
+        let c = crate::compile(&src).unwrap();
+        let mut g = c.student.graph.clone();
+        caramba_ir::autodiff::add_next_token_loss(&mut g, "logits").unwrap();
+        assert!(last_position(&g, "logits").unwrap().is_none());
+        assert!(last_position(&g, "no such output").unwrap().is_none());
+        assert!(last_position(&c.student.graph, "logits").unwrap().is_some());
     }
 }
