@@ -918,6 +918,51 @@ pub fn tiny_llama<R: Runtime>(dev: &R::Device) {
     run_model::<R>(dev, &lowered.graph, 96, 9);
 }
 
+/// The last-position graph of generation without a cache
+/// (`caramba_compiler::last_position`: the last row gathered from a
+/// `[T, B, d]` permute, the head and the last MLP on one row), optimized
+/// as `sample` loads it, at batch 2: the device's logits against the
+/// reference's last rows of the whole graph.
+pub fn last_position_logits<R: Runtime>(dev: &R::Device) {
+    let spec = caramba_compiler::hf::llama_model(&tiny_llama_dims());
+    let g = caramba_compiler::lower_model(&spec, "tiny_llama", DType::F32)
+        .unwrap()
+        .graph;
+    let last = caramba_compiler::last_position(&g, "logits")
+        .unwrap()
+        .expect("a last-position graph");
+    let (last, _) = caramba_compiler::optimize(&last).expect("optimize");
+    let params = random_params(&g, 99);
+    let (b, t, v) = (2, 9, 96);
+    let mut rng = Rng(17);
+    let ids = rng.ids(&[b, t], v);
+    let whole = Bindings::new(&params)
+        .sym(Sym::B, b)
+        .sym(Sym::T, t)
+        .input("input_ids", ids.clone())
+        .input("positions", Tensor::i32(vec![t], (0..t as i32).collect()));
+    let want = eval(&g, &whole).expect("reference")["logits"].to_f64_vec();
+    let bind = whole.input(
+        caramba_compiler::LAST_POSITION,
+        Tensor::i32(vec![1], vec![t as i32 - 1]),
+    );
+    let exec = GpuExecutor::<R>::new(dev, &last, bind.params).expect("executor");
+    let got = exec.run_bindings(&bind).expect("gpu run");
+    let got = got["logits"].to_f64_vec();
+    assert_eq!(got.len(), b * v);
+    for s in 0..b {
+        let row = &want[(s * t + t - 1) * v..(s * t + t) * v];
+        let err = row
+            .iter()
+            .zip(&got[s * v..(s + 1) * v])
+            .fold(0f64, |m, (a, c)| m.max((a - c).abs()));
+        assert!(
+            err <= 1e-3,
+            "sequence {s}: last-position logits off by {err:.3e}"
+        );
+    }
+}
+
 /// The same model declared in bf16 and in f16: stored in 2-byte buffers
 /// where the device has the type (CUDA), else widened to f32 and rounded
 /// after each op; the reference rounds each op's result once. Kernels sum
@@ -4089,7 +4134,7 @@ macro_rules! all_tests {
             mixed_precision_gradients,
             dba_preset, optimized_models, quantize_formats, kv_attention_over_caches, kv_decode_chunks, cached_tiny_llama,
             resident_values, fused_optimizers, grad_norm_and_clipping, trainer_matches_host_sgd,
-            trainer_matches_host_adamw, trainer_keeps_half_copies, exact_buffers, narrow_elementwise, narrow_copy, strided_copies, lazy_views,
+            trainer_matches_host_adamw, trainer_keeps_half_copies, exact_buffers, last_position_logits, narrow_elementwise, narrow_copy, strided_copies, lazy_views,
             concat_slots, row_dot, attention_apart, folded_adds, reduced_slices,
             narrow_cast,
             narrow_reduce_softmax, narrow_norms, narrow_gather, narrow_rope, narrow_attention,
