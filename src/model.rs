@@ -396,24 +396,7 @@ impl Model {
             let rows = all.as_f32().expect("logits are f32");
             return Ok(Tensor::f32(vec![1, v], rows[rows.len() - v..].to_vec()));
         }
-        let t = ids.len();
-        let input = Tensor::i32(vec![1, t], ids.iter().map(|&i| i as i32).collect());
-        let pos = Tensor::i32(vec![t], (0..t as i32).collect());
-        let last = Tensor::i32(vec![1], vec![t as i32 - 1]);
-        let b = Bindings::new(&self.params)
-            .sym(Sym::B, 1)
-            .sym(Sym::T, t)
-            .input("input_ids", input)
-            .input("positions", pos)
-            .input(caramba_compiler::LAST_POSITION, last);
-        let mut out = self
-            .exec
-            .run(&b)
-            .map_err(|e| Failure::runtime(format!("forward pass failed: {e}")))?;
-        let logits = out
-            .remove("logits")
-            .ok_or_else(|| Failure::runtime("the model graph has no logits output"))?;
-        Ok(logits.reshaped(vec![1, v]))
+        Ok(self.forward(ids)?.reshaped(vec![1, v]))
     }
 
     /// Logits [T, vocab] for one sequence, positions 0..T.
@@ -423,23 +406,32 @@ impl Model {
                 "internal error: a model loaded for generation gives the last position's logits only (next_logits)",
             ));
         }
+        Ok(self
+            .forward(ids)?
+            .reshaped(vec![ids.len(), self.config.vocab_size]))
+    }
+
+    /// The graph's `logits` for one sequence at positions 0..T, uncached
+    /// (the last position's input bound where the graph reads it).
+    fn forward(&self, ids: &[u32]) -> Result<Tensor, Failure> {
         let t = ids.len();
         let input = Tensor::i32(vec![1, t], ids.iter().map(|&i| i as i32).collect());
         let pos = Tensor::i32(vec![t], (0..t as i32).collect());
-        let b = Bindings::new(&self.params)
+        let mut b = Bindings::new(&self.params)
             .sym(Sym::B, 1)
             .sym(Sym::T, t)
             .input("input_ids", input)
             .input("positions", pos);
+        if self.last_position {
+            let last = Tensor::i32(vec![1], vec![t as i32 - 1]);
+            b = b.input(caramba_compiler::LAST_POSITION, last);
+        }
         let mut out = self
             .exec
             .run(&b)
             .map_err(|e| Failure::runtime(format!("forward pass failed: {e}")))?;
-        let logits = out
-            .remove("logits")
-            .ok_or_else(|| Failure::runtime("the model graph has no logits output"))?;
-        let v = self.config.vocab_size;
-        Ok(logits.reshaped(vec![t, v]))
+        out.remove("logits")
+            .ok_or_else(|| Failure::runtime("the model graph has no logits output"))
     }
 }
 

@@ -2242,3 +2242,52 @@ fn unlike_layers_form_classes_of_their_own() {
     let err = compare(&g, &opt, &mut rng, (4, 4), 8);
     assert!(err < 1e-6, "outputs differ by {err}");
 }
+
+/// `last-position` on every preset and example at test size, batch 2: the
+/// last-position graph's logits are the last rows of the whole graph's (to
+/// f32's rounding: the reference's GEMM blocks one row differently from
+/// seven), and its head and, in the Llamas, the last layer's MLP and output
+/// projection run on one row.
+#[test]
+fn the_last_position_gives_the_last_row() {
+    let mut rng = Rng::new(29);
+    let mut checked = 0;
+    for (path, src) in manifests() {
+        let c = crate::compile(&src).unwrap();
+        let model = crate::reduced(&c.manifest.model);
+        let g = crate::lower_model(&model, "m", DType::F32).unwrap().graph;
+        let h = crate::last_position(&g, "logits")
+            .unwrap()
+            .unwrap_or_else(|| panic!("{path}: no last-position graph"));
+        caramba_ir::verify(&h).unwrap();
+        let one_row = h
+            .node_ids()
+            .filter(|&n| {
+                h.node(n).op == Op::MatMul
+                    && h.node(n).ty.shape.dims().get(1) == Some(&Dim::Const(1))
+            })
+            .count();
+        let llama = path.ends_with("tiny.yml") || path.ends_with("smollm2_135m_dba.yml");
+        assert!(one_row >= if llama { 5 } else { 1 }, "{path}: {one_row}");
+        let (t, vocab) = (7, model.embedder.vocab_size);
+        let (mut inputs, params) = bindings(&g, &mut rng, (t, t), vocab);
+        let whole = run(&g, &inputs, &params)["logits"].to_f64_vec();
+        inputs.insert(
+            crate::LAST_POSITION.to_string(),
+            Tensor::i32(vec![1], vec![t as i32 - 1]),
+        );
+        let last = run(&h, &inputs, &params)["logits"].to_f64_vec();
+        assert_eq!(last.len(), 2 * vocab, "{path}");
+        let scale = whole.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+        for s in 0..2 {
+            let row = &whole[(s * t + t - 1) * vocab..(s * t + t) * vocab];
+            let err = row
+                .iter()
+                .zip(&last[s * vocab..(s + 1) * vocab])
+                .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err <= 1e-6 * scale, "{path}, sequence {s}: {err}");
+        }
+        checked += 1;
+    }
+    assert!(checked >= 10);
+}
