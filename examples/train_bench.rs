@@ -46,17 +46,20 @@ fn main() {
     // `tf32` as the sixth argument: matmuls on tensor cores.
     let tf32 = args.get(6).is_some_and(|s| s == "tf32");
     // CARAMBA_BENCH_GEMM=cubek: every GEMM on cubek (default: cuBLASLt on
-    // CUDA when it loads). CARAMBA_BENCH_POOLED=1: every buffer from
-    // CubeCL's pools (default for a trainer: exact buffers).
+    // CUDA when it loads). CARAMBA_BENCH_BUFFERS=pooled|exact|planned:
+    // where buffers come from (default for a trainer: planned).
     let options = caramba_runtime::gpu::GpuOptions {
         fast_matmul: tf32,
         gemm: match std::env::var("CARAMBA_BENCH_GEMM").as_deref() {
             Ok("cubek") => caramba_runtime::gpu::GemmLibrary::Cubek,
             _ => caramba_runtime::gpu::GemmLibrary::Vendor,
         },
-        buffers: std::env::var("CARAMBA_BENCH_POOLED")
-            .is_ok_and(|v| v == "1")
-            .then_some(caramba_runtime::gpu::Buffers::Pooled),
+        buffers: match std::env::var("CARAMBA_BENCH_BUFFERS").as_deref() {
+            Ok("pooled") => Some(caramba_runtime::gpu::Buffers::Pooled),
+            Ok("exact") => Some(caramba_runtime::gpu::Buffers::Exact),
+            Ok("planned") | Err(_) => Some(caramba_runtime::gpu::Buffers::Planned),
+            Ok(other) => panic!("CARAMBA_BENCH_BUFFERS={other:?}: pooled, exact or planned"),
+        },
         ..Default::default()
     };
     let d = LlamaDims::benchmark_shape(&which)
@@ -181,6 +184,14 @@ fn main() {
         warm.elapsed().as_secs_f64(),
         first.loss()
     );
+    // A second step untimed: the buffer plan (a trainer's default) is
+    // made from the first and its arenas allocated at the second.
+    let second = Instant::now();
+    trainer.step(&batch, 1e-4, Some(1.0)).expect("second step");
+    eprintln!(
+        "second step (the buffer plan made): {:.1} ms",
+        second.elapsed().as_secs_f64() * 1e3
+    );
     let start = Instant::now();
     let mut last = first.loss();
     // The host's share of each step: queuing the forward and backward,
@@ -197,6 +208,25 @@ fn main() {
     }
     let secs = start.elapsed().as_secs_f64() / steps as f64;
     let reserved = trainer.reserved_bytes();
+    // The buffer plan (a trainer's default): its arenas against the most
+    // bytes its values hold at once, and the first step's mark before it.
+    if let Some(p) = trainer.buffer_plan() {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        eprintln!(
+            "buffer plan: {} placed, arenas {:.2} GiB for a live peak of {:.2} GiB; {:.2} GiB \
+             outlive a run; reserved {:.2} GiB before the plan, {:.2} GiB now; {} recorded, \
+             {} replayed, {} off the recording",
+            p.placed,
+            gib(p.arena_bytes),
+            gib(p.live_peak),
+            gib(p.escaped),
+            p.reserved_before.map_or(f64::NAN, gib),
+            reserved.map_or(f64::NAN, gib),
+            p.recorded,
+            p.replayed,
+            p.broken
+        );
+    }
     // CARAMBA_BENCH_PROFILE=1: one more step with every kernel waited for,
     // and where its time went.
     if std::env::var("CARAMBA_BENCH_PROFILE").is_ok_and(|v| v == "1") {

@@ -424,13 +424,26 @@ impl DeviceTrainer {
     /// `bytes_reserved`): pools keep their pages, so after a run this is
     /// the high-water mark of what the training needed, padding included
     /// (more than PyTorch's `max_memory_allocated`, which counts live
-    /// tensors only).
+    /// tensors only). Except once: a buffer plan gives the first step's
+    /// buffers back before it makes its arenas (the mark before that is
+    /// `PlanReport::reserved_before`).
     pub fn reserved_bytes(&self) -> Option<u64> {
         match *self {
             #[cfg(feature = "wgpu")]
             DeviceTrainer::Wgpu(ref t) => t.executor().reserved_bytes(),
             #[cfg(feature = "cuda")]
             DeviceTrainer::Cuda(ref t) => t.executor().reserved_bytes(),
+        }
+    }
+
+    /// What the training executor's buffer plan did
+    /// ([`crate::gpu::GpuExecutor::buffer_plan`]; `None` unless planned).
+    pub fn buffer_plan(&self) -> Option<crate::gpu::PlanReport> {
+        match *self {
+            #[cfg(feature = "wgpu")]
+            DeviceTrainer::Wgpu(ref t) => t.executor().buffer_plan(),
+            #[cfg(feature = "cuda")]
+            DeviceTrainer::Cuda(ref t) => t.executor().buffer_plan(),
         }
     }
 

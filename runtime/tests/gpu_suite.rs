@@ -2082,11 +2082,14 @@ fn check_trainer<R: Runtime>(
     assert_eq!(trainer.step_count(), 3);
 }
 
-/// A trainer's exact buffers (its default, `Buffers::Exact`) change where
-/// its buffers come from, not what it computes: the same steps with
-/// pooled buffers give bit-identical losses, gradient norms, weights and
+/// Where a trainer's buffers come from (pooled, exact, or planned by
+/// liveness: its default, `Buffers::Planned`) changes nothing it computes:
+/// the same steps give bit-identical losses, gradient norms, weights and
 /// optimizer state (micro-batches summed in the trainer's accumulators,
-/// a resumed run's uploaded state, evaluation on the shared weights).
+/// a resumed run's uploaded state, evaluation on the shared weights). The
+/// planned run places every value, however small (`exact_min_bytes: 0`),
+/// so each backward after the first reads and writes slices of the plan's
+/// arenas where earlier values of the run lived.
 pub fn exact_buffers<R: Runtime>(dev: &R::Device) {
     use caramba_runtime::gpu::train::GpuTrainer;
     use caramba_runtime::gpu::Buffers;
@@ -2099,9 +2102,10 @@ pub fn exact_buffers<R: Runtime>(dev: &R::Device) {
         .map(|&n| (0..n).map(|_| lm_batch(&mut rng, 2, 8)).collect())
         .collect();
     let held_out = lm_batch(&mut rng, 2, 8);
-    let train = |buffers: Option<Buffers>| {
+    let train = |buffers: Option<Buffers>, exact_min_bytes: Option<u64>| {
         let options = GpuOptions {
             buffers,
+            exact_min_bytes,
             ..GpuOptions::default()
         };
         let mut trainer =
@@ -2127,6 +2131,8 @@ pub fn exact_buffers<R: Runtime>(dev: &R::Device) {
         let s = resumed.step(&steps[2], 1e-2, Some(1.0)).unwrap();
         stats.push((s.losses, s.grad_norm));
         let eval = resumed.eval_loss(&held_out.inputs, held_out.syms).unwrap();
+        let again = resumed.eval_loss(&held_out.inputs, held_out.syms).unwrap();
+        assert_eq!(eval, again, "a second evaluation (a replay where planned)");
         let state = resumed.optimizer_to_host().unwrap();
         let moments: Vec<(String, Vec<f32>, Vec<f32>)> = init
             .keys()
@@ -2135,23 +2141,48 @@ pub fn exact_buffers<R: Runtime>(dev: &R::Device) {
                 Some((n.clone(), m.to_vec(), v.to_vec()))
             })
             .collect();
+        let plans = [trainer.executor(), resumed.executor()].map(|e| e.buffer_plan());
         (
-            exact,
-            stats,
-            resumed.params_to_host().unwrap(),
-            moments,
-            eval,
+            (exact, plans),
+            (stats, resumed.params_to_host().unwrap(), moments, eval),
         )
     };
-    let (exact, exact_stats, exact_params, exact_moments, exact_eval) = train(None);
+    let ((exact, plans), default) = train(None, None);
     assert!(exact, "a trainer's default is exact buffers");
-    let (pooled, stats, params, moments, eval) = train(Some(Buffers::Pooled));
+    assert!(plans.iter().all(Option::is_some), "planned by default");
+    let ((exact, plans), planned) = train(Some(Buffers::Planned), Some(0));
+    assert!(exact);
+    for plan in plans {
+        // Three backward runs with one input shape: one recorded, two
+        // replayed, none off the recorded path.
+        let plan = plan.expect("planned");
+        eprintln!("{plan:?}");
+        assert_eq!(
+            (plan.recorded, plan.replayed, plan.broken),
+            (1, 2, 0),
+            "{plan:?}"
+        );
+        assert!(
+            plan.placed > 10 && plan.arena_bytes >= plan.live_peak,
+            "{plan:?}"
+        );
+    }
+    let ((_, plans), exact_only) = train(Some(Buffers::Exact), Some(0));
+    assert!(plans.iter().all(Option::is_none));
+    let ((pooled, _), pooled_run) = train(Some(Buffers::Pooled), None);
     assert!(!pooled);
-    assert_eq!(exact_stats, stats, "losses and gradient norms");
-    assert_eq!(exact_params, params, "weights");
-    assert_eq!(exact_moments, moments, "optimizer state");
-    assert_eq!(exact_eval, eval, "evaluation");
-    assert!(!moments.is_empty());
+    for (name, run) in [
+        ("default", default),
+        ("planned", planned),
+        ("exact", exact_only),
+    ] {
+        let (stats, params, moments, eval) = run;
+        assert_eq!(stats, pooled_run.0, "{name}: losses and gradient norms");
+        assert_eq!(params, pooled_run.1, "{name}: weights");
+        assert_eq!(moments, pooled_run.2, "{name}: optimizer state");
+        assert_eq!(eval, pooled_run.3, "{name}: evaluation");
+    }
+    assert!(!pooled_run.2.is_empty());
 }
 
 /// A mixed-precision trainer reads half-precision copies of its f32

@@ -22,10 +22,12 @@
 //! supported on the device: building an executor for a graph that uses
 //! them is an error, found before any launch.
 
+mod liveness;
 mod ops;
 pub mod source;
 pub mod train;
 
+pub use liveness::PlanReport;
 pub use source::{kernel_sources, KernelSource, Target};
 
 use caramba_ir::reference::{
@@ -99,6 +101,11 @@ pub struct GpuOptions {
     /// [`Buffers::Exact`] for [`train::GpuTrainer`] (every step asks for
     /// the same sizes) and [`Buffers::Pooled`] for everything else.
     pub buffers: Option<Buffers>,
+    /// With [`Buffers::Exact`] or [`Buffers::Planned`]: the smallest value,
+    /// in bytes, that takes an exact (or planned) buffer; smaller ones
+    /// (norms' weights, per-row statistics) stay in the pools' small
+    /// pages. `None`: 1 MiB. Tests lower it to plan a tiny model's values.
+    pub exact_min_bytes: Option<u64>,
 }
 
 /// Where an executor's buffers come from.
@@ -123,6 +130,21 @@ pub enum Buffers {
     /// training step), since such buffers are never sliced and never
     /// returned to the device while it is open.
     Exact,
+    /// As [`Buffers::Exact`], and the values of a run placed by a plan:
+    /// the first run with each set of input shapes records which values
+    /// are alive together, and the runs after it place those that die
+    /// within the run at offsets in a few large buffers, so that memory is
+    /// reserved for the most bytes alive at once rather than for the most
+    /// buffers of each size (see `liveness.rs`; BENCHMARKS.md, thirtieth
+    /// session). The trainer's default.
+    Planned,
+}
+
+impl Buffers {
+    /// Whether large buffers are allocated at their exact sizes.
+    pub fn exact(self) -> bool {
+        matches!(self, Buffers::Exact | Buffers::Planned)
+    }
 }
 
 /// Who computes matrix products on the device.
@@ -370,7 +392,8 @@ impl<R: Runtime> GpuExecutor<R> {
             .map_err(|_| GpuError::Device(format!("cannot open device {device:?}")))?;
         let narrow = HalfStorage::of(&client);
         // What the executor holds for its life: exact buffers too.
-        let _exact = ops::ExactAllocation::start(&client, options.buffers == Some(Buffers::Exact));
+        let _exact =
+            ops::ExactAllocation::start(&client, options.buffers.is_some_and(Buffers::exact));
         let mut uploaded = HashMap::new();
         for &id in &plan.order {
             let node = graph.node(id);
@@ -423,7 +446,7 @@ impl<R: Runtime> GpuExecutor<R> {
             ..self.options
         };
         let _exact = ops::ExactAllocation::start(&self.client, self.exact_buffers());
-        Ok(Self::from_plan(
+        let mut exec = Self::from_plan(
             self.client.clone(),
             graph,
             plan,
@@ -431,7 +454,13 @@ impl<R: Runtime> GpuExecutor<R> {
             options,
             self.vendor.clone(),
             self.narrow,
-        ))
+        );
+        // Their runs never overlap: one set of arenas serves both.
+        if let Some(p) = &self.recycled.planner {
+            let shared = p.lock().expect("buffer planner").sharing();
+            exec.recycled.planner = Some(std::sync::Mutex::new(shared));
+        }
+        Ok(exec)
     }
 
     /// A device value bound to `node` must be stored as this device stores
@@ -520,8 +549,12 @@ impl<R: Runtime> GpuExecutor<R> {
             copies,
             copies_by_name,
             recycled: ops::Recycled {
-                exact_from: (options.buffers == Some(Buffers::Exact))
-                    .then_some(ops::EXACT_MIN_BYTES),
+                exact_from: options
+                    .buffers
+                    .is_some_and(Buffers::exact)
+                    .then(|| options.exact_min_bytes.unwrap_or(ops::EXACT_MIN_BYTES)),
+                planner: (options.buffers == Some(Buffers::Planned))
+                    .then(|| std::sync::Mutex::new(liveness::Planner::new(&client))),
                 ..Default::default()
             },
             client,
@@ -627,6 +660,13 @@ impl<R: Runtime> GpuExecutor<R> {
     /// Whether this executor allocates exact buffers ([`Buffers::Exact`]).
     pub fn exact_buffers(&self) -> bool {
         self.recycled.exact_from.is_some()
+    }
+
+    /// What the buffer plan did so far ([`Buffers::Planned`]); `None` for
+    /// other buffers.
+    pub fn buffer_plan(&self) -> Option<liveness::PlanReport> {
+        let p = self.recycled.planner.as_ref()?;
+        Some(p.lock().expect("buffer planner").report.clone())
     }
 
     /// Reads a device tensor back (waits for the work that writes it).
@@ -819,7 +859,20 @@ impl<R: Runtime> GpuExecutor<R> {
     ) -> Result<BTreeMap<String, DeviceTensor>, GpuError> {
         let mut syms = syms;
         let mut uses = self.uses.clone();
-        self.recycled.next_run();
+        // What makes runs ask for the same buffers: the inputs' shapes,
+        // where they are, and the symbols given (see `liveness`).
+        let key = if self.recycled.planner.is_some() {
+            let host = host_inputs
+                .iter()
+                .map(|(n, t)| format!("{n}:host{:?}", t.shape()));
+            let dev = device_inputs
+                .iter()
+                .map(|(n, t)| format!("{n}:device{:?}", t.shape()));
+            format!("{syms:?} {}", host.chain(dev).collect::<Vec<_>>().join(" "))
+        } else {
+            String::new()
+        };
+        self.recycled.next_run(key, &self.client);
         self.rope_tables.clear();
         let mut values: HashMap<NodeId, DevTensor> = HashMap::new();
         // Concatenations' buffers, from their first slot's op on, and the
@@ -1093,7 +1146,7 @@ impl<R: Runtime> GpuExecutor<R> {
         self.client
             .flush()
             .map_err(|e| GpuError::Device(format!("{e:?}")))?;
-        Ok(self
+        let outputs = self
             .graph
             .outputs()
             .iter()
@@ -1107,7 +1160,11 @@ impl<R: Runtime> GpuExecutor<R> {
                 );
                 (name.clone(), DeviceTensor(v))
             })
-            .collect())
+            .collect();
+        // What the run no longer needs is dead now; outputs are not.
+        drop((values, computed, slot_bufs, reductions));
+        self.recycled.end_run();
+        Ok(outputs)
     }
 }
 

@@ -113,6 +113,9 @@ pub(crate) struct Recycled {
     /// Fresh buffers of at least this many bytes are exact (see
     /// [`ExactAllocation`]); `None`: every buffer comes from the pools.
     pub exact_from: Option<u64>,
+    /// With [`Buffers::Planned`](super::Buffers): where the exact ones go
+    /// (see `liveness`).
+    pub planner: Option<std::sync::Mutex<super::liveness::Planner>>,
 }
 
 /// Buffers given back during this run, and those left from the last one.
@@ -167,16 +170,14 @@ impl Recycled {
         client: &ComputeClient<R>,
         bytes: usize,
     ) -> Handle {
-        pool.and_then(|r| r.take(bytes)).unwrap_or_else(|| {
-            if pool
-                .and_then(|r| r.exact_from)
-                .is_some_and(|m| bytes as u64 >= m)
-            {
-                exact_empty(client, bytes)
-            } else {
-                client.empty(bytes)
-            }
-        })
+        pool.and_then(|r| r.take(bytes))
+            .unwrap_or_else(|| match pool {
+                Some(r) if r.exact_from.is_some_and(|m| bytes as u64 >= m) => match &r.planner {
+                    Some(p) => p.lock().expect("buffer planner").request(bytes, client),
+                    None => exact_empty(client, bytes),
+                },
+                _ => client.empty(bytes),
+            })
     }
 
     /// Bytes held for reuse.
@@ -189,12 +190,23 @@ impl Recycled {
             .sum()
     }
 
-    /// Starts a run: what the last run left untaken goes back to CubeCL,
-    /// and what it gave back becomes this run's to take.
-    pub fn next_run(&self) {
+    /// Starts a run with inputs described by `key` (see `liveness`): what
+    /// the last run left untaken goes back to CubeCL, and what it gave
+    /// back becomes this run's to take.
+    pub fn next_run<R: Runtime>(&self, key: super::liveness::RunKey, client: &ComputeClient<R>) {
         let mut pools = self.held.lock().expect("recycled buffers");
         let fresh = std::mem::take(&mut pools.fresh);
         pools.stale = fresh;
+        if let Some(p) = &self.planner {
+            p.lock().expect("buffer planner").start(key, client);
+        }
+    }
+
+    /// Ends a run that completed (a failed one is not planned from).
+    pub fn end_run(&self) {
+        if let Some(p) = &self.planner {
+            p.lock().expect("buffer planner").end();
+        }
     }
 }
 

@@ -436,7 +436,7 @@ impl<R: Runtime> GpuTrainer<R> {
         // become copies the optimizer writes (`GpuOptions::param_copies`).
         let options = GpuOptions {
             param_copies: true,
-            buffers: Some(options.buffers.unwrap_or(Buffers::Exact)),
+            buffers: Some(options.buffers.unwrap_or(Buffers::Planned)),
             ..options
         };
         let exec = GpuExecutor::with_options(device, graph, params, options)?;
