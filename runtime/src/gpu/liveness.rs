@@ -9,8 +9,13 @@
 //! - **Recording** ([`Planner::request`] in a recording run): each request of
 //!   the executor's exact size or more (`Recycled::exact_from`) gets a buffer
 //!   of its own, an *object* the planner keeps a handle to, reused for a
-//!   later request of no more than its size once nothing else refers to it
-//!   (CubeCL's `can_mut`: no value, view, output or copy holds a clone).
+//!   later request of half its size to its whole size (the smallest such
+//!   object first) once nothing else refers to it (CubeCL's `can_mut`: no
+//!   value, view, output or copy holds a clone). Without the lower bound a
+//!   small value could take the logits' buffer, and the next logits would
+//!   need another: SmolLM2's first step at batch 32 reserved 63.0 GiB so,
+//!   against 55.9 with reuse by equal size only (BENCHMARKS.md, thirtieth
+//!   session).
 //!   When the planner next looks (at every request, and at the end of the
 //!   run), a request whose object is free is marked dead from then on.
 //! - **Layout** ([`layout`]): the requests that die within the run are placed
@@ -308,7 +313,10 @@ impl Planner {
                 let fit = objects
                     .iter()
                     .enumerate()
-                    .filter(|(_, o)| o.holder.is_none() && o.handle.size() >= bytes)
+                    .filter(|(_, o)| {
+                        let size = o.handle.size();
+                        o.holder.is_none() && size >= bytes && size <= bytes.saturating_mul(2)
+                    })
                     .min_by_key(|(_, o)| o.handle.size())
                     .map(|(i, _)| i);
                 let i = fit.unwrap_or_else(|| {
