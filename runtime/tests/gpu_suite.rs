@@ -2097,7 +2097,7 @@ pub fn exact_buffers<R: Runtime>(dev: &R::Device) {
     let (graph, forward, init) = tiny_training_graph("model.layers.1.input_layernorm.weight");
     let config = OptimizerConfig::adamw(0.01);
     let mut rng = Rng(47);
-    let steps: Vec<Vec<_>> = [2, 1, 3]
+    let steps: Vec<Vec<_>> = [1, 1, 2, 3]
         .iter()
         .map(|&n| (0..n).map(|_| lm_batch(&mut rng, 2, 8)).collect())
         .collect();
@@ -2115,7 +2115,7 @@ pub fn exact_buffers<R: Runtime>(dev: &R::Device) {
                 .unwrap();
         let exact = trainer.executor().exact_buffers();
         let mut stats = Vec::new();
-        for batches in &steps[..2] {
+        for batches in &steps[..3] {
             let s = trainer.step(batches, 1e-2, Some(1.0)).unwrap();
             stats.push((s.losses, s.grad_norm));
         }
@@ -2128,7 +2128,7 @@ pub fn exact_buffers<R: Runtime>(dev: &R::Device) {
             .unwrap()
             .with_eval_graph(&forward)
             .unwrap();
-        let s = resumed.step(&steps[2], 1e-2, Some(1.0)).unwrap();
+        let s = resumed.step(&steps[3], 1e-2, Some(1.0)).unwrap();
         stats.push((s.losses, s.grad_norm));
         let eval = resumed.eval_loss(&held_out.inputs, held_out.syms).unwrap();
         let again = resumed.eval_loss(&held_out.inputs, held_out.syms).unwrap();
@@ -2152,16 +2152,33 @@ pub fn exact_buffers<R: Runtime>(dev: &R::Device) {
     assert!(plans.iter().all(Option::is_some), "planned by default");
     let ((exact, plans), planned) = train(Some(Buffers::Planned), Some(0));
     assert!(exact);
-    for plan in plans {
-        // Three backward runs with one input shape: one recorded, two
-        // replayed, none off the recorded path.
-        let plan = plan.expect("planned");
-        eprintln!("{plan:?}");
-        assert_eq!(
-            (plan.recorded, plan.replayed, plan.broken),
-            (1, 2, 0),
-            "{plan:?}"
-        );
+    let [first, resumed] = plans.map(|p| p.expect("planned"));
+    eprintln!("{first:?}\n{resumed:?}");
+    // Steps of one, one and two micro-batches, all of one input shape:
+    // the first recorded; its gradients, dropped after the update, placed
+    // too (nothing outlives the runs); the second and the third step's
+    // first micro-batch replayed; the last found that micro-batch's
+    // gradients still held (kept for the sum) and recorded again.
+    assert_eq!(
+        (first.recorded, first.replayed, first.broken, first.held),
+        (2, 2, 0, 1),
+        "{first:?}"
+    );
+    assert_eq!(first.escaped, 0, "{first:?}");
+    // Three micro-batches on the resumed trainer: the first one's
+    // gradients are kept for the sum, so they are left out.
+    assert_eq!(
+        (
+            resumed.recorded,
+            resumed.replayed,
+            resumed.broken,
+            resumed.held
+        ),
+        (1, 2, 0, 0),
+        "{resumed:?}"
+    );
+    assert!(resumed.escaped > 0, "{resumed:?}");
+    for plan in [first, resumed] {
         assert!(
             plan.placed > 10 && plan.arena_bytes >= plan.live_peak,
             "{plan:?}"

@@ -18,27 +18,34 @@
 //!   session).
 //!   When the planner next looks (at every request, and at the end of the
 //!   run), a request whose object is free is marked dead from then on.
-//! - **Layout** ([`layout`]): the requests that die within the run are placed
-//!   at offsets in a few large buffers (*arenas*, none over the device's
-//!   largest buffer), largest first, each where it overlaps no request alive
-//!   at the same time, in the smallest gap that holds it (TensorFlow Lite's
-//!   "greedy by size" offsets). A request that outlives the run (an output,
-//!   or a value an output views) is left out: it gets a buffer of its own in
-//!   every run.
+//! - **Layout** ([`layout`], made when the next run starts): the requests
+//!   that die within the run, or between its end and the next start (a
+//!   trainer's gradients, dropped after the update), are placed at offsets
+//!   in a few large buffers (*arenas*, none over the device's largest
+//!   buffer), largest first, each where it overlaps no request alive at the
+//!   same time, in the smallest gap that holds it (TensorFlow Lite's
+//!   "greedy by size" offsets). A request still alive then (an output the
+//!   caller kept, or a value such an output views) is left out: it gets a
+//!   buffer of its own in every run.
 //! - **Replay**: request `k` of a later run gets its slice of an arena
 //!   (`Handle::offset_start`/`offset_end`, which CubeCL applies to bindings
 //!   and to vendor reads alike). A request whose size differs from the
 //!   recording's ends the replay for that run (the rest get buffers of their
 //!   own) and the next run records again.
 //!
-//! Why it is safe: two requests share bytes only where the recording saw the
-//! first one dead (no handle to it anywhere) before the second was asked for,
-//! and a run with the same input shapes takes the same path. Kernels run in
-//! the order they are queued on the executor's stream (cuBLASLt's launches
-//! are ordered with it), so a kernel that writes a reused slice runs after
-//! every kernel that read the value before it, as with CubeCL's own reuse.
+//! Why it is safe: within a run, two requests share bytes only where the
+//! recording saw the first one dead (no handle to it anywhere) before the
+//! second was asked for, and a run with the same input shapes takes the
+//! same path. Across runs, a replay starts only where no slice of any arena
+//! is alive (the arenas' handles have no clone but the planner's): where a
+//! caller kept an output this time (the first micro-batch's gradients, kept
+//! for the next one's sum), the run records instead, and that key's outputs
+//! get buffers of their own from then on. Kernels run in the order they are
+//! queued on the executor's stream (cuBLASLt's launches are ordered with
+//! it), so a kernel that writes a reused slice runs after every kernel that
+//! read the value before it, as with CubeCL's own reuse.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use caramba_kernels::cubecl::prelude::*;
@@ -46,7 +53,8 @@ use caramba_kernels::cubecl::server::Handle;
 
 /// One recorded request: its size, and the index of the first request
 /// asked for after it was seen dead (the number of requests when it died
-/// after the last one); `None` when it outlived the run.
+/// after the last one, or between the run's end and the next run's
+/// start); `None` when it outlived that.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Traced {
     pub bytes: u64,
@@ -197,6 +205,9 @@ pub struct PlanReport {
     pub replayed: usize,
     /// Replays that met a request other than the recording's.
     pub broken: usize,
+    /// Runs that found a value placed by an earlier run still held (an
+    /// output its caller kept) and recorded instead of replaying.
+    pub held: usize,
     /// The latest plan: its arenas' bytes, the most bytes its requests
     /// hold at one time, the bytes of requests that outlive a run, and
     /// the number of requests placed.
@@ -223,6 +234,13 @@ pub(crate) struct Planner {
     cap: u64,
     align: u64,
     layouts: HashMap<RunKey, Arc<Layout>>,
+    /// A finished recording whose outputs are judged when the next run
+    /// starts: those dead by then are placed too.
+    pending: Option<(RunKey, Vec<Traced>, Vec<Object>)>,
+    /// Keys whose placed outputs were still held when a later run started
+    /// (the first micro-batch's gradients, kept for the next one's sum):
+    /// their outputs get buffers of their own from then on.
+    outputs_kept: HashSet<RunKey>,
     arenas: Arc<std::sync::Mutex<Arenas>>,
     run: Run,
     pub report: PlanReport,
@@ -240,6 +258,8 @@ impl Planner {
             cap: memory.max_page_size,
             align: memory.alignment.max(ARENA_ALIGN),
             layouts: HashMap::new(),
+            pending: None,
+            outputs_kept: HashSet::new(),
             arenas: Default::default(),
             run: Run::Idle,
             report: PlanReport::default(),
@@ -250,29 +270,43 @@ impl Planner {
     /// this one's arenas (see [`Arenas`]).
     pub fn sharing(&self) -> Planner {
         Planner {
-            cap: self.cap,
-            align: self.align,
             layouts: HashMap::new(),
+            pending: None,
+            outputs_kept: HashSet::new(),
             arenas: self.arenas.clone(),
             run: Run::Idle,
             report: PlanReport::default(),
+            ..*self
         }
     }
 
     /// Starts a run with inputs described by `key`: a replay where a run
-    /// with the same key was recorded, else a recording.
+    /// with the same key was recorded and nothing placed is still held,
+    /// else a recording.
     pub fn start<R: Runtime>(&mut self, key: RunKey, client: &ComputeClient<R>) {
         // A run that ended in an error left its recording unfinished.
         self.run = Run::Idle;
+        if let Some((done, mut trace, mut objects)) = self.pending.take() {
+            if !self.outputs_kept.contains(&done) {
+                let n = trace.len();
+                see_dead(&mut trace, &mut objects, n);
+            }
+            drop(objects);
+            self.plan(done, &trace);
+        }
         let Some(layout) = self.layouts.get(&key).cloned() else {
-            self.run = Run::Record {
-                key,
-                trace: Vec::new(),
-                objects: Vec::new(),
-            };
-            return;
+            return self.record(key);
         };
         let mut arenas = self.arenas.lock().expect("arenas");
+        // Every value placed by an earlier run must be dead: an output its
+        // caller still holds is not (the arena's handle has another clone).
+        if arenas.0.iter().any(|h| !h.can_mut()) {
+            drop(arenas);
+            self.report.held += 1;
+            self.layouts.remove(&key);
+            self.outputs_kept.insert(key.clone());
+            return self.record(key);
+        }
         let short = |a: usize| arenas.0.get(a).is_none_or(|h| h.size() < layout.arenas[a]);
         if (0..layout.arenas.len()).any(short) {
             if self.report.reserved_before.is_none() {
@@ -288,7 +322,7 @@ impl Planner {
                         .push(super::ops::exact_empty(client, bytes as usize));
                 } else if arenas.0[a].size() < bytes {
                     // The old one goes back to CubeCL's persistent pool:
-                    // nothing placed in it is alive between runs.
+                    // nothing placed in it is alive (checked above).
                     arenas.0[a] = super::ops::exact_empty(client, bytes as usize);
                 }
             }
@@ -300,6 +334,28 @@ impl Planner {
             next: 0,
             broken: false,
         };
+    }
+
+    fn record(&mut self, key: RunKey) {
+        self.run = Run::Record {
+            key,
+            trace: Vec::new(),
+            objects: Vec::new(),
+        };
+    }
+
+    /// Makes `key`'s layout from its recording, in the arenas as they are.
+    fn plan(&mut self, key: RunKey, trace: &[Traced]) {
+        let given: Vec<u64> = {
+            let arenas = self.arenas.lock().expect("arenas");
+            arenas.0.iter().map(Handle::size).collect()
+        };
+        let layout = layout(trace, self.cap, self.align, &given);
+        self.report.arena_bytes = layout.arenas.iter().sum();
+        self.report.live_peak = layout.live_peak;
+        self.report.escaped = layout.escaped;
+        self.report.placed = layout.place.iter().flatten().count();
+        self.layouts.insert(key, Arc::new(layout));
     }
 
     /// A buffer of `bytes` for this run's next request.
@@ -354,8 +410,9 @@ impl Planner {
         }
     }
 
-    /// Ends the run: a recording becomes its key's layout; a replay that
-    /// left the recording's path drops it, so the next run records again.
+    /// Ends the run: a recording waits for the next start (which judges
+    /// its outputs) to become its key's layout; a replay that left the
+    /// recording's path drops it, so the next run records again.
     pub fn end(&mut self) {
         match std::mem::replace(&mut self.run, Run::Idle) {
             Run::Idle => {}
@@ -366,17 +423,8 @@ impl Planner {
             } => {
                 let n = trace.len();
                 see_dead(&mut trace, &mut objects, n);
-                let given: Vec<u64> = {
-                    let arenas = self.arenas.lock().expect("arenas");
-                    arenas.0.iter().map(Handle::size).collect()
-                };
-                let layout = layout(&trace, self.cap, self.align, &given);
                 self.report.recorded += 1;
-                self.report.arena_bytes = layout.arenas.iter().sum();
-                self.report.live_peak = layout.live_peak;
-                self.report.escaped = layout.escaped;
-                self.report.placed = layout.place.iter().flatten().count();
-                self.layouts.insert(key, Arc::new(layout));
+                self.pending = Some((key, trace, objects));
             }
             Run::Replay { key, broken, .. } => {
                 if broken {
