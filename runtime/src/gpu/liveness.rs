@@ -77,6 +77,15 @@ pub(crate) struct Layout {
     pub escaped: u64,
 }
 
+/// A request placed in an arena: alive from request `start` until request
+/// `end`, at `offset`, taking `size` bytes (rounded to the alignment).
+struct Placed {
+    start: usize,
+    end: usize,
+    offset: u64,
+    size: u64,
+}
+
 /// Places the requests of `trace` that die within the run in arenas of at
 /// most `cap` bytes each, offsets aligned to `align` bytes (see the module
 /// documentation), starting from arenas of the sizes `given` (those another
@@ -90,10 +99,8 @@ pub(crate) fn layout(trace: &[Traced], cap: u64, align: u64, given: &[u64]) -> L
         .filter(|&k| trace[k].dead_from.is_some() && round(trace[k].bytes) <= cap)
         .collect();
     items.sort_by_key(|&k| (std::cmp::Reverse(round(trace[k].bytes)), k));
-    // Per arena: its size and what is placed in it, as (first request,
-    // dead from, offset, rounded size).
-    let mut arenas: Vec<(u64, Vec<(usize, usize, u64, u64)>)> =
-        given.iter().map(|&g| (g, Vec::new())).collect();
+    // Per arena: its size and what is placed in it.
+    let mut arenas: Vec<(u64, Vec<Placed>)> = given.iter().map(|&g| (g, Vec::new())).collect();
     let mut place = vec![None; n];
     for k in items {
         let (start, end, size) = (
@@ -107,8 +114,8 @@ pub(crate) fn layout(trace: &[Traced], cap: u64, align: u64, given: &[u64]) -> L
         for (a, (asize, placed)) in arenas.iter().enumerate() {
             let mut busy: Vec<(u64, u64)> = placed
                 .iter()
-                .filter(|&&(s, e, _, _)| s < end && start < e)
-                .map(|&(_, _, o, z)| (o, o + z))
+                .filter(|p| p.start < end && start < p.end)
+                .map(|p| (p.offset, p.offset + p.size))
                 .collect();
             busy.sort_unstable();
             let mut at = 0;
@@ -135,11 +142,22 @@ pub(crate) fn layout(trace: &[Traced], cap: u64, align: u64, given: &[u64]) -> L
                 if grows {
                     *asize = offset + size;
                 }
-                placed.push((start, end, offset, size));
+                placed.push(Placed {
+                    start,
+                    end,
+                    offset,
+                    size,
+                });
                 place[k] = Some((a, offset));
             }
             None => {
-                arenas.push((size, vec![(start, end, 0, size)]));
+                let first = Placed {
+                    start,
+                    end,
+                    offset: 0,
+                    size,
+                };
+                arenas.push((size, vec![first]));
                 place[k] = Some((arenas.len() - 1, 0));
             }
         }
