@@ -133,7 +133,8 @@ pub enum Buffers {
     /// As [`Buffers::Exact`], and the values of a run placed by a plan:
     /// the first run with each set of input shapes records which values
     /// are alive together, and the runs after it place those that die
-    /// within the run at offsets in a few large buffers, so that memory is
+    /// within the run (or before the next run starts, as a trainer's
+    /// gradients do) at offsets in a few large buffers, so that memory is
     /// reserved for the most bytes alive at once rather than for the most
     /// buffers of each size (see `liveness.rs`; BENCHMARKS.md, thirtieth
     /// session). The trainer's default.
