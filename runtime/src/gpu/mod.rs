@@ -98,7 +98,7 @@ pub struct GpuOptions {
     /// [`GpuExecutor::sharing`] never keep copies (they would go stale).
     pub param_copies: bool,
     /// How buffers are allocated; `None`: the runner's default, which is
-    /// [`Buffers::Exact`] for [`train::GpuTrainer`] (every step asks for
+    /// [`Buffers::Planned`] for [`train::GpuTrainer`] (every step asks for
     /// the same sizes) and [`Buffers::Pooled`] for everything else.
     pub buffers: Option<Buffers>,
     /// With [`Buffers::Exact`] or [`Buffers::Planned`]: the smallest value,
@@ -658,7 +658,8 @@ impl<R: Runtime> GpuExecutor<R> {
         upload_as(&self.client, t, t.dtype(), elem, "upload").map(DeviceTensor)
     }
 
-    /// Whether this executor allocates exact buffers ([`Buffers::Exact`]).
+    /// Whether this executor allocates exact buffers ([`Buffers::Exact`]
+    /// or [`Buffers::Planned`]).
     pub fn exact_buffers(&self) -> bool {
         self.recycled.exact_from.is_some()
     }
