@@ -73,7 +73,8 @@ pub(crate) struct Layout {
     /// The most bytes the placed requests hold at one time (unrounded):
     /// what no placement can go below.
     pub live_peak: u64,
-    /// Bytes of the requests that outlive a run (outputs and their views).
+    /// Bytes of the requests left out: those that outlive a run (outputs
+    /// kept and their views) and any larger than an arena may be.
     pub escaped: u64,
 }
 
@@ -227,7 +228,7 @@ pub struct PlanReport {
     /// output its caller kept) and recorded instead of replaying.
     pub held: usize,
     /// The latest plan: its arenas' bytes, the most bytes its requests
-    /// hold at one time, the bytes of requests that outlive a run, and
+    /// hold at one time, the bytes of requests left out (see `Layout::escaped`), and
     /// the number of requests placed.
     pub arena_bytes: u64,
     pub live_peak: u64,
