@@ -99,6 +99,54 @@ fn cross_entropy_kernel<L: Float, O: Float, N: Size>(
     }
 }
 
+/// A gradient row's factors: `g / Σexp` (NaN for a target outside
+/// `0..v`), the target's column (`v` then: no column is hot) and `g`.
+#[cube]
+fn grad_row<G: Float>(
+    targets: &Array<i32>,
+    g: &Array<G>,
+    row: usize,
+    v: usize,
+    sum: f32,
+    nan: f32,
+) -> (f32, usize, f32) {
+    let t = targets[row];
+    let gt = f32::cast_from(g[row]);
+    let mut scale = gt / sum;
+    // `v` matches no column: the one-hot part of an invalid target.
+    let mut hot = v;
+    if t < 0 || (t as usize) >= v {
+        scale = nan;
+    } else {
+        hot = t as usize;
+    }
+    (scale, hot, gt)
+}
+
+/// Vector `j` of a gradient row from the same vector of its logits.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn grad_vector<L: Float, N: Size>(
+    x: Vector<L, N>,
+    j: usize,
+    max: f32,
+    scale: f32,
+    hot: usize,
+    gt: f32,
+    #[comptime] nv: usize,
+) -> Vector<L, N> {
+    let mut y = Vector::<L, N>::empty();
+    #[unroll]
+    for lane in 0..nv {
+        let mut d = (f32::cast_from(x[lane]) - max).exp() * scale;
+        if j * nv + lane == hot {
+            d -= gt;
+        }
+        y[lane] = L::cast_from(d);
+    }
+    y
+}
+
 /// `(softmax(row) − one_hot(target))·g` of each row: the row's max and
 /// sum of exponentials as in `cross_entropy_kernel`, then every unit writes
 /// its vectors of the gradient. A target outside `0..v` gives a NaN row.
@@ -122,30 +170,43 @@ fn cross_entropy_grad_kernel<L: Float, G: Float, N: Size>(
     let nvec = v / nv;
     let base = row * nvec;
     let (m, s) = row_max_sum::<L, N>(logits, base, nvec, neg_inf, nv);
-    let t = targets[row];
-    let gt = f32::cast_from(g[row]);
-    let mut scale = gt / s;
-    // `v` matches no column: the one-hot part of an invalid target.
-    let mut hot = v;
-    if t < 0 || (t as usize) >= v {
-        scale = nan;
-    } else {
-        hot = t as usize;
+    let (scale, hot, gt) = grad_row::<G>(targets, g, row, v, s, nan);
+    let step = CUBE_DIM as usize;
+    let mut j = UNIT_POS as usize;
+    while j < nvec {
+        out[base + j] = grad_vector::<L, N>(logits[base + j], j, m, scale, hot, gt, nv);
+        j += step;
     }
+}
+
+/// `cross_entropy_grad_kernel` writing each row over its logits: every
+/// unit reads a vector before it writes it, and the row's statistics are
+/// complete (the cube synchronized) before any unit writes.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn cross_entropy_grad_in_place_kernel<L: Float, G: Float, N: Size>(
+    logits: &mut Array<Vector<L, N>>,
+    targets: &Array<i32>,
+    g: &Array<G>,
+    v: usize,
+    rows: usize,
+    neg_inf: f32,
+    nan: f32,
+    #[comptime] nv: usize,
+) {
+    let row = linear_cube();
+    if row >= rows {
+        terminate!();
+    }
+    let nvec = v / nv;
+    let base = row * nvec;
+    let (m, s) = row_max_sum::<L, N>(logits, base, nvec, neg_inf, nv);
+    let (scale, hot, gt) = grad_row::<G>(targets, g, row, v, s, nan);
     let step = CUBE_DIM as usize;
     let mut j = UNIT_POS as usize;
     while j < nvec {
         let x = logits[base + j];
-        let mut y = Vector::<L, N>::empty();
-        #[unroll]
-        for lane in 0..nv {
-            let mut d = (f32::cast_from(x[lane]) - m).exp() * scale;
-            if j * nv + lane == hot {
-                d -= gt;
-            }
-            y[lane] = L::cast_from(d);
-        }
-        out[base + j] = y;
+        logits[base + j] = grad_vector::<L, N>(x, j, m, scale, hot, gt, nv);
         j += step;
     }
 }
@@ -185,6 +246,39 @@ pub fn launch_cross_entropy_grad<R: Runtime>(
             ArrayArg::from_raw_parts(targets.clone(), rows),
             ArrayArg::from_raw_parts(g.1.clone(), rows),
             ArrayArg::from_raw_parts(out.clone(), rows * v / nv),
+            v,
+            rows,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            nv,
+        );
+    }));
+}
+
+/// [`launch_cross_entropy_grad`] writing the gradient over `logits`
+/// (which must be the caller's alone: nothing reads the logits after).
+/// Bit for bit the same values.
+pub fn launch_cross_entropy_grad_in_place<R: Runtime>(
+    client: &ComputeClient<R>,
+    logits: (FloatElem, &Handle),
+    targets: &Handle,
+    g: (FloatElem, &Handle),
+    rows: usize,
+    v: usize,
+) {
+    if rows == 0 || v == 0 {
+        return;
+    }
+    let nv = row_vector(client, logits.0, v);
+    with_float!(logits.0, L => with_float!(g.0, G => unsafe {
+        cross_entropy_grad_in_place_kernel::launch_unchecked::<L, G, R>(
+            client,
+            grid_1d(rows, 1),
+            CubeDim::new_1d(ROW_BLOCK),
+            nv,
+            ArrayArg::from_raw_parts(logits.1.clone(), rows * v / nv),
+            ArrayArg::from_raw_parts(targets.clone(), rows),
+            ArrayArg::from_raw_parts(g.1.clone(), rows),
             v,
             rows,
             f32::NEG_INFINITY,

@@ -571,6 +571,56 @@ pub fn cross_entropy<R: Runtime>(dev: &R::Device) {
         );
         let bindings = bind(vec![logits, rng.ids(&[3, 4], v), rng.tensor(&[3, 4])]);
         check::<R>(dev, &g, &bindings, TOL);
+        let exec = GpuExecutor::<R>::new(dev, &g, &BTreeMap::<String, Tensor>::new()).unwrap();
+        assert_eq!(exec.in_place_ops(), 0, "an input's buffer is not the run's");
+    }
+    // Logits that are a product: the gradient is written over them where
+    // nothing reads them after it, and is the same.
+    // Not where the caller gets the logits, nor where an op reads them
+    // after the gradient.
+    for (v, logits_out, late_reader) in [
+        (4096, false, false),
+        (301, false, false),
+        (4096, true, false),
+        (301, false, true),
+    ] {
+        let mut g = Graph::new("xent_over_logits");
+        let h = g.input("x0", f32t(&[3, 4, 16])).unwrap();
+        let w = g.input("x1", f32t(&[16, v])).unwrap();
+        let l = g.add(Op::MatMul, &[h, w], "").unwrap();
+        let t = g
+            .input("x2", TensorType::new(DType::I32, shape![3, 4]))
+            .unwrap();
+        let gy = g.input("x3", f32t(&[3, 4])).unwrap();
+        let y = g.add(Op::CrossEntropy, &[l, t], "").unwrap();
+        let dl = g.add(Op::CrossEntropyGrad, &[l, t, gy], "").unwrap();
+        // The gradient's products read it after the logits are gone.
+        let dh = g.add(Op::Permute(vec![1, 0]), &[w], "").unwrap();
+        let dh = g.add(Op::MatMul, &[dl, dh], "").unwrap();
+        g.set_output("y", y);
+        g.set_output("dlogits", dl);
+        g.set_output("dh", dh);
+        if logits_out {
+            g.set_output("logits", l);
+        }
+        if late_reader {
+            let z = g.add(Op::Unary(UnaryOp::Exp), &[l], "").unwrap();
+            g.set_output("exp_logits", z);
+        }
+        let bindings = bind(vec![
+            rng.tensor(&[3, 4, 16]),
+            rng.tensor(&[16, v]),
+            rng.ids(&[3, 4], v),
+            rng.tensor(&[3, 4]),
+        ]);
+        check::<R>(dev, &g, &bindings, TOL);
+        let exec = GpuExecutor::<R>::new(dev, &g, &BTreeMap::<String, Tensor>::new()).unwrap();
+        // The order follows construction: the gradient reads them last.
+        assert_eq!(
+            exec.in_place_ops(),
+            usize::from(!logits_out && !late_reader),
+            "v {v}, logits an output: {logits_out}, read after: {late_reader}"
+        );
     }
 }
 
@@ -1845,9 +1895,13 @@ fn tiny_training_graph(frozen: &str) -> (Graph, Graph, BTreeMap<String, Tensor>)
         })
         .collect();
     let names: Vec<String> = params.keys().filter(|n| *n != frozen).cloned().collect();
-    // As training pipelines do: attention fused first, so that its backward
-    // is the flash-style one, whose log-sum-exp the forward kernel gives.
-    let graph = caramba_compiler::differentiate_for_training(&forward, "loss", &names).unwrap();
+    // As training pipelines do: the loss and gradients only (not the
+    // logits, which `caramba run` drops too), attention fused first, so
+    // that its backward is the flash-style one, whose log-sum-exp the
+    // forward kernel gives.
+    let mut loss_only = forward.clone();
+    loss_only.remove_output("logits");
+    let graph = caramba_compiler::differentiate_for_training(&loss_only, "loss", &names).unwrap();
     let has = |f: fn(&Op) -> bool| graph.node_ids().any(|id| f(&graph.node(id).op));
     assert!(has(|op| matches!(op, Op::AttentionGrad { .. })));
     assert!(has(|op| matches!(op, Op::AttentionWithLse { .. })));
@@ -2114,6 +2168,11 @@ pub fn exact_buffers<R: Runtime>(dev: &R::Device) {
                 .with_eval_graph(&forward)
                 .unwrap();
         let exact = trainer.executor().exact_buffers();
+        assert_eq!(
+            trainer.executor().in_place_ops(),
+            1,
+            "the loss's gradient written over the logits"
+        );
         let mut stats = Vec::new();
         for batches in &steps[..3] {
             let s = trainer.step(batches, 1e-2, Some(1.0)).unwrap();

@@ -340,6 +340,9 @@ pub struct GpuExecutor<R: Runtime> {
     /// Producers that add the other operand of their one reader, an add,
     /// in (see [`folded_adds`]): by that add and its other operand.
     folded_adds: HashMap<NodeId, (NodeId, NodeId)>,
+    /// Ops that write their result over their first operand (see
+    /// [`in_place`]).
+    in_place: HashSet<NodeId>,
     /// Reductions of slices computed as slices of one whole reduction
     /// (see [`ReducedSlices`]).
     reduced_slices: ReducedSlices,
@@ -543,6 +546,7 @@ impl<R: Runtime> GpuExecutor<R> {
         let grad_pairs = grad_pairs(graph, &plan.order);
         let folded_adds = folded_adds(graph, &plan.order, &plan.slots, narrow);
         let reduced_slices = reduced_slices(graph, &plan.order);
+        let in_place = in_place(graph, &plan.order);
         GpuExecutor {
             rope_freqs,
             rope_keys,
@@ -573,6 +577,7 @@ impl<R: Runtime> GpuExecutor<R> {
             permuted,
             grad_pairs,
             folded_adds,
+            in_place,
             reduced_slices,
             options,
             vendor,
@@ -669,6 +674,13 @@ impl<R: Runtime> GpuExecutor<R> {
     pub fn buffer_plan(&self) -> Option<liveness::PlanReport> {
         let p = self.recycled.planner.as_ref()?;
         Some(p.lock().expect("buffer planner").report.clone())
+    }
+
+    /// How many launches a run writes over their first operand, which dies
+    /// there (cross-entropy gradients over their logits, see
+    /// [`in_place`]).
+    pub fn in_place_ops(&self) -> usize {
+        self.in_place.len()
     }
 
     /// Reads a device tensor back (waits for the work that writes it).
@@ -816,6 +828,7 @@ impl<R: Runtime> GpuExecutor<R> {
             dest: None,
             placed: &[],
             second: None,
+            in_place: false,
         };
         if !self.options.profile {
             return ctx.apply(&[x], shape);
@@ -1061,7 +1074,12 @@ impl<R: Runtime> GpuExecutor<R> {
                         dest: dest.as_ref().or(concat_buf.as_ref()).or(out_buf.as_ref()),
                         placed: &placed,
                         second: second.as_ref(),
+                        in_place: self.in_place.contains(&id),
                     };
+                    debug_assert!(
+                        !ctx.in_place || uses[&operands[0]] == 1,
+                        "written over an operand that is read later"
+                    );
                     let out = if self.options.profile {
                         self.wait()?;
                         let start = std::time::Instant::now();
@@ -1231,6 +1249,53 @@ fn param_copies<R: Runtime>(
         copies.insert(id, copy);
     }
     (copies, by_name)
+}
+
+/// Cross-entropy gradients written over their logits (`Ctx::in_place`):
+/// the gradient has the logits' type, and on a language model the two are
+/// the largest values of a training step (SmolLM2 at B32 × 2048: 6 GiB
+/// each in bf16), alive together at the loss's gradient unless one takes
+/// the other's buffer. Those whose logits are a product (`matmul` or
+/// `rms_norm_matmul`, not a weight gradient's batch sum: a buffer of the
+/// run's own, never a view of another value, a parameter, a caller's
+/// tensor or a concatenation's slot), not an output, read by no op after
+/// the gradient and only once by it. `CARAMBA_NO_IN_PLACE=1` keeps them
+/// apart (for measuring what this saves).
+fn in_place(graph: &Graph, order: &[NodeId]) -> HashSet<NodeId> {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *OFF.get_or_init(|| std::env::var("CARAMBA_NO_IN_PLACE").is_ok_and(|v| v == "1")) {
+        return HashSet::new();
+    }
+    let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    let outputs: HashSet<NodeId> = graph.outputs().iter().map(|(_, id)| *id).collect();
+    order
+        .iter()
+        .copied()
+        .filter(|&u| {
+            if !matches!(graph.node(u).op, caramba_ir::Op::CrossEntropyGrad) {
+                return false;
+            }
+            let operands = graph.operands(u);
+            let l = operands[0];
+            let product = match graph.node(l).op {
+                caramba_ir::Op::MatMul => graph
+                    .users(l)
+                    .iter()
+                    .all(|&r| !matches!(graph.node(r).op, caramba_ir::Op::Reduce { .. })),
+                caramba_ir::Op::RmsNormMatMul { .. } => true,
+                _ => false,
+            };
+            product
+                && graph.node(l).ty == graph.node(u).ty
+                && !outputs.contains(&l)
+                && operands.iter().filter(|&&o| o == l).count() == 1
+                && graph
+                    .users(l)
+                    .iter()
+                    .filter_map(|r| pos.get(r))
+                    .all(|&p| p <= pos[&u])
+        })
+        .collect()
 }
 
 /// Whether `CARAMBA_NO_LAZY_VIEWS=1` materializes every permute and slice

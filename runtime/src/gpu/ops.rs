@@ -323,6 +323,10 @@ pub(crate) struct Ctx<'a, R: Runtime> {
     /// with its sibling (`dq` with `dk‖dv`, see `grad_pairs`), the
     /// sibling's.
     pub second: Option<&'a DevTensor>,
+    /// The first operand dies at this launch and its buffer is the run's
+    /// alone (see `Plan::in_place`): an op that can write its result over
+    /// it does (cross-entropy's gradient over its logits).
+    pub in_place: bool,
 }
 
 fn unary(u: UnaryOp) -> Unary {
@@ -1059,6 +1063,19 @@ impl<R: Runtime> Ctx<'_, R> {
             Op::CrossEntropyGrad => {
                 let (logits, targets, g) = (xs[0], xs[1], xs[2]);
                 let v = *logits.shape.last().expect("typed rank ≥ 1");
+                if self.in_place && logits.is_dense() && logits.shape == shape {
+                    // The gradient has the logits' type: it takes their
+                    // buffer, so the two are never alive at once.
+                    norm::launch_cross_entropy_grad_in_place(
+                        c,
+                        (logits.elem, &logits.handle),
+                        &targets.handle,
+                        (g.elem, &g.handle),
+                        targets.numel(),
+                        v,
+                    );
+                    return Ok(logits.clone());
+                }
                 let out = self.alloc(shape);
                 norm::launch_cross_entropy_grad(
                     c,

@@ -252,6 +252,7 @@ fn capture<R: Runtime>(
                     dest: None,
                     placed: &[],
                     second: second.as_ref(),
+                    in_place: false,
                 };
                 let out = ctx.apply(&args, shape)?;
                 // Wait for the launch (and so its compilation) to finish,
