@@ -260,6 +260,34 @@ fn main() {
         );
         PER_OP_DTYPE.with(|d| d.set(DType::F32));
     }
+    // The generated elementwise kernels over 16384 × 4096, f32 and bf16:
+    // SwiGLU's `silu(a)·b` (one fused program, as the optimizer makes it:
+    // two reads and a write) and a residual add, each chained (its output
+    // the next one's `a`). `bench_torch.py`'s `elementwise` case runs the
+    // same in eager and compiled PyTorch, with the copy beside them.
+    if selected("elementwise") {
+        let swiglu = ElemProgram(vec![
+            ElemInstr::Input(0),
+            ElemInstr::Unary(UnaryOp::Silu, 0),
+            ElemInstr::Input(1),
+            ElemInstr::Binary(BinaryOp::Mul, 1, 2),
+        ]);
+        let s = vec![16384, 4096];
+        for dtype in [DType::F32, DType::BF16] {
+            PER_OP_DTYPE.with(|d| d.set(dtype));
+            let bytes = 3.0 * dtype.size() as f64 * n as f64;
+            let ms = per_op(backend, "swiglu", &s, &[("b", s.clone())], 10, |g, x, e| {
+                g.add(Op::Elementwise(swiglu.clone()), &[x, e[0]], "swiglu")
+                    .unwrap()
+            });
+            emit(&format!("swiglu_{dtype}"), ms, "gbps", bytes / ms / 1e6);
+            let ms = per_op(backend, "add", &s, &[("b", s.clone())], 10, |g, x, e| {
+                g.add(Op::Binary(BinaryOp::Add), &[x, e[0]], "add").unwrap()
+            });
+            emit(&format!("add_{dtype}"), ms, "gbps", bytes / ms / 1e6);
+        }
+        PER_OP_DTYPE.with(|d| d.set(DType::F32));
+    }
     // Causal attention, H32 T4096: f32 at B1 (head dim 64 and 128), bf16
     // at B4 as `bench_torch.py`'s SDPA lines (head dim 64 and 128, and
     // DBA's 12: sem 128 + geo 256 over 32 heads, values 12 dims too, as

@@ -53,7 +53,26 @@ def main():
             emit(name=f"kv_decode_{dtype_name}_b4_h32_kv8_d128_s32768", impl="torch-sdpa", ms=ms,
                  gbps=2 * k.numel() * k.element_size() / ms / 1e6)
             del q, k, v
-        if not any(selected(c) for c in ("copy", "rmsnorm", "attention", "gemm")):
+        if selected("elementwise"):
+            # SwiGLU's silu(a) * b and a residual add over 16384 x 4096 (two
+            # reads and a write each), as gpu_bench.rs's `elementwise` case:
+            # eager (silu's and mul's two kernels for SwiGLU) and compiled
+            # (one fused kernel).
+            a = torch.randn(16384, 4096, device=dev, dtype=dtype)
+            b = torch.randn_like(a)
+            nbytes = 3 * a.numel() * a.element_size()
+
+            def swiglu(a, b):
+                return F.silu(a) * b
+
+            compiled = torch.compile(swiglu)
+            for label, fn in [("torch", swiglu), ("torch-compile", compiled)]:
+                ms = timed(lambda: fn(a, b))
+                emit(name=f"swiglu_{dtype_name}", impl=label, ms=ms, gbps=nbytes / ms / 1e6)
+            ms = timed(lambda: a + b)
+            emit(name=f"add_{dtype_name}", impl="torch", ms=ms, gbps=nbytes / ms / 1e6)
+            del a, b
+        if not any(selected(c) for c in ("copy", "rmsnorm", "attention", "gemm", "elementwise")):
             continue
         # Device copy: the practical bandwidth ceiling.
         n = 16384 * 4096
