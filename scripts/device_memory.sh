@@ -2,7 +2,7 @@
 # Training memory with a trainer's buffers planned by liveness (its
 # default), exact, and pooled (`CARAMBA_BENCH_BUFFERS`): run from a folder
 # scripts/device_pack.sh NAME made (copy this script and
-# gpu_suite_parallel.sh in). Argument: parts (train, suite). The
+# gpu_suite_parallel.sh in). Argument: parts (train, elementwise, suite). The
 # twenty-eighth to thirty-first sessions' figures are in BENCHMARKS.md.
 cd "$(dirname "$0")"
 for f in *.gz; do gunzip -kf $f; done; chmod +x gpu_suite train_bench gpu_bench
@@ -24,6 +24,12 @@ for m in "llama1b 8 1b" "smollm2 32 smol"; do
     grep -E "^\{|buffer plan:|second step|panicked|error|out of memory" $log | head -6
   done
 done
+fi
+if [[ $what == *elementwise* ]]; then
+  echo "== ours: elementwise"
+  CARAMBA_BENCH_ONLY=elementwise timeout 120 ./gpu_bench cuda 2>&1 | grep -E "^\{|panicked|error" | head
+  echo "== torch: elementwise and copy"
+  CARAMBA_BENCH_ONLY=elementwise,copy timeout 120 python3 bench_torch.py 2>&1 | grep -E "^\{|Error" | grep -E "swiglu|add|copy|mul|Error" | head
 fi
 if [[ $what == *suite* ]]; then
   echo "== whole suite"
