@@ -137,6 +137,12 @@ fn apply_binary<F: Float>(a: F, b: F, #[comptime] op: Binary) -> F {
 /// buffer, such as one operand's part of a concatenation). `layout` starts
 /// with the output's shape (`rank` scalars), then the strided operands'
 /// strides (see [`crate::scalars`]).
+///
+/// With `pairs`, a unit computes two vectors, `pos` and `pos + ⌈units/2⌉`
+/// (each pass over the output coalesced), all their operands loaded before
+/// either is computed: twice the bytes in flight a unit and half the
+/// units' fixed work, which large `f32` tensors need to come near the
+/// copy's bandwidth (see `launch_elementwise`).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn elementwise_kernel<F: Float, N: Size>(
@@ -151,12 +157,107 @@ fn elementwise_kernel<F: Float, N: Size>(
     #[comptime] out_strided: bool,
     #[comptime] out_offset: usize,
     #[comptime] out_at: usize,
+    #[comptime] pairs: bool,
 ) {
-    let pos = linear_pos();
-    if pos >= units {
-        terminate!();
+    if pairs {
+        let half = units.div_ceil(2);
+        let pos = linear_pos();
+        if pos >= half {
+            terminate!();
+        }
+        // The second vector of the last unit of an odd count is past the
+        // end: it loads the first one's again and stores nothing.
+        let second = pos + half;
+        let mut other = pos;
+        if second < units {
+            other = second;
+        }
+        let a = load_operands::<F, N>(
+            vectors,
+            scalars,
+            layout,
+            pos,
+            comptime!(prog.clone()),
+            nv,
+            rank,
+        );
+        let b = load_operands::<F, N>(
+            vectors,
+            scalars,
+            layout,
+            other,
+            comptime!(prog.clone()),
+            nv,
+            rank,
+        );
+        let ra = run_program::<F, N>(&a, comptime!(prog.clone()), nv);
+        store::<F, N>(
+            out,
+            layout,
+            pos,
+            ra,
+            nv,
+            rank,
+            out_strided,
+            out_offset,
+            out_at,
+        );
+        let rb = run_program::<F, N>(&b, comptime!(prog.clone()), nv);
+        if second < units {
+            store::<F, N>(
+                out,
+                layout,
+                second,
+                rb,
+                nv,
+                rank,
+                out_strided,
+                out_offset,
+                out_at,
+            );
+        }
+    } else {
+        let pos = linear_pos();
+        if pos >= units {
+            terminate!();
+        }
+        let loaded = load_operands::<F, N>(
+            vectors,
+            scalars,
+            layout,
+            pos,
+            comptime!(prog.clone()),
+            nv,
+            rank,
+        );
+        let result = run_program::<F, N>(&loaded, comptime!(prog.clone()), nv);
+        store::<F, N>(
+            out,
+            layout,
+            pos,
+            result,
+            nv,
+            rank,
+            out_strided,
+            out_offset,
+            out_at,
+        );
     }
-    // Each instruction's operand vector (a zero for the others, unused).
+}
+
+/// Each instruction's operand vector at vector `pos` of the output (a zero
+/// for the instructions that read none, unused).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_operands<F: Float, N: Size>(
+    vectors: &Sequence<Array<Vector<F, N>>>,
+    scalars: &Sequence<Array<F>>,
+    layout: &Sequence<usize>,
+    pos: usize,
+    #[comptime] prog: Sequence<Instr>,
+    #[comptime] nv: usize,
+    #[comptime] rank: usize,
+) -> Sequence<Vector<F, N>> {
     let mut loaded = Sequence::<Vector<F, N>>::new();
     #[unroll]
     for i in 0..prog.len() {
@@ -175,6 +276,17 @@ fn elementwise_kernel<F: Float, N: Size>(
         };
         loaded.push(v);
     }
+    loaded
+}
+
+/// The program over one vector of loaded operands, lane by lane in `f32`,
+/// rounded once to the storage type.
+#[cube]
+fn run_program<F: Float, N: Size>(
+    loaded: &Sequence<Vector<F, N>>,
+    #[comptime] prog: Sequence<Instr>,
+    #[comptime] nv: usize,
+) -> Vector<F, N> {
     let mut result = Vector::<F, N>::empty();
     #[unroll]
     for lane in 0..nv {
@@ -197,6 +309,23 @@ fn elementwise_kernel<F: Float, N: Size>(
         }
         result[lane] = F::cast_from(*vals.index(comptime! { prog.len() - 1 }));
     }
+    result
+}
+
+/// Vector `pos` of the output stored: densely or by its strides.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store<F: Float, N: Size>(
+    out: &mut Array<Vector<F, N>>,
+    layout: &Sequence<usize>,
+    pos: usize,
+    result: Vector<F, N>,
+    #[comptime] nv: usize,
+    #[comptime] rank: usize,
+    #[comptime] out_strided: bool,
+    #[comptime] out_offset: usize,
+    #[comptime] out_at: usize,
+) {
     if out_strided {
         out[(out_offset + layout_offset(layout, pos * nv, rank, out_at)) / nv] = result;
     } else {
@@ -313,6 +442,8 @@ pub fn launch_elementwise<R: Runtime>(
         layout.extend(&out.strides);
     }
     let units = n / nv;
+    let pairs = pairs(elem, units);
+    let grid_units = if pairs { units.div_ceil(2) } else { units };
     with_float!(elem, F => unsafe {
         let mut vector_args = SequenceArg::new();
         for v in &vectors {
@@ -324,7 +455,7 @@ pub fn launch_elementwise<R: Runtime>(
         }
         elementwise_kernel::launch_unchecked::<F, R>(
             client,
-            grid_1d(units, ELEM_BLOCK),
+            grid_1d(grid_units, ELEM_BLOCK),
             CubeDim::new_1d(ELEM_BLOCK),
             nv,
             vector_args,
@@ -338,9 +469,29 @@ pub fn launch_elementwise<R: Runtime>(
             !out_dense,
             out.offset,
             out_at,
+            pairs,
         );
     });
     Ok(())
+}
+
+/// Whether a launch of `units` vectors of `elem` computes two a unit (see
+/// `elementwise_kernel`): for 4-byte storage from `PAIRS_FROM` vectors
+/// (16 MiB of output), where one vector a unit leaves `f32` SwiGLU and
+/// adds at 82–85% of the H200's copy bandwidth against 95–98% for `bf16`,
+/// whose units carry the same bytes for half as many units (BENCHMARKS,
+/// thirty-first session). `CARAMBA_ELEM_PAIRS=0` never pairs, `=all`
+/// pairs every storage from that size (for A/B runs).
+fn pairs(elem: FloatElem, units: usize) -> bool {
+    const PAIRS_FROM: usize = 1 << 20;
+    static MODE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let mode = MODE.get_or_init(|| std::env::var("CARAMBA_ELEM_PAIRS").ok());
+    units >= PAIRS_FROM
+        && match mode.as_deref() {
+            Some("0") => false,
+            Some("all") => true,
+            _ => elem.size() >= 4,
+        }
 }
 
 /// `value` converted to the storage type `F` (a no-op where `V` is `F`).

@@ -776,13 +776,28 @@ pub fn elementwise_program<R: Runtime>(dev: &R::Device) {
     ]);
     let g = one_op(
         "elementwise",
-        Op::Elementwise(p),
+        Op::Elementwise(p.clone()),
         &[f32t(&[2, 3, 10]), f32t(&[10]), f32t(&[2, 1, 1])],
     );
     let b = bind(vec![
         rng.tensor(&[2, 3, 10]),
         rng.tensor(&[10]),
         rng.tensor(&[2, 1, 1]),
+    ]);
+    check::<R>(dev, &g, &b, TOL);
+    // Large enough for two vectors a unit in f32 (2²⁰ vectors or more),
+    // an odd count of them (the last unit's second is past the end), a
+    // broadcast row and a broadcast scalar per row.
+    let rows = 349_527;
+    let g = one_op(
+        "elementwise_pairs",
+        Op::Elementwise(p),
+        &[f32t(&[rows, 12]), f32t(&[12]), f32t(&[rows, 1])],
+    );
+    let b = bind(vec![
+        rng.tensor(&[rows, 12]),
+        rng.tensor(&[12]),
+        rng.tensor(&[rows, 1]),
     ]);
     check::<R>(dev, &g, &b, TOL);
 }
