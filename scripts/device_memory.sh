@@ -26,8 +26,14 @@ for m in "llama1b 8 1b" "smollm2 32 smol"; do
 done
 fi
 if [[ $what == *elementwise* ]]; then
-  echo "== ours: elementwise"
-  CARAMBA_BENCH_ONLY=elementwise timeout 120 ./gpu_bench cuda 2>&1 | grep -E "^\{|panicked|error" | head
+  # CARAMBA_ELEM_PAIRS: default (pairs for 4-byte storage), 0 (never),
+  # all (every storage); twice each, alternating.
+  for round in 1 2; do for pairs in default 0 all; do
+    echo "== ours: elementwise, CARAMBA_ELEM_PAIRS=$pairs"
+    if [[ $pairs == default ]]; then unset CARAMBA_ELEM_PAIRS; else export CARAMBA_ELEM_PAIRS=$pairs; fi
+    CARAMBA_BENCH_ONLY=elementwise timeout 120 ./gpu_bench cuda 2>&1 | grep -E "^\{|panicked|error" | head
+  done; done
+  unset CARAMBA_ELEM_PAIRS
   echo "== torch: elementwise and copy"
   CARAMBA_BENCH_ONLY=elementwise,copy timeout 120 python3 bench_torch.py 2>&1 | grep -E "^\{|Error" | grep -E "swiglu|add|copy|mul|Error" | head
 fi
