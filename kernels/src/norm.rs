@@ -99,17 +99,22 @@ fn cross_entropy_kernel<L: Float, O: Float, N: Size>(
     }
 }
 
-/// A gradient row's factors: `g / Σexp` (NaN for a target outside
-/// `0..v`), the target's column (`v` then: no column is hot) and `g`.
+/// A gradient row's factors, by the whole cube: the row's max, `g / Σexp`
+/// (NaN for a target outside `0..v`), the target's column (`v` then: no
+/// column is hot) and `g`.
 #[cube]
-fn grad_row<G: Float>(
+#[allow(clippy::too_many_arguments)]
+fn grad_row<L: Float, G: Float, N: Size>(
+    logits: &Array<Vector<L, N>>,
     targets: &Array<i32>,
     g: &Array<G>,
     row: usize,
     v: usize,
-    sum: f32,
+    neg_inf: f32,
     nan: f32,
-) -> (f32, usize, f32) {
+    #[comptime] nv: usize,
+) -> (f32, f32, usize, f32) {
+    let (m, sum) = row_max_sum::<L, N>(logits, row * (v / nv), v / nv, neg_inf, nv);
     let t = targets[row];
     let gt = f32::cast_from(g[row]);
     let mut scale = gt / sum;
@@ -120,7 +125,7 @@ fn grad_row<G: Float>(
     } else {
         hot = t as usize;
     }
-    (scale, hot, gt)
+    (m, scale, hot, gt)
 }
 
 /// Vector `j` of a gradient row from the same vector of its logits.
@@ -167,10 +172,8 @@ fn cross_entropy_grad_kernel<L: Float, G: Float, N: Size>(
     if row >= rows {
         terminate!();
     }
-    let nvec = v / nv;
-    let base = row * nvec;
-    let (m, s) = row_max_sum::<L, N>(logits, base, nvec, neg_inf, nv);
-    let (scale, hot, gt) = grad_row::<G>(targets, g, row, v, s, nan);
+    let (m, scale, hot, gt) = grad_row::<L, G, N>(logits, targets, g, row, v, neg_inf, nan, nv);
+    let (nvec, base) = (v / nv, row * (v / nv));
     let step = CUBE_DIM as usize;
     let mut j = UNIT_POS as usize;
     while j < nvec {
@@ -198,10 +201,8 @@ fn cross_entropy_grad_in_place_kernel<L: Float, G: Float, N: Size>(
     if row >= rows {
         terminate!();
     }
-    let nvec = v / nv;
-    let base = row * nvec;
-    let (m, s) = row_max_sum::<L, N>(logits, base, nvec, neg_inf, nv);
-    let (scale, hot, gt) = grad_row::<G>(targets, g, row, v, s, nan);
+    let (m, scale, hot, gt) = grad_row::<L, G, N>(logits, targets, g, row, v, neg_inf, nan, nv);
+    let (nvec, base) = (v / nv, row * (v / nv));
     let step = CUBE_DIM as usize;
     let mut j = UNIT_POS as usize;
     while j < nvec {
@@ -222,7 +223,6 @@ fn row_vector<R: Runtime>(client: &ComputeClient<R>, elem: FloatElem, v: usize) 
 /// Cross-entropy's gradient of dense logits `(rows, v)` (stored as
 /// `logits.0`) for `i32` targets and the loss adjoint `g` `[rows]` (stored
 /// as `g.0`) into `out` `(rows, v)`, stored as the logits are.
-#[allow(clippy::too_many_arguments)]
 pub fn launch_cross_entropy_grad<R: Runtime>(
     client: &ComputeClient<R>,
     logits: (FloatElem, &Handle),
@@ -232,27 +232,7 @@ pub fn launch_cross_entropy_grad<R: Runtime>(
     rows: usize,
     v: usize,
 ) {
-    if rows == 0 || v == 0 {
-        return;
-    }
-    let nv = row_vector(client, logits.0, v);
-    with_float!(logits.0, L => with_float!(g.0, G => unsafe {
-        cross_entropy_grad_kernel::launch_unchecked::<L, G, R>(
-            client,
-            grid_1d(rows, 1),
-            CubeDim::new_1d(ROW_BLOCK),
-            nv,
-            ArrayArg::from_raw_parts(logits.1.clone(), rows * v / nv),
-            ArrayArg::from_raw_parts(targets.clone(), rows),
-            ArrayArg::from_raw_parts(g.1.clone(), rows),
-            ArrayArg::from_raw_parts(out.clone(), rows * v / nv),
-            v,
-            rows,
-            f32::NEG_INFINITY,
-            f32::NAN,
-            nv,
-        );
-    }));
+    launch_grad(client, logits, targets, g, Some(out), rows, v);
 }
 
 /// [`launch_cross_entropy_grad`] writing the gradient over `logits`
@@ -266,25 +246,52 @@ pub fn launch_cross_entropy_grad_in_place<R: Runtime>(
     rows: usize,
     v: usize,
 ) {
+    launch_grad(client, logits, targets, g, None, rows, v);
+}
+
+/// Both gradient launches: into `out`, or over the logits where `None`.
+fn launch_grad<R: Runtime>(
+    client: &ComputeClient<R>,
+    logits: (FloatElem, &Handle),
+    targets: &Handle,
+    g: (FloatElem, &Handle),
+    out: Option<&Handle>,
+    rows: usize,
+    v: usize,
+) {
     if rows == 0 || v == 0 {
         return;
     }
     let nv = row_vector(client, logits.0, v);
+    let n = rows * v / nv;
     with_float!(logits.0, L => with_float!(g.0, G => unsafe {
-        cross_entropy_grad_in_place_kernel::launch_unchecked::<L, G, R>(
-            client,
-            grid_1d(rows, 1),
-            CubeDim::new_1d(ROW_BLOCK),
-            nv,
-            ArrayArg::from_raw_parts(logits.1.clone(), rows * v / nv),
+        let (x, t, gy) = (
+            ArrayArg::from_raw_parts(logits.1.clone(), n),
             ArrayArg::from_raw_parts(targets.clone(), rows),
             ArrayArg::from_raw_parts(g.1.clone(), rows),
-            v,
-            rows,
-            f32::NEG_INFINITY,
-            f32::NAN,
-            nv,
         );
+        let (cubes, dim) = (grid_1d(rows, 1), CubeDim::new_1d(ROW_BLOCK));
+        let (neg_inf, nan) = (f32::NEG_INFINITY, f32::NAN);
+        match out {
+            Some(out) => cross_entropy_grad_kernel::launch_unchecked::<L, G, R>(
+                client,
+                cubes,
+                dim,
+                nv,
+                x,
+                t,
+                gy,
+                ArrayArg::from_raw_parts(out.clone(), n),
+                v,
+                rows,
+                neg_inf,
+                nan,
+                nv,
+            ),
+            None => cross_entropy_grad_in_place_kernel::launch_unchecked::<L, G, R>(
+                client, cubes, dim, nv, x, t, gy, v, rows, neg_inf, nan, nv,
+            ),
+        }
     }));
 }
 
