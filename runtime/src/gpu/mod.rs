@@ -1256,11 +1256,14 @@ fn param_copies<R: Runtime>(
 /// the largest values of a training step (SmolLM2 at B32 × 2048: 6 GiB
 /// each in bf16), alive together at the loss's gradient unless one takes
 /// the other's buffer. Those whose logits are a product (`matmul` or
-/// `rms_norm_matmul`, not a weight gradient's batch sum: a buffer of the
-/// run's own, never a view of another value, a parameter, a caller's
-/// tensor or a concatenation's slot), not an output, read by no op after
-/// the gradient and only once by it. `CARAMBA_NO_IN_PLACE=1` keeps them
-/// apart (for measuring what this saves).
+/// `rms_norm_matmul`: a buffer of the run's own, never a view of another
+/// value, a parameter, a caller's tensor or a concatenation's slot; a
+/// weight gradient's batch-summed product has the sum as its one reader),
+/// not an output and read by no op after the gradient (the op's type
+/// rule makes the gradient the logits' type, and its other operands are
+/// the targets and the loss's adjoint, never the logits again).
+/// `CARAMBA_NO_IN_PLACE=1` keeps them apart (for measuring what this
+/// saves).
 fn in_place(graph: &Graph, order: &[NodeId]) -> HashSet<NodeId> {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if *OFF.get_or_init(|| std::env::var("CARAMBA_NO_IN_PLACE").is_ok_and(|v| v == "1")) {
@@ -1275,20 +1278,11 @@ fn in_place(graph: &Graph, order: &[NodeId]) -> HashSet<NodeId> {
             if !matches!(graph.node(u).op, caramba_ir::Op::CrossEntropyGrad) {
                 return false;
             }
-            let operands = graph.operands(u);
-            let l = operands[0];
-            let product = match graph.node(l).op {
-                caramba_ir::Op::MatMul => graph
-                    .users(l)
-                    .iter()
-                    .all(|&r| !matches!(graph.node(r).op, caramba_ir::Op::Reduce { .. })),
-                caramba_ir::Op::RmsNormMatMul { .. } => true,
-                _ => false,
-            };
-            product
-                && graph.node(l).ty == graph.node(u).ty
-                && !outputs.contains(&l)
-                && operands.iter().filter(|&&o| o == l).count() == 1
+            let l = graph.operands(u)[0];
+            matches!(
+                graph.node(l).op,
+                caramba_ir::Op::MatMul | caramba_ir::Op::RmsNormMatMul { .. }
+            ) && !outputs.contains(&l)
                 && graph
                     .users(l)
                     .iter()

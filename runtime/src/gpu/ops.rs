@@ -1063,7 +1063,7 @@ impl<R: Runtime> Ctx<'_, R> {
             Op::CrossEntropyGrad => {
                 let (logits, targets, g) = (xs[0], xs[1], xs[2]);
                 let v = *logits.shape.last().expect("typed rank ≥ 1");
-                if self.in_place && logits.is_dense() && logits.shape == shape {
+                if self.in_place && logits.is_dense() {
                     // The gradient has the logits' type: it takes their
                     // buffer, so the two are never alive at once.
                     norm::launch_cross_entropy_grad_in_place(
