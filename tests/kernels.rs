@@ -92,14 +92,15 @@ fn digest(text: &str, marker: &str) -> String {
     let pick = |needle: &str| -> String {
         let (title, source) = kernels
             .iter()
-            .find(|(t, _)| t.starts_with(needle))
+            .find(|(t, _)| t.contains(needle))
             .unwrap_or_else(|| panic!("no kernel for {needle:?} in:\n{titles:#?}"));
         format!("// === {title}\n{}", source.trim_end())
     };
-    let rms = pick("rms_norm_matmul @");
+    let rms = pick("RmsNormVecKernel");
+    let rope = pick("RopeInPlaceKernel");
     let attn = pick("attention @");
     titles.insert(0, header);
-    format!("{}\n\n{rms}\n\n{attn}\n", titles.join("\n"))
+    format!("{}\n\n{rms}\n\n{rope}\n\n{attn}\n", titles.join("\n"))
 }
 
 #[test]

@@ -373,6 +373,9 @@ pub fn render_kernels(
                 Op::MatMul => true,
                 // Its weight operand, read as matmul reads it.
                 Op::RmsNormMatMul { .. } => g.operands(u)[..2].iter().all(|&o| o != id),
+                Op::MatMulRope { eps, .. } => {
+                    g.operands(u)[if eps.is_some() { 2 } else { 1 }] == id
+                }
                 _ => false,
             })
     };

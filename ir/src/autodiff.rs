@@ -638,7 +638,10 @@ impl Backward {
             Op::RmsNormGrad { .. } => {
                 return Err(refuse("rms_norm's gradient (no second derivatives)"))
             }
-            Op::Elementwise(_) | Op::KvAttention { .. } | Op::RmsNormMatMul { .. } => {
+            Op::Elementwise(_)
+            | Op::KvAttention { .. }
+            | Op::RmsNormMatMul { .. }
+            | Op::MatMulRope { .. } => {
                 return Err(refuse(
                     "fused ops: differentiate the lowered graph before fusion",
                 ))

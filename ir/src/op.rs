@@ -313,6 +313,27 @@ pub enum Op {
     /// statistic where the product reads the row (see `gemv`), or falls
     /// back to the two kernels.
     RmsNormMatMul { eps: Scalar },
+    /// A linear layer with rotary embedding in its epilogue: x `[..., T, K]`
+    /// (rank ≥ 2), with `eps` a norm weight w `[K]`, then b `[K, N]`, all of
+    /// one float dtype, and positions pos (i32) `[T]` → `[..., T, N]`.
+    /// Decomposition: `y = matmul(x, b)`, or `rms_norm_matmul{eps}(x, w, b)`
+    /// with `eps`; then each column range `s..e` of `ranges` (sorted,
+    /// disjoint, each a whole number of `head_dim`-wide heads) is replaced by
+    /// `reshape(rope{rope}(reshape(slice{last, s..e}(y), [..., T, (e−s)/head_dim,
+    /// head_dim]), pos), [..., T, e−s])`; the other columns are `y`'s. `y` is
+    /// rounded to x's dtype as the product's result is, then rotated as
+    /// `rope` rotates it (in f32 for f16/bf16, rounded once). What a merged
+    /// q/k/v projection followed by RoPE on q and k computes, with the
+    /// unrotated q and k never stored: a decode step's few rows rotate each
+    /// pair of columns where the matrix-vector kernel sums them (see
+    /// `gemv`); more rows run the product, then RoPE over its ranges in
+    /// place.
+    MatMulRope {
+        eps: Option<Scalar>,
+        rope: RopeSpec,
+        head_dim: usize,
+        ranges: Vec<(usize, usize)>,
+    },
     /// A chain of elementwise ops evaluated per element over operands
     /// broadcast to one shape (NumPy rules), all of one float dtype.
     Elementwise(ElemProgram),
@@ -481,6 +502,31 @@ impl fmt::Display for Arity {
     }
 }
 
+/// A rotation's attributes in the text form, without braces:
+/// `theta=…[, scaling=…][, inverse]`.
+fn rope_attrs(r: &RopeSpec) -> String {
+    let mut s = format!("theta={}", r.theta);
+    match r.scaling {
+        None => {}
+        Some(RopeScaling::Linear { factor }) => s += &format!(", scaling=linear(factor={factor})"),
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position,
+        }) => {
+            s += &format!(
+                ", scaling=llama3(factor={factor}, low={low_freq_factor}, \
+                 high={high_freq_factor}, original={original_max_position})"
+            )
+        }
+    }
+    if r.inverse {
+        s += ", inverse";
+    }
+    s
+}
+
 impl Op {
     pub fn arity(&self) -> Arity {
         match self {
@@ -511,6 +557,7 @@ impl Op {
             Op::CrossEntropyGrad | Op::RmsNormGrad { .. } | Op::RmsNormMatMul { .. } => {
                 Arity::Exact(3)
             }
+            Op::MatMulRope { eps, .. } => Arity::Exact(if eps.is_some() { 4 } else { 3 }),
             Op::Concat { .. } => Arity::AtLeast(1),
             Op::KvAttention { .. } => Arity::AtLeast(3),
             Op::Elementwise(p) => Arity::Exact(p.n_inputs()),
@@ -576,6 +623,8 @@ impl Op {
             Op::RmsNorm { .. } => "rms_norm",
             Op::RmsNormGrad { .. } => "rms_norm_grad",
             Op::RmsNormMatMul { .. } => "rms_norm_matmul",
+            Op::MatMulRope { eps: None, .. } => "matmul_rope",
+            Op::MatMulRope { eps: Some(_), .. } => "rms_norm_matmul_rope",
             Op::Elementwise(_) => "elementwise",
             Op::Quantize(_) => "quantize",
             Op::Dequantize { .. } => "dequantize",
@@ -595,29 +644,20 @@ impl Op {
             Op::Reshape(s) => format!("{{shape={s}}}"),
             Op::Permute(p) => format!("{{perm={p:?}}}"),
             Op::Slice { axis, start, end } => format!("{{axis={axis}, range={start}..{end}}}"),
-            Op::Rope(r) => {
-                let mut s = format!("{{theta={}", r.theta);
-                match r.scaling {
-                    None => {}
-                    Some(RopeScaling::Linear { factor }) => {
-                        s += &format!(", scaling=linear(factor={factor})")
-                    }
-                    Some(RopeScaling::Llama3 {
-                        factor,
-                        low_freq_factor,
-                        high_freq_factor,
-                        original_max_position,
-                    }) => {
-                        s += &format!(
-                            ", scaling=llama3(factor={factor}, low={low_freq_factor}, \
-                             high={high_freq_factor}, original={original_max_position})"
-                        )
-                    }
-                }
-                if r.inverse {
-                    s += ", inverse";
-                }
-                s + "}"
+            Op::Rope(r) => format!("{{{}}}", rope_attrs(r)),
+            Op::MatMulRope {
+                eps,
+                rope,
+                head_dim,
+                ranges,
+            } => {
+                let eps = eps.map(|e| format!("eps={e}, ")).unwrap_or_default();
+                let ranges: Vec<String> = ranges.iter().map(|(s, e)| format!("{s}..{e}")).collect();
+                format!(
+                    "{{{eps}{}, head_dim={head_dim}, ranges=[{}]}}",
+                    rope_attrs(rope),
+                    ranges.join(", ")
+                )
             }
             Op::Dropout { p } => format!("{{p={p}}}"),
             Op::Attention { causal, scale }
@@ -1088,6 +1128,66 @@ impl Op {
                 }
                 if b.shape.0[0] != x.shape.0[ra - 1] {
                     return Err(format!("inner dimensions differ: {x} @ {b}"));
+                }
+                let mut dims = x.shape.0.clone();
+                dims[ra - 1] = b.shape.0[1];
+                Ok(TensorType::new(x.dtype, Shape(dims)))
+            }
+            Op::MatMulRope {
+                eps,
+                head_dim,
+                ranges,
+                ..
+            } => {
+                let (x, b, pos) = match eps {
+                    Some(_) => {
+                        norm_operands(xs[0], xs[1])?;
+                        (xs[0], xs[2], xs[3])
+                    }
+                    None => {
+                        float(xs[0])?;
+                        (xs[0], xs[1], xs[2])
+                    }
+                };
+                let ra = x.shape.rank();
+                if ra < 2 || b.shape.rank() != 2 || b.dtype != x.dtype {
+                    return Err(format!(
+                        "{} needs x of rank ≥ 2 and a matrix b of x's dtype, got {x} and {b}",
+                        self.mnemonic()
+                    ));
+                }
+                if b.shape.0[0] != x.shape.0[ra - 1] {
+                    return Err(format!("inner dimensions differ: {x} @ {b}"));
+                }
+                if pos.dtype != DType::I32 || pos.shape.0 != [x.shape.0[ra - 2]] {
+                    return Err(format!(
+                        "{} needs i32 positions [{}], got {pos}",
+                        self.mnemonic(),
+                        x.shape.0[ra - 2]
+                    ));
+                }
+                let Some(n) = b.shape.0[1].as_const() else {
+                    return Err(format!(
+                        "{} needs a constant output width, got {b}",
+                        self.mnemonic()
+                    ));
+                };
+                let mut end = 0;
+                for &(s, e) in ranges {
+                    if *head_dim == 0
+                        || head_dim % 2 != 0
+                        || s < end
+                        || e <= s
+                        || e > n
+                        || (e - s) % head_dim != 0
+                    {
+                        return Err(format!(
+                            "{} needs sorted, disjoint column ranges of whole heads of an even \
+                             head_dim within its {n} columns, got {s}..{e} (head_dim {head_dim})",
+                            self.mnemonic()
+                        ));
+                    }
+                    end = e;
                 }
                 let mut dims = x.shape.0.clone();
                 dims[ra - 1] = b.shape.0[1];

@@ -4215,6 +4215,86 @@ pub fn norm_matmul<R: Runtime>(dev: &R::Device) {
     }
 }
 
+/// `matmul_rope` (a projection with RoPE in its epilogue) against the
+/// reference: a decode step's few rows, where the matrix-vector kernel
+/// rotates each pair of columns as it sums them, and its fallbacks (more
+/// rows: the product, then RoPE over the ranges in place; ranges the
+/// kernel's slots cannot take: the same at few rows), with and without
+/// the norm, each dtype, the weight `[K, N]` or read transposed, head dims
+/// of 64 (Llama's q and k as one range, v after) and 8 (DBA's geometric
+/// heads after its semantic ones).
+pub fn matmul_rope<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(67);
+    let spec = RopeSpec {
+        theta: Scalar(10000.0),
+        scaling: None,
+        inverse: false,
+    };
+    // (leading dims ending in T, K, head dim, ranges, N, weight transposed)
+    type Case = (
+        &'static [usize],
+        usize,
+        usize,
+        &'static [(usize, usize)],
+        usize,
+        bool,
+    );
+    let cases: [Case; 7] = [
+        (&[1, 1], 64, 64, &[(0, 256)], 320, true),
+        (&[2, 1], 40, 64, &[(0, 192)], 256, false),
+        (&[1, 3], 48, 8, &[(32, 64)], 80, true),
+        (&[4, 1], 24, 8, &[(16, 32), (48, 64)], 72, true),
+        // Off the slots' groups of eight: the fallback at few rows.
+        (&[1, 2], 32, 4, &[(4, 12)], 20, true),
+        // Many rows: the product, then RoPE in place.
+        (&[2, 7], 64, 64, &[(0, 192)], 256, true),
+        (&[9], 40, 8, &[(8, 40)], 48, false),
+    ];
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let t = |dims: &[usize]| TensorType::new(dtype, Shape::new(dims.iter().map(|&d| d.into())));
+        for (lead, k, head_dim, ranges, n, transposed) in cases {
+            for norm in [false, true] {
+                let name = format!(
+                    "{dtype} matmul_rope {lead:?} k {k} n {n} d {head_dim} {ranges:?} norm {norm}"
+                );
+                let mut g = Graph::new(name);
+                let mut xs = lead.to_vec();
+                xs.push(k);
+                let tt = lead[lead.len() - 1];
+                let mut operands = vec![g.input("x0", t(&xs)).unwrap()];
+                let mut vals = vec![rounded_as(dtype, &rng.tensor(&xs))];
+                if norm {
+                    operands.push(g.input("x1", t(&[k])).unwrap());
+                    vals.push(rounded_as(dtype, &rng.tensor(&[k])));
+                }
+                let bs = if transposed { [n, k] } else { [k, n] };
+                let mut b = g.input(&format!("x{}", vals.len()), t(&bs)).unwrap();
+                vals.push(rounded_as(dtype, &rng.tensor(&bs)));
+                if transposed {
+                    b = g.add(Op::Permute(vec![1, 0]), &[b], "").unwrap();
+                }
+                operands.push(b);
+                let pos_ty = TensorType::new(DType::I32, Shape::new([tt.into()]));
+                operands.push(g.input(&format!("x{}", vals.len()), pos_ty).unwrap());
+                vals.push(Tensor::i32(
+                    vec![tt],
+                    (0..tt).map(|i| (37 * i as i32 + 5) % 300).collect(),
+                ));
+                let op = Op::MatMulRope {
+                    eps: norm.then_some(Scalar(1e-5)),
+                    rope: spec,
+                    head_dim,
+                    ranges: ranges.to_vec(),
+                };
+                let y = g.add(op, &operands, "").unwrap();
+                g.set_output("y", y);
+                let tol = if dtype == DType::F32 { TOL } else { 2e-2 };
+                check::<R>(dev, &g, &bind(vals), tol);
+            }
+        }
+    }
+}
+
 /// Stamps the suite out for one backend: `$available` says whether a
 /// device exists, `$device` builds it.
 macro_rules! gpu_suite {
@@ -4254,7 +4334,7 @@ macro_rules! all_tests {
             attention_backward,
             elementwise_program, symbolic_shapes, recycling_is_bounded, profiled_memory_figures, unsupported_is_an_error, tiny_llama, tiny_llama_bf16,
             mixed_precision_gradients,
-            dba_preset, optimized_models, quantize_formats, kv_attention_over_caches, kv_decode_chunks, cached_tiny_llama,
+            dba_preset, optimized_models, matmul_rope, quantize_formats, kv_attention_over_caches, kv_decode_chunks, cached_tiny_llama,
             resident_values, fused_optimizers, grad_norm_and_clipping, trainer_matches_host_sgd,
             trainer_matches_host_adamw, trainer_keeps_half_copies, exact_buffers, last_position_logits, narrow_elementwise, narrow_copy, strided_copies, lazy_views,
             concat_slots, row_dot, attention_apart, folded_adds, reduced_slices,

@@ -86,6 +86,16 @@ fn flops(op: &Op, xs: &[&TensorType], out: &TensorType) -> f64 {
         Op::RmsNorm { .. } => 4.0 * numel(out),
         // The norm's few flops per element of x, then the product.
         Op::RmsNormMatMul { .. } => 4.0 * numel(xs[0]) + 2.0 * numel(out) * last(xs[0], 1),
+        // The product (and the norm), then a rotation's few flops per
+        // element of its ranges, charged over the whole output.
+        Op::MatMulRope { eps, .. } => {
+            let norm = if eps.is_some() {
+                4.0 * numel(xs[0])
+            } else {
+                0.0
+            };
+            norm + 2.0 * numel(out) * last(xs[0], 1) + 6.0 * numel(out)
+        }
         // Per element of x: its square, g = dy·w and g·x for the row's
         // sums, then the gradient's few flops.
         Op::RmsNormGrad { .. } => 8.0 * numel(xs[0]),

@@ -4,15 +4,16 @@
 //! ```text
 //! Graph ─ merge_projections ─ layers: per region (the rest, one layer per class)
 //!         lang::load ─ rule::saturate(rules) ─ extract::dag(cost) ─ norm_matmul::fold
-//!       ─ splice ─ elementwise::fuse ─ verify ─ Graph
+//!         ─ rope_matmul::fuse ─ splice ─ elementwise::fuse ─ verify ─ Graph
 //! ```
 //!
 //! Rules are grouped by family, one file each: `algebra` (layout and
 //! identity cleanup), `rmsnorm`, `attention`, `dba`, `kv`, `precision`
 //! (half-precision values read where lowering widened them), `row_dot`
 //! (a row's dot product read in place); `norm_matmul` (a norm folded
-//! into the one product that reads it) and `elementwise` run after
-//! extraction. Every rule has a property test in `tests.rs` that
+//! into the one product that reads it), `rope_matmul` (RoPE into the
+//! epilogue of the product whose columns it rotates) and `elementwise` run
+//! after extraction. Every rule has a property test in `tests.rs` that
 //! evaluates both sides with the reference interpreter. Training graphs
 //! meet this module twice more around differentiation: `fuse_for_training`
 //! (this stage with the attention and RMSNorm rules only) before it, and `reuse_lse`,
@@ -42,6 +43,7 @@ pub mod norm_matmul;
 pub mod precision;
 pub mod reuse_lse;
 pub mod rmsnorm;
+pub mod rope_matmul;
 pub mod row_dot;
 pub mod rule;
 #[cfg(test)]
@@ -69,10 +71,11 @@ pub fn rules() -> Vec<&'static Rule> {
 }
 
 /// Every rule name, e-graph rules first, then the passes after
-/// extraction: `fuse-norm-matmul`, `fuse-elementwise`.
+/// extraction: `fuse-norm-matmul`, `fuse-rope-matmul`, `fuse-elementwise`.
 pub fn rule_names() -> Vec<&'static str> {
     let mut v: Vec<&'static str> = rules().iter().map(|r| r.name).collect();
     v.push(norm_matmul::NAME);
+    v.push(rope_matmul::NAME);
     v.push(elementwise::NAME);
     v
 }
@@ -279,7 +282,8 @@ pub fn optimize_with(g: &Graph, opts: &Options) -> Result<(Graph, OptimizeReport
 }
 
 /// A graph (or a part of one, see `layers.rs`) after saturation,
-/// extraction and `fuse-norm-matmul`, before elementwise fusion.
+/// extraction, `fuse-norm-matmul` and `fuse-rope-matmul`, before elementwise
+/// fusion.
 pub(crate) struct Part {
     pub graph: Graph,
     /// Fused nodes and the rules that formed them.
@@ -293,7 +297,8 @@ pub(crate) struct Part {
     pub egraph_classes: usize,
 }
 
-/// Saturates `g` with `active`, extracts, and folds norms into products.
+/// Saturates `g` with `active`, extracts, folds norms into products and
+/// RoPE into their epilogues.
 fn extract_part(g: &Graph, opts: &Options, active: &[&Rule]) -> Result<Part, OptimizeError> {
     let mut loaded = lang::load(g);
     let sat = rule::saturate(&mut loaded.egraph, active, &opts.limits);
@@ -365,6 +370,29 @@ fn extract_part(g: &Graph, opts: &Options, active: &[&Rule]) -> Result<Part, Opt
         fused = remapped;
         if !f.folds.is_empty() {
             applied.insert(norm_matmul::NAME, f.folds.len());
+        }
+        f.graph
+    } else {
+        graph
+    };
+    let rope_epilogues = opts
+        .only
+        .as_ref()
+        .is_none_or(|o| o.iter().any(|n| n == rope_matmul::NAME));
+    let graph = if rope_epilogues {
+        let f = rope_matmul::fuse(&graph)?;
+        let mut remapped: BTreeMap<NodeId, Vec<&'static str>> = fused
+            .iter()
+            .filter_map(|(old, rules)| f.map.get(old).map(|&new| (new, rules.clone())))
+            .collect();
+        for &(new, product) in &f.fused {
+            let mut rules = fused.get(&product).cloned().unwrap_or_default();
+            rules.push(rope_matmul::NAME);
+            remapped.insert(new, rules);
+        }
+        fused = remapped;
+        if !f.fused.is_empty() {
+            applied.insert(rope_matmul::NAME, f.fused.len());
         }
         f.graph
     } else {

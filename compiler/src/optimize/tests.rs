@@ -547,6 +547,191 @@ fn fuse_norm_matmul_is_sound() {
     }
 }
 
+/// A merged q/k/v projection as `merge-projections` leaves it, q and k
+/// rotated: `p = matmul(x', b)` with `x'` the input or its RMSNorm, `q` and
+/// `k` slices of `p` reshaped into heads and rotated at random positions,
+/// `v` a slice left as it is; random dtype, ranks, head dims, section
+/// order, weight layout and RoPE scaling.
+fn rope_matmul_graph(rng: &mut Rng, dtype: DType, norm: bool) -> Graph {
+    let mut g = Graph::new("t");
+    let k = rng.range(1, 6);
+    let mut dims = vec![Dim::Sym(Sym::T), c(k)];
+    if rng.bool() {
+        dims.insert(0, c(rng.range(1, 2)));
+    }
+    let x = g.input("x", ty(dtype, &dims)).unwrap();
+    let pos = g.input("pos", ty(DType::I32, &[Dim::Sym(Sym::T)])).unwrap();
+    let x = if norm {
+        let w = g.param("w", ty(dtype, &[c(k)]), "norm").unwrap();
+        g.add(Op::RmsNorm { eps: Scalar(1e-5) }, &[x, w], "norm")
+            .unwrap()
+    } else {
+        x
+    };
+    let d = [2, 4, 8, 16][rng.below(4)];
+    let (hq, hk, dv) = (rng.range(1, 3), rng.range(1, 2), rng.range(1, 5));
+    // Sections in order q, k, v, or v first.
+    let v_first = rng.bool();
+    let at = if v_first { dv } else { 0 };
+    let n = (hq + hk) * d + dv;
+    let b = if rng.bool() {
+        g.param("proj", ty(dtype, &[c(k), c(n)]), "proj").unwrap()
+    } else {
+        let wt = g.param("proj", ty(dtype, &[c(n), c(k)]), "proj").unwrap();
+        g.add(Op::Permute(vec![1, 0]), &[wt], "proj").unwrap()
+    };
+    let p = g.add(Op::MatMul, &[x, b], "proj").unwrap();
+    let r = dims.len();
+    let spec = caramba_ir::RopeSpec {
+        theta: Scalar([10000.0, 500000.0][rng.below(2)]),
+        scaling: rng.bool().then_some(caramba_ir::RopeScaling::Linear {
+            factor: Scalar(2.0),
+        }),
+        inverse: false,
+    };
+    let mut heads = |g: &mut Graph, name: &str, start: usize, h: usize| {
+        let end = start + h * d;
+        let s = g
+            .add(
+                Op::Slice {
+                    axis: r - 1,
+                    start,
+                    end,
+                },
+                &[p],
+                "attn",
+            )
+            .unwrap();
+        let mut to = dims[..r - 1].to_vec();
+        to.extend([c(h), c(d)]);
+        let s = g.add(Op::Reshape(Shape(to)), &[s], "attn").unwrap();
+        let y = g.add(Op::Rope(spec), &[s, pos], "attn").unwrap();
+        g.set_output(name, y);
+    };
+    heads(&mut g, "q", at, hq);
+    heads(&mut g, "k", at + hq * d, hk);
+    let v_at = if v_first { 0 } else { (hq + hk) * d };
+    let v = g
+        .add(
+            Op::Slice {
+                axis: r - 1,
+                start: v_at,
+                end: v_at + dv,
+            },
+            &[p],
+            "attn",
+        )
+        .unwrap();
+    g.set_output("v", v);
+    g
+}
+
+#[test]
+fn fuse_rope_matmul_is_sound() {
+    for dtype in [DType::F64, DType::F32, DType::F16, DType::BF16] {
+        for norm in [false, true] {
+            let rules = ["fuse-norm-matmul", "fuse-rope-matmul"];
+            prove_with_vocab("fuse-rope-matmul", &rules, 8, 1000, |rng| {
+                let g = rope_matmul_graph(rng, dtype, norm);
+                let (h, _) = optimize(&g).unwrap();
+                assert_eq!(count(&h, |o| matches!(o, Op::Rope(_))), 0);
+                let fused = |o: &Op| matches!(o, Op::MatMulRope { eps, ranges, .. } if eps.is_some() == norm && ranges.len() == 1);
+                assert_eq!(count(&h, fused), 1, "{}", caramba_ir::to_text(&h));
+                g
+            });
+        }
+    }
+}
+
+/// Where a rotated slice's unrotated columns are read too, or a rotation
+/// is RoPE's gradient, the product keeps its ropes.
+#[test]
+fn fuse_rope_matmul_leaves_unrotated_readers_alone() {
+    // Products with RoPE in their epilogues, and ropes left.
+    let fused = |g: &Graph| {
+        let f = rope_matmul::fuse(g).unwrap();
+        (
+            count(&f.graph, |o| matches!(o, Op::MatMulRope { .. })),
+            count(&f.graph, |o| matches!(o, Op::Rope(_))),
+        )
+    };
+    let mut rng = Rng::new(5);
+    let base = rope_matmul_graph(&mut rng, DType::F32, false);
+    assert_eq!(fused(&base), (1, 0));
+    let find = |g: &Graph, pred: &dyn Fn(&Op) -> bool| {
+        g.node_ids().find(|&n| pred(&g.node(n).op)).unwrap()
+    };
+    // The unrotated q (its reshape) an output too: k alone is fused.
+    let mut g = base.clone();
+    let reshape = find(&g, &|o| matches!(o, Op::Reshape(_)));
+    g.set_output("raw", reshape);
+    assert_eq!(fused(&g), (1, 1));
+    // A slice overlapping the rotated columns, read as it is.
+    let mut g = base.clone();
+    let p = find(&g, &|o| matches!(o, Op::MatMul));
+    let rank = g.node(p).ty.shape.rank();
+    // The first column of a rotated slice (the one read by a reshape).
+    let start = g
+        .users(p)
+        .into_iter()
+        .find_map(|u| match g.node(u).op {
+            Op::Slice { start, .. } if g.users(u).len() == 1 => Some(start),
+            _ => None,
+        })
+        .unwrap();
+    let all = g
+        .add(
+            Op::Slice {
+                axis: rank - 1,
+                start,
+                end: start + 1,
+            },
+            &[p],
+            "",
+        )
+        .unwrap();
+    g.set_output("first", all);
+    assert_eq!(fused(&g), (0, 2));
+    // The product itself read whole.
+    let mut g = base.clone();
+    g.set_output("p", p);
+    assert_eq!(fused(&g), (0, 2));
+    // RoPE's gradient (the inverse rotation) is not an epilogue.
+    let mut g = Graph::new("t");
+    let x = g
+        .input("x", ty(DType::F32, &[Dim::Sym(Sym::T), c(4)]))
+        .unwrap();
+    let pos = g.input("pos", ty(DType::I32, &[Dim::Sym(Sym::T)])).unwrap();
+    let b = g.param("b", ty(DType::F32, &[c(4), c(8)]), "").unwrap();
+    let p = g.add(Op::MatMul, &[x, b], "").unwrap();
+    let s = g
+        .add(
+            Op::Slice {
+                axis: 1,
+                start: 0,
+                end: 4,
+            },
+            &[p],
+            "",
+        )
+        .unwrap();
+    let s = g
+        .add(
+            Op::Reshape(Shape(vec![Dim::Sym(Sym::T), c(1), c(4)])),
+            &[s],
+            "",
+        )
+        .unwrap();
+    let spec = caramba_ir::RopeSpec {
+        theta: Scalar(10000.0),
+        scaling: None,
+        inverse: true,
+    };
+    let y = g.add(Op::Rope(spec), &[s, pos], "").unwrap();
+    g.set_output("y", y);
+    assert_eq!(fused(&g), (0, 1));
+}
+
 /// Grouped attention as lowering writes it: q `[B, kv, g, T, d]`, keys
 /// `[B, S, kv, 1, d]` transposed to `[B, kv, 1, d, S]`, values
 /// `[B, kv, 1, S, dv]`; random scale, mask and operand order.
@@ -1260,7 +1445,7 @@ fn every_model_optimizes_to_the_same_logits() {
         assert_eq!(
             count(&h, |o| matches!(
                 o,
-                Op::RmsNorm { .. } | Op::RmsNormMatMul { .. }
+                Op::RmsNorm { .. } | Op::RmsNormMatMul { .. } | Op::MatMulRope { eps: Some(_), .. }
             )),
             norms,
             "{path}: one rms_norm(_matmul) per RMSNorm layer, and per LayerNorm (of x − mean)"
@@ -1349,7 +1534,7 @@ fn half_precision_models_fuse_attention_and_agree() {
                 .filter(|l| l.kind.starts_with("RMSNorm"))
                 .count();
             assert!(norms > 0, "{name}");
-            let folded = count(&h, |o| matches!(o, Op::RmsNormMatMul { .. }));
+            let folded = count(&h, folds_a_norm);
             assert!(
                 folded > 0,
                 "{name} {dtype}: no norm folded into its product"
@@ -1816,7 +2001,7 @@ fn every_norm_of_the_1b_preset_folds_into_its_product() {
     let c = crate::compile(&src).unwrap();
     let (h, rep) = optimize(&c.student.graph).unwrap();
     // Two per block and the final norm before the LM head.
-    assert_eq!(count(&h, |o| matches!(o, Op::RmsNormMatMul { .. })), 33);
+    assert_eq!(count(&h, folds_a_norm), 33);
     assert_eq!(count(&h, |o| matches!(o, Op::RmsNorm { .. })), 0);
     assert_eq!(rep.applied.get("fuse-norm-matmul"), Some(&33));
     let folded = rep
@@ -1825,6 +2010,36 @@ fn every_norm_of_the_1b_preset_folds_into_its_product() {
         .find(|f| matches!(f.op, Op::RmsNormMatMul { .. }))
         .unwrap();
     assert_eq!(folded.rules, ["fuse-rmsnorm", "fuse-norm-matmul"]);
+    // Each block's q/k/v product rotates its geometric q and k in its
+    // epilogue, as one range.
+    assert_eq!(rep.applied.get("fuse-rope-matmul"), Some(&16));
+    let rotated = rep
+        .fused
+        .iter()
+        .filter(
+            |f| matches!(&f.op, Op::MatMulRope { eps: Some(_), ranges, .. } if ranges.len() == 1),
+        )
+        .count();
+    assert_eq!(rotated, 16);
+    assert_eq!(count(&h, |o| matches!(o, Op::Rope(_))), 0);
+    let epilogue = rep
+        .fused
+        .iter()
+        .find(|f| matches!(f.op, Op::MatMulRope { .. }))
+        .unwrap();
+    assert_eq!(
+        epilogue.rules,
+        ["fuse-rmsnorm", "fuse-norm-matmul", "fuse-rope-matmul"]
+    );
+}
+
+/// A norm folded into the product that reads it: `rms_norm_matmul`, or
+/// that with RoPE in its epilogue.
+fn folds_a_norm(o: &Op) -> bool {
+    matches!(
+        o,
+        Op::RmsNormMatMul { .. } | Op::MatMulRope { eps: Some(_), .. }
+    )
 }
 
 /// Every manifest's model, plain and over q8 and f16 caches, at full size:

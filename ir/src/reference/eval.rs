@@ -216,6 +216,8 @@ fn apply(node: &Node, args: &[(&Tensor, bool)], syms: &SymValues) -> Result<Tens
     } else {
         let read = match node.op {
             Op::RmsNormMatMul { .. } => &args[..2],
+            // Every operand but the weight (operand 1 without a norm, 2 with).
+            Op::MatMulRope { .. } => &args[..0],
             _ => args,
         };
         read.iter()
@@ -280,6 +282,38 @@ fn apply(node: &Node, args: &[(&Tensor, bool)], syms: &SymValues) -> Result<Tens
                 transposed: args[2].1,
             };
             fused::rms_norm_matmul(x(0), x(1), b, *eps)
+        }
+        Op::MatMulRope {
+            eps,
+            rope,
+            head_dim,
+            ranges,
+        } => {
+            // Operands dense but for the weight, read as matmul reads it.
+            let plain = |i: usize| -> Cow<Tensor> {
+                let (t, tr) = args[i];
+                if tr {
+                    Cow::Owned(transpose_last_two(t))
+                } else {
+                    Cow::Borrowed(t)
+                }
+            };
+            let wb = if eps.is_some() { 2 } else { 1 };
+            let b = MatOperand {
+                t: args[wb].0,
+                transposed: args[wb].1,
+            };
+            let w = eps.map(|_| plain(1));
+            fused::matmul_rope(
+                &plain(0),
+                w.as_deref(),
+                b,
+                &plain(wb + 1),
+                *eps,
+                rope,
+                *head_dim,
+                ranges,
+            )
         }
         Op::RmsNormGrad { eps, wrt } => fused::rms_norm_grad(x(0), x(1), x(2), *eps, *wrt),
         Op::Elementwise(p) => {
@@ -446,9 +480,12 @@ fn swaps_last_two(perm: &[usize]) -> bool {
 fn feeds_only_matmuls(graph: &Graph, id: NodeId) -> bool {
     let users = graph.users(id);
     !users.is_empty()
-        && users
-            .iter()
-            .all(|&u| matches!(graph.node(u).op, Op::MatMul | Op::RmsNormMatMul { .. }))
+        && users.iter().all(|&u| {
+            matches!(
+                graph.node(u).op,
+                Op::MatMul | Op::RmsNormMatMul { .. } | Op::MatMulRope { .. }
+            )
+        })
 }
 
 /// A copy of `t` with its last two axes swapped.

@@ -364,6 +364,9 @@ pub struct GpuExecutor<R: Runtime> {
     rope_freqs: HashMap<NodeId, Handle>,
     /// Each rope node's key among this run's angle tables (`rope_tables`).
     rope_keys: HashMap<NodeId, ops::RopeKey>,
+    /// Each `matmul_rope` node's slots for RoPE in a gemv's epilogue, where
+    /// its ranges allow it (`gemv::rope_slots`).
+    rope_slots: HashMap<NodeId, Handle>,
     rope_tables: ops::RopeTables,
     /// With [`GpuOptions::param_copies`]: the casts of parameters to a half
     /// precision the device stores narrow, each bound to its copy, and the
@@ -515,24 +518,49 @@ impl<R: Runtime> GpuExecutor<R> {
         let shared_tables = !env_off("CARAMBA_NO_ROPE_TABLES");
         let (mut rope_freqs, mut rope_keys) = (HashMap::new(), HashMap::new());
         let mut distinct: Vec<(Vec<u32>, Handle)> = Vec::new();
+        let mut rope_slots = HashMap::new();
         for &id in &plan.order {
-            if let caramba_ir::Op::Rope(spec) = &graph.node(id).op {
-                let (x, pos) = (graph.operands(id)[0], graph.operands(id)[1]);
-                if let Some(Some(d)) = graph.node(x).ty.shape.last().map(|d| d.as_const()) {
-                    let inv: Vec<f32> = spec.inv_freq(d).into_iter().map(|f| f as f32).collect();
-                    let bits: Vec<u32> = inv.iter().map(|f| f.to_bits()).collect();
-                    let k = match distinct.iter().position(|(b, _)| *b == bits) {
-                        Some(k) => k,
-                        None => {
-                            let h = client.create_from_slice(f32::as_bytes(&inv));
-                            distinct.push((bits, h));
-                            distinct.len() - 1
-                        }
-                    };
-                    rope_freqs.insert(id, distinct[k].1.clone());
-                    if shared_tables {
-                        rope_keys.insert(id, (pos, k, spec.inverse));
+            // A rotation's spec, positions and head dim: rope's, or those of
+            // RoPE in a product's epilogue, whose slots (see
+            // `gemv::rope_slots`) are uploaded once too.
+            let node = graph.node(id);
+            let rotation = match &node.op {
+                caramba_ir::Op::Rope(spec) => {
+                    let (x, pos) = (graph.operands(id)[0], graph.operands(id)[1]);
+                    let d = graph.node(x).ty.shape.last().and_then(|d| d.as_const());
+                    Some((*spec, pos, d))
+                }
+                caramba_ir::Op::MatMulRope {
+                    rope,
+                    head_dim,
+                    ranges,
+                    ..
+                } => {
+                    let n = node.ty.shape.last().and_then(|d| d.as_const());
+                    if let Some(slots) =
+                        n.and_then(|n| caramba_kernels::gemv::rope_slots(n, *head_dim, ranges))
+                    {
+                        rope_slots.insert(id, client.create_from_slice(i32::as_bytes(&slots)));
                     }
+                    let pos = *graph.operands(id).last().expect("typed: positions");
+                    Some((*rope, pos, Some(*head_dim)))
+                }
+                _ => None,
+            };
+            if let Some((spec, pos, Some(d))) = rotation {
+                let inv: Vec<f32> = spec.inv_freq(d).into_iter().map(|f| f as f32).collect();
+                let bits: Vec<u32> = inv.iter().map(|f| f.to_bits()).collect();
+                let k = match distinct.iter().position(|(b, _)| *b == bits) {
+                    Some(k) => k,
+                    None => {
+                        let h = client.create_from_slice(f32::as_bytes(&inv));
+                        distinct.push((bits, h));
+                        distinct.len() - 1
+                    }
+                };
+                rope_freqs.insert(id, distinct[k].1.clone());
+                if shared_tables {
+                    rope_keys.insert(id, (pos, k, spec.inverse));
                 }
             }
         }
@@ -550,6 +578,7 @@ impl<R: Runtime> GpuExecutor<R> {
         GpuExecutor {
             rope_freqs,
             rope_keys,
+            rope_slots,
             rope_tables: ops::RopeTables::default(),
             copies,
             copies_by_name,
@@ -821,6 +850,7 @@ impl<R: Runtime> GpuExecutor<R> {
             vendor: None,
             rope_freqs: None,
             rope_table: None,
+            rope_slots: None,
             narrow: self.narrow,
             sum_batch: false,
             transposed_sum: false,
@@ -1067,6 +1097,7 @@ impl<R: Runtime> GpuExecutor<R> {
                         vendor: self.vendor.as_deref(),
                         rope_freqs: self.rope_freqs.get(&id),
                         rope_table: self.rope_keys.get(&id).map(|&k| (&self.rope_tables, k)),
+                        rope_slots: self.rope_slots.get(&id),
                         narrow: self.narrow,
                         sum_batch: self.batch_summed.contains(&id),
                         transposed_sum: self.transposed_sums.contains(&id),

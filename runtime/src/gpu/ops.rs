@@ -294,6 +294,10 @@ pub(crate) struct Ctx<'a, R: Runtime> {
     /// A rope node's angle tables this run and its key there (see
     /// `RopeTables`); `None`: the launch tabulates its own.
     pub rope_table: Option<(&'a RopeTables, RopeKey)>,
+    /// A `matmul_rope` node's slots for RoPE in a gemv's epilogue, when
+    /// the executor uploaded them once (`gemv::rope_slots`); otherwise the
+    /// launch uploads its own.
+    pub rope_slots: Option<&'a caramba_kernels::cubecl::server::Handle>,
     /// Which half-precision types the device stores narrow.
     pub narrow: HalfStorage,
     /// A matmul whose only user sums its batch axis (a weight's gradient,
@@ -421,11 +425,13 @@ pub(crate) fn reads_in_place(op: &Op, t: &DevTensor) -> bool {
 
 /// Whether `user` reads its operand `x` (a swap of the last two axes)
 /// through transposed strides, as a GEMM operand: every operand of a
-/// matmul, the weight of an `rms_norm_matmul` (not its rows or norm weight).
+/// matmul, the weight of an `rms_norm_matmul` or a `matmul_rope` (not its
+/// rows, norm weight or positions).
 pub(crate) fn reads_transposed(graph: &Graph, user: NodeId, x: NodeId) -> bool {
     match graph.node(user).op {
         Op::MatMul => true,
         Op::RmsNormMatMul { .. } => graph.operands(user)[..2].iter().all(|&o| o != x),
+        Op::MatMulRope { eps, .. } => graph.operands(user)[if eps.is_some() { 2 } else { 1 }] == x,
         _ => false,
     }
 }
@@ -1024,21 +1030,7 @@ impl<R: Runtime> Ctx<'_, R> {
                     xv = Self::view(&materialized(c, x));
                 }
                 let (t, d) = rope::rope_dims(&xv).map_err(|e| self.err(e.to_string()))?;
-                let tabulate = || {
-                    let inv = match self.rope_freqs {
-                        Some(h) => h.clone(),
-                        None => {
-                            let inv: Vec<f32> =
-                                spec.inv_freq(d).into_iter().map(|f| f as f32).collect();
-                            c.create_from_slice(f32::as_bytes(&inv))
-                        }
-                    };
-                    rope::launch_rope_table(c, &pos.handle, &inv, t, d / 2, spec.inverse)
-                };
-                let table = match self.rope_table {
-                    Some((tables, key)) => tables.get_or(key, t, tabulate),
-                    None => tabulate(),
-                };
+                let table = self.rope_angles(spec, pos, t, d);
                 let out = self.alloc(shape);
                 rope::launch_rope_with(c, e, &xv, &table, &out.handle)
                     .map_err(|e| self.err(e.to_string()))?;
@@ -1124,6 +1116,12 @@ impl<R: Runtime> Ctx<'_, R> {
             Op::RmsNormMatMul { eps } => {
                 self.rms_norm_matmul(xs[0], xs[1], xs[2], eps.0 as f32, shape)
             }
+            Op::MatMulRope {
+                eps,
+                rope,
+                head_dim,
+                ranges,
+            } => self.matmul_rope(xs, eps.map(|e| e.0 as f32), rope, *head_dim, ranges, shape),
             Op::RmsNormGrad { eps, wrt } => {
                 let (x, w, dy) = (xs[0], xs[1], xs[2]);
                 let d = *x.shape.last().expect("typed rank ≥ 1");
@@ -1382,6 +1380,122 @@ impl<R: Runtime> Ctx<'_, R> {
             r.give(xn);
         }
         out
+    }
+
+    /// RoPE's angles for `t` positions `pos` and head dim `d`: the run's
+    /// shared table when the executor keyed this node's rotation
+    /// (`RopeTables`), else a table of the launch's own.
+    fn rope_angles(
+        &self,
+        spec: &caramba_ir::RopeSpec,
+        pos: &DevTensor,
+        t: usize,
+        d: usize,
+    ) -> rope::RopeTable {
+        let c = self.client;
+        let tabulate = || {
+            let inv = match self.rope_freqs {
+                Some(h) => h.clone(),
+                None => {
+                    let inv: Vec<f32> = spec.inv_freq(d).into_iter().map(|f| f as f32).collect();
+                    c.create_from_slice(f32::as_bytes(&inv))
+                }
+            };
+            rope::launch_rope_table(c, &pos.handle, &inv, t, d / 2, spec.inverse)
+        };
+        match self.rope_table {
+            Some((tables, key)) => tables.get_or(key, t, tabulate),
+            None => tabulate(),
+        }
+    }
+
+    /// `matmul_rope` (operands x, the norm's weight with `eps`, b, pos): a
+    /// few rows (a decode step) run one matrix-vector kernel that rotates
+    /// each pair of columns where it sums them, when the ranges allow
+    /// (`gemv::rope_slots`); otherwise the product (or the norm's fallback)
+    /// runs as its op would, and RoPE rotates each range of its result in
+    /// place.
+    fn matmul_rope(
+        &self,
+        xs: &[&DevTensor],
+        eps: Option<f32>,
+        spec: &caramba_ir::RopeSpec,
+        head_dim: usize,
+        ranges: &[(usize, usize)],
+        shape: Vec<usize>,
+    ) -> Result<DevTensor, GpuError> {
+        let c = self.client;
+        let x = xs[0];
+        let (w, b, pos) = match eps {
+            Some(_) => (Some(xs[1]), xs[2], xs[3]),
+            None => (None, xs[1], xs[2]),
+        };
+        let r = shape.len();
+        let (t, n) = (shape[r - 2], shape[r - 1]);
+        let k = *x.shape.last().expect("typed rank ≥ 2");
+        let rows = x.numel() / k.max(1);
+        let table = self.rope_angles(spec, pos, t, head_dim);
+        let vb = Self::view(b);
+        if (1..=gemv::GEMV_MAX_ROWS).contains(&rows) && vb.offset == 0 && !x.transposed {
+            let uploaded;
+            let slots = match self.rope_slots {
+                Some(h) => Some(h),
+                None => match gemv::rope_slots(n, head_dim, ranges) {
+                    Some(v) => {
+                        uploaded = c.create_from_slice(i32::as_bytes(&v));
+                        Some(&uploaded)
+                    }
+                    None => None,
+                },
+            };
+            if let Some(slots) = slots {
+                let out = self.alloc(shape);
+                let rb = vb.shape.len();
+                let rhs = View {
+                    shape: vec![k, n],
+                    strides: vb.strides[rb - 2..].to_vec(),
+                    ..vb
+                };
+                let wv = w.map(|w| View::contiguous(w.handle.clone(), &[k]));
+                gemv::launch_gemv_rope(
+                    c,
+                    out.elem,
+                    &View::contiguous(x.handle.clone(), &[rows, k]),
+                    wv.as_ref()
+                        .map(|wv| (wv, self.norm_grid(), eps.unwrap_or(0.0))),
+                    &rhs,
+                    &View::contiguous(out.handle.clone(), &[rows, n]),
+                    &gemv::GemvRope {
+                        table: &table,
+                        slots,
+                        grid: self.norm_grid(),
+                    },
+                );
+                return Ok(out);
+            }
+        }
+        let y = match (w, eps) {
+            (Some(w), Some(eps)) => self.rms_norm_matmul(x, w, b, eps, shape.clone())?,
+            _ => self.matmul(x, b, shape.clone())?,
+        };
+        // The product's result as its op rounds it, then rotated in place.
+        let y = self.on_grid(y);
+        let lead = caramba_kernels::contiguous_strides(&shape[..r - 1]);
+        for &(s, e) in ranges {
+            let mut vshape = shape[..r - 1].to_vec();
+            vshape.extend([(e - s) / head_dim, head_dim]);
+            let mut strides: Vec<usize> = lead.iter().map(|st| st * n).collect();
+            strides.extend([head_dim, 1]);
+            let view = View {
+                handle: y.handle.clone(),
+                shape: vshape,
+                strides,
+                offset: s,
+            };
+            rope::launch_rope_in_place(c, y.elem, &view, &table)
+                .map_err(|err| self.err(err.to_string()))?;
+        }
+        Ok(y)
     }
 
     /// `a @ b` with broadcast batch axes, through cuBLASLt or cubek.

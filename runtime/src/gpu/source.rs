@@ -245,6 +245,7 @@ fn capture<R: Runtime>(
                     vendor: None,
                     rope_freqs: None,
                     rope_table: None,
+                    rope_slots: None,
                     narrow,
                     sum_batch: false,
                     transposed_sum: false,

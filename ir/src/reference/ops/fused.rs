@@ -8,13 +8,15 @@
 //! `attention_with_lse`, and the `lse`/`delta` operands `attention_grad`
 //! reads) are typed `f32`, so they are never rounded.
 
-use super::attention::causal_mask;
+use super::attention::{causal_mask, rope};
 use super::elementwise::{binary, constant, unary};
-use super::layout::{broadcast_to, concat};
+use super::layout::{broadcast_to, concat, slice};
 use super::matmul::{matmul, MatOperand};
 use super::reduce::{reduce, softmax};
 use super::{each_float, Raw};
-use crate::op::{AttnArg, BinaryOp, ElemInstr, ElemProgram, NormArg, ReduceOp, Scalar, UnaryOp};
+use crate::op::{
+    AttnArg, BinaryOp, ElemInstr, ElemProgram, NormArg, ReduceOp, RopeSpec, Scalar, UnaryOp,
+};
 use crate::reference::tensor::{round_bf16, round_f16, Float, Storage, Tensor};
 
 fn tensor(dtype: crate::DType, raw: Raw) -> Tensor {
@@ -212,6 +214,64 @@ pub fn rms_norm_matmul(x: &Tensor, w: &Tensor, b: MatOperand, eps: Scalar) -> Re
         },
         b,
     )
+}
+
+/// `Op::MatMulRope` by its decomposition: the product (`rms_norm_matmul`
+/// with a norm weight `w`, `matmul` without) rounded to x's dtype as its
+/// result would be, then RoPE over each column range's heads, the other
+/// columns as they are.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_rope(
+    x: &Tensor,
+    w: Option<&Tensor>,
+    b: MatOperand,
+    pos: &Tensor,
+    eps: Option<Scalar>,
+    spec: &RopeSpec,
+    head_dim: usize,
+    ranges: &[(usize, usize)],
+) -> Result<Raw, String> {
+    let (shape, mut data) = match (w, eps) {
+        (Some(w), Some(eps)) => rms_norm_matmul(x, w, b, eps)?,
+        (None, None) => matmul(
+            MatOperand {
+                t: x,
+                transposed: false,
+            },
+            b,
+        )?,
+        _ => return Err("matmul_rope takes a norm weight exactly when it has eps".into()),
+    };
+    if let Storage::F32(v) = &mut data {
+        match x.dtype() {
+            crate::DType::BF16 => v.iter_mut().for_each(|e| *e = round_bf16(*e)),
+            crate::DType::F16 => v.iter_mut().for_each(|e| *e = round_f16(*e)),
+            _ => {}
+        }
+    }
+    let y = Tensor::new(x.dtype(), shape.clone(), data);
+    let r = shape.len();
+    let n = shape[r - 1];
+    let mut pieces: Vec<Tensor> = Vec::new();
+    let mut at = 0;
+    for &(s, e) in ranges {
+        if s > at {
+            pieces.push(tensor(x.dtype(), slice(&y, r - 1, at, s)?));
+        }
+        let cols = tensor(x.dtype(), slice(&y, r - 1, s, e)?);
+        let mut heads = shape[..r - 1].to_vec();
+        heads.extend([(e - s) / head_dim, head_dim]);
+        let rotated = tensor(x.dtype(), rope(spec, &cols.reshaped(heads), pos)?);
+        let mut back = shape[..r - 1].to_vec();
+        back.push(e - s);
+        pieces.push(rotated.reshaped(back));
+        at = e;
+    }
+    if at < n {
+        pieces.push(tensor(x.dtype(), slice(&y, r - 1, at, n)?));
+    }
+    let refs: Vec<&Tensor> = pieces.iter().collect();
+    concat(&refs, r - 1)
 }
 
 /// `rms_norm`'s gradient for x or w (see `Op::RmsNormGrad`), each row's
