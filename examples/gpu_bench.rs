@@ -18,6 +18,8 @@
 //! those of the `kvdecode` case's cache formats.
 //! `CARAMBA_BENCH_UNFOLDED=1` optimizes the models as before the norm fold:
 //! projections unmerged and no `fuse-norm-matmul` (for A/B runs).
+//! `CARAMBA_BENCH_WITHOUT=fuse-rope-matmul` (a comma list of rule and pass
+//! names) optimizes the models without those (for A/B runs).
 //! `CARAMBA_BENCH_GEMM=cubek` puts every GEMM on cubek instead of cuBLASLt
 //! (the `gemm` case times both). `CARAMBA_BENCH_GEMMS=gemm4096x2048x8192_bf16`
 //! (a comma list of the names it prints) keeps those of its lines.
@@ -96,7 +98,8 @@ fn bench_options() -> GpuOptions {
 /// The model graphs' optimizer: every rule, or with
 /// `CARAMBA_BENCH_UNFOLDED=1` the optimizer before the norm fold
 /// (projections not merged, no `fuse-norm-matmul`); with
-/// `CARAMBA_BENCH_TREE=1`, extraction by tree costs (before `extract.rs`).
+/// `CARAMBA_BENCH_TREE=1`, extraction by tree costs (before `extract.rs`);
+/// `CARAMBA_BENCH_WITHOUT` leaves the rules and passes it lists out.
 fn optimize_model(g: &Graph) -> Graph {
     use caramba_compiler::optimize::{optimize_with, rule_names, Options};
     let mut opts = if std::env::var("CARAMBA_BENCH_UNFOLDED").is_ok_and(|v| v == "1") {
@@ -115,6 +118,18 @@ fn optimize_model(g: &Graph) -> Graph {
         Options::default()
     };
     opts.tree_extraction = std::env::var("CARAMBA_BENCH_TREE").is_ok_and(|v| v == "1");
+    if let Ok(without) = std::env::var("CARAMBA_BENCH_WITHOUT") {
+        let left_out: Vec<&str> = without.split(',').map(str::trim).collect();
+        let kept = opts
+            .only
+            .take()
+            .unwrap_or_else(|| rule_names().into_iter().map(String::from).collect());
+        opts.only = Some(
+            kept.into_iter()
+                .filter(|n| !left_out.contains(&n.as_str()))
+                .collect(),
+        );
+    }
     optimize_with(g, &opts).expect("optimize").0
 }
 

@@ -104,8 +104,19 @@ fn main() {
     // As `caramba run` trains on GPUs: the joint graph optimized.
     let optimize = Instant::now();
     // CARAMBA_BENCH_TREE=1: extraction by tree costs, as before `extract.rs`.
+    // CARAMBA_BENCH_WITHOUT=fuse-rope-matmul (a comma list): those rules
+    // and passes left out, for A/B runs.
+    let only = std::env::var("CARAMBA_BENCH_WITHOUT").ok().map(|without| {
+        let left_out: Vec<&str> = without.split(',').map(str::trim).collect();
+        caramba_compiler::optimize::rule_names()
+            .into_iter()
+            .filter(|n| !left_out.contains(n))
+            .map(String::from)
+            .collect()
+    });
     let opts = caramba_compiler::optimize::Options {
         tree_extraction: std::env::var("CARAMBA_BENCH_TREE").is_ok_and(|v| v == "1"),
+        only,
         ..Default::default()
     };
     let (graph, report) =
