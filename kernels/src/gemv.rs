@@ -14,8 +14,10 @@
 //!
 //! `a` (a few KiB) is read from global memory by every cube and served by
 //! the caches. The same kernel folds an RMSNorm of `a`'s rows into the
-//! product (`launch_gemv_norm`, `Op::RmsNormMatMul`). `a`, `b` and `out` are stored as the launch's `elem`; the
-//! products are accumulated in `f32`.
+//! product (`launch_gemv_norm`, `Op::RmsNormMatMul`), and a second kernel
+//! over the same helpers rotates column pairs by RoPE in its epilogue
+//! (`launch_gemv_rope`, `Op::MatMulRope`). `a`, `b` and `out` are stored
+//! as the launch's `elem`; the products are accumulated in `f32`.
 
 use crate::rms_norm::{on_grid, Grid};
 use crate::rope::RopeTable;
@@ -37,7 +39,22 @@ pub fn launch_gemv<R: Runtime>(
     b: &View,
     out: &View,
 ) {
-    launch(client, elem, a, None, b, out, None);
+    launch(client, elem, a, None, b, out, Epilogue::None);
+}
+
+/// [`launch_gemv`] plus a dense `r (M, N)` stored as `elem`, added in the
+/// epilogue: `out = a @ b + r`, the product rounded to `elem` before the
+/// sum as a stored product would be (a residual add folded into the
+/// linear layer before it).
+pub fn launch_gemv_add<R: Runtime>(
+    client: &ComputeClient<R>,
+    elem: FloatElem,
+    a: &View,
+    b: &View,
+    r: &View,
+    out: &View,
+) {
+    launch(client, elem, a, None, b, out, Epilogue::Add(r));
 }
 
 /// Each row's `1 / rms` (`rows` rows of `a`) into `inv`: every unit sums
@@ -199,13 +216,18 @@ fn column_sum(
     s
 }
 
-/// The product (see [`gemv_partials`]) stored as it is.
+/// The product (see [`gemv_partials`]) stored as it is, or with
+/// `residual` plus `r (M, N)`: the product rounded to `F` as it would be
+/// stored, then `r` added in `f32` and the sum rounded once, which is
+/// what the product and an `add` of it compute (the executor's folded
+/// adds). Without `residual`, `r` is not read.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn gemv_kernel<F: Float + CubeElement>(
     a: &Tensor<F>,
     w: &Tensor<F>,
     b: &Tensor<F>,
+    r: &Tensor<F>,
     out: &mut Tensor<F>,
     eps: f32,
     inf: f32,
@@ -213,6 +235,7 @@ fn gemv_kernel<F: Float + CubeElement>(
     #[comptime] k_contiguous: bool,
     #[comptime] norm: bool,
     #[comptime] grid: Grid,
+    #[comptime] residual: bool,
 ) {
     let n_len = out.shape(1);
     let mut partial = SharedMemory::<f32>::new(GEMV_THREADS * rows);
@@ -236,7 +259,12 @@ fn gemv_kernel<F: Float + CubeElement>(
     if lane == 0 && n < n_len {
         #[unroll]
         for m in 0..rows {
-            out[m * n_len + n] = F::cast_from(column_sum(&partial, m, col, k_contiguous));
+            let mut v = F::cast_from(column_sum(&partial, m, col, k_contiguous));
+            if residual {
+                let at = m * n_len + n;
+                v = F::cast_from(f32::cast_from(v) + f32::cast_from(r[at]));
+            }
+            out[m * n_len + n] = v;
         }
     }
 }
@@ -383,7 +411,15 @@ pub fn launch_gemv_norm<R: Runtime>(
     out: &View,
     eps: f32,
 ) {
-    launch(client, elem, a, Some((w, grid, eps)), b, out, None);
+    launch(
+        client,
+        elem,
+        a,
+        Some((w, grid, eps)),
+        b,
+        out,
+        Epilogue::None,
+    );
 }
 
 /// RoPE in a gemv's epilogue (`Op::MatMulRope`): the angles' table for the
@@ -409,11 +445,19 @@ pub fn launch_gemv_rope<R: Runtime>(
     out: &View,
     rope: &GemvRope,
 ) {
-    launch(client, elem, a, norm, b, out, Some(rope));
+    launch(client, elem, a, norm, b, out, Epilogue::Rope(rope));
 }
 
-/// Every launch: `norm` is the norm's weight, grid and `eps`, if any;
-/// `rope` the epilogue's table and slots, if any.
+/// What a launch does after the sums.
+enum Epilogue<'a> {
+    None,
+    /// A residual added.
+    Add(&'a View),
+    /// RoPE's rotation.
+    Rope(&'a GemvRope<'a>),
+}
+
+/// Every launch: `norm` is the norm's weight, grid and `eps`, if any.
 fn launch<R: Runtime>(
     client: &ComputeClient<R>,
     elem: FloatElem,
@@ -421,7 +465,7 @@ fn launch<R: Runtime>(
     norm: Option<(&View, Grid, f32)>,
     b: &View,
     out: &View,
-    rope: Option<&GemvRope>,
+    epilogue: Epilogue,
 ) {
     let (m, n) = (out.shape[0], out.shape[1]);
     assert!(
@@ -429,7 +473,8 @@ fn launch<R: Runtime>(
             && a.offset == 0
             && norm.is_none_or(|(w, _, _)| w.offset == 0)
             && b.offset == 0
-            && out.offset == 0,
+            && out.offset == 0
+            && !matches!(epilogue, Epilogue::Add(r) if r.offset != 0 || r.shape != out.shape),
         "gemv takes 1 to {GEMV_MAX_ROWS} rows of views at element 0"
     );
     if n == 0 {
@@ -443,25 +488,35 @@ fn launch<R: Runtime>(
         grid_1d(n.div_ceil(cols), 1),
         CubeDim::new_1d(GEMV_THREADS as u32),
     );
-    let Some(rope) = rope else {
-        with_float!(elem, F => unsafe {
-            gemv_kernel::launch_unchecked::<F, R>(
-                client,
-                cubes,
-                dim,
-                a.arg::<R>(),
-                w.arg::<R>(),
-                b.arg::<R>(),
-                out.arg::<R>(),
-                eps,
-                f32::INFINITY,
-                m,
-                k_contiguous,
-                norm.is_some(),
-                grid,
-            );
-        });
-        return;
+    let rope = match epilogue {
+        Epilogue::Rope(rope) => rope,
+        Epilogue::None | Epilogue::Add(_) => {
+            // Without a residual, `a` stands in for the `r` never read.
+            let r = match epilogue {
+                Epilogue::Add(r) => r,
+                _ => a,
+            };
+            with_float!(elem, F => unsafe {
+                gemv_kernel::launch_unchecked::<F, R>(
+                    client,
+                    cubes,
+                    dim,
+                    a.arg::<R>(),
+                    w.arg::<R>(),
+                    b.arg::<R>(),
+                    r.arg::<R>(),
+                    out.arg::<R>(),
+                    eps,
+                    f32::INFINITY,
+                    m,
+                    k_contiguous,
+                    norm.is_some(),
+                    grid,
+                    matches!(epilogue, Epilogue::Add(_)),
+                );
+            });
+            return;
+        }
     };
     let table = rope.table;
     let entries = table.t * table.half;

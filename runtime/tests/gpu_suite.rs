@@ -2961,6 +2961,48 @@ pub fn folded_adds<R: Runtime>(dev: &R::Device) {
     }
 }
 
+/// A residual add after a linear layer, folded into the product
+/// (`folded_adds`): a decode step's few rows add it in the matrix-vector
+/// kernel's epilogue, more rows after the product inside the one op;
+/// either way no `add` runs as an op of its own, and the values are the
+/// reference's. A product read by a second op keeps its add.
+pub fn folded_linear_adds<R: Runtime>(dev: &R::Device) {
+    let mut rng = Rng(68);
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for (lead, k, n) in [([1, 1], 64, 40), ([2, 3], 96, 130), ([2, 9], 48, 24)] {
+            let t =
+                |dims: &[usize]| TensorType::new(dtype, Shape::new(dims.iter().map(|&d| d.into())));
+            let mut g = Graph::new(format!("folded_linear_adds_{dtype}_{lead:?}_{k}_{n}"));
+            let x = g.input("x0", t(&[lead[0], lead[1], k])).unwrap();
+            let w = g.input("x1", t(&[n, k])).unwrap();
+            let r = g.input("x2", t(&[lead[0], lead[1], n])).unwrap();
+            let wt = g.add(Op::Permute(vec![1, 0]), &[w], "").unwrap();
+            let p = g.add(Op::MatMul, &[x, wt], "").unwrap();
+            let sum = g.add(Op::Binary(BinaryOp::Add), &[r, p], "").unwrap();
+            // The same product read twice: its add stays an op.
+            let neg = g.add(Op::Unary(UnaryOp::Neg), &[x], "").unwrap();
+            let kept = g.add(Op::MatMul, &[neg, wt], "").unwrap();
+            let sum2 = g.add(Op::Binary(BinaryOp::Add), &[kept, r], "").unwrap();
+            for (name, id) in [("sum", sum), ("sum2", sum2), ("kept", kept)] {
+                g.set_output(name, id);
+            }
+            let xs = [&[lead[0], lead[1], k][..], &[n, k], &[lead[0], lead[1], n]]
+                .map(|dims| rounded_as(dtype, &rng.tensor(dims)));
+            let exec = checked_profiled::<R>(dev, &g, xs.to_vec(), dtype);
+            let adds: usize = exec
+                .profile()
+                .into_iter()
+                .filter(|p| p.op == "add")
+                .map(|p| p.launches)
+                .sum();
+            // A device that widens the dtype keeps both adds.
+            let widened = dtype != DType::F32 && exec.storage_of(dtype) == FloatElem::F32;
+            let want = if widened { 2 } else { 1 };
+            assert_eq!(adds, want, "{dtype} {lead:?}: one add folded, one kept");
+        }
+    }
+}
+
 /// Reductions of slices of one tensor along another axis (GQA's `dk‖dv`
 /// summed over query groups, then split): the executor reduces the whole
 /// tensor once and slices the result (`reduced_slices`), so neither slice
@@ -4334,7 +4376,7 @@ macro_rules! all_tests {
             attention_backward,
             elementwise_program, symbolic_shapes, recycling_is_bounded, profiled_memory_figures, unsupported_is_an_error, tiny_llama, tiny_llama_bf16,
             mixed_precision_gradients,
-            dba_preset, optimized_models, matmul_rope, quantize_formats, kv_attention_over_caches, kv_decode_chunks, cached_tiny_llama,
+            dba_preset, optimized_models, matmul_rope, folded_linear_adds, quantize_formats, kv_attention_over_caches, kv_decode_chunks, cached_tiny_llama,
             resident_values, fused_optimizers, grad_norm_and_clipping, trainer_matches_host_sgd,
             trainer_matches_host_adamw, trainer_keeps_half_copies, exact_buffers, last_position_logits, narrow_elementwise, narrow_copy, strided_copies, lazy_views,
             concat_slots, row_dot, attention_apart, folded_adds, reduced_slices,

@@ -352,52 +352,22 @@ fn extract_part(g: &Graph, opts: &Options, active: &[&Rule]) -> Result<Part, Opt
         }
     }
     let mut applied = sat.applied.clone();
-    let fold_norms = opts
-        .only
-        .as_ref()
-        .is_none_or(|o| o.iter().any(|n| n == norm_matmul::NAME));
-    let graph = if fold_norms {
+    let enabled = |name: &str| {
+        opts.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|n| n == name))
+    };
+    let mut graph = graph;
+    if enabled(norm_matmul::NAME) {
         let f = norm_matmul::fold(&graph)?;
-        let mut remapped: BTreeMap<NodeId, Vec<&'static str>> = fused
-            .iter()
-            .filter_map(|(old, rules)| f.map.get(old).map(|&new| (new, rules.clone())))
-            .collect();
-        for &(new, norm) in &f.folds {
-            let mut rules = fused.get(&norm).cloned().unwrap_or_default();
-            rules.push(norm_matmul::NAME);
-            remapped.insert(new, rules);
-        }
-        fused = remapped;
-        if !f.folds.is_empty() {
-            applied.insert(norm_matmul::NAME, f.folds.len());
-        }
-        f.graph
-    } else {
-        graph
-    };
-    let rope_epilogues = opts
-        .only
-        .as_ref()
-        .is_none_or(|o| o.iter().any(|n| n == rope_matmul::NAME));
-    let graph = if rope_epilogues {
+        fused = through_pass(&fused, &f.map, &f.folds, norm_matmul::NAME, &mut applied);
+        graph = f.graph;
+    }
+    if enabled(rope_matmul::NAME) {
         let f = rope_matmul::fuse(&graph)?;
-        let mut remapped: BTreeMap<NodeId, Vec<&'static str>> = fused
-            .iter()
-            .filter_map(|(old, rules)| f.map.get(old).map(|&new| (new, rules.clone())))
-            .collect();
-        for &(new, product) in &f.fused {
-            let mut rules = fused.get(&product).cloned().unwrap_or_default();
-            rules.push(rope_matmul::NAME);
-            remapped.insert(new, rules);
-        }
-        fused = remapped;
-        if !f.fused.is_empty() {
-            applied.insert(rope_matmul::NAME, f.fused.len());
-        }
-        f.graph
-    } else {
-        graph
-    };
+        fused = through_pass(&fused, &f.map, &f.fused, rope_matmul::NAME, &mut applied);
+        graph = f.graph;
+    }
     Ok(Part {
         graph,
         fused,
@@ -409,6 +379,32 @@ fn extract_part(g: &Graph, opts: &Options, active: &[&Rule]) -> Result<Part, Opt
         egraph_nodes: eg.total_number_of_nodes(),
         egraph_classes: eg.number_of_classes(),
     })
+}
+
+/// The fused nodes' rules carried through a graph pass after extraction:
+/// `map` takes old nodes to new; each node the pass `name` formed (new,
+/// and the old node it replaced) gets the old node's rules and `name`,
+/// which `applied` counts.
+fn through_pass(
+    fused: &BTreeMap<NodeId, Vec<&'static str>>,
+    map: &std::collections::HashMap<NodeId, NodeId>,
+    formed: &[(NodeId, NodeId)],
+    name: &'static str,
+    applied: &mut BTreeMap<&'static str, usize>,
+) -> BTreeMap<NodeId, Vec<&'static str>> {
+    let mut out: BTreeMap<NodeId, Vec<&'static str>> = fused
+        .iter()
+        .filter_map(|(old, rules)| map.get(old).map(|&new| (new, rules.clone())))
+        .collect();
+    for &(new, old) in formed {
+        let mut rules = fused.get(&old).cloned().unwrap_or_default();
+        rules.push(name);
+        out.insert(new, rules);
+    }
+    if !formed.is_empty() {
+        applied.insert(name, formed.len());
+    }
+    out
 }
 
 /// The rules that form the fused ops with gradient rules of their own,

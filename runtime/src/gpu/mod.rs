@@ -572,7 +572,7 @@ impl<R: Runtime> GpuExecutor<R> {
         let split_lse = split_lse(graph, &plan.order, narrow);
         let permuted = permuted_outputs(graph, &plan.order, &split_lse);
         let grad_pairs = grad_pairs(graph, &plan.order);
-        let folded_adds = folded_adds(graph, &plan.order, &plan.slots, narrow);
+        let folded_adds = folded_adds(graph, &plan.order, &plan.slots, &plan.batch_summed, narrow);
         let reduced_slices = reduced_slices(graph, &plan.order);
         let in_place = in_place(graph, &plan.order);
         GpuExecutor {
@@ -1535,26 +1535,34 @@ pub(crate) fn grad_pairs(graph: &Graph, order: &[NodeId]) -> HashMap<NodeId, Nod
     out
 }
 
-/// Adds folded into the op that produces one of their operands: the
-/// residual stream's gradient joining an RMS norm's input gradient,
-/// `add(r, rms_norm_grad{wrt=x}(…))`, twice a layer in a training step's
-/// backward. The norm's kernel adds `r` in, after rounding its own result
-/// to the storage type as its node would be stored (so the sum is the
-/// add's, rounded the same way), and its output is the add's value: one
-/// pass less over `[B, T, d]`. The add must be the norm gradient's one
-/// reader, of its type and `r`'s (no broadcast), not a concatenation's
-/// slot, `r` computed before the norm's gradient, and the dtype stored
-/// as itself (not widened). By the norm's gradient, its add and `r`. `CARAMBA_NO_FOLDED_ADDS=1` keeps the adds.
+/// Adds folded into the op that produces one of their operands:
+/// - the residual stream's gradient joining an RMS norm's input gradient,
+///   `add(r, rms_norm_grad{wrt=x}(…))`, twice a layer in a training step's
+///   backward: the norm's kernel adds `r` in, one pass less over
+///   `[B, T, d]`;
+/// - the residual stream joining a linear layer's output, `add(r,
+///   matmul(x, w))` with `w` a matrix (attention's output projection and
+///   the MLP's down projection, twice a layer): a decode step's few rows
+///   add `r` in the matrix-vector kernel's epilogue, one launch less; more
+///   rows run the product and the add inside the one op, as before.
 ///
-/// The residual add after a linear layer could go into cuBLASLt's
-/// epilogue (`C` with `β = 1`) the same way, but that sums the product
-/// unrounded: not the graph's rounding, and a tiny bf16 Llama's logits
-/// then moved by 13% against the reference where a product and the
-/// residual nearly cancel (NOTES, fifteenth session).
+/// Each kernel rounds its own result to the storage type as its node would
+/// be stored before adding `r` (so the sum is the add's, rounded the same
+/// way), and its output is the add's value. The add must be the
+/// producer's one reader, of its type and `r`'s (no broadcast), not a
+/// concatenation's slot, `r` computed before the producer, and the dtype
+/// stored as itself (not widened). By the producer, its add and `r`.
+/// `CARAMBA_NO_FOLDED_ADDS=1` keeps the adds.
+///
+/// Many rows could add `r` in cuBLASLt's epilogue (`C` with `β = 1`), but
+/// that sums the product unrounded: not the graph's rounding, and a tiny
+/// bf16 Llama's logits then moved by 13% against the reference where a
+/// product and the residual nearly cancel (NOTES, fifteenth session).
 fn folded_adds(
     graph: &Graph,
     order: &[NodeId],
     slots: &HashMap<NodeId, (NodeId, usize)>,
+    sum_batch: &HashSet<NodeId>,
     narrow: HalfStorage,
 ) -> HashMap<NodeId, (NodeId, NodeId)> {
     use caramba_ir::{BinaryOp, NormArg, Op};
@@ -1574,9 +1582,12 @@ fn folded_adds(
                 ..
             }
         );
+        let linear = node.op == Op::MatMul
+            && graph.node(graph.operands(g)[1]).ty.shape.rank() == 2
+            && !sum_batch.contains(&g);
         // A device that keeps the dtype widened rounds after the kernel, so
         // the kernel could not round between the two: no fold there.
-        if !norm_grad || outputs.contains(&g) || narrow.widens(node.ty.dtype) {
+        if !(norm_grad || linear) || outputs.contains(&g) || narrow.widens(node.ty.dtype) {
             continue;
         }
         let [add] = graph.users(g)[..] else {

@@ -1190,12 +1190,14 @@ impl<R: Runtime> Ctx<'_, R> {
                 gather::launch_one_hot(c, e, &ids.handle, &out.handle, ids.numel(), *depth);
                 Ok(out)
             }
-            Op::MatMul => match self.sum_batch {
-                true => match self.matmul_summed(xs[0], xs[1])? {
+            Op::MatMul => match (self.sum_batch, self.second) {
+                (true, _) => match self.matmul_summed(xs[0], xs[1])? {
                     Some(summed) => Ok(summed),
                     None => self.matmul(xs[0], xs[1], shape),
                 },
-                false => self.matmul(xs[0], xs[1], shape),
+                // The residual add that reads this product, folded in.
+                (false, Some(r)) => self.matmul_added(xs[0], xs[1], r, shape),
+                (false, None) => self.matmul(xs[0], xs[1], shape),
             },
             Op::Attention { causal, scale } | Op::AttentionWithLse { causal, scale } => {
                 let batch = &shape[..shape.len() - 2];
@@ -1496,6 +1498,52 @@ impl<R: Runtime> Ctx<'_, R> {
                 .map_err(|err| self.err(err.to_string()))?;
         }
         Ok(y)
+    }
+
+    /// `a @ b + r`, the executor's folded add (`folded_adds`): `r` dense,
+    /// of the product's type. A linear layer over a few rows (a decode
+    /// step) adds `r` in the matrix-vector kernel's epilogue, after
+    /// rounding the product as it would be stored; otherwise the product
+    /// runs as its op would, then the add.
+    fn matmul_added(
+        &self,
+        a: &DevTensor,
+        b: &DevTensor,
+        r: &DevTensor,
+        shape: Vec<usize>,
+    ) -> Result<DevTensor, GpuError> {
+        let rank = shape.len();
+        let n = shape[rank - 1];
+        let rows = shape[..rank - 1].iter().product::<usize>();
+        let k = *a.shape.last().expect("typed rank ≥ 2");
+        let vb = Self::view(b);
+        let rb = vb.shape.len();
+        let linear = rb == 2 && vb.offset == 0 && !a.transposed && a.layout.is_none();
+        if linear && (1..=gemv::GEMV_MAX_ROWS).contains(&rows) {
+            let out = self.alloc(shape);
+            gemv::launch_gemv_add(
+                self.client,
+                out.elem,
+                &View::contiguous(a.handle.clone(), &[rows, k]),
+                &vb,
+                &View::contiguous(r.handle.clone(), &[rows, n]),
+                &View::contiguous(out.handle.clone(), &[rows, n]),
+            );
+            return Ok(out);
+        }
+        let product = self.matmul(a, b, shape.clone())?;
+        let add = [
+            Instr::Input(0),
+            Instr::Input(1),
+            Instr::Binary(binary(BinaryOp::Add), 0, 1),
+        ];
+        let sum = self.program(&add, &[&product, r], shape)?;
+        if let Some(recycled) = self.recycled {
+            // Kernels of one stream run in order: the add has read the
+            // product before a later kernel can write this buffer.
+            recycled.give(product);
+        }
+        Ok(sum)
     }
 
     /// `a @ b` with broadcast batch axes, through cuBLASLt or cubek.
