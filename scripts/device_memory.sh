@@ -3,7 +3,7 @@
 # default), exact, and pooled (`CARAMBA_BENCH_BUFFERS`): run from a folder
 # scripts/device_pack.sh NAME made (copy this script and
 # gpu_suite_parallel.sh in). Argument: parts (train, elementwise, rope,
-# suite). The twenty-eighth to thirty-second sessions' figures are in
+# decode, suite). The twenty-eighth to thirty-second sessions' figures are in
 # BENCHMARKS.md.
 cd "$(dirname "$0")"
 for f in *.gz; do gunzip -kf $f; done; chmod +x gpu_suite train_bench gpu_bench
@@ -52,6 +52,21 @@ if [[ $what == *rope* ]]; then
     grep -E "^\{|panicked|error" $OUT/decode_${round}_${without:-with}.txt | head -4
     grep -A12 "profile of" $OUT/decode_${round}_${without:-with}.txt | head -13
     CARAMBA_BENCH_WITHOUT=$without CARAMBA_BENCH_ONLY=smollm2,llama1b timeout 150 ./gpu_bench cuda bf16 2>&1 | grep -E "^\{|panicked|error" | head -6
+  done; done
+fi
+if [[ $what == *decode* ]]; then
+  # The thirty-second session's two changes to a decode step, alone and
+  # together: "both" (the default), "noadds" (CARAMBA_NO_FOLDED_ADDS=1),
+  # "neither" (no folded adds, no fuse-rope-matmul: as before the session).
+  for round in 1 2; do for mode in both noadds neither; do
+    no_adds=0; [[ $mode != both ]] && no_adds=1
+    without=; [[ $mode == neither ]] && without=fuse-rope-matmul
+    echo "== decode, round $round, $mode"
+    CARAMBA_NO_FOLDED_ADDS=$no_adds CARAMBA_BENCH_WITHOUT=$without CARAMBA_BENCH_ONLY=decode timeout 150 ./gpu_bench cuda > $OUT/decode_${round}_$mode.txt 2>&1
+    grep -E "^\{|panicked|error" $OUT/decode_${round}_$mode.txt | head -4
+    grep -A8 "profile of" $OUT/decode_${round}_$mode.txt | head -9
+    [[ $mode == noadds ]] && continue
+    CARAMBA_NO_FOLDED_ADDS=$no_adds CARAMBA_BENCH_WITHOUT=$without CARAMBA_BENCH_ONLY=smollm2,llama1b timeout 150 ./gpu_bench cuda bf16 2>&1 | grep -E "^\{|panicked|error" | head -6
   done; done
 fi
 if [[ $what == *suite* ]]; then
