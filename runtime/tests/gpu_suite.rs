@@ -2906,6 +2906,15 @@ pub fn attention_apart<R: Runtime>(dev: &R::Device) {
     }
 }
 
+/// How many times a profiling executor ran ops named `op`.
+fn op_runs<R: Runtime>(exec: &GpuExecutor<R>, op: &str) -> usize {
+    exec.profile()
+        .into_iter()
+        .filter(|p| p.op == op)
+        .map(|p| p.launches)
+        .sum()
+}
+
 /// The residual stream's gradient joining an RMS norm's input gradient,
 /// `add(r, rms_norm_grad{wrt=x}(x, w, dy))`: the executor has the norm's
 /// kernel add `r` in (`folded_adds`, rounding as the two nodes would), so
@@ -2947,12 +2956,7 @@ pub fn folded_adds<R: Runtime>(dev: &R::Device) {
             let xs = [&[2, 3, d][..], &[d], &[2, 3, d], &[2, 3, d]]
                 .map(|dims| rounded_as(dtype, &rng.tensor(dims)));
             let exec = checked_profiled::<R>(dev, &g, xs.to_vec(), dtype);
-            let adds: usize = exec
-                .profile()
-                .into_iter()
-                .filter(|p| p.op == "add")
-                .map(|p| p.launches)
-                .sum();
+            let adds = op_runs(&exec, "add");
             // A device that widens the dtype keeps both adds.
             let widened = dtype != DType::F32 && exec.storage_of(dtype) == FloatElem::F32;
             let want = if widened { 2 } else { 1 };
@@ -2989,12 +2993,7 @@ pub fn folded_linear_adds<R: Runtime>(dev: &R::Device) {
             let xs = [&[lead[0], lead[1], k][..], &[n, k], &[lead[0], lead[1], n]]
                 .map(|dims| rounded_as(dtype, &rng.tensor(dims)));
             let exec = checked_profiled::<R>(dev, &g, xs.to_vec(), dtype);
-            let adds: usize = exec
-                .profile()
-                .into_iter()
-                .filter(|p| p.op == "add")
-                .map(|p| p.launches)
-                .sum();
+            let adds = op_runs(&exec, "add");
             // A device that widens the dtype keeps both adds.
             let widened = dtype != DType::F32 && exec.storage_of(dtype) == FloatElem::F32;
             let want = if widened { 2 } else { 1 };
