@@ -369,14 +369,14 @@ pub fn render_kernels(
             && p[r - 1] == r - 2
             && p[..r - 2].iter().enumerate().all(|(i, &x)| i == x)
             && !g.users(id).is_empty()
-            && g.users(id).iter().all(|&u| match g.node(u).op {
-                Op::MatMul => true,
-                // Its weight operand, read as matmul reads it.
-                Op::RmsNormMatMul { .. } => g.operands(u)[..2].iter().all(|&o| o != id),
-                Op::MatMulRope { eps, .. } => {
-                    g.operands(u)[if eps.is_some() { 2 } else { 1 }] == id
-                }
-                _ => false,
+            && g.users(id).iter().all(|&u| {
+                let op = &g.node(u).op;
+                // A fused projection's weight operand, read as matmul reads it.
+                let weight = |i: usize| {
+                    let ops = g.operands(u);
+                    ops[i] == id && !ops[..i].contains(&id)
+                };
+                *op == Op::MatMul || op.weight_operand().is_some_and(weight)
             })
     };
     // Values made from the weights alone (merged projections' stacked

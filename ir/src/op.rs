@@ -564,6 +564,18 @@ impl Op {
         }
     }
 
+    /// The operand a fused projection reads as its matrix `b`, read as
+    /// `matmul` reads its operands (a swap of the last two axes in place):
+    /// `rms_norm_matmul`'s and `matmul_rope`'s. `None` for other ops
+    /// (`matmul` reads every operand so).
+    pub fn weight_operand(&self) -> Option<usize> {
+        match self {
+            Op::RmsNormMatMul { .. } => Some(2),
+            Op::MatMulRope { eps, .. } => Some(if eps.is_some() { 2 } else { 1 }),
+            _ => None,
+        }
+    }
+
     /// Sources have a declared type instead of an inferred one.
     pub fn is_source(&self) -> bool {
         matches!(self, Op::Input { .. } | Op::Param { .. } | Op::Constant(_))

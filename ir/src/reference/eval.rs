@@ -298,7 +298,7 @@ fn apply(node: &Node, args: &[(&Tensor, bool)], syms: &SymValues) -> Result<Tens
                     Cow::Borrowed(t)
                 }
             };
-            let wb = if eps.is_some() { 2 } else { 1 };
+            let wb = node.op.weight_operand().expect("matmul_rope has a weight");
             let b = MatOperand {
                 t: args[wb].0,
                 transposed: args[wb].1,
@@ -481,10 +481,8 @@ fn feeds_only_matmuls(graph: &Graph, id: NodeId) -> bool {
     let users = graph.users(id);
     !users.is_empty()
         && users.iter().all(|&u| {
-            matches!(
-                graph.node(u).op,
-                Op::MatMul | Op::RmsNormMatMul { .. } | Op::MatMulRope { .. }
-            )
+            let op = &graph.node(u).op;
+            *op == Op::MatMul || op.weight_operand().is_some()
         })
 }
 

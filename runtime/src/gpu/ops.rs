@@ -428,12 +428,17 @@ pub(crate) fn reads_in_place(op: &Op, t: &DevTensor) -> bool {
 /// matmul, the weight of an `rms_norm_matmul` or a `matmul_rope` (not its
 /// rows, norm weight or positions).
 pub(crate) fn reads_transposed(graph: &Graph, user: NodeId, x: NodeId) -> bool {
-    match graph.node(user).op {
-        Op::MatMul => true,
-        Op::RmsNormMatMul { .. } => graph.operands(user)[..2].iter().all(|&o| o != x),
-        Op::MatMulRope { eps, .. } => graph.operands(user)[if eps.is_some() { 2 } else { 1 }] == x,
-        _ => false,
-    }
+    let op = &graph.node(user).op;
+    *op == Op::MatMul
+        || op
+            .weight_operand()
+            .is_some_and(|i| reads_only_as(graph, user, x, i))
+}
+
+/// Whether `user` reads `x` as its operand `i` and as no earlier one.
+fn reads_only_as(graph: &Graph, user: NodeId, x: NodeId, i: usize) -> bool {
+    let operands = graph.operands(user);
+    operands[i] == x && !operands[..i].contains(&x)
 }
 
 /// Whether `op`'s launch reads its operands through their views (strides,

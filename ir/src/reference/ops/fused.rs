@@ -167,6 +167,15 @@ fn normalized_rounding(dtype: crate::DType) -> fn(f32) -> f32 {
     }
 }
 
+/// `data` (an f16/bf16 value stored as `f32`) rounded to `dtype`'s grid,
+/// as an op's stored result would be; other dtypes are left as they are.
+fn round_to(dtype: crate::DType, data: &mut Storage) {
+    if let (crate::DType::BF16 | crate::DType::F16, Storage::F32(v)) = (dtype, data) {
+        let round = normalized_rounding(dtype);
+        v.iter_mut().for_each(|e| *e = round(*e));
+    }
+}
+
 /// `x · rsqrt(mean(x²) + eps) · w` over the last axis, the mean of squares
 /// accumulated in f64; for f16/bf16 the normalized row is rounded to x's
 /// grid before the product with `w` (see `Op::RmsNorm`).
@@ -199,13 +208,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: Scalar) -> Result<Raw, String> {
 /// the product.
 pub fn rms_norm_matmul(x: &Tensor, w: &Tensor, b: MatOperand, eps: Scalar) -> Result<Raw, String> {
     let (shape, mut data) = rms_norm(x, w, eps)?;
-    if let Storage::F32(v) = &mut data {
-        match x.dtype() {
-            crate::DType::BF16 => v.iter_mut().for_each(|e| *e = round_bf16(*e)),
-            crate::DType::F16 => v.iter_mut().for_each(|e| *e = round_f16(*e)),
-            _ => {}
-        }
-    }
+    round_to(x.dtype(), &mut data);
     let n = Tensor::new(x.dtype(), shape, data);
     matmul(
         MatOperand {
@@ -242,13 +245,7 @@ pub fn matmul_rope(
         )?,
         _ => return Err("matmul_rope takes a norm weight exactly when it has eps".into()),
     };
-    if let Storage::F32(v) = &mut data {
-        match x.dtype() {
-            crate::DType::BF16 => v.iter_mut().for_each(|e| *e = round_bf16(*e)),
-            crate::DType::F16 => v.iter_mut().for_each(|e| *e = round_f16(*e)),
-            _ => {}
-        }
-    }
+    round_to(x.dtype(), &mut data);
     let y = Tensor::new(x.dtype(), shape.clone(), data);
     let r = shape.len();
     let n = shape[r - 1];
