@@ -368,15 +368,19 @@ fn gemv_rope_kernel<F: Float + CubeElement>(
 /// cover 8 or 64 slots, from multiples of 8). `None` when that cannot be:
 /// a range starting off a multiple of 8, or a head dim not a multiple of 8.
 pub fn rope_slots(n: usize, head_dim: usize, ranges: &[(usize, usize)]) -> Option<Vec<i32>> {
-    if head_dim == 0 || !head_dim.is_multiple_of(8) || n > i32::MAX as usize {
+    let fits = |&(s, e): &(usize, usize)| {
+        s.is_multiple_of(8) && s <= e && e <= n && (e - s).is_multiple_of(head_dim)
+    };
+    if head_dim == 0
+        || !head_dim.is_multiple_of(8)
+        || n > i32::MAX as usize
+        || !ranges.iter().all(fits)
+    {
         return None;
     }
     let half = head_dim / 2;
     let mut slots: Vec<i32> = (0..n).flat_map(|c| [c as i32, 0]).collect();
     for &(s, e) in ranges {
-        if !s.is_multiple_of(8) || e > n || !(e - s).is_multiple_of(head_dim) {
-            return None;
-        }
         for slot in s..e {
             let q = slot - s;
             let (head, r) = (q / head_dim, q % head_dim);
