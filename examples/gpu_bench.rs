@@ -574,6 +574,12 @@ fn smollm2_decode(backend: Backend) {
     )
     .unwrap();
     let (g, params) = loaded_model(&lowered.graph);
+    // The prompt's tokens (`CARAMBA_BENCH_DECODE_CONTEXT`, default 16):
+    // each step then attends over that many positions and more.
+    let context: usize = std::env::var("CARAMBA_BENCH_DECODE_CONTEXT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16);
     let run = |exec: &Executor, steps: usize| -> f64 {
         let mut device = BTreeMap::new();
         let mut host = BTreeMap::new();
@@ -586,7 +592,7 @@ fn smollm2_decode(backend: Backend) {
         let mut pos = 0usize;
         let mut start = Instant::now();
         for step in 0..=steps {
-            let t = if step == 0 { 16 } else { 1 };
+            let t = if step == 0 { context } else { 1 };
             host.insert(
                 "input_ids".to_string(),
                 Tensor::i32(
@@ -604,11 +610,12 @@ fn smollm2_decode(backend: Backend) {
                 p: Some(pos),
                 ..Default::default()
             };
+            // The cache moved in, room made for every step's rows: each
+            // step appends in place (`CARAMBA_NO_APPEND=1` copies it).
             let mut out = exec
-                .run_resident(&host, &device, syms)
+                .run_appending(&host, std::mem::take(&mut device), syms, context + steps)
                 .expect("decode step");
             host.retain(|k, _| !k.starts_with("past."));
-            device.clear();
             for e in &lowered.cache {
                 let c = out.remove(&format!("present.{}", e.name)).expect("cache");
                 device.insert(format!("past.{}", e.name), c);
@@ -625,7 +632,16 @@ fn smollm2_decode(backend: Backend) {
     run(&exec, 8);
     let steps = 64;
     let ms = run(&exec, steps);
-    emit("smollm2_decode_fp32_cache", ms, "tokens_per_s", 1e3 / ms);
+    let name = match context {
+        16 => "smollm2_decode_fp32_cache".to_string(),
+        n => format!("smollm2_decode_fp32_cache_ctx{n}"),
+    };
+    emit(&name, ms, "tokens_per_s", 1e3 / ms);
+    eprintln!(
+        "caches appended in place: {} (decode steps × caches: {})",
+        exec.appends_in_place(),
+        (steps + 8) * lowered.cache.len()
+    );
     let options = GpuOptions {
         profile: true,
         ..bench_options()

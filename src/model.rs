@@ -281,9 +281,11 @@ impl Model {
                 p: Some(start),
                 ..Default::default()
             };
+            // Moved in: each cache is appended in place where its buffer
+            // has room (`run_appending`).
             let mut out = self
                 .exec
-                .run_resident(&host, &device, syms)
+                .run_appending(&host, device, syms, cache.reserve)
                 .map_err(failed)?;
             for e in &self.cache {
                 let c = out
@@ -373,6 +375,7 @@ impl Model {
             host,
             device: BTreeMap::new(),
             len: 0,
+            reserve: 0,
         }
     }
 
@@ -441,9 +444,21 @@ pub struct KvCache {
     host: BTreeMap<String, Tensor>,
     device: BTreeMap<String, DeviceTensor>,
     len: usize,
+    /// Positions the device buffers are made for (see
+    /// [`KvCache::reserve`]).
+    reserve: usize,
 }
 
 impl KvCache {
+    /// Makes room for `positions` cached positions in all, prompt
+    /// included, where the cache lives on a device: its buffers are
+    /// allocated once with room for them, and each step appends its rows
+    /// in place. Without it (or past it) a buffer that is full is
+    /// replaced by one half as large again, the cache copied once.
+    pub fn reserve(&mut self, positions: usize) {
+        self.reserve = self.reserve.max(positions);
+    }
+
     /// Cached positions.
     pub fn len(&self) -> usize {
         self.len

@@ -318,6 +318,39 @@ impl Executor {
         }
     }
 
+    /// A GPU executor's `run_appending`: `run_resident` with the device
+    /// inputs moved in, so that the caches the graph extends are appended
+    /// in place (see [`crate::gpu::GpuExecutor::run_appending`]). On the
+    /// CPU there is no device: an error.
+    #[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(unused_variables))]
+    pub fn run_appending(
+        &self,
+        host: &BTreeMap<String, Tensor>,
+        device: BTreeMap<String, crate::gpu::DeviceTensor>,
+        syms: caramba_ir::reference::SymValues,
+        reserve_rows: usize,
+    ) -> Result<BTreeMap<String, crate::gpu::DeviceTensor>, BackendError> {
+        match self {
+            Executor::Cpu(_) => Err(BackendError::NoDeviceMemory("cpu")),
+            #[cfg(feature = "wgpu")]
+            Executor::Wgpu(e) => Ok(e.run_appending(host, device, syms, reserve_rows)?),
+            #[cfg(feature = "cuda")]
+            Executor::Cuda(e) => Ok(e.run_appending(host, device, syms, reserve_rows)?),
+        }
+    }
+
+    /// How many caches a GPU executor's runs appended to in place (0 on
+    /// the CPU).
+    pub fn appends_in_place(&self) -> usize {
+        match self {
+            Executor::Cpu(_) => 0,
+            #[cfg(feature = "wgpu")]
+            Executor::Wgpu(e) => e.appends_in_place(),
+            #[cfg(feature = "cuda")]
+            Executor::Cuda(e) => e.appends_in_place(),
+        }
+    }
+
     /// Reads a device value of a GPU executor back.
     #[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(unused_variables))]
     pub fn download(&self, t: &crate::gpu::DeviceTensor) -> Result<Tensor, BackendError> {

@@ -1633,6 +1633,212 @@ pub fn cached_tiny_llama<R: Runtime>(dev: &R::Device) {
     }
 }
 
+/// Caches appended in place (`GpuExecutor::run_appending`): a tiny Llama
+/// with fp32, fp16 and q8 caches, one sequence, a prefill and eleven more
+/// calls of one to three tokens, its caches moved in each call. Logits and
+/// caches agree with the reference's every call (so the old rows are
+/// intact and the new ones where they belong); the appends happen in place
+/// where the buffer has room and not where it must grow (room for 8 rows
+/// reserved, then half as many again, at least 64, as the policy says);
+/// a cache kept by the caller (a fork) is copied, and the kept one does not
+/// change; `run_resident`, which borrows, never appends in place.
+pub fn cache_appends_in_place<R: Runtime>(dev: &R::Device) {
+    use caramba_compiler::{CacheFormat, KvCacheSpec};
+    let mut dims = tiny_llama_dims();
+    dims.head_dim = 16; // kv · head_dim = 32: one q8 block per token
+    let spec = caramba_compiler::hf::llama_model(&dims);
+    for format in [
+        CacheFormat::Fp32,
+        CacheFormat::Fp16,
+        CacheFormat::Quant(caramba_ir::QuantFormat::Q8),
+    ] {
+        let lowered = caramba_compiler::lower_model_cached(
+            &spec,
+            "cached",
+            DType::F32,
+            KvCacheSpec::uniform(format),
+        )
+        .unwrap();
+        let (fused, _) = caramba_compiler::optimize(&lowered.graph).unwrap();
+        let params = random_params(&lowered.graph, 5);
+        let exec = GpuExecutor::<R>::new(dev, &fused, &params).expect("executor");
+        let caches = lowered.cache.len();
+        let mut rng = Rng(29);
+        let mut past: BTreeMap<String, Tensor> = lowered
+            .cache
+            .iter()
+            .map(|e| {
+                let t = match e.dtype {
+                    DType::I32 => Tensor::i32(vec![1, 0, e.width], vec![]),
+                    d => Tensor::from_f32_as(d, vec![1, 0, e.width], vec![]),
+                };
+                (e.name.clone(), t)
+            })
+            .collect();
+        let mut device: BTreeMap<String, caramba_runtime::gpu::DeviceTensor> = BTreeMap::new();
+        let (mut start, mut capacity, mut expected) = (0usize, 0usize, 0usize);
+        let steps = [5usize, 1, 1, 3, 1, 2, 1, 1, 1, 3, 1, 1];
+        for (call, &t) in steps.iter().enumerate() {
+            let what = format!("{format} call {call} (T={t}, P={start})");
+            let ids = rng.ids(&[1, t], 96);
+            let pos = Tensor::i32(vec![t], (start as i32..(start + t) as i32).collect());
+            let mut b = Bindings::new(&params)
+                .sym(Sym::B, 1)
+                .sym(Sym::T, t)
+                .sym(Sym::P, start)
+                .input("input_ids", ids.clone())
+                .input("positions", pos.clone());
+            for (name, c) in &past {
+                b = b.input(&format!("past.{name}"), c.clone());
+            }
+            let want = eval(&lowered.graph, &b).expect("reference");
+            let host = BTreeMap::from([
+                ("input_ids".to_string(), ids),
+                ("positions".to_string(), pos),
+            ]);
+            let mut host_past = host.clone();
+            if call == 0 {
+                for (name, c) in &past {
+                    host_past.insert(format!("past.{name}"), c.clone());
+                }
+            }
+            // Call 6 keeps a clone of each cache (a fork): its append must
+            // copy.
+            let kept = if call == 6 {
+                device.clone()
+            } else {
+                BTreeMap::new()
+            };
+            let kept_before: Vec<Tensor> =
+                kept.values().map(|k| exec.download(k).unwrap()).collect();
+            let syms = caramba_ir::reference::SymValues {
+                b: Some(1),
+                t: Some(t),
+                p: Some(start),
+                ..Default::default()
+            };
+            let mut out = exec
+                .run_appending(&host_past, std::mem::take(&mut device), syms, 8)
+                .expect("gpu run");
+            let rows = start + t;
+            let in_place = call > 0 && call != 6 && rows <= capacity;
+            if in_place {
+                expected += caches;
+            } else {
+                capacity = if rows <= 8 {
+                    8
+                } else {
+                    rows + (rows / 2).max(64)
+                };
+            }
+            assert_eq!(
+                exec.appends_in_place(),
+                expected,
+                "{what}: appends in place"
+            );
+            for (k, before) in kept.values().zip(&kept_before) {
+                assert_eq!(k.shape(), before.shape(), "{what}: kept cache");
+                let after = exec.download(k).unwrap();
+                assert_eq!(
+                    after.to_f32_vec(),
+                    before.to_f32_vec(),
+                    "{what}: the kept cache changed"
+                );
+            }
+            if !kept.is_empty() {
+                // The fork goes on with another token, appending to the
+                // kept caches in place: not over the main sequence's rows
+                // (the next calls check those).
+                let ids = rng.ids(&[1, 1], 96);
+                let pos = Tensor::i32(vec![1], vec![start as i32]);
+                let mut b = Bindings::new(&params)
+                    .sym(Sym::B, 1)
+                    .sym(Sym::T, 1)
+                    .sym(Sym::P, start)
+                    .input("input_ids", ids.clone())
+                    .input("positions", pos.clone());
+                for (name, c) in &past {
+                    b = b.input(&format!("past.{name}"), c.clone());
+                }
+                let fork_want = eval(&lowered.graph, &b).expect("reference");
+                let host = BTreeMap::from([
+                    ("input_ids".to_string(), ids),
+                    ("positions".to_string(), pos),
+                ]);
+                let syms = caramba_ir::reference::SymValues {
+                    b: Some(1),
+                    t: Some(1),
+                    p: Some(start),
+                    ..Default::default()
+                };
+                let fork = exec.run_appending(&host, kept, syms, 8).expect("gpu run");
+                expected += caches;
+                assert_eq!(exec.appends_in_place(), expected, "{what}: the fork");
+                assert_close(
+                    &BTreeMap::from([("logits".to_string(), fork_want["logits"].clone())]),
+                    &BTreeMap::from([(
+                        "logits".to_string(),
+                        exec.download(&fork["logits"]).unwrap(),
+                    )]),
+                    1e-3,
+                    &format!("{what}: the fork"),
+                );
+            }
+            let got_logits = exec.download(&out["logits"]).unwrap();
+            assert_close(
+                &BTreeMap::from([("logits".to_string(), want["logits"].clone())]),
+                &BTreeMap::from([("logits".to_string(), got_logits)]),
+                1e-3,
+                &what,
+            );
+            for e in &lowered.cache {
+                let key = format!("present.{}", e.name);
+                let c = out.remove(&key).expect("present");
+                assert_eq!(c.shape(), &[1, rows, e.width], "{what}: {key}");
+                if e.dtype != DType::I32 {
+                    let got = exec.download(&c).unwrap();
+                    assert_close(
+                        &BTreeMap::from([(key.clone(), want[&key].clone())]),
+                        &BTreeMap::from([(key.clone(), got)]),
+                        2e-3,
+                        &what,
+                    );
+                }
+                device.insert(format!("past.{}", e.name), c);
+                past.insert(e.name.clone(), want[&key].clone());
+            }
+            start = rows;
+        }
+        assert!(
+            expected >= 8 * caches,
+            "{format}: {expected} appends in place"
+        );
+        // Borrowed, the caches stay the caller's: copied, not appended.
+        let before = exec.appends_in_place();
+        let t = 1;
+        let host = BTreeMap::from([
+            ("input_ids".to_string(), rng.ids(&[1, t], 96)),
+            (
+                "positions".to_string(),
+                Tensor::i32(vec![t], vec![start as i32]),
+            ),
+        ]);
+        let syms = caramba_ir::reference::SymValues {
+            b: Some(1),
+            t: Some(t),
+            p: Some(start),
+            ..Default::default()
+        };
+        let out = exec.run_resident(&host, &device, syms).expect("gpu run");
+        assert_eq!(exec.appends_in_place(), before, "{format}: run_resident");
+        for e in &lowered.cache {
+            let key = format!("present.{}", e.name);
+            assert_eq!(out[&key].shape()[1], start + 1, "{format}: {key}");
+            assert_eq!(device[&format!("past.{}", e.name)].shape()[1], start);
+        }
+    }
+}
+
 /// Device-resident runs: inputs bound on the device (checked like host
 /// ones), an output fed back as the next call's input (a cache), and a
 /// parameter buffer written in place and seen by the next run.
@@ -4375,7 +4581,7 @@ macro_rules! all_tests {
             attention_backward,
             elementwise_program, symbolic_shapes, recycling_is_bounded, profiled_memory_figures, unsupported_is_an_error, tiny_llama, tiny_llama_bf16,
             mixed_precision_gradients,
-            dba_preset, optimized_models, matmul_rope, folded_linear_adds, quantize_formats, kv_attention_over_caches, kv_decode_chunks, cached_tiny_llama,
+            dba_preset, optimized_models, matmul_rope, folded_linear_adds, quantize_formats, kv_attention_over_caches, kv_decode_chunks, cached_tiny_llama, cache_appends_in_place,
             resident_values, fused_optimizers, grad_norm_and_clipping, trainer_matches_host_sgd,
             trainer_matches_host_adamw, trainer_keeps_half_copies, exact_buffers, last_position_logits, narrow_elementwise, narrow_copy, strided_copies, lazy_views,
             concat_slots, row_dot, attention_apart, folded_adds, reduced_slices,

@@ -81,6 +81,7 @@ pub fn sample(a: &SampleArgs) -> CmdResult {
     let _ = write!(out, "{}", a.prompt);
     let mut new_ids = Vec::new();
     let mut past = model.empty_cache();
+    past.reserve(prompt_len + a.max_new_tokens);
     let (mut prefill, mut decode) = (Duration::ZERO, Duration::ZERO);
     for step in 0..a.max_new_tokens {
         let timer = Instant::now();

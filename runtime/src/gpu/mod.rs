@@ -22,6 +22,7 @@
 //! supported on the device: building an executor for a graph that uses
 //! them is an error, found before any launch.
 
+mod append;
 mod liveness;
 mod ops;
 pub mod source;
@@ -253,6 +254,14 @@ impl DevTensor {
     }
 }
 
+/// What a run's buffer decisions read of the run so far.
+struct RunState<'a> {
+    syms: &'a SymValues,
+    values: &'a HashMap<NodeId, DevTensor>,
+    /// Rows a cache allocated this run has room for (see `append`).
+    reserve_rows: usize,
+}
+
 /// A value that lives on the device: an output of
 /// [`GpuExecutor::run_resident`], an [`GpuExecutor::upload`], or one of an
 /// executor's parameters. Cloning it clones the handle, not the data: every
@@ -328,6 +337,11 @@ pub struct GpuExecutor<R: Runtime> {
     /// Elementwise ops computed into their concatenation's buffer (see
     /// `Plan`).
     slots: HashMap<NodeId, (NodeId, usize)>,
+    /// Concatenations that may append to their first operand (see
+    /// `append`), by that operand.
+    appends: HashMap<NodeId, NodeId>,
+    /// How many concatenations appended in place so far.
+    appended: std::sync::atomic::AtomicUsize,
     /// `attention_with_lse` nodes whose values and log-sum-exp go to
     /// buffers of their own (see [`SplitLse`]).
     split_lse: HashMap<NodeId, SplitLse>,
@@ -602,6 +616,8 @@ impl<R: Runtime> GpuExecutor<R> {
             batch_summed: plan.batch_summed,
             transposed_sums: plan.transposed_sums,
             slots: plan.slots,
+            appends: plan.appends,
+            appended: Default::default(),
             split_lse,
             permuted,
             grad_pairs,
@@ -763,9 +779,38 @@ impl<R: Runtime> GpuExecutor<R> {
         device_inputs: &BTreeMap<String, DeviceTensor>,
         syms: SymValues,
     ) -> Result<BTreeMap<String, DeviceTensor>, GpuError> {
+        // Clones: the caller keeps its values, so nothing is appended in
+        // place (see `append`).
+        let device_inputs = device_inputs.clone();
         on_device_thread(&self.client, || {
-            self.queue_run(host_inputs, device_inputs, syms)
+            self.queue_run(host_inputs, device_inputs, syms, 0)
         })
+    }
+
+    /// [`GpuExecutor::run_resident`] with the device inputs moved in: a
+    /// cache the graph extends (output `present.* = concat(past.*, new
+    /// rows)`) is appended in place, only its new rows written, when
+    /// nothing else holds the `past` value's buffer and the buffer has room
+    /// (see `append`). Where a cache is allocated, its buffer has room for
+    /// `reserve_rows` rows (the prompt and the tokens to come), or for half
+    /// as many again as it needs when that is fewer. A clone of `past` kept
+    /// elsewhere makes its append a copy, so the clone never changes.
+    pub fn run_appending(
+        &self,
+        host_inputs: &BTreeMap<String, Tensor>,
+        device_inputs: BTreeMap<String, DeviceTensor>,
+        syms: SymValues,
+        reserve_rows: usize,
+    ) -> Result<BTreeMap<String, DeviceTensor>, GpuError> {
+        on_device_thread(&self.client, || {
+            self.queue_run(host_inputs, device_inputs, syms, reserve_rows)
+        })
+    }
+
+    /// How many caches runs have appended to in place so far (see
+    /// [`GpuExecutor::run_appending`]).
+    pub fn appends_in_place(&self) -> usize {
+        self.appended.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Operand `k`'s slot in concatenation `c`'s buffer (allocated on the
@@ -775,23 +820,18 @@ impl<R: Runtime> GpuExecutor<R> {
         c: NodeId,
         k: usize,
         shape: &[usize],
-        syms: &SymValues,
-        bufs: &mut HashMap<NodeId, DevTensor>,
+        run: &RunState,
+        bufs: &mut HashMap<NodeId, (DevTensor, bool)>,
     ) -> Result<DevTensor, GpuError> {
         let cnode = self.graph.node(c);
         let caramba_ir::Op::Concat { axis } = cnode.op else {
             unreachable!("slots are in concatenations")
         };
-        let buf = match bufs.entry(c) {
+        let (buf, _) = match bufs.entry(c) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                let full = concrete(&cnode.ty.shape, syms, cnode)?;
-                let elem = self.narrow.elem(cnode.ty.dtype);
-                let bytes = full.iter().product::<usize>().max(1) * elem.size();
-                let handle = ops::Recycled::or_empty(Some(&self.recycled), &self.client, bytes);
-                e.insert(DevTensor::dense(handle, full, cnode.ty.dtype, elem))
-            }
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.concat_buffer(c, run)?),
         };
+        let syms = run.syms;
         let strides = caramba_kernels::contiguous_strides(&buf.shape);
         let mut before = 0;
         for &o in &self.operands[&c][..k] {
@@ -803,6 +843,44 @@ impl<R: Runtime> GpuExecutor<R> {
             layout: Some((strides.clone(), before * strides[axis])),
             ..buf.clone()
         })
+    }
+
+    /// Concatenation `c`'s buffer: `(buffer, true)` when it is the buffer
+    /// of the cache it appends to, that cache's rows already in it (see
+    /// `append`).
+    fn concat_buffer(&self, c: NodeId, run: &RunState) -> Result<(DevTensor, bool), GpuError> {
+        let cnode = self.graph.node(c);
+        let caramba_ir::Op::Concat { axis } = cnode.op else {
+            unreachable!("a concatenation")
+        };
+        let full = concrete(&cnode.ty.shape, run.syms, cnode)?;
+        let (dtype, elem) = (cnode.ty.dtype, self.narrow.elem(cnode.ty.dtype));
+        let appended = self
+            .appends
+            .get(&c)
+            .and_then(|past| run.values.get(past))
+            .and_then(|past| {
+                append::buffer(
+                    &self.client,
+                    &self.recycled,
+                    past,
+                    &full,
+                    axis,
+                    dtype,
+                    elem,
+                    run.reserve_rows,
+                )
+            });
+        if let Some((buf, in_place)) = appended {
+            if in_place {
+                self.appended
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            return Ok((buf, in_place));
+        }
+        let bytes = full.iter().product::<usize>().max(1) * elem.size();
+        let handle = ops::Recycled::or_empty(Some(&self.recycled), &self.client, bytes);
+        Ok((DevTensor::dense(handle, full, dtype, elem), false))
     }
 
     /// A fresh buffer for node `id`'s value, stored as the device stores
@@ -899,8 +977,9 @@ impl<R: Runtime> GpuExecutor<R> {
     fn queue_run(
         &self,
         host_inputs: &BTreeMap<String, Tensor>,
-        device_inputs: &BTreeMap<String, DeviceTensor>,
+        mut device_inputs: BTreeMap<String, DeviceTensor>,
         syms: SymValues,
+        reserve_rows: usize,
     ) -> Result<BTreeMap<String, DeviceTensor>, GpuError> {
         let mut syms = syms;
         let mut uses = self.uses.clone();
@@ -922,7 +1001,8 @@ impl<R: Runtime> GpuExecutor<R> {
         let mut values: HashMap<NodeId, DevTensor> = HashMap::new();
         // Concatenations' buffers, from their first slot's op on, and the
         // values computed into them (see `Plan::slots`).
-        let mut slot_bufs: HashMap<NodeId, DevTensor> = HashMap::new();
+        // (`true`: a cache's buffer, its rows in place, see `append`.)
+        let mut slot_bufs: HashMap<NodeId, (DevTensor, bool)> = HashMap::new();
         let mut in_slot: HashSet<NodeId> = HashSet::new();
         // Values an earlier launch computed (the parts of an
         // `attention_with_lse` taken apart, see `SplitLse`).
@@ -936,7 +1016,9 @@ impl<R: Runtime> GpuExecutor<R> {
             let value = match &node.op {
                 _ if computed.contains_key(&id) => computed.remove(&id).expect("computed"),
                 caramba_ir::Op::Input { name } => {
-                    match (host_inputs.get(name), device_inputs.get(name)) {
+                    // Taken out: the value is the run's only holder of a
+                    // buffer moved in (see `append`).
+                    match (host_inputs.get(name), device_inputs.remove(name)) {
                         (Some(_), Some(_)) => {
                             return Err(GpuError::BoundTwice { name: name.clone() })
                         }
@@ -946,9 +1028,9 @@ impl<R: Runtime> GpuExecutor<R> {
                             upload_as(&self.client, t, node.ty.dtype, elem, &at(node))?
                         }
                         (None, Some(t)) => {
-                            check_device_binding("input", name, node, t, &mut syms)?;
-                            self.check_storage(name, node, t)?;
-                            t.0.clone()
+                            check_device_binding("input", name, node, &t, &mut syms)?;
+                            self.check_storage(name, node, &t)?;
+                            t.0
                         }
                         (None, None) => return Err(GpuError::MissingInput { name: name.clone() }),
                     }
@@ -1034,16 +1116,32 @@ impl<R: Runtime> GpuExecutor<R> {
                         // A device that keeps this dtype widened rounds
                         // into a new buffer: no slot then.
                         Some(&(c, k)) if !self.narrow.widens(node.ty.dtype) => {
-                            let slot = self.slot(c, k, &shape, &syms, &mut slot_bufs)?;
+                            let run = RunState {
+                                syms: &syms,
+                                values: &values,
+                                reserve_rows,
+                            };
+                            let slot = self.slot(c, k, &shape, &run, &mut slot_bufs)?;
                             in_slot.insert(id);
                             Some(slot)
                         }
                         _ => None,
                     };
-                    let concat_buf = if matches!(node.op, caramba_ir::Op::Concat { .. }) {
-                        slot_bufs.remove(&id)
-                    } else {
-                        None
+                    let concat_buf = match (&node.op, slot_bufs.remove(&id)) {
+                        (caramba_ir::Op::Concat { .. }, Some(buf)) => Some(buf),
+                        (caramba_ir::Op::Concat { .. }, None) if self.appends.contains_key(&id) => {
+                            let run = RunState {
+                                syms: &syms,
+                                values: &values,
+                                reserve_rows,
+                            };
+                            Some(self.concat_buffer(id, &run)?)
+                        }
+                        _ => None,
+                    };
+                    let (concat_buf, appended) = match concat_buf {
+                        Some((buf, appended)) => (Some(buf), appended),
+                        None => (None, false),
                     };
                     // Attention's output in its reader's order, the two
                     // parts of one taken apart, and the sibling of an
@@ -1086,7 +1184,11 @@ impl<R: Runtime> GpuExecutor<R> {
                         },
                     };
                     let placed: Vec<bool> = if concat_buf.is_some() {
-                        operands.iter().map(|o| in_slot.contains(o)).collect()
+                        operands
+                            .iter()
+                            .enumerate()
+                            .map(|(i, o)| in_slot.contains(o) || (i == 0 && appended))
+                            .collect()
                     } else {
                         Vec::new()
                     };
@@ -1693,6 +1795,9 @@ struct Plan {
     /// input gradients, side by side in the merged gate/up product's
     /// gradient, were a 2 × [B, T, F] copy per layer).
     slots: HashMap<NodeId, (NodeId, usize)>,
+    /// Concatenations that may append to their first operand, an input,
+    /// by that input (see `append`).
+    appends: HashMap<NodeId, NodeId>,
 }
 
 impl Plan {
@@ -1811,6 +1916,11 @@ impl Plan {
                 }
             }
         }
+        let appends = append::appends(graph, &order, &uses);
+        // The inputs appended to come first, so that their buffers are
+        // known when a producer writes into its slot of the append.
+        let mut order = order;
+        order.sort_by_key(|id| !appends.values().any(|p| p == id));
         Ok(Plan {
             order,
             operands,
@@ -1820,6 +1930,7 @@ impl Plan {
             batch_summed,
             transposed_sums,
             slots,
+            appends,
         })
     }
 }
