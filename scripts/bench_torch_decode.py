@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """PyTorch baseline next to `gpu_bench cuda` case `decode`: SmolLM2-135M-shaped
 cached generation (transformers' LlamaForCausalLM, random weights), a
-16-token prompt then one token per step with the KV cache, greedy, batch 1.
-Prints one JSON line per precision, tokens/s over 64 steps.
+16-token prompt (or CONTEXT tokens) then one token per step with the KV
+cache, greedy, batch 1. Prints one JSON line per precision, tokens/s over
+64 steps (or STEPS). transformers' default cache (`DynamicCache`)
+concatenates each step's keys and values onto the cache's tensors.
 
-usage: bench_torch_decode.py [steps]
+usage: bench_torch_decode.py [STEPS] [CONTEXT]
 """
 import json
 import sys
@@ -17,14 +19,16 @@ def main():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else 64
+    context = int(sys.argv[2]) if len(sys.argv) > 2 else 16
     cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                       num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                       head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5,
-                      tie_word_embeddings=True, max_position_embeddings=2048)
+                      tie_word_embeddings=True,
+                      max_position_embeddings=max(2048, context + steps + 16))
     for name, dtype in [("f32", torch.float32), ("bf16", torch.bfloat16)]:
         torch.manual_seed(0)
         model = LlamaForCausalLM(cfg).to("cuda", dtype).eval()
-        ids = torch.randint(0, cfg.vocab_size, (1, 16), device="cuda")
+        ids = torch.randint(0, cfg.vocab_size, (1, context), device="cuda")
 
         def generate(n):
             with torch.no_grad():
@@ -40,7 +44,8 @@ def main():
 
         generate(8)
         secs = generate(steps)
-        print(json.dumps({"name": f"smollm2_decode_{name}", "impl": "torch_eager",
+        suffix = "" if context == 16 else f"_ctx{context}"
+        print(json.dumps({"name": f"smollm2_decode_{name}{suffix}", "impl": "torch_eager",
                           "ms": secs * 1e3, "tokens_per_s": 1.0 / secs}), flush=True)
 
 

@@ -3,8 +3,8 @@
 # default), exact, and pooled (`CARAMBA_BENCH_BUFFERS`): run from a folder
 # scripts/device_pack.sh NAME made (copy this script and
 # gpu_suite_parallel.sh in). Argument: parts (train, elementwise, rope,
-# decode, suite). The twenty-eighth to thirty-second sessions' figures are in
-# BENCHMARKS.md.
+# decode, append, nsys, suite). The twenty-eighth to thirty-third sessions'
+# figures are in BENCHMARKS.md.
 cd "$(dirname "$0")"
 for f in *.gz; do gunzip -kf $f; done; chmod +x gpu_suite train_bench gpu_bench
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -68,6 +68,36 @@ if [[ $what == *decode* ]]; then
     [[ $mode == noadds ]] && continue
     CARAMBA_NO_FOLDED_ADDS=$no_adds CARAMBA_BENCH_WITHOUT=$without CARAMBA_BENCH_ONLY=smollm2,llama1b timeout 150 ./gpu_bench cuda bf16 2>&1 | grep -E "^\{|panicked|error" | head -6
   done; done
+fi
+if [[ $what == *append* ]]; then
+  # KV caches appended in place (thirty-third session) against copied
+  # every step (CARAMBA_NO_APPEND=1): SmolLM2-shaped cached decode (f32
+  # cache) after prompts of 16, 4096 and 16384 tokens, two rounds
+  # alternating; then transformers' eager decode after the same prompts.
+  for round in 1 2; do for ctx in 16 4096 16384; do for mode in append copy; do
+    no_append=0; [[ $mode == copy ]] && no_append=1
+    echo "== decode, round $round, context $ctx, $mode"
+    log=$OUT/decode_${round}_${ctx}_$mode.txt
+    CARAMBA_NO_APPEND=$no_append CARAMBA_BENCH_DECODE_CONTEXT=$ctx CARAMBA_BENCH_ONLY=decode timeout 150 ./gpu_bench cuda > $log 2>&1
+    grep -E "^\{|panicked|error|appended" $log | head -4
+    grep -A8 "profile of" $log | head -9
+  done; done; done
+  for ctx in 16 4096 16384; do
+    echo "== torch: decode, context $ctx"
+    timeout 150 python3 bench_torch_decode.py 64 $ctx 2>&1 | grep -E "^\{|Error" | head -3
+  done
+fi
+if [[ $what == *nsys* ]]; then
+  # Where a decode step's host time goes: the CUDA API calls (count, total,
+  # average) under Nsight Systems, SmolLM2-shaped decode after 16 tokens.
+  if command -v nsys > /dev/null; then
+    CARAMBA_BENCH_ONLY=decode timeout 300 nsys profile -t cuda,osrt --stats=true -o $OUT/decode_nsys -f true ./gpu_bench cuda > $OUT/decode_nsys.txt 2>&1
+    grep -E "^\{" $OUT/decode_nsys.txt | head -2
+    grep -B2 -A25 "cuda_api_sum" $OUT/decode_nsys.txt | head -40
+    rm -f $OUT/decode_nsys.nsys-rep $OUT/decode_nsys.sqlite
+  else
+    echo "no nsys here"
+  fi
 fi
 if [[ $what == *suite* ]]; then
   echo "== whole suite"

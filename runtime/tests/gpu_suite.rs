@@ -1839,6 +1839,86 @@ pub fn cache_appends_in_place<R: Runtime>(dev: &R::Device) {
     }
 }
 
+/// Views that are a contiguous run of their buffer are read there, not
+/// copied (`dense_view`): a permute that moves only axes of size 1 (a
+/// decode step's heads before and after attention), a slice of leading
+/// rows at an aligned offset, and such a slice read by an op that does not
+/// read views (a matmul). Each output is checked against the reference;
+/// then the input's buffer is overwritten on the device, and the outputs
+/// that are relabels see the change, while a slice at an unaligned offset
+/// (a copy) does not.
+pub fn dense_views<R: Runtime>(dev: &R::Device) {
+    let mut g = Graph::new("dense_views");
+    let x = g.input("x", f32t(&[4, 1, 3, 64])).unwrap();
+    let heads = g.add(Op::Permute(vec![1, 0, 2, 3]), &[x], "").unwrap();
+    let rows = g
+        .add(
+            Op::Slice {
+                axis: 0,
+                start: 1,
+                end: 3,
+            },
+            &[x],
+            "",
+        )
+        .unwrap();
+    // 3 · 64 · 4 bytes a row: row 1 starts at 768 bytes (aligned), and
+    // column 8 of a [4, 192] view at 32 (not).
+    let flat = g.add(Op::Reshape(shape![4, 192]), &[x], "").unwrap();
+    let cols = g
+        .add(
+            Op::Slice {
+                axis: 1,
+                start: 8,
+                end: 192,
+            },
+            &[flat],
+            "",
+        )
+        .unwrap();
+    let w = g.input("w", f32t(&[64, 5])).unwrap();
+    let rows2 = g.add(Op::Reshape(shape![2, 3, 64]), &[rows], "").unwrap();
+    let prod = g.add(Op::MatMul, &[rows2, w], "").unwrap();
+    g.set_output("heads", heads);
+    g.set_output("rows", rows);
+    g.set_output("cols", cols);
+    g.set_output("prod", prod);
+    let mut rng = Rng(41);
+    let (xv, wv) = (rng.tensor(&[4, 1, 3, 64]), rng.tensor(&[64, 5]));
+    let params: BTreeMap<String, Tensor> = BTreeMap::new();
+    let b = Bindings::new(&params)
+        .input("x", xv.clone())
+        .input("w", wv.clone());
+    let want = eval(&g, &b).expect("reference");
+    let exec = GpuExecutor::<R>::new(dev, &g, &params).expect("executor");
+    let dx = exec.upload(&xv).unwrap();
+    let host = BTreeMap::from([("w".to_string(), wv)]);
+    let device = BTreeMap::from([("x".to_string(), dx.clone())]);
+    let out = exec
+        .run_resident(&host, &device, Default::default())
+        .expect("gpu run");
+    let got: BTreeMap<String, Tensor> = out
+        .iter()
+        .map(|(k, v)| (k.clone(), exec.download(v).unwrap()))
+        .collect();
+    assert_close(&want, &got, 1e-4, "dense views");
+    caramba_kernels::elementwise::launch_fill_float(
+        exec.client(),
+        caramba_kernels::FloatElem::F32,
+        dx.handle(),
+        4 * 3 * 64,
+        7.0,
+    );
+    for (name, relabel) in [("heads", true), ("rows", true), ("cols", false)] {
+        let after = exec.download(&out[name]).unwrap().to_f32_vec();
+        assert_eq!(
+            after.iter().all(|&v| v == 7.0),
+            relabel,
+            "{name}: a relabel sees its input change, a copy does not"
+        );
+    }
+}
+
 /// Device-resident runs: inputs bound on the device (checked like host
 /// ones), an output fed back as the next call's input (a cache), and a
 /// parameter buffer written in place and seen by the next run.
@@ -4581,7 +4661,7 @@ macro_rules! all_tests {
             attention_backward,
             elementwise_program, symbolic_shapes, recycling_is_bounded, profiled_memory_figures, unsupported_is_an_error, tiny_llama, tiny_llama_bf16,
             mixed_precision_gradients,
-            dba_preset, optimized_models, matmul_rope, folded_linear_adds, quantize_formats, kv_attention_over_caches, kv_decode_chunks, cached_tiny_llama, cache_appends_in_place,
+            dba_preset, optimized_models, matmul_rope, folded_linear_adds, quantize_formats, kv_attention_over_caches, kv_decode_chunks, cached_tiny_llama, cache_appends_in_place, dense_views,
             resident_values, fused_optimizers, grad_norm_and_clipping, trainer_matches_host_sgd,
             trainer_matches_host_adamw, trainer_keeps_half_copies, exact_buffers, last_position_logits, narrow_elementwise, narrow_copy, strided_copies, lazy_views,
             concat_slots, row_dot, attention_apart, folded_adds, reduced_slices,

@@ -468,16 +468,52 @@ pub(crate) fn reads_views(op: &Op) -> bool {
 }
 
 /// `x`'s buffer read as `view` says, as a dense tensor when the view is
-/// the whole buffer in row-major order (a permute of a value laid out in
-/// the permute's order); `None` otherwise.
+/// a contiguous run of the buffer in row-major order: a permute of a value
+/// laid out in the permute's order, a permute that moves only axes of size
+/// 1 (a decode step's `[B, kv, g, 1, d]` ↔ `[B, 1, kv, g, d]`), a slice of
+/// leading rows. Strides of size-1 axes never step, so they are not
+/// compared. A run that is not the whole buffer is a slice of the handle
+/// (`offset_start`/`offset_end`) where its start is a multiple of
+/// [`VIEW_ALIGN`] bytes. `None` otherwise.
 fn dense_view(x: &DevTensor, view: &View) -> Option<DevTensor> {
     let numel: usize = view.shape.iter().product();
-    (!x.transposed
-        && view.offset == 0
-        && view.strides == caramba_kernels::contiguous_strides(&view.shape)
-        && x.handle.size_in_used() == (numel.max(1) * x.elem.size()) as u64)
-        .then(|| DevTensor::dense(x.handle.clone(), view.shape.clone(), x.dtype, x.elem))
+    let size = x.elem.size();
+    let used = x.handle.size_in_used();
+    let in_order = view
+        .shape
+        .iter()
+        .zip(&view.strides)
+        .zip(caramba_kernels::contiguous_strides(&view.shape))
+        .all(|((&n, &s), c)| n == 1 || s == c);
+    if x.transposed || !in_order || numel == 0 {
+        // (An empty value's buffer is one element: whole, or nothing.)
+        return (!x.transposed && in_order && view.offset == 0 && used == size as u64)
+            .then(|| DevTensor::dense(x.handle.clone(), view.shape.clone(), x.dtype, x.elem));
+    }
+    let (start, bytes) = ((view.offset * size) as u64, (numel * size) as u64);
+    // (WebGPU binds whole 4-byte words.)
+    if start % VIEW_ALIGN != 0 || start + bytes > used || (bytes != used && bytes % 4 != 0) {
+        return None;
+    }
+    let mut handle = x.handle.clone();
+    if start != 0 || bytes != used {
+        let base = handle.offset_start.unwrap_or(0);
+        handle.offset_start = Some(base + start);
+        handle.offset_end = Some(handle.size() - base - start - bytes);
+    }
+    Some(DevTensor::dense(
+        handle,
+        view.shape.clone(),
+        x.dtype,
+        x.elem,
+    ))
 }
+
+/// Byte offsets of the dense sub-slices `dense_view` makes are multiples of
+/// this: WebGPU's storage-binding offsets must be multiples of 256 on most
+/// devices (`minStorageBufferOffsetAlignment`); CUDA's vector loads and
+/// cuBLASLt want 16.
+const VIEW_ALIGN: u64 = 256;
 
 /// `x` permuted or sliced as `op` says, as a view of `x`'s buffer (no
 /// kernel); dense where that view is the whole buffer in order.
@@ -569,7 +605,8 @@ fn view_strides(old: &[usize], strides: &[usize], new: &[usize]) -> Option<Vec<u
     (view_d == 0).then_some(out)
 }
 
-/// `t` dense: itself when it is, else a copy of its view.
+/// `t` dense: itself when it is, its buffer's slice when the view is a
+/// contiguous run of it (see `dense_view`), else a copy of its view.
 pub(crate) fn materialized<R: Runtime>(client: &ComputeClient<R>, t: &DevTensor) -> DevTensor {
     materialized_with(client, t, None)
 }
@@ -591,6 +628,10 @@ fn materialized_with<R: Runtime>(
 ) -> DevTensor {
     if t.layout.is_none() {
         return t.clone();
+    }
+    // A view that is a contiguous run of its buffer is read there.
+    if let Some(dense) = dense_view(t, &view_of(t)) {
+        return dense;
     }
     let bytes = t.numel().max(1) * t.elem.size();
     let handle = Recycled::or_empty(recycled, client, bytes);
@@ -962,6 +1003,11 @@ impl<R: Runtime> Ctx<'_, R> {
                     offset: src.offset + start * src.strides[*axis],
                     strides: src.strides,
                 };
+                // Leading rows (a decode step's q, k and v columns of
+                // their one row): the buffer's slice.
+                if let Some(dense) = dense_view(x, &input) {
+                    return Ok(dense);
+                }
                 let out = self.alloc(shape);
                 copy::launch_copy(c, copy_elem(x), &input, &Self::view(&out));
                 Ok(out)
