@@ -74,7 +74,9 @@ if [[ $what == *append* ]]; then
   # every step (CARAMBA_NO_APPEND=1): SmolLM2-shaped cached decode (f32
   # cache) after prompts of 16, 4096 and 16384 tokens, two rounds
   # alternating; then transformers' eager decode after the same prompts.
-  for round in 1 2; do for ctx in 16 4096 16384; do for mode in append copy; do
+  # CONTEXTS and ROUNDS override the prompts and the rounds; NO_TORCH=1
+  # skips transformers.
+  for round in $(seq ${ROUNDS:-2}); do for ctx in ${CONTEXTS:-16 4096 16384}; do for mode in append copy; do
     no_append=0; [[ $mode == copy ]] && no_append=1
     echo "== decode, round $round, context $ctx, $mode"
     log=$OUT/decode_${round}_${ctx}_$mode.txt
@@ -82,7 +84,7 @@ if [[ $what == *append* ]]; then
     grep -E "^\{|panicked|error|appended" $log | head -4
     grep -A8 "profile of" $log | head -9
   done; done; done
-  for ctx in 16 4096 16384; do
+  [[ ${NO_TORCH:-0} == 1 ]] || for ctx in ${CONTEXTS:-16 4096 16384}; do
     echo "== torch: decode, context $ctx"
     timeout 150 python3 bench_torch_decode.py 64 $ctx 2>&1 | grep -E "^\{|Error" | head -3
   done
