@@ -1563,57 +1563,93 @@ pub fn kv_decode_chunks<R: Runtime>(dev: &R::Device) {
     }
 }
 
+/// The cached graph `lowered`'s caches for `batch` sequences, empty (zero
+/// rows), by entry name.
+fn empty_caches(lowered: &caramba_compiler::Lowered, batch: usize) -> BTreeMap<String, Tensor> {
+    lowered
+        .cache
+        .iter()
+        .map(|e| {
+            let t = match e.dtype {
+                DType::I32 => Tensor::i32(vec![batch, 0, e.width], vec![]),
+                d => Tensor::from_f32_as(d, vec![batch, 0, e.width], vec![]),
+            };
+            (e.name.clone(), t)
+        })
+        .collect()
+}
+
+/// The bindings of one call of a cached graph: tokens `ids` `[B, T]` at
+/// the positions after `start`, over the caches `past` (by entry name).
+fn cached_call<'a>(
+    params: &'a BTreeMap<String, Tensor>,
+    ids: &Tensor,
+    start: usize,
+    past: &BTreeMap<String, Tensor>,
+) -> Bindings<'a> {
+    let (batch, t) = (ids.shape()[0], ids.shape()[1]);
+    let mut b = Bindings::new(params)
+        .sym(Sym::B, batch)
+        .sym(Sym::T, t)
+        .sym(Sym::P, start)
+        .input("input_ids", ids.clone())
+        .input(
+            "positions",
+            Tensor::i32(vec![t], (start as i32..(start + t) as i32).collect()),
+        );
+    for (name, c) in past {
+        b = b.input(&format!("past.{name}"), c.clone());
+    }
+    b
+}
+
+/// A cached call's host inputs: its bindings but the caches.
+fn tokens(b: &Bindings) -> BTreeMap<String, Tensor> {
+    b.inputs
+        .iter()
+        .filter(|(k, _)| !k.starts_with("past."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// A tiny Llama (head dim 16, so kv · head_dim = 32: one q8 block a
+/// token) lowered with caches of `format`, and its optimized graph.
+fn cached_tiny_llama_graphs(
+    format: caramba_compiler::CacheFormat,
+) -> (caramba_compiler::Lowered, Graph) {
+    let mut dims = tiny_llama_dims();
+    dims.head_dim = 16;
+    let lowered = caramba_compiler::lower_model_cached(
+        &caramba_compiler::hf::llama_model(&dims),
+        "cached",
+        DType::F32,
+        caramba_compiler::KvCacheSpec::uniform(format),
+    )
+    .unwrap();
+    let (fused, _) = caramba_compiler::optimize(&lowered.graph).unwrap();
+    (lowered, fused)
+}
+
 /// A tiny Llama lowered with a KV cache and optimized (its attentions read
 /// the caches through `dequantize-in-attention`) gives the reference's
 /// logits for a prefill and then a decode step, for fp32 and q8 caches.
 pub fn cached_tiny_llama<R: Runtime>(dev: &R::Device) {
-    use caramba_compiler::{CacheFormat, KvCacheSpec};
-    let mut dims = tiny_llama_dims();
-    dims.head_dim = 16; // kv · head_dim = 32: one q8 block per token
-    let spec = caramba_compiler::hf::llama_model(&dims);
+    use caramba_compiler::CacheFormat;
     for format in [
         CacheFormat::Fp32,
         CacheFormat::Quant(caramba_ir::QuantFormat::Q8),
     ] {
-        let lowered = caramba_compiler::lower_model_cached(
-            &spec,
-            "cached",
-            DType::F32,
-            KvCacheSpec::uniform(format),
-        )
-        .unwrap();
-        let (fused, _) = caramba_compiler::optimize(&lowered.graph).unwrap();
+        let (lowered, fused) = cached_tiny_llama_graphs(format);
         assert!(fused
             .node_ids()
             .any(|n| matches!(fused.node(n).op, Op::KvAttention { .. })));
         let params = random_params(&lowered.graph, 5);
         let exec = GpuExecutor::<R>::new(dev, &fused, &params).expect("executor");
         let mut rng = Rng(23);
-        let mut past: BTreeMap<String, Tensor> = lowered
-            .cache
-            .iter()
-            .map(|e| {
-                let t = match e.dtype {
-                    DType::I32 => Tensor::i32(vec![2, 0, e.width], vec![]),
-                    d => Tensor::from_f32_as(d, vec![2, 0, e.width], vec![]),
-                };
-                (e.name.clone(), t)
-            })
-            .collect();
+        let mut past = empty_caches(&lowered, 2);
         let mut start = 0;
         for t in [6usize, 1, 1] {
-            let mut b = Bindings::new(&params)
-                .sym(Sym::B, 2)
-                .sym(Sym::T, t)
-                .sym(Sym::P, start)
-                .input("input_ids", rng.ids(&[2, t], 96))
-                .input(
-                    "positions",
-                    Tensor::i32(vec![t], (start as i32..(start + t) as i32).collect()),
-                );
-            for (name, c) in &past {
-                b = b.input(&format!("past.{name}"), c.clone());
-            }
+            let b = cached_call(&params, &rng.ids(&[2, t], 96), start, &past);
             let want = eval(&lowered.graph, &b).expect("reference");
             let got = exec.run_bindings(&b).expect("gpu run");
             let logits = |m: &BTreeMap<String, Tensor>| {
@@ -1644,38 +1680,18 @@ pub fn cached_tiny_llama<R: Runtime>(dev: &R::Device) {
 /// a cache kept by the caller (a fork) is copied, and the kept one does not
 /// change; `run_resident`, which borrows, never appends in place.
 pub fn cache_appends_in_place<R: Runtime>(dev: &R::Device) {
-    use caramba_compiler::{CacheFormat, KvCacheSpec};
-    let mut dims = tiny_llama_dims();
-    dims.head_dim = 16; // kv · head_dim = 32: one q8 block per token
-    let spec = caramba_compiler::hf::llama_model(&dims);
+    use caramba_compiler::CacheFormat;
     for format in [
         CacheFormat::Fp32,
         CacheFormat::Fp16,
         CacheFormat::Quant(caramba_ir::QuantFormat::Q8),
     ] {
-        let lowered = caramba_compiler::lower_model_cached(
-            &spec,
-            "cached",
-            DType::F32,
-            KvCacheSpec::uniform(format),
-        )
-        .unwrap();
-        let (fused, _) = caramba_compiler::optimize(&lowered.graph).unwrap();
+        let (lowered, fused) = cached_tiny_llama_graphs(format);
         let params = random_params(&lowered.graph, 5);
         let exec = GpuExecutor::<R>::new(dev, &fused, &params).expect("executor");
         let caches = lowered.cache.len();
         let mut rng = Rng(29);
-        let mut past: BTreeMap<String, Tensor> = lowered
-            .cache
-            .iter()
-            .map(|e| {
-                let t = match e.dtype {
-                    DType::I32 => Tensor::i32(vec![1, 0, e.width], vec![]),
-                    d => Tensor::from_f32_as(d, vec![1, 0, e.width], vec![]),
-                };
-                (e.name.clone(), t)
-            })
-            .collect();
+        let mut past = empty_caches(&lowered, 1);
         let mut device: BTreeMap<String, caramba_runtime::gpu::DeviceTensor> = BTreeMap::new();
         // The rows the caches' buffers hold: unknown while they are the
         // first call's uploads (an empty upload's buffer is rounded up, and
@@ -1684,28 +1700,14 @@ pub fn cache_appends_in_place<R: Runtime>(dev: &R::Device) {
         let steps = [5usize, 1, 1, 3, 1, 2, 1, 1, 1, 3, 1, 1];
         for (call, &t) in steps.iter().enumerate() {
             let what = format!("{format} call {call} (T={t}, P={start})");
-            let ids = rng.ids(&[1, t], 96);
-            let pos = Tensor::i32(vec![t], (start as i32..(start + t) as i32).collect());
-            let mut b = Bindings::new(&params)
-                .sym(Sym::B, 1)
-                .sym(Sym::T, t)
-                .sym(Sym::P, start)
-                .input("input_ids", ids.clone())
-                .input("positions", pos.clone());
-            for (name, c) in &past {
-                b = b.input(&format!("past.{name}"), c.clone());
-            }
+            let b = cached_call(&params, &rng.ids(&[1, t], 96), start, &past);
             let want = eval(&lowered.graph, &b).expect("reference");
-            let host = BTreeMap::from([
-                ("input_ids".to_string(), ids),
-                ("positions".to_string(), pos),
-            ]);
-            let mut host_past = host.clone();
-            if call == 0 {
-                for (name, c) in &past {
-                    host_past.insert(format!("past.{name}"), c.clone());
-                }
-            }
+            // The first call's caches go up from the host.
+            let host = if call == 0 {
+                b.inputs.clone()
+            } else {
+                tokens(&b)
+            };
             let kept_room = capacity;
             // Call 6 keeps a clone of each cache (a fork): its append must
             // copy.
@@ -1716,14 +1718,8 @@ pub fn cache_appends_in_place<R: Runtime>(dev: &R::Device) {
             };
             let kept_before: Vec<Tensor> =
                 kept.values().map(|k| exec.download(k).unwrap()).collect();
-            let syms = caramba_ir::reference::SymValues {
-                b: Some(1),
-                t: Some(t),
-                p: Some(start),
-                ..Default::default()
-            };
             let mut out = exec
-                .run_appending(&host_past, std::mem::take(&mut device), syms, 8)
+                .run_appending(&host, std::mem::take(&mut device), b.syms, 8)
                 .expect("gpu run");
             let rows = start + t;
             let appended = exec.appends_in_place() - expected;
@@ -1762,29 +1758,11 @@ pub fn cache_appends_in_place<R: Runtime>(dev: &R::Device) {
                 // The fork goes on with another token, appending to the
                 // kept caches in place: not over the main sequence's rows
                 // (the next calls check those).
-                let ids = rng.ids(&[1, 1], 96);
-                let pos = Tensor::i32(vec![1], vec![start as i32]);
-                let mut b = Bindings::new(&params)
-                    .sym(Sym::B, 1)
-                    .sym(Sym::T, 1)
-                    .sym(Sym::P, start)
-                    .input("input_ids", ids.clone())
-                    .input("positions", pos.clone());
-                for (name, c) in &past {
-                    b = b.input(&format!("past.{name}"), c.clone());
-                }
+                let b = cached_call(&params, &rng.ids(&[1, 1], 96), start, &past);
                 let fork_want = eval(&lowered.graph, &b).expect("reference");
-                let host = BTreeMap::from([
-                    ("input_ids".to_string(), ids),
-                    ("positions".to_string(), pos),
-                ]);
-                let syms = caramba_ir::reference::SymValues {
-                    b: Some(1),
-                    t: Some(1),
-                    p: Some(start),
-                    ..Default::default()
-                };
-                let fork = exec.run_appending(&host, kept, syms, 8).expect("gpu run");
+                let fork = exec
+                    .run_appending(&tokens(&b), kept, b.syms, 8)
+                    .expect("gpu run");
                 // The kept buffers are the fork's alone now: in place where
                 // they have room.
                 let appended = exec.appends_in_place() - expected;
@@ -1833,21 +1811,10 @@ pub fn cache_appends_in_place<R: Runtime>(dev: &R::Device) {
         );
         // Borrowed, the caches stay the caller's: copied, not appended.
         let before = exec.appends_in_place();
-        let t = 1;
-        let host = BTreeMap::from([
-            ("input_ids".to_string(), rng.ids(&[1, t], 96)),
-            (
-                "positions".to_string(),
-                Tensor::i32(vec![t], vec![start as i32]),
-            ),
-        ]);
-        let syms = caramba_ir::reference::SymValues {
-            b: Some(1),
-            t: Some(t),
-            p: Some(start),
-            ..Default::default()
-        };
-        let out = exec.run_resident(&host, &device, syms).expect("gpu run");
+        let b = cached_call(&params, &rng.ids(&[1, 1], 96), start, &past);
+        let out = exec
+            .run_resident(&tokens(&b), &device, b.syms)
+            .expect("gpu run");
         assert_eq!(exec.appends_in_place(), before, "{format}: run_resident");
         for e in &lowered.cache {
             let key = format!("present.{}", e.name);
