@@ -369,15 +369,7 @@ pub fn render_kernels(
             && p[r - 1] == r - 2
             && p[..r - 2].iter().enumerate().all(|(i, &x)| i == x)
             && !g.users(id).is_empty()
-            && g.users(id).iter().all(|&u| {
-                let op = &g.node(u).op;
-                // A fused projection's weight operand, read as matmul reads it.
-                let weight = |i: usize| {
-                    let ops = g.operands(u);
-                    ops[i] == id && !ops[..i].contains(&id)
-                };
-                *op == Op::MatMul || op.weight_operand().is_some_and(weight)
-            })
+            && g.users(id).iter().all(|&u| g.reads_as_matrix(u, id))
     };
     // Values made from the weights alone (merged projections' stacked
     // weights): a loaded model makes them once, not per run.

@@ -179,6 +179,19 @@ impl Graph {
         es.into_iter().map(|(_, s)| s).collect()
     }
 
+    /// Whether `user` reads `x` as `matmul` reads its operands (so a swap
+    /// of `x`'s last two axes can be read through strides): any operand of
+    /// a `matmul`; a fused projection's weight operand
+    /// ([`crate::Op::weight_operand`]) when `x` is no earlier operand too.
+    pub fn reads_as_matrix(&self, user: NodeId, x: NodeId) -> bool {
+        let op = &self.node(user).op;
+        *op == crate::Op::MatMul
+            || op.weight_operand().is_some_and(|i| {
+                let operands = self.operands(user);
+                operands[i] == x && !operands[..i].contains(&x)
+            })
+    }
+
     /// Nodes that use `id`, each once.
     pub fn users(&self, id: NodeId) -> Vec<NodeId> {
         let mut us: Vec<NodeId> = self.g.neighbors_directed(id, Direction::Outgoing).collect();

@@ -1112,15 +1112,15 @@ impl<R: Runtime> GpuExecutor<R> {
                         })
                         .collect();
                     let args: Vec<&DevTensor> = dense.iter().map(|v| v.as_ref()).collect();
+                    let run = RunState {
+                        syms: &syms,
+                        values: &values,
+                        reserve_rows,
+                    };
                     let dest = match self.slots.get(&id) {
                         // A device that keeps this dtype widened rounds
                         // into a new buffer: no slot then.
                         Some(&(c, k)) if !self.narrow.widens(node.ty.dtype) => {
-                            let run = RunState {
-                                syms: &syms,
-                                values: &values,
-                                reserve_rows,
-                            };
                             let slot = self.slot(c, k, &shape, &run, &mut slot_bufs)?;
                             in_slot.insert(id);
                             Some(slot)
@@ -1130,11 +1130,6 @@ impl<R: Runtime> GpuExecutor<R> {
                     let concat_buf = match (&node.op, slot_bufs.remove(&id)) {
                         (caramba_ir::Op::Concat { .. }, Some(buf)) => Some(buf),
                         (caramba_ir::Op::Concat { .. }, None) if self.appends.contains_key(&id) => {
-                            let run = RunState {
-                                syms: &syms,
-                                values: &values,
-                                reserve_rows,
-                            };
                             Some(self.concat_buffer(id, &run)?)
                         }
                         _ => None,

@@ -428,17 +428,7 @@ pub(crate) fn reads_in_place(op: &Op, t: &DevTensor) -> bool {
 /// matmul, the weight of an `rms_norm_matmul` or a `matmul_rope` (not its
 /// rows, norm weight or positions).
 pub(crate) fn reads_transposed(graph: &Graph, user: NodeId, x: NodeId) -> bool {
-    let op = &graph.node(user).op;
-    *op == Op::MatMul
-        || op
-            .weight_operand()
-            .is_some_and(|i| reads_only_as(graph, user, x, i))
-}
-
-/// Whether `user` reads `x` as its operand `i` and as no earlier one.
-fn reads_only_as(graph: &Graph, user: NodeId, x: NodeId, i: usize) -> bool {
-    let operands = graph.operands(user);
-    operands[i] == x && !operands[..i].contains(&x)
+    graph.reads_as_matrix(user, x)
 }
 
 /// Whether `op`'s launch reads its operands through their views (strides,
