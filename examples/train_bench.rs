@@ -86,10 +86,17 @@ fn main() {
     // flash-style backward). CARAMBA_BENCH_PRIMITIVE_BACKWARD=1 differentiates
     // its primitives instead, for comparison (T × T matrices per layer).
     let primitive = std::env::var("CARAMBA_BENCH_PRIMITIVE_BACKWARD").is_ok_and(|v| v == "1");
+    // CARAMBA_BENCH_WITHOUT naming fuse-linear-cross-entropy (below) keeps
+    // the head's logits and the loss apart, for comparison.
+    let linear_ce = !std::env::var("CARAMBA_BENCH_WITHOUT").is_ok_and(|w| {
+        w.split(',')
+            .any(|n| n.trim() == caramba_compiler::optimize::linear_ce::NAME)
+    });
     let fused = if primitive {
         forward.clone()
     } else {
-        caramba_compiler::fuse_for_training(&forward).expect("fuse attention and norms")
+        caramba_compiler::optimize::fuse_for_training_with(&forward, linear_ce)
+            .expect("fuse attention and norms")
     };
     let graph = differentiate(&fused, "loss", &names).expect("autodiff");
     // The forward attention also gives the backward its log-sum-exp.

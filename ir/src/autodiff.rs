@@ -577,6 +577,21 @@ impl Backward {
                 // large as the logits is stored but the gradient itself.
                 self.op(Op::CrossEntropyGrad, &[x[0], x[1], gy], s)?
             }
+            Op::LinearCrossEntropy => {
+                // The head's two gradients, each recomputing the logits
+                // and their gradient a block of rows at a time (a device
+                // computes both from one pass, see the op).
+                let wrt = match i {
+                    0 => NormArg::X,
+                    1 => NormArg::W,
+                    _ => return Err(refuse("cross-entropy targets")),
+                };
+                self.op(
+                    Op::LinearCrossEntropyGrad { wrt },
+                    &[x[0], x[1], x[2], gy],
+                    s,
+                )?
+            }
             &Op::Attention { causal, scale } => {
                 let full = if i == 0 {
                     self.attention_grad(&x, y, gy, causal, scale, AttnArg::Q, s)?
@@ -609,7 +624,7 @@ impl Backward {
             Op::AttentionLse { .. } | Op::AttentionWithLse { .. } | Op::AttentionGrad { .. } => {
                 return Err(refuse("attention's backward ops (no second derivatives)"))
             }
-            Op::CrossEntropyGrad => {
+            Op::CrossEntropyGrad | Op::LinearCrossEntropyGrad { .. } => {
                 return Err(refuse("cross-entropy's gradient (no second derivatives)"))
             }
             Op::RowDot => {

@@ -334,6 +334,27 @@ pub enum Op {
         head_dim: usize,
         ranges: Vec<(usize, usize)>,
     },
+    /// A language model's head and its loss in one: x `[..., K]` (rank ≥ 2)
+    /// and w `[K, V]` of one float dtype, targets (i32) `[...]` → the
+    /// per-row loss `[...]` in x's statistics dtype (`DType::stats`).
+    /// Decomposition: `cross_entropy(matmul(x, w), targets)`, the logits
+    /// rounded to x's dtype as the product's result is (and widened
+    /// exactly by `cross_entropy`). What `fuse-linear-cross-entropy` makes
+    /// of a head read only by its loss, before differentiation: a device
+    /// computes the logits a block of rows at a time and never stores
+    /// them whole.
+    LinearCrossEntropy,
+    /// A gradient of `linear_cross_entropy(x, w, targets)` for the loss
+    /// adjoint `g` `[...]` (the loss's dtype): operands x, w, targets, g.
+    /// With `l = matmul(x, w)` and `dl = cross_entropy_grad(l, targets, g)`
+    /// (each rounded to x's dtype), by `wrt`: `x` → `matmul(dl,
+    /// permute_last2(w))` `[..., K]`; `w` → `Σ xᵢᵀ·dlᵢ` over every row `i`
+    /// of the leading axes, `[K, V]`, one product over all rows
+    /// (`matmul(permute_last2(reshape(x, [N, K])), reshape(dl, [N, V]))`),
+    /// accumulated in f32 and rounded once. What autodiff of the
+    /// decomposition computes, the logits and their gradient never stored
+    /// whole: a device recomputes them a block of rows at a time.
+    LinearCrossEntropyGrad { wrt: NormArg },
     /// A chain of elementwise ops evaluated per element over operands
     /// broadcast to one shape (NumPy rules), all of one float dtype.
     Elementwise(ElemProgram),
@@ -365,7 +386,8 @@ pub enum AttnArg {
     KV,
 }
 
-/// Which operand of `rms_norm` an `RmsNormGrad` differentiates for.
+/// Which operand an `RmsNormGrad` or a `LinearCrossEntropyGrad`
+/// differentiates for: the input `x` or the weight `w`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum NormArg {
     X,
@@ -550,6 +572,8 @@ impl Op {
             | Op::RowDot
             | Op::RmsNorm { .. }
             | Op::ScatterAdd { .. } => Arity::Exact(2),
+            Op::LinearCrossEntropy => Arity::Exact(3),
+            Op::LinearCrossEntropyGrad { .. } => Arity::Exact(4),
             Op::Broadcast(_) | Op::OneHot { .. } => Arity::Exact(1),
             Op::Attention { .. } | Op::AttentionWithLse { .. } => Arity::Exact(3),
             Op::AttentionLse { .. } => Arity::Exact(2),
@@ -624,6 +648,8 @@ impl Op {
             Op::Dropout { .. } => "dropout",
             Op::CrossEntropy => "cross_entropy",
             Op::CrossEntropyGrad => "cross_entropy_grad",
+            Op::LinearCrossEntropy => "linear_cross_entropy",
+            Op::LinearCrossEntropyGrad { .. } => "linear_cross_entropy_grad",
             Op::Broadcast(_) => "broadcast",
             Op::ScatterAdd { .. } => "scatter_add",
             Op::OneHot { .. } => "one_hot",
@@ -681,6 +707,7 @@ impl Op {
                 format!("{{causal={causal}, scale={scale}, wrt={wrt}}}")
             }
             Op::RmsNorm { eps } | Op::RmsNormMatMul { eps } => format!("{{eps={eps}}}"),
+            Op::LinearCrossEntropyGrad { wrt } => format!("{{wrt={wrt}}}"),
             Op::RmsNormGrad { eps, wrt } => format!("{{eps={eps}, wrt={wrt}}}"),
             Op::Broadcast(s) => format!("{{shape={s}}}"),
             Op::ScatterAdd { size } => format!("{{size={size}}}"),
@@ -707,6 +734,7 @@ impl Op {
             | Op::CausalMask
             | Op::CrossEntropy
             | Op::CrossEntropyGrad
+            | Op::LinearCrossEntropy
             | Op::RowDot => String::new(),
         }
     }
@@ -967,6 +995,45 @@ impl Op {
                     ));
                 }
                 Ok(l.clone())
+            }
+            Op::LinearCrossEntropy | Op::LinearCrossEntropyGrad { .. } => {
+                let (x, w, t) = (xs[0], xs[1], xs[2]);
+                float(x)?;
+                let r = x.shape.rank();
+                if r < 2
+                    || w.dtype != x.dtype
+                    || w.shape.rank() != 2
+                    || w.shape.0[0] != x.shape.0[r - 1]
+                {
+                    return Err(format!(
+                        "{} needs x [..., K] (rank ≥ 2) and a weight [K, V] of x's dtype, got {x} and {w}",
+                        self.mnemonic()
+                    ));
+                }
+                let rows = Shape(x.shape.0[..r - 1].to_vec());
+                if t.dtype != DType::I32 || t.shape != rows {
+                    return Err(format!(
+                        "{} needs targets i32{rows} for x {x}, got {t}",
+                        self.mnemonic()
+                    ));
+                }
+                match self {
+                    Op::LinearCrossEntropyGrad { wrt } => {
+                        let g = xs[3];
+                        if g.dtype != x.dtype.stats() || g.shape != rows {
+                            return Err(format!(
+                                "{} needs the loss adjoint {}{rows} for x {x}, got {g}",
+                                self.mnemonic(),
+                                x.dtype.stats()
+                            ));
+                        }
+                        Ok(match wrt {
+                            NormArg::X => x.clone(),
+                            NormArg::W => w.clone(),
+                        })
+                    }
+                    _ => Ok(TensorType::new(x.dtype.stats(), rows)),
+                }
             }
             Op::Attention { .. } => {
                 let (q, v) = (xs[0], xs[2]);

@@ -110,6 +110,23 @@ impl VendorGemm {
         out: &View,
         tf32: bool,
     ) -> Result<bool, KernelError> {
+        self.matmul_into(client, elem, lhs, rhs, out, tf32, false)
+    }
+
+    /// [`VendorGemm::matmul`], with `accumulate`: `out += lhs @ rhs`
+    /// (cuBLASLt's `β = 1`: the sum formed in f32 and rounded once to
+    /// `elem`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_into<R: Runtime>(
+        &self,
+        client: &ComputeClient<R>,
+        elem: FloatElem,
+        lhs: &View,
+        rhs: &View,
+        out: &View,
+        tf32: bool,
+        accumulate: bool,
+    ) -> Result<bool, KernelError> {
         let Some(plan) = Plan::new(lhs.into(), rhs.into(), out.into()) else {
             return Ok(false);
         };
@@ -120,12 +137,14 @@ impl VendorGemm {
             else {
                 return Ok(false);
             };
-            self.lt.run(client, elem, &plan, lhs, rhs, out, tf32)?;
+            let beta = if accumulate { 1.0 } else { 0.0 };
+            self.lt
+                .run(client, elem, &plan, lhs, rhs, out, tf32, beta)?;
             Ok(true)
         }
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = (client, elem, plan, tf32);
+            let _ = (client, elem, plan, tf32, accumulate);
             Ok(false)
         }
     }
@@ -525,6 +544,7 @@ POLL:
             rhs: &View,
             out: &View,
             tf32: bool,
+            beta: f32,
         ) -> Result<(), KernelError> {
             // Resolve the buffers first (this may allocate them on
             // CubeCL's stream), then wait for everything queued there.
@@ -622,7 +642,7 @@ POLL:
                 Some((v, ptr, arg))
             };
             let p = &st.prepared[&key];
-            let (alpha, beta) = (1.0f32, 0.0f32);
+            let alpha = 1.0f32;
             let size = elem.size() as u64;
             let at = |base: u64, off: usize| (base + size * off as u64) as *mut c_void;
             let mut called = Ok(());

@@ -624,6 +624,79 @@ pub fn cross_entropy<R: Runtime>(dev: &R::Device) {
     }
 }
 
+/// A language model's head and loss in one (`linear_cross_entropy`) and
+/// its gradients for x and w, against the reference: f32, bf16 and f16
+/// (widened to f32 where the device has no such storage, and then
+/// rounded as the reference rounds); the rows in one block and in blocks
+/// of 256 (600 rows: 256, 256 and 88), so that `dx`'s rows and `dw`'s sum
+/// are assembled from blocks; both gradients (one pass, see `grad_pairs`)
+/// and each alone; vocabularies read in vectors (320) and one element at
+/// a time (301); the weight plain or a transposed embedding (a tied head).
+pub fn linear_cross_entropy<R: Runtime>(dev: &R::Device) {
+    use caramba_ir::NormArg;
+    let mut rng = Rng(53);
+    let (b, t, k) = (2, 300, 16);
+    // Logits up to about 4 in magnitude: a logit the device rounds to the
+    // next value of the format's grid (its f32 sum on the other side of a
+    // rounding boundary from the reference's f64 one) moves a loss by up
+    // to that grid step, twice (its own and the log-sum-exp's): 2⁻⁶ for
+    // bf16, 2⁻⁹ for f16.
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 4e-2), (DType::F16, 5e-3)] {
+        let tty =
+            |dims: &[usize]| TensorType::new(dtype, Shape::new(dims.iter().map(|&d| d.into())));
+        let half = |x: Tensor| Tensor::from_f32_as(dtype, x.shape().to_vec(), x.to_f32_vec());
+        for (v, tied, grads) in [
+            (320, false, [true, true]),
+            (301, true, [true, true]),
+            (320, true, [true, false]),
+            (301, false, [false, true]),
+        ] {
+            let mut g = Graph::new("linear_xent");
+            let x = g.input("x0", tty(&[b, t, k])).unwrap();
+            let w = if tied {
+                let e = g.input("x1", tty(&[v, k])).unwrap();
+                g.add(Op::Permute(vec![1, 0]), &[e], "").unwrap()
+            } else {
+                g.input("x1", tty(&[k, v])).unwrap()
+            };
+            let ids = g
+                .input("x2", TensorType::new(DType::I32, shape![b, t]))
+                .unwrap();
+            let gy = g.input("x3", f32t(&[b, t])).unwrap();
+            let loss = g.add(Op::LinearCrossEntropy, &[x, w, ids], "").unwrap();
+            g.set_output("loss", loss);
+            for (wrt, wanted) in [(NormArg::X, grads[0]), (NormArg::W, grads[1])] {
+                if wanted {
+                    let d = g
+                        .add(Op::LinearCrossEntropyGrad { wrt }, &[x, w, ids, gy], "")
+                        .unwrap();
+                    g.set_output(&format!("d{wrt}"), d);
+                }
+            }
+            let wshape = if tied { [v, k] } else { [k, v] };
+            let scaled = |t: Tensor, by: f32| {
+                Tensor::f32(
+                    t.shape().to_vec(),
+                    t.to_f32_vec().iter().map(|x| x * by).collect(),
+                )
+            };
+            let bindings = bind(vec![
+                half(scaled(rng.tensor(&[b, t, k]), 0.5)),
+                half(rng.tensor(&wshape)),
+                rng.ids(&[b, t], v),
+                scaled(rng.tensor(&[b, t]), 1.0 / (b * t) as f32),
+            ]);
+            for rows in [None, Some(256)] {
+                let options = GpuOptions {
+                    loss_block_rows: rows,
+                    ..GpuOptions::default()
+                };
+                check_with::<R>(dev, &g, &bindings, tol, options);
+            }
+        }
+    }
+}
+
 /// RMS norm and its gradients for x and w (`rms_norm_grad`).
 pub fn rms_norm<R: Runtime>(dev: &R::Device) {
     let mut rng = Rng(12);
@@ -2454,11 +2527,12 @@ pub fn exact_buffers<R: Runtime>(dev: &R::Device) {
                 .with_eval_graph(&forward)
                 .unwrap();
         let exact = trainer.executor().exact_buffers();
-        assert_eq!(
-            trainer.executor().in_place_ops(),
-            1,
-            "the loss's gradient written over the logits"
-        );
+        // The head and the loss are one op (`linear_cross_entropy`): there
+        // are no logits to write the gradient over.
+        assert!(graph
+            .node_ids()
+            .any(|n| graph.node(n).op == Op::LinearCrossEntropy));
+        assert_eq!(trainer.executor().in_place_ops(), 0);
         let mut stats = Vec::new();
         for batches in &steps[..3] {
             let s = trainer.step(batches, 1e-2, Some(1.0)).unwrap();
@@ -4642,7 +4716,7 @@ macro_rules! all_tests {
         gpu_suite!($name, $runtime, $device, $available;
             unary, binary_broadcast, constant_and_cast, reduce, softmax, matmul, matmul_few_rows,
             matmul_fast, layout, weight_gradient_matmul,
-            gather_scatter_one_hot, causal_mask, rope, cross_entropy, rms_norm, attention,
+            gather_scatter_one_hot, causal_mask, rope, cross_entropy, linear_cross_entropy, rms_norm, attention,
             attention_backward,
             elementwise_program, symbolic_shapes, recycling_is_bounded, profiled_memory_figures, unsupported_is_an_error, tiny_llama, tiny_llama_bf16,
             mixed_precision_gradients,

@@ -83,6 +83,16 @@ fn flops(op: &Op, xs: &[&TensorType], out: &TensorType) -> f64 {
         Op::Softmax { .. } => 5.0 * numel(out),
         // The row's max and sum, then each element's probability.
         Op::CrossEntropyGrad => 6.0 * numel(out),
+        // The head's product and the loss over its logits; each gradient
+        // recomputes them, the logits' gradient, and its own product.
+        Op::LinearCrossEntropy => {
+            let logits = numel(out) * last(xs[1], 1);
+            logits * (2.0 * last(xs[0], 1) + 6.0)
+        }
+        Op::LinearCrossEntropyGrad { .. } => {
+            let logits = numel(xs[2]) * last(xs[1], 1);
+            logits * (4.0 * last(xs[0], 1) + 12.0)
+        }
         Op::RmsNorm { .. } => 4.0 * numel(out),
         // The norm's few flops per element of x, then the product.
         Op::RmsNormMatMul { .. } => 4.0 * numel(xs[0]) + 2.0 * numel(out) * last(xs[0], 1),

@@ -38,6 +38,7 @@ pub mod fold_weights;
 pub mod kv;
 pub mod lang;
 pub mod layers;
+pub mod linear_ce;
 pub mod merge_projections;
 pub mod norm_matmul;
 pub mod precision;
@@ -70,10 +71,13 @@ pub fn rules() -> Vec<&'static Rule> {
     r
 }
 
-/// Every rule name, e-graph rules first, then the passes after
-/// extraction: `fuse-norm-matmul`, `fuse-rope-matmul`, `fuse-elementwise`.
+/// Every rule name, e-graph rules first, then the graph passes: before
+/// differentiation `fuse-linear-cross-entropy` (training graphs only, see
+/// [`fuse_for_training`]), after extraction `fuse-norm-matmul`,
+/// `fuse-rope-matmul`, `fuse-elementwise`.
 pub fn rule_names() -> Vec<&'static str> {
     let mut v: Vec<&'static str> = rules().iter().map(|r| r.name).collect();
+    v.push(linear_ce::NAME);
     v.push(norm_matmul::NAME);
     v.push(rope_matmul::NAME);
     v.push(elementwise::NAME);
@@ -418,9 +422,9 @@ pub fn training_rules() -> Vec<&'static Rule> {
     r
 }
 
-/// `g` with its attention and RMSNorms fused and nothing else: the form
-/// training differentiates. Autodiff works on primitives, except for the
-/// fused ops with their own gradient rules: `attention` (the flash-style
+/// `g` with its attention, RMSNorms and loss fused and nothing else: the
+/// form training differentiates. Autodiff works on primitives, except for
+/// the fused ops with their own gradient rules: `attention` (the flash-style
 /// backward, which recomputes probabilities per tile instead of keeping
 /// each layer's `T × S` matrix alive until the backward pass) and
 /// `rms_norm` (one pass per gradient, the row statistics recomputed from
@@ -431,8 +435,19 @@ pub fn training_rules() -> Vec<&'static Rule> {
 /// Projections of one input (attention's q, k and v; SwiGLU's gate and up)
 /// are then merged into one product each ([`merge_projections`]), so that
 /// the backward has one product for their input's gradient and one for
-/// their weights'.
+/// their weights'. Last, the LM head read only by its loss becomes one
+/// `linear_cross_entropy` ([`linear_ce`]), whose gradients recompute the
+/// logits a block of rows at a time instead of keeping them alive.
 pub fn fuse_for_training(g: &Graph) -> Result<Graph, OptimizeError> {
+    fuse_for_training_with(g, true)
+}
+
+/// [`fuse_for_training`], with the head and its loss fused
+/// (`fuse-linear-cross-entropy`) or, for comparisons, not.
+pub fn fuse_for_training_with(
+    g: &Graph,
+    linear_cross_entropy: bool,
+) -> Result<Graph, OptimizeError> {
     let only = training_rules()
         .iter()
         .map(|r| r.name.to_string())
@@ -444,7 +459,11 @@ pub fn fuse_for_training(g: &Graph) -> Result<Graph, OptimizeError> {
         ..Options::default()
     };
     let fused = optimize_with(g, &opts).map(|(g, _)| g)?;
-    Ok(merge_projections(&fused)?)
+    let merged = merge_projections(&fused)?;
+    if !linear_cross_entropy {
+        return Ok(merged);
+    }
+    Ok(linear_ce::fuse(&merged)?.0)
 }
 
 /// Why [`differentiate_for_training`] failed.

@@ -2506,3 +2506,98 @@ fn the_last_position_gives_the_last_row() {
     }
     assert!(checked >= 10);
 }
+
+// ------------------------------------------------ linear cross-entropy
+
+/// A language model's head and loss as lowering and `add_next_token_loss`
+/// write them: `x = gather(E, ids)` `[B, T, K]` from an embedding `E [V,
+/// K]`, `logits = matmul(x, w)` with `w` a `[K, V]` parameter or, tied,
+/// `permute(E)`, the loss the mean of `cross_entropy` (of the widened
+/// logits for f16/bf16), `logits` not an output. Also the vocabulary.
+fn head_loss_graph(rng: &mut Rng, dtype: DType, tied: bool) -> (Graph, usize) {
+    let (k, v) = (rng.range(1, 6), rng.range(2, 9));
+    let mut g = Graph::new("t");
+    let ids = g
+        .input(
+            "input_ids",
+            ty(DType::I32, &[Dim::Sym(Sym::B), Dim::Sym(Sym::T)]),
+        )
+        .unwrap();
+    let e = g.param("embed", ty(dtype, &[c(v), c(k)]), "embed").unwrap();
+    let x = g.add(Op::Gather, &[e, ids], "embed").unwrap();
+    let w = if tied {
+        g.add(Op::Permute(vec![1, 0]), &[e], "head").unwrap()
+    } else {
+        g.param("head", ty(dtype, &[c(k), c(v)]), "head").unwrap()
+    };
+    let logits = g.add(Op::MatMul, &[x, w], "head").unwrap();
+    g.set_output("logits", logits);
+    caramba_ir::autodiff::add_next_token_loss(&mut g, "logits").unwrap();
+    g.remove_output("logits");
+    (g, v)
+}
+
+/// `fuse-linear-cross-entropy` keeps the loss, and autodiff of the fused
+/// op (`linear_cross_entropy_grad` for x and for w) keeps the gradients:
+/// exact for the loss (the op's decomposition, the widening cast dropped
+/// as `cross_entropy` widens exactly), the gradients to the format's
+/// rounding (the unfused `dw` rounds each batch's product before the
+/// sum; the fused op rounds the sum over every row once).
+#[test]
+fn fuse_linear_cross_entropy_is_sound() {
+    assert_eq!(linear_ce::NAME, "fuse-linear-cross-entropy");
+    let mut rng = Rng::new(25);
+    for dtype in [DType::F64, DType::F32, DType::F16, DType::BF16] {
+        for case in 0..8 {
+            let (g, v) = head_loss_graph(&mut rng, dtype, case % 2 == 0);
+            let (h, n) = linear_ce::fuse(&g).unwrap();
+            caramba_ir::verify(&h).unwrap();
+            assert_eq!(n, 1, "{dtype} case {case}:\n{}", caramba_ir::to_text(&g));
+            assert_eq!(count(&h, |o| *o == Op::LinearCrossEntropy), 1);
+            assert_eq!(
+                count(&h, |o| matches!(
+                    o,
+                    Op::CrossEntropy | Op::MatMul | Op::Cast(_)
+                )),
+                0,
+                "{}",
+                caramba_ir::to_text(&h)
+            );
+            let t = rng.range(1, 5);
+            let err = compare(&g, &h, &mut rng, (t, t), v);
+            assert!(err < 1e-12, "{dtype} case {case}: the loss moved by {err}");
+            let names: Vec<String> = g.params().map(|(n, _)| n.to_string()).collect();
+            let dg = caramba_ir::autodiff::differentiate(&g, "loss", &names).unwrap();
+            let dh = caramba_ir::autodiff::differentiate(&h, "loss", &names).unwrap();
+            assert_eq!(
+                count(&dh, |o| matches!(o, Op::LinearCrossEntropyGrad { .. })),
+                2
+            );
+            let err = compare(&dg, &dh, &mut rng, (t, t), v);
+            let tol = match dtype {
+                DType::F64 => 1e-12,
+                DType::F32 => 1e-5,
+                _ => 2e-2,
+            };
+            assert!(err < tol, "{dtype} case {case}: a gradient moved by {err}");
+        }
+    }
+}
+
+/// Logits that are stored anyway are not fused: kept as an output, or
+/// read by another op too.
+#[test]
+fn fuse_linear_cross_entropy_leaves_stored_logits_alone() {
+    let mut rng = Rng::new(3);
+    let (g, _) = head_loss_graph(&mut rng, DType::F32, false);
+    let logits = g.node_ids().find(|&n| g.node(n).op == Op::MatMul).unwrap();
+    let mut kept = g.clone();
+    kept.set_output("logits", logits);
+    assert_eq!(linear_ce::fuse(&kept).unwrap().1, 0);
+    let mut read = g.clone();
+    let y = read.add(Op::Unary(UnaryOp::Exp), &[logits], "").unwrap();
+    read.set_output("probs", y);
+    assert_eq!(linear_ce::fuse(&read).unwrap().1, 0);
+    // The same graph without the second reader fuses.
+    assert_eq!(linear_ce::fuse(&g).unwrap().1, 1);
+}

@@ -261,6 +261,10 @@ fn apply(node: &Node, args: &[(&Tensor, bool)], syms: &SymValues) -> Result<Tens
         Op::Rope(spec) => attention::rope(spec, x(0), x(1)),
         Op::CrossEntropy => fused::cross_entropy(x(0), x(1)),
         Op::CrossEntropyGrad => fused::cross_entropy_grad(x(0), x(1), x(2)),
+        Op::LinearCrossEntropy => fused::linear_cross_entropy(x(0), x(1), x(2)),
+        Op::LinearCrossEntropyGrad { wrt } => {
+            fused::linear_cross_entropy_grad(x(0), x(1), x(2), x(3), *wrt)
+        }
         Op::Broadcast(_) => layout::broadcast_to(x(0), &expected),
         Op::ScatterAdd { size } => layout::scatter_add(x(0), x(1), *size),
         Op::OneHot { depth, dtype } => layout::one_hot(x(0), *depth, *dtype),

@@ -107,6 +107,11 @@ pub struct GpuOptions {
     /// (norms' weights, per-row statistics) stay in the pools' small
     /// pages. `None`: 1 MiB. Tests lower it to plan a tiny model's values.
     pub exact_min_bytes: Option<u64>,
+    /// Rows of logits one block of a `linear_cross_entropy` (or its
+    /// gradients) holds, rounded down to a multiple of 256 (at least 256);
+    /// `None`: as many as fit in 1 GiB (or the device's largest buffer).
+    /// Tests lower it to run a tiny model's loss in several blocks.
+    pub loss_block_rows: Option<usize>,
 }
 
 /// Where an executor's buffers come from.
@@ -937,6 +942,7 @@ impl<R: Runtime> GpuExecutor<R> {
             placed: &[],
             second: None,
             in_place: false,
+            loss_block_rows: self.options.loss_block_rows,
         };
         if !self.options.profile {
             return ctx.apply(&[x], shape);
@@ -1203,6 +1209,7 @@ impl<R: Runtime> GpuExecutor<R> {
                         placed: &placed,
                         second: second.as_ref(),
                         in_place: self.in_place.contains(&id),
+                        loss_block_rows: self.options.loss_block_rows,
                     };
                     debug_assert!(
                         !ctx.in_place || uses[&operands[0]] == 1,
@@ -1246,6 +1253,15 @@ impl<R: Runtime> GpuExecutor<R> {
                                     ""
                                 } else {
                                     " (view)"
+                                }
+                            ),
+                            // dx and dw from one pass over the logits.
+                            caramba_ir::Op::LinearCrossEntropyGrad { wrt } => format!(
+                                "linear_cross_entropy_grad {{wrt={wrt}}}{}",
+                                if self.grad_pairs.contains_key(&id) {
+                                    " + its sibling"
+                                } else {
+                                    ""
                                 }
                             ),
                             // dq and dk‖dv apart, or both from one launch.
@@ -1603,9 +1619,31 @@ fn permuted_outputs(
 /// Keyed by the first of the two in `order`, valued by the other. Only
 /// under `CARAMBA_ATOMIC_DQ=1`: on an H100 the two kernels were faster
 /// (NOTES, fifteenth session), and they are bit-reproducible.
+///
+/// Also, always: the two gradients of one `linear_cross_entropy` (`wrt=x`
+/// and `wrt=w` over the same operands), which then recompute the logits
+/// once, not twice.
 pub(crate) fn grad_pairs(graph: &Graph, order: &[NodeId]) -> HashMap<NodeId, NodeId> {
-    use caramba_ir::{AttnArg, Op};
+    use caramba_ir::{AttnArg, NormArg, Op};
     let mut out = HashMap::new();
+    let mut heads: HashMap<(Vec<NodeId>, NormArg), NodeId> = HashMap::new();
+    for &id in order {
+        let Op::LinearCrossEntropyGrad { wrt } = graph.node(id).op else {
+            continue;
+        };
+        let other = match wrt {
+            NormArg::X => NormArg::W,
+            NormArg::W => NormArg::X,
+        };
+        match heads.remove(&(graph.operands(id), other)) {
+            Some(first) => {
+                out.insert(first, id);
+            }
+            None => {
+                heads.insert((graph.operands(id), wrt), id);
+            }
+        }
+    }
     if !std::env::var("CARAMBA_ATOMIC_DQ").is_ok_and(|v| v == "1") {
         return out;
     }

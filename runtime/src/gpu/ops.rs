@@ -27,6 +27,8 @@ use caramba_kernels::{
 };
 use std::collections::HashMap;
 
+mod linear_ce;
+
 /// Rejects ops and dtypes the device cannot run, before anything launches.
 pub(crate) fn check_supported(graph: &Graph, id: NodeId) -> Result<(), GpuError> {
     let node = graph.node(id);
@@ -324,13 +326,18 @@ pub(crate) struct Ctx<'a, R: Runtime> {
     /// The buffer of a second node whose value this launch computes too:
     /// for `attention_with_lse` taken apart (see `SplitLse`), the
     /// log-sum-exp's, with `dest` the values'; for `attention_grad` paired
-    /// with its sibling (`dq` with `dk‖dv`, see `grad_pairs`), the
-    /// sibling's.
+    /// with its sibling (`dq` with `dk‖dv`, see `grad_pairs`), and for a
+    /// `linear_cross_entropy_grad` paired with its sibling (`dx` with
+    /// `dw`), the sibling's.
     pub second: Option<&'a DevTensor>,
     /// The first operand dies at this launch and its buffer is the run's
     /// alone (see `Plan::in_place`): an op that can write its result over
     /// it does (cross-entropy's gradient over its logits).
     pub in_place: bool,
+    /// Rows of logits a `linear_cross_entropy` block holds
+    /// ([`GpuOptions::loss_block_rows`](super::GpuOptions)); `None`: as many
+    /// as fit in 1 GiB.
+    pub loss_block_rows: Option<usize>,
 }
 
 fn unary(u: UnaryOp) -> Unary {
@@ -1093,6 +1100,8 @@ impl<R: Runtime> Ctx<'_, R> {
                 );
                 Ok(out)
             }
+            Op::LinearCrossEntropy => self.linear_cross_entropy(xs, shape),
+            Op::LinearCrossEntropyGrad { wrt } => self.linear_cross_entropy_grad(xs, *wrt, shape),
             Op::CrossEntropyGrad => {
                 let (logits, targets, g) = (xs[0], xs[1], xs[2]);
                 let v = *logits.shape.last().expect("typed rank ≥ 1");

@@ -254,6 +254,7 @@ fn capture<R: Runtime>(
                     placed: &[],
                     second: second.as_ref(),
                     in_place: false,
+                    loss_block_rows: None,
                 };
                 let out = ctx.apply(&args, shape)?;
                 // Wait for the launch (and so its compilation) to finish,

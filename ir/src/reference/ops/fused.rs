@@ -439,3 +439,53 @@ pub fn cross_entropy_grad(logits: &Tensor, targets: &Tensor, g: &Tensor) -> Resu
     let data = each_float!(logits, l => go(l, t, &g, v)?);
     Ok((logits.shape().to_vec(), data))
 }
+
+/// `matmul(x, w)` rounded to x's dtype, as the product's result is: the
+/// logits of `linear_cross_entropy` and its gradients.
+fn head_logits(x: &Tensor, w: &Tensor) -> Result<Tensor, String> {
+    let (shape, mut data) = matmul(MatOperand::plain(x), MatOperand::plain(w))?;
+    round_to(x.dtype(), &mut data);
+    Ok(Tensor::new(x.dtype(), shape, data))
+}
+
+/// `cross_entropy(matmul(x, w), targets)` (see `Op::LinearCrossEntropy`).
+pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Raw, String> {
+    cross_entropy(&head_logits(x, w)?, targets)
+}
+
+/// A gradient of `linear_cross_entropy` (see `Op::LinearCrossEntropyGrad`):
+/// the logits' gradient rounded to x's dtype, then `dl·wᵀ` for x, or one
+/// product `xᵀ·dl` over every row for w.
+pub fn linear_cross_entropy_grad(
+    x: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    g: &Tensor,
+    wrt: NormArg,
+) -> Result<Raw, String> {
+    let (shape, mut data) = cross_entropy_grad(&head_logits(x, w)?, targets, g)?;
+    round_to(x.dtype(), &mut data);
+    let dl = Tensor::new(x.dtype(), shape, data);
+    match wrt {
+        NormArg::X => matmul(
+            MatOperand::plain(&dl),
+            MatOperand {
+                t: w,
+                transposed: true,
+            },
+        ),
+        NormArg::W => {
+            let (k, v) = (w.shape()[0], w.shape()[1]);
+            let rows = x.numel() / k.max(1);
+            let x = x.clone().reshaped(vec![rows, k]);
+            let dl = dl.reshaped(vec![rows, v]);
+            matmul(
+                MatOperand {
+                    t: &x,
+                    transposed: true,
+                },
+                MatOperand::plain(&dl),
+            )
+        }
+    }
+}
