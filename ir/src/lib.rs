@@ -9,6 +9,7 @@ pub mod autodiff;
 pub mod graph;
 pub mod op;
 pub mod quant;
+pub mod schedule;
 pub mod text;
 pub mod types;
 pub mod verify;

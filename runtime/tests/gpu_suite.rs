@@ -1144,7 +1144,15 @@ pub fn mixed_precision_gradients<R: Runtime>(dev: &R::Device) {
     forward.remove_output("logits");
     let params = random_params(&forward, 31);
     let names: Vec<String> = params.keys().cloned().collect();
-    let graph = caramba_compiler::differentiate_for_training(&forward, "loss", &names).unwrap();
+    // The head and its loss apart (as before `fuse-linear-cross-entropy`),
+    // to check the casts around them; then fused, as training runs it.
+    let apart = caramba_compiler::optimize::fuse_for_training_with(&forward, false).unwrap();
+    let graph = caramba_ir::autodiff::differentiate(&apart, "loss", &names).unwrap();
+    let graph = caramba_compiler::reuse_attention_lse(&graph).unwrap();
+    let fused = caramba_compiler::differentiate_for_training(&forward, "loss", &names).unwrap();
+    assert!(fused
+        .node_ids()
+        .any(|n| fused.node(n).op == Op::LinearCrossEntropy));
     let mut rng = Rng(41);
     let b = Bindings::new(&params)
         .sym(Sym::B, 2)
@@ -1175,7 +1183,13 @@ pub fn mixed_precision_gradients<R: Runtime>(dev: &R::Device) {
         0,
         "cross-entropy reads the bf16 logits"
     );
-    for (label, graph) in [("as differentiated", &graph), ("optimized", &optimized)] {
+    let (fused_optimized, _) = caramba_compiler::optimize(&fused).expect("optimize");
+    for (label, graph) in [
+        ("as differentiated", &graph),
+        ("optimized", &optimized),
+        ("head and loss fused", &fused),
+        ("head and loss fused, optimized", &fused_optimized),
+    ] {
         eprintln!("-- {label}");
         let want = eval(graph, &b).expect("reference evaluation");
         let exec = GpuExecutor::<R>::new(dev, graph, b.params).expect("executor");

@@ -2601,3 +2601,47 @@ fn fuse_linear_cross_entropy_leaves_stored_logits_alone() {
     // The same graph without the second reader fuses.
     assert_eq!(linear_ce::fuse(&g).unwrap().1, 1);
 }
+
+/// The optimized bf16 training graphs of SmolLM2 and the 1B shape: the
+/// head and loss are one op with both gradients, and the executor's order
+/// (`schedule::memory_order`) keeps less alive than id order, where every
+/// weight gradient ran after the whole backward and each layer's
+/// activations and output gradients waited for it (the peak was the end
+/// of the backward; now it is its start).
+#[test]
+fn training_graphs_fuse_their_loss_and_run_in_a_frugal_order() {
+    use caramba_ir::schedule::{memory_order, modelled_peak};
+    for (file, least) in [("smollm2_135m_dba.yml", 0.08), ("llama32_1b_dba.yml", 0.06)] {
+        let path = format!("{}/../presets/{file}", env!("CARGO_MANIFEST_DIR"));
+        let c = crate::compile(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let model = crate::teacher_of(&c.manifest.model);
+        let mut forward = crate::lower_model(&model, "m", DType::BF16).unwrap().graph;
+        caramba_ir::autodiff::add_next_token_loss(&mut forward, "logits").unwrap();
+        forward.remove_output("logits");
+        let names: Vec<String> = forward.params().map(|(n, _)| n.to_string()).collect();
+        let g = differentiate_for_training(&forward, "loss", &names).unwrap();
+        let (h, _) = optimize(&g).unwrap();
+        assert_eq!(count(&h, |o| *o == Op::LinearCrossEntropy), 1, "{file}");
+        assert_eq!(
+            count(&h, |o| matches!(o, Op::LinearCrossEntropyGrad { .. })),
+            2,
+            "{file}"
+        );
+        assert_eq!(count(&h, |o| *o == Op::CrossEntropyGrad), 0, "{file}");
+        let by_id = caramba_ir::reference::live_order(&h).unwrap();
+        let order = memory_order(&h);
+        let (before, after) = (modelled_peak(&h, &by_id), modelled_peak(&h, &order));
+        let gib = |b: f64| b / (1u64 << 30) as f64;
+        eprintln!(
+            "{file}: modelled peak {:.2} → {:.2} GiB",
+            gib(before),
+            gib(after)
+        );
+        assert!(
+            after < (1.0 - least) * before,
+            "{file}: {:.2} → {:.2} GiB",
+            gib(before),
+            gib(after)
+        );
+    }
+}
