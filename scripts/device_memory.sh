@@ -24,10 +24,13 @@ for m in "llama1b 8 1b" "smollm2 32 smol"; do
     without=; [[ $mode == *:norope ]] && without=fuse-rope-matmul
     # ":nolce": the head's logits and the loss apart (as before the
     # thirty-fourth session: logits and their gradient stored whole).
-    [[ $mode == *:nolce ]] && without=fuse-linear-cross-entropy
-    echo "== $1 B$2 x 2048 bf16, CARAMBA_BENCH_BUFFERS=$buffers CARAMBA_NO_IN_PLACE=$no_in_place CARAMBA_BENCH_WITHOUT=$without"
-    log=$OUT/train_$3_${mode/:/_}.txt
-    CARAMBA_BENCH_WITHOUT=$without CARAMBA_NO_IN_PLACE=$no_in_place CARAMBA_BENCH_BUFFERS=$buffers timeout 200 ./train_bench cuda $1 $2 2048 3 bf16 > $log 2>&1
+    [[ $mode == *:nolce* ]] && without=fuse-linear-cross-entropy
+    # ":idorder": nodes run in id order (CARAMBA_ID_ORDER=1), as before the
+    # thirty-fourth session's memory order.
+    id_order=0; [[ $mode == *idorder* ]] && id_order=1
+    echo "== $1 B$2 x 2048 bf16, CARAMBA_BENCH_BUFFERS=$buffers CARAMBA_NO_IN_PLACE=$no_in_place CARAMBA_BENCH_WITHOUT=$without CARAMBA_ID_ORDER=$id_order"
+    log=$OUT/train_$3_${mode//:/_}.txt
+    CARAMBA_ID_ORDER=$id_order CARAMBA_BENCH_WITHOUT=$without CARAMBA_NO_IN_PLACE=$no_in_place CARAMBA_BENCH_BUFFERS=$buffers timeout 200 ./train_bench cuda $1 $2 2048 3 bf16 > $log 2>&1
     grep -E "^\{|buffer plan:|second step|panicked|error|out of memory" $log | head -6
     grep -oE '"fuse-rope-matmul": [0-9]+' $log | head -1
     grep -E "warm-up" $log | head -1
