@@ -589,7 +589,7 @@ fn rope_matmul_graph(rng: &mut Rng, dtype: DType, norm: bool) -> Graph {
         }),
         inverse: false,
     };
-    let mut heads = |g: &mut Graph, name: &str, start: usize, h: usize| {
+    let heads = |g: &mut Graph, name: &str, start: usize, h: usize| {
         let end = start + h * d;
         let s = g
             .add(
