@@ -303,6 +303,42 @@ impl Graph {
         })
     }
 
+    /// A copy of this graph with some nodes replaced, for passes that fuse:
+    /// in topological order, each node not in `skip` (nodes absorbed into
+    /// a replacement) is either built by `replace(out, id, map)`, which
+    /// returns `Some(new)` (`map` holds the new id of every node before
+    /// it), or, on `None`, copied as it is. Outputs keep their names.
+    /// Returns the graph and each kept node's new id.
+    pub fn rebuilt(
+        &self,
+        skip: &std::collections::HashSet<NodeId>,
+        mut replace: impl FnMut(
+            &mut Graph,
+            NodeId,
+            &std::collections::HashMap<NodeId, NodeId>,
+        ) -> Result<Option<NodeId>, IrError>,
+    ) -> Result<(Graph, std::collections::HashMap<NodeId, NodeId>), IrError> {
+        let mut out = Graph::new(self.name.clone());
+        let mut map = std::collections::HashMap::new();
+        for id in self.topo_order() {
+            if skip.contains(&id) {
+                continue;
+            }
+            let new = match replace(&mut out, id, &map)? {
+                Some(new) => new,
+                None => {
+                    let xs: Vec<NodeId> = self.operands(id).iter().map(|o| map[o]).collect();
+                    out.add_copy(self.node(id), &xs)?
+                }
+            };
+            map.insert(id, new);
+        }
+        for (name, id) in self.outputs() {
+            out.set_output(name, map[id]);
+        }
+        Ok((out, map))
+    }
+
     /// The underlying petgraph, for passes that need graph algorithms.
     pub fn petgraph(&self) -> &StableDiGraph<Node, u32> {
         &self.g

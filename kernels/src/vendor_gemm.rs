@@ -100,24 +100,11 @@ impl VendorGemm {
     /// `out` dense. Products accumulate in f32 (`CUBLAS_COMPUTE_32F`);
     /// `tf32` lets an f32 product use TF32 tensor cores. Returns `Ok(false)` without doing
     /// anything when the operands' layout is not one this library reads;
-    /// the caller then uses cubek.
-    pub fn matmul<R: Runtime>(
-        &self,
-        client: &ComputeClient<R>,
-        elem: FloatElem,
-        lhs: &View,
-        rhs: &View,
-        out: &View,
-        tf32: bool,
-    ) -> Result<bool, KernelError> {
-        self.matmul_into(client, elem, lhs, rhs, out, tf32, false)
-    }
-
-    /// [`VendorGemm::matmul`], with `accumulate`: `out += lhs @ rhs`
+    /// the caller then uses cubek. With `accumulate`, `out += lhs @ rhs`
     /// (cuBLASLt's `β = 1`: the sum formed in f32 and rounded once to
     /// `elem`).
     #[allow(clippy::too_many_arguments)]
-    pub fn matmul_into<R: Runtime>(
+    pub fn matmul<R: Runtime>(
         &self,
         client: &ComputeClient<R>,
         elem: FloatElem,

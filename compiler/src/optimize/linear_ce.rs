@@ -78,27 +78,14 @@ pub fn fuse(g: &Graph) -> Result<(Graph, usize), IrError> {
         absorbed.extend(inner);
         fused.insert(id, [x, w, t]);
     }
-    let mut out = Graph::new(g.name.clone());
-    let mut map: HashMap<NodeId, NodeId> = HashMap::new();
-    for id in g.topo_order() {
-        if absorbed.contains(&id) {
-            continue;
-        }
-        let n = g.node(id);
-        let new = match fused.get(&id) {
-            Some(xs) => {
+    let (out, _) = g.rebuilt(&absorbed, |out, id, map| {
+        fused
+            .get(&id)
+            .map(|xs| {
                 let xs: Vec<NodeId> = xs.iter().map(|o| map[o]).collect();
-                out.add(Op::LinearCrossEntropy, &xs, &n.scope)?
-            }
-            None => {
-                let xs: Vec<NodeId> = g.operands(id).iter().map(|o| map[o]).collect();
-                out.add_copy(n, &xs)?
-            }
-        };
-        map.insert(id, new);
-    }
-    for (name, id) in g.outputs() {
-        out.set_output(name, map[id]);
-    }
+                out.add(Op::LinearCrossEntropy, &xs, &g.node(id).scope)
+            })
+            .transpose()
+    })?;
     Ok((out, fused.len()))
 }

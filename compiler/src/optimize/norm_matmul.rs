@@ -77,39 +77,24 @@ pub fn fold(g: &Graph) -> Result<Folded, IrError> {
         }
     }
     let folded: HashSet<NodeId> = norm_of.values().copied().collect();
-    let mut out = Graph::new(g.name.clone());
-    let mut map: HashMap<NodeId, NodeId> = HashMap::new();
     let mut folds = Vec::new();
-    for id in g.topo_order() {
-        if folded.contains(&id) {
-            continue;
-        }
-        let n = g.node(id);
-        let new = match (&n.op, norm_of.get(&id)) {
-            (_, Some(&norm)) => {
-                let Op::RmsNorm { eps } = g.node(norm).op else {
-                    unreachable!("folds are of norms")
-                };
-                let xs = g.operands(norm);
-                let b = g.operands(id)[1];
-                let y = out.add(
-                    Op::RmsNormMatMul { eps },
-                    &[map[&xs[0]], map[&xs[1]], map[&b]],
-                    &n.scope,
-                )?;
-                folds.push((y, norm));
-                y
-            }
-            (_, None) => {
-                let xs: Vec<NodeId> = g.operands(id).iter().map(|o| map[o]).collect();
-                out.add_copy(n, &xs)?
-            }
+    let (out, map) = g.rebuilt(&folded, |out, id, map| {
+        let Some(&norm) = norm_of.get(&id) else {
+            return Ok(None);
         };
-        map.insert(id, new);
-    }
-    for (name, id) in g.outputs() {
-        out.set_output(name, map[id]);
-    }
+        let Op::RmsNorm { eps } = g.node(norm).op else {
+            unreachable!("folds are of norms")
+        };
+        let xs = g.operands(norm);
+        let b = g.operands(id)[1];
+        let y = out.add(
+            Op::RmsNormMatMul { eps },
+            &[map[&xs[0]], map[&xs[1]], map[&b]],
+            &g.node(id).scope,
+        )?;
+        folds.push((y, norm));
+        Ok(Some(y))
+    })?;
     Ok(Folded {
         graph: out,
         map,

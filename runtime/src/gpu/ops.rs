@@ -1692,7 +1692,7 @@ impl<R: Runtime> Ctx<'_, R> {
     fn gemm(&self, e: FloatElem, lhs: &View, rhs: &View, out: &View) -> Result<(), GpuError> {
         if let Some(vendor) = self.vendor {
             let done = vendor
-                .matmul(self.client, e, lhs, rhs, out, self.fast_matmul)
+                .matmul(self.client, e, lhs, rhs, out, self.fast_matmul, false)
                 .map_err(|e| self.err(e.to_string()))?;
             if done {
                 return Ok(());

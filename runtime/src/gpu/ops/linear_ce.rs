@@ -286,7 +286,7 @@ impl WeightSum {
         }
         if let Some(vendor) = ctx.vendor {
             let done = vendor
-                .matmul_into(ctx.client, e, xt, dl, &dw, ctx.fast_matmul, true)
+                .matmul(ctx.client, e, xt, dl, &dw, ctx.fast_matmul, true)
                 .map_err(|err| ctx.err(err.to_string()))?;
             if done {
                 return Ok(());
