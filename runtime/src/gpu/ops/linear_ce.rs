@@ -190,6 +190,10 @@ impl<R: Runtime> Ctx<'_, R> {
         };
         let blocks = self.loss_blocks(n, v, x.elem);
         let Some(&(_, most)) = blocks.first() else {
+            // No rows: dw is a sum of nothing (dx has no elements).
+            for t in [Some(&own), self.second].into_iter().flatten() {
+                elementwise::launch_fill_float(self.client, t.elem, &t.handle, t.numel(), 0.0);
+            }
             return Ok(own);
         };
         let s = self.scratch(x, most, v);
