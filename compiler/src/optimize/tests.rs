@@ -2093,6 +2093,20 @@ fn every_layer_of_a_deep_cached_model_reads_its_cache_in_attention() {
     assert_eq!(count(&h, |o| matches!(o, Op::Attention { .. })), 0);
 }
 
+/// A preset's teacher (standard attention) as `caramba run` trains it in
+/// `dtype`: the loss only, differentiated for every parameter, optimized.
+fn preset_training_graph(file: &str, dtype: DType) -> (Graph, OptimizeReport) {
+    let path = format!("{}/../presets/{file}", env!("CARGO_MANIFEST_DIR"));
+    let c = crate::compile(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let model = crate::teacher_of(&c.manifest.model);
+    let mut forward = crate::lower_model(&model, "m", dtype).unwrap().graph;
+    caramba_ir::autodiff::add_next_token_loss(&mut forward, "logits").unwrap();
+    forward.remove_output("logits");
+    let names: Vec<String> = forward.params().map(|(n, _)| n.to_string()).collect();
+    let g = differentiate_for_training(&forward, "loss", &names).unwrap();
+    optimize(&g).unwrap()
+}
+
 /// The 16-layer 1B teacher's f32 training graph (GQA attention): every
 /// attention backward takes its `delta` from one `row_dot`, and no
 /// reduction reads a slice (`reduce-of-slice`: GQA's `dk‖dv` summed over
@@ -2102,18 +2116,7 @@ fn every_layer_of_a_deep_cached_model_reads_its_cache_in_attention() {
 /// slice).
 #[test]
 fn deep_training_graphs_take_row_dot_and_reduce_of_slice_at_every_layer() {
-    let path = format!(
-        "{}/../presets/llama32_1b_dba.yml",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let c = crate::compile(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let model = crate::teacher_of(&c.manifest.model);
-    let mut forward = crate::lower_model(&model, "m", DType::F32).unwrap().graph;
-    caramba_ir::autodiff::add_next_token_loss(&mut forward, "logits").unwrap();
-    forward.remove_output("logits");
-    let names: Vec<String> = forward.params().map(|(n, _)| n.to_string()).collect();
-    let g = differentiate_for_training(&forward, "loss", &names).unwrap();
-    let (h, rep) = optimize(&g).unwrap();
+    let (h, rep) = preset_training_graph("llama32_1b_dba.yml", DType::F32);
     assert!(matches!(rep.extraction, Extraction::Dag { .. }));
     let grads: Vec<NodeId> = h
         .node_ids()
@@ -2612,15 +2615,7 @@ fn fuse_linear_cross_entropy_leaves_stored_logits_alone() {
 fn training_graphs_fuse_their_loss_and_run_in_a_frugal_order() {
     use caramba_ir::schedule::{memory_order, modelled_peak};
     for (file, least) in [("smollm2_135m_dba.yml", 0.08), ("llama32_1b_dba.yml", 0.06)] {
-        let path = format!("{}/../presets/{file}", env!("CARGO_MANIFEST_DIR"));
-        let c = crate::compile(&std::fs::read_to_string(path).unwrap()).unwrap();
-        let model = crate::teacher_of(&c.manifest.model);
-        let mut forward = crate::lower_model(&model, "m", DType::BF16).unwrap().graph;
-        caramba_ir::autodiff::add_next_token_loss(&mut forward, "logits").unwrap();
-        forward.remove_output("logits");
-        let names: Vec<String> = forward.params().map(|(n, _)| n.to_string()).collect();
-        let g = differentiate_for_training(&forward, "loss", &names).unwrap();
-        let (h, _) = optimize(&g).unwrap();
+        let (h, _) = preset_training_graph(file, DType::BF16);
         assert_eq!(count(&h, |o| *o == Op::LinearCrossEntropy), 1, "{file}");
         assert_eq!(
             count(&h, |o| matches!(o, Op::LinearCrossEntropyGrad { .. })),
