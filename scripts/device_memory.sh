@@ -28,9 +28,12 @@ for m in "llama1b 8 1b" "smollm2 32 smol"; do
     # ":idorder": nodes run in id order (CARAMBA_ID_ORDER=1), as before the
     # thirty-fourth session's memory order.
     id_order=0; [[ $mode == *idorder* ]] && id_order=1
-    echo "== $1 B$2 x 2048 bf16, CARAMBA_BENCH_BUFFERS=$buffers CARAMBA_NO_IN_PLACE=$no_in_place CARAMBA_BENCH_WITHOUT=$without CARAMBA_ID_ORDER=$id_order"
+    # ":apart": the fused loss's gradients in a pass of their own
+    # (CARAMBA_LOSS_APART=1), as before the thirty-fifth session.
+    apart=0; [[ $mode == *apart* ]] && apart=1
+    echo "== $1 B$2 x 2048 bf16, CARAMBA_BENCH_BUFFERS=$buffers CARAMBA_NO_IN_PLACE=$no_in_place CARAMBA_BENCH_WITHOUT=$without CARAMBA_ID_ORDER=$id_order CARAMBA_LOSS_APART=$apart"
     log=$OUT/train_$3_${mode//:/_}.txt
-    CARAMBA_ID_ORDER=$id_order CARAMBA_BENCH_WITHOUT=$without CARAMBA_NO_IN_PLACE=$no_in_place CARAMBA_BENCH_BUFFERS=$buffers timeout 200 ./train_bench cuda $1 $2 2048 3 bf16 > $log 2>&1
+    CARAMBA_LOSS_APART=$apart CARAMBA_ID_ORDER=$id_order CARAMBA_BENCH_WITHOUT=$without CARAMBA_NO_IN_PLACE=$no_in_place CARAMBA_BENCH_BUFFERS=$buffers timeout 200 ./train_bench cuda $1 $2 2048 3 bf16 > $log 2>&1
     grep -E "^\{|buffer plan:|second step|panicked|error|out of memory" $log | head -6
     grep -oE '"fuse-rope-matmul": [0-9]+' $log | head -1
     grep -E "warm-up" $log | head -1

@@ -632,6 +632,9 @@ pub fn cross_entropy<R: Runtime>(dev: &R::Device) {
 /// are assembled from blocks; both gradients (one pass, see `grad_pairs`)
 /// and each alone; vocabularies read in vectors (320) and one element at
 /// a time (301); the weight plain or a transposed embedding (a tied head).
+/// The gradients' adjoint is an input, so the loss's launch computes them
+/// too (`loss_grads`); once, in f32, it is computed from the loss, and
+/// the gradients run apart.
 pub fn linear_cross_entropy<R: Runtime>(dev: &R::Device) {
     use caramba_ir::NormArg;
     let mut rng = Rng(53);
@@ -646,17 +649,22 @@ pub fn linear_cross_entropy<R: Runtime>(dev: &R::Device) {
             |dims: &[usize]| TensorType::new(dtype, Shape::new(dims.iter().map(|&d| d.into())));
         let half = |x: Tensor| Tensor::from_f32_as(dtype, x.shape().to_vec(), x.to_f32_vec());
         // Each gradient alone in f32 only (the same kernels).
-        let cases: &[(usize, bool, [bool; 2])] = if dtype == DType::F32 {
+        // (vocabulary, tied, [dx, dw], the adjoint read from the loss)
+        let cases: &[(usize, bool, [bool; 2], bool)] = if dtype == DType::F32 {
             &[
-                (320, false, [true, true]),
-                (301, true, [true, true]),
-                (320, true, [true, false]),
-                (301, false, [false, true]),
+                (320, false, [true, true], false),
+                (301, true, [true, true], false),
+                (320, true, [true, false], false),
+                (301, false, [false, true], false),
+                (320, false, [true, true], true),
             ]
         } else {
-            &[(320, false, [true, true]), (301, true, [true, true])]
+            &[
+                (320, false, [true, true], false),
+                (301, true, [true, true], false),
+            ]
         };
-        for &(v, tied, grads) in cases {
+        for &(v, tied, grads, from_loss) in cases {
             let mut g = Graph::new("linear_xent");
             let x = g.input("x0", tty(&[b, t, k])).unwrap();
             let w = if tied {
@@ -671,6 +679,11 @@ pub fn linear_cross_entropy<R: Runtime>(dev: &R::Device) {
             let gy = g.input("x3", f32t(&[b, t])).unwrap();
             let loss = g.add(Op::LinearCrossEntropy, &[x, w, ids], "").unwrap();
             g.set_output("loss", loss);
+            let gy = if from_loss {
+                g.add(Op::Binary(BinaryOp::Mul), &[gy, loss], "").unwrap()
+            } else {
+                gy
+            };
             for (wrt, wanted) in [(NormArg::X, grads[0]), (NormArg::W, grads[1])] {
                 if wanted {
                     let d = g
@@ -699,6 +712,8 @@ pub fn linear_cross_entropy<R: Runtime>(dev: &R::Device) {
                 };
                 check_with::<R>(dev, &g, &bindings, tol, options);
             }
+            let exec = GpuExecutor::<R>::new(dev, &g, &BTreeMap::<String, Tensor>::new()).unwrap();
+            assert_eq!(exec.losses_with_grads(), usize::from(!from_loss));
         }
     }
 }
@@ -2548,11 +2563,13 @@ pub fn exact_buffers<R: Runtime>(dev: &R::Device) {
                 .unwrap();
         let exact = trainer.executor().exact_buffers();
         // The head and the loss are one op (`linear_cross_entropy`): there
-        // are no logits to write the gradient over.
+        // are no logits to write the gradient over; its launch computes
+        // its gradients too (their adjoint is the mean's constant).
         assert!(graph
             .node_ids()
             .any(|n| graph.node(n).op == Op::LinearCrossEntropy));
         assert_eq!(trainer.executor().in_place_ops(), 0);
+        assert_eq!(trainer.executor().losses_with_grads(), 1);
         let mut stats = Vec::new();
         for batches in &steps[..3] {
             let s = trainer.step(batches, 1e-2, Some(1.0)).unwrap();

@@ -356,6 +356,9 @@ pub struct GpuExecutor<R: Runtime> {
     /// `attention_grad` nodes computed together with a sibling (see
     /// [`grad_pairs`]): the first of each pair in order, by the other.
     grad_pairs: HashMap<NodeId, NodeId>,
+    /// Losses whose launch computes their gradients too (see
+    /// [`loss_grads`]).
+    loss_grads: HashMap<NodeId, LossGrads>,
     /// Producers that add the other operand of their one reader, an add,
     /// in (see [`folded_adds`]): by that add and its other operand.
     folded_adds: HashMap<NodeId, (NodeId, NodeId)>,
@@ -626,6 +629,7 @@ impl<R: Runtime> GpuExecutor<R> {
             split_lse,
             permuted,
             grad_pairs,
+            loss_grads: plan.loss_grads,
             folded_adds,
             in_place,
             reduced_slices,
@@ -731,6 +735,12 @@ impl<R: Runtime> GpuExecutor<R> {
     /// [`in_place`]).
     pub fn in_place_ops(&self) -> usize {
         self.in_place.len()
+    }
+
+    /// How many `linear_cross_entropy` launches compute their gradients
+    /// too (see [`loss_grads`]).
+    pub fn losses_with_grads(&self) -> usize {
+        self.loss_grads.len()
     }
 
     /// Reads a device tensor back (waits for the work that writes it).
@@ -943,6 +953,7 @@ impl<R: Runtime> GpuExecutor<R> {
             second: None,
             in_place: false,
             loss_block_rows: self.options.loss_block_rows,
+            head_grads: None,
         };
         if !self.options.profile {
             return ctx.apply(&[x], shape);
@@ -1184,6 +1195,31 @@ impl<R: Runtime> GpuExecutor<R> {
                             },
                         },
                     };
+                    // A loss's gradients, computed by its launch: their
+                    // buffers, and their adjoint (computed before it).
+                    let head = match self.loss_grads.get(&id) {
+                        Some(lg) => {
+                            let mut buf = |n: Option<NodeId>| -> Result<_, GpuError> {
+                                let Some(n) = n else { return Ok(None) };
+                                let b = self.node_buffer(n, &syms, None)?;
+                                computed.insert(n, b.clone());
+                                Ok(Some(b))
+                            };
+                            let (dx, dw) = (buf(lg.dx)?, buf(lg.dw)?);
+                            let g = &values[&lg.g];
+                            let g = if g.layout.is_none() {
+                                std::borrow::Cow::Borrowed(g)
+                            } else {
+                                std::borrow::Cow::Owned(ops::materialized_in(
+                                    &self.client,
+                                    g,
+                                    &self.recycled,
+                                ))
+                            };
+                            Some((g, dx, dw))
+                        }
+                        None => None,
+                    };
                     let placed: Vec<bool> = if concat_buf.is_some() {
                         operands
                             .iter()
@@ -1210,6 +1246,11 @@ impl<R: Runtime> GpuExecutor<R> {
                         second: second.as_ref(),
                         in_place: self.in_place.contains(&id),
                         loss_block_rows: self.options.loss_block_rows,
+                        head_grads: head.as_ref().map(|(g, dx, dw)| ops::HeadGrads {
+                            g: g.as_ref(),
+                            dx: dx.as_ref(),
+                            dw: dw.as_ref(),
+                        }),
                     };
                     debug_assert!(
                         !ctx.in_place || uses[&operands[0]] == 1,
@@ -1255,6 +1296,11 @@ impl<R: Runtime> GpuExecutor<R> {
                                     " (view)"
                                 }
                             ),
+                            caramba_ir::Op::LinearCrossEntropy
+                                if self.loss_grads.contains_key(&id) =>
+                            {
+                                "linear_cross_entropy + its gradients".to_string()
+                            }
                             // dx and dw from one pass over the logits.
                             caramba_ir::Op::LinearCrossEntropyGrad { wrt } => format!(
                                 "linear_cross_entropy_grad {{wrt={wrt}}}{}",
@@ -1285,6 +1331,9 @@ impl<R: Runtime> GpuExecutor<R> {
                     }
                     // The dense copies made for this op serve later values.
                     drop(args);
+                    if let Some((std::borrow::Cow::Owned(g), _, _)) = head {
+                        self.recycled.give(g);
+                    }
                     for d in dense {
                         if let std::borrow::Cow::Owned(t) = d {
                             self.recycled.give(t);
@@ -1670,6 +1719,101 @@ pub(crate) fn grad_pairs(graph: &Graph, order: &[NodeId]) -> HashMap<NodeId, Nod
     out
 }
 
+/// The gradients of a `linear_cross_entropy` computed by the loss's own
+/// launch (see [`loss_grads`]): its adjoint and the two gradients' nodes,
+/// where the graph has them.
+#[derive(Clone, Copy, Debug)]
+struct LossGrads {
+    g: NodeId,
+    dx: Option<NodeId>,
+    dw: Option<NodeId>,
+}
+
+/// The `linear_cross_entropy` nodes whose gradients are computed with the
+/// loss, from the same blocks of logits: the head's product once a step,
+/// not twice (it was 3–5% of a training step).
+///
+/// That needs the gradients' adjoint before the loss: a training step's is
+/// constants only (the mean's `1/N`, broadcast), which nothing orders
+/// before the loss. `order` is changed so that the adjoint's producers run
+/// just before the loss and the gradients just after it (their values are
+/// then at hand, so `dx` and `dw` are not held longer than before). An
+/// adjoint that depends on the loss's value leaves both apart.
+///
+/// `CARAMBA_LOSS_APART=1` leaves them apart, for A/B runs.
+fn loss_grads(graph: &Graph, order: &mut Vec<NodeId>) -> HashMap<NodeId, LossGrads> {
+    use caramba_ir::{NormArg, Op};
+    let mut out = HashMap::new();
+    if std::env::var("CARAMBA_LOSS_APART").is_ok_and(|v| v == "1") {
+        return out;
+    }
+    let losses: Vec<NodeId> = order
+        .iter()
+        .copied()
+        .filter(|&id| graph.node(id).op == Op::LinearCrossEntropy)
+        .collect();
+    for loss in losses {
+        let xs = graph.operands(loss);
+        let mut grads = LossGrads {
+            g: loss,
+            dx: None,
+            dw: None,
+        };
+        for &id in order.iter() {
+            let Op::LinearCrossEntropyGrad { wrt } = graph.node(id).op else {
+                continue;
+            };
+            let os = graph.operands(id);
+            if os[..3] != xs[..] || (grads.g != loss && grads.g != os[3]) {
+                continue;
+            }
+            let slot = match wrt {
+                NormArg::X => &mut grads.dx,
+                NormArg::W => &mut grads.dw,
+            };
+            if slot.is_none() {
+                *slot = Some(id);
+                grads.g = os[3];
+            }
+        }
+        if grads.g == loss {
+            continue;
+        }
+        // The adjoint and what it is computed from.
+        let mut ancestors = HashSet::new();
+        let mut stack = vec![grads.g];
+        while let Some(id) = stack.pop() {
+            if ancestors.insert(id) {
+                stack.extend(graph.operands(id));
+            }
+        }
+        if ancestors.contains(&loss) {
+            continue;
+        }
+        let at = order.iter().position(|&id| id == loss).expect("in order");
+        let moved: HashSet<NodeId> = order[at + 1..]
+            .iter()
+            .copied()
+            .filter(|id| ancestors.contains(id))
+            .chain(grads.dx)
+            .chain(grads.dw)
+            .collect();
+        let rest = order.split_off(at);
+        order.extend(
+            rest.iter()
+                .filter(|id| ancestors.contains(id) && moved.contains(id)),
+        );
+        order.push(loss);
+        order.extend(
+            rest.iter()
+                .filter(|&&id| Some(id) == grads.dx || Some(id) == grads.dw),
+        );
+        order.extend(rest.iter().filter(|id| **id != loss && !moved.contains(id)));
+        out.insert(loss, grads);
+    }
+    out
+}
+
 /// Adds folded into the op that produces one of their operands:
 /// - the residual stream's gradient joining an RMS norm's input gradient,
 ///   `add(r, rms_norm_grad{wrt=x}(…))`, twice a layer in a training step's
@@ -1831,12 +1975,15 @@ struct Plan {
     /// Concatenations that may append to their first operand, an input,
     /// by that input (see `append`).
     appends: HashMap<NodeId, NodeId>,
+    /// Losses computed with their gradients (see [`loss_grads`]).
+    loss_grads: HashMap<NodeId, LossGrads>,
 }
 
 impl Plan {
     /// Checks that every live op is supported.
     fn new(graph: &Graph) -> Result<Plan, GpuError> {
-        let order = run_order(graph)?;
+        let mut order = run_order(graph)?;
+        let loss_grads = loss_grads(graph, &mut order);
         let mut operands = HashMap::new();
         let mut uses: HashMap<NodeId, usize> = HashMap::new();
         for &id in &order {
@@ -1952,7 +2099,6 @@ impl Plan {
         let appends = append::appends(graph, &order, &uses);
         // The inputs appended to come first, so that their buffers are
         // known when a producer writes into its slot of the append.
-        let mut order = order;
         order.sort_by_key(|id| !appends.values().any(|p| p == id));
         Ok(Plan {
             order,
@@ -1964,6 +2110,7 @@ impl Plan {
             transposed_sums,
             slots,
             appends,
+            loss_grads,
         })
     }
 }

@@ -338,6 +338,20 @@ pub(crate) struct Ctx<'a, R: Runtime> {
     /// ([`GpuOptions::loss_block_rows`](super::GpuOptions)); `None`: as many
     /// as fit in 1 GiB.
     pub loss_block_rows: Option<usize>,
+    /// For a `linear_cross_entropy` whose gradients were found computable
+    /// before it (see `loss_grads`): their adjoint and buffers, filled by
+    /// the loss's own pass over the head.
+    pub head_grads: Option<HeadGrads<'a>>,
+}
+
+/// The gradients a `linear_cross_entropy` computes with its loss: the
+/// loss adjoint (one value a row) and the buffers of `dx` and `dw`, where
+/// the graph takes them.
+#[derive(Clone, Copy)]
+pub(crate) struct HeadGrads<'a> {
+    pub g: &'a DevTensor,
+    pub dx: Option<&'a DevTensor>,
+    pub dw: Option<&'a DevTensor>,
 }
 
 fn unary(u: UnaryOp) -> Unary {

@@ -255,6 +255,7 @@ fn capture<R: Runtime>(
                     second: second.as_ref(),
                     in_place: false,
                     loss_block_rows: None,
+                    head_grads: None,
                 };
                 let out = ctx.apply(&args, shape)?;
                 // Wait for the launch (and so its compilation) to finish,

@@ -132,34 +132,23 @@ impl<R: Runtime> Ctx<'_, R> {
         }
     }
 
-    /// `linear_cross_entropy(x, w, targets)`: the loss of each row.
+    /// `linear_cross_entropy(x, w, targets)`: the loss of each row; with
+    /// `head_grads` (the executor found the loss's gradients computable
+    /// before it, see `loss_grads`) their values too, from the same blocks
+    /// of logits: one product over the head instead of two.
     pub(super) fn linear_cross_entropy(
         &self,
         xs: &[&DevTensor],
         shape: Vec<usize>,
     ) -> Result<DevTensor, GpuError> {
-        let (x, w, targets) = (xs[0], xs[1], xs[2]);
-        let (v, n) = (w.shape[1], targets.numel());
-        let out = self.alloc(shape);
-        let blocks = self.loss_blocks(n, v, x.elem);
-        let Some(&(_, most)) = blocks.first() else {
-            return Ok(out);
-        };
-        let s = self.scratch(x, most, v);
-        let size = out.elem.size();
-        for &(start, len) in &blocks {
-            let logits = self.block_logits(&s, (x, w), (start, len))?;
-            norm::launch_cross_entropy(
-                self.client,
-                (x.elem, &logits),
-                &rows(&targets.handle, start, len, 4),
-                (out.elem, &rows(&out.handle, start, len, size)),
-                len,
-                v,
-            );
-        }
-        self.give_back(s, x, v);
-        Ok(out)
+        let loss = self.alloc(shape);
+        let grads = self.head_grads.map(|h| Grads {
+            g: h.g,
+            dx: h.dx.map(|t| (t, false)),
+            dw: h.dw.map(|t| (t, false)),
+        });
+        self.head_pass(xs, Some(&loss), grads)?;
+        Ok(loss)
     }
 
     /// `linear_cross_entropy_grad{wrt}(x, w, targets, g)`, and with
@@ -171,47 +160,96 @@ impl<R: Runtime> Ctx<'_, R> {
         wrt: NormArg,
         shape: Vec<usize>,
     ) -> Result<DevTensor, GpuError> {
-        let (x, w, targets, g) = (xs[0], xs[1], xs[2], xs[3]);
-        let (k, v, n) = (w.shape[0], w.shape[1], targets.numel());
         let own = self.alloc(shape);
-        // The sibling's value is rounded to its grid as `apply` rounds the
-        // node's own: computed apart first where the dtype is widened.
-        let widened = self.narrow.widens(x.dtype);
-        let sibling = self.second.map(|s| {
-            if widened {
-                self.alloc(s.shape.clone())
-            } else {
-                s.clone()
-            }
-        });
+        // The node's own value is rounded to its grid by `apply`; the
+        // sibling's by `head_pass`.
         let (dx, dw) = match wrt {
-            NormArg::X => (Some(&own), sibling.as_ref()),
-            NormArg::W => (sibling.as_ref(), Some(&own)),
+            NormArg::X => (Some(&own), self.second),
+            NormArg::W => (self.second, Some(&own)),
+        };
+        let (own_x, own_w) = (wrt == NormArg::X, wrt == NormArg::W);
+        let grads = Grads {
+            g: xs[3],
+            dx: dx.map(|t| (t, own_x)),
+            dw: dw.map(|t| (t, own_w)),
+        };
+        self.head_pass(&xs[..3], None, Some(grads))?;
+        Ok(own)
+    }
+
+    /// One pass over the blocks of `x·w`'s rows: each block's logits give
+    /// its rows of `loss`, then, with `grads`, their gradient is written
+    /// over them and gives the block's rows of `dx` and its share of `dw`.
+    ///
+    /// A gradient marked `true` is the launch's own value, which `apply`
+    /// rounds to its grid; the others are rounded here, on a device that
+    /// keeps the dtype widened (computed apart first: the round trip cannot
+    /// be in place there).
+    fn head_pass(
+        &self,
+        xs: &[&DevTensor],
+        loss: Option<&DevTensor>,
+        grads: Option<Grads<'_>>,
+    ) -> Result<(), GpuError> {
+        let (x, w, targets) = (xs[0], xs[1], xs[2]);
+        let (k, v, n) = (w.shape[0], w.shape[1], targets.numel());
+        let widened = self.narrow.widens(x.dtype);
+        // (the buffer computed into, the one it is rounded into after)
+        let target = |t: Option<(&DevTensor, bool)>| {
+            t.map(|(t, own)| {
+                if widened && !own {
+                    (self.alloc(t.shape.clone()), Some(t.clone()))
+                } else {
+                    (t.clone(), None)
+                }
+            })
+        };
+        let (dx, dw) = match &grads {
+            Some(gr) => (target(gr.dx), target(gr.dw)),
+            None => (None, None),
         };
         let blocks = self.loss_blocks(n, v, x.elem);
         let Some(&(_, most)) = blocks.first() else {
-            // No rows: dw is a sum of nothing (dx has no elements).
-            for t in [Some(&own), self.second].into_iter().flatten() {
+            // No rows: dw is a sum of nothing (dx and the loss have no
+            // elements).
+            for t in [&dx, &dw].into_iter().flatten() {
+                let t = t.1.as_ref().unwrap_or(&t.0);
                 elementwise::launch_fill_float(self.client, t.elem, &t.handle, t.numel(), 0.0);
             }
-            return Ok(own);
+            return Ok(());
         };
         let s = self.scratch(x, most, v);
         let es = x.elem.size();
-        let mut sums = dw.map(WeightSum::new);
+        let mut sums = dw.as_ref().map(|(dw, _)| WeightSum::new(dw));
         for (i, &(start, len)) in blocks.iter().enumerate() {
             let logits = self.block_logits(&s, (x, w), (start, len))?;
+            let target_rows = rows(&targets.handle, start, len, 4);
+            if let Some(loss) = loss {
+                let size = loss.elem.size();
+                norm::launch_cross_entropy(
+                    self.client,
+                    (x.elem, &logits),
+                    &target_rows,
+                    (loss.elem, &rows(&loss.handle, start, len, size)),
+                    len,
+                    v,
+                );
+            }
+            let Some(gr) = &grads else {
+                continue;
+            };
+            let g = gr.g;
             norm::launch_cross_entropy_grad_in_place(
                 self.client,
                 (x.elem, &logits),
-                &rows(&targets.handle, start, len, 4),
+                &target_rows,
                 (g.elem, &rows(&g.handle, start, len, g.elem.size())),
                 len,
                 v,
             );
             let dl = self.on_dtype_grid(&s, true, len * v);
             let dl = View::contiguous(dl, &[len, v]);
-            if let Some(dx) = dx {
+            if let Some((dx, _)) = &dx {
                 // dl·wᵀ into the block's rows of dx.
                 let wv = view_of(w);
                 let wt = View {
@@ -237,25 +275,37 @@ impl<R: Runtime> Ctx<'_, R> {
             sums.finish(self);
         }
         self.give_back(s, x, v);
-        if let (true, Some(second), Some(computed)) = (widened, self.second, sibling) {
-            let to = if x.dtype == DType::BF16 {
-                Narrow::Bf16
-            } else {
-                Narrow::F16
-            };
-            cast::launch_round(
-                self.client,
-                to,
-                &computed.handle,
-                &second.handle,
-                computed.numel(),
-            );
-            if let Some(pool) = self.recycled {
-                pool.give(computed);
+        for (computed, into) in [dx, dw].into_iter().flatten() {
+            if let Some(into) = into {
+                let to = if x.dtype == DType::BF16 {
+                    Narrow::Bf16
+                } else {
+                    Narrow::F16
+                };
+                cast::launch_round(
+                    self.client,
+                    to,
+                    &computed.handle,
+                    &into.handle,
+                    into.numel(),
+                );
+                if let Some(pool) = self.recycled {
+                    pool.give(computed);
+                }
             }
         }
-        Ok(own)
+        Ok(())
     }
+}
+
+/// The gradients a pass over the head computes: the loss adjoint `g` (one
+/// value a row) and the buffers of `dx` and `dw`, each marked `true` when
+/// it is the launch's own value (see `head_pass`).
+#[derive(Clone, Copy)]
+struct Grads<'a> {
+    g: &'a DevTensor,
+    dx: Option<(&'a DevTensor, bool)>,
+    dw: Option<(&'a DevTensor, bool)>,
 }
 
 /// `dw = Σ_blocks xᵀ·dl`: the first block's product into `dw`, each
