@@ -139,6 +139,20 @@ fn main() {
         report.iterations,
         report.applied
     );
+    // CARAMBA_BENCH_RECOMPUTE=1: activation checkpointing, each layer's
+    // activations recomputed for its backward (`activation_checkpointing:
+    // true` in a run).
+    let graph = if std::env::var("CARAMBA_BENCH_RECOMPUTE").is_ok_and(|v| v == "1") {
+        let (graph, layers) =
+            caramba_compiler::recompute_layers(&graph, "loss").expect("recompute layers");
+        eprintln!(
+            "recompute-layers: {layers} layers recomputed, {} nodes",
+            graph.node_count()
+        );
+        graph
+    } else {
+        graph
+    };
     // CARAMBA_BENCH_DUMP=<file>: the optimized training graph's text form,
     // to see what each launch of the profile is.
     if let Ok(path) = std::env::var("CARAMBA_BENCH_DUMP") {

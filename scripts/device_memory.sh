@@ -31,9 +31,11 @@ for m in "llama1b 8 1b" "smollm2 32 smol"; do
     # ":apart": the fused loss's gradients in a pass of their own
     # (CARAMBA_LOSS_APART=1), as before the thirty-fifth session.
     apart=0; [[ $mode == *apart* ]] && apart=1
-    echo "== $1 B$2 x 2048 bf16, CARAMBA_BENCH_BUFFERS=$buffers CARAMBA_NO_IN_PLACE=$no_in_place CARAMBA_BENCH_WITHOUT=$without CARAMBA_ID_ORDER=$id_order CARAMBA_LOSS_APART=$apart"
+    # ":recompute": activation checkpointing (CARAMBA_BENCH_RECOMPUTE=1).
+    recompute=0; [[ $mode == *recompute* ]] && recompute=1
+    echo "== $1 B$2 x 2048 bf16, CARAMBA_BENCH_BUFFERS=$buffers CARAMBA_NO_IN_PLACE=$no_in_place CARAMBA_BENCH_WITHOUT=$without CARAMBA_ID_ORDER=$id_order CARAMBA_LOSS_APART=$apart CARAMBA_BENCH_RECOMPUTE=$recompute"
     log=$OUT/train_$3_${mode//:/_}.txt
-    CARAMBA_LOSS_APART=$apart CARAMBA_ID_ORDER=$id_order CARAMBA_BENCH_WITHOUT=$without CARAMBA_NO_IN_PLACE=$no_in_place CARAMBA_BENCH_BUFFERS=$buffers timeout 200 ./train_bench cuda $1 $2 2048 3 bf16 > $log 2>&1
+    CARAMBA_BENCH_RECOMPUTE=$recompute CARAMBA_LOSS_APART=$apart CARAMBA_ID_ORDER=$id_order CARAMBA_BENCH_WITHOUT=$without CARAMBA_NO_IN_PLACE=$no_in_place CARAMBA_BENCH_BUFFERS=$buffers timeout 200 ./train_bench cuda $1 $2 2048 3 bf16 > $log 2>&1
     grep -E "^\{|buffer plan:|second step|panicked|error|out of memory" $log | head -6
     grep -oE '"fuse-rope-matmul": [0-9]+' $log | head -1
     grep -E "warm-up" $log | head -1

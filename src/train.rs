@@ -346,6 +346,8 @@ only `phase: standard` training runs",
     // On a GPU the trainer owns the weights and the optimizer state from
     // here on; `params` and `optimizer` are refreshed from it for each
     // checkpoint (the last step always saves one).
+    // Layers recomputed in the backward (`activation_checkpointing`).
+    let mut recomputed = None;
     let mut device = match opts.backend {
         Backend::Cpu => None,
         backend => {
@@ -355,6 +357,19 @@ only `phase: standard` training runs",
             let mut eval = tg.forward.clone();
             eval.remove_output("logits");
             let (graph, eval) = (optimized(&tg.graph)?, optimized(&eval)?);
+            let graph = if t.activation_checkpointing {
+                let (h, layers) =
+                    caramba_compiler::recompute_layers(&graph, "loss").map_err(|e| {
+                        Failure::runtime(format!(
+                            "internal error: recomputing the layers of {} failed: {e}",
+                            graph.name
+                        ))
+                    })?;
+                recomputed = Some(layers);
+                h
+            } else {
+                graph
+            };
             Some(
                 DeviceTrainer::new(backend, &graph, Some(&eval), &params, &optimizer, opts.gpu)
                     .map_err(|e| Failure::runtime(format!("cannot train on {backend}: {e}")))?,
@@ -404,6 +419,21 @@ only `phase: standard` training runs",
     );
     console.key_value("device", opts.backend);
     console.key_value("precision", describe_precision(precision));
+    match (t.activation_checkpointing, recomputed) {
+        (false, _) => {}
+        (true, Some(0)) => console.warning(
+            "activation_checkpointing: the model has no layers to recompute (they are the \
+             blocks of a nested topology); training without",
+        ),
+        (true, Some(n)) => console.key_value(
+            "activation checkpointing",
+            format!("{n} layers recompute their activations in the backward"),
+        ),
+        (true, None) => console.key_value(
+            "activation checkpointing",
+            "off on the CPU reference (it runs the graph as differentiated)",
+        ),
+    }
     console.path("artifacts", dir.path());
 
     let eval_every = m.defaults.eval_every.unwrap_or(f.steps.div_ceil(5).max(1));

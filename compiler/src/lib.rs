@@ -26,8 +26,8 @@ pub use lower::{
 };
 pub use manifest::Manifest;
 pub use optimize::{
-    differentiate_for_training, fold_weights, fuse_for_training, optimize, reuse_attention_lse,
-    OptimizeError, OptimizeReport, Stage, TrainGraphError,
+    differentiate_for_training, fold_weights, fuse_for_training, optimize, recompute_layers,
+    reuse_attention_lse, OptimizeError, OptimizeReport, Stage, TrainGraphError,
 };
 
 use caramba_ir::DType;

@@ -502,6 +502,12 @@ pub struct TrainConfig {
     pub convergence_max_steps: Option<u64>,
     #[serde(default)]
     pub cache_teacher_outputs: bool,
+    /// Recompute each layer's activations for its backward instead of
+    /// keeping them from the forward (`recompute-layers`): on GPUs, a
+    /// step's memory for about a third more compute. Layers are the blocks
+    /// of nested topologies.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
 }
 
 fn one() -> u64 {

@@ -447,6 +447,9 @@ impl Backward {
             }
             Op::Cast(_) => self.op(Op::Cast(g.node(ops[0]).ty.dtype), &[gy], s)?,
             Op::Dropout { .. } => gy,
+            // The anchor's value is never read: no gradient flows to it.
+            Op::After if i == 0 => gy,
+            Op::After => return Err(refuse("after's anchor (its value is not read)")),
             Op::Reduce { op, axis } => match op {
                 ReduceOp::Sum => self.op(Op::Broadcast(xshape(0)), &[gy], s)?,
                 ReduceOp::Mean => {

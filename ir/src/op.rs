@@ -183,6 +183,13 @@ pub enum Op {
     /// Zeroes elements with probability `p` and scales the rest by 1/(1-p)
     /// when training; the identity in evaluation.
     Dropout { p: Scalar },
+    /// `after(x, y)`: `x` itself, read once `y` is computed. An order for
+    /// executors and nothing else: `y`'s value is never read. Activation
+    /// checkpointing (`recompute-layers`) reads a layer's input through it,
+    /// anchored on the gradient that reaches the layer, so that no order
+    /// recomputes the layer's activations in the forward. Any dtype; `y`
+    /// any type.
+    After,
     /// Broadcasts the operand to `shape` (NumPy rules: axes of size 1 and
     /// missing leading axes repeat).
     Broadcast(Shape),
@@ -571,7 +578,8 @@ impl Op {
             | Op::CrossEntropy
             | Op::RowDot
             | Op::RmsNorm { .. }
-            | Op::ScatterAdd { .. } => Arity::Exact(2),
+            | Op::ScatterAdd { .. }
+            | Op::After => Arity::Exact(2),
             Op::LinearCrossEntropy => Arity::Exact(3),
             Op::LinearCrossEntropyGrad { .. } => Arity::Exact(4),
             Op::Broadcast(_) | Op::OneHot { .. } => Arity::Exact(1),
@@ -646,6 +654,7 @@ impl Op {
             Op::CausalMask => "causal_mask",
             Op::Rope(_) => "rope",
             Op::Dropout { .. } => "dropout",
+            Op::After => "after",
             Op::CrossEntropy => "cross_entropy",
             Op::CrossEntropyGrad => "cross_entropy_grad",
             Op::LinearCrossEntropy => "linear_cross_entropy",
@@ -735,7 +744,8 @@ impl Op {
             | Op::CrossEntropy
             | Op::CrossEntropyGrad
             | Op::LinearCrossEntropy
-            | Op::RowDot => String::new(),
+            | Op::RowDot
+            | Op::After => String::new(),
         }
     }
 
@@ -790,6 +800,7 @@ impl Op {
                 float(xs[0])?;
                 Ok(xs[0].clone())
             }
+            Op::After => Ok(xs[0].clone()),
             Op::Binary(_) => {
                 let (a, b) = (xs[0], xs[1]);
                 if a.dtype != b.dtype {

@@ -17,9 +17,10 @@
 //! runs at once. Ties go to the smaller id (construction order), so a
 //! chain with nothing to choose runs as before.
 //!
-//! Views are aliases, not values: a `reshape`, `permute`, `slice` or
-//! `broadcast` writes nothing here (a device reads most of them in place),
-//! and a value is freed by the last reader of any of its views. Sources
+//! Views are aliases, not values: a `reshape`, `permute`, `slice`,
+//! `broadcast` or `after` writes nothing here (a device reads most of them
+//! in place), and a value is freed by the last reader of any of its views
+//! (`after`'s anchor is read, not aliased). Sources
 //! (inputs, parameters, constants) come first and are never freed. Sizes
 //! take symbolic dims at nominal values (`B` 8, `T`, `S` and `P` 2048):
 //! what matters is the comparison of sizes, not the bytes.
@@ -113,10 +114,8 @@ pub fn memory_order(graph: &Graph) -> Vec<NodeId> {
             .max_by(|a, b| a.1 .0.total_cmp(&b.1 .0).then(a.1 .1.cmp(&b.1 .1)))
             .expect("a ready node");
         let n = ready.swap_remove(i);
-        if !is_view(n) {
-            for o in &operands[&n] {
-                *readers.get_mut(&root[o]).expect("counted") -= 1;
-            }
+        for o in reads(graph, n) {
+            *readers.get_mut(&root[&o]).expect("counted") -= 1;
         }
         done(n, &mut ready, &mut order);
     }
@@ -124,12 +123,23 @@ pub fn memory_order(graph: &Graph) -> Vec<NodeId> {
     order
 }
 
-/// Whether `n` is a view of its operand here (it writes nothing).
+/// Whether `n` is a view of its first operand here (it writes nothing).
 fn is_view(graph: &Graph, n: NodeId) -> bool {
     matches!(
         graph.node(n).op,
-        Op::Reshape(_) | Op::Permute(_) | Op::Slice { .. } | Op::Broadcast(_)
+        Op::Reshape(_) | Op::Permute(_) | Op::Slice { .. } | Op::Broadcast(_) | Op::After
     )
+}
+
+/// The operands `n` reads as values (each one read of its value): none for
+/// a view, but `after`'s anchor, which keeps the anchor's value alive until
+/// then as any read does (its first operand is the view's source).
+fn reads(graph: &Graph, n: NodeId) -> Vec<NodeId> {
+    match graph.node(n).op {
+        Op::After => graph.operands(n)[1..].to_vec(),
+        _ if is_view(graph, n) => Vec::new(),
+        _ => graph.operands(n),
+    }
 }
 
 /// `n`'s value in bytes, symbolic dims at their nominal sizes.
@@ -167,8 +177,8 @@ fn values(graph: &Graph, order: &[NodeId]) -> (HashMap<NodeId, NodeId>, HashMap<
         root.insert(n, r);
     }
     let mut readers: HashMap<NodeId, usize> = HashMap::new();
-    for &n in order.iter().filter(|&&n| !is_view(graph, n)) {
-        for o in graph.operands(n) {
+    for &n in order {
+        for o in reads(graph, n) {
             *readers.entry(root[&o]).or_default() += 1;
         }
     }
@@ -184,12 +194,14 @@ pub fn modelled_peak(graph: &Graph, order: &[NodeId]) -> f64 {
     let outputs: HashSet<NodeId> = graph.outputs().iter().map(|(_, id)| *id).collect();
     let (mut live, mut peak) = (0.0f64, 0.0f64);
     for &n in order {
-        if is_view(graph, n) || graph.node(n).op.is_source() {
+        if graph.node(n).op.is_source() {
             continue;
         }
-        live += nominal_bytes(graph, n);
-        peak = peak.max(live);
-        let mut os = graph.operands(n);
+        if !is_view(graph, n) {
+            live += nominal_bytes(graph, n);
+            peak = peak.max(live);
+        }
+        let mut os = reads(graph, n);
         os.sort();
         for o in os {
             let r = root[&o];

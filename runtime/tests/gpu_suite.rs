@@ -1205,18 +1205,32 @@ pub fn mixed_precision_gradients<R: Runtime>(dev: &R::Device) {
         "cross-entropy reads the bf16 logits"
     );
     let (fused_optimized, _) = caramba_compiler::optimize(&fused).expect("optimize");
+    // Activation checkpointing: each layer's activations recomputed for
+    // its backward, read through `after`.
+    let (recomputed, layers) =
+        caramba_compiler::recompute_layers(&fused_optimized, "loss").expect("recompute");
+    assert_eq!(
+        layers,
+        tiny_llama_dims().num_hidden_layers,
+        "every layer recomputed"
+    );
+    let mut device = Vec::new();
     for (label, graph) in [
         ("as differentiated", &graph),
         ("optimized", &optimized),
         ("head and loss fused", &fused),
         ("head and loss fused, optimized", &fused_optimized),
+        ("fused, optimized, layers recomputed", &recomputed),
     ] {
         eprintln!("-- {label}");
         let want = eval(graph, &b).expect("reference evaluation");
         let exec = GpuExecutor::<R>::new(dev, graph, b.params).expect("executor");
         let got = exec.run_bindings(&b).expect("gpu run");
         mixed_precision_agrees::<R>(dev, &spec, &names, &b, &want, &got);
+        device.push(got);
     }
+    // The recomputed copies run the same kernels on the same values.
+    assert_eq!(device[4], device[3], "recomputed layers change nothing");
 }
 
 /// The device's gradients `got` of the tiny bf16 Llama against the

@@ -43,7 +43,7 @@ pub fn op_cost(op: &Op, xs: &[&TensorType], out: &TensorType) -> f64 {
     if op.is_source() {
         return 0.0;
     }
-    if matches!(op, Op::Reshape(_)) {
+    if matches!(op, Op::Reshape(_) | Op::After) {
         return LAUNCH;
     }
     let moved: f64 = xs.iter().map(|t| bytes(t)).sum::<f64>() + bytes(out);

@@ -42,6 +42,7 @@ pub mod linear_ce;
 pub mod merge_projections;
 pub mod norm_matmul;
 pub mod precision;
+pub mod recompute;
 pub mod reuse_lse;
 pub mod rmsnorm;
 pub mod rope_matmul;
@@ -52,6 +53,7 @@ mod tests;
 
 pub use fold_weights::{fold_weights, FoldError, Folded};
 pub use merge_projections::merge_projections;
+pub use recompute::recompute_layers;
 pub use reuse_lse::reuse_attention_lse;
 pub use rule::{Limits, Rule, Stop};
 
@@ -74,13 +76,15 @@ pub fn rules() -> Vec<&'static Rule> {
 /// Every rule name, e-graph rules first, then the graph passes: before
 /// differentiation `fuse-linear-cross-entropy` (training graphs only, see
 /// [`fuse_for_training`]), after extraction `fuse-norm-matmul`,
-/// `fuse-rope-matmul`, `fuse-elementwise`.
+/// `fuse-rope-matmul`, `fuse-elementwise`, and on an optimized training
+/// graph where a run asks for it `recompute-layers`.
 pub fn rule_names() -> Vec<&'static str> {
     let mut v: Vec<&'static str> = rules().iter().map(|r| r.name).collect();
     v.push(linear_ce::NAME);
     v.push(norm_matmul::NAME);
     v.push(rope_matmul::NAME);
     v.push(elementwise::NAME);
+    v.push(recompute::NAME);
     v
 }
 

@@ -2640,3 +2640,95 @@ fn training_graphs_fuse_their_loss_and_run_in_a_frugal_order() {
         );
     }
 }
+
+/// A preset's optimized training graph at reduced dimensions (the CPU
+/// reference runs it in moments).
+fn reduced_training_graph(file: &str, dtype: DType) -> Graph {
+    let path = format!("{}/../presets/{file}", env!("CARGO_MANIFEST_DIR"));
+    let c = crate::compile(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let model = crate::reduced(&crate::teacher_of(&c.manifest.model));
+    let mut forward = crate::lower_model(&model, "m", dtype).unwrap().graph;
+    caramba_ir::autodiff::add_next_token_loss(&mut forward, "logits").unwrap();
+    forward.remove_output("logits");
+    let names: Vec<String> = forward.params().map(|(n, _)| n.to_string()).collect();
+    let g = differentiate_for_training(&forward, "loss", &names).unwrap();
+    optimize(&g).unwrap().0
+}
+
+/// `recompute-layers` on the presets' training graphs (reduced, f32 and
+/// bf16; Llama, DBA, a tied and an untied head): every layer recomputed,
+/// the loss and every gradient bit for bit the same (copies of the same
+/// ops over the same values), and in the memory order no copy runs before
+/// the loss, that is in the forward, where it would save nothing. A model
+/// of one block and no nested topology (`dba.yml`) has no layers to
+/// recompute and is left as it is.
+#[test]
+fn recompute_layers_is_sound() {
+    use caramba_ir::schedule::memory_order;
+    let mut rng = Rng::new(91);
+    for (file, layers) in [
+        ("tiny.yml", 2),
+        ("dba.yml", 0),
+        ("smollm2_135m_dba.yml", 30),
+        ("llama32_1b_dba.yml", 16),
+    ] {
+        for dtype in [DType::F32, DType::BF16] {
+            let g = reduced_training_graph(file, dtype);
+            let (h, n) = recompute::recompute_layers(&g, "loss").unwrap();
+            assert_eq!(n, layers, "{file} {dtype}: layers recomputed");
+            if layers == 0 {
+                assert_eq!(caramba_ir::to_text(&h), caramba_ir::to_text(&g));
+                continue;
+            }
+            assert!(count(&h, |o| *o == Op::After) >= layers, "{file}");
+            assert_eq!(compare(&g, &h, &mut rng, (5, 5), 64), 0.0, "{file} {dtype}");
+            let order = memory_order(&h);
+            let loss = h.output("loss").unwrap();
+            let at = order.iter().position(|&n| n == loss).unwrap();
+            let copies: Vec<usize> = order
+                .iter()
+                .enumerate()
+                .filter(|(_, &n)| h.node(n).scope.ends_with("/recompute"))
+                .map(|(i, _)| i)
+                .collect();
+            assert!(!copies.is_empty(), "{file} {dtype}");
+            assert!(
+                copies.iter().all(|&i| i > at),
+                "{file} {dtype}: a copy runs in the forward"
+            );
+        }
+    }
+}
+
+/// Recomputing the layers of the presets' full-size training graphs (bf16)
+/// lowers the step's modelled peak in the memory order (the run order of
+/// GPUs): the saved activations of every layer are no longer alive at the
+/// start of the backward, only each layer's input and one layer's copies.
+#[test]
+fn recomputed_layers_lower_the_modelled_peak() {
+    use caramba_ir::schedule::{memory_order, modelled_peak};
+    for (file, least) in [("smollm2_135m_dba.yml", 0.6), ("llama32_1b_dba.yml", 0.6)] {
+        let (g, _) = preset_training_graph(file, DType::BF16);
+        let start = std::time::Instant::now();
+        let (h, n) = recompute::recompute_layers(&g, "loss").unwrap();
+        let took = start.elapsed();
+        let (before, after) = (
+            modelled_peak(&g, &memory_order(&g)),
+            modelled_peak(&h, &memory_order(&h)),
+        );
+        let gib = |b: f64| b / (1u64 << 30) as f64;
+        eprintln!(
+            "{file}: {n} layers in {took:?}, {} → {} nodes, modelled peak {:.2} → {:.2} GiB",
+            g.node_count(),
+            h.node_count(),
+            gib(before),
+            gib(after)
+        );
+        assert!(
+            after < (1.0 - least) * before,
+            "{file}: {:.2} → {:.2} GiB",
+            gib(before),
+            gib(after)
+        );
+    }
+}

@@ -118,7 +118,7 @@ fn run(
                     transposed: !src.transposed,
                 }
             }
-            Op::Reshape(_) | Op::Dropout { .. } if uses[&operands[0]] == 1 => {
+            Op::Reshape(_) | Op::Dropout { .. } | Op::After if uses[&operands[0]] == 1 => {
                 // The operand's last use: relabel its buffer instead of copying.
                 let shape = concrete(&node.ty.shape, &syms, node)?;
                 let src = values
@@ -240,6 +240,7 @@ fn apply(node: &Node, args: &[(&Tensor, bool)], syms: &SymValues) -> Result<Tens
         Op::Binary(b) => elementwise::binary(*b, x(0), x(1)),
         Op::Cast(to) => elementwise::cast(x(0), *to),
         Op::Dropout { .. } => elementwise::dropout(x(0)),
+        Op::After => Ok((x(0).shape().to_vec(), x(0).storage().clone())),
         Op::Reduce { op, axis } => reduce::reduce(*op, *axis, x(0)),
         Op::Softmax { axis } => reduce::softmax(*axis, x(0)),
         Op::MatMul => {

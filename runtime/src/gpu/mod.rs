@@ -1053,6 +1053,8 @@ impl<R: Runtime> GpuExecutor<R> {
                     }
                 }
                 caramba_ir::Op::Param { .. } => self.params[&id].clone(),
+                // Its first operand as it is (the anchor only orders it).
+                caramba_ir::Op::After => values[&operands[0]].clone(),
                 // Read only by a reduction that reduces the whole tensor
                 // (below): no copy, its value stands for the tensor.
                 caramba_ir::Op::Slice { .. } if self.reduced_slices.sliced.contains(&id) => {

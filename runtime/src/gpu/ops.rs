@@ -422,7 +422,7 @@ pub(crate) fn reads_in_place(op: &Op, t: &DevTensor) -> bool {
         None => true,
         // Relabels keep a view as it is (a reshape that cannot copies it
         // itself, see `reshaped_view`).
-        Some(_) if matches!(op, Op::Reshape(_)) => true,
+        Some(_) if matches!(op, Op::Reshape(_) | Op::After) => true,
         Some(_) if matches!(op, Op::Reduce { axis, .. } if t.shape[*axis] == 1) => true,
         Some((_, offset)) => {
             reads_views(op)
@@ -931,7 +931,7 @@ impl<R: Runtime> Ctx<'_, R> {
                 }
                 Ok(out)
             }
-            Op::Dropout { .. } | Op::Reshape(_) => {
+            Op::Dropout { .. } | Op::Reshape(_) | Op::After => {
                 let x = xs[0];
                 if x.numel() != shape.iter().product::<usize>() {
                     return Err(self.err(format!("cannot reshape {:?} to {shape:?}", x.shape)));
