@@ -270,4 +270,34 @@ mod tests {
         assert!(at(&order, dw1) < at(&order, dx0));
         assert!(modelled_peak(&g, &order) < modelled_peak(&g, &by_id));
     }
+
+    /// A recomputed activation (`exp(after(x, a))`) runs after its anchor
+    /// `a`, a late value, though its input is ready from the start; `after`
+    /// writes nothing, and the anchor stays alive until `after` reads it.
+    #[test]
+    fn a_copy_behind_after_waits_for_its_anchor() {
+        let mut g = Graph::new("t");
+        let x = g.input("x", ty(&[512, 64])).unwrap();
+        let w = g.param("w", ty(&[64, 64]), "l").unwrap();
+        let y = g.add(Op::MatMul, &[x, w], "l").unwrap();
+        let z = g.add(Op::MatMul, &[y, w], "l").unwrap();
+        // The late value: the "gradient" reaching the layer.
+        let a = g.add(Op::MatMul, &[z, w], "l/grad").unwrap();
+        let later = g.add(Op::After, &[x, a], "l/recompute").unwrap();
+        let copy = g
+            .add(Op::Unary(crate::UnaryOp::Exp), &[later], "l/recompute")
+            .unwrap();
+        let out = g
+            .add(Op::Binary(crate::BinaryOp::Mul), &[copy, a], "l/grad")
+            .unwrap();
+        g.set_output("out", out);
+        let order = memory_order(&g);
+        assert!(is_topological(&g, &order));
+        let at = |n: NodeId| order.iter().position(|&m| m == n).unwrap();
+        assert!(at(copy) > at(a));
+        // At most three values of 128 KiB at once (`a`, the copy and their
+        // product); `after` itself is never counted.
+        let each = (512 * 64 * 4) as f64;
+        assert_eq!(modelled_peak(&g, &order), 3.0 * each);
+    }
 }

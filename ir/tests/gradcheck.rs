@@ -223,6 +223,21 @@ fn layout_ops() {
         let x = p(g, "x", &[3, 1]);
         g.add(Op::Broadcast(shape![2, 3, 4]), &[x], "t").unwrap()
     });
+    // `after(x, a)` is x: its gradient is the identity's (the anchor, an
+    // input here, takes none).
+    check(
+        "after",
+        &[("x", &[2, 3], -1.0, 1.0)],
+        vec![("a", Tensor::f64(vec![4], vec![0.5; 4]))],
+        |g| {
+            let x = p(g, "x", &[2, 3]);
+            let a = g
+                .input("a", TensorType::new(DType::F64, shape![4]))
+                .unwrap();
+            let later = g.add(Op::After, &[x, a], "t").unwrap();
+            g.add(Op::Unary(UnaryOp::Exp), &[later], "t").unwrap()
+        },
+    );
 }
 
 #[test]

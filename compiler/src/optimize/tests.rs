@@ -2675,6 +2675,7 @@ fn recompute_layers_is_sound() {
         for dtype in [DType::F32, DType::BF16] {
             let g = reduced_training_graph(file, dtype);
             let (h, n) = recompute::recompute_layers(&g, "loss").unwrap();
+            assert_eq!(recompute::NAME, "recompute-layers");
             assert_eq!(n, layers, "{file} {dtype}: layers recomputed");
             if layers == 0 {
                 assert_eq!(caramba_ir::to_text(&h), caramba_ir::to_text(&g));
