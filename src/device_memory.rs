@@ -27,7 +27,8 @@ pub fn out_of_memory_message(bytes: u64) -> String {
         "error: the device ran out of memory (an allocation of {:.2} GiB failed)\n  \
          = help: use a smaller batch or shorter sequences; in a training run, lower \
          `batch_size` (or `block_size`) and raise `gradient_accumulation_steps` to \
-         keep the tokens per optimizer step",
+         keep the tokens per optimizer step, or set `activation_checkpointing: true` \
+         (each layer's activations recomputed in the backward)",
         bytes as f64 / (1u64 << 30) as f64
     )
 }
@@ -85,5 +86,6 @@ mod tests {
         let text = out_of_memory_message(1_328_398_336);
         assert!(text.contains("1.24 GiB"), "{text}");
         assert!(text.contains("gradient_accumulation_steps"), "{text}");
+        assert!(text.contains("activation_checkpointing"), "{text}");
     }
 }
