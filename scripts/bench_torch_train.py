@@ -40,12 +40,19 @@ def main():
     dtypes = {"f32": torch.float32, "bf16": torch.bfloat16, "amp": torch.float32}
     wanted = os.environ.get("CARAMBA_TORCH_DTYPES", "f32,bf16").split(",")
     modes = os.environ.get("CARAMBA_TORCH_MODES", "eager,compile").split(",")
+    # CARAMBA_TORCH_CHECKPOINT=1: each decoder layer's activations
+    # recomputed in the backward (transformers' gradient checkpointing,
+    # non-reentrant), as caramba's `activation_checkpointing: true`.
+    ckpt = os.environ.get("CARAMBA_TORCH_CHECKPOINT") == "1"
     for dtype_name, dtype in [(d, dtypes[d]) for d in wanted]:
         amp = dtype_name == "amp"
         for mode in modes:
             try:
                 torch.manual_seed(0)
                 model = LlamaForCausalLM(cfg).to("cuda", dtype).train()
+                if ckpt:
+                    model.gradient_checkpointing_enable(
+                        gradient_checkpointing_kwargs={"use_reentrant": False})
                 n = sum(p.numel() for p in model.parameters())
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
                 fwd = torch.compile(model) if mode == "compile" else model
@@ -73,7 +80,7 @@ def main():
                 tps = b * t / secs
                 print(json.dumps(dict(
                     name=f"train_{which}_b{b}_t{t}_{'tf32' if tf32 and dtype_name == 'f32' else dtype_name}",
-                    impl=f"torch-{mode}", ms_per_step=round(secs * 1e3, 1), tokens_per_s=round(tps),
+                    impl=f"torch-{mode}{'-checkpointed' if ckpt else ''}", ms_per_step=round(secs * 1e3, 1), tokens_per_s=round(tps),
                     mfu=round(6 * n * tps / (67e12 if dtype_name == "f32" else 989e12), 3),
                     peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
                     # The caching allocator's high-water mark: comparable
