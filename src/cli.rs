@@ -362,9 +362,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "STEP")]
     pub stop_after: Option<u64>,
     /// Where training runs (on a GPU: forward, backward, the optimizer and
-    /// evaluation, with weights and optimizer state kept on the device)
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    pub device: DeviceArg,
+    /// evaluation, with weights and optimizer state kept on the device).
+    /// Without it: each run's `device` in the manifest (its `train` block,
+    /// else `defaults`), else the CPU reference
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceArg>,
     /// Let GPU matmuls use tensor cores: TF32 on NVIDIA cards (about 3
     /// decimal digits, like PyTorch's `allow_tf32`). Off: exact f32
     #[arg(long)]

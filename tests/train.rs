@@ -681,3 +681,30 @@ fn mixed_precision_keeps_f32_weights_and_follows_the_f32_gradients() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A run trains where the manifest says (its `train` block's `device`, else
+/// `defaults.device`) unless `--device` says otherwise; a device this
+/// binary lacks is a clear error naming the field.
+#[test]
+fn the_manifest_names_the_device_unless_the_flag_does() {
+    if cfg!(feature = "cuda") {
+        // The errors below need a binary built without CUDA.
+        return;
+    }
+    let dir = scratch("device");
+    let data = write_data(&dir);
+    let m = dir.join("m.yml");
+    let (m_s, dir_s) = (m.to_str().unwrap(), dir.to_str().unwrap());
+    std::fs::write(&m, manifest(&data, 2, "  device: cuda")).unwrap();
+    let (code, err) = caramba(&["run", m_s, "--artifacts", dir_s]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("`defaults.device` cuda"), "{err}");
+    let own = manifest(&data, 2, "").replace("grad_clip: 1.0}", "grad_clip: 1.0, device: cuda}");
+    std::fs::write(&m, own).unwrap();
+    let (code, err) = caramba(&["run", m_s, "--artifacts", dir_s]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("run `train`'s `device` cuda"), "{err}");
+    let (code, err) = caramba(&["run", m_s, "--artifacts", dir_s, "--device", "cpu"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("device: cpu"), "{err}");
+}

@@ -74,7 +74,7 @@ fn legacy(cli: Cli) -> CmdResult {
                 seed: Some(l.seed),
                 artifacts: "artifacts".into(),
                 stop_after: None,
-                device: DeviceArg::Cpu,
+                device: None,
                 tf32: false,
                 gemm: GemmArg::Vendor,
             })
@@ -141,6 +141,15 @@ pub fn compile_file(path: &Path) -> Result<caramba_compiler::Compiled, Failure> 
 /// The backend `--device` names: `auto` picks CUDA when compiled in and a
 /// device is present, else a real wgpu GPU, else the CPU reference.
 pub fn backend_for(d: DeviceArg) -> Result<caramba_runtime::backend::Backend, Failure> {
+    backend_named(d, "--device".to_string())
+}
+
+/// [`backend_for`], errors naming where the device was asked for (`what`:
+/// `--device`, or a manifest's field).
+pub fn backend_named(
+    d: DeviceArg,
+    what: String,
+) -> Result<caramba_runtime::backend::Backend, Failure> {
     use caramba_runtime::backend::Backend;
     let b = match d {
         DeviceArg::Auto => Backend::auto(),
@@ -149,11 +158,11 @@ pub fn backend_for(d: DeviceArg) -> Result<caramba_runtime::backend::Backend, Fa
         DeviceArg::Cuda => Backend::Cuda,
     };
     if b == Backend::Cuda && !cfg!(feature = "cuda") {
-        return Err(Failure::usage("--device cuda: this binary was built without CUDA; rebuild with `cargo build --release --features cuda`"));
+        return Err(Failure::usage(format!("{what} cuda: this binary was built without CUDA; rebuild with `cargo build --release --features cuda`")));
     }
     if !b.available() {
         return Err(Failure::usage(format!(
-            "--device {b}: no {b} device was found on this machine"
+            "{what} {b}: no {b} device was found on this machine"
         )));
     }
     Ok(b)

@@ -7,10 +7,10 @@
 //! other benchmarks, teacher models) is reported before anything runs, and
 //! nothing is executed or written.
 
-use super::{backend_for, check_group, compile_file, CmdResult, Failure};
-use crate::cli::RunArgs;
+use super::{backend_named, check_group, compile_file, CmdResult, Failure};
+use crate::cli::{DeviceArg, RunArgs};
 use crate::train::{loss_only, train, train_graph, TrainOptions};
-use caramba_compiler::manifest::{BenchConfig, Phase, RunMode};
+use caramba_compiler::manifest::{BenchConfig, Device, Phase, RunMode};
 use caramba_compiler::plan;
 use caramba_runtime::data::{NpyDataset, Split};
 use caramba_runtime::rng::SplitMix64;
@@ -21,8 +21,18 @@ use std::path::PathBuf;
 pub fn run(a: &RunArgs) -> CmdResult {
     let c = compile_file(&a.manifest)?;
     check_group(&c, &a.manifest, a.group.as_deref())?;
-    let backend = backend_for(a.device)?;
     let m = &c.manifest;
+    // Benchmarks run where `--device` or the manifest's defaults say.
+    let backend = backend_named(
+        a.device
+            .or(m.defaults.device.map(device_arg))
+            .unwrap_or(DeviceArg::Cpu),
+        if a.device.is_some() {
+            "--device".to_string()
+        } else {
+            "`defaults.device`".to_string()
+        },
+    )?;
     let groups: Vec<_> = plan::groups(m)
         .into_iter()
         .filter(|g| a.group.as_ref().is_none_or(|n| *n == g.name))
@@ -84,6 +94,14 @@ pub fn run(a: &RunArgs) -> CmdResult {
         let mut trained: BTreeMap<String, Params> = BTreeMap::new();
         let mut last: Option<Params> = None;
         for r in plan::resolve_runs(m, g) {
+            // `--device`, else the run's own, else the manifest's default.
+            let own = r.fields.train.as_ref().and_then(|t| t.device);
+            let backend = match (a.device, own) {
+                (Some(_), _) | (None, None) => backend,
+                (None, Some(d)) => {
+                    backend_named(device_arg(d), format!("run `{}`'s `device`", r.fields.id))?
+                }
+            };
             let init = r
                 .fields
                 .init_from
@@ -159,4 +177,14 @@ pub fn run(a: &RunArgs) -> CmdResult {
         }
     }
     Ok(())
+}
+
+/// The command-line name of a manifest's device (`mps`, Metal, is wgpu's).
+fn device_arg(d: Device) -> DeviceArg {
+    match d {
+        Device::Auto => DeviceArg::Auto,
+        Device::Cpu => DeviceArg::Cpu,
+        Device::Cuda => DeviceArg::Cuda,
+        Device::Wgpu | Device::Mps => DeviceArg::Wgpu,
+    }
 }
