@@ -212,6 +212,12 @@ fn run(s: &mut String, n: usize, r: &Run, data: Option<&str>) {
                 String::new()
             }
         );
+        if t.activation_checkpointing {
+            let _ = writeln!(
+                s,
+                "       activation checkpointing: each layer's activations recomputed in the backward (GPUs)"
+            );
+        }
         if let Some(tc) = &t.teacher_ckpt {
             let _ = writeln!(s, "       teacher: {tc}");
         }
