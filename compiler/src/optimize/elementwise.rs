@@ -297,7 +297,7 @@ pub fn fuse(g: &Graph) -> Result<Fused, IrError> {
     let (plans, inner) = plan(g, &order, &pos);
     let recompute = recomputable(g, &order, &plans, &inner);
     if recompute.is_empty() {
-        return build(g, &order, &plans, &inner);
+        return build(g, &plans, &inner);
     }
     let group_of: HashMap<NodeId, NodeId> = plans
         .iter()
@@ -315,7 +315,7 @@ pub fn fuse(g: &Graph) -> Result<Fused, IrError> {
         },
         "a recomputed copy was left out of its users' kernel"
     );
-    let mut f = build(&h, &order, &plans, &inner)?;
+    let mut f = build(&h, &plans, &inner)?;
     f.map = to_h
         .iter()
         .filter_map(|(old, mid)| f.map.get(mid).map(|&new| (*old, new)))
@@ -327,34 +327,19 @@ pub fn fuse(g: &Graph) -> Result<Fused, IrError> {
 /// The graph with the planned groups of `g` fused.
 fn build(
     g: &Graph,
-    order: &[NodeId],
     plans: &HashMap<NodeId, Plan>,
     inner: &HashSet<NodeId>,
 ) -> Result<Fused, IrError> {
-    let mut out = Graph::new(g.name.clone());
-    let mut map: HashMap<NodeId, NodeId> = HashMap::new();
     let mut fused = Vec::new();
-    for &id in order {
-        if inner.contains(&id) {
-            continue;
-        }
-        let new = match plans.get(&id) {
-            Some(p) => {
-                let xs: Vec<NodeId> = p.leaves.iter().map(|l| map[l]).collect();
-                let f = out.add(Op::Elementwise(p.program.clone()), &xs, &g.node(id).scope)?;
-                fused.push(f);
-                f
-            }
-            None => {
-                let xs: Vec<NodeId> = g.operands(id).iter().map(|o| map[o]).collect();
-                out.add_copy(g.node(id), &xs)?
-            }
+    let (mut out, mut map) = g.rebuilt(inner, |out, id, map| {
+        let Some(p) = plans.get(&id) else {
+            return Ok(None);
         };
-        map.insert(id, new);
-    }
-    for (name, id) in g.outputs() {
-        out.set_output(name, map[id]);
-    }
+        let xs: Vec<NodeId> = p.leaves.iter().map(|l| map[l]).collect();
+        let f = out.add(Op::Elementwise(p.program.clone()), &xs, &g.node(id).scope)?;
+        fused.push(f);
+        Ok(Some(f))
+    })?;
     // Constants folded into programs may have no users left.
     let dead_constants: Vec<NodeId> = out
         .node_ids()

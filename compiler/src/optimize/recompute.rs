@@ -78,7 +78,7 @@ pub fn recompute_layers(g: &Graph, loss: &str) -> Result<(Graph, usize), IrError
     };
     let order = g.topo_order();
     let position: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
-    let forward = ancestors(g, [loss]);
+    let forward = ancestors(g, [loss], |_| true);
     let weights = g.weight_only(&order);
     let outputs: HashSet<NodeId> = g.outputs().iter().map(|(_, id)| *id).collect();
     let backward = |n: NodeId| !forward.contains(&n);
@@ -117,33 +117,17 @@ pub fn recompute_layers(g: &Graph, loss: &str) -> Result<(Graph, usize), IrError
         let values = &saved[layer];
         let inside = |n: NodeId| layer_of(&g.node(n).scope) == Some(layer);
         // The forward after the layer: what its output flows into.
-        let mut after_layer = HashSet::new();
-        let mut stack: Vec<NodeId> = order
+        let starts = order
             .iter()
             .copied()
-            .filter(|&n| activation(n) && inside(n))
-            .collect();
-        while let Some(n) = stack.pop() {
-            for u in g.users(n) {
-                if forward.contains(&u) && !inside(u) && after_layer.insert(u) {
-                    stack.push(u);
-                }
-            }
-        }
+            .filter(|&n| activation(n) && inside(n));
+        let after_layer = descendants(g, starts, |u| forward.contains(&u) && !inside(u));
         // Late: backward values computed from the forward after the layer
         // (the gradient reaching it and what follows from it), as opposed
         // to backward values of the layer's own activations alone (a
         // transposed activation for a weight's gradient), which an order
         // may compute in the forward.
-        let mut late = HashSet::new();
-        let mut stack: Vec<NodeId> = after_layer.iter().copied().collect();
-        while let Some(n) = stack.pop() {
-            for u in g.users(n) {
-                if anchorable(u) && late.insert(u) {
-                    stack.push(u);
-                }
-            }
-        }
+        let late = descendants(g, after_layer, anchorable);
         // The readers of the saved values: late ones read the copies; the
         // others are copied too, and their readers looked at in turn.
         let mut readers = HashSet::new();
@@ -165,23 +149,14 @@ pub fn recompute_layers(g: &Graph, loss: &str) -> Result<(Graph, usize), IrError
             }
         }
         // Their latest common late ancestor.
-        let above = |r: NodeId| -> HashSet<NodeId> {
-            let mut seen = HashSet::new();
-            let mut stack: Vec<NodeId> = g
-                .operands(r)
-                .into_iter()
-                .filter(|o| late.contains(o))
-                .collect();
-            while let Some(n) = stack.pop() {
-                if seen.insert(n) {
-                    stack.extend(g.operands(n).into_iter().filter(|o| late.contains(o)));
-                }
-            }
-            seen
-        };
+        let is_late = |o: NodeId| late.contains(&o);
         let mut common: Option<HashSet<NodeId>> = None;
         for &r in &readers {
-            let a = above(r);
+            let a = ancestors(
+                g,
+                g.operands(r).into_iter().filter(|&o| is_late(o)),
+                is_late,
+            );
             common = Some(match common {
                 None => a,
                 Some(c) => c.intersection(&a).copied().collect(),
@@ -194,16 +169,9 @@ pub fn recompute_layers(g: &Graph, loss: &str) -> Result<(Graph, usize), IrError
         // What the saved values are computed from inside the layer, and
         // the backward nodes copied along.
         let mut region = along;
-        let mut stack = values.clone();
-        while let Some(n) = stack.pop() {
-            if region.insert(n) {
-                stack.extend(
-                    g.operands(n)
-                        .into_iter()
-                        .filter(|&o| activation(o) && inside(o)),
-                );
-            }
-        }
+        region.extend(ancestors(g, values.iter().copied(), |o| {
+            activation(o) && inside(o)
+        }));
         // Copied: the region's nodes that read an activation from outside
         // it (then anchored) or a copied node.
         let mut copied = HashSet::new();
@@ -273,9 +241,9 @@ struct Layer {
     readers: HashSet<NodeId>,
 }
 
-/// The value a backward reader of the layer reads for `n`: its copy where
-/// `n` is copied (made on first use, its operands first), else `n`'s own.
-/// Activations from outside the layer are read through `after`.
+/// The copy of `n`, a copied node of the layer, that its backward readers
+/// read (made on first use, its operands first). Activations from outside
+/// the layer are read through `after`.
 fn copy(
     g: &Graph,
     out: &mut Graph,
@@ -284,9 +252,6 @@ fn copy(
     map: &HashMap<NodeId, NodeId>,
     n: NodeId,
 ) -> Result<NodeId, IrError> {
-    if !layer.copied.contains(&n) {
-        return Ok(map[&n]);
-    }
     if let Some(&c) = copies.get(&n) {
         return Ok(c);
     }
@@ -317,13 +282,37 @@ fn copy(
     Ok(c)
 }
 
-/// `roots` and every node they are computed from.
-fn ancestors(g: &Graph, roots: impl IntoIterator<Item = NodeId>) -> HashSet<NodeId> {
+/// `roots` and the nodes they are computed from that `keep` accepts,
+/// reached through accepted nodes only.
+fn ancestors(
+    g: &Graph,
+    roots: impl IntoIterator<Item = NodeId>,
+    keep: impl Fn(NodeId) -> bool,
+) -> HashSet<NodeId> {
     let mut seen = HashSet::new();
     let mut stack: Vec<NodeId> = roots.into_iter().collect();
     while let Some(n) = stack.pop() {
         if seen.insert(n) {
-            stack.extend(g.operands(n));
+            stack.extend(g.operands(n).into_iter().filter(|&o| keep(o)));
+        }
+    }
+    seen
+}
+
+/// The nodes computed from `starts` that `keep` accepts, reached through
+/// accepted nodes only (not `starts` themselves, unless reached so).
+fn descendants(
+    g: &Graph,
+    starts: impl IntoIterator<Item = NodeId>,
+    keep: impl Fn(NodeId) -> bool,
+) -> HashSet<NodeId> {
+    let mut seen = HashSet::new();
+    let mut stack: Vec<NodeId> = starts.into_iter().collect();
+    while let Some(n) = stack.pop() {
+        for u in g.users(n) {
+            if keep(u) && seen.insert(u) {
+                stack.push(u);
+            }
         }
     }
     seen

@@ -1756,31 +1756,30 @@ fn loss_grads(graph: &Graph, order: &mut Vec<NodeId>) -> HashMap<NodeId, LossGra
         .collect();
     for loss in losses {
         let xs = graph.operands(loss);
-        let mut grads = LossGrads {
-            g: loss,
-            dx: None,
-            dw: None,
-        };
+        // The first gradient found sets the adjoint; a second one joins it
+        // only over the same adjoint.
+        let (mut g, mut dx, mut dw) = (None, None, None);
         for &id in order.iter() {
             let Op::LinearCrossEntropyGrad { wrt } = graph.node(id).op else {
                 continue;
             };
             let os = graph.operands(id);
-            if os[..3] != xs[..] || (grads.g != loss && grads.g != os[3]) {
+            if os[..3] != xs[..] || g.is_some_and(|g| g != os[3]) {
                 continue;
             }
             let slot = match wrt {
-                NormArg::X => &mut grads.dx,
-                NormArg::W => &mut grads.dw,
+                NormArg::X => &mut dx,
+                NormArg::W => &mut dw,
             };
             if slot.is_none() {
                 *slot = Some(id);
-                grads.g = os[3];
+                g = Some(os[3]);
             }
         }
-        if grads.g == loss {
+        let Some(g) = g else {
             continue;
-        }
+        };
+        let grads = LossGrads { g, dx, dw };
         // The adjoint and what it is computed from.
         let mut ancestors = HashSet::new();
         let mut stack = vec![grads.g];

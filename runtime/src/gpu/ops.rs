@@ -344,9 +344,10 @@ pub(crate) struct Ctx<'a, R: Runtime> {
     pub head_grads: Option<HeadGrads<'a>>,
 }
 
-/// The gradients a `linear_cross_entropy` computes with its loss: the
-/// loss adjoint (one value a row) and the buffers of `dx` and `dw`, where
-/// the graph takes them.
+/// The gradients a pass over a language model's head computes: the loss
+/// adjoint (one value a row) and the buffers of `dx` and `dw`, where the
+/// graph takes them (with its loss, see `Ctx::head_grads`; or as a
+/// `linear_cross_entropy_grad` and its sibling).
 #[derive(Clone, Copy)]
 pub(crate) struct HeadGrads<'a> {
     pub g: &'a DevTensor,

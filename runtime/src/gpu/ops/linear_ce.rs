@@ -24,7 +24,7 @@
 //! logits and their gradient to the dtype's grid, as the op's reference
 //! does (two scratch buffers: the round trip cannot be in place there).
 
-use super::{copy_elem, view_of, Ctx, DevTensor, GpuError, Recycled};
+use super::{copy_elem, view_of, Ctx, DevTensor, GpuError, HeadGrads, Recycled};
 use caramba_ir::{DType, NormArg};
 use caramba_kernels::cast::{self, Narrow};
 use caramba_kernels::cubecl::prelude::*;
@@ -142,12 +142,7 @@ impl<R: Runtime> Ctx<'_, R> {
         shape: Vec<usize>,
     ) -> Result<DevTensor, GpuError> {
         let loss = self.alloc(shape);
-        let grads = self.head_grads.map(|h| Grads {
-            g: h.g,
-            dx: h.dx.map(|t| (t, false)),
-            dw: h.dw.map(|t| (t, false)),
-        });
-        self.head_pass(xs, Some(&loss), grads)?;
+        self.head_pass(xs, Some(&loss), self.head_grads, None)?;
         Ok(loss)
     }
 
@@ -167,13 +162,8 @@ impl<R: Runtime> Ctx<'_, R> {
             NormArg::X => (Some(&own), self.second),
             NormArg::W => (self.second, Some(&own)),
         };
-        let (own_x, own_w) = (wrt == NormArg::X, wrt == NormArg::W);
-        let grads = Grads {
-            g: xs[3],
-            dx: dx.map(|t| (t, own_x)),
-            dw: dw.map(|t| (t, own_w)),
-        };
-        self.head_pass(&xs[..3], None, Some(grads))?;
+        let grads = HeadGrads { g: xs[3], dx, dw };
+        self.head_pass(&xs[..3], None, Some(grads), Some(wrt))?;
         Ok(own)
     }
 
@@ -181,7 +171,7 @@ impl<R: Runtime> Ctx<'_, R> {
     /// its rows of `loss`, then, with `grads`, their gradient is written
     /// over them and gives the block's rows of `dx` and its share of `dw`.
     ///
-    /// A gradient marked `true` is the launch's own value, which `apply`
+    /// The gradient `own` names is the launch's own value, which `apply`
     /// rounds to its grid; the others are rounded here, on a device that
     /// keeps the dtype widened (computed apart first: the round trip cannot
     /// be in place there).
@@ -189,15 +179,16 @@ impl<R: Runtime> Ctx<'_, R> {
         &self,
         xs: &[&DevTensor],
         loss: Option<&DevTensor>,
-        grads: Option<Grads<'_>>,
+        grads: Option<HeadGrads<'_>>,
+        own: Option<NormArg>,
     ) -> Result<(), GpuError> {
         let (x, w, targets) = (xs[0], xs[1], xs[2]);
         let (k, v, n) = (w.shape[0], w.shape[1], targets.numel());
         let widened = self.narrow.widens(x.dtype);
         // (the buffer computed into, the one it is rounded into after)
-        let target = |t: Option<(&DevTensor, bool)>| {
-            t.map(|(t, own)| {
-                if widened && !own {
+        let target = |t: Option<&DevTensor>, wrt: NormArg| {
+            t.map(|t| {
+                if widened && own != Some(wrt) {
                     (self.alloc(t.shape.clone()), Some(t.clone()))
                 } else {
                     (t.clone(), None)
@@ -205,7 +196,7 @@ impl<R: Runtime> Ctx<'_, R> {
             })
         };
         let (dx, dw) = match &grads {
-            Some(gr) => (target(gr.dx), target(gr.dw)),
+            Some(gr) => (target(gr.dx, NormArg::X), target(gr.dw, NormArg::W)),
             None => (None, None),
         };
         let blocks = self.loss_blocks(n, v, x.elem);
@@ -296,16 +287,6 @@ impl<R: Runtime> Ctx<'_, R> {
         }
         Ok(())
     }
-}
-
-/// The gradients a pass over the head computes: the loss adjoint `g` (one
-/// value a row) and the buffers of `dx` and `dw`, each marked `true` when
-/// it is the launch's own value (see `head_pass`).
-#[derive(Clone, Copy)]
-struct Grads<'a> {
-    g: &'a DevTensor,
-    dx: Option<(&'a DevTensor, bool)>,
-    dw: Option<(&'a DevTensor, bool)>,
 }
 
 /// `dw = Σ_blocks xᵀ·dl`: the first block's product into `dw`, each
